@@ -1,0 +1,38 @@
+"""`face-consistency` command line: one subcommand per module, each owning its own parser."""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+# subcommand -> (module relative to this package, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "packs": (".faceid.packs_cli", "list and check InsightFace model packs"),
+    "evaluate": (".faceid.evaluate_cli", "score sample folders against controls/references; JSON report and plot"),
+    "train": (".trainer.cli", "train a Qwen-Image-Edit LoRA (musubi-tuner flags) with an optional face-identity loss"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: face-consistency <command> [options]", "", "commands:"]
+    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += ["", "Run `face-consistency <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(__version__)
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in SUBCOMMANDS:
+        print(f"face-consistency: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[command][0], __package__)
+    return int(module.main(rest) or 0)

@@ -1,0 +1,81 @@
+"""The one place that imports ComfyUI's own modules (`folder_paths`, `comfy.utils`, `server`).
+
+Everything else in the pack (library, trainer, node classes) imports without ComfyUI; tests
+put small stand-ins for these three modules into `sys.modules`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INSIGHTFACE_FOLDER = "insightface"
+
+
+def folder_paths() -> Any:
+    import folder_paths  # ComfyUI
+
+    return folder_paths
+
+
+def register_model_folders() -> None:
+    """Register `models/insightface` with ComfyUI (ComfyUI itself does not)."""
+    fp = folder_paths()
+    default = Path(fp.models_dir) / INSIGHTFACE_FOLDER
+    if INSIGHTFACE_FOLDER not in fp.folder_names_and_paths:
+        fp.add_model_folder_path(INSIGHTFACE_FOLDER, str(default))
+
+
+def insightface_roots() -> list[Path]:
+    """Folders that may hold `models/<pack>/` (ComfyUI's models/insightface and extra paths)."""
+    fp = folder_paths()
+    register_model_folders()
+    paths = fp.folder_names_and_paths.get(INSIGHTFACE_FOLDER, ([], set()))[0]
+    return [Path(p) for p in paths]
+
+
+def output_directory() -> Path:
+    return Path(folder_paths().get_output_directory())
+
+
+def user_directory() -> Path:
+    return Path(folder_paths().get_user_directory())
+
+
+def filename_list(folder_name: str) -> list[str]:
+    return list(folder_paths().get_filename_list(folder_name))
+
+
+def full_path(folder_name: str, filename: str) -> Path | None:
+    path = folder_paths().get_full_path(folder_name, filename)
+    return Path(path) if path else None
+
+
+class Progress:
+    """ComfyUI's progress bar; `update` raises when the user presses Cancel."""
+
+    def __init__(self, total: int) -> None:
+        import comfy.utils
+
+        self._bar = comfy.utils.ProgressBar(total)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+
+
+def prompt_server() -> Any | None:
+    """The running PromptServer, or None outside ComfyUI."""
+    try:
+        import server
+    except ImportError:
+        return None
+    return getattr(server.PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """Push a websocket event `face_consistency.<event>` to the browser (no-op outside ComfyUI)."""
+    instance = prompt_server()
+    if instance is not None:
+        instance.send_sync(f"face_consistency.{event}", data)
