@@ -1,0 +1,122 @@
+"""Minimal stand-ins for ComfyUI's `folder_paths`, `comfy.utils` and `server` modules.
+
+They implement just the surface the pack uses, so node classes run in unit tests without
+ComfyUI. `install_comfy_stubs()` puts them in sys.modules; `set_comfy_base(path)` points
+models/output/user folders at a temporary directory.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+
+class ProgressBar:
+    instances: list["ProgressBar"] = []
+    interrupt_after: int | None = None  # simulate the user pressing Cancel after N updates
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.current = 0
+        ProgressBar.instances.append(self)
+
+    def update(self, value: int) -> None:
+        self.current += value
+        if ProgressBar.interrupt_after is not None and self.current >= ProgressBar.interrupt_after:
+            raise InterruptedError("Processing interrupted")
+
+    def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
+        self.current = value
+
+
+class _PromptServer:
+    instance: "_PromptServer | None" = None
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        self.routes = web.RouteTableDef()
+        self.events: list[tuple[str, Any]] = []
+
+    def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
+        self.events.append((event, data))
+
+
+def _make_folder_paths(base: Path) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.base_path = str(base)
+    fp.models_dir = str(base / "models")
+    fp.folder_names_and_paths = {
+        name: ([str(base / "models" / name)], set())
+        for name in ("diffusion_models", "vae", "text_encoders", "loras")
+    }
+    fp.folder_names_and_paths["loras"][0].append(str(base / "output" / "loras"))
+
+    def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:
+        paths, exts = fp.folder_names_and_paths.setdefault(name, ([], set()))
+        if path not in paths:
+            paths.insert(0, path) if is_default else paths.append(path)
+
+    def get_folder_paths(name: str) -> list[str]:
+        return list(fp.folder_names_and_paths[name][0])
+
+    def get_filename_list(name: str) -> list[str]:
+        found: set[str] = set()
+        for root in fp.folder_names_and_paths.get(name, ([], set()))[0]:
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    found.add(os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/"))
+        return sorted(found)
+
+    def get_full_path(name: str, filename: str) -> str | None:
+        for root in fp.folder_names_and_paths.get(name, ([], set()))[0]:
+            candidate = os.path.join(root, filename)
+            if os.path.isfile(candidate):
+                return candidate
+        return None
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
+    fp.get_output_directory = lambda: str(base / "output")
+    fp.get_user_directory = lambda: str(base / "user")
+    fp.get_input_directory = lambda: str(base / "input")
+    fp.get_temp_directory = lambda: str(base / "temp")
+    return fp
+
+
+def set_comfy_base(base: Path) -> types.ModuleType:
+    """Re-point the stand-in `folder_paths` at `base` (creates the usual folders)."""
+    for sub in ("models", "output", "user", "input", "temp"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    fp = _make_folder_paths(base)
+    sys.modules["folder_paths"] = fp
+    return fp
+
+
+def install_comfy_stubs(base: Path | None = None) -> None:
+    import tempfile
+
+    set_comfy_base(base or Path(tempfile.mkdtemp(prefix="comfy-stub-")))
+    comfy = types.ModuleType("comfy")
+    comfy_utils = types.ModuleType("comfy.utils")
+    comfy_utils.ProgressBar = ProgressBar
+    comfy.utils = comfy_utils
+    sys.modules["comfy"] = comfy
+    sys.modules["comfy.utils"] = comfy_utils
+    server = types.ModuleType("server")
+    server.PromptServer = _PromptServer
+    sys.modules["server"] = server
+
+
+def start_prompt_server() -> _PromptServer:
+    """Simulate a running ComfyUI server (PromptServer.instance set)."""
+    _PromptServer.instance = _PromptServer()
+    return _PromptServer.instance
+
+
+def stop_prompt_server() -> None:
+    _PromptServer.instance = None

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real test data (skipped with a reason where absent) and ComfyUI stand-ins."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from comfy_stubs import install_comfy_stubs
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TESTDATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata")).resolve()
+TESTPACK = "testpack"
+
+install_comfy_stubs()
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(
+            f"real face test data not found at {path}; set FACE_TEST_DATA to the shared testdata folder"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    return _require(TESTDATA)
+
+
+@pytest.fixture(scope="session")
+def insightface_root(testdata: Path) -> Path:
+    """A root laid out like ComfyUI/models/insightface: holds models/testpack/."""
+    return _require(testdata / "insightface")
+
+
+@pytest.fixture(scope="session")
+def testpack_dir(insightface_root: Path) -> Path:
+    return _require(insightface_root / "models" / TESTPACK)
+
+
+@pytest.fixture(scope="session")
+def faces_dir(testdata: Path) -> Path:
+    return _require(testdata / "faces")
