@@ -1,0 +1,134 @@
+"""Turn anything a user hands us into the BGR uint8 array InsightFace expects.
+
+Accepted: file paths, PIL images, numpy arrays (RGB unless told `channel_order="bgr"`),
+and ComfyUI IMAGE tensors (`[B,H,W,C]` / `[H,W,C]` float 0..1, RGB). RGBA is composited
+on white, grayscale and 16-bit are expanded to 8-bit RGB, EXIF orientation is applied.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageLoadError
+
+# Images larger than this (longest side) are analysed downscaled: detection runs at <= 1024
+# anyway and an aligned 112x112 crop gains nothing from more pixels.
+MAX_ANALYSIS_SIDE = 4096
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+def _pil_to_rgb_array(img: Image.Image) -> np.ndarray:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            peak = 1.0 if values.max(initial=0.0) <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        gray = np.clip(values / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
+    return np.asarray(img.convert("RGB"))
+
+
+def _array_to_rgb_uint8(array: np.ndarray) -> np.ndarray:
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
+        raise ImageLoadError(
+            f"expected an image array shaped (H, W), (H, W, 1|3|4); got {tuple(array.shape)}"
+        )
+    if array.shape[0] < 1 or array.shape[1] < 1:
+        raise ImageLoadError(f"image has no pixels: shape {tuple(array.shape)}")
+    if array.dtype == np.uint8:
+        values = array.astype(np.float32) / 255.0
+    elif array.dtype == np.uint16:
+        values = array.astype(np.float32) / 65535.0
+    elif np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_:
+        values = array.astype(np.float32)
+    else:
+        raise ImageLoadError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float 0..1")
+    if not np.all(np.isfinite(values)):
+        raise ImageLoadError("image contains NaN or infinite values")
+    values = np.clip(values, 0.0, 1.0)
+    channels = values.shape[2]
+    if channels in (2, 4):  # gray+alpha / RGBA: composite on white
+        alpha = values[..., -1:]
+        values = values[..., :-1] * alpha + (1.0 - alpha)
+    if values.shape[2] == 1:
+        values = np.repeat(values, 3, axis=2)
+    return (values * 255.0 + 0.5).astype(np.uint8)
+
+
+def load_image(source: Any, channel_order: str = "rgb") -> np.ndarray:
+    """Return an (H, W, 3) BGR uint8 array from a path, PIL image, array or ComfyUI tensor."""
+    if channel_order not in ("rgb", "bgr"):
+        raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
+    if isinstance(source, (str, os.PathLike)):
+        rgb = _load_file(Path(source))
+    elif isinstance(source, Image.Image):
+        rgb = _pil_to_rgb_array(source)
+    elif isinstance(source, np.ndarray):
+        rgb = _array_to_rgb_uint8(source)
+        if channel_order == "bgr":
+            return np.ascontiguousarray(rgb)
+    elif _is_torch_tensor(source):
+        tensor = source.detach().to("cpu")
+        if tensor.ndim == 4:
+            if tensor.shape[0] != 1:
+                raise ImageLoadError(
+                    f"expected one image, got a batch of {tensor.shape[0]}; use image_list() for batches"
+                )
+            tensor = tensor[0]
+        rgb = _array_to_rgb_uint8(tensor.float().numpy())
+    else:
+        raise ImageLoadError(
+            f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, "
+            "numpy array or ComfyUI IMAGE tensor"
+        )
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def image_list(source: Any, channel_order: str = "rgb") -> list[np.ndarray]:
+    """Split a batch (IMAGE tensor `[B,H,W,C]`, list, single image) into BGR uint8 arrays."""
+    if _is_torch_tensor(source) and source.ndim == 4:
+        return [load_image(source[i]) for i in range(source.shape[0])]
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        return [load_image(source[i], channel_order) for i in range(source.shape[0])]
+    if isinstance(source, Sequence) and not isinstance(source, (str, bytes)):
+        return [load_image(item, channel_order) for item in source]
+    return [load_image(source, channel_order)]
+
+
+def _load_file(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise ImageLoadError(f"image file not found: {path}")
+    if path.is_dir():
+        raise ImageLoadError(f"expected an image file, got a folder: {path}")
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG":
+                img.draft("RGB", (MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE))
+            return _pil_to_rgb_array(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"image too large to decode safely: {path} ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"not an image file (or corrupt): {path}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageLoadError(f"cannot decode image {path}: {exc}") from None
+
+
+def _is_torch_tensor(obj: Any) -> bool:
+    return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
+
+
+def bgr_to_rgb_float(bgr: np.ndarray) -> np.ndarray:
+    """BGR uint8 -> RGB float32 0..1 (ComfyUI's IMAGE layout for one image)."""
+    return bgr[..., ::-1].astype(np.float32) / 255.0

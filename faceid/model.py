@@ -1,0 +1,285 @@
+"""The face engine: one loaded detector + recognizer per (pack, provider, detection settings)."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+
+from .errors import FaceEngineError, ImageLoadError, NoFaceError
+from .images import MAX_ANALYSIS_SIDE, image_list, load_image
+from .packs import PackFiles, as_roots, resolve_pack
+from .providers import check_running_provider, requested_providers
+from .results import DetectedFace, FaceResult, Identity, Selection
+from .similarity import mean_identity, normalize
+
+log = logging.getLogger(__name__)
+
+DET_SIZE_CHOICES = ("auto", 320, 640, 1024)
+AUTO_DET_SIZE_RANGE = (160, 640)
+RECOGNIZER_BATCH = 32
+# A face that fills the whole frame (an aligned crop) is missed by SCRFD: pad it with this
+# fraction of the image size on every side and look again.
+SMALL_IMAGE_PADDING = 0.5
+IDENTITY_CACHE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class _ModelKey:
+    folder: str
+    provider: str
+    det_size: str | int
+    det_thresh: float
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+class FaceModel:
+    """Detect, select and embed faces. Thread-safe; create through `load_face_model`."""
+
+    def __init__(
+        self, pack: PackFiles, provider: str = "auto", det_size: str | int = "auto", det_thresh: float = 0.5
+    ) -> None:
+        from insightface.model_zoo import get_model
+
+        self.pack_name = pack.name
+        self.pack_dir = pack.folder
+        self.det_size = det_size
+        self.det_thresh = float(det_thresh)
+        providers = requested_providers(provider)
+        try:
+            self._detector = get_model(str(pack.detector), providers=providers)
+            self._recognizer = get_model(str(pack.recognizer), providers=providers)
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise FaceEngineError(f"onnxruntime could not load model pack {pack.folder}: {exc}") from None
+        if self._detector is None or self._recognizer is None:
+            raise FaceEngineError(f"InsightFace did not recognise the models in {pack.folder}")
+        self._detector.prepare(0, input_size=(640, 640), det_thresh=self.det_thresh)
+        self._recognizer.prepare(0)
+        self.provider = self._recognizer.session.get_providers()[0]
+        self.provider_note = check_running_provider(provider, providers, self.provider)
+        self.embedding_size = int(self._recognizer.session.get_outputs()[0].shape[1])
+        self._lock = threading.Lock()
+        self._identity_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "pack": self.pack_name,
+            "pack_dir": str(self.pack_dir),
+            "provider": self.provider,
+            "provider_note": self.provider_note,
+            "det_size": self.det_size,
+            "det_thresh": self.det_thresh,
+            "embedding_size": self.embedding_size,
+        }
+
+    # detection -------------------------------------------------------------------------
+
+    def _input_size(self, height: int, width: int) -> int:
+        if self.det_size != "auto":
+            return int(self.det_size)
+        low, high = AUTO_DET_SIZE_RANGE
+        return int(min(high, max(low, _round_up(max(height, width), 32))))
+
+    def _run_detector(self, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self._input_size(*bgr.shape[:2])
+        boxes, kpss = self._detector.detect(bgr, input_size=(size, size), max_num=0)
+        if kpss is None:
+            raise FaceEngineError(f"the detector of pack {self.pack_name} gives no keypoints")
+        return boxes, kpss
+
+    def detect(self, bgr: np.ndarray) -> list[DetectedFace]:
+        """All faces in an image, in original pixel coordinates, without embeddings."""
+        scale = 1.0
+        if max(bgr.shape[:2]) > MAX_ANALYSIS_SIDE:
+            scale = MAX_ANALYSIS_SIDE / max(bgr.shape[:2])
+            bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+        boxes, kpss = self._run_detector(bgr)
+        if len(boxes) == 0 and max(bgr.shape[:2]) < self._input_size(*bgr.shape[:2]) * 0.75:
+            pad = int(round(max(bgr.shape[:2]) * SMALL_IMAGE_PADDING))
+            padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+            boxes, kpss = self._run_detector(padded)
+            boxes = boxes.copy()
+            boxes[:, :4] -= pad
+            kpss = kpss - pad
+        return [
+            DetectedFace(bbox=box[:4] / scale, kps=kps / scale, det_score=float(box[4]))
+            for box, kps in zip(boxes, kpss)
+        ]
+
+    # recognition -----------------------------------------------------------------------
+
+    def _embed(self, crops: list[np.ndarray]) -> np.ndarray:
+        chunks = [
+            self._recognizer.get_feat(crops[i : i + RECOGNIZER_BATCH])
+            for i in range(0, len(crops), RECOGNIZER_BATCH)
+        ]
+        raw = np.concatenate(chunks, axis=0).astype(np.float32)
+        return raw / np.linalg.norm(raw, axis=1, keepdims=True).clip(min=1e-12)
+
+    def analyze(
+        self,
+        images: Any,
+        selection: Selection | str = Selection.LARGEST,
+        index: int = 0,
+        reference: np.ndarray | Identity | None = None,
+        all_faces: bool = False,
+    ) -> list[FaceResult]:
+        """One result per image; all chosen faces go through the recognizer in one batched run.
+
+        `images` is a batch (IMAGE tensor, list of paths/arrays/PIL) or a single image. An
+        image that cannot be read gives a result with the reason instead of an exception.
+        """
+        from insightface.utils.face_align import norm_crop
+
+        selection = Selection(selection)
+        ref = _reference_embedding(reference)
+        if selection is Selection.BEST_MATCH and ref is None:
+            raise ValueError("selection 'best_match' needs a reference identity")
+        embed_all = all_faces or selection is Selection.BEST_MATCH
+        loaded = _load_each(images)
+        with self._lock:
+            detected = [
+                sorted(self.detect(bgr), key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
+                if bgr is not None
+                else []
+                for bgr, _ in loaded
+            ]
+            to_embed: list[tuple[DetectedFace, np.ndarray]] = []
+            for (bgr, _), faces in zip(loaded, detected):
+                if embed_all:
+                    to_embed += [(face, bgr) for face in faces]
+                elif faces and _index_valid(selection, index, faces):
+                    to_embed.append((faces[_choose(faces, selection, index)], bgr))
+            if to_embed:
+                crops = [norm_crop(bgr, face.kps) for face, bgr in to_embed]
+                for (face, _), embedding in zip(to_embed, self._embed(crops)):
+                    face.embedding = embedding
+        results = []
+        for (bgr, error), faces in zip(loaded, detected):
+            size = (bgr.shape[1], bgr.shape[0]) if bgr is not None else (0, 0)
+            result = FaceResult(image_size=size, faces_found=len(faces), faces=faces if all_faces else [])
+            if bgr is None:
+                result.reason = error
+            elif not faces:
+                result.reason = "no face detected"
+            elif not _index_valid(selection, index, faces):
+                result.reason = f"face index {index} requested but {len(faces)} face(s) found"
+            else:
+                result.face_index = _choose(faces, selection, index, ref)
+                result.face = faces[result.face_index]
+            results.append(result)
+        return results
+
+    def identity(self, images: Any) -> Identity:
+        """Identity of one person from one or more reference photos (largest face of each).
+
+        Embeddings are cached by image content, so a reference reused across calls is
+        embedded once. Raises NoFaceError naming the first image without a face.
+        """
+        bgrs = image_list(images)
+        keys = [(hashlib.blake2b(b.tobytes(), digest_size=16).hexdigest(), b.shape) for b in bgrs]
+        missing = [i for i, key in enumerate(keys) if key not in self._identity_cache]
+        if missing:
+            for i, result in zip(missing, self.analyze([bgrs[i] for i in missing])):
+                if not result.ok:
+                    raise NoFaceError(f"reference image {i}: {result.reason}")
+                self._identity_cache[keys[i]] = result.embedding
+                while len(self._identity_cache) > IDENTITY_CACHE_SIZE:
+                    self._identity_cache.popitem(last=False)
+        return mean_identity(self._identity_cache[key] for key in keys)
+
+
+def _load_each(images: Any) -> list[tuple[np.ndarray | None, str | None]]:
+    try:
+        items = images if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) else None
+        if items is None:
+            return [(bgr, None) for bgr in image_list(images)]
+    except ImageLoadError as exc:
+        return [(None, str(exc))]
+    loaded: list[tuple[np.ndarray | None, str | None]] = []
+    for item in items:
+        try:
+            loaded.append((item if _is_bgr(item) else load_image(item), None))
+        except ImageLoadError as exc:
+            loaded.append((None, str(exc)))
+    return loaded
+
+
+def _is_bgr(item: Any) -> bool:
+    return isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3 and item.shape[2] == 3
+
+
+def _reference_embedding(reference: np.ndarray | Identity | None) -> np.ndarray | None:
+    if reference is None:
+        return None
+    vector = reference.embedding if isinstance(reference, Identity) else reference
+    return normalize(vector)
+
+
+def _index_valid(selection: Selection, index: int, faces: list[DetectedFace]) -> bool:
+    return selection is not Selection.INDEX or 0 <= index < len(faces)
+
+
+def _choose(
+    faces: list[DetectedFace], selection: Selection, index: int, reference: np.ndarray | None = None
+) -> int:
+    """Index (in left-to-right order) of the face a policy picks; ties resolve to the leftmost."""
+    if selection is Selection.INDEX:
+        return index
+    if selection is Selection.LARGEST:
+        keys = [f.area for f in faces]
+    elif selection is Selection.HIGHEST_SCORE:
+        keys = [f.det_score for f in faces]
+    else:
+        keys = [float(np.dot(f.embedding, reference)) for f in faces]
+    return int(np.argmax(keys))
+
+
+_MODELS: dict[_ModelKey, FaceModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_face_model(
+    pack: str | os.PathLike = "buffalo_l",
+    *,
+    models_root: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    provider: str = "auto",
+    det_size: str | int = "auto",
+    det_thresh: float = 0.5,
+    allow_download: bool = False,
+) -> FaceModel:
+    """Validate and load a pack (or return the already loaded one for the same settings)."""
+    det_size = _check_det_size(det_size)
+    if not 0.0 < float(det_thresh) < 1.0:
+        raise ValueError(f"det_thresh must be between 0 and 1, got {det_thresh}")
+    files = resolve_pack(pack, as_roots(models_root), allow_download=allow_download)
+    key = _ModelKey(str(Path(files.folder).resolve()), provider.lower(), det_size, float(det_thresh))
+    with _MODELS_LOCK:
+        model = _MODELS.get(key)
+        if model is None:
+            model = FaceModel(files, provider=provider, det_size=det_size, det_thresh=det_thresh)
+            _MODELS[key] = model
+            log.info("loaded face model %s on %s", files.folder, model.provider)
+        return model
+
+
+def _check_det_size(det_size: str | int) -> str | int:
+    if isinstance(det_size, str) and det_size.strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(det_size)
+    except (TypeError, ValueError):
+        raise ValueError(f"det_size must be 'auto' or a number of pixels, got {det_size!r}") from None
+    if size < 64 or size > 2048 or size % 32:
+        raise ValueError(f"det_size must be a multiple of 32 between 64 and 2048, got {size}")
+    return size

@@ -1,0 +1,185 @@
+"""Find and validate InsightFace model packs before anything is loaded.
+
+A root holds `models/<pack>/*.onnx` (ComfyUI: `ComfyUI/models/insightface`, standalone:
+`~/.insightface`). A pack is any folder with one face detector and one recognizer ONNX;
+the files are told apart the way InsightFace's model router does.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import ModelPackError
+
+STANDARD_PACKS = ("buffalo_l", "buffalo_m", "buffalo_s", "buffalo_sc", "antelopev2")
+DEFAULT_ROOT = Path("~/.insightface")
+RELEASES_URL = "https://github.com/deepinsight/insightface/releases"
+
+
+@dataclass(frozen=True)
+class PackFiles:
+    name: str
+    folder: Path
+    detector: Path
+    recognizer: Path
+
+
+def as_roots(models_root: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """Search roots in order: the given ones, then ~/.insightface."""
+    if models_root is None:
+        given: list[Path] = []
+    elif isinstance(models_root, (str, os.PathLike)):
+        given = [Path(models_root)]
+    else:
+        given = [Path(r) for r in models_root]
+    roots = [r.expanduser() for r in given] + [DEFAULT_ROOT.expanduser()]
+    unique: list[Path] = []
+    for root in roots:
+        if root not in unique:
+            unique.append(root)
+    return unique
+
+
+def _pack_parents(root: Path) -> list[Path]:
+    # A root may be given as the InsightFace root (holding models/) or as models/ itself.
+    return [root / "models", root]
+
+
+def list_packs(roots: Iterable[Path]) -> list[str]:
+    """Names of folders holding ONNX files (validated only when loaded), sorted."""
+    names: set[str] = set()
+    for root in roots:
+        for parent in _pack_parents(root):
+            if not parent.is_dir():
+                continue
+            for child in parent.iterdir():
+                if child.is_dir() and child.name != "models" and _has_onnx(child):
+                    names.add(child.name)
+    return sorted(names)
+
+
+def _has_onnx(folder: Path) -> bool:
+    try:
+        return any(p.suffix.lower() == ".onnx" for p in folder.iterdir()) or any(
+            sub.is_dir() and any(p.suffix.lower() == ".onnx" for p in sub.iterdir())
+            for sub in folder.iterdir()
+        )
+    except OSError:
+        return False
+
+
+def find_pack_folder(pack: str | os.PathLike, roots: Sequence[Path]) -> Path | None:
+    """The folder of `pack` (a name under the roots, or a path to the folder itself)."""
+    as_path = Path(pack).expanduser()
+    if as_path.is_dir() and (as_path.is_absolute() or os.sep in str(pack) or "/" in str(pack)):
+        return as_path
+    for root in roots:
+        for parent in _pack_parents(root):
+            candidate = parent / str(pack)
+            if candidate.is_dir():
+                return candidate
+    return None
+
+
+def classify_onnx(path: Path) -> str:
+    """'detector', 'recognizer' or 'other', by the same rules as InsightFace's model router."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ValueError... for bad files
+        raise ModelPackError(
+            f"cannot read ONNX model {path}: {exc}. The file is corrupt or truncated; "
+            "download the pack again."
+        ) from None
+    graph = model.graph
+    initializers = {init.name for init in graph.initializer}
+    inputs = [i for i in graph.input if i.name not in initializers]
+    if len(graph.output) >= 5:
+        return "detector"
+    if not inputs:
+        return "other"
+    dims = [d.dim_value for d in inputs[0].type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return "other"
+    height, width = dims[2], dims[3]
+    if (height, width) in ((192, 192), (96, 96)) or len(inputs) == 2:
+        return "other"  # landmark, gender/age, swapper
+    if height == width and height >= 112 and height % 16 == 0:
+        return "recognizer"
+    return "other"
+
+
+def validate_pack(folder: Path, name: str | None = None) -> PackFiles:
+    """Check a pack folder; raise ModelPackError that names the folder, the problem and the fix."""
+    name = name or folder.name
+    if not folder.exists():
+        raise ModelPackError(f"model pack folder not found: {folder}")
+    if not folder.is_dir():
+        raise ModelPackError(f"model pack path is not a folder: {folder}")
+    onnx_files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".onnx")
+    if not onnx_files:
+        nested = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and _has_onnx(sub)]
+        if nested:
+            raise ModelPackError(
+                f"model pack '{name}' is nested: the .onnx files are in {nested[0]}, not in {folder}. "
+                f"Move them up one level (into {folder}) and remove the empty inner folder — "
+                "a common result of unzipping an archive into a folder of the same name."
+            )
+        raise ModelPackError(
+            f"model pack folder {folder} is empty (no .onnx files). Put the pack's detector and "
+            f"recognizer .onnx files there (for {', '.join(STANDARD_PACKS)}: unzip the release "
+            f"from {RELEASES_URL})."
+        )
+    by_kind: dict[str, list[Path]] = {"detector": [], "recognizer": [], "other": []}
+    for path in onnx_files:
+        by_kind[classify_onnx(path)].append(path)
+    found = ", ".join(p.name for p in onnx_files)
+    if not by_kind["detector"]:
+        raise ModelPackError(
+            f"model pack '{name}' in {folder} has no face detector (an ONNX with >= 5 outputs, "
+            f"such as det_10g.onnx or scrfd_*.onnx); found: {found}. Add the pack's detector file."
+        )
+    if not by_kind["recognizer"]:
+        raise ModelPackError(
+            f"model pack '{name}' in {folder} has no face recognizer (an ArcFace ONNX with a square "
+            f"112x112 input, such as w600k_r50.onnx or glintr100.onnx); found: {found}. "
+            "Add the pack's recognizer file."
+        )
+    return PackFiles(name, folder, by_kind["detector"][0], by_kind["recognizer"][0])
+
+
+def resolve_pack(
+    pack: str | os.PathLike, roots: Sequence[Path], allow_download: bool = False
+) -> PackFiles:
+    """Locate and validate a pack; download a standard pack only when allowed."""
+    folder = find_pack_folder(pack, roots)
+    if folder is None:
+        name = str(pack)
+        if allow_download and name in STANDARD_PACKS:
+            folder = _download_standard_pack(name, roots[0])
+        else:
+            searched = ", ".join(str(p) for r in roots for p in _pack_parents(r)[:1])
+            hint = (
+                f"Download it from {RELEASES_URL} and unzip it so that the .onnx files are in "
+                f"<root>/models/{name}/ (in ComfyUI: ComfyUI/models/insightface/models/{name}/)"
+                if name in STANDARD_PACKS
+                else f"Put a folder '{name}' with a detector and a recognizer .onnx under one of them"
+            )
+            raise ModelPackError(f"model pack '{name}' not found in: {searched}. {hint}.")
+    return validate_pack(folder, folder.name)
+
+
+def _download_standard_pack(name: str, root: Path) -> Path:
+    from insightface.utils.storage import ensure_available
+
+    try:
+        return Path(ensure_available("models", name, root=str(root)))
+    except Exception as exc:  # urllib/requests/zipfile errors: all mean "no pack"
+        raise ModelPackError(
+            f"could not download model pack '{name}' into {root / 'models'} ({exc}). If this "
+            f"machine is offline, download {name}.zip from {RELEASES_URL} elsewhere and unzip it "
+            f"into {root / 'models' / name}/."
+        ) from None

@@ -1,0 +1,64 @@
+"""Plain result types of the engine: no ComfyUI, no onnxruntime objects."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class Selection(str, Enum):
+    """Which face to use when an image has several."""
+
+    LARGEST = "largest"
+    HIGHEST_SCORE = "highest_score"
+    INDEX = "index"  # counted left to right
+    BEST_MATCH = "best_match"  # closest to a given reference identity
+
+
+@dataclass
+class DetectedFace:
+    bbox: np.ndarray  # (4,) x1, y1, x2, y2 in the original image's pixels
+    kps: np.ndarray  # (5, 2) eyes, nose, mouth corners, original pixels
+    det_score: float
+    embedding: np.ndarray | None = None  # (D,) L2-normalised, when computed
+
+    @property
+    def area(self) -> float:
+        x1, y1, x2, y2 = self.bbox
+        return float(max(0.0, x2 - x1) * max(0.0, y2 - y1))
+
+    def to_dict(self) -> dict:
+        return {
+            "bbox": [round(float(v), 2) for v in self.bbox],
+            "kps": [[round(float(x), 2), round(float(y), 2)] for x, y in self.kps],
+            "det_score": round(float(self.det_score), 4),
+        }
+
+
+@dataclass
+class FaceResult:
+    """What the engine found in one image. No face is a result with a reason, not an exception."""
+
+    image_size: tuple[int, int]  # (width, height)
+    faces_found: int
+    face: DetectedFace | None = None
+    face_index: int | None = None  # index of `face` in left-to-right order
+    reason: str | None = None
+    faces: list[DetectedFace] = field(default_factory=list)  # all faces, when requested
+
+    @property
+    def ok(self) -> bool:
+        return self.face is not None and self.face.embedding is not None
+
+    @property
+    def embedding(self) -> np.ndarray | None:
+        return self.face.embedding if self.face is not None else None
+
+
+@dataclass
+class Identity:
+    """A person's identity: mean of L2-normalised embeddings, re-normalised."""
+
+    embedding: np.ndarray
+    count: int

@@ -1,0 +1,57 @@
+"""Cosine similarity, identities from several photos, and the similarity bands users read."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+
+from .results import Identity
+
+
+def normalize(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    norm = float(np.linalg.norm(vector))
+    if norm == 0.0 or not np.isfinite(norm):
+        raise ValueError("cannot normalise a zero or non-finite embedding")
+    return vector / norm
+
+
+def cosine_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Cosine of two embeddings (normalised here, so raw embeddings work too)."""
+    return float(np.dot(normalize(a), normalize(b)))
+
+
+def mean_identity(embeddings: Iterable[np.ndarray]) -> Identity:
+    vectors = [normalize(e) for e in embeddings]
+    if not vectors:
+        raise ValueError("an identity needs at least one embedding")
+    return Identity(embedding=normalize(np.mean(vectors, axis=0)), count=len(vectors))
+
+
+@dataclass(frozen=True)
+class Bands:
+    """Similarity bands; the defaults are the seed guide's, tuned for 512-d ArcFace packs."""
+
+    excellent: float = 0.85
+    good: float = 0.75
+    moderate: float = 0.65
+
+    def __post_init__(self) -> None:
+        if not (self.excellent >= self.good >= self.moderate):
+            raise ValueError(
+                f"bands must satisfy excellent >= good >= moderate, got "
+                f"{self.excellent}, {self.good}, {self.moderate}"
+            )
+
+    def label(self, score: float) -> str:
+        if score >= self.excellent:
+            return "excellent"
+        if score >= self.good:
+            return "good"
+        if score >= self.moderate:
+            return "moderate"
+        return "poor"
+
+    def to_dict(self) -> dict[str, float]:
+        return {"excellent": self.excellent, "good": self.good, "moderate": self.moderate}
