@@ -10,7 +10,7 @@ import importlib
 
 from . import comfy_env
 
-NODE_MODULES: tuple[str, ...] = ()
+NODE_MODULES: tuple[str, ...] = ("training",)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
@@ -21,3 +21,6 @@ for _name in NODE_MODULES:
 
 if comfy_env.prompt_server() is not None:
     comfy_env.register_model_folders()
+    from .routes import register_with_comfyui
+
+    register_with_comfyui()

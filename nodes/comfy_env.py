@@ -40,12 +40,22 @@ def output_directory() -> Path:
     return Path(folder_paths().get_output_directory())
 
 
+def temp_directory() -> Path:
+    """ComfyUI's temp folder (node previews; emptied by ComfyUI at start)."""
+    return Path(folder_paths().get_temp_directory())
+
+
 def user_directory() -> Path:
     return Path(folder_paths().get_user_directory())
 
 
 def filename_list(folder_name: str) -> list[str]:
     return list(folder_paths().get_filename_list(folder_name))
+
+
+def folder_roots(folder_name: str) -> list[Path]:
+    """Every folder ComfyUI searches for `folder_name` models (extra_model_paths included)."""
+    return [Path(p) for p in folder_paths().get_folder_paths(folder_name)]
 
 
 def full_path(folder_name: str, filename: str) -> Path | None:

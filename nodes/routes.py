@@ -1,0 +1,237 @@
+"""HTTP routes and websocket events for the live training panel (`web/face_consistency_panel.js`).
+
+Routes (ComfyUI also serves each under `/api`):
+- GET  /face_consistency/jobs                              jobs with state and progress
+- GET  /face_consistency/jobs/{job_id}?max_points=N        status, metrics, checkpoints, samples
+- POST /face_consistency/jobs/{job_id}/stop                graceful stop (runs in the background)
+- GET  /face_consistency/jobs/{job_id}/samples/{filename}  one sample image
+- GET  /face_consistency/jobs/{job_id}/log?lines=N         the log's last lines
+
+Only files inside a registered job's folder are read, and only those the run reader lists;
+ids and parameters are validated. A background poller pushes `face_consistency.progress`,
+`.finished` and `.failed` events.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+from ..trainer import jobs
+from ..trainer.jobs import JobRecord, JobRegistry
+from ..trainer.protocol import JobState
+from ..trainer.run_reader import FACE_SIMILARITY, LOSS, SAMPLE_DIR, RunSnapshot, log_tail, read_run
+from . import comfy_env
+from .training import open_registry
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/face_consistency"
+JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+MAX_LOG_LINES = 2000
+MAX_POINTS = 5000
+POLL_INTERVAL_S = 2.0
+SUCCESS_STATES = frozenset({JobState.COMPLETED.value, JobState.STOPPED.value})
+
+RegistryFactory = Callable[[], JobRegistry]
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not re.fullmatch(r"\d{1,7}", raw) or not low <= int(raw) <= high:
+        raise web.HTTPBadRequest(reason=f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _job(request: web.Request, registry: JobRegistry) -> JobRecord:
+    job_id = request.match_info["job_id"]
+    if not JOB_ID.fullmatch(job_id):
+        raise web.HTTPBadRequest(reason="malformed job id")
+    try:
+        return registry.refresh(job_id)
+    except jobs.UnknownJobError:
+        raise web.HTTPNotFound(reason="unknown job id") from None
+
+
+def _downsample(records: list[dict[str, Any]], max_points: int) -> list[dict[str, Any]]:
+    if len(records) <= max_points:
+        return records
+    stride = len(records) / max_points
+    picked = [records[int(i * stride)] for i in range(max_points - 1)]
+    return picked + [records[-1]]
+
+
+def _progress(record: JobRecord, run: RunSnapshot | None) -> dict[str, Any]:
+    summary: dict[str, Any] = record.to_json()
+    if run is None:
+        return summary
+    status = run.status or {}
+    latest = run.latest_checkpoint
+    summary.update(
+        step=status.get("step"),
+        total_steps=status.get("total_steps"),
+        epoch=status.get("epoch"),
+        loss=run.last_value(LOSS),
+        face_similarity=run.last_value(FACE_SIMILARITY),
+        latest_checkpoint=latest.filename if latest else None,
+    )
+    return summary
+
+
+def _read_run_or_none(record: JobRecord) -> RunSnapshot | None:
+    try:
+        return read_run(record.output_dir)
+    except FileNotFoundError:
+        return None
+
+
+def _sample_file(record: JobRecord, filename: str) -> Path:
+    """The sample image `filename` of the job, refusing anything that is not a listed sample inside its folder."""
+    if "/" in filename or "\\" in filename or filename.startswith(".") or "\x00" in filename:
+        raise web.HTTPBadRequest(reason="invalid file name")
+    job_dir = record.output_dir.resolve()
+    sample_dir = (record.output_dir / SAMPLE_DIR).resolve()
+    if not sample_dir.is_relative_to(job_dir):
+        raise web.HTTPForbidden(reason="sample folder leaves the job folder")
+    run = _read_run_or_none(record)
+    listed = {s.path.name: s.path for s in run.samples} if run else {}
+    if filename not in listed:
+        raise web.HTTPNotFound(reason="no such sample")
+    path = listed[filename].resolve()  # follows symlinks: one pointing out of the folder is refused
+    if not path.is_relative_to(sample_dir) or not path.is_file():
+        raise web.HTTPForbidden(reason="sample leaves the job folder")
+    return path
+
+
+def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = open_registry) -> None:
+    """Add the panel's routes to `routes` (PromptServer.instance.routes in ComfyUI, any table in tests)."""
+    stopping: set[str] = set()
+    stopping_lock = threading.Lock()
+
+    @routes.get(f"{PREFIX}/jobs")
+    async def list_jobs(request: web.Request) -> web.Response:
+        registry = registry_factory()
+        records = registry.refresh_all()
+        return web.json_response({"jobs": [_progress(r, _read_run_or_none(r)) for r in records]})
+
+    @routes.get(f"{PREFIX}/jobs/{{job_id}}")
+    async def job_detail(request: web.Request) -> web.Response:
+        record = _job(request, registry_factory())
+        max_points = _int_param(request, "max_points", 500, 2, MAX_POINTS)
+        run = _read_run_or_none(record)
+        body = _progress(record, run)
+        if run is not None:
+            body["status"] = run.status
+            body["metrics_source"] = run.metrics_source
+            body["metrics"] = [
+                {key: r.get(key) for key in ("step", LOSS, FACE_SIMILARITY)} for r in _downsample(run.metrics, max_points)
+            ]
+            body["checkpoints"] = [
+                {"filename": c.filename, "step": c.step, "epoch": c.epoch, "final": c.final} for c in run.checkpoints
+            ]
+            body["samples"] = [
+                {"filename": s.path.name, "step": s.step, "epoch": s.epoch, "prompt_index": s.prompt_index}
+                for s in run.latest_samples()
+            ]
+        return web.json_response(body)
+
+    @routes.post(f"{PREFIX}/jobs/{{job_id}}/stop")
+    async def stop_job(request: web.Request) -> web.Response:
+        registry = registry_factory()
+        record = _job(request, registry)
+        if record.finished:
+            return web.json_response({"job_id": record.job_id, "state": record.state, "stopping": False})
+        with stopping_lock:
+            already = record.job_id in stopping
+            stopping.add(record.job_id)
+        if not already:
+            def run_stop() -> None:
+                try:
+                    jobs.stop(registry, record.job_id)
+                except Exception:
+                    log.exception("stopping training job %s failed", record.job_id)
+                finally:
+                    with stopping_lock:
+                        stopping.discard(record.job_id)
+
+            threading.Thread(target=run_stop, name=f"face-consistency-stop-{record.job_id[:8]}", daemon=True).start()
+        return web.json_response({"job_id": record.job_id, "state": JobState.STOPPING.value, "stopping": True},
+                                 status=202)
+
+    @routes.get(f"{PREFIX}/jobs/{{job_id}}/samples/{{filename}}")
+    async def sample_image(request: web.Request) -> web.StreamResponse:
+        record = _job(request, registry_factory())
+        return web.FileResponse(_sample_file(record, request.match_info["filename"]))
+
+    @routes.get(f"{PREFIX}/jobs/{{job_id}}/log")
+    async def job_log(request: web.Request) -> web.Response:
+        record = _job(request, registry_factory())
+        lines = _int_param(request, "lines", 200, 1, MAX_LOG_LINES)
+        return web.json_response({"job_id": record.job_id, "lines": log_tail(record.output_dir, lines)})
+
+
+class EventPoller:
+    """Watches the registry and pushes progress / finished / failed events to the browser."""
+
+    def __init__(self, registry_factory: RegistryFactory, send: EventSink, interval_s: float = POLL_INTERVAL_S):
+        self._registry_factory = registry_factory
+        self._send = send
+        self._interval_s = interval_s
+        self._seen: dict[str, tuple[Any, ...]] = {}
+        self._since = time.time()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def poll_once(self) -> None:
+        for record in self._registry_factory().refresh_all():
+            previous = self._seen.get(record.job_id)
+            if record.finished and previous is None and (record.ended or 0.0) < self._since:
+                self._seen[record.job_id] = ("final",)  # ended before ComfyUI started: nothing to announce
+                continue
+            if previous == ("final",):
+                continue
+            summary = _progress(record, _read_run_or_none(record))
+            key = (summary["state"], summary.get("step"), summary.get("latest_checkpoint"))
+            if key != previous:
+                self._send("progress", summary)
+            if record.finished:
+                self._send("finished" if record.state in SUCCESS_STATES else "failed", summary)
+                key = ("final",)
+            self._seen[record.job_id] = key
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                self.poll_once()
+            except Exception:
+                log.exception("face-consistency job poller")
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="face-consistency-job-events", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+_poller: EventPoller | None = None
+
+
+def register_with_comfyui() -> None:
+    """Add the routes to ComfyUI's PromptServer and start the event poller (once)."""
+    global _poller
+    server = comfy_env.prompt_server()
+    if server is None or _poller is not None:
+        return
+    add_routes(server.routes)
+    _poller = EventPoller(open_registry, comfy_env.send_event)
+    _poller.start()

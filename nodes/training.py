@@ -1,0 +1,644 @@
+"""Training from a graph: launch the trainer in the background, watch it, stop it, rank its checkpoints.
+
+Thin adapters over `trainer.jobs` (process control and registry), `trainer.run_reader` (run
+folders, ours or musubi-tuner's), `trainer.run_plots` and `trainer.checkpoint_scores`.
+"""
+from __future__ import annotations
+
+import math
+import shlex
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..trainer import jobs
+from ..trainer.checkpoint_scores import best_checkpoint, copy_as_best, format_table, group_scores
+from ..trainer.jobs import JobRecord, JobRegistry
+from ..trainer.protocol import LOG_FILE
+from ..trainer.run_plots import plot_run, plot_scores
+from ..trainer.run_reader import FACE_SIMILARITY, LOSS, RunSnapshot, log_tail, read_run
+from . import comfy_env
+
+CATEGORY = "face_consistency/training"
+TRAINING_JOB = "TRAINING_JOB"
+LORAS = "loras"
+REGISTRY_SUBDIR = "face_consistency"
+WAIT_CHOICES = ("no", "next checkpoint", "finished")
+POLL_S = 2.0
+
+
+def open_registry() -> JobRegistry:
+    """The job registry of this ComfyUI installation (in its user directory)."""
+    return JobRegistry(comfy_env.user_directory() / REGISTRY_SUBDIR / jobs.REGISTRY_FILENAME)
+
+
+@dataclass(frozen=True)
+class TrainingJob:
+    """What flows along a TRAINING_JOB link: enough to find the job again after a restart."""
+
+    job_id: str
+    output_dir: str
+    name: str
+
+
+def _lora_name_type() -> list[str]:
+    # A list output type is a COMBO output: it links to LoraLoader's `lora_name` when both lists
+    # are equal, so it is computed from the same folder listing at the moment ComfyUI asks.
+    return comfy_env.filename_list(LORAS)
+
+
+class _LoraNameOutputs(type):
+    """Metaclass resolving the `LORA_NAME` placeholder in OUTPUT_TYPES to the current LoRA list."""
+
+    @property
+    def RETURN_TYPES(cls) -> tuple[Any, ...]:  # noqa: N802 (ComfyUI's name)
+        return tuple(_lora_name_type() if t == "LORA_NAME" else t for t in cls.OUTPUT_TYPES)
+
+
+def _image_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> IMAGE [1,H,W,3] float 0..1."""
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
+def _resolve_folder(folder: str) -> Path:
+    """An output folder given as an absolute path, or relative to ComfyUI's output or loras folders."""
+    text = folder.strip().strip('"')
+    path = Path(text).expanduser()
+    candidates = [path] if path.is_absolute() else [
+        comfy_env.output_directory() / path,
+        *(root / path for root in comfy_env.folder_roots(LORAS)),
+    ]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate.resolve()
+    raise ValueError(
+        f"training output folder {text!r} not found (looked in: {', '.join(str(c) for c in candidates)})"
+    )
+
+
+def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord | None, Path]:
+    """The registered job (when there is one) and the folder it writes to."""
+    registry = open_registry()
+    if job is not None:
+        try:
+            record = registry.refresh(job.job_id)
+        except jobs.UnknownJobError:
+            return None, Path(job.output_dir)
+        return record, record.output_dir
+    if not output_folder.strip():
+        raise ValueError("connect a TRAINING_JOB or give an output folder")
+    folder = _resolve_folder(output_folder)
+    record = registry.find_by_output_dir(folder)
+    return (registry.refresh(record.job_id) if record else None), folder
+
+
+def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
+    """IS_CHANGED value: NaN (never equal, never cached) while a job runs, else the folder's file state."""
+    try:
+        record, folder = _resolve_run(job, output_folder)
+    except (ValueError, OSError):
+        return math.nan
+    if record is not None and not record.finished:
+        return math.nan
+    entries = []
+    for path in (folder, folder / "sample"):
+        if path.is_dir():
+            entries += [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()]
+    return repr(sorted(entries))
+
+
+def _optional_target_inputs() -> dict[str, Any]:
+    return {
+        "job": (TRAINING_JOB, {"tooltip": "A job from FaceConsistencyTrainLaunch."}),
+        "output_folder": ("STRING", {
+            "default": "",
+            "tooltip": "Or a run folder: absolute, or relative to ComfyUI's output or loras folders "
+                       "(a musubi-tuner output folder works too).",
+        }),
+    }
+
+
+def _fmt_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _relative_lora_name(path: Path) -> str | None:
+    """`path` as ComfyUI's LoRA loaders name it (relative to a loras folder), or None outside them."""
+    resolved = path.resolve()
+    for root in comfy_env.folder_roots(LORAS):
+        try:
+            return resolved.relative_to(root.resolve()).as_posix()
+        except ValueError:
+            continue
+    return None
+
+
+def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20) -> str:
+    """The status text: state, progress, loss, face similarity, ETA, last checkpoint."""
+    status = run.status or {}
+    state = record.state if record is not None else run.state
+    lines = [f"{run.output_dir.name}: {state}" + (f" (job {record.job_id[:8]}, pid {record.pid})" if record else "")]
+    step = status.get("step")
+    total = status.get("total_steps")
+    if isinstance(step, int):
+        progress = f"step {step}" + (f"/{total} ({100.0 * step / total:.1f}%)" if isinstance(total, int) and total else "")
+        epoch, epochs = status.get("epoch"), status.get("total_epochs")
+        if isinstance(epoch, int):
+            progress += f", epoch {epoch}" + (f"/{epochs}" if isinstance(epochs, int) else "")
+        lines.append(progress)
+    elif run.metrics:
+        lines.append(f"step {run.metrics[-1].get('step')} ({len(run.metrics)} logged, from {run.metrics_source})")
+    for metric, label in ((LOSS, "loss"), (FACE_SIMILARITY, "face similarity")):
+        _, values = run.series(metric)
+        if values:
+            recent = values[-window:]
+            lines.append(f"{label} {values[-1]:.4f} (mean of last {len(recent)}: {sum(recent) / len(recent):.4f})")
+    started = record.started if record else None
+    if started and isinstance(step, int) and isinstance(total, int) and 0 < step < total and not (record and record.finished):
+        elapsed = time.time() - started
+        lines.append(f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(elapsed / step * (total - step))}")
+    checkpoint = run.latest_checkpoint
+    if checkpoint is not None:
+        lines.append(f"last checkpoint: {checkpoint.filename} ({checkpoint.label}); {len(run.checkpoints)} in all")
+    else:
+        lines.append("no checkpoint saved yet")
+    if record is not None and record.detail and record.state == "failed":
+        lines.append(f"failure:\n{record.detail}")
+    elif status.get("error"):
+        lines.append(f"error: {status['error']}")
+    return "\n".join(lines)
+
+
+def sample_grid(run: RunSnapshot, max_images: int, *, columns: int = 4) -> torch.Tensor:
+    """The latest round of samples side by side as one IMAGE [1,H,W,3] (a black tile when there are none)."""
+    from PIL import Image
+
+    samples = run.latest_samples()[:max_images]
+    if not samples:
+        return torch.zeros(1, 64, 64, 3)
+    tiles = []
+    for sample in samples:
+        with Image.open(sample.path) as image:
+            tiles.append(image.convert("RGB"))
+    width, height = tiles[0].size
+    columns = min(columns, len(tiles))
+    rows = math.ceil(len(tiles) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for index, tile in enumerate(tiles):
+        if tile.size != (width, height):
+            tile = tile.resize((width, height), Image.Resampling.LANCZOS)
+        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
+    return _image_tensor(np.asarray(grid))
+
+
+def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
+    """A musubi dataset TOML: the one given, the folder's own `dataset.toml`, or one written for the folder.
+
+    A folder without a TOML holds targets + captions in `images/` (or the folder itself) and the
+    control images in `controls/` (or `control/`), paired by name the musubi way.
+    """
+    path = Path(dataset.strip().strip('"')).expanduser()
+    if path.is_file() and path.suffix.lower() == ".toml":
+        return path.resolve()
+    if not path.is_dir():
+        raise ValueError(f"dataset {dataset!r} is neither a dataset .toml file nor a folder")
+    if (path / "dataset.toml").is_file():
+        return (path / "dataset.toml").resolve()
+    images = path / "images" if (path / "images").is_dir() else path
+    controls = next((path / name for name in ("controls", "control") if (path / name).is_dir()), None)
+    if controls is None:
+        raise ValueError(
+            f"dataset folder {path} has no controls/ folder: put the edit's input images there "
+            "(same names as the targets), or give a musubi dataset .toml"
+        )
+    toml = output_dir / "dataset.toml"
+    toml.write_text(
+        "\n".join([
+            "[general]",
+            f"resolution = [{resolution}, {resolution}]",
+            'caption_extension = ".txt"',
+            "batch_size = 1",
+            "enable_bucket = true",
+            "bucket_no_upscale = false",
+            "",
+            "[[datasets]]",
+            f"image_directory = {_toml_string(images.resolve())}",
+            f"control_directory = {_toml_string(controls.resolve())}",
+            f"cache_directory = {_toml_string(output_dir / 'cache')}",
+            "num_repeats = 1",
+            "",
+        ]),
+        encoding="utf-8",
+    )
+    return toml
+
+
+def _toml_string(path: Path) -> str:
+    import json
+
+    return json.dumps(str(path))  # a JSON string is a valid TOML basic string
+
+
+class FaceConsistencyTrainLaunch:
+    """Start a LoRA training run in the background; returns at once with a TRAINING_JOB."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "dit": (comfy_env.filename_list("diffusion_models"), {"tooltip": "Qwen-Image-Edit(-2509) DiT."}),
+                "vae": (comfy_env.filename_list("vae"),),
+                "text_encoder": (comfy_env.filename_list("text_encoders"), {"tooltip": "Qwen2.5-VL 7B."}),
+                "dataset": ("STRING", {"default": "", "tooltip": "A musubi dataset .toml, or a folder with images/ "
+                                       "(+ .txt captions) and controls/."}),
+                "output_name": ("STRING", {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."}),
+                "learning_rate": ("FLOAT", {"default": 5e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6}),
+                "network_dim": ("INT", {"default": 16, "min": 1, "max": 256}),
+                "network_alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 256.0}),
+                "max_train_epochs": ("INT", {"default": 100, "min": 1, "max": 100000}),
+                "save_every_n_epochs": ("INT", {"default": 10, "min": 1, "max": 100000}),
+                "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
+                "timestep_sampling": (["shift", "qwen_shift", "sigmoid", "uniform"], {"default": "shift"}),
+                "discrete_flow_shift": ("FLOAT", {"default": 2.2, "min": 0.1, "max": 20.0, "step": 0.1}),
+                "optimizer_type": (["adamw8bit", "AdamW", "Adafactor"], {"default": "adamw8bit"}),
+                "mixed_precision": (["bf16", "fp16", "no"], {"default": "bf16"}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": True}),
+                "enable_face_loss": ("BOOLEAN", {"default": True}),
+                "face_loss_weight": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01}),
+                "face_model_name": ("STRING", {"default": "buffalo_l"}),
+                "face_device": (["cuda", "cpu"], {"default": "cuda"}),
+                "face_det_size": ("INT", {"default": 640, "min": 128, "max": 2048, "step": 32}),
+                "face_eval_frequency": ("INT", {"default": 100, "min": 1, "max": 100000}),
+            },
+            "optional": {
+                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "musubi sample prompts, one "
+                                   "per line: text --w 1024 --h 1024 --s 20 --d 42 --ci control.png"}),
+                "sample_every_n_epochs": ("INT", {"default": 10, "min": 0, "max": 100000}),
+                "max_train_steps": ("INT", {"default": 0, "min": 0, "max": 10**7, "tooltip": "0: train by epochs."}),
+                "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
+                                       "tooltip": "For a dataset folder without a TOML."}),
+                "tokenizer": ("STRING", {"default": "", "tooltip": "Local Qwen-Image-Edit tokenizer/processor folder "
+                                         "(empty: the trainer's default)."}),
+                "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
+                               "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
+            },
+        }
+
+    RETURN_TYPES = (TRAINING_JOB, "STRING")
+    RETURN_NAMES = ("job", "output_dir")
+    FUNCTION = "launch"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+    DESCRIPTION = "Starts the face-consistency LoRA trainer as a background job (the queue is not blocked)."
+
+    def launch(
+        self,
+        dit: str,
+        vae: str,
+        text_encoder: str,
+        dataset: str,
+        output_name: str,
+        learning_rate: float,
+        network_dim: int,
+        network_alpha: float,
+        max_train_epochs: int,
+        save_every_n_epochs: int,
+        seed: int,
+        timestep_sampling: str,
+        discrete_flow_shift: float,
+        optimizer_type: str,
+        mixed_precision: str,
+        gradient_checkpointing: bool,
+        enable_face_loss: bool,
+        face_loss_weight: float,
+        face_model_name: str,
+        face_device: str,
+        face_det_size: int,
+        face_eval_frequency: int,
+        sample_prompts: str = "",
+        sample_every_n_epochs: int = 10,
+        max_train_steps: int = 0,
+        resolution: int = 1024,
+        tokenizer: str = "",
+        extra_args: str = "",
+    ) -> dict[str, Any]:
+        name = output_name.strip()
+        if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|'):
+            raise ValueError(f"output name {output_name!r} must be a plain file name (no folders)")
+        model_paths = {}
+        for flag, folder, filename in (("--dit", "diffusion_models", dit), ("--vae", "vae", vae),
+                                       ("--text_encoder", "text_encoders", text_encoder)):
+            path = comfy_env.full_path(folder, filename)
+            if path is None:
+                raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
+            model_paths[flag] = path
+        output_dir = comfy_env.output_directory() / LORAS / name  # on ComfyUI's LoRA search path
+        output_dir.mkdir(parents=True, exist_ok=True)
+        args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
+        args += ["--dataset_config", str(_dataset_config(dataset, output_dir, resolution))]
+        args += [
+            "--edit_plus", "--sdpa",
+            "--mixed_precision", mixed_precision,
+            "--timestep_sampling", timestep_sampling,
+            "--weighting_scheme", "none",
+            "--discrete_flow_shift", f"{discrete_flow_shift:g}",
+            "--optimizer_type", optimizer_type,
+            "--learning_rate", f"{learning_rate:g}",
+            "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
+            "--network_module", "networks.lora_qwen_image",
+            "--network_dim", str(network_dim),
+            "--network_alpha", f"{network_alpha:g}",
+            "--max_train_epochs", str(max_train_epochs),
+            "--save_every_n_epochs", str(save_every_n_epochs),
+            "--seed", str(seed),
+            "--output_dir", str(output_dir),
+            "--output_name", name,
+        ]
+        if gradient_checkpointing:
+            args.append("--gradient_checkpointing")
+        if max_train_steps > 0:
+            args += ["--max_train_steps", str(max_train_steps)]
+        if tokenizer.strip():
+            args += ["--tokenizer", tokenizer.strip()]
+        if enable_face_loss:
+            args += [
+                "--enable_face_loss", "--use_face_as_loss",
+                "--face_loss_weight", f"{face_loss_weight:g}",
+                "--face_model_name", face_model_name.strip(),
+                "--face_device", face_device,
+                "--face_det_size", str(face_det_size),
+                "--face_eval_frequency", str(face_eval_frequency),
+            ]
+            args += [a for root in comfy_env.insightface_roots() for a in ("--face_models_root", str(root))]
+        if sample_prompts.strip():
+            prompts = output_dir / "sample_prompts.txt"
+            prompts.write_text(sample_prompts.strip() + "\n", encoding="utf-8")
+            args += ["--sample_prompts", str(prompts)]
+            if sample_every_n_epochs > 0:
+                args += ["--sample_every_n_epochs", str(sample_every_n_epochs)]
+        try:
+            args += shlex.split(extra_args)
+        except ValueError as exc:
+            raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
+        record = jobs.launch(open_registry(), output_dir, args, name=name)
+        job = TrainingJob(record.job_id, str(record.output_dir), name)
+        text = f"started job {record.job_id} (pid {record.pid}) into {record.output_dir}"
+        return {"ui": {"text": [text]}, "result": (job, str(record.output_dir))}
+
+
+class FaceConsistencyTrainMonitor:
+    """Status, loss / face-similarity plot, latest checkpoint and samples of a run; optionally waits."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "wait_until": (list(WAIT_CHOICES), {"default": "no", "tooltip": "Block this prompt until the next "
+                               "checkpoint or the end of training (Cancel stops waiting, not training)."}),
+                "timeout_minutes": ("FLOAT", {"default": 60.0, "min": 0.1, "max": 100000.0}),
+                "moving_average": ("INT", {"default": 20, "min": 1, "max": 10000}),
+                "max_samples": ("INT", {"default": 8, "min": 1, "max": 64}),
+            },
+            "optional": _optional_target_inputs(),
+        }
+
+    RETURN_TYPES = ("STRING", "IMAGE", "STRING", "IMAGE")
+    RETURN_NAMES = ("status", "plot", "latest_checkpoint", "samples")
+    FUNCTION = "monitor"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, job: TrainingJob | None = None, output_folder: str = "", **_: Any) -> str | float:
+        return _fingerprint(job, output_folder)
+
+    def monitor(
+        self,
+        wait_until: str,
+        timeout_minutes: float,
+        moving_average: int,
+        max_samples: int,
+        job: TrainingJob | None = None,
+        output_folder: str = "",
+    ) -> dict[str, Any]:
+        record, folder = _resolve_run(job, output_folder)
+        if wait_until != "no" and record is not None and not record.finished:
+            record = self._wait(record, wait_until, timeout_minutes * 60.0)
+        run = read_run(folder)
+        status = describe_run(run, record, window=moving_average)
+        latest = run.latest_checkpoint
+        latest_name = ""
+        if latest is not None:
+            latest_name = _relative_lora_name(latest.path) or str(latest.path)
+        plot = _image_tensor(plot_run(run, window=moving_average))
+        return {"ui": {"text": [status]}, "result": (status, plot, latest_name, sample_grid(run, max_samples))}
+
+    @staticmethod
+    def _wait(record: JobRecord, wait_until: str, timeout_s: float) -> JobRecord:
+        registry = open_registry()
+        run = read_run(record.output_dir)
+        first_checkpoint = run.latest_checkpoint.path if run.latest_checkpoint else None
+        total = (run.status or {}).get("total_steps")
+        progress = comfy_env.Progress(total if isinstance(total, int) and total > 0 else 1)
+        shown = 0
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            record = registry.refresh(record.job_id)
+            run = read_run(record.output_dir)
+            step = (run.status or {}).get("step")
+            advanced = step - shown if isinstance(step, int) and step > shown else 0
+            progress.update(advanced)  # raises when the user presses Cancel
+            shown += advanced
+            latest = run.latest_checkpoint.path if run.latest_checkpoint else None
+            if record.finished or (wait_until == "next checkpoint" and latest not in (None, first_checkpoint)):
+                break
+            time.sleep(POLL_S)
+        return record
+
+
+class FaceConsistencyTrainStop:
+    """Graceful stop: the trainer saves a checkpoint and reports `stopped`; stragglers are ended."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "grace_seconds": ("INT", {"default": 300, "min": 1, "max": 86400, "tooltip": "How long to wait for "
+                                  "the checkpoint before the process tree is terminated."}),
+            },
+            "optional": _optional_target_inputs(),
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("report",)
+    FUNCTION = "stop"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, **_: Any) -> float:
+        return math.nan  # an action: runs every time it is queued
+
+    def stop(self, grace_seconds: int, job: TrainingJob | None = None, output_folder: str = "") -> dict[str, Any]:
+        record, folder = _resolve_run(job, output_folder)
+        if record is None:
+            raise ValueError(f"no job launched from ComfyUI writes to {folder}; only those can be stopped here")
+        progress = comfy_env.Progress(grace_seconds)
+        waited = [0]
+
+        def tick(elapsed: float) -> None:
+            seconds = int(elapsed)
+            progress.update(max(0, seconds - waited[0]))
+            waited[0] = max(waited[0], seconds)
+
+        was_running = not record.finished
+        record = jobs.stop(open_registry(), record.job_id, grace_s=float(grace_seconds), on_wait=tick)
+        run = read_run(folder)
+        latest = run.latest_checkpoint
+        lines = [f"job {record.job_id}: {record.state}" + ("" if was_running else " (had already ended)")]
+        if latest is not None:
+            lines.append(f"last checkpoint: {_relative_lora_name(latest.path) or latest.path} ({latest.label})")
+        else:
+            lines.append("no checkpoint was saved")
+        if record.detail:
+            lines.append(record.detail)
+        if jobs.tree_alive(record):
+            lines.append(f"warning: processes of group {record.pid} are still running")
+        report = "\n".join(lines)
+        return {"ui": {"text": [report]}, "result": (report,)}
+
+
+class FaceConsistencyTrainLogs:
+    """The last lines of the trainer's log (train.log)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {"lines": ("INT", {"default": 50, "min": 1, "max": 5000})},
+            "optional": _optional_target_inputs(),
+        }
+
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("log",)
+    FUNCTION = "logs"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    @classmethod
+    def IS_CHANGED(cls, job: TrainingJob | None = None, output_folder: str = "", **_: Any) -> str | float:
+        return _fingerprint(job, output_folder)
+
+    def logs(self, lines: int, job: TrainingJob | None = None, output_folder: str = "") -> dict[str, Any]:
+        _, folder = _resolve_run(job, output_folder)
+        tail = log_tail(folder, lines)
+        text = "\n".join(tail) if tail else f"(no {LOG_FILE} in {folder} yet)"
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+class FaceConsistencyListCheckpoints(metaclass=_LoraNameOutputs):
+    """Every checkpoint of a run as a list, ordered by step: downstream nodes run once per checkpoint."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {"include_final": ("BOOLEAN", {"default": True})},
+            "optional": _optional_target_inputs(),
+        }
+
+    OUTPUT_TYPES = ("LORA_NAME", "STRING", "INT")
+    RETURN_NAMES = ("lora_name", "name", "step")
+    OUTPUT_IS_LIST = (True, True, True)
+    FUNCTION = "list_checkpoints"
+    CATEGORY = CATEGORY
+    DESCRIPTION = ("lora_name links to LoraLoaderModelOnly; name (the same text) to the scoreboard; step is -1 "
+                   "where a checkpoint's step is unknown.")
+
+    @classmethod
+    def IS_CHANGED(cls, job: TrainingJob | None = None, output_folder: str = "", **_: Any) -> str | float:
+        return _fingerprint(job, output_folder)
+
+    def list_checkpoints(
+        self, include_final: bool, job: TrainingJob | None = None, output_folder: str = ""
+    ) -> tuple[list[str], list[str], list[int]]:
+        _, folder = _resolve_run(job, output_folder)
+        checkpoints = [c for c in read_run(folder).checkpoints if include_final or not c.final]
+        if not checkpoints:
+            raise ValueError(f"no checkpoints (*.safetensors) in {folder} yet")
+        names = []
+        for checkpoint in checkpoints:
+            name = _relative_lora_name(checkpoint.path)
+            if name is None:
+                raise ValueError(
+                    f"{folder} is not inside a ComfyUI loras folder, so LoRA loaders cannot load its checkpoints; "
+                    "move it under models/loras or output/loras, or add it to extra_model_paths.yaml"
+                )
+            names.append(name)
+        steps = [c.step if c.step is not None else -1 for c in checkpoints]
+        return names, list(names), steps
+
+
+class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
+    """Rank checkpoints by their face-similarity scores and pick the best (optionally keep a copy)."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "checkpoint_names": ("STRING", {"forceInput": True}),
+                "scores": ("FLOAT", {"forceInput": True, "tooltip": "One score (or a list of scores) per checkpoint, "
+                           "in the order of the names; NaN where no face was found."}),
+                "copy_best": ("BOOLEAN", {"default": False, "tooltip": "Copy the best checkpoint to "
+                              "{name}-best.safetensors beside it."}),
+            },
+        }
+
+    INPUT_IS_LIST = True
+    OUTPUT_TYPES = ("STRING", "IMAGE", "LORA_NAME", "FLOAT")
+    RETURN_NAMES = ("table", "plot", "best_lora_name", "best_score")
+    FUNCTION = "rank"
+    CATEGORY = CATEGORY
+    OUTPUT_NODE = True
+
+    def rank(self, checkpoint_names: list[str], scores: list[Any], copy_best: list[bool]) -> dict[str, Any]:
+        results = group_scores(checkpoint_names, scores)
+        best = best_checkpoint(results)
+        table = format_table(results, best)
+        if copy_best and copy_best[0]:
+            source = comfy_env.full_path(LORAS, best.name)
+            if source is None:
+                raise ValueError(f"cannot copy {best.name!r}: not found in ComfyUI's loras folders")
+            table += f"\ncopied {best.name} -> {copy_as_best(source).name}"
+        if all(r.step is not None for r in results):
+            positions, x_label = [float(r.step) for r in results], "step"
+        elif all(r.epoch is not None for r in results):
+            positions, x_label = [float(r.epoch) for r in results], "epoch"
+        else:
+            positions, x_label = [float(i) for i in range(len(results))], "checkpoint (saved order)"
+        plot = plot_scores(
+            [r.name for r in results], positions, [r.mean for r in results], [r.std for r in results],
+            results.index(best), x_label=x_label,
+        )
+        return {"ui": {"text": [table]}, "result": (table, _image_tensor(plot), best.name, best.mean)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "FaceConsistencyTrainLaunch": FaceConsistencyTrainLaunch,
+    "FaceConsistencyTrainMonitor": FaceConsistencyTrainMonitor,
+    "FaceConsistencyTrainStop": FaceConsistencyTrainStop,
+    "FaceConsistencyTrainLogs": FaceConsistencyTrainLogs,
+    "FaceConsistencyListCheckpoints": FaceConsistencyListCheckpoints,
+    "FaceConsistencyCheckpointScoreboard": FaceConsistencyCheckpointScoreboard,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FaceConsistencyTrainLaunch": "Face Consistency: Train LoRA (background)",
+    "FaceConsistencyTrainMonitor": "Face Consistency: Training Monitor",
+    "FaceConsistencyTrainStop": "Face Consistency: Stop Training",
+    "FaceConsistencyTrainLogs": "Face Consistency: Training Log",
+    "FaceConsistencyListCheckpoints": "Face Consistency: List Checkpoints",
+    "FaceConsistencyCheckpointScoreboard": "Face Consistency: Checkpoint Scoreboard",
+}

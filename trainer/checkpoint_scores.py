@@ -1,0 +1,115 @@
+"""Rank LoRA checkpoints by face similarity: group scores per checkpoint, pick the best, keep a copy."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..faceid.fileio import atomic_path
+from .run_reader import BEST_SUFFIX, parse_checkpoint_name
+
+
+@dataclass(frozen=True)
+class CheckpointScore:
+    name: str
+    step: int | None
+    epoch: int | None
+    final: bool
+    scores: tuple[float, ...]  # every score given for this checkpoint, NaN for "no face"
+
+    @property
+    def valid(self) -> list[float]:
+        return [s for s in self.scores if math.isfinite(s)]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.valid)) if self.valid else math.nan
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.valid)) if len(self.valid) > 1 else 0.0
+
+
+def _flatten_scores(item: Any) -> list[float]:
+    """One list input item: a number, or a list / array / tensor of numbers."""
+    if hasattr(item, "detach"):  # torch tensor
+        item = item.detach().cpu().numpy()
+    if isinstance(item, (list, tuple, np.ndarray)):
+        return [v for sub in np.asarray(item, dtype=object).ravel() for v in _flatten_scores(sub)]
+    if item is None:
+        return [math.nan]
+    try:
+        return [float(item)]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"a score must be a number or a list of numbers, got {item!r}") from exc
+
+
+def group_scores(names: Sequence[str], scores: Sequence[Any]) -> list[CheckpointScore]:
+    """Pair checkpoint names with their scores (same order and length; a repeated name pools its scores).
+
+    One name with many scores is one checkpoint scored several times. The result is ordered
+    by training step (final last), the order the checkpoints were saved in.
+    """
+    names = [str(n) for n in names]
+    if not names:
+        raise ValueError("no checkpoint names were given")
+    if len(names) == 1 and len(scores) > 1:
+        scores = [[v for item in scores for v in _flatten_scores(item)]]
+    if len(names) != len(scores):
+        raise ValueError(
+            f"{len(names)} checkpoint names but {len(scores)} scores: connect one score (or one list of scores) "
+            "per checkpoint, from the same per-checkpoint chain as the names"
+        )
+    pooled: dict[str, list[float]] = {}
+    for name, item in zip(names, scores):
+        pooled.setdefault(name, []).extend(_flatten_scores(item))
+    results = []
+    for name, values in pooled.items():
+        _, step, epoch, final = parse_checkpoint_name(name)
+        results.append(CheckpointScore(name, step, epoch, final, tuple(values)))
+
+    def order(c: CheckpointScore) -> tuple[bool, float, float]:
+        return (c.final, math.inf if c.step is None else c.step, math.inf if c.epoch is None else c.epoch)
+
+    return sorted(results, key=order)
+
+
+def best_checkpoint(results: Sequence[CheckpointScore]) -> CheckpointScore:
+    """Highest mean score; ties go to the earlier checkpoint (less training, same identity)."""
+    scored = [r for r in results if math.isfinite(r.mean)]
+    if not scored:
+        raise ValueError("no checkpoint has a valid score (no face was found in any evaluated image)")
+    return max(scored, key=lambda r: r.mean)  # max() keeps the first of equal scores
+
+
+def format_table(results: Sequence[CheckpointScore], best: CheckpointScore) -> str:
+    rows = [f"{'checkpoint':<48} {'step':>8} {'mean':>8} {'std':>7} {'n':>4}"]
+    for r in results:
+        step = str(r.step) if r.step is not None else (f"e{r.epoch}" if r.epoch is not None else "final")
+        mean = f"{r.mean:.4f}" if math.isfinite(r.mean) else "n/a"
+        no_face = len(r.scores) - len(r.valid)
+        mark = "  <- best" if r is best else ""
+        skipped = f"  ({no_face} without a face)" if no_face else ""
+        rows.append(f"{r.name:<48} {step:>8} {mean:>8} {r.std:>7.4f} {len(r.valid):>4}{mark}{skipped}")
+    return "\n".join(rows)
+
+
+def best_copy_path(checkpoint_path: str | os.PathLike) -> Path:
+    """`{output_name}-best.safetensors` beside the checkpoint."""
+    path = Path(checkpoint_path)
+    output_name, *_ = parse_checkpoint_name(path.name)
+    return path.with_name(f"{output_name}{BEST_SUFFIX}.safetensors")
+
+
+def copy_as_best(checkpoint_path: str | os.PathLike) -> Path:
+    """Copy the checkpoint to `{output_name}-best.safetensors` atomically (a reader never sees half a file)."""
+    source = Path(checkpoint_path)
+    target = best_copy_path(source)
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return target

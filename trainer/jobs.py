@@ -1,0 +1,426 @@
+"""Background training jobs: launch the bundled trainer detached, keep a registry, stop it safely.
+
+No ComfyUI imports: the node classes and the HTTP routes call this with ComfyUI's folders.
+
+- The child is `[sys.executable, <pack>/bootstrap.py, "train", ...]` (the interpreter running
+  ComfyUI, the pack whatever its folder is called), in its own session / process group so it
+  outlives the prompt and can be ended as a whole tree; stdout and stderr go to `train.log`.
+- The registry is one SQLite file; it survives restarts. A job whose process is gone without
+  a final status is marked failed, with the tail of its log as the reason.
+- Stop: the protocol's STOP file, then wait for the trainer to save and report `stopped`;
+  past the grace period the process group is terminated, then killed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from .protocol import FINAL_STATES, LOG_FILE, JobState, clear_stop_request, read_status, request_stop, write_status
+from .run_reader import log_tail
+
+PACK_DIR = Path(__file__).resolve().parent.parent
+BOOTSTRAP = PACK_DIR / "bootstrap.py"
+REGISTRY_FILENAME = "face_consistency_jobs.sqlite3"
+FAILURE_LOG_LINES = 30
+LAUNCH_WINDOW_S = 60.0  # a reservation without a pid older than this is a launch that crashed
+FINAL_STATE_VALUES = frozenset(s.value for s in FINAL_STATES)
+
+_IS_WINDOWS = os.name == "nt"
+
+
+class JobError(RuntimeError):
+    """A job request that cannot be carried out; the message says why and what to do."""
+
+
+class UnknownJobError(JobError):
+    pass
+
+
+class JobConflictError(JobError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    name: str
+    output_dir: Path
+    command: list[str]
+    pid: int | None
+    started: float
+    state: str
+    ended: float | None
+    detail: str
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATE_VALUES
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "job_id": self.job_id,
+            "name": self.name,
+            "output_dir": str(self.output_dir),
+            "pid": self.pid,
+            "started": self.started,
+            "state": self.state,
+            "ended": self.ended,
+            "detail": self.detail,
+        }
+
+
+def trainer_command(train_args: Sequence[str]) -> list[str]:
+    """The argument list that runs the bundled trainer with ComfyUI's own interpreter."""
+    return [sys.executable, str(BOOTSTRAP), "train", *map(str, train_args)]
+
+
+# Children this process started, kept so their exit status is collected (no zombies) and
+# liveness is exact; jobs from an earlier ComfyUI session are checked by pid.
+_children: dict[int, subprocess.Popen] = {}
+_children_lock = threading.Lock()
+
+
+def _windows_process_alive(pid: int) -> bool:
+    import ctypes
+
+    process_query_limited_information = 0x1000
+    still_active = 259
+    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
+        return bool(ok) and code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
+
+
+def _posix_process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        # "pid (comm) S ...": a zombie has exited; comm may contain spaces and parentheses
+        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+    # our jobs lead their own process group; a reused pid almost never does
+    with contextlib.suppress(ProcessLookupError):
+        return os.getpgid(pid) == pid
+    return False
+
+
+def process_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    with _children_lock:
+        child = _children.get(pid)
+    if child is not None:
+        return child.poll() is None
+    return _windows_process_alive(pid) if _IS_WINDOWS else _posix_process_alive(pid)
+
+
+def _process_group_alive(pid: int) -> bool:
+    """Whether any process of the job's group (children included) is still running."""
+    if _IS_WINDOWS:
+        return process_alive(pid)
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_tree(pid: int, *, force: bool) -> None:
+    """Terminate (or kill) the whole process tree the job started."""
+    if _IS_WINDOWS:
+        args = ["taskkill", "/PID", str(pid), "/T"] + (["/F"] if force else [])
+        subprocess.run(args, capture_output=True, check=False)
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+
+
+def _reap(pid: int, timeout: float) -> None:
+    with _children_lock:
+        child = _children.get(pid)
+    if child is None:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(timeout=timeout)
+    if child.poll() is not None:
+        with _children_lock:
+            _children.pop(pid, None)
+
+
+def _same_dir(path: str | os.PathLike) -> str:
+    return os.path.normcase(str(Path(path).resolve()))
+
+
+class JobRegistry:
+    """Jobs launched from ComfyUI, in one SQLite file shared by every thread and restart."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            db.execute(
+                """CREATE TABLE IF NOT EXISTS jobs (
+                    job_id TEXT PRIMARY KEY,
+                    name TEXT NOT NULL,
+                    output_dir TEXT NOT NULL,
+                    output_key TEXT NOT NULL,
+                    command TEXT NOT NULL,
+                    pid INTEGER,
+                    started REAL NOT NULL,
+                    state TEXT NOT NULL,
+                    ended REAL,
+                    detail TEXT NOT NULL DEFAULT ''
+                )"""
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_output ON jobs(output_key)")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            db.row_factory = sqlite3.Row
+            yield db
+        finally:
+            db.close()
+
+    @staticmethod
+    def _record(row: sqlite3.Row) -> JobRecord:
+        return JobRecord(
+            job_id=row["job_id"],
+            name=row["name"],
+            output_dir=Path(row["output_dir"]),
+            command=json.loads(row["command"]),
+            pid=row["pid"],
+            started=row["started"],
+            state=row["state"],
+            ended=row["ended"],
+            detail=row["detail"],
+        )
+
+    def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
+        row = db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJobError(f"no training job with id {job_id!r} in {self.path}")
+        return row
+
+    def reserve(self, name: str, output_dir: Path, command: list[str]) -> JobRecord:
+        """Register a job about to start; refuses when an unfinished job uses `output_dir`."""
+        key = _same_dir(output_dir)
+        job_id = uuid.uuid4().hex
+        with self._connect() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for row in db.execute(
+                    "SELECT * FROM jobs WHERE output_key = ? AND state NOT IN (%s)"
+                    % ",".join("?" * len(FINAL_STATE_VALUES)),
+                    (key, *sorted(FINAL_STATE_VALUES)),
+                ):
+                    starting = row["pid"] is None and time.time() - row["started"] < LAUNCH_WINDOW_S
+                    if starting or process_alive(row["pid"]):
+                        raise JobConflictError(
+                            f"job {row['job_id']} ({row['state']}) is already training into {output_dir}; "
+                            "stop it first or choose another output name"
+                        )
+                db.execute(
+                    "INSERT INTO jobs (job_id, name, output_dir, output_key, command, pid, started, state)"
+                    " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
+                    (job_id, name, str(output_dir), key, json.dumps(command), time.time(), JobState.STARTING.value),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return self.get(job_id)
+
+    def set_pid(self, job_id: str, pid: int) -> None:
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", (pid, job_id))
+
+    def set_state(self, job_id: str, state: str, detail: str | None = None) -> None:
+        ended = time.time() if state in FINAL_STATE_VALUES else None
+        with self._connect() as db:
+            if detail is None:
+                db.execute("UPDATE jobs SET state = ?, ended = ? WHERE job_id = ?", (state, ended, job_id))
+            else:
+                db.execute(
+                    "UPDATE jobs SET state = ?, ended = ?, detail = ? WHERE job_id = ?",
+                    (state, ended, detail, job_id),
+                )
+
+    def get(self, job_id: str) -> JobRecord:
+        with self._connect() as db:
+            return self._record(self._row(db, job_id))
+
+    def find_by_output_dir(self, output_dir: str | os.PathLike) -> JobRecord | None:
+        """The most recent job that wrote into `output_dir`, if any."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM jobs WHERE output_key = ? ORDER BY started DESC LIMIT 1", (_same_dir(output_dir),)
+            ).fetchone()
+        return self._record(row) if row else None
+
+    def list(self) -> list[JobRecord]:
+        with self._connect() as db:
+            return [self._record(r) for r in db.execute("SELECT * FROM jobs ORDER BY started DESC")]
+
+    def refresh(self, job_id: str) -> JobRecord:
+        """Bring the recorded state up to date with status.json and whether the process lives."""
+        job = self.get(job_id)
+        if job.finished:
+            return job
+        status = read_status(job.output_dir) or {}
+        state = status.get("state") if status.get("job_id") in (None, job.job_id) else None
+        alive = process_alive(job.pid)
+        if isinstance(state, str) and state in FINAL_STATE_VALUES:
+            detail = str(status.get("error") or "")
+            if state == JobState.FAILED.value and not detail:
+                detail = "\n".join(log_tail(job.output_dir, FAILURE_LOG_LINES))
+            if alive and job.pid:
+                _reap(job.pid, timeout=5)
+            self.set_state(job.job_id, state, detail)
+        elif job.pid is not None and not alive:
+            tail = "\n".join(log_tail(job.output_dir, FAILURE_LOG_LINES))
+            self.set_state(
+                job.job_id,
+                JobState.FAILED.value,
+                f"the trainer process {job.pid} ended without a final status (state was {state or job.state!r}).\n"
+                f"Last lines of {LOG_FILE}:\n{tail}",
+            )
+        elif isinstance(state, str) and state != job.state:
+            self.set_state(job.job_id, state)
+        return self.get(job_id)
+
+    def refresh_all(self) -> list[JobRecord]:
+        return [self.refresh(job.job_id) for job in self.list()]
+
+
+def launch(
+    registry: JobRegistry,
+    output_dir: str | os.PathLike,
+    train_args: Sequence[str],
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> JobRecord:
+    """Start the trainer detached, writing into `output_dir`; returns at once."""
+    folder = Path(output_dir).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    command = trainer_command(train_args)
+    job = registry.reserve(name, folder, command)
+    clear_stop_request(folder)
+    # a status left by an earlier run in this folder must not be read as this job's
+    write_status(folder, {"state": JobState.STARTING, "job_id": job.job_id, "output_name": name})
+    popen_kwargs: dict[str, object] = {}
+    if _IS_WINDOWS:
+        popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    else:
+        popen_kwargs["start_new_session"] = True
+    child_env = dict(os.environ if env is None else env)
+    child_env["FACE_CONSISTENCY_JOB_ID"] = job.job_id
+    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        with open(folder / LOG_FILE, "ab") as log_file:
+            process = subprocess.Popen(
+                command,
+                cwd=folder,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+                close_fds=True,
+                **popen_kwargs,  # type: ignore[arg-type]
+            )
+    except OSError as exc:
+        registry.set_state(job.job_id, JobState.FAILED.value, f"could not start the trainer: {exc}")
+        raise JobError(f"could not start the trainer ({command[0]}): {exc}") from exc
+    with _children_lock:
+        _children[process.pid] = process
+    registry.set_pid(job.job_id, process.pid)
+    return registry.get(job.job_id)
+
+
+def stop(
+    registry: JobRegistry,
+    job_id: str,
+    *,
+    grace_s: float = 300.0,
+    terminate_s: float = 30.0,
+    poll_s: float = 0.5,
+    on_wait: Callable[[float], None] | None = None,
+) -> JobRecord:
+    """Ask the trainer to stop, wait for it to save and report `stopped`, then end its whole tree.
+
+    `on_wait(elapsed_seconds)` is called while waiting (ComfyUI's progress bar; it may raise to
+    abandon the wait: the stop request stays, the trainer still stops on its own).
+    """
+    job = registry.refresh(job_id)
+    if job.finished:
+        return job
+    request_stop(job.output_dir)
+    registry.set_state(job.job_id, JobState.STOPPING.value)
+    started = time.monotonic()
+    while process_alive(job.pid) and time.monotonic() - started < grace_s:
+        if on_wait is not None:
+            on_wait(time.monotonic() - started)
+        time.sleep(poll_s)
+    forced = False
+    if job.pid and process_alive(job.pid):
+        forced = True
+        # SIGTERM is a second graceful request the trainer honours (save, then `stopped`)
+        _signal_tree(job.pid, force=False)
+        deadline = time.monotonic() + terminate_s
+        while process_alive(job.pid) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+    _end_leftovers(job)
+    job = registry.refresh(job.job_id)
+    if forced and not job.finished:
+        registry.set_state(
+            job.job_id,
+            JobState.FAILED.value,
+            f"the trainer did not stop within {grace_s:.0f}s of the stop request; its process tree was killed",
+        )
+    return registry.get(job.job_id)
+
+
+def _end_leftovers(job: JobRecord) -> None:
+    """Kill what is left of the job's process tree (data loader workers and the like)."""
+    if not job.pid:
+        return
+    if _process_group_alive(job.pid):
+        _signal_tree(job.pid, force=True)
+    _reap(job.pid, timeout=10)
+
+
+def tree_alive(job: JobRecord) -> bool:
+    """Whether the job's process or any process of its group is still running."""
+    return bool(job.pid) and (process_alive(job.pid) or _process_group_alive(job.pid))
+
+
+def job_status(job: JobRecord) -> dict[str, object]:
+    """The job's registry record merged with the trainer's status.json."""
+    status = read_status(job.output_dir) or {}
+    return {**status, **job.to_json(), "trainer_state": status.get("state")}

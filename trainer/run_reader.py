@@ -1,0 +1,296 @@
+"""Read a training run folder: ours (the job protocol) or a plain musubi-tuner output folder.
+
+What a monitor needs from either kind of folder:
+- the status (`status.json`, ours only) and the per-step metrics (`metrics.jsonl`, or the
+  scalars of TensorBoard event files a musubi run wrote with `--logging_dir` inside its folder);
+- the LoRA checkpoints, named the musubi way: `{name}-{epoch:06d}.safetensors`,
+  `{name}-step{step:08d}.safetensors` and the final `{name}.safetensors`;
+- the samples in `sample/`: `{name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}].png`,
+  or `e{epoch:06d}` in place of the step when an epoch triggered them.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from .protocol import LOG_FILE, read_metrics, read_status
+
+log = logging.getLogger(__name__)
+
+SAMPLE_DIR = "sample"
+BEST_SUFFIX = "-best"
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
+
+# Canonical metric names and the keys / TensorBoard tags they are read from, first match wins.
+LOSS = "loss"
+FACE_SIMILARITY = "face_similarity"
+METRIC_ALIASES: dict[str, tuple[str, ...]] = {
+    LOSS: ("loss", "loss/current", "train/loss"),
+    FACE_SIMILARITY: ("face_similarity", "face/similarity", "face_sim", "loss/face_similarity"),
+}
+
+_EPOCH_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
+_STEP_CHECKPOINT = re.compile(r"^(?P<name>.+)-step(?P<step>\d{8})$")
+_SAMPLE = re.compile(
+    r"^(?P<name>.+)_(?:(?P<step>\d{6})|e(?P<epoch>\d{6}))_(?P<prompt>\d{2})_(?P<time>\d{14})(?:_(?P<seed>\d+))?$"
+)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    path: Path
+    output_name: str
+    step: int | None
+    epoch: int | None
+    final: bool
+
+    @property
+    def filename(self) -> str:
+        return self.path.name
+
+    @property
+    def label(self) -> str:
+        if self.final:
+            return "final"
+        if self.step is not None:
+            return f"step {self.step}"
+        return f"epoch {self.epoch}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    step: int | None
+    epoch: int | None
+    prompt_index: int
+    timestamp: str
+    seed: int | None
+
+    @property
+    def round_key(self) -> tuple[str, int]:
+        """Samples written by the same sampling round share this key."""
+        return ("step", self.step) if self.step is not None else ("epoch", self.epoch or 0)
+
+
+@dataclass
+class RunSnapshot:
+    output_dir: Path
+    status: dict[str, Any] | None
+    metrics: list[dict[str, Any]]
+    checkpoints: list[Checkpoint]
+    samples: list[Sample]
+    metrics_source: str  # "metrics.jsonl", "tensorboard" or "none"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.status and isinstance(self.status.get("state"), str):
+            return self.status["state"]
+        return "unknown"
+
+    @property
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return self.checkpoints[-1] if self.checkpoints else None
+
+    def latest_samples(self) -> list[Sample]:
+        """The samples of the most recent sampling round, ordered by prompt."""
+        if not self.samples:
+            return []
+        newest = max(self.samples, key=lambda s: (s.timestamp, s.round_key))
+        return sorted(
+            (s for s in self.samples if s.round_key == newest.round_key), key=lambda s: s.prompt_index
+        )
+
+    def series(self, metric: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one canonical metric, skipping steps where it is missing or not finite."""
+        steps: list[int] = []
+        values: list[float] = []
+        for record in self.metrics:
+            value = record.get(metric)
+            step = record.get("step")
+            if isinstance(value, (int, float)) and isinstance(step, int) and math.isfinite(value):
+                steps.append(step)
+                values.append(float(value))
+        return steps, values
+
+    def last_value(self, metric: str) -> float | None:
+        _, values = self.series(metric)
+        return values[-1] if values else None
+
+
+def normalise_metrics(record: dict[str, Any]) -> dict[str, Any]:
+    """Add canonical keys (`loss`, `face_similarity`) from whichever alias the record uses."""
+    out = dict(record)
+    for canonical, aliases in METRIC_ALIASES.items():
+        if canonical in out:
+            continue
+        for alias in aliases:
+            if alias in record:
+                out[canonical] = record[alias]
+                break
+    return out
+
+
+def _checkpoint_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="np") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # a file being written or not a safetensors file: list it without metadata
+        log.debug("cannot read safetensors metadata of %s: %s", path, exc)
+        return {}
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_checkpoint_name(filename: str) -> tuple[str, int | None, int | None, bool]:
+    """(output name, step, epoch, final) from a musubi checkpoint file name (folders ignored)."""
+    stem = Path(filename.replace("\\", "/")).name
+    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
+    if m := _STEP_CHECKPOINT.match(stem):
+        return m["name"], int(m["step"]), None, False
+    if m := _EPOCH_CHECKPOINT.match(stem):
+        return m["name"], None, int(m["epoch"]), False
+    return stem, None, None, True
+
+
+def list_checkpoints(output_dir: str | os.PathLike, output_name: str | None = None) -> list[Checkpoint]:
+    """LoRA checkpoints in `output_dir`, ordered by training step (final last).
+
+    A step comes from the file name or, for epoch checkpoints, from the `ss_steps` metadata
+    musubi writes. Given `output_name`, only that run's files are listed; `{name}-best`
+    copies made by the scoreboard never are.
+    """
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    checkpoints: list[Checkpoint] = []
+    for path in sorted(folder.glob("*.safetensors")):
+        if not path.is_file() or path.name.startswith(".") or path.stem.endswith(BEST_SUFFIX):
+            continue
+        name, step, epoch, final = parse_checkpoint_name(path.name)
+        if output_name is not None and name != output_name:
+            continue
+        metadata = _checkpoint_metadata(path)
+        step = step if step is not None else _int_or_none(metadata.get("ss_steps"))
+        epoch = epoch if epoch is not None else _int_or_none(metadata.get("ss_epoch"))
+        checkpoints.append(Checkpoint(path, name, step, epoch, final))
+
+    def order(c: Checkpoint) -> tuple[bool, float, float, float]:
+        unknown = math.inf
+        return (
+            c.final,
+            c.step if c.step is not None else unknown,
+            c.epoch if c.epoch is not None else unknown,
+            c.path.stat().st_mtime,
+        )
+
+    return sorted(checkpoints, key=order)
+
+
+def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
+    """Sample images in `output_dir/sample/` with musubi names, oldest first."""
+    folder = Path(output_dir) / SAMPLE_DIR
+    if not folder.is_dir():
+        return []
+    samples: list[Sample] = []
+    for path in folder.iterdir():
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        m = _SAMPLE.match(path.stem)
+        if m is None:
+            continue
+        samples.append(
+            Sample(
+                path=path,
+                step=_int_or_none(m["step"]),
+                epoch=_int_or_none(m["epoch"]),
+                prompt_index=int(m["prompt"]),
+                timestamp=m["time"],
+                seed=_int_or_none(m["seed"]),
+            )
+        )
+    return sorted(samples, key=lambda s: (s.timestamp, s.round_key, s.prompt_index))
+
+
+def find_event_files(output_dir: str | os.PathLike) -> list[Path]:
+    return sorted(Path(output_dir).rglob("events.out.tfevents.*"))
+
+
+def read_tensorboard_metrics(event_files: Iterable[Path]) -> list[dict[str, Any]]:
+    """Scalars from TensorBoard event files, merged into one record per step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step: dict[int, dict[str, Any]] = {}
+    for path in event_files:
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        try:
+            accumulator.Reload()
+        except Exception as exc:  # a truncated file from a crashed run: use the others
+            log.warning("cannot read TensorBoard events %s: %s", path, exc)
+            continue
+        for tag in accumulator.Tags().get("scalars", []):
+            for event in accumulator.Scalars(tag):
+                record = by_step.setdefault(int(event.step), {"step": int(event.step)})
+                record[tag] = float(event.value)
+                record.setdefault("time", float(event.wall_time))
+    return [normalise_metrics(by_step[step]) for step in sorted(by_step)]
+
+
+def read_run(output_dir: str | os.PathLike) -> RunSnapshot:
+    """Everything a monitor shows about the run in `output_dir`."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"training output folder not found: {folder}")
+    status = read_status(folder)
+    metrics = [normalise_metrics(r) for r in read_metrics(folder)]
+    source = "metrics.jsonl" if metrics else "none"
+    if not metrics:
+        event_files = find_event_files(folder)
+        if event_files:
+            metrics = read_tensorboard_metrics(event_files)
+            source = "tensorboard"
+    output_name = status.get("output_name") if status else None
+    return RunSnapshot(
+        output_dir=folder,
+        status=status,
+        metrics=metrics,
+        checkpoints=list_checkpoints(folder, output_name if isinstance(output_name, str) else None),
+        samples=list_samples(folder),
+        metrics_source=source,
+    )
+
+
+def tail_lines(path: str | os.PathLike, lines: int, *, max_bytes: int = 1 << 20) -> list[str]:
+    """The last `lines` lines of a text file (reads at most `max_bytes` from its end)."""
+    if lines <= 0:
+        return []
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - max_bytes))
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    text = data.decode("utf-8", errors="replace").replace("\r\n", "\n")
+    # progress bars rewrite one line with \r: keep only what the last rewrite shows
+    rows = [row.rsplit("\r", 1)[-1] for row in text.split("\n")]
+    if rows and rows[-1] == "":
+        rows.pop()
+    return rows[-lines:]
+
+
+def log_tail(output_dir: str | os.PathLike, lines: int = 50) -> list[str]:
+    return tail_lines(Path(output_dir) / LOG_FILE, lines)
