@@ -133,11 +133,13 @@ class FaceModel:
         index: int = 0,
         reference: np.ndarray | Identity | None = None,
         all_faces: bool = False,
+        channel_order: str = "rgb",
     ) -> list[FaceResult]:
         """One result per image; all chosen faces go through the recognizer in one batched run.
 
-        `images` is a batch (IMAGE tensor, list of paths/arrays/PIL) or a single image. An
-        image that cannot be read gives a result with the reason instead of an exception.
+        `images` is a batch (IMAGE tensor, list of paths/arrays/PIL) or a single image; numpy
+        arrays are RGB unless `channel_order="bgr"` (OpenCV). An image that cannot be read
+        gives a result with the reason instead of an exception.
         """
         from insightface.utils.face_align import norm_crop
 
@@ -146,7 +148,7 @@ class FaceModel:
         if selection is Selection.BEST_MATCH and ref is None:
             raise ValueError("selection 'best_match' needs a reference identity")
         embed_all = all_faces or selection is Selection.BEST_MATCH
-        loaded = _load_each(images)
+        loaded = _load_each(images, channel_order)
         with self._lock:
             detected = [
                 sorted(self.detect(bgr), key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
@@ -190,7 +192,7 @@ class FaceModel:
         keys = [(hashlib.blake2b(b.tobytes(), digest_size=16).hexdigest(), b.shape) for b in bgrs]
         missing = [i for i, key in enumerate(keys) if key not in self._identity_cache]
         if missing:
-            for i, result in zip(missing, self.analyze([bgrs[i] for i in missing])):
+            for i, result in zip(missing, self.analyze([bgrs[i] for i in missing], channel_order="bgr")):
                 if not result.ok:
                     raise NoFaceError(f"reference image {i}: {result.reason}")
                 self._identity_cache[keys[i]] = result.embedding
@@ -199,24 +201,19 @@ class FaceModel:
         return mean_identity(self._identity_cache[key] for key in keys)
 
 
-def _load_each(images: Any) -> list[tuple[np.ndarray | None, str | None]]:
-    try:
-        items = images if isinstance(images, Sequence) and not isinstance(images, (str, bytes)) else None
-        if items is None:
-            return [(bgr, None) for bgr in image_list(images)]
-    except ImageLoadError as exc:
-        return [(None, str(exc))]
-    loaded: list[tuple[np.ndarray | None, str | None]] = []
-    for item in items:
+def _load_each(images: Any, channel_order: str) -> list[tuple[np.ndarray | None, str | None]]:
+    if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
         try:
-            loaded.append((item if _is_bgr(item) else load_image(item), None))
+            return [(bgr, None) for bgr in image_list(images, channel_order)]
+        except ImageLoadError as exc:
+            return [(None, str(exc))]
+    loaded: list[tuple[np.ndarray | None, str | None]] = []
+    for item in images:
+        try:
+            loaded.append((load_image(item, channel_order), None))
         except ImageLoadError as exc:
             loaded.append((None, str(exc)))
     return loaded
-
-
-def _is_bgr(item: Any) -> bool:
-    return isinstance(item, np.ndarray) and item.dtype == np.uint8 and item.ndim == 3 and item.shape[2] == 3
 
 
 def _reference_embedding(reference: np.ndarray | Identity | None) -> np.ndarray | None:
