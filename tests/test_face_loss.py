@@ -1,0 +1,303 @@
+"""The differentiable face-identity loss against InsightFace itself, on the shared real pack and photos."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from face_consistency.faceid import ModelPackError, cosine_similarity, load_face_model
+from face_consistency.trainer.face_loss import (
+    FaceIdentityLoss,
+    FrozenFaceRecognizer,
+    RecognizerSpec,
+    estimate_norm,
+    full_image_region,
+    warp_to_arcface,
+)
+from face_consistency.trainer.face_targets import (
+    collate_face_targets,
+    compute_face_target,
+    load_face_target,
+    save_face_target,
+)
+
+PHOTOS = ("biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg")
+
+
+def to_tensor(bgr: np.ndarray) -> torch.Tensor:
+    """BGR uint8 HxWx3 -> RGB [1, 3, H, W] in [-1, 1], the decoded-image convention."""
+    return torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+
+def to_bgr(image: torch.Tensor) -> np.ndarray:
+    rgb = ((image.detach()[0].permute(1, 2, 0).clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).numpy()
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def cos(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray) -> float:
+    return cosine_similarity(np.asarray(a, dtype=np.float32).ravel(), np.asarray(b, dtype=np.float32).ravel())
+
+
+@pytest.fixture(scope="module")
+def face_model(testpack_dir: Path):
+    return load_face_model(testpack_dir, provider="cpu", det_size=640)
+
+
+@pytest.fixture(scope="module")
+def recognizer(insightface_root: Path, testpack_dir: Path) -> FrozenFaceRecognizer:
+    # by pack name under a models root, as the trainer's --face_model_name/--face_models_root give it
+    return FrozenFaceRecognizer.from_pack(testpack_dir.name, models_root=insightface_root)
+
+
+@pytest.fixture(scope="module")
+def ort_recognizer(recognizer: FrozenFaceRecognizer):
+    """InsightFace's own ArcFaceONNX on onnxruntime: the independent reference."""
+    from insightface.model_zoo import get_model
+
+    return get_model(str(recognizer.spec.onnx_path), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def photos(face_model, faces_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """name -> (BGR image, keypoints of its largest face) as the engine detects them."""
+    images = {name: cv2.imread(str(faces_dir / name)) for name in PHOTOS}
+    results = face_model.analyze(list(images.values()))
+    assert all(r.ok for r in results), [r.reason for r in results]
+    return {name: (images[name], r.face.kps.astype(np.float32)) for name, r in zip(images, results)}
+
+
+@pytest.fixture(scope="module")
+def face_loss(recognizer: FrozenFaceRecognizer) -> FaceIdentityLoss:
+    return FaceIdentityLoss(recognizer, weight=1.0, max_t=1.0)
+
+
+def test_estimate_norm_matches_insightface(photos) -> None:
+    from insightface.utils.face_align import estimate_norm as insightface_estimate_norm
+
+    rng = np.random.default_rng(0)
+    kps = [k for _, k in photos.values()] + [rng.uniform(0, 800, size=(5, 2)).astype(np.float32) for _ in range(4)]
+    ours = estimate_norm(torch.from_numpy(np.stack(kps))).numpy()
+    for size in (112, 128, 224):
+        ours = estimate_norm(torch.from_numpy(np.stack(kps)), size).numpy()
+        for k, m in zip(kps, ours):
+            np.testing.assert_allclose(m, insightface_estimate_norm(k, size), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", PHOTOS)
+def test_warp_matches_norm_crop(name, photos, recognizer, ort_recognizer) -> None:
+    from insightface.utils.face_align import norm_crop
+
+    bgr, kps = photos[name]
+    reference_crop = norm_crop(bgr, kps)
+    crop = warp_to_arcface(to_tensor(bgr), torch.from_numpy(kps)[None])
+    assert crop.shape == (1, 3, 112, 112)
+    # pixel-level: mean absolute difference under one grey level (norm_crop rounds to uint8)
+    assert np.abs(to_bgr(crop).astype(np.float32) - reference_crop).mean() < 1.0
+    reference_embedding = ort_recognizer.get_feat(reference_crop)[0]
+    with torch.no_grad():
+        torch_embedding = recognizer(crop)[0].numpy()
+    assert cos(torch_embedding, reference_embedding) >= 0.999
+    assert cos(ort_recognizer.get_feat(to_bgr(crop))[0], reference_embedding) >= 0.999
+
+
+def test_warp_with_keypoints_from_another_resolution(photos, recognizer, ort_recognizer) -> None:
+    """Reduced-resolution decode and face-region decode: keypoints stay in full-image pixels."""
+    from insightface.utils.face_align import norm_crop
+
+    bgr, kps = photos["obama.jpg"]
+    height, width = bgr.shape[:2]
+    reference_embedding = ort_recognizer.get_feat(norm_crop(bgr, kps))[0]
+    kps_t = torch.from_numpy(kps)[None]
+
+    half = cv2.resize(bgr, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
+    half_crop = warp_to_arcface(to_tensor(half), kps_t, full_image_region(width, height))
+    full_crop = warp_to_arcface(to_tensor(bgr), kps_t)
+    x0, y0, x1, y1 = 250, 0, 750, 500  # a box around the face (and its whole 112 crop) in full-image pixels
+    region_crop = warp_to_arcface(
+        to_tensor(bgr[y0:y1, x0:x1]), kps_t, torch.tensor([[x0, y0, x1, y1]], dtype=torch.float64)
+    )
+    with torch.no_grad():
+        assert cos(recognizer(half_crop), reference_embedding) >= 0.99
+        torch.testing.assert_close(region_crop, full_crop, atol=1e-3, rtol=0)  # fp32 grid rounding only
+
+
+def test_converted_recognizer_matches_onnxruntime(photos, recognizer, ort_recognizer) -> None:
+    from insightface.data import get_image
+    from insightface.utils.face_align import norm_crop
+
+    crops = [norm_crop(bgr, kps) for bgr, kps in photos.values()] + [get_image("Tom_Hanks_54745")]
+    reference = ort_recognizer.get_feat(crops)
+    with torch.no_grad():
+        ours = recognizer(torch.cat([to_tensor(c) for c in crops])).numpy()
+    assert ours.shape == reference.shape == (len(crops), 128)
+    for a, b in zip(ours, reference):
+        assert cos(a, b) >= 0.9999
+
+
+def test_recognizer_input_convention_follows_insightface() -> None:
+    """127.5/127.5 packs get the [-1,1] RGB tensor as is; self-normalising graphs get 0..255."""
+    faces = torch.linspace(-1, 1, 2 * 3 * 112 * 112).reshape(2, 3, 112, 112)
+    standard = FrozenFaceRecognizer(nn.Flatten(), RecognizerSpec(Path("x.onnx"), 112, 127.5, 127.5))
+    raw_pixels = FrozenFaceRecognizer(nn.Flatten(), RecognizerSpec(Path("x.onnx"), 112, 0.0, 1.0))
+    torch.testing.assert_close(standard(faces), faces.flatten(1))
+    torch.testing.assert_close(raw_pixels(faces), ((faces + 1) * 127.5).flatten(1))
+
+
+def test_recognizer_is_frozen_and_stays_in_eval(face_loss, photos) -> None:
+    parent = nn.ModuleDict({"face": face_loss, "other": nn.BatchNorm1d(4)})
+    parent.train()
+    assert parent["other"].training
+    assert not any(m.training for m in face_loss.recognizer.modules())
+    assert not any(p.requires_grad for p in face_loss.recognizer.parameters())
+    bgr, kps = photos["obama2.jpg"]
+    image = to_tensor(bgr).requires_grad_(True)
+    out = face_loss(image, torch.from_numpy(kps)[None], torch.randn(1, 128), torch.ones(1, dtype=torch.bool), torch.zeros(1))
+    out.loss.backward()
+    assert image.grad is not None and image.grad.abs().sum() > 0
+    assert all(p.grad is None for p in face_loss.recognizer.parameters())
+
+
+def test_gradient_reaches_lora_through_vae_decode(face_loss, photos) -> None:
+    """LoRA on a DiT-like output projection -> tiny Qwen-Image VAE decode -> warp -> recognizer."""
+    from diffusers import AutoencoderKLQwenImage
+    from peft import LoraConfig, inject_adapter_in_model
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, False],
+        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+    ).requires_grad_(False)
+    head = nn.ModuleDict({"proj_out": nn.Linear(4, 4)}).requires_grad_(False)
+    head = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["proj_out"]), head)
+    lora_params = {n: p for n, p in head.named_parameters() if p.requires_grad}
+    assert lora_params
+
+    tokens = torch.randn(2, 16, 16, 4)  # [B, h, w, C] like unpacked target tokens
+    latents = head["proj_out"](tokens).permute(0, 3, 1, 2).unsqueeze(2)  # [B, C, 1, h, w]
+    decoded = vae.decode(latents).sample[:, :, 0]  # [B, 3, 64, 64]
+    bgr, kps = photos["obama.jpg"]
+    height, width = bgr.shape[:2]
+    # the decoded image stands for the whole photo at 1/14 scale: keypoints stay in photo pixels
+    out = face_loss(
+        decoded, torch.from_numpy(kps)[None].expand(2, 5, 2), torch.randn(2, 128),
+        torch.ones(2, dtype=torch.bool), torch.tensor([0.1, 0.3]), full_image_region(width, height, 2),
+    )
+    out.loss.backward()
+    lora_b = [p for n, p in lora_params.items() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_b)
+    assert sum(float(p.grad.abs().sum()) for p in lora_b) > 0  # B gets the first gradient (A's is 0 while B is 0)
+
+
+def test_adam_steps_raise_similarity_measured_by_the_engine(face_loss, face_model, photos) -> None:
+    bgr, _ = photos["obama.jpg"]
+    small = cv2.resize(bgr, (bgr.shape[1] * 2 // 5, bgr.shape[0] * 2 // 5), interpolation=cv2.INTER_AREA)
+    before = face_model.analyze([small, photos["biden.jpg"][0]])
+    assert before[0].ok and before[1].ok
+    reference = torch.from_numpy(before[1].embedding)[None]
+    kps = torch.from_numpy(before[0].face.kps.astype(np.float32))[None]
+    image = to_tensor(small)
+    delta = torch.zeros_like(image, requires_grad=True)
+    optimizer = torch.optim.Adam([delta], lr=0.01)
+    for _ in range(10):
+        optimizer.zero_grad()
+        face_loss(image + delta, kps, reference, torch.ones(1, dtype=torch.bool), torch.zeros(1)).loss.backward()
+        optimizer.step()
+    after = face_model.analyze([to_bgr(image + delta)])[0]
+    assert after.ok
+    sim_before = cos(before[0].embedding, before[1].embedding)
+    sim_after = cos(after.embedding, before[1].embedding)
+    assert sim_after > sim_before + 0.3, (sim_before, sim_after)
+
+
+def test_samples_without_face_or_high_t_are_skipped(face_loss, photos) -> None:
+    bgr, kps = photos["obama2.jpg"]
+    images = to_tensor(bgr).expand(3, -1, -1, -1).clone().requires_grad_(True)
+    kps_t = torch.from_numpy(kps)[None].expand(3, 5, 2).clone()
+    kps_t[1] = 0.0  # no face cached: zeros, never warped
+    reference = torch.randn(3, 128)
+    out = face_loss(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.2, 0.2]))
+    assert out.metrics["face_valid"] == 2 and out.metrics["face_no_face"] == 1
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert images.grad[1].abs().sum() == 0 and images.grad[0].abs().sum() > 0
+
+    limited = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5)
+    out = limited(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
+    assert out.metrics["face_valid"] == 1 and out.metrics["face_t"] == [0.2]
+    none = limited(images, kps_t, reference, torch.tensor([False, False, True]), torch.tensor([0.2, 0.2, 0.9]))
+    assert none.metrics["face_valid"] == 0 and float(none.loss) == 0.0
+    total = (images.mean() ** 2) + none.loss  # the step's MSE term plus an empty face term
+    total.backward()
+
+    metrics = limited.measure(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
+    assert metrics["face_valid"] == 2 and metrics["face_t"] == [0.2, 0.9]
+    assert -1.0 <= metrics["face_sim_min"] <= metrics["face_sim_mean"] <= metrics["face_sim_max"] <= 1.0
+
+
+def test_bf16_autocast_stays_finite(face_loss, photos) -> None:
+    bgr, kps = photos["obama3.jpg"]
+    small = cv2.resize(bgr, (bgr.shape[1] // 4, bgr.shape[0] // 4), interpolation=cv2.INTER_AREA)
+    images = to_tensor(small).to(torch.bfloat16).expand(2, -1, -1, -1).clone().requires_grad_(True)
+    kps_t = torch.from_numpy(kps / 4)[None].expand(2, 5, 2)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = face_loss(images, kps_t, torch.randn(2, 128), torch.ones(2, dtype=torch.bool), torch.rand(2))
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(images.grad.float()).all() and images.grad.abs().sum() > 0
+    assert next(face_loss.recognizer.parameters()).dtype == torch.float32
+
+
+def test_wrong_embedding_size_is_a_clear_error(face_loss, photos) -> None:
+    bgr, kps = photos["obama.jpg"]
+    with pytest.raises(ValueError, match="another face model pack"):
+        face_loss(to_tensor(bgr), torch.from_numpy(kps)[None], torch.randn(1, 512), torch.ones(1, dtype=torch.bool), torch.zeros(1))
+
+
+def test_missing_pack_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelPackError, match="not found"):
+        FrozenFaceRecognizer.from_pack("no_such_pack", models_root=tmp_path)
+
+
+def test_face_targets_cache_roundtrip(face_model, faces_dir: Path, tmp_path: Path, photos, recognizer) -> None:
+    with_face = compute_face_target(face_model, faces_dir / "obama.jpg", [faces_dir / "obama2.jpg", faces_dir / "obama3.jpg"])
+    assert with_face.ok and with_face.kps.shape == (5, 2) and with_face.image_size == (910, 1137)
+    assert with_face.control_faces == 2 and with_face.control_embedding.shape == (128,)
+    # the engine decoded the path itself (not cv2.imread): the same face within a pixel
+    np.testing.assert_allclose(with_face.kps, photos["obama.jpg"][1], atol=1.0)
+    assert cos(with_face.target_embedding, with_face.control_embedding) > 0.6  # same person
+
+    blank = np.full((256, 256, 3), 127, dtype=np.uint8)
+    no_face = compute_face_target(face_model, blank, [faces_dir / "biden.jpg"])
+    assert not no_face.ok and no_face.reason and no_face.skip_reason("control").startswith("target:")
+    no_control_face = compute_face_target(face_model, faces_dir / "biden.jpg", [blank])
+    assert no_control_face.ok and no_control_face.control_embedding is None
+    assert "no face in any control image" in no_control_face.skip_reason("control")
+    assert no_control_face.skip_reason("target") is None
+
+    for i, item in enumerate((with_face, no_face, no_control_face)):
+        save_face_target(tmp_path / f"{i}.safetensors", item)
+    loaded = [load_face_target(tmp_path / f"{i}.safetensors") for i in range(3)]
+    assert loaded[1].reason == no_face.reason and loaded[1].kps is None
+    np.testing.assert_array_equal(loaded[0].kps, with_face.kps)
+    np.testing.assert_array_equal(loaded[0].control_embedding, with_face.control_embedding)
+
+    batch = collate_face_targets(loaded, reference="control")
+    assert batch.valid.tolist() == [True, False, False]
+    assert batch.reference.shape == (3, 128) and batch.kps.shape == (3, 5, 2)
+    # the cached reference embedding (onnxruntime) equals what the torch recognizer sees on the same face
+    image = to_tensor(cv2.imread(str(faces_dir / "obama.jpg")))
+    target_batch = collate_face_targets(loaded[:1], reference="target")
+    sim = FaceIdentityLoss(recognizer).similarity(image, target_batch.kps, target_batch.reference, target_batch.source_region)
+    assert float(sim) >= 0.999
+
+
+def test_face_target_file_from_elsewhere_is_rejected(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({"x": np.zeros(2, dtype=np.float32)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a face target file"):
+        load_face_target(tmp_path / "other.safetensors")
