@@ -1,0 +1,354 @@
+"""Folder evaluation: pair samples with controls, embed each file once, score, report.
+
+One implementation for the `face-consistency evaluate` command and the
+FaceConsistencyScoreFolder node. A `FolderEvaluation` keeps its embeddings between rounds,
+so watch mode (and a re-queued node) embeds only new or changed files; decoding runs in a
+thread pool ahead of the detector, and the chosen faces of a chunk go through the
+recognizer as one batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
+from .errors import FaceEngineError, ImageLoadError
+from .images import load_image
+from .model import FaceModel
+from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
+from .prompts import PromptFileError, SamplePrompt, load_prompt_file
+from .report import build_report
+from .results import Identity
+from .similarity import Bands, mean_identity
+
+log = logging.getLogger(__name__)
+
+# Images per detector/recognizer chunk, and how many decoded images may wait ahead of it.
+CHUNK_SIZE = 16
+PREFETCH = 2 * CHUNK_SIZE
+NOT_SCORED = "not scored yet (evaluation interrupted)"
+
+
+class EvaluationError(FaceEngineError):
+    """Bad evaluation arguments: missing folders, unreadable prompt file, reference without a face."""
+
+
+class ProgressBar(Protocol):
+    def update(self, n: int = 1) -> Any: ...
+
+
+ProgressFactory = Callable[[int], ProgressBar]
+
+
+@dataclass
+class EvaluationSources:
+    """Where samples, controls and references come from (the command's flags)."""
+
+    sample_dir: Path | None = None
+    sample_prompts: Path | None = None
+    control_dir: Path | None = None
+    generated_dir: Path | None = None
+    references: list[Path] = field(default_factory=list)
+    base_dir: Path | None = None  # musubi's working directory, for relative --ci paths
+    exclude: list[Path] = field(default_factory=list)  # our own outputs inside the folders
+
+    def check(self, have_reference_identity: bool = False) -> None:
+        if self.sample_dir is None and self.generated_dir is None:
+            raise EvaluationError("give --sample_dir, or --control_dir with --generated_dir")
+        if self.sample_dir is not None and self.generated_dir is not None:
+            raise EvaluationError("use either --sample_dir or --control_dir/--generated_dir, not both")
+        if (self.control_dir is None) != (self.generated_dir is None) and self.sample_dir is None:
+            raise EvaluationError("--control_dir and --generated_dir go together")
+        if self.control_dir is not None and self.sample_dir is not None:
+            raise EvaluationError("--control_dir pairs with --generated_dir; with --sample_dir use --sample_prompts")
+        for label, folder in (
+            ("--sample_dir", self.sample_dir),
+            ("--control_dir", self.control_dir),
+            ("--generated_dir", self.generated_dir),
+        ):
+            if folder is not None and not folder.is_dir():
+                raise EvaluationError(f"{label} {folder} is not a folder")
+        if self.sample_prompts is not None and not self.sample_prompts.is_file():
+            raise EvaluationError(f"--sample_prompts file not found: {self.sample_prompts}")
+        for reference in self.references:
+            if not reference.is_file():
+                raise EvaluationError(f"--reference image not found: {reference}")
+
+
+@dataclass
+class RoundResult:
+    report: dict[str, Any]
+    embedded: int  # files run through the engine this round (new or changed)
+    reused: int  # files whose stored result was reused
+
+
+def _decode(path: Path) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
+    # The signature is taken before reading: a file still being written gets a newer
+    # signature when it is finished, so the next round embeds it again.
+    signature = file_signature(path)
+    if signature is None:
+        return None, None, f"file disappeared: {path}"
+    try:
+        return signature, load_image(path), None
+    except ImageLoadError as exc:
+        return signature, None, str(exc)
+
+
+def _prefetched(paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any]]:
+    """Decode `paths` in a thread pool, at most PREFETCH ahead of the consumer, in order."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face-decode") as pool:
+        source = iter(paths)
+        pending = deque((p, pool.submit(_decode, p)) for p in islice(source, PREFETCH))
+        try:
+            while pending:
+                path, future = pending.popleft()
+                following = next(source, None)
+                if following is not None:
+                    pending.append((following, pool.submit(_decode, following)))
+                yield path, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def embed_files(
+    model: FaceModel,
+    paths: Sequence[Path],
+    store: EmbeddingStore,
+    progress: ProgressBar | None = None,
+    workers: int | None = None,
+) -> int:
+    """Embed every file not already in `store` (or changed since); returns how many were embedded."""
+    todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
+    workers = workers or max(1, min(4, os.cpu_count() or 1))
+    for chunk in _chunks(_prefetched(todo, workers), CHUNK_SIZE):
+        decoded = [(path, sig, bgr) for path, (sig, bgr, _) in chunk if bgr is not None]
+        results = model.analyze([bgr for _, _, bgr in decoded]) if decoded else []
+        for path, (signature, _, error) in chunk:
+            if signature is not None and error is not None:
+                store.put(FileFaces(str(path), signature[0], signature[1], reason=error))
+        for (path, signature, bgr), result in zip(decoded, results):
+            face = result.face
+            store.put(
+                FileFaces(
+                    path=str(path),
+                    size=signature[0],
+                    mtime_ns=signature[1],
+                    embedding=result.embedding if result.ok else None,
+                    reason=None if result.ok else result.reason,
+                    det_score=round(float(face.det_score), 4) if face is not None else None,
+                    bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
+                    faces_found=result.faces_found,
+                    image_size=result.image_size,
+                )
+            )
+        if progress is not None:
+            progress.update(len(chunk))
+    return len(todo)
+
+
+class FolderEvaluation:
+    """A folder (or folder pair) under evaluation; `run_round()` scores what is there now."""
+
+    def __init__(
+        self,
+        model: FaceModel,
+        sources: EvaluationSources,
+        *,
+        reference_identity: Identity | None = None,
+        threshold: float | None = None,
+        bands: Bands | None = None,
+        cache_file: Path | None = None,
+        progress: ProgressFactory | None = None,
+        workers: int | None = None,
+    ) -> None:
+        sources.check()
+        if threshold is not None and not -1.0 <= threshold <= 1.0:
+            raise EvaluationError(f"--threshold must be a cosine similarity between -1 and 1, got {threshold}")
+        self.model = model
+        self.sources = sources
+        self.threshold = threshold
+        self.bands = bands or Bands()
+        self.progress = progress
+        self.workers = workers
+        description = model.describe()
+        self.store = EmbeddingStore(
+            model_fingerprint(description, model.pack_dir), model.embedding_size, cache_file
+        )
+        self._prompts: list[SamplePrompt] | None = None
+        self._prompts_signature: tuple[int, int] | None = None
+        self._pairing: Pairing | None = None
+        self.reference = reference_identity
+        if sources.references:
+            self.reference = self._reference_identity(reference_identity)
+
+    # inputs ----------------------------------------------------------------------------
+
+    def _reference_identity(self, extra: Identity | None) -> Identity:
+        embed_files(self.model, self.sources.references, self.store, workers=self.workers)
+        embeddings = []
+        for path in self.sources.references:
+            entry = self.store.get(path)
+            if entry is None or not entry.ok:
+                reason = entry.reason if entry is not None else "file changed while reading"
+                raise EvaluationError(f"--reference {path}: {reason}. Give photos with one clear face.")
+            embeddings.append(entry.embedding)
+        if extra is not None:
+            embeddings += [extra.embedding] * extra.count  # weight an identity by its photo count
+        return mean_identity(embeddings)
+
+    def _current_prompts(self) -> list[SamplePrompt] | None:
+        prompt_file = self.sources.sample_prompts
+        if prompt_file is None:
+            return None
+        signature = file_signature(prompt_file)
+        if self._prompts is None or signature != self._prompts_signature:
+            try:
+                self._prompts = load_prompt_file(prompt_file)
+            except PromptFileError as exc:
+                raise EvaluationError(str(exc)) from None
+            self._prompts_signature = signature
+        return self._prompts
+
+    def pair(self) -> Pairing:
+        sources = self.sources
+        have_reference = self.reference is not None
+        if sources.generated_dir is not None:
+            return pair_dirs(sources.control_dir, sources.generated_dir, sources.exclude, have_reference)
+        return pair_sample_folder(
+            sources.sample_dir,
+            self._current_prompts(),
+            sources.sample_prompts,
+            have_reference,
+            sources.exclude,
+            sources.base_dir,
+        )
+
+    # scoring ---------------------------------------------------------------------------
+
+    def run_round(self) -> RoundResult:
+        """Pair what is in the folders now, embed new/changed files, return the full report."""
+        pairing = self.pair()
+        self._pairing = pairing
+        controls = [c for item in pairing.items for c in item.controls]
+        samples = [item.image for item in pairing.items]
+        paths = list(dict.fromkeys(controls + samples))  # controls first: each is needed by many
+        todo = sum(1 for p in paths if self.store.get(p) is None)
+        bar = self.progress(todo) if self.progress is not None and todo else None
+        try:
+            embedded = embed_files(self.model, paths, self.store, bar, self.workers)
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+        self.store.save()
+        return RoundResult(self.report(), embedded, len(paths) - embedded)
+
+    def report(self) -> dict[str, Any]:
+        """The report for the latest pairing, from what is embedded so far."""
+        pairing = self._pairing or Pairing()
+        pairs = [self._score(item) for item in pairing.items]
+        meta = {
+            "inputs": {
+                "sample_dir": _str(self.sources.sample_dir),
+                "sample_prompts": _str(self.sources.sample_prompts),
+                "control_dir": _str(self.sources.control_dir),
+                "generated_dir": _str(self.sources.generated_dir),
+                "reference": [str(p) for p in self.sources.references],
+                "reference_count": self.reference.count if self.reference is not None else 0,
+            },
+            "model": self.model.describe(),
+            "cache": {
+                "file": _str(self.store.cache_file),
+                "entries": len(self.store),
+                "discarded": self.store.discarded_reason,
+            },
+        }
+        return build_report(
+            pairs,
+            [u.to_dict() for u in pairing.unpaired],
+            meta,
+            primary="reference" if self.reference is not None else "control",
+            bands=self.bands,
+            threshold=self.threshold,
+        )
+
+    def _score(self, item: SampleItem) -> dict[str, Any]:
+        pair: dict[str, Any] = {
+            "image": str(item.image),
+            "step": item.name.step,
+            "epoch": item.name.epoch,
+            "step_key": item.name.step_key,
+            "prompt_index": item.name.prompt_index,
+            "seed": item.name.seed,
+            "layout": item.name.layout,
+            "controls": [str(c) for c in item.controls],
+            "score_control": None,
+            "score_reference": None,
+            "face": None,
+            "reason": None,
+        }
+        sample = self.store.get(item.image) or self.store.peek(item.image)
+        if sample is None:
+            pair["reason"] = NOT_SCORED
+            return pair
+        pair["face"] = sample.face_dict()
+        if not sample.ok:
+            pair["reason"] = f"sample: {sample.reason}"
+            return pair
+        if self.reference is not None:
+            pair["score_reference"] = round(float(np.dot(sample.embedding, self.reference.embedding)), 6)
+        control_embeddings = []
+        problems = []
+        for control in item.controls:
+            entry = self.store.get(control) or self.store.peek(control)
+            if entry is None:
+                problems.append(f"control {control}: {NOT_SCORED}")
+            elif not entry.ok:
+                problems.append(f"control {control}: {entry.reason}")
+            else:
+                control_embeddings.append(entry.embedding)
+        if control_embeddings:
+            identity = mean_identity(control_embeddings)
+            pair["score_control"] = round(float(np.dot(sample.embedding, identity.embedding)), 6)
+        if problems:
+            # several --ci: the identity comes from those with a face; the others are noted
+            key = "reason" if not control_embeddings and self.reference is None else "control_notes"
+            pair[key] = "; ".join(problems)
+        return pair
+
+
+def _str(path: Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+def watch(
+    evaluation: FolderEvaluation,
+    interval: float,
+    on_round: Callable[[RoundResult], None],
+    *,
+    max_rounds: int | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Run rounds every `interval` seconds until interrupted (or `max_rounds`); returns rounds run."""
+    rounds = 0
+    while max_rounds is None or rounds < max_rounds:
+        on_round(evaluation.run_round())
+        rounds += 1
+        if max_rounds is None or rounds < max_rounds:
+            sleep(interval)
+    return rounds

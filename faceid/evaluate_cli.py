@@ -1,0 +1,171 @@
+"""`face-consistency evaluate`: score sample folders against their controls/references.
+
+Exit codes: 0 report written with at least one scored pair; 1 nothing could be paired or
+scored (the report is still written, listing why); 2 bad arguments or model pack.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .errors import FaceEngineError
+from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
+from .fileio import atomic_write_json
+from .model import DET_SIZE_CHOICES, load_face_model
+from .plot import write_plot
+from .report import summary_table
+from .similarity import Bands
+
+DEFAULT_WATCH_SECONDS = 30.0
+# tqdm bars only for runs long enough to need one
+PROGRESS_MIN_FILES = 8
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="face-consistency evaluate",
+        description=(
+            "Score generated images against the identity in their control images (and/or reference "
+            "photos): ArcFace cosine similarity per training step, a JSON report and a plot."
+        ),
+    )
+    where = parser.add_argument_group("what to score")
+    where.add_argument("--sample_dir", type=Path, help="musubi-tuner sample folder (output_dir/sample) or the seed guide's layout")
+    where.add_argument("--sample_prompts", type=Path, help="musubi prompt file: the --ci paths of line k are the controls of prompt k")
+    where.add_argument("--control_dir", type=Path, help="folder of control images (with --generated_dir)")
+    where.add_argument("--generated_dir", type=Path, help="folder of generated images named like their controls")
+    where.add_argument(
+        "--reference", type=Path, nargs="+", default=[], metavar="IMAGE",
+        help="photo(s) of the person; scored instead of the control when no control is known, beside it otherwise",
+    )
+    where.add_argument(
+        "--ci_base_dir", type=Path,
+        help="folder relative --ci paths are resolved from (musubi's working directory; default: the current directory, then the prompt file's folder)",
+    )
+    model = parser.add_argument_group("face model")
+    model.add_argument("--model_name", default="buffalo_l", help="InsightFace pack name or folder (default buffalo_l)")
+    model.add_argument("--models_root", type=Path, action="append", help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)")
+    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)")
+    model.add_argument("--det_size", default="auto", help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32")
+    model.add_argument("--det_thresh", type=float, default=0.5, help="face detection score threshold (default 0.5)")
+    scoring = parser.add_argument_group("scoring and output")
+    scoring.add_argument("--threshold", type=float, help="count samples at or above this similarity")
+    scoring.add_argument(
+        "--bands", type=float, nargs=3, metavar=("EXCELLENT", "GOOD", "MODERATE"),
+        help="band lower bounds (default 0.85 0.75 0.65; tuned for 512-d ArcFace packs)",
+    )
+    scoring.add_argument("--output_json", type=Path, default=Path("face_consistency_results.json"), help="report path (default face_consistency_results.json)")
+    scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
+    scoring.add_argument(
+        "--watch", type=float, nargs="?", const=DEFAULT_WATCH_SECONDS, metavar="SECONDS",
+        help=f"keep polling for new samples every SECONDS (default {DEFAULT_WATCH_SECONDS:g}); Ctrl-C stops",
+    )
+    scoring.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    return parser
+
+
+def cache_path_for(output_json: Path) -> Path:
+    return output_json.with_name(output_json.name + ".embeddings.json")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    if args.watch is not None and args.watch <= 0:
+        parser.error("--watch SECONDS must be positive")
+
+    def say(text: str) -> None:
+        if not args.quiet:
+            print(text, flush=True)
+
+    try:
+        bands = Bands(*args.bands) if args.bands else Bands()
+        cache_file = cache_path_for(args.output_json) if args.watch is not None else None
+        sources = EvaluationSources(
+            sample_dir=args.sample_dir,
+            sample_prompts=args.sample_prompts,
+            control_dir=args.control_dir,
+            generated_dir=args.generated_dir,
+            references=list(args.reference),
+            base_dir=args.ci_base_dir,
+            exclude=[p for p in (args.output_json, args.plot, cache_file) if p is not None],
+        )
+        sources.check()
+        model = load_face_model(
+            args.model_name,
+            models_root=args.models_root,
+            provider=args.device,
+            det_size=args.det_size,
+            det_thresh=args.det_thresh,
+        )
+        say(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}")
+        evaluation = FolderEvaluation(
+            model,
+            sources,
+            threshold=args.threshold,
+            bands=bands,
+            cache_file=cache_file,
+            progress=None if args.quiet else _tqdm_factory,
+        )
+    except (FaceEngineError, ValueError) as exc:
+        print(f"face-consistency evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    if evaluation.store.discarded_reason:
+        say(evaluation.store.discarded_reason)
+
+    def write(result: RoundResult) -> None:
+        atomic_write_json(args.output_json, result.report)
+        if args.plot is not None:
+            write_plot(result.report, args.plot)
+
+    last: list[RoundResult] = []
+
+    def on_round(result: RoundResult) -> None:
+        write(result)
+        last.append(result)
+        if args.watch is not None:
+            report = result.report
+            say(
+                f"round {len(last)}: {result.embedded} new file(s) embedded, {report['valid_pairs']} of "
+                f"{report['total_pairs']} pairs scored, mean {_fmt(report['overall_mean'])}; report {args.output_json}"
+            )
+
+    try:
+        if args.watch is None:
+            on_round(evaluation.run_round())
+        else:
+            say(f"watching every {args.watch:g} s; Ctrl-C to stop")
+            watch(evaluation, args.watch, on_round)
+    except KeyboardInterrupt:
+        evaluation.store.save()
+        final = RoundResult(evaluation.report(), 0, 0)
+        write(final)
+        last.append(final)
+        say("\nstopped; report written with everything scored so far")
+    except EvaluationError as exc:
+        print(f"face-consistency evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    report = last[-1].report
+    say(summary_table(report))
+    say(f"report: {args.output_json}" + (f"; plot: {args.plot}" if args.plot else ""))
+    if report["total_pairs"] == 0:
+        print("face-consistency evaluate: nothing could be paired (see failures in the report)", file=sys.stderr)
+        return 1
+    if report["valid_pairs"] == 0:
+        print("face-consistency evaluate: no pair could be scored (see failures in the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _tqdm_factory(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="embedding", disable=total < PROGRESS_MIN_FILES, leave=False)

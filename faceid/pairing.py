@@ -1,0 +1,218 @@
+"""Which generated image is scored against which control image(s).
+
+Three layouts, as users have them:
+
+- musubi-tuner sample folders: `{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}]_{n:03d}.png`
+  (epoch-triggered samples: `e{epoch:06d}` instead of the step; `output_name_` is absent when
+  no output name was set). The controls of prompt k are the `--ci` paths on line k of the
+  prompt file.
+- the seed guide's layout: `control_image_{i}.png` beside `..._step_{N}_{i}.png`.
+- two folders (`--control_dir`, `--generated_dir`): a generated `stem.png` gets the controls
+  named `stem.<ext>` or `stem_{N}.<ext>` (musubi's dataset rule; longer stems claim first).
+
+Nothing is dropped silently: every image that cannot be paired becomes an `Unpaired` entry
+with the file and the reason.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .images import IMAGE_SUFFIXES
+from .prompts import SamplePrompt, resolve_prompt_path
+
+MUSUBI_SAMPLE = re.compile(
+    r"^(?:(?P<name>.*)_)?(?:e(?P<epoch>\d{6,})|(?P<step>\d{6,}))_(?P<prompt>\d{2,})_(?P<time>\d{14})"
+    r"(?:_(?P<tail1>\d+))?(?:_(?P<tail2>\d+))?$"
+)
+SEED_SAMPLE = re.compile(r"^(?P<name>.*?)_?step_?(?P<step>\d+)_(?P<index>\d+)$", re.IGNORECASE)
+SEED_CONTROL = re.compile(r"^control_image_(?P<index>\d+)$", re.IGNORECASE)
+UNSTEPPED_KEY = "none"
+
+
+@dataclass(frozen=True)
+class SampleName:
+    """What a sample's file name says about it."""
+
+    step: int | None = None
+    epoch: int | None = None
+    prompt_index: int | None = None
+    seed: int | None = None
+    layout: str = "unknown"  # "musubi", "seed_guide", "dir_pair", "unknown"
+
+    @property
+    def step_key(self) -> str:
+        """`by_step` key: "1200" for a step, "e3" for an epoch, "none" when the name has neither."""
+        if self.epoch is not None:
+            return f"e{self.epoch}"
+        if self.step is not None:
+            return str(self.step)
+        return UNSTEPPED_KEY
+
+
+@dataclass
+class SampleItem:
+    """One generated image and the control images whose identity it should keep."""
+
+    image: Path
+    name: SampleName
+    controls: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Unpaired:
+    file: str
+    reason: str
+    kind: str = "sample"  # "sample", "control", "prompt"
+
+    def to_dict(self) -> dict[str, str]:
+        return {"file": self.file, "kind": self.kind, "reason": self.reason}
+
+
+@dataclass
+class Pairing:
+    items: list[SampleItem] = field(default_factory=list)
+    unpaired: list[Unpaired] = field(default_factory=list)
+
+
+def step_sort_key(key: str) -> tuple[int, int]:
+    """Order `by_step` keys: steps, then epochs, then unstepped."""
+    if key == UNSTEPPED_KEY:
+        return (2, 0)
+    if key.startswith("e"):
+        return (1, int(key[1:]))
+    return (0, int(key))
+
+
+def parse_sample_name(path: str | os.PathLike) -> SampleName:
+    stem = Path(path).stem
+    match = MUSUBI_SAMPLE.match(stem)
+    if match:
+        tails = [int(t) for t in (match["tail1"], match["tail2"]) if t is not None]
+        # musubi always appends the 3-digit image number; the seed comes before it when set.
+        seed = tails[0] if len(tails) == 2 else None
+        if len(tails) == 1 and len(match["tail1"]) != 3:
+            seed = tails[0]
+        return SampleName(
+            step=int(match["step"]) if match["step"] else None,
+            epoch=int(match["epoch"]) if match["epoch"] else None,
+            prompt_index=int(match["prompt"]),
+            seed=seed,
+            layout="musubi",
+        )
+    match = SEED_SAMPLE.match(stem)
+    if match:
+        return SampleName(step=int(match["step"]), prompt_index=int(match["index"]), layout="seed_guide")
+    return SampleName()
+
+
+def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+    """Image files directly in `folder` (not recursive), sorted by name; hidden and temp files skipped."""
+    excluded = {p.resolve() for p in exclude}
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not p.name.startswith(".")
+        and p.resolve() not in excluded
+    )
+
+
+def pair_sample_folder(
+    sample_dir: Path,
+    prompts: Sequence[SamplePrompt] | None = None,
+    prompt_file: Path | None = None,
+    have_reference: bool = False,
+    exclude: Iterable[Path] = (),
+    base_dir: Path | None = None,
+) -> Pairing:
+    """Pair a musubi sample folder (and/or the seed guide's layout) with its controls.
+
+    With a reference identity, a sample without a control is still scored (against the
+    reference); without one, it is reported as unpaired.
+    """
+    pairing = Pairing()
+    files = list_images(sample_dir, exclude)
+    seed_controls = {
+        int(m["index"]): p for p in files if (m := SEED_CONTROL.match(p.stem))
+    }
+    prompt_controls: dict[int, list[Path]] = {}
+    prompt_problems: dict[int, str] = {}
+    for prompt in prompts or ():
+        found: list[Path] = []
+        for raw in prompt.control_images:
+            path, tried = resolve_prompt_path(raw, prompt_file, base_dir)
+            if path is None:
+                where = f"line {prompt.line_number}" if prompt.line_number else f"prompt {prompt.index}"
+                pairing.unpaired.append(
+                    Unpaired(raw, f"--ci of {where} not found (tried {', '.join(map(str, tried))})", "control")
+                )
+            else:
+                found.append(path)
+        prompt_controls[prompt.index] = found
+        if not found:
+            prompt_problems[prompt.index] = (
+                "its prompt's --ci control image(s) were not found"
+                if prompt.control_images
+                else "its prompt has no --ci control image"
+            )
+    for path in files:
+        if SEED_CONTROL.match(path.stem):
+            continue
+        name = parse_sample_name(path)
+        if name.layout == "unknown":
+            pairing.unpaired.append(Unpaired(str(path), "name matches no sample pattern (musubi or seed guide)"))
+            continue
+        controls: list[Path] = []
+        problem = None
+        if name.layout == "seed_guide":
+            control = seed_controls.get(name.prompt_index)
+            if control is not None:
+                controls = [control]
+            else:
+                problem = f"control_image_{name.prompt_index}.png not found beside it"
+        elif prompts is None:
+            problem = "no --sample_prompts file to find its control image"
+        elif name.prompt_index not in prompt_controls:
+            problem = f"prompt index {name.prompt_index} is beyond the {len(prompt_controls)} prompt(s) of the prompt file"
+        else:
+            controls = prompt_controls[name.prompt_index]
+            problem = prompt_problems.get(name.prompt_index)
+        if controls or have_reference:
+            pairing.items.append(SampleItem(path, name, controls))
+        else:
+            pairing.unpaired.append(Unpaired(str(path), problem or "no control image"))
+    return pairing
+
+
+def pair_dirs(
+    control_dir: Path, generated_dir: Path, exclude: Iterable[Path] = (), have_reference: bool = False
+) -> Pairing:
+    """Pair `generated_dir/stem.*` with `control_dir/stem.*` and `control_dir/stem_{N}.*`."""
+    pairing = Pairing()
+    generated = list_images(generated_dir, exclude)
+    remaining = set(list_images(control_dir, exclude))
+    claimed: dict[Path, list[Path]] = {}
+    for path in sorted(generated, key=lambda p: len(p.name), reverse=True):
+        stem = path.stem
+        matches = [
+            c for c in remaining if c.stem == stem or (c.stem.startswith(stem + "_") and c.stem[len(stem) + 1 :].isdigit())
+        ]
+        remaining.difference_update(matches)
+        claimed[path] = sorted(matches, key=lambda c: -1 if c.stem == stem else int(c.stem[len(stem) + 1 :]))
+    for path in generated:
+        name = parse_sample_name(path)
+        name = SampleName(name.step, name.epoch, name.prompt_index, name.seed, "dir_pair")
+        if claimed[path] or have_reference:
+            pairing.items.append(SampleItem(path, name, claimed[path]))
+        else:
+            pairing.unpaired.append(
+                Unpaired(str(path), f"no control named {path.stem}.<ext> or {path.stem}_<N>.<ext> in {control_dir}")
+            )
+    for control in sorted(remaining):
+        pairing.unpaired.append(Unpaired(str(control), f"no generated image in {generated_dir} for this control", "control"))
+    return pairing

@@ -1,0 +1,130 @@
+"""The evaluation plot: similarity over training steps, and one line per sample prompt.
+
+Drawn with matplotlib's object API on an Agg canvas (no pyplot global state, safe in
+ComfyUI's worker thread). The same figure is written as PNG by the command and returned as
+an RGB array by the FaceConsistencyScoreFolder node.
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+
+from .fileio import atomic_write_bytes
+from .pairing import step_sort_key
+
+PLOT_WIDTH_IN, PLOT_HEIGHT_IN, PLOT_DPI = 10.0, 8.0, 100
+PLOT_SIZE = (int(PLOT_WIDTH_IN * PLOT_DPI), int(PLOT_HEIGHT_IN * PLOT_DPI))  # (width, height) pixels
+BAND_COLOURS = {"poor": "#f4c7c3", "moderate": "#fce8b2", "good": "#d9ead3", "excellent": "#b7e1cd"}
+
+
+def _x_positions(keys: list[str]) -> tuple[list[float], str, list[str] | None]:
+    """Numeric x for pure step or pure epoch keys; evenly spaced categories otherwise."""
+    kinds = {step_sort_key(k)[0] for k in keys}
+    if kinds == {0}:
+        return [float(k) for k in keys], "training step", None
+    if kinds == {1}:
+        return [float(k[1:]) for k in keys], "epoch", None
+    labels = ["(no step)" if k == "none" else k for k in keys]
+    return [float(i) for i in range(len(keys))], "step / epoch", labels
+
+
+def _shade_bands(ax: Any, bands: dict[str, float], low: float) -> None:
+    edges = [
+        ("poor", low, bands["moderate"]),
+        ("moderate", bands["moderate"], bands["good"]),
+        ("good", bands["good"], bands["excellent"]),
+        ("excellent", bands["excellent"], 1.0),
+    ]
+    for name, bottom, top in edges:
+        if top > bottom:
+            ax.axhspan(bottom, top, color=BAND_COLOURS[name], alpha=0.6, zorder=0, lw=0)
+            ax.text(1.005, (bottom + top) / 2, name, transform=ax.get_yaxis_transform(), va="center", fontsize=8)
+
+
+def _figure(report: dict[str, Any]) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(PLOT_WIDTH_IN, PLOT_HEIGHT_IN), dpi=PLOT_DPI, layout="constrained")
+    ax_steps, ax_prompts = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    by_step = report["by_step"]
+    keys = sorted(by_step, key=step_sort_key)
+    mins = [by_step[k]["min"] for k in keys] or [0.0]
+    low = min(0.0, min(mins) - 0.05)
+    bands = report["bands"]
+    model = report["model"]
+    fig.suptitle(
+        f"Face identity similarity to the {report['metric']} — {model['pack']} "
+        f"({report['embedding_size']}-d, {report['provider']}); "
+        f"{report['valid_pairs']} of {report['total_pairs']} pairs scored",
+        fontsize=11,
+    )
+    for ax in (ax_steps, ax_prompts):
+        _shade_bands(ax, bands, low)
+        ax.set_ylim(low, 1.0)
+        ax.grid(True, alpha=0.3)
+        if report["threshold"] is not None:
+            ax.axhline(report["threshold"], color="k", ls="--", lw=1, label=f"threshold {report['threshold']}")
+    ax_steps.set_ylabel("cosine similarity")
+    ax_prompts.set_ylabel("mean per prompt")
+    if not keys:
+        ax_steps.text(0.5, 0.5, "no scored pairs yet", ha="center", va="center", transform=ax_steps.transAxes)
+        return fig
+    xs, xlabel, labels = _x_positions(keys)
+    means = np.array([by_step[k]["mean"] for k in keys])
+    stds = np.array([by_step[k]["std"] for k in keys])
+    ax_steps.fill_between(xs, means - stds, means + stds, color="tab:blue", alpha=0.2, label="± std")
+    ax_steps.errorbar(
+        xs,
+        means,
+        yerr=[means - np.array(mins), np.array([by_step[k]["max"] for k in keys]) - means],
+        fmt="o-",
+        color="tab:blue",
+        ecolor="tab:gray",
+        capsize=4,
+        label="mean (whiskers: min/max)",
+    )
+    for x, key, mean in zip(xs, keys, means):
+        ax_steps.annotate(
+            f"n={by_step[key]['count']}", (x, mean), textcoords="offset points", xytext=(0, 8),
+            ha="center", fontsize=8,
+        )
+    ax_steps.legend(loc="lower left", fontsize=8)
+    prompt_lines = report["by_prompt_step"]
+    position = dict(zip(keys, xs))
+    for prompt, steps in prompt_lines.items():
+        prompt_keys = [k for k in keys if k in steps]
+        ax_prompts.plot(
+            [position[k] for k in prompt_keys], [steps[k]["mean"] for k in prompt_keys], "o-", ms=3,
+            label=f"prompt {prompt}",
+        )
+    if prompt_lines:
+        ax_prompts.legend(loc="lower left", fontsize=8, ncol=min(6, len(prompt_lines)))
+    else:
+        ax_prompts.text(0.5, 0.5, "no prompt indices in these file names", ha="center", va="center",
+                        transform=ax_prompts.transAxes)
+    ax_prompts.set_xlabel(xlabel)
+    if labels is not None:
+        ax_prompts.set_xticks(xs, labels)
+    return fig
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    _figure(report).savefig(buffer, format="png", dpi=PLOT_DPI)
+    return buffer.getvalue()
+
+
+def write_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
+    atomic_write_bytes(path, plot_png(report))
+
+
+def plot_rgb(report: dict[str, Any]) -> np.ndarray:
+    """The plot as an (H, W, 3) uint8 RGB array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(_figure(report))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
