@@ -158,10 +158,12 @@ def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20
         if values:
             recent = values[-window:]
             lines.append(f"{label} {values[-1]:.4f} (mean of last {len(recent)}: {sum(recent) / len(recent):.4f})")
-    started = record.started if record else None
-    if started and isinstance(step, int) and isinstance(total, int) and 0 < step < total and not (record and record.finished):
-        elapsed = time.time() - started
-        lines.append(f"elapsed {_fmt_duration(elapsed)}, ETA {_fmt_duration(elapsed / step * (total - step))}")
+    running = record is not None and not record.finished
+    if record is not None:
+        elapsed = (record.ended if record.ended else time.time()) - record.started
+        eta = status.get("eta_sec")
+        eta_text = f", ETA {_fmt_duration(eta)}" if running and isinstance(eta, (int, float)) else ""
+        lines.append(f"elapsed {_fmt_duration(elapsed)}{eta_text}")
     checkpoint = run.latest_checkpoint
     if checkpoint is not None:
         lines.append(f"last checkpoint: {checkpoint.filename} ({checkpoint.label}); {len(run.checkpoints)} in all")
@@ -353,7 +355,6 @@ class FaceConsistencyTrainLaunch:
             "--network_module", "networks.lora_qwen_image",
             "--network_dim", str(network_dim),
             "--network_alpha", f"{network_alpha:g}",
-            "--max_train_epochs", str(max_train_epochs),
             "--save_every_n_epochs", str(save_every_n_epochs),
             "--seed", str(seed),
             "--output_dir", str(output_dir),
@@ -361,8 +362,9 @@ class FaceConsistencyTrainLaunch:
         ]
         if gradient_checkpointing:
             args.append("--gradient_checkpointing")
-        if max_train_steps > 0:
-            args += ["--max_train_steps", str(max_train_steps)]
+        # the trainer derives the step count from epochs whenever epochs are given
+        args += ["--max_train_steps", str(max_train_steps)] if max_train_steps > 0 else [
+            "--max_train_epochs", str(max_train_epochs)]
         if tokenizer.strip():
             args += ["--tokenizer", tokenizer.strip()]
         if enable_face_loss:

@@ -297,8 +297,10 @@ class JobRegistry:
         alive = process_alive(job.pid)
         if isinstance(state, str) and state in FINAL_STATE_VALUES:
             detail = str(status.get("error") or "")
-            if state == JobState.FAILED.value and not detail:
-                detail = "\n".join(log_tail(job.output_dir, FAILURE_LOG_LINES))
+            if state == JobState.FAILED.value:
+                tail = status.get("log_tail")
+                lines = tail if isinstance(tail, list) else log_tail(job.output_dir, FAILURE_LOG_LINES)
+                detail = "\n".join([detail, *map(str, lines)]).strip()
             if alive and job.pid:
                 _reap(job.pid, timeout=5)
             self.set_state(job.job_id, state, detail)

@@ -29,9 +29,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 # Canonical metric names and the keys / TensorBoard tags they are read from, first match wins.
 LOSS = "loss"
 FACE_SIMILARITY = "face_similarity"
+# Ours: `loss`, `face_sim_mean` (metrics.jsonl and TensorBoard); musubi-tuner: `loss/current`.
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
-    LOSS: ("loss", "loss/current", "train/loss"),
-    FACE_SIMILARITY: ("face_similarity", "face/similarity", "face_sim", "loss/face_similarity"),
+    LOSS: ("loss", "loss/current"),
+    FACE_SIMILARITY: ("face_similarity", "face_sim_mean", "face/similarity"),
 }
 
 _EPOCH_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
