@@ -21,11 +21,13 @@ def folder_paths() -> Any:
 
 
 def register_model_folders() -> None:
-    """Register `models/insightface` with ComfyUI (ComfyUI itself does not)."""
+    """Register `models/insightface` with ComfyUI (ComfyUI itself does not).
+
+    Entries from extra_model_paths.yaml (`insightface: ...`) are kept; the default folder
+    is added beside them (add_model_folder_path ignores a path already listed).
+    """
     fp = folder_paths()
-    default = Path(fp.models_dir) / INSIGHTFACE_FOLDER
-    if INSIGHTFACE_FOLDER not in fp.folder_names_and_paths:
-        fp.add_model_folder_path(INSIGHTFACE_FOLDER, str(default))
+    fp.add_model_folder_path(INSIGHTFACE_FOLDER, str(Path(fp.models_dir) / INSIGHTFACE_FOLDER))
 
 
 def insightface_roots() -> list[Path]:
