@@ -1,0 +1,31 @@
+"""Aligned face crops, and how much a face region changed between two images.
+
+The change measure is the copy-paste guard: an edit that hands back the control's face
+untouched scores perfect identity, so identity alone cannot tell a good edit from no edit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .results import DetectedFace
+
+ALIGNED_SIZE = 112  # the ArcFace template size the recognizer sees
+
+
+def aligned_crop(bgr: np.ndarray, face: DetectedFace, size: int = ALIGNED_SIZE) -> np.ndarray:
+    """The face warped onto the ArcFace 5-point template (the recognizer's exact input)."""
+    from insightface.utils.face_align import norm_crop
+
+    return norm_crop(bgr, face.kps, image_size=size)
+
+
+def face_region_change(control_crop: np.ndarray, output_crop: np.ndarray) -> float:
+    """1 − SSIM of two aligned crops: ~0 for an unchanged face, towards 1 for a redrawn one."""
+    from skimage.metrics import structural_similarity
+
+    if control_crop.shape != output_crop.shape:
+        raise ValueError(
+            f"aligned crops differ in shape: {control_crop.shape} vs {output_crop.shape}"
+        )
+    ssim = structural_similarity(control_crop, output_crop, channel_axis=-1, data_range=255)
+    return float(max(0.0, 1.0 - ssim))

@@ -1,0 +1,213 @@
+"""Score a batch of edited images against a reference identity: no-face policy, bands,
+threshold count, copy-paste guard and a plain-text report. ComfyUI-free; nodes adapt it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .alignment import aligned_crop, face_region_change
+from .errors import NoFaceError
+from .model import FaceModel
+from .results import DetectedFace, FaceResult, Selection
+from .similarity import Bands, normalize
+
+DEFAULT_COPY_PASTE_THRESHOLD = 0.10  # 1 − SSIM below this: the face region was handed back unchanged
+
+
+class NoFacePolicy(str, Enum):
+    """What an output without a usable face contributes."""
+
+    SCORE_ZERO = "score_zero"  # scores 0 and counts in the mean
+    EXCLUDE = "exclude"  # scores 0 in the per-image list but is left out of the mean
+
+
+@dataclass(frozen=True)
+class Control:
+    """The control (input) image's face, for measuring how much an output's face changed."""
+
+    crop: np.ndarray  # aligned BGR crop
+
+    @classmethod
+    def from_face(cls, bgr: np.ndarray, face: DetectedFace) -> "Control":
+        return cls(crop=aligned_crop(bgr, face))
+
+
+@dataclass
+class ImageScore:
+    index: int
+    result: FaceResult
+    score: float  # cosine similarity; 0.0 when the image has no usable face
+    band: str | None  # None when the image has no usable face
+    excluded: bool
+    face_change: float | None  # 1 − SSIM against the control; None without control or face
+    face_scores: list[float]  # similarity of every detected face, left to right
+    unchanged: bool  # face_change below the copy-paste threshold
+
+    @property
+    def scored(self) -> bool:
+        return self.band is not None
+
+
+@dataclass
+class BatchScores:
+    rows: list[ImageScore]
+    bands: Bands
+    threshold: float
+    policy: NoFacePolicy
+    copy_paste_threshold: float
+    included: list[float] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.included = [r.score for r in self.rows if not r.excluded]
+
+    @property
+    def scores(self) -> list[float]:
+        return [r.score for r in self.rows]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.included)) if self.included else 0.0
+
+    @property
+    def count_at_or_above(self) -> int:
+        return sum(1 for r in self.rows if r.scored and r.score >= self.threshold)
+
+    def report(self, title: Sequence[str] = ()) -> str:
+        b = self.bands
+        lines = list(title) + [
+            f"bands: excellent >= {b.excellent:.2f}, good >= {b.good:.2f}, "
+            f"moderate >= {b.moderate:.2f}, poor below",
+            f"{'#':>3}  {'score':>6}  {'band':<9}  {'face':<10}  {'change':>6}  note",
+        ]
+        for r in self.rows:
+            face = f"{r.result.face_index + 1} of {r.result.faces_found}" if r.scored else "-"
+            change = f"{r.face_change:6.3f}" if r.face_change is not None else f"{'-':>6}"
+            lines.append(
+                f"{r.index:>3}  {r.score:6.3f}  {(r.band or 'no face'):<9}  {face:<10}  {change}  {_note(r, self)}".rstrip()
+            )
+        unchanged = sum(r.unchanged for r in self.rows)
+        excluded = sum(r.excluded for r in self.rows)
+        lines.append(
+            f"mean {self.mean:.3f} over {len(self.included)} image(s); {self.count_at_or_above} at or "
+            f"above {self.threshold:.2f}; {excluded} excluded (no face); {unchanged} unchanged"
+        )
+        if unchanged:
+            lines.append(
+                "WARNING: unchanged faces score perfect identity without any edit having happened; "
+                "judge those outputs by eye, or score against other photos of the person."
+            )
+        return "\n".join(lines)
+
+
+def _note(row: ImageScore, batch: BatchScores) -> str:
+    if not row.scored:
+        action = "excluded from the mean" if row.excluded else "scored 0"
+        return f"{row.result.reason} ({action})"
+    if row.unchanged:
+        return (
+            f"UNCHANGED face (change {row.face_change:.3f} < {batch.copy_paste_threshold:.2f}): "
+            "the output copies the control's face"
+        )
+    return ""
+
+
+def reference_pairing(reference_count: int, output_count: int, what: str = "reference") -> list[int]:
+    """Which reference each output is compared with: one for all, or pairwise when counts match."""
+    if output_count < 1:
+        raise ValueError("no images to score: the images batch is empty")
+    if reference_count == 1:
+        return [0] * output_count
+    if reference_count == output_count:
+        return list(range(output_count))
+    raise ValueError(
+        f"{what} batch has {reference_count} images and the outputs batch {output_count}: give one "
+        f"{what} for all outputs, or exactly one per output (pairwise, in order). To combine several "
+        "photos of one person into one reference, use a Face Reference (FACE_IDENTITY) node."
+    )
+
+
+def reference_without_face(name: str, index: int, count: int, reason: str | None) -> NoFaceError:
+    return NoFaceError(
+        f"{name} image {index} (of {count}): {reason}. A reference must show the person's face "
+        "clearly; replace that image or lower the detection threshold."
+    )
+
+
+def analyze_references(
+    model: FaceModel, images: Sequence[np.ndarray], name: str = "reference", on_image: Callable[[], None] | None = None
+) -> list[FaceResult]:
+    """Largest face of each reference image; a reference without a face is an error naming it."""
+    results = []
+    for i, bgr in enumerate(images):
+        result = model.analyze([bgr], channel_order="bgr")[0]
+        if not result.ok:
+            raise reference_without_face(name, i, len(images), result.reason)
+        results.append(result)
+        if on_image is not None:
+            on_image()
+    return results
+
+
+def score_batch(
+    model: FaceModel,
+    outputs: Sequence[np.ndarray],
+    references: Sequence[np.ndarray],
+    controls: Sequence[Control] = (),
+    *,
+    selection: Selection | str = Selection.LARGEST,
+    index: int = 0,
+    policy: NoFacePolicy | str = NoFacePolicy.SCORE_ZERO,
+    bands: Bands = Bands(),
+    threshold: float = 0.75,
+    copy_paste_threshold: float = DEFAULT_COPY_PASTE_THRESHOLD,
+    on_image: Callable[[], None] | None = None,
+) -> BatchScores:
+    """Score each output (BGR uint8) against its reference embedding (1 for all, or pairwise).
+
+    `controls` (1 or pairwise, optional) enable the copy-paste guard. All faces of every
+    output are detected and embedded (`result.faces`), so callers can draw them.
+    """
+    policy = NoFacePolicy(policy)
+    selection = Selection(selection)
+    reference_of = reference_pairing(len(references), len(outputs))
+    control_of = reference_pairing(len(controls), len(outputs), "control") if controls else None
+    references = [normalize(r) for r in references]
+    for embedding in references:
+        if embedding.shape[-1] != model.embedding_size:
+            raise ValueError(
+                f"the reference identity has {embedding.shape[-1]}-d embeddings but model pack "
+                f"'{model.pack_name}' makes {model.embedding_size}-d ones: build the reference with "
+                "the same face model"
+            )
+    rows = []
+    for i, bgr in enumerate(outputs):
+        reference = references[reference_of[i]]
+        result = model.analyze(
+            [bgr], selection, index, reference=reference, all_faces=True, channel_order="bgr"
+        )[0]
+        change = None
+        if result.ok:
+            score = float(np.dot(result.embedding, reference))
+            band = bands.label(score)
+            if control_of is not None:
+                change = face_region_change(controls[control_of[i]].crop, aligned_crop(bgr, result.face))
+        else:
+            score, band = 0.0, None
+        rows.append(
+            ImageScore(
+                index=i,
+                result=result,
+                score=score,
+                band=band,
+                excluded=band is None and policy is NoFacePolicy.EXCLUDE,
+                face_change=change,
+                face_scores=[float(np.dot(f.embedding, reference)) for f in result.faces],
+                unchanged=change is not None and change < copy_paste_threshold,
+            )
+        )
+        if on_image is not None:
+            on_image()
+    return BatchScores(rows, bands, float(threshold), policy, float(copy_paste_threshold))

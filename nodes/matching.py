@@ -1,0 +1,231 @@
+"""Several people: match reference faces to output faces; keep the best images of a batch."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..faceid import Bands, FaceModel, FaceResult
+from ..faceid.drawing import UNUSED_FACE_COLOR, draw_face, person_color
+from ..faceid.matching import FaceAssignment, match_faces
+from ..faceid.ranking import Fallback, Pick, pick_best
+from ..faceid.scoring import reference_pairing, reference_without_face
+from . import comfy_env
+from .imaging import save_previews, to_bgr_list, to_image_batch
+from .scoring import CATEGORY, describe_model
+
+DEFAULT_MIN_MATCH_SIMILARITY = 0.2
+
+
+def _person(index: int) -> str:
+    return f"P{index + 1}"
+
+
+class FaceConsistencyMatchFaces:
+    """Match each person of a reference image to one face of the output (Hungarian assignment)."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "match"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("FLOAT", "FLOAT", "INT", "STRING", "IMAGE", "IMAGE")
+    RETURN_NAMES = ("person_scores", "mean_score", "matched_count", "report", "annotated_images", "annotated_reference")
+    OUTPUT_IS_LIST = (True, False, False, False, False, False)
+    OUTPUT_TOOLTIPS = (
+        "For each output image, one similarity per reference person (P1.. left to right); 0 when "
+        "the person is missing.",
+        "Mean similarity of all matched people over all images.",
+        "Matched people summed over all images.",
+        "Per image: each person's matched face and score, missing people, extra faces.",
+        "Outputs with matched faces labelled P1, P2, ... and their scores.",
+        "Reference image(s) with the people labelled P1, P2, ...",
+    )
+    DESCRIPTION = (
+        "Several people: assigns reference faces to output faces one-to-one, maximising the total "
+        "similarity. One reference image for all outputs, or one per output."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "face_model": ("FACE_MODEL",),
+                "reference_image": ("IMAGE", {"tooltip": "The control image with the people (1, or one per output)."}),
+                "images": ("IMAGE", {"tooltip": "Edited images."}),
+                "min_similarity": ("FLOAT", {
+                    "default": DEFAULT_MIN_MATCH_SIMILARITY, "min": -1.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "A pairing scoring below this is not accepted: the person counts as "
+                    "missing and the face as a stranger. -1 accepts every pairing.",
+                }),
+            }
+        }
+
+    def match(self, face_model: FaceModel, reference_image: Any, images: Any, min_similarity: float) -> dict[str, Any]:
+        references = to_bgr_list(reference_image, "reference_image")
+        outputs = to_bgr_list(images, "images")
+        reference_of = reference_pairing(len(references), len(outputs))
+        progress = comfy_env.Progress(len(references) + len(outputs))
+        reference_results = [
+            face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0] for bgr in references
+        ]
+        for i, result in enumerate(reference_results):
+            if not result.faces:
+                raise reference_without_face("reference_image", i, len(references), result.reason)
+        progress.update(len(references))
+        bands = Bands()
+        lines = [f"Face matching: {describe_model(face_model)}"]
+        person_scores: list[float] = []
+        matched_scores: list[float] = []
+        annotated = []
+        for i, bgr in enumerate(outputs):
+            reference = reference_results[reference_of[i]]
+            result = face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
+            assignment = match_faces(
+                np.stack([f.embedding for f in reference.faces]),
+                np.stack([f.embedding for f in result.faces]) if result.faces else np.zeros((0, 1)),
+                min_similarity,
+            )
+            for person in range(len(reference.faces)):
+                match = assignment.match_for_reference(person)
+                person_scores.append(match.similarity if match else 0.0)
+            matched_scores += [m.similarity for m in assignment.matches]
+            lines += describe_assignment(i, reference, result, assignment, bands)
+            annotated.append(annotate_matches(bgr, result, assignment))
+            progress.update(1)
+        mean = float(np.mean(matched_scores)) if matched_scores else 0.0
+        lines.append(f"mean {mean:.3f} over {len(matched_scores)} matched face(s) in {len(outputs)} image(s)")
+        report = "\n".join(lines)
+        annotated_references = [annotate_people(bgr, r) for bgr, r in zip(references, reference_results)]
+        return {
+            "ui": {"text": [report], "images": save_previews(annotated, "face_matching")},
+            "result": (
+                person_scores, mean, len(matched_scores), report,
+                to_image_batch(annotated), to_image_batch(annotated_references),
+            ),
+        }
+
+
+def describe_assignment(
+    image_index: int, reference: FaceResult, output: FaceResult, assignment: FaceAssignment, bands: Bands
+) -> list[str]:
+    people = len(reference.faces)
+    lines = [
+        f"image {image_index}: {len(assignment.matches)} of {people} people matched, "
+        f"{output.faces_found} face(s) found" + (f" ({output.reason})" if not output.faces else "")
+    ]
+    for person in range(people):
+        match = assignment.match_for_reference(person)
+        if match is None:
+            lines.append(f"  {_person(person)}: missing")
+        else:
+            lines.append(
+                f"  {_person(person)} -> face {match.output_index + 1}: {match.similarity:.3f} "
+                f"{bands.label(match.similarity)}"
+            )
+    if assignment.unmatched_output:
+        faces = ", ".join(str(j + 1) for j in assignment.unmatched_output)
+        lines.append(f"  unmatched output face(s): {faces}")
+    return lines
+
+
+def annotate_matches(bgr: np.ndarray, output: FaceResult, assignment: FaceAssignment) -> np.ndarray:
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    person_of = {m.output_index: m for m in assignment.matches}
+    for j, face in enumerate(output.faces):
+        match = person_of.get(j)
+        if match is None:
+            draw_face(rgb, face, "?", UNUSED_FACE_COLOR, primary=False)
+        else:
+            label = f"{_person(match.reference_index)} {match.similarity:.2f}"
+            draw_face(rgb, face, label, person_color(match.reference_index))
+    return rgb
+
+
+def annotate_people(bgr: np.ndarray, reference: FaceResult) -> np.ndarray:
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    for person, face in enumerate(reference.faces):
+        draw_face(rgb, face, _person(person), person_color(person))
+    return rgb
+
+
+class FaceConsistencyBestOf:
+    """Sort images by score and keep those passing a threshold and/or the top k."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "pick"
+    OUTPUT_NODE = True
+    INPUT_IS_LIST = True
+    RETURN_TYPES = ("IMAGE", "FLOAT", "INT", "STRING")
+    RETURN_NAMES = ("images", "scores", "indices", "report")
+    OUTPUT_IS_LIST = (False, True, True, False)
+    OUTPUT_TOOLTIPS = (
+        "The kept images, best first (an empty batch when nothing passes and fallback is 'empty').",
+        "Their scores, best first.",
+        "Their indices in the input batch.",
+        "What was kept and why.",
+    )
+    DESCRIPTION = "Keeps the best images by score (e.g. the scores of Face Similarity Score)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "images": ("IMAGE",),
+                "scores": ("FLOAT", {"forceInput": True, "tooltip": "One score per image, in order."}),
+                "threshold": ("FLOAT", {
+                    "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Keep images scoring at least this; -1 keeps all.",
+                }),
+                "top_k": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Keep at most k; 0: no limit."}),
+                "fallback": ([f.value for f in Fallback], {
+                    "default": Fallback.BEST.value,
+                    "tooltip": "When nothing passes: the single best image anyway, or nothing.",
+                }),
+            }
+        }
+
+    def pick(
+        self, images: list[Any], scores: list[float], threshold: list[float], top_k: list[int], fallback: list[str]
+    ) -> dict[str, Any]:
+        singles = [batch[i : i + 1] for batch in images for i in range(batch.shape[0])]
+        values = [float(s) for s in scores]
+        if not singles:
+            raise ValueError("no images to pick from: the images input is empty")
+        if len(singles) != len(values):
+            raise ValueError(
+                f"got {len(singles)} images but {len(values)} scores: connect the scores computed for "
+                "exactly these images, in the same order"
+            )
+        pick = pick_best(values, threshold[0], top_k[0], fallback[0])
+        kept = [singles[i] for i in pick.indices]
+        if len({tuple(t.shape[1:]) for t in kept}) > 1:
+            raise ValueError("the kept images differ in size and cannot form one IMAGE batch")
+        batch = torch.cat(kept) if kept else singles[0][:0]
+        report = describe_pick(values, pick, threshold[0], top_k[0], Fallback(fallback[0]))
+        return {
+            "ui": {"text": [report]},
+            "result": (batch, [values[i] for i in pick.indices], list(pick.indices), report),
+        }
+
+
+def describe_pick(values: list[float], pick: Pick, threshold: float, top_k: int, fallback: Fallback) -> str:
+    limit = f", keeping the top {top_k}" if top_k else ""
+    lines = [f"best of {len(values)}: {pick.passed} at or above {threshold:.2f}{limit}"]
+    if pick.fallback_used:
+        lines.append(
+            f"none passed; fallback 'best': keeping image {pick.indices[0]} ({values[pick.indices[0]]:.3f})"
+            if fallback is Fallback.BEST
+            else "none passed; fallback 'empty': no images returned"
+        )
+    lines += [f"{rank + 1:>3}. image {i}: {values[i]:.3f}" for rank, i in enumerate(pick.indices)]
+    return "\n".join(lines)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FaceConsistencyMatchFaces": FaceConsistencyMatchFaces,
+    "FaceConsistencyBestOf": FaceConsistencyBestOf,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FaceConsistencyMatchFaces": "Face Matching (several people)",
+    "FaceConsistencyBestOf": "Best Images by Face Score",
+}

@@ -1,0 +1,293 @@
+"""Load the face model, build a reference identity, score edited images against it."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..faceid import (
+    DET_SIZE_CHOICES,
+    PROVIDER_CHOICES,
+    Bands,
+    FaceModel,
+    Identity,
+    ModelPackError,
+    Selection,
+    as_roots,
+    list_packs,
+    load_face_model,
+    mean_identity,
+)
+from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
+from ..faceid.scoring import (
+    DEFAULT_COPY_PASTE_THRESHOLD,
+    Control,
+    ImageScore,
+    NoFacePolicy,
+    analyze_references,
+    reference_pairing,
+    score_batch,
+)
+from . import comfy_env
+from .imaging import save_previews, to_bgr_list, to_image_batch
+
+CATEGORY = "face_consistency"
+NO_PACK = "(no model pack found: put one in models/insightface/models/<pack>/)"
+NO_FACE_COLOR = (230, 50, 50)
+UNCHANGED_COLOR = (200, 60, 220)
+
+
+def _pack_roots() -> list:
+    return as_roots(comfy_env.insightface_roots())
+
+
+def _band_inputs() -> dict[str, tuple]:
+    defaults = Bands()
+    return {
+        f"band_{name}": (
+            "FLOAT",
+            {
+                "default": getattr(defaults, name), "min": -1.0, "max": 1.0, "step": 0.01,
+                "tooltip": f"Lowest similarity labelled '{name}'. The defaults suit 512-d ArcFace "
+                "packs (buffalo_l, antelopev2); smaller recognizers score lower.",
+            },
+        )
+        for name in ("excellent", "good", "moderate")
+    }
+
+
+class FaceConsistencyLoadModel:
+    """An InsightFace model pack (detector + ArcFace recognizer) on an onnxruntime provider."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("FACE_MODEL",)
+    RETURN_NAMES = ("face_model",)
+    DESCRIPTION = "Loads a face detector + recognizer pack from models/insightface/models/<pack>/."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        packs = list_packs(_pack_roots()) or [NO_PACK]
+        default = "buffalo_l" if "buffalo_l" in packs else packs[0]
+        return {
+            "required": {
+                "pack": (packs, {"default": default, "tooltip": "Folder under models/insightface/models/."}),
+                "provider": (list(PROVIDER_CHOICES), {
+                    "default": "auto",
+                    "tooltip": "auto: CUDA when onnxruntime-gpu works, else CPU. cuda fails loudly "
+                    "instead of silently running on the CPU.",
+                }),
+                "det_size": ([str(s) for s in DET_SIZE_CHOICES], {
+                    "default": "auto",
+                    "tooltip": "Detector input size. auto follows the image size (160..640).",
+                }),
+                "det_thresh": ("FLOAT", {
+                    "default": 0.5, "min": 0.05, "max": 0.95, "step": 0.05,
+                    "tooltip": "Detection confidence; lower finds more (and falser) faces.",
+                }),
+            }
+        }
+
+    def load(self, pack: str, provider: str, det_size: str, det_thresh: float) -> dict[str, Any]:
+        roots = _pack_roots()
+        if pack == NO_PACK:
+            raise ModelPackError(
+                "no InsightFace model pack is installed. Put a pack folder (such as buffalo_l with its "
+                f".onnx files) into {roots[0] / 'models'} (or another of: "
+                f"{', '.join(str(r / 'models') for r in roots[1:])}), then refresh ComfyUI (press R)."
+            )
+        model = load_face_model(
+            pack,
+            models_root=roots,
+            provider=provider,
+            det_size=det_size if det_size == "auto" else int(det_size),
+            det_thresh=det_thresh,
+        )
+        return {"ui": {"text": [describe_model(model)]}, "result": (model,)}
+
+
+def describe_model(model: FaceModel) -> str:
+    info = model.describe()
+    text = (
+        f"{info['pack']} on {info['provider']} ({info['embedding_size']}-d embeddings, "
+        f"det size {info['det_size']}, threshold {info['det_thresh']:.2f})"
+    )
+    return f"{text}\n{info['provider_note']}" if info["provider_note"] else text
+
+
+class FaceConsistencyReference:
+    """The identity of one person: the mean embedding of one or more reference photos."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("FACE_IDENTITY",)
+    RETURN_NAMES = ("identity",)
+    DESCRIPTION = "Mean face embedding of all reference photos (largest face of each)."
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "face_model": ("FACE_MODEL",),
+                "images": ("IMAGE", {"tooltip": "Photos of the person; every one needs a face."}),
+            },
+            "optional": {
+                "images_2": ("IMAGE", {"tooltip": "More photos (any size; batches must be one size)."}),
+            },
+        }
+
+    def build(self, face_model: FaceModel, images: Any, images_2: Any = None) -> dict[str, Any]:
+        groups = [("images", to_bgr_list(images, "images"))]
+        if images_2 is not None:
+            groups.append(("images_2", to_bgr_list(images_2, "images_2")))
+        progress = comfy_env.Progress(sum(len(g) for _, g in groups))
+        embeddings = [
+            result.embedding
+            for name, bgrs in groups
+            for result in analyze_references(face_model, bgrs, name, lambda: progress.update(1))
+        ]
+        identity = mean_identity(embeddings)
+        text = f"identity from {identity.count} photo(s), {face_model.pack_name} ({face_model.embedding_size}-d)"
+        return {"ui": {"text": [text]}, "result": (identity,)}
+
+
+class FaceConsistencySimilarity:
+    """Identity similarity of each edited image to the reference, with bands and a change guard."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "score"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("FLOAT", "FLOAT", "INT", "STRING", "IMAGE", "FLOAT")
+    RETURN_NAMES = ("scores", "mean_score", "count_above", "report", "annotated_images", "face_change")
+    OUTPUT_IS_LIST = (True, False, False, False, False, True)
+    OUTPUT_TOOLTIPS = (
+        "One similarity per input image, in order (0 where no face was found).",
+        "Mean similarity (images without a face: 0, or left out with no_face_policy 'exclude').",
+        "How many images score at or above the threshold.",
+        "One row per image: index, score, band, face used or reason, face change.",
+        "The images with the faces boxed, keypoints and score drawn.",
+        "Per image: 1 − SSIM of the aligned face crops of control and output (about 0 = the face "
+        "was returned unchanged); -1 where no reference_image or no face.",
+    )
+    DESCRIPTION = (
+        "ArcFace cosine similarity of the face in each image to the reference. One reference for "
+        "all images, or one per image (pairwise) when the batch sizes match."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "face_model": ("FACE_MODEL",),
+                "images": ("IMAGE", {"tooltip": "Edited images to score (any batch size)."}),
+                "face_selection": ([s.value for s in Selection], {
+                    "default": Selection.LARGEST.value,
+                    "tooltip": "Which face of an image with several: largest, highest detection "
+                    "score, the one most like the reference, or by index (left to right).",
+                }),
+                "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "For 'index'."}),
+                "no_face_policy": ([p.value for p in NoFacePolicy], {
+                    "default": NoFacePolicy.SCORE_ZERO.value,
+                    "tooltip": "An image without a face never stops the graph: it scores 0, and "
+                    "'exclude' also leaves it out of the mean.",
+                }),
+                "threshold": ("FLOAT", {
+                    "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "count_above counts the images scoring at least this.",
+                }),
+                **_band_inputs(),
+                "copy_paste_threshold": ("FLOAT", {
+                    "default": DEFAULT_COPY_PASTE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Face change below this flags the output as returning the control's "
+                    "face unchanged (needs reference_image).",
+                }),
+            },
+            "optional": {
+                "reference_image": ("IMAGE", {
+                    "tooltip": "The control image (1, or one per output). Also the baseline of the "
+                    "face-change guard.",
+                }),
+                "reference_identity": ("FACE_IDENTITY", {
+                    "tooltip": "Scores against this identity instead of reference_image's face "
+                    "(reference_image, if connected, then only feeds the change guard).",
+                }),
+            },
+        }
+
+    def score(
+        self,
+        face_model: FaceModel,
+        images: Any,
+        face_selection: str,
+        face_index: int,
+        no_face_policy: str,
+        threshold: float,
+        band_excellent: float,
+        band_good: float,
+        band_moderate: float,
+        copy_paste_threshold: float,
+        reference_image: Any = None,
+        reference_identity: Identity | None = None,
+    ) -> dict[str, Any]:
+        if reference_image is None and reference_identity is None:
+            raise ValueError("connect reference_image (the control image) or reference_identity")
+        bands = Bands(band_excellent, band_good, band_moderate)
+        outputs = to_bgr_list(images, "images")
+        controls = to_bgr_list(reference_image, "reference_image") if reference_image is not None else []
+        if controls:  # check the batch rule before any detection runs
+            reference_pairing(len(controls), len(outputs), "reference_image")
+        progress = comfy_env.Progress(len(controls) + len(outputs))
+        control_results = analyze_references(face_model, controls, "reference_image", lambda: progress.update(1))
+        if reference_identity is not None:
+            references = [reference_identity.embedding]
+            source = f"identity of {reference_identity.count} photo(s)"
+        else:
+            references = [r.embedding for r in control_results]
+            source = f"reference_image ({len(controls)})"
+        batch = score_batch(
+            face_model,
+            outputs,
+            references,
+            [Control.from_face(bgr, r.face) for bgr, r in zip(controls, control_results)],
+            selection=face_selection,
+            index=face_index,
+            policy=no_face_policy,
+            bands=bands,
+            threshold=threshold,
+            copy_paste_threshold=copy_paste_threshold,
+            on_image=lambda: progress.update(1),
+        )
+        report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
+        annotated = [annotate_scores(bgr, row) for bgr, row in zip(outputs, batch.rows)]
+        changes = [row.face_change if row.face_change is not None else -1.0 for row in batch.rows]
+        return {
+            "ui": {"text": [report], "images": save_previews(annotated, "face_similarity")},
+            "result": (batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(annotated), changes),
+        }
+
+
+def annotate_scores(bgr: np.ndarray, row: ImageScore) -> np.ndarray:
+    """An RGB copy of the image with every face drawn; the scored one labelled with its band."""
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    result = row.result
+    for j, (face, similarity) in enumerate(zip(result.faces, row.face_scores)):
+        if j == result.face_index:
+            label = f"#{row.index} {row.score:.3f} {row.band}" + (" UNCHANGED" if row.unchanged else "")
+            draw_face(rgb, face, label, UNCHANGED_COLOR if row.unchanged else BAND_COLORS[row.band])
+        else:
+            draw_face(rgb, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
+    if not row.scored:
+        draw_label(rgb, f"#{row.index} {result.reason}", (0, 0), NO_FACE_COLOR)
+    return rgb
+
+
+NODE_CLASS_MAPPINGS = {
+    "FaceConsistencyLoadModel": FaceConsistencyLoadModel,
+    "FaceConsistencyReference": FaceConsistencyReference,
+    "FaceConsistencySimilarity": FaceConsistencySimilarity,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "FaceConsistencyLoadModel": "Face Model Loader (InsightFace)",
+    "FaceConsistencyReference": "Face Reference Identity",
+    "FaceConsistencySimilarity": "Face Similarity Score",
+}
