@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from face_consistency.faceid import ModelPackError, cosine_similarity, load_face_model
@@ -15,6 +16,7 @@ from face_consistency.trainer.face_loss import (
     FrozenFaceRecognizer,
     RecognizerSpec,
     estimate_norm,
+    face_region_boxes,
     full_image_region,
     warp_to_arcface,
 )
@@ -123,6 +125,23 @@ def test_warp_with_keypoints_from_another_resolution(photos, recognizer, ort_rec
     with torch.no_grad():
         assert cos(recognizer(half_crop), reference_embedding) >= 0.99
         torch.testing.assert_close(region_crop, full_crop, atol=1e-3, rtol=0)  # fp32 grid rounding only
+
+
+def test_face_region_boxes_hold_the_whole_crop(photos) -> None:
+    """Decoding only the face region: same-size latent-aligned boxes, warp identical to the full image's."""
+    bgr, kps = photos["obama2.jpg"]
+    bgr = bgr[: bgr.shape[0] // 16 * 16, : bgr.shape[1] // 16 * 16]  # bucket sizes are multiples of 16
+    height, width = bgr.shape[:2]
+    kps_t = torch.from_numpy(np.stack([kps, kps * 0.5, kps + [200.0, 300.0]])).float()  # incl. a face over the border
+    boxes = face_region_boxes(kps_t, (width, height))
+    assert boxes.shape == (3, 4) and (boxes % 8 == 0).all()
+    sizes = boxes[:, 2:] - boxes[:, :2]
+    assert (sizes == sizes[0]).all() and (boxes[:, :2] >= 0).all()
+    assert (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
+    image = to_tensor(bgr)
+    full = warp_to_arcface(image.expand(3, -1, -1, -1), kps_t)
+    regions = torch.cat([image[:, :, y0:y1, x0:x1] for x0, y0, x1, y1 in boxes.tolist()])
+    torch.testing.assert_close(warp_to_arcface(regions, kps_t, boxes), full, atol=1e-3, rtol=0)
 
 
 def test_converted_recognizer_matches_onnxruntime(photos, recognizer, ort_recognizer) -> None:
@@ -279,9 +298,11 @@ def test_face_targets_cache_roundtrip(face_model, faces_dir: Path, tmp_path: Pat
     assert no_control_face.skip_reason("target") is None
 
     for i, item in enumerate((with_face, no_face, no_control_face)):
-        save_face_target(tmp_path / f"{i}.safetensors", item)
+        save_face_target(tmp_path / f"{i}.safetensors", item, extra_metadata={"fingerprint": f"fp{i}"})
     loaded = [load_face_target(tmp_path / f"{i}.safetensors") for i in range(3)]
     assert loaded[1].reason == no_face.reason and loaded[1].kps is None
+    with safe_open(str(tmp_path / "2.safetensors"), framework="numpy") as handle:
+        assert handle.metadata()["fingerprint"] == "fp2"  # the trainer cache's staleness check reads this
     np.testing.assert_array_equal(loaded[0].kps, with_face.kps)
     np.testing.assert_array_equal(loaded[0].control_embedding, with_face.control_embedding)
 

@@ -14,6 +14,7 @@ gradient reaches the pixels of a decoded image:
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,41 @@ def norm_crop_theta(
 def full_image_region(width: int | float, height: int | float, batch: int = 1) -> torch.Tensor:
     """source_region [batch, 4] for a tensor that shows the whole `width` x `height` image."""
     return torch.tensor([[0.0, 0.0, float(width), float(height)]], dtype=torch.float64).expand(batch, 4)
+
+
+def face_region_boxes(
+    kps: torch.Tensor,
+    image_size: tuple[int, int],
+    crop_size: int = 112,
+    multiple: int = 8,
+    margin: float = 0.125,
+) -> torch.Tensor:
+    """Same-size pixel boxes [B, 4] (x0, y0, x1, y1) holding each face's whole ArcFace crop.
+
+    For decoding only the face region: slice the latents at box / vae_scale (boxes are
+    multiples of `multiple`, the VAE's 8 by default), decode the stack, and pass the boxes
+    as `source_region`. `margin` (a fraction of the crop's extent on each side) keeps the
+    decoder's border effects away from the face. Boxes share one size so they batch; they
+    are shifted, never shrunk, to stay inside the image (capped at the image size).
+    """
+    width, height = image_size
+    M = _homogeneous(estimate_norm(kps, crop_size))
+    corners = kps.new_tensor(
+        [[-0.5, -0.5, 1.0], [crop_size - 0.5, -0.5, 1.0], [-0.5, crop_size - 0.5, 1.0], [crop_size - 0.5, crop_size - 0.5, 1.0]],
+        dtype=torch.float64,
+    )
+    footprint = (torch.linalg.inv(M) @ corners.T)[:, :2, :]  # [B, 2, 4] crop corners in image pixels
+    low, high = footprint.amin(dim=2) + 0.5, footprint.amax(dim=2) + 0.5  # pixel-edge coordinates
+    extent = float((high - low).max()) * (1.0 + 2.0 * margin)
+    side = int(math.ceil(extent / multiple) * multiple)
+    box_w = min(side, width // multiple * multiple)
+    box_h = min(side, height // multiple * multiple)
+    centre = (low + high) / 2.0
+    x0 = torch.round((centre[:, 0] - box_w / 2.0) / multiple) * multiple
+    y0 = torch.round((centre[:, 1] - box_h / 2.0) / multiple) * multiple
+    x0 = x0.clamp(0, (width - box_w) // multiple * multiple)
+    y0 = y0.clamp(0, (height - box_h) // multiple * multiple)
+    return torch.stack([x0, y0, x0 + box_w, y0 + box_h], dim=1).to(torch.int64)
 
 
 def warp_to_arcface(

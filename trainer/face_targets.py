@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
 
 from ..faceid import FaceModel, Selection, mean_identity
 from ..faceid.fileio import atomic_path
@@ -94,8 +94,13 @@ def compute_face_target(face_model: FaceModel, target_image: Any, control_images
     return face_target
 
 
-def save_face_target(path: str | os.PathLike, face_target: FaceTarget) -> None:
-    """Write one item's face target to a .safetensors file (atomically)."""
+def save_face_target(
+    path: str | os.PathLike, face_target: FaceTarget, extra_metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write one item's face target to a .safetensors file (atomically).
+
+    extra_metadata (e.g. the cache's input fingerprint) is stored beside the target's own.
+    """
     tensors = {"image_size": np.asarray(face_target.image_size, dtype=np.int64)}
     for name in ("kps", "target_embedding", "control_embedding"):
         value = getattr(face_target, name)
@@ -110,6 +115,7 @@ def save_face_target(path: str | os.PathLike, face_target: FaceTarget) -> None:
         "reason": json.dumps(face_target.reason),
         "control_reasons": json.dumps(face_target.control_reasons),
     }
+    metadata = {**dict(extra_metadata or {}), **metadata}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
 
