@@ -138,7 +138,7 @@ def embed_files(
     workers = workers or max(1, min(4, os.cpu_count() or 1))
     for chunk in _chunks(_prefetched(todo, workers), CHUNK_SIZE):
         decoded = [(path, sig, bgr) for path, (sig, bgr, _) in chunk if bgr is not None]
-        results = model.analyze([bgr for _, _, bgr in decoded]) if decoded else []
+        results = model.analyze([bgr for _, _, bgr in decoded], channel_order="bgr") if decoded else []
         for path, (signature, _, error) in chunk:
             if signature is not None and error is not None:
                 store.put(FileFaces(str(path), signature[0], signature[1], reason=error))
@@ -342,9 +342,10 @@ def watch(
     on_round: Callable[[RoundResult], None],
     *,
     max_rounds: int | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+    sleep: Callable[[float], None] | None = None,
 ) -> int:
     """Run rounds every `interval` seconds until interrupted (or `max_rounds`); returns rounds run."""
+    sleep = sleep or time.sleep
     rounds = 0
     while max_rounds is None or rounds < max_rounds:
         on_round(evaluation.run_round())

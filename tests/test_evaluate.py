@@ -1,0 +1,391 @@
+"""Folder evaluation on real photos and the real test pack: pairing, statistics, failures,
+the three layouts, watch rounds, the embedding cache, the plot and the command line."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluate_fixtures import (
+    TIME,
+    build_musubi_folder,
+    corrupt_image,
+    no_face_image,
+    reencode,
+    validate_schema,
+)
+from face_consistency.faceid import Bands, load_face_model
+from face_consistency.faceid import evaluate_cli
+from face_consistency.faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation, watch
+from face_consistency.faceid.pairing import parse_sample_name
+from face_consistency.faceid.plot import PLOT_SIZE, write_plot
+from face_consistency.faceid.prompts import load_prompt_file, parse_prompt_line
+from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
+
+
+@pytest.fixture(scope="module")
+def model(insightface_root):
+    return load_face_model("testpack", models_root=insightface_root, provider="cpu")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, faces_dir):
+    return build_musubi_folder(tmp_path_factory.mktemp("musubi"), faces_dir)
+
+
+@pytest.fixture(scope="module")
+def embeddings(model, run):
+    """The engine's embedding of every face image of the run, computed one by one."""
+    keys = ["control_obama", "control_biden", "control_obama2", "s100_p0", "s200_p0", "s100_p1", "s200_p1", "s200_p2", "e1_p0"]
+    return {k: model.analyze([run[k]])[0].embedding for k in keys}
+
+
+@pytest.fixture(scope="module")
+def musubi_report(model, run):
+    sources = EvaluationSources(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent)
+    return FolderEvaluation(model, sources, threshold=0.5).run_round().report
+
+
+def _cos(a, b):
+    return float(np.dot(a / np.linalg.norm(a), b / np.linalg.norm(b)))
+
+
+def _pair(report, path):
+    return next(p for p in report["pairs"] if p["image"] == str(path))
+
+
+# prompt files and names -------------------------------------------------------------------
+
+
+def test_prompt_file_follows_musubi_numbering_and_options(run):
+    prompts = load_prompt_file(run["prompts"])
+    assert [p.index for p in prompts] == [0, 1, 2, 3]
+    assert [p.line_number for p in prompts] == [2, 4, 6, 7]
+    first = prompts[0]
+    assert (first.prompt, first.width, first.height, first.sample_steps, first.seed) == ("make him smile", 1024, 1024, 20, 42)
+    assert first.control_images == ["controls/obama.png"]
+    assert (prompts[1].discrete_flow_shift, prompts[1].cfg_scale) == (2.2, 4.0)
+    assert prompts[2].control_images == ["controls/obama.png", "controls/obama2.png"]
+    assert prompts[2].negative_prompt == "blurry"
+
+
+def test_prompt_line_oddities():
+    parsed = parse_prompt_line("a cat --W 512 --s 5000 --zz what --ci  a b.png ")
+    assert parsed.width == 512 and parsed.sample_steps == 1000  # musubi clamps steps to 1..1000
+    assert parsed.control_images == ["a b.png"]
+    assert parsed.unknown_options == ["--zz what"]
+
+
+def test_json_and_toml_prompt_files(tmp_path):
+    as_json = tmp_path / "p.json"
+    as_json.write_text(json.dumps([{"prompt": "x", "control_image_path": ["c.png"], "width": 512}, "y --ci d.png"]))
+    prompts = load_prompt_file(as_json)
+    assert [p.control_images for p in prompts] == [["c.png"], ["d.png"]] and prompts[0].width == 512
+    as_toml = tmp_path / "p.toml"
+    as_toml.write_text('[prompt]\nwidth = 640\n[[prompt.subset]]\nprompt = "a"\ncontrol_image_path = ["e.png"]\n'
+                       '[[prompt.subset]]\nprompt = "b"\n')
+    prompts = load_prompt_file(as_toml)
+    assert [(p.index, p.prompt, p.width, p.control_images) for p in prompts] == [(0, "a", 640, ["e.png"]), (1, "b", 640, [])]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        (f"my_lora_v2_001200_03_{TIME}_1234_000.png", (1200, None, 3, 1234, "musubi", "1200")),
+        (f"my_lora_001200_03_{TIME}_000.png", (1200, None, 3, None, "musubi", "1200")),
+        (f"000050_00_{TIME}_7_000.png", (50, None, 0, 7, "musubi", "50")),  # no --output_name
+        (f"lora_e000003_01_{TIME}_000.png", (None, 3, 1, None, "musubi", "e3")),
+        (f"lora_000010_01_{TIME}_98765.png", (10, None, 1, 98765, "musubi", "10")),  # older: no image number
+        ("sample_step_500_2.png", (500, None, 2, None, "seed_guide", "500")),
+        ("holiday.png", (None, None, None, None, "unknown", "none")),
+    ],
+)
+def test_sample_names(name, expected):
+    parsed = parse_sample_name(name)
+    assert (parsed.step, parsed.epoch, parsed.prompt_index, parsed.seed, parsed.layout, parsed.step_key) == expected
+
+
+# musubi folder ----------------------------------------------------------------------------
+
+
+def test_musubi_pairs_scores_match_independent_embeddings(musubi_report, run, embeddings):
+    e = embeddings
+    expected = {
+        "s100_p0": _cos(e["s100_p0"], e["control_obama"]),
+        "s200_p0": _cos(e["s200_p0"], e["control_obama"]),
+        "s100_p1": _cos(e["s100_p1"], e["control_biden"]),
+        "s200_p1": _cos(e["s200_p1"], e["control_biden"]),
+        "e1_p0": _cos(e["e1_p0"], e["control_obama"]),
+    }
+    two = e["control_obama"] / np.linalg.norm(e["control_obama"]) + e["control_obama2"] / np.linalg.norm(e["control_obama2"])
+    expected["s200_p2"] = _cos(e["s200_p2"], two)  # several --ci: identity from all of them
+    for key, score in expected.items():
+        pair = _pair(musubi_report, run[key])
+        assert pair["status"] == "ok", pair
+        assert pair["score"] == pytest.approx(score, abs=1e-5), key
+    assert _pair(musubi_report, run["s200_p2"])["controls"] == [str(run["control_obama"]), str(run["control_obama2"])]
+    # same person scores above a different person
+    assert expected["s100_p1"] > 0.5 > expected["s200_p1"]
+
+
+def test_musubi_grouping_and_statistics(musubi_report, run):
+    pairs = {k: _pair(musubi_report, run[k])["score"] for k in ("s100_p0", "s200_p0", "s100_p1", "s200_p1", "s200_p2", "e1_p0")}
+    groups = {
+        "100": [pairs["s100_p0"], pairs["s100_p1"]],
+        "200": [pairs["s200_p0"], pairs["s200_p1"], pairs["s200_p2"]],
+        "e1": [pairs["e1_p0"]],
+    }
+    assert list(musubi_report["by_step"]) == ["100", "200", "e1"]  # steps in order, epoch keys apart
+    for key, values in groups.items():
+        stats = musubi_report["by_step"][key]
+        assert stats["count"] == len(values)
+        assert stats["mean"] == pytest.approx(np.mean(values))
+        assert stats["std"] == pytest.approx(np.std(values))
+        assert (stats["min"], stats["max"]) == (pytest.approx(min(values)), pytest.approx(max(values)))
+        assert stats["at_or_above_threshold"] == sum(v >= 0.5 for v in values)
+    everything = [v for vs in groups.values() for v in vs]
+    assert musubi_report["valid_pairs"] == 6
+    assert musubi_report["overall_mean"] == pytest.approx(np.mean(everything))
+    assert musubi_report["overall_std"] == pytest.approx(np.std(everything))
+    assert musubi_report["overall_min"] == pytest.approx(min(everything))
+    assert musubi_report["overall_max"] == pytest.approx(max(everything))
+    assert musubi_report["by_prompt"]["0"]["count"] == 3 and musubi_report["by_prompt"]["2"]["count"] == 1
+    assert musubi_report["by_prompt_step"]["1"]["200"]["mean"] == pytest.approx(pairs["s200_p1"])
+
+
+def test_musubi_failures_are_listed_with_reasons(musubi_report, run):
+    failures = {(f["file"], f["kind"]): f["reason"] for f in musubi_report["failures"]}
+    assert "no face" in failures[(str(run["no_face"]), "pair")]
+    assert "not an image" in failures[(str(run["corrupt"]), "pair")]
+    assert "not found" in failures[(str(run["lost_control"]), "sample")]
+    assert "does_not_exist.png" in failures[("controls/does_not_exist.png", "control")]
+    assert "no sample pattern" in failures[(str(run["stray"]), "sample")]
+    assert musubi_report["total_pairs"] == 8  # 6 scored + no face + corrupt
+    assert musubi_report["failure_count"] == len(musubi_report["failures"]) == 5
+    no_face = _pair(musubi_report, run["no_face"])
+    assert (no_face["status"], no_face["score"], no_face["face"]) == ("failed", None, None)
+
+
+def test_report_matches_schema_and_metadata(musubi_report, model):
+    assert validate_schema(musubi_report, REPORT_SCHEMA) == []
+    assert musubi_report["embedding_size"] == 128 and musubi_report["provider"] == model.provider
+    assert musubi_report["model"]["pack"] == "testpack"
+    assert musubi_report["bands"] == Bands().to_dict() and musubi_report["threshold"] == 0.5
+    json.dumps(musubi_report)  # serialisable as is
+    table = summary_table(musubi_report)
+    assert "e1" in table and "6 of 8 pairs scored" in table
+
+
+def test_relative_ci_resolves_from_working_directory_first(model, run, tmp_path, faces_dir):
+    # musubi opens --ci relative to its working directory; a file there wins over the prompt folder.
+    reencode(faces_dir / "biden.jpg", tmp_path / "controls" / "obama.png")
+    sources = EvaluationSources(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=tmp_path)
+    report = FolderEvaluation(model, sources).run_round().report
+    assert _pair(report, run["s100_p0"])["controls"] == [str(tmp_path / "controls" / "obama.png")]
+
+
+def test_reference_scored_beside_control(model, run, faces_dir, tmp_path, embeddings):
+    reference = reencode(faces_dir / "obama2.jpg", tmp_path / "ref.png")
+    sources = EvaluationSources(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], references=[reference])
+    report = FolderEvaluation(model, sources).run_round().report
+    ref = model.analyze([reference])[0].embedding
+    pair = _pair(report, run["s200_p0"])
+    assert report["metric"] == "reference" and pair["score"] == pytest.approx(_cos(embeddings["s200_p0"], ref), abs=1e-5)
+    assert pair["score_control"] == pytest.approx(_cos(embeddings["s200_p0"], embeddings["control_obama"]), abs=1e-5)
+    assert report["secondary"]["metric"] == "control" and report["secondary"]["valid_pairs"] == 6
+    # with a reference, the sample whose control is missing is still scored
+    assert _pair(report, run["lost_control"])["status"] == "ok"
+    assert validate_schema(report, REPORT_SCHEMA) == []
+
+
+def test_reference_without_face_is_a_bad_argument(model, run, tmp_path):
+    sources = EvaluationSources(sample_dir=run["sample_dir"], references=[no_face_image(tmp_path / "blank.png")])
+    with pytest.raises(EvaluationError, match="blank.png: no face"):
+        FolderEvaluation(model, sources)
+
+
+# the other layouts -----------------------------------------------------------------------
+
+
+def test_seed_guide_layout(model, faces_dir, tmp_path):
+    reencode(faces_dir / "obama.jpg", tmp_path / "control_image_0.png")
+    reencode(faces_dir / "biden.jpg", tmp_path / "control_image_1.png")
+    a = reencode(faces_dir / "obama2.jpg", tmp_path / "sample_step_100_0.png")
+    b = reencode(faces_dir / "biden.jpg", tmp_path / "sample_step_100_1.png", mirror=True)
+    c = reencode(faces_dir / "obama3.jpg", tmp_path / "sample_step_200_0.png")
+    orphan = reencode(faces_dir / "obama3.jpg", tmp_path / "sample_step_200_5.png")
+    report = FolderEvaluation(model, EvaluationSources(sample_dir=tmp_path)).run_round().report
+    assert {p["image"]: p["controls"] for p in report["pairs"]} == {
+        str(a): [str(tmp_path / "control_image_0.png")],
+        str(b): [str(tmp_path / "control_image_1.png")],
+        str(c): [str(tmp_path / "control_image_0.png")],
+    }
+    assert list(report["by_step"]) == ["100", "200"] and report["by_step"]["100"]["count"] == 2
+    assert [f["file"] for f in report["failures"]] == [str(orphan)]
+    assert "control_image_5.png not found" in report["failures"][0]["reason"]
+
+
+def test_dir_pair_mode_with_numbered_controls(model, faces_dir, tmp_path):
+    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    reencode(faces_dir / "obama.jpg", controls / "alice.png")
+    reencode(faces_dir / "obama.jpg", controls / "bob_0.png")
+    reencode(faces_dir / "obama2.jpg", controls / "bob_1.jpg")
+    reencode(faces_dir / "biden.jpg", controls / "bob_extra.png")  # not a numbered control: unclaimed
+    reencode(faces_dir / "obama3.jpg", generated / "alice.png")
+    bob = reencode(faces_dir / "obama3.jpg", generated / "bob.png")
+    reencode(faces_dir / "obama3.jpg", generated / "carol.png")
+    report = FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    pair = _pair(report, bob)
+    assert pair["controls"] == [str(controls / "bob_0.png"), str(controls / "bob_1.jpg")]
+    two = sum(r.embedding for r in model.analyze(pair["controls"]))
+    assert pair["score"] == pytest.approx(_cos(model.analyze([bob])[0].embedding, two), abs=1e-5)
+    assert report["valid_pairs"] == 2 and list(report["by_step"]) == ["none"]
+    failures = {Path(f["file"]).name: f["kind"] for f in report["failures"]}
+    assert failures == {"carol.png": "sample", "bob_extra.png": "control"}
+
+
+# watch rounds and the cache -------------------------------------------------------------
+
+
+def _copy_run(run, target: Path) -> tuple[Path, Path]:
+    shutil.copytree(run["sample_dir"].parent, target)
+    return target / "sample", target / "prompts.txt"
+
+
+def test_watch_rounds_embed_only_new_and_changed_files(model, run, tmp_path, faces_dir):
+    sample, prompts = _copy_run(run, tmp_path / "run")
+    cache = tmp_path / "report.json.embeddings.json"
+    sources = EvaluationSources(sample_dir=sample, sample_prompts=prompts, base_dir=tmp_path / "run")
+    evaluation = FolderEvaluation(model, sources, cache_file=cache)
+    first = evaluation.run_round()
+    assert first.embedded == 11 and first.report["valid_pairs"] == 6  # 8 samples + 3 controls
+    new = reencode(faces_dir / "obama2.jpg", sample / f"face_000400_00_{TIME}_42_000.png")
+    second = evaluation.run_round()
+    assert (second.embedded, second.reused) == (1, 11)
+    assert second.report["by_step"]["400"]["count"] == 1 and second.report["valid_pairs"] == 7
+    # a rewritten file (here: the corrupt one becomes a real image) is embedded again
+    shutil.copyfile(new, sample / run["corrupt"].name)
+    third = evaluation.run_round()
+    assert third.embedded == 1 and third.report["valid_pairs"] == 8
+    # a fresh evaluation (the next command run) reuses the cache file: nothing to embed
+    again = FolderEvaluation(model, sources, cache_file=cache).run_round()
+    assert again.embedded == 0 and again.report["overall_mean"] == pytest.approx(third.report["overall_mean"])
+
+
+def test_corrupt_or_foreign_cache_is_rebuilt(model, run, tmp_path):
+    sample, prompts = _copy_run(run, tmp_path / "run")
+    sources = EvaluationSources(sample_dir=sample, sample_prompts=prompts, base_dir=tmp_path / "run")
+    cache = tmp_path / "cache.json"
+    cache.write_text('{"format": "face-consistency-embeddings/1", "fingerprint": "x", "entries": [')
+    evaluation = FolderEvaluation(model, sources, cache_file=cache)
+    assert "not used" in evaluation.store.discarded_reason
+    assert evaluation.run_round().embedded == 11
+    data = json.loads(cache.read_text())
+    data["fingerprint"] = "another model"
+    cache.write_text(json.dumps(data))
+    stale = FolderEvaluation(model, sources, cache_file=cache)
+    assert "another model pack" in stale.store.discarded_reason and stale.run_round().embedded == 11
+    data = json.loads(cache.read_text())
+    entry = next(e for e in data["entries"] if e["embedding"])
+    entry["embedding"] = "AAAAAAAAAAA="  # two floats instead of 128: not trusted
+    cache.write_text(json.dumps(data))
+    assert "bad cached embedding" in FolderEvaluation(model, sources, cache_file=cache).store.discarded_reason
+
+
+def test_watch_loop_picks_up_files_between_rounds(model, run, tmp_path, faces_dir):
+    sample, prompts = _copy_run(run, tmp_path / "run")
+    evaluation = FolderEvaluation(model, EvaluationSources(sample_dir=sample, sample_prompts=prompts, base_dir=tmp_path / "run"))
+    rounds = []
+    added = iter([f"face_000500_00_{TIME}_000.png", f"face_000600_01_{TIME}_000.png"])
+
+    def sleep(seconds):
+        assert seconds == 5
+        reencode(faces_dir / "obama2.jpg", sample / next(added))
+
+    assert watch(evaluation, 5, rounds.append, max_rounds=3, sleep=sleep) == 3
+    assert [r.embedded for r in rounds] == [11, 1, 1]
+    assert list(rounds[-1].report["by_step"]) == ["100", "200", "500", "600", "e1"]
+
+
+# plot and command line -------------------------------------------------------------------
+
+
+def test_plot_is_a_png_of_the_documented_size(musubi_report, tmp_path):
+    path = tmp_path / "plot.png"
+    write_plot(musubi_report, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as img:
+        assert img.size == PLOT_SIZE
+    empty = dict(musubi_report, by_step={}, by_prompt_step={}, valid_pairs=0)
+    write_plot(empty, path)
+    with Image.open(path) as img:
+        assert img.size == PLOT_SIZE
+
+
+def _cli(*args: str) -> int:
+    return evaluate_cli.main(list(args))
+
+
+def _model_args(root: Path) -> list[str]:
+    return ["--model_name", "testpack", "--models_root", str(root), "--device", "cpu"]
+
+
+def test_cli_writes_report_and_plot(run, insightface_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(run["prompts"].parent)
+    out, plot = tmp_path / "r.json", tmp_path / "r.png"
+    rc = _cli("--sample_dir", "sample", "--sample_prompts", "prompts.txt", "--output_json", str(out),
+              "--plot", str(plot), "--threshold", "0.5", *_model_args(insightface_root))
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
+    with Image.open(plot) as img:
+        assert img.size == PLOT_SIZE
+    printed = capsys.readouterr().out
+    assert "mean ± std" in printed and "6 of 8 pairs scored" in printed
+    assert not list(tmp_path.glob("*.embeddings.json"))  # the cache file is a watch-mode thing
+
+
+def test_cli_exit_codes(run, insightface_root, tmp_path, capsys):
+    model = _model_args(insightface_root)
+    assert _cli(*model) == 2  # nothing to score given
+    assert _cli("--sample_dir", str(tmp_path / "nope"), *model) == 2
+    assert _cli("--sample_dir", str(run["sample_dir"]), "--sample_prompts", str(tmp_path / "nope.txt"), *model) == 2
+    assert _cli("--sample_dir", str(run["sample_dir"]), "--model_name", "no_such_pack", "--models_root", str(tmp_path)) == 2
+    assert "not found" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "empty.json"
+    assert _cli("--sample_dir", str(empty), "--output_json", str(out), "--quiet", *model) == 1
+    assert json.loads(out.read_text())["total_pairs"] == 0
+    assert capsys.readouterr().out == ""  # --quiet
+    # samples but no prompt file: every sample reported unpaired
+    assert _cli("--sample_dir", str(run["sample_dir"]), "--output_json", str(out), "--quiet", *model) == 1
+    assert all("no --sample_prompts" in f["reason"] or "pattern" in f["reason"] for f in json.loads(out.read_text())["failures"])
+    with pytest.raises(SystemExit) as exc:
+        _cli("--sample_dir", str(run["sample_dir"]), "--watch", "0", *model)
+    assert exc.value.code == 2
+
+
+def test_cli_watch_stops_cleanly_on_ctrl_c(run, insightface_root, tmp_path, monkeypatch):
+    sample, prompts = _copy_run(run, tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "run")
+    rounds = []
+
+    def interrupted_sleep(seconds):
+        rounds.append(seconds)
+        if len(rounds) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("face_consistency.faceid.evaluate.time.sleep", interrupted_sleep)
+    out = tmp_path / "watch.json"
+    rc = _cli("--sample_dir", str(sample), "--sample_prompts", str(prompts), "--output_json", str(out),
+              "--watch", "7", "--quiet", *_model_args(insightface_root))
+    assert rc == 0 and rounds == [7, 7]
+    report = json.loads(out.read_text())
+    assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
+    cache = tmp_path / "watch.json.embeddings.json"
+    assert len(json.loads(cache.read_text())["entries"]) == 11
