@@ -265,9 +265,10 @@ class FaceConsistencyTrainLaunch:
                 "max_train_epochs": ("INT", {"default": 100, "min": 1, "max": 100000}),
                 "save_every_n_epochs": ("INT", {"default": 10, "min": 1, "max": 100000}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
-                "timestep_sampling": (["shift", "qwen_shift", "sigmoid", "uniform"], {"default": "shift"}),
+                "timestep_sampling": (["shift", "qwen_shift", "sigma", "uniform"], {"default": "shift"}),
                 "discrete_flow_shift": ("FLOAT", {"default": 2.2, "min": 0.1, "max": 20.0, "step": 0.1}),
-                "optimizer_type": (["adamw8bit", "AdamW", "Adafactor"], {"default": "adamw8bit"}),
+                "optimizer_type": (["AdamW8bit", "AdamW", "Adafactor"], {"default": "AdamW8bit",
+                                   "tooltip": "AdamW8bit needs bitsandbytes."}),
                 "mixed_precision": (["bf16", "fp16", "no"], {"default": "bf16"}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": True}),
                 "enable_face_loss": ("BOOLEAN", {"default": True}),
@@ -376,7 +377,10 @@ class FaceConsistencyTrainLaunch:
                 "--face_det_size", str(face_det_size),
                 "--face_eval_frequency", str(face_eval_frequency),
             ]
-            args += [a for root in comfy_env.insightface_roots() for a in ("--face_models_root", str(root))]
+            roots = comfy_env.insightface_roots()
+            pack_root = next((r for r in roots if (r / "models" / face_model_name.strip()).is_dir()), None)
+            if pack_root is not None or roots:
+                args += ["--face_models_root", str(pack_root or roots[0])]
         if sample_prompts.strip():
             prompts = output_dir / "sample_prompts.txt"
             prompts.write_text(sample_prompts.strip() + "\n", encoding="utf-8")

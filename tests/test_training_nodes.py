@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from comfy_stubs import ProgressBar, set_comfy_base
-from run_folders import MUSUBI_NAME, write_lora, write_musubi_run
+from run_folders import write_lora, write_musubi_run
+from workflow_runner import check_inputs, load_workflow
 
 from face_consistency.nodes import training
 from face_consistency.nodes.training import (
@@ -17,6 +18,8 @@ from face_consistency.nodes.training import (
     FaceConsistencyTrainLogs,
     FaceConsistencyTrainMonitor,
 )
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 
 
 @pytest.fixture()
@@ -120,3 +123,10 @@ def test_scoreboard_rejects_mismatched_inputs(comfy: Path) -> None:
         node.rank(["a.safetensors", "b.safetensors"], [0.1, 0.2, 0.3], [False])
     with pytest.raises(ValueError, match="no checkpoint has a valid score"):
         node.rank(["a.safetensors"], [math.nan], [False])
+
+
+@pytest.mark.parametrize("name", ["train_launch_monitor.json", "evaluate_checkpoints.json"])
+def test_example_workflows_fit_the_nodes(comfy: Path, name: str) -> None:
+    workflow = load_workflow(EXAMPLES / name)
+    check_inputs(workflow)
+    assert {node["class_type"] for node in workflow.values()} & set(training.NODE_CLASS_MAPPINGS)

@@ -26,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from .protocol import FINAL_STATES, LOG_FILE, JobState, clear_stop_request, read_status, request_stop, write_status
+from .protocol import (
+    FINAL_STATES,
+    LOG_FILE,
+    JobState,
+    clear_stop_request,
+    read_status,
+    request_stop,
+    stop_requested,
+    write_status,
+)
 from .run_reader import log_tail
 
 PACK_DIR = Path(__file__).resolve().parent.parent
@@ -386,6 +395,8 @@ def stop(
     registry.set_state(job.job_id, JobState.STOPPING.value)
     started = time.monotonic()
     while process_alive(job.pid) and time.monotonic() - started < grace_s:
+        if not stop_requested(job.output_dir):
+            request_stop(job.output_dir)  # the trainer clears stale requests when it starts: ask again
         if on_wait is not None:
             on_wait(time.monotonic() - started)
         time.sleep(poll_s)

@@ -1,0 +1,94 @@
+"""Job control against the real trainer in a subprocess (tiny models, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+
+from face_consistency.trainer import jobs
+from face_consistency.trainer.jobs import JobConflictError, JobRegistry, UnknownJobError
+from face_consistency.trainer.protocol import read_metrics, read_status
+from face_consistency.trainer.run_reader import read_run
+
+pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group checks here are POSIX; Windows uses taskkill")
+
+LAUNCHER = textwrap.dedent(
+    """
+    import json, sys
+    from face_consistency.trainer import jobs
+    registry = jobs.JobRegistry(sys.argv[1])
+    job = jobs.launch(registry, sys.argv[2], json.loads(sys.argv[3]), name="tiny")
+    print(json.dumps({"job_id": job.job_id, "pid": job.pid}))
+    """
+)
+
+
+def test_the_trainer_command_uses_this_interpreter_and_the_pack_bootstrap() -> None:
+    command = jobs.trainer_command(["--output_dir", "x"])
+    assert command[0] == sys.executable
+    assert Path(command[1]) == Path(jobs.__file__).resolve().parent.parent / "bootstrap.py"
+    assert command[2:] == ["train", "--output_dir", "x"]
+
+
+def test_unknown_job_ids_are_named(tmp_path: Path) -> None:
+    with pytest.raises(UnknownJobError, match="no training job with id 'nope'"):
+        JobRegistry(tmp_path / "jobs.sqlite3").get("nope")
+
+
+def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining, tmp_path: Path) -> None:
+    """Launched by one process that then exits (ComfyUI restarting); another reopens the registry."""
+    registry_path = tmp_path / "user" / "jobs.sqlite3"
+    output_dir = tmp_path / "loras" / "tiny"
+    argv = tiny_training.argv(output_dir, 4, "--save_every_n_steps", "2")
+    launched = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, str(registry_path), str(output_dir), json.dumps(argv)],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    started = json.loads(launched.stdout)
+
+    registry = JobRegistry(registry_path)
+    job = registry.get(started["job_id"])
+    assert job.pid == started["pid"] and job.output_dir == output_dir.resolve()
+    assert job.command[:3] == [sys.executable, str(jobs.BOOTSTRAP), "train"]
+    assert os.getsid(job.pid) == job.pid  # detached: leads its own session
+    with pytest.raises(JobConflictError, match="already training into"):
+        jobs.launch(registry, output_dir, argv, name="tiny")
+
+    done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the run to finish")
+    assert done.state == "completed", done.detail
+    wait_for(lambda: group_gone(job.pid), "the trainer's processes to exit")  # `completed` is written just before
+    run = read_run(output_dir)
+    assert [c.filename for c in run.checkpoints] == [
+        "tiny-step00000002.safetensors", "tiny.safetensors"]  # step 4 is the final file
+    assert [m["step"] for m in read_metrics(output_dir)] == [1, 2, 3, 4]
+    assert "saved" in (output_dir / "train.log").read_text()
+    # a finished job leaves the folder free for the next one
+    assert JobRegistry(registry_path).list()[0].state == "completed"
+
+
+def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTraining, tmp_path: Path) -> None:
+    registry = JobRegistry(tmp_path / "jobs.sqlite3")
+    output_dir = tmp_path / "out"
+    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
+    # the trainer runs (its own status names its pid) and has logged something
+    wait_for(lambda: (read_status(output_dir) or {}).get("pid") == job.pid, "the trainer to start")
+    wait_for(lambda: (output_dir / "train.log").stat().st_size > 0, "the trainer to log")
+
+    os.killpg(job.pid, signal.SIGKILL)
+    wait_for(lambda: not jobs.process_alive(job.pid), "the process to die")
+
+    record = JobRegistry(tmp_path / "jobs.sqlite3").refresh(job.job_id)
+    assert record.state == "failed"
+    assert f"the trainer process {job.pid} ended without a final status" in record.detail
+    last_log_line = (output_dir / "train.log").read_text().splitlines()[-1].rsplit("\r", 1)[-1]
+    assert last_log_line in record.detail
+    # stopping a job that has already ended changes nothing
+    assert jobs.stop(registry, job.job_id).state == "failed"

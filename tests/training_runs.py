@@ -1,0 +1,60 @@
+"""Real trainer runs for job-control, node and route tests: tiny models and dataset, written once per session."""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TypeVar
+
+import pytest
+
+from tiny_qwen import TinyModelFiles, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
+
+T = TypeVar("T")
+RUN_TIMEOUT_S = 300.0  # a tiny run takes well under a minute; 2 shared CI cores can be slow
+
+
+@dataclass(frozen=True)
+class TinyTraining:
+    files: TinyModelFiles
+    dataset_toml: Path
+
+    def argv(self, output_dir: Path, steps: int, *extra: str) -> list[str]:
+        return tiny_train_argv(self.files, self.dataset_toml, output_dir, max_train_steps=steps, extra=extra)
+
+    def install_into_comfyui(self, comfy_base: Path) -> None:
+        """Link the model files into ComfyUI's diffusion_models / vae / text_encoders folders."""
+        for folder, path in (("diffusion_models", self.files.dit), ("vae", self.files.vae),
+                             ("text_encoders", self.files.text_encoder)):
+            target = comfy_base / "models" / folder / path.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.exists():
+                target.symlink_to(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TinyTraining:
+    root = tmp_path_factory.mktemp("tiny_training")
+    files = write_tiny_model_files(root / "models")
+    # the dataset's latent cache is shared by the runs: only the first one builds it
+    return TinyTraining(files, write_tiny_dataset(root / "data", n=4))
+
+
+def wait_for(condition: Callable[[], T], what: str, timeout_s: float = RUN_TIMEOUT_S, interval_s: float = 0.25) -> T:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+
+
+def group_gone(pid: int) -> bool:
+    """True when no process of the process group led by `pid` exists any more."""
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
