@@ -80,7 +80,8 @@ def build_tiny_processor():
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
     tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
     return Qwen2VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
+        # Few vision patches keep the tiny prompt short (the pipeline still resizes controls to ~384^2).
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
     )
@@ -357,3 +358,16 @@ def tiny_train_argv(
         "--seed", "42",
         *extra,
     ]
+
+
+def write_tiny_prompts(dataset_dir: str | Path, n: int = 1, *, size: tuple[int, int] = (32, 32), steps: int = 2) -> Path:
+    """A musubi prompt file using the tiny dataset's controls (written by write_tiny_dataset)."""
+    controls = sorted((Path(dataset_dir) / "controls").glob("*.png"))
+    lines = ["# tiny sample prompts"]
+    for i in range(n):
+        lines.append(
+            f"tiny edit number {i} --w {size[0]} --h {size[1]} --s {steps} --d {100 + i} --ci {controls[i % len(controls)]}"
+        )
+    path = Path(dataset_dir) / "prompts.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

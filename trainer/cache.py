@@ -1,0 +1,184 @@
+"""Latent and text-encoder caches: safetensors files under each dataset's cache_directory.
+
+Per target `stem` (musubi-like names):
+- `{stem}_{W:04d}x{H:04d}_qi.safetensors`: `latents` [16, 1, h, w] and `control_latents_{k}`;
+- `{stem}_qi_te.safetensors`: `prompt_embeds` [tokens, dim] of the Edit prompt template with the
+  control images (diffusers' `QwenImageEditPlusPipeline.encode_prompt`, controls at ~384^2 area).
+
+Each file records a fingerprint of its inputs (image files' size and mtime, bucket, caption,
+model file) in its metadata; a cache is reused while the fingerprint matches and rebuilt when
+anything changed. Writes are atomic, so an interrupted caching run never leaves a half file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from PIL import Image
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from ..faceid.fileio import atomic_path
+from .dataset import DatasetConfigError, DatasetItem
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+FINGERPRINT_KEY = "fingerprint"
+
+
+def _file_identity(path: Path) -> list:
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _fingerprint(payload: dict) -> str:
+    payload = {"version": CACHE_FORMAT_VERSION, **payload}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def latent_cache_path(item: DatasetItem) -> Path:
+    width, height = item.bucket
+    return item.cache_directory / f"{item.key}_{width:04d}x{height:04d}_qi.safetensors"
+
+
+def text_cache_path(item: DatasetItem) -> Path:
+    return item.cache_directory / f"{item.key}_qi_te.safetensors"
+
+
+def _cached_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(FINGERPRINT_KEY)
+    except (FileNotFoundError, SafetensorError, OSError):
+        return None
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={FINGERPRINT_KEY: fingerprint})
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as exc:
+        raise DatasetConfigError(f"cannot read image {path}: {exc}") from exc
+
+
+@dataclass
+class CacheEncoders:
+    """The frozen encoders, wrapped in diffusers' Edit pipeline for its prompt encoding and VAE helpers."""
+
+    pipeline: QwenImageEditPlusPipeline | QwenImageEditPipeline
+    vae_file: Path
+    text_encoder_file: Path
+    tokenizer_id: str
+    edit_plus: bool
+    device: torch.device
+
+    def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """Normalised latents [16, 1, h, w] of `image` resized to cover `size` and centre-cropped."""
+        width, height = size
+        pixels = self.pipeline.image_processor.preprocess(image, height, width, resize_mode="crop")
+        pixels = pixels.unsqueeze(2).to(self.device, self.pipeline.vae.dtype)
+        with torch.no_grad():
+            latents = self.pipeline._encode_vae_image(pixels, generator=None)
+        return latents[0].float()
+
+    def condition_image(self, image: Image.Image) -> Image.Image:
+        """The control as the vision-language encoder sees it (~384^2 for Edit-2509, ~1024^2 for Edit)."""
+        area = CONDITION_IMAGE_SIZE if self.edit_plus else VAE_IMAGE_SIZE
+        width, height = calculate_dimensions(area, image.width / image.height)[:2]
+        return self.pipeline.image_processor.resize(image, height, width)
+
+    def encode_prompt(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
+        """Prompt embeddings [tokens, dim] for `caption` with the control images, per the Edit template."""
+        condition = [self.condition_image(image) for image in controls]
+        with torch.no_grad():
+            embeds, _ = self.pipeline.encode_prompt(
+                prompt=[caption], image=condition if self.edit_plus else condition[0], device=self.device
+            )
+        return embeds[0].float()
+
+
+def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
+    return _fingerprint(
+        {
+            "target": _file_identity(item.target),
+            "controls": [_file_identity(c) for c in item.controls],
+            "bucket": item.bucket,
+            "control_buckets": item.control_buckets,
+            "vae": _file_identity(encoders.vae_file),
+        }
+    )
+
+
+def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
+    return _fingerprint(
+        {
+            "caption": item.caption,
+            "controls": [_file_identity(c) for c in item.controls],
+            "text_encoder": _file_identity(encoders.text_encoder_file),
+            "tokenizer": encoders.tokenizer_id,
+            "edit_plus": encoders.edit_plus,
+        }
+    )
+
+
+def cache_dataset(
+    items: list[DatasetItem],
+    encoders: CacheEncoders,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: Callable[[int, int], None] = lambda done, total: None,
+) -> dict[str, int]:
+    """Build missing or outdated caches; returns counts of files `built` and `reused`."""
+    counts = {"built": 0, "reused": 0}
+    for done, item in enumerate(items):
+        if should_stop():
+            break
+        item.cache_directory.mkdir(parents=True, exist_ok=True)
+        latent_path, text_path = latent_cache_path(item), text_cache_path(item)
+        latent_fp, text_fp = latent_fingerprint(item, encoders), text_fingerprint(item, encoders)
+        need_latents = _cached_fingerprint(latent_path) != latent_fp
+        need_text = _cached_fingerprint(text_path) != text_fp
+        counts["reused"] += (not need_latents) + (not need_text)
+        if need_latents or need_text:
+            target = _open_rgb(item.target)
+            controls = [_open_rgb(c) for c in item.controls]
+        if need_latents:
+            tensors = {"latents": encoders.encode_image(target, item.bucket)}
+            for k, (control, size) in enumerate(zip(controls, item.control_buckets)):
+                tensors[f"control_latents_{k}"] = encoders.encode_image(control, size)
+            _save(latent_path, tensors, latent_fp)
+            counts["built"] += 1
+        if need_text:
+            _save(text_path, {"prompt_embeds": encoders.encode_prompt(item.caption, controls)}, text_fp)
+            counts["built"] += 1
+        progress(done + 1, len(items))
+    return counts
+
+
+def load_cached_item(item: DatasetItem) -> dict[str, torch.Tensor]:
+    """The cached tensors of one item: latents, control_latents_{k}, prompt_embeds."""
+    tensors: dict[str, torch.Tensor] = {}
+    for path in (latent_cache_path(item), text_cache_path(item)):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():
+                    tensors[key] = f.get_tensor(key)
+        except (FileNotFoundError, SafetensorError, OSError) as exc:
+            raise DatasetConfigError(f"cache file {path} of {item.target} is missing or unreadable: {exc}") from exc
+    return tensors
+

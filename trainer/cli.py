@@ -1,0 +1,311 @@
+"""`face-consistency train`: musubi-tuner's Qwen-Image-Edit LoRA flags, validated before any model loads.
+
+Also `python -m face_consistency.trainer ...` and `accelerate launch -m face_consistency.trainer ...`.
+`--config_file x.toml` supplies any flag as a TOML key (top level or in sections); flags given on
+the command line win. Exit codes: 0 completed or stopped, 1 failed while training, 2 bad
+arguments/configuration (reported in status.json too when --output_dir is known).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import logging
+import random
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from diffusers.optimization import SchedulerType
+
+from .dataset import DatasetConfigError, load_dataset_config
+from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
+from .models import ModelFileError
+from .protocol import JobState, write_status
+from .sampling import PromptFileError, load_prompt_file
+
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+log = logging.getLogger("face_consistency.trainer")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+TIMESTEP_SAMPLING = ("sigma", "uniform", "shift", "qwen_shift")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+ACCEPTED_NETWORK_MODULES = (NETWORK_MODULE, "networks.lora")
+# musubi flags this trainer does not implement, with what to use instead.
+UNSUPPORTED_FLAGS = {
+    "--fp8_scaled": "use --fp8_base (float8 storage of the base weights)",
+    "--fp8_vl": "the text encoder runs only while caching; load it in bf16",
+    "--xformers": "use --sdpa (PyTorch scaled-dot-product attention)",
+    "--flash_attn": "use --sdpa (PyTorch picks flash attention kernels itself)",
+    "--sage_attn": "use --sdpa",
+    "--flash3": "use --sdpa",
+}
+
+
+class ConfigError(ValueError):
+    """Arguments or configuration that cannot train, found before any model loads."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="face-consistency train",
+        description="Train a Qwen-Image-Edit LoRA (musubi-tuner compatible flags, dataset TOML, outputs).",
+        allow_abbrev=False,
+    )
+    models = parser.add_argument_group("models")
+    models.add_argument("--dit", help="DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors")
+    models.add_argument("--vae", help="VAE single file, e.g. qwen_image_vae.safetensors")
+    models.add_argument("--text_encoder", help="Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)")
+    models.add_argument("--tokenizer", help="local folder with the Qwen-Image-Edit tokenizer/processor "
+                        "(default: the `processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)")
+    models.add_argument("--edit", action="store_true", help="train Qwen-Image-Edit (one control image)")
+    models.add_argument("--edit_plus", action="store_true", help="train Qwen-Image-Edit-2509 (one or more controls)")
+    models.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the only backend; accepted)")
+    models.add_argument("--fp8_base", action="store_true", help="store the DiT base weights as float8 (diffusers layerwise casting)")
+    models.add_argument("--blocks_to_swap", type=int, default=0, help="keep N transformer blocks on the CPU, streamed in per layer")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_config", help="musubi dataset TOML")
+    data.add_argument("--max_data_loader_n_workers", type=int, default=2,
+                      help="accepted for compatibility: cached tensors are read in the training process")
+    data.add_argument("--persistent_data_loader_workers", action="store_true",
+                      help="accepted for compatibility (see --max_data_loader_n_workers)")
+
+    train = parser.add_argument_group("training")
+    train.add_argument("--mixed_precision", default="no", help=f"one of {', '.join(MIXED_PRECISION)}")
+    train.add_argument("--timestep_sampling", default="sigma", help=f"one of {', '.join(TIMESTEP_SAMPLING)}")
+    train.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift for sigma/shift sampling and samples")
+    train.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal before the sigmoid (shift sampling)")
+    train.add_argument("--weighting_scheme", default="none", help=f"one of {', '.join(WEIGHTING_SCHEMES)}")
+    train.add_argument("--optimizer_type", default="AdamW", help=f"one of {', '.join(OPTIMIZERS)}")
+    train.add_argument("--optimizer_args", nargs="*", default=[], help="optimizer keyword args as key=value")
+    train.add_argument("--learning_rate", type=float, default=2e-6)
+    train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, linear, ...)")
+    train.add_argument("--lr_warmup_steps", type=int, default=0)
+    train.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
+    train.add_argument("--lr_scheduler_power", type=float, default=1.0)
+    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
+    train.add_argument("--gradient_checkpointing", action="store_true")
+    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    train.add_argument("--max_train_steps", type=int, default=1600)
+    train.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
+    train.add_argument("--seed", type=int, help="random seed (default: random, recorded in the LoRA metadata)")
+
+    network = parser.add_argument_group("network")
+    network.add_argument("--network_module", default=NETWORK_MODULE, help="accepted for compatibility")
+    network.add_argument("--network_dim", type=int, default=4, help="LoRA rank")
+    network.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha (scale alpha/dim)")
+    network.add_argument("--network_args", nargs="*", default=[],
+                         help="include_patterns=[...] exclude_patterns=[...] (regex on module paths)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--output_dir")
+    output.add_argument("--output_name", default="lora")
+    output.add_argument("--save_every_n_epochs", type=int)
+    output.add_argument("--save_every_n_steps", type=int)
+    output.add_argument("--save_state", action="store_true", help="save resumable state beside each checkpoint")
+    output.add_argument("--resume", help="state folder to continue from (continues at its step and epoch)")
+    output.add_argument("--logging_dir", help="TensorBoard log folder")
+    output.add_argument("--log_tracker_name", help="TensorBoard run name")
+    output.add_argument("--config_file", help="TOML file with any of these flags as keys")
+
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--sample_prompts", help="musubi prompt file (--w --h --s --d --fs --l --n --ci)")
+    sampling.add_argument("--sample_every_n_steps", type=int)
+    sampling.add_argument("--sample_every_n_epochs", type=int)
+    sampling.add_argument("--sample_at_first", action="store_true")
+
+    face = parser.add_argument_group("face identity (trainer/face_loss.py)")
+    face.add_argument("--enable_face_loss", action="store_true", help="face-similarity metrics during training")
+    face.add_argument("--use_face_as_loss", action="store_true", help="add the face-identity loss")
+    face.add_argument("--face_loss_weight", type=float, default=0.1)
+    face.add_argument("--face_model_name", default="buffalo_l")
+    face.add_argument("--face_device", default="cuda")
+    face.add_argument("--face_det_size", type=int, default=640)
+    face.add_argument("--face_eval_frequency", type=int, default=100)
+    face.add_argument("--face_models_root")
+    face.add_argument("--face_loss_max_t", type=float)
+    face.add_argument("--face_loss_every", type=int, default=1)
+    face.add_argument("--face_eval_model")
+    return parser
+
+
+def _flatten(table: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value))
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    """Parse flags (and --config_file); unknown flags are a ConfigError."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        hints = [f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" for u in unknown if u.split("=")[0] in UNSUPPORTED_FLAGS]
+        raise ConfigError(f"unknown or unsupported argument(s): {' '.join(unknown)}" + (
+            f"; {'; '.join(hints)}" if hints else ""))
+    if args.config_file:
+        path = Path(args.config_file)
+        try:
+            config = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise ConfigError(f"--config_file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"--config_file {path} is not valid TOML: {exc}") from None
+        known = {action.dest for action in parser._actions}
+        unknown_keys = sorted(set(config) - known)
+        if unknown_keys:
+            raise ConfigError(f"--config_file {path}: unknown key(s) {', '.join(unknown_keys)}")
+        parser.set_defaults(**config)
+        args = parser.parse_args(list(argv))
+    return args
+
+
+def _choice(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
+    lookup = {c.lower(): c for c in choices} if case_insensitive else {c: c for c in choices}
+    key = value.lower() if case_insensitive else value
+    if key not in lookup:
+        raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    return lookup[key]
+
+
+def _optimizer_kwargs(values: list[str]) -> dict[str, Any]:
+    kwargs = {}
+    for entry in values:
+        key, sep, raw = entry.partition("=")
+        if not sep:
+            raise ConfigError(f"--optimizer_args entry {entry!r} is not key=value")
+        try:
+            kwargs[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--optimizer_args {key}: {raw!r} is not a Python literal") from None
+    return kwargs
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check everything checkable without loading a model; fills derived fields."""
+    missing = [f"--{name}" for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
+               if not getattr(args, name)]
+    if missing:
+        raise ConfigError(f"missing required argument(s): {', '.join(missing)}")
+    if args.edit and args.edit_plus:
+        raise ConfigError("--edit and --edit_plus conflict: pass --edit_plus for Qwen-Image-Edit-2509, --edit for the first Edit")
+    if not (args.edit or args.edit_plus):
+        raise ConfigError("this trainer trains Qwen-Image-Edit: pass --edit_plus (Edit-2509, 1+ controls) or --edit")
+    for flag in ("dit", "vae", "text_encoder", "dataset_config"):
+        if not Path(getattr(args, flag)).is_file():
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: file not found")
+    if args.tokenizer and not Path(args.tokenizer).is_dir():
+        raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
+    args.mixed_precision = _choice(args.mixed_precision, MIXED_PRECISION, "--mixed_precision")
+    args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
+    args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    args.optimizer_type = _choice(args.optimizer_type, OPTIMIZERS, "--optimizer_type", case_insensitive=True)
+    args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
+    if args.network_module not in ACCEPTED_NETWORK_MODULES:
+        raise ConfigError(f"--network_module {args.network_module!r}: this trainer trains LoRA ({NETWORK_MODULE})")
+    positive = {"network_dim": args.network_dim, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                "max_train_steps": args.max_train_steps}
+    for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
+                 "sample_every_n_epochs", "face_eval_frequency", "face_loss_every"):
+        if getattr(args, name) is not None:
+            positive[name] = getattr(args, name)
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"--{name} must be at least 1, got {value}")
+    if args.learning_rate <= 0 or args.network_alpha <= 0:
+        raise ConfigError("--learning_rate and --network_alpha must be positive")
+    if args.blocks_to_swap < 0:
+        raise ConfigError("--blocks_to_swap must be 0 or more")
+    if args.discrete_flow_shift <= 0:
+        raise ConfigError("--discrete_flow_shift must be positive")
+    sampling_flags = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
+    if sampling_flags and not args.sample_prompts:
+        raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")
+    if args.optimizer_type == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--optimizer_type AdamW8bit needs bitsandbytes (pip install bitsandbytes), or use AdamW")
+    args.optimizer_kwargs = _optimizer_kwargs(args.optimizer_args)
+    try:
+        parse_network_args(args.network_args)
+    except NetworkArgsError as exc:
+        raise ConfigError(str(exc)) from None
+    if args.resume:
+        state = Path(args.resume)
+        if not (state / "trainer_state.json").is_file():
+            raise ConfigError(f"--resume {state}: not a state folder saved by --save_state (no trainer_state.json)")
+    if args.use_face_as_loss and not args.enable_face_loss:
+        args.enable_face_loss = True
+    if args.enable_face_loss and importlib.util.find_spec(f"{__package__}.face_loss") is None:
+        raise ConfigError("--enable_face_loss/--use_face_as_loss need trainer/face_loss.py, which this install lacks")
+    try:
+        load_dataset_config(args.dataset_config)
+        if args.sample_prompts:
+            load_prompt_file(args.sample_prompts)
+    except (DatasetConfigError, PromptFileError) as exc:
+        raise ConfigError(str(exc)) from None
+    if args.seed is None:
+        args.seed = random.randint(0, 2**31 - 1)
+    return args
+
+
+def build_hooks(args: argparse.Namespace) -> list:
+    """Training-step additions selected by flags (the face-identity loss lives in face_loss.py)."""
+    if not args.enable_face_loss:
+        return []
+    face_loss = importlib.import_module(".face_loss", __package__)
+    return [face_loss.build_training_hook(args)]
+
+
+def _report_config_error(output_dir: str | None, message: str) -> None:
+    print(f"face-consistency train: error: {message}", file=sys.stderr)
+    if output_dir:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        write_status(output_dir, {"state": JobState.FAILED, "error": message, "log_tail": [message]})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in argv):
+        build_parser().print_help()
+        return EXIT_OK
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    package_logger = logging.getLogger("face_consistency")
+    package_logger.addHandler(handler)
+    previous_level = package_logger.level
+    package_logger.setLevel(logging.INFO)
+    output_dir = None
+    try:
+        try:
+            args = parse_args(argv)
+            output_dir = args.output_dir
+            args = validate_args(args)
+            hooks = build_hooks(args)
+        except ConfigError as exc:
+            _report_config_error(output_dir, str(exc))
+            return EXIT_USAGE
+        from .train import run_training  # heavy imports only once the arguments are known good
+
+        try:
+            state = run_training(args, hooks)
+        except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError) as exc:
+            print(f"face-consistency train: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        except Exception:  # noqa: BLE001 - already recorded as `failed` with the traceback tail
+            log.exception("training failed")
+            return EXIT_FAILED
+        return EXIT_OK if state in (JobState.COMPLETED, JobState.STOPPED) else EXIT_FAILED
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(previous_level)

@@ -1,0 +1,124 @@
+"""LoRA on the transformer's attention and MLP projections (peft), saved in musubi/ComfyUI format.
+
+Targets: every `nn.Linear` inside `transformer_blocks`, except the modulation layers
+(`img_mod`, `txt_mod`) unless an include pattern brings them back. `--network_args` take
+musubi's `include_patterns=[...]` / `exclude_patterns=[...]` (Python regular expressions,
+searched in the dotted module path, e.g. `transformer_blocks.0.attn.to_q`).
+
+Saved keys: `lora_unet_<module path with dots as underscores>.lora_down.weight` (peft's A),
+`.lora_up.weight` (B) and `.alpha`; the delta ComfyUI applies is `up @ down * alpha / rank`,
+which is exactly peft's scaling `lora_alpha / r`.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from ..faceid.fileio import atomic_path
+
+LORA_PREFIX = "lora_unet_"
+BLOCKS_SCOPE = "transformer_blocks."
+DEFAULT_EXCLUDE_PATTERNS = (r"(^|\.)img_mod(\.|$)", r"(^|\.)txt_mod(\.|$)")
+NETWORK_MODULE = "networks.lora_qwen_image"
+
+
+class NetworkArgsError(ValueError):
+    """A `--network_args` entry this trainer does not understand."""
+
+
+@dataclass(frozen=True)
+class NetworkArgs:
+    include_patterns: tuple[str, ...] = ()
+    exclude_patterns: tuple[str, ...] = field(default=())
+
+
+def parse_network_args(values: list[str] | None) -> NetworkArgs:
+    """musubi's `key=value` network args; values are Python literals (lists of regex strings here)."""
+    parsed: dict[str, tuple[str, ...]] = {}
+    for entry in values or []:
+        key, sep, raw = entry.partition("=")
+        key = key.strip()
+        if not sep:
+            raise NetworkArgsError(f"--network_args entry {entry!r} is not key=value")
+        if key not in ("include_patterns", "exclude_patterns"):
+            raise NetworkArgsError(
+                f"--network_args: unknown key {key!r} (supported: include_patterns, exclude_patterns)"
+            )
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError) as exc:
+            raise NetworkArgsError(f"--network_args {key}: {raw!r} is not a Python list of strings") from exc
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise NetworkArgsError(f"--network_args {key}: expected a list of regex strings, got {value!r}")
+        for pattern in value:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise NetworkArgsError(f"--network_args {key}: bad regular expression {pattern!r}: {exc}") from exc
+        parsed[key] = tuple(value)
+    return NetworkArgs(**parsed)
+
+
+def lora_target_modules(transformer: torch.nn.Module, network_args: NetworkArgs) -> list[str]:
+    """Dotted paths of the Linear layers that get LoRA."""
+    exclude = DEFAULT_EXCLUDE_PATTERNS + network_args.exclude_patterns
+    targets = []
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not name.startswith(BLOCKS_SCOPE):
+            continue
+        included = any(re.search(p, name) for p in network_args.include_patterns)
+        excluded = any(re.search(p, name) for p in exclude)
+        if included or not excluded:
+            targets.append(name)
+    return targets
+
+
+def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
+    """Inject a fresh LoRA adapter (B = 0, so the model is unchanged) and return its parameters."""
+    if not targets:
+        raise NetworkArgsError("no layer matches the LoRA target/exclude patterns")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True, lora_dropout=0.0)
+    transformer.add_adapter(config)
+    return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
+
+
+def lora_key(module_path: str) -> str:
+    return LORA_PREFIX + module_path.replace(".", "_")
+
+
+def comfy_lora_state_dict(
+    transformer: torch.nn.Module, alpha: float, dtype: torch.dtype = torch.float32
+) -> dict[str, torch.Tensor]:
+    """The trained adapter under musubi/ComfyUI names."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in get_peft_model_state_dict(transformer).items():
+        module_path, _, kind = key.rpartition(".lora_")
+        name = lora_key(module_path)
+        suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
+        out[f"{name}.{suffix}"] = value.detach().to("cpu", dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
+    return out
+
+
+def save_lora(
+    path: str | os.PathLike,
+    transformer: torch.nn.Module,
+    alpha: float,
+    metadata: dict[str, str],
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write the LoRA atomically (temporary file, then rename) and return its path."""
+    target = Path(path)
+    with atomic_path(target) as tmp:
+        save_file(comfy_lora_state_dict(transformer, alpha, dtype), str(tmp), metadata=metadata)
+    return target

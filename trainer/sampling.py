@@ -1,0 +1,231 @@
+"""Sample images during training from a musubi prompt file.
+
+Prompt file: one prompt per line, `#` starts a comment line. Options after the prompt:
+`--w` width, `--h` height, `--s` steps, `--d` seed, `--fs` flow shift, `--l` CFG scale,
+`--n` negative prompt, `--ci` control image (repeatable). Example:
+
+    turn the jacket red --w 1024 --h 1024 --s 20 --d 42 --ci /data/controls/p1.png
+
+Images land in `output_dir/sample/` as
+`{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}].png` (`e{epoch:06d}` instead of
+the step when sampling at an epoch end). The flow shift defaults to the training shift (not
+musubi's fixed 14.5; with `qwen_shift`, the shift for the sample's size). Prompts and controls are encoded once, while the text encoder is loaded.
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
+from PIL import Image
+
+from ..faceid.fileio import atomic_path
+from .cache import CacheEncoders
+from .dataset import RESOLUTION_STEP
+
+SAMPLE_DIR = "sample"
+DEFAULT_SIZE = 256
+DEFAULT_STEPS = 20
+DEFAULT_CFG = 1.0
+
+
+class PromptFileError(ValueError):
+    """A prompt file line that cannot be parsed, naming the line."""
+
+
+@dataclass
+class SamplePrompt:
+    index: int
+    prompt: str
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
+    steps: int = DEFAULT_STEPS
+    seed: int | None = None
+    flow_shift: float | None = None
+    cfg_scale: float = DEFAULT_CFG
+    negative_prompt: str = " "
+    controls: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class EncodedSample:
+    """A prompt with its embeddings and control latents, ready to generate without the text encoder."""
+
+    prompt: SamplePrompt
+    prompt_embeds: torch.Tensor  # [1, tokens, dim]
+    negative_embeds: torch.Tensor | None
+    control_latents: list[torch.Tensor]  # each [1, 16, 1, h, w]
+
+
+_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
+            "fs": ("flow_shift", float), "l": ("cfg_scale", float), "n": ("negative_prompt", str)}
+
+
+def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
+    prompt_text, *options = line.split(" --")
+    sample = SamplePrompt(index=index, prompt=prompt_text.strip())
+    for option in options:
+        name, _, value = option.strip().partition(" ")
+        value = value.strip()
+        try:
+            if name == "ci":
+                sample.controls.append(Path(value.strip("'\"")))
+                continue
+            attribute, kind = _OPTIONS[name]
+            setattr(sample, attribute, kind(value))
+        except KeyError:
+            raise PromptFileError(f"{where}: unknown option --{name} (known: --w --h --s --d --fs --l --n --ci)") from None
+        except ValueError:
+            raise PromptFileError(f"{where}: option --{name} needs a {kind.__name__}, got {value!r}") from None
+    for attribute in ("width", "height"):
+        value = getattr(sample, attribute)
+        if value < RESOLUTION_STEP:
+            raise PromptFileError(f"{where}: {attribute} {value} is smaller than {RESOLUTION_STEP}")
+        setattr(sample, attribute, value // RESOLUTION_STEP * RESOLUTION_STEP)
+    if sample.steps < 1:
+        raise PromptFileError(f"{where}: --s must be at least 1")
+    return sample
+
+
+def load_prompt_file(path: str | Path, *, need_control: bool = True) -> list[SamplePrompt]:
+    prompt_path = Path(path)
+    if not prompt_path.is_file():
+        raise PromptFileError(f"sample prompt file not found: {prompt_path}")
+    prompts: list[SamplePrompt] = []
+    for number, line in enumerate(prompt_path.read_text(encoding="utf-8").splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{prompt_path} line {number}"
+        sample = parse_prompt_line(line, len(prompts), where)
+        if need_control and not sample.controls:
+            raise PromptFileError(f"{where}: Qwen-Image-Edit samples need a control image (--ci path)")
+        missing = [str(c) for c in sample.controls if not c.is_file()]
+        if missing:
+            raise PromptFileError(f"{where}: control image(s) not found: {', '.join(missing)}")
+        prompts.append(sample)
+    if not prompts:
+        raise PromptFileError(f"sample prompt file {prompt_path} holds no prompts")
+    return prompts
+
+
+def encode_samples(prompts: list[SamplePrompt], encoders: CacheEncoders) -> list[EncodedSample]:
+    encoded = []
+    for sample in prompts:
+        controls = []
+        for path in sample.controls:
+            with Image.open(path) as image:
+                controls.append(image.convert("RGB"))
+        embeds = encoders.encode_prompt(sample.prompt, controls).unsqueeze(0)
+        negative = encoders.encode_prompt(sample.negative_prompt, controls).unsqueeze(0) if sample.cfg_scale > 1 else None
+        latents = [encoders.encode_image(c, (sample.width, sample.height)).unsqueeze(0) for c in controls]
+        encoded.append(EncodedSample(sample, embeds, negative, latents))
+    return encoded
+
+
+def sample_file_name(output_name: str, prompt: SamplePrompt, *, step: int | None, epoch: int | None,
+                     seed_given: bool, seed: int) -> str:
+    when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
+    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
+    suffix = f"_{seed}" if seed_given else ""
+    return f"{output_name}_{when}_{prompt.index:02d}_{stamp}{suffix}.png"
+
+
+@torch.no_grad()
+def generate(
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    sample: EncodedSample,
+    *,
+    flow_shift: float,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Image.Image:
+    """Euler flow-matching sampling as diffusers' Edit-Plus pipeline does it, from cached conditions."""
+    prompt = sample.prompt
+    latent_h, latent_w = prompt.height // 8, prompt.width // 8
+    channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
+    latents = QwenImageEditPlusPipeline._pack_latents(noise, 1, channels, latent_h, latent_w).to(device, dtype)
+    controls = [
+        QwenImageEditPlusPipeline._pack_latents(c, 1, channels, c.shape[3], c.shape[4]).to(device, dtype)
+        for c in sample.control_latents
+    ]
+    img_shapes = [[(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]]
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift, use_dynamic_shifting=False)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / prompt.steps, prompt.steps), device=device)
+
+    def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        out = transformer(
+            hidden_states=model_input,
+            timestep=timestep,
+            encoder_hidden_states=embeds.to(device, dtype),
+            encoder_hidden_states_mask=torch.ones(embeds.shape[:2], device=device, dtype=torch.long),
+            img_shapes=img_shapes,
+            return_dict=False,
+        )[0]
+        return out[:, : latents.shape[1]]
+
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, *controls], dim=1)
+        timestep = (t / 1000).expand(1).to(dtype)
+        pred = velocity(sample.prompt_embeds, model_input, timestep)
+        if sample.negative_embeds is not None:
+            negative = velocity(sample.negative_embeds, model_input, timestep)
+            combined = negative + prompt.cfg_scale * (pred - negative)
+            pred = combined * (pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    unpacked = QwenImageEditPlusPipeline._unpack_latents(latents, prompt.height, prompt.width, 8)
+    return decode_to_pil(vae, unpacked)
+
+
+def denormalize_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    """Undo the per-channel normalisation of cached/packed latents before `vae.decode`."""
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    return latents * std + mean
+
+
+def decode_to_pil(vae: torch.nn.Module, latents: torch.Tensor) -> Image.Image:
+    latents = denormalize_latents(vae, latents.to(vae.dtype))
+    pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]
+    array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB")
+
+
+def save_samples(
+    samples: list[EncodedSample],
+    *,
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    output_dir: Path,
+    output_name: str,
+    flow_shift_for: Callable[[int], float],
+    step: int,
+    epoch: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> list[Path]:
+    """Generate every prompt and write the PNGs atomically; returns their paths."""
+    folder = output_dir / SAMPLE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for sample in samples:
+        seed_given = sample.prompt.seed is not None
+        seed = sample.prompt.seed if seed_given else random.randint(0, 2**31 - 1)
+        tokens = (sample.prompt.height // 16) * (sample.prompt.width // 16)
+        shift = sample.prompt.flow_shift if sample.prompt.flow_shift is not None else flow_shift_for(tokens)
+        image = generate(transformer, vae, sample, flow_shift=shift, seed=seed, device=device, dtype=dtype)
+        name = sample_file_name(output_name, sample.prompt, step=step, epoch=epoch, seed_given=seed_given, seed=seed)
+        with atomic_path(folder / name) as tmp:
+            image.save(tmp, format="PNG")
+        paths.append(folder / name)
+    return paths
