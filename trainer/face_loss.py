@@ -329,7 +329,8 @@ class FaceIdentityLoss(nn.Module):
                 f"reference embeddings are {reference.shape[-1]}-d but the recognizer gives "
                 f"{embeddings.shape[-1]}-d: the cache was built with another face model pack"
             )
-        return F.cosine_similarity(embeddings, reference.to(embeddings), dim=-1, eps=1e-6)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            return F.cosine_similarity(embeddings, reference.to(embeddings), dim=-1, eps=1e-6)
 
     def forward(
         self,
