@@ -121,9 +121,13 @@ def _prefetched(paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any
 
 
 def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Chunks of 1, 2, 4, ... up to `size` items: the detector starts on the first decoded
+    image instead of waiting for a full chunk, later chunks batch the recognizer fully."""
     iterator = iter(items)
-    while chunk := list(islice(iterator, size)):
+    current = 1
+    while chunk := list(islice(iterator, current)):
         yield chunk
+        current = min(size, current * 2)
 
 
 def embed_files(

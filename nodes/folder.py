@@ -1,0 +1,157 @@
+"""FaceConsistencyScoreFolder: the command line's folder evaluation as a node (report + plot)."""
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+from ..faceid import Bands, FaceModel, Identity
+from ..faceid.embedding_store import file_signature
+from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
+from ..faceid.fileio import atomic_write_json
+from ..faceid.pairing import list_images
+from ..faceid.plot import plot_rgb, write_plot
+from ..faceid.report import summary_table
+from . import comfy_env
+from .imaging import save_previews, to_image_batch
+
+CATEGORY = "face_consistency"
+# Evaluations kept between runs, so a re-queued node embeds only new or changed images.
+KEPT_EVALUATIONS = 4
+_evaluations: OrderedDict[tuple, FolderEvaluation] = OrderedDict()
+
+
+def _optional_path(text: str) -> Path | None:
+    text = text.strip().strip('"')
+    return Path(text).expanduser() if text else None
+
+
+def _sources(folder: str, sample_prompts: str, control_dir: str) -> EvaluationSources:
+    folder_path = _optional_path(folder)
+    if folder_path is None:
+        raise EvaluationError("set 'folder' to the sample folder (or the folder of generated images)")
+    controls = _optional_path(control_dir)
+    if controls is not None:
+        return EvaluationSources(control_dir=controls, generated_dir=folder_path)
+    return EvaluationSources(sample_dir=folder_path, sample_prompts=_optional_path(sample_prompts))
+
+
+def _evaluation(model: FaceModel, sources: EvaluationSources) -> FolderEvaluation:
+    key = (id(model), sources.sample_dir, sources.sample_prompts, sources.control_dir, sources.generated_dir)
+    evaluation = _evaluations.get(key)
+    if evaluation is None or evaluation.model is not model:
+        evaluation = FolderEvaluation(model, sources)
+        _evaluations[key] = evaluation
+        while len(_evaluations) > KEPT_EVALUATIONS:
+            _evaluations.popitem(last=False)
+    _evaluations.move_to_end(key)
+    return evaluation
+
+
+class FaceConsistencyScoreFolder:
+    """Score a folder of samples against their controls: JSON report and plot, as the CLI writes."""
+
+    CATEGORY = CATEGORY
+    FUNCTION = "score_folder"
+    RETURN_TYPES = ("STRING", "IMAGE")
+    RETURN_NAMES = ("report_json", "plot")
+    OUTPUT_NODE = True
+    DESCRIPTION = (
+        "Scores every image of a musubi-tuner sample folder (controls from its prompt file's --ci), "
+        "a seed-guide folder (control_image_N.png beside *_step_S_N.png) or a folder of generated "
+        "images named like the images in control_dir. Same report as `face-consistency evaluate`."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        defaults = Bands()
+        bands = {
+            f"band_{name}": ("FLOAT", {"default": getattr(defaults, name), "min": -1.0, "max": 1.0, "step": 0.01})
+            for name in ("excellent", "good", "moderate")
+        }
+        return {
+            "required": {
+                "face_model": ("FACE_MODEL",),
+                "folder": ("STRING", {
+                    "default": "",
+                    "tooltip": "musubi sample folder (output_dir/sample), a seed-guide folder, or the "
+                    "generated images when control_dir is set.",
+                }),
+                "threshold": ("FLOAT", {
+                    "default": 0.75, "min": -1.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "The report counts samples at or above this similarity.",
+                }),
+            },
+            "optional": {
+                "sample_prompts": ("STRING", {
+                    "default": "",
+                    "tooltip": "musubi prompt file; the --ci image(s) of line k are the controls of prompt k.",
+                }),
+                "control_dir": ("STRING", {
+                    "default": "",
+                    "tooltip": "Folder of controls: stem.png or stem_N.png belong to generated stem.png.",
+                }),
+                "reference_identity": ("FACE_IDENTITY", {
+                    "tooltip": "Score against this person (beside the controls, or alone when there are none).",
+                }),
+                "save_report": ("STRING", {
+                    "default": "",
+                    "tooltip": "If set, also write the JSON report here and the plot beside it (.png).",
+                }),
+                **bands,
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, folder: str = "", sample_prompts: str = "", control_dir: str = "", **_: Any) -> str:
+        """Changes whenever a file in the folders (or the prompt file) is added, removed or rewritten."""
+        parts = []
+        for text in (folder, control_dir):
+            path = _optional_path(text)
+            if path is not None and path.is_dir():
+                parts += [f"{p}:{file_signature(p)}" for p in list_images(path)]
+        prompts = _optional_path(sample_prompts)
+        if prompts is not None:
+            parts.append(f"{prompts}:{file_signature(prompts)}")
+        return "\n".join(parts)
+
+    def score_folder(
+        self,
+        face_model: FaceModel,
+        folder: str,
+        threshold: float,
+        sample_prompts: str = "",
+        control_dir: str = "",
+        reference_identity: Identity | None = None,
+        save_report: str = "",
+        band_excellent: float | None = None,
+        band_good: float | None = None,
+        band_moderate: float | None = None,
+    ) -> dict[str, Any]:
+        defaults = Bands()
+        bands = Bands(
+            band_excellent if band_excellent is not None else defaults.excellent,
+            band_good if band_good is not None else defaults.good,
+            band_moderate if band_moderate is not None else defaults.moderate,
+        )
+        evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir))
+        evaluation.reference = reference_identity
+        evaluation.threshold = threshold
+        evaluation.bands = bands
+        evaluation.progress = comfy_env.Progress
+        report = evaluation.run_round().report
+        rgb = plot_rgb(report)
+        report_path = _optional_path(save_report)
+        if report_path is not None:
+            atomic_write_json(report_path, report)
+            write_plot(report, report_path.with_suffix(".png"))
+        table = summary_table(report)
+        return {
+            "ui": {"text": [table], "images": save_previews([rgb], "face_folder_plot")},
+            "result": (json.dumps(report, indent=2, default=str), to_image_batch([rgb])),
+        }
+
+
+NODE_CLASS_MAPPINGS = {"FaceConsistencyScoreFolder": FaceConsistencyScoreFolder}
+NODE_DISPLAY_NAME_MAPPINGS = {"FaceConsistencyScoreFolder": "Face Consistency: Score Folder"}

@@ -1,0 +1,99 @@
+"""FaceConsistencyScoreFolder: same report as the command line, plot as IMAGE, re-runs embed only new files."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_stubs import ProgressBar
+from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
+from face_consistency.faceid import evaluate_cli, load_face_model
+from face_consistency.faceid.plot import PLOT_SIZE
+from face_consistency.faceid.report import REPORT_SCHEMA
+from face_consistency.nodes import NODE_CLASS_MAPPINGS
+from face_consistency.nodes.folder import FaceConsistencyScoreFolder
+
+
+@pytest.fixture(scope="module")
+def model(insightface_root):
+    return load_face_model("testpack", models_root=insightface_root, provider="cpu")
+
+
+@pytest.fixture()
+def run(tmp_path, faces_dir, monkeypatch):
+    paths = build_musubi_folder(tmp_path / "run", faces_dir)
+    monkeypatch.chdir(tmp_path / "run")  # relative --ci paths resolve from the working directory
+    return paths
+
+
+def _score(model, run, **kwargs):
+    node = FaceConsistencyScoreFolder()
+    return node.score_folder(model, str(run["sample_dir"]), 0.5, sample_prompts=str(run["prompts"]), **kwargs)
+
+
+def test_registered_and_widgets():
+    assert NODE_CLASS_MAPPINGS["FaceConsistencyScoreFolder"] is FaceConsistencyScoreFolder
+    inputs = FaceConsistencyScoreFolder.INPUT_TYPES()
+    assert inputs["required"]["face_model"] == ("FACE_MODEL",)
+    assert inputs["optional"]["reference_identity"][0] == "FACE_IDENTITY"
+    assert FaceConsistencyScoreFolder.RETURN_TYPES == ("STRING", "IMAGE")
+
+
+def test_node_report_equals_command_report(model, run, insightface_root, tmp_path):
+    out = _score(model, run, save_report=str(tmp_path / "node.json"))
+    report_json, plot = out["result"]
+    report = json.loads(report_json)
+    assert validate_schema(report, REPORT_SCHEMA) == []
+    assert isinstance(plot, torch.Tensor) and tuple(plot.shape) == (1, PLOT_SIZE[1], PLOT_SIZE[0], 3)
+    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    assert "6 of 8 pairs scored" in out["ui"]["text"][0] and out["ui"]["images"]
+    assert json.loads((tmp_path / "node.json").read_text())["valid_pairs"] == 6
+    assert (tmp_path / "node.png").read_bytes()[:4] == b"\x89PNG"
+    cli_out = tmp_path / "cli.json"
+    assert evaluate_cli.main([
+        "--sample_dir", str(run["sample_dir"]), "--sample_prompts", str(run["prompts"]), "--threshold", "0.5",
+        "--output_json", str(cli_out), "--model_name", "testpack", "--models_root", str(insightface_root),
+        "--device", "cpu", "--quiet",
+    ]) == 0
+    cli = json.loads(cli_out.read_text())
+    for key in ("total_pairs", "valid_pairs", "overall_mean", "overall_std", "by_step", "by_prompt", "failure_count"):
+        assert report[key] == cli[key], key
+
+
+def test_rerun_embeds_only_new_files_and_is_changed_follows_the_folder(model, run, faces_dir):
+    signature = FaceConsistencyScoreFolder.IS_CHANGED(folder=str(run["sample_dir"]), sample_prompts=str(run["prompts"]))
+    ProgressBar.instances.clear()
+    _score(model, run)
+    assert ProgressBar.instances[-1].current == 11
+    reencode(faces_dir / "obama2.jpg", run["sample_dir"] / f"face_000700_00_{TIME}_42_000.png")
+    changed = FaceConsistencyScoreFolder.IS_CHANGED(folder=str(run["sample_dir"]), sample_prompts=str(run["prompts"]))
+    assert changed != signature
+    report = json.loads(_score(model, run)["result"][0])
+    assert ProgressBar.instances[-1].current == 1  # only the new sample went through the engine
+    assert report["by_step"]["700"]["count"] == 1
+
+
+def test_dir_pair_and_reference_identity(model, faces_dir, tmp_path):
+    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    reencode(faces_dir / "obama.jpg", controls / "a.png")
+    sample = reencode(faces_dir / "obama2.jpg", generated / "a.png")
+    reference = model.identity([str(reencode(faces_dir / "obama3.jpg", tmp_path / "ref.png"))])
+    out = FaceConsistencyScoreFolder().score_folder(
+        model, str(generated), 0.5, control_dir=str(controls), reference_identity=reference
+    )
+    report = json.loads(out["result"][0])
+    pair = report["pairs"][0]
+    sample_embedding = model.analyze([sample])[0].embedding
+    assert report["metric"] == "reference"
+    assert pair["score"] == pytest.approx(float(np.dot(sample_embedding, reference.embedding)), abs=1e-5)
+    assert report["secondary"]["valid_pairs"] == 1
+
+
+def test_missing_folder_is_a_clear_error(model, tmp_path):
+    with pytest.raises(Exception, match="is not a folder"):
+        FaceConsistencyScoreFolder().score_folder(model, str(tmp_path / "absent"), 0.5)
+    with pytest.raises(Exception, match="set 'folder'"):
+        FaceConsistencyScoreFolder().score_folder(model, "  ", 0.5)
