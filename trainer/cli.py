@@ -152,9 +152,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = build_parser()
     args, unknown = parser.parse_known_args(list(argv))
     if unknown:
-        hints = [f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" for u in unknown if u.split("=")[0] in UNSUPPORTED_FLAGS]
-        raise ConfigError(f"unknown or unsupported argument(s): {' '.join(unknown)}" + (
-            f"; {'; '.join(hints)}" if hints else ""))
+        described = [
+            f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" if u.split("=")[0] in UNSUPPORTED_FLAGS else u for u in unknown
+        ]
+        raise ConfigError(f"unknown or unsupported argument(s): {', '.join(described)}")
     if args.config_file:
         path = Path(args.config_file)
         try:
@@ -274,6 +275,16 @@ def _report_config_error(output_dir: str | None, message: str) -> None:
         write_status(output_dir, {"state": JobState.FAILED, "error": message, "log_tail": [message]})
 
 
+def _output_dir_in(argv: list[str]) -> str | None:
+    """--output_dir from raw arguments, so even unparsable ones can be reported in its status.json."""
+    for index, arg in enumerate(argv):
+        if arg == "--output_dir" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--output_dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help") for a in argv):
@@ -285,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.addHandler(handler)
     previous_level = package_logger.level
     package_logger.setLevel(logging.INFO)
-    output_dir = None
+    output_dir = _output_dir_in(argv)
     try:
         try:
             args = parse_args(argv)
@@ -295,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             _report_config_error(output_dir, str(exc))
             return EXIT_USAGE
+        except SystemExit as exc:  # argparse has printed the usage error (e.g. a non-number for an int flag)
+            _report_config_error(output_dir, "invalid command-line arguments (see the usage message)")
+            return int(exc.code or EXIT_USAGE)
         from .train import run_training  # heavy imports only once the arguments are known good
 
         try:

@@ -1,0 +1,293 @@
+"""Real tiny training runs on the CPU: outputs, LoRA format, resume, stop, failure, bad arguments."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
+
+from face_consistency.cli import main as cli_main
+from face_consistency.trainer import models
+from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_modules, parse_network_args
+from face_consistency.trainer.protocol import read_metrics, read_status, request_stop
+from face_consistency.trainer.cache import load_cached_item
+from face_consistency.trainer.dataset import load_dataset_config
+from face_consistency.trainer.train import ExtraLoss, TrainingHook, pack, run_training, unpack
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    files = write_tiny_model_files(root / "models")
+    dataset = write_tiny_dataset(root / "data", n=2)
+    prompts = write_tiny_prompts(root / "data", n=1)
+    return files, dataset, prompts
+
+
+def train(setup, out: Path, steps: int, *extra: str) -> int:
+    files, dataset, _ = setup
+    return cli_main(["train", *tiny_train_argv(files, dataset, out, max_train_steps=steps, extra=extra)])
+
+
+def losses(out: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def test_end_to_end_outputs(setup, tmp_path):
+    _, _, prompts = setup
+    out = tmp_path / "out"
+    rc = train(setup, out, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1",
+               "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first")
+    assert rc == 0
+    status = read_status(out)
+    assert status["state"] == "completed"
+    assert (status["step"], status["total_steps"], status["epoch"]) == (4, 4, 2)
+    assert status["last_checkpoint"] == str(out / "tiny.safetensors")
+    assert status["last_sample_step"] == 4
+    for key in ("pid", "avg_loss", "lr", "steps_per_sec", "eta_sec"):
+        assert key in status
+    names = sorted(p.name for p in out.glob("*.safetensors"))
+    # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
+    assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]
+    samples = sorted(p.name for p in (out / "sample").iterdir())
+    steps = [int(re.fullmatch(r"tiny_(\d{6})_00_\d{14}_100\.png", s).group(1)) for s in samples]
+    assert steps == [0, 2, 4]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
+    with safe_open(str(out / "tiny.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == "4" and metadata["ss_steps"] == "4"
+    assert metadata["ss_network_module"] == "networks.lora_qwen_image"
+
+
+def test_lora_file_maps_to_linear_weights_and_reproduces_the_trained_model(setup, tmp_path):
+    files, _, _ = setup
+    out = tmp_path / "out"
+    assert train(setup, out, 3, "--save_state", "--learning_rate", "1e-2") == 0
+    comfy = load_file(str(out / "tiny.safetensors"))
+    base = models.load_transformer(files.dit, torch.float32)
+    linear_by_key = {LORA_PREFIX + name.replace(".", "_"): module
+                     for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)}
+    stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
+    assert stems and stems <= set(linear_by_key)
+    assert not any("_mod_" in s for s in stems), "modulation layers are excluded by default"
+    assert all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in comfy)
+
+    # The trained model: base + peft adapter with the weights the trainer held (its resumable state).
+    trained = models.load_transformer(files.dit, torch.float32)
+    add_lora(trained, 4, 4.0, lora_target_modules(trained, parse_network_args([])))
+    from peft.utils import set_peft_model_state_dict
+
+    set_peft_model_state_dict(trained, load_file(str(out / "tiny-state" / "lora_state.safetensors")))
+    # ComfyUI's rule: W += up @ down * alpha / rank.
+    merged = models.load_transformer(files.dit, torch.float32)
+    merged_linear = {LORA_PREFIX + n.replace(".", "_"): m for n, m in merged.named_modules()
+                     if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for stem in stems:
+            down, up = comfy[f"{stem}.lora_down.weight"], comfy[f"{stem}.lora_up.weight"]
+            merged_linear[stem].weight += up @ down * (comfy[f"{stem}.alpha"] / down.shape[0])
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 32, 64), timestep=torch.tensor([0.4]),
+                  encoder_hidden_states=torch.randn(1, 7, 32), encoder_hidden_states_mask=torch.ones(1, 7),
+                  img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        expected = trained(**inputs)[0]
+        got = merged(**inputs)[0]
+        untouched = base(**inputs)[0]
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert (expected - untouched).abs().max() > 1e-3, "training changed nothing"
+
+
+def _flow_matching_loss(transformer, cached, t_values, seed=0):
+    """Mean MSE to the velocity target over fixed noise draws and times (deterministic)."""
+    generator = torch.Generator().manual_seed(seed)
+    x0 = cached["latents"].unsqueeze(0)
+    control = cached["control_latents_0"].unsqueeze(0)
+    h, w = x0.shape[-2:]
+    total = 0.0
+    for t in t_values:
+        noise = torch.randn(x0.shape, generator=generator)
+        x_t = (1 - t) * x0 + t * noise
+        with torch.no_grad():
+            out = transformer(hidden_states=torch.cat([pack(x_t), pack(control)], dim=1), timestep=torch.tensor([t]),
+                              encoder_hidden_states=cached["prompt_embeds"].unsqueeze(0),
+                              img_shapes=[[(1, h // 2, w // 2), (1, h // 2, w // 2)]], return_dict=False)[0]
+        v_pred = unpack(out[:, : (h // 2) * (w // 2)], h, w)
+        total += torch.mean((v_pred - (noise - x0)) ** 2).item()
+    return total / len(t_values)
+
+
+def test_overfitting_a_tiny_set_lowers_the_loss(setup, tmp_path):
+    files, _, _ = setup
+    dataset = write_tiny_dataset(tmp_path / "one", n=1, seed=5)
+    out = tmp_path / "out"
+    argv = tiny_train_argv(files, dataset, out, max_train_steps=20,
+                           extra=["--learning_rate", "1e-2", "--timestep_sampling", "uniform"])
+    assert cli_main(["train", *argv]) == 0
+    cached = load_cached_item(load_dataset_config(dataset).items[0])
+    base = models.load_transformer(files.dit, torch.float32)
+    t_values = [0.1 * k for k in range(1, 10)]
+    before = _flow_matching_loss(base, cached, t_values)
+    lora = load_file(str(out / "tiny.safetensors"))
+    linear = {LORA_PREFIX + n.replace(".", "_"): m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    with torch.no_grad():
+        for key in lora:
+            if key.endswith(".lora_down.weight"):
+                stem = key[: -len(".lora_down.weight")]
+                down, up = lora[key], lora[f"{stem}.lora_up.weight"]
+                linear[stem].weight += up @ down * (lora[f"{stem}.alpha"] / down.shape[0])
+    after = _flow_matching_loss(base, cached, t_values)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_resume_continues_at_saved_step_with_identical_losses(setup, tmp_path):
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    assert train(setup, full, 5, "--save_every_n_steps", "2", "--save_state") == 0
+    state = full / "tiny-step00000002-state"
+    # Saved after the step, before the epoch-end bookkeeping (2 images: step 2 ends epoch 1).
+    assert json.loads((state / "trainer_state.json").read_text()) == {"step": 2, "epoch": 0, "batch_in_epoch": 2}
+    assert train(setup, resumed, 5, "--resume", str(state)) == 0
+    expected, got = losses(full), losses(resumed)
+    assert sorted(got) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7)
+    status = read_status(resumed)
+    assert (status["state"], status["step"], status["epoch"]) == ("completed", 5, 3)
+
+
+class _StopAt(TrainingHook):
+    def __init__(self, output_dir: Path, step: int) -> None:
+        self.output_dir, self.step = output_dir, step
+
+    def extra_loss(self, state):
+        if state.step == self.step:
+            request_stop(self.output_dir)
+        return ExtraLoss()
+
+
+class _FailAt(TrainingHook):
+    def extra_loss(self, state):
+        if state.step == 2:
+            raise RuntimeError("forced failure for the test")
+        assert state.v_pred.shape == state.x0.shape == state.x_t.shape and state.v_pred.requires_grad
+        assert torch.allclose(state.x0_hat(), state.x_t - state.t.view(-1, 1, 1, 1, 1) * state.v_pred)
+        assert state.items[0].target.name.startswith("item_")
+        return ExtraLoss(metrics={"extra/seen": 1.0})
+
+
+def _args(setup, out: Path, steps: int):
+    files, dataset, _ = setup
+    return validate_args(parse_args(tiny_train_argv(files, dataset, out, max_train_steps=steps)))
+
+
+def test_stop_request_finishes_the_step_saves_and_ends_stopped(setup, tmp_path):
+    out = tmp_path / "out"
+    assert run_training(_args(setup, out, 50), [_StopAt(out, 2)]).value == "stopped"
+    status = read_status(out)
+    assert status["state"] == "stopped" and status["step"] == 2
+    assert status["last_checkpoint"] == str(out / "tiny-step00000002.safetensors")
+    assert (out / "tiny-step00000002.safetensors").is_file()
+    assert (out / "tiny-step00000002-state" / "trainer_state.json").is_file()
+    assert not (out / "tiny.safetensors").exists()
+
+
+def test_exception_ends_failed_with_traceback_tail(setup, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="forced failure"):
+        run_training(_args(setup, out, 5), [_FailAt()])
+    status = read_status(out)
+    assert status["state"] == "failed"
+    assert "forced failure for the test" in status["error"]
+    assert any("RuntimeError" in line for line in status["log_tail"])
+    assert read_metrics(out)[0]["extra/seen"] == 1.0
+
+
+def test_truncated_model_file_fails_with_its_name(setup, tmp_path):
+    files, dataset, _ = setup
+    broken = tmp_path / "broken_dit.safetensors"
+    broken.write_bytes(files.dit.read_bytes()[:3000])
+    argv = tiny_train_argv(files, dataset, tmp_path / "out", max_train_steps=2)
+    argv[argv.index("--dit") + 1] = str(broken)
+    assert cli_main(["train", *argv]) == 1
+    status = read_status(tmp_path / "out")
+    assert status["state"] == "failed" and "broken_dit.safetensors" in status["error"]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--xformers"], r"unknown or unsupported argument\(s\): --xformers \(use --sdpa"),
+        (["--edit"], "--edit and --edit_plus conflict"),
+        (["--timestep_sampling", "logsnr"], "--timestep_sampling 'logsnr': choose one of"),
+        (["--sample_every_n_steps", "5"], "--sample_every_n_steps needs --sample_prompts"),
+        (["--network_args", "loraplus_lr_ratio=4"], "unknown key 'loraplus_lr_ratio'"),
+        (["--network_module", "networks.lokr"], "this trainer trains LoRA"),
+        (["--resume", "/nonexistent"], "not a state folder"),
+        (["--save_every_n_steps", "0"], "--save_every_n_steps must be at least 1"),
+    ],
+)
+def test_bad_arguments_fail_before_loading(setup, tmp_path, capsys, change, message):
+    assert train(setup, tmp_path / "out", 2, *change) == 2
+    assert re.search(message, capsys.readouterr().err)
+    status = read_status(tmp_path / "out")
+    assert status["state"] == "failed" and re.search(message, status["error"])
+
+
+def test_config_file_supplies_flags_and_rejects_unknown_keys(setup, tmp_path):
+    files, dataset, _ = setup
+    config = tmp_path / "train.toml"
+    config.write_text(f'[model]\ndit = "{files.dit}"\n[train]\nnetwork_dim = 8\ngradient_checkpointing = true\n',
+                      encoding="utf-8")
+    argv = tiny_train_argv(files, dataset, tmp_path / "out")
+    argv = argv[2:]  # drop --dit: it comes from the config file
+    args = validate_args(parse_args([*argv, "--config_file", str(config), "--network_dim", "6"]))
+    assert (args.dit, args.network_dim, args.gradient_checkpointing) == (str(files.dit), 6, True)
+    config.write_text("learning_rat = 1\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="unknown key\\(s\\) learning_rat"):
+        parse_args([*argv, "--config_file", str(config)])
+
+
+def test_face_flags_of_the_seed_guide_parse(setup, tmp_path):
+    files, dataset, _ = setup
+    args = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", "--use_face_as_loss",
+                       "--face_loss_weight", "0.1", "--face_model_name", "buffalo_l", "--face_device", "cuda",
+                       "--face_det_size", "640", "--face_eval_frequency", "100"])
+    assert (args.enable_face_loss, args.use_face_as_loss, args.face_loss_weight) == (True, True, 0.1)
+    assert (args.face_model_name, args.face_det_size, args.face_eval_frequency) == ("buffalo_l", 640, 100)
+
+
+def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
+    files, dataset, _ = setup
+    out = tmp_path / "out"
+    argv = tiny_train_argv(files, dataset, out, max_train_steps=100000)
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "bootstrap.py"), "train", *argv],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            status = read_status(out) or {}
+            if status.get("state") == "training" and status.get("step", 0) >= 1:
+                break
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    status = read_status(out)
+    assert status["state"] == "stopped" and status["stop_reason"] == "SIGTERM"
+    assert Path(status["last_checkpoint"]).is_file()
+    assert status["last_checkpoint"].endswith(f"tiny-step{status['step']:08d}.safetensors")
