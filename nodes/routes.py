@@ -149,6 +149,7 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = op
         record = _job(request, registry)
         if record.finished:
             return web.json_response({"job_id": record.job_id, "state": record.state, "stopping": False})
+        jobs.request_job_stop(registry, record.job_id)
         with stopping_lock:
             already = record.job_id in stopping
             stopping.add(record.job_id)

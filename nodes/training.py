@@ -449,22 +449,26 @@ class FaceConsistencyTrainMonitor:
         registry = open_registry()
         run = read_run(record.output_dir)
         first_checkpoint = run.latest_checkpoint.path if run.latest_checkpoint else None
-        total = (run.status or {}).get("total_steps")
-        progress = comfy_env.Progress(total if isinstance(total, int) and total > 0 else 1)
-        shown = 0
+        # a one-step bar until the trainer reports its step count; every update is also where
+        # ComfyUI raises when the user presses Cancel (the training itself goes on)
+        bar, bar_total, shown = comfy_env.Progress(1), None, 0
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             record = registry.refresh(record.job_id)
             run = read_run(record.output_dir)
-            step = (run.status or {}).get("step")
-            advanced = step - shown if isinstance(step, int) and step > shown else 0
-            progress.update(advanced)  # raises when the user presses Cancel
-            shown += advanced
+            status = run.status or {}
+            total, step = status.get("total_steps"), status.get("step")
+            if isinstance(total, int) and total > 0 and total != bar_total:
+                bar, bar_total, shown = comfy_env.Progress(total), total, 0
+            advance = step - shown if bar_total and isinstance(step, int) and step > shown else 0
+            bar.update(advance)
+            shown += advance
             latest = run.latest_checkpoint.path if run.latest_checkpoint else None
             if record.finished or (wait_until == "next checkpoint" and latest not in (None, first_checkpoint)):
-                break
+                return record
+            if time.monotonic() >= deadline:
+                return record
             time.sleep(POLL_S)
-        return record
 
 
 class FaceConsistencyTrainStop:

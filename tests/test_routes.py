@@ -12,8 +12,10 @@ from yarl import URL
 
 from comfy_stubs import set_comfy_base, start_prompt_server, stop_prompt_server
 from run_folders import MUSUBI_SAMPLES, write_musubi_run
+from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
 from face_consistency.nodes import comfy_env, routes
+from face_consistency.trainer import jobs
 from face_consistency.trainer.jobs import JobRecord, JobRegistry
 from face_consistency.trainer.protocol import append_metrics, write_status
 
@@ -172,3 +174,23 @@ def test_registered_with_a_running_comfyui(registry: JobRegistry) -> None:
             routes._poller.stop()
             routes._poller = None
         stop_prompt_server()
+
+
+def test_a_running_job_is_stopped_through_the_route(
+    registry: JobRegistry, tmp_path: Path, tiny_training: TinyTraining
+) -> None:
+    output_dir = tmp_path / "out"
+    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
+
+    async def scenario(client: TestClient) -> None:
+        first = await client.post(f"{PREFIX}/{job.job_id}/stop")
+        second = await client.post(f"{PREFIX}/{job.job_id}/stop")  # joins the stop under way
+        assert (first.status, second.status) == (202, 202)
+        assert (await first.json())["state"] == "stopping"
+        listing = await (await client.get(PREFIX)).json()
+        assert listing["jobs"][0]["state"] in ("stopping", "stopped")
+
+    _serve(registry, scenario)
+    done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the job to stop")
+    assert done.state == "stopped", done.detail
+    wait_for(lambda: group_gone(job.pid), "no process of the job's tree left", timeout_s=30)

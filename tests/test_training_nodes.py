@@ -3,21 +3,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from comfy_stubs import ProgressBar, set_comfy_base
 from run_folders import write_lora, write_musubi_run
-from workflow_runner import check_inputs, load_workflow
+from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from workflow_runner import check_inputs, load_workflow, run_workflow
 
 from face_consistency.nodes import training
 from face_consistency.nodes.training import (
     FaceConsistencyCheckpointScoreboard,
     FaceConsistencyListCheckpoints,
+    FaceConsistencyTrainLaunch,
     FaceConsistencyTrainLogs,
     FaceConsistencyTrainMonitor,
+    FaceConsistencyTrainStop,
 )
+from face_consistency.trainer.protocol import read_status
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 
@@ -130,3 +135,83 @@ def test_example_workflows_fit_the_nodes(comfy: Path, name: str) -> None:
     workflow = load_workflow(EXAMPLES / name)
     check_inputs(workflow)
     assert {node["class_type"] for node in workflow.values()} & set(training.NODE_CLASS_MAPPINGS)
+
+
+def _tiny_launch_inputs(tiny: TinyTraining, name: str, steps: int) -> dict[str, Any]:
+    return {
+        "dit": tiny.files.dit.name,
+        "vae": tiny.files.vae.name,
+        "text_encoder": tiny.files.text_encoder.name,
+        "dataset": str(tiny.dataset_toml),
+        "output_name": name,
+        "learning_rate": 1e-3,
+        "network_dim": 4,
+        "network_alpha": 4.0,
+        "mixed_precision": "no",
+        "optimizer_type": "AdamW",
+        "gradient_checkpointing": False,
+        "enable_face_loss": False,
+        "sample_prompts": "",
+        "max_train_steps": steps,
+        "tokenizer": str(tiny.files.tokenizer_dir),
+    }
+
+
+def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_training: TinyTraining) -> None:
+    tiny_training.install_into_comfyui(comfy)
+    control = tiny_training.dataset_toml.parent / "controls" / "item_0.png"
+    workflow = load_workflow(EXAMPLES / "train_launch_monitor.json")
+    workflow["1"]["inputs"].update(
+        _tiny_launch_inputs(tiny_training, "tiny_face", 4),
+        sample_prompts=f"a tiny edit --w 64 --h 64 --s 2 --d 7 --ci {control}",
+        sample_every_n_epochs=1,
+        extra_args="--save_every_n_steps 2",
+    )
+    workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
+
+    results = run_workflow(workflow)  # Launch returns at once; the monitor waits for the end
+    job = results["1"][0]
+    status, plot, latest, samples = results["2"]
+
+    assert "tiny_face: completed" in status, status
+    assert "step 4/4 (100.0%)" in status and "loss " in status
+    assert latest == "tiny_face/tiny_face.safetensors"
+    assert results["1"][1] == str((comfy / "output" / "loras" / "tiny_face").resolve())
+    _assert_image(plot)
+    _assert_image(samples)
+    assert samples.shape[1:3] == (64, 64) and float(samples.std()) > 0.0  # one real sample image
+    bar = ProgressBar.instances[-1]
+    assert (bar.total, bar.current) == (4, 4)
+    assert "saved" in results["5"][0]
+
+    lora_names, _, steps = FaceConsistencyListCheckpoints().list_checkpoints(True, job=job)
+    assert lora_names == ["tiny_face/tiny_face-step00000002.safetensors", "tiny_face/tiny_face.safetensors"]
+    assert steps == [2, 4]
+    # a finished run is cached by ComfyUI: its fingerprint stays the same
+    assert FaceConsistencyTrainMonitor.IS_CHANGED(job=job) == FaceConsistencyTrainMonitor.IS_CHANGED(job=job)
+
+
+def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tiny_training: TinyTraining) -> None:
+    tiny_training.install_into_comfyui(comfy)
+    inputs = {
+        **load_workflow(EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
+        **_tiny_launch_inputs(tiny_training, "tiny_stop", 10_000),
+    }
+    job, output_dir = FaceConsistencyTrainLaunch().launch(**inputs)["result"]
+    record = training.open_registry().get(job.job_id)
+    wait_for(lambda: ((read_status(output_dir) or {}).get("step") or 0) >= 1, "the first training step")
+    assert math.isnan(FaceConsistencyTrainMonitor.IS_CHANGED(job=job))  # never cached while it runs
+    ProgressBar.interrupt_after = 0  # the user presses Cancel while the monitor waits
+    with pytest.raises(InterruptedError):
+        FaceConsistencyTrainMonitor().monitor("finished", 5.0, 20, 4, job=job)
+    ProgressBar.interrupt_after = None
+    assert training.jobs.process_alive(record.pid)  # cancelling the wait does not stop training
+
+    report = FaceConsistencyTrainStop().stop(120, job=job)["result"][0]
+
+    assert report.startswith(f"job {job.job_id}: stopped"), report
+    step = read_status(output_dir)["step"]
+    assert f"last checkpoint: tiny_stop/tiny_stop-step{step:08d}.safetensors (step {step})" in report
+    assert (Path(output_dir) / f"tiny_stop-step{step:08d}.safetensors").is_file()
+    wait_for(lambda: group_gone(record.pid), "no process of the job's tree left", timeout_s=10)
+    assert training.open_registry().get(job.job_id).state == "stopped"

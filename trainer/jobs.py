@@ -321,8 +321,8 @@ class JobRegistry:
                 f"the trainer process {job.pid} ended without a final status (state was {state or job.state!r}).\n"
                 f"Last lines of {LOG_FILE}:\n{tail}",
             )
-        elif isinstance(state, str) and state != job.state:
-            self.set_state(job.job_id, state)
+        elif isinstance(state, str) and state != job.state and job.state != JobState.STOPPING.value:
+            self.set_state(job.job_id, state)  # a requested stop shows as `stopping` until the end
         return self.get(job_id)
 
     def refresh_all(self) -> list[JobRecord]:
@@ -374,6 +374,16 @@ def launch(
     return registry.get(job.job_id)
 
 
+def request_job_stop(registry: JobRegistry, job_id: str) -> JobRecord:
+    """Write the stop request and mark the job `stopping` (returns at once; `stop` also waits)."""
+    job = registry.refresh(job_id)
+    if job.finished:
+        return job
+    request_stop(job.output_dir)
+    registry.set_state(job.job_id, JobState.STOPPING.value)
+    return registry.get(job_id)
+
+
 def stop(
     registry: JobRegistry,
     job_id: str,
@@ -388,11 +398,9 @@ def stop(
     `on_wait(elapsed_seconds)` is called while waiting (ComfyUI's progress bar; it may raise to
     abandon the wait: the stop request stays, the trainer still stops on its own).
     """
-    job = registry.refresh(job_id)
+    job = request_job_stop(registry, job_id)
     if job.finished:
         return job
-    request_stop(job.output_dir)
-    registry.set_state(job.job_id, JobState.STOPPING.value)
     started = time.monotonic()
     while process_alive(job.pid) and time.monotonic() - started < grace_s:
         if not stop_requested(job.output_dir):
