@@ -8,7 +8,6 @@ recognizer as one batch.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from collections import deque
@@ -29,8 +28,6 @@ from .prompts import PromptFileError, SamplePrompt, load_prompt_file
 from .report import build_report
 from .results import Identity
 from .similarity import Bands, mean_identity
-
-log = logging.getLogger(__name__)
 
 # Images per detector/recognizer chunk, and how many decoded images may wait ahead of it.
 CHUNK_SIZE = 16
@@ -61,7 +58,7 @@ class EvaluationSources:
     base_dir: Path | None = None  # musubi's working directory, for relative --ci paths
     exclude: list[Path] = field(default_factory=list)  # our own outputs inside the folders
 
-    def check(self, have_reference_identity: bool = False) -> None:
+    def check(self) -> None:
         if self.sample_dir is None and self.generated_dir is None:
             raise EvaluationError("give --sample_dir, or --control_dir with --generated_dir")
         if self.sample_dir is not None and self.generated_dir is not None:

@@ -66,7 +66,7 @@ class SampleItem:
 class Unpaired:
     file: str
     reason: str
-    kind: str = "sample"  # "sample", "control", "prompt"
+    kind: str = "sample"  # "sample" or "control"
 
     def to_dict(self) -> dict[str, str]:
         return {"file": self.file, "kind": self.kind, "reason": self.reason}

@@ -170,7 +170,7 @@ _FAILURE = {
     "required": ["file", "kind", "reason"],
     "properties": {
         "file": {"type": "string"},
-        "kind": {"enum": ["pair", "sample", "control", "prompt"]},
+        "kind": {"enum": ["pair", "sample", "control"]},
         "reason": {"type": "string"},
     },
 }

@@ -13,7 +13,6 @@ from PIL import Image
 from evaluate_fixtures import (
     TIME,
     build_musubi_folder,
-    corrupt_image,
     no_face_image,
     reencode,
     validate_schema,
