@@ -74,7 +74,7 @@ def photos(face_model, faces_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarra
 
 @pytest.fixture(scope="module")
 def face_loss(recognizer: FrozenFaceRecognizer) -> FaceIdentityLoss:
-    return FaceIdentityLoss(recognizer, weight=1.0, max_t=1.0)
+    return FaceIdentityLoss(recognizer, weight=1.0, max_t=None)
 
 
 def test_estimate_norm_matches_insightface(photos) -> None:
@@ -303,6 +303,8 @@ def test_samples_without_face_or_high_t_are_skipped(face_loss, photos) -> None:
     total = (images.mean() ** 2) + none.loss  # the step's MSE term plus an empty face term
     total.backward()
 
+    with pytest.raises(ValueError, match="timestep"):
+        FaceIdentityLoss(face_loss.recognizer, max_t=500)  # a 1000-scaled timestep is a mistake, not a limit
     metrics = limited.measure(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
     assert metrics["face_valid"] == 2 and metrics["face_t"] == [0.2, 0.9]
     assert -1.0 <= metrics["face_sim_min"] <= metrics["face_sim_mean"] <= metrics["face_sim_max"] <= 1.0

@@ -302,13 +302,13 @@ class FaceIdentityLoss(nn.Module):
     (the one-step estimate x0_hat = x_t - t * v is only sharp at low noise).
     """
 
-    def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float = 1.0) -> None:
+    def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float | None = None) -> None:
         super().__init__()
-        if not 0.0 <= max_t <= 1.0:
+        if max_t is not None and not 0.0 <= max_t <= 1.0:
             raise ValueError(f"max_t is a flow-matching timestep in [0, 1], got {max_t}")
         self.recognizer = recognizer
         self.weight = float(weight)
-        self.max_t = float(max_t)
+        self.max_t = 1.0 if max_t is None else float(max_t)  # None: every sample with a face
 
     def active(self, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Bool [B]: samples the loss uses. Decode only these to save time and memory."""
