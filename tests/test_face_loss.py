@@ -179,8 +179,12 @@ def test_recognizer_is_frozen_and_stays_in_eval(face_loss, photos) -> None:
     assert all(p.grad is None for p in face_loss.recognizer.parameters())
 
 
-def write_batchnorm_recognizer(path: Path) -> Path:
-    """A tiny ArcFace-shaped ONNX with the ops of the 512-d packs' ResNets: BatchNorm (2-D and 1-D), PRelu, Gemm."""
+def write_batchnorm_recognizer(path: Path, self_normalising: bool = False) -> Path:
+    """A tiny ArcFace-shaped ONNX with the ops of the 512-d packs' ResNets: BatchNorm (2-D and 1-D), PRelu, Gemm.
+
+    self_normalising: starts with Sub/Mul nodes like the MXNet-exported ArcFace models, which
+    InsightFace then feeds raw 0..255 pixels.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -191,8 +195,17 @@ def write_batchnorm_recognizer(path: Path) -> Path:
         "fc_w": rng.normal(0, 0.01, (8, 4 * 56 * 56)), "fc_b": np.zeros(8),
         "bn1_s": rng.uniform(0.5, 1.5, 8), "bn1_b": rng.normal(0, 0.1, 8), "bn1_m": rng.normal(0, 0.5, 8), "bn1_v": rng.uniform(0.5, 2, 8),
     }
-    nodes = [
-        helper.make_node("Conv", ["input", "conv_w"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+    first = "input"
+    nodes = []
+    if self_normalising:
+        weights.update({"mean": np.full(1, 127.5), "scale": np.full(1, 1 / 128)})
+        nodes += [
+            helper.make_node("Sub", ["input", "mean"], ["centred"], name="_minus0"),
+            helper.make_node("Mul", ["centred", "scale"], ["scaled"], name="_mul0"),
+        ]
+        first = "scaled"
+    nodes += [
+        helper.make_node("Conv", [first, "conv_w"], ["conv"], strides=[2, 2], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
         helper.make_node("BatchNormalization", ["conv", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"]),
         helper.make_node("PRelu", ["bn", "prelu"], ["act"]),
         helper.make_node("Flatten", ["act"], ["flat"], axis=1),
@@ -229,6 +242,22 @@ def test_batchnorm_recognizer_keeps_running_statistics(tmp_path: Path) -> None:
     np.testing.assert_allclose(embeddings.detach().numpy(), expected, atol=1e-4)
     assert all(torch.equal(b.running_mean, s) for b, s in zip(batchnorms, statistics))
     assert faces.grad is not None and all(p.grad is None for p in recognizer.parameters())
+
+
+def test_self_normalising_pack_gets_raw_pixels(tmp_path: Path, testpack_dir: Path) -> None:
+    """A pack routed like InsightFace does; its MXNet-style recognizer is fed 0..255 RGB, as ArcFaceONNX feeds it."""
+    import onnxruntime
+
+    pack = tmp_path / "models" / "mxnet_pack"
+    pack.mkdir(parents=True)
+    (pack / "det_2.5g.onnx").symlink_to(testpack_dir / "det_2.5g.onnx")  # the real detector, not copied
+    write_batchnorm_recognizer(pack / "recognizer.onnx", self_normalising=True)
+    recognizer = FrozenFaceRecognizer.from_pack("mxnet_pack", models_root=tmp_path)
+    assert (recognizer.spec.input_mean, recognizer.spec.input_std) == (0.0, 1.0)
+    faces = torch.rand(2, 3, 112, 112) * 2 - 1
+    session = onnxruntime.InferenceSession(str(pack / "recognizer.onnx"), providers=["CPUExecutionProvider"])
+    expected = session.run(None, {"input": ((faces + 1) * 127.5).numpy()})[0]
+    np.testing.assert_allclose(recognizer(faces).detach().numpy(), expected, atol=1e-4)
 
 
 def test_gradient_reaches_lora_through_vae_decode(face_loss, photos) -> None:
