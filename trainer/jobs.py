@@ -117,7 +117,7 @@ def _windows_process_alive(pid: int) -> bool:
         kernel32.CloseHandle(handle)
 
 
-def _posix_process_alive(pid: int) -> bool:
+def _posix_process_alive(pid: int, leads_group: bool) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,20 +129,23 @@ def _posix_process_alive(pid: int) -> bool:
         # "pid (comm) S ...": a zombie has exited; comm may contain spaces and parentheses
         if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
             return False
+    if not leads_group:
+        return True
     # our jobs lead their own process group; a reused pid almost never does
     with contextlib.suppress(ProcessLookupError):
         return os.getpgid(pid) == pid
     return False
 
 
-def process_alive(pid: int | None) -> bool:
+def process_alive(pid: int | None, *, leads_group: bool = True) -> bool:
+    """Whether `pid` runs; `leads_group`: it is one of our jobs, started as a process-group leader."""
     if not pid:
         return False
     with _children_lock:
         child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    return _windows_process_alive(pid) if _IS_WINDOWS else _posix_process_alive(pid)
+    return _windows_process_alive(pid) if _IS_WINDOWS else _posix_process_alive(pid, leads_group)
 
 
 def _process_group_alive(pid: int) -> bool:
@@ -178,6 +181,13 @@ def _reap(pid: int, timeout: float) -> None:
     if child.poll() is not None:
         with _children_lock:
             _children.pop(pid, None)
+
+
+def _status_is_of(status: dict[str, object], job: JobRecord) -> bool:
+    """Whether status.json was written for `job`: by launch (job id) or by its trainer (pid)."""
+    if status.get("job_id") == job.job_id:
+        return True
+    return job.pid is not None and status.get("pid") == job.pid
 
 
 def _same_dir(path: str | os.PathLike) -> str:
@@ -302,7 +312,7 @@ class JobRegistry:
         if job.finished:
             return job
         status = read_status(job.output_dir) or {}
-        state = status.get("state") if status.get("job_id") in (None, job.job_id) else None
+        state = status.get("state") if _status_is_of(status, job) else None
         alive = process_alive(job.pid)
         if isinstance(state, str) and state in FINAL_STATE_VALUES:
             detail = str(status.get("error") or "")
@@ -329,17 +339,34 @@ class JobRegistry:
         return [self.refresh(job.job_id) for job in self.list()]
 
 
+def _unregistered_trainer(registry: JobRegistry, folder: Path) -> int | None:
+    """The pid of a live trainer writing into `folder` that no registered job accounts for."""
+    status = read_status(folder) or {}
+    pid = status.get("pid")
+    if status.get("state") in FINAL_STATE_VALUES or not isinstance(pid, int):
+        return None
+    if not process_alive(pid, leads_group=False):
+        return None
+    known = registry.find_by_output_dir(folder)
+    return None if known is not None and known.pid == pid else pid
+
+
 def launch(
     registry: JobRegistry,
     output_dir: str | os.PathLike,
     train_args: Sequence[str],
     *,
     name: str,
-    env: dict[str, str] | None = None,
 ) -> JobRecord:
     """Start the trainer detached, writing into `output_dir`; returns at once."""
     folder = Path(output_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
+    outside_pid = _unregistered_trainer(registry, folder)
+    if outside_pid is not None:
+        raise JobConflictError(
+            f"a trainer started outside ComfyUI (pid {outside_pid}) is writing into {folder}; "
+            "let it finish or choose another output name"
+        )
     command = trainer_command(train_args)
     job = registry.reserve(name, folder, command)
     clear_stop_request(folder)
@@ -350,9 +377,7 @@ def launch(
         popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
     else:
         popen_kwargs["start_new_session"] = True
-    child_env = dict(os.environ if env is None else env)
-    child_env["FACE_CONSISTENCY_JOB_ID"] = job.job_id
-    child_env.setdefault("PYTHONUNBUFFERED", "1")
+    child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
     try:
         with open(folder / LOG_FILE, "ab") as log_file:
             process = subprocess.Popen(
@@ -439,9 +464,3 @@ def _end_leftovers(job: JobRecord) -> None:
 def tree_alive(job: JobRecord) -> bool:
     """Whether the job's process or any process of its group is still running."""
     return bool(job.pid) and (process_alive(job.pid) or _process_group_alive(job.pid))
-
-
-def job_status(job: JobRecord) -> dict[str, object]:
-    """The job's registry record merged with the trainer's status.json."""
-    status = read_status(job.output_dir) or {}
-    return {**status, **job.to_json(), "trainer_state": status.get("state")}

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -86,7 +86,6 @@ class RunSnapshot:
     checkpoints: list[Checkpoint]
     samples: list[Sample]
     metrics_source: str  # "metrics.jsonl", "tensorboard" or "none"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def state(self) -> str:
