@@ -147,11 +147,11 @@ def test_poller_sends_progress_then_finished(registry: JobRegistry, tmp_path: Pa
     events: list[tuple[str, dict[str, Any]]] = []
     poller = routes.EventPoller(lambda: registry, lambda event, data: events.append((event, data)))
 
-    write_status(folder, {"state": "training", "step": 3, "total_steps": 10})
+    write_status(folder, {"state": "training", "job_id": job.job_id, "step": 3, "total_steps": 10})
     append_metrics(folder, {"step": 3, "loss": 0.5, "face_similarity": 0.6})
     poller.poll_once()
     poller.poll_once()  # nothing changed: nothing sent
-    write_status(folder, {"state": "completed", "step": 10, "total_steps": 10})
+    write_status(folder, {"state": "completed", "job_id": job.job_id, "step": 10, "total_steps": 10})
     poller.poll_once()
     poller.poll_once()
 
