@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -291,3 +292,38 @@ def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
     assert status["state"] == "stopped" and status["stop_reason"] == "SIGTERM"
     assert Path(status["last_checkpoint"]).is_file()
     assert status["last_checkpoint"].endswith(f"tiny-step{status['step']:08d}.safetensors")
+
+
+def test_memory_options_and_bf16_run_on_cpu(setup, tmp_path):
+    """fp8 base weights, swapped blocks, checkpointing, bf16, accumulation and the other optimizer paths."""
+    out = tmp_path / "out"
+    rc = train(setup, out, 2, "--fp8_base", "--blocks_to_swap", "1", "--gradient_checkpointing",
+               "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--optimizer_type", "Adafactor",
+               "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--timestep_sampling", "sigma",
+               "--weighting_scheme", "cosmap")
+    assert rc == 0
+    status = read_status(out)
+    assert status["state"] == "completed" and status["step"] == 2
+    assert torch.isfinite(torch.tensor([m["loss"] for m in read_metrics(out)])).all()
+    lora = load_file(str(out / "tiny.safetensors"))
+    assert next(iter(lora.values())).dtype == torch.bfloat16
+
+
+def test_two_process_data_parallel_on_cpu(setup, tmp_path):
+    files, _, _ = setup
+    dataset = write_tiny_dataset(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    argv = tiny_train_argv(files, dataset, out, max_train_steps=3)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+         "-m", "face_consistency.trainer", *argv, "--save_state"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = read_status(out)
+    assert (status["state"], status["num_processes"], status["step"]) == ("completed", 2, 3)
+    # 4 images over 2 processes, batch 1: 2 steps per epoch; each process keeps its own noise RNG.
+    assert status["steps_per_epoch"] == 2
+    assert {p.name for p in (out / "tiny-state").glob("noise_generator_*.pt")} == {
+        "noise_generator_0.pt", "noise_generator_1.pt"}

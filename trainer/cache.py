@@ -120,6 +120,7 @@ def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "bucket": item.bucket,
             "control_buckets": item.control_buckets,
             "vae": _file_identity(encoders.vae_file),
+            "vae_dtype": str(encoders.pipeline.vae.dtype),
         }
     )
 
@@ -130,6 +131,7 @@ def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "caption": item.caption,
             "controls": [_file_identity(c) for c in item.controls],
             "text_encoder": _file_identity(encoders.text_encoder_file),
+            "text_encoder_dtype": str(encoders.pipeline.text_encoder.dtype),
             "tokenizer": encoders.tokenizer_id,
             "edit_plus": encoders.edit_plus,
         }

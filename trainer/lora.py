@@ -70,11 +70,19 @@ def parse_network_args(values: list[str] | None) -> NetworkArgs:
 
 
 def lora_target_modules(transformer: torch.nn.Module, network_args: NetworkArgs) -> list[str]:
-    """Dotted paths of the Linear layers that get LoRA."""
+    """Dotted paths of the Linear layers that get LoRA.
+
+    The last block's text-stream outputs (`attn.to_add_out`, `txt_mlp`) never reach the image
+    prediction: LoRA there would get no gradient (and breaks DDP's all-reduce), so it is skipped.
+    """
     exclude = DEFAULT_EXCLUDE_PATTERNS + network_args.exclude_patterns
+    last = f"{BLOCKS_SCOPE}{len(transformer.transformer_blocks) - 1}."
+    dead_ends = (last + "attn.to_add_out", last + "txt_mlp.")
     targets = []
     for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith(BLOCKS_SCOPE):
+            continue
+        if name.startswith(dead_ends):
             continue
         included = any(re.search(p, name) for p in network_args.include_patterns)
         excluded = any(re.search(p, name) for p in exclude)

@@ -38,6 +38,7 @@ from typing import Any, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.hooks import apply_group_offloading
@@ -327,34 +328,36 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tail = LogTail()
-    logging.getLogger("face_consistency").addHandler(tail)
-    accelerator = Accelerator(
-        mixed_precision=args.mixed_precision,
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        log_with="tensorboard" if args.logging_dir else None,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=args.logging_dir),
-    )
-    reporter = StatusReporter(
-        output_dir,
-        accelerator.is_main_process,
-        {"output_name": args.output_name, "output_dir": str(output_dir), "num_processes": accelerator.num_processes},
-    )
-    if accelerator.is_main_process:
-        clear_stop_request(output_dir)
-    stop = StopSignal()
+    package_logger = logging.getLogger("face_consistency")
+    package_logger.addHandler(tail)
+    reporter = StatusReporter(output_dir, True, {"output_name": args.output_name, "output_dir": str(output_dir)})
+    accelerator = None
     try:
+        accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            log_with="tensorboard" if args.logging_dir else None,
+            project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=args.logging_dir),
+        )
+        reporter.enabled = accelerator.is_main_process
+        reporter.status["num_processes"] = accelerator.num_processes
+        if accelerator.is_main_process:
+            clear_stop_request(output_dir)
+        stop = StopSignal()
         with stop.installed():
             reporter.update(JobState.STARTING, step=0, total_steps=args.max_train_steps, epoch=0)
-            state = _train(args, accelerator, reporter, stop, list(hooks))
+            return _train(args, accelerator, reporter, stop, list(hooks))
     except BaseException as exc:  # noqa: BLE001 - every failure must end in state `failed`
         log.error("training failed: %s", exc)
         reporter.update(JobState.FAILED, error=f"{type(exc).__name__}: {exc}", log_tail=_log_tail(tail, exc))
-        accelerator.end_training()
-        logging.getLogger("face_consistency").removeHandler(tail)
         raise
-    accelerator.end_training()
-    logging.getLogger("face_consistency").removeHandler(tail)
-    return state
+    finally:
+        package_logger.removeHandler(tail)
+        if accelerator is not None:
+            accelerator.end_training()
+            if accelerator.num_processes == 1:
+                # accelerate keeps its state process-wide; a later in-process run may pick other settings.
+                AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def _train(
