@@ -5,6 +5,7 @@ untouched scores perfect identity, so identity alone cannot tell a good edit fro
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from .results import DetectedFace
@@ -20,12 +21,14 @@ def aligned_crop(bgr: np.ndarray, face: DetectedFace, size: int = ALIGNED_SIZE) 
 
 
 def face_region_change(control_crop: np.ndarray, output_crop: np.ndarray) -> float:
-    """1 − SSIM of two aligned crops: ~0 for an unchanged face, towards 1 for a redrawn one."""
+    """1 − SSIM of two aligned BGR crops: ~0 for an unchanged face, towards 1 for a redrawn one."""
     from skimage.metrics import structural_similarity
 
     if control_crop.shape != output_crop.shape:
         raise ValueError(
             f"aligned crops differ in shape: {control_crop.shape} vs {output_crop.shape}"
         )
-    ssim = structural_similarity(control_crop, output_crop, channel_axis=-1, data_range=255)
+    # luminance only, as in the original SSIM: colour grading alone is not a redrawn face
+    control_gray, output_gray = (cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in (control_crop, output_crop))
+    ssim = structural_similarity(control_gray, output_gray, data_range=255)
     return float(max(0.0, 1.0 - ssim))

@@ -1,4 +1,5 @@
-"""Draw detections onto images: box, the five keypoints and a label (score, band, person)."""
+"""Draw detections onto BGR uint8 images (the engine's layout): box, the five keypoints and a
+label (score, band, person). Colours are given as RGB, as people write them."""
 from __future__ import annotations
 
 import cv2
@@ -15,36 +16,6 @@ BAND_COLORS: dict[str, RGB] = {
 }
 UNUSED_FACE_COLOR: RGB = (170, 170, 170)
 KEYPOINT_COLORS: tuple[RGB, ...] = ((0, 160, 255), (0, 160, 255), (255, 255, 0), (255, 0, 255), (255, 0, 255))
-
-
-def _line_width(image: np.ndarray) -> int:
-    return max(1, int(round(max(image.shape[:2]) / 400)))
-
-
-def draw_face(rgb: np.ndarray, face: DetectedFace, label: str, color: RGB, primary: bool = True) -> None:
-    """Draw one face in place on an RGB uint8 image; secondary faces get a thinner box."""
-    width = _line_width(rgb) if primary else max(1, _line_width(rgb) // 2)
-    x1, y1, x2, y2 = (int(round(v)) for v in face.bbox)
-    cv2.rectangle(rgb, (x1, y1), (x2, y2), color, width, cv2.LINE_AA)
-    if primary:
-        for (x, y), kp_color in zip(face.kps, KEYPOINT_COLORS):
-            cv2.circle(rgb, (int(round(x)), int(round(y))), width + 1, kp_color, -1, cv2.LINE_AA)
-    if label:
-        draw_label(rgb, label, (x1, y1), color)
-
-
-def draw_label(rgb: np.ndarray, text: str, anchor: tuple[int, int], color: RGB) -> None:
-    """Text on a filled box just above `anchor` (inside the image when the face touches the top)."""
-    scale = max(0.4, max(rgb.shape[:2]) / 1600)
-    thickness = max(1, int(round(scale * 2)))
-    (w, h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
-    x = min(max(0, anchor[0]), max(0, rgb.shape[1] - w - 4))
-    y = anchor[1] - h - baseline - 4 if anchor[1] - h - baseline - 4 >= 0 else anchor[1]
-    y = min(max(0, y), max(0, rgb.shape[0] - h - baseline - 4))
-    cv2.rectangle(rgb, (x, y), (x + w + 4, y + h + baseline + 4), color, -1)
-    text_color = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
-    cv2.putText(rgb, text, (x + 2, y + h + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, text_color, thickness, cv2.LINE_AA)
-
 # matplotlib's tab10, so person labels match the colours of the evaluation plots
 PERSON_COLORS: tuple[RGB, ...] = (
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
@@ -54,3 +25,36 @@ PERSON_COLORS: tuple[RGB, ...] = (
 
 def person_color(person_index: int) -> RGB:
     return PERSON_COLORS[person_index % len(PERSON_COLORS)]
+
+
+def _bgr(color: RGB) -> tuple[int, int, int]:
+    return color[2], color[1], color[0]
+
+
+def _line_width(image: np.ndarray) -> int:
+    return max(1, int(round(max(image.shape[:2]) / 400)))
+
+
+def draw_face(bgr: np.ndarray, face: DetectedFace, label: str, color: RGB, primary: bool = True) -> None:
+    """Draw one face in place; secondary faces get a thinner box and no keypoints."""
+    width = _line_width(bgr) if primary else max(1, _line_width(bgr) // 2)
+    x1, y1, x2, y2 = (int(round(v)) for v in face.bbox)
+    cv2.rectangle(bgr, (x1, y1), (x2, y2), _bgr(color), width, cv2.LINE_AA)
+    if primary:
+        for (x, y), kp_color in zip(face.kps, KEYPOINT_COLORS):
+            cv2.circle(bgr, (int(round(x)), int(round(y))), width + 1, _bgr(kp_color), -1, cv2.LINE_AA)
+    if label:
+        draw_label(bgr, label, (x1, y1), color)
+
+
+def draw_label(bgr: np.ndarray, text: str, anchor: tuple[int, int], color: RGB) -> None:
+    """Text on a filled box just above `anchor` (inside the image when the face touches the top)."""
+    scale = max(0.4, max(bgr.shape[:2]) / 1600)
+    thickness = max(1, int(round(scale * 2)))
+    (w, h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+    x = min(max(0, anchor[0]), max(0, bgr.shape[1] - w - 4))
+    y = anchor[1] - h - baseline - 4 if anchor[1] - h - baseline - 4 >= 0 else anchor[1]
+    y = min(max(0, y), max(0, bgr.shape[0] - h - baseline - 4))
+    cv2.rectangle(bgr, (x, y), (x + w + 4, y + h + baseline + 4), _bgr(color), -1)
+    text_color = (0, 0, 0) if sum(color) > 380 else (255, 255, 255)
+    cv2.putText(bgr, text, (x + 2, y + h + 2), cv2.FONT_HERSHEY_SIMPLEX, scale, text_color, thickness, cv2.LINE_AA)

@@ -47,6 +47,8 @@ def _array_to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         )
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImageLoadError(f"image has no pixels: shape {tuple(array.shape)}")
+    if array.dtype == np.uint8 and array.shape[2] == 3:
+        return array  # already 8-bit colour: the float round trip below would give it back unchanged
     if array.dtype == np.uint8:
         values = array.astype(np.float32) / 255.0
     elif array.dtype == np.uint16:

@@ -1,24 +1,26 @@
 """IMAGE tensors <-> the BGR/RGB uint8 arrays the face library works on, and node previews."""
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image
 
 from ..faceid import ImageLoadError, image_list
 from . import comfy_env
 
-PREVIEW_MAX_SIDE = 512
+PREVIEW_MAX_SIDE = 384
 
 
 def to_bgr_list(images: Any, name: str = "images") -> list[np.ndarray]:
     """Split an IMAGE batch `[B,H,W,C]` into BGR uint8 arrays (the engine's input).
 
-    RGB batches are converted in one vectorised torch pass with the engine's rounding; RGBA
-    and grayscale go through the engine's own rules (alpha composited on white).
+    RGB images are converted one at a time in numpy with the engine's rounding (a batch-wide
+    torch pass is slower and needs several batch-sized temporaries); RGBA and grayscale go
+    through the engine's own rules (alpha composited on white).
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
         shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
@@ -27,28 +29,44 @@ def to_bgr_list(images: Any, name: str = "images") -> list[np.ndarray]:
         raise ImageLoadError(f"input '{name}' is an empty batch (0 images)")
     if images.shape[-1] != 3:
         return image_list(images)
-    batch = images.detach().to("cpu", torch.float32)
-    if not bool(torch.isfinite(batch).all()):
-        raise ImageLoadError(f"input '{name}' contains NaN or infinite values")
-    bgr = (batch.clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8).flip(-1)
-    return list(bgr.numpy())
+    batch = images.detach().to("cpu", torch.float32).numpy()
+    bgrs = []
+    for i, rgb in enumerate(batch):
+        # the sum is finite for any finite image short of float overflow, which the exact check settles
+        if not np.isfinite(rgb.sum()) and not np.isfinite(rgb).all():
+            raise ImageLoadError(f"input '{name}' image {i} contains NaN or infinite values")
+        scaled = np.multiply(rgb, 255.0, dtype=np.float32)
+        np.add(scaled, 0.5, out=scaled)
+        np.clip(scaled, 0.0, 255.0, out=scaled)
+        bgrs.append(cv2.cvtColor(scaled.astype(np.uint8), cv2.COLOR_RGB2BGR))
+    return bgrs
 
 
-def to_image_batch(rgb_images: Sequence[np.ndarray]) -> torch.Tensor:
-    """RGB uint8 arrays of one size -> IMAGE `[B,H,W,3]` float 0..1."""
-    return torch.from_numpy(np.stack(rgb_images)).to(torch.float32).div_(255.0)
+def to_image_batch(bgr_images: Sequence[np.ndarray]) -> torch.Tensor:
+    """BGR uint8 arrays of one size -> IMAGE `[B,H,W,3]` RGB float 0..1 (one pass per image)."""
+    batch = np.empty((len(bgr_images), *bgr_images[0].shape), dtype=np.float32)
+    for bgr, out in zip(bgr_images, batch):
+        np.multiply(bgr[..., ::-1], np.float32(1.0 / 255.0), out=out, dtype=np.float32)
+    return torch.from_numpy(batch)
 
 
-def save_previews(rgb_images: Sequence[np.ndarray], prefix: str) -> list[dict[str, str]]:
-    """Downscaled PNG previews in ComfyUI's temp folder, as a node's `ui.images` entries."""
+def save_previews(bgr_images: Sequence[np.ndarray], prefix: str) -> list[dict[str, str]]:
+    """Downscaled JPEG previews in ComfyUI's temp folder, as a node's `ui.images` entries.
+
+    JPEG, by an integer factor: a PNG of the same preview costs about 50x more to encode, which
+    would be a visible share of a scoring run.
+    """
     folder = comfy_env.temp_directory()
     folder.mkdir(parents=True, exist_ok=True)
     run = uuid.uuid4().hex[:8]
     entries = []
-    for i, rgb in enumerate(rgb_images):
-        preview = Image.fromarray(rgb)
-        preview.thumbnail((PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE), Image.Resampling.BILINEAR)
-        filename = f"{prefix}_{run}_{i:04d}.png"
-        preview.save(folder / filename, compress_level=1)
+    for i, bgr in enumerate(bgr_images):
+        factor = math.ceil(max(bgr.shape[:2]) / PREVIEW_MAX_SIDE)
+        preview = bgr if factor == 1 else cv2.resize(bgr, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+        encoded, jpeg = cv2.imencode(".jpg", preview, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        if not encoded:
+            raise RuntimeError(f"OpenCV could not encode preview {i} ({preview.shape})")
+        filename = f"{prefix}_{run}_{i:04d}.jpg"
+        (folder / filename).write_bytes(jpeg.tobytes())
         entries.append({"filename": filename, "subfolder": "", "type": "temp"})
     return entries

@@ -76,7 +76,6 @@ class FaceConsistencyMatchFaces:
         lines = [f"Face matching: {describe_model(face_model)}"]
         person_scores: list[float] = []
         matched_scores: list[float] = []
-        annotated = []
         for i, bgr in enumerate(outputs):
             reference = reference_results[reference_of[i]]
             result = face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
@@ -90,17 +89,18 @@ class FaceConsistencyMatchFaces:
                 person_scores.append(match.similarity if match else 0.0)
             matched_scores += [m.similarity for m in assignment.matches]
             lines += describe_assignment(i, reference, result, assignment, bands)
-            annotated.append(annotate_matches(bgr, result, assignment))
+            annotate_matches(bgr, result, assignment)  # our own converted copy
             progress.update(1)
         mean = float(np.mean(matched_scores)) if matched_scores else 0.0
         lines.append(f"mean {mean:.3f} over {len(matched_scores)} matched face(s) in {len(outputs)} image(s)")
         report = "\n".join(lines)
-        annotated_references = [annotate_people(bgr, r) for bgr, r in zip(references, reference_results)]
+        for bgr, reference in zip(references, reference_results):
+            annotate_people(bgr, reference)
         return {
-            "ui": {"text": [report], "images": save_previews(annotated, "face_matching")},
+            "ui": {"text": [report], "images": save_previews(outputs, "face_matching")},
             "result": (
                 person_scores, mean, len(matched_scores), report,
-                to_image_batch(annotated), to_image_batch(annotated_references),
+                to_image_batch(outputs), to_image_batch(references),
             ),
         }
 
@@ -128,24 +128,21 @@ def describe_assignment(
     return lines
 
 
-def annotate_matches(bgr: np.ndarray, output: FaceResult, assignment: FaceAssignment) -> np.ndarray:
-    rgb = np.ascontiguousarray(bgr[..., ::-1])
+def annotate_matches(bgr: np.ndarray, output: FaceResult, assignment: FaceAssignment) -> None:
+    """Draw in place: matched faces in their person's colour, strangers grey."""
     person_of = {m.output_index: m for m in assignment.matches}
     for j, face in enumerate(output.faces):
         match = person_of.get(j)
         if match is None:
-            draw_face(rgb, face, "?", UNUSED_FACE_COLOR, primary=False)
+            draw_face(bgr, face, "?", UNUSED_FACE_COLOR, primary=False)
         else:
             label = f"{_person(match.reference_index)} {match.similarity:.2f}"
-            draw_face(rgb, face, label, person_color(match.reference_index))
-    return rgb
+            draw_face(bgr, face, label, person_color(match.reference_index))
 
 
-def annotate_people(bgr: np.ndarray, reference: FaceResult) -> np.ndarray:
-    rgb = np.ascontiguousarray(bgr[..., ::-1])
+def annotate_people(bgr: np.ndarray, reference: FaceResult) -> None:
     for person, face in enumerate(reference.faces):
-        draw_face(rgb, face, _person(person), person_color(person))
-    return rgb
+        draw_face(bgr, face, _person(person), person_color(person))
 
 
 class FaceConsistencyBestOf:

@@ -258,27 +258,26 @@ class FaceConsistencySimilarity:
             on_image=lambda: progress.update(1),
         )
         report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
-        annotated = [annotate_scores(bgr, row) for bgr, row in zip(outputs, batch.rows)]
+        for bgr, row in zip(outputs, batch.rows):  # our own converted copies: draw on them
+            annotate_scores(bgr, row)
         changes = [row.face_change if row.face_change is not None else -1.0 for row in batch.rows]
         return {
-            "ui": {"text": [report], "images": save_previews(annotated, "face_similarity")},
-            "result": (batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(annotated), changes),
+            "ui": {"text": [report], "images": save_previews(outputs, "face_similarity")},
+            "result": (batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(outputs), changes),
         }
 
 
-def annotate_scores(bgr: np.ndarray, row: ImageScore) -> np.ndarray:
-    """An RGB copy of the image with every face drawn; the scored one labelled with its band."""
-    rgb = np.ascontiguousarray(bgr[..., ::-1])
+def annotate_scores(bgr: np.ndarray, row: ImageScore) -> None:
+    """Draw every face in place; the scored one labelled with its score and band."""
     result = row.result
     for j, (face, similarity) in enumerate(zip(result.faces, row.face_scores)):
         if j == result.face_index:
             label = f"#{row.index} {row.score:.3f} {row.band}" + (" UNCHANGED" if row.unchanged else "")
-            draw_face(rgb, face, label, UNCHANGED_COLOR if row.unchanged else BAND_COLORS[row.band])
+            draw_face(bgr, face, label, UNCHANGED_COLOR if row.unchanged else BAND_COLORS[row.band])
         else:
-            draw_face(rgb, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
+            draw_face(bgr, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
     if not row.scored:
-        draw_label(rgb, f"#{row.index} {result.reason}", (0, 0), NO_FACE_COLOR)
-    return rgb
+        draw_label(bgr, f"#{row.index} {result.reason}", (0, 0), NO_FACE_COLOR)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -1,0 +1,115 @@
+"""FaceConsistencySimilarity on a batch vs the bare onnxruntime compute of the same work.
+
+    python benchmarks/bench_nodes.py [--batch 8] [--size 1024] [--repeat 5]
+                                     [--models_root DIR] [--pack NAME] [--provider cpu|auto|cuda]
+
+A batch of `batch` real photos letterboxed to size x size is scored against one reference
+photo of the same size, through the node exactly as ComfyUI calls it (IMAGE tensors in,
+scores, report, annotated images, face change and previews out; ComfyUI's modules replaced
+by the test stand-ins). The bare figure is onnxruntime alone on the same detector inputs
+(one run per image, as the node makes them) and the same recognizer inputs. Prints both,
+per run (median of `repeat`), and the ratio node/bare (target <= 1.2x).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # the ComfyUI stand-ins
+from comfy_stubs import install_comfy_stubs  # noqa: E402
+
+install_comfy_stubs(Path(tempfile.mkdtemp(prefix="bench-nodes-")))
+
+from bench_engine import letterbox_blob  # noqa: E402
+
+from face_consistency.faceid.alignment import aligned_crop  # noqa: E402
+from face_consistency.nodes.imaging import to_bgr_list  # noqa: E402
+from face_consistency.nodes.scoring import FaceConsistencyLoadModel, FaceConsistencySimilarity  # noqa: E402
+
+DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO.parent / "shared" / "testdata"))
+PHOTOS = ("obama2.jpg", "biden.jpg", "obama3.jpg", "obama_partial_face.jpg")
+
+
+def image_tensor(path: Path, size: int) -> torch.Tensor:
+    with Image.open(path) as img:
+        square = ImageOps.pad(img.convert("RGB"), (size, size), Image.Resampling.BICUBIC, color=(128, 128, 128))
+    return torch.from_numpy(np.asarray(square, dtype=np.float32) / 255.0)[None]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
+    parser.add_argument("--pack", default="testpack")
+    parser.add_argument("--provider", default="cpu")
+    args = parser.parse_args()
+
+    import folder_paths
+
+    folder_paths.add_model_folder_path("insightface", str(args.models_root))
+    faces = DEFAULT_DATA / "faces"
+    reference = image_tensor(faces / "obama.jpg", args.size)
+    images = torch.cat([image_tensor(faces / PHOTOS[i % len(PHOTOS)], args.size) for i in range(args.batch)])
+    model = FaceConsistencyLoadModel().load(args.pack, args.provider, "auto", 0.5)["result"][0]
+    node = FaceConsistencySimilarity()
+
+    def run_node() -> None:
+        node.score(
+            model, images, "largest", 0, "score_zero", 0.75, 0.85, 0.75, 0.65, 0.1, reference_image=reference
+        )
+
+    # the same detector inputs and recognizer crops the node makes
+    bgrs = to_bgr_list(reference) + to_bgr_list(images)
+    results = [model.analyze([b], all_faces=True, channel_order="bgr")[0] for b in bgrs]
+    det_blobs = [letterbox_blob(b, model._input_size(*b.shape[:2])) for b in bgrs]
+    crops_per_image = [[aligned_crop(b, f) for f in r.faces] for b, r in zip(bgrs, results)]
+    rec_blobs = [
+        cv2.dnn.blobFromImages(crops, 1.0 / 127.5, (112, 112), (127.5,) * 3, swapRB=True)
+        for crops in crops_per_image
+        if crops
+    ]
+    detector, recognizer = model._detector.session, model._recognizer.session
+    det_input, rec_input = detector.get_inputs()[0].name, recognizer.get_inputs()[0].name
+
+    def run_bare() -> None:
+        for blob in det_blobs:
+            detector.run(None, {det_input: blob})
+        for blob in rec_blobs:
+            recognizer.run(None, {rec_input: blob})
+
+    run_node(), run_bare()  # warm-up
+    node_times, bare_times = [], []
+    for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
+        for fn, times in ((run_node, node_times), (run_bare, bare_times)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    node_s, bare_s = statistics.median(node_times), statistics.median(bare_times)
+    n_faces = sum(len(c) for c in crops_per_image)
+    print(
+        f"pack {args.pack} on {model.provider}; {args.batch} images of {args.size}x{args.size} + 1 reference, "
+        f"{n_faces} faces; median of {args.repeat} runs"
+    )
+    print(f"node FaceConsistencySimilarity : {node_s * 1000:8.1f} ms/run (min {min(node_times) * 1000:.1f})")
+    print(f"bare onnxruntime               : {bare_s * 1000:8.1f} ms/run (min {min(bare_times) * 1000:.1f})")
+    print(
+        f"ratio node/bare                : {node_s / bare_s:.2f}x of medians, "
+        f"{min(node_times) / min(bare_times):.2f}x of minima (target <= 1.2x)"
+    )
+
+
+if __name__ == "__main__":
+    main()
