@@ -265,7 +265,10 @@ def build_hooks(args: argparse.Namespace) -> list:
     if not args.enable_face_loss:
         return []
     face_loss = importlib.import_module(".face_loss", __package__)
-    return [face_loss.build_training_hook(args)]
+    build = getattr(face_loss, "build_training_hook", None)
+    if build is None:
+        raise ConfigError("--enable_face_loss: trainer/face_loss.py in this install provides no build_training_hook(args)")
+    return [build(args)]
 
 
 def _report_config_error(output_dir: str | None, message: str) -> None:
