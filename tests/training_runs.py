@@ -33,12 +33,19 @@ class TinyTraining:
                 target.symlink_to(path)
 
 
+_written: dict[Path, TinyTraining] = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TinyTraining:
-    root = tmp_path_factory.mktemp("tiny_training")
-    files = write_tiny_model_files(root / "models")
-    # the dataset's latent cache is shared by the runs: only the first one builds it
-    return TinyTraining(files, write_tiny_dataset(root / "data", n=4))
+    # Each test module imports this fixture (pytest then keeps one per module): write the files
+    # once per session all the same, so the dataset's latent cache is built by the first run only.
+    base = tmp_path_factory.getbasetemp()
+    if base not in _written:
+        root = tmp_path_factory.mktemp("tiny_training")
+        files = write_tiny_model_files(root / "models")
+        _written[base] = TinyTraining(files, write_tiny_dataset(root / "data", n=4))
+    return _written[base]
 
 
 def wait_for(condition: Callable[[], T], what: str, timeout_s: float = RUN_TIMEOUT_S, interval_s: float = 0.25) -> T:
