@@ -1,0 +1,181 @@
+"""End to end in a real ComfyUI: the pack loads, its nodes are listed, a scoring workflow runs.
+
+Runs only when COMFYUI_DIR points at a ComfyUI checkout (skipped otherwise):
+
+    COMFYUI_DIR=/path/to/ComfyUI [COMFYUI_PYTHON=/path/to/its/python] \
+        python -m pytest tests/test_e2e_comfyui.py -m e2e -v
+
+The server runs on 127.0.0.1 with `--base-directory` in a temporary folder, so the checkout
+is left untouched: the pack is symlinked into that folder's custom_nodes under a hyphenated
+name (as users clone it), the shared test photos are copied into its input folder, and an
+extra_model_paths.yaml maps `insightface` to the shared test pack root.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACK_FOLDER = "ComfyUI-Face-Consistency"
+OUR_NODES = (
+    "FaceConsistencyLoadModel", "FaceConsistencyReference", "FaceConsistencySimilarity",
+    "FaceConsistencyMatchFaces", "FaceConsistencyBestOf",
+)
+STARTUP_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 300
+
+pytestmark = pytest.mark.e2e
+
+
+def _comfyui_dir() -> Path:
+    value = os.environ.get("COMFYUI_DIR")
+    if not value:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the end-to-end tier")
+    path = Path(value).expanduser().resolve()
+    if not (path / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={path} has no main.py: not a ComfyUI checkout")
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path, base: Path) -> None:
+        self.url, self.process, self.log_path, self.base = url, process, log_path, base
+
+    def get(self, route: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{route}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}{route}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # ComfyUI explains a rejected prompt in the body
+            raise AssertionError(f"POST {route} -> {exc.code}: {exc.read().decode()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture(scope="module")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Iterator[ComfyServer]:
+    comfyui = _comfyui_dir()
+    base = tmp_path_factory.mktemp("comfy-base")
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / sub).mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+    for name in ("obama.jpg", "obama2.jpg"):
+        shutil.copyfile(testdata / "faces" / name, base / "input" / name)
+    extra_paths = base / "extra_model_paths.yaml"
+    extra_paths.write_text(f"face_test_data:\n    base_path: {testdata}\n    insightface: insightface\n")
+
+    port = _free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
+                "--database-url", "sqlite:///:memory:",
+            ],
+            cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} while starting:\n{server.log()}")
+            try:
+                server.get("/object_info/FaceConsistencyLoadModel")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+                time.sleep(1.0)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+def test_nodes_are_listed(comfy_server: ComfyServer) -> None:
+    info = comfy_server.get("/object_info")
+    missing = [name for name in OUR_NODES if name not in info]
+    assert not missing, f"not registered: {missing}\n{comfy_server.log()}"
+    packs = info["FaceConsistencyLoadModel"]["input"]["required"]["pack"][0]
+    assert "testpack" in packs
+    similarity = info["FaceConsistencySimilarity"]
+    assert similarity["output_is_list"][0] is True and similarity["output_node"] is True
+
+
+def score_workflow() -> dict[str, Any]:
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "obama2.jpg"}},
+        "3": {
+            "class_type": "FaceConsistencyLoadModel",
+            "inputs": {"pack": "testpack", "provider": "cpu", "det_size": "640", "det_thresh": 0.5},
+        },
+        "4": {
+            "class_type": "FaceConsistencySimilarity",
+            "inputs": {
+                "face_model": ["3", 0], "images": ["2", 0], "reference_image": ["1", 0],
+                "face_selection": "largest", "face_index": 0, "no_face_policy": "score_zero",
+                "threshold": 0.7, "band_excellent": 0.85, "band_good": 0.75, "band_moderate": 0.65,
+                "copy_paste_threshold": 0.1,
+            },
+        },
+        "5": {"class_type": "PreviewAny", "inputs": {"source": ["4", 3]}},
+        "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "face_e2e"}},
+    }
+
+
+def test_scoring_workflow_runs(comfy_server: ComfyServer) -> None:
+    queued = comfy_server.post("/prompt", {"prompt": score_workflow(), "client_id": uuid.uuid4().hex})
+    prompt_id = queued["prompt_id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while prompt_id not in (history := comfy_server.get(f"/history/{prompt_id}")):
+        assert time.monotonic() < deadline, f"prompt not finished in {RUN_TIMEOUT_S}s:\n{comfy_server.log()}"
+        time.sleep(0.5)
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy_server.log()}"
+    outputs = entry["outputs"]
+
+    report = outputs["5"]["text"][0]
+    assert "testpack on CPUExecutionProvider" in report
+    score = float(outputs["6"]["text"][0])
+    assert score == pytest.approx(0.723, abs=0.01)  # obama / obama2, the measured figure
+    assert f"{score:.3f}" in report and "moderate" in report
+    assert outputs["3"]["text"][0].startswith("testpack on CPUExecutionProvider")
+    assert outputs["4"]["text"][0] == report
+    preview = outputs["4"]["images"][0]
+    assert (comfy_server.base / "temp" / preview["filename"]).is_file()
+    saved = outputs["7"]["images"][0]
+    assert (comfy_server.base / "output" / saved["subfolder"] / saved["filename"]).is_file()
