@@ -25,9 +25,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
+import cv2
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "example_workflows" / "api"
 PACK_FOLDER = "ComfyUI-Face-Consistency"
 OUR_NODES = (
     "FaceConsistencyLoadModel", "FaceConsistencyReference", "FaceConsistencySimilarity",
@@ -84,8 +86,16 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> It
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / sub).mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
-    for name in ("obama.jpg", "obama2.jpg"):
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
         shutil.copyfile(testdata / "faces" / name, base / "input" / name)
+    # the example workflows' input names: a control and its "edit", a group photo and its mirror
+    shutil.copyfile(testdata / "faces" / "obama.jpg", base / "input" / "control.png")
+    shutil.copyfile(testdata / "faces" / "obama2.jpg", base / "input" / "edited.png")
+    from insightface.data import get_image
+
+    group_bgr = get_image("t1")
+    cv2.imwrite(str(base / "input" / "group.png"), group_bgr)
+    cv2.imwrite(str(base / "input" / "group_edited.png"), group_bgr[:, ::-1])
     extra_paths = base / "extra_model_paths.yaml"
     extra_paths.write_text(f"face_test_data:\n    base_path: {testdata}\n    insightface: insightface\n")
 
@@ -134,6 +144,28 @@ def test_nodes_are_listed(comfy_server: ComfyServer) -> None:
     assert similarity["output_is_list"][0] is True and similarity["output_node"] is True
 
 
+def run_prompt(server: ComfyServer, workflow: dict[str, Any]) -> dict[str, Any]:
+    """Queue a workflow, wait for it, return its outputs (failing with the server log if it fails)."""
+    queued = server.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+    prompt_id = queued["prompt_id"]
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while prompt_id not in (history := server.get(f"/history/{prompt_id}")):
+        assert time.monotonic() < deadline, f"prompt not finished in {RUN_TIMEOUT_S}s:\n{server.log()}"
+        time.sleep(0.5)
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log()}"
+    return entry["outputs"]
+
+
+def example(name: str) -> dict[str, Any]:
+    """An example workflow with the test pack in place of buffalo_l."""
+    workflow = json.loads((EXAMPLES / f"{name}.json").read_text())
+    for node in workflow.values():
+        if node["class_type"] == "FaceConsistencyLoadModel":
+            node["inputs"].update(pack="testpack", det_size="640")
+    return workflow
+
+
 def score_workflow() -> dict[str, Any]:
     return {
         "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
@@ -158,15 +190,7 @@ def score_workflow() -> dict[str, Any]:
 
 
 def test_scoring_workflow_runs(comfy_server: ComfyServer) -> None:
-    queued = comfy_server.post("/prompt", {"prompt": score_workflow(), "client_id": uuid.uuid4().hex})
-    prompt_id = queued["prompt_id"]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while prompt_id not in (history := comfy_server.get(f"/history/{prompt_id}")):
-        assert time.monotonic() < deadline, f"prompt not finished in {RUN_TIMEOUT_S}s:\n{comfy_server.log()}"
-        time.sleep(0.5)
-    entry = history[prompt_id]
-    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{comfy_server.log()}"
-    outputs = entry["outputs"]
+    outputs = run_prompt(comfy_server, score_workflow())
 
     report = outputs["5"]["text"][0]
     assert "testpack on CPUExecutionProvider" in report
@@ -179,3 +203,45 @@ def test_scoring_workflow_runs(comfy_server: ComfyServer) -> None:
     assert (comfy_server.base / "temp" / preview["filename"]).is_file()
     saved = outputs["7"]["images"][0]
     assert (comfy_server.base / "output" / saved["subfolder"] / saved["filename"]).is_file()
+
+
+def test_example_score_one_edit_runs(comfy_server: ComfyServer) -> None:
+    outputs = run_prompt(comfy_server, example("score_one_edit"))
+    assert "0.72" in outputs["5"]["text"][0] and len(outputs["6"]["images"]) == 1
+
+
+def test_example_multi_person_edit_runs(comfy_server: ComfyServer) -> None:
+    outputs = run_prompt(comfy_server, example("multi_person_edit"))
+    report = outputs["5"]["text"][0]
+    assert "6 of 6 people matched" in report
+    assert len(outputs["6"]["images"]) == 1 and len(outputs["7"]["images"]) == 1
+
+
+def test_example_best_of_n_seeds_is_valid(comfy_server: ComfyServer) -> None:
+    """Its Qwen-Image-Edit models are not here: check every node and input against the server."""
+    info = comfy_server.get("/object_info")
+    for node_id, node in example("best_of_n_seeds").items():
+        spec = info.get(node["class_type"])
+        assert spec is not None, f"node {node_id}: unknown type {node['class_type']}"
+        required, optional = spec["input"].get("required", {}), spec["input"].get("optional", {})
+        missing = set(required) - set(node["inputs"])
+        unknown = set(node["inputs"]) - set(required) - set(optional)
+        assert not missing and not unknown, f"node {node_id} {node['class_type']}: missing {missing}, unknown {unknown}"
+
+
+def test_best_of_chain_runs_over_a_batch(comfy_server: ComfyServer) -> None:
+    """best_of_n_seeds' scoring half on a real batch: list outputs feed the list-input node."""
+    workflow = example("best_of_n_seeds")
+    scoring_half = {k: workflow[k] for k in ("1", "14", "15", "16", "17", "18", "19")}
+    scoring_half.update({
+        "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "20": {"class_type": "LoadImage", "inputs": {"image": "biden.jpg"}},
+        "21": {"class_type": "LoadImage", "inputs": {"image": "obama2.jpg"}},
+        "13": {"class_type": "ImageBatch", "inputs": {"image1": ["20", 0], "image2": ["21", 0]}},
+    })
+    scoring_half["16"]["inputs"]["threshold"] = 0.5
+    outputs = run_prompt(comfy_server, scoring_half)
+
+    report = outputs["19"]["text"][0]
+    assert report.startswith("best of 2: 1 at or above 0.50") and "1. image 1:" in report
+    assert len(outputs["17"]["images"]) == 1
