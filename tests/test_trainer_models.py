@@ -113,3 +113,17 @@ def test_missing_file_and_missing_tokenizer(tmp_path):
         models.load_vae(tmp_path / "nope.safetensors")
     with pytest.raises(models.ModelFileError, match="--tokenizer"):
         models.load_processor(tmp_path)
+
+
+def test_fp8_dit_file_is_upcast(tiny_files, tmp_path):
+    from tiny_qwen import fp8_scaled
+
+    raw = load_file(str(tiny_files.dit))
+    with safe_open(str(tiny_files.dit), "pt") as f:
+        metadata = f.metadata()
+    fp8 = tmp_path / "dit_fp8_scaled.safetensors"
+    save_file(fp8_scaled(raw), str(fp8), metadata=metadata)
+    model = models.load_transformer(fp8, torch.float32)
+    want = raw[DIT_PREFIX + "transformer_blocks.0.attn.to_q.weight"]
+    got = model.transformer_blocks[0].attn.to_q.weight
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0.07, atol=2e-3)

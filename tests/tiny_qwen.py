@@ -173,7 +173,7 @@ def diffusers_vae_key_to_wan(key: str) -> str:
     raise KeyError(f"no Wan name known for VAE key {key}")
 
 
-def _fp8_scaled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def fp8_scaled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI `_fp8_scaled` layout: 2-D weights as float8_e4m3fn + `.scale_weight`, plus the marker."""
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for key, value in state_dict.items():
@@ -232,7 +232,7 @@ def write_tiny_model_files(
         te_sd[key] = value.contiguous()
     name = "qwen_2.5_vl_tiny_fp8_scaled.safetensors" if text_encoder_fp8 else "qwen_2.5_vl_tiny.safetensors"
     if text_encoder_fp8:
-        te_sd = _fp8_scaled(te_sd)
+        te_sd = fp8_scaled(te_sd)
     text_encoder = root / name
     save_file(te_sd, str(text_encoder), metadata={"config": json.dumps(te_config)})
     return TinyModelFiles(dit=dit, vae=vae, text_encoder=text_encoder, tokenizer_dir=tokenizer_dir)

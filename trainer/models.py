@@ -1,7 +1,8 @@
 """Load the single-file models ComfyUI users already have into diffusers/transformers classes.
 
 - DiT `qwen_image_edit_2509_*.safetensors`: diffusers `QwenImageTransformer2DModel` names,
-  optionally prefixed `model.diffusion_model.`.
+  optionally prefixed `model.diffusion_model.`; float8 files (`_fp8_e4m3fn`, scaled or not) are
+  upcast to the training dtype.
 - VAE `qwen_image_vae.safetensors`: Wan-style names (`conv1`, `decoder.head.0.gamma`, ...),
   renamed with diffusers' own Wan converter to `AutoencoderKLQwenImage` names.
 - Text encoder `qwen_2.5_vl_7b*.safetensors`: `model.*` -> `model.language_model.*`,
@@ -130,7 +131,8 @@ def _materialize(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dt
 def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> QwenImageTransformer2DModel:
     what = "DiT (--dit)"
     file = read_single_file(path, what)
-    state_dict = {k.removeprefix(DIT_PREFIX): v for k, v in file.tensors.items()}
+    # `_fp8_e4m3fn` / `_fp8_scaled` DiT files are upcast (with their scales) like the text encoder.
+    state_dict = {k.removeprefix(DIT_PREFIX): v for k, v in _dequantize_fp8(file.tensors, dtype).items()}
     config = _architecture_config(file, TRANSFORMER_CONFIG, what)
     expected = (
         f"a Qwen-Image(-Edit) transformer with {config.get('num_layers', '?')} blocks "

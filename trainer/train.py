@@ -274,7 +274,7 @@ def _lora_metadata(args: argparse.Namespace, step: int, epoch: int, num_images: 
         "ss_network_module": NETWORK_MODULE,
         "ss_network_dim": args.network_dim,
         "ss_network_alpha": args.network_alpha,
-        "ss_network_args": json.dumps(args.network_args or []),
+        "ss_network_args": json.dumps(dict(entry.split("=", 1) for entry in args.network_args or [])),
         "ss_base_model_version": "qwen_image_edit_plus" if args.edit_plus else "qwen_image_edit",
         "ss_output_name": args.output_name,
         "ss_training_started_at": started,
@@ -394,13 +394,14 @@ def _train(
         pipeline, Path(args.vae), Path(args.text_encoder), str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO),
         args.edit_plus, device,
     )
-    if accelerator.is_main_process:
-        counts = cache_dataset(
-            items, encoders, should_stop=lambda: stop.received is not None or stop_requested(output_dir),
-            progress=lambda done, total: reporter.update(cached=done, cache_total=total),
-        )
-        log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
-        reporter.update(cache_built=counts["built"], cache_reused=counts["reused"])
+    # Each process caches its share (a long single-process caching run would time out the others).
+    share = items[accelerator.process_index :: accelerator.num_processes]
+    counts = cache_dataset(
+        share, encoders, should_stop=lambda: stop.received is not None or stop_requested(output_dir),
+        progress=lambda done, total: reporter.update(cached=done, cache_total=total),
+    )
+    log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
+    reporter.update(cache_built=counts["built"], cache_reused=counts["reused"])
     accelerator.wait_for_everyone()
     stopped_while_caching = stop_reason()
     if stopped_while_caching:
