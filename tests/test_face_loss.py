@@ -319,24 +319,24 @@ def test_samples_without_face_or_high_t_are_skipped(face_loss, photos) -> None:
     kps_t[1] = 0.0  # no face cached: zeros, never warped
     reference = torch.randn(3, 128)
     out = face_loss(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.2, 0.2]))
-    assert out.metrics["face_valid"] == 2 and out.metrics["face_no_face"] == 1
+    assert out.metrics["face/valid"] == 2 and out.metrics["face/no_face"] == 1
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert images.grad[1].abs().sum() == 0 and images.grad[0].abs().sum() > 0
 
     limited = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5)
     out = limited(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
-    assert out.metrics["face_valid"] == 1 and out.metrics["face_t"] == [0.2]
+    assert out.metrics["face/valid"] == 1 and out.metrics["face/t"] == [0.2]
     none = limited(images, kps_t, reference, torch.tensor([False, False, True]), torch.tensor([0.2, 0.2, 0.9]))
-    assert none.metrics["face_valid"] == 0 and float(none.loss) == 0.0
+    assert none.metrics["face/valid"] == 0 and float(none.loss) == 0.0
     total = (images.mean() ** 2) + none.loss  # the step's MSE term plus an empty face term
     total.backward()
 
     with pytest.raises(ValueError, match="timestep"):
         FaceIdentityLoss(face_loss.recognizer, max_t=500)  # a 1000-scaled timestep is a mistake, not a limit
     metrics = limited.measure(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
-    assert metrics["face_valid"] == 2 and metrics["face_t"] == [0.2, 0.9]
-    assert -1.0 <= metrics["face_sim_min"] <= metrics["face_sim_mean"] <= metrics["face_sim_max"] <= 1.0
+    assert metrics["face/valid"] == 2 and metrics["face/t"] == [0.2, 0.9]
+    assert -1.0 <= metrics["face_sim/x0_min"] <= metrics["face_sim/x0_mean"] <= metrics["face_sim/x0_max"] <= 1.0
 
 
 def test_bf16_autocast_stays_finite(face_loss, photos) -> None:

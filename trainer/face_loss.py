@@ -352,7 +352,7 @@ class FaceIdentityLoss(nn.Module):
         sims = self._masked_similarity(use, images, kps, reference, source_region)
         distance = (1.0 - sims).mean()
         metrics.update(similarity_metrics(sims, t.flatten()[use.to(t.device)]))
-        metrics["face_loss"] = float(distance.detach())
+        metrics["loss/face"] = float(self.weight * distance.detach())
         return FaceLossOutput(loss=self.weight * distance, metrics=metrics)
 
     @torch.no_grad()
@@ -375,7 +375,7 @@ class FaceIdentityLoss(nn.Module):
 
     @staticmethod
     def _count_metrics(use: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
-        return {"face_valid": int(use.sum()), "face_no_face": int((~valid.to(torch.bool)).sum())}
+        return {"face/valid": int(use.sum()), "face/no_face": int((~valid.to(torch.bool)).sum())}
 
     def _masked_similarity(
         self,
@@ -397,9 +397,9 @@ def similarity_metrics(similarities: torch.Tensor, t: torch.Tensor) -> dict[str,
     """mean/min/max similarity, count and the timesteps they were measured at."""
     sims = similarities.detach().float().cpu()
     return {
-        "face_sim_mean": float(sims.mean()),
-        "face_sim_min": float(sims.min()),
-        "face_sim_max": float(sims.max()),
-        "face_sims": [round(float(s), 6) for s in sims],
-        "face_t": [round(float(v), 6) for v in t.detach().float().cpu()],
+        "face_sim/x0_mean": float(sims.mean()),
+        "face_sim/x0_min": float(sims.min()),
+        "face_sim/x0_max": float(sims.max()),
+        "face_sim/x0": [round(float(s), 6) for s in sims],
+        "face/t": [round(float(v), 6) for v in t.detach().float().cpu()],
     }
