@@ -24,8 +24,17 @@ from aiohttp import web
 
 from ..trainer import jobs
 from ..trainer.jobs import JobRecord, JobRegistry
-from ..trainer.protocol import JobState
-from ..trainer.run_reader import FACE_SIMILARITY, LOSS, SAMPLE_DIR, RunSnapshot, log_tail, read_run
+from ..trainer.protocol import JobState, read_status
+from ..trainer.run_reader import (
+    FACE_SIMILARITY,
+    LOSS,
+    SAMPLE_DIR,
+    RunSnapshot,
+    list_checkpoints,
+    log_tail,
+    normalise_metrics,
+    read_run,
+)
 from . import comfy_env
 from .training import open_registry
 
@@ -69,19 +78,19 @@ def _downsample(records: list[dict[str, Any]], max_points: int) -> list[dict[str
     return picked + [records[-1]]
 
 
-def _progress(record: JobRecord, run: RunSnapshot | None) -> dict[str, Any]:
+def _summary(record: JobRecord) -> dict[str, Any]:
+    """The job with its progress from status.json (cheap: no metrics file is read)."""
     summary: dict[str, Any] = record.to_json()
-    if run is None:
-        return summary
-    status = run.status or {}
-    latest = run.latest_checkpoint
+    status = normalise_metrics(read_status(record.output_dir) or {})
+    output_name = status.get("output_name")
+    checkpoints = list_checkpoints(record.output_dir, output_name if isinstance(output_name, str) else None)
     summary.update(
         step=status.get("step"),
         total_steps=status.get("total_steps"),
         epoch=status.get("epoch"),
-        loss=run.last_value(LOSS),
-        face_similarity=run.last_value(FACE_SIMILARITY),
-        latest_checkpoint=latest.filename if latest else None,
+        loss=status.get(LOSS),
+        face_similarity=status.get(FACE_SIMILARITY),
+        latest_checkpoint=checkpoints[-1].filename if checkpoints else None,
     )
     return summary
 
@@ -120,14 +129,14 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = op
     async def list_jobs(request: web.Request) -> web.Response:
         registry = registry_factory()
         records = registry.refresh_all()
-        return web.json_response({"jobs": [_progress(r, _read_run_or_none(r)) for r in records]})
+        return web.json_response({"jobs": [_summary(r) for r in records]})
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}")
     async def job_detail(request: web.Request) -> web.Response:
         record = _job(request, registry_factory())
         max_points = _int_param(request, "max_points", 500, 2, MAX_POINTS)
         run = _read_run_or_none(record)
-        body = _progress(record, run)
+        body = _summary(record)
         if run is not None:
             body["status"] = run.status
             body["metrics_source"] = run.metrics_source
@@ -199,7 +208,7 @@ class EventPoller:
                 continue
             if previous == ("final",):
                 continue
-            summary = _progress(record, _read_run_or_none(record))
+            summary = _summary(record)
             key = (summary["state"], summary.get("step"), summary.get("latest_checkpoint"))
             if key != previous:
                 self._send("progress", summary)

@@ -18,9 +18,9 @@ import torch
 from ..trainer import jobs
 from ..trainer.checkpoint_scores import best_checkpoint, copy_as_best, format_table, group_scores
 from ..trainer.jobs import JobRecord, JobRegistry
-from ..trainer.protocol import LOG_FILE
+from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
-from ..trainer.run_reader import FACE_SIMILARITY, LOSS, RunSnapshot, log_tail, read_run
+from ..trainer.run_reader import FACE_SIMILARITY, LOSS, RunSnapshot, list_checkpoints, log_tail, read_run
 from . import comfy_env
 
 CATEGORY = "face_consistency/training"
@@ -447,23 +447,26 @@ class FaceConsistencyTrainMonitor:
     @staticmethod
     def _wait(record: JobRecord, wait_until: str, timeout_s: float) -> JobRecord:
         registry = open_registry()
-        run = read_run(record.output_dir)
-        first_checkpoint = run.latest_checkpoint.path if run.latest_checkpoint else None
+
+        def latest_checkpoint() -> Path | None:
+            checkpoints = list_checkpoints(record.output_dir)
+            return checkpoints[-1].path if checkpoints else None
+
+        first_checkpoint = latest_checkpoint()
         # a one-step bar until the trainer reports its step count; every update is also where
         # ComfyUI raises when the user presses Cancel (the training itself goes on)
         bar, bar_total, shown = comfy_env.Progress(1), None, 0
         deadline = time.monotonic() + timeout_s
         while True:
             record = registry.refresh(record.job_id)
-            run = read_run(record.output_dir)
-            status = run.status or {}
+            status = read_status(record.output_dir) or {}
             total, step = status.get("total_steps"), status.get("step")
             if isinstance(total, int) and total > 0 and total != bar_total:
                 bar, bar_total, shown = comfy_env.Progress(total), total, 0
             advance = step - shown if bar_total and isinstance(step, int) and step > shown else 0
             bar.update(advance)
             shown += advance
-            latest = run.latest_checkpoint.path if run.latest_checkpoint else None
+            latest = latest_checkpoint()
             if record.finished or (wait_until == "next checkpoint" and latest not in (None, first_checkpoint)):
                 return record
             if time.monotonic() >= deadline:

@@ -17,7 +17,7 @@ from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # n
 from face_consistency.nodes import comfy_env, routes
 from face_consistency.trainer import jobs
 from face_consistency.trainer.jobs import JobRecord, JobRegistry
-from face_consistency.trainer.protocol import append_metrics, write_status
+from face_consistency.trainer.protocol import write_status
 
 PREFIX = "/face_consistency/jobs"
 
@@ -147,8 +147,9 @@ def test_poller_sends_progress_then_finished(registry: JobRegistry, tmp_path: Pa
     events: list[tuple[str, dict[str, Any]]] = []
     poller = routes.EventPoller(lambda: registry, lambda event, data: events.append((event, data)))
 
-    write_status(folder, {"state": "training", "job_id": job.job_id, "step": 3, "total_steps": 10})
-    append_metrics(folder, {"step": 3, "loss": 0.5, "face_similarity": 0.6})
+    # the trainer's status carries the last step's loss and face similarity
+    write_status(folder, {"state": "training", "job_id": job.job_id, "step": 3, "total_steps": 10,
+                          "loss": 0.5, "face_sim_mean": 0.6})
     poller.poll_once()
     poller.poll_once()  # nothing changed: nothing sent
     write_status(folder, {"state": "completed", "job_id": job.job_id, "step": 10, "total_steps": 10})
