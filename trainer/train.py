@@ -161,7 +161,7 @@ class StatusReporter:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT set a flag checked between steps; the previous handlers are restored after."""
+    """SIGTERM/SIGINT set a flag checked between steps (a second one aborts); old handlers are restored after."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -181,7 +181,10 @@ class StopSignal:
                 signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # asked twice: stop now, without a checkpoint
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice")
         self.received = signal.Signals(signum).name
+        log.info("%s received: stopping after the current step", self.received)
 
 
 # --------------------------------------------------------------------------- data
@@ -377,6 +380,9 @@ def _train(
         flag = torch.tensor([1.0 if local else 0.0], device=device)
         return (local or "stop requested by another process") if accelerator.reduce(flag, "max").item() > 0 else None
 
+    if args.blocks_to_swap and accelerator.num_processes > 1:
+        raise ValueError("--blocks_to_swap works with a single process only (it trades GPU memory for speed)")
+
     # ---- data and caches (text encoder and VAE only; the DiT is loaded afterwards)
     group = load_dataset_config(args.dataset_config)
     items = group.items
@@ -419,8 +425,6 @@ def _train(
 
     # ---- the DiT with LoRA
     transformer = models.load_transformer(args.dit, weight_dtype)
-    if args.blocks_to_swap and accelerator.num_processes > 1:
-        raise ValueError("--blocks_to_swap works with a single process only (it trades GPU memory for speed)")
     if args.blocks_to_swap and args.blocks_to_swap >= len(transformer.transformer_blocks):
         raise ValueError(
             f"--blocks_to_swap {args.blocks_to_swap} must be smaller than the model's "
@@ -526,6 +530,8 @@ def _train(
             if metrics:
                 reporter.metrics({"step": progress["step"], **metrics})
                 reporter.status.update(metrics)
+                if args.logging_dir:
+                    accelerator.log(metrics, step=progress["step"])
             reporter.status["last_sample_step"] = progress["step"]
             log.info("wrote %d sample(s) at step %d", len(paths), progress["step"])
         accelerator.wait_for_everyone()
@@ -540,6 +546,7 @@ def _train(
     step_times: collections.deque[float] = collections.deque(maxlen=20)
     last_step_end = time.time()
     stopped_by: str | None = None
+    micro_losses: list[torch.Tensor] = []  # flow-matching losses of the micro-batches of one optimizer step
 
     while progress["step"] < total_steps and stopped_by is None:
         epoch = progress["epoch"]
@@ -556,10 +563,12 @@ def _train(
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+            micro_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
             progress["step"] += 1
-            loss_value = accelerator.reduce(loss.detach(), "mean").item()
+            loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
+            micro_losses.clear()
             recent_losses.append(loss_value)
             now = time.time()
             step_times.append(now - last_step_end)
