@@ -60,6 +60,6 @@ def write_musubi_run(folder: Path, *, steps: int = 30) -> Path:
     for step in range(1, steps + 1):
         writer.add_scalar("loss/current", 1.0 / step, step)
         writer.add_scalar("loss/average", 1.0 / step + 0.01, step)
-        writer.add_scalar("face/similarity", 0.5 + step / (2 * steps), step)
+        writer.add_scalar("face_sim/x0_mean", 0.5 + step / (2 * steps), step)
     writer.close()
     return folder

@@ -149,7 +149,7 @@ def test_poller_sends_progress_then_finished(registry: JobRegistry, tmp_path: Pa
 
     # the trainer's status carries the last step's loss and face similarity
     write_status(folder, {"state": "training", "job_id": job.job_id, "step": 3, "total_steps": 10,
-                          "loss": 0.5, "face_sim_mean": 0.6})
+                          "loss": 0.5, "face_sim/x0_mean": 0.6})
     poller.poll_once()
     poller.poll_once()  # nothing changed: nothing sent
     write_status(folder, {"state": "completed", "job_id": job.job_id, "step": 10, "total_steps": 10})

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import torch
 
+import test_example_workflows as example_checks
 from comfy_stubs import ProgressBar, set_comfy_base
 from run_folders import write_lora, write_musubi_run
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
@@ -25,6 +26,7 @@ from face_consistency.nodes.training import (
 from face_consistency.trainer.protocol import read_status
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
+API_EXAMPLES = EXAMPLES / "api"
 
 
 @pytest.fixture()
@@ -130,11 +132,13 @@ def test_scoreboard_rejects_mismatched_inputs(comfy: Path) -> None:
         node.rank(["a.safetensors"], [math.nan], [False])
 
 
-@pytest.mark.parametrize("name", ["train_launch_monitor.json", "evaluate_checkpoints.json"])
+@pytest.mark.parametrize("name", ["train_launch_monitor", "evaluate_checkpoints"])
 def test_example_workflows_fit_the_nodes(comfy: Path, name: str) -> None:
-    workflow = load_workflow(EXAMPLES / name)
+    workflow = load_workflow(API_EXAMPLES / f"{name}.json")
     check_inputs(workflow)
     assert {node["class_type"] for node in workflow.values()} & set(training.NODE_CLASS_MAPPINGS)
+    # the template browser's UI-format file is the same graph with the same widget values
+    example_checks.test_ui_workflow_matches_api(name)
 
 
 def _tiny_launch_inputs(tiny: TinyTraining, name: str, steps: int) -> dict[str, Any]:
@@ -160,7 +164,7 @@ def _tiny_launch_inputs(tiny: TinyTraining, name: str, steps: int) -> dict[str, 
 def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_training: TinyTraining) -> None:
     tiny_training.install_into_comfyui(comfy)
     control = tiny_training.dataset_toml.parent / "controls" / "item_0.png"
-    workflow = load_workflow(EXAMPLES / "train_launch_monitor.json")
+    workflow = load_workflow(API_EXAMPLES / "train_launch_monitor.json")
     workflow["1"]["inputs"].update(
         _tiny_launch_inputs(tiny_training, "tiny_face", 4),
         sample_prompts=f"a tiny edit --w 64 --h 64 --s 2 --d 7 --ci {control}",
@@ -194,7 +198,7 @@ def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_traini
 def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tiny_training: TinyTraining) -> None:
     tiny_training.install_into_comfyui(comfy)
     inputs = {
-        **load_workflow(EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
+        **load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
         **_tiny_launch_inputs(tiny_training, "tiny_stop", 10_000),
     }
     job, output_dir = FaceConsistencyTrainLaunch().launch(**inputs)["result"]

@@ -29,10 +29,11 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 # Canonical metric names and the keys / TensorBoard tags they are read from, first match wins.
 LOSS = "loss"
 FACE_SIMILARITY = "face_similarity"
-# Ours: `loss`, `face_sim_mean` (metrics.jsonl and TensorBoard); musubi-tuner: `loss/current`.
+# Ours: `loss` (metrics.jsonl) / `loss/current` (TensorBoard, as musubi-tuner), and the face
+# loss's `face_sim/x0_mean` (similarity of the one-step estimate's face to the reference).
 METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     LOSS: ("loss", "loss/current"),
-    FACE_SIMILARITY: ("face_similarity", "face_sim_mean", "face/similarity"),
+    FACE_SIMILARITY: ("face_similarity", "face_sim/x0_mean"),
 }
 
 _EPOCH_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
