@@ -200,3 +200,16 @@ def test_sample_names_follow_musubi(tmp_path):
                         sample_file_name("lora", first, step=120, epoch=None, seed_given=True, seed=5))
     assert re.fullmatch(r"lora_e000003_01_\d{14}\.png",
                         sample_file_name("lora", second, step=9, epoch=3, seed_given=False, seed=11))
+
+
+def test_tiny_face_dataset_crops_around_the_face(tmp_path, faces_dir, insightface_root):
+    from face_consistency.faceid import load_face_model
+
+    model = load_face_model("testpack", models_root=insightface_root, provider="cpu")
+    toml = write_tiny_dataset(tmp_path, n=3, with_face_photos=faces_dir, size=(96, 96), face_model=model)
+    items = load_dataset_config(toml).items
+    results = model.analyze([str(i.target) for i in items])
+    for item, result in zip(items, results):
+        assert result.ok, item.target
+        x1, _, x2, _ = result.face.bbox
+        assert (x2 - x1) / 96 > 0.3, "the face should dominate the tiny image"

@@ -261,11 +261,26 @@ def _face_photos(with_face_photos: str | Path | Sequence[str | Path]) -> list[Pa
     return [Path(p) for p in with_face_photos]
 
 
+def _face_square(photo: Image.Image, face_model, size: tuple[int, int]) -> Image.Image:
+    """The photo cropped to a square around its largest face (2x the face box), or the upper centre."""
+    if face_model is not None:
+        result = face_model.analyze([photo])[0]
+        if result.ok:
+            x1, y1, x2, y2 = (float(v) for v in result.face.bbox)
+            side = min(2.0 * max(x2 - x1, y2 - y1), photo.width, photo.height)
+            left = min(max((x1 + x2) / 2 - side / 2, 0), photo.width - side)
+            top = min(max((y1 + y2) / 2 - side / 2, 0), photo.height - side)
+            photo = photo.crop((round(left), round(top), round(left + side), round(top + side)))
+            return photo.resize(size, Image.Resampling.LANCZOS)
+    return ImageOps.fit(photo, size, method=Image.Resampling.LANCZOS, centering=(0.5, 0.2))
+
+
 def write_tiny_dataset(
     directory: str | Path,
     n: int = 4,
     *,
     with_face_photos: str | Path | Sequence[str | Path] | None = None,
+    face_model=None,
     size: tuple[int, int] = (64, 64),
     controls_per_target: int = 1,
     seed: int = 0,
@@ -278,8 +293,9 @@ def write_tiny_dataset(
     Layout: `<dir>/images/item_<i>.png` + `item_<i>.txt`, `<dir>/controls/item_<i>.png` (or
     `item_<i>_<k>.png` with several controls per target), cache under `<dir>/cache`.
     With `with_face_photos` (a folder or list of photos), targets are those photos (cycled),
-    cropped square and resized to `size`, so a face dominates; each control is the same photo
-    mirrored.
+    cropped square around the largest face found by `face_model` (a `faceid.FaceModel`; without
+    one, the upper centre) and resized to `size`, so a face dominates; each control is the same
+    crop mirrored.
     """
     root = Path(directory)
     images, controls, cache = root / "images", root / "controls", root / "cache"
@@ -291,7 +307,7 @@ def write_tiny_dataset(
         stem = f"item_{i}"
         if photos:
             with Image.open(photos[i % len(photos)]) as photo:
-                target = ImageOps.fit(photo.convert("RGB"), size, method=Image.Resampling.LANCZOS)
+                target = _face_square(photo.convert("RGB"), face_model, size)
             control_images = [ImageOps.mirror(target) for _ in range(controls_per_target)]
         else:
             target = _synthetic_image(rng, size)
