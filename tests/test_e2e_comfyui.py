@@ -12,6 +12,7 @@ extra_model_paths.yaml maps `insightface` to the shared test pack root.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -245,3 +246,87 @@ def test_best_of_chain_runs_over_a_batch(comfy_server: ComfyServer) -> None:
     report = outputs["19"]["text"][0]
     assert report.startswith("best of 2: 1 at or above 0.50") and "1. image 1:" in report
     assert len(outputs["17"]["images"]) == 1
+
+
+def _chromium() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.skip("no Chromium (set CHROMIUM) to load the UI workflows in ComfyUI's frontend")
+    return path
+
+
+async def _frontend_prompts(devtools_port: int, page_url: str, graphs: dict[str, str]) -> dict[str, Any]:
+    """Load each UI workflow in the real frontend (over the DevTools protocol) and let the
+    frontend convert it to API format, as queueing it would."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"http://127.0.0.1:{devtools_port}/json/new?{page_url}") as response:
+            target = await response.json()
+        async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            message_ids = iter(range(1, 1_000_000))
+
+            async def evaluate(expression: str) -> Any:
+                message_id = next(message_ids)
+                await ws.send_json({
+                    "id": message_id, "method": "Runtime.evaluate",
+                    "params": {"expression": expression, "awaitPromise": True, "returnByValue": True},
+                })
+                while (reply := await ws.receive_json()).get("id") != message_id:
+                    pass
+                result = reply["result"]
+                assert "exceptionDetails" not in result, json.dumps(result["exceptionDetails"])[:2000]
+                return result["result"].get("value")
+
+            deadline = time.monotonic() + STARTUP_TIMEOUT_S
+            while await evaluate("!!(window.app && window.app.graph)") is not True:
+                assert time.monotonic() < deadline, "the ComfyUI frontend did not start"
+                await asyncio.sleep(1.0)
+            prompts = {}
+            for name, graph in graphs.items():
+                prompts[name] = json.loads(await evaluate(
+                    f"(async () => {{ await app.loadGraphData({graph}, true, true, {json.dumps(name)}); "
+                    "const missing = app.graph._nodes.filter(n => n.has_errors).map(n => n.type); "
+                    "return JSON.stringify({missing, output: (await app.graphToPrompt()).output}); })()"
+                ))
+            return prompts
+
+
+def test_ui_workflows_load_in_the_frontend(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    """Each UI-format example opens in ComfyUI's frontend and queues as its API-format twin."""
+
+    chromium = _chromium()
+    devtools_port = _free_port()
+    browser = subprocess.Popen(
+        [
+            chromium, "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={devtools_port}",
+            f"--user-data-dir={tmp_path / 'chromium'}", "about:blank",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    names = ("score_one_edit", "best_of_n_seeds", "multi_person_edit")
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{devtools_port}/json/version", timeout=5).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "Chromium's DevTools endpoint did not open"
+                time.sleep(0.5)
+        graphs = {name: (REPO_ROOT / "example_workflows" / f"{name}.json").read_text() for name in names}
+        prompts = asyncio.run(_frontend_prompts(devtools_port, comfy_server.url + "/", graphs))
+    finally:
+        browser.terminate()
+        browser.wait(timeout=30)
+
+    for name in names:
+        assert prompts[name]["missing"] == [], name
+        expected = json.loads((EXAMPLES / f"{name}.json").read_text())
+        queued = prompts[name]["output"]
+        assert set(queued) == set(expected), name
+        for node_id, node in expected.items():
+            assert queued[node_id]["class_type"] == node["class_type"]
+            # the frontend adds display-only widgets (Preview Any's "preview"); all else must match
+            assert {k: v for k, v in queued[node_id]["inputs"].items() if k in node["inputs"]} == node["inputs"]
+            assert set(node["inputs"]) <= set(queued[node_id]["inputs"]), f"{name} node {node_id}"
