@@ -1,6 +1,7 @@
 """FaceConsistencyScoreFolder: the command line's folder evaluation as a node (report + plot)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -114,7 +115,7 @@ class FaceConsistencyScoreFolder:
         prompts = _optional_path(sample_prompts)
         if prompts is not None:
             parts.append(f"{prompts}:{file_signature(prompts)}")
-        return "\n".join(parts)
+        return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 
     def score_folder(
         self,
