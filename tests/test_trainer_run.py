@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
@@ -47,7 +48,11 @@ def losses(out: Path) -> dict[int, float]:
 
 
 def test_end_to_end_outputs(setup, tmp_path):
-    _, _, prompts = setup
+    _, _, tiny_prompts = setup
+    prompts = tmp_path / "prompts.txt"
+    control = tiny_prompts.read_text().split("--ci ")[-1].strip()
+    # A second prompt with true CFG and a negative prompt, without a seed (random, not in the name).
+    prompts.write_text(tiny_prompts.read_text() + f"cfg edit --w 32 --h 48 --s 2 --l 3 --n blurry --ci {control}\n")
     out = tmp_path / "out"
     rc = train(setup, out, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1",
                "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first")
@@ -63,8 +68,11 @@ def test_end_to_end_outputs(setup, tmp_path):
     # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
     assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]
     samples = sorted(p.name for p in (out / "sample").iterdir())
-    steps = [int(re.fullmatch(r"tiny_(\d{6})_00_\d{14}_100\.png", s).group(1)) for s in samples]
-    assert steps == [0, 2, 4]
+    seeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_00_\d{14}_100\.png", s))]
+    unseeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_01_\d{14}\.png", s))]
+    assert seeded == unseeded == [0, 2, 4] and len(samples) == 6
+    with Image.open(out / "sample" / samples[-1]) as image:
+        assert image.size == (32, 48)
     assert [m["step"] for m in read_metrics(out)] == [1, 2, 3, 4]
     with safe_open(str(out / "tiny.safetensors"), "pt") as f:
         metadata = f.metadata()
