@@ -255,9 +255,12 @@ def _chromium() -> str:
     return path
 
 
-async def _frontend_prompts(devtools_port: int, page_url: str, graphs: dict[str, str]) -> dict[str, Any]:
+async def _frontend_prompts(
+    devtools_port: int, page_url: str, graphs: dict[str, str], shown_text_of: str | None = None
+) -> dict[str, Any]:
     """Load each UI workflow in the real frontend (over the DevTools protocol) and let the
-    frontend convert it to API format, as queueing it would."""
+    frontend convert it to API format, as queueing it would. With `shown_text_of`, first queue
+    that workflow from the page (test pack) and return the report the node shows."""
     import aiohttp
 
     async with aiohttp.ClientSession() as http:
@@ -283,6 +286,22 @@ async def _frontend_prompts(devtools_port: int, page_url: str, graphs: dict[str,
                 assert time.monotonic() < deadline, "the ComfyUI frontend did not start"
                 await asyncio.sleep(1.0)
             prompts = {}
+            if shown_text_of is not None:
+                graph = graphs[shown_text_of]
+                prompts["shown_text"] = await evaluate(
+                    f"(async () => {{ await app.loadGraphData({graph}, true, true, 'shown_text'); "
+                    "for (const node of app.graph._nodes) {"
+                    "  for (const w of node.widgets ?? []) {"
+                    "    if (w.name === 'pack') w.value = 'testpack';"
+                    "    if (w.name === 'det_size') w.value = '640'; } }"
+                    "await app.queuePrompt(0, 1);"
+                    "const node = app.graph._nodes.find(n => n.type === 'FaceConsistencySimilarity');"
+                    "for (let i = 0; i < 600; i++) {"
+                    "  const w = node.widgets.find(w => w.name === 'face_consistency_text');"
+                    "  if (w && w.value) return w.value;"
+                    "  await new Promise(r => setTimeout(r, 500)); }"
+                    "return null; })()"
+                )
             for name, graph in graphs.items():
                 prompts[name] = json.loads(await evaluate(
                     f"(async () => {{ await app.loadGraphData({graph}, true, true, {json.dumps(name)}); "
@@ -293,7 +312,8 @@ async def _frontend_prompts(devtools_port: int, page_url: str, graphs: dict[str,
 
 
 def test_ui_workflows_load_in_the_frontend(comfy_server: ComfyServer, tmp_path: Path) -> None:
-    """Each UI-format example opens in ComfyUI's frontend and queues as its API-format twin."""
+    """Each UI-format example opens in ComfyUI's frontend and queues as its API-format twin;
+    queued from the page, the scoring node shows its report (web/face_consistency_node_text.js)."""
 
     chromium = _chromium()
     devtools_port = _free_port()
@@ -315,10 +335,13 @@ def test_ui_workflows_load_in_the_frontend(comfy_server: ComfyServer, tmp_path: 
                 assert time.monotonic() < deadline, "Chromium's DevTools endpoint did not open"
                 time.sleep(0.5)
         graphs = {name: (REPO_ROOT / "example_workflows" / f"{name}.json").read_text() for name in names}
-        prompts = asyncio.run(_frontend_prompts(devtools_port, comfy_server.url + "/", graphs))
+        prompts = asyncio.run(_frontend_prompts(devtools_port, comfy_server.url + "/", graphs, "score_one_edit"))
     finally:
         browser.terminate()
         browser.wait(timeout=30)
+
+    shown = prompts.pop("shown_text")
+    assert shown and shown.startswith("Face similarity: testpack on CPUExecutionProvider"), shown
 
     for name in names:
         assert prompts[name]["missing"] == [], name
