@@ -245,6 +245,8 @@ def test_truncated_model_file_fails_with_its_name(setup, tmp_path):
         (["--network_module", "networks.lokr"], "this trainer trains LoRA"),
         (["--resume", "/nonexistent"], "not a state folder"),
         (["--save_every_n_steps", "0"], "--save_every_n_steps must be at least 1"),
+        (["--network_weights", "/nonexistent.safetensors"], "--network_weights .*file not found"),
+        (["--network_dim", "four"], "invalid command-line arguments"),
     ],
 )
 def test_bad_arguments_fail_before_loading(setup, tmp_path, capsys, change, message):

@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     network.add_argument("--network_module", default=NETWORK_MODULE, help="accepted for compatibility")
     network.add_argument("--network_dim", type=int, default=4, help="LoRA rank")
     network.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha (scale alpha/dim)")
+    network.add_argument("--network_weights", help="LoRA file (this trainer's or musubi's) to start from")
     network.add_argument("--network_args", nargs="*", default=[],
                          help="include_patterns=[...] exclude_patterns=[...] (regex on module paths)")
 
@@ -207,6 +208,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
             raise ConfigError(f"--{flag} {getattr(args, flag)}: file not found")
+    if args.network_weights and not Path(args.network_weights).is_file():
+        raise ConfigError(f"--network_weights {args.network_weights}: file not found")
+    if args.network_weights and args.resume:
+        raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
     args.mixed_precision = _choice(args.mixed_precision, MIXED_PRECISION, "--mixed_precision")

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..faceid.fileio import atomic_path
 
@@ -130,3 +131,40 @@ def save_lora(
     with atomic_path(target) as tmp:
         save_file(comfy_lora_state_dict(transformer, alpha, dtype), str(tmp), metadata=metadata)
     return target
+
+
+def load_comfy_lora(transformer: torch.nn.Module, path: str | os.PathLike, alpha: float) -> int:
+    """Start from a saved LoRA file (`--network_weights`): its deltas go into the fresh adapter.
+
+    The file's rank must equal --network_dim; a different alpha is folded into the up weights so
+    the delta `up @ down * alpha / rank` is unchanged. Returns the number of layers loaded.
+    """
+    file = Path(path)
+    try:
+        tensors = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
+    adapter = get_peft_model_state_dict(transformer)
+    module_of = {lora_key(key.rpartition(".lora_")[0]): key.rpartition(".lora_")[0] for key in adapter}
+    stems = {key.rsplit(".", 2)[0] for key in tensors if key.endswith((".lora_down.weight", ".lora_up.weight"))}
+    unknown = sorted(stems - set(module_of))
+    if unknown:
+        raise NetworkArgsError(
+            f"--network_weights {file}: {len(unknown)} layer(s) are not LoRA targets of this model "
+            f"(e.g. {', '.join(unknown[:3])}); check --network_args"
+        )
+    loaded = {}
+    for stem in sorted(stems):
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+        module = module_of[stem]
+        expected = adapter[f"{module}.lora_A.weight"].shape
+        if tuple(down.shape) != tuple(expected):
+            raise NetworkArgsError(
+                f"--network_weights {file}: {stem} has shape {tuple(down.shape)}, expected {tuple(expected)} "
+                "(is --network_dim the file's rank?)"
+            )
+        file_alpha = float(tensors[f"{stem}.alpha"]) if f"{stem}.alpha" in tensors else float(down.shape[0])
+        loaded[f"{module}.lora_A.weight"] = down.float()
+        loaded[f"{module}.lora_B.weight"] = up.float() * (file_alpha / alpha)
+    set_peft_model_state_dict(transformer, loaded)
+    return len(stems)

@@ -53,7 +53,7 @@ from ..faceid.fileio import atomic_write_json
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
-from .lora import NETWORK_MODULE, add_lora, lora_target_modules, parse_network_args, save_lora
+from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules, parse_network_args, save_lora
 from .protocol import JobState, append_metrics, clear_stop_request, stop_requested, write_status
 from .sampling import EncodedSample, encode_samples, load_prompt_file, save_samples
 
@@ -452,6 +452,9 @@ def _train(
     else:
         transformer.to(device)
     lora_params = add_lora(transformer, args.network_dim, args.network_alpha, targets)
+    if args.network_weights:
+        count = load_comfy_lora(transformer, args.network_weights, args.network_alpha)
+        log.info("started from %s (%d layers)", args.network_weights, count)
     for param in lora_params:
         param.data = param.data.to(device)
     cast_training_params(transformer, dtype=torch.float32)
