@@ -341,6 +341,8 @@ class FaceConsistencyTrainLaunch:
                 raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
             model_paths[flag] = path
         output_dir = comfy_env.output_directory() / LORAS / name  # on ComfyUI's LoRA search path
+        registry = open_registry()
+        jobs.ensure_output_dir_free(registry, output_dir)  # before writing the dataset / prompt files there
         output_dir.mkdir(parents=True, exist_ok=True)
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
         args += ["--dataset_config", str(_dataset_config(dataset, output_dir, resolution))]
@@ -391,7 +393,7 @@ class FaceConsistencyTrainLaunch:
             args += shlex.split(extra_args)
         except ValueError as exc:
             raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
-        record = jobs.launch(open_registry(), output_dir, args, name=name)
+        record = jobs.launch(registry, output_dir, args, name=name)
         job = TrainingJob(record.job_id, str(record.output_dir), name)
         text = f"started job {record.job_id} (pid {record.pid}) into {record.output_dir}"
         return {"ui": {"text": [text]}, "result": (job, str(record.output_dir))}

@@ -205,6 +205,10 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
     record = training.open_registry().get(job.job_id)
     wait_for(lambda: ((read_status(output_dir) or {}).get("step") or 0) >= 1, "the first training step")
     assert math.isnan(FaceConsistencyTrainMonitor.IS_CHANGED(job=job))  # never cached while it runs
+    # a second launch into the running job's folder is refused before it writes anything there
+    with pytest.raises(training.jobs.JobConflictError, match="already training into"):
+        FaceConsistencyTrainLaunch().launch(**{**inputs, "sample_prompts": "another run --ci x.png"})
+    assert not (Path(output_dir) / "sample_prompts.txt").exists()
     ProgressBar.interrupt_after = 0  # the user presses Cancel while the monitor waits
     with pytest.raises(InterruptedError):
         FaceConsistencyTrainMonitor().monitor("finished", 5.0, 20, 4, job=job)

@@ -246,28 +246,35 @@ class JobRegistry:
             raise UnknownJobError(f"no training job with id {job_id!r} in {self.path}")
         return row
 
+    def _check_free(self, db: sqlite3.Connection, output_dir: Path) -> None:
+        for row in db.execute(
+            "SELECT * FROM jobs WHERE output_key = ? AND state NOT IN (%s)" % ",".join("?" * len(FINAL_STATE_VALUES)),
+            (_same_dir(output_dir), *sorted(FINAL_STATE_VALUES)),
+        ):
+            starting = row["pid"] is None and time.time() - row["started"] < LAUNCH_WINDOW_S
+            if starting or process_alive(row["pid"]):
+                raise JobConflictError(
+                    f"job {row['job_id']} ({row['state']}) is already training into {output_dir}; "
+                    "stop it first or choose another output name"
+                )
+
+    def check_free(self, output_dir: Path) -> None:
+        """Raise JobConflictError when an unfinished job of this registry writes into `output_dir`."""
+        with self._connect() as db:
+            self._check_free(db, output_dir)
+
     def reserve(self, name: str, output_dir: Path, command: list[str]) -> JobRecord:
-        """Register a job about to start; refuses when an unfinished job uses `output_dir`."""
-        key = _same_dir(output_dir)
+        """Register a job about to start; refuses (atomically) when an unfinished job uses `output_dir`."""
         job_id = uuid.uuid4().hex
         with self._connect() as db:
             db.execute("BEGIN IMMEDIATE")
             try:
-                for row in db.execute(
-                    "SELECT * FROM jobs WHERE output_key = ? AND state NOT IN (%s)"
-                    % ",".join("?" * len(FINAL_STATE_VALUES)),
-                    (key, *sorted(FINAL_STATE_VALUES)),
-                ):
-                    starting = row["pid"] is None and time.time() - row["started"] < LAUNCH_WINDOW_S
-                    if starting or process_alive(row["pid"]):
-                        raise JobConflictError(
-                            f"job {row['job_id']} ({row['state']}) is already training into {output_dir}; "
-                            "stop it first or choose another output name"
-                        )
+                self._check_free(db, output_dir)
                 db.execute(
                     "INSERT INTO jobs (job_id, name, output_dir, output_key, command, pid, started, state)"
                     " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-                    (job_id, name, str(output_dir), key, json.dumps(command), time.time(), JobState.STARTING.value),
+                    (job_id, name, str(output_dir), _same_dir(output_dir), json.dumps(command), time.time(),
+                     JobState.STARTING.value),
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -351,6 +358,18 @@ def _unregistered_trainer(registry: JobRegistry, folder: Path) -> int | None:
     return None if known is not None and known.pid == pid else pid
 
 
+def ensure_output_dir_free(registry: JobRegistry, output_dir: str | os.PathLike) -> None:
+    """Raise JobConflictError when a job, or a trainer started elsewhere, is writing into `output_dir`."""
+    folder = Path(output_dir).resolve()
+    registry.check_free(folder)
+    outside_pid = _unregistered_trainer(registry, folder)
+    if outside_pid is not None:
+        raise JobConflictError(
+            f"a trainer started outside ComfyUI (pid {outside_pid}) is writing into {folder}; "
+            "let it finish or choose another output name"
+        )
+
+
 def launch(
     registry: JobRegistry,
     output_dir: str | os.PathLike,
@@ -361,12 +380,7 @@ def launch(
     """Start the trainer detached, writing into `output_dir`; returns at once."""
     folder = Path(output_dir).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    outside_pid = _unregistered_trainer(registry, folder)
-    if outside_pid is not None:
-        raise JobConflictError(
-            f"a trainer started outside ComfyUI (pid {outside_pid}) is writing into {folder}; "
-            "let it finish or choose another output name"
-        )
+    ensure_output_dir_free(registry, folder)
     command = trainer_command(train_args)
     job = registry.reserve(name, folder, command)
     clear_stop_request(folder)
