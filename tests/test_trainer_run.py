@@ -337,3 +337,17 @@ def test_two_process_data_parallel_on_cpu(setup, tmp_path):
     assert status["steps_per_epoch"] == 2
     assert {p.name for p in (out / "tiny-state").glob("noise_generator_*.pt")} == {
         "noise_generator_0.pt", "noise_generator_1.pt"}
+
+
+def test_plain_edit_trains_and_takes_one_control(setup, tmp_path):
+    files, _, _ = setup
+    one = write_tiny_dataset(tmp_path / "one", n=1)
+    argv = tiny_train_argv(files, one, tmp_path / "out", max_train_steps=1)
+    argv[argv.index("--edit_plus")] = "--edit"
+    assert cli_main(["train", *argv]) == 0
+    assert read_status(tmp_path / "out")["state"] == "completed"
+    two = write_tiny_dataset(tmp_path / "two", n=1, controls_per_target=2)
+    argv = tiny_train_argv(files, two, tmp_path / "out2", max_train_steps=1)
+    argv[argv.index("--edit_plus")] = "--edit"
+    assert cli_main(["train", *argv]) == 2
+    assert "--edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]

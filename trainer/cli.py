@@ -255,11 +255,16 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.enable_face_loss and importlib.util.find_spec(f"{__package__}.face_loss") is None:
         raise ConfigError("--enable_face_loss/--use_face_as_loss need trainer/face_loss.py, which this install lacks")
     try:
-        load_dataset_config(args.dataset_config)
-        if args.sample_prompts:
-            load_prompt_file(args.sample_prompts)
+        group = load_dataset_config(args.dataset_config)
+        prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
     except (DatasetConfigError, PromptFileError) as exc:
         raise ConfigError(str(exc)) from None
+    if args.edit:
+        several = [str(i.target) for i in group.items if len(i.controls) != 1]
+        several += [f"sample prompt {p.index}" for p in prompts if len(p.controls) != 1]
+        if several:
+            raise ConfigError(f"--edit takes exactly one control image per target ({several[0]} has more); "
+                              "use --edit_plus for several")
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
     return args
