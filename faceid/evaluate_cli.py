@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -139,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             on_round(evaluation.run_round())
         else:
             say(f"watching every {args.watch:g} s; Ctrl-C to stop")
+            _stop_on_sigterm()
             watch(evaluation, args.watch, on_round)
     except KeyboardInterrupt:
         evaluation.store.save()
@@ -159,6 +162,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("face-consistency evaluate: no pair could be scored (see failures in the report)", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_on_sigterm() -> None:
+    """Let `kill` (SIGTERM, how services and job control stop a watcher) end watch mode like Ctrl-C."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _fmt(value: float | None) -> str:

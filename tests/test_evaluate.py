@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -388,3 +392,28 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(run, insightface_root, tmp_path, monk
     assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
     cache = tmp_path / "watch.json.embeddings.json"
     assert len(json.loads(cache.read_text())["entries"]) == 11
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM])
+def test_watch_process_stops_cleanly_on_a_real_signal(run, insightface_root, tmp_path, stop_signal):
+    sample, prompts = _copy_run(run, tmp_path / "run")
+    out = tmp_path / "live.json"
+    command = [
+        sys.executable, "-m", "face_consistency", "evaluate", "--sample_dir", str(sample), "--sample_prompts",
+        str(prompts), "--ci_base_dir", str(tmp_path / "run"), "--output_json", str(out), "--watch", "1", "--quiet",
+        *_model_args(insightface_root),
+    ]
+    # a shell's background jobs ignore SIGINT; give the child Python's usual Ctrl-C handling
+    process = subprocess.Popen(command, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.2)
+        assert out.exists(), "no report written by the first round"
+        process.send_signal(stop_signal)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    report = json.loads(out.read_text())
+    assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
