@@ -25,6 +25,7 @@ from face_consistency.nodes.training import (
     FaceConsistencyTrainStop,
 )
 from face_consistency.trainer.protocol import read_status
+from face_consistency.trainer.run_reader import read_run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
@@ -201,6 +202,7 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
     inputs = {
         **load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
         **_tiny_launch_inputs(tiny_training, "tiny_stop", 10_000),
+        "extra_args": "--save_every_n_steps 2",
     }
     job, output_dir = FaceConsistencyTrainLaunch().launch(**inputs)["result"]
     record = training.open_registry().get(job.job_id)
@@ -215,6 +217,10 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
         FaceConsistencyTrainMonitor().monitor("finished", 5.0, 20, 4, job=job)
     ProgressBar.interrupt_after = None
     assert training.jobs.process_alive(record.pid)  # cancelling the wait does not stop training
+    before = {c.filename for c in read_run(output_dir).checkpoints}
+    status, _, latest, _ = FaceConsistencyTrainMonitor().monitor("next checkpoint", 5.0, 20, 4, job=job)["result"]
+    assert latest.startswith("tiny_stop/tiny_stop-step") and latest.split("/")[1] not in before, status
+    assert "tiny_stop: training" in status or "tiny_stop: saving" in status, status
 
     report = FaceConsistencyTrainStop().stop(120, job=job)["result"][0]
 
