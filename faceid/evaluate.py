@@ -32,7 +32,7 @@ from .similarity import Bands, mean_identity
 # Images per detector/recognizer chunk, and how many decoded images may wait ahead of it.
 CHUNK_SIZE = 16
 PREFETCH = 2 * CHUNK_SIZE
-NOT_SCORED = "not scored yet (evaluation interrupted)"
+NOT_SCORED = "not scored (the evaluation was interrupted, or the file vanished while it ran)"
 
 
 class EvaluationError(FaceEngineError):
