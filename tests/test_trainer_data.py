@@ -132,16 +132,23 @@ def test_jsonl_dataset(tmp_path):
 def encoders(tmp_path_factory):
     files = write_tiny_model_files(tmp_path_factory.mktemp("models"))
     vae = models.load_vae(files.vae, torch.float32)
-    text_encoder = models.load_text_encoder(files.text_encoder, torch.float32)
-    processor = models.load_processor(files.tokenizer_dir)
     pipeline = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-        tokenizer=processor.tokenizer, processor=processor, transformer=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
+        transformer=None,
     )
-    return CacheEncoders(pipeline, files.vae, files.text_encoder, str(files.tokenizer_dir), True, torch.device("cpu"))
+    loads = []
+
+    def load_text_side():
+        loads.append(1)
+        return models.load_text_encoder(files.text_encoder, torch.float32), models.load_processor(files.tokenizer_dir)
+
+    encoders = CacheEncoders(pipeline, files.vae, files.text_encoder, torch.float32, str(files.tokenizer_dir), True,
+                             torch.device("cpu"), load_text_side)
+    return encoders, loads
 
 
 def test_cache_is_built_reused_and_rebuilt_on_change(tmp_path, encoders):
+    encoders, text_side_loads = encoders
     toml = write_tiny_dataset(tmp_path, n=2, size=(48, 32), controls_per_target=2)
     items = load_dataset_config(toml).items
     assert cache_dataset(items, encoders) == {"built": 4, "reused": 0}
@@ -152,6 +159,7 @@ def test_cache_is_built_reused_and_rebuilt_on_change(tmp_path, encoders):
     assert latent_cache_path(items[0]).name == "item_0_0048x0032_qi.safetensors"
 
     assert cache_dataset(items, encoders) == {"built": 0, "reused": 4}
+    assert len(text_side_loads) == 1, "the text encoder is loaded once, when first needed"
 
     # A changed target image rebuilds its latents only; a changed caption its text cache only.
     target = items[0].target

@@ -16,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
@@ -78,14 +78,27 @@ def _open_rgb(path: Path) -> Image.Image:
 
 @dataclass
 class CacheEncoders:
-    """The frozen encoders, wrapped in diffusers' Edit pipeline for its prompt encoding and VAE helpers."""
+    """The frozen encoders, wrapped in diffusers' Edit pipeline for its prompt encoding and VAE helpers.
+
+    The text encoder and processor are loaded by `load_text_side` on the first prompt to encode,
+    so a run whose text caches are all valid (and has no sample prompts) never loads the 7B model.
+    """
 
     pipeline: QwenImageEditPlusPipeline | QwenImageEditPipeline
     vae_file: Path
     text_encoder_file: Path
+    text_encoder_dtype: torch.dtype
     tokenizer_id: str
     edit_plus: bool
     device: torch.device
+    load_text_side: Callable[[], tuple[torch.nn.Module, Any]]  # -> (text encoder, processor)
+
+    def _ensure_text_side(self) -> None:
+        if self.pipeline.text_encoder is None:
+            text_encoder, processor = self.load_text_side()
+            self.pipeline.text_encoder = text_encoder
+            self.pipeline.processor = processor
+            self.pipeline.tokenizer = processor.tokenizer
 
     def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         """Normalised latents [16, 1, h, w] of `image` resized to cover `size` and centre-cropped."""
@@ -104,6 +117,7 @@ class CacheEncoders:
 
     def encode_prompt(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
         """Prompt embeddings [tokens, dim] for `caption` with the control images, per the Edit template."""
+        self._ensure_text_side()
         condition = [self.condition_image(image) for image in controls]
         with torch.no_grad():
             embeds, _ = self.pipeline.encode_prompt(
@@ -131,7 +145,7 @@ def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "caption": item.caption,
             "controls": [_file_identity(c) for c in item.controls],
             "text_encoder": _file_identity(encoders.text_encoder_file),
-            "text_encoder_dtype": str(encoders.pipeline.text_encoder.dtype),
+            "text_encoder_dtype": str(encoders.text_encoder_dtype),
             "tokenizer": encoders.tokenizer_id,
             "edit_plus": encoders.edit_plus,
         }

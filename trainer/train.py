@@ -389,16 +389,19 @@ def _train(
     log.info("dataset: %d images in %d dataset(s)", len(items), len(group.datasets))
     reporter.update(JobState.CACHING, num_images=len(items))
     vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else weight_dtype).to(device)
-    text_encoder = models.load_text_encoder(args.text_encoder, weight_dtype).to(device)
-    processor = models.load_processor(args.tokenizer)
+
+    def load_text_side() -> tuple[torch.nn.Module, Any]:
+        log.info("loading the text encoder %s", args.text_encoder)
+        return models.load_text_encoder(args.text_encoder, weight_dtype).to(device), models.load_processor(args.tokenizer)
+
     pipeline_class = QwenImageEditPlusPipeline if args.edit_plus else QwenImageEditPipeline
     pipeline = pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
-        tokenizer=processor.tokenizer, processor=processor, transformer=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
+        transformer=None,
     )
     encoders = CacheEncoders(
-        pipeline, Path(args.vae), Path(args.text_encoder), str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO),
-        args.edit_plus, device,
+        pipeline, Path(args.vae), Path(args.text_encoder), weight_dtype,
+        str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), args.edit_plus, device, load_text_side,
     )
     # Each process caches its share (a long single-process caching run would time out the others).
     share = items[accelerator.process_index :: accelerator.num_processes]
@@ -418,7 +421,7 @@ def _train(
         samples = encode_samples(load_prompt_file(args.sample_prompts), encoders)
     for hook in hooks:
         reporter.update(**hook.on_cached(items, accelerator))
-    del pipeline, encoders, text_encoder
+    del pipeline, encoders
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
