@@ -513,8 +513,8 @@ class FaceConsistencyTrainStop:
 
         was_running = not record.finished
         record = jobs.stop(open_registry(), record.job_id, grace_s=float(grace_seconds), on_wait=tick)
-        run = read_run(folder)
-        latest = run.latest_checkpoint
+        checkpoints = list_checkpoints(folder)
+        latest = checkpoints[-1] if checkpoints else None
         lines = [f"job {record.job_id}: {record.state}" + ("" if was_running else " (had already ended)")]
         if latest is not None:
             lines.append(f"last checkpoint: {_relative_lora_name(latest.path) or latest.path} ({latest.label})")
