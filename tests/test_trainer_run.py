@@ -174,6 +174,10 @@ def test_resume_continues_at_saved_step_with_identical_losses(setup, tmp_path):
         assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-7)
     status = read_status(resumed)
     assert (status["state"], status["step"], status["epoch"]) == ("completed", 5, 3)
+    # Resuming in the run's own folder redoes steps 3-5: their old metrics lines are replaced, not repeated.
+    assert train(setup, full, 5, "--resume", str(state)) == 0
+    assert [m["step"] for m in read_metrics(full)] == [1, 2, 3, 4, 5]
+    assert losses(full)[5] == pytest.approx(expected[5], rel=1e-5, abs=1e-7)
 
 
 class _StopAt(TrainingHook):

@@ -49,12 +49,14 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..faceid.fileio import atomic_write_json
+from ..faceid.fileio import atomic_write_json, atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
 from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules, parse_network_args, save_lora
-from .protocol import JobState, append_metrics, clear_stop_request, stop_requested, write_status
+from .protocol import (
+    METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
+)
 from .sampling import EncodedSample, encode_samples, load_prompt_file, save_samples
 
 log = logging.getLogger("face_consistency.trainer")
@@ -496,6 +498,10 @@ def _train(
     if args.resume:
         _load_state(Path(args.resume), accelerator, transformer, optimizer, lr_scheduler, generator, progress)
         log.info("resumed from %s at step %d, epoch %d", args.resume, progress["step"], progress["epoch"] + 1)
+        if accelerator.is_main_process:
+            # Resuming into the same folder: steps after the state are about to be redone.
+            kept = [m for m in read_metrics(output_dir) if m.get("step", 0) <= progress["step"]]
+            atomic_write_text(output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
 
     reporter.update(
         JobState.TRAINING, step=progress["step"], total_steps=total_steps, epoch=progress["epoch"] + 1,
