@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -329,8 +330,11 @@ def test_two_process_data_parallel_on_cpu(setup, tmp_path):
     out = tmp_path / "out"
     argv = tiny_train_argv(files, dataset, out, max_train_steps=3)
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with socket.socket() as probe:  # a free port for the rendezvous (other suites may run beside this one)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
          "-m", "face_consistency.trainer", *argv, "--save_state"],
         env=env, capture_output=True, text=True, timeout=240,
     )

@@ -24,6 +24,7 @@ from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
 from .models import ModelFileError
 from .protocol import JobState, write_status
 from .sampling import PromptFileError, load_prompt_file
+from .state import is_state_folder
 
 try:
     import tomllib
@@ -248,7 +249,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError(str(exc)) from None
     if args.resume:
         state = Path(args.resume)
-        if not (state / "trainer_state.json").is_file():
+        if not is_state_folder(state):
             raise ConfigError(f"--resume {state}: not a state folder saved by --save_state (no trainer_state.json)")
     if args.use_face_as_loss and not args.enable_face_loss:
         args.enable_face_loss = True

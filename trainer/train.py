@@ -27,7 +27,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import signal
 import time
 import traceback
@@ -45,11 +44,9 @@ from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..faceid.fileio import atomic_write_json, atomic_write_text
+from ..faceid.fileio import atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
@@ -57,20 +54,15 @@ from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules
 from .protocol import (
     METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
-from .sampling import EncodedSample, encode_samples, load_prompt_file, save_samples
+from .sampling import EncodedSample, denormalize_latents, encode_samples, load_prompt_file, save_samples
+from .state import load_state, save_state
 
 log = logging.getLogger("face_consistency.trainer")
 
 LOG_TAIL_LINES = 40
-STATE_PROGRESS_FILE = "trainer_state.json"
-STATE_LORA_FILE = "lora_state.safetensors"
 # Qwen-Image's scheduler config, used by `qwen_shift` to pick the shift from the image size.
 QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT = 256, 8192, 0.5, 0.9
 VAE_SCALE = 8
-
-
-class TrainingStopped(Exception):
-    """Raised inside the loop when a stop was requested during caching (nothing to checkpoint yet)."""
 
 
 # --------------------------------------------------------------------------- extension point
@@ -100,8 +92,6 @@ class StepState:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients."""
-        from .sampling import denormalize_latents
-
         pixels = self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.dtype)), return_dict=False)[0]
         return pixels[:, :, 0]
 
@@ -496,7 +486,7 @@ def _train(
     generator = torch.Generator("cpu").manual_seed(args.seed + accelerator.process_index)
     progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     if args.resume:
-        _load_state(Path(args.resume), accelerator, transformer, optimizer, lr_scheduler, generator, progress)
+        load_state(Path(args.resume), accelerator, transformer, generator, progress)
         log.info("resumed from %s at step %d, epoch %d", args.resume, progress["step"], progress["epoch"] + 1)
         if accelerator.is_main_process:
             # Resuming into the same folder: steps after the state are about to be redone.
@@ -519,7 +509,7 @@ def _train(
             reporter.status["last_checkpoint"] = str(path)
             log.info("saved %s", path)
         if state_name is not None:
-            _save_state(output_dir / state_name, accelerator, transformer, generator, progress)
+            save_state(output_dir / state_name, accelerator, transformer, generator, progress)
         accelerator.wait_for_everyone()
 
     def sample(epoch: int | None) -> None:
@@ -670,58 +660,6 @@ def _micro_step(
                 losses.append(part.loss)
         extra.loss = sum(losses) if losses else None
     return loss, extra
-
-
-# --------------------------------------------------------------------------- resumable state
-
-
-def _save_state(
-    directory: Path, accelerator: Accelerator, transformer: torch.nn.Module, generator: torch.Generator,
-    progress: dict[str, int],
-) -> None:
-    """LoRA weights, optimizer, scheduler and RNG states (accelerate) plus our counters and noise RNG."""
-    # accelerate would save the whole transformer; the pre-hook keeps only the LoRA.
-    def keep_lora_only(models_: list, weights: list, out_dir: str) -> None:
-        if accelerator.is_main_process:
-            save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(
-                accelerator.unwrap_model(transformer)).items()}, os.path.join(out_dir, STATE_LORA_FILE))
-        weights.clear()
-
-    # Written beside the target and renamed when complete, so a crash never leaves a half state.
-    partial = directory.with_name(f".{directory.name}.partial")
-    if accelerator.is_main_process and partial.exists():
-        shutil.rmtree(partial)
-    accelerator.wait_for_everyone()
-    handle = accelerator.register_save_state_pre_hook(keep_lora_only)
-    try:
-        accelerator.save_state(str(partial))
-    finally:
-        handle.remove()
-    torch.save(generator.get_state(), partial / f"noise_generator_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        atomic_write_json(partial / STATE_PROGRESS_FILE, dict(progress))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(partial, directory)
-    accelerator.wait_for_everyone()
-
-
-def _load_state(
-    directory: Path, accelerator: Accelerator, transformer: torch.nn.Module, optimizer: Any, lr_scheduler: Any,
-    generator: torch.Generator, progress: dict[str, int],
-) -> None:
-    def load_lora_only(models_: list, in_dir: str) -> None:
-        set_peft_model_state_dict(accelerator.unwrap_model(transformer), load_file(os.path.join(in_dir, STATE_LORA_FILE)))
-        models_.clear()
-
-    handle = accelerator.register_load_state_pre_hook(load_lora_only)
-    try:
-        accelerator.load_state(str(directory))
-    finally:
-        handle.remove()
-    generator.set_state(torch.load(directory / f"noise_generator_{accelerator.process_index}.pt"))
-    progress.update(json.loads((directory / STATE_PROGRESS_FILE).read_text(encoding="utf-8")))
 
 
 __all__ = ["ExtraLoss", "StepState", "TrainingHook", "run_training", "sample_timesteps", "flow_shift", "pack", "unpack"]
