@@ -1,6 +1,7 @@
 """Load the face model, build a reference identity, score edited images against it."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,7 @@ NO_FACE_COLOR = (230, 50, 50)
 UNCHANGED_COLOR = (200, 60, 220)
 
 
-def _pack_roots() -> list:
+def _pack_roots() -> list[Path]:
     return as_roots(comfy_env.insightface_roots())
 
 
