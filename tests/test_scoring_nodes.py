@@ -1,6 +1,7 @@
 """The scoring nodes on the real test pack and photos, through the ComfyUI stand-ins."""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -110,7 +111,7 @@ def test_nested_pack_gets_the_engines_actionable_error(comfy: Path, testpack_dir
 
 
 def test_rgb_batches_convert_exactly_like_the_engine() -> None:
-    batch = torch.rand(2, 17, 23, 3)
+    batch = torch.rand(2, 17, 23, 3) * 1.2 - 0.1  # out-of-range values are clipped alike
     batch[0, 0, 0] = torch.tensor([0.0, 1.0, 0.5 / 255])
     for ours, engines in zip(to_bgr_list(batch), image_list(batch)):
         np.testing.assert_array_equal(ours, engines)
@@ -221,6 +222,15 @@ def test_copy_paste_guard(face_model, faces_dir: Path) -> None:
     assert unchanged[0][0] == pytest.approx(1.0, abs=1e-5)
     assert unchanged[5][0] < 0.01 and "UNCHANGED face" in unchanged[3] and "1 unchanged" in unchanged[3]
     assert edited[5][0] > 0.3 and "UNCHANGED" not in edited[3]
+
+    # an "edit" that only re-encoded and resampled the control (as a VAE round trip would)
+    with Image.open(faces_dir / "obama.jpg") as img:
+        small = img.convert("RGB").resize((img.width // 2, img.height // 2), Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    small.resize((control.shape[2], control.shape[1]), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=70)
+    roundtrip = torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.float32) / 255.0)[None]
+    resampled = score(face_model, roundtrip, reference_image=control)["result"]
+    assert resampled[5][0] < 0.1 and "UNCHANGED face" in resampled[3]
 
 
 def test_reference_identity_from_several_photos(face_model, faces_dir: Path) -> None:
