@@ -2,7 +2,7 @@
 threshold count, copy-paste guard and a plain-text report. ComfyUI-free; nodes adapt it."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Sequence
 
@@ -56,12 +56,12 @@ class BatchScores:
     rows: list[ImageScore]
     bands: Bands
     threshold: float
-    policy: NoFacePolicy
     copy_paste_threshold: float
-    included: list[float] = field(init=False)
 
-    def __post_init__(self) -> None:
-        self.included = [r.score for r in self.rows if not r.excluded]
+    @property
+    def included(self) -> list[float]:
+        """Scores that count in the mean (all but excluded no-face images)."""
+        return [r.score for r in self.rows if not r.excluded]
 
     @property
     def scores(self) -> list[float]:
@@ -210,4 +210,4 @@ def score_batch(
         )
         if on_image is not None:
             on_image()
-    return BatchScores(rows, bands, float(threshold), policy, float(copy_paste_threshold))
+    return BatchScores(rows, bands, float(threshold), float(copy_paste_threshold))
