@@ -1,0 +1,80 @@
+"""web/face_consistency_node_text.js in Node, against stand-ins of ComfyUI's `app` and widgets:
+a pack node shows its `ui.text` in one read-only box that is neither queued nor saved."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "web" / "face_consistency_node_text.js"
+NODE = shutil.which("node")
+
+APP_JS = """
+export const registered = [];
+export const app = {
+  registerExtension(extension) { registered.push(extension); },
+  graph: { setDirtyCanvas() {} },
+};
+"""
+
+WIDGETS_JS = """
+export const ComfyWidgets = {
+  STRING(node, name, spec, app) {
+    const widget = { name, value: "", options: { multiline: spec[1].multiline }, inputEl: { style: {} } };
+    node.widgets.push(widget);
+    return { widget };
+  },
+};
+"""
+
+HARNESS_JS = """
+const { registered } = await import("./scripts/app.js");
+await import("./extensions/pack/face_consistency_node_text.js");
+const [extension] = registered;
+
+function nodeType() {
+  function Node() { this.widgets = []; this.size = [300, 100]; }
+  Node.prototype.onExecuted = function () { this.previous = (this.previous ?? 0) + 1; };
+  Node.prototype.computeSize = function () { return [300, 60 + 40 * this.widgets.length]; };
+  Node.prototype.setSize = function (size) { this.size = size; };
+  return Node;
+}
+const Ours = nodeType(), Theirs = nodeType();
+await extension.beforeRegisterNodeDef(Ours, { name: "FaceConsistencySimilarity" });
+await extension.beforeRegisterNodeDef(Theirs, { name: "KSampler" });
+
+const ours = new Ours(), theirs = new Theirs();
+ours.onExecuted({ text: ["first report"] });
+ours.onExecuted({ text: ["line 1", "line 2"] });
+ours.onExecuted({ images: [] });
+theirs.onExecuted({ text: ["not ours"] });
+const [widget] = ours.widgets;
+console.log(JSON.stringify({
+  name: extension.name, widgets: ours.widgets.length, value: widget.value, readOnly: widget.inputEl.readOnly,
+  queued: widget.options.serialize, saved: widget.serialize, previous: ours.previous, width: ours.size[0],
+  theirs: theirs.widgets.length,
+}));
+"""
+
+
+@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (the extension runs in the browser)")
+def test_pack_nodes_show_their_text(tmp_path: Path) -> None:
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(APP_JS)
+    (tmp_path / "scripts" / "widgets.js").write_text(WIDGETS_JS)
+    pack_dir = tmp_path / "extensions" / "pack"
+    pack_dir.mkdir(parents=True)
+    shutil.copy(SCRIPT, pack_dir / SCRIPT.name)
+    (tmp_path / "harness.mjs").write_text(HARNESS_JS)
+
+    run = subprocess.run([NODE, "harness.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+
+    assert result == {
+        "name": "face_consistency.node_text", "widgets": 1, "value": "line 1\nline 2", "readOnly": True,
+        "queued": False, "saved": False, "previous": 3, "width": 420, "theirs": 0,
+    }
