@@ -28,7 +28,13 @@ def face_region_change(control_crop: np.ndarray, output_crop: np.ndarray) -> flo
         raise ValueError(
             f"aligned crops differ in shape: {control_crop.shape} vs {output_crop.shape}"
         )
-    # luminance only, as in the original SSIM: colour grading alone is not a redrawn face
-    control_gray, output_gray = (cv2.cvtColor(c, cv2.COLOR_BGR2GRAY) for c in (control_crop, output_crop))
+    # Luminance only, as in the original SSIM: colour grading alone is not a redrawn face. At half
+    # the crop size, because keypoints detected anew in the output jitter by a few pixels: measured
+    # on a copy of the control shifted by (7, 5) px, 1 − SSIM is 0.15 at 112 px and 0.04 at 56 px,
+    # while other photos of the same person stay at 0.75 to 0.83.
+    control_gray, output_gray = (
+        cv2.resize(cv2.cvtColor(c, cv2.COLOR_BGR2GRAY), None, fx=0.5, fy=0.5, interpolation=cv2.INTER_AREA)
+        for c in (control_crop, output_crop)
+    )
     ssim = structural_similarity(control_gray, output_gray, data_range=255)
     return float(max(0.0, 1.0 - ssim))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ SCORE_DEFAULTS = dict(
 
 
 @pytest.fixture()
-def comfy(tmp_path: Path, insightface_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def comfy(tmp_path: Path, insightface_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A ComfyUI base whose insightface folder list holds the shared test root (never copied)."""
     monkeypatch.setenv("HOME", str(tmp_path))  # keep a real ~/.insightface out of the dropdown
     fp = set_comfy_base(tmp_path / "comfy")
@@ -231,6 +232,9 @@ def test_copy_paste_guard(face_model, faces_dir: Path) -> None:
     roundtrip = torch.from_numpy(np.asarray(Image.open(buffer), dtype=np.float32) / 255.0)[None]
     resampled = score(face_model, roundtrip, reference_image=control)["result"]
     assert resampled[5][0] < 0.1 and "UNCHANGED face" in resampled[3]
+    # ... or shifted it by a few pixels (the output's keypoints are detected anew)
+    shifted = score(face_model, torch.roll(control, (7, -5), dims=(1, 2)), reference_image=control)["result"]
+    assert shifted[5][0] < 0.1 and "UNCHANGED face" in shifted[3]
 
 
 def test_reference_identity_from_several_photos(face_model, faces_dir: Path) -> None:
