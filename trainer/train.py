@@ -44,6 +44,7 @@ from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
+from peft.tuners.lora import LoraLayer
 from tqdm.auto import tqdm
 
 from ..faceid.fileio import atomic_write_text
@@ -318,6 +319,53 @@ def _log_tail(tail: LogTail, exc: BaseException) -> list[str]:
     return list(tail.lines) + "".join(trace).splitlines()[-LOG_TAIL_LINES:]
 
 
+def _prepare_transformer(
+    args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype
+) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
+    """Load the DiT, apply the memory options, add the LoRA (fp32, on the device); returns its parameters."""
+    transformer = models.load_transformer(args.dit, weight_dtype)
+    blocks = transformer.transformer_blocks
+    if args.blocks_to_swap and args.blocks_to_swap >= len(blocks):
+        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} must be smaller than the model's {len(blocks)} blocks")
+    targets = lora_target_modules(transformer, parse_network_args(args.network_args))
+    if args.fp8_base:
+        # Base weights stored as float8, upcast per layer for compute (LoRA added after, stays fp32).
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
+    if args.blocks_to_swap:
+        # Frozen base weights of the last N blocks live on the CPU and are streamed in layer by
+        # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
+        for name, child in transformer.named_children():
+            if name != "transformer_blocks":
+                child.to(device)
+        for index, block in enumerate(blocks):
+            if index < len(blocks) - args.blocks_to_swap:
+                block.to(device)
+            else:
+                apply_group_offloading(
+                    block, onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
+                    use_stream=device.type == "cuda",
+                )
+    else:
+        transformer.to(device)
+    lora_params = add_lora(transformer, args.network_dim, args.network_alpha, targets)
+    for param in lora_params:
+        param.data = param.data.to(device)
+    cast_training_params(transformer, dtype=torch.float32)
+    if args.fp8_base:
+        # peft created the adapter in the base weights' float8 dtype: initialise it again in fp32.
+        for module in transformer.modules():
+            if isinstance(module, LoraLayer):
+                module.reset_lora_parameters("default", init_lora_weights=True)
+    if args.network_weights:
+        count = load_comfy_lora(transformer, args.network_weights, args.network_alpha)
+        log.info("started from %s (%d layers)", args.network_weights, count)
+    log.info("LoRA on %d layers (rank %d, alpha %s)", len(targets), args.network_dim, args.network_alpha)
+    if args.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    transformer.train()
+    return transformer, lora_params
+
+
 def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = ()) -> JobState:
     """Run one training job described by parsed/validated CLI args; returns its final state."""
     output_dir = Path(args.output_dir)
@@ -419,44 +467,7 @@ def _train(
         torch.cuda.empty_cache()
 
     # ---- the DiT with LoRA
-    transformer = models.load_transformer(args.dit, weight_dtype)
-    if args.blocks_to_swap and args.blocks_to_swap >= len(transformer.transformer_blocks):
-        raise ValueError(
-            f"--blocks_to_swap {args.blocks_to_swap} must be smaller than the model's "
-            f"{len(transformer.transformer_blocks)} blocks"
-        )
-    targets = lora_target_modules(transformer, parse_network_args(args.network_args))
-    if args.fp8_base:
-        # Base weights stored as float8, upcast per layer for compute (LoRA added after, stays fp32).
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    if args.blocks_to_swap:
-        # Frozen base weights of the last N blocks live on the CPU and are streamed in layer by
-        # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
-        swapped = len(transformer.transformer_blocks) - args.blocks_to_swap
-        for name, child in transformer.named_children():
-            if name != "transformer_blocks":
-                child.to(device)
-        for index, block in enumerate(transformer.transformer_blocks):
-            if index < swapped:
-                block.to(device)
-            else:
-                apply_group_offloading(
-                    block, onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
-                    use_stream=device.type == "cuda",
-                )
-    else:
-        transformer.to(device)
-    lora_params = add_lora(transformer, args.network_dim, args.network_alpha, targets)
-    if args.network_weights:
-        count = load_comfy_lora(transformer, args.network_weights, args.network_alpha)
-        log.info("started from %s (%d layers)", args.network_weights, count)
-    for param in lora_params:
-        param.data = param.data.to(device)
-    cast_training_params(transformer, dtype=torch.float32)
-    log.info("LoRA on %d layers (rank %d, alpha %s)", len(targets), args.network_dim, args.network_alpha)
-    if args.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    transformer.train()
+    transformer, lora_params = _prepare_transformer(args, device, weight_dtype)
 
     # ---- schedule
     steps_per_epoch = math.ceil(len(epoch_batches(group, 0, args.seed, accelerator.process_index, accelerator.num_processes))
