@@ -65,3 +65,22 @@ def test_saved_file_loads_back_with_alpha_folded_in(dit, tmp_path):
     add_lora(wrong_rank, 8, 8.0, targets)
     with pytest.raises(NetworkArgsError, match="network_dim"):
         load_comfy_lora(wrong_rank, path, 8.0)
+
+
+def test_fp8_base_keeps_the_lora_in_fp32_and_base_weights_in_float8(dit):
+    import argparse
+
+    from face_consistency.trainer.train import _prepare_transformer
+
+    args = argparse.Namespace(dit=dit, blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
+                              network_alpha=4.0, network_weights=None, gradient_checkpointing=True)
+    transformer, params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+    assert {p.dtype for p in params} == {torch.float32}
+    layer = transformer.transformer_blocks[0].attn.to_q
+    assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.lora_A.default.weight.std() > 0.01 and torch.count_nonzero(layer.lora_B.default.weight) == 0
+    out = transformer(hidden_states=torch.randn(1, 16, 64), timestep=torch.tensor([0.5]),
+                      encoder_hidden_states=torch.randn(1, 5, 32), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in params)
+    assert layer.lora_B.default.weight.grad is not None and layer.base_layer.weight.grad is None
