@@ -35,8 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     where = parser.add_argument_group("what to score")
-    where.add_argument("--sample_dir", type=Path, help="musubi-tuner sample folder (output_dir/sample) or the seed guide's layout")
-    where.add_argument("--sample_prompts", type=Path, help="musubi prompt file: the --ci paths of line k are the controls of prompt k")
+    where.add_argument(
+        "--sample_dir", type=Path, help="musubi-tuner sample folder (output_dir/sample) or the seed guide's layout"
+    )
+    where.add_argument(
+        "--sample_prompts", type=Path, help="musubi prompt file: the --ci paths of line k are the controls of prompt k"
+    )
     where.add_argument("--control_dir", type=Path, help="folder of control images (with --generated_dir)")
     where.add_argument("--generated_dir", type=Path, help="folder of generated images named like their controls")
     where.add_argument(
@@ -45,13 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     where.add_argument(
         "--ci_base_dir", type=Path,
-        help="folder relative --ci paths are resolved from (musubi's working directory; default: the current directory, then the prompt file's folder)",
+        help="folder relative --ci paths are resolved from (musubi's working directory; default: the current "
+        "directory, then the prompt file's folder)",
     )
     model = parser.add_argument_group("face model")
     model.add_argument("--model_name", default="buffalo_l", help="InsightFace pack name or folder (default buffalo_l)")
-    model.add_argument("--models_root", type=Path, action="append", help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)")
-    model.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)")
-    model.add_argument("--det_size", default="auto", help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32")
+    model.add_argument(
+        "--models_root", type=Path, action="append",
+        help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)",
+    )
+    model.add_argument(
+        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)"
+    )
+    model.add_argument(
+        "--det_size", default="auto", help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32"
+    )
     model.add_argument("--det_thresh", type=float, default=0.5, help="face detection score threshold (default 0.5)")
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--threshold", type=float, help="count samples at or above this similarity")
@@ -59,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--bands", type=float, nargs=3, metavar=("EXCELLENT", "GOOD", "MODERATE"),
         help="band lower bounds (default 0.85 0.75 0.65; tuned for 512-d ArcFace packs)",
     )
-    scoring.add_argument("--output_json", type=Path, default=Path("face_consistency_results.json"), help="report path (default face_consistency_results.json)")
+    scoring.add_argument(
+        "--output_json", type=Path, default=Path("face_consistency_results.json"),
+        help="report path (default face_consistency_results.json)",
+    )
     scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
     scoring.add_argument(
         "--watch", type=float, nargs="?", const=DEFAULT_WATCH_SECONDS, metavar="SECONDS",

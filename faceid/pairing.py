@@ -178,7 +178,9 @@ def pair_sample_folder(
         elif prompts is None:
             problem = "no --sample_prompts file to find its control image"
         elif name.prompt_index not in prompt_controls:
-            problem = f"prompt index {name.prompt_index} is beyond the {len(prompt_controls)} prompt(s) of the prompt file"
+            problem = (
+                f"prompt index {name.prompt_index} is beyond the {len(prompt_controls)} prompt(s) of the prompt file"
+            )
         else:
             controls = prompt_controls[name.prompt_index]
             problem = prompt_problems.get(name.prompt_index)
@@ -200,7 +202,9 @@ def pair_dirs(
     for path in sorted(generated, key=lambda p: len(p.name), reverse=True):
         stem = path.stem
         matches = [
-            c for c in remaining if c.stem == stem or (c.stem.startswith(stem + "_") and c.stem[len(stem) + 1 :].isdigit())
+            c
+            for c in remaining
+            if c.stem == stem or (c.stem.startswith(stem + "_") and c.stem[len(stem) + 1 :].isdigit())
         ]
         remaining.difference_update(matches)
         claimed[path] = sorted(matches, key=lambda c: -1 if c.stem == stem else int(c.stem[len(stem) + 1 :]))
@@ -214,5 +218,7 @@ def pair_dirs(
                 Unpaired(str(path), f"no control named {path.stem}.<ext> or {path.stem}_<N>.<ext> in {control_dir}")
             )
     for control in sorted(remaining):
-        pairing.unpaired.append(Unpaired(str(control), f"no generated image in {generated_dir} for this control", "control"))
+        pairing.unpaired.append(
+            Unpaired(str(control), f"no generated image in {generated_dir} for this control", "control")
+        )
     return pairing

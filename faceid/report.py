@@ -141,7 +141,9 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{_number(report['overall_std']):<5} {_number(report['overall_min']):>7} "
             f"{_number(report['overall_max']):>7}  {bands.label(report['overall_mean'])}"
         )
-    lines.append(f"{report['valid_pairs']} of {report['total_pairs']} pairs scored; {report['failure_count']} failure(s)")
+    lines.append(
+        f"{report['valid_pairs']} of {report['total_pairs']} pairs scored; {report['failure_count']} failure(s)"
+    )
     if report["threshold"] is not None:
         lines.append(f"{report.get('at_or_above_threshold', 0)} at or above threshold {report['threshold']}")
     for failure in report["failures"][:20]:
