@@ -65,13 +65,13 @@ class FaceConsistencyMatchFaces:
         outputs = to_bgr_list(images, "images")
         reference_of = reference_pairing(len(references), len(outputs))
         progress = comfy_env.Progress(len(references) + len(outputs))
-        reference_results = [
-            face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0] for bgr in references
-        ]
-        for i, result in enumerate(reference_results):
+        reference_results = []
+        for i, bgr in enumerate(references):
+            result = face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
             if not result.faces:
                 raise reference_without_face("reference_image", i, len(references), result.reason)
-        progress.update(len(references))
+            reference_results.append(result)
+            progress.update(1)
         bands = Bands()
         lines = [f"Face matching: {describe_model(face_model)}"]
         person_scores: list[float] = []
