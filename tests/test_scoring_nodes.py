@@ -345,3 +345,15 @@ def test_best_of_accepts_a_list_of_single_images() -> None:
 def test_pick_best_ties_and_nan() -> None:
     assert pick_best([0.5, float("nan"), 0.5, 0.7]).indices == [3, 0, 2]
     assert pick_best([float("nan")], threshold=0.0, fallback="empty").indices == []
+
+
+def test_matching_needs_people_in_the_reference_and_reports_outputs_without_faces(face_model) -> None:
+    group = group_photo()
+    blank = torch.full((1, 200, 300, 3), 0.5)
+    with pytest.raises(NoFaceError, match=r"reference_image image 0 \(of 1\): no face detected"):
+        FaceConsistencyMatchFaces().match(face_model, blank, group, 0.2)
+
+    person_scores, mean, matched, report = FaceConsistencyMatchFaces().match(face_model, group, blank, 0.2)["result"][:4]
+    assert person_scores == [0.0] * 6 and matched == 0 and mean == 0.0
+    assert "image 0: 0 of 6 people matched, 0 face(s) found (no face detected)" in report
+    assert report.count(": missing") == 6
