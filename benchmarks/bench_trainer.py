@@ -1,11 +1,13 @@
 """Training speed and peak memory of the tiny Qwen-Image-Edit config, with and without gradient checkpointing.
 
-    /work/venv/bin/python benchmarks/bench_trainer.py [--size 128] [--steps 30] [--mixed_precision no]
+    /work/venv/bin/python benchmarks/bench_trainer.py [--size 128] [--steps 30] [--repeats 3] [--mixed_precision no]
 
 Each configuration runs the real trainer (`face-consistency train`) in a fresh child process on
 the tiny random models of tests/tiny_qwen.py; printed per configuration: steps/s (the trainer's
 own figure, over its last 20 steps), the child's peak resident memory, and on CUDA the peak
-allocated GPU memory. Caching happens once, before the timed runs. Not a test: figures only.
+allocated GPU memory; the best of `--repeats` interleaved runs. Caching happens once, before the
+timed runs. On a CPU the peak RSS is dominated by the libraries (torch, diffusers, transformers),
+not by the tiny model's activations. Not a test: figures only.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="training image side in pixels (multiple of 16)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--mixed_precision", default="no")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (best is printed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.child:
@@ -72,11 +75,18 @@ def main() -> None:
         run(tiny_train_argv(files, dataset, work / "warmup", max_train_steps=1, extra=common), work, "warmup")
         print(f"tiny Qwen-Image-Edit, {options.size}x{options.size} target + control, batch 1, "
               f"{options.steps} steps, mixed precision {options.mixed_precision}")
-        print(f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}")
-        for label, extra in (("plain", []), ("gradient checkpointing", ["--gradient_checkpointing"])):
-            argv = tiny_train_argv(files, dataset, work / label.replace(" ", "_"), max_train_steps=options.steps,
-                                   extra=[*common, *extra])
-            figures = run(argv, work, label.replace(" ", "_"))
+        configurations = {"plain": [], "gradient checkpointing": ["--gradient_checkpointing"]}
+        best: dict[str, dict] = {}
+        # Interleaved repeats, best of each: a shared machine's load only ever slows a run down.
+        for repeat in range(options.repeats):
+            for label, extra in configurations.items():
+                name = f"{label.replace(' ', '_')}_{repeat}"
+                argv = tiny_train_argv(files, dataset, work / name, max_train_steps=options.steps, extra=[*common, *extra])
+                figures = run(argv, work, name)
+                if label not in best or figures["steps_per_sec"] > best[label]["steps_per_sec"]:
+                    best[label] = figures
+        print(f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}   (best of {options.repeats})")
+        for label, figures in best.items():
             cuda = f"{figures['cuda_peak_mib']:.1f}" if figures["cuda_peak_mib"] is not None else "-"
             print(f"{label:<28}{figures['steps_per_sec']:>10.2f}{figures['peak_rss_mib']:>15.1f}{cuda:>15}")
 
