@@ -25,6 +25,7 @@ from .models import ModelFileError
 from .protocol import JobState, write_status
 from .sampling import PromptFileError, load_prompt_file
 from .state import is_state_folder
+from .train import run_training
 
 try:
     import tomllib
@@ -279,7 +280,10 @@ def build_hooks(args: argparse.Namespace) -> list:
     build = getattr(face_loss, "build_training_hook", None)
     if build is None:
         raise ConfigError("--enable_face_loss: trainer/face_loss.py in this install provides no build_training_hook(args)")
-    return [build(args)]
+    try:
+        return [build(args)]
+    except (ValueError, OSError, ImportError) as exc:  # e.g. a missing or broken face model pack
+        raise ConfigError(f"--enable_face_loss: {exc}") from None
 
 
 def _report_config_error(output_dir: str | None, message: str) -> None:
@@ -323,8 +327,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SystemExit as exc:  # argparse has printed the usage error (e.g. a non-number for an int flag)
             _report_config_error(output_dir, "invalid command-line arguments (see the usage message)")
             return int(exc.code or EXIT_USAGE)
-        from .train import run_training  # heavy imports only once the arguments are known good
-
         try:
             state = run_training(args, hooks)
         except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError) as exc:
