@@ -205,9 +205,9 @@ def test_sample_names_follow_musubi(tmp_path):
     prompts.write_text(f"a --d 5 --ci {control}\nb --ci {control}\n", encoding="utf-8")
     first, second = load_prompt_file(prompts)
     assert re.fullmatch(r"lora_000120_00_\d{14}_5\.png",
-                        sample_file_name("lora", first, step=120, epoch=None, seed_given=True, seed=5))
+                        sample_file_name("lora", first, step=120, epoch=None))
     assert re.fullmatch(r"lora_e000003_01_\d{14}\.png",
-                        sample_file_name("lora", second, step=9, epoch=3, seed_given=False, seed=11))
+                        sample_file_name("lora", second, step=9, epoch=3))
 
 
 def test_tiny_face_dataset_crops_around_the_face(tmp_path, faces_dir, insightface_root):

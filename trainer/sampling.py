@@ -93,7 +93,7 @@ def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
     return sample
 
 
-def load_prompt_file(path: str | Path, *, need_control: bool = True) -> list[SamplePrompt]:
+def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
     prompt_path = Path(path)
     if not prompt_path.is_file():
         raise PromptFileError(f"sample prompt file not found: {prompt_path}")
@@ -104,7 +104,7 @@ def load_prompt_file(path: str | Path, *, need_control: bool = True) -> list[Sam
             continue
         where = f"{prompt_path} line {number}"
         sample = parse_prompt_line(line, len(prompts), where)
-        if need_control and not sample.controls:
+        if not sample.controls:
             raise PromptFileError(f"{where}: Qwen-Image-Edit samples need a control image (--ci path)")
         missing = [str(c) for c in sample.controls if not c.is_file()]
         if missing:
@@ -129,11 +129,11 @@ def encode_samples(prompts: list[SamplePrompt], encoders: CacheEncoders) -> list
     return encoded
 
 
-def sample_file_name(output_name: str, prompt: SamplePrompt, *, step: int | None, epoch: int | None,
-                     seed_given: bool, seed: int) -> str:
+def sample_file_name(output_name: str, prompt: SamplePrompt, *, step: int, epoch: int | None) -> str:
+    """musubi's name; the seed is appended only when the prompt file gave one (`--d`)."""
     when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-    suffix = f"_{seed}" if seed_given else ""
+    suffix = f"_{prompt.seed}" if prompt.seed is not None else ""
     return f"{output_name}_{when}_{prompt.index:02d}_{stamp}{suffix}.png"
 
 
@@ -219,12 +219,11 @@ def save_samples(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for sample in samples:
-        seed_given = sample.prompt.seed is not None
-        seed = sample.prompt.seed if seed_given else random.randint(0, 2**31 - 1)
+        seed = sample.prompt.seed if sample.prompt.seed is not None else random.randint(0, 2**31 - 1)
         tokens = (sample.prompt.height // 16) * (sample.prompt.width // 16)
         shift = sample.prompt.flow_shift if sample.prompt.flow_shift is not None else flow_shift_for(tokens)
         image = generate(transformer, vae, sample, flow_shift=shift, seed=seed, device=device, dtype=dtype)
-        name = sample_file_name(output_name, sample.prompt, step=step, epoch=epoch, seed_given=seed_given, seed=seed)
+        name = sample_file_name(output_name, sample.prompt, step=step, epoch=epoch)
         with atomic_path(folder / name) as tmp:
             image.save(tmp, format="PNG")
         paths.append(folder / name)
