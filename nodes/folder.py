@@ -136,14 +136,16 @@ class FaceConsistencyScoreFolder:
             band_good if band_good is not None else defaults.good,
             band_moderate if band_moderate is not None else defaults.moderate,
         )
+        report_path = _optional_path(save_report)
         evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir))
+        # a plot saved into the sample folder is ours, not a sample
+        evaluation.sources.exclude = [report_path.with_suffix(".png")] if report_path is not None else []
         evaluation.reference = reference_identity
         evaluation.threshold = threshold
         evaluation.bands = bands
         evaluation.progress = comfy_env.Progress
         report = evaluation.run_round().report
         rgb = plot_rgb(report)
-        report_path = _optional_path(save_report)
         if report_path is not None:
             atomic_write_json(report_path, report)
             write_plot(report, report_path.with_suffix(".png"))

@@ -65,8 +65,10 @@ def test_node_report_equals_command_report(model, run, insightface_root, tmp_pat
 def test_rerun_embeds_only_new_files_and_is_changed_follows_the_folder(model, run, faces_dir):
     signature = FaceConsistencyScoreFolder.IS_CHANGED(folder=str(run["sample_dir"]), sample_prompts=str(run["prompts"]))
     ProgressBar.instances.clear()
-    _score(model, run)
+    saved = run["sample_dir"] / "face_report.json"  # its plot lands in the sample folder: not a sample
+    first = json.loads(_score(model, run, save_report=str(saved))["result"][0])
     assert ProgressBar.instances[-1].current == 11
+    assert json.loads(_score(model, run, save_report=str(saved))["result"][0])["failures"] == first["failures"]
     reencode(faces_dir / "obama2.jpg", run["sample_dir"] / f"face_000700_00_{TIME}_42_000.png")
     changed = FaceConsistencyScoreFolder.IS_CHANGED(folder=str(run["sample_dir"]), sample_prompts=str(run["prompts"]))
     assert changed != signature
