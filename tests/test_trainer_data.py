@@ -99,6 +99,8 @@ def test_unreadable_image_is_named(tmp_path):
         ("[general\n", "not valid TOML"),
         ("[general]\nresolution = 'big'\n[[datasets]]\nimage_directory='.'\n", "resolution must be"),
         ("[[datasets]]\nimage_directory='.'\nmultiple_target=true\n", "multiple_target"),
+        ("[general]\ncaption_extension='txt'\n[[datasets]]\nimage_directory='.'\n", "caption_extension must start with a dot"),
+        ("[[datasets]]\nimage_directory='.'\ncontrol_directory='.'\n", "control_directory must differ"),
     ],
 )
 def test_bad_dataset_configs(tmp_path, body, message):

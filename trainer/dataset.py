@@ -192,6 +192,8 @@ def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tupl
     control_directory = Path(cfg["control_directory"])
     if not control_directory.is_dir():
         raise DatasetConfigError(f"{where}: control_directory {control_directory} does not exist")
+    if control_directory.resolve() == image_directory.resolve():
+        raise DatasetConfigError(f"{where}: control_directory must differ from image_directory (same name pairs a target with itself)")
     controls = pair_controls(targets, control_directory)
     entries = []
     for target in targets:
@@ -247,6 +249,8 @@ def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     control_resolution = (
         _resolution(cfg["control_resolution"], where + " control_resolution") if "control_resolution" in cfg else None
     )
+    if not isinstance(cfg["caption_extension"], str) or not cfg["caption_extension"].startswith("."):
+        raise DatasetConfigError(f"{where}: caption_extension must start with a dot, e.g. \".txt\", got {cfg['caption_extension']!r}")
     for key in ("batch_size", "num_repeats"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise DatasetConfigError(f"{where}: {key} must be a positive integer, got {cfg[key]!r}")
