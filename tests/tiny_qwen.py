@@ -6,8 +6,13 @@ Shared test infrastructure (trainer, face-loss and job-control tests import it):
 
     files = write_tiny_model_files(tmp_path / "models")        # TinyModelFiles(dit, vae, text_encoder, tokenizer_dir)
     dataset_toml = write_tiny_dataset(tmp_path / "data", n=4)  # real PNGs, controls, captions, dataset TOML
-    argv = tiny_train_argv(files, dataset_toml, tmp_path / "out", max_train_steps=4)
+    prompts = write_tiny_prompts(tmp_path / "data")            # musubi prompt file using the dataset's controls
+    argv = tiny_train_argv(files, dataset_toml, tmp_path / "out", max_train_steps=4,
+                           extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "2"])
     face_consistency.cli.main(["train", *argv])                # or bootstrap.py in a subprocess
+
+Face datasets: `write_tiny_dataset(dir, n, with_face_photos=<folder or paths>, face_model=<FaceModel>)`
+crops each photo around its face. `fp8_scaled(state_dict)` gives ComfyUI's `_fp8_scaled` layout.
 
 The models are the real classes (diffusers `QwenImageTransformer2DModel`,
 `AutoencoderKLQwenImage`, transformers `Qwen2_5_VLForConditionalGeneration`) with tiny random
