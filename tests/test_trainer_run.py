@@ -315,8 +315,9 @@ def test_memory_options_and_bf16_run_on_cpu(setup, tmp_path):
     rc = train(setup, out, 2, "--fp8_base", "--blocks_to_swap", "1", "--gradient_checkpointing",
                "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--optimizer_type", "Adafactor",
                "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--timestep_sampling", "sigma",
-               "--weighting_scheme", "cosmap")
+               "--weighting_scheme", "cosmap", "--logging_dir", str(tmp_path / "logs"))
     assert rc == 0
+    assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "TensorBoard events expected"
     status = read_status(out)
     assert status["state"] == "completed" and status["step"] == 2
     assert torch.isfinite(torch.tensor([m["loss"] for m in read_metrics(out)])).all()
