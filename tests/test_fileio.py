@@ -1,0 +1,29 @@
+"""Atomic writes: all or nothing, readable by others."""
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from face_consistency.faceid.fileio import atomic_path, atomic_write_json
+
+
+def test_write_replaces_whole_file_and_is_world_readable(tmp_path):
+    target = tmp_path / "sub" / "report.json"
+    atomic_write_json(target, {"a": 1})
+    atomic_write_json(target, {"b": 2})
+    assert json.loads(target.read_text()) == {"b": 2}
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+
+
+def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "status.json"
+    atomic_write_json(target, {"state": "training"})
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("{half")
+            raise RuntimeError("crash mid-write")
+    assert json.loads(target.read_text()) == {"state": "training"}
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
