@@ -132,7 +132,10 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
             for i, item in enumerate(items)
         ]
     if suffix == ".toml":
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
 
         try:
             data = tomllib.loads(text)
