@@ -35,12 +35,14 @@ CACHE_FORMAT_VERSION = 1
 FINGERPRINT_KEY = "fingerprint"
 
 
-def _file_identity(path: Path) -> list:
+def file_identity(path: Path) -> list:
+    """What identifies an input file's version in a fingerprint: resolved path, size, mtime."""
     stat = path.stat()
     return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
 
-def _fingerprint(payload: dict) -> str:
+def input_fingerprint(payload: dict) -> str:
+    """Hash of a cache file's inputs (JSON-serialisable), stored in its metadata."""
     payload = {"version": CACHE_FORMAT_VERSION, **payload}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -54,7 +56,8 @@ def text_cache_path(item: DatasetItem) -> Path:
     return item.cache_directory / f"{item.key}_qi_te.safetensors"
 
 
-def _cached_fingerprint(path: Path) -> str | None:
+def cached_fingerprint(path: Path) -> str | None:
+    """The fingerprint a cache file was written with (None: missing or unreadable)."""
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get(FINGERPRINT_KEY)
@@ -127,24 +130,24 @@ class CacheEncoders:
 
 
 def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
-    return _fingerprint(
+    return input_fingerprint(
         {
-            "target": _file_identity(item.target),
-            "controls": [_file_identity(c) for c in item.controls],
+            "target": file_identity(item.target),
+            "controls": [file_identity(c) for c in item.controls],
             "bucket": item.bucket,
             "control_buckets": item.control_buckets,
-            "vae": _file_identity(encoders.vae_file),
+            "vae": file_identity(encoders.vae_file),
             "vae_dtype": str(encoders.pipeline.vae.dtype),
         }
     )
 
 
 def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
-    return _fingerprint(
+    return input_fingerprint(
         {
             "caption": item.caption,
-            "controls": [_file_identity(c) for c in item.controls],
-            "text_encoder": _file_identity(encoders.text_encoder_file),
+            "controls": [file_identity(c) for c in item.controls],
+            "text_encoder": file_identity(encoders.text_encoder_file),
             "text_encoder_dtype": str(encoders.text_encoder_dtype),
             "tokenizer": encoders.tokenizer_id,
             "edit_plus": encoders.edit_plus,
@@ -167,8 +170,8 @@ def cache_dataset(
         item.cache_directory.mkdir(parents=True, exist_ok=True)
         latent_path, text_path = latent_cache_path(item), text_cache_path(item)
         latent_fp, text_fp = latent_fingerprint(item, encoders), text_fingerprint(item, encoders)
-        need_latents = _cached_fingerprint(latent_path) != latent_fp
-        need_text = _cached_fingerprint(text_path) != text_fp
+        need_latents = cached_fingerprint(latent_path) != latent_fp
+        need_text = cached_fingerprint(text_path) != text_fp
         counts["reused"] += (not need_latents) + (not need_text)
         if need_latents or need_text:
             target = _open_rgb(item.target)

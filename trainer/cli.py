@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib
 import importlib.util
 import logging
 import random
@@ -125,18 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_epochs", type=int)
     sampling.add_argument("--sample_at_first", action="store_true")
 
-    face = parser.add_argument_group("face identity (trainer/face_loss.py)")
-    face.add_argument("--enable_face_loss", action="store_true", help="face-similarity metrics during training")
-    face.add_argument("--use_face_as_loss", action="store_true", help="add the face-identity loss")
-    face.add_argument("--face_loss_weight", type=float, default=0.1)
-    face.add_argument("--face_model_name", default="buffalo_l")
-    face.add_argument("--face_device", default="cuda")
-    face.add_argument("--face_det_size", type=int, default=640)
-    face.add_argument("--face_eval_frequency", type=int, default=100)
-    face.add_argument("--face_models_root")
-    face.add_argument("--face_loss_max_t", type=float)
-    face.add_argument("--face_loss_every", type=int, default=1)
-    face.add_argument("--face_eval_model")
+    face = parser.add_argument_group("face identity (docs/face_loss.md)")
+    face.add_argument("--enable_face_loss", action="store_true",
+                      help="face-similarity metrics of the x0 estimates and the samples during training")
+    face.add_argument("--use_face_as_loss", action="store_true", help="add the face-identity loss (implies the metrics)")
+    face.add_argument("--face_loss_weight", type=float, default=0.1, help="weight of 1 - cos added to the loss")
+    face.add_argument("--face_model_name", default="buffalo_l", help="InsightFace model pack (name or folder)")
+    face.add_argument("--face_device", default="cuda", help="onnxruntime device of the face engine: cuda, cpu or auto")
+    face.add_argument("--face_det_size", type=int, default=640, help="face detector input size")
+    face.add_argument("--face_eval_frequency", type=int, default=100, help="measure x0-estimate similarity every N steps")
+    face.add_argument("--face_models_root", help="folder holding models/<pack> (default: ~/.insightface)")
+    face.add_argument("--face_loss_max_t", type=float,
+                      help="apply the loss only where t <= this (default: every t; 0.5 keeps the sharper estimates)")
+    face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")
+    face.add_argument("--face_eval_model", help="a second, held-out pack reported beside the training one")
+    face.add_argument("--face_decode", default="full", help="decode for the face term: full, half (half "
+                      "resolution) or face (only the face region)")
     return parser
 
 
@@ -254,8 +257,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--resume {state}: not a state folder saved by --save_state (no trainer_state.json)")
     if args.use_face_as_loss and not args.enable_face_loss:
         args.enable_face_loss = True
-    if args.enable_face_loss and importlib.util.find_spec(f"{__package__}.face_loss") is None:
-        raise ConfigError("--enable_face_loss/--use_face_as_loss need trainer/face_loss.py, which this install lacks")
+    if args.enable_face_loss:
+        args.face_decode = _choice(args.face_decode, ("full", "half", "face"), "--face_decode")
+        if args.face_loss_weight < 0:
+            raise ConfigError(f"--face_loss_weight must be 0 or more, got {args.face_loss_weight}")
+        if args.face_loss_max_t is not None and not 0.0 < args.face_loss_max_t <= 1.0:
+            raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
@@ -273,15 +280,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def build_hooks(args: argparse.Namespace) -> list:
-    """Training-step additions selected by flags (the face-identity loss lives in face_loss.py)."""
+    """Training-step additions selected by flags (the face identity: face_training.py)."""
     if not args.enable_face_loss:
         return []
-    face_loss = importlib.import_module(".face_loss", __package__)
-    build = getattr(face_loss, "build_training_hook", None)
-    if build is None:
-        raise ConfigError("--enable_face_loss: trainer/face_loss.py in this install provides no build_training_hook(args)")
+    from .face_training import build_training_hook
+
     try:
-        return [build(args)]
+        return [build_training_hook(args)]
     except (ValueError, OSError, ImportError) as exc:  # e.g. a missing or broken face model pack
         raise ConfigError(f"--enable_face_loss: {exc}") from None
 

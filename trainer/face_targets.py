@@ -9,15 +9,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
+from diffusers.image_processor import VaeImageProcessor
+from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from ..faceid import FaceModel, Selection, mean_identity
+from ..faceid.embedding_store import model_fingerprint
 from ..faceid.fileio import atomic_path
+from .cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
+from .dataset import DatasetItem
 
 FACE_TARGET_FORMAT = "face_target/1"
 ReferenceSource = Literal["control", "target"]
@@ -182,3 +188,79 @@ def collate_face_targets(targets: Sequence[FaceTarget], reference: ReferenceSour
             references[i] = torch.from_numpy(item.reference(reference))
             valid[i] = True
     return FaceTargetBatch(kps=kps, reference=references, valid=valid, source_region=region)
+
+
+# --------------------------------------------------------------------------- the trainer's cache
+
+
+@dataclass
+class FaceTargetCache:
+    """Face targets of a dataset for one face model pack, keyed like the latent cache."""
+
+    targets: dict[Path, FaceTarget]  # target image path -> face target
+    built: int = 0
+    reused: int = 0
+
+    def for_items(self, items: Sequence[DatasetItem]) -> list[FaceTarget]:
+        return [self.targets[item.target] for item in items]
+
+    def without_face(self, reference: ReferenceSource) -> dict[str, str]:
+        """Target file -> why the loss skips it."""
+        return {
+            str(path): reason
+            for path, target in self.targets.items()
+            if (reason := target.skip_reason(reference)) is not None
+        }
+
+
+def face_target_path(item: DatasetItem, pack_name: str) -> Path:
+    """`{stem}_{W}x{H}_qi_face_{pack}.safetensors` beside the item's latent cache."""
+    width, height = item.bucket
+    safe_pack = "".join(c if c.isalnum() or c in "-_." else "_" for c in pack_name)
+    return item.cache_directory / f"{item.key}_{width:04d}x{height:04d}_qi_face_{safe_pack}.safetensors"
+
+
+def face_target_fingerprint(item: DatasetItem, face_model: FaceModel) -> str:
+    return input_fingerprint(
+        {
+            "format": FACE_TARGET_FORMAT,
+            "target": file_identity(item.target),
+            "controls": [file_identity(c) for c in item.controls],
+            "bucket": item.bucket,
+            "face_model": model_fingerprint(face_model.describe(), face_model.pack_dir),
+        }
+    )
+
+
+def bucket_image(item: DatasetItem) -> Image.Image:
+    """The target as its latents are encoded (resize to cover the bucket, centre crop)."""
+    width, height = item.bucket
+    with Image.open(item.target) as image:
+        return VaeImageProcessor().resize(image.convert("RGB"), height, width, resize_mode="crop")
+
+
+def cache_face_targets(
+    items: Sequence[DatasetItem],
+    face_model: FaceModel,
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> FaceTargetCache:
+    """Compute missing or outdated face targets of `items` (fingerprinted like the latents) and load them all."""
+    cache = FaceTargetCache(targets={})
+    for item in items:
+        if should_stop():
+            break
+        path = face_target_path(item, face_model.pack_name)
+        fingerprint = face_target_fingerprint(item, face_model)
+        if cached_fingerprint(path) == fingerprint:
+            cache.reused += 1
+        else:
+            controls = []
+            for control in item.controls:
+                with Image.open(control) as image:
+                    controls.append(image.convert("RGB"))
+            face_target = compute_face_target(face_model, bucket_image(item), controls)
+            save_face_target(path, face_target, extra_metadata={FINGERPRINT_KEY: fingerprint})
+            cache.built += 1
+        cache.targets[item.target] = load_face_target(path)
+    return cache

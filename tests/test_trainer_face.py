@@ -1,0 +1,194 @@
+"""The face identity in real tiny training runs: flags, cached face targets, the loss's gradient, metrics, samples."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from PIL import Image
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
+
+from face_consistency.cli import main as cli_main
+from face_consistency.faceid import cosine_similarity, load_face_model
+from face_consistency.trainer import models
+from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.dataset import load_dataset_config
+from face_consistency.trainer.face_metrics import SampleScorer
+from face_consistency.trainer.face_targets import face_target_path, load_face_target
+from face_consistency.trainer.face_training import build_training_hook
+from face_consistency.trainer.protocol import read_metrics, read_status
+from face_consistency.trainer.train import _micro_step, _prepare_transformer, collate
+
+N_ITEMS = 4
+NO_FACE_ITEM = "item_3"
+
+
+@pytest.fixture(scope="module")
+def face_setup(tmp_path_factory, insightface_root: Path, faces_dir: Path, testpack_dir: Path):
+    root = tmp_path_factory.mktemp("trainer_face")
+    files = write_tiny_model_files(root / "models")
+    engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
+    dataset = write_tiny_dataset(root / "data", n=N_ITEMS, with_face_photos=faces_dir, face_model=engine)
+    # one target without a face (a flat colour); its control keeps the face
+    Image.new("RGB", (64, 64), (120, 160, 90)).save(root / "data" / "images" / f"{NO_FACE_ITEM}.png")
+    prompts = write_tiny_prompts(root / "data", n=2)
+    # a second pack folder (links to the test pack's files) to exercise the held-out plumbing
+    heldout = root / "insightface" / "models" / "heldout"
+    heldout.mkdir(parents=True)
+    for onnx in testpack_dir.glob("*.onnx"):
+        os.symlink(onnx, heldout / onnx.name)
+    return {"files": files, "dataset": dataset, "prompts": prompts, "root": insightface_root,
+            "heldout": str(heldout)}
+
+
+def face_argv(setup, out: Path, steps: int, *extra: str) -> list[str]:
+    return tiny_train_argv(setup["files"], setup["dataset"], out, max_train_steps=steps, extra=[
+        "--face_model_name", "testpack", "--face_models_root", str(setup["root"]), "--face_device", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(face_setup, tmp_path_factory) -> Path:
+    """One run with every face option: the loss, metrics every 2 steps, samples every 2, held-out pack, TensorBoard."""
+    out = tmp_path_factory.mktemp("face_run") / "out"
+    rc = cli_main(["train", *face_argv(
+        face_setup, out, 4, "--use_face_as_loss", "--face_loss_max_t", "1", "--face_eval_frequency", "2",
+        "--sample_prompts", str(face_setup["prompts"]), "--sample_every_n_steps", "2",
+        "--face_eval_model", face_setup["heldout"], "--logging_dir", str(out.parent / "logs"))])
+    assert rc == 0, read_status(out)
+    return out
+
+
+def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):
+    files, dataset = face_setup["files"], face_setup["dataset"]
+    args = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", "--use_face_as_loss"])
+    assert (args.face_loss_weight, args.face_model_name, args.face_device) == (0.1, "buffalo_l", "cuda")
+    assert (args.face_det_size, args.face_eval_frequency, args.face_loss_every) == (640, 100, 1)
+    assert (args.face_models_root, args.face_loss_max_t, args.face_eval_model, args.face_decode) == (None, None, None, "full")
+    explicit = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--face_loss_weight", "0.1",
+                           "--face_model_name", "buffalo_l", "--face_device", "cuda", "--face_det_size", "640",
+                           "--face_eval_frequency", "100", "--face_loss_max_t", "0.5", "--face_loss_every", "3"])
+    assert (explicit.face_loss_max_t, explicit.face_loss_every) == (0.5, 3)
+
+
+def test_face_device_cuda_without_cuda_is_an_actionable_error(face_setup, tmp_path, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has CUDA here")
+    out = tmp_path / "out"
+    argv = face_argv(face_setup, out, 1, "--enable_face_loss")
+    argv[argv.index("--face_device") + 1] = "cuda"
+    assert cli_main(["train", *argv]) == 2
+    status = read_status(out)
+    assert status["state"] == "failed" and "--face_device cpu" in status["error"]
+
+
+def test_bad_face_pack_is_a_configuration_error(face_setup, tmp_path):
+    out = tmp_path / "out"
+    assert cli_main(["train", *face_argv(face_setup, out, 1, "--enable_face_loss", "--face_eval_model", "nosuchpack")]) == 2
+    assert "nosuchpack" in read_status(out)["error"]
+
+
+def test_run_completes_saves_and_counts_targets_without_face(full_run):
+    status = read_status(full_run)
+    assert status["state"] == "completed" and (full_run / "tiny.safetensors").is_file()
+    assert (status["face_targets"], status["face_targets_without_face"]) == (N_ITEMS, 1)
+    assert (status["face_targets_built"], status["face_targets_reused"]) == (N_ITEMS, 0)
+    assert [Path(p).stem for p in status["face_targets_skipped"]] == [NO_FACE_ITEM]
+    assert status["face_targets_heldout_without_face"] == 1
+    assert "face_sim/x0_mean" in status and "face_sim/heldout_x0_mean" in status
+
+
+def test_caching_stores_keypoints_and_embeddings_and_reuses_them(face_setup, full_run, tmp_path):
+    items = load_dataset_config(face_setup["dataset"]).items
+    for item in items:
+        target = load_face_target(face_target_path(item, "testpack"))
+        assert target.control_embedding is not None and target.control_embedding.shape == (128,)
+        if item.key == NO_FACE_ITEM:
+            assert target.kps is None and target.reason
+        else:
+            assert target.kps.shape == (5, 2) and target.target_embedding.shape == (128,)
+            assert (target.kps >= 0).all() and (target.kps < 64).all()
+    out = tmp_path / "out"
+    assert cli_main(["train", *face_argv(face_setup, out, 1, "--enable_face_loss")]) == 0
+    status = read_status(out)
+    assert (status["face_targets_built"], status["face_targets_reused"]) == (0, N_ITEMS)
+
+
+def test_x0_metrics_at_exactly_the_eval_steps(full_run):
+    metrics = read_metrics(full_run)
+    step_lines = [m for m in metrics if "loss" in m]
+    measured = {m["step"] for m in step_lines if "face_sim/x0_mean" in m}
+    assert measured == {2, 4}
+    for m in step_lines:
+        if m["step"] in measured:
+            assert m["face_sim/x0_count"] == len(m["face_sim/x0"]) == len(m["face/t"]) == m["face/valid"]
+            assert -1.0 <= m["face_sim/x0_min"] <= m["face_sim/x0_mean"] <= m["face_sim/x0_max"] <= 1.0
+            assert "face_sim/heldout_x0_mean" in m
+        # the loss runs every step (t <= 1); items without a face are skipped, not an error
+        assert "loss/face" in m or m["face/loss_samples"] == 0
+    assert any("loss/face" in m for m in step_lines)
+
+
+def test_samples_scored_after_each_sampling_round(full_run):
+    sample_lines = [m for m in read_metrics(full_run) if "face_sim/sample_count" in m]
+    assert [m["step"] for m in sample_lines] == [2, 4]
+    for m in sample_lines:
+        assert "face_sim/heldout_sample_count" in m
+        if m["face_sim/sample_count"]:
+            assert m["face_sim/sample_min"] <= m["face_sim/sample_mean"] <= m["face_sim/sample_max"]
+
+
+def test_sample_scorer_scores_like_evaluate(face_setup, faces_dir, testpack_dir, tmp_path):
+    """A sample with a face, paired with its --ci control by the musubi name and prompt file."""
+    engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
+    sample_dir = tmp_path / "sample"
+    sample_dir.mkdir()
+    sample = sample_dir / "tiny_000002_00_20260101000000_100.png"
+    Image.open(faces_dir / "obama2.jpg").convert("RGB").save(sample)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {faces_dir / 'obama.jpg'}\n", encoding="utf-8")
+    metrics = SampleScorer(engine, sample_dir, prompts, prefix="heldout_").score([sample])
+    sample_face, control_face = engine.analyze([Image.open(sample), Image.open(faces_dir / "obama.jpg")])
+    expected = cosine_similarity(sample_face.embedding, control_face.embedding)
+    assert metrics["face_sim/heldout_sample_count"] == 1
+    assert metrics["face_sim/heldout_sample_mean"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_tensorboard_gets_the_face_scalars(full_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((full_run.parent / "logs").rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"face_sim/x0_mean", "face_sim/heldout_x0_mean", "face_sim/sample_count", "loss/current"} <= tags
+    assert [e.step for e in accumulator.Scalars("face_sim/x0_mean")] == [2, 4]
+
+
+@pytest.mark.parametrize("decode", ["full", "half", "face"])
+def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, decode):
+    """Through decode, warp and recognizer: the face term alone has a non-zero LoRA gradient."""
+    args = validate_args(parse_args(face_argv(face_setup, tmp_path / "out", 1, "--use_face_as_loss",
+                                              "--face_loss_max_t", "1", "--face_loss_weight", "1",
+                                              "--face_decode", decode)))
+    accelerator = Accelerator(mixed_precision="no")
+    try:
+        hook = build_training_hook(args)
+        items = load_dataset_config(args.dataset_config).items
+        hook.on_cached(items, accelerator)  # face targets were cached by full_run
+        transformer, lora_params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+        vae = models.load_vae(args.vae, torch.float32)
+        batch = collate(items)  # three faces and the faceless item
+        generator = torch.Generator().manual_seed(0)
+        loss, extra = _micro_step(args, transformer, vae, batch, generator, torch.device("cpu"), accelerator, 1, [hook])
+        assert extra.metrics["face/loss_samples"] == N_ITEMS - 1
+        assert torch.isfinite(loss) and extra.loss.requires_grad
+        # the step's LoRA gradient differs from the MSE-only one by exactly this term
+        face_grads = torch.autograd.grad(extra.loss, lora_params, allow_unused=True)
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in face_grads)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)

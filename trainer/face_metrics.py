@@ -1,0 +1,62 @@
+"""Face-similarity metrics of a training run: names, summaries, and sample images scored like `evaluate`.
+
+Keys (metrics.jsonl, TensorBoard, status.json): `face_sim/x0_mean|min|max` (one-step estimates
+against their references, every --face_eval_frequency steps, with `face/valid`, `face/t_mean`
+and the per-sample lists `face_sim/x0` and `face/t`), `face_sim/sample_mean|min|max|count`
+(sample images against their control images, after each sampling round), and the same keys
+with `heldout_` after `face_sim/` for the held-out pack (`--face_eval_model`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from ..faceid import FaceModel
+from ..faceid.evaluate import EvaluationSources, FolderEvaluation
+from ..faceid.report import summarize
+
+HELDOUT = "heldout_"
+
+
+def heldout_keys(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`face_sim/x0_mean` -> `face_sim/heldout_x0_mean`: the held-out pack's figures beside the training pack's."""
+    return {key.replace("face_sim/", f"face_sim/{HELDOUT}", 1): value for key, value in metrics.items()
+            if key.startswith("face_sim/")}
+
+
+def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of `metrics` (lists dropped), for TensorBoard and status.json."""
+    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
+
+
+class SampleScorer:
+    """Scores the sample images of a round against their `--ci` control images, as `evaluate` does.
+
+    The folder evaluation (pairing by musubi sample names and the prompt file, one embedding per
+    file, mean identity of several controls) is the evaluate command's own; it keeps its
+    embeddings between rounds, so each control is embedded once per run.
+    """
+
+    def __init__(self, model: FaceModel, sample_dir: Path, sample_prompts: Path, prefix: str = "") -> None:
+        self.model = model
+        self.sample_dir = sample_dir
+        self.sample_prompts = sample_prompts
+        self.prefix = prefix
+        self._evaluation: FolderEvaluation | None = None
+
+    def score(self, paths: Sequence[Path]) -> dict[str, Any]:
+        """`face_sim/{prefix}sample_mean|min|max|count` for the images `paths` (one sampling round)."""
+        if self._evaluation is None:  # the sample folder exists once the first round is written
+            self._evaluation = FolderEvaluation(
+                self.model, EvaluationSources(sample_dir=self.sample_dir, sample_prompts=self.sample_prompts)
+            )
+        report = self._evaluation.run_round().report
+        wanted = {Path(p).resolve() for p in paths}
+        scores = [pair["score_control"] for pair in report["pairs"]
+                  if Path(pair["image"]).resolve() in wanted and pair["score_control"] is not None]
+        stats = summarize(scores)
+        name = f"face_sim/{self.prefix}sample"
+        metrics: dict[str, Any] = {f"{name}_count": stats["count"]}
+        if stats["count"]:
+            metrics.update({f"{name}_mean": stats["mean"], f"{name}_min": stats["min"], f"{name}_max": stats["max"]})
+        return metrics
