@@ -1,0 +1,281 @@
+"""The real-ComfyUI end-to-end tier's shared parts: the server fixture and a headless Chromium driver.
+
+`comfy_server` (session fixture; import it into a test module) starts one ComfyUI for the whole
+session when COMFYUI_DIR points at a checkout, and skips otherwise. It runs `main.py --cpu` with
+COMFYUI_PYTHON (default: this interpreter) on 127.0.0.1 with `--base-directory` in a temporary
+folder, so the checkout is left untouched: the pack is symlinked into that folder's custom_nodes
+under a hyphenated name (as users clone it), the shared test photos are copied into its input
+folder, and an extra_model_paths.yaml maps `insightface` to the shared test pack root.
+
+`chromium()` starts headless Chromium (CHROMIUM, or `chromium` / `chromium-browser` on PATH;
+skips without one) and `open_page()` drives a tab over the DevTools protocol (no Playwright),
+collecting the page's console errors and uncaught exceptions.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
+
+import cv2
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PACK_FOLDER = "ComfyUI-Face-Consistency"
+STARTUP_TIMEOUT_S = 300
+RUN_TIMEOUT_S = 300
+BROWSER_TIMEOUT_S = 60
+
+
+def comfyui_dir() -> Path:
+    value = os.environ.get("COMFYUI_DIR")
+    if not value:
+        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the end-to-end tier")
+    path = Path(value).expanduser().resolve()
+    if not (path / "main.py").is_file():
+        pytest.skip(f"COMFYUI_DIR={path} has no main.py: not a ComfyUI checkout")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ComfyServer:
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path, base: Path) -> None:
+        self.url, self.process, self.log_path, self.base = url, process, log_path, base
+
+    def get(self, route: str) -> Any:
+        with urllib.request.urlopen(f"{self.url}{route}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def post(self, route: str, payload: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.url}{route}", data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:  # ComfyUI explains a rejected prompt in the body
+            raise AssertionError(f"POST {route} -> {exc.code}: {exc.read().decode()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+def _prepare_base(base: Path, testdata: Path) -> Path:
+    """The server's base directory; returns its extra_model_paths.yaml."""
+    for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
+        (base / sub).mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
+    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+        shutil.copyfile(testdata / "faces" / name, base / "input" / name)
+    # the example workflows' input names: a control and its "edit", a group photo and its mirror
+    shutil.copyfile(testdata / "faces" / "obama.jpg", base / "input" / "control.png")
+    shutil.copyfile(testdata / "faces" / "obama2.jpg", base / "input" / "edited.png")
+    from insightface.data import get_image
+
+    group_bgr = get_image("t1")
+    cv2.imwrite(str(base / "input" / "group.png"), group_bgr)
+    cv2.imwrite(str(base / "input" / "group_edited.png"), group_bgr[:, ::-1])
+    # a returning user: the frontend opens no template browser over the page
+    settings = base / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
+    extra_paths = base / "extra_model_paths.yaml"
+    extra_paths.write_text(f"face_test_data:\n    base_path: {testdata}\n    insightface: insightface\n")
+    return extra_paths
+
+
+@contextlib.contextmanager
+def running_comfyui(comfyui: Path, base: Path, testdata: Path) -> Iterator[ComfyServer]:
+    extra_paths = _prepare_base(base, testdata)
+    port = free_port()
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    log_path = base / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
+                "--database-url", "sqlite:///:memory:",
+            ],
+            cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+        )
+    server = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"ComfyUI exited with code {process.returncode} while starting:\n{server.log()}")
+            try:
+                server.get("/object_info/FaceConsistencyLoadModel")
+                break
+            except (urllib.error.URLError, ConnectionError, OSError):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"ComfyUI did not answer within {STARTUP_TIMEOUT_S}s:\n{server.log()}")
+                time.sleep(1.0)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=30)
+
+
+_servers: dict[Path, ComfyServer] = {}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Iterator[ComfyServer]:
+    # Each e2e module imports this fixture (pytest then keeps one per module): start the server
+    # once per session all the same; the instance that started it stops it at the session's end.
+    comfyui = comfyui_dir()
+    key = tmp_path_factory.getbasetemp()
+    if key in _servers:
+        yield _servers[key]
+        return
+    with running_comfyui(comfyui, tmp_path_factory.mktemp("comfy-base"), testdata) as server:
+        _servers[key] = server
+        try:
+            yield server
+        finally:
+            del _servers[key]
+
+
+def run_prompt(server: ComfyServer, workflow: dict[str, Any], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:
+    """Queue a workflow, wait for it, return its outputs (failing with the server log if it fails)."""
+    queued = server.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+    prompt_id = queued["prompt_id"]
+    deadline = time.monotonic() + timeout_s
+    while prompt_id not in (history := server.get(f"/history/{prompt_id}")):
+        assert time.monotonic() < deadline, f"prompt not finished in {timeout_s:.0f}s:\n{server.log()}"
+        time.sleep(0.5)
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", f"{entry['status']}\n{server.log()}"
+    return entry["outputs"]
+
+
+def _chromium_binary() -> str:
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        pytest.skip("no Chromium (set CHROMIUM) for the browser checks of ComfyUI's frontend")
+    return path
+
+
+@contextlib.contextmanager
+def chromium(user_data_dir: Path) -> Iterator[int]:
+    """Headless Chromium with its DevTools endpoint open; yields the endpoint's port."""
+    port = free_port()
+    browser = subprocess.Popen(
+        [
+            _chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+            f"--user-data-dir={user_data_dir}", "about:blank",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + BROWSER_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/json/version", timeout=5).close()
+                break
+            except OSError:
+                assert browser.poll() is None, f"Chromium exited with code {browser.returncode}"
+                assert time.monotonic() < deadline, "Chromium's DevTools endpoint did not open"
+                time.sleep(0.5)
+        yield port
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+            browser.wait(timeout=30)
+
+
+class DevToolsPage:
+    """One browser tab driven over the DevTools protocol; keeps the console errors it sees."""
+
+    def __init__(self, ws: Any) -> None:
+        self._ws = ws
+        self._message_ids = iter(range(1, 1_000_000))
+        self.console_errors: list[str] = []
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        message_id = next(self._message_ids)
+        await self._ws.send_json({"id": message_id, "method": method, "params": params})
+        while (message := await self._ws.receive_json()).get("id") != message_id:
+            self._note(message)
+        assert "error" not in message, f"{method}: {message['error']}"
+        return message["result"]
+
+    def _note(self, event: dict[str, Any]) -> None:
+        method, params = event.get("method"), event.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            details = params["exceptionDetails"]
+            self.console_errors.append(details.get("exception", {}).get("description") or details.get("text", ""))
+        elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            self.console_errors.append(
+                " ".join(str(a.get("value", a.get("description", ""))) for a in params.get("args", []))
+            )
+        elif method == "Log.entryAdded" and params["entry"].get("level") == "error":
+            entry = params["entry"]
+            self.console_errors.append(f"{entry.get('text', '')} {entry.get('url', '')}".strip())
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        assert "exceptionDetails" not in result, json.dumps(result["exceptionDetails"])[:2000]
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str, timeout_s: float = BROWSER_TIMEOUT_S) -> Any:
+        """Evaluate `expression` until it is truthy; return its value."""
+        deadline = time.monotonic() + timeout_s
+        while not (value := await self.evaluate(expression)):
+            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f}s waiting for {what}"
+            await asyncio.sleep(0.5)
+        return value
+
+    async def screenshot(self, path: Path) -> Path:
+        result = await self.send("Page.captureScreenshot", format="png")
+        path.write_bytes(base64.b64decode(result["data"]))
+        return path
+
+
+@contextlib.asynccontextmanager
+async def open_page(devtools_port: int, url: str, size: tuple[int, int] = (1400, 900)) -> AsyncIterator[DevToolsPage]:
+    """A new tab that listens for console errors from before `url` starts loading."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+        async with http.put(f"http://127.0.0.1:{devtools_port}/json/new?about:blank") as response:
+            target = await response.json()
+        try:
+            async with http.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                page = DevToolsPage(ws)
+                for domain in ("Runtime", "Log", "Page"):
+                    await page.send(f"{domain}.enable")
+                await page.send(
+                    "Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False
+                )
+                await page.send("Page.navigate", url=url)
+                yield page
+        finally:
+            async with http.get(f"http://127.0.0.1:{devtools_port}/json/close/{target['id']}"):
+                pass
