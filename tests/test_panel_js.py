@@ -92,6 +92,8 @@ result.images = [];
 container.find((e) => { if (e.tagName === "img") result.images.push(e.attributes.src); return false; });
 result.charts = [];
 container.find((e) => { if (e.tagName === "svg") result.charts.push(e.children.length); return false; });
+result.captions = [];
+container.find((e) => { if (e.className === "fc-chart-label") result.captions.push(e.textContent); return false; });
 container.find((e) => e.tagName === "button").click();
 await tick();
 api.emit("face_consistency.finished", { job_id: "a".repeat(32), name: "face_lora", state: "completed",
@@ -126,7 +128,9 @@ def test_panel_lists_jobs_stops_them_and_toasts(tmp_path: Path) -> None:
     assert "step 5/10 (50.0%)" in result["listed"] and "loss 0.2500" in result["listed"]
     assert result["images"] == [
         f"/api/face_consistency/jobs/{job_id}/samples/face_lora_000004_00_20260101120000.png"]
-    assert len(result["charts"]) == 2 and all(n >= 3 for n in result["charts"])  # raw path, average, label
+    assert result["charts"] == [2, 2]  # raw path, moving average
+    assert result["captions"] == ["loss 0.2500 · min 0.2500 · max 0.5000 · step 5",
+                                  "face similarity 0.7100 · min 0.6000 · max 0.7100 · step 5"]
     assert ["POST", f"/face_consistency/jobs/{job_id}/stop"] in result["calls"]
     severities = [(t["severity"], t["summary"]) for t in result["toasts"]]
     assert ("success", "Training completed: face_lora") in severities

@@ -9,8 +9,9 @@ const ROUTE = "/face_consistency/jobs";
 const FINAL_STATES = new Set(["completed", "stopped", "failed"]);
 const FALLBACK_POLL_MS = 15000;
 const CHART_WIDTH = 300;
-const CHART_HEIGHT = 90;
+const CHART_HEIGHT = 60;
 const MOVING_AVERAGE = 20;
+const LINE = { "vector-effect": "non-scaling-stroke" }; // the SVG stretches to the panel's width, its lines do not
 
 const STYLE = `
 .fc-panel { padding: 8px; font-size: 13px; display: flex; flex-direction: column; gap: 8px; }
@@ -23,7 +24,8 @@ const STYLE = `
 .fc-bar { height: 4px; background: #333; border-radius: 2px; margin: 4px 0; }
 .fc-bar > div { height: 100%; background: #4caf50; border-radius: 2px; }
 .fc-line { opacity: 0.8; font-size: 12px; white-space: pre-wrap; }
-.fc-chart { display: block; width: 100%; background: rgba(0,0,0,0.2); border-radius: 4px; margin-top: 4px; }
+.fc-chart-label { font-size: 11px; opacity: 0.8; margin-top: 4px; }
+.fc-chart { display: block; width: 100%; height: ${CHART_HEIGHT}px; background: rgba(0,0,0,0.2); border-radius: 4px; }
 .fc-samples { display: flex; flex-wrap: wrap; gap: 4px; margin-top: 4px; }
 .fc-samples img { width: 72px; height: 72px; object-fit: cover; border-radius: 3px; cursor: zoom-in; }
 .fc-stop { margin-top: 4px; }
@@ -59,35 +61,34 @@ function movingAverage(values, window) {
   return out;
 }
 
-// A small line chart: raw values faint, moving average solid, min / max labels.
+// A small line chart: raw values faint, moving average solid; the caption (last value, min / max)
+// is HTML above it, as text inside the stretched SVG would be squashed to illegibility.
 function lineChart(title, points, color) {
-  const chart = svg("svg", {
-    class: "fc-chart",
-    viewBox: `0 0 ${CHART_WIDTH} ${CHART_HEIGHT}`,
-    preserveAspectRatio: "none",
-  });
-  const label = svg("text", { x: 4, y: 12, fill: "currentColor", "font-size": 10 });
+  const caption = el("div", { className: "fc-chart-label" });
   if (points.length === 0) {
-    label.textContent = `${title}: no data yet`;
-    chart.append(label);
-    return chart;
+    caption.textContent = `${title}: no data yet`;
+    return caption;
   }
   const xs = points.map((p) => p[0]);
   const ys = points.map((p) => p[1]);
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
   let [y0, y1] = [Math.min(...ys), Math.max(...ys)];
+  caption.textContent = `${title} ${ys[ys.length - 1].toFixed(4)} · min ${y0.toFixed(4)} · max ${y1.toFixed(4)} · step ${x1}`;
   if (y1 - y0 < 1e-9) [y0, y1] = [y0 - 0.5, y1 + 0.5];
-  const pad = 14;
   const sx = (x) => (x1 === x0 ? CHART_WIDTH / 2 : ((x - x0) / (x1 - x0)) * (CHART_WIDTH - 2) + 1);
-  const sy = (y) => CHART_HEIGHT - 2 - ((y - y0) / (y1 - y0)) * (CHART_HEIGHT - pad - 4);
+  const sy = (y) => CHART_HEIGHT - 2 - ((y - y0) / (y1 - y0)) * (CHART_HEIGHT - 4);
   const path = (values) => values.map((y, i) => `${i ? "L" : "M"}${sx(xs[i]).toFixed(1)},${sy(y).toFixed(1)}`).join("");
-  chart.append(svg("path", { d: path(ys), stroke: color, "stroke-opacity": 0.3, fill: "none", "stroke-width": 1 }));
+  const chart = svg("svg", {
+    class: "fc-chart",
+    viewBox: `0 0 ${CHART_WIDTH} ${CHART_HEIGHT}`,
+    preserveAspectRatio: "none",
+  });
+  chart.append(svg("path", { d: path(ys), stroke: color, "stroke-opacity": 0.3, fill: "none", "stroke-width": 1, ...LINE }));
   chart.append(
-    svg("path", { d: path(movingAverage(ys, MOVING_AVERAGE)), stroke: color, fill: "none", "stroke-width": 1.8 }),
+    svg("path", { d: path(movingAverage(ys, MOVING_AVERAGE)), stroke: color, fill: "none", "stroke-width": 1.8, ...LINE }),
   );
-  label.textContent = `${title}: ${ys[ys.length - 1].toFixed(4)}  (min ${y0.toFixed(3)}, max ${y1.toFixed(3)}, step ${x1})`;
-  chart.append(label);
-  return chart;
+  chart.setAttribute("aria-label", caption.textContent);
+  return el("div", {}, caption, chart);
 }
 
 function progressOf(job) {
