@@ -551,7 +551,7 @@ class FaceConsistencyTrainLogs:
     def logs(self, lines: int, job: TrainingJob | None = None, output_folder: str = "") -> dict[str, Any]:
         _, folder = _resolve_run(job, output_folder)
         tail = log_tail(folder, lines)
-        text = "\n".join(tail) if tail else f"(no {LOG_FILE} in {folder} yet)"
+        text = "\n".join(tail) if tail else f"(nothing in {folder / LOG_FILE} yet)"  # missing or empty
         return {"ui": {"text": [text]}, "result": (text,)}
 
 
