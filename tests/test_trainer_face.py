@@ -158,6 +158,22 @@ def test_sample_scorer_scores_like_evaluate(face_setup, faces_dir, testpack_dir,
     assert metrics["face_sim/heldout_sample_mean"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_trainer_reads_sample_controls_like_evaluate(face_setup, tmp_path, monkeypatch):
+    """One musubi prompt parser for both: a relative --ci beside the prompt file is found by the trainer too."""
+    from face_consistency.faceid.prompts import load_prompt_file as evaluate_prompts
+    from face_consistency.trainer.sampling import load_prompt_file as trainer_prompts
+
+    prompts = face_setup["prompts"].parent / "relative_prompts.txt"
+    prompts.write_text("# c\nedit --w 40 --s 3 --ci controls/item_0.png --zz ignored-by-musubi\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    parsed = evaluate_prompts(prompts)[0]
+    assert parsed.unknown_options == ["--zz ignored-by-musubi"]
+    prompts.write_text("# c\nedit --w 40 --s 3 --ci controls/item_0.png\n", encoding="utf-8")
+    settings = trainer_prompts(prompts)[0]
+    assert (settings.index, settings.width, settings.steps) == (0, 32, 3)
+    assert settings.controls == [prompts.parent / "controls" / "item_0.png"]
+
+
 def test_tensorboard_gets_the_face_scalars(full_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

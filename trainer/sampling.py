@@ -1,8 +1,10 @@
 """Sample images during training from a musubi prompt file.
 
-Prompt file: one prompt per line, `#` starts a comment line. Options after the prompt:
+Prompt file (parsed exactly as musubi parses it, by `faceid/prompts.py`, which the evaluate
+command shares): one prompt per line, `#` starts a comment line. Options after the prompt:
 `--w` width, `--h` height, `--s` steps, `--d` seed, `--fs` flow shift, `--l` CFG scale,
-`--n` negative prompt, `--ci` control image (repeatable). Example:
+`--n` negative prompt, `--ci` control image (repeatable; a relative path is looked up in the
+working directory, then beside the prompt file). Example:
 
     turn the jacket red --w 1024 --h 1024 --s 20 --d 42 --ci /data/controls/p1.png
 
@@ -26,6 +28,8 @@ from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImage
 from PIL import Image
 
 from ..faceid.fileio import atomic_path
+from ..faceid.prompts import PromptFileError, SamplePrompt, resolve_prompt_path
+from ..faceid.prompts import load_prompt_file as load_musubi_prompts
 from .cache import CacheEncoders
 from .dataset import RESOLUTION_STEP
 
@@ -35,12 +39,10 @@ DEFAULT_STEPS = 20
 DEFAULT_CFG = 1.0
 
 
-class PromptFileError(ValueError):
-    """A prompt file line that cannot be parsed, naming the line."""
-
-
 @dataclass
-class SamplePrompt:
+class SampleSettings:
+    """One prompt of the file with the trainer's defaults filled in and its control images found."""
+
     index: int
     prompt: str
     width: int = DEFAULT_SIZE
@@ -57,65 +59,50 @@ class SamplePrompt:
 class EncodedSample:
     """A prompt with its embeddings and control latents, ready to generate without the text encoder."""
 
-    prompt: SamplePrompt
+    prompt: SampleSettings
     prompt_embeds: torch.Tensor  # [1, tokens, dim]
     negative_embeds: torch.Tensor | None
     control_latents: list[torch.Tensor]  # each [1, 16, 1, h, w]
 
 
-_OPTIONS = {"w": ("width", int), "h": ("height", int), "s": ("steps", int), "d": ("seed", int),
-            "fs": ("flow_shift", float), "l": ("cfg_scale", float), "n": ("negative_prompt", str)}
-
-
-def parse_prompt_line(line: str, index: int, where: str) -> SamplePrompt:
-    prompt_text, *options = line.split(" --")
-    sample = SamplePrompt(index=index, prompt=prompt_text.strip())
-    for option in options:
-        name, _, value = option.strip().partition(" ")
-        value = value.strip()
-        try:
-            if name == "ci":
-                sample.controls.append(Path(value.strip("'\"")))
-                continue
-            attribute, kind = _OPTIONS[name]
-            setattr(sample, attribute, kind(value))
-        except KeyError:
-            raise PromptFileError(f"{where}: unknown option --{name} (known: --w --h --s --d --fs --l --n --ci)") from None
-        except ValueError:
-            raise PromptFileError(f"{where}: option --{name} needs a {kind.__name__}, got {value!r}") from None
-    for attribute in ("width", "height"):
-        value = getattr(sample, attribute)
+def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
+    """The trainer's settings for a parsed prompt; a prompt that cannot sample is a PromptFileError."""
+    where = f"{prompt_file} " + (f"line {parsed.line_number}" if parsed.line_number else f"prompt {parsed.index}")
+    if parsed.unknown_options:
+        # musubi ignores these; a typo here would silently sample something else for the whole run
+        raise PromptFileError(f"{where}: option(s) not understood: {' '.join(parsed.unknown_options)} "
+                              "(known: --w --h --s --d --fs --l --n --ci, numbers after --w --h --s --d --fs --l)")
+    settings = SampleSettings(index=parsed.index, prompt=parsed.prompt.strip(), seed=parsed.seed,
+                              flow_shift=parsed.discrete_flow_shift)
+    for name, value in (("width", parsed.width), ("height", parsed.height), ("steps", parsed.sample_steps),
+                        ("cfg_scale", parsed.cfg_scale), ("negative_prompt", parsed.negative_prompt)):
+        if value is not None:
+            setattr(settings, name, value)
+    for name in ("width", "height"):
+        value = getattr(settings, name)
         if value < RESOLUTION_STEP:
-            raise PromptFileError(f"{where}: {attribute} {value} is smaller than {RESOLUTION_STEP}")
-        setattr(sample, attribute, value // RESOLUTION_STEP * RESOLUTION_STEP)
-    if sample.steps < 1:
-        raise PromptFileError(f"{where}: --s must be at least 1")
-    return sample
+            raise PromptFileError(f"{where}: {name} {value} is smaller than {RESOLUTION_STEP}")
+        setattr(settings, name, value // RESOLUTION_STEP * RESOLUTION_STEP)
+    if not parsed.control_images:
+        raise PromptFileError(f"{where}: Qwen-Image-Edit samples need a control image (--ci path)")
+    for raw in parsed.control_images:
+        found, tried = resolve_prompt_path(raw, prompt_file)
+        if found is None:
+            raise PromptFileError(f"{where}: control image {raw} not found (looked at {', '.join(map(str, tried))})")
+        settings.controls.append(found)
+    return settings
 
 
-def load_prompt_file(path: str | Path) -> list[SamplePrompt]:
+def load_prompt_file(path: str | Path) -> list[SampleSettings]:
+    """The prompts of a musubi prompt file (parsed as musubi parses it, `faceid/prompts.py`)."""
     prompt_path = Path(path)
-    if not prompt_path.is_file():
-        raise PromptFileError(f"sample prompt file not found: {prompt_path}")
-    prompts: list[SamplePrompt] = []
-    for number, line in enumerate(prompt_path.read_text(encoding="utf-8").splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"{prompt_path} line {number}"
-        sample = parse_prompt_line(line, len(prompts), where)
-        if not sample.controls:
-            raise PromptFileError(f"{where}: Qwen-Image-Edit samples need a control image (--ci path)")
-        missing = [str(c) for c in sample.controls if not c.is_file()]
-        if missing:
-            raise PromptFileError(f"{where}: control image(s) not found: {', '.join(missing)}")
-        prompts.append(sample)
+    prompts = [sample_settings(parsed, prompt_path) for parsed in load_musubi_prompts(prompt_path)]
     if not prompts:
         raise PromptFileError(f"sample prompt file {prompt_path} holds no prompts")
     return prompts
 
 
-def encode_samples(prompts: list[SamplePrompt], encoders: CacheEncoders) -> list[EncodedSample]:
+def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
     encoded = []
     for sample in prompts:
         controls = []
@@ -129,7 +116,7 @@ def encode_samples(prompts: list[SamplePrompt], encoders: CacheEncoders) -> list
     return encoded
 
 
-def sample_file_name(output_name: str, prompt: SamplePrompt, *, step: int, epoch: int | None) -> str:
+def sample_file_name(output_name: str, prompt: SampleSettings, *, step: int, epoch: int | None) -> str:
     """musubi's name; the seed is appended only when the prompt file gave one (`--d`)."""
     when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
