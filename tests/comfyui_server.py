@@ -252,6 +252,18 @@ class DevToolsPage:
             await asyncio.sleep(0.5)
         return value
 
+    async def click(self, element: str) -> None:
+        """Click the middle of `element` (a JS expression) with the mouse, as a user would: it must
+        be on screen and not covered by anything else."""
+        x, y = await self.evaluate(
+            f"(() => {{ const e = {element}; e.scrollIntoView({{block: 'nearest'}});"
+            " const r = e.getBoundingClientRect(); const x = r.left + r.width / 2, y = r.top + r.height / 2;"
+            " return e.contains(document.elementFromPoint(x, y)) ? [x, y] : [null, null]; })()"
+        )
+        assert x is not None, f"{element} is covered by another element"
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
+
     async def screenshot(self, path: Path) -> Path:
         result = await self.send("Page.captureScreenshot", format="png")
         path.write_bytes(base64.b64decode(result["data"]))
@@ -271,9 +283,8 @@ async def open_page(devtools_port: int, url: str, size: tuple[int, int] = (1400,
                 page = DevToolsPage(ws)
                 for domain in ("Runtime", "Log", "Page"):
                     await page.send(f"{domain}.enable")
-                await page.send(
-                    "Emulation.setDeviceMetricsOverride", width=size[0], height=size[1], deviceScaleFactor=1, mobile=False
-                )
+                await page.send("Emulation.setDeviceMetricsOverride",
+                                width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
                 await page.send("Page.navigate", url=url)
                 yield page
         finally:

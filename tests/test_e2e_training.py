@@ -12,22 +12,24 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
-from comfyui_server import STARTUP_TIMEOUT_S, ComfyServer, DevToolsPage, chromium, comfy_server, open_page, run_prompt  # noqa: F401
+from comfyui_server import (  # noqa: F401 (fixture)
+    STARTUP_TIMEOUT_S, ComfyServer, DevToolsPage, chromium, comfy_server, open_page, run_prompt,
+)
 from training_runs import TinyTraining, tiny_training, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "example_workflows" / "api" / "train_launch_monitor.json"
 FINISHED_NAME, RUNNING_NAME = "e2e_tiny", "e2e_running"
-# as registered by web/face_consistency_panel.js: the frontend renders the sidebar button of a
-# tab with class "<tab id>-tab-button" and the tooltip as its aria-label
 # our extension's file and routes, in the URL or stack of any error they cause; the frontend's
 # own noise on a fresh user folder (404s for user.css, userdata, favicon) is not ours
 OUR_MARKS = ("face-consistency", "face_consistency")
+# as registered by web/face_consistency_panel.js: ComfyUI frontend 1.27 renders the sidebar button
+# of a tab with class "<tab id>-tab-button" and the tab's tooltip as its aria-label
 TAB_BUTTON = 'button.face-consistency-training-tab-button[aria-label="Face Consistency training jobs"]'
 
 
@@ -90,12 +92,12 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path) -> dict[str, A
     async with open_page(devtools_port, url) as page:
         await page.wait_for("!!(window.app && window.app.graph)", "the ComfyUI frontend", STARTUP_TIMEOUT_S)
         await page.wait_for(f"!!document.querySelector({json.dumps(TAB_BUTTON)})", "the Face training sidebar button")
-        await page.evaluate(f"document.querySelector({json.dumps(TAB_BUTTON)}).click()")
+        await page.click(f"document.querySelector({json.dumps(TAB_BUTTON)})")
         await page.wait_for(f"{_state_of(FINISHED_NAME)} === 'completed' && !!{_job_box(RUNNING_NAME)}",
                             "both jobs listed in the panel")
         running_state = await page.evaluate(_state_of(RUNNING_NAME))
         for name in (FINISHED_NAME, RUNNING_NAME):  # expand both: charts and samples
-            await page.evaluate(f"{_job_box(name)}.querySelector('.fc-job-head').click()")
+            await page.click(f"{_job_box(name)}.querySelector('.fc-job-head')")
         captions = await _wait_for_details(page, FINISHED_NAME)
         await _wait_for_details(page, RUNNING_NAME)
         panel_open = await page.screenshot(shots / "training_panel.png")
@@ -104,16 +106,16 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path) -> dict[str, A
             f"[{_job_box(FINISHED_NAME)}.querySelectorAll('.fc-stop').length,"
             f" {_job_box(RUNNING_NAME)}.querySelectorAll('.fc-stop').length]"
         )
-        await page.evaluate(f"{_job_box(RUNNING_NAME)}.querySelector('.fc-stop').click()")
+        await page.click(f"{_job_box(RUNNING_NAME)}.querySelector('.fc-stop')")
         await page.wait_for(f"{_state_of(RUNNING_NAME)} === 'stopped'", "the stopped job in the panel", 120)
-        toast = await page.wait_for(
+        await page.wait_for(
             "[...document.querySelectorAll('.p-toast-message')].map(t => t.textContent)"
             f".find(text => text.includes('Training stopped: {RUNNING_NAME}'))",
             "the 'training stopped' toast",
         )
         stopped = await page.screenshot(shots / "training_panel_stopped.png")
         return {
-            "captions": captions, "running_state": running_state, "stop_buttons": stop_buttons, "toast": toast,
+            "captions": captions, "running_state": running_state, "stop_buttons": stop_buttons,
             "console_errors": page.console_errors, "screenshots": [panel_open, stopped],
         }
 
@@ -123,22 +125,34 @@ async def _wait_for_details(page: DevToolsPage, name: str) -> list[str]:
     the charts' captions."""
     box = _job_box(name)
     await page.wait_for(
-        f"{box}.querySelectorAll('.fc-chart-label').length === 2 && {box}.querySelectorAll('svg.fc-chart path').length >= 2"
+        f"{box}.querySelectorAll('.fc-chart-label').length === 2"
+        f" && {box}.querySelectorAll('svg.fc-chart path').length >= 2"
         f" && [...{box}.querySelectorAll('.fc-samples img')].some(img => img.complete && img.naturalWidth > 0)",
         f"{name}'s charts and samples", 120,
     )
     return await page.evaluate(f"[...{box}.querySelectorAll('.fc-chart-label')].map(label => label.textContent)")
 
 
-def test_training_panel_lists_charts_and_stops_jobs(
-    comfy_server: ComfyServer, finished_job: dict[str, Any], tiny_training: TinyTraining, tmp_path: Path
-) -> None:
-    """The panel's sidebar tab opens, lists the finished and a running job from /face_consistency/jobs
-    with charts and samples, and its stop button stops the running one with a checkpoint saved."""
+@pytest.fixture
+def running_job(comfy_server: ComfyServer, finished_job: dict[str, Any], tiny_training: TinyTraining) -> Iterator[None]:
+    """A job launched (launch node alone) to train far longer than the test, past its first epoch:
+    a sample and a checkpoint to show. Stopped through the route if the test leaves it running."""
     run_prompt(comfy_server, {"1": launch_workflow(tiny_training, RUNNING_NAME, max_train_steps=100_000)["1"]})
-    # running and past its first epoch: one sample and one checkpoint to show and keep
-    wait_for(lambda: (jobs_by_name(comfy_server)[RUNNING_NAME].get("step") or 0) > 4, "the running job's first epoch")
+    try:
+        wait_for(lambda: (jobs_by_name(comfy_server)[RUNNING_NAME].get("step") or 0) > 4, "its first epoch")
+        yield
+    finally:
+        job = jobs_by_name(comfy_server)[RUNNING_NAME]
+        if job["state"] not in ("completed", "stopped", "failed"):
+            comfy_server.post(f"/face_consistency/jobs/{job['job_id']}/stop", {})
+            wait_for(lambda: jobs_by_name(comfy_server)[RUNNING_NAME]["state"] in ("stopped", "failed"), "its end")
 
+
+def test_training_panel_lists_charts_and_stops_jobs(
+    comfy_server: ComfyServer, running_job: None, tmp_path: Path
+) -> None:
+    """The panel's sidebar tab opens, lists the finished and the running job from /face_consistency/jobs
+    with charts and samples, and its stop button stops the running one with a checkpoint saved."""
     with chromium(tmp_path / "chromium") as devtools_port:
         seen = asyncio.run(_drive_panel(devtools_port, comfy_server.url + "/", tmp_path))
 
