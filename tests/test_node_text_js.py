@@ -2,15 +2,9 @@
 a pack node shows its `ui.text` in one read-only box that is neither queued nor saved."""
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
-SCRIPT = Path(__file__).resolve().parent.parent / "web" / "face_consistency_node_text.js"
-NODE = shutil.which("node")
+from web_module_harness import needs_node, run_web_module
 
 APP_JS = """
 export const registered = [];
@@ -60,19 +54,10 @@ console.log(JSON.stringify({
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (the extension runs in the browser)")
+@needs_node
 def test_pack_nodes_show_their_text(tmp_path: Path) -> None:
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "app.js").write_text(APP_JS)
-    (tmp_path / "scripts" / "widgets.js").write_text(WIDGETS_JS)
-    pack_dir = tmp_path / "extensions" / "pack"
-    pack_dir.mkdir(parents=True)
-    shutil.copy(SCRIPT, pack_dir / SCRIPT.name)
-    (tmp_path / "harness.mjs").write_text(HARNESS_JS)
-
-    run = subprocess.run([NODE, "harness.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_web_module(tmp_path, "face_consistency_node_text.js",
+                            {"app.js": APP_JS, "widgets.js": WIDGETS_JS}, HARNESS_JS)
 
     assert result == {
         "name": "face_consistency.node_text", "widgets": 1, "value": "line 1\nline 2", "readOnly": True,

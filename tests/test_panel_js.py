@@ -5,15 +5,9 @@ the stop button posts to the stop route, and finished / failed events raise toas
 """
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 from pathlib import Path
 
-import pytest
-
-PANEL = Path(__file__).resolve().parent.parent / "web" / "face_consistency_panel.js"
-NODE = shutil.which("node")
+from web_module_harness import needs_node, run_web_module
 
 APP_JS = """
 export const registered = { extensions: [], tabs: [], toasts: [] };
@@ -107,19 +101,9 @@ process.exit(0);
 """
 
 
-@pytest.mark.skipif(NODE is None, reason="Node.js is not installed (the panel module runs in the browser)")
+@needs_node
 def test_panel_lists_jobs_stops_them_and_toasts(tmp_path: Path) -> None:
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "app.js").write_text(APP_JS)
-    (tmp_path / "scripts" / "api.js").write_text(API_JS)
-    pack_dir = tmp_path / "extensions" / "pack"
-    pack_dir.mkdir(parents=True)
-    shutil.copy(PANEL, pack_dir / PANEL.name)
-    (tmp_path / "harness.mjs").write_text(HARNESS_JS)
-
-    run = subprocess.run([NODE, "harness.mjs"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    result = run_web_module(tmp_path, "face_consistency_panel.js", {"app.js": APP_JS, "api.js": API_JS}, HARNESS_JS)
 
     job_id = "a" * 32
     assert result["extensions"] == ["face_consistency.training_panel"]
