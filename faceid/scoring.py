@@ -137,12 +137,18 @@ def reference_without_face(name: str, index: int, count: int, reason: str | None
 
 
 def analyze_references(
-    model: FaceModel, images: Sequence[np.ndarray], name: str = "reference", on_image: Callable[[], None] | None = None
+    model: FaceModel,
+    images: Sequence[np.ndarray],
+    name: str = "reference",
+    on_image: Callable[[], None] | None = None,
+    *,
+    all_faces: bool = False,
 ) -> list[FaceResult]:
-    """Largest face of each reference image; a reference without a face is an error naming it."""
+    """Largest face of each reference image (and, with `all_faces`, every face embedded in
+    `result.faces`); a reference without a face is an error naming it."""
     results = []
     for i, bgr in enumerate(images):
-        result = model.analyze([bgr], channel_order="bgr")[0]
+        result = model.analyze([bgr], all_faces=all_faces, channel_order="bgr")[0]
         if not result.ok:
             raise reference_without_face(name, i, len(images), result.reason)
         results.append(result)

@@ -10,7 +10,7 @@ from ..faceid import Bands, FaceModel, FaceResult
 from ..faceid.drawing import UNUSED_FACE_COLOR, draw_face, person_color
 from ..faceid.matching import FaceAssignment, match_faces
 from ..faceid.ranking import Fallback, Pick, pick_best
-from ..faceid.scoring import reference_pairing, reference_without_face
+from ..faceid.scoring import analyze_references, reference_pairing
 from . import comfy_env
 from .imaging import save_previews, to_bgr_list, to_image_batch
 from .scoring import CATEGORY, describe_model
@@ -65,13 +65,9 @@ class FaceConsistencyMatchFaces:
         outputs = to_bgr_list(images, "images")
         reference_of = reference_pairing(len(references), len(outputs))
         progress = comfy_env.Progress(len(references) + len(outputs))
-        reference_results = []
-        for i, bgr in enumerate(references):
-            result = face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
-            if not result.faces:
-                raise reference_without_face("reference_image", i, len(references), result.reason)
-            reference_results.append(result)
-            progress.update(1)
+        reference_results = analyze_references(
+            face_model, references, "reference_image", lambda: progress.update(1), all_faces=True
+        )
         bands = Bands()
         lines = [f"Face matching: {describe_model(face_model)}"]
         person_scores: list[float] = []
