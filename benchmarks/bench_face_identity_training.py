@@ -182,7 +182,7 @@ def main() -> None:
     decodes = {}
     for name, run in runs.items():
         decodes[name], target_decode = decoded_x0_estimates(run["argv"], run["lora"], args.eval_t, seed=7)
-        decodes["target (VAE round trip)"] = target_decode
+    decodes = {"target (VAE round trip)": target_decode, **decodes}  # the ceiling: the true latents decoded
     for name, rgb in decodes.items():
         for label, pack_name in packs:
             pack_engine = load_face_model(pack_name, models_root=args.models_root, provider="cpu", det_size=640)

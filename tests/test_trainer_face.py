@@ -121,16 +121,16 @@ def test_caching_stores_keypoints_and_embeddings_and_reuses_them(face_setup, ful
 def test_x0_metrics_at_exactly_the_eval_steps(full_run):
     metrics = read_metrics(full_run)
     step_lines = [m for m in metrics if "loss" in m]
-    measured = {m["step"] for m in step_lines if "face_sim/x0_mean" in m}
+    measured = {m["step"] for m in step_lines if "face_sim/x0_count" in m}
     assert measured == {2, 4}
     for m in step_lines:
-        if m["step"] in measured:
+        if m["step"] in measured and m["face_sim/x0_count"]:
             assert m["face_sim/x0_count"] == len(m["face_sim/x0"]) == len(m["face/t"]) == m["face/valid"]
             assert -1.0 <= m["face_sim/x0_min"] <= m["face_sim/x0_mean"] <= m["face_sim/x0_max"] <= 1.0
             assert "face_sim/heldout_x0_mean" in m
         # the loss runs every step (t <= 1); items without a face are skipped, not an error
         assert "loss/face" in m or m["face/loss_samples"] == 0
-    assert any("loss/face" in m for m in step_lines)
+    assert any("loss/face" in m for m in step_lines) and any("face_sim/x0_mean" in m for m in step_lines)
 
 
 def test_samples_scored_after_each_sampling_round(full_run):
@@ -182,7 +182,19 @@ def test_tensorboard_gets_the_face_scalars(full_run):
     accumulator.Reload()
     tags = set(accumulator.Tags()["scalars"])
     assert {"face_sim/x0_mean", "face_sim/heldout_x0_mean", "face_sim/sample_count", "loss/current"} <= tags
-    assert [e.step for e in accumulator.Scalars("face_sim/x0_mean")] == [2, 4]
+    assert [e.step for e in accumulator.Scalars("face_sim/x0_count")] == [2, 4]
+
+
+def test_bf16_run_with_half_decode_stays_finite(face_setup, full_run, tmp_path):
+    out = tmp_path / "out"
+    rc = cli_main(["train", *face_argv(face_setup, out, 2, "--use_face_as_loss", "--face_loss_max_t", "1",
+                                       "--face_eval_frequency", "1", "--mixed_precision", "bf16",
+                                       "--face_decode", "half")])
+    assert rc == 0, read_status(out)
+    lines = [m for m in read_metrics(out) if "loss" in m]
+    assert [m["step"] for m in lines if "face_sim/x0_count" in m] == [1, 2]
+    values = [m[k] for m in lines for k in ("loss", "loss/face", "face_sim/x0_mean") if k in m]
+    assert torch.isfinite(torch.tensor(values)).all()
 
 
 @pytest.mark.parametrize("decode", ["full", "half", "face"])
