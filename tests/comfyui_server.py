@@ -101,6 +101,16 @@ def _prepare_base(base: Path, testdata: Path) -> Path:
     return extra_paths
 
 
+def _stop(process: subprocess.Popen) -> None:
+    """Terminate a server process this module started; kill it if it ignores that for 30 s."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=30)
+
+
 @contextlib.contextmanager
 def running_comfyui(comfyui: Path, base: Path, testdata: Path) -> Iterator[ComfyServer]:
     extra_paths = _prepare_base(base, testdata)
@@ -131,12 +141,7 @@ def running_comfyui(comfyui: Path, base: Path, testdata: Path) -> Iterator[Comfy
                 time.sleep(1.0)
         yield server
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=30)
+        _stop(process)
 
 
 _servers: dict[Path, ComfyServer] = {}
@@ -202,12 +207,7 @@ def chromium(user_data_dir: Path) -> Iterator[int]:
                 time.sleep(0.5)
         yield port
     finally:
-        browser.terminate()
-        try:
-            browser.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            browser.kill()
-            browser.wait(timeout=30)
+        _stop(browser)
 
 
 class DevToolsPage:
