@@ -121,10 +121,15 @@ def write_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write_bytes(path, plot_png(report))
 
 
-def plot_rgb(report: dict[str, Any]) -> np.ndarray:
-    """The plot as an (H, W, 3) uint8 RGB array."""
+def figure_rgb(fig: Any) -> np.ndarray:
+    """A matplotlib Figure rendered on an Agg canvas, as an (H, W, 3) uint8 RGB array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    canvas = FigureCanvasAgg(_figure(report))
+    canvas = FigureCanvasAgg(fig)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_rgb(report: dict[str, Any]) -> np.ndarray:
+    """The plot as an (H, W, 3) uint8 RGB array."""
+    return figure_rgb(_figure(report))

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..faceid.plot import figure_rgb
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 
@@ -20,23 +21,12 @@ def moving_average(values: Sequence[float], window: int) -> np.ndarray:
 
 
 def _figure(rows: int, width_px: int, height_px: int):
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
     dpi = 100
     fig = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
     return fig, axes
-
-
-def _to_rgb(fig) -> np.ndarray:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def _plot_series(ax, steps: list[int], values: list[float], window: int, label: str, color: str) -> None:
@@ -70,7 +60,7 @@ def plot_run(run: RunSnapshot, *, window: int = 20, width_px: int = 900, height_
     face_ax.set_xlabel("step")
     face_ax.set_ylabel("cosine similarity")
     fig.tight_layout()
-    return _to_rgb(fig)
+    return figure_rgb(fig)
 
 
 def plot_scores(
@@ -94,4 +84,4 @@ def plot_scores(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
-    return _to_rgb(fig)
+    return figure_rgb(fig)
