@@ -185,14 +185,15 @@ def test_tensorboard_gets_the_face_scalars(full_run):
     assert [e.step for e in accumulator.Scalars("face_sim/x0_count")] == [2, 4]
 
 
-def test_bf16_run_with_half_decode_stays_finite(face_setup, full_run, tmp_path):
+def test_bf16_run_with_half_decode_and_loss_every_2(face_setup, full_run, tmp_path):
     out = tmp_path / "out"
     rc = cli_main(["train", *face_argv(face_setup, out, 2, "--use_face_as_loss", "--face_loss_max_t", "1",
                                        "--face_eval_frequency", "1", "--mixed_precision", "bf16",
-                                       "--face_decode", "half")])
+                                       "--face_decode", "half", "--face_loss_every", "2")])
     assert rc == 0, read_status(out)
     lines = [m for m in read_metrics(out) if "loss" in m]
     assert [m["step"] for m in lines if "face_sim/x0_count" in m] == [1, 2]
+    assert [m["step"] for m in lines if "face/loss_samples" in m] == [2]
     values = [m[k] for m in lines for k in ("loss", "loss/face", "face_sim/x0_mean") if k in m]
     assert torch.isfinite(torch.tensor(values)).all()
 

@@ -24,11 +24,6 @@ def heldout_keys(metrics: dict[str, Any]) -> dict[str, Any]:
             if key.startswith("face_sim/")}
 
 
-def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The numbers of `metrics` (lists dropped), for TensorBoard and status.json."""
-    return {key: value for key, value in metrics.items() if isinstance(value, (int, float))}
-
-
 class SampleScorer:
     """Scores the sample images of a round against their `--ci` control images, as `evaluate` does.
 
@@ -44,7 +39,7 @@ class SampleScorer:
         self.prefix = prefix
         self._evaluation: FolderEvaluation | None = None
 
-    def score(self, paths: Sequence[Path]) -> dict[str, Any]:
+    def score(self, paths: Sequence[Path]) -> dict[str, float]:
         """`face_sim/{prefix}sample_mean|min|max|count` for the images `paths` (one sampling round)."""
         if self._evaluation is None:  # the sample folder exists once the first round is written
             self._evaluation = FolderEvaluation(
@@ -56,7 +51,7 @@ class SampleScorer:
                   if Path(pair["image"]).resolve() in wanted and pair["score_control"] is not None]
         stats = summarize(scores)
         name = f"face_sim/{self.prefix}sample"
-        metrics: dict[str, Any] = {f"{name}_count": stats["count"]}
+        metrics: dict[str, float] = {f"{name}_count": stats["count"]}
         if stats["count"]:
             metrics.update({f"{name}_mean": stats["mean"], f"{name}_min": stats["min"], f"{name}_max": stats["max"]})
         return metrics

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
 from .dataset import DatasetItem
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
-from .face_metrics import HELDOUT, SampleScorer, heldout_keys, scalar_metrics
+from .face_metrics import HELDOUT, SampleScorer, heldout_keys
 from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
 from .sampling import SAMPLE_DIR, EncodedSample
 from .train import VAE_SCALE, ExtraLoss, StepState, TrainingHook
@@ -187,7 +187,7 @@ class FaceIdentityHook(TrainingHook):
     # --------------------------------------------------------------- samples
 
     def on_samples(self, step: int, paths: list[Path], samples: list[EncodedSample]) -> dict[str, float]:
-        metrics: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
         for pack in self.packs:
             if pack.samples is None:
                 continue
@@ -195,4 +195,4 @@ class FaceIdentityHook(TrainingHook):
                 metrics.update(pack.samples.score(paths))
             except FaceEngineError as exc:  # a scoring problem must not end the training run
                 log.warning("could not score the samples of step %d with %s: %s", step, pack.model.pack_name, exc)
-        return scalar_metrics(metrics)
+        return metrics
