@@ -7,6 +7,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
+import cv2
+
 from ..faceid import Bands, FaceModel, Identity
 from ..faceid.embedding_store import file_signature
 from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
@@ -145,14 +147,14 @@ class FaceConsistencyScoreFolder:
         evaluation.bands = bands
         evaluation.progress = comfy_env.Progress
         report = evaluation.run_round().report
-        rgb = plot_rgb(report)
+        plot = cv2.cvtColor(plot_rgb(report), cv2.COLOR_RGB2BGR)  # the previews and IMAGE batch take BGR
         if report_path is not None:
             atomic_write_json(report_path, report)
             write_plot(report, report_path.with_suffix(".png"))
         table = summary_table(report)
         return {
-            "ui": {"text": [table], "images": save_previews([rgb], "face_folder_plot")},
-            "result": (json.dumps(report, indent=2, default=str), to_image_batch([rgb])),
+            "ui": {"text": [table], "images": save_previews([plot], "face_folder_plot")},
+            "result": (json.dumps(report, indent=2, default=str), to_image_batch([plot])),
         }
 
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from comfy_stubs import ProgressBar
 from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
@@ -51,6 +52,9 @@ def test_node_report_equals_command_report(model, run, insightface_root, tmp_pat
     assert "6 of 8 pairs scored" in out["ui"]["text"][0] and out["ui"]["images"]
     assert json.loads((tmp_path / "node.json").read_text())["valid_pairs"] == 6
     assert (tmp_path / "node.png").read_bytes()[:4] == b"\x89PNG"
+    with Image.open(tmp_path / "node.png") as png:  # the same figure, in RGB order (not swapped to BGR)
+        png_rgb = np.asarray(png.convert("RGB"), dtype=np.float32)
+    assert np.abs(plot[0].numpy() * 255.0 - png_rgb).mean() < 1.0
     cli_out = tmp_path / "cli.json"
     assert evaluate_cli.main([
         "--sample_dir", str(run["sample_dir"]), "--sample_prompts", str(run["prompts"]), "--threshold", "0.5",
