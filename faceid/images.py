@@ -129,8 +129,3 @@ def _load_file(path: Path) -> np.ndarray:
 
 def _is_torch_tensor(obj: Any) -> bool:
     return type(obj).__module__.startswith("torch") and hasattr(obj, "detach")
-
-
-def bgr_to_rgb_float(bgr: np.ndarray) -> np.ndarray:
-    """BGR uint8 -> RGB float32 0..1 (ComfyUI's IMAGE layout for one image)."""
-    return bgr[..., ::-1].astype(np.float32) / 255.0

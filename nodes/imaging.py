@@ -51,6 +51,11 @@ def to_image_batch(bgr_images: Sequence[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(batch)
 
 
+def rgb_to_image(rgb: np.ndarray) -> torch.Tensor:
+    """One (H, W, 3) uint8 RGB array (a rendered plot, a sample grid) -> IMAGE `[1,H,W,3]` float 0..1."""
+    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).unsqueeze(0)
+
+
 def save_previews(bgr_images: Sequence[np.ndarray], prefix: str) -> list[dict[str, str]]:
     """Downscaled JPEG previews in ComfyUI's temp folder, as a node's `ui.images` entries.
 

@@ -22,6 +22,7 @@ from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
 from ..trainer.run_reader import FACE_SIMILARITY, LOSS, RunSnapshot, list_checkpoints, log_tail, read_run
 from . import comfy_env
+from .imaging import rgb_to_image
 
 CATEGORY = "face_consistency/training"
 TRAINING_JOB = "TRAINING_JOB"
@@ -57,11 +58,6 @@ class _LoraNameOutputs(type):
     @property
     def RETURN_TYPES(cls) -> tuple[Any, ...]:  # noqa: N802 (ComfyUI's name)
         return tuple(_lora_name_type() if t == "LORA_NAME" else t for t in cls.OUTPUT_TYPES)
-
-
-def _image_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> IMAGE [1,H,W,3] float 0..1."""
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).unsqueeze(0)
 
 
 def _resolve_folder(folder: str) -> Path:
@@ -195,7 +191,7 @@ def sample_grid(run: RunSnapshot, max_images: int, *, columns: int = 4) -> torch
         if tile.size != (width, height):
             tile = tile.resize((width, height), Image.Resampling.LANCZOS)
         grid.paste(tile, ((index % columns) * width, (index // columns) * height))
-    return _image_tensor(np.asarray(grid))
+    return rgb_to_image(np.asarray(grid))
 
 
 def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
@@ -443,7 +439,7 @@ class FaceConsistencyTrainMonitor:
         latest_name = ""
         if latest is not None:
             latest_name = _relative_lora_name(latest.path) or str(latest.path)
-        plot = _image_tensor(plot_run(run, window=moving_average))
+        plot = rgb_to_image(plot_run(run, window=moving_average))
         return {"ui": {"text": [status]}, "result": (status, plot, latest_name, sample_grid(run, max_samples))}
 
     @staticmethod
@@ -638,7 +634,7 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
             [r.name for r in results], positions, [r.mean for r in results], [r.std for r in results],
             results.index(best), x_label=x_label,
         )
-        return {"ui": {"text": [table]}, "result": (table, _image_tensor(plot), best.name, best.mean)}
+        return {"ui": {"text": [table]}, "result": (table, rgb_to_image(plot), best.name, best.mean)}
 
 
 NODE_CLASS_MAPPINGS = {
