@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..faceid.fileio import atomic_write_text
 from ..trainer import jobs
 from ..trainer.checkpoint_scores import best_checkpoint, copy_as_best, format_table, group_scores
 from ..trainer.jobs import JobRecord, JobRegistry
@@ -215,7 +216,8 @@ def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
             "(same names as the targets), or give a musubi dataset .toml"
         )
     toml = output_dir / "dataset.toml"
-    toml.write_text(
+    atomic_write_text(
+        toml,
         "\n".join([
             "[general]",
             f"resolution = [{resolution}, {resolution}]",
@@ -231,7 +233,6 @@ def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
             "num_repeats = 1",
             "",
         ]),
-        encoding="utf-8",
     )
     return toml
 
@@ -381,7 +382,7 @@ class FaceConsistencyTrainLaunch:
                 args += ["--face_models_root", str(pack_root or roots[0])]
         if sample_prompts.strip():
             prompts = output_dir / "sample_prompts.txt"
-            prompts.write_text(sample_prompts.strip() + "\n", encoding="utf-8")
+            atomic_write_text(prompts, sample_prompts.strip() + "\n")
             args += ["--sample_prompts", str(prompts)]
             if sample_every_n_epochs > 0:
                 args += ["--sample_every_n_epochs", str(sample_every_n_epochs)]
