@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_epochs", type=int)
     sampling.add_argument("--sample_at_first", action="store_true")
 
-    face = parser.add_argument_group("face identity (docs/face_loss.md)")
+    face = parser.add_argument_group("face identity (README: The face-identity loss)")
     face.add_argument("--enable_face_loss", action="store_true",
                       help="face-similarity metrics of the x0 estimates and the samples during training")
     face.add_argument("--use_face_as_loss", action="store_true", help="add the face-identity loss (implies the metrics)")
