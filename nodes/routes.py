@@ -30,10 +30,10 @@ from ..trainer.run_reader import (
     LOSS,
     SAMPLE_DIR,
     RunSnapshot,
-    list_checkpoints,
     log_tail,
     normalise_metrics,
     read_run,
+    run_checkpoints,
 )
 from . import comfy_env
 from .training import open_registry
@@ -82,8 +82,7 @@ def _summary(record: JobRecord) -> dict[str, Any]:
     """The job with its progress from status.json (cheap: no metrics file is read)."""
     summary: dict[str, Any] = record.to_json()
     status = normalise_metrics(read_status(record.output_dir) or {})
-    output_name = status.get("output_name")
-    checkpoints = list_checkpoints(record.output_dir, output_name if isinstance(output_name, str) else None)
+    checkpoints = run_checkpoints(record.output_dir, status)
     summary.update(
         step=status.get("step"),
         total_steps=status.get("total_steps"),

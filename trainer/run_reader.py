@@ -119,10 +119,6 @@ class RunSnapshot:
                 values.append(float(value))
         return steps, values
 
-    def last_value(self, metric: str) -> float | None:
-        _, values = self.series(metric)
-        return values[-1] if values else None
-
 
 def normalise_metrics(record: dict[str, Any]) -> dict[str, Any]:
     """Add canonical keys (`loss`, `face_similarity`) from whichever alias the record uses."""
@@ -200,6 +196,12 @@ def list_checkpoints(output_dir: str | os.PathLike, output_name: str | None = No
     return sorted(checkpoints, key=order)
 
 
+def run_checkpoints(output_dir: str | os.PathLike, status: dict[str, Any] | None) -> list[Checkpoint]:
+    """The checkpoints of the run whose status.json is `status`: only its output name's when it names one."""
+    output_name = status.get("output_name") if status else None
+    return list_checkpoints(output_dir, output_name if isinstance(output_name, str) else None)
+
+
 def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
     """Sample images in `output_dir/sample/` with musubi names, oldest first."""
     folder = Path(output_dir) / SAMPLE_DIR
@@ -262,12 +264,11 @@ def read_run(output_dir: str | os.PathLike) -> RunSnapshot:
         if event_files:
             metrics = read_tensorboard_metrics(event_files)
             source = "tensorboard"
-    output_name = status.get("output_name") if status else None
     return RunSnapshot(
         output_dir=folder,
         status=status,
         metrics=metrics,
-        checkpoints=list_checkpoints(folder, output_name if isinstance(output_name, str) else None),
+        checkpoints=run_checkpoints(folder, status),
         samples=list_samples(folder),
         metrics_source=source,
     )
