@@ -17,7 +17,7 @@ import torch
 
 from ..faceid.fileio import atomic_write_text
 from ..trainer import jobs
-from ..trainer.checkpoint_scores import best_checkpoint, copy_as_best, format_table, group_scores
+from ..trainer.checkpoint_scores import best_checkpoint, chart_positions, copy_as_best, format_table, group_scores
 from ..trainer.jobs import JobRecord, JobRegistry
 from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
@@ -625,12 +625,7 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
             if source is None:
                 raise ValueError(f"cannot copy {best.name!r}: not found in ComfyUI's loras folders")
             table += f"\ncopied {best.name} -> {copy_as_best(source).name}"
-        if all(r.step is not None for r in results):
-            positions, x_label = [float(r.step) for r in results], "step"
-        elif all(r.epoch is not None for r in results):
-            positions, x_label = [float(r.epoch) for r in results], "epoch"
-        else:
-            positions, x_label = [float(i) for i in range(len(results))], "checkpoint (saved order)"
+        positions, x_label = chart_positions(results)
         plot = plot_scores(
             [r.name for r in results], positions, [r.mean for r in results], [r.std for r in results],
             results.index(best), x_label=x_label,

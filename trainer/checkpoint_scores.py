@@ -87,6 +87,15 @@ def best_checkpoint(results: Sequence[CheckpointScore]) -> CheckpointScore:
     return max(scored, key=lambda r: r.mean)  # max() keeps the first of equal scores
 
 
+def chart_positions(results: Sequence[CheckpointScore]) -> tuple[list[float], str]:
+    """X positions of the checkpoints on a chart and the axis label: steps, else epochs, else the saved order."""
+    if all(r.step is not None for r in results):
+        return [float(r.step) for r in results], "step"
+    if all(r.epoch is not None for r in results):
+        return [float(r.epoch) for r in results], "epoch"
+    return [float(i) for i in range(len(results))], "checkpoint (saved order)"
+
+
 def format_table(results: Sequence[CheckpointScore], best: CheckpointScore) -> str:
     rows = [f"{'checkpoint':<48} {'step':>8} {'mean':>8} {'std':>7} {'n':>4}"]
     for r in results:
