@@ -18,8 +18,8 @@ from ..faceid.plot import plot_rgb, write_plot
 from ..faceid.report import summary_table
 from . import comfy_env
 from .imaging import save_previews, to_image_batch
+from .scoring import CATEGORY, band_inputs
 
-CATEGORY = "face_consistency"
 # Evaluations kept between runs, so a re-queued node embeds only new or changed images.
 KEPT_EVALUATIONS = 4
 _evaluations: OrderedDict[tuple, FolderEvaluation] = OrderedDict()
@@ -68,11 +68,6 @@ class FaceConsistencyScoreFolder:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        defaults = Bands()
-        bands = {
-            f"band_{name}": ("FLOAT", {"default": getattr(defaults, name), "min": -1.0, "max": 1.0, "step": 0.01})
-            for name in ("excellent", "good", "moderate")
-        }
         return {
             "required": {
                 "face_model": ("FACE_MODEL",),
@@ -102,7 +97,7 @@ class FaceConsistencyScoreFolder:
                     "default": "",
                     "tooltip": "If set, also write the JSON report here and the plot beside it (.png).",
                 }),
-                **bands,
+                **band_inputs(),
             },
         }
 

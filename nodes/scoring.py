@@ -42,7 +42,8 @@ def _pack_roots() -> list[Path]:
     return as_roots(comfy_env.insightface_roots())
 
 
-def _band_inputs() -> dict[str, tuple]:
+def band_inputs() -> dict[str, tuple]:
+    """The three band-threshold widgets (`band_excellent`, `band_good`, `band_moderate`)."""
     defaults = Bands()
     return {
         f"band_{name}": (
@@ -196,7 +197,7 @@ class FaceConsistencySimilarity:
                     "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
                     "tooltip": "count_above counts the images scoring at least this.",
                 }),
-                **_band_inputs(),
+                **band_inputs(),
                 "copy_paste_threshold": ("FLOAT", {
                     "default": DEFAULT_COPY_PASTE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
                     "tooltip": "Face change below this flags the output as returning the control's "
