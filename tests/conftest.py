@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,6 +38,14 @@ def insightface_root(testdata: Path) -> Path:
 @pytest.fixture(scope="session")
 def testpack_dir(insightface_root: Path) -> Path:
     return _require(insightface_root / "models" / TESTPACK)
+
+
+@pytest.fixture(scope="session")
+def model(insightface_root: Path) -> Any:
+    """The test pack's face model on the CPU."""
+    from face_consistency.faceid import load_face_model
+
+    return load_face_model(TESTPACK, models_root=insightface_root, provider="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -34,11 +34,6 @@ MEASURED = [
 
 
 @pytest.fixture(scope="module")
-def model(insightface_root):
-    return load_face_model("testpack", models_root=insightface_root, provider="cpu")
-
-
-@pytest.fixture(scope="module")
 def embeddings(model, faces_dir):
     results = model.analyze([faces_dir / name for name in PHOTOS])
     assert all(r.ok for r in results), [r.reason for r in results]

@@ -21,18 +21,13 @@ from evaluate_fixtures import (
     reencode,
     validate_schema,
 )
-from face_consistency.faceid import Bands, load_face_model
+from face_consistency.faceid import Bands
 from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation, watch
 from face_consistency.faceid.pairing import parse_sample_name
 from face_consistency.faceid.plot import PLOT_SIZE, write_plot
 from face_consistency.faceid.prompts import load_prompt_file, parse_prompt_line
 from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
-
-
-@pytest.fixture(scope="module")
-def model(insightface_root):
-    return load_face_model("testpack", models_root=insightface_root, provider="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,11 @@ from PIL import Image
 
 from comfy_stubs import ProgressBar
 from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
-from face_consistency.faceid import evaluate_cli, load_face_model
+from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.plot import PLOT_SIZE
 from face_consistency.faceid.report import REPORT_SCHEMA
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
-
-
-@pytest.fixture(scope="module")
-def model(insightface_root):
-    return load_face_model("testpack", models_root=insightface_root, provider="cpu")
 
 
 @pytest.fixture()
