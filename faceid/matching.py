@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
+
+from .model import FaceModel
+from .results import FaceResult
+from .scoring import reference_pairing
 
 
 @dataclass(frozen=True)
@@ -60,3 +65,49 @@ def match_faces(
         unmatched_reference=[i for i in range(len(reference)) if i not in matched_reference],
         unmatched_output=[j for j in range(len(output)) if j not in matched_output],
     )
+
+
+@dataclass
+class ImageMatch:
+    """One output image: its faces, the reference it was matched against, and the assignment."""
+
+    index: int
+    reference: FaceResult
+    result: FaceResult
+    assignment: FaceAssignment
+
+    @property
+    def person_scores(self) -> list[float]:
+        """One similarity per reference person (left to right); 0 where the person is missing."""
+        scores = []
+        for person in range(len(self.reference.faces)):
+            match = self.assignment.match_for_reference(person)
+            scores.append(match.similarity if match else 0.0)
+        return scores
+
+
+def match_batch(
+    model: FaceModel,
+    references: Sequence[FaceResult],
+    outputs: Sequence[np.ndarray],
+    min_similarity: float = -1.0,
+    on_image: Callable[[], None] | None = None,
+) -> list[ImageMatch]:
+    """Match the people of each output's reference (1 for all, or pairwise) to the output's faces.
+
+    `references` are analysed with `all_faces` (every face embedded); `outputs` are BGR uint8.
+    """
+    reference_of = reference_pairing(len(references), len(outputs))
+    matches = []
+    for i, bgr in enumerate(outputs):
+        reference = references[reference_of[i]]
+        result = model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
+        assignment = match_faces(
+            np.stack([f.embedding for f in reference.faces]),
+            np.stack([f.embedding for f in result.faces]) if result.faces else np.zeros((0, 1)),
+            min_similarity,
+        )
+        matches.append(ImageMatch(i, reference, result, assignment))
+        if on_image is not None:
+            on_image()
+    return matches

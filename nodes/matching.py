@@ -8,7 +8,7 @@ import torch
 
 from ..faceid import Bands, FaceModel, FaceResult
 from ..faceid.drawing import UNUSED_FACE_COLOR, draw_face, person_color
-from ..faceid.matching import FaceAssignment, match_faces
+from ..faceid.matching import FaceAssignment, match_batch
 from ..faceid.ranking import Fallback, Pick, pick_best
 from ..faceid.scoring import analyze_references, reference_pairing
 from . import comfy_env
@@ -63,30 +63,19 @@ class FaceConsistencyMatchFaces:
     def match(self, face_model: FaceModel, reference_image: Any, images: Any, min_similarity: float) -> dict[str, Any]:
         references = to_bgr_list(reference_image, "reference_image")
         outputs = to_bgr_list(images, "images")
-        reference_of = reference_pairing(len(references), len(outputs))
+        reference_pairing(len(references), len(outputs))  # check the batch rule before any detection runs
         progress = comfy_env.Progress(len(references) + len(outputs))
         reference_results = analyze_references(
             face_model, references, "reference_image", lambda: progress.update(1), all_faces=True
         )
+        matches = match_batch(face_model, reference_results, outputs, min_similarity, lambda: progress.update(1))
         bands = Bands()
         lines = [f"Face matching: {describe_model(face_model)}"]
-        person_scores: list[float] = []
-        matched_scores: list[float] = []
-        for i, bgr in enumerate(outputs):
-            reference = reference_results[reference_of[i]]
-            result = face_model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
-            assignment = match_faces(
-                np.stack([f.embedding for f in reference.faces]),
-                np.stack([f.embedding for f in result.faces]) if result.faces else np.zeros((0, 1)),
-                min_similarity,
-            )
-            for person in range(len(reference.faces)):
-                match = assignment.match_for_reference(person)
-                person_scores.append(match.similarity if match else 0.0)
-            matched_scores += [m.similarity for m in assignment.matches]
-            lines += describe_assignment(i, reference, result, assignment, bands)
-            annotate_matches(bgr, result, assignment)  # our own converted copy
-            progress.update(1)
+        for match, bgr in zip(matches, outputs):
+            lines += describe_assignment(match.index, match.reference, match.result, match.assignment, bands)
+            annotate_matches(bgr, match.result, match.assignment)  # our own converted copy
+        person_scores = [score for match in matches for score in match.person_scores]
+        matched_scores = [m.similarity for match in matches for m in match.assignment.matches]
         mean = float(np.mean(matched_scores)) if matched_scores else 0.0
         lines.append(f"mean {mean:.3f} over {len(matched_scores)} matched face(s) in {len(outputs)} image(s)")
         report = "\n".join(lines)
