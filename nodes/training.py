@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..faceid.embedding_store import file_signature
 from ..faceid.fileio import atomic_write_text
 from ..trainer import jobs
 from ..trainer.checkpoint_scores import best_checkpoint, chart_positions, copy_as_best, format_table, group_scores
@@ -104,7 +105,7 @@ def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
     entries = []
     for path in (folder, folder / "sample"):
         if path.is_dir():
-            entries += [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in path.iterdir() if p.is_file()]
+            entries += [(p.name, file_signature(p)) for p in path.iterdir() if p.is_file()]
     return repr(sorted(entries))
 
 
