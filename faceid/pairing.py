@@ -41,6 +41,7 @@ class SampleName:
     epoch: int | None = None
     prompt_index: int | None = None
     seed: int | None = None
+    timestamp: str | None = None  # musubi's YYYYmmddHHMMSS
     layout: str = "unknown"  # "musubi", "seed_guide", "dir_pair", "unknown"
 
     @property
@@ -101,6 +102,7 @@ def parse_sample_name(path: str | os.PathLike) -> SampleName:
             epoch=int(match["epoch"]) if match["epoch"] else None,
             prompt_index=int(match["prompt"]),
             seed=seed,
+            timestamp=match["time"],
             layout="musubi",
         )
     match = SEED_SAMPLE.match(stem)

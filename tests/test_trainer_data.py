@@ -206,9 +206,9 @@ def test_sample_names_follow_musubi(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"a --d 5 --ci {control}\nb --ci {control}\n", encoding="utf-8")
     first, second = load_prompt_file(prompts)
-    assert re.fullmatch(r"lora_000120_00_\d{14}_5\.png",
+    assert re.fullmatch(r"lora_000120_00_\d{14}_5_000\.png",
                         sample_file_name("lora", first, step=120, epoch=None))
-    assert re.fullmatch(r"lora_e000003_01_\d{14}\.png",
+    assert re.fullmatch(r"lora_e000003_01_\d{14}_000\.png",
                         sample_file_name("lora", second, step=9, epoch=3))
 
 

@@ -69,8 +69,8 @@ def test_end_to_end_outputs(setup, tmp_path):
     # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
     assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]
     samples = sorted(p.name for p in (out / "sample").iterdir())
-    seeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_00_\d{14}_100\.png", s))]
-    unseeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_01_\d{14}\.png", s))]
+    seeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_00_\d{14}_100_000\.png", s))]
+    unseeded = [int(m.group(1)) for s in samples if (m := re.fullmatch(r"tiny_(\d{6})_01_\d{14}_000\.png", s))]
     assert seeded == unseeded == [0, 2, 4] and len(samples) == 6
     with Image.open(out / "sample" / samples[-1]) as image:
         assert image.size == (32, 48)

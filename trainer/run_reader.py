@@ -5,7 +5,7 @@ What a monitor needs from either kind of folder:
   scalars of TensorBoard event files a musubi run wrote with `--logging_dir` inside its folder);
 - the LoRA checkpoints, named the musubi way: `{name}-{epoch:06d}.safetensors`,
   `{name}-step{step:08d}.safetensors` and the final `{name}.safetensors`;
-- the samples in `sample/`: `{name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}].png`,
+- the samples in `sample/`: `{name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}][_{n:03d}].png`,
   or `e{epoch:06d}` in place of the step when an epoch triggered them.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..faceid.pairing import parse_sample_name
 from .protocol import LOG_FILE, read_metrics, read_status
 
 log = logging.getLogger(__name__)
@@ -38,10 +39,6 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
 
 _EPOCH_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
 _STEP_CHECKPOINT = re.compile(r"^(?P<name>.+)-step(?P<step>\d{8})$")
-_SAMPLE = re.compile(
-    r"^(?P<name>.+)_(?:(?P<step>\d{6})|e(?P<epoch>\d{6}))_(?P<prompt>\d{2})_(?P<time>\d{14})(?:_(?P<seed>\d+))?$"
-)
-
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -211,17 +208,17 @@ def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
     for path in folder.iterdir():
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
             continue
-        m = _SAMPLE.match(path.stem)
-        if m is None:
+        name = parse_sample_name(path)
+        if name.layout != "musubi":
             continue
         samples.append(
             Sample(
                 path=path,
-                step=_int_or_none(m["step"]),
-                epoch=_int_or_none(m["epoch"]),
-                prompt_index=int(m["prompt"]),
-                timestamp=m["time"],
-                seed=_int_or_none(m["seed"]),
+                step=name.step,
+                epoch=name.epoch,
+                prompt_index=name.prompt_index,
+                timestamp=name.timestamp,
+                seed=name.seed,
             )
         )
     return sorted(samples, key=lambda s: (s.timestamp, s.round_key, s.prompt_index))

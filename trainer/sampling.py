@@ -9,7 +9,7 @@ working directory, then beside the prompt file). Example:
     turn the jacket red --w 1024 --h 1024 --s 20 --d 42 --ci /data/controls/p1.png
 
 Images land in `output_dir/sample/` as
-`{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}].png` (`e{epoch:06d}` instead of
+`{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}]_000.png` (`e{epoch:06d}` instead of
 the step when sampling at an epoch end). The flow shift defaults to the training shift (not
 musubi's fixed 14.5; with `qwen_shift`, the shift for the sample's size). Prompts and controls are encoded once, while the text encoder is loaded.
 """
@@ -117,11 +117,12 @@ def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> li
 
 
 def sample_file_name(output_name: str, prompt: SampleSettings, *, step: int, epoch: int | None) -> str:
-    """musubi's name; the seed is appended only when the prompt file gave one (`--d`)."""
+    """musubi's name; the seed only when the prompt file gave one (`--d`), then the image number
+    `_000` that musubi's save_images_grid appends to every image."""
     when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
     stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
     suffix = f"_{prompt.seed}" if prompt.seed is not None else ""
-    return f"{output_name}_{when}_{prompt.index:02d}_{stamp}{suffix}.png"
+    return f"{output_name}_{when}_{prompt.index:02d}_{stamp}{suffix}_000.png"
 
 
 @torch.no_grad()
