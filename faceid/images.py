@@ -10,8 +10,9 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageLoadError
 
@@ -22,7 +23,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".
 
 
 def _pil_to_rgb_array(img: Image.Image) -> np.ndarray:
-    img = ImageOps.exif_transpose(img)
+    if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+        img = ImageOps.exif_transpose(img)
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         values = np.asarray(img, dtype=np.float64)
         if img.mode == "F":
@@ -35,7 +37,7 @@ def _pil_to_rgb_array(img: Image.Image) -> np.ndarray:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(background, rgba).convert("RGB"))
-    return np.asarray(img.convert("RGB"))
+    return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
 
 
 def _array_to_rgb_uint8(array: np.ndarray) -> np.ndarray:
@@ -95,7 +97,7 @@ def load_image(source: Any, channel_order: str = "rgb") -> np.ndarray:
             f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, "
             "numpy array or ComfyUI IMAGE tensor"
         )
-    return np.ascontiguousarray(rgb[..., ::-1])
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
 
 
 def image_list(source: Any, channel_order: str = "rgb") -> list[np.ndarray]:
