@@ -360,3 +360,23 @@ def test_plain_edit_trains_and_takes_one_control(setup, tmp_path):
     argv[argv.index("--edit_plus")] = "--edit"
     assert cli_main(["train", *argv]) == 2
     assert "--edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]
+
+
+def test_the_seed_guides_command_trains(setup, tmp_path):
+    """The seed guide's settings as written there: bf16, adamw8bit (bitsandbytes on the CPU), checkpointing."""
+    out = tmp_path / "out"
+    rc = train(
+        setup, out, 4,
+        "--mixed_precision", "bf16", "--optimizer_type", "adamw8bit", "--learning_rate", "5e-5",
+        "--gradient_checkpointing", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
+        "--network_dim", "16", "--network_alpha", "16", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+    )
+    assert rc == 0
+    status = read_status(out)
+    assert status["state"] == "completed" and status["step"] == 4
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["tiny-000001.safetensors", "tiny.safetensors"]
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in losses(out).values())
+    with safe_open(str(out / "tiny.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["ss_network_dim"] == "16" and float(metadata["ss_network_alpha"]) == 16.0
+    assert "AdamW8bit" in metadata["ss_optimizer"]
