@@ -147,20 +147,30 @@ class FaceIdentityHook(TrainingHook):
                 result.metrics["loss/face"] = out.metrics["loss/face"]
         if eval_due:
             with torch.no_grad():
-                result.metrics.update(self._measure(state, x0_hat.detach(), self.training))
+                x0 = x0_hat.detach()
+                # A whole-target decode depends on the latents alone: with two packs, decode once for both.
+                whole = self._decode_whole(state, x0) if self.heldout and self.decode != "face" else None
+                result.metrics.update(self._measure(state, x0, self.training, whole))
                 if self.heldout:
-                    result.metrics.update(heldout_keys(self._measure(state, x0_hat.detach(), self.heldout)))
+                    result.metrics.update(heldout_keys(self._measure(state, x0, self.heldout, whole)))
         return result
 
-    def _measure(self, state: StepState, x0_hat: torch.Tensor, pack: FacePack) -> dict[str, Any]:
-        """Similarity of every sample's x0_hat face to its reference, whatever its t."""
+    def _measure(self, state: StepState, x0_hat: torch.Tensor, pack: FacePack,
+                 whole: torch.Tensor | None = None) -> dict[str, Any]:
+        """Similarity of every sample's x0_hat face to its reference, whatever its t.
+
+        `whole`: all samples already decoded by `_decode_whole`, reused instead of decoding again.
+        """
         faces = pack.batch(state.items, x0_hat.device)
         valid = faces.valid
         metrics: dict[str, Any] = {"face/valid": int(valid.sum()), "face/no_face": int((~valid).sum()),
                                    "face_sim/x0_count": int(valid.sum())}
         if not bool(valid.any()):
             return metrics
-        images, region = self._decode(state, x0_hat[valid], faces.kps[valid], faces.source_region[valid])
+        if whole is None:
+            images, region = self._decode(state, x0_hat[valid], faces.kps[valid], faces.source_region[valid])
+        else:
+            images, region = whole[valid], faces.source_region[valid]
         measured = pack.loss.measure(images, faces.kps[valid], faces.reference[valid], valid[valid], state.t[valid],
                                      region)
         measured.pop("face/no_face")
@@ -171,18 +181,21 @@ class FaceIdentityHook(TrainingHook):
     def _decode(self, state: StepState, latents: torch.Tensor, kps: torch.Tensor,
                 image_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode [b, 16, 1, h, w] latents (with gradients) -> (pixels, the region of the target they show)."""
-        if self.decode == "full":
-            return state.decode(latents), image_region
-        if self.decode == "half":
-            # Averaged 2x2 latents decode to a half-size image of the whole target: the keypoints
-            # keep their meaning through `source_region` (the whole image).
-            half = F.avg_pool2d(latents[:, :, 0], kernel_size=2).unsqueeze(2)
-            return state.decode(half), image_region
+        if self.decode != "face":
+            return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
         boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=VAE_SCALE)
         crops = torch.stack([latents[i, :, :, y0 // VAE_SCALE : y1 // VAE_SCALE, x0 // VAE_SCALE : x1 // VAE_SCALE]
                              for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())])
         return state.decode(crops), boxes.to(image_region)
+
+    def _decode_whole(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:
+        """Modes `full` and `half`: pixels of the whole target, so `source_region` is the whole image."""
+        if self.decode == "half":
+            # Averaged 2x2 latents decode to a half-size image of the whole target; the keypoints
+            # keep their meaning through `source_region`.
+            latents = F.avg_pool2d(latents[:, :, 0], kernel_size=2).unsqueeze(2)
+        return state.decode(latents)
 
     # --------------------------------------------------------------- samples
 
