@@ -68,3 +68,31 @@ def test_bad_files_get_clear_errors(tmp_path):
         load_image(tmp_path / "nope.jpg")
     with pytest.raises(ValueError, match="channel_order"):
         load_image(np.zeros((2, 2, 3), np.uint8), channel_order="rbg")
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA"])
+def test_png_decoders_agree(tmp_path, monkeypatch, faces_dir, mode):
+    """8-bit RGB(A) PNGs go through libspng (pyspng); Pillow decodes every other image and
+    is the fallback where pyspng has no wheel: both must give the same pixels."""
+    from face_consistency.faceid import images
+
+    if images.pyspng is None:
+        pytest.skip("pyspng is not installed (no wheel for this platform): Pillow decodes PNGs")
+    photo = Image.open(faces_dir / "obama.jpg").convert(mode)
+    if mode == "RGBA":
+        alpha = np.linspace(0, 255, photo.width, dtype=np.uint8)[None, :].repeat(photo.height, axis=0)
+        photo.putalpha(Image.fromarray(alpha))
+    photo.save(tmp_path / "photo.png")
+    with_spng = load_image(tmp_path / "photo.png")
+    monkeypatch.setattr(images, "pyspng", None)
+    with_pillow = load_image(tmp_path / "photo.png")
+    assert with_spng.shape == with_pillow.shape
+    assert np.abs(with_spng.astype(int) - with_pillow.astype(int)).max() <= 1  # alpha compositing rounding
+
+
+def test_truncated_png_gets_a_clear_error(tmp_path, faces_dir):
+    Image.open(faces_dir / "obama.jpg").convert("RGB").save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match=f"cannot decode image {tmp_path / 'cut.png'}"):
+        load_image(tmp_path / "cut.png")
