@@ -16,6 +16,7 @@ from face_consistency.faceid import (
     Selection,
     cosine_similarity,
     load_face_model,
+    load_image,
     mean_identity,
 )
 
@@ -246,6 +247,31 @@ def test_concurrent_callers_get_consistent_results(model, faces_dir, embeddings)
     for t in threads:
         t.join()
     assert not errors and len(outputs) == 4 and min(outputs) > 0.9999
+
+
+def test_concurrent_detection_finds_the_same_faces(model, group_photo, monkeypatch):
+    """Threads detecting side by side (the evaluation pipeline) each run on one core, with a
+    single-threaded session: the faces are those of the all-cores session."""
+    monkeypatch.setattr(model, "parallel_workers", 2)
+    one_core, all_cores = model.detect(group_photo, concurrent=True), model.detect(group_photo)
+    assert model._detector_for_concurrent_runs() is not model._detector
+    assert len(one_core) == len(all_cores) == 6
+    for a, b in zip(one_core, all_cores):
+        assert np.allclose(a.bbox, b.bbox, atol=0.01) and np.allclose(a.kps, b.kps, atol=0.01)
+
+
+def test_locate_then_embed_crops_matches_analyze(model, faces_dir, embeddings):
+    bgrs = [load_image(faces_dir / name) for name in ("obama.jpg", "biden.jpg")]
+    located = [model.locate(bgr, concurrent=True) for bgr in bgrs]
+    assert all(r.face is not None and r.face.embedding is None for r in located)
+    crops = [model.aligned_crop(bgr, r.face) for bgr, r in zip(bgrs, located)]
+    assert all(crop.shape == (112, 112, 3) for crop in crops)
+    embedded = model.embed_crops(crops)
+    assert embedded.shape == (2, model.embedding_size)
+    for embedding, name in zip(embedded, ("obama.jpg", "biden.jpg")):
+        assert cosine_similarity(embedding, embeddings[name]) > 0.9999
+    (blank,) = [model.locate(np.zeros((64, 64, 3), np.uint8))]
+    assert blank.face is None and blank.reason == "no face detected"
 
 
 def test_cuda_request_without_cuda_says_how_to_fix(insightface_root):
