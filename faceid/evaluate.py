@@ -2,9 +2,9 @@
 
 One implementation for the `face-consistency evaluate` command and the
 FaceConsistencyScoreFolder node. A `FolderEvaluation` keeps its embeddings between rounds,
-so watch mode (and a re-queued node) embeds only new or changed files; decoding runs in a
-thread pool ahead of the detector, and the chosen faces of a chunk go through the
-recognizer as one batch.
+so watch mode (and a re-queued node) embeds only new or changed files. Worker threads
+decode and detect (on the CPU one per core), and the chosen faces go through the
+recognizer in batches.
 """
 from __future__ import annotations
 
@@ -13,25 +13,26 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image
-from .model import FaceModel
+from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
 from .prompts import PromptFileError, SamplePrompt, load_prompt_file
 from .report import build_report
-from .results import Identity
+from .results import FaceResult, Identity
 from .similarity import Bands, mean_identity
 
-# Images per detector/recognizer chunk, and how many decoded images may wait ahead of it.
-CHUNK_SIZE = 16
-PREFETCH = 2 * CHUNK_SIZE
+# How many files the pipeline workers may run ahead of the recognizer batches (each waits as
+# a 112x112 crop; only those being decoded hold a whole image).
+LOOKAHEAD = 64
 NOT_SCORED = "not scored (the evaluation was interrupted, or the file vanished while it ran)"
 
 
@@ -88,43 +89,55 @@ class RoundResult:
     reused: int  # files whose stored result was reused
 
 
-def _decode(path: Path) -> tuple[tuple[int, int] | None, np.ndarray | None, str | None]:
+@dataclass
+class _Located:
+    """One file after a pipeline worker: decoded, its largest face found and cropped."""
+
+    signature: tuple[int, int] | None  # None: the file vanished
+    error: str | None = None
+    result: FaceResult | None = None
+    crop: np.ndarray | None = None
+
+
+def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
     # The signature is taken before reading: a file still being written gets a newer
     # signature when it is finished, so the next round embeds it again.
     signature = file_signature(path)
     if signature is None:
-        return None, None, f"file disappeared: {path}"
+        return _Located(None, f"file disappeared: {path}")
     try:
-        return signature, load_image(path), None
+        bgr = load_image(path)
     except ImageLoadError as exc:
-        return signature, None, str(exc)
+        return _Located(signature, str(exc))
+    result = model.locate(bgr, concurrent=True)
+    crop = model.aligned_crop(bgr, result.face) if result.face is not None else None
+    return _Located(signature, result=result, crop=crop)
 
 
-def _prefetched(paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any]]:
-    """Decode `paths` in a thread pool, at most PREFETCH ahead of the consumer, in order."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face-decode") as pool:
+def _in_order(function: Callable[[Path], Any], paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any]]:
+    """`function` over `paths` in a thread pool, at most LOOKAHEAD ahead of the consumer, in order."""
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face-evaluate") as pool:
         source = iter(paths)
-        pending = deque((p, pool.submit(_decode, p)) for p in islice(source, PREFETCH))
+        pending = deque((p, pool.submit(function, p)) for p in islice(source, LOOKAHEAD))
         try:
             while pending:
                 path, future = pending.popleft()
                 following = next(source, None)
                 if following is not None:
-                    pending.append((following, pool.submit(_decode, following)))
+                    pending.append((following, pool.submit(function, following)))
                 yield path, future.result()
         finally:
             for _, future in pending:
                 future.cancel()
 
 
-def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    """Chunks of 1, 2, 4, ... up to `size` items: the detector starts on the first decoded
-    image instead of waiting for a full chunk, later chunks batch the recognizer fully."""
-    iterator = iter(items)
-    current = 1
-    while chunk := list(islice(iterator, current)):
-        yield chunk
-        current = min(size, current * 2)
+def default_workers(model: FaceModel) -> int:
+    """On the CPU one thread per core, each decoding and detecting, plus one so that no core
+    idles while a worker waits for the disk or the GIL (pyspng holds it while decoding); on a
+    GPU, a few threads decoding for it."""
+    if model.parallel_workers > 1:
+        return model.parallel_workers + 1
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def embed_files(
@@ -134,33 +147,50 @@ def embed_files(
     progress: ProgressBar | None = None,
     workers: int | None = None,
 ) -> int:
-    """Embed every file not already in `store` (or changed since); returns how many were embedded."""
+    """Embed every file not already in `store` (or changed since); returns how many were embedded.
+
+    Worker threads decode each file and find and crop its face; this thread embeds the
+    crops in recognizer batches, so detection never waits for a batch to fill.
+    """
     todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
-    workers = workers or max(1, min(4, os.cpu_count() or 1))
-    for chunk in _chunks(_prefetched(todo, workers), CHUNK_SIZE):
-        decoded = [(path, sig, bgr) for path, (sig, bgr, _) in chunk if bgr is not None]
-        results = model.analyze([bgr for _, _, bgr in decoded], channel_order="bgr") if decoded else []
-        for path, (signature, _, error) in chunk:
-            if signature is not None and error is not None:
-                store.put(FileFaces(str(path), signature[0], signature[1], reason=error))
-        for (path, signature, bgr), result in zip(decoded, results):
-            face = result.face
-            store.put(
-                FileFaces(
-                    path=str(path),
-                    size=signature[0],
-                    mtime_ns=signature[1],
-                    embedding=result.embedding if result.ok else None,
-                    reason=None if result.ok else result.reason,
-                    det_score=round(float(face.det_score), 4) if face is not None else None,
-                    bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
-                    faces_found=result.faces_found,
-                    image_size=result.image_size,
-                )
-            )
-        if progress is not None:
-            progress.update(len(chunk))
+    waiting: list[tuple[Path, _Located]] = []
+
+    def embed_waiting() -> None:
+        embeddings = model.embed_crops([located.crop for _, located in waiting]) if waiting else []
+        for (path, located), embedding in zip(waiting, embeddings):
+            store.put(_file_faces(path, located, embedding))
+        waiting.clear()
+
+    locate = partial(_decode_and_locate, model)
+    try:
+        for path, located in _in_order(locate, todo, workers or default_workers(model)):
+            if located.crop is not None:
+                waiting.append((path, located))
+                if len(waiting) == RECOGNIZER_BATCH:
+                    embed_waiting()
+            elif located.signature is not None:
+                store.put(_file_faces(path, located, None))
+            if progress is not None:
+                progress.update(1)
+    finally:  # also on Ctrl-C: the faces found so far are kept
+        embed_waiting()
     return len(todo)
+
+
+def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> FileFaces:
+    result = located.result
+    face = result.face if result is not None else None
+    return FileFaces(
+        path=str(path),
+        size=located.signature[0],
+        mtime_ns=located.signature[1],
+        embedding=embedding,
+        reason=located.error if result is None else result.reason,
+        det_score=round(float(face.det_score), 4) if face is not None else None,
+        bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
+        faces_found=result.faces_found if result is not None else 0,
+        image_size=result.image_size if result is not None else None,
+    )
 
 
 class FolderEvaluation:

@@ -23,7 +23,14 @@ from evaluate_fixtures import (
 )
 from face_consistency.faceid import Bands
 from face_consistency.faceid import evaluate_cli
-from face_consistency.faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation, watch
+from face_consistency.faceid.embedding_store import EmbeddingStore
+from face_consistency.faceid.evaluate import (
+    EvaluationError,
+    EvaluationSources,
+    FolderEvaluation,
+    embed_files,
+    watch,
+)
 from face_consistency.faceid.pairing import parse_sample_name
 from face_consistency.faceid.plot import PLOT_SIZE, write_plot
 from face_consistency.faceid.prompts import load_prompt_file, parse_prompt_line
@@ -272,6 +279,25 @@ def test_watch_rounds_embed_only_new_and_changed_files(model, run, tmp_path, fac
     # a fresh evaluation (the next command run) reuses the cache file: nothing to embed
     again = FolderEvaluation(model, sources, cache_file=cache).run_round()
     assert again.embedded == 0 and again.report["overall_mean"] == pytest.approx(third.report["overall_mean"])
+
+
+def test_interrupted_embedding_keeps_the_faces_found_so_far(model, faces_dir):
+    """Ctrl-C while files are waiting for a recognizer batch: they are embedded and kept."""
+    paths = [faces_dir / name for name in ("obama.jpg", "biden.jpg", "obama2.jpg", "obama3.jpg")]
+    store = EmbeddingStore("test", model.embedding_size)
+
+    class InterruptedBar:
+        updates = 0
+
+        def update(self, n=1):
+            self.updates += n
+            if self.updates == 3:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        embed_files(model, paths, store, InterruptedBar())
+    assert [store.get(p) is not None and store.get(p).ok for p in paths] == [True, True, True, False]
+    assert embed_files(model, paths, store) == 1  # the next round embeds only the last one
 
 
 def test_corrupt_or_foreign_cache_is_rebuilt(model, run, tmp_path):
