@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from .alignment import aligned_crop
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image
@@ -110,7 +111,7 @@ def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
     except ImageLoadError as exc:
         return _Located(signature, str(exc))
     result = model.locate(bgr, concurrent=True)
-    crop = model.aligned_crop(bgr, result.face) if result.face is not None else None
+    crop = aligned_crop(bgr, result.face) if result.face is not None else None
     return _Located(signature, result=result, crop=crop)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
+from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
 from .images import MAX_ANALYSIS_SIDE, image_list, load_image
 from .packs import PackFiles, as_roots, resolve_pack
@@ -57,17 +58,12 @@ class FaceModel:
         self.det_thresh = float(det_thresh)
         providers = requested_providers(provider)
         try:
-            # static_shape_sessions=False: insightface 2.1 would otherwise build one more session per
-            # detector input size, without our options (0.7.3 ignores both keywords)
-            self._detector = get_model(
-                str(pack.detector), providers=providers, sess_options=_session_options(), static_shape_sessions=False
-            )
+            self._detector = _load_detector(str(pack.detector), providers, self.det_thresh)
             self._recognizer = get_model(str(pack.recognizer), providers=providers, sess_options=_session_options())
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise FaceEngineError(f"onnxruntime could not load model pack {pack.folder}: {exc}") from None
         if self._detector is None or self._recognizer is None:
             raise FaceEngineError(f"InsightFace did not recognise the models in {pack.folder}")
-        self._detector.prepare(0, input_size=(640, 640), det_thresh=self.det_thresh)
         self._recognizer.prepare(0)
         self.provider = self._recognizer.session.get_providers()[0]
         self.provider_note = check_running_provider(provider, providers, self.provider)
@@ -138,14 +134,9 @@ class FaceModel:
             return self._detector
         with self._concurrent_detector_lock:
             if self._concurrent_detector is None:
-                from insightface.model_zoo import get_model
-
-                detector = get_model(
-                    self._detector_file, providers=["CPUExecutionProvider"],
-                    sess_options=_session_options(threads=1), static_shape_sessions=False,
+                self._concurrent_detector = _load_detector(
+                    self._detector_file, ["CPUExecutionProvider"], self.det_thresh, threads=1
                 )
-                detector.prepare(0, input_size=(640, 640), det_thresh=self.det_thresh)
-                self._concurrent_detector = detector
             return self._concurrent_detector
 
     def locate(self, bgr: np.ndarray, concurrent: bool = False) -> FaceResult:
@@ -154,12 +145,6 @@ class FaceModel:
         return _result(bgr, None, self.detect(bgr, concurrent), Selection.LARGEST, 0, None, False)
 
     # recognition -----------------------------------------------------------------------
-
-    def aligned_crop(self, bgr: np.ndarray, face: DetectedFace) -> np.ndarray:
-        """The crop the recognizer takes: 112x112, aligned on the face's five keypoints."""
-        from insightface.utils.face_align import norm_crop
-
-        return norm_crop(bgr, face.kps)
 
     def embed_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised embeddings `(len(crops), embedding_size)`, the recognizer run in batches."""
@@ -199,7 +184,7 @@ class FaceModel:
                 elif faces and _index_valid(selection, index, faces):
                     to_embed.append((bgr, faces[_choose(faces, selection, index)]))
             if to_embed:
-                embeddings = self.embed_crops([self.aligned_crop(bgr, face) for bgr, face in to_embed])
+                embeddings = self.embed_crops([aligned_crop(bgr, face) for bgr, face in to_embed])
                 for (_, face), embedding in zip(to_embed, embeddings):
                     face.embedding = embedding
         return [
@@ -224,6 +209,17 @@ class FaceModel:
                 while len(self._identity_cache) > IDENTITY_CACHE_SIZE:
                     self._identity_cache.popitem(last=False)
         return mean_identity(self._identity_cache[key] for key in keys)
+
+
+def _load_detector(path: str, providers: list[str], det_thresh: float, threads: int = 0) -> Any:
+    from insightface.model_zoo import get_model
+
+    # static_shape_sessions=False: insightface 2.1 would otherwise build one more session per
+    # detector input size, without our options (0.7.3 ignores both keywords)
+    detector = get_model(path, providers=providers, sess_options=_session_options(threads), static_shape_sessions=False)
+    if detector is not None:
+        detector.prepare(0, input_size=(640, 640), det_thresh=det_thresh)
+    return detector
 
 
 def _session_options(threads: int = 0) -> Any:

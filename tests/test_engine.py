@@ -19,6 +19,7 @@ from face_consistency.faceid import (
     load_image,
     mean_identity,
 )
+from face_consistency.faceid.alignment import aligned_crop
 
 PHOTOS = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "biden.jpg"]
 # (a, b, similarity measured with this pack at det_size 640, insightface 2.1)
@@ -264,7 +265,7 @@ def test_locate_then_embed_crops_matches_analyze(model, faces_dir, embeddings):
     bgrs = [load_image(faces_dir / name) for name in ("obama.jpg", "biden.jpg")]
     located = [model.locate(bgr, concurrent=True) for bgr in bgrs]
     assert all(r.face is not None and r.face.embedding is None for r in located)
-    crops = [model.aligned_crop(bgr, r.face) for bgr, r in zip(bgrs, located)]
+    crops = [aligned_crop(bgr, r.face) for bgr, r in zip(bgrs, located)]
     assert all(crop.shape == (112, 112, 3) for crop in crops)
     embedded = model.embed_crops(crops)
     assert embedded.shape == (2, model.embedding_size)
