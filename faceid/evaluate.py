@@ -132,7 +132,7 @@ def _in_order(function: Callable[[Path], Any], paths: Sequence[Path], workers: i
                 future.cancel()
 
 
-def default_workers(model: FaceModel) -> int:
+def _default_workers(model: FaceModel) -> int:
     """On the CPU one thread per core, each decoding and detecting, plus one so that no core
     idles while a worker waits for the disk or the GIL (pyspng holds it while decoding); on a
     GPU, a few threads decoding for it."""
@@ -164,7 +164,7 @@ def embed_files(
 
     locate = partial(_decode_and_locate, model)
     try:
-        for path, located in _in_order(locate, todo, workers or default_workers(model)):
+        for path, located in _in_order(locate, todo, workers or _default_workers(model)):
             if located.crop is not None:
                 waiting.append((path, located))
                 if len(waiting) == RECOGNIZER_BATCH:

@@ -70,7 +70,6 @@ class FaceModel:
         self.embedding_size = int(self._recognizer.session.get_outputs()[0].shape[1])
         self._lock = threading.Lock()
         self._identity_cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._detector_file = str(pack.detector)
         # threads that may detect side by side (`detect(concurrent=True)`): one per CPU core
         self.parallel_workers = _usable_cpus() if self.provider == "CPUExecutionProvider" else 1
         self._concurrent_detector: Any = None
@@ -135,7 +134,7 @@ class FaceModel:
         with self._concurrent_detector_lock:
             if self._concurrent_detector is None:
                 self._concurrent_detector = _load_detector(
-                    self._detector_file, ["CPUExecutionProvider"], self.det_thresh, threads=1
+                    self._detector.model_file, ["CPUExecutionProvider"], self.det_thresh, threads=1
                 )
             return self._concurrent_detector
 
