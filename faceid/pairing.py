@@ -8,7 +8,7 @@ Three layouts, as users have them:
   prompt file.
 - the seed guide's layout: `control_image_{i}.png` beside `..._step_{N}_{i}.png`.
 - two folders (`--control_dir`, `--generated_dir`): a generated `stem.png` gets the controls
-  named `stem.<ext>` or `stem_{N}.<ext>` (musubi's dataset rule; longer stems claim first).
+  named `stem.<ext>` or `stem_{N}.<ext>` (musubi's dataset rule, shared with the trainer).
 
 Nothing is dropped silently: every image that cannot be paired becomes an `Unpaired` entry
 with the file and the reason.
@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 from .images import IMAGE_SUFFIXES
 from .prompts import SamplePrompt, resolve_prompt_path
 
+_NUMBERED_CONTROL = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)$")
 MUSUBI_SAMPLE = re.compile(
     r"^(?:(?P<name>.*)_)?(?:e(?P<epoch>\d{6,})|(?P<step>\d{6,}))_(?P<prompt>\d{2,})_(?P<time>\d{14})"
     r"(?:_(?P<tail1>\d+))?(?:_(?P<tail2>\d+))?$"
@@ -193,23 +194,30 @@ def pair_sample_folder(
     return pairing
 
 
+def musubi_controls(targets: Iterable[Path], controls: Iterable[Path]) -> dict[Path, list[Path]]:
+    """musubi-tuner's dataset rule: the controls of target `stem.*` are `stem.<ext>` first,
+    then `stem_<N>.<ext>` in order of N (so `a_1.png` is a control of `a` and of `a_1`)."""
+    candidates: dict[str, list[tuple[int, Path]]] = {}
+    for path in sorted(controls):
+        candidates.setdefault(path.stem, []).append((-1, path))
+        match = _NUMBERED_CONTROL.match(path.stem)
+        if match:
+            candidates.setdefault(match["stem"], []).append((int(match["index"]), path))
+    return {
+        target: [path for _, path in sorted(candidates.get(target.stem, []), key=lambda pair: pair[0])]
+        for target in targets
+    }
+
+
 def pair_dirs(
     control_dir: Path, generated_dir: Path, exclude: Iterable[Path] = (), have_reference: bool = False
 ) -> Pairing:
-    """Pair `generated_dir/stem.*` with `control_dir/stem.*` and `control_dir/stem_{N}.*`."""
+    """Pair each `generated_dir/stem.*` with its controls in `control_dir` (`musubi_controls`)."""
     pairing = Pairing()
     generated = list_images(generated_dir, exclude)
-    remaining = set(list_images(control_dir, exclude))
-    claimed: dict[Path, list[Path]] = {}
-    for path in sorted(generated, key=lambda p: len(p.name), reverse=True):
-        stem = path.stem
-        matches = [
-            c
-            for c in remaining
-            if c.stem == stem or (c.stem.startswith(stem + "_") and c.stem[len(stem) + 1 :].isdigit())
-        ]
-        remaining.difference_update(matches)
-        claimed[path] = sorted(matches, key=lambda c: -1 if c.stem == stem else int(c.stem[len(stem) + 1 :]))
+    controls = list_images(control_dir, exclude)
+    claimed = musubi_controls(generated, controls)
+    remaining = set(controls).difference(*claimed.values())
     for path in generated:
         name = parse_sample_name(path)
         name = SampleName(name.step, name.epoch, name.prompt_index, name.seed, "dir_pair")

@@ -31,10 +31,11 @@ from face_consistency.faceid.evaluate import (
     embed_files,
     watch,
 )
-from face_consistency.faceid.pairing import parse_sample_name
+from face_consistency.faceid.pairing import pair_dirs, parse_sample_name
 from face_consistency.faceid.plot import PLOT_SIZE, write_plot
 from face_consistency.faceid.prompts import load_prompt_file, parse_prompt_line
 from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
+from face_consistency.trainer.dataset import pair_controls
 
 
 @pytest.fixture(scope="module")
@@ -251,6 +252,31 @@ def test_dir_pair_mode_with_numbered_controls(model, faces_dir, tmp_path):
     assert report["valid_pairs"] == 2 and list(report["by_step"]) == ["none"]
     failures = {Path(f["file"]).name: f["kind"] for f in report["failures"]}
     assert failures == {"carol.png": "sample", "bob_extra.png": "control"}
+
+
+def test_dir_pairs_follow_the_trainers_control_rule(tmp_path):
+    """One rule for the evaluation's folder pairs and the trainer's dataset: `a_1.png` is a
+    numbered control of `a` and the same-name control of a generated `a_1`."""
+    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    files = {
+        controls: ("a.png", "a_2.jpg", "a_1.png", "b_10.png", "b_9.png", "x.png"),
+        generated: ("a.png", "a_1.png", "b.png"),
+    }
+    for folder, names in files.items():
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"")
+    pairing = pair_dirs(controls, generated)
+    assert {i.image.name: [c.name for c in i.controls] for i in pairing.items} == {
+        "a.png": ["a.png", "a_1.png", "a_2.jpg"],
+        "a_1.png": ["a_1.png"],
+        "b.png": ["b_9.png", "b_10.png"],
+    }
+    assert [(Path(u.file).name, u.kind) for u in pairing.unpaired] == [("x.png", "control")]
+    trainer_rule = pair_controls([generated / n for n in ("a.png", "a_1.png", "b.png")], controls)
+    assert {t.name: [c.name for c in found] for t, found in trainer_rule.items()} == {
+        i.image.name: [c.name for c in i.controls] for i in pairing.items
+    }
 
 
 # watch rounds and the cache -------------------------------------------------------------

@@ -34,6 +34,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ..faceid.pairing import musubi_controls
+
 try:
     import tomllib
 except ImportError:  # Python 3.10
@@ -153,24 +155,10 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise DatasetConfigError(f"cannot read image {path}: {exc}") from exc
 
 
-_CONTROL_NAME = re.compile(r"^(?P<stem>.+?)(?:_(?P<index>\d+))?$")
-
-
 def pair_controls(targets: list[Path], control_directory: Path) -> dict[Path, tuple[Path, ...]]:
     """Controls of each target by musubi's rule: `stem.<ext>` first, then `stem_<N>.<ext>` by N."""
-    candidates: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(control_directory.iterdir()):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS:
-            continue
-        candidates.setdefault(path.stem, []).append((-1, path))
-        match = _CONTROL_NAME.match(path.stem)
-        if match and match.group("index") is not None:
-            candidates.setdefault(match.group("stem"), []).append((int(match.group("index")), path))
-    paired: dict[Path, tuple[Path, ...]] = {}
-    for target in targets:
-        found = sorted(candidates.get(target.stem, []), key=lambda pair: pair[0])
-        paired[target] = tuple(path for _, path in found)
-    return paired
+    controls = [p for p in control_directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    return {target: tuple(found) for target, found in musubi_controls(targets, controls).items()}
 
 
 def _read_caption(target: Path, caption_extension: str) -> str | None:
