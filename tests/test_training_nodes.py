@@ -25,7 +25,7 @@ from face_consistency.nodes.training import (
     FaceConsistencyTrainStop,
 )
 from face_consistency.trainer.protocol import read_status
-from face_consistency.trainer.run_reader import read_run
+from face_consistency.trainer.run_reader import list_checkpoints, read_run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
@@ -78,6 +78,26 @@ def test_list_checkpoints_orders_a_musubi_folder_by_step(comfy: Path) -> None:
     assert set(names) <= set(training.comfy_env.filename_list("loras"))
     assert FaceConsistencyListCheckpoints.RETURN_TYPES[0] == training.comfy_env.filename_list("loras")
     assert node.list_checkpoints(False, output_folder="musubi_face")[2] == [10, 15, 20]
+
+
+def test_checkpoint_metadata_is_read_once_per_file_version(tmp_path: Path, monkeypatch) -> None:
+    """The panel lists checkpoints every 2 s: headers are re-read only when a file changes."""
+    import safetensors
+
+    folder = write_musubi_run(tmp_path / "run")
+    opened: list[str] = []
+    real_safe_open = safetensors.safe_open
+
+    def counted_safe_open(path: str, **kwargs):
+        opened.append(Path(path).name)
+        return real_safe_open(path, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", counted_safe_open)
+    first = list_checkpoints(folder)
+    assert list_checkpoints(folder) == first and len(opened) == len(first) == 4
+    write_lora(folder / "musubi_face-000001.safetensors", steps=11, epoch=1)  # rewritten: read again
+    steps = [c.step for c in list_checkpoints(folder)]
+    assert opened[4:] == ["musubi_face-000001.safetensors"] and steps == [11, 15, 20, 30]
 
 
 def test_list_checkpoints_refuses_a_folder_loras_loaders_cannot_see(comfy: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ What a monitor needs from either kind of folder:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -131,14 +132,25 @@ def normalise_metrics(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _checkpoint_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata; the monitor lists the checkpoints every few seconds,
+    so each file is read once per version (size, mtime)."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return {}
+    return dict(_metadata_of_version(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=1024)
+def _metadata_of_version(path: str, size: int, mtime_ns: int) -> tuple[tuple[str, str], ...]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), framework="np") as f:
-            return dict(f.metadata() or {})
+        with safe_open(path, framework="np") as f:
+            return tuple((f.metadata() or {}).items())
     except Exception as exc:  # a file being written or not a safetensors file: list it without metadata
         log.debug("cannot read safetensors metadata of %s: %s", path, exc)
-        return {}
+        return ()
 
 
 def _int_or_none(value: Any) -> int | None:
