@@ -22,7 +22,14 @@ from ..trainer.checkpoint_scores import best_checkpoint, chart_positions, copy_a
 from ..trainer.jobs import JobRecord, JobRegistry
 from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
-from ..trainer.run_reader import FACE_SIMILARITY, LOSS, RunSnapshot, list_checkpoints, log_tail, read_run
+from ..trainer.run_reader import (
+    FACE_SIMILARITY,
+    LOSS,
+    RunSnapshot,
+    log_tail,
+    read_run,
+    run_checkpoints,
+)
 from . import comfy_env
 from .imaging import rgb_to_image
 
@@ -449,7 +456,7 @@ class FaceConsistencyTrainMonitor:
         registry = open_registry()
 
         def latest_checkpoint() -> Path | None:
-            checkpoints = list_checkpoints(record.output_dir)
+            checkpoints = run_checkpoints(record.output_dir, read_status(record.output_dir))
             return checkpoints[-1].path if checkpoints else None
 
         first_checkpoint = latest_checkpoint()
@@ -511,7 +518,7 @@ class FaceConsistencyTrainStop:
 
         was_running = not record.finished
         record = jobs.stop(open_registry(), record.job_id, grace_s=float(grace_seconds), on_wait=tick)
-        checkpoints = list_checkpoints(folder)
+        checkpoints = run_checkpoints(folder, read_status(folder))
         latest = checkpoints[-1] if checkpoints else None
         lines = [f"job {record.job_id}: {record.state}" + ("" if was_running else " (had already ended)")]
         if latest is not None:

@@ -238,6 +238,8 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
     ProgressBar.interrupt_after = None
     assert training.jobs.process_alive(record.pid)  # cancelling the wait does not stop training
     before = {c.filename for c in read_run(output_dir).checkpoints}
+    # another run's checkpoint in the same folder, at a later step, is never this job's
+    write_lora(Path(output_dir) / "older_run-step99999999.safetensors", steps=99999999)
     status, _, latest, _ = FaceConsistencyTrainMonitor().monitor("next checkpoint", 5.0, 20, 4, job=job)["result"]
     assert latest.startswith("tiny_stop/tiny_stop-step") and latest.split("/")[1] not in before, status
     assert "tiny_stop: training" in status or "tiny_stop: saving" in status, status
