@@ -208,7 +208,7 @@ def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, d
     try:
         hook = build_training_hook(args)
         items = load_dataset_config(args.dataset_config).items
-        hook.on_cached(items, accelerator)  # face targets were cached by full_run
+        hook.on_cached(items, accelerator, lambda: False)  # face targets were cached by full_run
         transformer, lora_params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
         vae = models.load_vae(args.vae, torch.float32)
         batch = collate(items)  # three faces and the faceless item

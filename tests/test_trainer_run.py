@@ -191,6 +191,22 @@ class _StopAt(TrainingHook):
         return ExtraLoss()
 
 
+class _StopWhileCaching(TrainingHook):
+    """Requests a stop from inside the hooks' caching phase, and records what the next hook is told."""
+
+    def __init__(self, output_dir: Path) -> None:
+        self.output_dir = output_dir
+        self.told_to_stop: bool | None = None
+
+    def on_cached(self, items, accelerator, should_stop):
+        if self.told_to_stop is None:
+            request_stop(self.output_dir)
+            self.told_to_stop = False
+        else:
+            self.told_to_stop = should_stop()
+        return {}
+
+
 class _FailAt(TrainingHook):
     def extra_loss(self, state):
         if state.step == 2:
@@ -215,6 +231,19 @@ def test_stop_request_finishes_the_step_saves_and_ends_stopped(setup, tmp_path):
     assert (out / "tiny-step00000002.safetensors").is_file()
     assert (out / "tiny-step00000002-state" / "trainer_state.json").is_file()
     assert not (out / "tiny.safetensors").exists()
+
+
+def test_stop_during_the_hooks_caching_ends_stopped_before_training(setup, tmp_path):
+    """A long on_cached (face targets of a big dataset) sees the stop and the run ends there."""
+    out = tmp_path / "out"
+    stopper = _StopWhileCaching(out)
+    hooks = [stopper, stopper]  # the second call plays the next hook
+    assert run_training(_args(setup, out, 50), hooks).value == "stopped"
+    status = read_status(out)
+    assert stopper.told_to_stop is True
+    assert status["state"] == "stopped" and status["stop_reason"] == "STOP file"
+    assert status.get("step") in (None, 0) and status["last_checkpoint"] is None
+    assert not list(out.glob("*.safetensors"))
 
 
 def test_exception_ends_failed_with_traceback_tail(setup, tmp_path):

@@ -20,7 +20,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -105,16 +105,17 @@ class FaceIdentityHook(TrainingHook):
 
     # --------------------------------------------------------------- caching
 
-    def on_cached(self, items: list[DatasetItem], accelerator: Any) -> dict[str, Any]:
+    def on_cached(self, items: list[DatasetItem], accelerator: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
         built = 0
         for pack in self.packs:
             pack.loss.to(accelerator.device)
             # each process caches its share, then every process loads them all
-            share = cache_face_targets(items[accelerator.process_index :: accelerator.num_processes], pack.model)
+            mine = items[accelerator.process_index :: accelerator.num_processes]
+            share = cache_face_targets(mine, pack.model, should_stop=should_stop)
             if pack is self.training:
                 built = int(accelerator.reduce(torch.tensor([share.built], device=accelerator.device), "sum").item())
             accelerator.wait_for_everyone()
-            pack.targets = cache_face_targets(items, pack.model)
+            pack.targets = cache_face_targets(items, pack.model, should_stop=should_stop)
         skipped = self.training.targets.without_face(REFERENCE)
         for target, reason in skipped.items():
             log.warning("face loss skips %s: %s", target, reason)

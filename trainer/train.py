@@ -33,7 +33,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
@@ -106,8 +106,11 @@ class ExtraLoss:
 class TrainingHook:
     """Base class for additions to the training step; every method defaults to doing nothing."""
 
-    def on_cached(self, items: list[DatasetItem], accelerator: Accelerator) -> dict[str, Any]:
-        """After caching; return values are merged into status.json."""
+    def on_cached(
+        self, items: list[DatasetItem], accelerator: Accelerator, should_stop: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """After caching; return values are merged into status.json. Long work here returns
+        early once `should_stop()` (a stop was requested); the run then ends `stopped`."""
         return {}
 
     def extra_loss(self, state: StepState) -> ExtraLoss:
@@ -445,22 +448,31 @@ def _train(
     )
     # Each process caches its share (a long single-process caching run would time out the others).
     share = items[accelerator.process_index :: accelerator.num_processes]
+    def should_stop() -> bool:  # this process only: cheap enough to ask per cached file
+        return stop.received is not None or stop_requested(output_dir)
+
+    def stopped_before_training() -> bool:
+        reason = stop_reason()
+        if reason:
+            reporter.update(JobState.STOPPED, stop_reason=reason, last_checkpoint=None)
+        return reason is not None
+
     counts = cache_dataset(
-        share, encoders, should_stop=lambda: stop.received is not None or stop_requested(output_dir),
+        share, encoders, should_stop=should_stop,
         progress=lambda done, total: reporter.update(cached=done, cache_total=total),
     )
     log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
     reporter.update(cache_built=counts["built"], cache_reused=counts["reused"])
     accelerator.wait_for_everyone()
-    stopped_while_caching = stop_reason()
-    if stopped_while_caching:
-        reporter.update(JobState.STOPPED, stop_reason=stopped_while_caching, last_checkpoint=None)
+    if stopped_before_training():
         return JobState.STOPPED
     samples: list[EncodedSample] = []
     if args.sample_prompts:
         samples = encode_samples(load_prompt_file(args.sample_prompts), encoders)
     for hook in hooks:
-        reporter.update(**hook.on_cached(items, accelerator))
+        reporter.update(**hook.on_cached(items, accelerator, should_stop))
+    if stopped_before_training():
+        return JobState.STOPPED
     del pipeline, encoders
     gc.collect()
     if torch.cuda.is_available():
