@@ -157,7 +157,7 @@ def embed_files(
     waiting: list[tuple[Path, _Located]] = []
 
     def embed_waiting() -> None:
-        embeddings = model.embed_crops([located.crop for _, located in waiting]) if waiting else []
+        embeddings = model.embed_crops([located.crop for _, located in waiting])
         for (path, located), embedding in zip(waiting, embeddings):
             store.put(_file_faces(path, located, embedding))
         waiting.clear()

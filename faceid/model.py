@@ -147,6 +147,8 @@ class FaceModel:
 
     def embed_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """L2-normalised embeddings `(len(crops), embedding_size)`, the recognizer run in batches."""
+        if not crops:
+            return np.empty((0, self.embedding_size), np.float32)
         raw = np.concatenate([
             self._recognizer.get_feat(list(crops[start : start + RECOGNIZER_BATCH]))
             for start in range(0, len(crops), RECOGNIZER_BATCH)

@@ -268,7 +268,7 @@ def test_locate_then_embed_crops_matches_analyze(model, faces_dir, embeddings):
     crops = [aligned_crop(bgr, r.face) for bgr, r in zip(bgrs, located)]
     assert all(crop.shape == (112, 112, 3) for crop in crops)
     embedded = model.embed_crops(crops)
-    assert embedded.shape == (2, model.embedding_size)
+    assert embedded.shape == (2, model.embedding_size) and model.embed_crops([]).shape == (0, model.embedding_size)
     for embedding, name in zip(embedded, ("obama.jpg", "biden.jpg")):
         assert cosine_similarity(embedding, embeddings[name]) > 0.9999
     (blank,) = [model.locate(np.zeros((64, 64, 3), np.uint8))]
