@@ -388,7 +388,7 @@ def test_plain_edit_trains_and_takes_one_control(setup, tmp_path):
     argv = tiny_train_argv(files, two, tmp_path / "out2", max_train_steps=1)
     argv[argv.index("--edit_plus")] = "--edit"
     assert cli_main(["train", *argv]) == 2
-    assert "--edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]
+    assert "--model_version edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]
 
 
 def test_the_seed_guides_command_trains(setup, tmp_path):

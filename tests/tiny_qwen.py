@@ -26,6 +26,7 @@ built locally (no downloads). A full tiny training run takes seconds on a CPU.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,11 +80,21 @@ class TinyModelFiles:
 def build_tiny_processor():
     """A Qwen2VLProcessor whose tokenizer is byte-level BPE over the 256 byte symbols + Qwen specials."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
+    import transformers
+    from transformers import Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    specials = list(QWEN_SPECIAL_TOKENS[1:])
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials)
+    else:  # transformers 4.x builds the fast tokenizer from vocab/merges files only
+        with tempfile.TemporaryDirectory() as folder:
+            vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+            vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+            merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+            tokenizer = Qwen2TokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file),
+                                           additional_special_tokens=specials)
     return Qwen2VLProcessor(
         # Few vision patches keep the tiny prompt short (the pipeline still resizes controls to ~384^2).
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
