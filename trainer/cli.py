@@ -21,7 +21,7 @@ from diffusers.optimization import SchedulerType
 from .dataset import DatasetConfigError, load_dataset_config
 from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
-from .models import ModelFileError
+from .models import ModelFileError, check_dit_version, read_header
 from .protocol import JobState, write_status
 from .sampling import PromptFileError, load_prompt_file
 from .state import is_state_folder
@@ -227,6 +227,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
             raise ConfigError(f"--{flag} {getattr(args, flag)}: file not found")
+    try:
+        check_dit_version(read_header(args.dit, "DiT (--dit)"), MODEL_VERSIONS[args.model_version].zero_cond_t)
+    except ModelFileError as exc:
+        raise ConfigError(str(exc)) from None
     if args.network_weights and not Path(args.network_weights).is_file():
         raise ConfigError(f"--network_weights {args.network_weights}: file not found")
     if args.network_weights and args.resume:

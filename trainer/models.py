@@ -108,8 +108,8 @@ def read_header(path: str | os.PathLike, what: str) -> SafetensorsHeader:
     return SafetensorsHeader(file_path, what, metadata, shapes, nbytes)
 
 
-def read_tensors(header: SafetensorsHeader, keys: list[str], chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
-    """(key, tensor) for `keys`, reopening the file every `chunk_bytes` so read pages are let go.
+def read_tensors(header: SafetensorsHeader, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for `keys`, reopening the file every CHUNK_BYTES so read pages are let go.
 
     A tensor may share memory with the file while its chunk is open: copy it (or cast it) before
     the next one is asked for if it must outlive the chunk.
@@ -117,7 +117,7 @@ def read_tensors(header: SafetensorsHeader, keys: list[str], chunk_bytes: int = 
     start = 0
     while start < len(keys):
         end, size = start, 0
-        while end < len(keys) and (end == start or size + header.nbytes[keys[end]] <= chunk_bytes):
+        while end < len(keys) and (end == start or size + header.nbytes[keys[end]] <= CHUNK_BYTES):
             size += header.nbytes[keys[end]]
             end += 1
         try:
@@ -151,7 +151,7 @@ def _build_empty(factory: Callable[[], Any], header: SafetensorsHeader, expected
         ) from exc
 
 
-def _check_layout(
+def check_layout(
     header: SafetensorsHeader, sources: dict[str, str], model: torch.nn.Module, expected: str,
     optional: frozenset[str] = frozenset(),
 ) -> None:
@@ -239,6 +239,16 @@ def _cast_empty(model: torch.nn.Module, dtype: torch.dtype) -> None:
     torch.nn.Module.to(model, dtype)
 
 
+def check_dit_version(header: SafetensorsHeader, zero_cond_t: bool) -> None:
+    """A DiT file marked as Edit-2511 (ComfyUI's `__index_timestep_zero__`) trains only as 2511."""
+    marked_2511 = INDEX_TIMESTEP_ZERO_KEY in header.shapes or DIT_PREFIX + INDEX_TIMESTEP_ZERO_KEY in header.shapes
+    if marked_2511 and not zero_cond_t:
+        raise ModelFileError(
+            f"{header.what} file {header.path} is a Qwen-Image-Edit-2511 model (it carries "
+            f"{INDEX_TIMESTEP_ZERO_KEY}): pass --model_version edit-2511"
+        )
+
+
 def count_transformer_blocks(header: SafetensorsHeader) -> int:
     """How many `transformer_blocks.N` a DiT file holds (from its header)."""
     indices = {
@@ -266,13 +276,8 @@ def load_transformer(
     """
     what = "DiT (--dit)"
     header = read_header(path, what)
+    check_dit_version(header, zero_cond_t)
     config = _architecture_config(header, TRANSFORMER_CONFIG)
-    marked_2511 = INDEX_TIMESTEP_ZERO_KEY in header.shapes or DIT_PREFIX + INDEX_TIMESTEP_ZERO_KEY in header.shapes
-    if marked_2511 and not zero_cond_t:
-        raise ModelFileError(
-            f"{what} file {header.path} is a Qwen-Image-Edit-2511 model (it carries {INDEX_TIMESTEP_ZERO_KEY}): "
-            "pass --model_version edit-2511"
-        )
     if zero_cond_t:
         config["zero_cond_t"] = True
     expected = (
@@ -288,7 +293,7 @@ def load_transformer(
         key.removeprefix(DIT_PREFIX): key for key in header.shapes
         if key not in auxiliary and key.removeprefix(DIT_PREFIX) != INDEX_TIMESTEP_ZERO_KEY
     }
-    _check_layout(header, sources, model, expected)
+    check_layout(header, sources, model, expected)
     _fill(model, header, sources, placement)
     return model.eval().requires_grad_(False)
 
@@ -305,12 +310,12 @@ def load_vae(
     expected = "the Qwen-Image VAE (Wan 2.1 layout, 16 latent channels)"
     model = _build_empty(lambda: AutoencoderKLQwenImage(**config), header, expected)
     _cast_empty(model, dtype)
-    _check_layout(header, sources, model, expected)
+    check_layout(header, sources, model, expected)
     _fill(model, header, sources, lambda _name: torch.device(device))
     return model.eval().requires_grad_(False)
 
 
-def _rename_text_encoder_key(key: str) -> str:
+def text_encoder_model_key(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
@@ -337,7 +342,7 @@ def load_text_encoder(
     what = "text encoder (--text_encoder)"
     header = read_header(path, what)
     _, auxiliary = _fp8_scales(header)
-    sources = {_rename_text_encoder_key(k): k for k in header.shapes if k not in auxiliary}
+    sources = {text_encoder_model_key(k): k for k in header.shapes if k not in auxiliary}
     config = _architecture_config(header, TEXT_ENCODER_CONFIG)
     expected = "Qwen2.5-VL (`model.*` language model and `visual.*` vision tower)"
     model = _build_empty(
@@ -345,7 +350,7 @@ def load_text_encoder(
     )
     _cast_empty(model, dtype)
     # Only hidden states are used; ComfyUI files may omit the LM head, which then shares the embedding.
-    _check_layout(header, sources, model, expected, optional=frozenset({"lm_head.weight"}))
+    check_layout(header, sources, model, expected, optional=frozenset({"lm_head.weight"}))
     _fill(model, header, sources, lambda _name: torch.device(device))
     if "lm_head.weight" not in sources:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
