@@ -20,6 +20,8 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from face_consistency.trainer import models
 
+pytestmark = pytest.mark.trainer
+
 DIT_MATRIX_SHAPES = {  # torch order [out, in]
     "img_in.weight": (3072, 64),
     "txt_in.weight": (3072, 3584),

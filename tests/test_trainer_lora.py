@@ -12,6 +12,8 @@ from face_consistency.trainer.lora import (
     save_lora,
 )
 
+pytestmark = pytest.mark.trainer
+
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):

@@ -12,6 +12,8 @@ from tiny_qwen import DIT_PREFIX, write_tiny_model_files
 
 from face_consistency.trainer import models
 
+pytestmark = pytest.mark.trainer
+
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):

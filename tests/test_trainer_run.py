@@ -27,6 +27,8 @@ from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.dataset import load_dataset_config
 from face_consistency.trainer.train import ExtraLoss, TrainingHook, pack, run_training, unpack
 
+pytestmark = pytest.mark.trainer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -218,7 +218,9 @@ def write_tiny_model_files(
     of 2509 and 2511 have the same layout). transformer_config: another DiT architecture (the text
     encoder's hidden size follows its joint_attention_dim)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from face_consistency.trainer.models import text_encoder_config
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -245,7 +247,7 @@ def write_tiny_model_files(
     tokenizer_dir = root / "tokenizer"
     processor.save_pretrained(str(tokenizer_dir))
     te_config = tiny_text_encoder_config(processor.tokenizer, transformer_config["joint_attention_dim"])
-    text_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_config))
+    text_model = Qwen2_5_VLForConditionalGeneration(text_encoder_config(te_config))
     te_sd: dict[str, torch.Tensor] = {}
     for key, value in text_model.state_dict().items():
         if key.startswith("model.language_model."):

@@ -324,8 +324,10 @@ def text_encoder_model_key(key: str) -> str:
 
 
 def text_encoder_config(config: dict[str, Any]) -> Qwen2_5_VLConfig:
-    """Qwen2.5-VL's config with the multimodal rope in both spellings: transformers 4.x reads
-    `rope_scaling` (+ `rope_theta`), 5.x `rope_parameters` (and still accepts `rope_scaling`)."""
+    """Qwen2.5-VL's config as every supported transformers reads it: the multimodal rope in both
+    spellings (4.x reads `rope_scaling` + `rope_theta`, 5.x `rope_parameters` and still accepts
+    `rope_scaling`), and the language model's settings also at the top level (as the model's own
+    config.json has them; 4.52.1-4.52.3 read them only there)."""
     text = dict(config.get("text_config", {}))
     rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     if "mrope_section" in rope:
@@ -333,7 +335,8 @@ def text_encoder_config(config: dict[str, Any]) -> Qwen2_5_VLConfig:
         text["rope_theta"] = theta
         text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
         text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(rope["mrope_section"])}
-    return Qwen2_5_VLConfig(**{**config, "text_config": text})
+    flat = {k: v for k, v in text.items() if k not in ("model_type", "rope_parameters", "rope_scaling")}
+    return Qwen2_5_VLConfig(**{**flat, **config, "text_config": text})
 
 
 def load_text_encoder(
