@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from comfy_stubs import ProgressBar, set_comfy_base, start_prompt_server, stop_prompt_server
 from pack_server import PackServer, pack_zip, sha256
 
 from face_consistency.faceid import ModelPackError, resolve_pack
@@ -27,6 +28,11 @@ from face_consistency.faceid.pack_download import (
     expected_sha256,
 )
 from face_consistency.faceid.packs_cli import main as packs_main
+from face_consistency.nodes import training
+from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
+from face_consistency.nodes.scoring import FaceConsistencyLoadModel
+from face_consistency.nodes.training import FaceConsistencyTrainLaunch
+from face_consistency.trainer import jobs
 
 
 @pytest.fixture(scope="session")
@@ -254,3 +260,85 @@ def test_packs_command_lists_downloadable_packs_and_downloads_one(server, monkey
     assert "buffalo_sc     ok      det_2.5g.onnx + mobilefacenet.onnx" in out
     assert not re.search(r"buffalo_sc +15 MB", out)
     assert sorted(p.name for p in (root / "models" / "buffalo_sc").iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
+
+
+@pytest.fixture()
+def comfy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ComfyUI base: no pack installed, an empty HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    set_comfy_base(tmp_path / "comfy")
+    ProgressBar.instances.clear()
+    return tmp_path / "comfy"
+
+
+def turn_downloads_off_in_comfyui(comfy: Path) -> None:
+    settings = comfy / "user" / "default" / "comfy.settings.json"
+    settings.parent.mkdir(parents=True)
+    settings.write_text(json.dumps({"Comfy.Locale": "en", DOWNLOAD_SETTING: False}))
+
+
+def test_loader_node_offers_standard_packs_and_downloads_on_first_use(server, monkeypatch, comfy, zips):
+    serve(server, monkeypatch, "buffalo_l", zips["flat"])
+    packs, options = FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"]
+    assert packs == [
+        "buffalo_l (downloads on first use, 289 MB)", "buffalo_m (downloads on first use, 276 MB)",
+        "buffalo_s (downloads on first use, 128 MB)", "buffalo_sc (downloads on first use, 15 MB)",
+        "antelopev2 (downloads on first use, 361 MB)",
+    ]
+    assert options["default"] == packs[0]
+    # a workflow saved with the plain name is as valid as the listed choice; unknown packs are not
+    assert FaceConsistencyLoadModel.VALIDATE_INPUTS("buffalo_l") is True
+    assert FaceConsistencyLoadModel.VALIDATE_INPUTS(packs[0]) is True
+    assert "'mine' is not installed" in FaceConsistencyLoadModel.VALIDATE_INPUTS("mine")
+
+    prompt_server = start_prompt_server()
+    try:
+        out = FaceConsistencyLoadModel().load(packs[0], "cpu", "640", 0.5, unique_id="7")
+    finally:
+        stop_prompt_server()
+    assert out["ui"]["text"][0].startswith("buffalo_l on CPUExecutionProvider")
+    installed = comfy / "models" / "insightface" / "models" / "buffalo_l"
+    assert sorted(p.name for p in installed.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
+    [bar] = ProgressBar.instances
+    assert bar.total == bar.current == len(zips["flat"])
+    texts = [data for event, data in prompt_server.events if event == "progress_text"]
+    assert texts and texts[-1]["node"] == "7" and texts[-1]["text"].startswith("downloading buffalo_l: ")
+    # installed now: listed plainly, and a workflow saved with the label still loads it
+    assert FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"][0][0] == "buffalo_l"
+    assert FaceConsistencyLoadModel().load(packs[0], "cpu", "640", 0.5)["result"][0] is out["result"][0]
+
+
+def test_comfyui_setting_turns_downloads_off(server, monkeypatch, comfy, zips):
+    serve(server, monkeypatch, "buffalo_l", zips["flat"])
+    turn_downloads_off_in_comfyui(comfy)
+    with pytest.raises(ModelPackError, match=r"downloading is off.*comfy/models/insightface/models/buffalo_l/"):
+        FaceConsistencyLoadModel().load("buffalo_l", "cpu", "auto", 0.5)
+    assert server.requests == []
+
+
+def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, tmp_path):
+    for folder, name in (("diffusion_models", "dit.safetensors"), ("vae", "vae.safetensors"),
+                         ("text_encoders", "te.safetensors")):
+        (comfy / "models" / folder).mkdir(parents=True, exist_ok=True)
+        (comfy / "models" / folder / name).write_bytes(b"")
+    launched: list[list[str]] = []
+
+    def launch(registry, output_dir, args, name):
+        launched.append(list(args))
+        return jobs.JobRecord("j1", name, Path(output_dir), list(args), 1, 0.0, "running", None, "")
+
+    monkeypatch.setattr(training.jobs, "launch", launch)
+    monkeypatch.setattr(training, "_dataset_config", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
+    inputs = dict(
+        dit="dit.safetensors", vae="vae.safetensors", text_encoder="te.safetensors", dataset="d", output_name="run",
+        learning_rate=1e-4, network_dim=4, network_alpha=4.0, max_train_epochs=1, save_every_n_epochs=1, seed=0,
+        timestep_sampling="shift", discrete_flow_shift=2.2, optimizer_type="AdamW", mixed_precision="no",
+        gradient_checkpointing=False, enable_face_loss=True, face_loss_weight=0.1, face_model_name="buffalo_l",
+        face_device="cpu", face_det_size=640, face_eval_frequency=10,
+    )
+    FaceConsistencyTrainLaunch().launch(**{**inputs, "output_name": "online"})
+    turn_downloads_off_in_comfyui(comfy)
+    FaceConsistencyTrainLaunch().launch(**{**inputs, "output_name": "offline"})
+    assert "--offline" not in launched[0] and "--offline" in launched[1]
+    roots = launched[0][launched[0].index("--face_models_root") + 1]
+    assert roots == str(comfy / "models" / "insightface")
