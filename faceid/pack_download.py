@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import urllib.error
@@ -113,7 +114,7 @@ class TerminalProgress:
         from tqdm import tqdm
 
         if self._bar is None:
-            tqdm.write(f"model pack {transfer.pack}: downloading {transfer.url} into {transfer.target}")
+            tqdm.write(f"model pack {transfer.pack}: downloading {transfer.url} into {transfer.target}", file=sys.stderr)
             self._bar = tqdm(total=transfer.total, unit="B", unit_scale=True, unit_divisor=1000, desc=transfer.pack)
         self._bar.update(transfer.done - self._bar.n)
         if transfer.total is not None and transfer.done >= transfer.total:
