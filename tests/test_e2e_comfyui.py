@@ -17,6 +17,9 @@ import pytest
 
 from comfyui_server import STARTUP_TIMEOUT_S, ComfyServer, chromium, comfy_server, open_page, run_prompt  # noqa: F401
 
+from face_consistency.faceid import STANDARD_PACKS
+from face_consistency.faceid.pack_download import RELEASES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "example_workflows" / "api"
 OUR_NODES = (
@@ -35,6 +38,17 @@ def test_nodes_are_listed(comfy_server: ComfyServer) -> None:
     assert "testpack" in packs
     similarity = info["FaceConsistencySimilarity"]
     assert similarity["output_is_list"][0] is True and similarity["output_node"] is True
+
+
+def test_loader_lists_standard_packs_before_they_are_installed(comfy_server: ComfyServer) -> None:
+    """Beside the installed test pack, every standard pack not installed is offered with its size
+    (the server runs with FACE_CONSISTENCY_OFFLINE=1: nothing is downloaded here)."""
+    spec = comfy_server.get("/object_info/FaceConsistencyLoadModel")["FaceConsistencyLoadModel"]["input"]
+    packs = spec["required"]["pack"][0]
+    offered = {name: f"{name} (downloads on first use, {RELEASES[name].size_label})" for name in STANDARD_PACKS}
+    assert packs[0] == "testpack" and all(name in packs or label in packs for name, label in offered.items()), packs
+    assert any(label in packs for label in offered.values()), packs
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
 
 
 def example(name: str) -> dict[str, Any]:
