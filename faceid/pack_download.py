@@ -60,12 +60,13 @@ class PackRelease:
 
 
 # sha256 and size of each release zip, not computed here (nothing is downloaded in development):
-# found quoted, with the same values, in several public projects that pin these zips, e.g. a
-# photo library's model catalogue (`ML_MODELS`, buffalo_m/l/s and antelopev2 with
-# github.com/deepinsight/insightface/releases/download/v0.7 URLs), a model-asset table listing
-# buffalo_sc/s/m/l with sizes, a Go downloader pinning buffalo_l (288621354 bytes), shell
-# scripts pinning buffalo_sc (14969382 bytes) and buffalo_s, and antelopev2's 360662982 bytes
-# in three more. The code-search index that found them does not name their repositories.
+# found quoted, with the same values, in several public projects that pin these zips (a public
+# code search; its index names no repository for these hits): a photo library's model list
+# (`ML_MODELS` with buffalo_s/m/l and antelopev2 at the v0.7 URLs, shaped like LibrePhotos's
+# api/ml_models.py, whose older snapshot has no hashes yet), a model-asset table giving
+# buffalo_sc/s/m/l with their byte sizes, a Go downloader pinning buffalo_l (288621354 bytes),
+# shell scripts and Makefiles pinning buffalo_sc (14969382 bytes) and buffalo_s, and three
+# more quoting antelopev2 at 360662982 bytes. Every hash was seen in at least two of them.
 RELEASES: dict[str, PackRelease] = {
     release.name: release
     for release in (
@@ -270,7 +271,7 @@ def _fetch_once(url: str, part: Path, name: str, target: Path, progress: Progres
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         raise _NetworkError(str(getattr(exc, "reason", exc))) from None
     with response:
-        start, total = _range_of(response, have)
+        start, total = _range_of(response, part, have)
         started = time.monotonic()
         with open(part, "ab" if start else "wb") as out:
             done = start
@@ -288,13 +289,15 @@ def _fetch_once(url: str, part: Path, name: str, target: Path, progress: Progres
     return total is None or done >= total
 
 
-def _range_of(response: http.client.HTTPResponse, have: int) -> tuple[int, int | None]:
+def _range_of(response: http.client.HTTPResponse, part: Path, have: int) -> tuple[int, int | None]:
     """(offset the body starts at, size of the whole file); a server that ignores Range restarts at 0."""
     if response.status == 206:
-        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
+        content_range = response.headers.get("Content-Range", "")
+        match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", content_range)
         if match and int(match.group(1)) == have:
             return have, None if match.group(2) == "*" else int(match.group(2))
-        raise _NetworkError(f"the server answered the resume with an unexpected range {match and match.group(0)}")
+        part.unlink()  # the next attempt starts from the beginning
+        raise _NetworkError(f"the server resumed at another offset ({content_range!r} for byte {have})")
     length = response.headers.get("Content-Length")
     return 0, int(length) if length else None
 

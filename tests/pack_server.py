@@ -39,6 +39,7 @@ class PackServer:
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     cut_first_response_at: int | None = None  # bytes after which the first body is broken off
     ignore_range: bool = False
+    range_offset_error: int = 0  # a faulty server: a ranged body starts this many bytes late
     chunk_delay_s: float = 0.0
 
     def start(self) -> "PackServer":
@@ -58,7 +59,7 @@ class PackServer:
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", range_header or "")
                 if match and not server.ignore_range:
-                    start = int(match.group(1))
+                    start = int(match.group(1)) + server.range_offset_error
                     if start >= len(data):
                         self.send_response(416)
                         self.send_header("Content-Range", f"bytes */{len(data)}")

@@ -342,3 +342,13 @@ def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, t
     assert "--offline" not in launched[0] and "--offline" in launched[1]
     roots = launched[0][launched[0].index("--face_models_root") + 1]
     assert roots == str(comfy / "models" / "insightface")
+
+
+def test_a_resume_at_the_wrong_offset_restarts_from_the_beginning(server, monkeypatch, root, zips):
+    data = zips["flat"]
+    serve(server, monkeypatch, "buffalo_sc", data)
+    (root / "models" / ".buffalo_sc.zip.part").write_bytes(data[:1000])
+    server.range_offset_error = 10  # answers "bytes=1000-" with a body starting at byte 1010
+    folder = download_pack("buffalo_sc", root / "models")
+    assert server.zip_requests("buffalo_sc") == ["bytes=1000-", None]
+    assert sorted(p.name for p in folder.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
