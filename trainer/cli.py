@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     face.add_argument("--face_det_size", type=int, default=640, help="face detector input size")
     face.add_argument("--face_eval_frequency", type=int, default=100, help="measure x0-estimate similarity every N steps")
     face.add_argument("--face_models_root", help="folder holding models/<pack> (default: ~/.insightface)")
+    face.add_argument("--offline", action="store_true",
+                      help="never download a missing standard face pack (by default it is fetched on first use)")
     face.add_argument("--face_loss_max_t", type=float,
                       help="apply the loss only where t <= this (default: every t; 0.5 keeps the sharper estimates)")
     face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")

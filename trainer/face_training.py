@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ..faceid.pack_download import TerminalProgress
 from .dataset import DatasetItem
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
@@ -60,7 +61,8 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str) -> FacePack
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
         model = load_face_model(pack, models_root=args.face_models_root, provider=args.face_device,
-                                det_size=args.face_det_size)
+                                det_size=args.face_det_size, allow_download=not args.offline,
+                                progress=TerminalProgress())
         recognizer = FrozenFaceRecognizer.from_pack(model.pack_dir)
     except ProviderError as exc:
         raise FaceSetupError(
