@@ -5,7 +5,8 @@
 Writes synthetic DiTs in ComfyUI's single-file layout (`model.diffusion_model.` names) at the real
 Qwen-Image width (24 heads x 128, joint dim 3584), with 1 block and with `--blocks` blocks, each as
 bf16 and as an `_fp8_e4m3fn` copy (matrices float8, vectors bf16), then runs one short training
-step of the real `face-consistency train` command (bootstrap.py of `--pack_dir`, default this
+step (bf16, gradient checkpointing: the seed guide's flags) of the real `face-consistency train`
+command (bootstrap.py of `--pack_dir`, default this
 checkout: point it at a checkout of an older commit to measure that code) on each, in a fresh
 process, and reads the process's peak RSS. The text encoder and VAE are tiny (the text encoder's
 hidden size is the DiT's joint dim), so they are part of the fixed share that the ratio removes:
@@ -22,7 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -37,6 +38,9 @@ REAL_WIDTH = {
     "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
 }
 DIT_PREFIX = "model.diffusion_model."
+# The seed guide's precision and memory flags. Without gradient checkpointing, layerwise casting
+# (--fp8_base) keeps every layer's upcast weight alive for the backward pass.
+COMMON_FLAGS = ["--mixed_precision", "bf16", "--gradient_checkpointing"]
 # (label, which file, extra flags, which bytes the ratio is taken against)
 RUNS = (
     ("bf16 file, bf16 run", "bf16", [], "bf16"),
@@ -70,16 +74,26 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     return paths
 
 
-def peak_rss_of_training(pack_dir: Path, argv: list[str]) -> tuple[float, float]:
-    """(peak RSS in bytes, wall seconds) of one `train` run in a fresh process."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, str(pack_dir / "bootstrap.py"), "train", *argv],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = process.stderr.read() if process.stderr else b""
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"training failed:\n{stderr.decode(errors='replace')[-3000:]}")
-    return usage.ru_maxrss * 1024.0, time.perf_counter() - started
+def child(pack_dir: str, peak_file: str, argv: list[str]) -> None:
+    """Run `train` through the pack's bootstrap.py, then record this process's peak RSS.
+
+    VmHWM, not getrusage's ru_maxrss: a child's ru_maxrss starts at its parent's at fork."""
+    sys.argv = [str(Path(pack_dir) / "bootstrap.py"), "train", *argv]
+    try:
+        runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        status = Path("/proc/self/status").read_text()
+        peak_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
+        Path(peak_file).write_text(str(peak_kib * 1024))
+
+
+def peak_rss_of_training(pack_dir: Path, argv: list[str], peak_file: Path) -> float:
+    """Peak RSS in bytes of one `train` run in a fresh process."""
+    result = subprocess.run([sys.executable, __file__, "--child", str(pack_dir), str(peak_file), *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"training failed:\n{result.stderr[-3000:]}")
+    return float(peak_file.read_text())
 
 
 def plain_read_seconds(path: Path) -> float:
@@ -95,7 +109,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=6, help="blocks of the larger DiT (the smaller has 1)")
     parser.add_argument("--pack_dir", type=Path, default=REPO_ROOT, help="pack checkout whose trainer runs")
     parser.add_argument("--work", type=Path, help="folder for the files (default: a temporary one, removed)")
+    parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     options = parser.parse_args()
+    if options.child:
+        child(options.child[0], options.child[1], options.child[2:])
+        return
 
     from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 
@@ -115,8 +133,8 @@ def main() -> None:
             peaks = {}
             for n in (1, options.blocks):
                 argv = tiny_train_argv(tiny, dataset, work / f"out_{kind}_{n}_{len(flags)}", max_train_steps=1,
-                                       extra=["--mixed_precision", "bf16", "--dit", str(dits[n][kind]), *flags])
-                peaks[n], _ = peak_rss_of_training(options.pack_dir, argv)
+                                       extra=[*COMMON_FLAGS, "--dit", str(dits[n][kind]), *flags])
+                peaks[n] = peak_rss_of_training(options.pack_dir, argv, work / "peak")
             ratio = (peaks[options.blocks] - peaks[1]) / (sizes[options.blocks][against] - sizes[1][against])
             print(f"{label:<26}{peaks[1] / 2**30:>14.2f}{peaks[options.blocks] / 2**30:>14.2f}{ratio:>10.2f}"
                   f"  {against} bytes")

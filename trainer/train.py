@@ -341,6 +341,10 @@ def _prepare_transformer(
 
     # With --fp8_base the base weights are stored as float8 and upcast per layer for compute
     # (the LoRA, added below, stays fp32).
+    if args.fp8_base and not args.gradient_checkpointing:
+        log.warning("--fp8_base without --gradient_checkpointing: the backward pass keeps every layer's "
+                    "upcast weight until it runs, so float8 storage saves little memory while training; "
+                    "add --gradient_checkpointing")
     transformer = models.load_transformer(
         args.dit, weight_dtype, zero_cond_t=MODEL_VERSIONS[args.model_version].zero_cond_t,
         fp8_base=args.fp8_base, placement=placement,
