@@ -105,6 +105,18 @@ class ComfyServer:
         except urllib.error.HTTPError as exc:  # ComfyUI explains a rejected prompt in the body
             raise AssertionError(f"POST {route} -> {exc.code}: {exc.read().decode()}") from None
 
+    def rejections(self, workflow: dict[str, Any]) -> dict[str, Any]:
+        """The node errors the server rejects `workflow` with (failing if it queues it)."""
+        request = urllib.request.Request(
+            f"{self.url}/prompt", data=json.dumps({"prompt": workflow}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())["node_errors"]
+        raise AssertionError("the server queued a workflow expected to be rejected")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
@@ -114,7 +126,7 @@ def _prepare_base(base: Path, testdata: Path) -> Path:
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / sub).mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
-    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+    for name in ("obama.jpg", "obama2.jpg", "obama_partial_face.jpg", "biden.jpg"):
         shutil.copyfile(testdata / "faces" / name, base / "input" / name)
     # the example workflows' input names: a control and its "edit", another photo of the person,
     # a group photo and its mirror
@@ -241,6 +253,8 @@ def frontend_server(
 def run_prompt(server: ComfyServer, workflow: dict[str, Any], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """Queue a workflow, wait for it, return its outputs (failing with the server log if it fails)."""
     queued = server.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+    # ComfyUI runs the outputs that validate and names the others' errors here
+    assert not queued["node_errors"], f"outputs left out: {queued['node_errors']}"
     prompt_id = queued["prompt_id"]
     deadline = time.monotonic() + timeout_s
     while prompt_id not in (history := server.get(f"/history/{prompt_id}")):
