@@ -14,6 +14,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 INSIGHTFACE_FOLDER = "insightface"
+LORAS_FOLDER = "loras"
 
 
 def folder_paths() -> Any:
@@ -23,13 +24,16 @@ def folder_paths() -> Any:
 
 
 def register_model_folders() -> None:
-    """Register `models/insightface` with ComfyUI (ComfyUI itself does not).
+    """Register `models/insightface` and `output/loras` with ComfyUI (ComfyUI itself does not).
 
-    Entries from extra_model_paths.yaml (`insightface: ...`) are kept; the default folder
-    is added beside them (add_model_folder_path ignores a path already listed).
+    `output/loras` is where the training nodes write their runs: as a `loras` folder, LoRA
+    loaders (LoraLoaderModelOnly) list and load its checkpoints. Entries from
+    extra_model_paths.yaml are kept; the default folders are added beside them
+    (add_model_folder_path ignores a path already listed).
     """
     fp = folder_paths()
     fp.add_model_folder_path(INSIGHTFACE_FOLDER, str(Path(fp.models_dir) / INSIGHTFACE_FOLDER))
+    fp.add_model_folder_path(LORAS_FOLDER, str(Path(fp.get_output_directory()) / LORAS_FOLDER))
 
 
 def insightface_roots() -> list[Path]:

@@ -35,7 +35,7 @@ from .imaging import rgb_to_image
 
 CATEGORY = "face_consistency/training"
 TRAINING_JOB = "TRAINING_JOB"
-LORAS = "loras"
+LORAS = comfy_env.LORAS_FOLDER
 REGISTRY_SUBDIR = "face_consistency"
 WAIT_CHOICES = ("no", "next checkpoint", "finished")
 POLL_S = 2.0

@@ -55,7 +55,6 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
         name: ([str(base / "models" / name)], set())
         for name in ("diffusion_models", "vae", "text_encoders", "loras")
     }
-    fp.folder_names_and_paths["loras"][0].append(str(base / "output" / "loras"))
 
     def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:
         paths, exts = fp.folder_names_and_paths.setdefault(name, ([], set()))

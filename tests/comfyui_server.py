@@ -1,4 +1,4 @@
-"""The real-ComfyUI end-to-end tier's shared parts: the server fixture and a headless Chromium driver.
+"""The real-ComfyUI end-to-end tier's shared parts: the server fixtures and a headless Chromium driver.
 
 `comfy_server` (session fixture; import it into a test module) starts one ComfyUI for the whole
 session when COMFYUI_DIR points at a checkout, and skips otherwise. It runs `main.py --cpu` with
@@ -7,9 +7,17 @@ folder, so the checkout is left untouched: the pack is symlinked into that folde
 under a hyphenated name (as users clone it), the shared test photos are copied into its input
 folder, and an extra_model_paths.yaml maps `insightface` to the shared test pack root.
 
+`frontend_server` (session fixture, one parameter per frontend in FRONTENDS) is the server a
+browser check opens: "pinned" is `comfy_server` with the frontend ComfyUI's requirements pin;
+"newest" is a second ComfyUI on the same base directory (same models, outputs and training
+jobs; its own temp folder) serving the frontend installed with `pip install --target
+$COMFYUI_NEWEST_FRONTEND comfyui-frontend-package` through `--front-end-root`.
+
 `chromium()` starts headless Chromium (CHROMIUM, or `chromium` / `chromium-browser` on PATH;
 skips without one) and `open_page()` drives a tab over the DevTools protocol (no Playwright),
 collecting the page's console errors and uncaught exceptions.
+
+Under CI=true nothing of the tier skips: a missing ComfyUI, frontend or Chromium fails the test.
 """
 from __future__ import annotations
 
@@ -27,7 +35,7 @@ import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator, NoReturn
 
 import cv2
 import pytest
@@ -39,14 +47,38 @@ RUN_TIMEOUT_S = 300
 BROWSER_TIMEOUT_S = 60
 
 
+FRONTENDS = ("pinned", "newest")
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip a test of the tier for want of something it needs; under CI=true, fail it instead."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: the end-to-end tier must run in CI, see .ci/run)")
+    pytest.skip(reason)
+
+
 def comfyui_dir() -> Path:
     value = os.environ.get("COMFYUI_DIR")
     if not value:
-        pytest.skip("set COMFYUI_DIR to a ComfyUI checkout to run the end-to-end tier")
+        unavailable("set COMFYUI_DIR to a ComfyUI checkout to run the end-to-end tier")
     path = Path(value).expanduser().resolve()
     if not (path / "main.py").is_file():
-        pytest.skip(f"COMFYUI_DIR={path} has no main.py: not a ComfyUI checkout")
+        unavailable(f"COMFYUI_DIR={path} has no main.py: not a ComfyUI checkout")
     return path
+
+
+def newest_frontend_root() -> Path:
+    """The static folder of the frontend installed apart in COMFYUI_NEWEST_FRONTEND."""
+    value = os.environ.get("COMFYUI_NEWEST_FRONTEND")
+    if not value:
+        unavailable(
+            "set COMFYUI_NEWEST_FRONTEND to a folder holding another frontend "
+            "(pip install --target DIR --no-deps comfyui-frontend-package) to check it too"
+        )
+    static = Path(value).expanduser().resolve() / "comfyui_frontend_package" / "static"
+    if not (static / "index.html").is_file():
+        unavailable(f"COMFYUI_NEWEST_FRONTEND={value} holds no comfyui_frontend_package/static/index.html")
+    return static
 
 
 def free_port() -> int:
@@ -56,8 +88,8 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, url: str, process: subprocess.Popen, log_path: Path, base: Path) -> None:
-        self.url, self.process, self.log_path, self.base = url, process, log_path, base
+    def __init__(self, url: str, process: subprocess.Popen, log_path: Path, base: Path, frontend: str) -> None:
+        self.url, self.process, self.log_path, self.base, self.frontend = url, process, log_path, base, frontend
 
     def get(self, route: str) -> Any:
         with urllib.request.urlopen(f"{self.url}{route}", timeout=30) as response:
@@ -73,6 +105,18 @@ class ComfyServer:
         except urllib.error.HTTPError as exc:  # ComfyUI explains a rejected prompt in the body
             raise AssertionError(f"POST {route} -> {exc.code}: {exc.read().decode()}") from None
 
+    def rejections(self, workflow: dict[str, Any]) -> dict[str, Any]:
+        """The node errors the server rejects `workflow` with (failing if it queues it)."""
+        request = urllib.request.Request(
+            f"{self.url}/prompt", data=json.dumps({"prompt": workflow}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            urllib.request.urlopen(request, timeout=30).close()
+        except urllib.error.HTTPError as exc:
+            return json.loads(exc.read())["node_errors"]
+        raise AssertionError("the server queued a workflow expected to be rejected")
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-6000:]
 
@@ -82,11 +126,13 @@ def _prepare_base(base: Path, testdata: Path) -> Path:
     for sub in ("custom_nodes", "input", "output", "temp", "user", "models"):
         (base / sub).mkdir()
     (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO_ROOT, target_is_directory=True)
-    for name in ("obama.jpg", "obama2.jpg", "biden.jpg"):
+    for name in ("obama.jpg", "obama2.jpg", "obama_partial_face.jpg", "biden.jpg"):
         shutil.copyfile(testdata / "faces" / name, base / "input" / name)
-    # the example workflows' input names: a control and its "edit", a group photo and its mirror
+    # the example workflows' input names: a control and its "edit", another photo of the person,
+    # a group photo and its mirror
     shutil.copyfile(testdata / "faces" / "obama.jpg", base / "input" / "control.png")
     shutil.copyfile(testdata / "faces" / "obama2.jpg", base / "input" / "edited.png")
+    shutil.copyfile(testdata / "faces" / "obama3.jpg", base / "input" / "reference.png")
     from insightface.data import get_image
 
     group_bgr = get_image("t1")
@@ -112,21 +158,29 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_comfyui(comfyui: Path, base: Path, testdata: Path) -> Iterator[ComfyServer]:
-    extra_paths = _prepare_base(base, testdata)
+def running_comfyui(
+    comfyui: Path, base: Path, extra_paths: Path, *, frontend: str = "pinned", front_end_root: Path | None = None,
+) -> Iterator[ComfyServer]:
+    """ComfyUI on `base` (prepared by `_prepare_base`); a second server on the same base passes
+    `front_end_root` and gets its own temp folder (ComfyUI empties its temp folder at start)."""
     port = free_port()
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    log_path = base / "server.log"
+    log_path = base / f"server-{frontend}.log"
+    options = []
+    if front_end_root is not None:
+        temp_parent = base / f"temp-{frontend}"
+        temp_parent.mkdir()
+        options += ["--front-end-root", str(front_end_root), "--temp-directory", str(temp_parent)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
                 python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                 "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
-                "--database-url", "sqlite:///:memory:",
+                "--database-url", "sqlite:///:memory:", *options,
             ],
             cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
         )
-    server = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base)
+    server = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base, frontend)
     try:
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while True:
@@ -144,19 +198,20 @@ def running_comfyui(comfyui: Path, base: Path, testdata: Path) -> Iterator[Comfy
         _stop(process)
 
 
-_servers: dict[Path, ComfyServer] = {}
+_servers: dict[tuple[Path, str], ComfyServer] = {}
 
 
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Iterator[ComfyServer]:
-    # Each e2e module imports this fixture (pytest then keeps one per module): start the server
-    # once per session all the same; the instance that started it stops it at the session's end.
-    comfyui = comfyui_dir()
-    key = tmp_path_factory.getbasetemp()
+@contextlib.contextmanager
+def _once_per_session(
+    tmp_path_factory: pytest.TempPathFactory, frontend: str, start: Callable[[], contextlib.AbstractContextManager]
+) -> Iterator[ComfyServer]:
+    # Each e2e module imports the server fixtures (pytest then keeps one per module): start each
+    # server once per session all the same; the instance that started it stops it at the session's end.
+    key = (tmp_path_factory.getbasetemp(), frontend)
     if key in _servers:
         yield _servers[key]
         return
-    with running_comfyui(comfyui, tmp_path_factory.mktemp("comfy-base"), testdata) as server:
+    with start() as server:
         _servers[key] = server
         try:
             yield server
@@ -164,9 +219,42 @@ def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> It
             del _servers[key]
 
 
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Iterator[ComfyServer]:
+    """ComfyUI with the frontend its requirements pin."""
+    comfyui = comfyui_dir()
+
+    def start() -> contextlib.AbstractContextManager:
+        base = tmp_path_factory.mktemp("comfy-base")
+        return running_comfyui(comfyui, base, _prepare_base(base, testdata))
+
+    with _once_per_session(tmp_path_factory, "pinned", start) as server:
+        yield server
+
+
+@pytest.fixture(scope="session", params=FRONTENDS)
+def frontend_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, comfy_server: ComfyServer
+) -> Iterator[ComfyServer]:
+    """The server a browser check opens, once per frontend (see the module's docstring)."""
+    if request.param == "pinned":
+        yield comfy_server
+        return
+    root = newest_frontend_root()
+
+    def start() -> contextlib.AbstractContextManager:
+        extra_paths = comfy_server.base / "extra_model_paths.yaml"
+        return running_comfyui(comfyui_dir(), comfy_server.base, extra_paths, frontend="newest", front_end_root=root)
+
+    with _once_per_session(tmp_path_factory, "newest", start) as server:
+        yield server
+
+
 def run_prompt(server: ComfyServer, workflow: dict[str, Any], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:
     """Queue a workflow, wait for it, return its outputs (failing with the server log if it fails)."""
     queued = server.post("/prompt", {"prompt": workflow, "client_id": uuid.uuid4().hex})
+    # ComfyUI runs the outputs that validate and names the others' errors here
+    assert not queued["node_errors"], f"outputs left out: {queued['node_errors']}"
     prompt_id = queued["prompt_id"]
     deadline = time.monotonic() + timeout_s
     while prompt_id not in (history := server.get(f"/history/{prompt_id}")):
@@ -180,17 +268,26 @@ def run_prompt(server: ComfyServer, workflow: dict[str, Any], timeout_s: float =
 def _chromium_binary() -> str:
     path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
-        pytest.skip("no Chromium (set CHROMIUM) for the browser checks of ComfyUI's frontend")
+        unavailable("no Chromium (set CHROMIUM) for the browser checks of ComfyUI's frontend")
     return path
+
+
+# offline and quiet: no GPU, no sandbox (CI runs as root), nothing fetched from the network
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+)
 
 
 @contextlib.contextmanager
 def chromium(user_data_dir: Path) -> Iterator[int]:
-    """Headless Chromium with its DevTools endpoint open; yields the endpoint's port."""
+    """Headless Chromium with its DevTools endpoint open on a fresh profile in `user_data_dir`
+    (which must not exist yet); yields the endpoint's port."""
+    user_data_dir.mkdir(parents=True)
     port = free_port()
     browser = subprocess.Popen(
         [
-            _chromium_binary(), "--headless=new", "--no-sandbox", "--disable-gpu", f"--remote-debugging-port={port}",
+            _chromium_binary(), *CHROMIUM_FLAGS, f"--remote-debugging-port={port}",
             f"--user-data-dir={user_data_dir}", "about:blank",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real test data (skipped with a reason where absent) and ComfyUI stand-ins."""
+"""Shared fixtures: the real test data (skipped with a reason where absent) and ComfyUI stand-ins;
+the end-to-end tier's count and time in the summary."""
 from __future__ import annotations
 
 import os
@@ -54,3 +55,20 @@ def model(insightface_root: Path) -> Any:
 @pytest.fixture(scope="session")
 def faces_dir(testdata: Path) -> Path:
     return _require(testdata / "faces")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """One line for the real-ComfyUI tier (tests marked e2e): its outcomes and the time its tests
+    took, server starts included (they happen in the first tests' setup)."""
+    outcomes: dict[str, str] = {}
+    seconds = 0.0
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) is None or "e2e" not in report.keywords:
+                continue
+            seconds += report.duration
+            if report.when == "call" or report.outcome != "passed":
+                outcomes[report.nodeid] = "error" if report.when != "call" and report.failed else report.outcome
+    if outcomes:
+        counts = ", ".join(f"{list(outcomes.values()).count(o)} {o}" for o in ("passed", "failed", "error", "skipped"))
+        terminalreporter.write_line(f"end-to-end tier (real ComfyUI): {counts} in {seconds:.1f} s")

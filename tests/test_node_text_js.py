@@ -17,7 +17,7 @@ export const app = {
 WIDGETS_JS = """
 export const ComfyWidgets = {
   STRING(node, name, spec, app) {
-    const widget = { name, value: "", options: { multiline: spec[1].multiline }, inputEl: { style: {} } };
+    const widget = { name, value: "", options: { multiline: spec[1].multiline }, inputEl: { style: {}, dataset: {}, setAttribute(key, value) { this[key] = value; } } };
     node.widgets.push(widget);
     return { widget };
   },
@@ -37,7 +37,7 @@ function nodeType() {
   return Node;
 }
 const Ours = nodeType(), Theirs = nodeType();
-await extension.beforeRegisterNodeDef(Ours, { name: "FaceConsistencySimilarity" });
+await extension.beforeRegisterNodeDef(Ours, { name: "FaceConsistencySimilarity", display_name: "Face Similarity Score" });
 await extension.beforeRegisterNodeDef(Theirs, { name: "KSampler" });
 
 const ours = new Ours(), theirs = new Theirs();
@@ -49,7 +49,7 @@ const [widget] = ours.widgets;
 console.log(JSON.stringify({
   name: extension.name, widgets: ours.widgets.length, value: widget.value, readOnly: widget.inputEl.readOnly,
   queued: widget.options.serialize, saved: widget.serialize, previous: ours.previous, width: ours.size[0],
-  theirs: theirs.widgets.length,
+  theirs: theirs.widgets.length, testid: widget.inputEl.dataset.testid, label: widget.inputEl["aria-label"],
 }));
 """
 
@@ -62,4 +62,5 @@ def test_pack_nodes_show_their_text(tmp_path: Path) -> None:
     assert result == {
         "name": "face_consistency.node_text", "widgets": 1, "value": "line 1\nline 2", "readOnly": True,
         "queued": False, "saved": False, "previous": 3, "width": 420, "theirs": 0,
+        "testid": "face-consistency-node-text", "label": "Face Similarity Score report",
     }

@@ -15,7 +15,7 @@ from tiny_qwen import write_tiny_dataset
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 from workflow_runner import check_inputs, load_workflow, run_workflow
 
-from face_consistency.nodes import training
+from face_consistency.nodes import comfy_env, training
 from face_consistency.nodes.training import (
     FaceConsistencyCheckpointScoreboard,
     FaceConsistencyListCheckpoints,
@@ -34,6 +34,7 @@ API_EXAMPLES = EXAMPLES / "api"
 @pytest.fixture()
 def comfy(tmp_path: Path) -> Path:
     set_comfy_base(tmp_path / "comfy")
+    comfy_env.register_model_folders()  # as when ComfyUI loads the pack
     ProgressBar.instances.clear()
     ProgressBar.interrupt_after = None
     return tmp_path / "comfy"
@@ -78,6 +79,19 @@ def test_list_checkpoints_orders_a_musubi_folder_by_step(comfy: Path) -> None:
     assert set(names) <= set(training.comfy_env.filename_list("loras"))
     assert FaceConsistencyListCheckpoints.RETURN_TYPES[0] == training.comfy_env.filename_list("loras")
     assert node.list_checkpoints(False, output_folder="musubi_face")[2] == [10, 15, 20]
+
+
+def test_runs_in_comfyuis_output_folder_are_listed_for_lora_loaders(tmp_path: Path) -> None:
+    """ComfyUI searches only models/loras for LoRAs: loading the pack adds output/loras, where
+    the launch node writes its runs."""
+    fp = set_comfy_base(tmp_path / "comfy")
+    write_musubi_run(tmp_path / "comfy" / "output" / "loras" / "musubi_face")
+    assert fp.get_folder_paths("loras") == [str(tmp_path / "comfy" / "models" / "loras")]
+
+    comfy_env.register_model_folders()
+
+    assert fp.get_folder_paths("loras")[1:] == [str(tmp_path / "comfy" / "output" / "loras")]
+    assert "musubi_face/musubi_face-000001.safetensors" in comfy_env.filename_list("loras")
 
 
 def test_checkpoint_metadata_is_read_once_per_file_version(tmp_path: Path, monkeypatch) -> None:

@@ -4,6 +4,7 @@ import { app } from "../../scripts/app.js";
 import { ComfyWidgets } from "../../scripts/widgets.js";
 
 const WIDGET_NAME = "face_consistency_text";
+const TEST_ID = "face-consistency-node-text"; // the box's data-testid: tests find it by it, in any frontend version
 
 app.registerExtension({
   name: "face_consistency.node_text",
@@ -21,6 +22,8 @@ app.registerExtension({
         if (widget.inputEl) {
           widget.inputEl.readOnly = true;
           widget.inputEl.style.fontFamily = "monospace";
+          widget.inputEl.setAttribute("aria-label", `${nodeData.display_name ?? nodeData.name} report`);
+          widget.inputEl.dataset.testid = TEST_ID;
         }
       }
       widget.value = message.text.join("\n");
