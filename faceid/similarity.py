@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from itertools import combinations
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -27,6 +28,32 @@ def mean_identity(embeddings: Iterable[np.ndarray]) -> Identity:
     if not vectors:
         raise ValueError("an identity needs at least one embedding")
     return Identity(embedding=normalize(np.mean(vectors, axis=0)), count=len(vectors))
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How much photos of one person agree with each other: the same-person baseline of real photos."""
+
+    mean: float
+    min: float
+    max: float
+    pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": round(self.mean, 6), "min": round(self.min, 6), "max": round(self.max, 6), "pairs": self.pairs}
+
+
+def agreement(values: Sequence[Any], similarity: Callable[[Any, Any], float]) -> Agreement | None:
+    """Mean/min/max of `similarity(a, b)` over all pairs of `values`; None with fewer than two."""
+    scores = [float(similarity(a, b)) for a, b in combinations(values, 2)]
+    if not scores:
+        return None
+    return Agreement(float(np.mean(scores)), min(scores), max(scores), len(scores))
+
+
+def embedding_agreement(embeddings: Sequence[np.ndarray]) -> Agreement | None:
+    """`agreement` of reference photos' embeddings (cosine similarity)."""
+    return agreement(embeddings, cosine_similarity)
 
 
 @dataclass(frozen=True)
