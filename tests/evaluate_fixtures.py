@@ -50,6 +50,7 @@ def validate_schema(instance: Any, schema: dict[str, Any], where: str = "report"
             "string": lambda v: isinstance(v, str),
             "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "boolean": lambda v: isinstance(v, bool),
             "null": lambda v: v is None,
         }
         if not any(checks[t](instance) for t in types):
