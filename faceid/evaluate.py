@@ -24,7 +24,7 @@ from .alignment import aligned_crop, face_region_change
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image
-from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, judge_agreement, mean_descriptor, verdict
+from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
 from .prompts import PromptFileError, SamplePrompt, load_prompt_file
@@ -303,8 +303,9 @@ class FolderEvaluation:
                     "with one clear, frontal face, or leave --judge out."
                 )
             descriptors.append(entry.embedding)
-        self.judge_agreement = judge_agreement(descriptors)
-        return mean_descriptor(descriptors).descriptor
+        identity = mean_descriptor(descriptors)
+        self.judge_agreement = identity.agreement
+        return identity.descriptor
 
     def _current_prompts(self) -> list[SamplePrompt] | None:
         prompt_file = self.sources.sample_prompts

@@ -32,7 +32,8 @@ import numpy as np
 
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image
-from .similarity import Agreement, agreement
+from .results import Agreement, JudgeIdentity
+from .similarity import agreement
 
 JUDGE_NAME = "dlib"
 JUDGE_CHOICES = (JUDGE_NAME,)
@@ -97,14 +98,6 @@ class JudgeResult:
 
 
 @dataclass(frozen=True)
-class JudgeIdentity:
-    """A person for the judge: the mean descriptor of one or more photos."""
-
-    descriptor: np.ndarray
-    count: int
-
-
-@dataclass(frozen=True)
 class Verdict:
     distance: float
     similarity: float
@@ -125,7 +118,7 @@ def mean_descriptor(descriptors: Iterable[np.ndarray]) -> JudgeIdentity:
     vectors = [np.asarray(d, np.float32) for d in descriptors]
     if not vectors:
         raise ValueError("a judge identity needs at least one face descriptor")
-    return JudgeIdentity(np.mean(vectors, axis=0).astype(np.float32), len(vectors))
+    return JudgeIdentity(np.mean(vectors, axis=0).astype(np.float32), len(vectors), judge_agreement(vectors))
 
 
 WEIGHT_FILES = {
@@ -238,14 +231,22 @@ class DlibJudge:
     def judge_all(self, images: Sequence[Any], channel_order: str = "rgb") -> list[JudgeResult]:
         return [self.judge(image, channel_order) for image in images]
 
-    def identity(self, images: Sequence[Any], channel_order: str = "rgb", name: str = "reference") -> JudgeIdentity:
-        """Mean descriptor of reference photos; a photo without a face the judge can find is an error naming it."""
+    def reference_descriptors(self, images: Sequence[Any], channel_order: str = "rgb",
+                              name: str = "reference") -> list[np.ndarray]:
+        """Descriptors of reference photos; a photo in which the judge finds no face is an error naming it."""
         descriptors = []
         for i, result in enumerate(self.judge_all(images, channel_order)):
             if not result.ok:
-                raise JudgeFaceError(f"{name} image {i} (of {len(images)}): {result.reason}")
+                raise JudgeFaceError(
+                    f"{name} image {i} (of {len(images)}): {result.reason}. The judge needs a clear face in every "
+                    "reference photo: replace that photo or disconnect the judge."
+                )
             descriptors.append(result.descriptor)
-        return mean_descriptor(descriptors)
+        return descriptors
+
+    def identity(self, images: Sequence[Any], channel_order: str = "rgb", name: str = "reference") -> JudgeIdentity:
+        """Mean descriptor of reference photos, with their own agreement."""
+        return mean_descriptor(self.reference_descriptors(images, channel_order, name))
 
 
 class JudgeFaceError(FaceEngineError):

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .results import Identity
+from .results import Agreement, Identity
 
 
 def normalize(vector: np.ndarray) -> np.ndarray:
@@ -28,19 +28,6 @@ def mean_identity(embeddings: Iterable[np.ndarray]) -> Identity:
     if not vectors:
         raise ValueError("an identity needs at least one embedding")
     return Identity(embedding=normalize(np.mean(vectors, axis=0)), count=len(vectors))
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """How much photos of one person agree with each other: the same-person baseline of real photos."""
-
-    mean: float
-    min: float
-    max: float
-    pairs: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"mean": round(self.mean, 6), "min": round(self.min, 6), "max": round(self.max, 6), "pairs": self.pairs}
 
 
 def agreement(values: Sequence[Any], similarity: Callable[[Any, Any], float]) -> Agreement | None:
