@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+from evaluate_fixtures import one_sample_run
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 from face_consistency.cli import main as cli_main
@@ -59,12 +60,7 @@ def test_judge_measures_estimates_against_the_controls(judge, faces_dir, tmp_pat
 
 def test_sample_scorer_adds_the_judges_figures(judge, faces_dir, testpack_dir, tmp_path):
     engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
-    sample_dir = tmp_path / "sample"
-    sample_dir.mkdir()
-    sample = sample_dir / "tiny_000002_00_20260101000000_100.png"
-    Image.open(faces_dir / "obama2.jpg").convert("RGB").save(sample)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {faces_dir / 'obama.jpg'}\n", encoding="utf-8")
+    sample_dir, sample, prompts = one_sample_run(tmp_path, faces_dir)
     metrics = SampleScorer(engine, sample_dir, prompts, judge=judge).score([sample])
     expected = verdict(judge.judge(sample).descriptor, judge.judge(faces_dir / "obama.jpg").descriptor)
     assert metrics["face_sim/sample_count"] == metrics["face_sim/heldout_sample_count"] == 1
