@@ -140,3 +140,24 @@ def test_gauge_flags_the_unchanged_copy_only(gauge_report):
 
 def test_no_gauge_without_two_reference_photos(report):
     assert report["copy_paste"]["reference_agreement"] is None and report["copy_paste"]["flagged_count"] == 0
+
+
+def test_folder_node_with_the_judge(model, judge, run, monkeypatch):
+    from face_consistency.nodes.folder import FaceConsistencyScoreFolder
+
+    monkeypatch.chdir(run["prompts"].parent)
+    out = FaceConsistencyScoreFolder().score_folder(model, str(run["sample_dir"]), 0.5,
+                                                    sample_prompts=str(run["prompts"]), judge=judge)
+    report = json.loads(out["result"][0])
+    assert report["judge"]["valid_pairs"] == 6 and "Held-out judge dlib" in out["ui"]["text"][0]
+
+
+def test_judge_cache_is_reused_between_evaluations(model, judge, run, tmp_path, monkeypatch):
+    sources = dict(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent)
+    cache = tmp_path / "r.json.judge.json"
+    first = FolderEvaluation(model, EvaluationSources(**sources), judge=judge, judge_cache_file=cache).run_round()
+    assert cache.is_file()
+    calls = []
+    monkeypatch.setattr(judge, "judge", lambda *a, **k: calls.append(a))
+    again = FolderEvaluation(model, EvaluationSources(**sources), judge=judge, judge_cache_file=cache).run_round()
+    assert calls == [] and again.report["judge"]["overall_mean"] == pytest.approx(first.report["judge"]["overall_mean"])
