@@ -18,6 +18,7 @@ from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, Roun
 from .fileio import atomic_write_json
 from .judge import DETECTORS, JUDGE_CHOICES, load_judge
 from .model import DET_SIZE_CHOICES, load_face_model
+from .pack_download import OFFLINE_ENV, TerminalProgress
 from .plot import write_plot
 from .report import summary_table
 from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
@@ -59,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--models_root", type=Path, action="append",
         help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)",
+    )
+    model.add_argument(
+        "--offline", action="store_true",
+        help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1); by default it is fetched on first use",
     )
     model.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)"
@@ -139,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             provider=args.device,
             det_size=args.det_size,
             det_thresh=args.det_thresh,
+            allow_download=not args.offline,
+            progress=None if args.quiet else TerminalProgress(),
         )
         say(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}")
         judge = load_judge(args.judge, args.judge_detector) if args.judge else None

@@ -16,6 +16,7 @@ import numpy as np
 from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
 from .images import MAX_ANALYSIS_SIDE, image_list, load_image
+from .pack_download import ProgressCallback
 from .packs import PackFiles, as_roots, resolve_pack
 from .providers import check_running_provider, requested_providers
 from .results import DetectedFace, FaceResult, Identity, Selection
@@ -317,13 +318,18 @@ def load_face_model(
     provider: str = "auto",
     det_size: str | int = "auto",
     det_thresh: float = 0.5,
-    allow_download: bool = False,
+    allow_download: bool = True,
+    progress: ProgressCallback | None = None,
 ) -> FaceModel:
-    """Validate and load a pack (or return the already loaded one for the same settings)."""
+    """Validate and load a pack (or return the already loaded one for the same settings).
+
+    A missing standard pack is downloaded on first use (`progress` sees the transfer) unless
+    `allow_download` is False or FACE_CONSISTENCY_OFFLINE is set.
+    """
     det_size = _check_det_size(det_size)
     if not 0.0 < float(det_thresh) < 1.0:
         raise ValueError(f"det_thresh must be between 0 and 1, got {det_thresh}")
-    files = resolve_pack(pack, as_roots(models_root), allow_download=allow_download)
+    files = resolve_pack(pack, as_roots(models_root), allow_download=allow_download, progress=progress)
     key = _ModelKey(str(Path(files.folder).resolve()), provider.lower(), det_size, float(det_thresh))
     with _MODELS_LOCK:
         model = _MODELS.get(key)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from .errors import ModelPackError
+
+if TYPE_CHECKING:
+    from .pack_download import ProgressCallback
 
 STANDARD_PACKS = ("buffalo_l", "buffalo_m", "buffalo_s", "buffalo_sc", "antelopev2")
 DEFAULT_ROOT = Path("~/.insightface")
@@ -55,7 +58,8 @@ def list_packs(roots: Iterable[Path]) -> list[str]:
             if not parent.is_dir():
                 continue
             for child in parent.iterdir():
-                if child.is_dir() and child.name != "models" and _has_onnx(child):
+                # hidden folders: a download being extracted (see pack_download)
+                if child.is_dir() and child.name != "models" and not child.name.startswith(".") and _has_onnx(child):
                     names.add(child.name)
     return sorted(names)
 
@@ -152,34 +156,29 @@ def validate_pack(folder: Path, name: str | None = None) -> PackFiles:
 
 
 def resolve_pack(
-    pack: str | os.PathLike, roots: Sequence[Path], allow_download: bool = False
+    pack: str | os.PathLike,
+    roots: Sequence[Path],
+    allow_download: bool = False,
+    progress: "ProgressCallback | None" = None,
 ) -> PackFiles:
-    """Locate and validate a pack; download a standard pack only when allowed."""
+    """Locate and validate a pack; a missing standard pack is downloaded into the first writable
+    root when allowed and not turned off by FACE_CONSISTENCY_OFFLINE (`progress`: see pack_download)."""
     folder = find_pack_folder(pack, roots)
     if folder is None:
         name = str(pack)
-        if allow_download and name in STANDARD_PACKS:
-            folder = _download_standard_pack(name, roots[0])
-        else:
+        if name not in STANDARD_PACKS:
             searched = ", ".join(str(p) for r in roots for p in _pack_parents(r)[:1])
-            hint = (
-                f"Download it from {RELEASES_URL} and unzip it so that the .onnx files are in "
-                f"<root>/models/{name}/ (in ComfyUI: ComfyUI/models/insightface/models/{name}/)"
-                if name in STANDARD_PACKS
-                else f"Put a folder '{name}' with a detector and a recognizer .onnx under one of them"
+            raise ModelPackError(
+                f"model pack '{name}' not found in: {searched}. Put a folder '{name}' with a detector and "
+                "a recognizer .onnx under one of them."
             )
-            raise ModelPackError(f"model pack '{name}' not found in: {searched}. {hint}.")
+        from . import pack_download  # it validates packs with this module
+
+        if not allow_download or pack_download.downloads_off_by_env():
+            raise ModelPackError(
+                f"model pack '{name}' is not installed (searched: {', '.join(str(r) for r in roots)}) and "
+                f"downloading is off ({pack_download.OFFLINE_HOW}). "
+                f"{pack_download.manual_install_hint(name, pack_download.models_dir_of(roots[0]))}."
+            )
+        folder = pack_download.download_pack(name, pack_download.download_dir(roots), progress)
     return validate_pack(folder, folder.name)
-
-
-def _download_standard_pack(name: str, root: Path) -> Path:
-    from insightface.utils.storage import ensure_available
-
-    try:
-        return Path(ensure_available("models", name, root=str(root)))
-    except Exception as exc:  # urllib/requests/zipfile errors: all mean "no pack"
-        raise ModelPackError(
-            f"could not download model pack '{name}' into {root / 'models'} ({exc}). If this "
-            f"machine is offline, download {name}.zip from {RELEASES_URL} elsewhere and unzip it "
-            f"into {root / 'models' / name}/."
-        ) from None

@@ -1,41 +1,69 @@
-"""`face-consistency packs`: list the InsightFace packs found and say what is wrong with each."""
+"""`face-consistency packs`: list the InsightFace packs found and downloadable, check each, fetch one."""
 from __future__ import annotations
 
 import argparse
 from typing import Sequence
 
 from .errors import FaceEngineError
-from .packs import as_roots, find_pack_folder, list_packs, validate_pack
+from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
+from .packs import STANDARD_PACKS, as_roots, find_pack_folder, list_packs, validate_pack
 from .providers import available_providers, installed_onnxruntime
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="face-consistency packs",
-        description="List InsightFace model packs under the given roots and ~/.insightface, "
-        "check each one, and show which onnxruntime providers are available.",
+        description="List InsightFace model packs under the given roots and ~/.insightface, and the "
+        "standard packs that download on first use; check each one, show which onnxruntime providers "
+        "are available, and download a standard pack.",
     )
     parser.add_argument(
         "--models_root", action="append", default=None, metavar="DIR",
-        help="a folder holding models/<pack>/ (repeatable), e.g. ComfyUI/models/insightface",
+        help="a folder holding models/<pack>/ (repeatable), e.g. ComfyUI/models/insightface; "
+        "downloads go to the first writable one",
+    )
+    parser.add_argument(
+        "--download", choices=STANDARD_PACKS, metavar="NAME",
+        help=f"download standard pack NAME now ({', '.join(STANDARD_PACKS)}), even with {OFFLINE_ENV} set",
+    )
+    parser.add_argument(
+        "--slim", action="store_true",
+        help="with --download: keep only the detector and the recognizer (drop the landmark and "
+        "gender/age models, which this pack never loads)",
     )
     parser.add_argument(
         "--load", metavar="PACK",
         help="also load PACK with onnxruntime and report the provider that actually runs",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="provider for --load")
+    parser.add_argument(
+        "--offline", action="store_true", help=f"--load never downloads a missing pack (also: {OFFLINE_ENV}=1)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.slim and not args.download:
+        parser.error("--slim goes with --download NAME")
     roots = as_roots(args.models_root)
+    if args.download:
+        try:
+            folder = find_pack_folder(args.download, roots) or download_pack(
+                args.download, download_dir(roots), TerminalProgress(), slim=args.slim
+            )
+            validate_pack(folder, args.download)
+        except FaceEngineError as exc:
+            print(f"face-consistency packs: error: {exc}")
+            return 1
+        print(f"{args.download} is installed in {folder}")
     print("onnxruntime:", ", ".join(installed_onnxruntime()) or "not installed")
     print("available providers:", ", ".join(available_providers()))
     print("searched:", ", ".join(str(r) for r in roots))
     names = list_packs(roots)
     if not names:
-        print("no model packs found; put a pack under <root>/models/<pack>/ (see README)")
+        print("no model packs installed; put a pack under <root>/models/<pack>/ (see README)")
     problems = 0
     for name in names:
         folder = find_pack_folder(name, roots)
@@ -45,11 +73,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         except FaceEngineError as exc:
             problems += 1
             print(f"  {name:<14} BROKEN  {exc}")
+    missing = [name for name in STANDARD_PACKS if name not in names]
+    if missing:
+        print(f"downloadable (fetched on first use into {models_dir_of(roots[0])}, or now with --download NAME):")
+        for name in missing:
+            print(f"  {name:<14} {RELEASES[name].size_label:>7}")
     if args.load:
         from .model import load_face_model
 
         try:
-            model = load_face_model(args.load, models_root=args.models_root, provider=args.device)
+            model = load_face_model(
+                args.load, models_root=args.models_root, provider=args.device,
+                allow_download=not args.offline, progress=TerminalProgress(),
+            )
         except FaceEngineError as exc:
             print(f"cannot load {args.load}: {exc}")
             return 1

@@ -5,7 +5,9 @@ put small stand-ins for these three modules into `sys.modules`.
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,48 @@ class Progress:
 
     def update(self, n: int = 1) -> None:
         self._bar.update(n)
+
+
+class DownloadProgress:
+    """A model pack download shown on the node: ComfyUI's progress bar, and size and speed as
+    the node's progress text. Like `Progress`, it raises when the user presses Cancel."""
+
+    TEXT_EVERY_S = 0.5
+
+    def __init__(self, node_id: str | None) -> None:
+        self._node_id = node_id
+        self._bar: Any = None
+        self._last_text = 0.0
+
+    def __call__(self, transfer: Any) -> None:
+        import comfy.utils
+
+        total = transfer.total or transfer.done
+        if self._bar is None:
+            log.info("%s: downloading %s into %s", transfer.pack, transfer.url, transfer.target)
+            self._bar = comfy.utils.ProgressBar(total)
+        self._bar.update_absolute(transfer.done, total)
+        now = time.monotonic()
+        if now - self._last_text >= self.TEXT_EVERY_S or transfer.done >= total:
+            self._last_text = now
+            instance = prompt_server()
+            if instance is not None and self._node_id is not None and hasattr(instance, "send_progress_text"):
+                instance.send_progress_text(str(transfer), self._node_id)
+
+
+# The frontend setting registered by web/face_consistency_settings.js; the frontend saves
+# settings in the user's comfy.settings.json (single-user ComfyUI: user "default").
+DOWNLOAD_SETTING = "FaceConsistency.ModelPacks.DownloadOnFirstUse"
+SETTINGS_FILE = Path("default") / "comfy.settings.json"
+
+
+def pack_downloads_enabled() -> bool:
+    """The ComfyUI setting 'download model packs on first use' (on unless the user turned it off)."""
+    try:
+        settings = json.loads((user_directory() / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(settings, dict) and settings.get(DOWNLOAD_SETTING) is False)
 
 
 def prompt_server() -> Any | None:

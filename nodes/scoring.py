@@ -12,7 +12,7 @@ from ..faceid import (
     Bands,
     FaceModel,
     Identity,
-    ModelPackError,
+    STANDARD_PACKS,
     Selection,
     as_roots,
     list_packs,
@@ -21,6 +21,7 @@ from ..faceid import (
 )
 from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
 from ..faceid.judge import DlibJudge, mean_descriptor
+from ..faceid.pack_download import RELEASES
 from ..faceid.similarity import embedding_agreement
 from ..faceid.scoring import (
     DEFAULT_COPY_PASTE_THRESHOLD,
@@ -35,7 +36,7 @@ from . import comfy_env
 from .imaging import save_previews, to_bgr_list, to_image_batch
 
 CATEGORY = "face_consistency"
-NO_PACK = "(no model pack found: put one in models/insightface/models/<pack>/)"
+DOWNLOADS_ON_FIRST_USE = "downloads on first use"
 NO_FACE_COLOR = (230, 50, 50)
 UNCHANGED_COLOR = (200, 60, 220)
 
@@ -60,6 +61,22 @@ def band_inputs() -> dict[str, tuple]:
     }
 
 
+def pack_choices(roots: list[Path]) -> list[str]:
+    """Installed packs, then the standard ones not installed yet, labelled with their size."""
+    installed = list_packs(roots)
+    return installed + [
+        f"{name} ({DOWNLOADS_ON_FIRST_USE}, {RELEASES[name].size_label})"
+        for name in STANDARD_PACKS
+        if name not in installed
+    ]
+
+
+def pack_name(choice: str) -> str:
+    """The pack a choice names: `buffalo_l (downloads on first use, 289 MB)` is buffalo_l."""
+    name, _, label = choice.partition(" (")
+    return name if label.startswith(DOWNLOADS_ON_FIRST_USE) else choice
+
+
 class FaceConsistencyLoadModel:
     """An InsightFace model pack (detector + ArcFace recognizer) on an onnxruntime provider."""
 
@@ -67,15 +84,22 @@ class FaceConsistencyLoadModel:
     FUNCTION = "load"
     RETURN_TYPES = ("FACE_MODEL",)
     RETURN_NAMES = ("face_model",)
-    DESCRIPTION = "Loads a face detector + recognizer pack from models/insightface/models/<pack>/."
+    DESCRIPTION = (
+        "Loads a face detector + recognizer pack from models/insightface/models/<pack>/. A standard "
+        "pack that is not installed yet downloads on first use."
+    )
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        packs = list_packs(_pack_roots()) or [NO_PACK]
-        default = "buffalo_l" if "buffalo_l" in packs else packs[0]
+        packs = pack_choices(_pack_roots())
+        default = next(p for p in packs if pack_name(p) == "buffalo_l")
         return {
             "required": {
-                "pack": (packs, {"default": default, "tooltip": "Folder under models/insightface/models/."}),
+                "pack": (packs, {
+                    "default": default,
+                    "tooltip": "Folder under models/insightface/models/. Standard packs not installed "
+                    "yet download there when the node first runs (unless turned off in the settings).",
+                }),
                 "provider": (list(PROVIDER_CHOICES), {
                     "default": "auto",
                     "tooltip": "auto: CUDA when onnxruntime-gpu works, else CPU. cuda fails loudly "
@@ -89,23 +113,34 @@ class FaceConsistencyLoadModel:
                     "default": 0.5, "min": 0.05, "max": 0.95, "step": 0.05,
                     "tooltip": "Detection confidence; lower finds more (and falser) faces.",
                 }),
-            }
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def load(self, pack: str, provider: str, det_size: str, det_thresh: float) -> dict[str, Any]:
-        roots = _pack_roots()
-        if pack == NO_PACK:
-            raise ModelPackError(
-                "no InsightFace model pack is installed. Put a pack folder (such as buffalo_l with its "
-                f".onnx files) into {roots[0] / 'models'} (or another of: "
-                f"{', '.join(str(r / 'models') for r in roots[1:])}), then refresh ComfyUI (press R)."
-            )
+    @classmethod
+    def VALIDATE_INPUTS(cls, pack: str) -> bool | str:
+        # Replaces ComfyUI's check against the list: a workflow saved with "buffalo_l" stays valid
+        # while the list shows it as "buffalo_l (downloads on first use, ...)", and the other way round.
+        name = pack_name(pack)
+        installed = list_packs(_pack_roots())
+        if name in STANDARD_PACKS or name in installed:
+            return True
+        return (
+            f"model pack '{name}' is not installed; installed: {', '.join(installed) or 'none'}. Put it into "
+            f"models/insightface/models/{name}/ and refresh ComfyUI (press R), or pick another pack."
+        )
+
+    def load(
+        self, pack: str, provider: str, det_size: str, det_thresh: float, unique_id: str | None = None
+    ) -> dict[str, Any]:
         model = load_face_model(
-            pack,
-            models_root=roots,
+            pack_name(pack),
+            models_root=_pack_roots(),
             provider=provider,
             det_size=det_size if det_size == "auto" else int(det_size),
             det_thresh=det_thresh,
+            allow_download=comfy_env.pack_downloads_enabled(),
+            progress=comfy_env.DownloadProgress(unique_id),
         )
         return {"ui": {"text": [describe_model(model)]}, "result": (model,)}
 

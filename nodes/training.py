@@ -396,6 +396,8 @@ class FaceConsistencyTrainLaunch:
             pack_root = next((r for r in roots if (r / "models" / face_model_name.strip()).is_dir()), None)
             if pack_root is not None or roots:
                 args += ["--face_models_root", str(pack_root or roots[0])]
+            if not comfy_env.pack_downloads_enabled():
+                args.append("--offline")
         if sample_prompts.strip():
             prompts = output_dir / "sample_prompts.txt"
             atomic_write_text(prompts, sample_prompts.strip() + "\n")

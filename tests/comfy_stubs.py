@@ -43,6 +43,9 @@ class _PromptServer:
     def send_sync(self, event: str, data: Any, sid: str | None = None) -> None:
         self.events.append((event, data))
 
+    def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
+        self.events.append(("progress_text", {"node": node_id, "text": text}))
+
 
 def _make_folder_paths(base: Path) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")

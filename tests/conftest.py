@@ -14,6 +14,9 @@ TESTDATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "
 TESTPACK = "testpack"
 
 install_comfy_stubs()
+# Tests never reach the internet: a standard pack missing in a test is an error, not a download
+# from GitHub. Download tests unset this and serve zips from 127.0.0.1 (tests/pack_server.py).
+os.environ["FACE_CONSISTENCY_OFFLINE"] = "1"
 
 
 def _require(path: Path) -> Path:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from comfyui_server import STARTUP_TIMEOUT_S, ComfyServer, chromium, comfy_server, open_page, run_prompt  # noqa: F401
+
+from face_consistency.faceid import STANDARD_PACKS
+from face_consistency.faceid.pack_download import RELEASES
+from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "example_workflows" / "api"
@@ -35,6 +40,17 @@ def test_nodes_are_listed(comfy_server: ComfyServer) -> None:
     assert "testpack" in packs
     similarity = info["FaceConsistencySimilarity"]
     assert similarity["output_is_list"][0] is True and similarity["output_node"] is True
+
+
+def test_loader_lists_standard_packs_before_they_are_installed(comfy_server: ComfyServer) -> None:
+    """Beside the installed test pack, every standard pack not installed is offered with its size
+    (the server runs with FACE_CONSISTENCY_OFFLINE=1: nothing is downloaded here)."""
+    spec = comfy_server.get("/object_info/FaceConsistencyLoadModel")["FaceConsistencyLoadModel"]["input"]
+    packs = spec["required"]["pack"][0]
+    offered = {name: f"{name} (downloads on first use, {RELEASES[name].size_label})" for name in STANDARD_PACKS}
+    assert packs[0] == "testpack" and all(name in packs or label in packs for name, label in offered.items()), packs
+    assert any(label in packs for label in offered.values()), packs
+    assert spec["hidden"] == {"unique_id": "UNIQUE_ID"}
 
 
 def example(name: str) -> dict[str, Any]:
@@ -68,6 +84,24 @@ def score_workflow() -> dict[str, Any]:
         "7": {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "face_e2e"}},
     }
 
+
+
+def test_a_standard_pack_not_installed_is_accepted_and_offline_says_how_to_get_it(comfy_server: ComfyServer) -> None:
+    """A workflow asking for buffalo_l (not installed) passes ComfyUI's validation; with downloads
+    off (the test server's FACE_CONSISTENCY_OFFLINE=1) the run fails with what to fetch and where."""
+    workflow = score_workflow()
+    workflow["3"]["inputs"]["pack"] = "buffalo_l"
+    queued = comfy_server.post("/prompt", {"prompt": workflow, "client_id": "offline-check"})
+    assert queued.get("node_errors") == {}, queued
+    deadline = time.monotonic() + 120
+    while queued["prompt_id"] not in (history := comfy_server.get(f"/history/{queued['prompt_id']}")):
+        assert time.monotonic() < deadline, comfy_server.log()
+        time.sleep(0.5)
+    status = history[queued["prompt_id"]]["status"]
+    errors = [data for kind, data in status["messages"] if kind == "execution_error"]
+    assert status["status_str"] == "error" and errors, status
+    message = errors[0]["exception_message"]
+    assert "downloading is off" in message and "releases/download/v0.7/buffalo_l.zip (289 MB)" in message, message
 
 def test_scoring_workflow_runs(comfy_server: ComfyServer) -> None:
     outputs = run_prompt(comfy_server, score_workflow())
@@ -183,3 +217,30 @@ def test_ui_workflows_load_in_the_frontend(comfy_server: ComfyServer, tmp_path: 
             # the frontend adds display-only widgets (Preview Any's "preview"); all else must match
             assert {k: v for k, v in queued[node_id]["inputs"].items() if k in node["inputs"]} == node["inputs"]
             assert set(node["inputs"]) <= set(queued[node_id]["inputs"]), f"{name} node {node_id}"
+
+
+async def _toggle_download_setting(devtools_port: int, page_url: str) -> dict[str, Any]:
+    async with open_page(devtools_port, page_url) as page:
+        await page.wait_for("!!(window.app && window.app.extensionManager?.setting)", "the ComfyUI frontend",
+                            STARTUP_TIMEOUT_S)
+        return json.loads(await page.evaluate(
+            "(async () => { const s = app.extensionManager.setting, id = " + json.dumps(DOWNLOAD_SETTING) + ";"
+            "const before = s.get(id); await s.set(id, false); const after = s.get(id);"
+            "return JSON.stringify({before, after}); })()"
+        ))
+
+
+def test_download_setting_is_in_the_frontend_and_saved_where_the_nodes_read_it(
+    comfy_server: ComfyServer, tmp_path: Path
+) -> None:
+    """web/face_consistency_settings.js registers the setting (on by default); turned off in the
+    page, it lands in the user's comfy.settings.json, the file `pack_downloads_enabled` reads."""
+    settings_file = comfy_server.base / "user" / "default" / "comfy.settings.json"
+    original = settings_file.read_text()
+    try:
+        with chromium(tmp_path / "chromium") as devtools_port:
+            seen = asyncio.run(_toggle_download_setting(devtools_port, comfy_server.url + "/"))
+        assert seen == {"before": True, "after": False}
+        assert json.loads(settings_file.read_text())[DOWNLOAD_SETTING] is False
+    finally:
+        settings_file.write_text(original)

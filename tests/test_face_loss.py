@@ -27,6 +27,8 @@ from face_consistency.trainer.face_targets import (
     save_face_target,
 )
 
+pytestmark = pytest.mark.trainer
+
 PHOTOS = ("biden.jpg", "obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg")
 
 

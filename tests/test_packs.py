@@ -84,24 +84,6 @@ def test_truncated_onnx(tmp_path, testpack_dir):
         resolve_pack("p", [tmp_path])
 
 
-def test_download_only_when_allowed(tmp_path, monkeypatch):
-    attempts = []
-
-    def offline(sub_dir, name, root):
-        attempts.append(name)
-        raise OSError("Network is unreachable")
-
-    monkeypatch.setattr("insightface.utils.storage.ensure_available", offline)
-    with pytest.raises(ModelPackError, match="not found"):
-        resolve_pack("buffalo_s", [tmp_path])
-    assert attempts == []
-    with pytest.raises(ModelPackError, match="could not download.*offline"):
-        resolve_pack("buffalo_s", [tmp_path], allow_download=True)
-    assert attempts == ["buffalo_s"]
-    with pytest.raises(ModelPackError, match="not found"):
-        resolve_pack("my_own_pack", [tmp_path], allow_download=True)  # only standard packs download
-
-
 def test_load_face_model_fails_before_loading_a_bad_pack(tmp_path):
     (tmp_path / "models" / "buffalo_l").mkdir(parents=True)
     with pytest.raises(ModelPackError, match="empty"):

@@ -19,7 +19,6 @@ from face_consistency.nodes import NODE_CLASS_MAPPINGS
 from face_consistency.nodes.imaging import to_bgr_list
 from face_consistency.nodes.matching import FaceConsistencyBestOf, FaceConsistencyMatchFaces
 from face_consistency.nodes.scoring import (
-    NO_PACK,
     FaceConsistencyLoadModel,
     FaceConsistencyReference,
     FaceConsistencySimilarity,
@@ -83,7 +82,7 @@ def test_all_nodes_registered() -> None:
 
 def test_pack_dropdown_and_provider_shown(comfy: Path) -> None:
     packs = FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"][0]
-    assert packs == ["testpack"]
+    assert packs[0] == "testpack" and packs[1] == "buffalo_l (downloads on first use, 289 MB)"
 
     out = FaceConsistencyLoadModel().load("testpack", "auto", "640", 0.5)
     assert out["ui"]["text"][0].startswith("testpack on CPUExecutionProvider (128-d")
@@ -92,13 +91,14 @@ def test_pack_dropdown_and_provider_shown(comfy: Path) -> None:
     assert FaceConsistencyLoadModel().load("testpack", "auto", "640", 0.4)["result"][0] is not again
 
 
-def test_no_pack_installed_says_where_to_put_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_pack_installed_offline_says_where_to_put_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     set_comfy_base(tmp_path / "empty")
-    packs = FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"][0]
-    assert packs == [NO_PACK]
-    with pytest.raises(ModelPackError, match=r"empty/models/insightface/models"):
-        FaceConsistencyLoadModel().load(NO_PACK, "auto", "auto", 0.5)
+    packs, options = FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"]
+    assert [p.split(" (")[0] for p in packs] == ["buffalo_l", "buffalo_m", "buffalo_s", "buffalo_sc", "antelopev2"]
+    assert options["default"] == "buffalo_l (downloads on first use, 289 MB)"
+    with pytest.raises(ModelPackError, match=r"downloading is off.*empty/models/insightface/models/buffalo_l/"):
+        FaceConsistencyLoadModel().load(options["default"], "auto", "auto", 0.5)
 
 
 def test_nested_pack_gets_the_engines_actionable_error(comfy: Path, testpack_dir: Path) -> None:

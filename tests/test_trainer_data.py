@@ -16,6 +16,8 @@ from face_consistency.trainer.cache import CacheEncoders, cache_dataset, latent_
 from face_consistency.trainer.dataset import DatasetConfigError, bucket_for, load_dataset_config, pair_controls
 from face_consistency.trainer.sampling import PromptFileError, load_prompt_file, sample_file_name
 
+pytestmark = pytest.mark.trainer
+
 
 def _image(path, size=(40, 30)):
     Image.new("RGB", size, (120, 30, 200)).save(path)

@@ -23,6 +23,8 @@ from face_consistency.trainer.face_training import build_training_hook
 from face_consistency.trainer.protocol import read_metrics, read_status
 from face_consistency.trainer.train import _micro_step, _prepare_transformer, collate
 
+pytestmark = pytest.mark.trainer
+
 N_ITEMS = 4
 NO_FACE_ITEM = "item_3"
 

@@ -8,6 +8,8 @@ import torch
 
 from face_consistency.trainer.train import flow_shift, pack, sample_timesteps, unpack
 
+pytestmark = pytest.mark.trainer
+
 
 def _args(method: str, shift: float = 1.0) -> argparse.Namespace:
     return argparse.Namespace(timestep_sampling=method, discrete_flow_shift=shift, sigmoid_scale=1.0)

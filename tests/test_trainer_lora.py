@@ -12,6 +12,8 @@ from face_consistency.trainer.lora import (
     save_lora,
 )
 
+pytestmark = pytest.mark.trainer
+
 
 @pytest.fixture(scope="module")
 def dit(tmp_path_factory):
@@ -72,7 +74,7 @@ def test_fp8_base_keeps_the_lora_in_fp32_and_base_weights_in_float8(dit):
 
     from face_consistency.trainer.train import _prepare_transformer
 
-    args = argparse.Namespace(dit=dit, blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
+    args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
                               network_alpha=4.0, network_weights=None, gradient_checkpointing=True)
     transformer, params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
     assert {p.dtype for p in params} == {torch.float32}

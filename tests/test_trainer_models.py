@@ -12,6 +12,8 @@ from tiny_qwen import DIT_PREFIX, write_tiny_model_files
 
 from face_consistency.trainer import models
 
+pytestmark = pytest.mark.trainer
+
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
@@ -127,3 +129,74 @@ def test_fp8_dit_file_is_upcast(tiny_files, tmp_path):
     want = raw[DIT_PREFIX + "transformer_blocks.0.attn.to_q.weight"]
     got = model.transformer_blocks[0].attn.to_q.weight
     assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=0.07, atol=2e-3)
+
+
+def test_fp8_base_stores_float8_as_each_tensor_is_read(tiny_files):
+    model = models.load_transformer(tiny_files.dit, torch.bfloat16, fp8_base=True)
+    raw = load_file(str(tiny_files.dit))
+    layer = model.transformer_blocks[0].attn.to_q
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight, raw[DIT_PREFIX + "transformer_blocks.0.attn.to_q.weight"].to(torch.float8_e4m3fn))
+    # norms stay in the compute dtype (diffusers' layerwise-casting skip list)
+    assert model.transformer_blocks[0].attn.norm_q.weight.dtype == torch.bfloat16
+    out = model(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
+                encoder_hidden_states=torch.randn(1, 5, 32, dtype=torch.bfloat16), img_shapes=[[(1, 4, 4)]],
+                return_dict=False)[0]
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_reading_in_small_chunks_loads_the_same_model(tiny_files, monkeypatch):
+    whole = models.load_transformer(tiny_files.dit, torch.float32)
+    opened = []
+    real_safe_open = models.safe_open
+
+    def counting_safe_open(*args, **kwargs):
+        opened.append(args[0])
+        return real_safe_open(*args, **kwargs)
+
+    monkeypatch.setattr(models, "safe_open", counting_safe_open)
+    monkeypatch.setattr(models, "CHUNK_BYTES", 4096)
+    chunked = models.load_transformer(tiny_files.dit, torch.float32)
+    assert len(opened) > 10  # the file was reopened per chunk
+    for (name, a), (_, b) in zip(whole.state_dict().items(), chunked.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_placement_puts_each_tensor_where_it_is_asked(tiny_files):
+    asked = []
+
+    def placement(name):
+        asked.append(name)
+        return torch.device("cpu")
+
+    model = models.load_transformer(tiny_files.dit, torch.float32, placement=placement)
+    assert set(model.state_dict()) <= set(asked)
+
+
+def test_edit_2511_file_needs_zero_cond_t(tmp_path):
+    files = write_tiny_model_files(tmp_path, edit_2511=True)
+    with pytest.raises(models.ModelFileError, match="Qwen-Image-Edit-2511 .*pass --model_version edit-2511"):
+        models.load_transformer(files.dit, torch.float32)
+    model = models.load_transformer(files.dit, torch.float32, zero_cond_t=True)
+    assert model.config.zero_cond_t and model.zero_cond_t
+
+
+def test_zero_cond_t_conditions_the_reference_tokens_on_timestep_zero(tmp_path):
+    files = write_tiny_model_files(tmp_path, edit_2511=True)
+    model_2511 = models.load_transformer(files.dit, torch.float32, zero_cond_t=True)
+    with safe_open(str(files.dit), "pt") as f:
+        metadata = f.metadata()
+    raw = load_file(str(files.dit))
+    unmarked = tmp_path / "unmarked.safetensors"
+    save_file({k: v for k, v in raw.items() if "__index" not in k}, str(unmarked), metadata=metadata)
+    model_2509 = models.load_transformer(unmarked, torch.float32)
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 32, 64), encoder_hidden_states=torch.randn(1, 5, 32),
+                  img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        at_t = model_2511(timestep=torch.tensor([0.7]), **inputs)[0]
+        plain_at_t = model_2509(timestep=torch.tensor([0.7]), **inputs)[0]
+        at_zero = model_2511(timestep=torch.tensor([0.0]), **inputs)[0]
+        plain_at_zero = model_2509(timestep=torch.tensor([0.0]), **inputs)[0]
+    assert not torch.allclose(at_t, plain_at_t, atol=1e-4)  # the reference tokens saw t = 0, not 0.7
+    assert torch.allclose(at_zero, plain_at_zero, atol=1e-5)  # at t = 0 both conditionings agree

@@ -27,6 +27,8 @@ from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.dataset import load_dataset_config
 from face_consistency.trainer.train import ExtraLoss, TrainingHook, pack, run_training, unpack
 
+pytestmark = pytest.mark.trainer
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -263,7 +265,7 @@ def test_truncated_model_file_fails_with_its_name(setup, tmp_path):
     broken.write_bytes(files.dit.read_bytes()[:3000])
     argv = tiny_train_argv(files, dataset, tmp_path / "out", max_train_steps=2)
     argv[argv.index("--dit") + 1] = str(broken)
-    assert cli_main(["train", *argv]) == 1
+    assert cli_main(["train", *argv]) == 2  # found by the checks before any model loads
     status = read_status(tmp_path / "out")
     assert status["state"] == "failed" and "broken_dit.safetensors" in status["error"]
 
@@ -388,7 +390,7 @@ def test_plain_edit_trains_and_takes_one_control(setup, tmp_path):
     argv = tiny_train_argv(files, two, tmp_path / "out2", max_train_steps=1)
     argv[argv.index("--edit_plus")] = "--edit"
     assert cli_main(["train", *argv]) == 2
-    assert "--edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]
+    assert "--model_version edit takes exactly one control image" in read_status(tmp_path / "out2")["error"]
 
 
 def test_the_seed_guides_command_trains(setup, tmp_path):
@@ -409,3 +411,43 @@ def test_the_seed_guides_command_trains(setup, tmp_path):
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "16" and float(metadata["ss_network_alpha"]) == 16.0
     assert "AdamW8bit" in metadata["ss_optimizer"]
+
+
+def test_edit_2511_trains_samples_and_saves_a_lora_comfyui_applies(setup, tmp_path):
+    _, dataset, prompts = setup
+    files = write_tiny_model_files(tmp_path / "models_2511", edit_2511=True)
+    argv = tiny_train_argv(files, dataset, tmp_path / "out", max_train_steps=2,
+                           extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "2"])
+    argv[argv.index("--edit_plus")] = "--model_version"
+    argv.insert(argv.index("--model_version") + 1, "edit-2511")
+    assert cli_main(["train", *argv]) == 0
+    out = tmp_path / "out"
+    assert read_status(out)["state"] == "completed"
+    assert len(list((out / "sample").glob("tiny_000002_00_*_100_000.png"))) == 1
+    with safe_open(str(out / "tiny.safetensors"), "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+    assert metadata["ss_model_version"] == "edit-2511"
+    assert metadata["modelspec.architecture"] == "Qwen-Image-Edit-2511/lora"
+    # The same keys as for 2509: ComfyUI maps `lora_unet_<module path>` onto diffusion_model weights.
+    base = models.load_transformer(files.dit, torch.float32, zero_cond_t=True)
+    linear = {LORA_PREFIX + n.replace(".", "_") for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert {k.split(".", 1)[0] for k in keys} <= linear
+
+    # The 2511 file is refused as a 2509 model before anything loads, with the flag to pass.
+    argv_2509 = tiny_train_argv(files, dataset, tmp_path / "out_2509", max_train_steps=1)
+    assert cli_main(["train", *argv_2509]) == 2
+    assert "pass --model_version edit-2511" in read_status(tmp_path / "out_2509")["error"]
+
+
+@pytest.mark.parametrize(("flags", "version"), [
+    (["--edit_plus"], "edit-2509"), (["--edit"], "edit"), (["--model_version", "Edit-2511"], "edit-2511"),
+    (["--edit_plus", "--model_version", "edit-2509"], "edit-2509"),
+])
+def test_model_version_and_its_musubi_aliases(setup, tmp_path, flags, version):
+    files, dataset, _ = setup
+    argv = tiny_train_argv(files, dataset, tmp_path / "out")
+    argv.remove("--edit_plus")
+    args = parse_args([*argv, *flags])
+    if version == "edit-2511":
+        args.dit = str(write_tiny_model_files(tmp_path / "m", edit_2511=True).dit)
+    assert validate_args(args).model_version == version

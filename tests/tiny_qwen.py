@@ -26,6 +26,7 @@ built locally (no downloads). A full tiny training run takes seconds on a CPU.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -79,11 +80,21 @@ class TinyModelFiles:
 def build_tiny_processor():
     """A Qwen2VLProcessor whose tokenizer is byte-level BPE over the 256 byte symbols + Qwen specials."""
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLProcessor
+    import transformers
+    from transformers import Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]))
+    specials = list(QWEN_SPECIAL_TOKENS[1:])
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], additional_special_tokens=specials)
+    else:  # transformers 4.x builds the fast tokenizer from vocab/merges files only
+        with tempfile.TemporaryDirectory() as folder:
+            vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
+            vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
+            merges_file.write_text("#version: 0.2\n", encoding="utf-8")
+            tokenizer = Qwen2TokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file),
+                                           additional_special_tokens=specials)
     return Qwen2VLProcessor(
         # Few vision patches keep the tiny prompt short (the pipeline still resizes controls to ~384^2).
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
@@ -92,7 +103,8 @@ def build_tiny_processor():
     )
 
 
-def tiny_text_encoder_config(tokenizer) -> dict:
+def tiny_text_encoder_config(tokenizer, hidden_size: int = TINY_TRANSFORMER_CONFIG["joint_attention_dim"]) -> dict:
+    """Two tiny layers whose hidden size is the DiT's joint_attention_dim (head dim 16)."""
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
     return {
         "model_type": "qwen2_5_vl",
@@ -103,10 +115,10 @@ def tiny_text_encoder_config(tokenizer) -> dict:
         "tie_word_embeddings": False,
         "text_config": {
             "vocab_size": len(tokenizer),
-            "hidden_size": TINY_TRANSFORMER_CONFIG["joint_attention_dim"],
+            "hidden_size": hidden_size,
             "intermediate_size": 64,
             "num_hidden_layers": 2,
-            "num_attention_heads": 2,
+            "num_attention_heads": hidden_size // 16,
             "num_key_value_heads": 1,
             "max_position_embeddings": 4096,
             "rms_norm_eps": 1e-6,
@@ -119,7 +131,7 @@ def tiny_text_encoder_config(tokenizer) -> dict:
             "hidden_size": 32,
             "intermediate_size": 64,
             "num_heads": 2,
-            "out_hidden_size": TINY_TRANSFORMER_CONFIG["joint_attention_dim"],
+            "out_hidden_size": hidden_size,
             "patch_size": 14,
             "spatial_merge_size": 2,
             "temporal_patch_size": 2,
@@ -197,24 +209,34 @@ def write_tiny_model_files(
     seed: int = 0,
     dit_prefix: bool = True,
     text_encoder_fp8: bool = False,
+    edit_2511: bool = False,
+    transformer_config: dict = TINY_TRANSFORMER_CONFIG,
 ) -> TinyModelFiles:
-    """Write tiny random DiT, VAE, text encoder (ComfyUI single files) and a tokenizer folder."""
+    """Write tiny random DiT, VAE, text encoder (ComfyUI single files) and a tokenizer folder.
+
+    edit_2511: the DiT carries ComfyUI's Edit-2511 marker `__index_timestep_zero__` (the weights
+    of 2509 and 2511 have the same layout). transformer_config: another DiT architecture (the text
+    encoder's hidden size follows its joint_attention_dim)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from face_consistency.trainer.models import text_encoder_config
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
 
-    transformer = QwenImageTransformer2DModel(**TINY_TRANSFORMER_CONFIG)
+    transformer = QwenImageTransformer2DModel(**transformer_config)
     # Random init leaves the output projection and modulation near zero; scale it so the tiny
     # model predicts something non-trivial and LoRA deltas change the output measurably.
     with torch.no_grad():
         transformer.proj_out.weight.normal_(0.0, 0.2)
     prefix = DIT_PREFIX if dit_prefix else ""
     dit_sd = {prefix + k: v.contiguous() for k, v in transformer.state_dict().items()}
-    dit = root / "qwen_image_edit_2509_tiny.safetensors"
-    save_file(dit_sd, str(dit), metadata={"config": json.dumps(TINY_TRANSFORMER_CONFIG)})
+    if edit_2511:
+        dit_sd[prefix + "__index_timestep_zero__"] = torch.tensor([])
+    dit = root / f"qwen_image_edit_{2511 if edit_2511 else 2509}_tiny.safetensors"
+    save_file(dit_sd, str(dit), metadata={"config": json.dumps(transformer_config)})
 
     vae_model = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
     vae_sd = {diffusers_vae_key_to_wan(k): v.contiguous() for k, v in vae_model.state_dict().items()}
@@ -224,8 +246,8 @@ def write_tiny_model_files(
     processor = build_tiny_processor()
     tokenizer_dir = root / "tokenizer"
     processor.save_pretrained(str(tokenizer_dir))
-    te_config = tiny_text_encoder_config(processor.tokenizer)
-    text_model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**te_config))
+    te_config = tiny_text_encoder_config(processor.tokenizer, transformer_config["joint_attention_dim"])
+    text_model = Qwen2_5_VLForConditionalGeneration(text_encoder_config(te_config))
     te_sd: dict[str, torch.Tensor] = {}
     for key, value in text_model.state_dict().items():
         if key.startswith("model.language_model."):

@@ -112,6 +112,12 @@ class CacheEncoders:
             latents = self.pipeline._encode_vae_image(pixels, generator=None)
         return latents[0].float()
 
+    def reference_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) at which the Edit pipelines encode a control as reference latents: about
+        1 MP of its own aspect, sides multiples of 32 (ComfyUI's TextEncodeQwenImageEditPlus: 1 MP, multiples of 8)."""
+        width, height = calculate_dimensions(VAE_IMAGE_SIZE, image.width / image.height)[:2]
+        return int(width), int(height)
+
     def condition_image(self, image: Image.Image) -> Image.Image:
         """The control as the vision-language encoder sees it (~384^2 for Edit-2509, ~1024^2 for Edit)."""
         area = CONDITION_IMAGE_SIZE if self.edit_plus else VAE_IMAGE_SIZE

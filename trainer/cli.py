@@ -20,7 +20,8 @@ from diffusers.optimization import SchedulerType
 
 from .dataset import DatasetConfigError, load_dataset_config
 from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
-from .models import ModelFileError
+from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
+from .models import ModelFileError, check_dit_version, read_header
 from .protocol import JobState, write_status
 from .sampling import PromptFileError, load_prompt_file
 from .state import is_state_folder
@@ -66,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--text_encoder", help="Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)")
     models.add_argument("--tokenizer", help="local folder with the Qwen-Image-Edit tokenizer/processor "
                         "(default: the `processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)")
-    models.add_argument("--edit", action="store_true", help="train Qwen-Image-Edit (one control image)")
-    models.add_argument("--edit_plus", action="store_true", help="train Qwen-Image-Edit-2509 (one or more controls)")
+    models.add_argument("--model_version", help=f"the model trained: {', '.join(MODEL_VERSIONS)} "
+                        "(Edit, Edit-2509, Edit-2511; as musubi-tuner)")
+    models.add_argument("--edit", action="store_true", help="same as --model_version edit")
+    models.add_argument("--edit_plus", action="store_true", help="same as --model_version edit-2509")
     models.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the only backend; accepted)")
     models.add_argument("--fp8_base", action="store_true", help="store the DiT base weights as float8 (diffusers layerwise casting)")
     models.add_argument("--blocks_to_swap", type=int, default=0, help="keep N transformer blocks on the CPU, streamed in per layer")
@@ -134,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     face.add_argument("--face_det_size", type=int, default=640, help="face detector input size")
     face.add_argument("--face_eval_frequency", type=int, default=100, help="measure x0-estimate similarity every N steps")
     face.add_argument("--face_models_root", help="folder holding models/<pack> (default: ~/.insightface)")
+    face.add_argument("--offline", action="store_true",
+                      help="never download a missing standard face pack (by default it is fetched on first use)")
     face.add_argument("--face_loss_max_t", type=float,
                       help="apply the loss only where t <= this (default: every t; 0.5 keeps the sharper estimates)")
     face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")
@@ -201,19 +206,34 @@ def _optimizer_kwargs(values: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def _model_version(args: argparse.Namespace) -> str:
+    """--model_version, or the version its alias flags (--edit, --edit_plus) name."""
+    chosen = {f"--{flag}": version for flag, version in ALIAS_FLAGS.items() if getattr(args, flag)}
+    if args.model_version is not None:
+        name = _choice(args.model_version, tuple(MODEL_VERSIONS), "--model_version", case_insensitive=True)
+        chosen[f"--model_version {args.model_version}"] = name
+    if not chosen:
+        raise ConfigError("this trainer trains Qwen-Image-Edit: pass --model_version edit-2509 (or edit-2511, edit; "
+                          "--edit_plus and --edit are musubi's older spellings)")
+    if len(set(chosen.values())) > 1:
+        raise ConfigError(f"{' and '.join(chosen)} conflict: pass one --model_version ({', '.join(MODEL_VERSIONS)})")
+    return next(iter(chosen.values()))
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check everything checkable without loading a model; fills derived fields."""
     missing = [f"--{name}" for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
                if not getattr(args, name)]
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)}")
-    if args.edit and args.edit_plus:
-        raise ConfigError("--edit and --edit_plus conflict: pass --edit_plus for Qwen-Image-Edit-2509, --edit for the first Edit")
-    if not (args.edit or args.edit_plus):
-        raise ConfigError("this trainer trains Qwen-Image-Edit: pass --edit_plus (Edit-2509, 1+ controls) or --edit")
+    args.model_version = _model_version(args)
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
             raise ConfigError(f"--{flag} {getattr(args, flag)}: file not found")
+    try:
+        check_dit_version(read_header(args.dit, "DiT (--dit)"), MODEL_VERSIONS[args.model_version].zero_cond_t)
+    except ModelFileError as exc:
+        raise ConfigError(str(exc)) from None
     if args.network_weights and not Path(args.network_weights).is_file():
         raise ConfigError(f"--network_weights {args.network_weights}: file not found")
     if args.network_weights and args.resume:
@@ -269,12 +289,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
     except (DatasetConfigError, PromptFileError) as exc:
         raise ConfigError(str(exc)) from None
-    if args.edit:
+    if not MODEL_VERSIONS[args.model_version].several_controls:
         several = [str(i.target) for i in group.items if len(i.controls) != 1]
         several += [f"sample prompt {p.index}" for p in prompts if len(p.controls) != 1]
         if several:
-            raise ConfigError(f"--edit takes exactly one control image per target ({several[0]} has more); "
-                              "use --edit_plus for several")
+            raise ConfigError(f"--model_version edit takes exactly one control image per target ({several[0]} has "
+                              "more); use edit-2509 or edit-2511 for several")
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
     return args

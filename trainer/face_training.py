@@ -25,14 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-
-import numpy as np
 from PIL import Image
 
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
 from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
+from ..faceid.pack_download import TerminalProgress
 from ..faceid.report import summarize
 from ..faceid.results import JudgeIdentity
 from .dataset import DatasetItem
@@ -134,7 +134,8 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: Dlib
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
         model = load_face_model(pack, models_root=args.face_models_root, provider=args.face_device,
-                                det_size=args.face_det_size)
+                                det_size=args.face_det_size, allow_download=not args.offline,
+                                progress=TerminalProgress())
         recognizer = FrozenFaceRecognizer.from_pack(model.pack_dir)
     except ProviderError as exc:
         raise FaceSetupError(

@@ -1,18 +1,24 @@
 """Load the single-file models ComfyUI users already have into diffusers/transformers classes.
 
-- DiT `qwen_image_edit_2509_*.safetensors`: diffusers `QwenImageTransformer2DModel` names,
-  optionally prefixed `model.diffusion_model.`; float8 files (`_fp8_e4m3fn`, scaled or not) are
-  upcast to the training dtype.
+- DiT `qwen_image_edit_2509_*.safetensors` / `qwen_image_edit_2511_*`: diffusers
+  `QwenImageTransformer2DModel` names, optionally prefixed `model.diffusion_model.`; float8 files
+  (`_fp8_e4m3fn`, scaled or not) are cast to the training dtype (or kept float8 with `--fp8_base`).
+  ComfyUI's Edit-2511 files carry the marker `__index_timestep_zero__` (checked, then dropped).
 - VAE `qwen_image_vae.safetensors`: Wan-style names (`conv1`, `decoder.head.0.gamma`, ...),
   renamed with diffusers' own Wan converter to `AutoencoderKLQwenImage` names.
 - Text encoder `qwen_2.5_vl_7b*.safetensors`: `model.*` -> `model.language_model.*`,
   `visual.*` -> `model.visual.*`; `_fp8_scaled` files hold float8 weights with per-tensor
   scales (`<name>.scale_weight` or `<name>.weight_scale`), dequantized here.
 
+Loading streams: the model is built empty (meta device), the file's header is checked against
+it (names and shapes, before any weight is read), then tensors are read a chunk of the file at
+a time, each cast to the dtype the empty model holds for it and put straight on its device. The
+file is reopened per chunk so the pages already read are released: peak host memory stays close
+to the size of the loaded model, not of the file plus the model.
+
 Architectures come from the JSON configs shipped in `configs/`; a file whose safetensors
 metadata carries a `config` entry (JSON) is built with that config instead (the test suite's
-tiny models do this). Every mismatch between a file and its architecture is reported with the
-file's path and what was expected, before any weight is used.
+tiny models do this).
 """
 from __future__ import annotations
 
@@ -20,10 +26,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import init_empty_weights
+from accelerate.utils import set_module_tensor_to_device
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors import SafetensorError, safe_open
@@ -35,22 +42,34 @@ VAE_CONFIG = "qwen_image_vae.json"
 TEXT_ENCODER_CONFIG = "qwen_2_5_vl_7b_text_encoder.json"
 EMBEDDED_CONFIG_KEY = "config"
 DIT_PREFIX = "model.diffusion_model."
+INDEX_TIMESTEP_ZERO_KEY = "__index_timestep_zero__"  # ComfyUI's marker of an Edit-2511 DiT
 DEFAULT_PROCESSOR_REPO = "Qwen/Qwen-Image-Edit-2509"
 
 FP8_SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 FP8_AUXILIARY_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 FP8_MARKER_KEYS = ("scaled_fp8",)
+FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# How much of a file is read between reopenings: bounds the file pages held while loading.
+CHUNK_BYTES = 256 * 2**20
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2,
+                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+
+TensorPlacement = Callable[[str], torch.device]
 
 
 class ModelFileError(ValueError):
     """A model file that is missing, unreadable, truncated or of the wrong kind."""
 
 
-@dataclass
-class SingleFile:
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a safetensors file holds, read from its header alone (no tensor data)."""
+
     path: Path
-    tensors: dict[str, torch.Tensor]
+    what: str  # how the user named it, e.g. "DiT (--dit)"
     metadata: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    nbytes: dict[str, int]
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -58,58 +77,96 @@ def shipped_config(name: str) -> dict[str, Any]:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def read_single_file(path: str | os.PathLike, what: str) -> SingleFile:
-    """All tensors and the metadata of a safetensors file, or a ModelFileError naming it."""
+def _unreadable(path: Path, what: str, exc: BaseException) -> ModelFileError:
+    return ModelFileError(
+        f"{what} file {path} cannot be read as safetensors ({exc}); "
+        "expected a complete .safetensors file (is it truncated or a different format?)"
+    )
+
+
+def read_header(path: str | os.PathLike, what: str) -> SafetensorsHeader:
+    """Names, shapes and metadata of a safetensors file, or a ModelFileError naming it."""
     file_path = Path(path)
     if not file_path.is_file():
         raise ModelFileError(f"{what} file not found: {file_path}")
-    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    nbytes: dict[str, int] = {}
     try:
         with safe_open(str(file_path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+                view = f.get_slice(key)
+                shapes[key] = tuple(view.get_shape())
+                count = 1
+                for size in shapes[key]:
+                    count *= size
+                nbytes[key] = count * _DTYPE_BYTES.get(view.get_dtype(), 4)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ModelFileError(
-            f"{what} file {file_path} cannot be read as safetensors ({exc}); "
-            "expected a complete .safetensors file (is it truncated or a different format?)"
-        ) from exc
-    if not tensors:
+        raise _unreadable(file_path, what, exc) from exc
+    if not shapes:
         raise ModelFileError(f"{what} file {file_path} holds no tensors")
-    return SingleFile(file_path, tensors, metadata)
+    return SafetensorsHeader(file_path, what, metadata, shapes, nbytes)
 
 
-def _architecture_config(file: SingleFile, shipped_name: str, what: str) -> dict[str, Any]:
-    embedded = file.metadata.get(EMBEDDED_CONFIG_KEY)
+def read_tensors(header: SafetensorsHeader, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(key, tensor) for `keys`, reopening the file every CHUNK_BYTES so read pages are let go.
+
+    A tensor may share memory with the file while its chunk is open: copy it (or cast it) before
+    the next one is asked for if it must outlive the chunk.
+    """
+    start = 0
+    while start < len(keys):
+        end, size = start, 0
+        while end < len(keys) and (end == start or size + header.nbytes[keys[end]] <= CHUNK_BYTES):
+            size += header.nbytes[keys[end]]
+            end += 1
+        try:
+            with safe_open(str(header.path), framework="pt") as f:
+                for key in keys[start:end]:
+                    yield key, f.get_tensor(key)
+        except (SafetensorError, OSError, RuntimeError) as exc:
+            raise _unreadable(header.path, header.what, exc) from exc
+        start = end
+
+
+def _architecture_config(header: SafetensorsHeader, shipped_name: str) -> dict[str, Any]:
+    embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
     if embedded is None:
         return shipped_config(shipped_name)
     try:
         config = json.loads(embedded)
     except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{what} file {file.path}: its metadata `config` is not valid JSON ({exc})") from exc
+        raise ModelFileError(f"{header.what} file {header.path}: its metadata `config` is not valid JSON ({exc})") from exc
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def _build_empty(factory: Any, config: dict[str, Any], file: SingleFile, what: str, expected: str) -> Any:
-    """Instantiate without allocating weights; a config of another architecture is the file's fault."""
+def _build_empty(factory: Callable[[], Any], header: SafetensorsHeader, expected: str) -> Any:
+    """Instantiate on the meta device; a config of another architecture is the file's fault."""
     try:
         with init_empty_weights():
-            return factory(config)
+            return factory()
     except (TypeError, ValueError) as exc:
-        raise ModelFileError(f"{what} file {file.path} does not match {expected}: its config is not one ({exc})") from exc
+        raise ModelFileError(
+            f"{header.what} file {header.path} does not match {expected}: its config is not one ({exc})"
+        ) from exc
 
 
-def _check_keys(
-    file: SingleFile, state_dict: dict[str, torch.Tensor], model: torch.nn.Module, what: str, expected: str
+def check_layout(
+    header: SafetensorsHeader, sources: dict[str, str], model: torch.nn.Module, expected: str,
+    optional: frozenset[str] = frozenset(),
 ) -> None:
-    """Raise a ModelFileError listing missing/unexpected keys and shape mismatches."""
+    """Raise a ModelFileError listing missing/unexpected names and shape mismatches.
+
+    `sources` maps each model name to the file name it is read from; model names in `optional`
+    may be absent from the file.
+    """
     model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(model_shapes) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(model_shapes))
+    missing = sorted(set(model_shapes) - set(sources) - optional)
+    unexpected = sorted(set(sources) - set(model_shapes))
     mismatched = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs expected {model_shapes[k]}"
-        for k in sorted(set(model_shapes) & set(state_dict))
-        if tuple(state_dict[k].shape) != model_shapes[k]
+        f"{k}: file {header.shapes[sources[k]]} vs expected {model_shapes[k]}"
+        for k in sorted(set(model_shapes) & set(sources))
+        if header.shapes[sources[k]] != model_shapes[k]
     ]
     if not (missing or unexpected or mismatched):
         return
@@ -120,68 +177,145 @@ def _check_keys(
         problems.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
     if mismatched:
         problems.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:2])})")
-    raise ModelFileError(f"{what} file {file.path} does not match {expected}: " + ", ".join(problems))
+    raise ModelFileError(f"{header.what} file {header.path} does not match {expected}: " + ", ".join(problems))
 
 
-def _materialize(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    cast = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state_dict.items()}
-    model.load_state_dict(cast, strict=True, assign=True)
+def _fp8_scales(header: SafetensorsHeader) -> tuple[dict[str, str], set[str]]:
+    """ComfyUI `_fp8_scaled` layout: {weight name: its scale's name}, and every non-weight name."""
+    scales: dict[str, str] = {}
+    auxiliary: set[str] = set()
+    for key in header.shapes:
+        if key in FP8_MARKER_KEYS or key.endswith(FP8_AUXILIARY_SUFFIXES):
+            auxiliary.add(key)
+            continue
+        for suffix in FP8_SCALE_SUFFIXES:
+            if key.endswith(suffix):
+                scales[key[: -len(suffix)] + ".weight"] = key
+                auxiliary.add(key)
+                break
+    return scales, auxiliary
 
 
-def load_transformer(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> QwenImageTransformer2DModel:
+def _fill(
+    model: torch.nn.Module, header: SafetensorsHeader, sources: dict[str, str], placement: TensorPlacement,
+) -> None:
+    """Read each model tensor from the file, cast to the dtype the empty model holds for it (float8
+    weights of `_fp8_scaled` files multiplied by their scale first), and put it on its device."""
+    scales, _ = _fp8_scales(header)
+    scale_values = {key: tensor.clone() for key, tensor in read_tensors(header, sorted(set(scales.values())))}
+    file_to_model = {source: name for name, source in sources.items()}
+    dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
+    model.requires_grad_(False)
+    for key, tensor in read_tensors(header, sorted(file_to_model)):
+        name = file_to_model[key]
+        if tensor.dtype in FLOAT8_DTYPES and key in scales:
+            tensor = _dequantize(tensor, scale_values[scales[key]])
+        value = tensor.to(placement(name), dtypes[name] if tensor.is_floating_point() else tensor.dtype)
+        if value.data_ptr() == tensor.data_ptr():
+            value = value.clone()  # own the memory: the file's pages are released after the chunk
+        set_module_tensor_to_device(model, name, value.device, value=value, dtype=value.dtype)
+        del tensor, value
+    for name, buffer in model.named_buffers():  # computed at construction (not in the file)
+        if name not in file_to_model.values() and buffer.device != placement(name):
+            set_module_tensor_to_device(model, name, placement(name), value=buffer)
+
+
+def _dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """A float8 weight times its (per-tensor or per-row) scale, in float32."""
+    value = weight.to(torch.float32)
+    scale = scale.to(torch.float32)
+    return value * (scale.view(-1, *([1] * (value.dim() - 1))) if scale.numel() > 1 else scale)
+
+
+def _on_cpu(_name: str) -> torch.device:
+    return torch.device("cpu")
+
+
+def _cast_empty(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Set the dtype every floating tensor will be loaded in (the model is still on meta).
+
+    nn.Module.to, not diffusers' override, which warns about from_pretrained's keep-in-fp32 rule
+    (none of these models has modules kept in fp32)."""
+    torch.nn.Module.to(model, dtype)
+
+
+def check_dit_version(header: SafetensorsHeader, zero_cond_t: bool) -> None:
+    """A DiT file marked as Edit-2511 (ComfyUI's `__index_timestep_zero__`) trains only as 2511."""
+    marked_2511 = INDEX_TIMESTEP_ZERO_KEY in header.shapes or DIT_PREFIX + INDEX_TIMESTEP_ZERO_KEY in header.shapes
+    if marked_2511 and not zero_cond_t:
+        raise ModelFileError(
+            f"{header.what} file {header.path} is a Qwen-Image-Edit-2511 model (it carries "
+            f"{INDEX_TIMESTEP_ZERO_KEY}): pass --model_version edit-2511"
+        )
+
+
+def count_transformer_blocks(header: SafetensorsHeader) -> int:
+    """How many `transformer_blocks.N` a DiT file holds (from its header)."""
+    indices = {
+        key.removeprefix(DIT_PREFIX).split(".", 2)[1]
+        for key in header.shapes if key.removeprefix(DIT_PREFIX).startswith("transformer_blocks.")
+    }
+    return len(indices)
+
+
+def load_transformer(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.bfloat16,
+    *,
+    zero_cond_t: bool = False,
+    fp8_base: bool = False,
+    placement: TensorPlacement = _on_cpu,
+) -> QwenImageTransformer2DModel:
+    """The DiT, streamed from its file.
+
+    zero_cond_t: Edit-2511 conditioning (reference tokens get timestep 0); ComfyUI's 2511 files
+    carry `__index_timestep_zero__` and are refused without it. fp8_base: the base weights are
+    stored as float8 and upcast per layer for compute (diffusers layerwise casting); each tensor is
+    cast to float8 as it is read, so no full-precision copy of the model ever exists.
+    placement(name) is the device each tensor goes to (e.g. swapped blocks on the CPU).
+    """
     what = "DiT (--dit)"
-    file = read_single_file(path, what)
-    # `_fp8_e4m3fn` / `_fp8_scaled` DiT files are upcast (with their scales) like the text encoder.
-    state_dict = {k.removeprefix(DIT_PREFIX): v for k, v in _dequantize_fp8(file.tensors, dtype).items()}
-    config = _architecture_config(file, TRANSFORMER_CONFIG, what)
+    header = read_header(path, what)
+    check_dit_version(header, zero_cond_t)
+    config = _architecture_config(header, TRANSFORMER_CONFIG)
+    if zero_cond_t:
+        config["zero_cond_t"] = True
     expected = (
         f"a Qwen-Image(-Edit) transformer with {config.get('num_layers', '?')} blocks "
         f"(diffusers names, optionally prefixed {DIT_PREFIX!r})"
     )
-    model = _build_empty(lambda c: QwenImageTransformer2DModel(**c), config, file, what, expected)
-    _check_keys(file, state_dict, model, what, expected)
-    _materialize(model, state_dict, dtype)
+    model = _build_empty(lambda: QwenImageTransformer2DModel(**config), header, expected)
+    _cast_empty(model, dtype)
+    if fp8_base:
+        model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    _, auxiliary = _fp8_scales(header)
+    sources = {
+        key.removeprefix(DIT_PREFIX): key for key in header.shapes
+        if key not in auxiliary and key.removeprefix(DIT_PREFIX) != INDEX_TIMESTEP_ZERO_KEY
+    }
+    check_layout(header, sources, model, expected)
+    _fill(model, header, sources, placement)
     return model.eval().requires_grad_(False)
 
 
-def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> AutoencoderKLQwenImage:
+def load_vae(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> AutoencoderKLQwenImage:
     what = "VAE (--vae)"
-    file = read_single_file(path, what)
+    header = read_header(path, what)
     # ComfyUI's file uses Wan names; a diffusers-named file passes through the converter unchanged.
-    state_dict = convert_wan_vae_to_diffusers(dict(file.tensors))
-    config = _architecture_config(file, VAE_CONFIG, what)
+    # The converter only renames, so it is given the names themselves as values.
+    sources = convert_wan_vae_to_diffusers({key: key for key in header.shapes})
+    config = _architecture_config(header, VAE_CONFIG)
     expected = "the Qwen-Image VAE (Wan 2.1 layout, 16 latent channels)"
-    model = _build_empty(lambda c: AutoencoderKLQwenImage(**c), config, file, what, expected)
-    _check_keys(file, state_dict, model, what, expected)
-    _materialize(model, state_dict, dtype)
+    model = _build_empty(lambda: AutoencoderKLQwenImage(**config), header, expected)
+    _cast_empty(model, dtype)
+    check_layout(header, sources, model, expected)
+    _fill(model, header, sources, lambda _name: torch.device(device))
     return model.eval().requires_grad_(False)
 
 
-def _dequantize_fp8(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Turn ComfyUI `_fp8_scaled` weights (float8 + scale) back into `dtype` weights."""
-    out: dict[str, torch.Tensor] = {}
-    scales = {}
-    for key, value in tensors.items():
-        if key in FP8_MARKER_KEYS or key.endswith(FP8_AUXILIARY_SUFFIXES):
-            continue
-        for suffix in FP8_SCALE_SUFFIXES:
-            if key.endswith(suffix):
-                scales[key[: -len(suffix)] + ".weight"] = value
-                break
-        else:
-            out[key] = value
-    for key, value in out.items():
-        if value.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            scale = scales.get(key)
-            weight = value.to(torch.float32)
-            if scale is not None:
-                scale = scale.to(torch.float32)
-                weight = weight * (scale.view(-1, *([1] * (weight.dim() - 1))) if scale.numel() > 1 else scale)
-            out[key] = weight.to(dtype)
-    return out
-
-
-def _rename_text_encoder_key(key: str) -> str:
+def text_encoder_model_key(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
@@ -189,25 +323,39 @@ def _rename_text_encoder_key(key: str) -> str:
     return key
 
 
+def text_encoder_config(config: dict[str, Any]) -> Qwen2_5_VLConfig:
+    """Qwen2.5-VL's config as every supported transformers reads it: the multimodal rope in both
+    spellings (4.x reads `rope_scaling` + `rope_theta`, 5.x `rope_parameters` and still accepts
+    `rope_scaling`), and the language model's settings also at the top level (as the model's own
+    config.json has them; 4.52.1-4.52.3 read them only there)."""
+    text = dict(config.get("text_config", {}))
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if "mrope_section" in rope:
+        theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
+        text["rope_theta"] = theta
+        text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(rope["mrope_section"])}
+    flat = {k: v for k, v in text.items() if k not in ("model_type", "rope_parameters", "rope_scaling")}
+    return Qwen2_5_VLConfig(**{**flat, **config, "text_config": text})
+
+
 def load_text_encoder(
-    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16
+    path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu"
 ) -> Qwen2_5_VLForConditionalGeneration:
     what = "text encoder (--text_encoder)"
-    file = read_single_file(path, what)
-    tensors = _dequantize_fp8(file.tensors, dtype)
-    state_dict = {_rename_text_encoder_key(k): v for k, v in tensors.items()}
-    config = _architecture_config(file, TEXT_ENCODER_CONFIG, what)
+    header = read_header(path, what)
+    _, auxiliary = _fp8_scales(header)
+    sources = {text_encoder_model_key(k): k for k in header.shapes if k not in auxiliary}
+    config = _architecture_config(header, TEXT_ENCODER_CONFIG)
     expected = "Qwen2.5-VL (`model.*` language model and `visual.*` vision tower)"
     model = _build_empty(
-        lambda c: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**c)), config, file, what, expected
+        lambda: Qwen2_5_VLForConditionalGeneration(text_encoder_config(config)), header, expected
     )
-    tie_lm_head = "lm_head.weight" not in state_dict
-    if tie_lm_head:
-        # Only hidden states are used; ComfyUI files may omit the LM head, so share the embedding.
-        state_dict["lm_head.weight"] = state_dict.get("model.language_model.embed_tokens.weight", torch.empty(0))
-    _check_keys(file, state_dict, model, what, expected)
-    _materialize(model, state_dict, dtype)
-    if tie_lm_head:
+    _cast_empty(model, dtype)
+    # Only hidden states are used; ComfyUI files may omit the LM head, which then shares the embedding.
+    check_layout(header, sources, model, expected, optional=frozenset({"lm_head.weight"}))
+    _fill(model, header, sources, lambda _name: torch.device(device))
+    if "lm_head.weight" not in sources:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     return model.eval().requires_grad_(False)
 

@@ -11,7 +11,10 @@ working directory, then beside the prompt file). Example:
 Images land in `output_dir/sample/` as
 `{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}]_000.png` (`e{epoch:06d}` instead of
 the step when sampling at an epoch end). The flow shift defaults to the training shift (not
-musubi's fixed 14.5; with `qwen_shift`, the shift for the sample's size). Prompts and controls are encoded once, while the text encoder is loaded.
+musubi's fixed 14.5; with `qwen_shift`, the shift for the sample's size). Controls are encoded as
+reference latents at about 1 MP of their own aspect, whatever the sample's size, as musubi-tuner's
+sampler and ComfyUI's TextEncodeQwenImageEditPlus do. Prompts and controls are encoded once, while
+the text encoder is loaded.
 """
 from __future__ import annotations
 
@@ -111,7 +114,7 @@ def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> li
                 controls.append(image.convert("RGB"))
         embeds = encoders.encode_prompt(sample.prompt, controls).unsqueeze(0)
         negative = encoders.encode_prompt(sample.negative_prompt, controls).unsqueeze(0) if sample.cfg_scale > 1 else None
-        latents = [encoders.encode_image(c, (sample.width, sample.height)).unsqueeze(0) for c in controls]
+        latents = [encoders.encode_image(c, encoders.reference_size(c)).unsqueeze(0) for c in controls]
         encoded.append(EncodedSample(sample, embeds, negative, latents))
     return encoded
 

@@ -52,6 +52,7 @@ from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
 from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules, parse_network_args, save_lora
+from .model_versions import MODEL_VERSIONS
 from .protocol import (
     METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
@@ -274,7 +275,6 @@ def _lora_metadata(args: argparse.Namespace, step: int, epoch: int, num_images: 
         "ss_network_dim": args.network_dim,
         "ss_network_alpha": args.network_alpha,
         "ss_network_args": json.dumps(dict(entry.split("=", 1) for entry in args.network_args or [])),
-        "ss_base_model_version": "qwen_image_edit_plus" if args.edit_plus else "qwen_image_edit",
         "ss_output_name": args.output_name,
         "ss_training_started_at": started,
         "ss_training_finished_at": time.time(),
@@ -299,7 +299,7 @@ def _lora_metadata(args: argparse.Namespace, step: int, epoch: int, num_images: 
         "ss_text_encoder": Path(args.text_encoder).name,
         "ss_dataset_config": Path(args.dataset_config).name,
     }
-    return {k: str(v) for k, v in values.items()}
+    return {**{k: str(v) for k, v in values.items()}, **MODEL_VERSIONS[args.model_version].lora_metadata}
 
 
 def _make_optimizer(args: argparse.Namespace, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
@@ -326,30 +326,33 @@ def _prepare_transformer(
     args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """Load the DiT, apply the memory options, add the LoRA (fp32, on the device); returns its parameters."""
-    transformer = models.load_transformer(args.dit, weight_dtype)
-    blocks = transformer.transformer_blocks
-    if args.blocks_to_swap and args.blocks_to_swap >= len(blocks):
-        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} must be smaller than the model's {len(blocks)} blocks")
+    header = models.read_header(args.dit, "DiT (--dit)")
+    num_blocks = models.count_transformer_blocks(header)
+    if args.blocks_to_swap and args.blocks_to_swap >= num_blocks:
+        raise ValueError(f"--blocks_to_swap {args.blocks_to_swap} must be smaller than the model's {num_blocks} blocks")
+    first_swapped = num_blocks - args.blocks_to_swap
+
+    def placement(name: str) -> torch.device:
+        """Each base weight straight onto its device: the last --blocks_to_swap blocks stay on the CPU."""
+        if args.blocks_to_swap and name.startswith("transformer_blocks."):
+            if int(name.split(".", 2)[1]) >= first_swapped:
+                return torch.device("cpu")
+        return device
+
+    # With --fp8_base the base weights are stored as float8 and upcast per layer for compute
+    # (the LoRA, added below, stays fp32).
+    transformer = models.load_transformer(
+        args.dit, weight_dtype, zero_cond_t=MODEL_VERSIONS[args.model_version].zero_cond_t,
+        fp8_base=args.fp8_base, placement=placement,
+    )
     targets = lora_target_modules(transformer, parse_network_args(args.network_args))
-    if args.fp8_base:
-        # Base weights stored as float8, upcast per layer for compute (LoRA added after, stays fp32).
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=weight_dtype)
-    if args.blocks_to_swap:
-        # Frozen base weights of the last N blocks live on the CPU and are streamed in layer by
+    for block in transformer.transformer_blocks[first_swapped:] if args.blocks_to_swap else []:
+        # Frozen base weights of the swapped blocks live on the CPU and are streamed in layer by
         # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
-        for name, child in transformer.named_children():
-            if name != "transformer_blocks":
-                child.to(device)
-        for index, block in enumerate(blocks):
-            if index < len(blocks) - args.blocks_to_swap:
-                block.to(device)
-            else:
-                apply_group_offloading(
-                    block, onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
-                    use_stream=device.type == "cuda",
-                )
-    else:
-        transformer.to(device)
+        apply_group_offloading(
+            block, onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
+            use_stream=device.type == "cuda",
+        )
     lora_params = add_lora(transformer, args.network_dim, args.network_alpha, targets)
     for param in lora_params:
         param.data = param.data.to(device)
@@ -431,20 +434,21 @@ def _train(
     items = group.items
     log.info("dataset: %d images in %d dataset(s)", len(items), len(group.datasets))
     reporter.update(JobState.CACHING, num_images=len(items))
-    vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else weight_dtype).to(device)
+    version = MODEL_VERSIONS[args.model_version]
+    vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else weight_dtype, device)
 
     def load_text_side() -> tuple[torch.nn.Module, Any]:
         log.info("loading the text encoder %s", args.text_encoder)
-        return models.load_text_encoder(args.text_encoder, weight_dtype).to(device), models.load_processor(args.tokenizer)
+        return models.load_text_encoder(args.text_encoder, weight_dtype, device), models.load_processor(args.tokenizer)
 
-    pipeline_class = QwenImageEditPlusPipeline if args.edit_plus else QwenImageEditPipeline
+    pipeline_class = QwenImageEditPlusPipeline if version.several_controls else QwenImageEditPipeline
     pipeline = pipeline_class(
         scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
         transformer=None,
     )
     encoders = CacheEncoders(
         pipeline, Path(args.vae), Path(args.text_encoder), weight_dtype,
-        str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), args.edit_plus, device, load_text_side,
+        str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), version.several_controls, device, load_text_side,
     )
     # Each process caches its share (a long single-process caching run would time out the others).
     share = items[accelerator.process_index :: accelerator.num_processes]
