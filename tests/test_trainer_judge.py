@@ -18,6 +18,8 @@ from face_consistency.trainer.face_metrics import SampleScorer
 from face_consistency.trainer.face_training import JudgeHeldout
 from face_consistency.trainer.protocol import read_metrics, read_status
 
+pytestmark = pytest.mark.trainer
+
 
 @pytest.fixture(scope="module")
 def judge():
