@@ -22,7 +22,7 @@ from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "face-consistency-embeddings/1"
+CACHE_FORMAT = "face-consistency-embeddings/2"
 
 
 @dataclass
@@ -38,6 +38,7 @@ class FileFaces:
     bbox: list[float] | None = None
     faces_found: int = 0
     image_size: tuple[int, int] | None = None  # (width, height)
+    kps: list[list[float]] | None = None  # the face's 5 keypoints (for the face-region change)
 
     @property
     def ok(self) -> bool:
@@ -61,6 +62,7 @@ class FileFaces:
             "bbox": self.bbox,
             "faces_found": self.faces_found,
             "image_size": list(self.image_size) if self.image_size else None,
+            "kps": self.kps,
         }
 
     @classmethod
@@ -80,6 +82,7 @@ class FileFaces:
             bbox=data["bbox"],
             faces_found=int(data["faces_found"]),
             image_size=tuple(data["image_size"]) if data["image_size"] else None,
+            kps=data["kps"],
         )
 
 

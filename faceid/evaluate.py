@@ -20,16 +20,18 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .alignment import aligned_crop
+from .alignment import aligned_crop, face_region_change
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image
+from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
 from .prompts import PromptFileError, SamplePrompt, load_prompt_file
 from .report import build_report
-from .results import FaceResult, Identity
-from .similarity import Bands, mean_identity
+from .results import DetectedFace, FaceResult, Identity
+from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from .similarity import Agreement, Bands, embedding_agreement, mean_identity
 
 # How many files the pipeline workers may run ahead of the recognizer batches (each waits as
 # a 112x112 crop; only those being decoded hold a whole image).
@@ -191,6 +193,35 @@ def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> 
         bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
         faces_found=result.faces_found if result is not None else 0,
         image_size=result.image_size if result is not None else None,
+        kps=[[round(float(v), 2) for v in point] for point in face.kps] if face is not None else None,
+    )
+
+
+def judge_files(judge: DlibJudge, paths: Sequence[Path], store: EmbeddingStore,
+                progress: ProgressBar | None = None) -> int:
+    """The judge's descriptor of every file not already in `store` (or changed since); returns how many."""
+    todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
+    for path in todo:
+        signature = file_signature(path)
+        if signature is not None:
+            store.put(_judged_file(path, signature, judge.judge(path)))
+        if progress is not None:
+            progress.update(1)
+    return len(todo)
+
+
+def _judged_file(path: Path, signature: tuple[int, int], result: JudgeResult) -> FileFaces:
+    face = result.face
+    return FileFaces(
+        path=str(path),
+        size=signature[0],
+        mtime_ns=signature[1],
+        embedding=face.descriptor if face is not None else None,
+        reason=result.reason,
+        det_score=round(float(face.det_score), 4) if face is not None else None,
+        bbox=face.to_dict()["bbox"] if face is not None else None,
+        faces_found=result.faces_found,
+        image_size=result.image_size,
     )
 
 
@@ -208,6 +239,9 @@ class FolderEvaluation:
         cache_file: Path | None = None,
         progress: ProgressFactory | None = None,
         workers: int | None = None,
+        judge: DlibJudge | None = None,
+        judge_cache_file: Path | None = None,
+        copy_paste_threshold: float = DEFAULT_COPY_PASTE_THRESHOLD,
     ) -> None:
         sources.check()
         if threshold is not None and not -1.0 <= threshold <= 1.0:
@@ -222,12 +256,24 @@ class FolderEvaluation:
         self.store = EmbeddingStore(
             model_fingerprint(description, model.pack_dir), model.embedding_size, cache_file
         )
+        self.judge = judge
+        self.judge_store = (
+            EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file) if judge is not None else None
+        )
+        self.copy_paste_threshold = float(copy_paste_threshold)
+        self._face_changes: dict[tuple, float | None] = {}
         self._prompts: list[SamplePrompt] | None = None
         self._prompts_signature: tuple[int, int] | None = None
         self._pairing: Pairing | None = None
         self.reference = reference_identity
+        self.judge_reference: np.ndarray | None = None
+        # the reference photos' own agreement: the same-person baseline of real photos (copy-paste gauge)
+        self.agreement: Agreement | None = None
+        self.judge_agreement: Agreement | None = None
         if sources.references:
             self.reference = self._reference_identity(reference_identity)
+            if judge is not None:
+                self.judge_reference = self._judge_reference()
 
     # inputs ----------------------------------------------------------------------------
 
@@ -240,9 +286,26 @@ class FolderEvaluation:
                 reason = entry.reason if entry is not None else "file changed while reading"
                 raise EvaluationError(f"--reference {path}: {reason}. Give photos with one clear face.")
             embeddings.append(entry.embedding)
+        self.agreement = embedding_agreement(embeddings)
         if extra is not None:
             embeddings += [extra.embedding] * extra.count  # weight an identity by its photo count
         return mean_identity(embeddings)
+
+    def _judge_reference(self) -> np.ndarray:
+        judge_files(self.judge, self.sources.references, self.judge_store)
+        descriptors = []
+        for path in self.sources.references:
+            entry = self.judge_store.get(path)
+            if entry is None or not entry.ok:
+                reason = entry.reason if entry is not None else "file changed while reading"
+                raise EvaluationError(
+                    f"--reference {path}: {reason}. The judge needs every reference photo's face: give photos "
+                    "with one clear, frontal face, or leave --judge out."
+                )
+            descriptors.append(entry.embedding)
+        identity = mean_descriptor(descriptors)
+        self.judge_agreement = identity.agreement
+        return identity.descriptor
 
     def _current_prompts(self) -> list[SamplePrompt] | None:
         prompt_file = self.sources.sample_prompts
@@ -288,6 +351,15 @@ class FolderEvaluation:
             if hasattr(bar, "close"):
                 bar.close()
         self.store.save()
+        if self.judge is not None:
+            judged = sum(1 for p in paths if self.judge_store.get(p) is None)
+            bar = self.progress(judged) if self.progress is not None and judged else None
+            try:
+                judge_files(self.judge, paths, self.judge_store, bar)
+            finally:
+                if hasattr(bar, "close"):
+                    bar.close()
+            self.judge_store.save()
         return RoundResult(self.report(), embedded, len(paths) - embedded)
 
     def report(self) -> dict[str, Any]:
@@ -308,6 +380,12 @@ class FolderEvaluation:
                 "file": _str(self.store.cache_file),
                 "entries": len(self.store),
                 "discarded": self.store.discarded_reason,
+            },
+            "judge": self.judge.describe() if self.judge is not None else None,
+            "copy_paste": {
+                "reference_agreement": self.agreement.to_dict() if self.agreement else None,
+                "judge_reference_agreement": self.judge_agreement.to_dict() if self.judge_agreement else None,
+                "change_threshold": self.copy_paste_threshold,
             },
         }
         return build_report(
@@ -334,6 +412,8 @@ class FolderEvaluation:
             "face": None,
             "reason": None,
         }
+        if self.judge is not None:
+            pair["judge"] = self._judge_pair(item)
         sample = self.store.get(item.image) or self.store.peek(item.image)
         if sample is None:
             pair["reason"] = NOT_SCORED
@@ -357,11 +437,67 @@ class FolderEvaluation:
         if control_embeddings:
             identity = mean_identity(control_embeddings)
             pair["score_control"] = round(float(np.dot(sample.embedding, identity.embedding)), 6)
+            self._gauge(pair, item, sample)
         if problems:
             # several --ci: the identity comes from those with a face; the others are noted
             key = "reason" if not control_embeddings and self.reference is None else "control_notes"
             pair[key] = "; ".join(problems)
         return pair
+
+
+    def _judge_pair(self, item: SampleItem) -> dict[str, Any]:
+        """The judge's own verdicts for one pair; its failures are reported here, apart from the engine's."""
+        judged: dict[str, Any] = {"face": None, "control": None, "reference": None, "reason": None}
+        sample = self.judge_store.get(item.image) or self.judge_store.peek(item.image)
+        if sample is None or not sample.ok:
+            judged["reason"] = f"sample: {sample.reason if sample is not None else NOT_SCORED}"
+            return judged
+        judged["face"] = sample.face_dict()
+        if self.judge_reference is not None:
+            judged["reference"] = verdict(sample.embedding, self.judge_reference).to_dict()
+        controls, problems = [], []
+        for control in item.controls:
+            entry = self.judge_store.get(control) or self.judge_store.peek(control)
+            if entry is None or not entry.ok:
+                problems.append(f"control {control}: {entry.reason if entry is not None else NOT_SCORED}")
+            else:
+                controls.append(entry.embedding)
+        if controls:
+            judged["control"] = verdict(sample.embedding, mean_descriptor(controls).descriptor).to_dict()
+        if problems:
+            judged["reason"] = "; ".join(problems)
+        return judged
+
+    def _gauge(self, pair: dict[str, Any], item: SampleItem, sample: FileFaces) -> None:
+        """Copy-paste gauge: a sample closer to its control than the reference photos are to each other,
+        with a near-zero face-region change, is flagged. The change is measured only for such samples."""
+        if self.agreement is None:
+            return
+        pair["above_reference_agreement"] = pair["score_control"] > self.agreement.mean
+        if not pair["above_reference_agreement"]:
+            return
+        control = self.store.get(item.controls[0]) or self.store.peek(item.controls[0])
+        if control is None or not control.ok or control.kps is None or sample.kps is None:
+            return
+        key = (control.path, control.size, control.mtime_ns, sample.path, sample.size, sample.mtime_ns)
+        if key not in self._face_changes:
+            self._face_changes[key] = _face_change(control, sample)
+        change = self._face_changes[key]
+        if change is not None:
+            pair["face_change"] = round(change, 6)
+            pair["copy_paste"] = change < self.copy_paste_threshold
+
+
+def _face_change(control: FileFaces, sample: FileFaces) -> float | None:
+    crops = []
+    for entry in (control, sample):
+        try:
+            bgr = load_image(Path(entry.path))
+        except ImageLoadError:
+            return None
+        face = DetectedFace(np.asarray(entry.bbox, np.float32), np.asarray(entry.kps, np.float32), entry.det_score)
+        crops.append(aligned_crop(bgr, face))
+    return face_region_change(*crops)
 
 
 def _str(path: Path | None) -> str | None:

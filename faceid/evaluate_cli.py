@@ -16,10 +16,12 @@ from typing import Sequence
 from .errors import FaceEngineError
 from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
 from .fileio import atomic_write_json
+from .judge import DETECTORS, JUDGE_CHOICES, load_judge
 from .model import DET_SIZE_CHOICES, load_face_model
 from .pack_download import OFFLINE_ENV, TerminalProgress
 from .plot import write_plot
 from .report import summary_table
+from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from .similarity import Bands
 
 DEFAULT_WATCH_SECONDS = 30.0
@@ -70,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--det_size", default="auto", help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32"
     )
     model.add_argument("--det_thresh", type=float, default=0.5, help="face detection score threshold (default 0.5)")
+    model.add_argument(
+        "--judge", choices=JUDGE_CHOICES,
+        help="also score every pair with a held-out recognizer from another family (dlib; needs "
+        'pip install "comfyui-face-consistency[judge]"); its own detector locates the faces',
+    )
+    model.add_argument(
+        "--judge_detector", choices=DETECTORS, default="hog",
+        help="the judge's face detector: hog (fast) or cnn (finds more faces, slow on the CPU); default hog",
+    )
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--threshold", type=float, help="count samples at or above this similarity")
     scoring.add_argument(
@@ -79,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     scoring.add_argument(
         "--output_json", type=Path, default=Path("face_consistency_results.json"),
         help="report path (default face_consistency_results.json)",
+    )
+    scoring.add_argument(
+        "--copy_paste_threshold", type=float, default=DEFAULT_COPY_PASTE_THRESHOLD,
+        help="face change (1 - SSIM) below which a sample scoring above the --reference photos' own agreement "
+        f"is flagged as a copy of its control (default {DEFAULT_COPY_PASTE_THRESHOLD})",
     )
     scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
     scoring.add_argument(
@@ -91,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cache_path_for(output_json: Path) -> Path:
     return output_json.with_name(output_json.name + ".embeddings.json")
+
+
+def judge_cache_path_for(output_json: Path) -> Path:
+    return output_json.with_name(output_json.name + ".judge.json")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         bands = Bands(*args.bands) if args.bands else Bands()
         cache_file = cache_path_for(args.output_json) if args.watch is not None else None
+        judge_cache = judge_cache_path_for(args.output_json) if args.watch is not None and args.judge else None
         sources = EvaluationSources(
             sample_dir=args.sample_dir,
             sample_prompts=args.sample_prompts,
@@ -114,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             generated_dir=args.generated_dir,
             references=list(args.reference),
             base_dir=args.ci_base_dir,
-            exclude=[p for p in (args.output_json, args.plot, cache_file) if p is not None],
+            exclude=[p for p in (args.output_json, args.plot, cache_file, judge_cache) if p is not None],
         )
         sources.check()
         model = load_face_model(
@@ -127,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=None if args.quiet else TerminalProgress(),
         )
         say(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}")
+        judge = load_judge(args.judge, args.judge_detector) if args.judge else None
+        if judge is not None:
+            say(f"held-out judge {judge.name}: {judge.describe()['detector']}")
         evaluation = FolderEvaluation(
             model,
             sources,
@@ -134,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bands=bands,
             cache_file=cache_file,
             progress=None if args.quiet else _tqdm_factory,
+            judge=judge,
+            judge_cache_file=judge_cache,
+            copy_paste_threshold=args.copy_paste_threshold,
         )
     except (FaceEngineError, ValueError) as exc:
         print(f"face-consistency evaluate: error: {exc}", file=sys.stderr)

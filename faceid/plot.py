@@ -55,10 +55,13 @@ def _figure(report: dict[str, Any]) -> Any:
     low = min(0.0, min(mins) - 0.05)
     bands = report["bands"]
     model = report["model"]
+    judge = report.get("judge")
     fig.suptitle(
         f"Face identity similarity to the {report['metric']} — {model['pack']} "
         f"({report['embedding_size']}-d, {report['provider']}); "
-        f"{report['valid_pairs']} of {report['total_pairs']} pairs scored",
+        f"{report['valid_pairs']} of {report['total_pairs']} pairs scored"
+        + (f"\nheld-out judge {judge['model']['judge']}: {judge['valid_pairs']} scored, "
+           f"similarity {judge['model']['similarity_scale']}" if judge else ""),
         fontsize=11,
     )
     for ax in (ax_steps, ax_prompts):
@@ -91,6 +94,8 @@ def _figure(report: dict[str, Any]) -> Any:
             f"n={by_step[key]['count']}", (x, mean), textcoords="offset points", xytext=(0, 8),
             ha="center", fontsize=8,
         )
+    if judge and judge["by_step"]:
+        _judge_curve(ax_steps, judge, position=dict(zip(keys, xs)))
     ax_steps.legend(loc="lower left", fontsize=8)
     prompt_lines = report["by_prompt_step"]
     position = dict(zip(keys, xs))
@@ -109,6 +114,18 @@ def _figure(report: dict[str, Any]) -> Any:
     if labels is not None:
         ax_prompts.set_xticks(xs, labels)
     return fig
+
+
+def _judge_curve(ax: Any, judge: dict[str, Any], position: dict[str, float]) -> None:
+    """The held-out judge's mean per step beside the engine's, with its same-person threshold."""
+    keys = [k for k in position if k in judge["by_step"]]
+    means = np.array([judge["by_step"][k]["mean"] for k in keys])
+    stds = np.array([judge["by_step"][k]["std"] for k in keys])
+    xs = [position[k] for k in keys]
+    ax.fill_between(xs, means - stds, means + stds, color="tab:orange", alpha=0.15)
+    ax.plot(xs, means, "s--", color="tab:orange", label=f"held-out judge {judge['model']['judge']} (mean ± std)")
+    ax.axhline(judge["model"]["similarity_threshold"], color="tab:orange", ls=":", lw=1,
+               label=f"{judge['model']['judge']} same-person threshold (distance {judge['model']['distance_threshold']})")
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

@@ -115,7 +115,43 @@ def build_report(
     }
     if primary == "reference" and any(p["score_control"] is not None for p in pairs):
         report["secondary"] = {"metric": "control", **_statistics(pairs, "score_control", threshold)}
+    if meta.get("judge") is not None:
+        report["judge"] = _judge_section(pairs, primary, meta["judge"])
+    report["copy_paste"] = _copy_paste_section(pairs, meta["copy_paste"])
     return report
+
+
+def _judge_section(pairs: list[dict[str, Any]], primary: str, judge: dict[str, Any]) -> dict[str, Any]:
+    """The held-out judge's figures for the primary metric: similarity (its documented scale) per step,
+    its distances, same-person count, and the items where its own detector found no face."""
+    for pair in pairs:
+        judged = pair["judge"].get(primary)
+        pair["judge_score"] = judged["similarity"] if judged else None
+        pair["judge_distance"] = judged["distance"] if judged else None
+    distances = [p["judge_distance"] for p in pairs if p["judge_distance"] is not None]
+    failures = [
+        {"file": p["image"], "kind": "judge", "reason": p["judge"]["reason"] or f"no {primary} verdict"}
+        for p in pairs if p["judge_score"] is None
+    ]
+    return {
+        "metric": primary,
+        "model": judge,
+        **_statistics(pairs, "judge_score", judge["similarity_threshold"]),
+        "distance": summarize(distances),
+        "same_person": sum(1 for d in distances if d < judge["distance_threshold"]),
+        "failure_count": len(failures),
+        "failures": failures,
+    }
+
+
+def _copy_paste_section(pairs: list[dict[str, Any]], gauge: dict[str, Any]) -> dict[str, Any]:
+    flagged = [p["image"] for p in pairs if p.get("copy_paste")]
+    return {
+        **gauge,
+        "above_reference_agreement": sum(1 for p in pairs if p.get("above_reference_agreement")),
+        "flagged_count": len(flagged),
+        "flagged": flagged,
+    }
 
 
 def _number(value: float | None, digits: int = 3) -> str:
@@ -146,11 +182,57 @@ def summary_table(report: dict[str, Any]) -> str:
     )
     if report["threshold"] is not None:
         lines.append(f"{report.get('at_or_above_threshold', 0)} at or above threshold {report['threshold']}")
+    if "judge" in report:
+        lines += _judge_table(report["judge"])
+    lines += _copy_paste_lines(report["copy_paste"])
     for failure in report["failures"][:20]:
         lines.append(f"  {failure['kind']}: {failure['file']}: {failure['reason']}")
     if report["failure_count"] > 20:
         lines.append(f"  ... and {report['failure_count'] - 20} more (see the JSON report)")
     return "\n".join(lines)
+
+
+def _judge_table(judge: dict[str, Any]) -> list[str]:
+    model = judge["model"]
+    lines = [
+        f"Held-out judge {model['judge']} ({model['detector']}): similarity {model['similarity_scale']}",
+        f"{'step':>10} {'n':>5} {'mean ± std':>16} {'min':>7} {'max':>7}",
+    ]
+    rows = list(judge["by_step"].items())
+    if judge["valid_pairs"]:
+        rows.append(("all", {"count": judge["valid_pairs"], "mean": judge["overall_mean"],
+                             "std": judge["overall_std"], "min": judge["overall_min"], "max": judge["overall_max"]}))
+    for key, stats in rows:
+        lines.append(
+            f"{key:>10} {stats['count']:>5} {_number(stats['mean']):>8} ± {_number(stats['std']):<5} "
+            f"{_number(stats['min']):>7} {_number(stats['max']):>7}"
+        )
+    lines.append(
+        f"judge: {judge['same_person']} of {judge['valid_pairs']} same person (distance < "
+        f"{model['distance_threshold']}), mean distance {_number(judge['distance']['mean'])}; "
+        f"{judge['failure_count']} without a judge verdict"
+    )
+    lines += [f"  judge: {f['file']}: {f['reason']}" for f in judge["failures"][:20]]
+    return lines
+
+
+def _copy_paste_lines(gauge: dict[str, Any]) -> list[str]:
+    agreement = gauge["reference_agreement"]
+    if agreement is None:
+        return []
+    lines = [
+        f"reference photos' own agreement: {agreement['mean']:.3f} (min {agreement['min']:.3f}, "
+        f"{agreement['pairs']} pair(s)); {gauge['above_reference_agreement']} sample(s) score above it against their control"
+    ]
+    judged = gauge["judge_reference_agreement"]
+    if judged is not None:
+        lines[0] += f"; judge's agreement {judged['mean']:.3f}"
+    if gauge["flagged_count"]:
+        lines.append(
+            f"COPY-PASTE? {gauge['flagged_count']} sample(s) above the references' agreement with a face change "
+            f"below {gauge['change_threshold']:.2f}: " + ", ".join(gauge["flagged"][:5])
+        )
+    return lines
 
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -172,7 +254,7 @@ _FAILURE = {
     "required": ["file", "kind", "reason"],
     "properties": {
         "file": {"type": "string"},
-        "kind": {"enum": ["pair", "sample", "control"]},
+        "kind": {"enum": ["pair", "sample", "control", "judge"]},
         "reason": {"type": "string"},
     },
 }
@@ -207,6 +289,21 @@ _PAIR = {
         "status": {"enum": ["ok", "failed"]},
         "reason": {"type": ["string", "null"]},
         "control_notes": {"type": "string"},
+        "judge": {
+            "type": "object",
+            "required": ["face", "control", "reference", "reason"],
+            "properties": {
+                "face": {"type": ["object", "null"]},
+                "control": {"type": ["object", "null"]},
+                "reference": {"type": ["object", "null"]},
+                "reason": {"type": ["string", "null"]},
+            },
+        },
+        "judge_score": _NUMBER_OR_NULL,
+        "judge_distance": _NUMBER_OR_NULL,
+        "above_reference_agreement": {"type": "boolean"},
+        "face_change": {"type": "number"},
+        "copy_paste": {"type": "boolean"},
     },
 }
 _STATISTICS_PROPERTIES = {
@@ -231,7 +328,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "tool", "tool_version", "created", "metric", "total_pairs", "valid_pairs", "overall_mean",
         "overall_std", "overall_min", "overall_max", "by_step", "by_prompt", "by_prompt_step",
         "threshold", "bands", "model", "embedding_size", "provider", "det_size", "det_thresh",
-        "inputs", "cache", "failure_count", "failures", "pairs",
+        "inputs", "cache", "failure_count", "failures", "pairs", "copy_paste",
     ],
     "properties": {
         "tool": {"type": "string"},
@@ -287,6 +384,33 @@ REPORT_SCHEMA: dict[str, Any] = {
         "failure_count": {"type": "integer", "minimum": 0},
         "failures": {"type": "array", "items": _FAILURE},
         "pairs": {"type": "array", "items": _PAIR},
+        "judge": {
+            "type": "object",
+            "required": ["metric", "model", "distance", "same_person", "failure_count", "failures",
+                         *sorted(_STATISTICS_PROPERTIES.keys() - {"at_or_above_threshold"})],
+            "properties": {
+                "metric": {"enum": ["control", "reference"]},
+                "model": {"type": "object", "required": ["judge", "detector", "distance_threshold", "similarity_scale"]},
+                **_STATISTICS_PROPERTIES,
+                "distance": _STATS,
+                "same_person": {"type": "integer", "minimum": 0},
+                "failure_count": {"type": "integer", "minimum": 0},
+                "failures": {"type": "array", "items": _FAILURE},
+            },
+        },
+        "copy_paste": {
+            "type": "object",
+            "required": ["reference_agreement", "judge_reference_agreement", "change_threshold",
+                         "above_reference_agreement", "flagged_count", "flagged"],
+            "properties": {
+                "reference_agreement": {"type": ["object", "null"]},
+                "judge_reference_agreement": {"type": ["object", "null"]},
+                "change_threshold": {"type": "number"},
+                "above_reference_agreement": {"type": "integer", "minimum": 0},
+                "flagged_count": {"type": "integer", "minimum": 0},
+                "flagged": {"type": "array", "items": {"type": "string"}},
+            },
+        },
         "secondary": {
             "type": "object",
             "required": ["metric", *sorted(_STATISTICS_PROPERTIES.keys() - {"at_or_above_threshold"})],

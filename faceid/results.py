@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -56,9 +57,33 @@ class FaceResult:
         return self.face.embedding if self.face is not None else None
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """How much photos of one person agree with each other: the same-person baseline of real photos."""
+
+    mean: float
+    min: float
+    max: float
+    pairs: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mean": round(self.mean, 6), "min": round(self.min, 6), "max": round(self.max, 6), "pairs": self.pairs}
+
+
+@dataclass(frozen=True)
+class JudgeIdentity:
+    """A person for the held-out judge: the mean of its descriptors of one or more photos."""
+
+    descriptor: np.ndarray
+    count: int
+    agreement: Agreement | None = None  # the photos' own agreement on the judge's scale
+
+
 @dataclass
 class Identity:
     """A person's identity: mean of L2-normalised embeddings, re-normalised."""
 
     embedding: np.ndarray
     count: int
+    agreement: Agreement | None = None  # the photos' own mean similarity (two or more photos)
+    judge: JudgeIdentity | None = None  # the same photos seen by the held-out judge, when one was given

@@ -10,8 +10,9 @@ import numpy as np
 
 from .alignment import aligned_crop, face_region_change
 from .errors import NoFaceError
+from .judge import DlibJudge, JudgeResult, Verdict, verdict
 from .model import FaceModel
-from .results import DetectedFace, FaceResult, Selection
+from .results import Agreement, DetectedFace, FaceResult, Selection
 from .similarity import Bands, normalize
 
 DEFAULT_COPY_PASTE_THRESHOLD = 0.10  # 1 − SSIM below this: the face region was handed back unchanged
@@ -45,10 +46,23 @@ class ImageScore:
     face_change: float | None  # 1 − SSIM against the control; None without control or face
     face_scores: list[float]  # similarity of every detected face, left to right
     unchanged: bool  # face_change below the copy-paste threshold
+    above_agreement: bool | None = None  # score above the reference photos' own agreement (None: unknown)
+    judge: JudgeResult | None = None  # the held-out judge's own view of the output, when one was given
+    judge_verdict: Verdict | None = None  # its verdict against the reference, None where it found no face
 
     @property
     def scored(self) -> bool:
         return self.band is not None
+
+    @property
+    def copy_paste(self) -> bool:
+        """Closer to the reference than its real photos are to each other, with the face region unchanged."""
+        return bool(self.above_agreement) and self.unchanged
+
+    @property
+    def judge_score(self) -> float:
+        """The judge's similarity (its documented scale), -1 where it gave no verdict."""
+        return self.judge_verdict.similarity if self.judge_verdict is not None else -1.0
 
 
 @dataclass
@@ -57,6 +71,8 @@ class BatchScores:
     bands: Bands
     threshold: float
     copy_paste_threshold: float
+    agreement: Agreement | None = None  # the reference photos' own agreement (the same-person baseline)
+    judge: DlibJudge | None = None
 
     @property
     def included(self) -> list[float]:
@@ -80,13 +96,30 @@ class BatchScores:
         lines = list(title) + [
             f"bands: excellent >= {b.excellent:.2f}, good >= {b.good:.2f}, "
             f"moderate >= {b.moderate:.2f}, poor below",
-            f"{'#':>3}  {'score':>6}  {'band':<9}  {'face':<10}  {'change':>6}  note",
         ]
+        if self.agreement is not None:
+            lines.append(
+                f"reference photos' own agreement: {self.agreement.mean:.3f} (min {self.agreement.min:.3f}, "
+                f"{self.agreement.pairs} pair(s)): real photos of one person agree this much"
+            )
+        if self.judge is not None:
+            info = self.judge.describe()
+            lines.append(
+                f"held-out judge {info['judge']} ({info['detector']}): distance, same person below "
+                f"{info['distance_threshold']}; similarity {info['similarity_scale']}"
+            )
+        judge_head = f"  {'dlib d':>6}  {'dlib s':>6}" if self.judge is not None else ""
+        lines.append(f"{'#':>3}  {'score':>6}  {'band':<9}  {'face':<10}  {'change':>6}{judge_head}  note")
         for r in self.rows:
             face = f"{r.result.face_index + 1} of {r.result.faces_found}" if r.scored else "-"
             change = f"{r.face_change:6.3f}" if r.face_change is not None else f"{'-':>6}"
+            judged = ""
+            if self.judge is not None:
+                v = r.judge_verdict
+                judged = f"  {v.distance:6.3f}  {v.similarity:6.3f}" if v is not None else f"  {'-':>6}  {'-':>6}"
             lines.append(
-                f"{r.index:>3}  {r.score:6.3f}  {(r.band or 'no face'):<9}  {face:<10}  {change}  {_note(r, self)}".rstrip()
+                f"{r.index:>3}  {r.score:6.3f}  {(r.band or 'no face'):<9}  {face:<10}  {change}{judged}  "
+                f"{_note(r, self)}".rstrip()
             )
         unchanged = sum(r.unchanged for r in self.rows)
         excluded = sum(r.excluded for r in self.rows)
@@ -94,6 +127,19 @@ class BatchScores:
             f"mean {self.mean:.3f} over {len(self.included)} image(s); {self.count_at_or_above} at or "
             f"above {self.threshold:.2f}; {excluded} excluded (no face); {unchanged} unchanged"
         )
+        if self.judge is not None:
+            verdicts = [r.judge_verdict for r in self.rows if r.judge_verdict is not None]
+            mean = np.mean([v.similarity for v in verdicts]) if verdicts else float("nan")
+            lines.append(
+                f"judge: mean similarity {mean:.3f} over {len(verdicts)} image(s); "
+                f"{sum(v.same_person for v in verdicts)} same person; {len(self.rows) - len(verdicts)} without a verdict"
+            )
+        copies = sum(r.copy_paste for r in self.rows)
+        if copies:
+            lines.append(
+                f"COPY-PASTE? {copies} output(s) score above the reference photos' own agreement with an unchanged "
+                "face: that is identity no real second photo reaches; the edit most likely returned the control."
+            )
         if unchanged:
             lines.append(
                 "WARNING: unchanged faces score perfect identity without any edit having happened; "
@@ -103,9 +149,23 @@ class BatchScores:
 
 
 def _note(row: ImageScore, batch: BatchScores) -> str:
+    notes = []
+    if row.judge is not None and row.judge_verdict is None:
+        notes.append(f"judge: {row.judge.reason or 'no reference verdict'}")
+    elif row.judge_verdict is not None and row.scored and not row.judge_verdict.same_person:
+        notes.append("judge: NOT the same person")
+    return "; ".join([n for n in [_engine_note(row, batch)] if n] + notes)
+
+
+def _engine_note(row: ImageScore, batch: BatchScores) -> str:
     if not row.scored:
         action = "excluded from the mean" if row.excluded else "scored 0"
         return f"{row.result.reason} ({action})"
+    if row.copy_paste:
+        return (
+            f"COPY? above the references' agreement {batch.agreement.mean:.3f} and face unchanged "
+            f"(change {row.face_change:.3f} < {batch.copy_paste_threshold:.2f})"
+        )
     if row.unchanged:
         return (
             f"UNCHANGED face (change {row.face_change:.3f} < {batch.copy_paste_threshold:.2f}): "
@@ -170,12 +230,18 @@ def score_batch(
     threshold: float = 0.75,
     copy_paste_threshold: float = DEFAULT_COPY_PASTE_THRESHOLD,
     on_image: Callable[[], None] | None = None,
+    agreement: Agreement | None = None,
+    judge: DlibJudge | None = None,
+    judge_references: Sequence[np.ndarray] = (),
 ) -> BatchScores:
     """Score each output (BGR uint8) against its reference embedding (1 for all, or pairwise).
 
-    `controls` (1 or pairwise, optional) enable the copy-paste guard. All faces of every
-    output are detected and embedded (`result.faces`), so callers can draw them.
+    `controls` (1 or pairwise, optional) enable the copy-paste guard; with `agreement` (the
+    reference photos' own) an output above it with an unchanged face is flagged as a copy. All
+    faces of every output are detected and embedded (`result.faces`), so callers can draw them.
+    `judge` with its reference descriptors (1 or pairwise) adds the held-out judge's verdicts.
     """
+    judge_of = reference_pairing(len(judge_references), len(outputs), "judge reference") if judge else None
     policy = NoFacePolicy(policy)
     selection = Selection(selection)
     reference_of = reference_pairing(len(references), len(outputs))
@@ -202,18 +268,22 @@ def score_batch(
                 change = face_region_change(controls[control_of[i]].crop, aligned_crop(bgr, result.face))
         else:
             score, band = 0.0, None
-        rows.append(
-            ImageScore(
-                index=i,
-                result=result,
-                score=score,
-                band=band,
-                excluded=band is None and policy is NoFacePolicy.EXCLUDE,
-                face_change=change,
-                face_scores=[float(np.dot(f.embedding, reference)) for f in result.faces],
-                unchanged=change is not None and change < copy_paste_threshold,
-            )
+        row = ImageScore(
+            index=i,
+            result=result,
+            score=score,
+            band=band,
+            excluded=band is None and policy is NoFacePolicy.EXCLUDE,
+            face_change=change,
+            face_scores=[float(np.dot(f.embedding, reference)) for f in result.faces],
+            unchanged=change is not None and change < copy_paste_threshold,
+            above_agreement=score > agreement.mean if agreement is not None and band is not None else None,
         )
+        if judge is not None:
+            row.judge = judge.judge(bgr, channel_order="bgr")
+            if row.judge.ok:
+                row.judge_verdict = verdict(row.judge.descriptor, judge_references[judge_of[i]])
+        rows.append(row)
         if on_image is not None:
             on_image()
-    return BatchScores(rows, bands, float(threshold), float(copy_paste_threshold))
+    return BatchScores(rows, bands, float(threshold), float(copy_paste_threshold), agreement, judge)

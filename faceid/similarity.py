@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from itertools import combinations
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from .results import Identity
+from .results import Agreement, Identity
 
 
 def normalize(vector: np.ndarray) -> np.ndarray:
@@ -27,6 +28,19 @@ def mean_identity(embeddings: Iterable[np.ndarray]) -> Identity:
     if not vectors:
         raise ValueError("an identity needs at least one embedding")
     return Identity(embedding=normalize(np.mean(vectors, axis=0)), count=len(vectors))
+
+
+def agreement(values: Sequence[Any], similarity: Callable[[Any, Any], float]) -> Agreement | None:
+    """Mean/min/max of `similarity(a, b)` over all pairs of `values`; None with fewer than two."""
+    scores = [float(similarity(a, b)) for a, b in combinations(values, 2)]
+    if not scores:
+        return None
+    return Agreement(float(np.mean(scores)), min(scores), max(scores), len(scores))
+
+
+def embedding_agreement(embeddings: Sequence[np.ndarray]) -> Agreement | None:
+    """`agreement` of reference photos' embeddings (cosine similarity)."""
+    return agreement(embeddings, cosine_similarity)
 
 
 @dataclass(frozen=True)

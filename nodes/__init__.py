@@ -10,7 +10,7 @@ import importlib
 
 from . import comfy_env
 
-NODE_MODULES: tuple[str, ...] = ("training", "scoring", "matching", "folder")
+NODE_MODULES: tuple[str, ...] = ("training", "scoring", "judge", "matching", "folder")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

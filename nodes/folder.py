@@ -13,6 +13,7 @@ from ..faceid import Bands, FaceModel, Identity
 from ..faceid.embedding_store import file_signature
 from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
 from ..faceid.fileio import atomic_write_json
+from ..faceid.judge import DlibJudge
 from ..faceid.pairing import list_images
 from ..faceid.plot import plot_rgb, write_plot
 from ..faceid.report import summary_table
@@ -40,11 +41,11 @@ def _sources(folder: str, sample_prompts: str, control_dir: str) -> EvaluationSo
     return EvaluationSources(sample_dir=folder_path, sample_prompts=_optional_path(sample_prompts))
 
 
-def _evaluation(model: FaceModel, sources: EvaluationSources) -> FolderEvaluation:
-    key = (id(model), sources.sample_dir, sources.sample_prompts, sources.control_dir, sources.generated_dir)
+def _evaluation(model: FaceModel, sources: EvaluationSources, judge: DlibJudge | None) -> FolderEvaluation:
+    key = (id(model), id(judge), sources.sample_dir, sources.sample_prompts, sources.control_dir, sources.generated_dir)
     evaluation = _evaluations.get(key)
-    if evaluation is None or evaluation.model is not model:
-        evaluation = FolderEvaluation(model, sources)
+    if evaluation is None or evaluation.model is not model or evaluation.judge is not judge:
+        evaluation = FolderEvaluation(model, sources, judge=judge)
         _evaluations[key] = evaluation
         while len(_evaluations) > KEPT_EVALUATIONS:
             _evaluations.popitem(last=False)
@@ -97,6 +98,10 @@ class FaceConsistencyScoreFolder:
                     "default": "",
                     "tooltip": "If set, also write the JSON report here and the plot beside it (.png).",
                 }),
+                "judge": ("FACE_JUDGE", {
+                    "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
+                    "the plot, as `face-consistency evaluate --judge dlib`.",
+                }),
                 **band_inputs(),
             },
         }
@@ -126,6 +131,7 @@ class FaceConsistencyScoreFolder:
         band_excellent: float | None = None,
         band_good: float | None = None,
         band_moderate: float | None = None,
+        judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
         defaults = Bands()
         bands = Bands(
@@ -134,7 +140,7 @@ class FaceConsistencyScoreFolder:
             band_moderate if band_moderate is not None else defaults.moderate,
         )
         report_path = _optional_path(save_report)
-        evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir))
+        evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir), judge)
         # a plot saved into the sample folder is ours, not a sample
         evaluation.sources.exclude = [report_path.with_suffix(".png")] if report_path is not None else []
         evaluation.reference = reference_identity

@@ -8,6 +8,7 @@ import torch
 
 from ..faceid import Bands, FaceModel, FaceResult
 from ..faceid.drawing import UNUSED_FACE_COLOR, draw_face, person_color
+from ..faceid.judge import DlibJudge, Verdict, verdict
 from ..faceid.matching import FaceAssignment, match_batch
 from ..faceid.ranking import Fallback, Pick, pick_best
 from ..faceid.scoring import analyze_references, reference_pairing
@@ -137,14 +138,16 @@ class FaceConsistencyBestOf:
     FUNCTION = "pick"
     OUTPUT_NODE = True
     INPUT_IS_LIST = True
-    RETURN_TYPES = ("IMAGE", "FLOAT", "INT", "STRING")
-    RETURN_NAMES = ("images", "scores", "indices", "report")
-    OUTPUT_IS_LIST = (False, True, True, False)
+    RETURN_TYPES = ("IMAGE", "FLOAT", "INT", "STRING", "FLOAT")
+    RETURN_NAMES = ("images", "scores", "indices", "report", "judge_scores")
+    OUTPUT_IS_LIST = (False, True, True, False, True)
     OUTPUT_TOOLTIPS = (
         "The kept images, best first (an empty batch when nothing passes and fallback is 'empty').",
         "Their scores, best first.",
         "Their indices in the input batch.",
-        "What was kept and why.",
+        "What was kept and why (with a judge: its verdict on each kept image).",
+        "The held-out judge's similarity of each kept image (1 - dlib distance / 1.2); -1 where no judge "
+        "is connected or it found no face.",
     )
     DESCRIPTION = "Keeps the best images by score (e.g. the scores of Face Similarity Score)."
 
@@ -163,11 +166,21 @@ class FaceConsistencyBestOf:
                     "default": Fallback.BEST.value,
                     "tooltip": "When nothing passes: the single best image anyway, or nothing.",
                 }),
-            }
+            },
+            "optional": {
+                "judge": ("FACE_JUDGE", {
+                    "tooltip": "A held-out judge (Face Judge Loader): the ranking stays by scores, and the "
+                    "report shows the judge's own verdict on every kept image.",
+                }),
+                "reference_image": ("IMAGE", {
+                    "tooltip": "With a judge: the control image(s) it compares with (1, or one per image).",
+                }),
+            },
         }
 
     def pick(
-        self, images: list[Any], scores: list[float], threshold: list[float], top_k: list[int], fallback: list[str]
+        self, images: list[Any], scores: list[float], threshold: list[float], top_k: list[int], fallback: list[str],
+        judge: list[DlibJudge] | None = None, reference_image: list[Any] | None = None,
     ) -> dict[str, Any]:
         singles = [batch[i : i + 1] for batch in images for i in range(batch.shape[0])]
         values = [float(s) for s in scores]
@@ -183,14 +196,38 @@ class FaceConsistencyBestOf:
         if len({tuple(t.shape[1:]) for t in kept}) > 1:
             raise ValueError("the kept images differ in size and cannot form one IMAGE batch")
         batch = torch.cat(kept) if kept else singles[0][:0]
-        report = describe_pick(values, pick, threshold[0], top_k[0], Fallback(fallback[0]))
+        verdicts = _judge_kept(judge[0], reference_image, singles, pick.indices) if judge else None
+        report = describe_pick(values, pick, threshold[0], top_k[0], Fallback(fallback[0]), verdicts)
+        judge_scores = [v.similarity if v is not None else -1.0 for v in (verdicts or {}).values()]
         return {
             "ui": {"text": [report]},
-            "result": (batch, [values[i] for i in pick.indices], list(pick.indices), report),
+            "result": (
+                batch, [values[i] for i in pick.indices], list(pick.indices), report,
+                judge_scores or [-1.0] * len(pick.indices),
+            ),
         }
 
 
-def describe_pick(values: list[float], pick: Pick, threshold: float, top_k: int, fallback: Fallback) -> str:
+def _judge_kept(
+    judge: DlibJudge, reference_image: list[Any] | None, singles: list[Any], kept: list[int]
+) -> dict[int, Verdict | None]:
+    """The judge's verdict on each kept image against its reference (1 for all, or pairwise)."""
+    if not reference_image:
+        raise ValueError("the judge needs reference_image (the control image, 1 or one per image) to compare with")
+    references = [bgr for batch in reference_image for bgr in to_bgr_list(batch, "reference_image")]
+    reference_of = reference_pairing(len(references), len(singles), "reference_image")
+    descriptors = judge.reference_descriptors(references, "bgr", "reference_image")
+    verdicts: dict[int, Verdict | None] = {}
+    for i in kept:
+        result = judge.judge(to_bgr_list(singles[i], "images")[0], channel_order="bgr")
+        verdicts[i] = verdict(result.descriptor, descriptors[reference_of[i]]) if result.ok else None
+    return verdicts
+
+
+def describe_pick(
+    values: list[float], pick: Pick, threshold: float, top_k: int, fallback: Fallback,
+    verdicts: dict[int, Verdict | None] | None = None,
+) -> str:
     limit = f", keeping the top {top_k}" if top_k else ""
     lines = [f"best of {len(values)}: {pick.passed} at or above {threshold:.2f}{limit}"]
     if pick.fallback_used:
@@ -199,7 +236,16 @@ def describe_pick(values: list[float], pick: Pick, threshold: float, top_k: int,
             if fallback is Fallback.BEST
             else "none passed; fallback 'empty': no images returned"
         )
-    lines += [f"{rank + 1:>3}. image {i}: {values[i]:.3f}" for rank, i in enumerate(pick.indices)]
+    for rank, i in enumerate(pick.indices):
+        line = f"{rank + 1:>3}. image {i}: {values[i]:.3f}"
+        if verdicts is not None:
+            v = verdicts[i]
+            line += (
+                "  judge: no face found" if v is None
+                else f"  judge {v.similarity:.3f} (distance {v.distance:.3f}, "
+                f"{'same person' if v.same_person else 'NOT the same person'})"
+            )
+        lines.append(line)
     return "\n".join(lines)
 
 

@@ -20,7 +20,9 @@ from ..faceid import (
     mean_identity,
 )
 from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
+from ..faceid.judge import DlibJudge, mean_descriptor
 from ..faceid.pack_download import RELEASES
+from ..faceid.similarity import embedding_agreement
 from ..faceid.scoring import (
     DEFAULT_COPY_PASTE_THRESHOLD,
     Control,
@@ -170,10 +172,16 @@ class FaceConsistencyReference:
             },
             "optional": {
                 "images_2": ("IMAGE", {"tooltip": "More photos (any size; batches must be one size)."}),
+                "judge": ("FACE_JUDGE", {
+                    "tooltip": "Also build the person for the held-out judge (Face Judge Loader), so that "
+                    "Face Similarity Score can show its verdict against this identity.",
+                }),
             },
         }
 
-    def build(self, face_model: FaceModel, images: Any, images_2: Any = None) -> dict[str, Any]:
+    def build(
+        self, face_model: FaceModel, images: Any, images_2: Any = None, judge: DlibJudge | None = None
+    ) -> dict[str, Any]:
         groups = [("images", to_bgr_list(images, "images"))]
         if images_2 is not None:
             groups.append(("images_2", to_bgr_list(images_2, "images_2")))
@@ -184,7 +192,16 @@ class FaceConsistencyReference:
             for result in analyze_references(face_model, bgrs, name, lambda: progress.update(1))
         ]
         identity = mean_identity(embeddings)
+        identity.agreement = embedding_agreement(embeddings)
         text = f"identity from {identity.count} photo(s), {face_model.pack_name} ({face_model.embedding_size}-d)"
+        if identity.agreement is not None:
+            text += f"; the photos' own agreement {identity.agreement.mean:.3f} (min {identity.agreement.min:.3f})"
+        if judge is not None:
+            descriptors = [d for name, bgrs in groups for d in judge.reference_descriptors(bgrs, "bgr", name)]
+            identity.judge = mean_descriptor(descriptors)
+            text += f"\njudge {judge.name}: identity from {identity.judge.count} photo(s)"
+            if identity.judge.agreement is not None:
+                text += f", the photos' own agreement {identity.judge.agreement.mean:.3f}"
         return {"ui": {"text": [text]}, "result": (identity,)}
 
 
@@ -194,9 +211,12 @@ class FaceConsistencySimilarity:
     CATEGORY = CATEGORY
     FUNCTION = "score"
     OUTPUT_NODE = True
-    RETURN_TYPES = ("FLOAT", "FLOAT", "INT", "STRING", "IMAGE", "FLOAT")
-    RETURN_NAMES = ("scores", "mean_score", "count_above", "report", "annotated_images", "face_change")
-    OUTPUT_IS_LIST = (True, False, False, False, False, True)
+    RETURN_TYPES = ("FLOAT", "FLOAT", "INT", "STRING", "IMAGE", "FLOAT", "FLOAT", "FLOAT")
+    RETURN_NAMES = (
+        "scores", "mean_score", "count_above", "report", "annotated_images", "face_change", "judge_scores",
+        "reference_agreement",
+    )
+    OUTPUT_IS_LIST = (True, False, False, False, False, True, True, False)
     OUTPUT_TOOLTIPS = (
         "One similarity per input image, in order (0 where no face was found).",
         "Mean similarity (images without a face: 0, or left out with no_face_policy 'exclude').",
@@ -205,6 +225,10 @@ class FaceConsistencySimilarity:
         "The images with the faces boxed, keypoints and score drawn.",
         "Per image: 1 − SSIM of the aligned face crops of control and output (about 0 = the face "
         "was returned unchanged); -1 where no reference_image or no face.",
+        "Per image: the held-out judge's similarity (1 - dlib distance / 1.2; 0.5 = its same-person "
+        "threshold); -1 where no judge is connected or it found no face.",
+        "The reference photos' own mean similarity (reference_identity from two or more photos): real "
+        "photos of the person agree this much; -1 when unknown. Feeds the Checkpoint Scoreboard's gauge.",
     )
     DESCRIPTION = (
         "ArcFace cosine similarity of the face in each image to the reference. One reference for "
@@ -246,7 +270,12 @@ class FaceConsistencySimilarity:
                 }),
                 "reference_identity": ("FACE_IDENTITY", {
                     "tooltip": "Scores against this identity instead of reference_image's face "
-                    "(reference_image, if connected, then only feeds the change guard).",
+                    "(reference_image, if connected, then only feeds the change guard). Built from two "
+                    "or more photos, it also gives the copy-paste gauge its baseline.",
+                }),
+                "judge": ("FACE_JUDGE", {
+                    "tooltip": "A held-out judge (Face Judge Loader): each image also gets its verdict, with "
+                    "its own detector. Against reference_identity, build that identity with the judge too.",
                 }),
             },
         }
@@ -265,9 +294,15 @@ class FaceConsistencySimilarity:
         copy_paste_threshold: float,
         reference_image: Any = None,
         reference_identity: Identity | None = None,
+        judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
         if reference_image is None and reference_identity is None:
             raise ValueError("connect reference_image (the control image) or reference_identity")
+        if judge is not None and reference_identity is not None and reference_identity.judge is None:
+            raise ValueError(
+                "the judge scores against reference_identity only when that identity was built with the judge: "
+                "connect the same Face Judge Loader to Face Reference Identity's judge input"
+            )
         bands = Bands(band_excellent, band_good, band_moderate)
         outputs = to_bgr_list(images, "images")
         controls = to_bgr_list(reference_image, "reference_image") if reference_image is not None else []
@@ -281,6 +316,13 @@ class FaceConsistencySimilarity:
         else:
             references = [r.embedding for r in control_results]
             source = f"reference_image ({len(controls)})"
+        judge_references = []
+        if judge is not None:
+            judge_references = (
+                [reference_identity.judge.descriptor] if reference_identity is not None
+                else judge.reference_descriptors(controls, "bgr", "reference_image")
+            )
+        agreement = reference_identity.agreement if reference_identity is not None else None
         batch = score_batch(
             face_model,
             outputs,
@@ -293,6 +335,9 @@ class FaceConsistencySimilarity:
             threshold=threshold,
             copy_paste_threshold=copy_paste_threshold,
             on_image=lambda: progress.update(1),
+            agreement=agreement,
+            judge=judge,
+            judge_references=judge_references,
         )
         report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
         for bgr, row in zip(outputs, batch.rows):  # our own converted copies: draw on them
@@ -300,7 +345,10 @@ class FaceConsistencySimilarity:
         changes = [row.face_change if row.face_change is not None else -1.0 for row in batch.rows]
         return {
             "ui": {"text": [report], "images": save_previews(outputs, "face_similarity")},
-            "result": (batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(outputs), changes),
+            "result": (
+                batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(outputs), changes,
+                [row.judge_score for row in batch.rows], agreement.mean if agreement is not None else -1.0,
+            ),
         }
 
 
@@ -310,6 +358,8 @@ def annotate_scores(bgr: np.ndarray, row: ImageScore) -> None:
     for j, (face, similarity) in enumerate(zip(result.faces, row.face_scores)):
         if j == result.face_index:
             label = f"#{row.index} {row.score:.3f} {row.band}" + (" UNCHANGED" if row.unchanged else "")
+            if row.judge_verdict is not None:
+                label += f" dlib {row.judge_verdict.similarity:.2f}"
             draw_face(bgr, face, label, UNCHANGED_COLOR if row.unchanged else BAND_COLORS[row.band])
         else:
             draw_face(bgr, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)

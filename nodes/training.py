@@ -18,7 +18,15 @@ import torch
 from ..faceid.embedding_store import file_signature
 from ..faceid.fileio import atomic_write_text
 from ..trainer import jobs
-from ..trainer.checkpoint_scores import best_checkpoint, chart_positions, copy_as_best, format_table, group_scores
+from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from ..trainer.checkpoint_scores import (
+    best_checkpoint,
+    chart_positions,
+    copy_as_best,
+    copy_paste_notes,
+    format_table,
+    group_scores,
+)
 from ..trainer.jobs import JobRecord, JobRegistry
 from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
@@ -617,6 +625,15 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
                 "copy_best": ("BOOLEAN", {"default": False, "tooltip": "Copy the best checkpoint to "
                               "{name}-best.safetensors beside it."}),
             },
+            "optional": {
+                "reference_agreement": ("FLOAT", {"forceInput": True, "tooltip": "The reference photos' own "
+                                        "agreement (Face Similarity Score's reference_agreement): a checkpoint whose "
+                                        "mean is above it scores more alike than real photos of the person do."}),
+                "face_change": ("FLOAT", {"forceInput": True, "tooltip": "Face Similarity Score's face_change, "
+                                "grouped like the scores (-1 unknown): with it, checkpoints above the agreement "
+                                "whose mean face change is below the similarity node's default copy_paste_threshold "
+                                f"({DEFAULT_COPY_PASTE_THRESHOLD}) are flagged COPY?."}),
+            },
         }
 
     INPUT_IS_LIST = True
@@ -626,10 +643,21 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
     CATEGORY = CATEGORY
     OUTPUT_NODE = True
 
-    def rank(self, checkpoint_names: list[str], scores: list[Any], copy_best: list[bool]) -> dict[str, Any]:
+    def rank(
+        self, checkpoint_names: list[str], scores: list[Any], copy_best: list[bool],
+        reference_agreement: list[float] | None = None, face_change: list[Any] | None = None,
+    ) -> dict[str, Any]:
         results = group_scores(checkpoint_names, scores)
         best = best_checkpoint(results)
-        table = format_table(results, best)
+        notes = {}
+        agreement = float(reference_agreement[0]) if reference_agreement else -1.0
+        if agreement >= 0.0:  # -1: the similarity node knew no agreement
+            changes = group_scores(checkpoint_names, _unknown_as_nan(face_change)) if face_change else []
+            notes = copy_paste_notes(results, agreement, changes, DEFAULT_COPY_PASTE_THRESHOLD)
+        table = format_table(results, best, notes)
+        if notes:
+            table += (f"\n{len(notes)} checkpoint(s) score above the reference photos' own agreement "
+                      f"{agreement:.3f}: identity no real second photo reaches (see the notes)")
         if copy_best and copy_best[0]:
             source = comfy_env.full_path(LORAS, best.name)
             if source is None:
@@ -641,6 +669,16 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
             results.index(best), x_label=x_label,
         )
         return {"ui": {"text": [table]}, "result": (table, rgb_to_image(plot), best.name, best.mean)}
+
+
+def _unknown_as_nan(values: list[Any]) -> list[Any]:
+    """face_change lists mark "unknown" with -1; the scoreboard's grouping marks it with NaN."""
+    def convert(item: Any) -> Any:
+        if isinstance(item, (list, tuple)):
+            return [convert(v) for v in item]
+        return math.nan if item is None or float(item) < 0 else float(item)
+
+    return [convert(v) for v in values]
 
 
 NODE_CLASS_MAPPINGS = {

@@ -37,6 +37,17 @@ def corrupt_image(target: Path) -> Path:
     return target
 
 
+def one_sample_run(root: Path, faces: Path) -> tuple[Path, Path, Path]:
+    """A musubi sample folder with one sample (obama2) whose prompt's --ci is obama: (folder, sample, prompt file)."""
+    sample_dir = root / "sample"
+    sample_dir.mkdir()
+    sample = sample_dir / "tiny_000002_00_20260101000000_100.png"
+    Image.open(faces / "obama2.jpg").convert("RGB").save(sample)
+    prompts = root / "prompts.txt"
+    prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {faces / 'obama.jpg'}\n", encoding="utf-8")
+    return sample_dir, sample, prompts
+
+
 def validate_schema(instance: Any, schema: dict[str, Any], where: str = "report") -> list[str]:
     """Check `instance` against the JSON-Schema subset REPORT_SCHEMA uses; returns the problems."""
     problems: list[str] = []
@@ -50,6 +61,7 @@ def validate_schema(instance: Any, schema: dict[str, Any], where: str = "report"
             "string": lambda v: isinstance(v, str),
             "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
             "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            "boolean": lambda v: isinstance(v, bool),
             "null": lambda v: v is None,
         }
         if not any(checks[t](instance) for t in types):

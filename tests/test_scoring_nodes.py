@@ -124,7 +124,8 @@ def test_scores_match_engine_and_order_people(comfy: Path, face_model, faces_dir
     outputs = torch.cat([photo(faces_dir, "obama2.jpg", size), photo(faces_dir, "biden.jpg", size)])
 
     out = score(face_model, outputs, reference_image=reference)
-    scores, mean, count, report, annotated, changes = out["result"]
+    scores, mean, count, report, annotated, changes, judged, agreement = out["result"]
+    assert judged == [-1.0, -1.0] and agreement == -1.0  # no judge, no identity of several photos
 
     engine = load_face_model("testpack", models_root=face_model.pack_dir.parent, provider="cpu", det_size=640)
     assert engine is face_model
@@ -319,17 +320,18 @@ def test_best_of_orders_filters_and_falls_back() -> None:
     scores = [0.5, 0.9, 0.7, 0.95, 0.1]
     node = FaceConsistencyBestOf()
 
-    kept, kept_scores, indices, report = node.pick([images], scores, [0.6], [0], ["best"])["result"]
+    kept, kept_scores, indices, report, judged = node.pick([images], scores, [0.6], [0], ["best"])["result"]
+    assert judged == [-1.0, -1.0, -1.0]  # no judge connected
     assert indices == [3, 1, 2] and kept_scores == [0.95, 0.9, 0.7]
     assert torch.equal(kept, images[[3, 1, 2]])
     assert report.startswith("best of 5: 3 at or above 0.60")
 
     assert node.pick([images], scores, [-1.0], [2], ["best"])["result"][2] == [3, 1]
 
-    kept, _, indices, report = node.pick([images], scores, [0.99], [0], ["best"])["result"]
+    kept, _, indices, report, _ = node.pick([images], scores, [0.99], [0], ["best"])["result"]
     assert indices == [3] and kept.shape[0] == 1 and "fallback 'best': keeping image 3" in report
 
-    kept, kept_scores, indices, report = node.pick([images], scores, [0.99], [0], ["empty"])["result"]
+    kept, kept_scores, indices, report, _ = node.pick([images], scores, [0.99], [0], ["empty"])["result"]
     assert indices == [] and kept.shape == (0, 4, 6, 3) and "no images returned" in report
 
     with pytest.raises(ValueError, match="5 images but 4 scores"):
@@ -338,7 +340,7 @@ def test_best_of_orders_filters_and_falls_back() -> None:
 
 def test_best_of_accepts_a_list_of_single_images() -> None:
     singles = [torch.full((1, 4, 4, 3), i / 4) for i in range(3)]
-    kept, _, indices, _ = FaceConsistencyBestOf().pick(singles, [0.2, 0.8, 0.5], [0.0], [1], ["best"])["result"]
+    kept, _, indices, _, _ = FaceConsistencyBestOf().pick(singles, [0.2, 0.8, 0.5], [0.0], [1], ["best"])["result"]
     assert indices == [1] and torch.equal(kept, singles[1])
 
 

@@ -9,6 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from PIL import Image
+from evaluate_fixtures import one_sample_run
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 from face_consistency.cli import main as cli_main
@@ -147,12 +148,7 @@ def test_samples_scored_after_each_sampling_round(full_run):
 def test_sample_scorer_scores_like_evaluate(face_setup, faces_dir, testpack_dir, tmp_path):
     """A sample with a face, paired with its --ci control by the musubi name and prompt file."""
     engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
-    sample_dir = tmp_path / "sample"
-    sample_dir.mkdir()
-    sample = sample_dir / "tiny_000002_00_20260101000000_100.png"
-    Image.open(faces_dir / "obama2.jpg").convert("RGB").save(sample)
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {faces_dir / 'obama.jpg'}\n", encoding="utf-8")
+    sample_dir, sample, prompts = one_sample_run(tmp_path, faces_dir)
     metrics = SampleScorer(engine, sample_dir, prompts, prefix="heldout_").score([sample])
     sample_face, control_face = engine.analyze([Image.open(sample), Image.open(faces_dir / "obama.jpg")])
     expected = cosine_similarity(sample_face.embedding, control_face.embedding)

@@ -291,3 +291,18 @@ def test_a_dataset_folder_needs_controls(comfy: Path, tmp_path: Path) -> None:
         training._dataset_config(str(tmp_path / "data"), tmp_path, 1024)
     with pytest.raises(ValueError, match="neither a dataset .toml file nor a folder"):
         training._dataset_config(str(tmp_path / "missing"), tmp_path, 1024)
+
+
+def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
+    names = ["r/r-step00000100.safetensors", "r/r-step00000200.safetensors", "r/r-step00000300.safetensors"]
+    scores = [[0.60, 0.62], [0.80, 0.82], [0.99, 0.98]]
+    changes = [[0.55, 0.60], [0.50, -1.0], [0.01, 0.02]]  # -1: unknown (no control)
+    node = FaceConsistencyCheckpointScoreboard()
+    table = node.rank(names, scores, [False], reference_agreement=[0.73], face_change=changes)["result"][0]
+    rows = {row.split()[0]: row for row in table.splitlines()[1:] if row.startswith("r/")}
+    assert "COPY? above the references' agreement 0.730 with face change 0.015" in rows[names[2]]
+    assert "above the references' agreement 0.730: check by eye" in rows[names[1]]
+    assert "agreement" not in rows[names[0]]
+    assert "2 checkpoint(s) score above the reference photos' own agreement" in table
+    # without an agreement (the similarity node gives -1) there is no gauge
+    assert "agreement" not in node.rank(names, scores, [False], reference_agreement=[-1.0])["result"][0]

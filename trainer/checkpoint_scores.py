@@ -96,7 +96,29 @@ def chart_positions(results: Sequence[CheckpointScore]) -> tuple[list[float], st
     return [float(i) for i in range(len(results))], "checkpoint (saved order)"
 
 
-def format_table(results: Sequence[CheckpointScore], best: CheckpointScore) -> str:
+def copy_paste_notes(
+    results: Sequence[CheckpointScore], agreement: float, changes: Sequence[CheckpointScore] = (),
+    change_threshold: float = 0.10,
+) -> dict[str, str]:
+    """Checkpoint name -> a warning where its mean score is above the reference photos' own agreement
+    (`agreement`: real photos of the person agree this much), which real second photos do not reach;
+    COPY? where its face change (`changes`, grouped like the scores, NaN unknown) is also near zero."""
+    change_of = {c.name: c.mean for c in changes}
+    notes = {}
+    for r in results:
+        if not (math.isfinite(r.mean) and r.mean > agreement):
+            continue
+        change = change_of.get(r.name, math.nan)
+        if math.isfinite(change) and change < change_threshold:
+            notes[r.name] = (f"COPY? above the references' agreement {agreement:.3f} with face change {change:.3f} "
+                             f"< {change_threshold:.2f}")
+        else:
+            notes[r.name] = f"above the references' agreement {agreement:.3f}: check by eye"
+    return notes
+
+
+def format_table(results: Sequence[CheckpointScore], best: CheckpointScore, notes: dict[str, str] | None = None) -> str:
+    notes = notes or {}
     rows = [f"{'checkpoint':<48} {'step':>8} {'mean':>8} {'std':>7} {'n':>4}"]
     for r in results:
         step = str(r.step) if r.step is not None else (f"e{r.epoch}" if r.epoch is not None else "final")
@@ -104,7 +126,8 @@ def format_table(results: Sequence[CheckpointScore], best: CheckpointScore) -> s
         no_face = len(r.scores) - len(r.valid)
         mark = "  <- best" if r is best else ""
         skipped = f"  ({no_face} without a face)" if no_face else ""
-        rows.append(f"{r.name:<48} {step:>8} {mean:>8} {r.std:>7.4f} {len(r.valid):>4}{mark}{skipped}")
+        note = f"  {notes[r.name]}" if r.name in notes else ""
+        rows.append(f"{r.name:<48} {step:>8} {mean:>8} {r.std:>7.4f} {len(r.valid):>4}{mark}{skipped}{note}")
     return "\n".join(rows)
 
 

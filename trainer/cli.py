@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     face.add_argument("--face_loss_max_t", type=float,
                       help="apply the loss only where t <= this (default: every t; 0.5 keeps the sharper estimates)")
     face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")
-    face.add_argument("--face_eval_model", help="a second, held-out pack reported beside the training one")
+    face.add_argument("--face_eval_model", help="a second, held-out pack reported beside the training one; "
+                      "dlib: the dlib judge (pip install \"comfyui-face-consistency[judge]\")")
     face.add_argument("--face_decode", default="full", help="decode for the face term: full, half (half "
                       "resolution) or face (only the face region)")
     return parser

@@ -4,7 +4,10 @@ Keys (metrics.jsonl, TensorBoard, status.json): `face_sim/x0_mean|min|max` (one-
 against their references, every --face_eval_frequency steps, with `face/valid`, `face/t_mean`
 and the per-sample lists `face_sim/x0` and `face/t`), `face_sim/sample_mean|min|max|count`
 (sample images against their control images, after each sampling round), and the same keys
-with `heldout_` after `face_sim/` for the held-out pack (`--face_eval_model`).
+with `heldout_` after `face_sim/` for the held-out pack (`--face_eval_model`). With
+`--face_eval_model dlib` the held-out figures are the dlib judge's similarity (1 - distance / 1.2,
+0.5 at its same-person threshold), with `face_sim/heldout_x0_distance_mean` and
+`face_sim/heldout_x0_no_face` (estimates in which the judge's own detector found no face).
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from typing import Any, Sequence
 
 from ..faceid import FaceModel
 from ..faceid.evaluate import EvaluationSources, FolderEvaluation
+from ..faceid.judge import DlibJudge
 from ..faceid.report import summarize
 
 HELDOUT = "heldout_"
@@ -32,26 +36,35 @@ class SampleScorer:
     embeddings between rounds, so each control is embedded once per run.
     """
 
-    def __init__(self, model: FaceModel, sample_dir: Path, sample_prompts: Path, prefix: str = "") -> None:
+    def __init__(self, model: FaceModel, sample_dir: Path, sample_prompts: Path, prefix: str = "",
+                 judge: DlibJudge | None = None) -> None:
         self.model = model
         self.sample_dir = sample_dir
         self.sample_prompts = sample_prompts
         self.prefix = prefix
+        self.judge = judge  # also `face_sim/heldout_sample_*` from the judge, in the same round
         self._evaluation: FolderEvaluation | None = None
 
     def score(self, paths: Sequence[Path]) -> dict[str, float]:
         """`face_sim/{prefix}sample_mean|min|max|count` for the images `paths` (one sampling round)."""
         if self._evaluation is None:  # the sample folder exists once the first round is written
             self._evaluation = FolderEvaluation(
-                self.model, EvaluationSources(sample_dir=self.sample_dir, sample_prompts=self.sample_prompts)
+                self.model, EvaluationSources(sample_dir=self.sample_dir, sample_prompts=self.sample_prompts),
+                judge=self.judge,
             )
         report = self._evaluation.run_round().report
         wanted = {Path(p).resolve() for p in paths}
-        scores = [pair["score_control"] for pair in report["pairs"]
-                  if Path(pair["image"]).resolve() in wanted and pair["score_control"] is not None]
-        stats = summarize(scores)
-        name = f"face_sim/{self.prefix}sample"
-        metrics: dict[str, float] = {f"{name}_count": stats["count"]}
-        if stats["count"]:
-            metrics.update({f"{name}_mean": stats["mean"], f"{name}_min": stats["min"], f"{name}_max": stats["max"]})
+        pairs = [pair for pair in report["pairs"] if Path(pair["image"]).resolve() in wanted]
+        metrics = _sample_stats([p["score_control"] for p in pairs], f"face_sim/{self.prefix}sample")
+        if self.judge is not None:
+            judged = [p["judge"]["control"]["similarity"] for p in pairs if p["judge"]["control"]]
+            metrics.update(_sample_stats(judged, f"face_sim/{HELDOUT}sample"))
         return metrics
+
+
+def _sample_stats(scores: Sequence[float | None], name: str) -> dict[str, float]:
+    stats = summarize(s for s in scores if s is not None)
+    metrics: dict[str, float] = {f"{name}_count": stats["count"]}
+    if stats["count"]:
+        metrics.update({f"{name}_mean": stats["mean"], f"{name}_min": stats["min"], f"{name}_max": stats["max"]})
+    return metrics

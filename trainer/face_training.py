@@ -12,7 +12,10 @@ pack or an unavailable `--face_device` is a configuration error), and returns th
 - after each sampling round, scores the samples against their control images as `evaluate` does.
 
 With `--face_eval_model` a second pack (its own detector, recognizer and cached references)
-measures the same x0 estimates and samples; it never contributes a gradient.
+measures the same x0 estimates and samples; it never contributes a gradient. `--face_eval_model
+dlib` makes that the dlib judge (faceid/judge.py): another family, its own detector on the decoded
+x0 estimates (always the whole target decoded) and on the samples, the controls' mean descriptor
+as the reference.
 """
 from __future__ import annotations
 
@@ -22,11 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
 from ..faceid.pack_download import TerminalProgress
+from ..faceid.report import summarize
+from ..faceid.results import JudgeIdentity
 from .dataset import DatasetItem
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
@@ -56,8 +64,73 @@ class FacePack:
     def batch(self, items: list[DatasetItem], device: torch.device) -> FaceTargetBatch:
         return collate_face_targets(self.targets.for_items(items), reference=REFERENCE).to(device)
 
+    def without_face(self) -> dict[str, str]:
+        return self.targets.without_face(REFERENCE)
 
-def load_face_pack(args: argparse.Namespace, pack: str, prefix: str) -> FacePack:
+
+class JudgeHeldout:
+    """`--face_eval_model dlib`: the judge measures the x0 estimates against each item's controls.
+
+    It sees the decoded pixels only (its own detector finds the face; the engine's keypoints are
+    not used), so an estimate the judge cannot find a face in counts as `face_sim/x0_no_face`.
+    """
+
+    def __init__(self, judge: DlibJudge) -> None:
+        self.judge = judge
+        self.references: dict[Path, JudgeIdentity] = {}
+        self.reasons: dict[str, str] = {}  # target file -> why the judge has no reference for it
+
+    def cache(self, items: list[DatasetItem], should_stop: Callable[[], bool]) -> None:
+        """The controls' mean descriptor per item (in memory: a few judge runs per control image)."""
+        for item in items:
+            if should_stop():
+                return
+            descriptors, problems = [], []
+            for control in item.controls:
+                with Image.open(control) as image:
+                    result = self.judge.judge(image.convert("RGB"))
+                if result.ok:
+                    descriptors.append(result.descriptor)
+                else:
+                    problems.append(f"control {control}: {result.reason}")
+            if descriptors:
+                self.references[item.target] = mean_descriptor(descriptors)
+            else:
+                self.reasons[str(item.target)] = "; ".join(problems) or "no control images"
+
+    def without_face(self) -> dict[str, str]:
+        return dict(self.reasons)
+
+    def measure(self, pixels: torch.Tensor, items: list[DatasetItem]) -> dict[str, Any]:
+        """`face_sim/x0_*` of decoded estimates [B, 3, H, W] in [-1, 1], on the judge's similarity scale."""
+        images = ((pixels.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        similarities, distances, missing = [], [], 0
+        for image, item in zip(images.permute(0, 2, 3, 1).cpu().numpy(), items):
+            reference = self.references.get(item.target)
+            result = self.judge.judge(np.ascontiguousarray(image)) if reference is not None else None
+            if result is None or not result.ok:
+                missing += 1
+                continue
+            judged = verdict(result.descriptor, reference.descriptor)
+            similarities.append(judged.similarity)
+            distances.append(judged.distance)
+        metrics: dict[str, Any] = {"face_sim/x0_count": len(similarities), "face_sim/x0_no_face": missing}
+        if similarities:
+            stats = summarize(similarities)
+            metrics.update({"face_sim/x0_mean": stats["mean"], "face_sim/x0_min": stats["min"],
+                            "face_sim/x0_max": stats["max"], "face_sim/x0": [round(s, 6) for s in similarities],
+                            "face_sim/x0_distance_mean": float(np.mean(distances))})
+        return metrics
+
+
+def load_judge_heldout() -> JudgeHeldout:
+    try:
+        return JudgeHeldout(load_judge(JUDGE_NAME))
+    except FaceEngineError as exc:
+        raise FaceSetupError(f"--face_eval_model {JUDGE_NAME}: {exc}") from None
+
+
+def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
         model = load_face_model(pack, models_root=args.face_models_root, provider=args.face_device,
@@ -73,24 +146,32 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str) -> FacePack
         raise FaceSetupError(f"face model pack {pack!r}: {exc}") from None
     samples = None
     if args.sample_prompts:
-        samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix)
+        samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
     loss = FaceIdentityLoss(recognizer, weight=args.face_loss_weight, max_t=args.face_loss_max_t)
     return FacePack(model, loss, samples)
 
 
 def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
     """The hook for `--enable_face_loss` (metrics) and `--use_face_as_loss` (the loss too)."""
-    training = load_face_pack(args, args.face_model_name, "")
-    heldout = load_face_pack(args, args.face_eval_model, HELDOUT) if args.face_eval_model else None
+    heldout: FacePack | JudgeHeldout | None = None
+    if args.face_eval_model == JUDGE_NAME:
+        heldout = load_judge_heldout()
+        # the training pack's sample rounds also score the samples with the judge
+        training = load_face_pack(args, args.face_model_name, "", judge=heldout.judge)
+        described = f"; held-out judge {JUDGE_NAME} ({heldout.judge.describe()['detector']})"
+    else:
+        training = load_face_pack(args, args.face_model_name, "")
+        if args.face_eval_model:
+            heldout = load_face_pack(args, args.face_eval_model, HELDOUT)
+        described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
     log.info("face model %s (%s, %d-d) on %s%s", training.model.pack_name, training.model.pack_dir,
-             training.model.embedding_size, training.model.provider,
-             f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else "")
+             training.model.embedding_size, training.model.provider, described)
     return FaceIdentityHook(training, heldout, use_loss=args.use_face_as_loss, loss_every=args.face_loss_every,
                             eval_frequency=args.face_eval_frequency, decode=args.face_decode)
 
 
 class FaceIdentityHook(TrainingHook):
-    def __init__(self, training: FacePack, heldout: FacePack | None, *, use_loss: bool, loss_every: int,
+    def __init__(self, training: FacePack, heldout: FacePack | JudgeHeldout | None, *, use_loss: bool, loss_every: int,
                  eval_frequency: int, decode: str = "full") -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"face decode mode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
@@ -103,7 +184,7 @@ class FaceIdentityHook(TrainingHook):
 
     @property
     def packs(self) -> list[FacePack]:
-        return [self.training] + ([self.heldout] if self.heldout else [])
+        return [self.training] + ([self.heldout] if isinstance(self.heldout, FacePack) else [])
 
     # --------------------------------------------------------------- caching
 
@@ -118,7 +199,9 @@ class FaceIdentityHook(TrainingHook):
                 built = int(accelerator.reduce(torch.tensor([share.built], device=accelerator.device), "sum").item())
             accelerator.wait_for_everyone()
             pack.targets = cache_face_targets(items, pack.model, should_stop=should_stop)
-        skipped = self.training.targets.without_face(REFERENCE)
+        if isinstance(self.heldout, JudgeHeldout):
+            self.heldout.cache(items, should_stop)
+        skipped = self.training.without_face()
         for target, reason in skipped.items():
             log.warning("face loss skips %s: %s", target, reason)
         log.info("face targets (%s): %d built, %d reused, %d of %d without a usable face",
@@ -126,7 +209,7 @@ class FaceIdentityHook(TrainingHook):
         status = {"face_targets": len(items), "face_targets_built": built, "face_targets_reused": len(items) - built,
                   "face_targets_without_face": len(skipped), "face_targets_skipped": skipped}
         if self.heldout:
-            status["face_targets_heldout_without_face"] = len(self.heldout.targets.without_face(REFERENCE))
+            status["face_targets_heldout_without_face"] = len(self.heldout.without_face())
         return status
 
     # --------------------------------------------------------------- the step
@@ -154,7 +237,10 @@ class FaceIdentityHook(TrainingHook):
                 # A whole-target decode depends on the latents alone: with two packs, decode once for both.
                 whole = self._decode_whole(state, x0) if self.heldout and self.decode != "face" else None
                 result.metrics.update(self._measure(state, x0, self.training, whole))
-                if self.heldout:
+                if isinstance(self.heldout, JudgeHeldout):
+                    pixels = whole if whole is not None else self._decode_whole(state, x0)
+                    result.metrics.update(heldout_keys(self.heldout.measure(pixels, state.items)))
+                elif self.heldout:
                     result.metrics.update(heldout_keys(self._measure(state, x0, self.heldout, whole)))
         return result
 
