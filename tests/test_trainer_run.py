@@ -25,7 +25,7 @@ from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_mod
 from face_consistency.trainer.protocol import read_metrics, read_status, request_stop
 from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.dataset import load_dataset_config
-from face_consistency.trainer.train import ExtraLoss, TrainingHook, pack, run_training, unpack
+from face_consistency.trainer.train import ExtraLoss, TrainingDivergedError, TrainingHook, pack, run_training, unpack
 
 pytestmark = pytest.mark.trainer
 
@@ -259,6 +259,34 @@ def test_exception_ends_failed_with_traceback_tail(setup, tmp_path):
     assert read_metrics(out)[0]["extra/seen"] == 1.0
 
 
+class _NonFiniteAt(TrainingHook):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def extra_loss(self, state):
+        value = float("nan") if state.step == self.step else 0.0
+        return ExtraLoss(loss=state.v_pred.sum() * 0 + value)
+
+
+def test_a_diverged_run_ends_failed_without_a_checkpoint(setup, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(TrainingDivergedError, match="diverged at step 3: the extra loss"):
+        run_training(_args(setup, out, 6), [_NonFiniteAt(3)])
+    status = read_status(out)
+    assert status["state"] == "failed" and "Lower --learning_rate" in status["error"]
+    assert [m["step"] for m in read_metrics(out)] == [1, 2]
+    assert not list(out.glob("*.safetensors"))
+
+
+def test_a_diverged_run_is_one_message_and_exit_1(setup, tmp_path, capsys):
+    # A finite but absurd learning rate: the first update blows the LoRA up, the next loss is not finite.
+    assert train(setup, tmp_path / "out", 4, "--learning_rate", "1e30", "--max_grad_norm", "0") == 1
+    status = read_status(tmp_path / "out")
+    assert status["state"] == "failed" and "training diverged at step" in status["error"]
+    assert not list((tmp_path / "out").glob("*.safetensors"))
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_truncated_model_file_fails_with_its_name(setup, tmp_path):
     files, dataset, _ = setup
     broken = tmp_path / "broken_dit.safetensors"
@@ -276,6 +304,8 @@ def test_truncated_model_file_fails_with_its_name(setup, tmp_path):
         (["--xformers"], r"unknown or unsupported argument\(s\): --xformers \(use --sdpa"),
         (["--edit"], "--edit and --edit_plus conflict"),
         (["--timestep_sampling", "logsnr"], "--timestep_sampling 'logsnr': choose one of"),
+        (["--learning_rate", "inf"], "--learning_rate must be a finite number, got inf"),
+        (["--discrete_flow_shift", "nan"], "--discrete_flow_shift must be a finite number, got nan"),
         (["--sample_every_n_steps", "5"], "--sample_every_n_steps needs --sample_prompts"),
         (["--network_args", "loraplus_lr_ratio=4"], "unknown key 'loraplus_lr_ratio'"),
         (["--network_module", "networks.lokr"], "this trainer trains LoRA"),

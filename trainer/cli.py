@@ -11,6 +11,7 @@ import argparse
 import ast
 import importlib.util
 import logging
+import math
 import random
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from .models import ModelFileError, check_dit_version, read_header
 from .protocol import JobState, write_status
 from .sampling import PromptFileError, load_prompt_file
 from .state import is_state_folder
-from .train import run_training
+from .train import TrainingDivergedError, run_training
 
 try:
     import tomllib
@@ -256,6 +257,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
+    for name in ("learning_rate", "network_alpha", "discrete_flow_shift", "sigmoid_scale", "max_grad_norm",
+                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t"):
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"--{name} must be a finite number, got {value}")
     if args.learning_rate <= 0 or args.network_alpha <= 0:
         raise ConfigError("--learning_rate and --network_alpha must be positive")
     if args.blocks_to_swap < 0:
@@ -355,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(exc.code or EXIT_USAGE)
         try:
             state = run_training(args, hooks)
-        except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError) as exc:
+        except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError, TrainingDivergedError) as exc:
             print(f"face-consistency train: error: {exc}", file=sys.stderr)
             return EXIT_FAILED
         except Exception:  # noqa: BLE001 - already recorded as `failed` with the traceback tail

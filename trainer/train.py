@@ -125,6 +125,21 @@ class TrainingHook:
 # --------------------------------------------------------------------------- status / logging
 
 
+class TrainingDivergedError(RuntimeError):
+    """The loss, the gradient or the LoRA stopped being finite: the run ends `failed`, unsaved."""
+
+
+def check_finite(step: int, what: str, value: torch.Tensor) -> None:
+    """Raise TrainingDivergedError when `value` holds a NaN or an infinity (before it is saved)."""
+    if not bool(torch.isfinite(value).all()):
+        shown = value.item() if value.numel() == 1 else "not finite"
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: the {what} is {shown}; no checkpoint was written from it. "
+            "Lower --learning_rate (or --face_loss_weight), keep --max_grad_norm on, and resume from the last "
+            "saved state if there is one"
+        )
+
+
 class LogTail(logging.Handler):
     """Keeps the last lines logged, for the status of a failed run."""
 
@@ -530,6 +545,8 @@ def _train(
     )
 
     def save_checkpoint(file_name: str, state_name: str | None) -> None:
+        for param in lora_params:
+            check_finite(progress["step"], "LoRA weight", param.detach())
         reporter.update(JobState.SAVING)
         if accelerator.is_main_process:
             path = save_lora(
@@ -590,9 +607,13 @@ def _train(
             with accelerator.accumulate(transformer):
                 loss, extra = _micro_step(args, transformer, vae, batch, generator, device, accelerator,
                                           progress["step"] + 1, hooks)
+                check_finite(progress["step"] + 1, "flow-matching loss", loss)
+                if extra.loss is not None:
+                    check_finite(progress["step"] + 1, "extra loss (face identity)", extra.loss)
                 accelerator.backward(loss + (extra.loss if extra.loss is not None else 0))
                 if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
+                    check_finite(progress["step"] + 1, "gradient norm", torch.as_tensor(norm))
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -693,4 +714,4 @@ def _micro_step(
     return loss, extra
 
 
-__all__ = ["ExtraLoss", "StepState", "TrainingHook", "run_training", "sample_timesteps", "flow_shift", "pack", "unpack"]
+__all__ = ["ExtraLoss", "StepState", "TrainingDivergedError", "TrainingHook", "run_training", "sample_timesteps", "flow_shift", "pack", "unpack"]
