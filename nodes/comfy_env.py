@@ -48,6 +48,40 @@ def output_directory() -> Path:
     return Path(folder_paths().get_output_directory())
 
 
+class FolderAccessError(ValueError):
+    """A node was asked to read or write outside the folders ComfyUI gives it."""
+
+
+def comfy_folders() -> list[Path]:
+    """ComfyUI's own folders, resolved: output, input, user, temp and every model folder."""
+    fp = folder_paths()
+    register_model_folders()
+    roots = [fp.get_output_directory(), fp.get_input_directory(), fp.get_user_directory(), fp.get_temp_directory()]
+    for paths, _ in fp.folder_names_and_paths.values():
+        roots.extend(paths)
+    return list(dict.fromkeys(Path(root).resolve() for root in roots))
+
+
+def is_inside(path: Path, roots: list[Path]) -> bool:
+    """Whether `path`, symlinks resolved, lies in one of `roots`."""
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(root) for root in roots)
+
+
+def output_file(text: str, what: str, suffix: str) -> Path:
+    """A file a node was asked to save: a relative path is inside ComfyUI's output folder, an
+    absolute one must lie there (symlinks resolved); it must end in `suffix`."""
+    output = output_directory().resolve()
+    path = Path(text).expanduser()
+    path = (path if path.is_absolute() else output / path).resolve()
+    if not path.is_relative_to(output):
+        raise FolderAccessError(f"{what} {text!r} is outside ComfyUI's output folder {output}: "
+                                "give a path inside it (a relative path is taken from there)")
+    if path.suffix.lower() != suffix:
+        raise FolderAccessError(f"{what} {text!r} must name a {suffix} file")
+    return path
+
+
 def temp_directory() -> Path:
     """ComfyUI's temp folder (node previews; emptied by ComfyUI at start)."""
     return Path(folder_paths().get_temp_directory())

@@ -96,7 +96,8 @@ class FaceConsistencyScoreFolder:
                 }),
                 "save_report": ("STRING", {
                     "default": "",
-                    "tooltip": "If set, also write the JSON report here and the plot beside it (.png).",
+                    "tooltip": "If set, also write the JSON report here (a .json path inside ComfyUI's output "
+                    "folder; relative paths are taken from there) and the plot beside it (.png).",
                 }),
                 "judge": ("FACE_JUDGE", {
                     "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
@@ -139,7 +140,9 @@ class FaceConsistencyScoreFolder:
             band_good if band_good is not None else defaults.good,
             band_moderate if band_moderate is not None else defaults.moderate,
         )
-        report_path = _optional_path(save_report)
+        report_text = save_report.strip().strip('"')
+        # the plot goes beside the report as .png: a .json report never has the plot's name
+        report_path = comfy_env.output_file(report_text, "save_report", ".json") if report_text else None
         evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir), judge)
         # a plot saved into the sample folder is ours, not a sample
         evaluation.sources.exclude = [report_path.with_suffix(".png")] if report_path is not None else []

@@ -24,7 +24,7 @@ from aiohttp import web
 
 from ..trainer import jobs
 from ..trainer.jobs import JobRecord, JobRegistry
-from ..trainer.protocol import JobState, read_status
+from ..trainer.protocol import LOG_FILE, JobState, read_status
 from ..trainer.run_reader import (
     FACE_SIMILARITY,
     LOSS,
@@ -184,6 +184,9 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = op
     async def job_log(request: web.Request) -> web.Response:
         record = _job(request, registry_factory())
         lines = _int_param(request, "lines", 200, 1, MAX_LOG_LINES)
+        log_file = record.output_dir / LOG_FILE
+        if log_file.exists() and not log_file.resolve().is_relative_to(record.output_dir.resolve()):
+            raise web.HTTPForbidden(reason="the log leaves the job folder")  # e.g. a symlink elsewhere
         return web.json_response({"job_id": record.job_id, "lines": log_tail(record.output_dir, lines)})
 
 

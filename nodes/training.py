@@ -106,6 +106,11 @@ def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord
         raise ValueError("connect a TRAINING_JOB or give an output folder")
     folder = _resolve_folder(output_folder)
     record = registry.find_by_output_dir(folder)
+    if record is None and not comfy_env.is_inside(folder, comfy_env.comfy_folders()):
+        raise comfy_env.FolderAccessError(
+            f"training output folder {output_folder.strip()!r} is outside ComfyUI's folders (output, models, input, "
+            "user) and no training job launched from ComfyUI writes there; the nodes read only those runs"
+        )
     return (registry.refresh(record.job_id) if record else None), folder
 
 

@@ -8,19 +8,21 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_stubs import ProgressBar
+from comfy_stubs import ProgressBar, set_comfy_base
 from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
 from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.plot import PLOT_SIZE
 from face_consistency.faceid.report import REPORT_SCHEMA
-from face_consistency.nodes import NODE_CLASS_MAPPINGS
+from face_consistency.nodes import NODE_CLASS_MAPPINGS, comfy_env
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
 
 
 @pytest.fixture()
 def run(tmp_path, faces_dir, monkeypatch):
-    paths = build_musubi_folder(tmp_path / "run", faces_dir)
-    monkeypatch.chdir(tmp_path / "run")  # relative --ci paths resolve from the working directory
+    set_comfy_base(tmp_path / "comfy")
+    folder = comfy_env.output_directory() / "run"  # a run ComfyUI's output holds, as the launch node writes
+    paths = build_musubi_folder(folder, faces_dir)
+    monkeypatch.chdir(folder)  # relative --ci paths resolve from the working directory
     return paths
 
 
@@ -38,7 +40,8 @@ def test_registered_and_widgets():
 
 
 def test_node_report_equals_command_report(model, run, insightface_root, tmp_path):
-    out = _score(model, run, save_report=str(tmp_path / "node.json"))
+    out = _score(model, run, save_report="reports/node.json")  # relative: inside ComfyUI's output folder
+    tmp_path = comfy_env.output_directory() / "reports"
     report_json, plot = out["result"]
     report = json.loads(report_json)
     assert validate_schema(report, REPORT_SCHEMA) == []
@@ -59,6 +62,16 @@ def test_node_report_equals_command_report(model, run, insightface_root, tmp_pat
     cli = json.loads(cli_out.read_text())
     for key in ("total_pairs", "valid_pairs", "overall_mean", "overall_std", "by_step", "by_prompt", "failure_count"):
         assert report[key] == cli[key], key
+
+
+@pytest.mark.parametrize(("save_report", "message"), [
+    ("../elsewhere.json", "outside ComfyUI's output folder"),
+    ("/tmp/report.json", "outside ComfyUI's output folder"),
+    ("report.png", "must name a .json file"),
+])
+def test_report_is_written_only_inside_the_output_folder_and_never_over_the_plot(model, run, save_report, message):
+    with pytest.raises(comfy_env.FolderAccessError, match=message):
+        _score(model, run, save_report=save_report)
 
 
 def test_rerun_embeds_only_new_files_and_is_changed_follows_the_folder(model, run, faces_dir):

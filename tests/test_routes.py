@@ -83,6 +83,20 @@ def test_log_tail(registry: JobRegistry, tmp_path: Path) -> None:
     _serve(registry, scenario)
 
 
+def test_a_log_symlinked_out_of_the_job_folder_is_refused(registry: JobRegistry, tmp_path: Path) -> None:
+    job = _finished_job(registry, tmp_path / "run")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not the pack's to serve\n")
+    (tmp_path / "run" / "train.log").symlink_to(secret)
+
+    async def scenario(client: TestClient) -> None:
+        response = await client.get(f"{PREFIX}/{job.job_id}/log")
+        assert response.status == 403
+        assert "secret" not in await response.text()
+
+    _serve(registry, scenario)
+
+
 def test_unknown_and_malformed_ids_are_refused(registry: JobRegistry) -> None:
     async def scenario(client: TestClient) -> None:
         assert (await client.get(f"{PREFIX}/{'0' * 32}")).status == 404

@@ -115,9 +115,17 @@ def test_checkpoint_metadata_is_read_once_per_file_version(tmp_path: Path, monke
 
 
 def test_list_checkpoints_refuses_a_folder_loras_loaders_cannot_see(comfy: Path, tmp_path: Path) -> None:
-    folder = write_musubi_run(tmp_path / "elsewhere")
+    folder = write_musubi_run(comfy / "input" / "elsewhere")  # a ComfyUI folder, but not a loras one
     with pytest.raises(ValueError, match="not inside a ComfyUI loras folder"):
         FaceConsistencyListCheckpoints().list_checkpoints(True, output_folder=str(folder))
+
+
+def test_nodes_read_no_run_outside_comfyuis_folders(comfy: Path, tmp_path: Path) -> None:
+    folder = write_musubi_run(tmp_path / "elsewhere")  # not a ComfyUI folder, no registered job
+    for read in (lambda: FaceConsistencyTrainLogs().logs(10, output_folder=str(folder)),
+                 lambda: FaceConsistencyTrainMonitor().monitor("no", 1.0, 5, 8, output_folder=str(folder))):
+        with pytest.raises(ValueError, match="outside ComfyUI's folders"):
+            read()
 
 
 def test_nodes_name_a_missing_folder(comfy: Path) -> None:
