@@ -13,8 +13,10 @@ ids and parameters are validated. A background poller pushes `face_consistency.p
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -45,6 +47,8 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 MAX_LOG_LINES = 2000
 MAX_POINTS = 5000
 POLL_INTERVAL_S = 2.0
+ROUTE_TIMEOUT_S = 5.0  # a route's registry and file work; then 503
+REGISTRY_BUSY_TIMEOUT_S = 2.0  # how long a route's registry connection waits for another's lock
 SUCCESS_STATES = frozenset({JobState.COMPLETED.value, JobState.STOPPED.value})
 
 RegistryFactory = Callable[[], JobRegistry]
@@ -119,45 +123,49 @@ def _sample_file(record: JobRecord, filename: str) -> Path:
     return path
 
 
-def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = open_registry) -> None:
+async def _off_the_loop(work: Callable[[], Any]) -> Any:
+    """Run the registry and file work of a route in a worker thread, so ComfyUI's event loop (every
+    other request of the server) never waits on it; past ROUTE_TIMEOUT_S the route answers 503."""
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(work), ROUTE_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise web.HTTPServiceUnavailable(
+            reason="the training job registry is busy (another process holds it); try again"
+        ) from None
+    except sqlite3.OperationalError as exc:  # locked longer than the registry's own busy timeout
+        raise web.HTTPServiceUnavailable(reason=f"the training job registry is busy ({exc}); try again") from None
+
+
+def route_registry() -> JobRegistry:
+    """The registry as the routes open it: a lock held elsewhere is waited on only briefly."""
+    return open_registry(busy_timeout_s=REGISTRY_BUSY_TIMEOUT_S)
+
+
+def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = route_registry) -> None:
     """Add the panel's routes to `routes` (PromptServer.instance.routes in ComfyUI, any table in tests)."""
     stopping: set[str] = set()
     stopping_lock = threading.Lock()
 
     @routes.get(f"{PREFIX}/jobs")
     async def list_jobs(request: web.Request) -> web.Response:
-        registry = registry_factory()
-        records = registry.refresh_all()
-        return web.json_response({"jobs": [_summary(r) for r in records]})
+        def work() -> dict[str, Any]:
+            registry = registry_factory()
+            summaries = [_summary(r) for r in registry.refresh_all()]
+            return {"jobs": summaries, "skipped_rows": registry.skipped_rows}
+
+        return web.json_response(await _off_the_loop(work))
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}")
     async def job_detail(request: web.Request) -> web.Response:
-        record = _job(request, registry_factory())
         max_points = _int_param(request, "max_points", 500, 2, MAX_POINTS)
-        run = _read_run_or_none(record)
-        body = _summary(record)
-        if run is not None:
-            body["status"] = run.status
-            body["metrics_source"] = run.metrics_source
-            body["metrics"] = [
-                {key: r.get(key) for key in ("step", LOSS, FACE_SIMILARITY)} for r in _downsample(run.metrics, max_points)
-            ]
-            body["checkpoints"] = [
-                {"filename": c.filename, "step": c.step, "epoch": c.epoch, "final": c.final} for c in run.checkpoints
-            ]
-            body["samples"] = [
-                {"filename": s.path.name, "step": s.step, "epoch": s.epoch, "prompt_index": s.prompt_index}
-                for s in run.latest_samples()
-            ]
-        return web.json_response(body)
+        return web.json_response(await _off_the_loop(lambda: _detail(_job(request, registry_factory()), max_points)))
 
     @routes.post(f"{PREFIX}/jobs/{{job_id}}/stop")
     async def stop_job(request: web.Request) -> web.Response:
-        registry = registry_factory()
-        record = _job(request, registry)
+        registry, record = await _off_the_loop(lambda: _registry_and_job(request, registry_factory()))
         if record.finished:
             return web.json_response({"job_id": record.job_id, "state": record.state, "stopping": False})
-        jobs.request_job_stop(registry, record.job_id)
+        await _off_the_loop(lambda: jobs.request_job_stop(registry, record.job_id))
         with stopping_lock:
             already = record.job_id in stopping
             stopping.add(record.job_id)
@@ -177,17 +185,43 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = op
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}/samples/{{filename}}")
     async def sample_image(request: web.Request) -> web.StreamResponse:
-        record = _job(request, registry_factory())
-        return web.FileResponse(_sample_file(record, request.match_info["filename"]))
+        filename = request.match_info["filename"]
+        return web.FileResponse(await _off_the_loop(lambda: _sample_file(_job(request, registry_factory()), filename)))
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}/log")
     async def job_log(request: web.Request) -> web.Response:
-        record = _job(request, registry_factory())
         lines = _int_param(request, "lines", 200, 1, MAX_LOG_LINES)
-        log_file = record.output_dir / LOG_FILE
-        if log_file.exists() and not log_file.resolve().is_relative_to(record.output_dir.resolve()):
-            raise web.HTTPForbidden(reason="the log leaves the job folder")  # e.g. a symlink elsewhere
-        return web.json_response({"job_id": record.job_id, "lines": log_tail(record.output_dir, lines)})
+        return web.json_response(await _off_the_loop(lambda: _log(_job(request, registry_factory()), lines)))
+
+
+def _registry_and_job(request: web.Request, registry: JobRegistry) -> tuple[JobRegistry, JobRecord]:
+    return registry, _job(request, registry)
+
+
+def _log(record: JobRecord, lines: int) -> dict[str, Any]:
+    log_file = record.output_dir / LOG_FILE
+    if log_file.exists() and not log_file.resolve().is_relative_to(record.output_dir.resolve()):
+        raise web.HTTPForbidden(reason="the log leaves the job folder")  # e.g. a symlink elsewhere
+    return {"job_id": record.job_id, "lines": log_tail(record.output_dir, lines)}
+
+
+def _detail(record: JobRecord, max_points: int) -> dict[str, Any]:
+    run = _read_run_or_none(record)
+    body = _summary(record)
+    if run is not None:
+        body["status"] = run.status
+        body["metrics_source"] = run.metrics_source
+        body["metrics"] = [
+            {key: r.get(key) for key in ("step", LOSS, FACE_SIMILARITY)} for r in _downsample(run.metrics, max_points)
+        ]
+        body["checkpoints"] = [
+            {"filename": c.filename, "step": c.step, "epoch": c.epoch, "final": c.final} for c in run.checkpoints
+        ]
+        body["samples"] = [
+            {"filename": s.path.name, "step": s.step, "epoch": s.epoch, "prompt_index": s.prompt_index}
+            for s in run.latest_samples()
+        ]
+    return body
 
 
 class EventPoller:

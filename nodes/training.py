@@ -49,9 +49,9 @@ WAIT_CHOICES = ("no", "next checkpoint", "finished")
 POLL_S = 2.0
 
 
-def open_registry() -> JobRegistry:
+def open_registry(busy_timeout_s: float = 30.0) -> JobRegistry:
     """The job registry of this ComfyUI installation (in its user directory)."""
-    return JobRegistry(comfy_env.user_directory() / REGISTRY_SUBDIR / jobs.REGISTRY_FILENAME)
+    return JobRegistry(comfy_env.user_directory() / REGISTRY_SUBDIR / jobs.REGISTRY_FILENAME, busy_timeout_s)
 
 
 @dataclass(frozen=True)

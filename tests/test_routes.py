@@ -209,3 +209,61 @@ def test_a_running_job_is_stopped_through_the_route(
     done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the job to stop")
     assert done.state == "stopped", done.detail
     wait_for(lambda: group_gone(job.pid), "no process of the job's tree left", timeout_s=30)
+
+
+def test_a_locked_registry_never_holds_up_the_server(registry: JobRegistry, tmp_path: Path) -> None:
+    """Another process holds the registry locked: the pack's routes answer 503 after their own
+    short wait, and every other request of the server answers at once meanwhile."""
+    import sqlite3
+    import time
+
+    _finished_job(registry, tmp_path / "run")
+    locked = JobRegistry(registry.path, busy_timeout_s=0.5)
+    holder = sqlite3.connect(registry.path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+
+    async def main() -> None:
+        table = web.RouteTableDef()
+        routes.add_routes(table, lambda: locked)
+
+        @table.get("/system_stats")  # stands for ComfyUI's own routes
+        async def system_stats(request: web.Request) -> web.Response:
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.add_routes(table)
+        async with TestClient(TestServer(app)) as client:
+            pending = asyncio.ensure_future(client.get(PREFIX))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            assert (await client.get("/system_stats")).status == 200
+            assert time.monotonic() - started < 1.0
+            response = await pending
+            assert response.status == 503 and "busy" in response.reason
+
+    try:
+        asyncio.run(main())
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+def test_a_corrupt_registry_is_moved_aside_and_a_broken_row_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.sqlite3"
+    path.write_bytes(b"this is not a database" * 100)
+    registry = JobRegistry(path)
+    assert registry.list() == []
+    assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("jobs.sqlite3.corrupt-*")] == ["jobs.sqlite3"]
+    good = _finished_job(registry, tmp_path / "run")
+    bad = registry.reserve("bad", tmp_path / "bad", ["python"])
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE jobs SET command = ? WHERE job_id = ?", ("{not json", bad.job_id))
+
+    async def scenario(client: TestClient) -> None:
+        listing = await (await client.get(PREFIX)).json()
+        assert [j["job_id"] for j in listing["jobs"]] == [good.job_id]
+        assert listing["skipped_rows"] == [bad.job_id]
+
+    _serve(registry, scenario)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -37,6 +38,8 @@ from .protocol import (
     write_status,
 )
 from .run_reader import log_tail
+
+log = logging.getLogger(__name__)
 
 PACK_DIR = Path(__file__).resolve().parent.parent
 BOOTSTRAP = PACK_DIR / "bootstrap.py"
@@ -197,9 +200,23 @@ def _same_dir(path: str | os.PathLike) -> str:
 class JobRegistry:
     """Jobs launched from ComfyUI, in one SQLite file shared by every thread and restart."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
+        self.skipped_rows: list[str] = []  # rows of the last list() that could not be read
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._create()
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+                raise
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
+            os.replace(self.path, aside)
+            log.warning("the job registry %s could not be read (%s): moved aside to %s, starting a new one",
+                        self.path, exc, aside)
+            self._create()
+
+    def _create(self) -> None:
         with self._connect() as db:
             db.execute(
                 """CREATE TABLE IF NOT EXISTS jobs (
@@ -219,7 +236,7 @@ class JobRegistry:
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        db = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
         try:
             db.row_factory = sqlite3.Row
             yield db
@@ -310,8 +327,16 @@ class JobRegistry:
         return self._record(row) if row else None
 
     def list(self) -> list[JobRecord]:
+        """Every readable job, newest first; the ids of unreadable rows are in `skipped_rows`."""
+        records, self.skipped_rows = [], []
         with self._connect() as db:
-            return [self._record(r) for r in db.execute("SELECT * FROM jobs ORDER BY started DESC")]
+            for row in db.execute("SELECT * FROM jobs ORDER BY started DESC"):
+                try:
+                    records.append(self._record(row))
+                except (ValueError, TypeError) as exc:  # e.g. a command that is not JSON
+                    log.warning("job registry %s: skipping job %s (%s)", self.path, row["job_id"], exc)
+                    self.skipped_rows.append(str(row["job_id"]))
+        return records
 
     def refresh(self, job_id: str) -> JobRecord:
         """Bring the recorded state up to date with status.json and whether the process lives."""
