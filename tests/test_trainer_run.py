@@ -315,6 +315,18 @@ def test_face_flags_of_the_seed_guide_parse(setup, tmp_path):
     assert (args.face_model_name, args.face_det_size, args.face_eval_frequency) == ("buffalo_l", 640, 100)
 
 
+@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bf16"), (True, False, "no"), (False, False, "no")])
+def test_mixed_precision_defaults_to_bf16_where_the_gpu_supports_it(setup, tmp_path, monkeypatch, cuda, bf16, expected):
+    files, dataset, _ = setup
+    argv = tiny_train_argv(files, dataset, tmp_path)
+    at = argv.index("--mixed_precision")
+    del argv[at : at + 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert validate_args(parse_args(argv)).mixed_precision == expected
+    assert validate_args(parse_args([*argv, "--mixed_precision", "no"])).mixed_precision == "no"
+
+
 def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
     files, dataset, _ = setup
     out = tmp_path / "out"

@@ -58,6 +58,7 @@ from .protocol import (
 )
 from .sampling import EncodedSample, denormalize_latents, encode_samples, load_prompt_file, save_samples
 from .state import load_state, save_state
+from .vae_decode import checkpointed_decode
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -93,9 +94,9 @@ class StepState:
         return self.x_t - self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype) * self.v_pred
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients."""
-        pixels = self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.dtype)), return_dict=False)[0]
-        return pixels[:, :, 0]
+        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
+        (each decoder stage checkpointed: `vae_decode.py`)."""
+        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(self.vae.dtype)))[:, :, 0]
 
 
 @dataclass
