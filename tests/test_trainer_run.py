@@ -463,3 +463,36 @@ def test_model_version_and_its_musubi_aliases(setup, tmp_path, flags, version):
     if version == "edit-2511":
         args.dit = str(write_tiny_model_files(tmp_path / "m", edit_2511=True).dit)
     assert validate_args(args).model_version == version
+
+
+def test_a_musubi_lora_continues_training_with_network_weights(setup, tmp_path):
+    from safetensors.torch import save_file
+    from test_trainer_lora import musubi_lora_state_dict
+
+    files, _, _ = setup
+    start = musubi_lora_state_dict(models.load_transformer(files.dit, torch.float32), rank=4, alpha=4.0)
+    path = tmp_path / "musubi.safetensors"
+    save_file(start, str(path), metadata={"ss_network_module": "networks.lora_qwen_image"})
+    out = tmp_path / "out"
+    assert train(setup, out, 2, "--network_weights", str(path), "--learning_rate", "1e-3") == 0, read_status(out)
+    trained = load_file(str(out / "tiny.safetensors"))
+    assert trained.keys() == start.keys()  # musubi's every layer, under its names
+    up = "lora_unet_transformer_blocks_0_img_mod_1.lora_up.weight"
+    assert not torch.allclose(trained[up].float(), start[up].float()), "img_mod was not trained on"
+
+
+def test_an_all_ones_prompt_mask_goes_to_attention_as_none(setup):
+    from face_consistency.trainer.train import attention_mask
+
+    files, _, _ = setup
+    transformer = models.load_transformer(files.dit, torch.float32).eval()
+    assert attention_mask(torch.ones(2, 7, dtype=torch.long)) is None
+    padded = torch.tensor([[1, 1, 1, 0]])
+    assert attention_mask(padded) is padded
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 32, 64), timestep=torch.tensor([0.4]),
+                  encoder_hidden_states=torch.randn(1, 7, 32), img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        masked = transformer(**inputs, encoder_hidden_states_mask=torch.ones(1, 7))[0]
+        unmasked = transformer(**inputs, encoder_hidden_states_mask=None)[0]
+    torch.testing.assert_close(unmasked, masked)

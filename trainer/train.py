@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
@@ -51,7 +51,9 @@ from ..faceid.fileio import atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
-from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules, parse_network_args, save_lora
+from .lora import (
+    NETWORK_MODULE, add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
+)
 from .model_versions import MODEL_VERSIONS
 from .protocol import (
     METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
@@ -252,6 +254,11 @@ def flow_shift(args: argparse.Namespace, image_tokens: int) -> float:
     return float(args.discrete_flow_shift)
 
 
+def attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompt mask, or None when it is all ones: PyTorch's fastest attention kernels refuse a mask."""
+    return None if bool(mask.all()) else mask
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[B, C, 1, h, w] -> [B, h/2 * w/2, 4C] (diffusers' Qwen packing)."""
     b, c, _, h, w = latents.shape
@@ -347,6 +354,13 @@ def _prepare_transformer(
         fp8_base=args.fp8_base, placement=placement,
     )
     targets = lora_target_modules(transformer, parse_network_args(args.network_args))
+    if args.network_weights:
+        # Continuing a LoRA trains every layer it holds (a musubi-tuner LoRA also holds img_mod/txt_mod).
+        chosen = set(targets)
+        added = [m for m in lora_file_modules(transformer, args.network_weights) if m not in chosen]
+        if added:
+            log.info("--network_weights adds %d layer(s) outside the target set (e.g. %s)", len(added), added[0])
+        targets += added
     for block in transformer.transformer_blocks[first_swapped:] if args.blocks_to_swap else []:
         # Frozen base weights of the swapped blocks live on the CPU and are streamed in layer by
         # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
@@ -373,6 +387,10 @@ def _prepare_transformer(
     return transformer, lora_params
 
 
+def _may_hold_dead_ends(args: argparse.Namespace) -> bool:
+    return bool(args.network_weights) or parse_network_args(args.network_args).target_set == "musubi"
+
+
 def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = ()) -> JobState:
     """Run one training job described by parsed/validated CLI args; returns its final state."""
     output_dir = Path(args.output_dir)
@@ -388,6 +406,8 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with="tensorboard" if args.logging_dir else None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=args.logging_dir),
+            # musubi's target set (and a LoRA file from it) holds layers that get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_may_hold_dead_ends(args))],
         )
         reporter.enabled = accelerator.is_main_process
         reporter.status["num_processes"] = accelerator.num_processes
@@ -669,7 +689,7 @@ def _micro_step(
             hidden_states=tokens,
             timestep=t,
             encoder_hidden_states=batch.prompt_embeds.to(device),
-            encoder_hidden_states_mask=batch.prompt_mask.to(device),
+            encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
             img_shapes=img_shapes,
             return_dict=False,
         )[0]
