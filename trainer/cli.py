@@ -25,7 +25,7 @@ from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from .models import ModelFileError, check_dit_version, read_header
 from .protocol import JobState, write_status
-from .sampling import PromptFileError, load_prompt_file
+from .sampling import DEFAULT_SHIFT_TERMINAL, PromptFileError, load_prompt_file
 from .state import is_state_folder
 from .train import run_training
 
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_steps", type=int)
     sampling.add_argument("--sample_every_n_epochs", type=int)
     sampling.add_argument("--sample_at_first", action="store_true")
+    sampling.add_argument("--sample_shift_terminal", type=float, default=DEFAULT_SHIFT_TERMINAL,
+                          help="stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)")
 
     face = parser.add_argument_group("face identity (README: The face-identity loss)")
     face.add_argument("--enable_face_loss", action="store_true",
@@ -273,6 +275,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--blocks_to_swap must be 0 or more")
     if args.discrete_flow_shift <= 0:
         raise ConfigError("--discrete_flow_shift must be positive")
+    if not 0.0 <= args.sample_shift_terminal < 1.0:
+        raise ConfigError(f"--sample_shift_terminal is a sigma in [0, 1), got {args.sample_shift_terminal}")
     sampling_flags = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
     if sampling_flags and not args.sample_prompts:
         raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")

@@ -248,7 +248,7 @@ def sample_timesteps(args: argparse.Namespace, batch_size: int, image_tokens: in
 
 
 def flow_shift(args: argparse.Namespace, image_tokens: int) -> float:
-    """The shift of `shift` sampling (and of samples): fixed, or from the image size for `qwen_shift`."""
+    """The shift of `shift` sampling: fixed, or from the image size for `qwen_shift`."""
     if args.timestep_sampling == "qwen_shift":
         return math.exp(calculate_shift(image_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT))
     return float(args.discrete_flow_shift)
@@ -570,8 +570,8 @@ def _train(
             with accelerator.autocast():
                 paths = save_samples(
                     samples, transformer=model, vae=vae, output_dir=output_dir, output_name=args.output_name,
-                    flow_shift_for=lambda tokens: flow_shift(args, tokens), step=progress["step"], epoch=epoch,
-                    device=device, dtype=weight_dtype,
+                    step=progress["step"], epoch=epoch, device=device, dtype=weight_dtype,
+                    shift_terminal=args.sample_shift_terminal,
                 )
             model.train()
             metrics = {}
