@@ -45,15 +45,17 @@ from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..faceid.fileio import atomic_write_text
 from . import models
-from .cache import CacheEncoders, cache_dataset, load_cached_item
+from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
 from .lora import (
     NETWORK_MODULE, add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
 )
+from .memory_plan import MemoryInputs, estimate, plan_warning
 from .model_versions import MODEL_VERSIONS
 from .protocol import (
     METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
@@ -498,6 +500,8 @@ def _train(
         reporter.update(**hook.on_cached(items, accelerator, should_stop))
     if stopped_before_training():
         return JobState.STOPPED
+    if accelerator.is_main_process:
+        _report_memory_plan(args, group, device, reporter)
     del pipeline, encoders
     gc.collect()
     if torch.cuda.is_available():
@@ -669,6 +673,39 @@ def _train(
     save_checkpoint(f"{args.output_name}.safetensors", f"{args.output_name}-state" if args.save_state else None)
     reporter.update(JobState.COMPLETED, eta_sec=0)
     return JobState.COMPLETED
+
+
+def memory_inputs(args: argparse.Namespace, group: DatasetGroup) -> MemoryInputs:
+    """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt."""
+    def tokens(item: DatasetItem) -> int:
+        return sum((w // 16) * (h // 16) for w, h in (item.bucket, *item.control_buckets))
+
+    largest = max(group.items, key=tokens)
+    text_tokens = 0
+    for item in group.items:
+        with safe_open(str(text_cache_path(item)), framework="pt") as handle:
+            text_tokens = max(text_tokens, handle.get_slice("prompt_embeds").get_shape()[0])
+    return MemoryInputs(
+        transformer_config=models.architecture_config(models.read_header(args.dit, "DiT (--dit)"), models.TRANSFORMER_CONFIG),
+        vae_config=models.architecture_config(models.read_header(args.vae, "VAE (--vae)"), models.VAE_CONFIG),
+        compute_bytes=_dtype(args.mixed_precision).itemsize, fp8_base=args.fp8_base, blocks_to_swap=args.blocks_to_swap,
+        gradient_checkpointing=args.gradient_checkpointing, batch_size=max(d.batch_size for d in group.datasets),
+        target_size=largest.bucket, control_sizes=largest.control_buckets, text_tokens=text_tokens,
+        network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
+        face_decode=args.face_decode if args.use_face_as_loss else None,
+    )
+
+
+def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, device: torch.device,
+                        reporter: StatusReporter) -> None:
+    inputs = memory_inputs(args, group)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    plan = estimate(inputs, total)
+    log.info("%s", plan.describe())
+    warning = plan_warning(inputs, plan)
+    if warning:
+        log.warning("%s", warning)
+    reporter.update(memory_plan={**plan.as_status(), "warning": warning})
 
 
 def _micro_step(
