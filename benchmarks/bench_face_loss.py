@@ -1,7 +1,15 @@
-"""Cost of the face-identity loss per call: warp vs recognizer, forward + backward.
+"""Cost of the face-identity loss per call: warp vs recognizer, forward + backward; and with the decode.
 
     python benchmarks/bench_face_loss.py [--models_root DIR] [--pack NAME] [--device cpu|cuda]
                                          [--batch_sizes 1 4 8] [--image_size 512] [--repeat N]
+    python benchmarks/bench_face_loss.py --vae_decoder [--image_size 512] [--face_box 160]
+
+`--vae_decoder`: the real-size Qwen VAE decoder (random weights, the real config) decodes a
+latent x0 estimate for the loss as the training step does (`full`, `half`, `face` decode, each
+checkpointed per stage or not); prints the time of the loss's forward + backward and the bytes of
+the tensors autograd saved for it (each storage once, weights excluded), against `full`
+uncheckpointed, and the memory plan's estimate of the decode's saved bytes. The face's keypoints
+are scaled so its `face` box is `--face_box` pixels.
 
 A real photo is resized to image_size^2 (the decoded x0 estimate stands in for it), its face
 detected once with the engine, and the batch warped to the recognizer's 112x112 template.
@@ -21,7 +29,15 @@ import numpy as np
 import torch
 
 from face_consistency.faceid import load_face_model
-from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer, warp_to_arcface
+from face_consistency.trainer.face_loss import (
+    FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes, full_image_region, warp_to_arcface,
+)
+from face_consistency.trainer.face_training import FaceIdentityHook
+from face_consistency.trainer.memory_plan import decoder_saved_values, measure_saved_bytes
+from face_consistency.trainer.models import VAE_CONFIG, shipped_config
+from face_consistency.trainer.sampling import denormalize_latents
+from face_consistency.trainer.train import VAE_SCALE, StepState
+from face_consistency.trainer.vae_decode import checkpointed_decode
 
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
 
@@ -38,6 +54,70 @@ def milliseconds_per_call(fn: Callable[[], None], device: torch.device, repeat: 
     return (time.perf_counter() - start) / repeat * 1000.0
 
 
+class PlainDecodeState(StepState):
+    """The training step's decode without the per-stage checkpoints (for comparison)."""
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raw = denormalize_latents(self.vae, latents.to(self.vae.dtype))
+        return checkpointed_decode(self.vae, raw, use_checkpoint=False)[:, :, 0]
+
+
+def saved_bytes_and_ms(fn: Callable[[], torch.Tensor], frozen: list[torch.nn.Module]) -> tuple[int, float]:
+    start = time.perf_counter()
+    saved, loss = measure_saved_bytes(fn, frozen)
+    loss.backward()
+    return saved, (time.perf_counter() - start) * 1000.0
+
+
+def kps_for_box(kps: torch.Tensor, image_size: int, box: int) -> torch.Tensor:
+    """The keypoints scaled about their centre until `face_region_boxes` gives a `box`-pixel box."""
+    for _ in range(20):
+        side = int(face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 2]
+                   - face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 0])
+        if side == box:
+            return kps
+        centre = kps.mean(dim=1, keepdim=True)
+        kps = centre + (kps - centre) * (box / side)
+    return kps
+
+
+def vae_decoder_case(args: argparse.Namespace, recognizer: FrozenFaceRecognizer, kps: torch.Tensor) -> None:
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(0)
+    config = shipped_config(VAE_CONFIG)
+    vae = AutoencoderKLQwenImage(**config).eval().requires_grad_(False)
+    kps = kps_for_box(kps, args.image_size, args.face_box)
+    latent_side = args.image_size // VAE_SCALE
+    x0_hat = torch.randn(1, 16, 1, latent_side, latent_side)
+    region = full_image_region(args.image_size, args.image_size)
+    loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
+    reference = torch.randn(1, recognizer(torch.zeros(1, 3, recognizer.input_size, recognizer.input_size)).shape[-1])
+    print(f"\nreal-size VAE decoder (random weights), {args.image_size}x{args.image_size} target, face box "
+          f"{args.face_box}x{args.face_box}, CPU, {torch.get_num_threads()} threads; one forward+backward each")
+    print(f"{'decode':>6} {'checkpointed':>12} {'ms':>9} {'saved MiB':>10} {'time vs full':>13} {'bytes vs full':>14} "
+          f"{'plan MiB':>9}")
+    base: tuple[int, float] | None = None
+    for mode in ("full", "half", "face"):
+        hook = FaceIdentityHook(None, None, use_loss=True, loss_every=1, eval_frequency=1, decode=mode)
+        decoded_side = {"full": args.image_size, "half": args.image_size // 2, "face": args.face_box}[mode]
+        values = decoder_saved_values(config, (decoded_side // VAE_SCALE,) * 2)
+        for checkpointed in (False, True):
+            state_class = StepState if checkpointed else PlainDecodeState
+            latents = x0_hat.clone().requires_grad_(True)
+            state = state_class(1, latents, latents, latents, torch.zeros(1), latents, vae, [])
+
+            def loss() -> torch.Tensor:
+                images, source = hook._decode(state, latents, kps, region)
+                return loss_fn(images, kps, reference, torch.ones(1, dtype=torch.bool), torch.zeros(1), source).loss
+
+            saved, ms = saved_bytes_and_ms(loss, [vae, recognizer])
+            base = base or (saved, ms)
+            plan = (values.boundaries if checkpointed else values.total) * 4
+            print(f"{mode:>6} {str(checkpointed):>12} {ms:>9.0f} {saved / 2**20:>10.1f} {ms / base[1]:>12.2f}x "
+                  f"{saved / base[0]:>13.3f}x {plan / 2**20:>9.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
@@ -47,6 +127,8 @@ def main() -> None:
     parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--image_size", type=int, default=512)
     parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--vae_decoder", action="store_true", help="the real-size VAE decoder case (CPU)")
+    parser.add_argument("--face_box", type=int, default=160, help="face box side (pixels) of the decoder case")
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -63,6 +145,9 @@ def main() -> None:
     loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
     image = torch.from_numpy(np.ascontiguousarray(bgr[:, :, ::-1])).permute(2, 0, 1)[None].float() / 127.5 - 1.0
     kps = torch.from_numpy(result.face.kps.astype(np.float32))[None]
+    if args.vae_decoder:
+        vae_decoder_case(args, recognizer.cpu(), kps)
+        return
 
     print(f"device {device} ({torch.get_num_threads()} CPU threads), pack {args.pack} "
           f"({recognizer.spec.onnx_path.name}), {args.image_size}x{args.image_size} -> "

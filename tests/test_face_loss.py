@@ -341,6 +341,22 @@ def test_samples_without_face_or_high_t_are_skipped(face_loss, photos) -> None:
     assert -1.0 <= metrics["face_sim/x0_min"] <= metrics["face_sim/x0_mean"] <= metrics["face_sim/x0_max"] <= 1.0
 
 
+def test_linear_t_weighting_weighs_each_term_by_one_minus_t(face_loss, photos) -> None:
+    bgr, kps = photos["obama2.jpg"]
+    images = to_tensor(bgr).expand(2, -1, -1, -1).clone()
+    kps_t = torch.from_numpy(kps)[None].expand(2, 5, 2).clone()
+    reference = torch.randn(2, 128)
+    valid, t = torch.tensor([True, True]), torch.tensor([0.1, 0.4])
+    linear = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5, t_weighting="linear")
+    sims = linear.similarity(images, kps_t, reference)
+    expected = 0.1 * ((1 - t) * (1 - sims)).mean()
+    torch.testing.assert_close(linear(images, kps_t, reference, valid, t).loss, expected)
+    plain = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5)
+    torch.testing.assert_close(plain(images, kps_t, reference, valid, t).loss, 0.1 * (1 - sims).mean())
+    with pytest.raises(ValueError, match="t_weighting"):
+        FaceIdentityLoss(face_loss.recognizer, t_weighting="cosine")
+
+
 def test_bf16_autocast_stays_finite(face_loss, photos) -> None:
     bgr, kps = photos["obama3.jpg"]
     small = cv2.resize(bgr, (bgr.shape[1] // 4, bgr.shape[0] // 4), interpolation=cv2.INTER_AREA)

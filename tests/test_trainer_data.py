@@ -189,7 +189,9 @@ def test_prompt_file_parsing_and_errors(tmp_path):
     assert (first.prompt, first.width, first.height, first.steps, first.seed) == ("make it red", 96, 64, 3, 7)
     assert (first.flow_shift, first.cfg_scale, first.negative_prompt) == (2.5, 4.0, "blurry")
     assert first.controls == [control] and len(second.controls) == 2 and second.index == 1
-    assert second.seed is None and second.flow_shift is None
+    assert second.seed is None
+    # musubi's CFG and negative, ComfyUI's Qwen-graph shift (ModelSamplingAuraFlow 3.0)
+    assert (second.flow_shift, second.cfg_scale, second.negative_prompt, second.width) == (3.0, 4.0, " ", 256)
 
     prompts.write_text("x --q 3 --ci c.png\n", encoding="utf-8")
     with pytest.raises(PromptFileError, match=r"line 1: option\(s\) not understood: --q 3"):

@@ -15,7 +15,7 @@ from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_file
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import cosine_similarity, load_face_model
 from face_consistency.trainer import models
-from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
 from face_consistency.trainer.dataset import load_dataset_config
 from face_consistency.trainer.face_metrics import SampleScorer
 from face_consistency.trainer.face_targets import face_target_path, load_face_target
@@ -69,11 +69,21 @@ def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):
     args = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", "--use_face_as_loss"])
     assert (args.face_loss_weight, args.face_model_name, args.face_device) == (0.1, "buffalo_l", "cuda")
     assert (args.face_det_size, args.face_eval_frequency, args.face_loss_every) == (640, 100, 1)
-    assert (args.face_models_root, args.face_loss_max_t, args.face_eval_model, args.face_decode) == (None, None, None, "full")
+    # the defaults that fit a 24 GB card and act where the estimate is sharp (README: The face-identity loss)
+    assert (args.face_models_root, args.face_eval_model) == (None, None)
+    assert (args.face_loss_max_t, args.face_loss_t_weighting, args.face_decode) == (0.5, "none", "face")
+    validated = validate_args(args)
+    assert (validated.face_loss_max_t, validated.face_decode) == (0.5, "face")
     explicit = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--face_loss_weight", "0.1",
                            "--face_model_name", "buffalo_l", "--face_device", "cuda", "--face_det_size", "640",
                            "--face_eval_frequency", "100", "--face_loss_max_t", "0.5", "--face_loss_every", "3"])
     assert (explicit.face_loss_max_t, explicit.face_loss_every) == (0.5, 3)
+    every_t = validate_args(parse_args([*tiny_train_argv(files, dataset, tmp_path), "--use_face_as_loss",
+                                        "--face_loss_max_t", "1", "--face_loss_t_weighting", "linear"]))
+    assert (every_t.face_loss_max_t, every_t.face_loss_t_weighting) == (1.0, "linear")
+    for flag, value in (("--face_loss_t_weighting", "cosine"), ("--face_loss_max_t", "0")):
+        with pytest.raises(ConfigError, match=flag):
+            validate_args(parse_args([*tiny_train_argv(files, dataset, tmp_path), "--use_face_as_loss", flag, value]))
 
 
 def test_face_device_cuda_without_cuda_is_an_actionable_error(face_setup, tmp_path, capsys):

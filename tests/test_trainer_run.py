@@ -67,6 +67,10 @@ def test_end_to_end_outputs(setup, tmp_path):
     assert status["last_sample_step"] == 4
     for key in ("pid", "avg_loss", "lr", "steps_per_sec", "eta_sec"):
         assert key in status
+    plan = status["memory_plan"]  # printed and recorded before the DiT loads
+    assert plan["total_gib"] > 0 and plan["device_gib"] is None and plan["warning"] is None
+    assert set(plan["parts_gib"]) == {"dit_weights", "vae_weights", "lora_and_grads", "optimizer_state", "activations",
+                                      "face_decode", "overhead"}
     names = sorted(p.name for p in out.glob("*.safetensors"))
     # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
     assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]
@@ -345,6 +349,18 @@ def test_face_flags_of_the_seed_guide_parse(setup, tmp_path):
     assert (args.face_model_name, args.face_det_size, args.face_eval_frequency) == ("buffalo_l", 640, 100)
 
 
+@pytest.mark.parametrize("cuda, bf16, expected", [(True, True, "bf16"), (True, False, "no"), (False, False, "no")])
+def test_mixed_precision_defaults_to_bf16_where_the_gpu_supports_it(setup, tmp_path, monkeypatch, cuda, bf16, expected):
+    files, dataset, _ = setup
+    argv = tiny_train_argv(files, dataset, tmp_path)
+    at = argv.index("--mixed_precision")
+    del argv[at : at + 2]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert validate_args(parse_args(argv)).mixed_precision == expected
+    assert validate_args(parse_args([*argv, "--mixed_precision", "no"])).mixed_precision == "no"
+
+
 def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
     files, dataset, _ = setup
     out = tmp_path / "out"
@@ -481,3 +497,36 @@ def test_model_version_and_its_musubi_aliases(setup, tmp_path, flags, version):
     if version == "edit-2511":
         args.dit = str(write_tiny_model_files(tmp_path / "m", edit_2511=True).dit)
     assert validate_args(args).model_version == version
+
+
+def test_a_musubi_lora_continues_training_with_network_weights(setup, tmp_path):
+    from safetensors.torch import save_file
+    from test_trainer_lora import musubi_lora_state_dict
+
+    files, _, _ = setup
+    start = musubi_lora_state_dict(models.load_transformer(files.dit, torch.float32), rank=4, alpha=4.0)
+    path = tmp_path / "musubi.safetensors"
+    save_file(start, str(path), metadata={"ss_network_module": "networks.lora_qwen_image"})
+    out = tmp_path / "out"
+    assert train(setup, out, 2, "--network_weights", str(path), "--learning_rate", "1e-3") == 0, read_status(out)
+    trained = load_file(str(out / "tiny.safetensors"))
+    assert trained.keys() == start.keys()  # musubi's every layer, under its names
+    up = "lora_unet_transformer_blocks_0_img_mod_1.lora_up.weight"
+    assert not torch.allclose(trained[up].float(), start[up].float()), "img_mod was not trained on"
+
+
+def test_an_all_ones_prompt_mask_goes_to_attention_as_none(setup):
+    from face_consistency.trainer.train import attention_mask
+
+    files, _, _ = setup
+    transformer = models.load_transformer(files.dit, torch.float32).eval()
+    assert attention_mask(torch.ones(2, 7, dtype=torch.long)) is None
+    padded = torch.tensor([[1, 1, 1, 0]])
+    assert attention_mask(padded) is padded
+    torch.manual_seed(0)
+    inputs = dict(hidden_states=torch.randn(1, 32, 64), timestep=torch.tensor([0.4]),
+                  encoder_hidden_states=torch.randn(1, 7, 32), img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    with torch.no_grad():
+        masked = transformer(**inputs, encoder_hidden_states_mask=torch.ones(1, 7))[0]
+        unmasked = transformer(**inputs, encoder_hidden_states_mask=None)[0]
+    torch.testing.assert_close(unmasked, masked)

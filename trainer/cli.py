@@ -17,14 +17,16 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from diffusers.optimization import SchedulerType
 
 from .dataset import DatasetConfigError, load_dataset_config
+from .face_loss import FACE_LOSS_T_WEIGHTINGS
 from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from .models import ModelFileError, check_dit_version, read_header
 from .protocol import JobState, write_status
-from .sampling import PromptFileError, load_prompt_file
+from .sampling import DEFAULT_SHIFT_TERMINAL, PromptFileError, load_prompt_file
 from .state import is_state_folder
 from .train import TrainingDivergedError, run_training
 
@@ -40,6 +42,7 @@ TIMESTEP_SAMPLING = ("sigma", "uniform", "shift", "qwen_shift")
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+DEFAULT_FACE_LOSS_MAX_T = 0.5
 ACCEPTED_NETWORK_MODULES = (NETWORK_MODULE, "networks.lora")
 # musubi flags this trainer does not implement, with what to use instead.
 UNSUPPORTED_FLAGS = {
@@ -84,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="accepted for compatibility (see --max_data_loader_n_workers)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--mixed_precision", default="no", help=f"one of {', '.join(MIXED_PRECISION)}")
+    train.add_argument("--mixed_precision", help=f"one of {', '.join(MIXED_PRECISION)} (default: bf16 where the "
+                       "GPU supports it, as musubi-tuner trains Qwen; else no)")
     train.add_argument("--timestep_sampling", default="sigma", help=f"one of {', '.join(TIMESTEP_SAMPLING)}")
     train.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift for sigma/shift sampling and samples")
     train.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal before the sigmoid (shift sampling)")
@@ -127,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--sample_every_n_steps", type=int)
     sampling.add_argument("--sample_every_n_epochs", type=int)
     sampling.add_argument("--sample_at_first", action="store_true")
+    sampling.add_argument("--sample_shift_terminal", type=float, default=DEFAULT_SHIFT_TERMINAL,
+                          help="stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)")
 
     face = parser.add_argument_group("face identity (README: The face-identity loss)")
     face.add_argument("--enable_face_loss", action="store_true",
@@ -140,13 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     face.add_argument("--face_models_root", help="folder holding models/<pack> (default: ~/.insightface)")
     face.add_argument("--offline", action="store_true",
                       help="never download a missing standard face pack (by default it is fetched on first use)")
-    face.add_argument("--face_loss_max_t", type=float,
-                      help="apply the loss only where t <= this (default: every t; 0.5 keeps the sharper estimates)")
+    face.add_argument("--face_loss_max_t", type=float, default=DEFAULT_FACE_LOSS_MAX_T,
+                      help="apply the loss only where t <= this (1 for every t; 0.5 keeps the sharper estimates)")
+    face.add_argument("--face_loss_t_weighting", default="none",
+                      help=f"one of {', '.join(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's term by 1 - t")
     face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")
     face.add_argument("--face_eval_model", help="a second, held-out pack reported beside the training one; "
                       "dlib: the dlib judge (pip install \"comfyui-face-consistency[judge]\")")
-    face.add_argument("--face_decode", default="full", help="decode for the face term: full, half (half "
-                      "resolution) or face (only the face region)")
+    face.add_argument("--face_decode", default="face", help="decode for the face term: face (only the face "
+                      "region, default), half (the whole image at half resolution) or full")
     return parser
 
 
@@ -207,6 +215,11 @@ def _optimizer_kwargs(values: list[str]) -> dict[str, Any]:
     return kwargs
 
 
+def default_mixed_precision() -> str:
+    """bf16 on a CUDA device with bf16 support (Ampere or newer), else no (fp32): CPUs train fp32."""
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def _model_version(args: argparse.Namespace) -> str:
     """--model_version, or the version its alias flags (--edit, --edit_plus) name."""
     chosen = {f"--{flag}": version for flag, version in ALIAS_FLAGS.items() if getattr(args, flag)}
@@ -241,7 +254,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
-    args.mixed_precision = _choice(args.mixed_precision, MIXED_PRECISION, "--mixed_precision")
+    args.mixed_precision = _choice(args.mixed_precision or default_mixed_precision(), MIXED_PRECISION,
+                                   "--mixed_precision")
     args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
     args.optimizer_type = _choice(args.optimizer_type, OPTIMIZERS, "--optimizer_type", case_insensitive=True)
@@ -268,6 +282,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ConfigError("--blocks_to_swap must be 0 or more")
     if args.discrete_flow_shift <= 0:
         raise ConfigError("--discrete_flow_shift must be positive")
+    if not 0.0 <= args.sample_shift_terminal < 1.0:
+        raise ConfigError(f"--sample_shift_terminal is a sigma in [0, 1), got {args.sample_shift_terminal}")
     sampling_flags = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
     if sampling_flags and not args.sample_prompts:
         raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")
@@ -286,9 +302,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.enable_face_loss = True
     if args.enable_face_loss:
         args.face_decode = _choice(args.face_decode, ("full", "half", "face"), "--face_decode")
+        args.face_loss_t_weighting = _choice(args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS,
+                                             "--face_loss_t_weighting")
         if args.face_loss_weight < 0:
             raise ConfigError(f"--face_loss_weight must be 0 or more, got {args.face_loss_weight}")
-        if args.face_loss_max_t is not None and not 0.0 < args.face_loss_max_t <= 1.0:
+        if not 0.0 < args.face_loss_max_t <= 1.0:
             raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
     try:
         group = load_dataset_config(args.dataset_config)

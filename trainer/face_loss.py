@@ -37,6 +37,9 @@ ARCFACE_TEMPLATE_112 = (
 )
 
 
+FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
+
+
 class RecognizerLoadError(ModelPackError):
     """The pack has no usable recognizer, or it cannot be converted to torch."""
 
@@ -296,16 +299,21 @@ class FaceLossOutput:
 
 
 class FaceIdentityLoss(nn.Module):
-    """`weight * mean(1 - cos(embed(warp(image)), reference))` over qualifying samples.
+    """`weight * mean(w(t) * (1 - cos(embed(warp(image)), reference)))` over qualifying samples.
 
     A sample qualifies when it has a face (`valid`) and its timestep is at most `max_t`
-    (the one-step estimate x0_hat = x_t - t * v is only sharp at low noise).
+    (the one-step estimate x0_hat = x_t - t * v is only sharp at low noise). `t_weighting`
+    `none`: w = 1; `linear`: w = 1 - t, so the blurrier estimates pull less.
     """
 
-    def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float | None = None) -> None:
+    def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float | None = None,
+                 t_weighting: str = "none") -> None:
         super().__init__()
         if max_t is not None and not 0.0 <= max_t <= 1.0:
             raise ValueError(f"max_t is a flow-matching timestep in [0, 1], got {max_t}")
+        if t_weighting not in FACE_LOSS_T_WEIGHTINGS:
+            raise ValueError(f"t_weighting must be one of {', '.join(FACE_LOSS_T_WEIGHTINGS)}, got {t_weighting!r}")
+        self.t_weighting = t_weighting
         self.recognizer = recognizer
         self.weight = float(weight)
         self.max_t = 1.0 if max_t is None else float(max_t)  # None: every sample with a face
@@ -350,8 +358,12 @@ class FaceIdentityLoss(nn.Module):
         if not bool(use.any()):
             return FaceLossOutput(loss=torch.zeros((), device=images.device), metrics=metrics)
         sims = self._masked_similarity(use, images, kps, reference, source_region)
-        distance = (1.0 - sims).mean()
-        metrics.update(similarity_metrics(sims, t.flatten()[use.to(t.device)]))
+        used_t = t.flatten()[use.to(t.device)]
+        distance = 1.0 - sims
+        if self.t_weighting == "linear":
+            distance = distance * (1.0 - used_t.detach().to(distance))
+        distance = distance.mean()
+        metrics.update(similarity_metrics(sims, used_t))
         metrics["loss/face"] = float(self.weight * distance.detach())
         return FaceLossOutput(loss=self.weight * distance, metrics=metrics)
 

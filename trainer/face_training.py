@@ -147,7 +147,8 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: Dlib
     samples = None
     if args.sample_prompts:
         samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
-    loss = FaceIdentityLoss(recognizer, weight=args.face_loss_weight, max_t=args.face_loss_max_t)
+    loss = FaceIdentityLoss(recognizer, weight=args.face_loss_weight, max_t=args.face_loss_max_t,
+                            t_weighting=args.face_loss_t_weighting)
     return FacePack(model, loss, samples)
 
 
@@ -172,7 +173,7 @@ def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
 
 class FaceIdentityHook(TrainingHook):
     def __init__(self, training: FacePack, heldout: FacePack | JudgeHeldout | None, *, use_loss: bool, loss_every: int,
-                 eval_frequency: int, decode: str = "full") -> None:
+                 eval_frequency: int, decode: str = "face") -> None:
         if decode not in DECODE_MODES:
             raise ValueError(f"face decode mode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
         self.training = training

@@ -3,7 +3,12 @@
 Targets: every `nn.Linear` inside `transformer_blocks`, except the modulation layers
 (`img_mod`, `txt_mod`) unless an include pattern brings them back. `--network_args` take
 musubi's `include_patterns=[...]` / `exclude_patterns=[...]` (Python regular expressions,
-searched in the dotted module path, e.g. `transformer_blocks.0.attn.to_q`).
+searched in the dotted module path, e.g. `transformer_blocks.0.attn.to_q`), and
+`target_set=musubi`: musubi-tuner's own set, every Linear of every block. musubi means to exclude
+modulation (its pattern `.*(_mod_).*`), but matches it with `fullmatch` against names like
+`transformer_blocks.0.img_mod.1`, where it never fires: its LoRAs hold `img_mod.1`, `txt_mod.1` and
+the last block's unused text outputs too (840 layers on the real model, against 717 here).
+A `--network_weights` file's layers are always trained, whatever the set.
 
 Saved keys: `lora_unet_<module path with dots as underscores>.lora_down.weight` (peft's A),
 `.lora_up.weight` (B) and `.alpha`; the delta ComfyUI applies is `up @ down * alpha / rank`,
@@ -20,7 +25,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..faceid.fileio import atomic_path
@@ -35,23 +40,33 @@ class NetworkArgsError(ValueError):
     """A `--network_args` entry this trainer does not understand."""
 
 
+TARGET_SETS = ("default", "musubi")
+
+
 @dataclass(frozen=True)
 class NetworkArgs:
     include_patterns: tuple[str, ...] = ()
     exclude_patterns: tuple[str, ...] = field(default=())
+    target_set: str = "default"
 
 
 def parse_network_args(values: list[str] | None) -> NetworkArgs:
     """musubi's `key=value` network args; values are Python literals (lists of regex strings here)."""
-    parsed: dict[str, tuple[str, ...]] = {}
+    parsed: dict[str, tuple[str, ...] | str] = {}
     for entry in values or []:
         key, sep, raw = entry.partition("=")
         key = key.strip()
         if not sep:
             raise NetworkArgsError(f"--network_args entry {entry!r} is not key=value")
+        if key == "target_set":
+            name = raw.strip().strip("'\"")
+            if name not in TARGET_SETS:
+                raise NetworkArgsError(f"--network_args target_set={name}: choose one of {', '.join(TARGET_SETS)}")
+            parsed[key] = name
+            continue
         if key not in ("include_patterns", "exclude_patterns"):
             raise NetworkArgsError(
-                f"--network_args: unknown key {key!r} (supported: include_patterns, exclude_patterns)"
+                f"--network_args: unknown key {key!r} (supported: include_patterns, exclude_patterns, target_set)"
             )
         try:
             value = ast.literal_eval(raw.strip())
@@ -74,22 +89,52 @@ def lora_target_modules(transformer: torch.nn.Module, network_args: NetworkArgs)
     """Dotted paths of the Linear layers that get LoRA.
 
     The last block's text-stream outputs (`attn.to_add_out`, `txt_mlp`) never reach the image
-    prediction: LoRA there would get no gradient (and breaks DDP's all-reduce), so it is skipped.
+    prediction: LoRA there would get no gradient, so the default set skips them (musubi's keeps them).
     """
-    exclude = DEFAULT_EXCLUDE_PATTERNS + network_args.exclude_patterns
-    last = f"{BLOCKS_SCOPE}{len(transformer.transformer_blocks) - 1}."
-    dead_ends = (last + "attn.to_add_out", last + "txt_mlp.")
+    musubi = network_args.target_set == "musubi"
+    exclude = network_args.exclude_patterns + (() if musubi else DEFAULT_EXCLUDE_PATTERNS)
     targets = []
     for name, module in transformer.named_modules():
         if not isinstance(module, torch.nn.Linear) or not name.startswith(BLOCKS_SCOPE):
             continue
-        if name.startswith(dead_ends):
+        if not musubi and is_dead_end(transformer, name):
             continue
         included = any(re.search(p, name) for p in network_args.include_patterns)
         excluded = any(re.search(p, name) for p in exclude)
         if included or not excluded:
             targets.append(name)
     return targets
+
+
+def is_dead_end(transformer: torch.nn.Module, module_path: str) -> bool:
+    """The last block's text-stream outputs: a LoRA there gets no gradient (DDP must be told)."""
+    last = f"{BLOCKS_SCOPE}{len(transformer.transformer_blocks) - 1}."
+    return module_path.startswith((last + "attn.to_add_out", last + "txt_mlp."))
+
+
+def lora_file_modules(transformer: torch.nn.Module, path: str | os.PathLike) -> list[str]:
+    """Module paths of the layers a LoRA file (this trainer's or musubi-tuner's) holds, in model order.
+
+    A key that names no Linear of the transformer blocks is an error saying which.
+    """
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (SafetensorError, OSError) as exc:
+        raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
+    linears = {lora_key(name): name for name, module in transformer.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.startswith(BLOCKS_SCOPE)}
+    stems = {key.rsplit(".", 2)[0] for key in keys if key.endswith((".lora_down.weight", ".lora_up.weight"))}
+    if not stems:
+        raise NetworkArgsError(f"--network_weights {file}: no LoRA layers (no *.lora_down.weight / *.lora_up.weight keys)")
+    unknown = sorted(stems - set(linears))
+    if unknown:
+        raise NetworkArgsError(
+            f"--network_weights {file}: {len(unknown)} layer(s) name no Linear layer of this model's transformer "
+            f"blocks (e.g. {', '.join(unknown[:3])}); is it a LoRA for Qwen-Image-Edit?"
+        )
+    return [name for key, name in linears.items() if key in stems]
 
 
 def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> list[torch.nn.Parameter]:
@@ -151,7 +196,7 @@ def load_comfy_lora(transformer: torch.nn.Module, path: str | os.PathLike, alpha
     if unknown:
         raise NetworkArgsError(
             f"--network_weights {file}: {len(unknown)} layer(s) are not LoRA targets of this model "
-            f"(e.g. {', '.join(unknown[:3])}); check --network_args"
+            f"(e.g. {', '.join(unknown[:3])}); give add_lora the file's layers (lora_file_modules)"
         )
     loaded = {}
     for stem in sorted(stems):

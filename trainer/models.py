@@ -129,7 +129,7 @@ def read_tensors(header: SafetensorsHeader, keys: list[str]) -> Iterator[tuple[s
         start = end
 
 
-def _architecture_config(header: SafetensorsHeader, shipped_name: str) -> dict[str, Any]:
+def architecture_config(header: SafetensorsHeader, shipped_name: str) -> dict[str, Any]:
     embedded = header.metadata.get(EMBEDDED_CONFIG_KEY)
     if embedded is None:
         return shipped_config(shipped_name)
@@ -277,7 +277,7 @@ def load_transformer(
     what = "DiT (--dit)"
     header = read_header(path, what)
     check_dit_version(header, zero_cond_t)
-    config = _architecture_config(header, TRANSFORMER_CONFIG)
+    config = architecture_config(header, TRANSFORMER_CONFIG)
     if zero_cond_t:
         config["zero_cond_t"] = True
     expected = (
@@ -306,7 +306,7 @@ def load_vae(
     # ComfyUI's file uses Wan names; a diffusers-named file passes through the converter unchanged.
     # The converter only renames, so it is given the names themselves as values.
     sources = convert_wan_vae_to_diffusers({key: key for key in header.shapes})
-    config = _architecture_config(header, VAE_CONFIG)
+    config = architecture_config(header, VAE_CONFIG)
     expected = "the Qwen-Image VAE (Wan 2.1 layout, 16 latent channels)"
     model = _build_empty(lambda: AutoencoderKLQwenImage(**config), header, expected)
     _cast_empty(model, dtype)
@@ -346,7 +346,7 @@ def load_text_encoder(
     header = read_header(path, what)
     _, auxiliary = _fp8_scales(header)
     sources = {text_encoder_model_key(k): k for k in header.shapes if k not in auxiliary}
-    config = _architecture_config(header, TEXT_ENCODER_CONFIG)
+    config = architecture_config(header, TEXT_ENCODER_CONFIG)
     expected = "Qwen2.5-VL (`model.*` language model and `visual.*` vision tower)"
     model = _build_empty(
         lambda: Qwen2_5_VLForConditionalGeneration(text_encoder_config(config)), header, expected

@@ -10,11 +10,16 @@ working directory, then beside the prompt file). Example:
 
 Images land in `output_dir/sample/` as
 `{output_name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}]_000.png` (`e{epoch:06d}` instead of
-the step when sampling at an epoch end). The flow shift defaults to the training shift (not
-musubi's fixed 14.5; with `qwen_shift`, the shift for the sample's size). Controls are encoded as
-reference latents at about 1 MP of their own aspect, whatever the sample's size, as musubi-tuner's
-sampler and ComfyUI's TextEncodeQwenImageEditPlus do. Prompts and controls are encoded once, while
-the text encoder is loaded.
+the step when sampling at an epoch end). Prompts and controls are encoded once, while the text
+encoder is loaded.
+
+Drawn as ComfyUI's Qwen-Image-Edit graph draws (README: "Samples and ComfyUI, side by side"):
+controls as reference latents at about 1 MP of their own aspect (TextEncodeQwenImageEditPlus);
+flow shift 3.0 unless `--fs` (ModelSamplingAuraFlow); Euler over the `simple` schedule, the
+sigmas `1 .. 1/steps` shifted, then stretched so the last is `--sample_shift_terminal` (0.02, as
+musubi-tuner's scheduler; 0 turns it off); true CFG `--l` (4.0, musubi's default) against the
+negative `--n` (" ", musubi's) on the x0 predictions, then rescaled per latent pixel so its norm
+never exceeds the positive prediction's (ComfyUI's CFGNorm, strength 1).
 """
 from __future__ import annotations
 
@@ -22,8 +27,6 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -39,7 +42,9 @@ from .dataset import RESOLUTION_STEP
 SAMPLE_DIR = "sample"
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 20
-DEFAULT_CFG = 1.0
+DEFAULT_CFG = 4.0  # musubi-tuner's Qwen sampler
+DEFAULT_FLOW_SHIFT = 3.0  # ModelSamplingAuraFlow in ComfyUI's Qwen-Image(-Edit) graphs
+DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
 
 
 @dataclass
@@ -52,7 +57,7 @@ class SampleSettings:
     height: int = DEFAULT_SIZE
     steps: int = DEFAULT_STEPS
     seed: int | None = None
-    flow_shift: float | None = None
+    flow_shift: float = DEFAULT_FLOW_SHIFT
     cfg_scale: float = DEFAULT_CFG
     negative_prompt: str = " "
     controls: list[Path] = field(default_factory=list)
@@ -75,10 +80,10 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
         # musubi ignores these; a typo here would silently sample something else for the whole run
         raise PromptFileError(f"{where}: option(s) not understood: {' '.join(parsed.unknown_options)} "
                               "(known: --w --h --s --d --fs --l --n --ci, numbers after --w --h --s --d --fs --l)")
-    settings = SampleSettings(index=parsed.index, prompt=parsed.prompt.strip(), seed=parsed.seed,
-                              flow_shift=parsed.discrete_flow_shift)
+    settings = SampleSettings(index=parsed.index, prompt=parsed.prompt.strip(), seed=parsed.seed)
     for name, value in (("width", parsed.width), ("height", parsed.height), ("steps", parsed.sample_steps),
-                        ("cfg_scale", parsed.cfg_scale), ("negative_prompt", parsed.negative_prompt)):
+                        ("flow_shift", parsed.discrete_flow_shift), ("cfg_scale", parsed.cfg_scale),
+                        ("negative_prompt", parsed.negative_prompt)):
         if value is not None:
             setattr(settings, name, value)
     for name in ("width", "height"):
@@ -134,12 +139,12 @@ def generate(
     vae: torch.nn.Module,
     sample: EncodedSample,
     *,
-    flow_shift: float,
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
+    shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
 ) -> Image.Image:
-    """Euler flow-matching sampling as diffusers' Edit-Plus pipeline does it, from cached conditions."""
+    """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
     prompt = sample.prompt
     latent_h, latent_w = prompt.height // 8, prompt.width // 8
     channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
@@ -151,7 +156,7 @@ def generate(
         for c in sample.control_latents
     ]
     img_shapes = [[(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]]
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=flow_shift, use_dynamic_shifting=False)
+    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / prompt.steps, prompt.steps), device=device)
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
@@ -159,23 +164,49 @@ def generate(
             hidden_states=model_input,
             timestep=timestep,
             encoder_hidden_states=embeds.to(device, dtype),
-            encoder_hidden_states_mask=torch.ones(embeds.shape[:2], device=device, dtype=torch.long),
+            encoder_hidden_states_mask=None,  # one unpadded prompt; a mask would rule out the fastest kernels
             img_shapes=img_shapes,
             return_dict=False,
         )[0]
         return out[:, : latents.shape[1]]
 
-    for t in scheduler.timesteps:
+    for index, t in enumerate(scheduler.timesteps):
         model_input = torch.cat([latents, *controls], dim=1)
         timestep = (t / 1000).expand(1).to(dtype)
         pred = velocity(sample.prompt_embeds, model_input, timestep)
         if sample.negative_embeds is not None:
             negative = velocity(sample.negative_embeds, model_input, timestep)
-            combined = negative + prompt.cfg_scale * (pred - negative)
-            pred = combined * (pred.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+            pred = normalized_cfg(latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale,
+                                  (prompt.height, prompt.width))
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
     unpacked = QwenImageEditPlusPipeline._unpack_latents(latents, prompt.height, prompt.width, 8)
     return decode_to_pil(vae, unpacked)
+
+
+def sample_scheduler(flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> FlowMatchEulerDiscreteScheduler:
+    """Static shift, then (when > 0) the sigmas stretched so that the last one is `shift_terminal`."""
+    return FlowMatchEulerDiscreteScheduler(shift=flow_shift, use_dynamic_shifting=False,
+                                           shift_terminal=shift_terminal or None)
+
+
+def normalized_cfg(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigma: float, scale: float,
+                   size: tuple[int, int]) -> torch.Tensor:
+    """ComfyUI's KSampler CFG followed by its CFGNorm node (strength 1), as a velocity.
+
+    Packed tokens [1, n, 64]; the CFG mix of the x0 predictions (x - sigma v) is scaled down, per
+    latent pixel (the norm over its 16 channels), to at most the positive prediction's norm.
+    """
+    height, width = size
+
+    def x0(velocity: torch.Tensor) -> torch.Tensor:
+        return QwenImageEditPlusPipeline._unpack_latents(latents - sigma * velocity, height, width, 8)
+
+    cond_x0 = x0(cond)
+    mixed_x0 = x0(uncond + scale * (cond - uncond))
+    ratio = (cond_x0.norm(dim=1, keepdim=True) / (mixed_x0.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
+    guided = mixed_x0 * ratio
+    packed = QwenImageEditPlusPipeline._pack_latents(guided, 1, guided.shape[1], guided.shape[3], guided.shape[4])
+    return (latents - packed) / sigma
 
 
 def denormalize_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
@@ -199,11 +230,11 @@ def save_samples(
     vae: torch.nn.Module,
     output_dir: Path,
     output_name: str,
-    flow_shift_for: Callable[[int], float],
     step: int,
     epoch: int | None,
     device: torch.device,
     dtype: torch.dtype,
+    shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
 ) -> list[Path]:
     """Generate every prompt and write the PNGs atomically; returns their paths."""
     folder = output_dir / SAMPLE_DIR
@@ -211,9 +242,7 @@ def save_samples(
     paths = []
     for sample in samples:
         seed = sample.prompt.seed if sample.prompt.seed is not None else random.randint(0, 2**31 - 1)
-        tokens = (sample.prompt.height // 16) * (sample.prompt.width // 16)
-        shift = sample.prompt.flow_shift if sample.prompt.flow_shift is not None else flow_shift_for(tokens)
-        image = generate(transformer, vae, sample, flow_shift=shift, seed=seed, device=device, dtype=dtype)
+        image = generate(transformer, vae, sample, seed=seed, device=device, dtype=dtype, shift_terminal=shift_terminal)
         name = sample_file_name(output_name, sample.prompt, step=step, epoch=epoch)
         with atomic_path(folder / name) as tmp:
             image.save(tmp, format="PNG")

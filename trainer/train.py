@@ -38,26 +38,31 @@ from typing import Any, Callable, Iterator
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..faceid.fileio import atomic_write_text
 from . import models
-from .cache import CacheEncoders, cache_dataset, load_cached_item
+from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
-from .lora import NETWORK_MODULE, add_lora, load_comfy_lora, lora_target_modules, parse_network_args, save_lora
+from .lora import (
+    NETWORK_MODULE, add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
+)
+from .memory_plan import MemoryInputs, estimate, plan_warning
 from .model_versions import MODEL_VERSIONS
 from .protocol import (
     METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
 from .sampling import EncodedSample, denormalize_latents, encode_samples, load_prompt_file, save_samples
 from .state import load_state, save_state
+from .vae_decode import checkpointed_decode
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -93,9 +98,9 @@ class StepState:
         return self.x_t - self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype) * self.v_pred
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients."""
-        pixels = self.vae.decode(denormalize_latents(self.vae, latents.to(self.vae.dtype)), return_dict=False)[0]
-        return pixels[:, :, 0]
+        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
+        (each decoder stage checkpointed: `vae_decode.py`)."""
+        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(self.vae.dtype)))[:, :, 0]
 
 
 @dataclass
@@ -260,10 +265,15 @@ def sample_timesteps(args: argparse.Namespace, batch_size: int, image_tokens: in
 
 
 def flow_shift(args: argparse.Namespace, image_tokens: int) -> float:
-    """The shift of `shift` sampling (and of samples): fixed, or from the image size for `qwen_shift`."""
+    """The shift of `shift` sampling: fixed, or from the image size for `qwen_shift`."""
     if args.timestep_sampling == "qwen_shift":
         return math.exp(calculate_shift(image_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT))
     return float(args.discrete_flow_shift)
+
+
+def attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The prompt mask, or None when it is all ones: PyTorch's fastest attention kernels refuse a mask."""
+    return None if bool(mask.all()) else mask
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -365,6 +375,13 @@ def _prepare_transformer(
         fp8_base=args.fp8_base, placement=placement,
     )
     targets = lora_target_modules(transformer, parse_network_args(args.network_args))
+    if args.network_weights:
+        # Continuing a LoRA trains every layer it holds (a musubi-tuner LoRA also holds img_mod/txt_mod).
+        chosen = set(targets)
+        added = [m for m in lora_file_modules(transformer, args.network_weights) if m not in chosen]
+        if added:
+            log.info("--network_weights adds %d layer(s) outside the target set (e.g. %s)", len(added), added[0])
+        targets += added
     for block in transformer.transformer_blocks[first_swapped:] if args.blocks_to_swap else []:
         # Frozen base weights of the swapped blocks live on the CPU and are streamed in layer by
         # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
@@ -391,6 +408,10 @@ def _prepare_transformer(
     return transformer, lora_params
 
 
+def _may_hold_dead_ends(args: argparse.Namespace) -> bool:
+    return bool(args.network_weights) or parse_network_args(args.network_args).target_set == "musubi"
+
+
 def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = ()) -> JobState:
     """Run one training job described by parsed/validated CLI args; returns its final state."""
     output_dir = Path(args.output_dir)
@@ -406,6 +427,8 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             log_with="tensorboard" if args.logging_dir else None,
             project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=args.logging_dir),
+            # musubi's target set (and a LoRA file from it) holds layers that get no gradient
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=_may_hold_dead_ends(args))],
         )
         reporter.enabled = accelerator.is_main_process
         reporter.status["num_processes"] = accelerator.num_processes
@@ -496,6 +519,8 @@ def _train(
         reporter.update(**hook.on_cached(items, accelerator, should_stop))
     if stopped_before_training():
         return JobState.STOPPED
+    if accelerator.is_main_process:
+        _report_memory_plan(args, group, device, reporter)
     del pipeline, encoders
     gc.collect()
     if torch.cuda.is_available():
@@ -570,8 +595,8 @@ def _train(
             with accelerator.autocast():
                 paths = save_samples(
                     samples, transformer=model, vae=vae, output_dir=output_dir, output_name=args.output_name,
-                    flow_shift_for=lambda tokens: flow_shift(args, tokens), step=progress["step"], epoch=epoch,
-                    device=device, dtype=weight_dtype,
+                    step=progress["step"], epoch=epoch, device=device, dtype=weight_dtype,
+                    shift_terminal=args.sample_shift_terminal,
                 )
             model.train()
             metrics = {}
@@ -675,6 +700,39 @@ def _train(
     return JobState.COMPLETED
 
 
+def memory_inputs(args: argparse.Namespace, group: DatasetGroup) -> MemoryInputs:
+    """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt."""
+    def tokens(item: DatasetItem) -> int:
+        return sum((w // 16) * (h // 16) for w, h in (item.bucket, *item.control_buckets))
+
+    largest = max(group.items, key=tokens)
+    text_tokens = 0
+    for item in group.items:
+        with safe_open(str(text_cache_path(item)), framework="pt") as handle:
+            text_tokens = max(text_tokens, handle.get_slice("prompt_embeds").get_shape()[0])
+    return MemoryInputs(
+        transformer_config=models.architecture_config(models.read_header(args.dit, "DiT (--dit)"), models.TRANSFORMER_CONFIG),
+        vae_config=models.architecture_config(models.read_header(args.vae, "VAE (--vae)"), models.VAE_CONFIG),
+        compute_bytes=_dtype(args.mixed_precision).itemsize, fp8_base=args.fp8_base, blocks_to_swap=args.blocks_to_swap,
+        gradient_checkpointing=args.gradient_checkpointing, batch_size=max(d.batch_size for d in group.datasets),
+        target_size=largest.bucket, control_sizes=largest.control_buckets, text_tokens=text_tokens,
+        network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
+        face_decode=args.face_decode if args.use_face_as_loss else None,
+    )
+
+
+def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, device: torch.device,
+                        reporter: StatusReporter) -> None:
+    inputs = memory_inputs(args, group)
+    total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    plan = estimate(inputs, total)
+    log.info("%s", plan.describe())
+    warning = plan_warning(inputs, plan)
+    if warning:
+        log.warning("%s", warning)
+    reporter.update(memory_plan={**plan.as_status(), "warning": warning})
+
+
 def _micro_step(
     args: argparse.Namespace, transformer: torch.nn.Module, vae: torch.nn.Module, batch: Batch,
     generator: torch.Generator, device: torch.device, accelerator: Accelerator, step: int, hooks: list[TrainingHook],
@@ -693,7 +751,7 @@ def _micro_step(
             hidden_states=tokens,
             timestep=t,
             encoder_hidden_states=batch.prompt_embeds.to(device),
-            encoder_hidden_states_mask=batch.prompt_mask.to(device),
+            encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
             img_shapes=img_shapes,
             return_dict=False,
         )[0]

@@ -1,0 +1,121 @@
+"""The memory plan's formulas against measured bytes of the real-width modules (README: Memory on a 24 GB GPU).
+
+Parameters: the real architecture on the meta device. Activations: bytes of the tensors autograd
+saves (`saved_tensors_hooks`, each storage once, parameters excluded) in a real-width transformer
+block and the real-size VAE decoder at small sizes on the CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
+from torch.utils.checkpoint import checkpoint
+
+from face_consistency.trainer.lora import NetworkArgs
+from face_consistency.trainer.memory_plan import (
+    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decoder_saved_values, estimate, measure_saved_bytes, plan_warning,
+)
+from face_consistency.trainer.models import shipped_config
+from face_consistency.trainer.vae_decode import checkpointed_decode, decoder_stages
+
+pytestmark = pytest.mark.trainer
+
+TRANSFORMER = shipped_config("qwen_image_edit_transformer.json")
+VAE = shipped_config("qwen_image_vae.json")
+
+
+def saved_bytes(module: torch.nn.Module, fn) -> int:
+    return measure_saved_bytes(fn, [module])[0]
+
+
+@pytest.fixture(scope="module")
+def real_block() -> torch.nn.Module:
+    heads, head_dim = TRANSFORMER["num_attention_heads"], TRANSFORMER["attention_head_dim"]
+    with torch.device("meta"):
+        block = QwenImageTransformerBlock(dim=heads * head_dim, num_attention_heads=heads, attention_head_dim=head_dim)
+    block = block.to_empty(device="cpu").requires_grad_(False)  # values do not change what is saved
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.02)
+    return block
+
+
+@pytest.mark.parametrize("image_tokens, text_tokens", [(64, 16), (192, 40)])
+def test_block_activations_match_the_formula(real_block, image_tokens, text_tokens):
+    dim = real_block.dim
+    img = torch.randn(1, image_tokens, dim, requires_grad=True)
+    txt = torch.randn(1, text_tokens, dim, requires_grad=True)
+    temb = torch.randn(1, dim, requires_grad=True)
+    head_dim = TRANSFORMER["attention_head_dim"]
+    freqs = (torch.ones(image_tokens, head_dim // 2, dtype=torch.complex64),
+             torch.ones(text_tokens, head_dim // 2, dtype=torch.complex64))
+
+    def run(blocks_checkpointed: bool):
+        def forward(*tensors):
+            return real_block(hidden_states=tensors[0], encoder_hidden_states=tensors[1], encoder_hidden_states_mask=None,
+                              temb=tensors[2], image_rotary_emb=freqs)
+        return lambda: checkpoint(forward, img, txt, temb, use_reentrant=False) if blocks_checkpointed else forward(img, txt, temb)
+
+    tokens = image_tokens + text_tokens
+    measured = saved_bytes(real_block, run(False))
+    assert measured == pytest.approx(BLOCK_SAVED_PER_TOKEN * tokens * dim * 4, rel=0.2)
+    kept = saved_bytes(real_block, run(True))
+    assert kept == pytest.approx(tokens * dim * 4, rel=0.2)
+
+
+@pytest.mark.parametrize("latent_size", [(8, 8), (12, 16)])
+def test_decoder_activations_match_the_formula(latent_size):
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(**VAE).eval().requires_grad_(False)
+    latents = torch.randn(1, 16, 1, latent_size[1], latent_size[0], requires_grad=True)
+    expected = decoder_saved_values(VAE, latent_size)
+    plain = saved_bytes(vae, lambda: checkpointed_decode(vae, latents, use_checkpoint=False))
+    assert plain == pytest.approx(expected.total * 4, rel=0.2)
+    kept = saved_bytes(vae, lambda: checkpointed_decode(vae, latents))
+    assert kept == pytest.approx(expected.boundaries * 4, rel=0.2)
+    # the largest single stage, held while it is recomputed in the backward pass
+    x, stages = latents, []
+    for stage in decoder_stages(vae):
+        stages.append(saved_bytes(vae, lambda: stage(x)))
+        with torch.no_grad():
+            x = stage(x).requires_grad_(True)
+    assert max(stages) == pytest.approx(expected.largest_stage * 4, rel=0.2)
+
+
+def seed_guide(**changes) -> MemoryInputs:
+    values = dict(transformer_config=TRANSFORMER, vae_config=VAE, compute_bytes=2, fp8_base=False, blocks_to_swap=0,
+                  gradient_checkpointing=True, batch_size=1, target_size=(1024, 1024), control_sizes=((1024, 1024),),
+                  text_tokens=300, network_dim=16, network_args=NetworkArgs(), optimizer="AdamW8bit",
+                  face_decode="face")
+    return MemoryInputs(**{**values, **changes})
+
+
+def test_weights_match_the_real_architectures_parameter_bytes():
+    with init_empty_weights():
+        dit = QwenImageTransformer2DModel(**TRANSFORMER)
+        vae = AutoencoderKLQwenImage(**VAE)
+    plan = estimate(seed_guide(face_decode=None))
+    assert plan.parts["dit_weights"] == 2 * sum(p.numel() for p in dit.parameters()) == 2 * 20_430_401_088
+    assert plan.parts["vae_weights"] == 2 * sum(p.numel() for p in vae.parameters())
+    dit.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    fp8 = sum(p.numel() * p.element_size() for p in dit.parameters())
+    assert estimate(seed_guide(fp8_base=True, face_decode=None)).parts["dit_weights"] == pytest.approx(fp8, rel=0.2)
+    swapped = estimate(seed_guide(fp8_base=True, blocks_to_swap=16))
+    block = sum(p.numel() for p in dit.transformer_blocks[0].parameters())
+    assert swapped.swapped_bytes == 16 * block
+
+
+def test_over_the_device_the_warning_names_the_flags_that_fit():
+    device = 24 * 10**9
+    full = seed_guide(face_decode="full")
+    plan = estimate(full, device)
+    assert plan.total > device and plan.parts["face_decode"] > estimate(seed_guide(), device).parts["face_decode"]
+    warning = plan_warning(full, plan)
+    assert warning and "--fp8_base" in warning and "--blocks_to_swap" in warning and "--face_decode face" in warning
+    assert "exceeds" in warning and "add" in warning
+    recipe = seed_guide(fp8_base=True, blocks_to_swap=16)
+    assert plan_warning(recipe, estimate(recipe, device)) is None
+    assert plan_warning(full, estimate(full, None)) is None  # no device memory known (CPU): no warning
+    assert estimate(recipe, device).total < 24 * GIB
