@@ -200,3 +200,14 @@ def test_zero_cond_t_conditions_the_reference_tokens_on_timestep_zero(tmp_path):
         plain_at_zero = model_2509(timestep=torch.tensor([0.0]), **inputs)[0]
     assert not torch.allclose(at_t, plain_at_t, atol=1e-4)  # the reference tokens saw t = 0, not 0.7
     assert torch.allclose(at_zero, plain_at_zero, atol=1e-5)  # at t = 0 both conditionings agree
+
+
+def test_large_host_allocations_are_mapped_where_glibc_allows(monkeypatch):
+    import platform
+
+    from face_consistency.trainer import host_memory
+
+    glibc_linux = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert host_memory.map_large_allocations() is glibc_linux
+    monkeypatch.setattr(host_memory.platform, "system", lambda: "Darwin")
+    assert host_memory.map_large_allocations() is False

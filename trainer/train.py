@@ -52,6 +52,7 @@ from ..faceid.fileio import atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
+from .host_memory import map_large_allocations
 from .lora import (
     NETWORK_MODULE, add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
 )
@@ -414,6 +415,7 @@ def _may_hold_dead_ends(args: argparse.Namespace) -> bool:
 
 def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = ()) -> JobState:
     """Run one training job described by parsed/validated CLI args; returns its final state."""
+    map_large_allocations()
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tail = LogTail()
