@@ -8,7 +8,8 @@
 latent x0 estimate for the loss as the training step does (`full`, `half`, `face` decode, each
 checkpointed per stage or not); prints the time of the loss's forward + backward and the bytes of
 the tensors autograd saved for it (each storage once, weights excluded), against `full`
-uncheckpointed, and the memory plan's estimate of the decode's saved bytes. The face's keypoints
+uncheckpointed, and the memory plan's estimate of the same bytes (the decoder's formula plus the
+recognizer's saved bytes, which the plan measures on the loaded recognizer). The face's keypoints
 are scaled so its `face` box is `--face_box` pixels.
 
 A real photo is resized to image_size^2 (the decoded x0 estimate stands in for it), its face
@@ -93,6 +94,7 @@ def vae_decoder_case(args: argparse.Namespace, recognizer: FrozenFaceRecognizer,
     region = full_image_region(args.image_size, args.image_size)
     loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
     reference = torch.randn(1, recognizer(torch.zeros(1, 3, recognizer.input_size, recognizer.input_size)).shape[-1])
+    recognizer_bytes = recognizer.saved_bytes_per_sample()
     print(f"\nreal-size VAE decoder (random weights), {args.image_size}x{args.image_size} target, face box "
           f"{args.face_box}x{args.face_box}, CPU, {torch.get_num_threads()} threads; one forward+backward each")
     print(f"{'decode':>6} {'checkpointed':>12} {'ms':>9} {'saved MiB':>10} {'time vs full':>13} {'bytes vs full':>14} "
@@ -113,7 +115,7 @@ def vae_decoder_case(args: argparse.Namespace, recognizer: FrozenFaceRecognizer,
 
             saved, ms = saved_bytes_and_ms(loss, [vae, recognizer])
             base = base or (saved, ms)
-            plan = (values.boundaries if checkpointed else values.total) * 4
+            plan = values.after_forward(checkpointed) * 4 + recognizer_bytes
             print(f"{mode:>6} {str(checkpointed):>12} {ms:>9.0f} {saved / 2**20:>10.1f} {ms / base[1]:>12.2f}x "
                   f"{saved / base[0]:>13.3f}x {plan / 2**20:>9.1f}")
 

@@ -13,9 +13,11 @@ from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
 from torch.utils.checkpoint import checkpoint
 
+from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
 from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
-    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decoder_saved_values, estimate, measure_saved_bytes, plan_warning,
+    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decode_size, decoder_saved_values, estimate, measure_saved_bytes,
+    plan_warning,
 )
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode, decoder_stages
@@ -84,6 +86,29 @@ def test_decoder_activations_match_the_formula(latent_size):
     assert max(stages) == pytest.approx(expected.largest_stage * 4, rel=0.2)
 
 
+def test_face_loss_plan_matches_the_decode_warp_and_recognizer(insightface_root, testpack_dir):
+    """The plan's face part: the decoder's formula plus the recognizer's bytes measured at plan time,
+    against everything the loss saves (checkpointed `face` decode of a 128² target, warp, recognizer)."""
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(**VAE).eval().requires_grad_(False)
+    recognizer = FrozenFaceRecognizer.from_pack(testpack_dir.name, models_root=insightface_root)
+    loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
+    inputs = seed_guide(compute_bytes=4, target_size=(128, 128), face_decode="face",
+                        face_recognizer_saved_bytes=recognizer.saved_bytes_per_sample())
+    side = decode_size(inputs)[0]
+    latents = torch.randn(1, 16, 1, side // 8, side // 8, requires_grad=True)
+    kps = torch.tensor([[[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]]]) * side
+
+    def loss() -> torch.Tensor:
+        images = checkpointed_decode(vae, latents)[:, :, 0]
+        return loss_fn(images, kps, torch.randn(1, 128), torch.ones(1, dtype=torch.bool), torch.zeros(1)).loss
+
+    measured, _ = measure_saved_bytes(loss, [vae, recognizer])
+    values = decoder_saved_values(VAE, (side // 8, side // 8))
+    assert measured == pytest.approx(values.after_forward(True) * 4 + inputs.face_recognizer_saved_bytes, rel=0.2)
+    assert estimate(inputs).parts["face_loss"] == int(values.peak(True, inputs.face_recognizer_saved_bytes / 4) * 4)
+
+
 def seed_guide(**changes) -> MemoryInputs:
     values = dict(transformer_config=TRANSFORMER, vae_config=VAE, compute_bytes=2, fp8_base=False, blocks_to_swap=0,
                   gradient_checkpointing=True, batch_size=1, target_size=(1024, 1024), control_sizes=((1024, 1024),),
@@ -111,7 +136,7 @@ def test_over_the_device_the_warning_names_the_flags_that_fit():
     device = 24 * 10**9
     full = seed_guide(face_decode="full")
     plan = estimate(full, device)
-    assert plan.total > device and plan.parts["face_decode"] > estimate(seed_guide(), device).parts["face_decode"]
+    assert plan.total > device and plan.parts["face_loss"] > estimate(seed_guide(), device).parts["face_loss"]
     warning = plan_warning(full, plan)
     assert warning and "--fp8_base" in warning and "--blocks_to_swap" in warning and "--face_decode face" in warning
     assert "exceeds" in warning and "add" in warning

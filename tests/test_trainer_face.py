@@ -113,6 +113,8 @@ def test_run_completes_saves_and_counts_targets_without_face(full_run):
     assert [Path(p).stem for p in status["face_targets_skipped"]] == [NO_FACE_ITEM]
     assert status["face_targets_heldout_without_face"] == 1
     assert "face_sim/x0_mean" in status and "face_sim/heldout_x0_mean" in status
+    # the plan counts what the loaded recognizer saves per face (23 MiB for the test pack)
+    assert status["memory_plan"]["parts_gib"]["face_loss"] >= 0.02
 
 
 def test_caching_stores_keypoints_and_embeddings_and_reuses_them(face_setup, full_run, tmp_path):

@@ -70,7 +70,7 @@ def test_end_to_end_outputs(setup, tmp_path):
     plan = status["memory_plan"]  # printed and recorded before the DiT loads
     assert plan["total_gib"] > 0 and plan["device_gib"] is None and plan["warning"] is None
     assert set(plan["parts_gib"]) == {"dit_weights", "vae_weights", "lora_and_grads", "optimizer_state", "activations",
-                                      "face_decode", "overhead"}
+                                      "face_loss", "overhead"}
     names = sorted(p.name for p in out.glob("*.safetensors"))
     # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
     assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..faceid.errors import ModelPackError
 from ..faceid.packs import as_roots, resolve_pack
+from .memory_plan import measure_saved_bytes
 
 # insightface/utils/face_align.py: arcface_dst (for a 112x112 crop).
 ARCFACE_TEMPLATE_112 = (
@@ -275,6 +276,12 @@ class FrozenFaceRecognizer(nn.Module):
     @property
     def input_size(self) -> int:
         return self.spec.input_size
+
+    def saved_bytes_per_sample(self) -> int:
+        """Bytes autograd keeps for the backward pass of one face (for the memory plan)."""
+        faces = torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device, requires_grad=True)
+        saved, _ = measure_saved_bytes(lambda: self(faces), [self])
+        return saved
 
     def train(self, mode: bool = True) -> "FrozenFaceRecognizer":
         # A parent's .train() must not reach BatchNorm here: a train-mode pass would

@@ -213,6 +213,9 @@ class FaceIdentityHook(TrainingHook):
             status["face_targets_heldout_without_face"] = len(self.heldout.without_face())
         return status
 
+    def saved_bytes_per_sample(self) -> int:
+        return self.training.loss.recognizer.saved_bytes_per_sample() if self.use_loss else 0
+
     # --------------------------------------------------------------- the step
 
     def extra_loss(self, state: StepState) -> ExtraLoss:

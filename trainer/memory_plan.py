@@ -11,7 +11,9 @@ checks them against measured bytes, within 20%):
   pass recomputes one block at a time;
 - the VAE decoder's stages save, per value of their input (or output), the coefficients in
   `_stage_saved`; checkpointed (`vae_decode.py`) it keeps the stage inputs, plus one stage's
-  activations while that stage is recomputed.
+  activations while that stage is recomputed;
+- the face recognizer's saved bytes per sample are measured on the loaded recognizer (one
+  112x112 forward at plan time: its architecture varies by pack, and it is cheap to run).
 
 Not counted: the backward pass's transient gradient buffers, attention workspaces and the CUDA
 context; `OVERHEAD_BYTES` stands for them.
@@ -55,6 +57,7 @@ class MemoryInputs:
     network_args: NetworkArgs
     optimizer: str
     face_decode: str | None  # None: no face loss
+    face_recognizer_saved_bytes: int = 0  # per sample, what the loss's recognizer keeps for backward
 
 
 @dataclass(frozen=True)
@@ -146,8 +149,16 @@ class DecoderSaved:
     largest_stage: float  # the most any one stage saves (held while it is recomputed)
     total: float  # everything, without checkpointing
 
-    def peak(self, checkpointed: bool) -> float:
-        return self.boundaries + self.largest_stage if checkpointed else self.total
+    def after_forward(self, checkpointed: bool) -> float:
+        """What is kept once the forward pass is done (what `measure_saved_bytes` counts)."""
+        return self.boundaries if checkpointed else self.total
+
+    def peak(self, checkpointed: bool, alongside: float = 0.0) -> float:
+        """The most held at once, with `alongside` values saved after the decode (the recognizer's):
+        the backward pass frees those before it recomputes the decoder's stages."""
+        if checkpointed:
+            return self.boundaries + max(self.largest_stage, alongside)
+        return self.total + alongside
 
 
 def decoder_saved_values(vae_config: dict[str, Any], latent_size: tuple[int, int]) -> DecoderSaved:
@@ -201,13 +212,14 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
         "lora_and_grads": lora_params * 8,
         "optimizer_state": lora_params * OPTIMIZER_STATE_BYTES.get(inputs.optimizer.lower(), 8),
         "activations": activations,
-        "face_decode": 0,
+        "face_loss": 0,
         "overhead": OVERHEAD_BYTES,
     }
     if inputs.face_decode:
         width, height = decode_size(inputs)
-        values = decoder_saved_values(inputs.vae_config, (width // 8, height // 8)).peak(checkpointed=True)
-        parts["face_decode"] = int(inputs.batch_size * values * inputs.compute_bytes)
+        recognizer = inputs.face_recognizer_saved_bytes / inputs.compute_bytes
+        values = decoder_saved_values(inputs.vae_config, (width // 8, height // 8)).peak(True, recognizer)
+        parts["face_loss"] = int(inputs.batch_size * values * inputs.compute_bytes)
     return MemoryPlan({k: int(v) for k, v in parts.items()}, int(swapped), device_bytes)
 
 

@@ -33,7 +33,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -122,6 +122,10 @@ class TrainingHook:
 
     def extra_loss(self, state: StepState) -> ExtraLoss:
         return ExtraLoss()
+
+    def saved_bytes_per_sample(self) -> int:
+        """What `extra_loss` keeps for the backward pass per sample beyond the decode (for the memory plan)."""
+        return 0
 
     def on_samples(self, step: int, paths: list[Path], samples: list[EncodedSample]) -> dict[str, float]:
         """After a sampling round; returned metrics go to metrics.jsonl and status.json."""
@@ -522,7 +526,7 @@ def _train(
     if stopped_before_training():
         return JobState.STOPPED
     if accelerator.is_main_process:
-        _report_memory_plan(args, group, device, reporter)
+        _report_memory_plan(args, group, hooks, device, reporter)
     del pipeline, encoders
     gc.collect()
     if torch.cuda.is_available():
@@ -702,8 +706,9 @@ def _train(
     return JobState.COMPLETED
 
 
-def memory_inputs(args: argparse.Namespace, group: DatasetGroup) -> MemoryInputs:
-    """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt."""
+def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence[TrainingHook] = ()) -> MemoryInputs:
+    """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt,
+    and what the hooks' losses keep for backward."""
     def tokens(item: DatasetItem) -> int:
         return sum((w // 16) * (h // 16) for w, h in (item.bucket, *item.control_buckets))
 
@@ -720,12 +725,13 @@ def memory_inputs(args: argparse.Namespace, group: DatasetGroup) -> MemoryInputs
         target_size=largest.bucket, control_sizes=largest.control_buckets, text_tokens=text_tokens,
         network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
         face_decode=args.face_decode if args.use_face_as_loss else None,
+        face_recognizer_saved_bytes=sum(hook.saved_bytes_per_sample() for hook in hooks),
     )
 
 
-def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, device: torch.device,
-                        reporter: StatusReporter) -> None:
-    inputs = memory_inputs(args, group)
+def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence[TrainingHook],
+                        device: torch.device, reporter: StatusReporter) -> None:
+    inputs = memory_inputs(args, group, hooks)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     plan = estimate(inputs, total)
     log.info("%s", plan.describe())
