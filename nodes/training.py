@@ -351,6 +351,11 @@ class FaceConsistencyTrainLaunch:
         name = output_name.strip()
         if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|'):
             raise ValueError(f"output name {output_name!r} must be a plain file name (no folders)")
+        try:
+            extra = shlex.split(extra_args)
+        except ValueError as exc:
+            raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
+        jobs.check_extra_args(extra)
         model_paths = {}
         for flag, folder, filename in (("--dit", "diffusion_models", dit), ("--vae", "vae", vae),
                                        ("--text_encoder", "text_encoders", text_encoder)):
@@ -409,10 +414,7 @@ class FaceConsistencyTrainLaunch:
             args += ["--sample_prompts", str(prompts)]
             if sample_every_n_epochs > 0:
                 args += ["--sample_every_n_epochs", str(sample_every_n_epochs)]
-        try:
-            args += shlex.split(extra_args)
-        except ValueError as exc:
-            raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
+        args += extra
         record = jobs.launch(registry, output_dir, args, name=name)
         job = TrainingJob(record.job_id, str(record.output_dir), name)
         text = f"started job {record.job_id} (pid {record.pid}) into {record.output_dir}"

@@ -74,6 +74,17 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     assert JobRegistry(registry_path).list()[0].state == "completed"
 
 
+def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(tiny_training: TinyTraining,
+                                                                          tmp_path: Path) -> None:
+    registry = JobRegistry(tmp_path / "jobs.sqlite3")
+    output_dir = tmp_path / "out"
+    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 2, "--learning_rate", "inf"), name="tiny")
+    done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the trainer to refuse")
+    assert done.state == "failed"
+    assert "--learning_rate must be a finite number, got inf" in done.detail
+    assert "ended without a final status" not in done.detail
+
+
 def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTraining, tmp_path: Path) -> None:
     registry = JobRegistry(tmp_path / "jobs.sqlite3")
     output_dir = tmp_path / "out"

@@ -239,6 +239,19 @@ def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_traini
     assert FaceConsistencyTrainMonitor.IS_CHANGED(job=job) == FaceConsistencyTrainMonitor.IS_CHANGED(job=job)
 
 
+@pytest.mark.parametrize("extra", ["--output_dir /elsewhere", "--output_dir=/elsewhere", "--resume /tmp/state",
+                                   "--config_file /tmp/x.toml", "--save_every_n_steps 2 --logging_dir /tmp/tb"])
+def test_launch_refuses_extra_args_that_move_the_run(comfy: Path, tiny_training: TinyTraining, extra: str) -> None:
+    tiny_training.install_into_comfyui(comfy)
+    inputs = {**load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
+              **_tiny_launch_inputs(tiny_training, "tiny_extra", 2), "extra_args": extra}
+    flag = extra.split()[-2].split("=")[0] if "=" not in extra else "--output_dir"
+    with pytest.raises(ValueError, match=f"extra_args may not set {flag}: the launch node chooses"):
+        FaceConsistencyTrainLaunch().launch(**inputs)
+    assert not (comfy / "output" / "loras" / "tiny_extra").exists()  # refused before anything is written
+    assert all(job.name != "tiny_extra" for job in training.open_registry().list())
+
+
 def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tiny_training: TinyTraining) -> None:
     tiny_training.install_into_comfyui(comfy)
     inputs = {

@@ -32,6 +32,7 @@ from .protocol import (
     LOG_FILE,
     JobState,
     clear_stop_request,
+    output_folder_busy,
     read_status,
     request_stop,
     stop_requested,
@@ -371,27 +372,32 @@ class JobRegistry:
         return [self.refresh(job.job_id) for job in self.list()]
 
 
-def _unregistered_trainer(registry: JobRegistry, folder: Path) -> int | None:
-    """The pid of a live trainer writing into `folder` that no registered job accounts for."""
-    status = read_status(folder) or {}
-    pid = status.get("pid")
-    if status.get("state") in FINAL_STATE_VALUES or not isinstance(pid, int):
-        return None
-    if not process_alive(pid, leads_group=False):
-        return None
-    known = registry.find_by_output_dir(folder)
-    return None if known is not None and known.pid == pid else pid
-
-
 def ensure_output_dir_free(registry: JobRegistry, output_dir: str | os.PathLike) -> None:
     """Raise JobConflictError when a job, or a trainer started elsewhere, is writing into `output_dir`."""
     folder = Path(output_dir).resolve()
     registry.check_free(folder)
-    outside_pid = _unregistered_trainer(registry, folder)
-    if outside_pid is not None:
+    if output_folder_busy(folder):  # the trainer's own lock: held by whoever started it
+        pid = (read_status(folder) or {}).get("pid")
         raise JobConflictError(
-            f"a trainer started outside ComfyUI (pid {outside_pid}) is writing into {folder}; "
+            f"a trainer started outside ComfyUI{f' (pid {pid})' if pid else ''} is writing into {folder}; "
             "let it finish or choose another output name"
+        )
+
+
+# Flags the launch node sets itself: where the run reads and writes. Its extra_args may not move them.
+LAUNCH_MANAGED_FLAGS = (
+    "--output_dir", "--output_name", "--dit", "--vae", "--text_encoder", "--tokenizer", "--dataset_config",
+    "--config_file", "--resume", "--network_weights", "--logging_dir", "--sample_prompts", "--face_models_root",
+)
+
+
+def check_extra_args(extra_args: Sequence[str]) -> None:
+    """Refuse extra trainer flags that would move the run out of the folder the launch manages."""
+    managed = sorted({token.split("=", 1)[0] for token in extra_args} & set(LAUNCH_MANAGED_FLAGS))
+    if managed:
+        raise ValueError(
+            f"extra_args may not set {', '.join(managed)}: the launch node chooses the run's files and folder "
+            "(use its inputs, or run `face-consistency train` yourself for other paths)"
         )
 
 
