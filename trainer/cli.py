@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import importlib.util
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -22,13 +24,13 @@ from diffusers.optimization import SchedulerType
 
 from .dataset import DatasetConfigError, load_dataset_config
 from .face_loss import FACE_LOSS_T_WEIGHTINGS
-from .lora import NETWORK_MODULE, NetworkArgsError, parse_network_args
+from .lora import NETWORK_MODULE, NetworkArgsError, lora_file_ranks, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from .models import ModelFileError, check_dit_version, read_header
-from .protocol import JobState, write_status
+from .protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .sampling import DEFAULT_SHIFT_TERMINAL, PromptFileError, load_prompt_file
-from .state import is_state_folder
-from .train import TrainingDivergedError, run_training
+from .state import StateFolderError, check_state_folder, state_lora_rank
+from .train import CheckpointWriteError, TrainingDivergedError, run_training
 
 try:
     import tomllib
@@ -168,6 +170,32 @@ def _flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
+def _config_type_error(action: argparse.Action, value: Any) -> str | None:
+    """What is wrong with a --config_file value for `action`, strictly (TOML has types; a string is
+    no boolean), or None when it fits."""
+    def fits(item: Any) -> bool:
+        if isinstance(item, bool):
+            return False
+        if action.type is int:
+            return isinstance(item, int)
+        if action.type is float:
+            return isinstance(item, (int, float))
+        return isinstance(item, str)
+
+    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")  # type: ignore[arg-type]
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+    if action.nargs in ("*", "+"):
+        if isinstance(value, list) and all(fits(item) for item in value):
+            return None
+        return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. [\"key=value\"], got {value!r}"
+    if not fits(value):
+        return f"must be {kind}, got {value!r}"
+    if action.choices is not None and value not in action.choices:
+        return f"must be one of {', '.join(map(str, action.choices))}, got {value!r}"
+    return None
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Parse flags (and --config_file); unknown flags are a ConfigError."""
     parser = build_parser()
@@ -185,10 +213,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise ConfigError(f"--config_file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config_file {path} is not valid TOML: {exc}") from None
-        known = {action.dest for action in parser._actions}
-        unknown_keys = sorted(set(config) - known)
+        actions = {action.dest: action for action in parser._actions}
+        unknown_keys = sorted(set(config) - set(actions))
         if unknown_keys:
             raise ConfigError(f"--config_file {path}: unknown key(s) {', '.join(unknown_keys)}")
+        for key, value in config.items():
+            problem = _config_type_error(actions[key], value)
+            if problem:
+                raise ConfigError(f"--config_file {path}: {key} {problem}")
         parser.set_defaults(**config)
         args = parser.parse_args(list(argv))
     return args
@@ -248,10 +280,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         check_dit_version(read_header(args.dit, "DiT (--dit)"), MODEL_VERSIONS[args.model_version].zero_cond_t)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
-    if args.network_weights and not Path(args.network_weights).is_file():
-        raise ConfigError(f"--network_weights {args.network_weights}: file not found")
+    _check_output_dir(Path(args.output_dir))
     if args.network_weights and args.resume:
         raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
+    if args.network_weights:
+        _check_network_weights(Path(args.network_weights), args.network_dim)
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
     args.mixed_precision = _choice(args.mixed_precision or default_mixed_precision(), MIXED_PRECISION,
@@ -295,9 +328,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     except NetworkArgsError as exc:
         raise ConfigError(str(exc)) from None
     if args.resume:
-        state = Path(args.resume)
-        if not is_state_folder(state):
-            raise ConfigError(f"--resume {state}: not a state folder saved by --save_state (no trainer_state.json)")
+        _check_resume(Path(args.resume), args)
     if args.use_face_as_loss and not args.enable_face_loss:
         args.enable_face_loss = True
     if args.enable_face_loss:
@@ -324,6 +355,41 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def _check_output_dir(folder: Path) -> None:
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--output_dir {folder} is a file, not a folder: choose a folder for the run")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir {folder}: {existing} is not writable by this user; choose a folder you can "
+                          "write to")
+
+
+def _check_network_weights(file: Path, network_dim: int) -> None:
+    if not file.is_file():
+        raise ConfigError(f"--network_weights {file}: file not found")
+    try:
+        ranks = set(lora_file_ranks(file).values())
+    except NetworkArgsError as exc:
+        raise ConfigError(str(exc)) from None
+    if ranks != {network_dim}:
+        raise ConfigError(f"--network_weights {file} was trained at rank {', '.join(map(str, sorted(ranks)))}: "
+                          f"pass --network_dim {max(ranks)} (got {network_dim}) to train it on")
+
+
+def _check_resume(folder: Path, args: argparse.Namespace) -> None:
+    try:
+        progress = check_state_folder(folder)
+    except StateFolderError as exc:
+        raise ConfigError(str(exc)) from None
+    rank = state_lora_rank(folder)
+    if rank is not None and rank != args.network_dim:
+        raise ConfigError(f"--resume {folder} was trained at rank {rank}: pass --network_dim {rank} "
+                          f"(got {args.network_dim})")
+    if args.max_train_epochs is None and progress["step"] >= args.max_train_steps:
+        raise ConfigError(f"--resume {folder} is at step {progress['step']}, which --max_train_steps "
+                          f"{args.max_train_steps} has already reached: raise --max_train_steps to train on")
+
+
 def build_hooks(args: argparse.Namespace) -> list:
     """Training-step additions selected by flags (the face identity: face_training.py)."""
     if not args.enable_face_loss:
@@ -337,10 +403,16 @@ def build_hooks(args: argparse.Namespace) -> list:
 
 
 def _report_config_error(output_dir: str | None, message: str) -> None:
+    """The message on stderr, and in status.json when the folder can hold one (the pid tells a
+    watcher whose status it is)."""
     print(f"face-consistency train: error: {message}", file=sys.stderr)
     if output_dir:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        write_status(output_dir, {"state": JobState.FAILED, "error": message, "log_tail": [message]})
+        try:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            write_status(output_dir, {"state": JobState.FAILED, "pid": os.getpid(), "error": message,
+                                      "log_tail": [message]})
+        except OSError:  # a file where the folder should be, a read-only disk: stderr is all there is
+            pass
 
 
 def _output_dir_in(argv: list[str]) -> str | None:
@@ -366,26 +438,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     package_logger.setLevel(logging.INFO)
     output_dir = _output_dir_in(argv)
     try:
-        try:
-            args = parse_args(argv)
-            output_dir = args.output_dir
-            args = validate_args(args)
-            hooks = build_hooks(args)
-        except ConfigError as exc:
-            _report_config_error(output_dir, str(exc))
-            return EXIT_USAGE
-        except SystemExit as exc:  # argparse has printed the usage error (e.g. a non-number for an int flag)
-            _report_config_error(output_dir, "invalid command-line arguments (see the usage message)")
-            return int(exc.code or EXIT_USAGE)
-        try:
-            state = run_training(args, hooks)
-        except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError, TrainingDivergedError) as exc:
-            print(f"face-consistency train: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
-        except Exception:  # noqa: BLE001 - already recorded as `failed` with the traceback tail
-            log.exception("training failed")
-            return EXIT_FAILED
-        return EXIT_OK if state in (JobState.COMPLETED, JobState.STOPPED) else EXIT_FAILED
+        with contextlib.ExitStack() as held:
+            try:
+                if output_dir and _is_main_process():
+                    # before anything is written there: a second run must not touch the first one's status
+                    with contextlib.suppress(OSError):  # no folder can be made there: validate_args says why
+                        held.enter_context(hold_output_folder(output_dir))
+                args = parse_args(argv)
+                output_dir = args.output_dir
+                args = validate_args(args)
+                hooks = build_hooks(args)
+            except OutputFolderBusyError as exc:
+                print(f"face-consistency train: error: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            except ConfigError as exc:
+                _report_config_error(output_dir, str(exc))
+                return EXIT_USAGE
+            except SystemExit as exc:  # argparse has printed the usage error (e.g. a non-number for an int flag)
+                _report_config_error(output_dir, "invalid command-line arguments (see the usage message)")
+                return int(exc.code or EXIT_USAGE)
+            return _run(args, hooks)
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of an `accelerate launch` (which sets RANK), or a plain single process."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _run(args: argparse.Namespace, hooks: list) -> int:
+    try:
+        state = run_training(args, hooks)
+    except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError, TrainingDivergedError,
+            CheckpointWriteError) as exc:
+        print(f"face-consistency train: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception:  # noqa: BLE001 - already recorded as `failed` with the traceback tail
+        log.exception("training failed")
+        return EXIT_FAILED
+    return EXIT_OK if state in (JobState.COMPLETED, JobState.STOPPED) else EXIT_FAILED

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Qwen-Image latents are 8x smaller than pixels and packed in 2x2 patches: sizes are multiples of 16.
 RESOLUTION_STEP = 16
+# 4096 px a side is 4x the model's 1 MP training size; its images alone take ~200 MB each in fp32
+# while caching, and attention over its 65,536 tokens would not fit any one GPU.
+MAX_RESOLUTION_SIDE = 4096
+BOOLEAN_KEYS = ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target")
+PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
 
 GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
 DATASET_KEYS = GENERAL_KEYS | {
@@ -109,14 +114,19 @@ class DatasetGroup:
 
 
 def _resolution(value: Any, where: str) -> tuple[int, int]:
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         width = height = value
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
         width, height = value
     else:
         raise DatasetConfigError(f"{where}: resolution must be an int or [width, height], got {value!r}")
     if width < RESOLUTION_STEP or height < RESOLUTION_STEP:
         raise DatasetConfigError(f"{where}: resolution {value!r} is smaller than {RESOLUTION_STEP} pixels")
+    if max(width, height) > MAX_RESOLUTION_SIDE:
+        raise DatasetConfigError(f"{where}: resolution {value!r} is over {MAX_RESOLUTION_SIDE} pixels a side, more than "
+                                 "memory allows; Qwen-Image-Edit trains at about [1024, 1024]")
     return width, height
 
 
@@ -165,7 +175,11 @@ def _read_caption(target: Path, caption_extension: str) -> str | None:
     caption_path = target.with_suffix(caption_extension)
     if not caption_path.is_file():
         return None
-    return caption_path.read_text(encoding="utf-8").strip()
+    try:
+        return caption_path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError as exc:
+        raise DatasetConfigError(f"caption {caption_path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                                 "save it as UTF-8") from None
 
 
 def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Path, ...], str]]:
@@ -227,6 +241,15 @@ def _jsonl_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Pa
     return entries
 
 
+def _check_types(cfg: dict[str, Any], where: str) -> None:
+    for key in BOOLEAN_KEYS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise DatasetConfigError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
+    for key in PATH_KEYS:
+        if key in cfg and not isinstance(cfg[key], str):
+            raise DatasetConfigError(f"{where}: {key} must be a path in quotes, got {cfg[key]!r}")
+
+
 def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     if cfg.get("multiple_target"):
         raise DatasetConfigError(f"{where}: multiple_target (layered targets) is not supported for Qwen-Image-Edit")
@@ -240,7 +263,7 @@ def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     if not isinstance(cfg["caption_extension"], str) or not cfg["caption_extension"].startswith("."):
         raise DatasetConfigError(f"{where}: caption_extension must start with a dot, e.g. \".txt\", got {cfg['caption_extension']!r}")
     for key in ("batch_size", "num_repeats"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
             raise DatasetConfigError(f"{where}: {key} must be a positive integer, got {cfg[key]!r}")
     entries = _directory_entries(cfg, where) if has_dir else _jsonl_entries(cfg, where)
     if not entries:
@@ -281,11 +304,17 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
     unknown_sections = set(config) - {"general", "datasets"}
     if unknown_sections:
         raise DatasetConfigError(f"{toml_path}: unknown section(s) {sorted(unknown_sections)}")
-    general = dict(config.get("general", {}))
+    general = config.get("general", {})
+    datasets = config.get("datasets")
+    if not isinstance(general, dict) or not isinstance(datasets, (list, type(None))) or not all(
+        isinstance(entry, dict) for entry in datasets or []
+    ):
+        raise DatasetConfigError(f"{toml_path}: expected a [general] table and [[datasets]] tables (README: "
+                                 "Dataset TOML (musubi format))")
     unknown = set(general) - GENERAL_KEYS
     if unknown:
         raise DatasetConfigError(f"{toml_path} [general]: unknown key(s) {sorted(unknown)}")
-    datasets = config.get("datasets")
+    _check_types(general, f"{toml_path} [general]")
     if not datasets:
         raise DatasetConfigError(f"{toml_path}: no [[datasets]] entries")
     group = DatasetGroup()
@@ -295,7 +324,8 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
         if unknown:
             raise DatasetConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         cfg = {**GENERAL_DEFAULTS, **general, **entry}
-        for key in ("image_directory", "image_jsonl_file", "control_directory", "cache_directory"):
+        _check_types(cfg, where)
+        for key in PATH_KEYS:
             # musubi resolves relative paths against the working directory; fall back to the TOML's folder.
             if key in cfg and not Path(cfg[key]).is_absolute() and not Path(cfg[key]).exists():
                 cfg[key] = str((toml_path.parent / cfg[key]).resolve())

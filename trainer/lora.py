@@ -112,22 +112,31 @@ def is_dead_end(transformer: torch.nn.Module, module_path: str) -> bool:
     return module_path.startswith((last + "attn.to_add_out", last + "txt_mlp."))
 
 
+def lora_file_ranks(path: str | os.PathLike) -> dict[str, int]:
+    """Rank of each layer a LoRA file holds (key stem -> rank), from its header alone; a file that
+    is not safetensors or holds no LoRA layer (a base model, say) is an error saying so."""
+    file = Path(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            ranks = {key[: -len(".lora_down.weight")]: handle.get_slice(key).get_shape()[0]
+                     for key in handle.keys() if key.endswith(".lora_down.weight")}
+    except (SafetensorError, OSError) as exc:
+        raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
+    if not ranks:
+        raise NetworkArgsError(f"--network_weights {file}: no LoRA layers (no *.lora_down.weight keys); "
+                               "is it a base model rather than a LoRA?")
+    return ranks
+
+
 def lora_file_modules(transformer: torch.nn.Module, path: str | os.PathLike) -> list[str]:
     """Module paths of the layers a LoRA file (this trainer's or musubi-tuner's) holds, in model order.
 
     A key that names no Linear of the transformer blocks is an error saying which.
     """
     file = Path(path)
-    try:
-        with safe_open(str(file), framework="pt") as handle:
-            keys = list(handle.keys())
-    except (SafetensorError, OSError) as exc:
-        raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
     linears = {lora_key(name): name for name, module in transformer.named_modules()
                if isinstance(module, torch.nn.Linear) and name.startswith(BLOCKS_SCOPE)}
-    stems = {key.rsplit(".", 2)[0] for key in keys if key.endswith((".lora_down.weight", ".lora_up.weight"))}
-    if not stems:
-        raise NetworkArgsError(f"--network_weights {file}: no LoRA layers (no *.lora_down.weight / *.lora_up.weight keys)")
+    stems = set(lora_file_ranks(file))
     unknown = sorted(stems - set(linears))
     if unknown:
         raise NetworkArgsError(

@@ -4,16 +4,21 @@ Everything lives in the trainer's output directory:
 - `status.json`: the current state and counters, rewritten atomically;
 - `metrics.jsonl`: one JSON object per logged step, appended;
 - `train.log`: the process's stdout and stderr;
-- `STOP`: created by a monitor to ask for a graceful stop (checkpoint, then state `stopped`).
+- `STOP`: created by a monitor to ask for a graceful stop (checkpoint, then state `stopped`);
+- `.train.lock`: held by the trainer for its whole life (an OS file lock, let go when the process
+  ends however it ends), so one folder has one run, whoever starts it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from filelock import FileLock, Timeout
 
 from ..faceid.fileio import atomic_write_json
 
@@ -21,6 +26,7 @@ STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
 LOG_FILE = "train.log"
 STOP_FILE = "STOP"
+LOCK_FILE = ".train.lock"
 
 
 class JobState(str, Enum):
@@ -94,3 +100,38 @@ def stop_requested(output_dir: str | os.PathLike) -> bool:
 
 def clear_stop_request(output_dir: str | os.PathLike) -> None:
     (Path(output_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+class OutputFolderBusyError(RuntimeError):
+    """Another live trainer holds the output folder."""
+
+
+@contextlib.contextmanager
+def hold_output_folder(output_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the folder's lock for the block, or raise OutputFolderBusyError at once."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(folder / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        pid = (read_status(folder) or {}).get("pid")
+        raise OutputFolderBusyError(
+            f"--output_dir {folder}: another training run{f' (pid {pid})' if pid else ''} is writing to this folder; "
+            "wait for it to end (or stop it), or choose another --output_dir"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def output_folder_busy(output_dir: str | os.PathLike) -> bool:
+    """Whether a live trainer holds the folder (checked by taking and letting go of its lock)."""
+    if not (Path(output_dir) / LOCK_FILE).exists():
+        return False
+    try:
+        with hold_output_folder(output_dir):
+            return False
+    except OutputFolderBusyError:
+        return True

@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import zipfile
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from accelerate import Accelerator
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..faceid.fileio import atomic_write_json
@@ -41,12 +44,16 @@ def save_state(
     handle = accelerator.register_save_state_pre_hook(keep_lora_only)
     try:
         accelerator.save_state(str(partial))
+        torch.save(generator.get_state(), partial / f"noise_generator_{accelerator.process_index}.pt")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            atomic_write_json(partial / PROGRESS_FILE, dict(progress))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # a full disk gets its space back for the failed status
+        raise
     finally:
         handle.remove()
-    torch.save(generator.get_state(), partial / f"noise_generator_{accelerator.process_index}.pt")
-    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(partial / PROGRESS_FILE, dict(progress))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(partial, directory)
@@ -71,5 +78,48 @@ def load_state(
     progress.update(json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8")))
 
 
-def is_state_folder(directory: Path) -> bool:
-    return (directory / PROGRESS_FILE).is_file()
+class StateFolderError(ValueError):
+    """A --resume folder that cannot be resumed, with the reason."""
+
+
+def check_state_folder(directory: Path) -> dict[str, int]:
+    """The counters of a state folder, once every file `load_state` reads is there and whole
+    (checked before any model loads: a truncated file would fail deep in torch much later)."""
+    progress_file = directory / PROGRESS_FILE
+    if not progress_file.is_file():
+        raise StateFolderError(f"--resume {directory}: not a state folder saved by --save_state (no {PROGRESS_FILE})")
+    problems = [f"{name} {problem}" for name, problem in _state_file_problems(directory)]
+    try:
+        progress = json.loads(progress_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        problems.append(f"{PROGRESS_FILE} cannot be read ({exc})")
+    else:
+        if not isinstance(progress, dict) or not all(
+            isinstance(progress.get(key), int) and progress[key] >= 0 for key in ("step", "epoch", "batch_in_epoch")
+        ):
+            problems.append(f"{PROGRESS_FILE} lacks the step, epoch and batch_in_epoch counters")
+    if problems:
+        raise StateFolderError(f"--resume {directory}: {'; '.join(problems)}. Resume from an earlier state folder, "
+                               "or train from scratch without --resume")
+    return progress
+
+
+def _state_file_problems(directory: Path) -> Iterator[tuple[str, str]]:
+    for name in (LORA_FILE, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "noise_generator_0.pt"):
+        file = directory / name
+        if not file.is_file() or file.stat().st_size == 0:
+            yield name, "is missing or empty"
+        elif file.suffix in (".bin", ".pt") and not zipfile.is_zipfile(file):  # torch.save writes zip archives
+            yield name, "is truncated or corrupt"
+        elif name == LORA_FILE:
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                yield name, f"is truncated or corrupt ({exc})"
+
+
+def state_lora_rank(directory: Path) -> int | None:
+    """The LoRA rank a state folder was trained at (None when it holds no LoRA layer)."""
+    with safe_open(str(directory / LORA_FILE), framework="pt") as handle:
+        return next((handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith("lora_A.weight")), None)

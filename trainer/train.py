@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import time
 import traceback
@@ -45,7 +46,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
 from ..faceid.fileio import atomic_write_text
@@ -59,7 +60,7 @@ from .lora import (
 from .memory_plan import MemoryInputs, estimate, plan_warning
 from .model_versions import MODEL_VERSIONS
 from .protocol import (
-    METRICS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
+    METRICS_FILE, STATUS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
 from .sampling import EncodedSample, denormalize_latents, encode_samples, load_prompt_file, save_samples
 from .state import load_state, save_state
@@ -137,6 +138,29 @@ class TrainingHook:
 
 class TrainingDivergedError(RuntimeError):
     """The loss, the gradient or the LoRA stopped being finite: the run ends `failed`, unsaved."""
+
+
+# what torch.save's zip writer says when the disk fills (it raises a bare RuntimeError)
+TORCH_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter", "basic_ios::clear")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or state folder could not be written (a full disk, most often)."""
+
+
+@contextmanager
+def checkpoint_write(path: Path) -> Iterator[None]:
+    """Turn a failed write (the OS's error, or safetensors' and torch's wrappers of it) into one message;
+    the save's temporary file is gone by then, so the previous checkpoint stays as it was."""
+    try:
+        yield
+    except (OSError, SafetensorError, RuntimeError) as exc:
+        if type(exc) is RuntimeError and not any(mark in str(exc) for mark in TORCH_WRITE_FAILURES):
+            raise  # a bug, not a write that failed
+        raise CheckpointWriteError(
+            f"could not write {path}: {exc}. Free space in {path.parent} (or choose another --output_dir), then "
+            "resume from the last state folder (--resume) or start again"
+        ) from exc
 
 
 def check_finite(step: int, what: str, value: torch.Tensor) -> None:
@@ -417,6 +441,13 @@ def _may_hold_dead_ends(args: argparse.Namespace) -> bool:
     return bool(args.network_weights) or parse_network_args(args.network_args).target_set == "musubi"
 
 
+def unfinished_saves(output_dir: Path, output_name: str) -> list[Path]:
+    """Temporary checkpoint and status files (`atomic_path`) and state folders (`save_state`) that a
+    killed save left in the run's folder; the lock the trainer holds means none is in progress."""
+    patterns = (f".{output_name}*.tmp", f".{STATUS_FILE}.*.tmp", f".{output_name}*.partial")
+    return sorted({p for pattern in patterns for p in output_dir.glob(pattern)})
+
+
 def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = ()) -> JobState:
     """Run one training job described by parsed/validated CLI args; returns its final state."""
     map_large_allocations()
@@ -440,6 +471,9 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
         reporter.status["num_processes"] = accelerator.num_processes
         if accelerator.is_main_process:
             clear_stop_request(output_dir)
+            for leftover in unfinished_saves(output_dir, args.output_name):
+                log.info("removing %s, left by a save that was cut short", leftover)
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         stop = StopSignal()
         with stop.installed():
             reporter.update(JobState.STARTING, step=0, total_steps=args.max_train_steps, epoch=0)
@@ -579,16 +613,18 @@ def _train(
         for param in lora_params:
             check_finite(progress["step"], "LoRA weight", param.detach())
         reporter.update(JobState.SAVING)
-        if accelerator.is_main_process:
-            path = save_lora(
-                output_dir / file_name, accelerator.unwrap_model(transformer), args.network_alpha,
-                _lora_metadata(args, progress["step"], progress["epoch"] + 1, len(items), started),
-                torch.float32 if args.mixed_precision == "no" else weight_dtype,
-            )
-            reporter.status["last_checkpoint"] = str(path)
-            log.info("saved %s", path)
+        with checkpoint_write(output_dir / file_name):
+            if accelerator.is_main_process:
+                path = save_lora(
+                    output_dir / file_name, accelerator.unwrap_model(transformer), args.network_alpha,
+                    _lora_metadata(args, progress["step"], progress["epoch"] + 1, len(items), started),
+                    torch.float32 if args.mixed_precision == "no" else weight_dtype,
+                )
+                reporter.status["last_checkpoint"] = str(path)
+                log.info("saved %s", path)
         if state_name is not None:
-            save_state(output_dir / state_name, accelerator, transformer, generator, progress)
+            with checkpoint_write(output_dir / state_name):
+                save_state(output_dir / state_name, accelerator, transformer, generator, progress)
         accelerator.wait_for_everyone()
 
     def sample(epoch: int | None) -> None:
