@@ -13,10 +13,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
@@ -72,22 +74,52 @@ def append_metrics(output_dir: str | os.PathLike, record: dict[str, Any]) -> Non
         f.flush()
 
 
-def read_metrics(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete metrics lines; a partial last line (being written) is ignored."""
+@dataclass
+class _MetricsRead:
+    inode: int
+    offset: int  # bytes of complete lines parsed so far
+    records: list[dict[str, Any]]
+
+
+METRICS_READS_KEPT = 32  # runs whose parsed metrics stay cached (a monitor shows a few at a time)
+_metrics_reads: dict[tuple[str, Callable[..., Any] | None], _MetricsRead] = {}
+_metrics_lock = threading.Lock()
+
+
+def read_metrics(
+    output_dir: str | os.PathLike, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """All complete metrics lines (each passed through `transform`); a partial last line (being
+    written) is ignored. The file only grows while a run writes it, so each call parses only the
+    lines appended since the last call for the same file (a monitor asks every few seconds of a
+    run whose file may hold hundreds of thousands of lines); a replaced or shorter file is read anew.
+    The records are shared with later calls: read them, do not change them."""
     path = Path(output_dir) / METRICS_FILE
-    records: list[dict[str, Any]] = []
     try:
-        text = path.read_text(encoding="utf-8")
+        stat = path.stat()
     except FileNotFoundError:
-        return records
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+        return []
+    key = (os.path.abspath(path), transform)
+    with _metrics_lock:
+        read = _metrics_reads.get(key)
+        if read is None or read.inode != stat.st_ino or stat.st_size < read.offset:
+            if len(_metrics_reads) >= METRICS_READS_KEPT:
+                del _metrics_reads[next(iter(_metrics_reads))]
+            read = _metrics_reads[key] = _MetricsRead(stat.st_ino, 0, [])
+        if stat.st_size > read.offset:
+            with open(path, "rb") as f:
+                f.seek(read.offset)
+                data = f.read(stat.st_size - read.offset)
+            complete = data.rfind(b"\n") + 1
+            for line in data[:complete].splitlines():
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    continue
+                if isinstance(record, dict):
+                    read.records.append(transform(record) if transform else record)
+            read.offset += complete
+        return list(read.records)
 
 
 def request_stop(output_dir: str | os.PathLike) -> None:

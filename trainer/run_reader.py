@@ -266,7 +266,7 @@ def read_run(output_dir: str | os.PathLike) -> RunSnapshot:
     if not folder.is_dir():
         raise FileNotFoundError(f"training output folder not found: {folder}")
     status = read_status(folder)
-    metrics = [normalise_metrics(r) for r in read_metrics(folder)]
+    metrics = read_metrics(folder, normalise_metrics)
     source = "metrics.jsonl" if metrics else "none"
     if not metrics:
         event_files = find_event_files(folder)
