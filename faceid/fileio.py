@@ -5,8 +5,20 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -17,7 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and checkpoints are meant to be shared
+    # mkstemp makes 0600; reports and checkpoints get what any new file would get
+    os.chmod(tmp, default_file_mode())
     try:
         yield tmp
         os.replace(tmp, target)
