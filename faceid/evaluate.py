@@ -258,7 +258,9 @@ class FolderEvaluation:
         )
         self.judge = judge
         self.judge_store = (
-            EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file) if judge is not None else None
+            EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file, unit_norm=False)
+            if judge is not None
+            else None
         )
         self.copy_paste_threshold = float(copy_paste_threshold)
         self._face_changes: dict[tuple, float | None] = {}

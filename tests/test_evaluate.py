@@ -341,9 +341,10 @@ def test_corrupt_or_foreign_cache_is_rebuilt(model, run, tmp_path):
     assert "another model pack" in stale.store.discarded_reason and stale.run_round().embedded == 11
     data = json.loads(cache.read_text())
     entry = next(e for e in data["entries"] if e["embedding"])
-    entry["embedding"] = "AAAAAAAAAAA="  # two floats instead of 128: not trusted
+    entry["embedding"] = "AAAAAAAAAAA="  # two floats instead of 128: not trusted, embedded again
     cache.write_text(json.dumps(data))
-    assert "bad cached embedding" in FolderEvaluation(model, sources, cache_file=cache).store.discarded_reason
+    again = FolderEvaluation(model, sources, cache_file=cache)
+    assert "1 of 11 entries" in again.store.discarded_reason and again.run_round().embedded == 1
 
 
 def test_watch_loop_picks_up_files_between_rounds(model, run, tmp_path, faces_dir):
