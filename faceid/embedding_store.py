@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import OutputWriteError
 from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -214,4 +215,10 @@ class EmbeddingStore:
             "fingerprint": self.fingerprint,
             "entries": [e.to_json() for e in live],
         }
-        atomic_write_text(self.cache_file, json.dumps(document, separators=(",", ":")))
+        try:
+            atomic_write_text(self.cache_file, json.dumps(document, separators=(",", ":")))
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot write the embedding cache {self.cache_file}: {exc.strerror or exc}; the previous "
+                "cache (if any) is unchanged. Free space or choose another --output_json folder."
+            ) from None

@@ -9,6 +9,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import OutputPathError
+
 
 _UMASK_LOCK = threading.Lock()
 
@@ -53,3 +55,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """Raise OutputPathError unless a file can be written at `path` (its folders created as needed).
+
+    `what` names the path for the user ("--output_json", "save_report"). Tried by creating a
+    temporary file where the first missing folder would go, so permissions, read-only file
+    systems and ACLs all count as they will for the real write.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{what} {target} is a folder; give a file path such as {target / 'report.json'}")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{what} {target}: {folder} is a file, not a folder; choose a path inside a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except PermissionError:
+        raise OutputPathError(
+            f"{what} {target}: no permission to write in {folder}; choose a folder you can write to"
+        ) from None
+    except OSError as exc:  # EROFS, ENOSPC, ...
+        raise OutputPathError(f"{what} {target}: cannot write in {folder} ({exc.strerror or exc})") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from evaluate_fixtures import reencode
+from unprivileged import run_with_permissions
 from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.embedding_store import FileFaces
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
@@ -119,3 +121,132 @@ def test_cli_watch_with_an_all_zero_cache_entry_scores_as_before(insightface_roo
     assert "its embedding is all zeros" in printed and "embedded again" in printed
     after = json.loads(out.read_text())
     assert [p["score_control"] for p in after["pairs"]] == [p["score_control"] for p in before["pairs"]]
+
+
+# bad arguments: one message, exit 2, nothing written --------------------------------------
+
+
+def _evaluate(pairs, root, *extra: str) -> int:
+    controls, generated = pairs
+    return evaluate_cli.main(["--control_dir", str(controls), "--generated_dir", str(generated), "--quiet",
+                              *_model_args(root), *extra])
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("face-consistency evaluate: error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_watch_needs_a_finite_positive_interval(insightface_root, pairs, tmp_path, capsys, value):
+    out = tmp_path / "r.json"
+    assert _evaluate(pairs, insightface_root, "--output_json", str(out), "--watch", value) == 2
+    assert f"--watch SECONDS must be a positive number of seconds, got {value}" in _error_line(capsys)
+    assert not out.exists()
+
+
+def test_output_paths_that_cannot_be_files(insightface_root, pairs, tmp_path, capsys):
+    folder = tmp_path / "existing_folder"
+    folder.mkdir()
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("keep me")
+    cases = [
+        (["--output_json", str(folder)], f"--output_json {folder} is a folder"),
+        (["--output_json", str(a_file / "r.json")], f"{a_file} is a file, not a folder"),
+        (["--output_json", str(tmp_path / "r.json"), "--plot", str(folder)], f"--plot {folder} is a folder"),
+        (["--output_json", str(tmp_path / "r.json"), "--plot", str(a_file / "sub" / "p.png")],
+         f"--plot {a_file / 'sub' / 'p.png'}: {a_file} is a file"),
+    ]
+    for args, message in cases:
+        assert _evaluate(pairs, insightface_root, *args) == 2
+        assert message in _error_line(capsys)
+    cache_dir = tmp_path / "w.json.embeddings.json"
+    cache_dir.mkdir()
+    assert _evaluate(pairs, insightface_root, "--output_json", str(tmp_path / "w.json"), "--watch", "1") == 2
+    assert f"the embedding cache (beside --output_json) {cache_dir} is a folder" in _error_line(capsys)
+    assert a_file.read_text() == "keep me" and not (tmp_path / "r.json").exists() and not (tmp_path / "w.json").exists()
+
+
+def test_empty_model_name_says_so(insightface_root, pairs, tmp_path, capsys):
+    assert _evaluate(pairs, insightface_root, "--output_json", str(tmp_path / "r.json"), "--model_name", "") == 2
+    assert "--model_name is empty" in _error_line(capsys)
+
+
+@pytest.mark.parametrize("item", ["5", "null", "[\"a\", \"b\"]", "true"])
+def test_json_prompt_items_that_are_not_objects(insightface_root, run_dir, tmp_path, capsys, item):
+    sample_dir, prompts = run_dir
+    bad = prompts.with_suffix(".json")
+    bad.write_text(f'[{{"prompt": "an edit", "control_image_path": ["x.png"]}}, {item}]')
+    rc = evaluate_cli.main(["--sample_dir", str(sample_dir), "--sample_prompts", str(bad), "--output_json",
+                            str(tmp_path / "r.json"), "--quiet", *_model_args(insightface_root)])
+    assert rc == 2
+    line = _error_line(capsys)
+    assert f"prompt file {bad}: item 1 is {json.dumps(json.loads(item))}, not a prompt" in line
+    assert "each item must be an object" in line
+
+
+@pytest.fixture()
+def run_dir(tmp_path, faces_dir):
+    from evaluate_fixtures import one_sample_run
+
+    sample_dir, _, prompts = one_sample_run(tmp_path, faces_dir)
+    return sample_dir, prompts
+
+
+# permissions: as a user the mode bits apply to -----------------------------------------
+
+
+@pytest.fixture()
+def perm_tree(tmp_path, faces_dir, testpack_dir):
+    """A folder pair, a copy of the test pack (its mode bits are the test's to change) and an output folder."""
+    reencode(faces_dir / "obama.jpg", tmp_path / "controls" / "a.png")
+    reencode(faces_dir / "obama2.jpg", tmp_path / "generated" / "a.png")
+    pack = tmp_path / "models" / "copied"
+    pack.mkdir(parents=True)
+    for onnx in testpack_dir.iterdir():
+        shutil.copyfile(onnx, pack / onnx.name)
+    (tmp_path / "out").mkdir()
+    yield tmp_path
+    for path in [pack, tmp_path / "out", *pack.iterdir()]:
+        path.chmod(0o755)  # so that pytest can remove them
+
+
+def _evaluate_with_permissions(root: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run_with_permissions(
+        [sys.executable, "-m", "face_consistency", "evaluate", "--control_dir", str(root / "controls"),
+         "--generated_dir", str(root / "generated"), "--model_name", "copied", "--models_root", str(root),
+         "--device", "cpu", "--quiet", *extra],
+    )
+
+
+def test_read_only_output_folder(perm_tree):
+    read_only = perm_tree / "out"
+    read_only.chmod(0o555)
+    done = _evaluate_with_permissions(perm_tree, "--output_json", str(read_only / "r.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"--output_json {read_only / 'r.json'}: no permission to write in {read_only}" in done.stderr
+    read_only.chmod(0o755)
+    done = _evaluate_with_permissions(perm_tree, "--output_json", str(read_only / "r.json"))
+    assert done.returncode == 0, done.stderr
+    assert json.loads((read_only / "r.json").read_text())["valid_pairs"] == 1
+
+
+def test_pack_folder_without_read_permission(perm_tree):
+    pack = perm_tree / "models" / "copied"
+    pack.chmod(0o311)  # enterable, not listable
+    done = _evaluate_with_permissions(perm_tree, "--output_json", str(perm_tree / "out" / "r.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"model pack folder {pack}: permission denied" in done.stderr
+    assert not (perm_tree / "out" / "r.json").exists()
+
+
+def test_onnx_file_without_read_permission(perm_tree):
+    recognizer = perm_tree / "models" / "copied" / "mobilefacenet.onnx"
+    recognizer.chmod(0o200)
+    done = _evaluate_with_permissions(perm_tree, "--output_json", str(perm_tree / "out" / "r.json"))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"cannot read ONNX model {recognizer}: permission denied" in done.stderr
+    assert "corrupt" not in done.stderr
