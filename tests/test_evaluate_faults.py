@@ -250,3 +250,46 @@ def test_onnx_file_without_read_permission(perm_tree):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"cannot read ONNX model {recognizer}: permission denied" in done.stderr
     assert "corrupt" not in done.stderr
+
+
+# interrupts: the second Ctrl-C waits for the write in progress -----------------------------
+
+
+def test_two_ctrl_c_in_watch_mode_still_write_report_and_cache(insightface_root, faces_dir, tmp_path):
+    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    photos = ["obama.jpg", "obama2.jpg", "obama3.jpg", "biden.jpg"]
+    for i in range(24):  # a first round long enough to be interrupted while it embeds
+        reencode(faces_dir / photos[i % 4], controls / f"s{i:02d}.png")
+        reencode(faces_dir / photos[(i + 1) % 4], generated / f"s{i:02d}.png", mirror=True)
+    out, plot = tmp_path / "live.json", tmp_path / "live.png"
+    command = [
+        sys.executable, "-m", "face_consistency", "evaluate", "--control_dir", str(controls), "--generated_dir",
+        str(generated), "--output_json", str(out), "--plot", str(plot), "--watch", "30", *_model_args(insightface_root),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C as in a terminal
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("watching every"):
+                break
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.3)  # the final write (cache, report, plot) takes about a second here
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in stderr and "stopped; report written" in stdout
+    assert "writing the report and cache; one moment" in stderr  # the second Ctrl-C came during the write
+    report = json.loads(out.read_text())
+    assert report["total_pairs"] == 24
+    scored = [p for p in report["pairs"] if p["score_control"] is not None]
+    assert process.returncode == (0 if scored else 1), stderr  # 1: stopped before any pair was scored
+    cache = json.loads((tmp_path / "live.json.embeddings.json").read_text())
+    assert cache["entries"]
+    assert len(cache["entries"]) >= 2 * len(scored)  # every scored pair's two files are in the cache
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
