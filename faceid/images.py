@@ -182,6 +182,8 @@ def _load_file(path: Path) -> np.ndarray:
     except Image.DecompressionBombError as exc:
         raise ImageLoadError(f"image too large to decode safely: {path} ({exc})") from None
     except UnidentifiedImageError:
+        if path.suffix.lower() in UNSUPPORTED_IMAGE_SUFFIXES:
+            raise ImageLoadError(f"{path}: {unsupported_format_reason(path)}") from None
         raise ImageLoadError(f"not an image file (or corrupt): {path}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"cannot decode image {path}: {exc}") from None

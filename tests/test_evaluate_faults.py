@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from evaluate_fixtures import reencode
 from unprivileged import run_with_permissions
@@ -293,3 +294,24 @@ def test_two_ctrl_c_in_watch_mode_still_write_report_and_cache(insightface_root,
     assert len(cache["entries"]) >= 2 * len(scored)  # every scored pair's two files are in the cache
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# formats the engine cannot read: listed, never dropped ---------------------------------
+
+
+def test_gif_and_heic_samples_are_listed_as_failures(model, pairs, tmp_path, faces_dir, run_dir):
+    controls, generated = pairs
+    with Image.open(faces_dir / "obama2.jpg") as photo:
+        photo.convert("P").save(generated / "c.gif")
+    (generated / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    (controls / "e.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
+    report = FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    failures = {Path(f["file"]).name: f for f in report["failures"]}
+    assert failures["c.gif"]["reason"].startswith("unsupported image format .gif: convert it to PNG or JPEG")
+    assert failures["d.heic"]["kind"] == "sample" and "unsupported image format .heic" in failures["d.heic"]["reason"]
+    assert failures["e.HEIC"]["kind"] == "control"
+    assert report["valid_pairs"] == 2  # the readable pairs are scored as before
+    sample_dir, prompts = run_dir
+    shutil.copy(generated / "d.heic", sample_dir / "tiny_000002_00_20260101000000_101.heic")
+    report = FolderEvaluation(model, EvaluationSources(sample_dir=sample_dir, sample_prompts=prompts)).run_round().report
+    assert [Path(f["file"]).suffix for f in report["failures"]] == [".heic"] and report["valid_pairs"] == 1
