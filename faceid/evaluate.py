@@ -340,6 +340,8 @@ class FolderEvaluation:
 
     def run_round(self) -> RoundResult:
         """Pair what is in the folders now, embed new/changed files, return the full report."""
+        if self.reference is not None:
+            self.model.check_embedding_size(self.reference.embedding)
         pairing = self.pair()
         self._pairing = pairing
         controls = [c for item in pairing.items for c in item.controls]

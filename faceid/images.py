@@ -37,6 +37,9 @@ UNSUPPORTED_IMAGE_SUFFIXES = frozenset(
 # pixels until shrunk), so that worker threads decoding side by side cannot add up several.
 LARGE_DECODE_PIXELS = MAX_ANALYSIS_SIDE * MAX_ANALYSIS_SIDE
 _large_decode = threading.Lock()
+# A float image with values above this is 0..255 data handed over as if it were 0..1 (not the small
+# overshoot of an upscaler, which is clipped).
+FLOAT_RANGE_LIMIT = 2.0
 # Alpha compositing works through this many rows at a time, bounding its 16-bit temporaries.
 COMPOSITE_ROWS = 256
 
@@ -46,6 +49,15 @@ def unsupported_format_reason(path: Path) -> str:
         f"unsupported image format {path.suffix.lower()}: convert it to PNG or JPEG "
         f"(readable: {', '.join(sorted(IMAGE_SUFFIXES))})"
     )
+
+
+def check_float_range(peak: float, what: str) -> None:
+    """Raise ImageLoadError when a float image's largest value shows it holds 0..255, not 0..1."""
+    if peak > FLOAT_RANGE_LIMIT:
+        raise ImageLoadError(
+            f"{what} has values up to {peak:.4g}, but float images (ComfyUI's IMAGE) hold 0..1; it looks like "
+            "0..255 data: divide it by 255, or produce it with a node that outputs a standard IMAGE"
+        )
 
 
 def _pil_to_rgb_array(img: Image.Image, max_side: int | None = None) -> np.ndarray:
@@ -93,6 +105,8 @@ def _array_to_rgb_uint8(array: np.ndarray) -> np.ndarray:
         raise ImageLoadError(f"unsupported image dtype {array.dtype}; use uint8, uint16 or float 0..1")
     if not np.all(np.isfinite(values)):
         raise ImageLoadError("image contains NaN or infinite values")
+    if np.issubdtype(array.dtype, np.floating):
+        check_float_range(float(values.max()), "the image")
     values = np.clip(values, 0.0, 1.0)
     channels = values.shape[2]
     if channels in (2, 4):  # gray+alpha / RGBA: composite on white

@@ -87,6 +87,14 @@ class FaceModel:
             "embedding_size": self.embedding_size,
         }
 
+    def check_embedding_size(self, embedding: np.ndarray, what: str = "the reference identity") -> None:
+        """Raise ValueError naming `what` when `embedding` comes from a recognizer of another size."""
+        if embedding.shape[-1] != self.embedding_size:
+            raise ValueError(
+                f"{what} has {embedding.shape[-1]}-d embeddings but model pack '{self.pack_name}' makes "
+                f"{self.embedding_size}-d ones: build it with the same face model that scores"
+            )
+
     # detection -------------------------------------------------------------------------
 
     def _input_size(self, height: int, width: int) -> int:
