@@ -8,6 +8,7 @@ recognizer in batches.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -32,6 +33,8 @@ from .report import build_report
 from .results import DetectedFace, FaceResult, Identity
 from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from .similarity import Agreement, Bands, embedding_agreement, mean_identity
+
+log = logging.getLogger(__name__)
 
 # How many files the pipeline workers may run ahead of the recognizer batches (each waits as
 # a 112x112 crop; only those being decoded hold a whole image).
@@ -318,7 +321,12 @@ class FolderEvaluation:
             try:
                 self._prompts = load_prompt_file(prompt_file)
             except PromptFileError as exc:
-                raise EvaluationError(str(exc)) from None
+                if self._prompts is None:
+                    raise EvaluationError(str(exc)) from None
+                # in watch mode the file may be mid-rewrite or replaced: keep its last good
+                # contents and read it again next round
+                log.warning("%s; pairing with its previous contents this round", exc)
+                return self._prompts
             self._prompts_signature = signature
         return self._prompts
 

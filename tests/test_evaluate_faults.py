@@ -315,3 +315,56 @@ def test_gif_and_heic_samples_are_listed_as_failures(model, pairs, tmp_path, fac
     shutil.copy(generated / "d.heic", sample_dir / "tiny_000002_00_20260101000000_101.heic")
     report = FolderEvaluation(model, EvaluationSources(sample_dir=sample_dir, sample_prompts=prompts)).run_round().report
     assert [Path(f["file"]).suffix for f in report["failures"]] == [".heic"] and report["valid_pairs"] == 1
+
+
+def test_watch_keeps_the_last_good_prompt_file_while_it_is_unreadable(model, run_dir, caplog):
+    sample_dir, prompts = run_dir
+    evaluation = FolderEvaluation(model, EvaluationSources(sample_dir=sample_dir, sample_prompts=prompts))
+    first = evaluation.run_round().report
+    text = prompts.read_text()
+    prompts.unlink()  # an editor replacing the file, caught between its two steps
+    second = evaluation.run_round().report
+    assert f"prompt file not found: {prompts}; pairing with its previous contents this round" in caplog.text
+    assert second["valid_pairs"] == first["valid_pairs"] == 1
+    prompts.write_text(text.replace("--d 100", "--d 7"))
+    assert evaluation.run_round().report["valid_pairs"] == 1 and evaluation._prompts[0].seed == 7
+
+
+DISK_FULL = """
+import json, os, subprocess, sys
+from pathlib import Path
+from face_consistency.faceid import evaluate_cli
+folder = Path(sys.argv[1])
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=True)
+(folder / "r.json").write_text("previous report")
+filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+try:
+    while True:
+        os.write(filler, b"x" * 4096)
+except OSError:  # ENOSPC: the file system is full
+    os.close(filler)
+rc = evaluate_cli.main(sys.argv[2:] + ["--output_json", str(folder / "r.json")])
+left = sorted(p.name for p in folder.iterdir())
+print(json.dumps({"rc": rc, "report": (folder / "r.json").read_text(), "left": left}))
+"""
+
+
+def test_disk_full_while_writing_the_report(insightface_root, pairs, tmp_path):
+    """A real full file system: a 64 KiB tmpfs in a mount namespace of its own (root on Linux)."""
+    unshare = shutil.which("unshare")
+    if unshare is None or sys.platform != "linux":
+        pytest.skip("needs util-linux's unshare on Linux to mount a small tmpfs")
+    controls, generated = pairs
+    full = tmp_path / "full"
+    full.mkdir()
+    done = subprocess.run(
+        [unshare, "--mount", "--", sys.executable, "-c", DISK_FULL, str(full), "--control_dir", str(controls),
+         "--generated_dir", str(generated), "--quiet", *_model_args(insightface_root)],
+        capture_output=True, text=True, timeout=180, check=False,
+    )
+    if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip().splitlines()[-1]}")
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["rc"] == 1 and "Traceback" not in done.stderr
+    assert f"error: cannot write --output_json {full / 'r.json'}: No space left on device; the previous file" in done.stderr
+    assert result["report"] == "previous report" and result["left"] == ["filler", "r.json"]
