@@ -24,7 +24,7 @@ import numpy as np
 from .alignment import aligned_crop, face_region_change
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
-from .images import load_image
+from .images import load_image_sized
 from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
@@ -112,11 +112,12 @@ def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
     if signature is None:
         return _Located(None, f"file disappeared: {path}")
     try:
-        bgr = load_image(path)
+        bgr, original_size = load_image_sized(path)
     except ImageLoadError as exc:
         return _Located(signature, str(exc))
     result = model.locate(bgr, concurrent=True)
     crop = aligned_crop(bgr, result.face) if result.face is not None else None
+    result.rescale_to(original_size)  # the report gives the file's own pixels
     return _Located(signature, result=result, crop=crop)
 
 
@@ -504,10 +505,13 @@ def _face_change(control: FileFaces, sample: FileFaces) -> float | None:
     crops = []
     for entry in (control, sample):
         try:
-            bgr = load_image(Path(entry.path))
+            bgr, original_size = load_image_sized(Path(entry.path))
         except ImageLoadError:
             return None
-        face = DetectedFace(np.asarray(entry.bbox, np.float32), np.asarray(entry.kps, np.float32), entry.det_score)
+        # the entry holds the file's own pixels; a large file is decoded downscaled
+        scale = np.array([bgr.shape[1] / original_size[0], bgr.shape[0] / original_size[1]], np.float32)
+        face = DetectedFace(np.asarray(entry.bbox, np.float32) * np.tile(scale, 2),
+                            np.asarray(entry.kps, np.float32) * scale, entry.det_score)
         crops.append(aligned_crop(bgr, face))
     return face_region_change(*crops)
 

@@ -138,16 +138,23 @@ def _fit_analysis_side(array: np.ndarray) -> np.ndarray:
 
 def load_image(source: Any, channel_order: str = "rgb") -> np.ndarray:
     """Return an (H, W, 3) BGR uint8 array from a path, PIL image, array or ComfyUI tensor."""
+    return load_image_sized(source, channel_order)[0]
+
+
+def load_image_sized(source: Any, channel_order: str = "rgb") -> tuple[np.ndarray, tuple[int, int]]:
+    """`load_image`, and the (width, height) of the original: a file longer than MAX_ANALYSIS_SIDE
+    comes downscaled, and face geometry found in it is scaled back to this size for the user."""
     if channel_order not in ("rgb", "bgr"):
         raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
     if isinstance(source, (str, os.PathLike)):
-        rgb = _load_file(Path(source))
-    elif isinstance(source, Image.Image):
+        rgb, original_size = _load_file(Path(source))
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), original_size
+    if isinstance(source, Image.Image):
         rgb = _pil_to_rgb_array(source)
     elif isinstance(source, np.ndarray):
         rgb = _array_to_rgb_uint8(source)
         if channel_order == "bgr":
-            return np.ascontiguousarray(rgb)
+            return np.ascontiguousarray(rgb), (rgb.shape[1], rgb.shape[0])
     elif _is_torch_tensor(source):
         tensor = source.detach().to("cpu")
         if tensor.ndim == 4:
@@ -162,7 +169,7 @@ def load_image(source: Any, channel_order: str = "rgb") -> np.ndarray:
             f"cannot read an image from {type(source).__name__}; pass a file path, PIL image, "
             "numpy array or ComfyUI IMAGE tensor"
         )
-    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR)
+    return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), (rgb.shape[1], rgb.shape[0])
 
 
 def image_list(source: Any, channel_order: str = "rgb") -> list[np.ndarray]:
@@ -176,21 +183,25 @@ def image_list(source: Any, channel_order: str = "rgb") -> list[np.ndarray]:
     return [load_image(source, channel_order)]
 
 
-def _load_file(path: Path) -> np.ndarray:
+def _load_file(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
     if not path.exists():
         raise ImageLoadError(f"image file not found: {path}")
     if path.is_dir():
         raise ImageLoadError(f"expected an image file, got a folder: {path}")
     try:
         with Image.open(path) as img, _decode_slot(img):  # reads the header only, and refuses decompression bombs
+            width, height = img.size
             if pyspng is not None and img.format == "PNG" and img.mode in ("RGB", "RGBA") and "exif" not in img.info:
                 decoded = _decode_png(path, img.mode)
                 if img.mode == "RGBA":  # the decoder's buffer is ours: composite in place, then shrink
                     decoded = _composite_on_white(decoded)
-                return _fit_analysis_side(decoded)[..., :3]
+                return _fit_analysis_side(decoded)[..., :3], (width, height)
             if img.format == "JPEG":
                 img.draft("RGB", (MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE))
-            return _pil_to_rgb_array(img, MAX_ANALYSIS_SIDE)
+            rgb = _pil_to_rgb_array(img, MAX_ANALYSIS_SIDE)
+            # EXIF rotation by 90 degrees swaps the sides: the original is as the user sees it
+            rotated = (rgb.shape[0] > rgb.shape[1]) != (height > width)
+            return rgb, (height, width) if rotated else (width, height)
     except MemoryError:
         raise ImageLoadError(f"not enough memory to decode image {path}; free memory or downscale it") from None
     except Image.DecompressionBombError as exc:

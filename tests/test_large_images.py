@@ -24,8 +24,10 @@ pytestmark = pytest.mark.large_image
 
 LARGE_SIDE = 13000
 # Decoding holds the file's full-size 8-bit pixels once (13000^2 x 4 bytes = 645 MiB); the model,
-# onnxruntime and Python take ~200 MiB more. A float copy of the image alone would be 1.9 GiB.
-PEAK_LIMIT_MIB = 1300
+# onnxruntime and Python take ~200 MiB more: measured 870 MiB for one file, 1.1 GiB for `evaluate`
+# with three (one run of many gave 1.4 GiB once). A float copy of the image alone would be 1.9 GiB.
+PEAK_LIMIT_MIB = 1600
+FACE_AT = (LARGE_SIDE // 2, LARGE_SIDE // 2)  # where the photo (enlarged 4x) goes
 
 MEASURE = """
 import json, resource, sys
@@ -33,7 +35,8 @@ from face_consistency.faceid import load_face_model, evaluate_cli
 if sys.argv[1] == "analyze":
     model = load_face_model("testpack", models_root=sys.argv[2], provider="cpu")
     result = model.analyze([sys.argv[3]])[0]
-    print(json.dumps({"ok": result.ok, "reason": result.reason, "size": result.image_size}))
+    print(json.dumps({"ok": result.ok, "reason": result.reason, "size": result.image_size,
+                      "bbox": [float(v) for v in result.face.bbox]}))
 else:
     print(json.dumps({"rc": evaluate_cli.main(sys.argv[2:])}))
 print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
@@ -47,7 +50,7 @@ def large_png(tmp_path_factory, faces_dir) -> Path:
     canvas = Image.new("RGBA", (LARGE_SIDE, LARGE_SIDE), (30, 200, 40, 0))
     with Image.open(faces_dir / "obama.jpg") as photo:
         face = photo.convert("RGBA").resize((photo.width * 4, photo.height * 4))
-    canvas.paste(face, (LARGE_SIDE // 2, LARGE_SIDE // 2))
+    canvas.paste(face, FACE_AT)
     canvas.save(path, compress_level=1)
     del canvas
     return path
@@ -63,7 +66,9 @@ def _measured(*args: str) -> list[dict]:
 
 def test_large_rgba_png_is_analysed_downscaled_within_memory(large_png, insightface_root):
     result, memory = _measured("analyze", str(insightface_root), str(large_png))
-    assert result == {"ok": True, "reason": None, "size": [MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE]}
+    assert (result["ok"], result["reason"], result["size"]) == (True, None, [LARGE_SIDE, LARGE_SIDE])
+    x1, y1, x2, y2 = result["bbox"]  # in the file's own pixels, inside the pasted photo
+    assert FACE_AT[0] < x1 < x2 < LARGE_SIDE and FACE_AT[1] < y1 < y2 < LARGE_SIDE and x2 - x1 > 500
     assert memory["peak_mib"] < PEAK_LIMIT_MIB, memory
 
 
@@ -81,6 +86,7 @@ def test_evaluate_with_three_large_samples_writes_its_report(large_png, insightf
     assert result == {"rc": 0}
     report = json.loads(out.read_text())
     assert report["valid_pairs"] == 3 and all(p["score_control"] > 0.3 for p in report["pairs"])
+    assert all(p["face"]["bbox"][0] > FACE_AT[0] for p in report["pairs"])  # the file's own pixels
     # worker threads decode side by side, but a large file only one at a time
     assert memory["peak_mib"] < PEAK_LIMIT_MIB, memory
 
@@ -105,3 +111,14 @@ def test_large_files_of_other_modes_are_decoded_downscaled(tmp_path, mode):
     Image.new(mode, (side, side // 2)).save(path, **extra)
     bgr = load_image(path)
     assert bgr.shape == (MAX_ANALYSIS_SIDE // 2, MAX_ANALYSIS_SIDE, 3) and bgr.dtype == np.uint8
+
+
+def test_large_rotated_jpeg_reports_its_size_as_seen(tmp_path):
+    from face_consistency.faceid.images import load_image_sized
+
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (9000, 5000), (120, 110, 100)).save(path, exif=exif.tobytes())
+    bgr, original = load_image_sized(path)
+    assert original == (5000, 9000) and max(bgr.shape[:2]) <= MAX_ANALYSIS_SIDE and bgr.shape[0] > bgr.shape[1]
