@@ -70,6 +70,8 @@ def _has_onnx(folder: Path) -> bool:
             sub.is_dir() and any(p.suffix.lower() == ".onnx" for p in sub.iterdir())
             for sub in folder.iterdir()
         )
+    except PermissionError:  # listed, so that checking it names the problem instead of hiding the pack
+        return True
     except OSError:
         return False
 

@@ -368,3 +368,11 @@ def test_disk_full_while_writing_the_report(insightface_root, pairs, tmp_path):
     assert result["rc"] == 1 and "Traceback" not in done.stderr
     assert f"error: cannot write --output_json {full / 'r.json'}: No space left on device; the previous file" in done.stderr
     assert result["report"] == "previous report" and result["left"] == ["filler", "r.json"]
+
+
+def test_packs_command_names_a_pack_it_may_not_read(perm_tree):
+    pack = perm_tree / "models" / "copied"
+    pack.chmod(0o311)
+    done = run_with_permissions([sys.executable, "-m", "face_consistency", "packs", "--models_root", str(perm_tree)])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"copied         BROKEN  model pack folder {pack}: permission denied" in done.stdout
