@@ -3,7 +3,9 @@
 Folder evaluation embeds each file once: a control shared by many samples, a sample seen in
 an earlier watch round. The file beside the report is a JSON document (no pickle) holding a
 fingerprint of the model and detection settings; a cache written by another model, another
-version, or a corrupt or partial file is discarded and rebuilt, never trusted.
+version, or a corrupt or partial file is discarded and rebuilt, never trusted. Each entry also
+carries a checksum of its content, and its embedding must be plausible (finite, non-zero,
+unit length for ArcFace): an entry failing either is embedded again, the others are kept.
 """
 from __future__ import annotations
 
@@ -18,11 +20,20 @@ from typing import Any
 
 import numpy as np
 
+from .errors import OutputWriteError
 from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "face-consistency-embeddings/2"
+CACHE_FORMAT = "face-consistency-embeddings/3"
+# An L2-normalised float32 embedding is of unit length to about 1e-7; anything further off was altered.
+UNIT_NORM_TOLERANCE = 1e-3
+# Rejected entries named in the message about them (the count covers all).
+NAMED_REJECTIONS = 3
+
+
+class CacheEntryError(ValueError):
+    """One cache entry fails its checksum or holds an implausible embedding."""
 
 
 @dataclass
@@ -50,6 +61,10 @@ class FileFaces:
         return {"bbox": self.bbox, "det_score": self.det_score, "faces_found": self.faces_found}
 
     def to_json(self) -> dict[str, Any]:
+        content = self._content()
+        return {**content, "checksum": _checksum(content)}
+
+    def _content(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "size": self.size,
@@ -66,12 +81,15 @@ class FileFaces:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], embedding_size: int) -> "FileFaces":
+    def from_json(cls, data: dict[str, Any], embedding_size: int, unit_norm: bool = True) -> "FileFaces":
+        """The entry of a cache file; CacheEntryError when its checksum or its embedding is off."""
+        content = {k: v for k, v in data.items() if k != "checksum"}
+        if data.get("checksum") != _checksum(content):
+            raise CacheEntryError("its checksum does not match its content (the file was altered)")
         embedding = None
         if data["embedding"] is not None:
-            embedding = np.frombuffer(base64.b64decode(data["embedding"]), dtype="<f4").astype(np.float32)
-            if embedding.shape != (embedding_size,) or not np.all(np.isfinite(embedding)):
-                raise ValueError(f"bad cached embedding for {data['path']}")
+            embedding = np.frombuffer(base64.b64decode(data["embedding"], validate=True), dtype="<f4").astype(np.float32)
+            _check_plausible(embedding, embedding_size, unit_norm)
         return cls(
             path=str(data["path"]),
             size=int(data["size"]),
@@ -84,6 +102,23 @@ class FileFaces:
             image_size=tuple(data["image_size"]) if data["image_size"] else None,
             kps=data["kps"],
         )
+
+
+def _checksum(content: dict[str, Any]) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _check_plausible(embedding: np.ndarray, embedding_size: int, unit_norm: bool) -> None:
+    if embedding.shape != (embedding_size,):
+        raise CacheEntryError(f"its embedding has {embedding.size} values, not {embedding_size}")
+    if not np.all(np.isfinite(embedding)):
+        raise CacheEntryError("its embedding holds NaN or infinite values")
+    norm = float(np.linalg.norm(embedding))
+    if norm == 0.0:
+        raise CacheEntryError("its embedding is all zeros")
+    if unit_norm and abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
+        raise CacheEntryError(f"its embedding has length {norm:.4g}, not 1")
 
 
 def file_signature(path: str | os.PathLike) -> tuple[int, int] | None:
@@ -110,12 +145,16 @@ def model_fingerprint(description: dict[str, Any], pack_dir: str | os.PathLike) 
 class EmbeddingStore:
     """In-memory map path -> FileFaces, valid while the file's size and mtime are unchanged."""
 
-    def __init__(self, fingerprint: str, embedding_size: int, cache_file: Path | None = None) -> None:
+    def __init__(
+        self, fingerprint: str, embedding_size: int, cache_file: Path | None = None, unit_norm: bool = True
+    ) -> None:
+        """`unit_norm`: the embeddings are L2-normalised (ArcFace), so a cached one must be of unit length."""
         self.fingerprint = fingerprint
         self.embedding_size = embedding_size
         self.cache_file = cache_file
+        self.unit_norm = unit_norm
         self._entries: dict[str, FileFaces] = {}
-        self.discarded_reason: str | None = None  # why an existing cache file was not used
+        self.discarded_reason: str | None = None  # why an existing cache file (or some entries) was not used
         if cache_file is not None:
             self._load(cache_file)
 
@@ -128,12 +167,27 @@ class EmbeddingStore:
                 raise ValueError(f"unknown cache format {data.get('format')!r}")
             if data.get("fingerprint") != self.fingerprint:
                 raise ValueError("made with another model pack or other detection settings")
-            entries = [FileFaces.from_json(item, self.embedding_size) for item in data["entries"]]
+            items = list(data["entries"])
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             self.discarded_reason = f"embedding cache {cache_file} not used ({exc}); rebuilding it"
             log.warning(self.discarded_reason)
             return
-        self._entries = {entry.path: entry for entry in entries}
+        rejected = []
+        for number, item in enumerate(items):
+            try:
+                entry = FileFaces.from_json(item, self.embedding_size, self.unit_norm)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:  # binascii.Error is a ValueError
+                where = item.get("path") if isinstance(item, dict) else None
+                rejected.append(f"{where or f'entry {number}'}: {exc}")
+                continue
+            self._entries[entry.path] = entry
+        if rejected:
+            named = "; ".join(rejected[:NAMED_REJECTIONS]) + ("; ..." if len(rejected) > NAMED_REJECTIONS else "")
+            self.discarded_reason = (
+                f"{len(rejected)} of {len(items)} entries of embedding cache {cache_file} failed their checks "
+                f"and are embedded again ({named})"
+            )
+            log.warning(self.discarded_reason)
 
     def get(self, path: str | os.PathLike) -> FileFaces | None:
         """The stored result for `path` if the file is unchanged since it was embedded."""
@@ -161,4 +215,10 @@ class EmbeddingStore:
             "fingerprint": self.fingerprint,
             "entries": [e.to_json() for e in live],
         }
-        atomic_write_text(self.cache_file, json.dumps(document, separators=(",", ":")))
+        try:
+            atomic_write_text(self.cache_file, json.dumps(document, separators=(",", ":")))
+        except OSError as exc:
+            raise OutputWriteError(
+                f"cannot write the embedding cache {self.cache_file}: {exc.strerror or exc}; the previous "
+                "cache (if any) is unchanged. Free space or choose another --output_json folder."
+            ) from None

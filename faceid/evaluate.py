@@ -8,6 +8,7 @@ recognizer in batches.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import deque
@@ -23,7 +24,7 @@ import numpy as np
 from .alignment import aligned_crop, face_region_change
 from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
-from .images import load_image
+from .images import load_image_sized
 from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
@@ -32,6 +33,8 @@ from .report import build_report
 from .results import DetectedFace, FaceResult, Identity
 from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from .similarity import Agreement, Bands, embedding_agreement, mean_identity
+
+log = logging.getLogger(__name__)
 
 # How many files the pipeline workers may run ahead of the recognizer batches (each waits as
 # a 112x112 crop; only those being decoded hold a whole image).
@@ -109,11 +112,12 @@ def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
     if signature is None:
         return _Located(None, f"file disappeared: {path}")
     try:
-        bgr = load_image(path)
+        bgr, original_size = load_image_sized(path)
     except ImageLoadError as exc:
         return _Located(signature, str(exc))
     result = model.locate(bgr, concurrent=True)
     crop = aligned_crop(bgr, result.face) if result.face is not None else None
+    result.rescale_to(original_size)  # the report gives the file's own pixels
     return _Located(signature, result=result, crop=crop)
 
 
@@ -258,7 +262,9 @@ class FolderEvaluation:
         )
         self.judge = judge
         self.judge_store = (
-            EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file) if judge is not None else None
+            EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file, unit_norm=False)
+            if judge is not None
+            else None
         )
         self.copy_paste_threshold = float(copy_paste_threshold)
         self._face_changes: dict[tuple, float | None] = {}
@@ -316,7 +322,12 @@ class FolderEvaluation:
             try:
                 self._prompts = load_prompt_file(prompt_file)
             except PromptFileError as exc:
-                raise EvaluationError(str(exc)) from None
+                if self._prompts is None:
+                    raise EvaluationError(str(exc)) from None
+                # in watch mode the file may be mid-rewrite or replaced: keep its last good
+                # contents and read it again next round
+                log.warning("%s; pairing with its previous contents this round", exc)
+                return self._prompts
             self._prompts_signature = signature
         return self._prompts
 
@@ -338,6 +349,8 @@ class FolderEvaluation:
 
     def run_round(self) -> RoundResult:
         """Pair what is in the folders now, embed new/changed files, return the full report."""
+        if self.reference is not None:
+            self.model.check_embedding_size(self.reference.embedding)
         pairing = self.pair()
         self._pairing = pairing
         controls = [c for item in pairing.items for c in item.controls]
@@ -492,10 +505,13 @@ def _face_change(control: FileFaces, sample: FileFaces) -> float | None:
     crops = []
     for entry in (control, sample):
         try:
-            bgr = load_image(Path(entry.path))
+            bgr, original_size = load_image_sized(Path(entry.path))
         except ImageLoadError:
             return None
-        face = DetectedFace(np.asarray(entry.bbox, np.float32), np.asarray(entry.kps, np.float32), entry.det_score)
+        # the entry holds the file's own pixels; a large file is decoded downscaled
+        scale = np.array([bgr.shape[1] / original_size[0], bgr.shape[0] / original_size[1]], np.float32)
+        face = DetectedFace(np.asarray(entry.bbox, np.float32) * np.tile(scale, 2),
+                            np.asarray(entry.kps, np.float32) * scale, entry.det_score)
         crops.append(aligned_crop(bgr, face))
     return face_region_change(*crops)
 

@@ -1,21 +1,23 @@
 """`face-consistency evaluate`: score sample folders against their controls/references.
 
 Exit codes: 0 report written with at least one scored pair; 1 nothing could be paired or
-scored (the report is still written, listing why); 2 bad arguments or model pack.
+scored (the report is still written, listing why), or a write failed (disk full); 2 bad
+arguments, output paths or model pack; 130 interrupted before the model was loaded.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from .errors import FaceEngineError
+from .errors import FaceEngineError, OutputWriteError
 from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, check_writable_file
 from .judge import DETECTORS, JUDGE_CHOICES, load_judge
 from .model import DET_SIZE_CHOICES, load_face_model
 from .pack_download import OFFLINE_ENV, TerminalProgress
@@ -113,21 +115,72 @@ def judge_cache_path_for(output_json: Path) -> Path:
     return output_json.with_name(output_json.name + ".judge.json")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
-    if args.watch is not None and args.watch <= 0:
-        parser.error("--watch SECONDS must be positive")
+class _Interrupts:
+    """SIGINT and SIGTERM (how services and job control stop a watcher): the first stops the run
+    like Ctrl-C; any later one waits, so that the final write of report and cache completes."""
 
+    def __init__(self) -> None:
+        self.stopping = False
+        self._previous: dict[int, Any] = {}
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.stopping:
+            print("face-consistency evaluate: writing the report and cache; one moment", file=sys.stderr, flush=True)
+            return
+        self.stopping = True
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def _error(text: object) -> None:
+    print(f"face-consistency evaluate: error: {text}", file=sys.stderr, flush=True)
+
+
+def _check_arguments(args: argparse.Namespace, outputs: dict[str, Path | None]) -> None:
+    if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
+        raise ValueError(f"--watch SECONDS must be a positive number of seconds, got {args.watch:g}")
+    if not args.model_name.strip():
+        raise ValueError("--model_name is empty: give a pack name such as buffalo_l, or the path of a pack folder")
+    for what, path in outputs.items():
+        if path is not None:
+            check_writable_file(path, what)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.ERROR if args.quiet else logging.WARNING, format="%(levelname)s: %(message)s")
+    with _Interrupts() as interrupts:
+        try:
+            return _evaluate(args, interrupts)
+        except KeyboardInterrupt:  # before the model was loaded: nothing to write yet
+            print("\nface-consistency evaluate: interrupted", file=sys.stderr)
+            return 130
+
+
+def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     def say(text: str) -> None:
         if not args.quiet:
             print(text, flush=True)
 
+    cache_file = cache_path_for(args.output_json) if args.watch is not None else None
+    judge_cache = judge_cache_path_for(args.output_json) if args.watch is not None and args.judge else None
     try:
+        _check_arguments(args, {
+            "--output_json": args.output_json,
+            "--plot": args.plot,
+            "the embedding cache (beside --output_json)": cache_file,
+            "the judge's cache (beside --output_json)": judge_cache,
+        })
         bands = Bands(*args.bands) if args.bands else Bands()
-        cache_file = cache_path_for(args.output_json) if args.watch is not None else None
-        judge_cache = judge_cache_path_for(args.output_json) if args.watch is not None and args.judge else None
         sources = EvaluationSources(
             sample_dir=args.sample_dir,
             sample_prompts=args.sample_prompts,
@@ -163,15 +216,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             copy_paste_threshold=args.copy_paste_threshold,
         )
     except (FaceEngineError, ValueError) as exc:
-        print(f"face-consistency evaluate: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
     if evaluation.store.discarded_reason:
         say(evaluation.store.discarded_reason)
 
     def write(result: RoundResult) -> None:
-        atomic_write_json(args.output_json, result.report)
+        writers = [("--output_json", args.output_json, lambda: atomic_write_json(args.output_json, result.report))]
         if args.plot is not None:
-            write_plot(result.report, args.plot)
+            writers.append(("--plot", args.plot, lambda: write_plot(result.report, args.plot)))
+        for flag, path, write_file in writers:
+            try:
+                write_file()
+            except OSError as exc:
+                raise OutputWriteError(
+                    f"cannot write {flag} {path}: {exc.strerror or exc}; the previous file (if any) is unchanged. "
+                    "Free space or choose another location."
+                ) from None
 
     last: list[RoundResult] = []
 
@@ -186,21 +247,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
 
     try:
-        if args.watch is None:
-            on_round(evaluation.run_round())
-        else:
-            say(f"watching every {args.watch:g} s; Ctrl-C to stop")
-            _stop_on_sigterm()
-            watch(evaluation, args.watch, on_round)
-    except KeyboardInterrupt:
-        evaluation.store.save()
-        final = RoundResult(evaluation.report(), 0, 0)
-        write(final)
-        last.append(final)
-        say("\nstopped; report written with everything scored so far")
+        try:
+            if args.watch is None:
+                on_round(evaluation.run_round())
+            else:
+                say(f"watching every {args.watch:g} s; Ctrl-C to stop")
+                watch(evaluation, args.watch, on_round)
+        except KeyboardInterrupt:
+            interrupts.stopping = True  # from here on a signal waits for the writes below
+            evaluation.store.save()
+            if evaluation.judge_store is not None:
+                evaluation.judge_store.save()
+            final = RoundResult(evaluation.report(), 0, 0)
+            write(final)
+            last.append(final)
+            say("\nstopped; report written with everything scored so far")
     except EvaluationError as exc:
-        print(f"face-consistency evaluate: error: {exc}", file=sys.stderr)
+        _error(exc)
         return 2
+    except OutputWriteError as exc:
+        _error(exc)
+        return 1
     report = last[-1].report
     say(summary_table(report))
     say(f"report: {args.output_json}" + (f"; plot: {args.plot}" if args.plot else ""))
@@ -211,16 +278,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("face-consistency evaluate: no pair could be scored (see failures in the report)", file=sys.stderr)
         return 1
     return 0
-
-
-def _stop_on_sigterm() -> None:
-    """Let `kill` (SIGTERM, how services and job control stop a watcher) end watch mode like Ctrl-C."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, interrupt)
 
 
 def _fmt(value: float | None) -> str:

@@ -5,8 +5,22 @@ import contextlib
 import json
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import OutputPathError
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    with _UMASK_LOCK:  # the umask can only be read by setting it
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 @contextlib.contextmanager
@@ -17,7 +31,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; reports and checkpoints are meant to be shared
+    # mkstemp makes 0600; reports and checkpoints get what any new file would get
+    os.chmod(tmp, default_file_mode())
     try:
         yield tmp
         os.replace(tmp, target)
@@ -40,3 +55,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def check_writable_file(path: str | os.PathLike, what: str) -> None:
+    """Raise OutputPathError unless a file can be written at `path` (its folders created as needed).
+
+    `what` names the path for the user ("--output_json", "save_report"). Tried by creating a
+    temporary file where the first missing folder would go, so permissions, read-only file
+    systems and ACLs all count as they will for the real write.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputPathError(f"{what} {target} is a folder; give a file path such as {target / 'report.json'}")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputPathError(f"{what} {target}: {folder} is a file, not a folder; choose a path inside a folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".write-check."):
+            pass
+    except PermissionError:
+        raise OutputPathError(
+            f"{what} {target}: no permission to write in {folder}; choose a folder you can write to"
+        ) from None
+    except OSError as exc:  # EROFS, ENOSPC, ...
+        raise OutputPathError(f"{what} {target}: cannot write in {folder} ({exc.strerror or exc})") from None

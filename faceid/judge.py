@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from .errors import FaceEngineError, ImageLoadError
-from .images import load_image
+from .images import load_image_sized
 from .results import Agreement, JudgeIdentity
 from .similarity import agreement
 
@@ -211,13 +211,14 @@ class DlibJudge:
     def judge(self, image: Any, channel_order: str = "rgb") -> JudgeResult:
         """The largest face of one image (path, array, PIL image), described; never raises for no face."""
         try:
-            bgr = load_image(image, channel_order)
+            bgr, original_size = load_image_sized(image, channel_order)
         except ImageLoadError as exc:
             return JudgeResult((0, 0), reason=str(exc))
         rgb = np.ascontiguousarray(bgr[..., ::-1])
+        scale_x, scale_y = original_size[0] / rgb.shape[1], original_size[1] / rgb.shape[0]
         with self._lock:  # dlib's objects are not documented as thread-safe
             found = self._detect(rgb)
-            result = JudgeResult((rgb.shape[1], rgb.shape[0]), faces_found=len(found))
+            result = JudgeResult(original_size, faces_found=len(found))
             if not found:
                 result.reason = f"no face detected by the judge (dlib {self.detector_kind})"
                 return result
@@ -225,7 +226,8 @@ class DlibJudge:
             shape = self._shapes(rgb, rect)
             chip = self._dlib.get_face_chip(rgb, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
             descriptor = np.asarray(self._recognizer.compute_face_descriptor(chip), np.float32)
-        result.face = JudgeFace((rect.left(), rect.top(), rect.right(), rect.bottom()), score, descriptor)
+        box = (rect.left() * scale_x, rect.top() * scale_y, rect.right() * scale_x, rect.bottom() * scale_y)
+        result.face = JudgeFace(box, score, descriptor)
         return result
 
     def judge_all(self, images: Sequence[Any], channel_order: str = "rgb") -> list[JudgeResult]:

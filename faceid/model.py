@@ -15,7 +15,7 @@ import numpy as np
 
 from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
-from .images import MAX_ANALYSIS_SIDE, image_list, load_image
+from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized
 from .pack_download import ProgressCallback
 from .packs import PackFiles, as_roots, resolve_pack
 from .providers import check_running_provider, requested_providers
@@ -86,6 +86,14 @@ class FaceModel:
             "det_thresh": self.det_thresh,
             "embedding_size": self.embedding_size,
         }
+
+    def check_embedding_size(self, embedding: np.ndarray, what: str = "the reference identity") -> None:
+        """Raise ValueError naming `what` when `embedding` comes from a recognizer of another size."""
+        if embedding.shape[-1] != self.embedding_size:
+            raise ValueError(
+                f"{what} has {embedding.shape[-1]}-d embeddings but model pack '{self.pack_name}' makes "
+                f"{self.embedding_size}-d ones: build it with the same face model that scores"
+            )
 
     # detection -------------------------------------------------------------------------
 
@@ -178,9 +186,9 @@ class FaceModel:
         embed_all = all_faces or selection is Selection.BEST_MATCH
         loaded = _load_each(images, channel_order)
         with self._lock:
-            detected = [self.detect(bgr) if bgr is not None else [] for bgr, _ in loaded]
+            detected = [self.detect(bgr) if bgr is not None else [] for bgr, _, _ in loaded]
             to_embed: list[tuple[np.ndarray, DetectedFace]] = []
-            for (bgr, _), faces in zip(loaded, detected):
+            for (bgr, _, _), faces in zip(loaded, detected):
                 if embed_all:
                     to_embed += [(bgr, face) for face in faces]
                 elif faces and _index_valid(selection, index, faces):
@@ -189,10 +197,13 @@ class FaceModel:
                 embeddings = self.embed_crops([aligned_crop(bgr, face) for bgr, face in to_embed])
                 for (_, face), embedding in zip(to_embed, embeddings):
                     face.embedding = embedding
-        return [
-            _result(bgr, error, faces, selection, index, ref, all_faces)
-            for (bgr, error), faces in zip(loaded, detected)
-        ]
+        results = []
+        for (bgr, error, original_size), faces in zip(loaded, detected):
+            result = _result(bgr, error, faces, selection, index, ref, all_faces)
+            if bgr is not None:
+                result.rescale_to(original_size)
+            results.append(result)
+        return results
 
     def identity(self, images: Any) -> Identity:
         """Identity of one person from one or more reference photos (largest face of each).
@@ -243,18 +254,26 @@ def _usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _load_each(images: Any, channel_order: str) -> list[tuple[np.ndarray | None, str | None]]:
+_Loaded = tuple[np.ndarray | None, str | None, tuple[int, int] | None]  # image, why not, original size
+
+
+def _load_each(images: Any, channel_order: str) -> list[_Loaded]:
     if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
-        try:
-            return [(bgr, None) for bgr in image_list(images, channel_order)]
-        except ImageLoadError as exc:
-            return [(None, str(exc))]
-    loaded: list[tuple[np.ndarray | None, str | None]] = []
+        if isinstance(images, (str, os.PathLike)):
+            images = [images]
+        else:
+            try:
+                return [(bgr, None, (bgr.shape[1], bgr.shape[0])) for bgr in image_list(images, channel_order)]
+            except ImageLoadError as exc:
+                return [(None, str(exc), None)]
+    loaded: list[_Loaded] = []
     for item in images:
         try:
-            loaded.append((load_image(item, channel_order), None))
+            bgr, original_size = load_image_sized(item, channel_order)
         except ImageLoadError as exc:
-            loaded.append((None, str(exc)))
+            loaded.append((None, str(exc), None))
+        else:
+            loaded.append((bgr, None, original_size))
     return loaded
 
 

@@ -70,12 +70,19 @@ def _has_onnx(folder: Path) -> bool:
             sub.is_dir() and any(p.suffix.lower() == ".onnx" for p in sub.iterdir())
             for sub in folder.iterdir()
         )
+    except PermissionError:  # listed, so that checking it names the problem instead of hiding the pack
+        return True
     except OSError:
         return False
 
 
 def find_pack_folder(pack: str | os.PathLike, roots: Sequence[Path]) -> Path | None:
     """The folder of `pack` (a name under the roots, or a path to the folder itself)."""
+    if not str(pack).strip():
+        raise ModelPackError(
+            f"the model pack name is empty: name a pack ({', '.join(STANDARD_PACKS)}, or a folder under "
+            "models/) or give the path of a pack folder"
+        )
     as_path = Path(pack).expanduser()
     if as_path.is_dir() and (as_path.is_absolute() or os.sep in str(pack) or "/" in str(pack)):
         return as_path
@@ -92,12 +99,24 @@ def classify_onnx(path: Path) -> str:
     import onnx
 
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        with open(path, "rb") as file:
+            empty = os.fstat(file.fileno()).st_size == 0
+            model = None if empty else onnx.load(file, load_external_data=False)
+    except PermissionError:
+        raise ModelPackError(
+            f"cannot read ONNX model {path}: permission denied. Let this user read it "
+            f"(chmod a+r '{path}') or run as its owner."
+        ) from None
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError... for bad files
         raise ModelPackError(
             f"cannot read ONNX model {path}: {exc}. The file is corrupt or truncated; "
             "download the pack again."
         ) from None
+    if model is None or not model.graph.node:  # protobuf reads zero bytes as an empty model
+        raise ModelPackError(
+            f"ONNX model {path} is empty ({'0 bytes' if model is None else 'no graph'}): the download or copy "
+            "did not finish. Download the pack again."
+        )
     graph = model.graph
     initializers = {init.name for init in graph.initializer}
     inputs = [i for i in graph.input if i.name not in initializers]
@@ -123,9 +142,22 @@ def validate_pack(folder: Path, name: str | None = None) -> PackFiles:
         raise ModelPackError(f"model pack folder not found: {folder}")
     if not folder.is_dir():
         raise ModelPackError(f"model pack path is not a folder: {folder}")
-    onnx_files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".onnx")
+    try:
+        contents = sorted(folder.iterdir())
+    except PermissionError:
+        raise ModelPackError(
+            f"model pack folder {folder}: permission denied. Let this user read it (chmod a+rx '{folder}') "
+            "or run as its owner."
+        ) from None
+    onnx_files = [p for p in contents if p.is_file() and p.suffix.lower() == ".onnx"]
+    misnamed = [p.name for p in onnx_files if p.suffix != ".onnx"]
+    if misnamed:  # InsightFace loads a model only by a name ending in lowercase ".onnx"
+        raise ModelPackError(
+            f"model pack '{name}' in {folder}: {', '.join(misnamed)} must end in lowercase .onnx for "
+            f"InsightFace to load it; rename it ({misnamed[0]} -> {Path(misnamed[0]).stem}.onnx)."
+        )
     if not onnx_files:
-        nested = [sub for sub in sorted(folder.iterdir()) if sub.is_dir() and _has_onnx(sub)]
+        nested = [sub for sub in contents if sub.is_dir() and _has_onnx(sub)]
         if nested:
             raise ModelPackError(
                 f"model pack '{name}' is nested: the .onnx files are in {nested[0]}, not in {folder}. "
@@ -152,6 +184,13 @@ def validate_pack(folder: Path, name: str | None = None) -> PackFiles:
             f"112x112 input, such as w600k_r50.onnx or glintr100.onnx); found: {found}. "
             "Add the pack's recognizer file."
         )
+    for kind, label in (("detector", "face detectors"), ("recognizer", "face recognizers")):
+        if len(by_kind[kind]) > 1:
+            raise ModelPackError(
+                f"model pack '{name}' in {folder} has {len(by_kind[kind])} {label} "
+                f"({', '.join(p.name for p in by_kind[kind])}); a pack holds one of each. Move the ones "
+                "you do not want into a pack folder of their own."
+            )
     return PackFiles(name, folder, by_kind["detector"][0], by_kind["recognizer"][0])
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .images import IMAGE_SUFFIXES
+from .images import IMAGE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, unsupported_format_reason
 from .prompts import SamplePrompt, resolve_prompt_path
 
 _NUMBERED_CONTROL = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)$")
@@ -112,17 +112,25 @@ def parse_sample_name(path: str | os.PathLike) -> SampleName:
     return SampleName()
 
 
-def list_images(folder: Path, exclude: Iterable[Path] = ()) -> list[Path]:
+def list_images(folder: Path, exclude: Iterable[Path] = (), suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files directly in `folder` (not recursive), sorted by name; hidden and temp files skipped."""
     excluded = {p.resolve() for p in exclude}
     return sorted(
         p
         for p in folder.iterdir()
         if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
+        and p.suffix.lower() in suffixes
         and not p.name.startswith(".")
         and p.resolve() not in excluded
     )
+
+
+def unsupported_images(folder: Path, kind: str = "sample") -> list[Unpaired]:
+    """Images in `folder` of a format the engine cannot read (GIF, HEIC, ...), as failures."""
+    return [
+        Unpaired(str(p), unsupported_format_reason(p), kind)
+        for p in list_images(folder, suffixes=UNSUPPORTED_IMAGE_SUFFIXES)
+    ]
 
 
 def pair_sample_folder(
@@ -138,7 +146,7 @@ def pair_sample_folder(
     With a reference identity, a sample without a control is still scored (against the
     reference); without one, it is reported as unpaired.
     """
-    pairing = Pairing()
+    pairing = Pairing(unpaired=unsupported_images(sample_dir))
     files = list_images(sample_dir, exclude)
     seed_controls = {
         int(m["index"]): p for p in files if (m := SEED_CONTROL.match(p.stem))
@@ -213,7 +221,7 @@ def pair_dirs(
     control_dir: Path, generated_dir: Path, exclude: Iterable[Path] = (), have_reference: bool = False
 ) -> Pairing:
     """Pair each `generated_dir/stem.*` with its controls in `control_dir` (`musubi_controls`)."""
-    pairing = Pairing()
+    pairing = Pairing(unpaired=unsupported_images(generated_dir) + unsupported_images(control_dir, "control"))
     generated = list_images(generated_dir, exclude)
     controls = list_images(control_dir, exclude)
     claimed = musubi_controls(generated, controls)

@@ -127,6 +127,12 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
             raise PromptFileError(f"prompt file {path} is not valid JSON: {exc}") from None
         if not isinstance(items, list):
             raise PromptFileError(f"prompt file {path} must hold a JSON list of prompts")
+        for i, item in enumerate(items):
+            if not isinstance(item, (str, dict)):
+                raise PromptFileError(
+                    f"prompt file {path}: item {i} is {json.dumps(item)[:60]}, not a prompt; each item must be an "
+                    'object such as {"prompt": "...", "control_image_path": ["face.png"]} or a prompt line'
+                )
         return [
             parse_prompt_line(item, index=i) if isinstance(item, str) else _from_mapping(item, i)
             for i, item in enumerate(items)

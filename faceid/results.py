@@ -56,6 +56,17 @@ class FaceResult:
     def embedding(self) -> np.ndarray | None:
         return self.face.embedding if self.face is not None else None
 
+    def rescale_to(self, original_size: tuple[int, int]) -> None:
+        """Give sizes, boxes and keypoints in the pixels of the original of a downscaled image."""
+        width, height = self.image_size
+        if tuple(original_size) == (width, height) or not width or not height:
+            return
+        scale = np.array([original_size[0] / width, original_size[1] / height], np.float32)
+        for face in {id(f): f for f in [*self.faces, self.face] if f is not None}.values():
+            face.bbox = face.bbox * np.tile(scale, 2)
+            face.kps = face.kps * scale
+        self.image_size = (int(original_size[0]), int(original_size[1]))
+
 
 @dataclass(frozen=True)
 class Agreement:

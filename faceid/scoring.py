@@ -248,12 +248,7 @@ def score_batch(
     control_of = reference_pairing(len(controls), len(outputs), "control") if controls else None
     references = [normalize(r) for r in references]
     for embedding in references:
-        if embedding.shape[-1] != model.embedding_size:
-            raise ValueError(
-                f"the reference identity has {embedding.shape[-1]}-d embeddings but model pack "
-                f"'{model.pack_name}' makes {model.embedding_size}-d ones: build the reference with "
-                "the same face model"
-            )
+        model.check_embedding_size(embedding)
     rows = []
     for i, bgr in enumerate(outputs):
         reference = references[reference_of[i]]

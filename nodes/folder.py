@@ -12,7 +12,7 @@ import cv2
 from ..faceid import Bands, FaceModel, Identity
 from ..faceid.embedding_store import file_signature
 from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
-from ..faceid.fileio import atomic_write_json
+from ..faceid.fileio import atomic_write_json, check_writable_file
 from ..faceid.judge import DlibJudge
 from ..faceid.pairing import list_images
 from ..faceid.plot import plot_rgb, write_plot
@@ -143,6 +143,9 @@ class FaceConsistencyScoreFolder:
         report_text = save_report.strip().strip('"')
         # the plot goes beside the report as .png: a .json report never has the plot's name
         report_path = comfy_env.output_file(report_text, "save_report", ".json") if report_text else None
+        if report_path is not None:  # before the scoring, not after it
+            check_writable_file(report_path, "save_report")
+            check_writable_file(report_path.with_suffix(".png"), "save_report's plot")
         evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir), judge)
         # a plot saved into the sample folder is ours, not a sample
         evaluation.sources.exclude = [report_path.with_suffix(".png")] if report_path is not None else []

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ..faceid import ImageLoadError, image_list
+from ..faceid.images import check_float_range
 from . import comfy_env
 
 PREVIEW_MAX_SIDE = 384
@@ -27,14 +28,23 @@ def to_bgr_list(images: Any, name: str = "images") -> list[np.ndarray]:
         raise ImageLoadError(f"input '{name}' must be an IMAGE batch [B,H,W,C]; got {shape}")
     if images.shape[0] == 0:
         raise ImageLoadError(f"input '{name}' is an empty batch (0 images)")
+    if images.shape[1] < 1 or images.shape[2] < 1:
+        raise ImageLoadError(
+            f"input '{name}' holds images of {images.shape[2]}x{images.shape[1]} pixels (width x height): "
+            "nothing to score; check the node that makes them (a crop or resize to 0)"
+        )
     if images.shape[-1] != 3:
-        return image_list(images)
+        try:
+            return image_list(images)
+        except ImageLoadError as exc:
+            raise ImageLoadError(f"input '{name}': {exc}") from None
     batch = images.detach().to("cpu", torch.float32).numpy()
     bgrs = []
     for i, rgb in enumerate(batch):
         # the sum is finite for any finite image short of float overflow, which the exact check settles
         if not np.isfinite(rgb.sum()) and not np.isfinite(rgb).all():
             raise ImageLoadError(f"input '{name}' image {i} contains NaN or infinite values")
+        check_float_range(float(rgb.max()), f"input '{name}' image {i}")
         scaled = np.multiply(rgb, 255.0, dtype=np.float32)
         np.add(scaled, 0.5, out=scaled)
         np.clip(scaled, 0.0, 255.0, out=scaled)

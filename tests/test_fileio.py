@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 
 import pytest
@@ -27,3 +28,17 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"state": "training"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+@pytest.mark.parametrize("umask, expected", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_files_get_the_mode_of_any_new_file(tmp_path, umask, expected):
+    previous = os.umask(umask)
+    try:
+        target = tmp_path / "checkpoint.safetensors"
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"weights")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(target.stat().st_mode) == expected == stat.S_IMODE(plain.stat().st_mode)

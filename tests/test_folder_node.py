@@ -110,3 +110,30 @@ def test_missing_folder_is_a_clear_error(model, tmp_path):
         FaceConsistencyScoreFolder().score_folder(model, str(tmp_path / "absent"), 0.5)
     with pytest.raises(Exception, match="set 'folder'"):
         FaceConsistencyScoreFolder().score_folder(model, "  ", 0.5)
+
+
+def test_identity_of_another_embedding_size_is_a_clear_error(model, faces_dir, tmp_path):
+    from face_consistency.faceid import Identity
+
+    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    reencode(faces_dir / "obama.jpg", controls / "a.png")
+    reencode(faces_dir / "obama2.jpg", generated / "a.png")
+    vector = np.random.default_rng(1).standard_normal(512).astype(np.float32)
+    other = Identity(embedding=vector / np.linalg.norm(vector), count=2)
+    with pytest.raises(ValueError, match=f"512-d embeddings but model pack '{model.pack_name}' makes 128-d"):
+        FaceConsistencyScoreFolder().score_folder(model, str(generated), 0.5, control_dir=str(controls),
+                                                  reference_identity=other)
+
+
+def test_save_report_into_a_folder_or_under_a_file_fails_before_scoring(model, run):
+    output = comfy_env.output_directory()
+    (output / "taken.json").mkdir()
+    (output / "a_file").write_text("keep")
+    with pytest.raises(Exception, match=r"save_report .*taken.json is a folder"):
+        _score(model, run, save_report="taken.json")
+    with pytest.raises(Exception, match=r"save_report .*a_file is a file, not a folder"):
+        _score(model, run, save_report="a_file/report.json")
+    (output / "plot_taken.png").mkdir()
+    with pytest.raises(Exception, match=r"save_report's plot .*plot_taken.png is a folder"):
+        _score(model, run, save_report="plot_taken.json")
+    assert (output / "a_file").read_text() == "keep"

@@ -102,3 +102,42 @@ def test_packs_command_lists_and_checks(tmp_path, testpack_dir, capsys):
     assert packs_main(["--models_root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "good" in out and "ok" in out and "BROKEN" in out and "nested" in out
+
+
+def test_two_recognizers_are_named_not_picked_silently(tmp_path, testpack_dir):
+    folder = make_pack(tmp_path, "p", testpack_dir)
+    (folder / "another_recognizer.onnx").symlink_to(testpack_dir / "mobilefacenet.onnx")
+    with pytest.raises(ModelPackError, match=r"has 2 face recognizers \(another_recognizer.onnx, mobilefacenet.onnx\)"):
+        resolve_pack("p", [tmp_path])
+    (folder / "another_recognizer.onnx").unlink()
+    (folder / "det_copy.onnx").symlink_to(testpack_dir / "det_2.5g.onnx")
+    with pytest.raises(ModelPackError, match=r"has 2 face detectors \(det_2.5g.onnx, det_copy.onnx\)"):
+        resolve_pack("p", [tmp_path])
+
+
+def test_uppercase_onnx_is_refused_by_packs_and_load_alike(tmp_path, testpack_dir, capsys):
+    folder = tmp_path / "models" / "p"
+    folder.mkdir(parents=True)
+    (folder / "det_2.5g.onnx").symlink_to(testpack_dir / "det_2.5g.onnx")
+    (folder / "W600K.ONNX").symlink_to(testpack_dir / "mobilefacenet.onnx")
+    message = r"W600K.ONNX must end in lowercase .onnx.*rename it \(W600K.ONNX -> W600K.onnx\)"
+    with pytest.raises(ModelPackError, match=message):
+        load_face_model("p", models_root=tmp_path, provider="cpu")
+    assert packs_main(["--models_root", str(tmp_path)]) == 1
+    assert "p              BROKEN" in capsys.readouterr().out
+    (folder / "W600K.ONNX").rename(folder / "W600K.onnx")
+    assert load_face_model("p", models_root=tmp_path, provider="cpu").embedding_size > 0
+
+
+def test_zero_byte_onnx_is_called_empty(tmp_path, testpack_dir):
+    folder = make_pack(tmp_path, "p", testpack_dir, files=("mobilefacenet.onnx",))
+    (folder / "det_10g.onnx").write_bytes(b"")
+    with pytest.raises(ModelPackError, match=r"det_10g.onnx is empty \(0 bytes\).*Download the pack again"):
+        resolve_pack("p", [tmp_path])
+
+
+def test_empty_pack_name_is_called_empty_not_nested(tmp_path, testpack_dir):
+    make_pack(tmp_path, "p", testpack_dir)
+    for name in ("", "  "):
+        with pytest.raises(ModelPackError, match="the model pack name is empty"):
+            resolve_pack(name, [tmp_path])

@@ -359,3 +359,36 @@ def test_matching_needs_people_in_the_reference_and_reports_outputs_without_face
     assert person_scores == [0.0] * 6 and matched == 0 and mean == 0.0
     assert "image 0: 0 of 6 people matched, 0 face(s) found (no face detected)" in report
     assert report.count(": missing") == 6
+
+
+@pytest.mark.parametrize("shape", [(1, 0, 64, 3), (1, 64, 0, 3), (1, 0, 64, 4)])
+def test_image_without_pixels_is_a_clear_error(face_model, faces_dir: Path, shape) -> None:
+    reference = photo(faces_dir, "obama.jpg")
+    with pytest.raises(Exception, match=r"input 'images' holds images of \d+x\d+ pixels \(width x height\): nothing to score"):
+        score(face_model, torch.zeros(shape), reference_image=reference)
+    with pytest.raises(Exception, match=r"input 'reference_image' holds images of"):
+        score(face_model, reference, reference_image=torch.zeros(shape))
+
+
+def test_image_of_0_to_255_gets_a_hint_not_no_face(face_model, faces_dir: Path) -> None:
+    reference = photo(faces_dir, "obama.jpg")
+    sample = photo(faces_dir, "obama2.jpg")
+    with pytest.raises(Exception, match=r"input 'images' image 0 has values up to 255, but float images .* hold 0\.\.1"):
+        score(face_model, sample * 255.0, reference_image=reference)
+    rgba = torch.cat([sample, torch.ones_like(sample[..., :1])], dim=-1) * 255.0
+    with pytest.raises(Exception, match="input 'images': the image has values up to 255.*divide it by 255"):
+        score(face_model, rgba, reference_image=reference)
+    with pytest.raises(Exception, match="input 'images' image 0 has values up to 255"):
+        FaceConsistencyReference().build(face_model, reference * 255.0)
+    slight_overshoot = (sample * 1.05).clamp(max=1.05)  # an upscaler's overshoot is clipped, as before
+    assert score(face_model, slight_overshoot, reference_image=reference)["result"][0][0] > 0.5
+
+
+def test_identity_of_another_embedding_size_is_named(face_model, faces_dir: Path) -> None:
+    from face_consistency.faceid import Identity
+
+    rng = np.random.default_rng(0)
+    vector = rng.standard_normal(512).astype(np.float32)
+    other = Identity(embedding=vector / np.linalg.norm(vector), count=1)
+    with pytest.raises(ValueError, match="the reference identity has 512-d embeddings but model pack 'testpack' makes 128-d"):
+        score(face_model, photo(faces_dir, "obama2.jpg"), reference_identity=other)
