@@ -31,10 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp makes 0600; reports and checkpoints get what any new file would get
-    os.chmod(tmp, default_file_mode())
     try:
         yield tmp
+        # mkstemp makes 0600, and writers that replace the file (safetensors) do too: reports and
+        # checkpoints get what any new file would get
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, target)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -6,6 +6,8 @@ import os
 import stat
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from face_consistency.faceid.fileio import atomic_path, atomic_write_json
 
@@ -35,8 +37,8 @@ def test_atomic_files_get_the_mode_of_any_new_file(tmp_path, umask, expected):
     previous = os.umask(umask)
     try:
         target = tmp_path / "checkpoint.safetensors"
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(b"weights")
+        with atomic_path(target) as tmp:  # as checkpoints are written: safetensors makes its own 0600 file
+            save_file({"lora_down.weight": torch.zeros(2, 2)}, str(tmp))
         plain = tmp_path / "plain.txt"
         plain.write_text("x")
     finally:
