@@ -17,7 +17,7 @@ import torch
 
 from ..faceid.embedding_store import file_signature
 from ..faceid.fileio import atomic_write_text
-from ..trainer import jobs
+from ..trainer import jobs, options
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..trainer.checkpoint_scores import (
     best_checkpoint,
@@ -264,6 +264,12 @@ def _toml_string(path: Path) -> str:
     return json.dumps(str(path))  # a JSON string is a valid TOML basic string
 
 
+# Trainer options the launch node shows (their widgets come from trainer/options.py), in the node's order.
+SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs", "save_every_n_epochs", "seed",
+            "timestep_sampling", "discrete_flow_shift", "optimizer_type", "mixed_precision", "gradient_checkpointing")
+FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
+
+
 class FaceConsistencyTrainLaunch:
     """Start a LoRA training run in the background; returns at once with a TRAINING_JOB."""
 
@@ -277,34 +283,19 @@ class FaceConsistencyTrainLaunch:
                 "dataset": ("STRING", {"default": "", "tooltip": "A musubi dataset .toml, or a folder with images/ "
                                        "(+ .txt captions) and controls/."}),
                 "output_name": ("STRING", {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."}),
-                "learning_rate": ("FLOAT", {"default": 5e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6}),
-                "network_dim": ("INT", {"default": 16, "min": 1, "max": 256}),
-                "network_alpha": ("FLOAT", {"default": 16.0, "min": 0.0, "max": 256.0}),
-                "max_train_epochs": ("INT", {"default": 100, "min": 1, "max": 100000}),
-                "save_every_n_epochs": ("INT", {"default": 10, "min": 1, "max": 100000}),
-                "seed": ("INT", {"default": 42, "min": 0, "max": 2**31 - 1}),
-                "timestep_sampling": (["shift", "qwen_shift", "sigma", "uniform"], {"default": "shift"}),
-                "discrete_flow_shift": ("FLOAT", {"default": 2.2, "min": 0.1, "max": 20.0, "step": 0.1}),
-                "optimizer_type": (["AdamW8bit", "AdamW", "Adafactor"], {"default": "AdamW8bit",
-                                   "tooltip": "AdamW8bit needs bitsandbytes."}),
-                "mixed_precision": (["bf16", "fp16", "no"], {"default": "bf16"}),
-                "gradient_checkpointing": ("BOOLEAN", {"default": True}),
-                "enable_face_loss": ("BOOLEAN", {"default": True}),
-                "face_loss_weight": ("FLOAT", {"default": 0.1, "min": 0.0, "max": 10.0, "step": 0.01}),
-                "face_model_name": ("STRING", {"default": "buffalo_l"}),
-                "face_device": (["cuda", "cpu"], {"default": "cuda"}),
-                "face_det_size": ("INT", {"default": 640, "min": 128, "max": 2048, "step": 32}),
-                "face_eval_frequency": ("INT", {"default": 100, "min": 1, "max": 100000}),
+                **{name: options.node_input(name) for name in SETTINGS},
+                "enable_face_loss": ("BOOLEAN", {"default": True, "tooltip": "The face-identity loss and its "
+                                     "metrics (--enable_face_loss --use_face_as_loss)."}),
+                **{name: options.node_input(name) for name in FACE_SETTINGS},
             },
             "optional": {
                 "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "musubi sample prompts, one "
                                    "per line: text --w 1024 --h 1024 --s 20 --d 42 --ci control.png"}),
-                "sample_every_n_epochs": ("INT", {"default": 10, "min": 0, "max": 100000}),
-                "max_train_steps": ("INT", {"default": 0, "min": 0, "max": 10**7, "tooltip": "0: train by epochs."}),
+                "sample_every_n_epochs": options.node_input("sample_every_n_epochs"),
+                "max_train_steps": options.node_input("max_train_steps"),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
                                        "tooltip": "For a dataset folder without a TOML."}),
-                "tokenizer": ("STRING", {"default": "", "tooltip": "Local Qwen-Image-Edit tokenizer/processor folder "
-                                         "(empty: the trainer's default)."}),
+                "tokenizer": options.node_input("tokenizer"),
                 "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
                                "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
             },
@@ -324,29 +315,14 @@ class FaceConsistencyTrainLaunch:
         text_encoder: str,
         dataset: str,
         output_name: str,
-        learning_rate: float,
-        network_dim: int,
-        network_alpha: float,
-        max_train_epochs: int,
-        save_every_n_epochs: int,
-        seed: int,
-        timestep_sampling: str,
-        discrete_flow_shift: float,
-        optimizer_type: str,
-        mixed_precision: str,
-        gradient_checkpointing: bool,
         enable_face_loss: bool,
-        face_loss_weight: float,
-        face_model_name: str,
-        face_device: str,
-        face_det_size: int,
-        face_eval_frequency: int,
         sample_prompts: str = "",
         sample_every_n_epochs: int = 10,
         max_train_steps: int = 0,
         resolution: int = 1024,
         tokenizer: str = "",
         extra_args: str = "",
+        **settings: Any,  # SETTINGS and FACE_SETTINGS, by their flag names
     ) -> dict[str, Any]:
         name = output_name.strip()
         if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|'):
@@ -369,41 +345,26 @@ class FaceConsistencyTrainLaunch:
         output_dir.mkdir(parents=True, exist_ok=True)
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
         args += ["--dataset_config", str(_dataset_config(dataset, output_dir, resolution))]
-        args += [
-            "--edit_plus", "--sdpa",
-            "--mixed_precision", mixed_precision,
-            "--timestep_sampling", timestep_sampling,
-            "--weighting_scheme", "none",
-            "--discrete_flow_shift", f"{discrete_flow_shift:g}",
-            "--optimizer_type", optimizer_type,
-            "--learning_rate", f"{learning_rate:g}",
-            "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
-            "--network_module", "networks.lora_qwen_image",
-            "--network_dim", str(network_dim),
-            "--network_alpha", f"{network_alpha:g}",
-            "--save_every_n_epochs", str(save_every_n_epochs),
-            "--seed", str(seed),
-            "--output_dir", str(output_dir),
-            "--output_name", name,
-        ]
-        if gradient_checkpointing:
-            args.append("--gradient_checkpointing")
+        args += ["--edit_plus", "--sdpa", "--weighting_scheme", "none", "--network_module", options.NETWORK_MODULE,
+                 "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
+                 "--output_dir", str(output_dir), "--output_name", name]
         # the trainer derives the step count from epochs whenever epochs are given
-        args += ["--max_train_steps", str(max_train_steps)] if max_train_steps > 0 else [
-            "--max_train_epochs", str(max_train_epochs)]
+        by_steps = max_train_steps > 0
+        for setting in SETTINGS:
+            if setting != "max_train_epochs" or not by_steps:
+                args += options.to_argv(setting, settings[setting])
+        if by_steps:
+            args += options.to_argv("max_train_steps", max_train_steps)
         if tokenizer.strip():
-            args += ["--tokenizer", tokenizer.strip()]
+            args += options.to_argv("tokenizer", tokenizer.strip())
         if enable_face_loss:
-            args += [
-                "--enable_face_loss", "--use_face_as_loss",
-                "--face_loss_weight", f"{face_loss_weight:g}",
-                "--face_model_name", face_model_name.strip(),
-                "--face_device", face_device,
-                "--face_det_size", str(face_det_size),
-                "--face_eval_frequency", str(face_eval_frequency),
-            ]
+            args += ["--enable_face_loss", "--use_face_as_loss"]
+            for setting in FACE_SETTINGS:
+                value = settings[setting]
+                args += options.to_argv(setting, value.strip() if isinstance(value, str) else value)
+            face_model_name = settings["face_model_name"].strip()
             roots = comfy_env.insightface_roots()
-            pack_root = next((r for r in roots if (r / "models" / face_model_name.strip()).is_dir()), None)
+            pack_root = next((r for r in roots if (r / "models" / face_model_name).is_dir()), None)
             if pack_root is not None or roots:
                 args += ["--face_models_root", str(pack_root or roots[0])]
             if not comfy_env.pack_downloads_enabled():
@@ -413,7 +374,7 @@ class FaceConsistencyTrainLaunch:
             atomic_write_text(prompts, sample_prompts.strip() + "\n")
             args += ["--sample_prompts", str(prompts)]
             if sample_every_n_epochs > 0:
-                args += ["--sample_every_n_epochs", str(sample_every_n_epochs)]
+                args += options.to_argv("sample_every_n_epochs", sample_every_n_epochs)
         args += extra
         record = jobs.launch(registry, output_dir, args, name=name)
         job = TrainingJob(record.job_id, str(record.output_dir), name)

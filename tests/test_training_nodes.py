@@ -327,3 +327,30 @@ def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
     assert "2 checkpoint(s) score above the reference photos' own agreement" in table
     # without an agreement (the similarity node gives -1) there is no gauge
     assert "agreement" not in node.rank(names, scores, [False], reference_agreement=[-1.0])["result"][0]
+
+
+def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
+                                                           monkeypatch) -> None:
+    """Both are built from trainer/options.py: every setting the node shows parses as the flag of its name,
+    with the node's value, and the whole command passes the trainer's checks."""
+    from face_consistency.trainer.cli import parse_args, validate_args
+
+    class Launched(Exception):
+        pass
+
+    def capture(registry, output_dir, args, name):
+        raise Launched(args)
+
+    tiny_training.install_into_comfyui(comfy)
+    monkeypatch.setattr(training.jobs, "launch", capture)
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
+    inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+              **_tiny_launch_inputs(tiny_training, "tiny_flags", 0), "enable_face_loss": True}
+    with pytest.raises(Launched) as launched:
+        FaceConsistencyTrainLaunch().launch(**inputs)
+    args = parse_args(launched.value.args[0])
+    for name in (*training.SETTINGS, *training.FACE_SETTINGS):
+        if name != "max_train_epochs" or not inputs.get("max_train_steps"):
+            assert getattr(args, name) == inputs[name], name
+    assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
+    assert validate_args(args).model_version == "edit-2509"

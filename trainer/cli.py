@@ -23,12 +23,15 @@ import torch
 from diffusers.optimization import SchedulerType
 
 from .dataset import DatasetConfigError, load_dataset_config
-from .face_loss import FACE_LOSS_T_WEIGHTINGS
-from .lora import NETWORK_MODULE, NetworkArgsError, lora_file_ranks, parse_network_args
+from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from .models import ModelFileError, check_dit_version, read_header
+from .options import (
+    FACE_DECODE_MODES, FACE_DEVICES, FACE_LOSS_T_WEIGHTINGS, MIXED_PRECISION, NETWORK_MODULE, OPTIMIZERS,
+    TIMESTEP_SAMPLING, WEIGHTING_SCHEMES, add_arguments,
+)
 from .protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
-from .sampling import DEFAULT_SHIFT_TERMINAL, PromptFileError, load_prompt_file
+from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
 
@@ -40,11 +43,6 @@ except ImportError:  # Python 3.10
 log = logging.getLogger("face_consistency.trainer")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-TIMESTEP_SAMPLING = ("sigma", "uniform", "shift", "qwen_shift")
-WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
-OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-DEFAULT_FACE_LOSS_MAX_T = 0.5
 ACCEPTED_NETWORK_MODULES = (NETWORK_MODULE, "networks.lora")
 # musubi flags this trainer does not implement, with what to use instead.
 UNSUPPORTED_FLAGS = {
@@ -67,96 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a Qwen-Image-Edit LoRA (musubi-tuner compatible flags, dataset TOML, outputs).",
         allow_abbrev=False,
     )
-    models = parser.add_argument_group("models")
-    models.add_argument("--dit", help="DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors")
-    models.add_argument("--vae", help="VAE single file, e.g. qwen_image_vae.safetensors")
-    models.add_argument("--text_encoder", help="Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)")
-    models.add_argument("--tokenizer", help="local folder with the Qwen-Image-Edit tokenizer/processor "
-                        "(default: the `processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)")
-    models.add_argument("--model_version", help=f"the model trained: {', '.join(MODEL_VERSIONS)} "
-                        "(Edit, Edit-2509, Edit-2511; as musubi-tuner)")
-    models.add_argument("--edit", action="store_true", help="same as --model_version edit")
-    models.add_argument("--edit_plus", action="store_true", help="same as --model_version edit-2509")
-    models.add_argument("--sdpa", action="store_true", help="PyTorch SDPA attention (the only backend; accepted)")
-    models.add_argument("--fp8_base", action="store_true", help="store the DiT base weights as float8 (diffusers layerwise casting)")
-    models.add_argument("--blocks_to_swap", type=int, default=0, help="keep N transformer blocks on the CPU, streamed in per layer")
-
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset_config", help="musubi dataset TOML")
-    data.add_argument("--max_data_loader_n_workers", type=int, default=2,
-                      help="accepted for compatibility: cached tensors are read in the training process")
-    data.add_argument("--persistent_data_loader_workers", action="store_true",
-                      help="accepted for compatibility (see --max_data_loader_n_workers)")
-
-    train = parser.add_argument_group("training")
-    train.add_argument("--mixed_precision", help=f"one of {', '.join(MIXED_PRECISION)} (default: bf16 where the "
-                       "GPU supports it, as musubi-tuner trains Qwen; else no)")
-    train.add_argument("--timestep_sampling", default="sigma", help=f"one of {', '.join(TIMESTEP_SAMPLING)}")
-    train.add_argument("--discrete_flow_shift", type=float, default=1.0, help="shift for sigma/shift sampling and samples")
-    train.add_argument("--sigmoid_scale", type=float, default=1.0, help="scale of the normal before the sigmoid (shift sampling)")
-    train.add_argument("--weighting_scheme", default="none", help=f"one of {', '.join(WEIGHTING_SCHEMES)}")
-    train.add_argument("--optimizer_type", default="AdamW", help=f"one of {', '.join(OPTIMIZERS)}")
-    train.add_argument("--optimizer_args", nargs="*", default=[], help="optimizer keyword args as key=value")
-    train.add_argument("--learning_rate", type=float, default=2e-6)
-    train.add_argument("--lr_scheduler", default="constant", help="diffusers scheduler name (constant, cosine, linear, ...)")
-    train.add_argument("--lr_warmup_steps", type=int, default=0)
-    train.add_argument("--lr_scheduler_num_cycles", type=int, default=1)
-    train.add_argument("--lr_scheduler_power", type=float, default=1.0)
-    train.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping (0 disables)")
-    train.add_argument("--gradient_checkpointing", action="store_true")
-    train.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    train.add_argument("--max_train_steps", type=int, default=1600)
-    train.add_argument("--max_train_epochs", type=int, help="overrides --max_train_steps")
-    train.add_argument("--seed", type=int, help="random seed (default: random, recorded in the LoRA metadata)")
-
-    network = parser.add_argument_group("network")
-    network.add_argument("--network_module", default=NETWORK_MODULE, help="accepted for compatibility")
-    network.add_argument("--network_dim", type=int, default=4, help="LoRA rank")
-    network.add_argument("--network_alpha", type=float, default=1.0, help="LoRA alpha (scale alpha/dim)")
-    network.add_argument("--network_weights", help="LoRA file (this trainer's or musubi's) to start from")
-    network.add_argument("--network_args", nargs="*", default=[],
-                         help="include_patterns=[...] exclude_patterns=[...] (regex on module paths)")
-
-    output = parser.add_argument_group("output")
-    output.add_argument("--output_dir")
-    output.add_argument("--output_name", default="lora")
-    output.add_argument("--save_every_n_epochs", type=int)
-    output.add_argument("--save_every_n_steps", type=int)
-    output.add_argument("--save_state", action="store_true", help="save resumable state beside each checkpoint")
-    output.add_argument("--resume", help="state folder to continue from (continues at its step and epoch)")
-    output.add_argument("--logging_dir", help="TensorBoard log folder")
-    output.add_argument("--log_tracker_name", help="TensorBoard run name")
-    output.add_argument("--config_file", help="TOML file with any of these flags as keys")
-
-    sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--sample_prompts", help="musubi prompt file (--w --h --s --d --fs --l --n --ci)")
-    sampling.add_argument("--sample_every_n_steps", type=int)
-    sampling.add_argument("--sample_every_n_epochs", type=int)
-    sampling.add_argument("--sample_at_first", action="store_true")
-    sampling.add_argument("--sample_shift_terminal", type=float, default=DEFAULT_SHIFT_TERMINAL,
-                          help="stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)")
-
-    face = parser.add_argument_group("face identity (README: The face-identity loss)")
-    face.add_argument("--enable_face_loss", action="store_true",
-                      help="face-similarity metrics of the x0 estimates and the samples during training")
-    face.add_argument("--use_face_as_loss", action="store_true", help="add the face-identity loss (implies the metrics)")
-    face.add_argument("--face_loss_weight", type=float, default=0.1, help="weight of 1 - cos added to the loss")
-    face.add_argument("--face_model_name", default="buffalo_l", help="InsightFace model pack (name or folder)")
-    face.add_argument("--face_device", default="cuda", help="onnxruntime device of the face engine: cuda, cpu or auto")
-    face.add_argument("--face_det_size", type=int, default=640, help="face detector input size")
-    face.add_argument("--face_eval_frequency", type=int, default=100, help="measure x0-estimate similarity every N steps")
-    face.add_argument("--face_models_root", help="folder holding models/<pack> (default: ~/.insightface)")
-    face.add_argument("--offline", action="store_true",
-                      help="never download a missing standard face pack (by default it is fetched on first use)")
-    face.add_argument("--face_loss_max_t", type=float, default=DEFAULT_FACE_LOSS_MAX_T,
-                      help="apply the loss only where t <= this (1 for every t; 0.5 keeps the sharper estimates)")
-    face.add_argument("--face_loss_t_weighting", default="none",
-                      help=f"one of {', '.join(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's term by 1 - t")
-    face.add_argument("--face_loss_every", type=int, default=1, help="compute the loss every N steps")
-    face.add_argument("--face_eval_model", help="a second, held-out pack reported beside the training one; "
-                      "dlib: the dlib judge (pip install \"comfyui-face-consistency[judge]\")")
-    face.add_argument("--face_decode", default="face", help="decode for the face term: face (only the face "
-                      "region, default), half (the whole image at half resolution) or full")
+    add_arguments(parser)
     return parser
 
 
@@ -332,7 +241,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.use_face_as_loss and not args.enable_face_loss:
         args.enable_face_loss = True
     if args.enable_face_loss:
-        args.face_decode = _choice(args.face_decode, ("full", "half", "face"), "--face_decode")
+        args.face_decode = _choice(args.face_decode, FACE_DECODE_MODES, "--face_decode")
+        args.face_device = _choice(args.face_device, FACE_DEVICES, "--face_device")
         args.face_loss_t_weighting = _choice(args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS,
                                              "--face_loss_t_weighting")
         if args.face_loss_weight < 0:

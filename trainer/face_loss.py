@@ -27,6 +27,7 @@ from torch import nn
 from ..faceid.errors import ModelPackError
 from ..faceid.packs import as_roots, resolve_pack
 from .memory_plan import measure_saved_bytes
+from .options import FACE_LOSS_T_WEIGHTINGS
 
 # insightface/utils/face_align.py: arcface_dst (for a 112x112 crop).
 ARCFACE_TEMPLATE_112 = (
@@ -38,7 +39,6 @@ ARCFACE_TEMPLATE_112 = (
 )
 
 
-FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
 
 
 class RecognizerLoadError(ModelPackError):

@@ -39,12 +39,12 @@ from .dataset import DatasetItem
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
 from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
+from .options import FACE_DECODE_MODES
 from .sampling import SAMPLE_DIR, EncodedSample
 from .train import VAE_SCALE, ExtraLoss, StepState, TrainingHook
 
 log = logging.getLogger("face_consistency.trainer")
 
-DECODE_MODES = ("full", "half", "face")
 REFERENCE = "control"  # the loss pulls towards the controls' identity (the person the edit starts from)
 
 
@@ -174,8 +174,8 @@ def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
 class FaceIdentityHook(TrainingHook):
     def __init__(self, training: FacePack, heldout: FacePack | JudgeHeldout | None, *, use_loss: bool, loss_every: int,
                  eval_frequency: int, decode: str = "face") -> None:
-        if decode not in DECODE_MODES:
-            raise ValueError(f"face decode mode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+        if decode not in FACE_DECODE_MODES:
+            raise ValueError(f"face decode mode must be one of {', '.join(FACE_DECODE_MODES)}, got {decode!r}")
         self.training = training
         self.heldout = heldout
         self.use_loss = use_loss

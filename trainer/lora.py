@@ -33,7 +33,6 @@ from ..faceid.fileio import atomic_path
 LORA_PREFIX = "lora_unet_"
 BLOCKS_SCOPE = "transformer_blocks."
 DEFAULT_EXCLUDE_PATTERNS = (r"(^|\.)img_mod(\.|$)", r"(^|\.)txt_mod(\.|$)")
-NETWORK_MODULE = "networks.lora_qwen_image"
 
 
 class NetworkArgsError(ValueError):

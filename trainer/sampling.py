@@ -38,13 +38,13 @@ from ..faceid.prompts import PromptFileError, SamplePrompt, resolve_prompt_path
 from ..faceid.prompts import load_prompt_file as load_musubi_prompts
 from .cache import CacheEncoders
 from .dataset import RESOLUTION_STEP
+from .options import DEFAULT_SHIFT_TERMINAL
 
 SAMPLE_DIR = "sample"
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 4.0  # musubi-tuner's Qwen sampler
 DEFAULT_FLOW_SHIFT = 3.0  # ModelSamplingAuraFlow in ComfyUI's Qwen-Image(-Edit) graphs
-DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
 
 
 @dataclass

@@ -55,10 +55,11 @@ from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_pa
 from .dataset import DatasetGroup, DatasetItem, load_dataset_config
 from .host_memory import map_large_allocations
 from .lora import (
-    NETWORK_MODULE, add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
+    add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
 )
 from .memory_plan import MemoryInputs, estimate, plan_warning
 from .model_versions import MODEL_VERSIONS
+from .options import NETWORK_MODULE
 from .protocol import (
     METRICS_FILE, STATUS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )

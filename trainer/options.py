@@ -1,0 +1,203 @@
+"""The training options, defined once: names, types, choices, defaults and help.
+
+`face-consistency train`'s argparse parser (`add_arguments`) and the Train Launch node's inputs
+(`node_input`, `to_argv`) are both built from `OPTIONS`, so the two cannot drift apart. Defaults
+are musubi-tuner's (the command line); an option the node shows also carries the node's widget,
+whose default is the seed guide's. Torch-free: ComfyUI imports it at start.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+from .model_versions import MODEL_VERSIONS
+
+NETWORK_MODULE = "networks.lora_qwen_image"
+TIMESTEP_SAMPLING = ("sigma", "uniform", "shift", "qwen_shift")
+WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
+OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+FACE_DEVICES = ("cuda", "cpu", "auto")
+FACE_DECODE_MODES = ("full", "half", "face")
+FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
+DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
+DEFAULT_FACE_LOSS_MAX_T = 0.5
+
+
+@dataclass(frozen=True)
+class NodeWidget:
+    """How the launch node shows an option: its default (the seed guide's) and range."""
+
+    default: Any
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    choices: tuple[str, ...] | None = None  # the node's order of the option's choices
+    tooltip: str | None = None  # what the node's value means, where it differs from the flag's help
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the flag without its dashes, and the TOML key of --config_file
+    kind: type  # bool (a switch), int, float or str
+    group: str
+    help: str = ""
+    default: Any = None
+    choices: tuple[str, ...] | None = None  # checked by the trainer (some case-insensitively), listed in the help
+    many: bool = False  # takes a list of values (nargs="*")
+    node: NodeWidget | None = None
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+
+def _choices(values: tuple[str, ...]) -> str:
+    return f"one of {', '.join(values)}"
+
+
+OPTIONS: tuple[Option, ...] = (
+    # models
+    Option("dit", str, "models", "DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors"),
+    Option("vae", str, "models", "VAE single file, e.g. qwen_image_vae.safetensors"),
+    Option("text_encoder", str, "models", "Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)"),
+    Option("tokenizer", str, "models", "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
+           "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget("")),
+    Option("model_version", str, "models", f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
+           "Edit-2511; as musubi-tuner)", choices=tuple(MODEL_VERSIONS)),
+    Option("edit", bool, "models", "same as --model_version edit"),
+    Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
+    Option("sdpa", bool, "models", "PyTorch SDPA attention (the only backend; accepted)"),
+    Option("fp8_base", bool, "models", "store the DiT base weights as float8 (diffusers layerwise casting)"),
+    Option("blocks_to_swap", int, "models", "keep N transformer blocks on the CPU, streamed in per layer", 0),
+    # data
+    Option("dataset_config", str, "data", "musubi dataset TOML"),
+    Option("max_data_loader_n_workers", int, "data",
+           "accepted for compatibility: cached tensors are read in the training process", 2),
+    Option("persistent_data_loader_workers", bool, "data",
+           "accepted for compatibility (see --max_data_loader_n_workers)"),
+    # training
+    Option("mixed_precision", str, "training", f"{_choices(MIXED_PRECISION)} (default: bf16 where the GPU supports "
+           "it, as musubi-tuner trains Qwen; else no)", choices=MIXED_PRECISION,
+           node=NodeWidget("bf16", choices=("bf16", "fp16", "no"))),
+    Option("timestep_sampling", str, "training", _choices(TIMESTEP_SAMPLING), "sigma", TIMESTEP_SAMPLING,
+           node=NodeWidget("shift", choices=("shift", "qwen_shift", "sigma", "uniform"))),
+    Option("discrete_flow_shift", float, "training", "shift for sigma/shift sampling and samples", 1.0,
+           node=NodeWidget(2.2, 0.1, 20.0, 0.1)),
+    Option("sigmoid_scale", float, "training", "scale of the normal before the sigmoid (shift sampling)", 1.0),
+    Option("weighting_scheme", str, "training", _choices(WEIGHTING_SCHEMES), "none", WEIGHTING_SCHEMES),
+    Option("optimizer_type", str, "training", f"{_choices(OPTIMIZERS)} (AdamW8bit needs bitsandbytes)", "AdamW",
+           OPTIMIZERS, node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor"))),
+    Option("optimizer_args", str, "training", "optimizer keyword args as key=value", many=True),
+    Option("learning_rate", float, "training", "", 2e-6, node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6)),
+    Option("lr_scheduler", str, "training", "diffusers scheduler name (constant, cosine, linear, ...)", "constant"),
+    Option("lr_warmup_steps", int, "training", "", 0),
+    Option("lr_scheduler_num_cycles", int, "training", "", 1),
+    Option("lr_scheduler_power", float, "training", "", 1.0),
+    Option("max_grad_norm", float, "training", "gradient clipping (0 disables)", 1.0),
+    Option("gradient_checkpointing", bool, "training", "recompute each block in the backward pass (less memory)",
+           node=NodeWidget(True)),
+    Option("gradient_accumulation_steps", int, "training", "", 1),
+    Option("max_train_steps", int, "training", "", 1600, node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.")),
+    Option("max_train_epochs", int, "training", "overrides --max_train_steps", node=NodeWidget(100, 1, 100000)),
+    Option("seed", int, "training", "random seed (default: random, recorded in the LoRA metadata)",
+           node=NodeWidget(42, 0, 2**31 - 1)),
+    # network
+    Option("network_module", str, "network", "accepted for compatibility", NETWORK_MODULE),
+    Option("network_dim", int, "network", "LoRA rank", 4, node=NodeWidget(16, 1, 256)),
+    Option("network_alpha", float, "network", "LoRA alpha (scale alpha/dim)", 1.0, node=NodeWidget(16.0, 0.0, 256.0)),
+    Option("network_weights", str, "network", "LoRA file (this trainer's or musubi's) to start from"),
+    Option("network_args", str, "network", "include_patterns=[...] exclude_patterns=[...] (regex on module paths)",
+           many=True),
+    # output
+    Option("output_dir", str, "output"),
+    Option("output_name", str, "output", "", "lora"),
+    Option("save_every_n_epochs", int, "output", node=NodeWidget(10, 1, 100000)),
+    Option("save_every_n_steps", int, "output"),
+    Option("save_state", bool, "output", "save resumable state beside each checkpoint"),
+    Option("resume", str, "output", "state folder to continue from (continues at its step and epoch)"),
+    Option("logging_dir", str, "output", "TensorBoard log folder"),
+    Option("log_tracker_name", str, "output", "TensorBoard run name"),
+    Option("config_file", str, "output", "TOML file with any of these flags as keys"),
+    # sampling
+    Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)"),
+    Option("sample_every_n_steps", int, "sampling"),
+    Option("sample_every_n_epochs", int, "sampling", node=NodeWidget(
+        10, 0, 100000, tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps).")),
+    Option("sample_at_first", bool, "sampling"),
+    Option("sample_shift_terminal", float, "sampling",
+           "stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)", DEFAULT_SHIFT_TERMINAL),
+    # face identity
+    Option("enable_face_loss", bool, "face",
+           "face-similarity metrics of the x0 estimates and the samples during training"),
+    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics)"),
+    Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
+           node=NodeWidget(0.1, 0.0, 10.0, 0.01)),
+    Option("face_model_name", str, "face", "InsightFace model pack (name or folder)", "buffalo_l",
+           node=NodeWidget("buffalo_l")),
+    Option("face_device", str, "face", f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}", "cuda",
+           FACE_DEVICES, node=NodeWidget("cuda")),
+    Option("face_det_size", int, "face", "face detector input size", 640, node=NodeWidget(640, 128, 2048, 32)),
+    Option("face_eval_frequency", int, "face", "measure x0-estimate similarity every N steps", 100,
+           node=NodeWidget(100, 1, 100000)),
+    Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)"),
+    Option("offline", bool, "face",
+           "never download a missing standard face pack (by default it is fetched on first use)"),
+    Option("face_loss_max_t", float, "face", "apply the loss only where t <= this (1 for every t; 0.5 keeps the "
+           "sharper estimates)", DEFAULT_FACE_LOSS_MAX_T),
+    Option("face_loss_t_weighting", str, "face", f"{_choices(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's "
+           "term by 1 - t", "none", FACE_LOSS_T_WEIGHTINGS),
+    Option("face_loss_every", int, "face", "compute the loss every N steps", 1),
+    Option("face_eval_model", str, "face", "a second, held-out pack reported beside the training one; dlib: the dlib "
+           "judge (pip install \"comfyui-face-consistency[judge]\")"),
+    Option("face_decode", str, "face", "decode for the face term: face (only the face region, default), half (the "
+           "whole image at half resolution) or full", "face", FACE_DECODE_MODES),
+)
+BY_NAME = {option.name: option for option in OPTIONS}
+GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
+                "sampling": "sampling", "face": "face identity (README: The face-identity loss)"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every option as a flag, in its group. Choices are checked by the trainer, not argparse (some
+    case-insensitively, with messages that name the flag)."""
+    groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
+    for option in OPTIONS:
+        group = groups[option.group]
+        if option.kind is bool:
+            group.add_argument(option.flag, action="store_true", help=option.help or None)
+        else:
+            group.add_argument(option.flag, type=None if option.kind is str else option.kind,
+                               default=[] if option.many else option.default, nargs="*" if option.many else None,
+                               help=option.help or None)
+
+
+_NODE_TYPES = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}
+
+
+def node_input(name: str) -> tuple[Any, ...]:
+    """The launch node's input for option `name`, as ComfyUI's INPUT_TYPES wants it."""
+    option = BY_NAME[name]
+    widget = option.node
+    if widget is None:
+        raise KeyError(f"--{name} is not one of the launch node's inputs")
+    settings: dict[str, Any] = {"default": widget.default}
+    settings.update({key: value for key, value in (("min", widget.min), ("max", widget.max), ("step", widget.step))
+                     if value is not None})
+    if widget.tooltip or option.help:
+        settings["tooltip"] = widget.tooltip or option.help
+    choices = widget.choices or option.choices
+    if choices:
+        return list(choices), settings
+    return _NODE_TYPES[option.kind], settings
+
+
+def to_argv(name: str, value: Any) -> list[str]:
+    """The command-line arguments that give option `name` the `value` (a switch: present or not)."""
+    option = BY_NAME[name]
+    if option.kind is bool:
+        return [option.flag] if value else []
+    if option.many:
+        return [option.flag, *map(str, value)]
+    return [option.flag, f"{value:g}" if option.kind is float else str(value)]
