@@ -11,6 +11,11 @@ from typing import Any, Iterator
 
 from .errors import OutputPathError
 
+try:
+    import tomllib  # re-exported: the one place that knows Python 3.10 reads TOML with tomli
+except ImportError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
 
 _UMASK_LOCK = threading.Lock()
 

@@ -138,10 +138,7 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
             for i, item in enumerate(items)
         ]
     if suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
+        from .fileio import tomllib
 
         try:
             data = tomllib.loads(text)

@@ -17,8 +17,8 @@ import torch
 
 from ..faceid.embedding_store import file_signature
 from ..faceid.fileio import atomic_write_text
-from ..trainer import jobs, options
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from ..trainer import jobs, options
 from ..trainer.checkpoint_scores import (
     best_checkpoint,
     chart_positions,
@@ -27,6 +27,7 @@ from ..trainer.checkpoint_scores import (
     format_table,
     group_scores,
 )
+from ..trainer.dataset import write_dataset_config
 from ..trainer.jobs import JobRecord, JobRegistry
 from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
@@ -236,32 +237,12 @@ def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
             f"dataset folder {path} has no controls/ folder: put the edit's input images there "
             "(same names as the targets), or give a musubi dataset .toml"
         )
-    toml = output_dir / "dataset.toml"
-    atomic_write_text(
-        toml,
-        "\n".join([
-            "[general]",
-            f"resolution = [{resolution}, {resolution}]",
-            'caption_extension = ".txt"',
-            "batch_size = 1",
-            "enable_bucket = true",
-            "bucket_no_upscale = false",
-            "",
-            "[[datasets]]",
-            f"image_directory = {_toml_string(images.resolve())}",
-            f"control_directory = {_toml_string(controls.resolve())}",
-            f"cache_directory = {_toml_string(output_dir / 'cache')}",
-            "num_repeats = 1",
-            "",
-        ]),
-    )
-    return toml
-
-
-def _toml_string(path: Path) -> str:
-    import json
-
-    return json.dumps(str(path))  # a JSON string is a valid TOML basic string
+    general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
+               "enable_bucket": True, "bucket_no_upscale": False}
+    return write_dataset_config(output_dir / "dataset.toml", general, [{
+        "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
+        "cache_directory": str(output_dir / "cache"), "num_repeats": 1,
+    }])
 
 
 # Trainer options the launch node shows (their widgets come from trainer/options.py), in the node's order.

@@ -36,6 +36,8 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
 
+from face_consistency.trainer.dataset import write_dataset_config
+
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
     "<|im_start|>",
@@ -344,28 +346,10 @@ def write_tiny_dataset(
         for k, control in enumerate(control_images):
             name = f"{stem}.png" if controls_per_target == 1 else f"{stem}_{k}.png"
             control.save(controls / name)
-    toml = root / "dataset.toml"
-    toml.write_text(
-        "\n".join(
-            [
-                "[general]",
-                f"resolution = [{size[0]}, {size[1]}]",
-                'caption_extension = ".txt"',
-                f"batch_size = {batch_size}",
-                f"num_repeats = {num_repeats}",
-                f"enable_bucket = {str(enable_bucket).lower()}",
-                "bucket_no_upscale = false",
-                "",
-                "[[datasets]]",
-                f"image_directory = {json.dumps(str(images))}",
-                f"control_directory = {json.dumps(str(controls))}",
-                f"cache_directory = {json.dumps(str(cache))}",
-                "",
-            ]
-        ),
-        encoding="utf-8",
-    )
-    return toml
+    general = {"resolution": list(size), "caption_extension": ".txt", "batch_size": batch_size,
+               "num_repeats": num_repeats, "enable_bucket": enable_bucket, "bucket_no_upscale": False}
+    return write_dataset_config(root / "dataset.toml", general, [
+        {"image_directory": str(images), "control_directory": str(controls), "cache_directory": str(cache)}])
 
 
 def tiny_train_argv(

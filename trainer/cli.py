@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 from diffusers.optimization import SchedulerType
 
+from ..faceid.fileio import tomllib
 from .dataset import DatasetConfigError, load_dataset_config
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
@@ -34,11 +35,6 @@ from .protocol import JobState, OutputFolderBusyError, hold_output_folder, write
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 log = logging.getLogger("face_consistency.trainer")
 

@@ -32,14 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomlkit
 from PIL import Image, UnidentifiedImageError
 
+from ..faceid.fileio import atomic_write_text, tomllib
 from ..faceid.pairing import musubi_controls
-
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 
@@ -331,3 +328,11 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
                 cfg[key] = str((toml_path.parent / cfg[key]).resolve())
         group.datasets.append(_dataset(cfg, where))
     return group
+
+
+def write_dataset_config(path: str | Path, general: dict[str, Any], datasets: list[dict[str, Any]]) -> Path:
+    """Write a musubi dataset TOML (`[general]` and `[[datasets]]`, atomically) that
+    `load_dataset_config` reads back; paths are given as strings."""
+    target = Path(path)
+    atomic_write_text(target, tomlkit.dumps({"general": general, "datasets": datasets}))
+    return target
