@@ -36,11 +36,11 @@ import tomlkit
 from PIL import Image, UnidentifiedImageError
 
 from ..faceid.fileio import atomic_write_text, tomllib
+from ..faceid.images import IMAGE_SUFFIXES
 from ..faceid.pairing import musubi_controls
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 # Qwen-Image latents are 8x smaller than pixels and packed in 2x2 patches: sizes are multiples of 16.
 RESOLUTION_STEP = 16
 # 4096 px a side is 4x the model's 1 MP training size; its images alone take ~200 MB each in fp32
@@ -164,7 +164,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 def pair_controls(targets: list[Path], control_directory: Path) -> dict[Path, tuple[Path, ...]]:
     """Controls of each target by musubi's rule: `stem.<ext>` first, then `stem_<N>.<ext>` by N."""
-    controls = [p for p in control_directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS]
+    controls = [p for p in control_directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES]
     return {target: tuple(found) for target, found in musubi_controls(targets, controls).items()}
 
 
@@ -183,7 +183,7 @@ def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tupl
     image_directory = Path(cfg["image_directory"])
     if not image_directory.is_dir():
         raise DatasetConfigError(f"{where}: image_directory {image_directory} does not exist")
-    targets = sorted(p for p in image_directory.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    targets = sorted(p for p in image_directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if "control_directory" not in cfg:
         raise DatasetConfigError(
             f"{where}: control_directory is required for Qwen-Image-Edit training (each target needs a control image)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..faceid.images import IMAGE_SUFFIXES
 from ..faceid.pairing import parse_sample_name
 from .protocol import LOG_FILE, read_metrics, read_status
 
@@ -26,7 +27,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_DIR = "sample"
 BEST_SUFFIX = "-best"
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp"})
 
 # Canonical metric names and the keys / TensorBoard tags they are read from, first match wins.
 LOSS = "loss"
