@@ -76,6 +76,11 @@ class FaceModel:
         self._concurrent_detector: Any = None
         self._concurrent_detector_lock = threading.Lock()
 
+    @property
+    def recognizer(self) -> Any:
+        """InsightFace's ArcFaceONNX this engine embeds with (its file and input convention)."""
+        return self._recognizer
+
     def describe(self) -> dict[str, Any]:
         return {
             "pack": self.pack_name,

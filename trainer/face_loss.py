@@ -226,18 +226,18 @@ def find_recognizer(
     from insightface.model_zoo import get_model
 
     files = resolve_pack(pack, as_roots(models_root))
-    recognizer = get_model(str(files.recognizer), providers=["CPUExecutionProvider"])
+    return recognizer_spec(get_model(str(files.recognizer), providers=["CPUExecutionProvider"]), Path(files.recognizer))
+
+
+def recognizer_spec(recognizer: Any, onnx_path: Path) -> RecognizerSpec:
+    """The spec of an InsightFace ArcFaceONNX already loaded (the engine's own, say)."""
     if recognizer is None or getattr(recognizer, "taskname", None) != "recognition":
-        raise RecognizerLoadError(f"InsightFace does not route {files.recognizer} to its ArcFace recognizer")
+        raise RecognizerLoadError(f"InsightFace does not route {onnx_path} to its ArcFace recognizer")
     width, height = recognizer.input_size
     if width != height:
-        raise RecognizerLoadError(f"{files.recognizer} has a non-square input {width}x{height}")
-    return RecognizerSpec(
-        onnx_path=Path(files.recognizer),
-        input_size=int(width),
-        input_mean=float(recognizer.input_mean),
-        input_std=float(recognizer.input_std),
-    )
+        raise RecognizerLoadError(f"{onnx_path} has a non-square input {width}x{height}")
+    return RecognizerSpec(onnx_path=onnx_path, input_size=int(width), input_mean=float(recognizer.input_mean),
+                          input_std=float(recognizer.input_std))
 
 
 class FrozenFaceRecognizer(nn.Module):
@@ -279,7 +279,8 @@ class FrozenFaceRecognizer(nn.Module):
 
     def saved_bytes_per_sample(self) -> int:
         """Bytes autograd keeps for the backward pass of one face (for the memory plan)."""
-        faces = torch.zeros(1, 3, self.input_size, self.input_size, device=next(self.parameters()).device, requires_grad=True)
+        device = next(self.parameters()).device
+        faces = torch.zeros(1, 3, self.input_size, self.input_size, device=device, requires_grad=True)
         saved, _ = measure_saved_bytes(lambda: self(faces), [self])
         return saved
 
