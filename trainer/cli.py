@@ -172,7 +172,8 @@ def _model_version(args: argparse.Namespace) -> str:
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Check everything checkable without loading a model; fills derived fields."""
+    """Check everything checkable without loading a model; fills derived fields (the parsed dataset
+    and sample prompts among them)."""
     missing = [f"--{name}" for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
                if not getattr(args, name)]
     if missing:
@@ -258,6 +259,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                               "more); use edit-2509 or edit-2511 for several")
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
+    args.dataset_group, args.sample_settings = group, prompts  # read once: run_training trains on these
     return args
 
 

@@ -155,9 +155,9 @@ def bucket_for(
 def _image_size(path: Path) -> tuple[int, int]:
     try:
         with Image.open(path) as image:
+            size = image.size  # from the header; verify() then checks the file and spends the image
             image.verify()
-        with Image.open(path) as image:
-            return image.size
+            return size
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise DatasetConfigError(f"cannot read image {path}: {exc}") from exc
 

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from ..faceid.fileio import atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
-from .dataset import DatasetGroup, DatasetItem, load_dataset_config
+from .dataset import DatasetGroup, DatasetItem
 from .host_memory import map_large_allocations
 from .lora import (
     add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
@@ -63,7 +63,7 @@ from .options import NETWORK_MODULE
 from .protocol import (
     METRICS_FILE, STATUS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
-from .sampling import EncodedSample, denormalize_latents, encode_samples, load_prompt_file, save_samples
+from .sampling import EncodedSample, denormalize_latents, encode_samples, save_samples
 from .state import load_state, save_state
 from .vae_decode import checkpointed_decode
 
@@ -513,7 +513,7 @@ def _train(
         raise ValueError("--blocks_to_swap works with a single process only (it trades GPU memory for speed)")
 
     # ---- data and caches (text encoder and VAE only; the DiT is loaded afterwards)
-    group = load_dataset_config(args.dataset_config)
+    group: DatasetGroup = args.dataset_group
     items = group.items
     log.info("dataset: %d images in %d dataset(s)", len(items), len(group.datasets))
     reporter.update(JobState.CACHING, num_images=len(items))
@@ -555,7 +555,7 @@ def _train(
         return JobState.STOPPED
     samples: list[EncodedSample] = []
     if args.sample_prompts:
-        samples = encode_samples(load_prompt_file(args.sample_prompts), encoders)
+        samples = encode_samples(args.sample_settings, encoders)
     for hook in hooks:
         reporter.update(**hook.on_cached(items, accelerator, should_stop))
     if stopped_before_training():
