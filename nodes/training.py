@@ -17,6 +17,7 @@ import torch
 
 from ..faceid.embedding_store import file_signature
 from ..faceid.fileio import atomic_write_text
+from ..faceid.packs import root_of_pack
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..trainer import jobs, options
 from ..trainer.checkpoint_scores import (
@@ -343,9 +344,8 @@ class FaceConsistencyTrainLaunch:
             for setting in FACE_SETTINGS:
                 value = settings[setting]
                 args += options.to_argv(setting, value.strip() if isinstance(value, str) else value)
-            face_model_name = settings["face_model_name"].strip()
             roots = comfy_env.insightface_roots()
-            pack_root = next((r for r in roots if (r / "models" / face_model_name).is_dir()), None)
+            pack_root = root_of_pack(settings["face_model_name"].strip(), roots)
             if pack_root is not None or roots:
                 args += ["--face_models_root", str(pack_root or roots[0])]
             if not comfy_env.pack_downloads_enabled():
