@@ -316,6 +316,7 @@ def write_tiny_dataset(
     batch_size: int = 1,
     num_repeats: int = 1,
     enable_bucket: bool = False,
+    pairs: Sequence[tuple[Image.Image, Image.Image]] | None = None,
 ) -> Path:
     """Write `n` target images (PNG), their controls, captions and a musubi dataset TOML; return its path.
 
@@ -324,7 +325,8 @@ def write_tiny_dataset(
     With `with_face_photos` (a folder or list of photos), targets are those photos (cycled),
     cropped square around the largest face found by `face_model` (a `faceid.FaceModel`; without
     one, the upper centre) and resized to `size`, so a face dominates; each control is the same
-    crop mirrored.
+    crop mirrored. With `pairs`, the `(target, control)` images are given (`n` of them, one
+    control each).
     """
     root = Path(directory)
     images, controls, cache = root / "images", root / "controls", root / "cache"
@@ -334,7 +336,9 @@ def write_tiny_dataset(
     photos = _face_photos(with_face_photos) if with_face_photos is not None else []
     for i in range(n):
         stem = f"item_{i}"
-        if photos:
+        if pairs is not None:
+            target, control_images = pairs[i][0], [pairs[i][1]]
+        elif photos:
             with Image.open(photos[i % len(photos)]) as photo:
                 target = _face_square(photo.convert("RGB"), face_model, size)
             control_images = [ImageOps.mirror(target) for _ in range(controls_per_target)]
