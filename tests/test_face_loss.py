@@ -422,3 +422,10 @@ def test_face_target_file_from_elsewhere_is_rejected(tmp_path: Path) -> None:
     save_file({"x": np.zeros(2, dtype=np.float32)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="not a face target file"):
         load_face_target(tmp_path / "other.safetensors")
+
+
+def test_the_engines_own_recognizer_converts_as_the_packs(face_model, recognizer: FrozenFaceRecognizer) -> None:
+    from_engine = FrozenFaceRecognizer.from_face_model(face_model)
+    assert from_engine.spec == recognizer.spec
+    crops = torch.rand(2, 3, recognizer.input_size, recognizer.input_size) * 2 - 1
+    assert torch.allclose(from_engine(crops), recognizer(crops), atol=1e-5)

@@ -273,6 +273,11 @@ class FrozenFaceRecognizer(nn.Module):
         """Convert the recognizer of `pack` (resolved like `load_face_model(pack, models_root=...)`)."""
         return cls.from_onnx(find_recognizer(pack, models_root))
 
+    @classmethod
+    def from_face_model(cls, model: Any) -> "FrozenFaceRecognizer":
+        """Convert the recognizer a loaded `faceid.FaceModel` embeds with (no second pack lookup or session)."""
+        return cls.from_onnx(recognizer_spec(model.recognizer, Path(model.recognizer.model_file)))
+
     @property
     def input_size(self) -> int:
         return self.spec.input_size

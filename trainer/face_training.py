@@ -36,7 +36,7 @@ from ..faceid.pack_download import TerminalProgress
 from ..faceid.report import summarize
 from ..faceid.results import JudgeIdentity
 from .dataset import DatasetItem
-from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes, recognizer_spec
+from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
 from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
 from .options import FACE_DECODE_MODES
@@ -136,9 +136,7 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: Dlib
         model = load_face_model(pack, models_root=args.face_models_root, provider=args.face_device,
                                 det_size=args.face_det_size, allow_download=not args.offline,
                                 progress=TerminalProgress())
-        # the engine's own recognizer: same file and input convention, no second session
-        spec = recognizer_spec(model.recognizer, Path(model.recognizer.model_file))
-        recognizer = FrozenFaceRecognizer.from_onnx(spec)
+        recognizer = FrozenFaceRecognizer.from_face_model(model)
     except ProviderError as exc:
         raise FaceSetupError(
             f"--face_device {args.face_device}: {exc} The face engine detects faces while caching and scores "
