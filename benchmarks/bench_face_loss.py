@@ -37,7 +37,8 @@ from face_consistency.trainer.face_training import FaceIdentityHook
 from face_consistency.trainer.memory_plan import decoder_saved_values, measure_saved_bytes
 from face_consistency.trainer.models import VAE_CONFIG, shipped_config
 from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.train import VAE_SCALE, StepState
+from face_consistency.trainer.hooks import StepState
+from face_consistency.trainer.train import VAE_SCALE
 from face_consistency.trainer.vae_decode import checkpointed_decode
 
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))

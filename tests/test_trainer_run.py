@@ -25,7 +25,8 @@ from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_mod
 from face_consistency.trainer.protocol import read_metrics, read_status, request_stop
 from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.dataset import load_dataset_config
-from face_consistency.trainer.train import ExtraLoss, TrainingDivergedError, TrainingHook, pack, run_training, unpack
+from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
+from face_consistency.trainer.train import TrainingDivergedError, pack, run_training, unpack
 
 pytestmark = pytest.mark.trainer
 

@@ -41,7 +41,8 @@ from .face_metrics import HELDOUT, SampleScorer, heldout_keys
 from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
 from .options import FACE_DECODE_MODES
 from .sampling import SAMPLE_DIR, EncodedSample
-from .train import VAE_SCALE, ExtraLoss, StepState, TrainingHook
+from .hooks import ExtraLoss, StepState, TrainingHook
+from .train import VAE_SCALE
 
 log = logging.getLogger("face_consistency.trainer")
 

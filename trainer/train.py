@@ -1,6 +1,7 @@
 """The training loop: cache, load the DiT, add LoRA, flow-matching steps, checkpoints, samples, status.
 
-One optimizer step, as Qwen-Image-Edit trains (see DESIGN.md section 5):
+One optimizer step, as musubi-tuner trains Qwen-Image-Edit (its `qwen_image_train_network.py`, with
+diffusers' `QwenImageEditPlusPipeline` for the packing and the image shapes):
 
     x0 (target latents), eps ~ N(0, 1), t ~ timestep sampling
     x_t = (1 - t) x0 + t eps                     target velocity  eps - x0
@@ -8,10 +9,10 @@ One optimizer step, as Qwen-Image-Edit trains (see DESIGN.md section 5):
     v_pred = transformer(tokens, t, prompt)[:, :target tokens] -> unpacked to [B, 16, 1, h, w]
     loss = mean(weighting(t) * (v_pred - (eps - x0))^2) + extra losses from hooks
 
-Extension point (the face-identity loss, `trainer/face_loss.py`): a `TrainingHook` gets
-`on_cached` once the dataset is cached, `extra_loss(StepState)` inside every micro-step (the
-state carries x_t, t, v_pred, the VAE and each sample's DatasetItem, so `x0_hat = x_t - t v_pred`
-can be decoded and scored with gradients) and `on_samples` after each sampling round.
+Extension point (the face-identity loss): the hooks of `hooks.py` get `on_cached` once the dataset
+is cached, `extra_loss(StepState)` inside every micro-step (the state carries x_t, t, v_pred, the
+VAE and each sample's DatasetItem, so `x0_hat = x_t - t v_pred` can be decoded and scored with
+gradients) and `on_samples` after each sampling round.
 
 The job protocol (`protocol.py`) is written throughout: status.json on every state change and
 step, metrics.jsonl per step. A STOP file or SIGTERM/SIGINT finishes the current step, saves a
@@ -32,9 +33,9 @@ import signal
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -53,6 +54,7 @@ from ..faceid.fileio import atomic_write_text
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
 from .dataset import DatasetGroup, DatasetItem
+from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import (
     add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
@@ -63,9 +65,8 @@ from .options import NETWORK_MODULE
 from .protocol import (
     METRICS_FILE, STATUS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
 )
-from .sampling import EncodedSample, denormalize_latents, encode_samples, save_samples
+from .sampling import EncodedSample, encode_samples, save_samples
 from .state import load_state, save_state
-from .vae_decode import checkpointed_decode
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -76,62 +77,6 @@ VAE_SCALE = 8
 
 
 # --------------------------------------------------------------------------- extension point
-
-
-@dataclass
-class StepState:
-    """What one micro-step computed; extra losses read it (tensors are on the training device).
-
-    x0, noise, x_t, v_pred: [B, 16, 1, h, w] normalised latents (as cached); v_pred carries the
-    gradient to the LoRA. t: [B] flow time in (0, 1) (sigma; the model saw timestep = t).
-    items: each sample's DatasetItem (target path, control paths, cache key, bucket).
-    """
-
-    step: int
-    x0: torch.Tensor
-    noise: torch.Tensor
-    x_t: torch.Tensor
-    t: torch.Tensor
-    v_pred: torch.Tensor
-    vae: torch.nn.Module
-    items: list[DatasetItem]
-
-    def x0_hat(self) -> torch.Tensor:
-        """The one-step estimate of the clean latents (sharp only at low t)."""
-        return self.x_t - self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype) * self.v_pred
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
-        (each decoder stage checkpointed: `vae_decode.py`)."""
-        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(self.vae.dtype)))[:, :, 0]
-
-
-@dataclass
-class ExtraLoss:
-    loss: torch.Tensor | None = None  # added to the flow-matching loss (already weighted)
-    metrics: dict[str, float] = field(default_factory=dict)  # logged to metrics.jsonl and status
-
-
-class TrainingHook:
-    """Base class for additions to the training step; every method defaults to doing nothing."""
-
-    def on_cached(
-        self, items: list[DatasetItem], accelerator: Accelerator, should_stop: Callable[[], bool]
-    ) -> dict[str, Any]:
-        """After caching; return values are merged into status.json. Long work here returns
-        early once `should_stop()` (a stop was requested); the run then ends `stopped`."""
-        return {}
-
-    def extra_loss(self, state: StepState) -> ExtraLoss:
-        return ExtraLoss()
-
-    def saved_bytes_per_sample(self) -> int:
-        """What `extra_loss` keeps for the backward pass per sample beyond the decode (for the memory plan)."""
-        return 0
-
-    def on_samples(self, step: int, paths: list[Path], samples: list[EncodedSample]) -> dict[str, float]:
-        """After a sampling round; returned metrics go to metrics.jsonl and status.json."""
-        return {}
 
 
 # --------------------------------------------------------------------------- status / logging

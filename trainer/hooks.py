@@ -1,0 +1,75 @@
+"""The training hook contract: what an addition to the training step (the face-identity loss,
+`face_training.py`) sees of each micro-step and may add to it.
+
+The loop (`train.py`) calls, per hook: `on_cached` once after caching, before the DiT loads;
+`saved_bytes_per_sample` for the memory plan; `extra_loss` every micro-step, whose loss is added
+to the flow-matching loss before the backward pass; `on_samples` after each sampling round.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+
+from .dataset import DatasetItem
+from .sampling import EncodedSample, denormalize_latents
+from .vae_decode import checkpointed_decode
+
+
+@dataclass
+class StepState:
+    """What one micro-step computed; extra losses read it (tensors are on the training device).
+
+    x0, noise, x_t, v_pred: [B, 16, 1, h, w] normalised latents (as cached); v_pred carries the
+    gradient to the LoRA. t: [B] flow time in (0, 1) (sigma; the model saw timestep = t).
+    items: each sample's DatasetItem (target path, control paths, cache key, bucket).
+    """
+
+    step: int
+    x0: torch.Tensor
+    noise: torch.Tensor
+    x_t: torch.Tensor
+    t: torch.Tensor
+    v_pred: torch.Tensor
+    vae: torch.nn.Module
+    items: list[DatasetItem]
+
+    def x0_hat(self) -> torch.Tensor:
+        """The one-step estimate of the clean latents (sharp only at low t)."""
+        return self.x_t - self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype) * self.v_pred
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
+        (each decoder stage checkpointed: `vae_decode.py`)."""
+        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(self.vae.dtype)))[:, :, 0]
+
+
+@dataclass
+class ExtraLoss:
+    loss: torch.Tensor | None = None  # added to the flow-matching loss (already weighted)
+    metrics: dict[str, float] = field(default_factory=dict)  # logged to metrics.jsonl and status
+
+
+class TrainingHook:
+    """Base class for additions to the training step; every method defaults to doing nothing."""
+
+    def on_cached(
+        self, items: list[DatasetItem], accelerator: Accelerator, should_stop: Callable[[], bool]
+    ) -> dict[str, Any]:
+        """After caching; return values are merged into status.json. Long work here returns
+        early once `should_stop()` (a stop was requested); the run then ends `stopped`."""
+        return {}
+
+    def extra_loss(self, state: StepState) -> ExtraLoss:
+        return ExtraLoss()
+
+    def saved_bytes_per_sample(self) -> int:
+        """What `extra_loss` keeps for the backward pass per sample beyond the decode (for the memory plan)."""
+        return 0
+
+    def on_samples(self, step: int, paths: list[Path], samples: list[EncodedSample]) -> dict[str, float]:
+        """After a sampling round; returned metrics go to metrics.jsonl and status.json."""
+        return {}
