@@ -28,7 +28,7 @@ from ..trainer.checkpoint_scores import (
     format_table,
     group_scores,
 )
-from ..trainer.dataset import write_dataset_config
+from ..trainer.dataset import dataset_config_for
 from ..trainer.jobs import JobRecord, JobRegistry
 from ..trainer.protocol import LOG_FILE, read_status
 from ..trainer.run_plots import plot_run, plot_scores
@@ -218,34 +218,6 @@ def sample_grid(run: RunSnapshot, max_images: int, *, columns: int = 4) -> torch
     return rgb_to_image(np.asarray(grid))
 
 
-def _dataset_config(dataset: str, output_dir: Path, resolution: int) -> Path:
-    """A musubi dataset TOML: the one given, the folder's own `dataset.toml`, or one written for the folder.
-
-    A folder without a TOML holds targets + captions in `images/` (or the folder itself) and the
-    control images in `controls/` (or `control/`), paired by name the musubi way.
-    """
-    path = Path(dataset.strip().strip('"')).expanduser()
-    if path.is_file() and path.suffix.lower() == ".toml":
-        return path.resolve()
-    if not path.is_dir():
-        raise ValueError(f"dataset {dataset!r} is neither a dataset .toml file nor a folder")
-    if (path / "dataset.toml").is_file():
-        return (path / "dataset.toml").resolve()
-    images = path / "images" if (path / "images").is_dir() else path
-    controls = next((path / name for name in ("controls", "control") if (path / name).is_dir()), None)
-    if controls is None:
-        raise ValueError(
-            f"dataset folder {path} has no controls/ folder: put the edit's input images there "
-            "(same names as the targets), or give a musubi dataset .toml"
-        )
-    general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
-               "enable_bucket": True, "bucket_no_upscale": False}
-    return write_dataset_config(output_dir / "dataset.toml", general, [{
-        "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
-        "cache_directory": str(output_dir / "cache"), "num_repeats": 1,
-    }])
-
-
 # Trainer options the launch node shows (their widgets come from trainer/options.py), in the node's order.
 SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs", "save_every_n_epochs", "seed",
             "timestep_sampling", "discrete_flow_shift", "optimizer_type", "mixed_precision", "gradient_checkpointing")
@@ -326,7 +298,7 @@ class FaceConsistencyTrainLaunch:
         jobs.ensure_output_dir_free(registry, output_dir)  # before writing the dataset / prompt files there
         output_dir.mkdir(parents=True, exist_ok=True)
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
-        args += ["--dataset_config", str(_dataset_config(dataset, output_dir, resolution))]
+        args += ["--dataset_config", str(dataset_config_for(dataset, output_dir, resolution))]
         args += ["--edit_plus", "--sdpa", "--weighting_scheme", "none", "--network_module", options.NETWORK_MODULE,
                  "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
                  "--output_dir", str(output_dir), "--output_name", name]

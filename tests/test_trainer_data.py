@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +14,9 @@ from tiny_qwen import write_tiny_dataset, write_tiny_model_files
 
 from face_consistency.trainer import models
 from face_consistency.trainer.cache import CacheEncoders, cache_dataset, latent_cache_path, load_cached_item
-from face_consistency.trainer.dataset import DatasetConfigError, bucket_for, load_dataset_config, pair_controls
+from face_consistency.trainer.dataset import (
+    DatasetConfigError, bucket_for, dataset_config_for, load_dataset_config, pair_controls,
+)
 from face_consistency.trainer.sampling import PromptFileError, load_prompt_file, sample_file_name
 
 pytestmark = pytest.mark.trainer
@@ -227,3 +230,26 @@ def test_tiny_face_dataset_crops_around_the_face(tmp_path, faces_dir, insightfac
         assert result.ok, item.target
         x1, _, x2, _ = result.face.bbox
         assert (x2 - x1) / 96 > 0.3, "the face should dominate the tiny image"
+
+
+def test_a_dataset_folder_without_a_toml_gets_one_the_trainer_accepts(tmp_path: Path) -> None:
+    dataset = write_tiny_dataset(tmp_path / "data", n=3).parent
+    (dataset / "dataset.toml").unlink()  # a plain folder: images/ with captions, controls/
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+
+    toml = dataset_config_for(str(dataset), output_dir, 64)
+
+    assert toml == output_dir / "dataset.toml"
+    group = load_dataset_config(toml)
+    assert sorted(item.target.name for item in group.items) == ["item_0.png", "item_1.png", "item_2.png"]
+    assert all(item.controls == (dataset / "controls" / item.target.name,) for item in group.items)
+    assert all(item.bucket == (64, 64) for item in group.items)
+
+
+def test_a_dataset_folder_needs_controls(tmp_path: Path) -> None:
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    with pytest.raises(ValueError, match="has no controls/ folder"):
+        dataset_config_for(str(tmp_path / "data"), tmp_path, 1024)
+    with pytest.raises(ValueError, match="neither a dataset .toml file nor a folder"):
+        dataset_config_for(str(tmp_path / "missing"), tmp_path, 1024)

@@ -11,7 +11,6 @@ import torch
 import test_example_workflows as example_checks
 from comfy_stubs import ProgressBar, set_comfy_base
 from run_folders import write_lora, write_musubi_run
-from tiny_qwen import write_tiny_dataset
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 from workflow_runner import check_inputs, load_workflow, run_workflow
 
@@ -287,31 +286,6 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
     assert (Path(output_dir) / f"tiny_stop-step{step:08d}.safetensors").is_file()
     wait_for(lambda: group_gone(record.pid), "no process of the job's tree left", timeout_s=10)
     assert training.open_registry().get(job.job_id).state == "stopped"
-
-
-def test_a_dataset_folder_without_a_toml_gets_one_the_trainer_accepts(comfy: Path, tmp_path: Path) -> None:
-    from face_consistency.trainer.dataset import load_dataset_config
-
-    dataset = write_tiny_dataset(tmp_path / "data", n=3).parent
-    (dataset / "dataset.toml").unlink()  # a plain folder: images/ with captions, controls/
-    output_dir = tmp_path / "out"
-    output_dir.mkdir()
-
-    toml = training._dataset_config(str(dataset), output_dir, 64)
-
-    assert toml == output_dir / "dataset.toml"
-    group = load_dataset_config(toml)
-    assert sorted(item.target.name for item in group.items) == ["item_0.png", "item_1.png", "item_2.png"]
-    assert all(item.controls == (dataset / "controls" / item.target.name,) for item in group.items)
-    assert all(item.bucket == (64, 64) for item in group.items)
-
-
-def test_a_dataset_folder_needs_controls(comfy: Path, tmp_path: Path) -> None:
-    (tmp_path / "data" / "images").mkdir(parents=True)
-    with pytest.raises(ValueError, match="has no controls/ folder"):
-        training._dataset_config(str(tmp_path / "data"), tmp_path, 1024)
-    with pytest.raises(ValueError, match="neither a dataset .toml file nor a folder"):
-        training._dataset_config(str(tmp_path / "missing"), tmp_path, 1024)
 
 
 def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:

@@ -336,3 +336,32 @@ def write_dataset_config(path: str | Path, general: dict[str, Any], datasets: li
     target = Path(path)
     atomic_write_text(target, tomlkit.dumps({"general": general, "datasets": datasets}))
     return target
+
+
+def dataset_config_for(dataset: str, output_dir: Path, resolution: int) -> Path:
+    """The dataset TOML for `dataset`: the .toml given, the folder's own `dataset.toml`, or one written
+    into `output_dir` for the folder (square `resolution`, buckets on, cache in `output_dir/cache`).
+
+    A folder without a TOML holds targets + captions in `images/` (or the folder itself) and the
+    control images in `controls/` (or `control/`), paired by name the musubi way.
+    """
+    path = Path(dataset.strip().strip('"')).expanduser()
+    if path.is_file() and path.suffix.lower() == ".toml":
+        return path.resolve()
+    if not path.is_dir():
+        raise ValueError(f"dataset {dataset!r} is neither a dataset .toml file nor a folder")
+    if (path / "dataset.toml").is_file():
+        return (path / "dataset.toml").resolve()
+    images = path / "images" if (path / "images").is_dir() else path
+    controls = next((path / name for name in ("controls", "control") if (path / name).is_dir()), None)
+    if controls is None:
+        raise ValueError(
+            f"dataset folder {path} has no controls/ folder: put the edit's input images there "
+            "(same names as the targets), or give a musubi dataset .toml"
+        )
+    general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
+               "enable_bucket": True, "bucket_no_upscale": False}
+    return write_dataset_config(output_dir / "dataset.toml", general, [{
+        "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
+        "cache_directory": str(output_dir / "cache"), "num_repeats": 1,
+    }])
