@@ -18,7 +18,10 @@ from face_consistency.trainer.jobs import JobConflictError, JobRegistry, Unknown
 from face_consistency.trainer.protocol import read_metrics, read_status
 from face_consistency.trainer.run_reader import read_run
 
-pytestmark = pytest.mark.skipif(os.name == "nt", reason="process-group checks here are POSIX; Windows uses taskkill")
+pytestmark = [
+    pytest.mark.skipif(os.name == "nt", reason="process-group checks here are POSIX; Windows ends the tree psutil finds"),
+    pytest.mark.trainer,  # job control is the trainer's: run again at the minimum versions (psutil, filelock)
+]
 
 LAUNCHER = textwrap.dedent(
     """

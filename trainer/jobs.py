@@ -8,7 +8,8 @@ No ComfyUI imports: the node classes and the HTTP routes call this with ComfyUI'
 - The registry is one SQLite file; it survives restarts. A job whose process is gone without
   a final status is marked failed, with the tail of its log as the reason.
 - Stop: the protocol's STOP file, then wait for the trainer to save and report `stopped`;
-  past the grace period the process group is terminated, then killed.
+  past the grace period the process group is terminated, then killed (on Windows, the tree
+  psutil finds). Liveness is psutil's, a pid reused by a later process told apart by its start time.
 """
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
+
+import psutil
 
 from .protocol import (
     FINAL_STATES,
@@ -104,56 +107,28 @@ _children: dict[int, subprocess.Popen] = {}
 _children_lock = threading.Lock()
 
 
-def _windows_process_alive(pid: int) -> bool:
-    import ctypes
-
-    process_query_limited_information = 0x1000
-    still_active = 259
-    kernel32 = ctypes.windll.kernel32  # type: ignore[attr-defined]
-    handle = kernel32.OpenProcess(process_query_limited_information, False, pid)
-    if not handle:
-        return False
-    try:
-        code = ctypes.c_ulong()
-        ok = kernel32.GetExitCodeProcess(handle, ctypes.byref(code))
-        return bool(ok) and code.value == still_active
-    finally:
-        kernel32.CloseHandle(handle)
-
-
-def _posix_process_alive(pid: int, leads_group: bool) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        # "pid (comm) S ...": a zombie has exited; comm may contain spaces and parentheses
-        if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-            return False
-    if not leads_group:
-        return True
-    # our jobs lead their own process group; a reused pid almost never does
-    with contextlib.suppress(ProcessLookupError):
-        return os.getpgid(pid) == pid
-    return False
-
-
-def process_alive(pid: int | None, *, leads_group: bool = True) -> bool:
-    """Whether `pid` runs; `leads_group`: it is one of our jobs, started as a process-group leader."""
+def process_alive(pid: int | None, *, started: float | None = None) -> bool:
+    """Whether `pid` runs. With `started` (when the job was launched), a process created well after
+    it is another program that has been given the same pid."""
     if not pid:
         return False
     with _children_lock:
         child = _children.get(pid)
     if child is not None:
         return child.poll() is None
-    return _windows_process_alive(pid) if _IS_WINDOWS else _posix_process_alive(pid, leads_group)
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or process.create_time() <= started + LAUNCH_WINDOW_S
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # someone else's process: it runs, and it is not ours
+        return started is None
 
 
 def _process_group_alive(pid: int) -> bool:
-    """Whether any process of the job's group (children included) is still running."""
+    """Whether any process of the job's group (children included, whose parent may be gone) runs."""
     if _IS_WINDOWS:
         return process_alive(pid)
     try:
@@ -167,12 +142,24 @@ def _process_group_alive(pid: int) -> bool:
 
 def _signal_tree(pid: int, *, force: bool) -> None:
     """Terminate (or kill) the whole process tree the job started."""
-    if _IS_WINDOWS:
-        args = ["taskkill", "/PID", str(pid), "/T"] + (["/F"] if force else [])
-        subprocess.run(args, capture_output=True, check=False)
+    if not _IS_WINDOWS:
+        # one signal to the job's session group reaches every process once, orphans included
+        # (a second SIGTERM to the trainer would cut its final save short)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
         return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+    try:
+        leader = psutil.Process(pid)
+        tree = [leader, *leader.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if force:
+                process.kill()
+            else:
+                process.terminate()
+    psutil.wait_procs(tree, timeout=5)
 
 
 def _reap(pid: int, timeout: float) -> None:
@@ -270,7 +257,7 @@ class JobRegistry:
             (_same_dir(output_dir), *sorted(FINAL_STATE_VALUES)),
         ):
             starting = row["pid"] is None and time.time() - row["started"] < LAUNCH_WINDOW_S
-            if starting or process_alive(row["pid"]):
+            if starting or process_alive(row["pid"], started=row["started"]):
                 raise JobConflictError(
                     f"job {row['job_id']} ({row['state']}) is already training into {output_dir}; "
                     "stop it first or choose another output name"
@@ -346,7 +333,7 @@ class JobRegistry:
             return job
         status = read_status(job.output_dir) or {}
         state = status.get("state") if _status_is_of(status, job) else None
-        alive = process_alive(job.pid)
+        alive = process_alive(job.pid, started=job.started)
         if isinstance(state, str) and state in FINAL_STATE_VALUES:
             detail = str(status.get("error") or "")
             if state == JobState.FAILED.value:
@@ -472,19 +459,19 @@ def stop(
     if job.finished:
         return job
     started = time.monotonic()
-    while process_alive(job.pid) and time.monotonic() - started < grace_s:
+    while process_alive(job.pid, started=job.started) and time.monotonic() - started < grace_s:
         if not stop_requested(job.output_dir):
             request_stop(job.output_dir)  # the trainer clears stale requests when it starts: ask again
         if on_wait is not None:
             on_wait(time.monotonic() - started)
         time.sleep(poll_s)
     forced = False
-    if job.pid and process_alive(job.pid):
+    if job.pid and process_alive(job.pid, started=job.started):
         forced = True
         # SIGTERM is a second graceful request the trainer honours (save, then `stopped`)
         _signal_tree(job.pid, force=False)
         deadline = time.monotonic() + terminate_s
-        while process_alive(job.pid) and time.monotonic() < deadline:
+        while process_alive(job.pid, started=job.started) and time.monotonic() < deadline:
             time.sleep(poll_s)
     _end_leftovers(job)
     job = registry.refresh(job.job_id)
@@ -508,4 +495,4 @@ def _end_leftovers(job: JobRecord) -> None:
 
 def tree_alive(job: JobRecord) -> bool:
     """Whether the job's process or any process of its group is still running."""
-    return bool(job.pid) and (process_alive(job.pid) or _process_group_alive(job.pid))
+    return bool(job.pid) and (process_alive(job.pid, started=job.started) or _process_group_alive(job.pid))
