@@ -46,7 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
 DEFAULT_CACHE = Path(tempfile.gettempdir()) / "face_consistency_bench_vae"
 SOURCES = ("shared", "astronaut", "t1")
-# t1's six small group-photo faces, upscaled, share the capacity and blur every decode (README)
+# t1's six small group-photo faces, upscaled, share the capacity and blur every decode (docs/face-loss.md)
 DEFAULT_SOURCES = ("shared", "astronaut")
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from tiny_qwen import TINY_VAE_CONFIG, diffusers_vae_key_to_wan  # noqa: E402

@@ -1,4 +1,4 @@
-"""The memory plan's formulas against measured bytes of the real-width modules (README: Memory on a 24 GB GPU).
+"""The memory plan's formulas against measured bytes of the real-width modules (docs/training.md: Memory on a 24 GB GPU).
 
 Parameters: the real architecture on the meta device. Activations: bytes of the tensors autograd
 saves (`saved_tensors_hooks`, each storage once, parameters excluded) in a real-width transformer

@@ -1,4 +1,4 @@
-"""The samples' schedule and guidance follow ComfyUI's Qwen graph (README: Samples and ComfyUI, side by side)."""
+"""The samples' schedule and guidance follow ComfyUI's Qwen graph (docs/training.md: Samples and ComfyUI, side by side)."""
 from __future__ import annotations
 
 import math

@@ -306,7 +306,7 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
     if not isinstance(general, dict) or not isinstance(datasets, (list, type(None))) or not all(
         isinstance(entry, dict) for entry in datasets or []
     ):
-        raise DatasetConfigError(f"{toml_path}: expected a [general] table and [[datasets]] tables (README: "
+        raise DatasetConfigError(f"{toml_path}: expected a [general] table and [[datasets]] tables (docs/training.md: "
                                  "Dataset TOML (musubi format))")
     unknown = set(general) - GENERAL_KEYS
     if unknown:

@@ -156,7 +156,7 @@ OPTIONS: tuple[Option, ...] = (
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
-                "sampling": "sampling", "face": "face identity (README: The face-identity loss)"}
+                "sampling": "sampling", "face": "face identity (docs/face-loss.md)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

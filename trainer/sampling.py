@@ -13,7 +13,7 @@ Images land in `output_dir/sample/` as
 the step when sampling at an epoch end). Prompts and controls are encoded once, while the text
 encoder is loaded.
 
-Drawn as ComfyUI's Qwen-Image-Edit graph draws (README: "Samples and ComfyUI, side by side"):
+Drawn as ComfyUI's Qwen-Image-Edit graph draws (docs/training.md: "Samples and ComfyUI, side by side"):
 controls as reference latents at about 1 MP of their own aspect (TextEncodeQwenImageEditPlus);
 flow shift 3.0 unless `--fs` (ModelSamplingAuraFlow); Euler over the `simple` schedule, the
 sigmas `1 .. 1/steps` shifted, then stretched so the last is `--sample_shift_terminal` (0.02, as
