@@ -328,7 +328,7 @@ def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, t
         return jobs.JobRecord("j1", name, Path(output_dir), list(args), 1, 0.0, "running", None, "")
 
     monkeypatch.setattr(training.jobs, "launch", launch)
-    monkeypatch.setattr(training, "_dataset_config", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
+    monkeypatch.setattr(training, "dataset_config_for", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
     inputs = dict(
         dit="dit.safetensors", vae="vae.safetensors", text_encoder="te.safetensors", dataset="d", output_name="run",
         learning_rate=1e-4, network_dim=4, network_alpha=4.0, max_train_epochs=1, save_every_n_epochs=1, seed=0,
