@@ -27,9 +27,10 @@ from .dataset import DatasetConfigError, load_dataset_config
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from .models import ModelFileError, check_dit_version, read_header
+from .options import BY_NAME as OPTIONS_BY_NAME
 from .options import (
     FACE_DECODE_MODES, FACE_DEVICES, FACE_LOSS_T_WEIGHTINGS, MIXED_PRECISION, NETWORK_MODULE, OPTIMIZERS,
-    TIMESTEP_SAMPLING, WEIGHTING_SCHEMES, add_arguments,
+    TIMESTEP_SAMPLING, WEIGHTING_SCHEMES, Option, add_arguments,
 )
 from .protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .sampling import PromptFileError, load_prompt_file
@@ -75,30 +76,26 @@ def _flatten(table: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def _config_type_error(action: argparse.Action, value: Any) -> str | None:
-    """What is wrong with a --config_file value for `action`, strictly (TOML has types; a string is
+def _config_type_error(option: Option, value: Any) -> str | None:
+    """What is wrong with a --config_file value for `option`, strictly (TOML has types; a string is
     no boolean), or None when it fits."""
     def fits(item: Any) -> bool:
         if isinstance(item, bool):
             return False
-        if action.type is int:
+        if option.kind is int:
             return isinstance(item, int)
-        if action.type is float:
+        if option.kind is float:
             return isinstance(item, (int, float))
         return isinstance(item, str)
 
-    kind = {int: "an integer", float: "a number"}.get(action.type, "a string")  # type: ignore[arg-type]
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    kind = {int: "an integer", float: "a number"}.get(option.kind, "a string")
+    if option.kind is bool:
         return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
-    if action.nargs in ("*", "+"):
+    if option.many:
         if isinstance(value, list) and all(fits(item) for item in value):
             return None
         return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. [\"key=value\"], got {value!r}"
-    if not fits(value):
-        return f"must be {kind}, got {value!r}"
-    if action.choices is not None and value not in action.choices:
-        return f"must be one of {', '.join(map(str, action.choices))}, got {value!r}"
-    return None
+    return None if fits(value) else f"must be {kind}, got {value!r}"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -118,12 +115,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             raise ConfigError(f"--config_file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config_file {path} is not valid TOML: {exc}") from None
-        actions = {action.dest: action for action in parser._actions}
-        unknown_keys = sorted(set(config) - set(actions))
+        unknown_keys = sorted(set(config) - set(OPTIONS_BY_NAME))
         if unknown_keys:
             raise ConfigError(f"--config_file {path}: unknown key(s) {', '.join(unknown_keys)}")
         for key, value in config.items():
-            problem = _config_type_error(actions[key], value)
+            problem = _config_type_error(OPTIONS_BY_NAME[key], value)
             if problem:
                 raise ConfigError(f"--config_file {path}: {key} {problem}")
         parser.set_defaults(**config)
