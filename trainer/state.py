@@ -26,6 +26,10 @@ PROGRESS_FILE = "trainer_state.json"
 LORA_FILE = "lora_state.safetensors"
 
 
+def noise_generator_file(process_index: int) -> str:
+    return f"noise_generator_{process_index}.pt"
+
+
 def save_state(
     directory: Path, accelerator: Accelerator, transformer: torch.nn.Module, generator: torch.Generator,
     progress: dict[str, int],
@@ -44,7 +48,7 @@ def save_state(
     handle = accelerator.register_save_state_pre_hook(keep_lora_only)
     try:
         accelerator.save_state(str(partial))
-        torch.save(generator.get_state(), partial / f"noise_generator_{accelerator.process_index}.pt")
+        torch.save(generator.get_state(), partial / noise_generator_file(accelerator.process_index))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             atomic_write_json(partial / PROGRESS_FILE, dict(progress))
@@ -74,7 +78,7 @@ def load_state(
         accelerator.load_state(str(directory))
     finally:
         handle.remove()
-    generator.set_state(torch.load(directory / f"noise_generator_{accelerator.process_index}.pt"))
+    generator.set_state(torch.load(directory / noise_generator_file(accelerator.process_index)))
     progress.update(json.loads((directory / PROGRESS_FILE).read_text(encoding="utf-8")))
 
 
@@ -105,7 +109,7 @@ def check_state_folder(directory: Path) -> dict[str, int]:
 
 
 def _state_file_problems(directory: Path) -> Iterator[tuple[str, str]]:
-    for name in (LORA_FILE, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", "noise_generator_0.pt"):
+    for name in (LORA_FILE, "optimizer.bin", "scheduler.bin", "random_states_0.pkl", noise_generator_file(0)):
         file = directory / name
         if not file.is_file() or file.stat().st_size == 0:
             yield name, "is missing or empty"
