@@ -99,7 +99,8 @@ def measure_saved_bytes(fn: Callable[[], Any], frozen: Iterable[torch.nn.Module]
     return sum(storages.values()), result
 
 
-def _tokens(size: tuple[int, int]) -> int:
+def image_tokens(size: tuple[int, int]) -> int:
+    """DiT tokens of an image of `size` (w, h) pixels: 8x VAE, then 2x2 patches."""
     return (size[0] // 16) * (size[1] // 16)
 
 
@@ -198,7 +199,7 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     # swapped blocks stream in leaf by leaf: the one computing and the one in flight
     streaming = 2 * counts["largest_leaf"] * inputs.compute_bytes if inputs.blocks_to_swap else 0
     lora_params = inputs.network_dim * counts["lora_width"]
-    tokens = inputs.batch_size * (_tokens(inputs.target_size) + sum(_tokens(c) for c in inputs.control_sizes)
+    tokens = inputs.batch_size * (image_tokens(inputs.target_size) + sum(image_tokens(c) for c in inputs.control_sizes)
                                   + inputs.text_tokens)
     per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
     if inputs.gradient_checkpointing:

@@ -59,7 +59,7 @@ from .host_memory import map_large_allocations
 from .lora import (
     add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
 )
-from .memory_plan import MemoryInputs, estimate, plan_warning
+from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
 from .model_versions import MODEL_VERSIONS
 from .options import NETWORK_MODULE
 from .protocol import (
@@ -419,7 +419,10 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
             clear_stop_request(output_dir)
             for leftover in unfinished_saves(output_dir, args.output_name):
                 log.info("removing %s, left by a save that was cut short", leftover)
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+                if leftover.is_dir():
+                    shutil.rmtree(leftover)
+                else:
+                    leftover.unlink()
         stop = StopSignal()
         with stop.installed():
             reporter.update(JobState.STARTING, step=0, total_steps=args.max_train_steps, epoch=0)
@@ -691,10 +694,7 @@ def _train(
 def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence[TrainingHook] = ()) -> MemoryInputs:
     """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt,
     and what the hooks' losses keep for backward."""
-    def tokens(item: DatasetItem) -> int:
-        return sum((w // 16) * (h // 16) for w, h in (item.bucket, *item.control_buckets))
-
-    largest = max(group.items, key=tokens)
+    largest = max(group.items, key=lambda item: sum(map(image_tokens, (item.bucket, *item.control_buckets))))
     text_tokens = 0
     for item in group.items:
         with safe_open(str(text_cache_path(item)), framework="pt") as handle:
