@@ -64,7 +64,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     seconds = 0.0
     for reports in terminalreporter.stats.values():
         for report in reports:
-            if getattr(report, "when", None) is None or "e2e" not in report.keywords:
+            # test reports only: a collection report (a module that failed to import) has no keywords
+            if getattr(report, "when", None) is None or "e2e" not in getattr(report, "keywords", ()):
                 continue
             seconds += report.duration
             if report.when == "call" or report.outcome != "passed":

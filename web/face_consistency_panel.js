@@ -229,6 +229,21 @@ function toast(severity, summary, detail) {
 
 const panel = new TrainingPanel();
 
+// Listening from import, not from setup(): the frontend opens its socket before it calls the
+// extensions' setup(), and a message that finds no listener is logged as an unknown type.
+api.addEventListener("face_consistency.progress", (event) => panel.onProgress(event.detail));
+api.addEventListener("face_consistency.finished", (event) => {
+  const job = event.detail;
+  toast("success", `Training ${job.state}: ${job.name}`, job.latest_checkpoint ? `last checkpoint ${job.latest_checkpoint}` : "");
+  panel.onProgress(job);
+});
+api.addEventListener("face_consistency.failed", (event) => {
+  const job = event.detail;
+  const lastLine = (job.detail || "").trim().split("\n").pop();
+  toast("error", `Training failed: ${job.name}`, lastLine || "see the training log");
+  panel.onProgress(job);
+});
+
 app.registerExtension({
   name: "face_consistency.training_panel",
   setup() {
@@ -239,18 +254,6 @@ app.registerExtension({
       tooltip: "Face Consistency training jobs",
       type: "custom",
       render: (container) => panel.mount(container),
-    });
-    api.addEventListener("face_consistency.progress", (event) => panel.onProgress(event.detail));
-    api.addEventListener("face_consistency.finished", (event) => {
-      const job = event.detail;
-      toast("success", `Training ${job.state}: ${job.name}`, job.latest_checkpoint ? `last checkpoint ${job.latest_checkpoint}` : "");
-      panel.onProgress(job);
-    });
-    api.addEventListener("face_consistency.failed", (event) => {
-      const job = event.detail;
-      const lastLine = (job.detail || "").trim().split("\n").pop();
-      toast("error", `Training failed: ${job.name}`, lastLine || "see the training log");
-      panel.onProgress(job);
     });
   },
 });
