@@ -8,7 +8,7 @@ resolved lazily (PEP 562) so that the command line and the trainer, which import
 from typing import Any
 
 WEB_DIRECTORY = "./web"
-__version__ = "0.1.0"
+from .common.version import __version__
 
 _NODE_ATTRIBUTES = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
 

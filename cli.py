@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
-        from . import __version__
+        from .common.version import __version__
 
         print(__version__)
         return 0

@@ -178,11 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models_root", type=Path, default=TESTDATA / "insightface")
     args = parser.parse_args(argv)
 
+    from insightface.app import FaceAnalysis
+
     from face_consistency.faceid import load_face_model
     from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
     from face_consistency.faceid.pairing import pair_sample_folder
-    from face_consistency.faceid.prompts import load_prompt_file
-    from insightface.app import FaceAnalysis
+    from face_consistency.musubi_formats.prompts import load_prompt_file
 
     model = load_face_model(args.pack, models_root=args.models_root, provider="cpu", det_size=args.det_size)
     app = FaceAnalysis(

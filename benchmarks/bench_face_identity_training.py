@@ -40,20 +40,34 @@ from accelerate.state import AcceleratorState
 
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import load_face_model
+from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
 from face_consistency.trainer.cli import parse_args, validate_args
-from face_consistency.trainer.dataset import load_dataset_config
 from face_consistency.trainer.face_loss import FrozenFaceRecognizer, warp_to_arcface
-from face_consistency.trainer.face_targets import cache_face_targets, collate_face_targets
+from face_consistency.trainer.face_targets import (
+    cache_face_targets,
+    collate_face_targets,
+)
 from face_consistency.trainer.face_training import build_training_hook
-from face_consistency.trainer.protocol import read_metrics
 from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.train import _micro_step, _prepare_transformer, collate, pack, unpack
+from face_consistency.trainer.train import (
+    _micro_step,
+    _prepare_transformer,
+    collate,
+    pack,
+    unpack,
+)
+from face_consistency.training_contract.protocol import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts  # noqa: E402
+from tiny_qwen import (  # noqa: E402
+    tiny_train_argv,
+    write_tiny_dataset,
+    write_tiny_model_files,
+    write_tiny_prompts,
+)
 
 
 def run_argv(files, dataset, prompts, out: Path, args: argparse.Namespace, face_loss: bool) -> list[str]:

@@ -28,7 +28,7 @@ def child(argv_file: str) -> None:
     import torch
 
     from face_consistency.cli import main
-    from face_consistency.trainer.protocol import read_status
+    from face_consistency.training_contract.protocol import read_status
 
     argv = json.loads(Path(argv_file).read_text())
     if torch.cuda.is_available():

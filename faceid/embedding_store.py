@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from ..common.files import atomic_write_text, file_signature
 from .errors import OutputWriteError
-from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +119,6 @@ def _check_plausible(embedding: np.ndarray, embedding_size: int, unit_norm: bool
         raise CacheEntryError("its embedding is all zeros")
     if unit_norm and abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
         raise CacheEntryError(f"its embedding has length {norm:.4g}, not 1")
-
-
-def file_signature(path: str | os.PathLike) -> tuple[int, int] | None:
-    """(size, mtime_ns) of a file, or None when it is gone."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
 
 
 def model_fingerprint(description: dict[str, Any], pack_dir: str | os.PathLike) -> str:

@@ -21,9 +21,5 @@ class NoFaceError(FaceEngineError):
     """A reference image has no face (outputs without a face are results, not errors)."""
 
 
-class OutputPathError(FaceEngineError):
-    """A report, plot or cache path that cannot be written: a folder, under a file, read-only."""
-
-
 class OutputWriteError(FaceEngineError):
     """Writing a report, plot or cache failed part way (disk full, the folder removed)."""

@@ -21,14 +21,15 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
+from ..common.files import file_signature
+from ..musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file
 from .alignment import aligned_crop, face_region_change
-from .embedding_store import EmbeddingStore, FileFaces, file_signature, model_fingerprint
+from .embedding_store import EmbeddingStore, FileFaces, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import load_image_sized
 from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
-from .prompts import PromptFileError, SamplePrompt, load_prompt_file
 from .report import build_report
 from .results import DetectedFace, FaceResult, Identity
 from .scoring import DEFAULT_COPY_PASTE_THRESHOLD

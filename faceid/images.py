@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from ..common.files import IMAGE_SUFFIXES
 from .errors import ImageLoadError
 
 try:  # libspng decodes 8-bit PNGs (training samples) twice as fast as Pillow's decoder
@@ -28,7 +29,6 @@ except ImportError:  # no wheel for the platform (Intel macOS): Pillow decodes t
 # Images larger than this (longest side) are analysed downscaled: detection runs at <= 1024
 # anyway and an aligned 112x112 crop gains nothing from more pixels.
 MAX_ANALYSIS_SIDE = 4096
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 # Image formats users meet that the engine cannot read: listed as failures, never skipped silently.
 UNSUPPORTED_IMAGE_SUFFIXES = frozenset(
     {".gif", ".heic", ".heif", ".avif", ".jxl", ".jp2", ".ico", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw"}

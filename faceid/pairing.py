@@ -15,44 +15,19 @@ with the file and the reason.
 """
 from __future__ import annotations
 
-import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .images import IMAGE_SUFFIXES, UNSUPPORTED_IMAGE_SUFFIXES, unsupported_format_reason
-from .prompts import SamplePrompt, resolve_prompt_path
-
-_NUMBERED_CONTROL = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)$")
-MUSUBI_SAMPLE = re.compile(
-    r"^(?:(?P<name>.*)_)?(?:e(?P<epoch>\d{6,})|(?P<step>\d{6,}))_(?P<prompt>\d{2,})_(?P<time>\d{14})"
-    r"(?:_(?P<tail1>\d+))?(?:_(?P<tail2>\d+))?$"
+from ..common.files import IMAGE_SUFFIXES
+from ..musubi_formats.names import (
+    SEED_CONTROL,
+    SampleName,
+    musubi_controls,
+    parse_sample_name,
 )
-SEED_SAMPLE = re.compile(r"^(?P<name>.*?)_?step_?(?P<step>\d+)_(?P<index>\d+)$", re.IGNORECASE)
-SEED_CONTROL = re.compile(r"^control_image_(?P<index>\d+)$", re.IGNORECASE)
-UNSTEPPED_KEY = "none"
-
-
-@dataclass(frozen=True)
-class SampleName:
-    """What a sample's file name says about it."""
-
-    step: int | None = None
-    epoch: int | None = None
-    prompt_index: int | None = None
-    seed: int | None = None
-    timestamp: str | None = None  # musubi's YYYYmmddHHMMSS
-    layout: str = "unknown"  # "musubi", "seed_guide", "dir_pair", "unknown"
-
-    @property
-    def step_key(self) -> str:
-        """`by_step` key: "1200" for a step, "e3" for an epoch, "none" when the name has neither."""
-        if self.epoch is not None:
-            return f"e{self.epoch}"
-        if self.step is not None:
-            return str(self.step)
-        return UNSTEPPED_KEY
+from ..musubi_formats.prompts import SamplePrompt, resolve_prompt_path
+from .images import UNSUPPORTED_IMAGE_SUFFIXES, unsupported_format_reason
 
 
 @dataclass
@@ -78,38 +53,6 @@ class Unpaired:
 class Pairing:
     items: list[SampleItem] = field(default_factory=list)
     unpaired: list[Unpaired] = field(default_factory=list)
-
-
-def step_sort_key(key: str) -> tuple[int, int]:
-    """Order `by_step` keys: steps, then epochs, then unstepped."""
-    if key == UNSTEPPED_KEY:
-        return (2, 0)
-    if key.startswith("e"):
-        return (1, int(key[1:]))
-    return (0, int(key))
-
-
-def parse_sample_name(path: str | os.PathLike) -> SampleName:
-    stem = Path(path).stem
-    match = MUSUBI_SAMPLE.match(stem)
-    if match:
-        tails = [int(t) for t in (match["tail1"], match["tail2"]) if t is not None]
-        # musubi always appends the 3-digit image number; the seed comes before it when set.
-        seed = tails[0] if len(tails) == 2 else None
-        if len(tails) == 1 and len(match["tail1"]) != 3:
-            seed = tails[0]
-        return SampleName(
-            step=int(match["step"]) if match["step"] else None,
-            epoch=int(match["epoch"]) if match["epoch"] else None,
-            prompt_index=int(match["prompt"]),
-            seed=seed,
-            timestamp=match["time"],
-            layout="musubi",
-        )
-    match = SEED_SAMPLE.match(stem)
-    if match:
-        return SampleName(step=int(match["step"]), prompt_index=int(match["index"]), layout="seed_guide")
-    return SampleName()
 
 
 def list_images(folder: Path, exclude: Iterable[Path] = (), suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
@@ -200,21 +143,6 @@ def pair_sample_folder(
         else:
             pairing.unpaired.append(Unpaired(str(path), problem or "no control image"))
     return pairing
-
-
-def musubi_controls(targets: Iterable[Path], controls: Iterable[Path]) -> dict[Path, list[Path]]:
-    """musubi-tuner's dataset rule: the controls of target `stem.*` are `stem.<ext>` first,
-    then `stem_<N>.<ext>` in order of N (so `a_1.png` is a control of `a` and of `a_1`)."""
-    candidates: dict[str, list[tuple[int, Path]]] = {}
-    for path in sorted(controls):
-        candidates.setdefault(path.stem, []).append((-1, path))
-        match = _NUMBERED_CONTROL.match(path.stem)
-        if match:
-            candidates.setdefault(match["stem"], []).append((int(match["index"]), path))
-    return {
-        target: [path for _, path in sorted(candidates.get(target.stem, []), key=lambda pair: pair[0])]
-        for target in targets
-    }
 
 
 def pair_dirs(

@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from .fileio import atomic_write_bytes
-from .pairing import step_sort_key
+from ..common.figures import figure_rgb
+from ..common.files import atomic_write_bytes
+from ..musubi_formats.names import step_sort_key
 
 PLOT_WIDTH_IN, PLOT_HEIGHT_IN, PLOT_DPI = 10.0, 8.0, 100
 PLOT_SIZE = (int(PLOT_WIDTH_IN * PLOT_DPI), int(PLOT_HEIGHT_IN * PLOT_DPI))  # (width, height) pixels
@@ -136,15 +137,6 @@ def plot_png(report: dict[str, Any]) -> bytes:
 
 def write_plot(report: dict[str, Any], path: str | os.PathLike) -> None:
     atomic_write_bytes(path, plot_png(report))
-
-
-def figure_rgb(fig: Any) -> np.ndarray:
-    """A matplotlib Figure rendered on an Agg canvas, as an (H, W, 3) uint8 RGB array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 def plot_rgb(report: dict[str, Any]) -> np.ndarray:

@@ -12,7 +12,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from .pairing import step_sort_key
+from ..common.version import __version__
+from ..musubi_formats.names import step_sort_key
 from .similarity import Bands
 
 TOOL_NAME = "face-consistency evaluate"
@@ -20,8 +21,6 @@ SCORE_FIELDS = {"control": "score_control", "reference": "score_reference"}
 
 
 def tool_version() -> str:
-    from .. import __version__
-
     return __version__
 
 

@@ -9,10 +9,9 @@ from typing import Any
 
 import cv2
 
+from ..common.files import atomic_write_json, check_writable_file, file_signature
 from ..faceid import Bands, FaceModel, Identity
-from ..faceid.embedding_store import file_signature
 from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
-from ..faceid.fileio import atomic_write_json, check_writable_file
 from ..faceid.judge import DlibJudge
 from ..faceid.pairing import list_images
 from ..faceid.plot import plot_rgb, write_plot

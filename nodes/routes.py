@@ -24,13 +24,13 @@ from typing import Any, Callable
 
 from aiohttp import web
 
-from ..trainer import jobs
-from ..trainer.jobs import JobRecord, JobRegistry
-from ..trainer.protocol import LOG_FILE, JobState, read_status
-from ..trainer.run_reader import (
+from ..musubi_formats.names import SAMPLE_DIR
+from ..training_contract.protocol import LOG_FILE, JobState, read_status
+from ..training_jobs import jobs
+from ..training_jobs.jobs import JobRecord, JobRegistry
+from ..training_jobs.run_reader import (
     FACE_SIMILARITY,
     LOSS,
-    SAMPLE_DIR,
     RunSnapshot,
     log_tail,
     normalise_metrics,

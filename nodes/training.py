@@ -1,7 +1,7 @@
 """Training from a graph: launch the trainer in the background, watch it, stop it, rank its checkpoints.
 
-Thin adapters over `trainer.jobs` (process control and registry), `trainer.run_reader` (run
-folders, ours or musubi-tuner's), `trainer.run_plots` and `trainer.checkpoint_scores`.
+Thin adapters over `training_jobs.jobs` (process control and registry), `training_jobs.run_reader` (run
+folders, ours or musubi-tuner's), `training_jobs.run_plots` and `training_jobs.checkpoint_scores`.
 """
 from __future__ import annotations
 
@@ -15,12 +15,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..faceid.embedding_store import file_signature
-from ..faceid.fileio import atomic_write_text
+from ..common.files import atomic_write_text, file_signature
 from ..faceid.packs import root_of_pack
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
-from ..trainer import jobs, options
-from ..trainer.checkpoint_scores import (
+from ..musubi_formats.dataset import dataset_config_for
+from ..training_contract import options
+from ..training_contract.protocol import LOG_FILE, read_status
+from ..training_jobs import jobs
+from ..training_jobs.checkpoint_scores import (
     best_checkpoint,
     chart_positions,
     copy_as_best,
@@ -28,11 +30,9 @@ from ..trainer.checkpoint_scores import (
     format_table,
     group_scores,
 )
-from ..trainer.dataset import dataset_config_for
-from ..trainer.jobs import JobRecord, JobRegistry
-from ..trainer.protocol import LOG_FILE, read_status
-from ..trainer.run_plots import plot_run, plot_scores
-from ..trainer.run_reader import (
+from ..training_jobs.jobs import JobRecord, JobRegistry
+from ..training_jobs.run_plots import plot_run, plot_scores
+from ..training_jobs.run_reader import (
     FACE_SIMILARITY,
     LOSS,
     RunSnapshot,
@@ -218,7 +218,7 @@ def sample_grid(run: RunSnapshot, max_images: int, *, columns: int = 4) -> torch
     return rgb_to_image(np.asarray(grid))
 
 
-# Trainer options the launch node shows (their widgets come from trainer/options.py), in the node's order.
+# Trainer options the launch node shows (their widgets come from training_contract/options.py), in the node's order.
 SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs", "save_every_n_epochs", "seed",
             "timestep_sampling", "discrete_flow_shift", "optimizer_type", "mixed_precision", "gradient_checkpointing")
 FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")

@@ -12,8 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from evaluate_fixtures import (
     TIME,
     build_musubi_folder,
@@ -21,8 +19,9 @@ from evaluate_fixtures import (
     reencode,
     validate_schema,
 )
-from face_consistency.faceid import Bands
-from face_consistency.faceid import evaluate_cli
+from PIL import Image
+
+from face_consistency.faceid import Bands, evaluate_cli
 from face_consistency.faceid.embedding_store import EmbeddingStore
 from face_consistency.faceid.evaluate import (
     EvaluationError,
@@ -31,11 +30,12 @@ from face_consistency.faceid.evaluate import (
     embed_files,
     watch,
 )
-from face_consistency.faceid.pairing import pair_dirs, parse_sample_name
+from face_consistency.faceid.pairing import pair_dirs
 from face_consistency.faceid.plot import PLOT_SIZE, write_plot
-from face_consistency.faceid.prompts import load_prompt_file, parse_prompt_line
 from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
-from face_consistency.trainer.dataset import pair_controls
+from face_consistency.musubi_formats.dataset import pair_controls
+from face_consistency.musubi_formats.names import parse_sample_name
+from face_consistency.musubi_formats.prompts import load_prompt_file, parse_prompt_line
 
 
 @pytest.fixture(scope="module")

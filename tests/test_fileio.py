@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from face_consistency.faceid.fileio import atomic_path, atomic_write_json
+from face_consistency.common.files import atomic_path, atomic_write_json
 
 
 def test_write_replaces_whole_file_and_is_world_readable(tmp_path):

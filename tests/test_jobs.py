@@ -10,13 +10,16 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
-from face_consistency.trainer import jobs
-from face_consistency.trainer.jobs import JobConflictError, JobRegistry, UnknownJobError
-from face_consistency.trainer.protocol import read_metrics, read_status
-from face_consistency.trainer.run_reader import read_run
+from face_consistency.training_contract.protocol import read_metrics, read_status
+from face_consistency.training_jobs import jobs
+from face_consistency.training_jobs.jobs import (
+    JobConflictError,
+    JobRegistry,
+    UnknownJobError,
+)
+from face_consistency.training_jobs.run_reader import read_run
 
 pytestmark = [
     pytest.mark.skipif(os.name == "nt", reason="process-group checks here are POSIX; Windows ends the tree psutil finds"),
@@ -26,7 +29,7 @@ pytestmark = [
 LAUNCHER = textwrap.dedent(
     """
     import json, sys
-    from face_consistency.trainer import jobs
+    from face_consistency.training_jobs import jobs
     registry = jobs.JobRegistry(sys.argv[1])
     job = jobs.launch(registry, sys.argv[2], json.loads(sys.argv[3]), name="tiny")
     print(json.dumps({"job_id": job.job_id, "pid": job.pid}))
@@ -112,7 +115,7 @@ def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTrai
 
 
 def test_metrics_are_read_incrementally_and_anew_when_replaced(tmp_path: Path, monkeypatch) -> None:
-    from face_consistency.trainer import protocol
+    from face_consistency.training_contract import protocol
 
     parsed: list[bytes] = []
     real_loads = json.loads

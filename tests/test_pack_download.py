@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
-from comfy_stubs import ProgressBar, set_comfy_base, start_prompt_server, stop_prompt_server
+from comfy_stubs import (
+    ProgressBar,
+    set_comfy_base,
+    start_prompt_server,
+    stop_prompt_server,
+)
 from pack_server import PackServer, pack_zip, sha256
 
-from face_consistency.faceid import ModelPackError, resolve_pack
-from face_consistency.faceid import pack_download
+from face_consistency.faceid import ModelPackError, pack_download, resolve_pack
 from face_consistency.faceid.pack_download import (
     OFFLINE_ENV,
     RELEASES,
@@ -32,7 +35,7 @@ from face_consistency.nodes import training
 from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 from face_consistency.nodes.scoring import FaceConsistencyLoadModel
 from face_consistency.nodes.training import FaceConsistencyTrainLaunch
-from face_consistency.trainer import jobs
+from face_consistency.training_jobs import jobs
 
 
 @pytest.fixture(scope="session")

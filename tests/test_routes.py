@@ -8,16 +8,15 @@ from typing import Any, Awaitable, Callable
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from yarl import URL
-
 from comfy_stubs import set_comfy_base, start_prompt_server, stop_prompt_server
 from run_folders import MUSUBI_SAMPLES, write_musubi_run
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from yarl import URL
 
 from face_consistency.nodes import comfy_env, routes
-from face_consistency.trainer import jobs
-from face_consistency.trainer.jobs import JobRecord, JobRegistry
-from face_consistency.trainer.protocol import write_status
+from face_consistency.training_contract.protocol import write_status
+from face_consistency.training_jobs import jobs
+from face_consistency.training_jobs.jobs import JobRecord, JobRegistry
 
 PREFIX = "/face_consistency/jobs"
 

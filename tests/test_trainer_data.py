@@ -12,12 +12,22 @@ from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
 from PIL import Image
 from tiny_qwen import write_tiny_dataset, write_tiny_model_files
 
-from face_consistency.trainer import models
-from face_consistency.trainer.cache import CacheEncoders, cache_dataset, latent_cache_path, load_cached_item
-from face_consistency.trainer.dataset import (
-    DatasetConfigError, bucket_for, dataset_config_for, load_dataset_config, pair_controls,
+from face_consistency.musubi_formats.dataset import (
+    DatasetConfigError,
+    bucket_for,
+    dataset_config_for,
+    load_dataset_config,
+    pair_controls,
 )
-from face_consistency.trainer.sampling import PromptFileError, load_prompt_file, sample_file_name
+from face_consistency.trainer import models
+from face_consistency.trainer.cache import (
+    CacheEncoders,
+    cache_dataset,
+    latent_cache_path,
+    load_cached_item,
+)
+from face_consistency.musubi_formats.names import parse_sample_name, sample_file_name
+from face_consistency.trainer.sampling import PromptFileError, load_prompt_file
 
 pytestmark = pytest.mark.trainer
 
@@ -213,10 +223,13 @@ def test_sample_names_follow_musubi(tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text(f"a --d 5 --ci {control}\nb --ci {control}\n", encoding="utf-8")
     first, second = load_prompt_file(prompts)
-    assert re.fullmatch(r"lora_000120_00_\d{14}_5_000\.png",
-                        sample_file_name("lora", first, step=120, epoch=None))
-    assert re.fullmatch(r"lora_e000003_01_\d{14}_000\.png",
-                        sample_file_name("lora", second, step=9, epoch=3))
+    stepped = sample_file_name("lora", first.index, first.seed, step=120, epoch=None)
+    at_epoch = sample_file_name("lora", second.index, second.seed, step=9, epoch=3)
+    assert re.fullmatch(r"lora_000120_00_\d{14}_5_000\.png", stepped)
+    assert re.fullmatch(r"lora_e000003_01_\d{14}_000\.png", at_epoch)
+    # what the evaluation and the run reader read back from the names
+    assert (parse_sample_name(stepped).step, parse_sample_name(stepped).seed, parse_sample_name(stepped).prompt_index) == (120, 5, 0)
+    assert (parse_sample_name(at_epoch).epoch, parse_sample_name(at_epoch).seed) == (3, None)
 
 
 def test_tiny_face_dataset_crops_around_the_face(tmp_path, faces_dir, insightface_root):

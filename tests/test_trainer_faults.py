@@ -10,12 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from face_consistency.cli import main as cli_main
-from face_consistency.trainer.protocol import LOCK_FILE, read_metrics, read_status
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 from training_runs import RUN_TIMEOUT_S, wait_for
 from unprivileged import run_with_permissions
+
+from face_consistency.cli import main as cli_main
+from face_consistency.training_contract.protocol import (
+    LOCK_FILE,
+    read_metrics,
+    read_status,
+)
 
 pytestmark = pytest.mark.trainer
 

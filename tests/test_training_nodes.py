@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-
 import test_example_workflows as example_checks
+import torch
 from comfy_stubs import ProgressBar, set_comfy_base
 from run_folders import write_lora, write_musubi_run
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
@@ -23,8 +22,8 @@ from face_consistency.nodes.training import (
     FaceConsistencyTrainMonitor,
     FaceConsistencyTrainStop,
 )
-from face_consistency.trainer.protocol import read_status
-from face_consistency.trainer.run_reader import list_checkpoints, read_run
+from face_consistency.training_contract.protocol import read_status
+from face_consistency.training_jobs.run_reader import list_checkpoints, read_run
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
@@ -305,7 +304,7 @@ def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
 
 def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
                                                            monkeypatch) -> None:
-    """Both are built from trainer/options.py: every setting the node shows parses as the flag of its name,
+    """Both are built from training_contract/options.py: every setting the node shows parses as the flag of its name,
     with the node's value, and the whole command passes the trainer's checks."""
     from face_consistency.trainer.cli import parse_args, validate_args
 

@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
 
-from face_consistency.trainer.dataset import write_dataset_config
+from face_consistency.musubi_formats.dataset import write_dataset_config
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -81,10 +81,17 @@ class TinyModelFiles:
 
 def build_tiny_processor():
     """A Qwen2VLProcessor whose tokenizer is byte-level BPE over the 256 byte symbols + Qwen specials."""
-    from tokenizers.pre_tokenizers import ByteLevel
     import transformers
-    from transformers import Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        Qwen2Tokenizer,
+        Qwen2TokenizerFast,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
+        Qwen2VLVideoProcessor,
+    )
 
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
     specials = list(QWEN_SPECIAL_TOKENS[1:])

@@ -20,14 +20,17 @@ from typing import Any, Callable
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import CONDITION_IMAGE_SIZE, VAE_IMAGE_SIZE
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    CONDITION_IMAGE_SIZE,
+    VAE_IMAGE_SIZE,
+    calculate_dimensions,
+)
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..faceid.fileio import atomic_path
-from .dataset import DatasetConfigError, DatasetItem
+from ..common.files import atomic_path
+from ..musubi_formats.dataset import DatasetConfigError, DatasetItem
 
 log = logging.getLogger(__name__)
 

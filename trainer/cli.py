@@ -22,17 +22,30 @@ from typing import Any, Sequence
 import torch
 from diffusers.optimization import SchedulerType
 
-from ..faceid.fileio import tomllib
-from .dataset import DatasetConfigError, load_dataset_config
-from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
-from .model_versions import ALIAS_FLAGS, MODEL_VERSIONS
-from .models import ModelFileError, check_dit_version, read_header
-from .options import BY_NAME as OPTIONS_BY_NAME
-from .options import (
-    FACE_DECODE_MODES, FACE_DEVICES, FACE_LOSS_T_WEIGHTINGS, MIXED_PRECISION, NETWORK_MODULE, OPTIMIZERS,
-    TIMESTEP_SAMPLING, WEIGHTING_SCHEMES, Option, add_arguments,
+from ..common.files import tomllib
+from ..musubi_formats.dataset import DatasetConfigError, load_dataset_config
+from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS
+from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
+from ..training_contract.options import (
+    FACE_DECODE_MODES,
+    FACE_DEVICES,
+    FACE_LOSS_T_WEIGHTINGS,
+    MIXED_PRECISION,
+    NETWORK_MODULE,
+    OPTIMIZERS,
+    TIMESTEP_SAMPLING,
+    WEIGHTING_SCHEMES,
+    Option,
+    add_arguments,
 )
-from .protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
+from ..training_contract.protocol import (
+    JobState,
+    OutputFolderBusyError,
+    hold_output_folder,
+    write_status,
+)
+from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
+from .models import ModelFileError, check_dit_version, read_header
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training

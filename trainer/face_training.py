@@ -35,13 +35,19 @@ from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, v
 from ..faceid.pack_download import TerminalProgress
 from ..faceid.report import summarize
 from ..faceid.results import JudgeIdentity
-from .dataset import DatasetItem
+from ..musubi_formats.dataset import DatasetItem
+from ..musubi_formats.names import SAMPLE_DIR
+from ..training_contract.options import FACE_DECODE_MODES
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
-from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
-from .options import FACE_DECODE_MODES
-from .sampling import SAMPLE_DIR, EncodedSample
+from .face_targets import (
+    FaceTargetBatch,
+    FaceTargetCache,
+    cache_face_targets,
+    collate_face_targets,
+)
 from .hooks import ExtraLoss, StepState, TrainingHook
+from .sampling import EncodedSample
 from .train import VAE_SCALE
 
 log = logging.getLogger("face_consistency.trainer")

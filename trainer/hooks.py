@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 
-from .dataset import DatasetItem
+from ..musubi_formats.dataset import DatasetItem
 from .sampling import EncodedSample, denormalize_latents
 from .vae_decode import checkpointed_decode
 

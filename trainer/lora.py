@@ -28,7 +28,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..faceid.fileio import atomic_path
+from ..common.files import atomic_path
 
 LORA_PREFIX = "lora_unet_"
 BLOCKS_SCOPE = "transformer_blocks."

@@ -1,6 +1,6 @@
 """Sample images during training from a musubi prompt file.
 
-Prompt file (parsed exactly as musubi parses it, by `faceid/prompts.py`, which the evaluate
+Prompt file (parsed exactly as musubi parses it, by `musubi_formats/prompts.py`, which the evaluate
 command shares): one prompt per line, `#` starts a comment line. Options after the prompt:
 `--w` width, `--h` height, `--s` steps, `--d` seed, `--fs` flow shift, `--l` CFG scale,
 `--n` negative prompt, `--ci` control image (repeatable; a relative path is looked up in the
@@ -24,23 +24,25 @@ never exceeds the positive prediction's (ComfyUI's CFGNorm, strength 1).
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
+    QwenImageEditPlusPipeline,
+)
 from PIL import Image
 
-from ..faceid.fileio import atomic_path
-from ..faceid.prompts import PromptFileError, SamplePrompt, resolve_prompt_path
-from ..faceid.prompts import load_prompt_file as load_musubi_prompts
+from ..common.files import atomic_path
+from ..musubi_formats.dataset import RESOLUTION_STEP
+from ..musubi_formats.names import SAMPLE_DIR, sample_file_name
+from ..musubi_formats.prompts import PromptFileError, SamplePrompt, resolve_prompt_path
+from ..musubi_formats.prompts import load_prompt_file as load_musubi_prompts
+from ..training_contract.options import DEFAULT_SHIFT_TERMINAL
 from .cache import CacheEncoders
-from .dataset import RESOLUTION_STEP
-from .options import DEFAULT_SHIFT_TERMINAL
 
-SAMPLE_DIR = "sample"
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 4.0  # musubi-tuner's Qwen sampler
@@ -102,7 +104,7 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
 
 
 def load_prompt_file(path: str | Path) -> list[SampleSettings]:
-    """The prompts of a musubi prompt file (parsed as musubi parses it, `faceid/prompts.py`)."""
+    """The prompts of a musubi prompt file (parsed as musubi parses it, `musubi_formats/prompts.py`)."""
     prompt_path = Path(path)
     prompts = [sample_settings(parsed, prompt_path) for parsed in load_musubi_prompts(prompt_path)]
     if not prompts:
@@ -122,15 +124,6 @@ def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> li
         latents = [encoders.encode_image(c, encoders.reference_size(c)).unsqueeze(0) for c in controls]
         encoded.append(EncodedSample(sample, embeds, negative, latents))
     return encoded
-
-
-def sample_file_name(output_name: str, prompt: SampleSettings, *, step: int, epoch: int | None) -> str:
-    """musubi's name; the seed only when the prompt file gave one (`--d`), then the image number
-    `_000` that musubi's save_images_grid appends to every image."""
-    when = f"e{epoch:06d}" if epoch is not None else f"{step:06d}"
-    stamp = time.strftime("%Y%m%d%H%M%S", time.localtime())
-    suffix = f"_{prompt.seed}" if prompt.seed is not None else ""
-    return f"{output_name}_{when}_{prompt.index:02d}_{stamp}{suffix}_000.png"
 
 
 @torch.no_grad()
@@ -243,7 +236,7 @@ def save_samples(
     for sample in samples:
         seed = sample.prompt.seed if sample.prompt.seed is not None else random.randint(0, 2**31 - 1)
         image = generate(transformer, vae, sample, seed=seed, device=device, dtype=dtype, shift_terminal=shift_terminal)
-        name = sample_file_name(output_name, sample.prompt, step=step, epoch=epoch)
+        name = sample_file_name(output_name, sample.prompt.index, sample.prompt.seed, step=step, epoch=epoch)
         with atomic_path(folder / name) as tmp:
             image.save(tmp, format="PNG")
         paths.append(folder / name)

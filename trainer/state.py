@@ -20,7 +20,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..faceid.fileio import atomic_write_json
+from ..common.files import atomic_write_json
 
 PROGRESS_FILE = "trainer_state.json"
 LORA_FILE = "lora_state.safetensors"

@@ -40,31 +40,55 @@ from typing import Any, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    set_seed,
+)
+from diffusers import (
+    FlowMatchEulerDiscreteScheduler,
+    QwenImageEditPipeline,
+    QwenImageEditPlusPipeline,
+)
 from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
+from diffusers.training_utils import (
+    cast_training_params,
+    compute_loss_weighting_for_sd3,
+)
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from ..faceid.fileio import atomic_write_text
+from ..common.files import atomic_write_text
+from ..musubi_formats.dataset import DatasetGroup, DatasetItem
+from ..musubi_formats.names import epoch_checkpoint_name, step_checkpoint_name
+from ..training_contract.model_versions import MODEL_VERSIONS
+from ..training_contract.options import NETWORK_MODULE
+from ..training_contract.protocol import (
+    METRICS_FILE,
+    STATUS_FILE,
+    JobState,
+    append_metrics,
+    clear_stop_request,
+    read_metrics,
+    stop_requested,
+    write_status,
+)
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
-from .dataset import DatasetGroup, DatasetItem
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import (
-    add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora,
+    add_lora,
+    load_comfy_lora,
+    lora_file_modules,
+    lora_target_modules,
+    parse_network_args,
+    save_lora,
 )
 from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
-from .model_versions import MODEL_VERSIONS
-from .options import NETWORK_MODULE
-from .protocol import (
-    METRICS_FILE, STATUS_FILE, JobState, append_metrics, clear_stop_request, read_metrics, stop_requested, write_status,
-)
 from .sampling import EncodedSample, encode_samples, save_samples
 from .state import load_state, save_state
 
@@ -664,8 +688,8 @@ def _train(
                 break
             step = progress["step"]
             if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total_steps:
-                save_checkpoint(f"{args.output_name}-step{step:08d}.safetensors",
-                                f"{args.output_name}-step{step:08d}-state" if args.save_state else None)
+                name = step_checkpoint_name(args.output_name, step)
+                save_checkpoint(f"{name}.safetensors", f"{name}-state" if args.save_state else None)
             if args.sample_every_n_steps and step % args.sample_every_n_steps == 0:
                 sample(None)
         if stopped_by is None and progress["batch_in_epoch"] >= len(batches):
@@ -673,8 +697,8 @@ def _train(
             progress["batch_in_epoch"] = 0
             finished = progress["epoch"]
             if args.save_every_n_epochs and finished % args.save_every_n_epochs == 0 and progress["step"] < total_steps:
-                save_checkpoint(f"{args.output_name}-{finished:06d}.safetensors",
-                                f"{args.output_name}-{finished:06d}-state" if args.save_state else None)
+                name = epoch_checkpoint_name(args.output_name, finished)
+                save_checkpoint(f"{name}.safetensors", f"{name}-state" if args.save_state else None)
             if args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
                 sample(finished)
     bar.close()
@@ -682,7 +706,7 @@ def _train(
     if stopped_by is not None:
         log.info("stop requested (%s): saving a checkpoint at step %d", stopped_by, progress["step"])
         reporter.update(JobState.STOPPING, stop_reason=stopped_by)
-        name = f"{args.output_name}-step{progress['step']:08d}"
+        name = step_checkpoint_name(args.output_name, progress["step"])
         save_checkpoint(f"{name}.safetensors", f"{name}-state")
         reporter.update(JobState.STOPPED)
         return JobState.STOPPED

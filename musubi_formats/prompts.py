@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..common.files import tomllib
+
 # option letters -> (SamplePrompt field, pattern, converter), in musubi's matching order
 _OPTIONS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
     ("width", r"w (\d+)", int),
@@ -138,8 +140,6 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
             for i, item in enumerate(items)
         ]
     if suffix == ".toml":
-        from .fileio import tomllib
-
         try:
             data = tomllib.loads(text)
             base = {k: v for k, v in data["prompt"].items() if k != "subset"}

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 
 from filelock import FileLock, Timeout
 
-from ..faceid.fileio import atomic_write_json
+from ..common.files import atomic_write_json
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"

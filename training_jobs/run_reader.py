@@ -14,19 +14,21 @@ import functools
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..faceid.images import IMAGE_SUFFIXES
-from ..faceid.pairing import parse_sample_name
-from .protocol import LOG_FILE, read_metrics, read_status
+from ..common.files import IMAGE_SUFFIXES
+from ..musubi_formats.names import (
+    BEST_SUFFIX,
+    SAMPLE_DIR,
+    parse_checkpoint_name,
+    parse_sample_name,
+)
+from ..training_contract.protocol import LOG_FILE, read_metrics, read_status
 
 log = logging.getLogger(__name__)
 
-SAMPLE_DIR = "sample"
-BEST_SUFFIX = "-best"
 
 # Canonical metric names and the keys / TensorBoard tags they are read from, first match wins.
 LOSS = "loss"
@@ -37,9 +39,6 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     LOSS: ("loss", "loss/current"),
     FACE_SIMILARITY: ("face_similarity", "face_sim/x0_mean"),
 }
-
-_EPOCH_CHECKPOINT = re.compile(r"^(?P<name>.+)-(?P<epoch>\d{6})$")
-_STEP_CHECKPOINT = re.compile(r"^(?P<name>.+)-step(?P<step>\d{8})$")
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -158,17 +157,6 @@ def _int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
-
-
-def parse_checkpoint_name(filename: str) -> tuple[str, int | None, int | None, bool]:
-    """(output name, step, epoch, final) from a musubi checkpoint file name (folders ignored)."""
-    stem = Path(filename.replace("\\", "/")).name
-    stem = stem[: -len(".safetensors")] if stem.endswith(".safetensors") else stem
-    if m := _STEP_CHECKPOINT.match(stem):
-        return m["name"], int(m["step"]), None, False
-    if m := _EPOCH_CHECKPOINT.match(stem):
-        return m["name"], None, int(m["epoch"]), False
-    return stem, None, None, True
 
 
 def list_checkpoints(output_dir: str | os.PathLike, output_name: str | None = None) -> list[Checkpoint]:

@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..faceid.fileio import atomic_path
-from .run_reader import BEST_SUFFIX, parse_checkpoint_name
+from ..common.files import atomic_path
+from ..musubi_formats.names import BEST_SUFFIX, parse_checkpoint_name
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,8 @@ from typing import Any
 import tomlkit
 from PIL import Image, UnidentifiedImageError
 
-from ..faceid.fileio import atomic_write_text, tomllib
-from ..faceid.images import IMAGE_SUFFIXES
-from ..faceid.pairing import musubi_controls
+from ..common.files import IMAGE_SUFFIXES, atomic_write_text, tomllib
+from .names import musubi_controls
 
 log = logging.getLogger(__name__)
 

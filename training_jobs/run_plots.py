@@ -5,7 +5,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..faceid.plot import figure_rgb
+from ..common.figures import figure_rgb
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees a half-written report, status or checkpoint."""
+"""Files: atomic writes (a reader never sees a half-written report, status or checkpoint), a check
+that a path can be written, a file's signature, and the one TOML reader."""
 from __future__ import annotations
 
 import contextlib
@@ -9,15 +10,20 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import OutputPathError
-
 try:
     import tomllib  # re-exported: the one place that knows Python 3.10 reads TOML with tomli
 except ImportError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+# The image files the pack reads, everywhere it lists a folder (samples, datasets, checkpoints' runs).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+
 _UMASK_LOCK = threading.Lock()
+
+
+class OutputPathError(ValueError):
+    """A path a report or file cannot be written to, with the reason."""
 
 
 def default_file_mode() -> int:
@@ -87,3 +93,12 @@ def check_writable_file(path: str | os.PathLike, what: str) -> None:
         ) from None
     except OSError as exc:  # EROFS, ENOSPC, ...
         raise OutputPathError(f"{what} {target}: cannot write in {folder} ({exc.strerror or exc})") from None
+
+
+def file_signature(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_size, stat.st_mtime_ns

@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Sequence
 
 import psutil
 
-from .protocol import (
+from ..training_contract.protocol import (
     FINAL_STATES,
     LOG_FILE,
     JobState,
