@@ -51,8 +51,8 @@ from face_consistency.trainer.face_targets import (
 from face_consistency.trainer.face_training import build_training_hook
 from face_consistency.trainer.sampling import denormalize_latents
 from face_consistency.trainer.train import (
-    _micro_step,
-    _prepare_transformer,
+    micro_step,
+    prepare_transformer,
     collate,
     pack,
     unpack,
@@ -83,7 +83,7 @@ def run_argv(files, dataset, prompts, out: Path, args: argparse.Namespace, face_
 def decoded_x0_estimates(argv: list[str], lora: Path, eval_t: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """RGB uint8 [B, H, W, 3] of the decoded x0_hat at t = eval_t, and of the decoded x0 (the target)."""
     args = validate_args(parse_args([*argv, "--network_weights", str(lora)]))
-    transformer, _ = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+    transformer, _ = prepare_transformer(args, torch.device("cpu"), torch.float32)
     transformer.eval()
     vae = models.load_vae(args.vae, torch.float32)
     batch = collate(load_dataset_config(args.dataset_config).items)
@@ -130,7 +130,7 @@ def step_costs(argv: list[str], repeat: int) -> dict[str, float]:
     hook = build_training_hook(args)
     items = load_dataset_config(args.dataset_config).items[:1]
     hook.on_cached(items, accelerator)
-    transformer, _ = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+    transformer, _ = prepare_transformer(args, torch.device("cpu"), torch.float32)
     vae = models.load_vae(args.vae, torch.float32)
     batch = collate(items)
     generator = torch.Generator().manual_seed(0)
@@ -140,7 +140,7 @@ def step_costs(argv: list[str], repeat: int) -> dict[str, float]:
     crops = torch.rand(1, 3, 112, 112, requires_grad=True)
 
     def step(hooks: list) -> None:
-        loss, extra = _micro_step(args, transformer, vae, batch, generator, torch.device("cpu"), accelerator, 1, hooks)
+        loss, extra = micro_step(args, transformer, vae, batch, generator, torch.device("cpu"), accelerator, 1, hooks)
         (loss + (extra.loss if extra.loss is not None else 0)).backward()
 
     parts = {

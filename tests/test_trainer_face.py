@@ -25,7 +25,7 @@ from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
 from face_consistency.trainer.face_metrics import SampleScorer
 from face_consistency.trainer.face_targets import face_target_path, load_face_target
 from face_consistency.trainer.face_training import build_training_hook
-from face_consistency.trainer.train import _micro_step, _prepare_transformer, collate
+from face_consistency.trainer.train import micro_step, prepare_transformer, collate
 from face_consistency.training_contract.protocol import read_metrics, read_status
 
 pytestmark = pytest.mark.trainer
@@ -226,11 +226,11 @@ def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, d
         hook = build_training_hook(args)
         items = load_dataset_config(args.dataset_config).items
         hook.on_cached(items, accelerator, lambda: False)  # face targets were cached by full_run
-        transformer, lora_params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+        transformer, lora_params = prepare_transformer(args, torch.device("cpu"), torch.float32)
         vae = models.load_vae(args.vae, torch.float32)
         batch = collate(items)  # three faces and the faceless item
         generator = torch.Generator().manual_seed(0)
-        loss, extra = _micro_step(args, transformer, vae, batch, generator, torch.device("cpu"), accelerator, 1, [hook])
+        loss, extra = micro_step(args, transformer, vae, batch, generator, torch.device("cpu"), accelerator, 1, [hook])
         assert extra.metrics["face/loss_samples"] == N_ITEMS - 1
         assert torch.isfinite(loss) and extra.loss.requires_grad
         # the step's LoRA gradient differs from the MSE-only one by exactly this term

@@ -72,11 +72,11 @@ def test_saved_file_loads_back_with_alpha_folded_in(dit, tmp_path):
 def test_fp8_base_keeps_the_lora_in_fp32_and_base_weights_in_float8(dit):
     import argparse
 
-    from face_consistency.trainer.train import _prepare_transformer
+    from face_consistency.trainer.train import prepare_transformer
 
     args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
                               network_alpha=4.0, network_weights=None, gradient_checkpointing=True)
-    transformer, params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+    transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     assert {p.dtype for p in params} == {torch.float32}
     layer = transformer.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
@@ -138,14 +138,14 @@ def _save(tensors: dict, path) -> str:
 def test_network_weights_of_a_musubi_lora_load_every_layer_with_its_delta(dit, tmp_path):
     import argparse
 
-    from face_consistency.trainer.train import _prepare_transformer
+    from face_consistency.trainer.train import prepare_transformer
 
     reference = models.load_transformer(dit, torch.float32)
     tensors = musubi_lora_state_dict(reference, rank=2, alpha=1.0)
     path = _save(tensors, tmp_path / "musubi.safetensors")
     args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=0, network_args=[], fp8_base=False,
                               network_dim=2, network_alpha=2.0, network_weights=path, gradient_checkpointing=False)
-    transformer, params = _prepare_transformer(args, torch.device("cpu"), torch.float32)
+    transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     layer = transformer.transformer_blocks[0].img_mod[1]  # outside this trainer's default set
     stem = "lora_unet_transformer_blocks_0_img_mod_1"
     delta = layer.lora_B.default.weight @ layer.lora_A.default.weight * layer.scaling["default"]

@@ -1,5 +1,8 @@
 """The training loop: cache, load the DiT, add LoRA, flow-matching steps, checkpoints, samples, status.
 
+`run_training` sets up the process (accelerate, the log tail, signals, status on failure); a
+`TrainingRun` then goes through the job's steps, in the order `TrainingRun.run` lists them.
+
 One optimizer step, as musubi-tuner trains Qwen-Image-Edit (its `qwen_image_train_network.py`, with
 diffusers' `QwenImageEditPlusPipeline` for the packing and the image shapes):
 
@@ -98,9 +101,6 @@ LOG_TAIL_LINES = 40
 # Qwen-Image's scheduler config, used by `qwen_shift` to pick the shift from the image size.
 QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT = 256, 8192, 0.5, 0.9
 VAE_SCALE = 8
-
-
-# --------------------------------------------------------------------------- extension point
 
 
 # --------------------------------------------------------------------------- status / logging
@@ -346,7 +346,7 @@ def _log_tail(tail: LogTail, exc: BaseException) -> list[str]:
     return list(tail.lines) + "".join(trace).splitlines()[-LOG_TAIL_LINES:]
 
 
-def _prepare_transformer(
+def prepare_transformer(
     args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype
 ) -> tuple[torch.nn.Module, list[torch.nn.Parameter]]:
     """Load the DiT, apply the memory options, add the LoRA (fp32, on the device); returns its parameters."""
@@ -450,7 +450,7 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
         stop = StopSignal()
         with stop.installed():
             reporter.update(JobState.STARTING, step=0, total_steps=args.max_train_steps, epoch=0)
-            return _train(args, accelerator, reporter, stop, list(hooks))
+            return TrainingRun(args, accelerator, reporter, stop, list(hooks)).run()
     except BaseException as exc:  # noqa: BLE001 - every failure must end in state `failed`
         log.error("training failed: %s", exc)
         reporter.update(JobState.FAILED, error=f"{type(exc).__name__}: {exc}", log_tail=_log_tail(tail, exc))
@@ -464,255 +464,333 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
                 AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _train(
-    args: argparse.Namespace, accelerator: Accelerator, reporter: StatusReporter, stop: StopSignal,
-    hooks: list[TrainingHook],
-) -> JobState:
-    output_dir = Path(args.output_dir)
-    device = accelerator.device
-    weight_dtype = _dtype(args.mixed_precision)
-    set_seed(args.seed)
-    started = time.time()
+class StepMeter:
+    """The running figures of the step records: mean loss over the last epoch (at least 10 steps)
+    and steps per second over the last 20."""
 
-    def stop_reason() -> str | None:
-        local = stop.received or ("STOP file" if stop_requested(output_dir) else None)
-        if accelerator.num_processes == 1:
+    def __init__(self, steps_per_epoch: int) -> None:
+        self.recent_losses: collections.deque[float] = collections.deque(maxlen=max(steps_per_epoch, 10))
+        self.step_times: collections.deque[float] = collections.deque(maxlen=20)
+        self.last_step_end = time.time()
+
+    def tick(self, loss: float) -> tuple[float, float, float]:
+        """Count a finished step with its loss; returns (average loss, steps per second, now)."""
+        now = time.time()
+        self.recent_losses.append(loss)
+        self.step_times.append(now - self.last_step_end)
+        self.last_step_end = now
+        return sum(self.recent_losses) / len(self.recent_losses), len(self.step_times) / sum(self.step_times), now
+
+
+class TrainingRun:
+    """One training job, from the dataset cache to the final checkpoint; `run()` reads as its steps.
+
+    `progress` (step, epoch, batch within the epoch) is the resumable position that `save_state`
+    writes and `load_state` restores.
+    """
+
+    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, reporter: StatusReporter,
+                 stop: StopSignal, hooks: list[TrainingHook]) -> None:
+        self.args = args
+        self.accelerator = accelerator
+        self.reporter = reporter
+        self.stop = stop
+        self.hooks = hooks
+        self.output_dir = Path(args.output_dir)
+        self.device = accelerator.device
+        self.weight_dtype = _dtype(args.mixed_precision)
+        self.group: DatasetGroup = args.dataset_group
+        self.started = time.time()
+        self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
+        self.samples: list[EncodedSample] = []
+
+    def run(self) -> JobState:
+        if self.args.blocks_to_swap and self.accelerator.num_processes > 1:
+            raise ValueError("--blocks_to_swap works with a single process only (it trades GPU memory for speed)")
+        set_seed(self.args.seed)
+        encoders = self.load_encoders()
+        self.cache_dataset(encoders)
+        if self.stopped_before_training():
+            return JobState.STOPPED
+        self.prepare_samples_and_hooks(encoders)
+        if self.stopped_before_training():
+            return JobState.STOPPED
+        if self.accelerator.is_main_process:
+            _report_memory_plan(self.args, self.group, self.hooks, self.device, self.reporter)
+        del encoders  # the text encoder: the DiT needs the memory
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.prepare_training()
+        self.resume()
+        self.reporter.update(
+            JobState.TRAINING, step=self.progress["step"], total_steps=self.total_steps, epoch=self.progress["epoch"] + 1,
+            total_epochs=self.total_epochs, steps_per_epoch=self.steps_per_epoch, last_checkpoint=None,
+            last_sample_step=None,
+        )
+        if self.args.sample_at_first and self.progress["step"] == 0:
+            self.sample(None)
+        stopped_by = self.train()
+        return self.finish(stopped_by)
+
+    # ---- stopping
+
+    def stop_reason(self) -> str | None:
+        """Why to stop (a signal, the STOP file, another process), asked of every process; None: go on."""
+        local = self.stop_asked_here()
+        if self.accelerator.num_processes == 1:
             return local
-        flag = torch.tensor([1.0 if local else 0.0], device=device)
-        return (local or "stop requested by another process") if accelerator.reduce(flag, "max").item() > 0 else None
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return (local or "stop requested by another process") if self.accelerator.reduce(flag, "max").item() > 0 else None
 
-    if args.blocks_to_swap and accelerator.num_processes > 1:
-        raise ValueError("--blocks_to_swap works with a single process only (it trades GPU memory for speed)")
+    def stop_asked_here(self) -> str | None:
+        """This process only: cheap enough to ask per cached file."""
+        return self.stop.received or ("STOP file" if stop_requested(self.output_dir) else None)
 
-    # ---- data and caches (text encoder and VAE only; the DiT is loaded afterwards)
-    group: DatasetGroup = args.dataset_group
-    items = group.items
-    log.info("dataset: %d images in %d dataset(s)", len(items), len(group.datasets))
-    reporter.update(JobState.CACHING, num_images=len(items))
-    version = MODEL_VERSIONS[args.model_version]
-    vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else weight_dtype, device)
-
-    def load_text_side() -> tuple[torch.nn.Module, Any]:
-        log.info("loading the text encoder %s", args.text_encoder)
-        return models.load_text_encoder(args.text_encoder, weight_dtype, device), models.load_processor(args.tokenizer)
-
-    pipeline_class = QwenImageEditPlusPipeline if version.several_controls else QwenImageEditPipeline
-    pipeline = pipeline_class(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
-        transformer=None,
-    )
-    encoders = CacheEncoders(
-        pipeline, Path(args.vae), Path(args.text_encoder), weight_dtype,
-        str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), version.several_controls, device, load_text_side,
-    )
-    # Each process caches its share (a long single-process caching run would time out the others).
-    share = items[accelerator.process_index :: accelerator.num_processes]
-    def should_stop() -> bool:  # this process only: cheap enough to ask per cached file
-        return stop.received is not None or stop_requested(output_dir)
-
-    def stopped_before_training() -> bool:
-        reason = stop_reason()
+    def stopped_before_training(self) -> bool:
+        reason = self.stop_reason()
         if reason:
-            reporter.update(JobState.STOPPED, stop_reason=reason, last_checkpoint=None)
+            self.reporter.update(JobState.STOPPED, stop_reason=reason, last_checkpoint=None)
         return reason is not None
 
-    counts = cache_dataset(
-        share, encoders, should_stop=should_stop,
-        progress=lambda done, total: reporter.update(cached=done, cache_total=total),
-    )
-    log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
-    reporter.update(cache_built=counts["built"], cache_reused=counts["reused"])
-    accelerator.wait_for_everyone()
-    if stopped_before_training():
-        return JobState.STOPPED
-    samples: list[EncodedSample] = []
-    if args.sample_prompts:
-        samples = encode_samples(args.sample_settings, encoders)
-    for hook in hooks:
-        reporter.update(**hook.on_cached(items, accelerator, should_stop))
-    if stopped_before_training():
-        return JobState.STOPPED
-    if accelerator.is_main_process:
-        _report_memory_plan(args, group, hooks, device, reporter)
-    del pipeline, encoders
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    # ---- data and caches (text encoder and VAE only; the DiT is loaded afterwards)
 
-    # ---- the DiT with LoRA
-    transformer, lora_params = _prepare_transformer(args, device, weight_dtype)
+    def load_encoders(self) -> CacheEncoders:
+        """The VAE (kept for sampling and the hooks) and, loaded when first needed, the text encoder."""
+        args = self.args
+        version = MODEL_VERSIONS[args.model_version]
+        self.vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else self.weight_dtype,
+                                   self.device)
 
-    # ---- schedule
-    steps_per_epoch = math.ceil(len(epoch_batches(group, 0, args.seed, accelerator.process_index, accelerator.num_processes))
-                                / args.gradient_accumulation_steps)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the dataset yields no batch per process ({len(items)} images, {accelerator.num_processes} processes)"
+        def load_text_side() -> tuple[torch.nn.Module, Any]:
+            log.info("loading the text encoder %s", args.text_encoder)
+            return (models.load_text_encoder(args.text_encoder, self.weight_dtype, self.device),
+                    models.load_processor(args.tokenizer))
+
+        pipeline_class = QwenImageEditPlusPipeline if version.several_controls else QwenImageEditPipeline
+        pipeline = pipeline_class(
+            scheduler=FlowMatchEulerDiscreteScheduler(), vae=self.vae, text_encoder=None, tokenizer=None,
+            processor=None, transformer=None,
         )
-    if args.max_train_epochs:
-        args.max_train_steps = args.max_train_epochs * steps_per_epoch
-    total_steps = args.max_train_steps
-    total_epochs = math.ceil(total_steps / steps_per_epoch)
-    optimizer = _make_optimizer(args, lora_params)
-    lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer,
-        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
-        num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
-    )
-    # With swapped blocks the placement above must survive: accelerate must not move the model.
-    transformer = accelerator.prepare_model(transformer, device_placement=not args.blocks_to_swap)
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    if accelerator.is_main_process and args.logging_dir:
-        accelerator.init_trackers(args.log_tracker_name or "face_consistency", config={
-            k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        return CacheEncoders(
+            pipeline, Path(args.vae), Path(args.text_encoder), self.weight_dtype,
+            str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), version.several_controls, self.device, load_text_side,
+        )
 
-    generator = torch.Generator("cpu").manual_seed(args.seed + accelerator.process_index)
-    progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    if args.resume:
-        load_state(Path(args.resume), accelerator, transformer, generator, progress)
-        log.info("resumed from %s at step %d, epoch %d", args.resume, progress["step"], progress["epoch"] + 1)
-        if accelerator.is_main_process:
+    def cache_dataset(self, encoders: CacheEncoders) -> None:
+        items = self.group.items
+        log.info("dataset: %d images in %d dataset(s)", len(items), len(self.group.datasets))
+        self.reporter.update(JobState.CACHING, num_images=len(items))
+        # Each process caches its share (a long single-process caching run would time out the others).
+        share = items[self.accelerator.process_index :: self.accelerator.num_processes]
+        counts = cache_dataset(
+            share, encoders, should_stop=lambda: self.stop_asked_here() is not None,
+            progress=lambda done, total: self.reporter.update(cached=done, cache_total=total),
+        )
+        log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
+        self.reporter.update(cache_built=counts["built"], cache_reused=counts["reused"])
+        self.accelerator.wait_for_everyone()
+
+    def prepare_samples_and_hooks(self, encoders: CacheEncoders) -> None:
+        """The sample prompts encoded, and the hooks' own caches (the face targets)."""
+        if self.args.sample_prompts:
+            self.samples = encode_samples(self.args.sample_settings, encoders)
+        for hook in self.hooks:
+            self.reporter.update(**hook.on_cached(self.group.items, self.accelerator,
+                                                  lambda: self.stop_asked_here() is not None))
+
+    # ---- the DiT with LoRA, optimizer and schedule
+
+    def prepare_training(self) -> None:
+        args, accelerator = self.args, self.accelerator
+        transformer, self.lora_params = prepare_transformer(args, self.device, self.weight_dtype)
+        batches = epoch_batches(self.group, 0, args.seed, accelerator.process_index, accelerator.num_processes)
+        self.steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"the dataset yields no batch per process ({len(self.group.items)} images, "
+                             f"{accelerator.num_processes} processes)")
+        if args.max_train_epochs:
+            args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
+        self.total_steps = args.max_train_steps
+        self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        optimizer = _make_optimizer(args, self.lora_params)
+        lr_scheduler = get_scheduler(
+            args.lr_scheduler, optimizer,
+            num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+            num_training_steps=self.total_steps * accelerator.num_processes,
+            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+        )
+        # With swapped blocks the placement above must survive: accelerate must not move the model.
+        self.transformer = accelerator.prepare_model(transformer, device_placement=not args.blocks_to_swap)
+        self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+        if accelerator.is_main_process and args.logging_dir:
+            accelerator.init_trackers(args.log_tracker_name or "face_consistency", config={
+                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        self.generator = torch.Generator("cpu").manual_seed(args.seed + accelerator.process_index)
+
+    def resume(self) -> None:
+        if not self.args.resume:
+            return
+        load_state(Path(self.args.resume), self.accelerator, self.transformer, self.generator, self.progress)
+        log.info("resumed from %s at step %d, epoch %d", self.args.resume, self.progress["step"], self.progress["epoch"] + 1)
+        if self.accelerator.is_main_process:
             # Resuming into the same folder: steps after the state are about to be redone.
-            kept = [m for m in read_metrics(output_dir) if m.get("step", 0) <= progress["step"]]
-            atomic_write_text(output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+            kept = [m for m in read_metrics(self.output_dir) if m.get("step", 0) <= self.progress["step"]]
+            atomic_write_text(self.output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
 
-    reporter.update(
-        JobState.TRAINING, step=progress["step"], total_steps=total_steps, epoch=progress["epoch"] + 1,
-        total_epochs=total_epochs, steps_per_epoch=steps_per_epoch, last_checkpoint=None, last_sample_step=None,
-    )
+    # ---- training
 
-    def save_checkpoint(file_name: str, state_name: str | None) -> None:
-        for param in lora_params:
-            check_finite(progress["step"], "LoRA weight", param.detach())
-        reporter.update(JobState.SAVING)
-        with checkpoint_write(output_dir / file_name):
+    def train(self) -> str | None:
+        """Optimizer steps to the last one, saving and sampling on the way; returns why it stopped
+        early, or None when it reached the end."""
+        args, progress = self.args, self.progress
+        accelerator = self.accelerator
+        bar = tqdm(total=self.total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
+                   desc="steps", dynamic_ncols=True)
+        meter = StepMeter(self.steps_per_epoch)
+        micro_losses: list[torch.Tensor] = []  # flow-matching losses of the micro-batches of one optimizer step
+        try:
+            while progress["step"] < self.total_steps:
+                epoch = progress["epoch"]
+                batches = epoch_batches(self.group, epoch, args.seed, accelerator.process_index,
+                                        accelerator.num_processes)
+                while progress["batch_in_epoch"] < len(batches) and progress["step"] < self.total_steps:
+                    batch = collate(batches[progress["batch_in_epoch"]])
+                    progress["batch_in_epoch"] += 1
+                    loss, extra = self.accumulate(batch)
+                    micro_losses.append(loss.detach())
+                    if not accelerator.sync_gradients:
+                        continue
+                    progress["step"] += 1
+                    self.record_step(epoch, accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item(),
+                                     extra, meter, bar)
+                    micro_losses.clear()
+                    stopped_by = self.stop_reason()
+                    if stopped_by is not None:
+                        return stopped_by
+                    self.after_step(progress["step"])
+                if progress["batch_in_epoch"] >= len(batches):
+                    progress["epoch"] += 1
+                    progress["batch_in_epoch"] = 0
+                    self.after_epoch(progress["epoch"])
+            return None
+        finally:
+            bar.close()
+
+    def accumulate(self, batch: Batch) -> tuple[torch.Tensor, ExtraLoss]:
+        """One micro-batch's forward and backward; the optimizer steps when the accumulation is complete."""
+        step = self.progress["step"] + 1
+        with self.accelerator.accumulate(self.transformer):
+            loss, extra = micro_step(self.args, self.transformer, self.vae, batch, self.generator, self.device,
+                                     self.accelerator, step, self.hooks)
+            check_finite(step, "flow-matching loss", loss)
+            if extra.loss is not None:
+                check_finite(step, "extra loss (face identity)", extra.loss)
+            self.accelerator.backward(loss + (extra.loss if extra.loss is not None else 0))
+            if self.accelerator.sync_gradients and self.args.max_grad_norm:
+                norm = self.accelerator.clip_grad_norm_(self.lora_params, self.args.max_grad_norm)
+                check_finite(step, "gradient norm", torch.as_tensor(norm))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, extra
+
+    def record_step(self, epoch: int, loss: float, extra: ExtraLoss, meter: StepMeter, bar: tqdm) -> None:
+        """The step's record in metrics.jsonl, TensorBoard, status.json and the progress bar."""
+        step = self.progress["step"]
+        average, steps_per_sec, now = meter.tick(loss)
+        lr = self.lr_scheduler.get_last_lr()[0]
+        self.reporter.metrics({"step": step, "epoch": epoch + 1, "loss": loss, "avg_loss": average, "lr": lr,
+                               "steps_per_sec": steps_per_sec, "time": now, **extra.metrics})
+        if self.args.logging_dir:
+            self.accelerator.log({"loss/current": loss, "loss/average": average, "lr/unet": lr, **extra.metrics},
+                                 step=step)
+        self.reporter.update(
+            step=step, epoch=epoch + 1, loss=loss, avg_loss=average, lr=lr, steps_per_sec=steps_per_sec,
+            eta_sec=(self.total_steps - step) / steps_per_sec, **extra.metrics,
+        )
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{average:.4f}")
+
+    def after_step(self, step: int) -> None:
+        args = self.args
+        if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < self.total_steps:
+            self.save_checkpoint(step_checkpoint_name(args.output_name, step), with_state=args.save_state)
+        if args.sample_every_n_steps and step % args.sample_every_n_steps == 0:
+            self.sample(None)
+
+    def after_epoch(self, finished: int) -> None:
+        args = self.args
+        if args.save_every_n_epochs and finished % args.save_every_n_epochs == 0 and self.progress["step"] < self.total_steps:
+            self.save_checkpoint(epoch_checkpoint_name(args.output_name, finished), with_state=args.save_state)
+        if args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
+            self.sample(finished)
+
+    def finish(self, stopped_by: str | None) -> JobState:
+        """The last checkpoint: the final LoRA, or on a stop one at the current step with its state to resume."""
+        if stopped_by is not None:
+            log.info("stop requested (%s): saving a checkpoint at step %d", stopped_by, self.progress["step"])
+            self.reporter.update(JobState.STOPPING, stop_reason=stopped_by)
+            self.save_checkpoint(step_checkpoint_name(self.args.output_name, self.progress["step"]), with_state=True)
+            self.reporter.update(JobState.STOPPED)
+            return JobState.STOPPED
+        self.save_checkpoint(self.args.output_name, with_state=self.args.save_state)
+        self.reporter.update(JobState.COMPLETED, eta_sec=0)
+        return JobState.COMPLETED
+
+    # ---- checkpoints and samples
+
+    def save_checkpoint(self, stem: str, *, with_state: bool) -> None:
+        """`{stem}.safetensors` (the LoRA, ComfyUI's format) and, `with_state`, `{stem}-state/` to resume from."""
+        args, accelerator = self.args, self.accelerator
+        for param in self.lora_params:
+            check_finite(self.progress["step"], "LoRA weight", param.detach())
+        self.reporter.update(JobState.SAVING)
+        lora_file = self.output_dir / f"{stem}.safetensors"
+        with checkpoint_write(lora_file):
             if accelerator.is_main_process:
                 path = save_lora(
-                    output_dir / file_name, accelerator.unwrap_model(transformer), args.network_alpha,
-                    _lora_metadata(args, progress["step"], progress["epoch"] + 1, len(items), started),
-                    torch.float32 if args.mixed_precision == "no" else weight_dtype,
+                    lora_file, accelerator.unwrap_model(self.transformer), args.network_alpha,
+                    _lora_metadata(args, self.progress["step"], self.progress["epoch"] + 1, len(self.group.items),
+                                   self.started),
+                    torch.float32 if args.mixed_precision == "no" else self.weight_dtype,
                 )
-                reporter.status["last_checkpoint"] = str(path)
+                self.reporter.status["last_checkpoint"] = str(path)
                 log.info("saved %s", path)
-        if state_name is not None:
-            with checkpoint_write(output_dir / state_name):
-                save_state(output_dir / state_name, accelerator, transformer, generator, progress)
+        if with_state:
+            state_dir = self.output_dir / f"{stem}-state"
+            with checkpoint_write(state_dir):
+                save_state(state_dir, accelerator, self.transformer, self.generator, self.progress)
         accelerator.wait_for_everyone()
 
-    def sample(epoch: int | None) -> None:
-        if not samples:
+    def sample(self, epoch: int | None) -> None:
+        """Draw the sample prompts with the current LoRA (main process) and pass the images to the hooks."""
+        if not self.samples:
             return
-        reporter.update(JobState.SAMPLING)
+        accelerator, step = self.accelerator, self.progress["step"]
+        self.reporter.update(JobState.SAMPLING)
         if accelerator.is_main_process:
-            model = accelerator.unwrap_model(transformer)
+            model = accelerator.unwrap_model(self.transformer)
             model.eval()
             with accelerator.autocast():
                 paths = save_samples(
-                    samples, transformer=model, vae=vae, output_dir=output_dir, output_name=args.output_name,
-                    step=progress["step"], epoch=epoch, device=device, dtype=weight_dtype,
-                    shift_terminal=args.sample_shift_terminal,
+                    self.samples, transformer=model, vae=self.vae, output_dir=self.output_dir,
+                    output_name=self.args.output_name, step=step, epoch=epoch, device=self.device,
+                    dtype=self.weight_dtype, shift_terminal=self.args.sample_shift_terminal,
                 )
             model.train()
             metrics = {}
-            for hook in hooks:
-                metrics.update(hook.on_samples(progress["step"], paths, samples))
+            for hook in self.hooks:
+                metrics.update(hook.on_samples(step, paths, self.samples))
             if metrics:
-                reporter.metrics({"step": progress["step"], **metrics})
-                reporter.status.update(metrics)
-                if args.logging_dir:
-                    accelerator.log(metrics, step=progress["step"])
-            reporter.status["last_sample_step"] = progress["step"]
-            log.info("wrote %d sample(s) at step %d", len(paths), progress["step"])
+                self.reporter.metrics({"step": step, **metrics})
+                self.reporter.status.update(metrics)
+                if self.args.logging_dir:
+                    accelerator.log(metrics, step=step)
+            self.reporter.status["last_sample_step"] = step
+            log.info("wrote %d sample(s) at step %d", len(paths), step)
         accelerator.wait_for_everyone()
-        reporter.update(JobState.TRAINING)
-
-    if args.sample_at_first and progress["step"] == 0:
-        sample(None)
-
-    bar = tqdm(total=total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
-               desc="steps", dynamic_ncols=True)
-    recent_losses: collections.deque[float] = collections.deque(maxlen=max(steps_per_epoch, 10))
-    step_times: collections.deque[float] = collections.deque(maxlen=20)
-    last_step_end = time.time()
-    stopped_by: str | None = None
-    micro_losses: list[torch.Tensor] = []  # flow-matching losses of the micro-batches of one optimizer step
-
-    while progress["step"] < total_steps and stopped_by is None:
-        epoch = progress["epoch"]
-        batches = epoch_batches(group, epoch, args.seed, accelerator.process_index, accelerator.num_processes)
-        while progress["batch_in_epoch"] < len(batches) and progress["step"] < total_steps:
-            batch = collate(batches[progress["batch_in_epoch"]])
-            progress["batch_in_epoch"] += 1
-            with accelerator.accumulate(transformer):
-                loss, extra = _micro_step(args, transformer, vae, batch, generator, device, accelerator,
-                                          progress["step"] + 1, hooks)
-                check_finite(progress["step"] + 1, "flow-matching loss", loss)
-                if extra.loss is not None:
-                    check_finite(progress["step"] + 1, "extra loss (face identity)", extra.loss)
-                accelerator.backward(loss + (extra.loss if extra.loss is not None else 0))
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    norm = accelerator.clip_grad_norm_(lora_params, args.max_grad_norm)
-                    check_finite(progress["step"] + 1, "gradient norm", torch.as_tensor(norm))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro_losses.append(loss.detach())
-            if not accelerator.sync_gradients:
-                continue
-            progress["step"] += 1
-            loss_value = accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item()
-            micro_losses.clear()
-            recent_losses.append(loss_value)
-            now = time.time()
-            step_times.append(now - last_step_end)
-            last_step_end = now
-            steps_per_sec = len(step_times) / sum(step_times)
-            average = sum(recent_losses) / len(recent_losses)
-            lr = lr_scheduler.get_last_lr()[0]
-            record = {"step": progress["step"], "epoch": epoch + 1, "loss": loss_value, "avg_loss": average,
-                      "lr": lr, "steps_per_sec": steps_per_sec, "time": now, **extra.metrics}
-            reporter.metrics(record)
-            if args.logging_dir:
-                accelerator.log({"loss/current": loss_value, "loss/average": average, "lr/unet": lr,
-                                 **extra.metrics}, step=progress["step"])
-            reporter.update(
-                step=progress["step"], epoch=epoch + 1, loss=loss_value, avg_loss=average, lr=lr,
-                steps_per_sec=steps_per_sec, eta_sec=(total_steps - progress["step"]) / steps_per_sec,
-                **extra.metrics,
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_value:.4f}", avr_loss=f"{average:.4f}")
-            stopped_by = stop_reason()
-            if stopped_by is not None:
-                break
-            step = progress["step"]
-            if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < total_steps:
-                name = step_checkpoint_name(args.output_name, step)
-                save_checkpoint(f"{name}.safetensors", f"{name}-state" if args.save_state else None)
-            if args.sample_every_n_steps and step % args.sample_every_n_steps == 0:
-                sample(None)
-        if stopped_by is None and progress["batch_in_epoch"] >= len(batches):
-            progress["epoch"] += 1
-            progress["batch_in_epoch"] = 0
-            finished = progress["epoch"]
-            if args.save_every_n_epochs and finished % args.save_every_n_epochs == 0 and progress["step"] < total_steps:
-                name = epoch_checkpoint_name(args.output_name, finished)
-                save_checkpoint(f"{name}.safetensors", f"{name}-state" if args.save_state else None)
-            if args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
-                sample(finished)
-    bar.close()
-
-    if stopped_by is not None:
-        log.info("stop requested (%s): saving a checkpoint at step %d", stopped_by, progress["step"])
-        reporter.update(JobState.STOPPING, stop_reason=stopped_by)
-        name = step_checkpoint_name(args.output_name, progress["step"])
-        save_checkpoint(f"{name}.safetensors", f"{name}-state")
-        reporter.update(JobState.STOPPED)
-        return JobState.STOPPED
-    save_checkpoint(f"{args.output_name}.safetensors", f"{args.output_name}-state" if args.save_state else None)
-    reporter.update(JobState.COMPLETED, eta_sec=0)
-    return JobState.COMPLETED
+        self.reporter.update(JobState.TRAINING)
 
 
 def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence[TrainingHook] = ()) -> MemoryInputs:
@@ -747,7 +825,7 @@ def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, hooks: Se
     reporter.update(memory_plan={**plan.as_status(), "warning": warning})
 
 
-def _micro_step(
+def micro_step(
     args: argparse.Namespace, transformer: torch.nn.Module, vae: torch.nn.Module, batch: Batch,
     generator: torch.Generator, device: torch.device, accelerator: Accelerator, step: int, hooks: list[TrainingHook],
 ) -> tuple[torch.Tensor, ExtraLoss]:
@@ -786,4 +864,5 @@ def _micro_step(
     return loss, extra
 
 
-__all__ = ["ExtraLoss", "StepState", "TrainingDivergedError", "TrainingHook", "run_training", "sample_timesteps", "flow_shift", "pack", "unpack"]
+__all__ = ["CheckpointWriteError", "TrainingDivergedError", "TrainingRun", "micro_step", "prepare_transformer", "run_training",
+           "sample_timesteps", "flow_shift", "pack", "unpack"]
