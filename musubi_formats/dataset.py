@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import tomlkit
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
 from PIL import Image, UnidentifiedImageError
 
 from ..common.files import IMAGE_SUFFIXES, atomic_write_text, tomllib
@@ -45,19 +46,6 @@ RESOLUTION_STEP = 16
 # 4096 px a side is 4x the model's 1 MP training size; its images alone take ~200 MB each in fp32
 # while caching, and attention over its 65,536 tokens would not fit any one GPU.
 MAX_RESOLUTION_SIDE = 4096
-BOOLEAN_KEYS = ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target")
-PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
-
-GENERAL_KEYS = {"resolution", "caption_extension", "batch_size", "num_repeats", "enable_bucket", "bucket_no_upscale"}
-DATASET_KEYS = GENERAL_KEYS | {
-    "image_directory",
-    "image_jsonl_file",
-    "cache_directory",
-    "control_directory",
-    "control_resolution",
-    "no_resize_control",
-    "multiple_target",
-}
 GENERAL_DEFAULTS: dict[str, Any] = {
     "resolution": (960, 544),
     "caption_extension": ".txt",
@@ -109,15 +97,77 @@ class DatasetGroup:
         return [item for spec in self.datasets for item in spec.items]
 
 
-def _resolution(value: Any, where: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        width = height = value
-    elif isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        width, height = value
+class _GeneralSection(BaseModel):
+    """`[general]`: the settings every `[[datasets]]` entry inherits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    resolution: StrictInt | conlist(StrictInt, min_length=2, max_length=2) | None = None
+    caption_extension: constr(strict=True, pattern=r"^\.") | None = None
+    batch_size: conint(strict=True, ge=1) | None = None
+    num_repeats: conint(strict=True, ge=1) | None = None
+    enable_bucket: StrictBool | None = None
+    bucket_no_upscale: StrictBool | None = None
+
+
+class _DatasetSection(_GeneralSection):
+    """One `[[datasets]]` entry."""
+
+    image_directory: StrictStr | None = None
+    image_jsonl_file: StrictStr | None = None
+    cache_directory: StrictStr | None = None
+    control_directory: StrictStr | None = None
+    control_resolution: StrictInt | conlist(StrictInt, min_length=2, max_length=2) | None = None
+    no_resize_control: StrictBool | None = None
+    multiple_target: StrictBool | None = None
+
+
+class _DatasetFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    general: _GeneralSection = _GeneralSection()
+    datasets: list[_DatasetSection] | None = None
+
+
+PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
+# What each key must be, in the words of the error a user reads.
+_EXPECTED = {
+    **{key: "must be true or false" for key in ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target")},
+    **{key: "must be a path in quotes" for key in PATH_KEYS},
+    "batch_size": "must be a positive integer",
+    "num_repeats": "must be a positive integer",
+    "resolution": "must be an int or [width, height]",
+    "control_resolution": "must be an int or [width, height]",
+    "caption_extension": 'must start with a dot, e.g. ".txt"',
+}
+_TABLES_EXPECTED = ("expected a [general] table and [[datasets]] tables (docs/training.md: Dataset TOML (musubi format))")
+
+
+def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path) -> DatasetConfigError:
+    """The first problem the schema found, as a sentence that names the file, the table and the key."""
+    error = exc.errors()[0]
+    loc = error["loc"]
+    section = config
+    if loc[0] == "datasets" and len(loc) > 1 and isinstance(loc[1], int):
+        where, section, key_at = f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], 2
+    elif loc[0] == "general":
+        where, section, key_at = f"{toml_path} [general]", config["general"], 1
     else:
-        raise DatasetConfigError(f"{where}: resolution must be an int or [width, height], got {value!r}")
+        where, key_at = str(toml_path), 0
+    if len(loc) <= key_at or not isinstance(section, dict) or (key_at == 0 and error["type"] != "extra_forbidden"):
+        return DatasetConfigError(f"{toml_path}: {_TABLES_EXPECTED}")
+    if error["type"] == "extra_forbidden":
+        unknown = sorted(k for k in section if k not in (_DatasetFile if key_at == 0 else _DatasetSection if key_at == 2
+                                                          else _GeneralSection).model_fields)
+        noun = "section(s)" if key_at == 0 else "key(s)"
+        return DatasetConfigError(f"{where}: unknown {noun} {unknown}")
+    key = loc[key_at]
+    return DatasetConfigError(f"{where}: {key} {_EXPECTED.get(key, 'is not valid')}, got {section[key]!r}")
+
+
+def _resolution(value: int | list[int], where: str) -> tuple[int, int]:
+    """(width, height) of a resolution the schema has typed (an int or two), within the trainable bounds."""
+    width, height = (value, value) if isinstance(value, int) else value
     if width < RESOLUTION_STEP or height < RESOLUTION_STEP:
         raise DatasetConfigError(f"{where}: resolution {value!r} is smaller than {RESOLUTION_STEP} pixels")
     if max(width, height) > MAX_RESOLUTION_SIDE:
@@ -237,15 +287,6 @@ def _jsonl_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Pa
     return entries
 
 
-def _check_types(cfg: dict[str, Any], where: str) -> None:
-    for key in BOOLEAN_KEYS:
-        if key in cfg and not isinstance(cfg[key], bool):
-            raise DatasetConfigError(f"{where}: {key} must be true or false, got {cfg[key]!r}")
-    for key in PATH_KEYS:
-        if key in cfg and not isinstance(cfg[key], str):
-            raise DatasetConfigError(f"{where}: {key} must be a path in quotes, got {cfg[key]!r}")
-
-
 def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     if cfg.get("multiple_target"):
         raise DatasetConfigError(f"{where}: multiple_target (layered targets) is not supported for Qwen-Image-Edit")
@@ -256,11 +297,6 @@ def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     control_resolution = (
         _resolution(cfg["control_resolution"], where + " control_resolution") if "control_resolution" in cfg else None
     )
-    if not isinstance(cfg["caption_extension"], str) or not cfg["caption_extension"].startswith("."):
-        raise DatasetConfigError(f"{where}: caption_extension must start with a dot, e.g. \".txt\", got {cfg['caption_extension']!r}")
-    for key in ("batch_size", "num_repeats"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise DatasetConfigError(f"{where}: {key} must be a positive integer, got {cfg[key]!r}")
     entries = _directory_entries(cfg, where) if has_dir else _jsonl_entries(cfg, where)
     if not entries:
         raise DatasetConfigError(f"{where}: no trainable images (images need a caption file and a control)")
@@ -297,30 +333,18 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
         config = tomllib.loads(toml_path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise DatasetConfigError(f"dataset config {toml_path} is not valid TOML: {exc}") from exc
-    unknown_sections = set(config) - {"general", "datasets"}
-    if unknown_sections:
-        raise DatasetConfigError(f"{toml_path}: unknown section(s) {sorted(unknown_sections)}")
-    general = config.get("general", {})
-    datasets = config.get("datasets")
-    if not isinstance(general, dict) or not isinstance(datasets, (list, type(None))) or not all(
-        isinstance(entry, dict) for entry in datasets or []
-    ):
-        raise DatasetConfigError(f"{toml_path}: expected a [general] table and [[datasets]] tables (docs/training.md: "
-                                 "Dataset TOML (musubi format))")
-    unknown = set(general) - GENERAL_KEYS
-    if unknown:
-        raise DatasetConfigError(f"{toml_path} [general]: unknown key(s) {sorted(unknown)}")
-    _check_types(general, f"{toml_path} [general]")
+    try:
+        parsed = _DatasetFile.model_validate(config)
+    except ValidationError as exc:
+        raise _schema_error(exc, config, toml_path) from None
+    general = parsed.general.model_dump(exclude_none=True)
+    datasets = [entry.model_dump(exclude_none=True) for entry in parsed.datasets or []]
     if not datasets:
         raise DatasetConfigError(f"{toml_path}: no [[datasets]] entries")
     group = DatasetGroup()
     for index, entry in enumerate(datasets):
         where = f"{toml_path} [[datasets]] #{index + 1}"
-        unknown = set(entry) - DATASET_KEYS
-        if unknown:
-            raise DatasetConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
         cfg = {**GENERAL_DEFAULTS, **general, **entry}
-        _check_types(cfg, where)
         for key in PATH_KEYS:
             # musubi resolves relative paths against the working directory; fall back to the TOML's folder.
             if key in cfg and not Path(cfg[key]).is_absolute() and not Path(cfg[key]).exists():
