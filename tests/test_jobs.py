@@ -99,7 +99,7 @@ def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTrai
     wait_for(lambda: (read_status(output_dir) or {}).get("pid") == job.pid, "the trainer to start")
     wait_for(lambda: (output_dir / "train.log").stat().st_size > 0, "the trainer to log")
     # another ComfyUI install (another registry) does not know the job, but sees the live trainer
-    with pytest.raises(JobConflictError, match=f"started outside ComfyUI \\(pid {job.pid}\\)"):
+    with pytest.raises(JobConflictError, match=f"another training run \\(pid {job.pid}\\) is writing to this folder"):
         jobs.launch(JobRegistry(tmp_path / "other.sqlite3"), output_dir, ["--help"], name="tiny")
 
     os.killpg(job.pid, signal.SIGKILL)

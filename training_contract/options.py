@@ -46,6 +46,7 @@ class Option:
     default: Any = None
     choices: tuple[str, ...] | None = None  # checked by the trainer (some case-insensitively), listed in the help
     many: bool = False  # takes a list of values (nargs="*")
+    path: bool = False  # names a file or folder the run reads or writes
     node: NodeWidget | None = None
 
     @property
@@ -59,11 +60,11 @@ def _choices(values: tuple[str, ...]) -> str:
 
 OPTIONS: tuple[Option, ...] = (
     # models
-    Option("dit", str, "models", "DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors"),
-    Option("vae", str, "models", "VAE single file, e.g. qwen_image_vae.safetensors"),
-    Option("text_encoder", str, "models", "Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)"),
+    Option("dit", str, "models", "DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors", path=True),
+    Option("vae", str, "models", "VAE single file, e.g. qwen_image_vae.safetensors", path=True),
+    Option("text_encoder", str, "models", "Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)", path=True),
     Option("tokenizer", str, "models", "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
-           "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget("")),
+           "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget(""), path=True),
     Option("model_version", str, "models", f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
            "Edit-2511; as musubi-tuner)", choices=tuple(MODEL_VERSIONS)),
     Option("edit", bool, "models", "same as --model_version edit"),
@@ -72,7 +73,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("fp8_base", bool, "models", "store the DiT base weights as float8 (diffusers layerwise casting)"),
     Option("blocks_to_swap", int, "models", "keep N transformer blocks on the CPU, streamed in per layer", 0),
     # data
-    Option("dataset_config", str, "data", "musubi dataset TOML"),
+    Option("dataset_config", str, "data", "musubi dataset TOML", path=True),
     Option("max_data_loader_n_workers", int, "data",
            "accepted for compatibility: cached tensors are read in the training process", 2),
     Option("persistent_data_loader_workers", bool, "data",
@@ -107,21 +108,21 @@ OPTIONS: tuple[Option, ...] = (
     Option("network_module", str, "network", "accepted for compatibility", NETWORK_MODULE),
     Option("network_dim", int, "network", "LoRA rank", 4, node=NodeWidget(16, 1, 256)),
     Option("network_alpha", float, "network", "LoRA alpha (scale alpha/dim)", 1.0, node=NodeWidget(16.0, 0.0, 256.0)),
-    Option("network_weights", str, "network", "LoRA file (this trainer's or musubi's) to start from"),
+    Option("network_weights", str, "network", "LoRA file (this trainer's or musubi's) to start from", path=True),
     Option("network_args", str, "network", "include_patterns=[...] exclude_patterns=[...] (regex on module paths)",
            many=True),
     # output
-    Option("output_dir", str, "output"),
-    Option("output_name", str, "output", "", "lora"),
+    Option("output_dir", str, "output", path=True),
+    Option("output_name", str, "output", "", "lora", path=True),
     Option("save_every_n_epochs", int, "output", node=NodeWidget(10, 1, 100000)),
     Option("save_every_n_steps", int, "output"),
     Option("save_state", bool, "output", "save resumable state beside each checkpoint"),
-    Option("resume", str, "output", "state folder to continue from (continues at its step and epoch)"),
-    Option("logging_dir", str, "output", "TensorBoard log folder"),
+    Option("resume", str, "output", "state folder to continue from (continues at its step and epoch)", path=True),
+    Option("logging_dir", str, "output", "TensorBoard log folder", path=True),
     Option("log_tracker_name", str, "output", "TensorBoard run name"),
-    Option("config_file", str, "output", "TOML file with any of these flags as keys"),
+    Option("config_file", str, "output", "TOML file with any of these flags as keys", path=True),
     # sampling
-    Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)"),
+    Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)", path=True),
     Option("sample_every_n_steps", int, "sampling"),
     Option("sample_every_n_epochs", int, "sampling", node=NodeWidget(
         10, 0, 100000, tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps).")),
@@ -141,7 +142,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("face_det_size", int, "face", "face detector input size", 640, node=NodeWidget(640, 128, 2048, 32)),
     Option("face_eval_frequency", int, "face", "measure x0-estimate similarity every N steps", 100,
            node=NodeWidget(100, 1, 100000)),
-    Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)"),
+    Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)", path=True),
     Option("offline", bool, "face",
            "never download a missing standard face pack (by default it is fetched on first use)"),
     Option("face_loss_max_t", float, "face", "apply the loss only where t <= this (1 for every t; 0.5 keeps the "

@@ -149,8 +149,8 @@ def hold_output_folder(output_dir: str | os.PathLike) -> Iterator[None]:
     except Timeout:
         pid = (read_status(folder) or {}).get("pid")
         raise OutputFolderBusyError(
-            f"--output_dir {folder}: another training run{f' (pid {pid})' if pid else ''} is writing to this folder; "
-            "wait for it to end (or stop it), or choose another --output_dir"
+            f"{folder}: another training run{f' (pid {pid})' if pid else ''} is writing to this folder; "
+            "wait for it to end (or stop it), or choose another output folder"
         ) from None
     try:
         yield
@@ -158,12 +158,8 @@ def hold_output_folder(output_dir: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
-def output_folder_busy(output_dir: str | os.PathLike) -> bool:
-    """Whether a live trainer holds the folder (checked by taking and letting go of its lock)."""
-    if not (Path(output_dir) / LOCK_FILE).exists():
-        return False
-    try:
+def check_output_folder_free(output_dir: str | os.PathLike) -> None:
+    """Raise OutputFolderBusyError when a live trainer holds the folder (taking and letting go of its lock)."""
+    if (Path(output_dir) / LOCK_FILE).exists():
         with hold_output_folder(output_dir):
-            return False
-    except OutputFolderBusyError:
-        return True
+            pass

@@ -30,12 +30,14 @@ from typing import Callable, Iterator, Sequence
 
 import psutil
 
+from ..training_contract.options import OPTIONS
 from ..training_contract.protocol import (
     FINAL_STATES,
     LOG_FILE,
     JobState,
+    OutputFolderBusyError,
+    check_output_folder_free,
     clear_stop_request,
-    output_folder_busy,
     read_status,
     request_stop,
     stop_requested,
@@ -363,19 +365,14 @@ def ensure_output_dir_free(registry: JobRegistry, output_dir: str | os.PathLike)
     """Raise JobConflictError when a job, or a trainer started elsewhere, is writing into `output_dir`."""
     folder = Path(output_dir).resolve()
     registry.check_free(folder)
-    if output_folder_busy(folder):  # the trainer's own lock: held by whoever started it
-        pid = (read_status(folder) or {}).get("pid")
-        raise JobConflictError(
-            f"a trainer started outside ComfyUI{f' (pid {pid})' if pid else ''} is writing into {folder}; "
-            "let it finish or choose another output name"
-        )
+    try:
+        check_output_folder_free(folder)  # the trainer's own lock: held by whoever started it
+    except OutputFolderBusyError as exc:
+        raise JobConflictError(str(exc)) from None
 
 
 # Flags the launch node sets itself: where the run reads and writes. Its extra_args may not move them.
-LAUNCH_MANAGED_FLAGS = (
-    "--output_dir", "--output_name", "--dit", "--vae", "--text_encoder", "--tokenizer", "--dataset_config",
-    "--config_file", "--resume", "--network_weights", "--logging_dir", "--sample_prompts", "--face_models_root",
-)
+LAUNCH_MANAGED_FLAGS = tuple(option.flag for option in OPTIONS if option.path)
 
 
 def check_extra_args(extra_args: Sequence[str]) -> None:
