@@ -281,3 +281,11 @@ def register_with_comfyui() -> None:
     add_routes(server.routes)
     _poller = EventPoller(open_registry, comfy_env.send_event)
     _poller.start()
+
+
+def stop_event_poller() -> None:
+    """Stop the event poller `register_with_comfyui` started (a test's server going away)."""
+    global _poller
+    if _poller is not None:
+        _poller.stop()
+        _poller = None

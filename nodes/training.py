@@ -12,10 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from ..common.files import atomic_write_text, file_signature
+from ..common.files import atomic_write_text
 from ..faceid.packs import root_of_pack
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..musubi_formats.dataset import dataset_config_for
@@ -33,12 +30,14 @@ from ..training_jobs.checkpoint_scores import (
 from ..training_jobs.jobs import JobRecord, JobRegistry
 from ..training_jobs.run_plots import plot_run, plot_scores
 from ..training_jobs.run_reader import (
-    FACE_SIMILARITY,
-    LOSS,
-    RunSnapshot,
     log_tail,
     read_run,
     run_checkpoints,
+)
+from ..training_jobs.run_summary import (
+    describe_run,
+    run_files_signature,
+    sample_grid_rgb,
 )
 from . import comfy_env
 from .imaging import rgb_to_image
@@ -124,11 +123,7 @@ def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
         return math.nan
     if record is not None and not record.finished:
         return math.nan
-    entries = []
-    for path in (folder, folder / "sample"):
-        if path.is_dir():
-            entries += [(p.name, file_signature(p)) for p in path.iterdir() if p.is_file()]
-    return repr(sorted(entries))
+    return run_files_signature(folder)
 
 
 def _optional_target_inputs() -> dict[str, Any]:
@@ -142,11 +137,6 @@ def _optional_target_inputs() -> dict[str, Any]:
     }
 
 
-def _fmt_duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
 def _relative_lora_name(path: Path) -> str | None:
     """`path` as ComfyUI's LoRA loaders name it (relative to a loras folder), or None outside them."""
     resolved = path.resolve()
@@ -156,66 +146,6 @@ def _relative_lora_name(path: Path) -> str | None:
         except ValueError:
             continue
     return None
-
-
-def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20) -> str:
-    """The status text: state, progress, loss, face similarity, ETA, last checkpoint."""
-    status = run.status or {}
-    state = record.state if record is not None else run.state
-    lines = [f"{run.output_dir.name}: {state}" + (f" (job {record.job_id[:8]}, pid {record.pid})" if record else "")]
-    step = status.get("step")
-    total = status.get("total_steps")
-    if isinstance(step, int):
-        progress = f"step {step}" + (f"/{total} ({100.0 * step / total:.1f}%)" if isinstance(total, int) and total else "")
-        epoch, epochs = status.get("epoch"), status.get("total_epochs")
-        if isinstance(epoch, int):
-            progress += f", epoch {epoch}" + (f"/{epochs}" if isinstance(epochs, int) else "")
-        lines.append(progress)
-    elif run.metrics:
-        lines.append(f"step {run.metrics[-1].get('step')} ({len(run.metrics)} logged, from {run.metrics_source})")
-    for metric, label in ((LOSS, "loss"), (FACE_SIMILARITY, "face similarity")):
-        _, values = run.series(metric)
-        if values:
-            recent = values[-window:]
-            lines.append(f"{label} {values[-1]:.4f} (mean of last {len(recent)}: {sum(recent) / len(recent):.4f})")
-    running = record is not None and not record.finished
-    if record is not None:
-        elapsed = (record.ended if record.ended else time.time()) - record.started
-        eta = status.get("eta_sec")
-        eta_text = f", ETA {_fmt_duration(eta)}" if running and isinstance(eta, (int, float)) else ""
-        lines.append(f"elapsed {_fmt_duration(elapsed)}{eta_text}")
-    checkpoint = run.latest_checkpoint
-    if checkpoint is not None:
-        lines.append(f"last checkpoint: {checkpoint.filename} ({checkpoint.label}); {len(run.checkpoints)} in all")
-    else:
-        lines.append("no checkpoint saved yet")
-    if record is not None and record.detail and record.state == "failed":
-        lines.append(f"failure:\n{record.detail}")
-    elif status.get("error"):
-        lines.append(f"error: {status['error']}")
-    return "\n".join(lines)
-
-
-def sample_grid(run: RunSnapshot, max_images: int, *, columns: int = 4) -> torch.Tensor:
-    """The latest round of samples side by side as one IMAGE [1,H,W,3] (a black tile when there are none)."""
-    from PIL import Image
-
-    samples = run.latest_samples()[:max_images]
-    if not samples:
-        return torch.zeros(1, 64, 64, 3)
-    tiles = []
-    for sample in samples:
-        with Image.open(sample.path) as image:
-            tiles.append(image.convert("RGB"))
-    width, height = tiles[0].size
-    columns = min(columns, len(tiles))
-    rows = math.ceil(len(tiles) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height))
-    for index, tile in enumerate(tiles):
-        if tile.size != (width, height):
-            tile = tile.resize((width, height), Image.Resampling.LANCZOS)
-        grid.paste(tile, ((index % columns) * width, (index // columns) * height))
-    return rgb_to_image(np.asarray(grid))
 
 
 # Trainer options the launch node shows (their widgets come from training_contract/options.py), in the node's order.
@@ -380,7 +310,7 @@ class FaceConsistencyTrainMonitor:
         if latest is not None:
             latest_name = _relative_lora_name(latest.path) or str(latest.path)
         plot = rgb_to_image(plot_run(run, window=moving_average))
-        return {"ui": {"text": [status]}, "result": (status, plot, latest_name, sample_grid(run, max_samples))}
+        return {"ui": {"text": [status]}, "result": (status, plot, latest_name, rgb_to_image(sample_grid_rgb(run, max_samples)))}
 
     @staticmethod
     def _wait(record: JobRecord, wait_until: str, timeout_s: float) -> JobRecord:

@@ -184,9 +184,7 @@ def test_registered_with_a_running_comfyui(registry: JobRegistry) -> None:
         comfy_env.send_event("progress", {"job_id": "x"})
         assert server.events == [("face_consistency.progress", {"job_id": "x"})]
     finally:
-        if routes._poller is not None:
-            routes._poller.stop()
-            routes._poller = None
+        routes.stop_event_poller()
         stop_prompt_server()
 
 
