@@ -31,10 +31,10 @@ def letterbox_blob(bgr: np.ndarray, size: int) -> np.ndarray:
 
 
 def bare_onnxruntime_seconds(model, bgrs: list[np.ndarray], crops: list[np.ndarray], repeat: int) -> float:
-    detector, recognizer = model._detector.session, model._recognizer.session
+    detector, recognizer = model.detector().session, model.recognizer.session
     det_input = detector.get_inputs()[0].name
     rec_input = recognizer.get_inputs()[0].name
-    det_blobs = [letterbox_blob(b, model._input_size(*b.shape[:2])) for b in bgrs]
+    det_blobs = [letterbox_blob(b, model.detector_input_size(*b.shape[:2])) for b in bgrs]
     rec_blob = cv2.dnn.blobFromImages(crops, 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True)
     start = time.perf_counter()
     for _ in range(repeat):

@@ -123,7 +123,7 @@ def recorded_round(model: Any, sources: Any) -> tuple[RunRecorder, RunRecorder, 
     from face_consistency.faceid.evaluate import FolderEvaluation
 
     detector_runs, recognizer_runs = RunRecorder(), RunRecorder()
-    detectors = {id(d): d for d in (model._detector, model._detector_for_concurrent_runs())}.values()
+    detectors = {id(d): d for d in (model.detector(), model.detector(concurrent=True))}.values()
     sessions = {id(d): d.session for d in detectors}
     for detector in detectors:
         if hasattr(detector, "_session_for_input_size"):  # insightface 2.1
@@ -131,8 +131,8 @@ def recorded_round(model: Any, sources: Any) -> tuple[RunRecorder, RunRecorder, 
             detector._session_for_input_size = lambda size, pick=session_for_size: detector_runs.wrap(pick(size))
         else:  # 0.7.3
             detector.session = detector_runs.wrap(detector.session)
-    recognizer_session = model._recognizer.session
-    model._recognizer.session = recognizer_runs.wrap(recognizer_session)
+    recognizer_session = model.recognizer.session
+    model.recognizer.session = recognizer_runs.wrap(recognizer_session)
     try:
         start = time.perf_counter()
         report = FolderEvaluation(model, sources).run_round().report
@@ -141,7 +141,7 @@ def recorded_round(model: Any, sources: Any) -> tuple[RunRecorder, RunRecorder, 
         for detector in detectors:
             detector.__dict__.pop("_session_for_input_size", None)
             detector.session = sessions[id(detector)]
-        model._recognizer.session = recognizer_session
+        model.recognizer.session = recognizer_session
     return detector_runs, recognizer_runs, report, seconds
 
 
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             # again with every onnxruntime run recorded (copying the inputs slows it a little)
             detector_runs, recognizer_runs, _, seconds = recorded_round(model, sources)
             in_run.append(seconds / busy_seconds(detector_runs.intervals + recognizer_runs.intervals))
-            recognizer, workers = model._recognizer.session, model.parallel_workers
-            side_by_side = model._detector_for_concurrent_runs().session
-            times["bare"].append(replay(model._detector.session, 1, detector_runs, recognizer_runs, recognizer))
+            recognizer, workers = model.recognizer.session, model.parallel_workers
+            side_by_side = model.detector(concurrent=True).session
+            times["bare"].append(replay(model.detector().session, 1, detector_runs, recognizer_runs, recognizer))
             times["side"].append(replay(side_by_side, workers, detector_runs, recognizer_runs, recognizer))
             times["side+decode"].append(replay(side_by_side, workers, detector_runs, recognizer_runs, recognizer, files))
             print(f"  run {len(in_run)}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)

@@ -129,7 +129,7 @@ def step_costs(argv: list[str], repeat: int) -> dict[str, float]:
     accelerator = Accelerator(mixed_precision="no")
     hook = build_training_hook(args)
     items = load_dataset_config(args.dataset_config).items[:1]
-    hook.on_cached(items, accelerator)
+    hook.on_cached(items, accelerator, lambda: False)  # never asked to stop
     transformer, _ = prepare_transformer(args, torch.device("cpu"), torch.float32)
     vae = models.load_vae(args.vae, torch.float32)
     batch = collate(items)

@@ -75,18 +75,18 @@ def main() -> None:
     # the same detector inputs and recognizer crops the node makes
     bgrs = to_bgr_list(reference) + to_bgr_list(images)
     results = [model.analyze([b], all_faces=True, channel_order="bgr")[0] for b in bgrs]
-    det_sizes = [model._input_size(*b.shape[:2]) for b in bgrs]
+    det_sizes = [model.detector_input_size(*b.shape[:2]) for b in bgrs]
     det_blobs = [letterbox_blob(b, size) for b, size in zip(bgrs, det_sizes)]
     # the session SCRFD itself runs for each input size (insightface 2.1 keeps one per size)
-    det_sessions = [model._detector._session_for_input_size((size, size)) for size in det_sizes]
+    det_sessions = [model.detector()._session_for_input_size((size, size)) for size in det_sizes]
     crops_per_image = [[aligned_crop(b, f) for f in r.faces] for b, r in zip(bgrs, results)]
     rec_blobs = [
         cv2.dnn.blobFromImages(crops, 1.0 / 127.5, (112, 112), (127.5,) * 3, swapRB=True)
         for crops in crops_per_image
         if crops
     ]
-    recognizer = model._recognizer.session
-    det_input, rec_input = model._detector.input_name, recognizer.get_inputs()[0].name
+    recognizer = model.recognizer.session
+    det_input, rec_input = model.detector().input_name, recognizer.get_inputs()[0].name
 
     def run_bare() -> None:
         for session, blob in zip(det_sessions, det_blobs):

@@ -102,14 +102,15 @@ class FaceModel:
 
     # detection -------------------------------------------------------------------------
 
-    def _input_size(self, height: int, width: int) -> int:
+    def detector_input_size(self, height: int, width: int) -> int:
+        """The square side the detector runs at for an image of this size (`det_size`, or fitted to it)."""
         if self.det_size != "auto":
             return int(self.det_size)
         low, high = AUTO_DET_SIZE_RANGE
         return int(min(high, max(low, _round_up(max(height, width), 32))))
 
     def _run_detector(self, detector: Any, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        size = self._input_size(*bgr.shape[:2])
+        size = self.detector_input_size(*bgr.shape[:2])
         boxes, kpss = detector.detect(bgr, input_size=(size, size), max_num=0)
         if kpss is None:
             raise FaceEngineError(f"the detector of pack {self.pack_name} gives no keypoints")
@@ -123,13 +124,13 @@ class FaceModel:
         is 1.85x faster than on one; two runs side by side, 2x; and single-core runs leave
         no straggling thread for other work (image decoding) to hold up.
         """
-        detector = self._detector_for_concurrent_runs() if concurrent else self._detector
+        detector = self.detector(concurrent)
         scale = 1.0
         if max(bgr.shape[:2]) > MAX_ANALYSIS_SIDE:
             scale = MAX_ANALYSIS_SIDE / max(bgr.shape[:2])
             bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         boxes, kpss = self._run_detector(detector, bgr)
-        if len(boxes) == 0 and max(bgr.shape[:2]) < self._input_size(*bgr.shape[:2]) * 0.75:
+        if len(boxes) == 0 and max(bgr.shape[:2]) < self.detector_input_size(*bgr.shape[:2]) * 0.75:
             pad = int(round(max(bgr.shape[:2]) * SMALL_IMAGE_PADDING))
             padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
             boxes, kpss = self._run_detector(detector, padded)
@@ -142,8 +143,10 @@ class FaceModel:
         ]
         return sorted(faces, key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
 
-    def _detector_for_concurrent_runs(self) -> Any:
-        if self.parallel_workers < 2:
+    def detector(self, concurrent: bool = False) -> Any:
+        """InsightFace's SCRFD that `detect` runs; with `concurrent`, the single-threaded one that
+        threads detecting side by side share (the same one where there are no such threads)."""
+        if not concurrent or self.parallel_workers < 2:
             return self._detector
         with self._concurrent_detector_lock:
             if self._concurrent_detector is None:

@@ -255,7 +255,7 @@ def test_concurrent_detection_finds_the_same_faces(model, group_photo, monkeypat
     single-threaded session: the faces are those of the all-cores session."""
     monkeypatch.setattr(model, "parallel_workers", 2)
     one_core, all_cores = model.detect(group_photo, concurrent=True), model.detect(group_photo)
-    assert model._detector_for_concurrent_runs() is not model._detector
+    assert model.detector(concurrent=True) is not model.detector()
     assert len(one_core) == len(all_cores) == 6
     for a, b in zip(one_core, all_cores):
         assert np.allclose(a.bbox, b.bbox, atol=0.01) and np.allclose(a.kps, b.kps, atol=0.01)
