@@ -282,6 +282,11 @@ class FolderEvaluation:
             if judge is not None:
                 self.judge_reference = self._judge_reference()
 
+    @property
+    def prompts(self) -> list[SamplePrompt] | None:
+        """The prompt file's prompts the last round paired with (None without a prompt file)."""
+        return self._prompts
+
     # inputs ----------------------------------------------------------------------------
 
     def _reference_identity(self, extra: Identity | None) -> Identity:

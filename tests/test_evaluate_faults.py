@@ -327,7 +327,7 @@ def test_watch_keeps_the_last_good_prompt_file_while_it_is_unreadable(model, run
     assert f"prompt file not found: {prompts}; pairing with its previous contents this round" in caplog.text
     assert second["valid_pairs"] == first["valid_pairs"] == 1
     prompts.write_text(text.replace("--d 100", "--d 7"))
-    assert evaluation.run_round().report["valid_pairs"] == 1 and evaluation._prompts[0].seed == 7
+    assert evaluation.run_round().report["valid_pairs"] == 1 and evaluation.prompts[0].seed == 7
 
 
 DISK_FULL = """

@@ -249,7 +249,7 @@ def epoch_batches(group: DatasetGroup, epoch: int, seed: int, rank: int, world: 
 # --------------------------------------------------------------------------- flow matching
 
 
-def sample_timesteps(args: argparse.Namespace, batch_size: int, image_tokens: int, generator: torch.Generator) -> torch.Tensor:
+def sample_timesteps(args: argparse.Namespace, batch_size: int, num_target_tokens: int, generator: torch.Generator) -> torch.Tensor:
     """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling."""
     method = args.timestep_sampling
     if method == "uniform":
@@ -259,14 +259,14 @@ def sample_timesteps(args: argparse.Namespace, batch_size: int, image_tokens: in
         index = torch.randint(0, len(scheduler.sigmas) - 1, (batch_size,), generator=generator)
         return scheduler.sigmas[index].float()
     t = torch.sigmoid(args.sigmoid_scale * torch.randn(batch_size, generator=generator))
-    shift = flow_shift(args, image_tokens)
+    shift = flow_shift(args, num_target_tokens)
     return t * shift / (1 + (shift - 1) * t)
 
 
-def flow_shift(args: argparse.Namespace, image_tokens: int) -> float:
+def flow_shift(args: argparse.Namespace, num_target_tokens: int) -> float:
     """The shift of `shift` sampling: fixed, or from the image size for `qwen_shift`."""
     if args.timestep_sampling == "qwen_shift":
-        return math.exp(calculate_shift(image_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT))
+        return math.exp(calculate_shift(num_target_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT))
     return float(args.discrete_flow_shift)
 
 
