@@ -44,30 +44,16 @@ from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
 from face_consistency.trainer.cli import parse_args, validate_args
 from face_consistency.trainer.face_loss import FrozenFaceRecognizer, warp_to_arcface
-from face_consistency.trainer.face_targets import (
-    cache_face_targets,
-    collate_face_targets,
-)
+from face_consistency.trainer.face_targets import cache_face_targets, collate_face_targets
 from face_consistency.trainer.face_training import build_training_hook
 from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.train import (
-    micro_step,
-    prepare_transformer,
-    collate,
-    pack,
-    unpack,
-)
+from face_consistency.trainer.train import collate, micro_step, pack, prepare_transformer, unpack
 from face_consistency.training_contract.protocol import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
-from tiny_qwen import (  # noqa: E402
-    tiny_train_argv,
-    write_tiny_dataset,
-    write_tiny_model_files,
-    write_tiny_prompts,
-)
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts  # noqa: E402
 
 
 def run_argv(files, dataset, prompts, out: Path, args: argparse.Namespace, face_loss: bool) -> list[str]:

@@ -50,19 +50,8 @@ from face_consistency.musubi_formats.names import MUSUBI_SAMPLE
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_face_identity_training import decoded_x0_estimates  # noqa: E402
-from bench_face_vae_ceiling import (  # noqa: E402
-    DEFAULT_CACHE,
-    DEFAULT_DATA,
-    DEFAULT_SOURCES,
-    fast_cpu,
-    fitted_face_vae,
-)
-from tiny_qwen import (  # noqa: E402
-    tiny_train_argv,
-    write_tiny_dataset,
-    write_tiny_model_files,
-    write_tiny_prompts,
-)
+from bench_face_vae_ceiling import DEFAULT_CACHE, DEFAULT_DATA, DEFAULT_SOURCES, fast_cpu, fitted_face_vae  # noqa: E402
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts  # noqa: E402
 
 SIZE = 128  # the ceiling script's default crop size
 SCORED = ("obama", "obama2")  # items 0 and 1, the person with held-out photos

@@ -17,13 +17,7 @@ from typing import Any, Sequence
 
 from ..common.files import atomic_write_json, check_writable_file
 from .errors import FaceEngineError, OutputWriteError
-from .evaluate import (
-    EvaluationError,
-    EvaluationSources,
-    FolderEvaluation,
-    RoundResult,
-    watch,
-)
+from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
 from .judge import DETECTORS, JUDGE_CHOICES, load_judge
 from .model import DET_SIZE_CHOICES, load_face_model
 from .pack_download import OFFLINE_ENV, TerminalProgress

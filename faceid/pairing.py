@@ -20,12 +20,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from ..common.files import IMAGE_SUFFIXES
-from ..musubi_formats.names import (
-    SEED_CONTROL,
-    SampleName,
-    musubi_controls,
-    parse_sample_name,
-)
+from ..musubi_formats.names import SEED_CONTROL, SampleName, musubi_controls, parse_sample_name
 from ..musubi_formats.prompts import SamplePrompt, resolve_prompt_path
 from .images import UNSUPPORTED_IMAGE_SUFFIXES, unsupported_format_reason
 

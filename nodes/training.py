@@ -29,16 +29,8 @@ from ..training_jobs.checkpoint_scores import (
 )
 from ..training_jobs.jobs import JobRecord, JobRegistry
 from ..training_jobs.run_plots import plot_run, plot_scores
-from ..training_jobs.run_reader import (
-    log_tail,
-    read_run,
-    run_checkpoints,
-)
-from ..training_jobs.run_summary import (
-    describe_run,
-    run_files_signature,
-    sample_grid_rgb,
-)
+from ..training_jobs.run_reader import log_tail, read_run, run_checkpoints
+from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
 from . import comfy_env
 from .imaging import rgb_to_image
 

@@ -14,11 +14,7 @@ from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # n
 
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from face_consistency.training_jobs import jobs
-from face_consistency.training_jobs.jobs import (
-    JobConflictError,
-    JobRegistry,
-    UnknownJobError,
-)
+from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
 
 pytestmark = [

@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from comfy_stubs import (
-    ProgressBar,
-    set_comfy_base,
-    start_prompt_server,
-    stop_prompt_server,
-)
+from comfy_stubs import ProgressBar, set_comfy_base, start_prompt_server, stop_prompt_server
 from pack_server import PackServer, pack_zip, sha256
 
 from face_consistency.faceid import ModelPackError, pack_download, resolve_pack

@@ -20,12 +20,7 @@ from face_consistency.musubi_formats.dataset import (
     pair_controls,
 )
 from face_consistency.trainer import models
-from face_consistency.trainer.cache import (
-    CacheEncoders,
-    cache_dataset,
-    latent_cache_path,
-    load_cached_item,
-)
+from face_consistency.trainer.cache import CacheEncoders, cache_dataset, latent_cache_path, load_cached_item
 from face_consistency.musubi_formats.names import parse_sample_name, sample_file_name
 from face_consistency.trainer.sampling import PromptFileError, load_prompt_file
 
@@ -228,8 +223,9 @@ def test_sample_names_follow_musubi(tmp_path):
     assert re.fullmatch(r"lora_000120_00_\d{14}_5_000\.png", stepped)
     assert re.fullmatch(r"lora_e000003_01_\d{14}_000\.png", at_epoch)
     # what the evaluation and the run reader read back from the names
-    assert (parse_sample_name(stepped).step, parse_sample_name(stepped).seed, parse_sample_name(stepped).prompt_index) == (120, 5, 0)
-    assert (parse_sample_name(at_epoch).epoch, parse_sample_name(at_epoch).seed) == (3, None)
+    read_back, read_back_at_epoch = parse_sample_name(stepped), parse_sample_name(at_epoch)
+    assert (read_back.step, read_back.seed, read_back.prompt_index) == (120, 5, 0)
+    assert (read_back_at_epoch.epoch, read_back_at_epoch.seed) == (3, None)
 
 
 def test_tiny_face_dataset_crops_around_the_face(tmp_path, faces_dir, insightface_root):

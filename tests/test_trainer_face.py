@@ -10,12 +10,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from evaluate_fixtures import one_sample_run
 from PIL import Image
-from tiny_qwen import (
-    tiny_train_argv,
-    write_tiny_dataset,
-    write_tiny_model_files,
-    write_tiny_prompts,
-)
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import cosine_similarity, load_face_model
@@ -25,7 +20,7 @@ from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
 from face_consistency.trainer.face_metrics import SampleScorer
 from face_consistency.trainer.face_targets import face_target_path, load_face_target
 from face_consistency.trainer.face_training import build_training_hook
-from face_consistency.trainer.train import micro_step, prepare_transformer, collate
+from face_consistency.trainer.train import collate, micro_step, prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics, read_status
 
 pytestmark = pytest.mark.trainer
@@ -175,9 +170,7 @@ def test_sample_scorer_scores_like_evaluate(face_setup, faces_dir, testpack_dir,
 
 def test_trainer_reads_sample_controls_like_evaluate(face_setup, tmp_path, monkeypatch):
     """One musubi prompt parser for both: a relative --ci beside the prompt file is found by the trainer too."""
-    from face_consistency.musubi_formats.prompts import (
-        load_prompt_file as evaluate_prompts,
-    )
+    from face_consistency.musubi_formats.prompts import load_prompt_file as evaluate_prompts
     from face_consistency.trainer.sampling import load_prompt_file as trainer_prompts
 
     prompts = face_setup["prompts"].parent / "relative_prompts.txt"

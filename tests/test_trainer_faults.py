@@ -15,11 +15,7 @@ from training_runs import RUN_TIMEOUT_S, wait_for
 from unprivileged import run_with_permissions
 
 from face_consistency.cli import main as cli_main
-from face_consistency.training_contract.protocol import (
-    LOCK_FILE,
-    read_metrics,
-    read_status,
-)
+from face_consistency.training_contract.protocol import LOCK_FILE, read_metrics, read_status
 
 pytestmark = pytest.mark.trainer
 

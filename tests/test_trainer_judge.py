@@ -8,12 +8,7 @@ import pytest
 import torch
 from evaluate_fixtures import one_sample_run
 from PIL import Image, ImageOps
-from tiny_qwen import (
-    tiny_train_argv,
-    write_tiny_dataset,
-    write_tiny_model_files,
-    write_tiny_prompts,
-)
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import load_face_model

@@ -16,12 +16,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_qwen import (
-    tiny_train_argv,
-    write_tiny_dataset,
-    write_tiny_model_files,
-    write_tiny_prompts,
-)
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 from face_consistency.cli import main as cli_main
 from face_consistency.musubi_formats.dataset import load_dataset_config
@@ -29,23 +24,9 @@ from face_consistency.trainer import models
 from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.cli import parse_args, validate_args
 from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
-from face_consistency.trainer.lora import (
-    LORA_PREFIX,
-    add_lora,
-    lora_target_modules,
-    parse_network_args,
-)
-from face_consistency.trainer.train import (
-    TrainingDivergedError,
-    pack,
-    run_training,
-    unpack,
-)
-from face_consistency.training_contract.protocol import (
-    read_metrics,
-    read_status,
-    request_stop,
-)
+from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_modules, parse_network_args
+from face_consistency.trainer.train import TrainingDivergedError, pack, run_training, unpack
+from face_consistency.training_contract.protocol import read_metrics, read_status, request_stop
 
 pytestmark = pytest.mark.trainer
 

@@ -83,15 +83,8 @@ def build_tiny_processor():
     """A Qwen2VLProcessor whose tokenizer is byte-level BPE over the 256 byte symbols + Qwen specials."""
     import transformers
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import (
-        Qwen2Tokenizer,
-        Qwen2TokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-    )
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import (
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import Qwen2Tokenizer, Qwen2TokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     vocab = {symbol: index for index, symbol in enumerate(sorted(ByteLevel.alphabet()))}
     specials = list(QWEN_SPECIAL_TOKENS[1:])

@@ -38,12 +38,7 @@ from ..training_contract.options import (
     Option,
     add_arguments,
 )
-from ..training_contract.protocol import (
-    JobState,
-    OutputFolderBusyError,
-    hold_output_folder,
-    write_status,
-)
+from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import ModelFileError, check_dit_version, read_header
 from .sampling import PromptFileError, load_prompt_file

@@ -40,12 +40,7 @@ from ..musubi_formats.names import SAMPLE_DIR
 from ..training_contract.options import FACE_DECODE_MODES
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
-from .face_targets import (
-    FaceTargetBatch,
-    FaceTargetCache,
-    cache_face_targets,
-    collate_face_targets,
-)
+from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .sampling import EncodedSample
 from .train import VAE_SCALE

@@ -30,9 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import (
-    QwenImageEditPlusPipeline,
-)
+from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
 from PIL import Image
 
 from ..common.files import atomic_path

@@ -43,23 +43,12 @@ from typing import Any, Iterator, Sequence
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    ProjectConfiguration,
-    set_seed,
-)
-from diffusers import (
-    FlowMatchEulerDiscreteScheduler,
-    QwenImageEditPipeline,
-    QwenImageEditPlusPipeline,
-)
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPipeline, QwenImageEditPlusPipeline
 from diffusers.hooks import apply_group_offloading
 from diffusers.optimization import get_scheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
-from diffusers.training_utils import (
-    cast_training_params,
-    compute_loss_weighting_for_sd3,
-)
+from diffusers.training_utils import cast_training_params, compute_loss_weighting_for_sd3
 from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
@@ -83,14 +72,7 @@ from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
-from .lora import (
-    add_lora,
-    load_comfy_lora,
-    lora_file_modules,
-    lora_target_modules,
-    parse_network_args,
-    save_lora,
-)
+from .lora import add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora
 from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
 from .sampling import EncodedSample, encode_samples, save_samples
 from .state import load_state, save_state
@@ -249,7 +231,9 @@ def epoch_batches(group: DatasetGroup, epoch: int, seed: int, rank: int, world: 
 # --------------------------------------------------------------------------- flow matching
 
 
-def sample_timesteps(args: argparse.Namespace, batch_size: int, num_target_tokens: int, generator: torch.Generator) -> torch.Tensor:
+def sample_timesteps(
+    args: argparse.Namespace, batch_size: int, num_target_tokens: int, generator: torch.Generator
+) -> torch.Tensor:
     """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling."""
     method = args.timestep_sampling
     if method == "uniform":

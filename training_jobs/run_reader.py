@@ -19,12 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..common.files import IMAGE_SUFFIXES
-from ..musubi_formats.names import (
-    BEST_SUFFIX,
-    SAMPLE_DIR,
-    parse_checkpoint_name,
-    parse_sample_name,
-)
+from ..musubi_formats.names import BEST_SUFFIX, SAMPLE_DIR, parse_checkpoint_name, parse_sample_name
 from ..training_contract.protocol import LOG_FILE, read_metrics, read_status
 
 log = logging.getLogger(__name__)
