@@ -97,12 +97,15 @@ class DatasetGroup:
         return [item for spec in self.datasets for item in spec.items]
 
 
+_Resolution = StrictInt | conlist(StrictInt, min_length=2, max_length=2)  # 1024 or [1024, 768]
+
+
 class _GeneralSection(BaseModel):
     """`[general]`: the settings every `[[datasets]]` entry inherits."""
 
     model_config = ConfigDict(extra="forbid")
 
-    resolution: StrictInt | conlist(StrictInt, min_length=2, max_length=2) | None = None
+    resolution: _Resolution | None = None
     caption_extension: constr(strict=True, pattern=r"^\.") | None = None
     batch_size: conint(strict=True, ge=1) | None = None
     num_repeats: conint(strict=True, ge=1) | None = None
@@ -117,7 +120,7 @@ class _DatasetSection(_GeneralSection):
     image_jsonl_file: StrictStr | None = None
     cache_directory: StrictStr | None = None
     control_directory: StrictStr | None = None
-    control_resolution: StrictInt | conlist(StrictInt, min_length=2, max_length=2) | None = None
+    control_resolution: _Resolution | None = None
     no_resize_control: StrictBool | None = None
     multiple_target: StrictBool | None = None
 
@@ -140,27 +143,24 @@ _EXPECTED = {
     "control_resolution": "must be an int or [width, height]",
     "caption_extension": 'must start with a dot, e.g. ".txt"',
 }
-_TABLES_EXPECTED = ("expected a [general] table and [[datasets]] tables (docs/training.md: Dataset TOML (musubi format))")
+_TABLES_EXPECTED = "expected a [general] table and [[datasets]] tables (docs/training.md: Dataset TOML (musubi format))"
 
 
 def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path) -> DatasetConfigError:
     """The first problem the schema found, as a sentence that names the file, the table and the key."""
     error = exc.errors()[0]
     loc = error["loc"]
-    section = config
     if loc[0] == "datasets" and len(loc) > 1 and isinstance(loc[1], int):
-        where, section, key_at = f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], 2
+        where, section, schema, key_at = f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], _DatasetSection, 2
     elif loc[0] == "general":
-        where, section, key_at = f"{toml_path} [general]", config["general"], 1
+        where, section, schema, key_at = f"{toml_path} [general]", config["general"], _GeneralSection, 1
     else:
-        where, key_at = str(toml_path), 0
+        where, section, schema, key_at = str(toml_path), config, _DatasetFile, 0
     if len(loc) <= key_at or not isinstance(section, dict) or (key_at == 0 and error["type"] != "extra_forbidden"):
         return DatasetConfigError(f"{toml_path}: {_TABLES_EXPECTED}")
     if error["type"] == "extra_forbidden":
-        unknown = sorted(k for k in section if k not in (_DatasetFile if key_at == 0 else _DatasetSection if key_at == 2
-                                                          else _GeneralSection).model_fields)
-        noun = "section(s)" if key_at == 0 else "key(s)"
-        return DatasetConfigError(f"{where}: unknown {noun} {unknown}")
+        unknown = sorted(key for key in section if key not in schema.model_fields)
+        return DatasetConfigError(f"{where}: unknown {'section(s)' if key_at == 0 else 'key(s)'} {unknown}")
     key = loc[key_at]
     return DatasetConfigError(f"{where}: {key} {_EXPECTED.get(key, 'is not valid')}, got {section[key]!r}")
 
