@@ -531,6 +531,10 @@ class TrainingRun:
         """This process only: cheap enough to ask per cached file."""
         return self.stop.received or ("STOP file" if stop_requested(self.output_dir) else None)
 
+    def should_stop(self) -> bool:
+        """`stop_asked_here` as the caches' `should_stop` callback."""
+        return self.stop_asked_here() is not None
+
     def stopped_before_training(self) -> bool:
         reason = self.stop_reason()
         if reason:
@@ -568,7 +572,7 @@ class TrainingRun:
         # Each process caches its share (a long single-process caching run would time out the others).
         share = items[self.accelerator.process_index :: self.accelerator.num_processes]
         counts = cache_dataset(
-            share, encoders, should_stop=lambda: self.stop_asked_here() is not None,
+            share, encoders, should_stop=self.should_stop,
             progress=lambda done, total: self.reporter.update(cached=done, cache_total=total),
         )
         log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
@@ -580,8 +584,7 @@ class TrainingRun:
         if self.args.sample_prompts:
             self.samples = encode_samples(self.args.sample_settings, encoders)
         for hook in self.hooks:
-            self.reporter.update(**hook.on_cached(self.group.items, self.accelerator,
-                                                  lambda: self.stop_asked_here() is not None))
+            self.reporter.update(**hook.on_cached(self.group.items, self.accelerator, self.should_stop))
 
     # ---- the DiT with LoRA, optimizer and schedule
 
