@@ -103,6 +103,8 @@ class TrainingPanel {
     this.jobs = new Map();
     this.details = new Map();
     this.expanded = new Set();
+    // job id -> {shown, next}: the sample <img>s on screen and those of a newer round still loading
+    this.sampleImages = new Map();
     this.root = null;
     this.timer = null;
   }
@@ -195,19 +197,13 @@ class TrainingPanel {
     if (job.latest_checkpoint) box.append(el("div", { className: "fc-line" }, `checkpoint: ${job.latest_checkpoint}`));
     if (job.state === "failed" && job.detail) box.append(el("div", { className: "fc-line" }, job.detail));
     const detail = this.details.get(job.job_id);
+    if (!open) this.sampleImages.delete(job.job_id);
     if (open && detail) {
       const metrics = detail.metrics || [];
       const series = (key) => metrics.filter((m) => typeof m[key] === "number").map((m) => [m.step, m[key]]);
       box.append(lineChart("loss", series("loss"), "#2196f3"));
       box.append(lineChart("face similarity", series("face_similarity"), "#4caf50"));
-      const samples = el("div", { className: "fc-samples" });
-      for (const sample of detail.samples || []) {
-        const url = api.apiURL(`${ROUTE}/${job.job_id}/samples/${encodeURIComponent(sample.filename)}`);
-        samples.append(
-          el("img", { src: url, title: sample.filename, alt: sample.filename, onclick: () => window.open(url, "_blank") }),
-        );
-      }
-      box.append(samples);
+      box.append(this.renderSamples(job.job_id, detail.samples || []));
     }
     if (!FINAL_STATES.has(job.state)) {
       const button = el("button", { className: "fc-stop p-button p-button-sm p-button-danger" }, "Stop (save checkpoint)");
@@ -218,6 +214,32 @@ class TrainingPanel {
       box.append(button);
     }
     return box;
+  }
+
+  renderSamples(jobId, samples) {
+    // A running job's detail is drawn again on every progress event: the images on screen are kept,
+    // and a newer round of samples replaces them once its images have loaded (no blank, no refetch).
+    const state = this.sampleImages.get(jobId) || { shown: new Map(), next: new Map() };
+    const next = new Map();
+    for (const sample of samples) {
+      const url = api.apiURL(`${ROUTE}/${jobId}/samples/${encodeURIComponent(sample.filename)}`);
+      next.set(url, state.shown.get(url) || state.next.get(url) || this.sampleImage(url, sample.filename));
+    }
+    if (state.shown.size === 0 || [...next.values()].every((img) => img.complete)) {
+      state.shown = next;
+      state.next = new Map();
+    } else {
+      state.next = next;
+    }
+    this.sampleImages.set(jobId, state);
+    return el("div", { className: "fc-samples" }, ...state.shown.values());
+  }
+
+  sampleImage(url, filename) {
+    const redraw = () => this.render();
+    return el("img", {
+      src: url, title: filename, alt: filename, onclick: () => window.open(url, "_blank"), onload: redraw, onerror: redraw,
+    });
   }
 }
 
