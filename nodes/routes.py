@@ -32,6 +32,7 @@ from ..training_jobs.run_reader import (
     FACE_SIMILARITY,
     LOSS,
     RunSnapshot,
+    list_samples,
     log_tail,
     normalise_metrics,
     read_run,
@@ -113,8 +114,7 @@ def _sample_file(record: JobRecord, filename: str) -> Path:
     sample_dir = (record.output_dir / SAMPLE_DIR).resolve()
     if not sample_dir.is_relative_to(job_dir):
         raise web.HTTPForbidden(reason="sample folder leaves the job folder")
-    run = _read_run_or_none(record)
-    listed = {s.path.name: s.path for s in run.samples} if run else {}
+    listed = {s.path.name: s.path for s in list_samples(record.output_dir)}  # not read_run: no metrics to parse
     if filename not in listed:
         raise web.HTTPNotFound(reason="no such sample")
     path = listed[filename].resolve()  # follows symlinks: one pointing out of the folder is refused

@@ -341,11 +341,16 @@ class DevToolsPage:
         assert "exceptionDetails" not in result, json.dumps(result["exceptionDetails"])[:2000]
         return result["result"].get("value")
 
-    async def wait_for(self, expression: str, what: str, timeout_s: float = BROWSER_TIMEOUT_S) -> Any:
-        """Evaluate `expression` until it is truthy; return its value."""
+    async def wait_for(
+        self, expression: str, what: str, timeout_s: float = BROWSER_TIMEOUT_S, explain: str | None = None
+    ) -> Any:
+        """Evaluate `expression` until it is truthy; return its value. On a timeout the message holds
+        the value of `explain` (a JS expression describing what the page shows instead), if given."""
         deadline = time.monotonic() + timeout_s
         while not (value := await self.evaluate(expression)):
-            assert time.monotonic() < deadline, f"timed out after {timeout_s:.0f}s waiting for {what}"
+            if time.monotonic() >= deadline:
+                shown = f"; the page shows: {await self.evaluate(explain)}" if explain else ""
+                raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}{shown}")
             await asyncio.sleep(0.5)
         return value
 

@@ -1,7 +1,8 @@
 """The training panel's ES module in Node, against stand-ins of ComfyUI's `app` / `api` and a minimal DOM.
 
 Checks what the browser would do: the sidebar tab is registered, jobs from the routes are listed,
-the stop button posts to the stop route, and finished / failed events raise toasts.
+the stop button posts to the stop route, finished / failed events raise toasts, and a running job's
+samples are swapped round by round as their images load (or fail) on a slow server.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ export const calls = [];
 const listeners = {};
 const running = { job_id: "a".repeat(32), name: "face_lora", state: "training", step: 5, total_steps: 10,
                   loss: 0.25, face_similarity: 0.71, latest_checkpoint: "face_lora-step00000004.safetensors" };
-const detail = { ...running, metrics: [{ step: 1, loss: 0.5, face_similarity: 0.6 }, { step: 5, loss: 0.25, face_similarity: 0.71 }],
+export const detail = { ...running, metrics: [{ step: 1, loss: 0.5, face_similarity: 0.6 }, { step: 5, loss: 0.25, face_similarity: 0.71 }],
                  samples: [{ filename: "face_lora_000004_00_20260101120000.png", step: 4, prompt_index: 0 }] };
 function reply(body) { return { ok: true, status: 200, statusText: "OK", json: async () => body }; }
 export const api = {
@@ -42,15 +43,19 @@ export const api = {
 };
 """
 
-HARNESS_JS = """
+DOM_JS = """
+const images = [];  // every <img> created, oldest first
 class Element {
   constructor(tag) { this.tagName = tag; this.children = []; this.attributes = {}; this.listeners = {};
-                     this.textContent = ""; this.className = ""; this.isConnected = true; this.disabled = false; }
+                     this.textContent = ""; this.className = ""; this.isConnected = true; this.disabled = false;
+                     if (tag === "img") { this.complete = false; this.naturalWidth = 0; images.push(this); } }
   append(...nodes) { for (const n of nodes) this.children.push(typeof n === "string" ? { text: n } : n); }
   replaceChildren(...nodes) { this.children = []; this.append(...nodes); }
   setAttribute(key, value) { this.attributes[key] = String(value); }
   addEventListener(type, fn) { (this.listeners[type] ||= []).push(fn); }
   click() { for (const fn of this.listeners.click || []) fn({ stopPropagation() {} }); }
+  // an <img> finishes loading, as the browser would report it
+  settle(ok) { this.complete = true; this.naturalWidth = ok ? 64 : 0; for (const fn of this.listeners[ok ? "load" : "error"] || []) fn(); }
   get text() { return [this.textContent, ...this.children.map((c) => c.text)].join(" "); }
   find(predicate) {
     for (const child of this.children) {
@@ -73,6 +78,14 @@ const tick = () => new Promise((resolve) => setTimeout(resolve, 20));
 const { registered } = await import("./scripts/app.js");
 const { api, calls } = await import("./scripts/api.js");
 await import("./extensions/pack/face_consistency_panel.js");
+const shownImages = (root) => {
+  const shown = [];
+  root.find((e) => { if (e.tagName === "img") shown.push([e.attributes.src.split("/").pop(), e.complete, e.naturalWidth > 0]); return false; });
+  return shown;
+};
+"""
+
+HARNESS_JS = DOM_JS + """
 const result = { extensions: registered.extensions.map((e) => e.name) };
 registered.extensions[0].setup();
 result.tabs = registered.tabs.map((t) => t.id);
@@ -120,3 +133,58 @@ def test_panel_lists_jobs_stops_them_and_toasts(tmp_path: Path) -> None:
     assert ("success", "Training completed: face_lora") in severities
     assert ("error", "Training failed: other") in severities
     assert any(t["detail"] == "Traceback line" for t in result["toasts"])
+
+
+SAMPLE_ROUNDS_JS = DOM_JS + """
+const { detail } = await import("./scripts/api.js");
+const round = (n) => [{ filename: `face_lora_00000${n}_00_2026010112000${n}.png`, step: n, prompt_index: 0 }];
+const latest = (name) => images.filter((img) => img.attributes.src.endsWith(name)).pop();
+const progress = async (samples) => {  // the trainer wrote a newer round; the poller's event arrives
+  if (samples) detail.samples = samples;
+  api.emit("face_consistency.progress", { job_id: "a".repeat(32), state: "training" });
+  await tick();
+};
+registered.extensions[0].setup();
+const container = new Element("div");
+registered.tabs[0].render(container);
+await tick();
+detail.samples = round(4);
+container.find((e) => e.className === "fc-job-head").click();
+await tick();
+const seen = { opened: shownImages(container) };
+latest("04.png").settle(false);                    // the server answered 503: a broken image on screen
+await progress();                                  // the next redraw fetches it again, off screen
+seen.retrying = shownImages(container);
+await progress(round(8));                          // a newer round does not drop the one still loading
+latest("04.png").settle(true);                     // the retry arrives: on screen, and round 8 starts loading
+seen.retried = shownImages(container);
+await progress(round(9));                          // round 9 waits for round 8
+seen.waiting = shownImages(container);
+latest("08.png").settle(true);                     // round 8 replaces 4; round 9 loads next
+seen.newer = shownImages(container);
+latest("09.png").settle(false);                    // round 9 fails while round 8 is fine: 8 stays
+await progress();
+seen.kept = shownImages(container);
+latest("09.png").settle(true);
+seen.newest = shownImages(container);
+seen.fetches = Object.fromEntries(["04", "08", "09"].map((n) => [n, images.filter((img) => img.attributes.src.endsWith(`${n}.png`)).length]));
+console.log(JSON.stringify(seen));
+process.exit(0);
+"""
+
+
+@needs_node
+def test_running_job_samples_swap_in_once_loaded_and_failed_ones_are_fetched_again(tmp_path: Path) -> None:
+    seen = run_web_module(tmp_path, "face_consistency_panel.js", {"app.js": APP_JS, "api.js": API_JS}, SAMPLE_ROUNDS_JS)
+
+    def loaded(step: int) -> list[list[object]]:
+        return [[f"face_lora_00000{step}_00_2026010112000{step}.png", True, True]]  # name, complete, has pixels
+
+    assert seen["opened"] == [["face_lora_000004_00_20260101120004.png", False, False]]
+    assert seen["retrying"] == [["face_lora_000004_00_20260101120004.png", True, False]]
+    assert seen["retried"] == loaded(4)
+    assert seen["waiting"] == loaded(4)
+    assert seen["newer"] == loaded(8)
+    assert seen["kept"] == loaded(8)
+    assert seen["newest"] == loaded(9)
+    assert seen["fetches"] == {"04": 2, "08": 1, "09": 2}  # one refetch per failure, none of a loaded image

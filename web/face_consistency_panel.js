@@ -103,7 +103,7 @@ class TrainingPanel {
     this.jobs = new Map();
     this.details = new Map();
     this.expanded = new Set();
-    // job id -> {shown, next}: the sample <img>s on screen and those of a newer round still loading
+    // job id -> {shown, loading}: the sample <img>s on screen and those of a newer round still loading
     this.sampleImages = new Map();
     this.root = null;
     this.timer = null;
@@ -217,28 +217,39 @@ class TrainingPanel {
   }
 
   renderSamples(jobId, samples) {
-    // A running job's detail is drawn again on every progress event: the images on screen are kept,
-    // and a newer round of samples replaces them once its images have loaded (no blank, no refetch).
-    const state = this.sampleImages.get(jobId) || { shown: new Map(), next: new Map() };
-    const next = new Map();
-    for (const sample of samples) {
-      const url = api.apiURL(`${ROUTE}/${jobId}/samples/${encodeURIComponent(sample.filename)}`);
-      next.set(url, state.shown.get(url) || state.next.get(url) || this.sampleImage(url, sample.filename));
+    // A running job's detail is drawn again on every progress event. The images on screen stay; a newer
+    // round loads off screen and replaces them once all its images have loaded. A round still loading is
+    // never dropped for a newer one, so on a slow server the newest round it can deliver gets shown, and
+    // a round whose images failed is fetched again on a later redraw.
+    const state = this.sampleImages.get(jobId) || { shown: new Map(), loading: null };
+    const loaded = (img) => img.complete && img.naturalWidth > 0;
+    const broken = (images) => [...images.values()].some((img) => img.complete && !loaded(img));
+    if (state.loading && [...state.loading.values()].every((img) => img.complete)) {
+      if ([...state.loading.values()].every(loaded) || broken(state.shown)) state.shown = state.loading;
+      state.loading = null;
     }
-    if (state.shown.size === 0 || [...next.values()].every((img) => img.complete)) {
-      state.shown = next;
-      state.next = new Map();
-    } else {
-      state.next = next;
+    const wanted = samples.map((sample) => [
+      api.apiURL(`${ROUTE}/${jobId}/samples/${encodeURIComponent(sample.filename)}`),
+      sample.filename,
+    ]);
+    const current = wanted.length === state.shown.size && wanted.every(([url]) => state.shown.has(url));
+    if (!state.loading && (!current || broken(state.shown))) {
+      const images = new Map(wanted.map(([url, filename]) => {
+        const shown = state.shown.get(url);
+        return [url, shown && loaded(shown) ? shown : this.sampleImage(url, filename)];
+      }));
+      if (state.shown.size === 0) state.shown = images;
+      else state.loading = images;
     }
     this.sampleImages.set(jobId, state);
     return el("div", { className: "fc-samples" }, ...state.shown.values());
   }
 
   sampleImage(url, filename) {
-    const redraw = () => this.render();
+    // a loaded image redraws (it may complete a round); a failed one waits for the next redraw to be
+    // fetched again, rather than retrying in a loop
     return el("img", {
-      src: url, title: filename, alt: filename, onclick: () => window.open(url, "_blank"), onload: redraw, onerror: redraw,
+      src: url, title: filename, alt: filename, onclick: () => window.open(url, "_blank"), onload: () => this.render(),
     });
   }
 }
