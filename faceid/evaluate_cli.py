@@ -218,9 +218,6 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     except (FaceEngineError, ValueError) as exc:
         _error(exc)
         return 2
-    if evaluation.store.discarded_reason:
-        say(evaluation.store.discarded_reason)
-
     def write(result: RoundResult) -> None:
         writers = [("--output_json", args.output_json, lambda: atomic_write_json(args.output_json, result.report))]
         if args.plot is not None:
