@@ -218,6 +218,7 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     except (FaceEngineError, ValueError) as exc:
         _error(exc)
         return 2
+
     def write(result: RoundResult) -> None:
         writers = [("--output_json", args.output_json, lambda: atomic_write_json(args.output_json, result.report))]
         if args.plot is not None:

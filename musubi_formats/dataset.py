@@ -151,7 +151,9 @@ def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path)
     error = exc.errors()[0]
     loc = error["loc"]
     if loc[0] == "datasets" and len(loc) > 1 and isinstance(loc[1], int):
-        where, section, schema, key_at = f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], _DatasetSection, 2
+        where, section, schema, key_at = (
+            f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], _DatasetSection, 2
+        )
     elif loc[0] == "general":
         where, section, schema, key_at = f"{toml_path} [general]", config["general"], _GeneralSection, 1
     else:

@@ -193,9 +193,10 @@ async def _wait_for_details(page: DevToolsPage, name: str) -> list[str]:
         f" && {box}.querySelectorAll('svg.fc-chart path').length >= 2"
         f" && [...{box}.querySelectorAll('.fc-samples img')].some(img => img.complete && img.naturalWidth > 0)",
         f"{name}'s charts and samples", 120,
-        explain=f"JSON.stringify({{state: {_state_of(name)}, charts: {box}.querySelectorAll('svg.fc-chart path').length,"
-        f" images: [...{box}.querySelectorAll('.fc-samples img')].map(img =>"
-        " [img.getAttribute('src'), img.complete, img.naturalWidth])})",
+        explain=f"JSON.stringify({{state: {_state_of(name)},"
+        f" charts: {box}.querySelectorAll('svg.fc-chart path').length,"
+        f" images: [...{box}.querySelectorAll('.fc-samples img')]"
+        ".map(img => [img.getAttribute('src'), img.complete, img.naturalWidth])})",
     )
     return await page.evaluate(f"[...{box}.querySelectorAll('.fc-chart-label')].map(label => label.textContent)")
 

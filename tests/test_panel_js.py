@@ -55,7 +55,11 @@ class Element {
   addEventListener(type, fn) { (this.listeners[type] ||= []).push(fn); }
   click() { for (const fn of this.listeners.click || []) fn({ stopPropagation() {} }); }
   // an <img> finishes loading, as the browser would report it
-  settle(ok) { this.complete = true; this.naturalWidth = ok ? 64 : 0; for (const fn of this.listeners[ok ? "load" : "error"] || []) fn(); }
+  settle(ok) {
+    this.complete = true;
+    this.naturalWidth = ok ? 64 : 0;
+    for (const fn of this.listeners[ok ? "load" : "error"] || []) fn();
+  }
   get text() { return [this.textContent, ...this.children.map((c) => c.text)].join(" "); }
   find(predicate) {
     for (const child of this.children) {
@@ -80,7 +84,10 @@ const { api, calls } = await import("./scripts/api.js");
 await import("./extensions/pack/face_consistency_panel.js");
 const shownImages = (root) => {
   const shown = [];
-  root.find((e) => { if (e.tagName === "img") shown.push([e.attributes.src.split("/").pop(), e.complete, e.naturalWidth > 0]); return false; });
+  root.find((e) => {
+    if (e.tagName === "img") shown.push([e.attributes.src.split("/").pop(), e.complete, e.naturalWidth > 0]);
+    return false;
+  });
   return shown;
 };
 """
@@ -167,7 +174,8 @@ await progress();
 seen.kept = shownImages(container);
 latest("09.png").settle(true);
 seen.newest = shownImages(container);
-seen.fetches = Object.fromEntries(["04", "08", "09"].map((n) => [n, images.filter((img) => img.attributes.src.endsWith(`${n}.png`)).length]));
+const fetchesOf = (n) => images.filter((img) => img.attributes.src.endsWith(`${n}.png`)).length;
+seen.fetches = Object.fromEntries(["04", "08", "09"].map((n) => [n, fetchesOf(n)]));
 console.log(JSON.stringify(seen));
 process.exit(0);
 """
