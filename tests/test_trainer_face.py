@@ -342,3 +342,31 @@ def test_rollout_is_euler_from_x_t_to_zero():
     torch.testing.assert_close(rolled, expected)
     constant = StepState(1, x_t, x_t, x_t, t, v, torch.nn.Identity(), [], lambda latents, timestep: v)
     torch.testing.assert_close(constant.x0_rollout(4), constant.x0_hat())
+
+
+def test_a_vae_of_another_scale_trains_samples_and_decodes_the_face_region(face_setup, tmp_path, monkeypatch):
+    """The VAE's scale comes from its config (2 ** downsamplings), not a constant 8: a 4x VAE's latents are
+    twice as wide, and the face-region decode and the samples follow (the plan: test_memory_plan.py)."""
+    from face_consistency.trainer.face_loss import FaceIdentityLoss
+
+    decoded = []
+    original = FaceIdentityLoss.forward
+
+    def recording_forward(self, images, kps, reference, valid, t, source_region=None, negatives=None):
+        decoded.append((tuple(images.shape[-2:]), source_region.tolist()))
+        return original(self, images, kps, reference, valid, t, source_region, negatives)
+
+    monkeypatch.setattr(FaceIdentityLoss, "forward", recording_forward)
+    files = write_tiny_model_files(tmp_path / "models", vae_config={
+        "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4], "num_res_blocks": 2, "attn_scales": [],
+        "temperal_downsample": [False, True]})
+    out = tmp_path / "out"
+    argv = tiny_train_argv(files, face_setup["dataset"], out, max_train_steps=2, extra=[
+        "--face_model_name", "testpack", "--face_models_root", str(face_setup["root"]), "--face_device", "cpu",
+        "--use_face_as_loss", "--face_loss_max_t", "1", "--sample_prompts", str(face_setup["prompts"]),
+        "--sample_every_n_steps", "2"])
+    assert cli_main(["train", *argv]) == 0, read_status(out)
+    # each decoded face region is as large in pixels as the box it stands for
+    assert decoded and all(size == (y1 - y0, x1 - x0) for size, boxes in decoded for x0, y0, x1, y1 in boxes)
+    samples = sorted((out / "sample").glob("*.png"))
+    assert samples and all(Image.open(p).size == (32, 32) for p in samples)  # the tiny prompts' --w 32 --h 32

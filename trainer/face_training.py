@@ -47,7 +47,7 @@ from .face_metrics import HELDOUT, SampleScorer, heldout_keys
 from .face_targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .sampling import EncodedSample
-from .train import VAE_SCALE
+from .vae_decode import vae_scale
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -315,8 +315,9 @@ class FaceIdentityHook(TrainingHook):
         if self.decode != "face":
             return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
-        boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=VAE_SCALE)
-        crops = torch.stack([latents[i, :, :, y0 // VAE_SCALE : y1 // VAE_SCALE, x0 // VAE_SCALE : x1 // VAE_SCALE]
+        scale = vae_scale(state.vae.config)
+        boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=scale)
+        crops = torch.stack([latents[i, :, :, y0 // scale : y1 // scale, x0 // scale : x1 // scale]
                              for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())])
         return state.decode(crops), boxes.to(image_region)
 

@@ -30,7 +30,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
 from .lora import NetworkArgs, lora_target_modules
-from .vae_decode import decoder_stages
+from .vae_decode import decoder_stages, vae_scale
 
 GIB = 1024**3
 BLOCK_SAVED_PER_TOKEN = 18  # x dim values per token per transformer block, without checkpointing
@@ -185,7 +185,8 @@ def decode_size(inputs: MemoryInputs) -> tuple[int, int]:
     if inputs.face_decode == "half":
         return width // 2, height // 2
     if inputs.face_decode == "face":
-        side = max(8, int(min(width, height) * FACE_BOX_FRACTION) // 8 * 8)
+        scale = vae_scale(inputs.vae_config)
+        side = max(scale, int(min(width, height) * FACE_BOX_FRACTION) // scale * scale)
         return side, side
     return width, height
 
@@ -221,7 +222,8 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     if inputs.face_decode:
         width, height = decode_size(inputs)
         recognizer = inputs.face_recognizer_saved_bytes / inputs.compute_bytes
-        values = decoder_saved_values(inputs.vae_config, (width // 8, height // 8)).peak(True, recognizer)
+        scale = vae_scale(inputs.vae_config)
+        values = decoder_saved_values(inputs.vae_config, (width // scale, height // scale)).peak(True, recognizer)
         parts["face_loss"] = int(inputs.batch_size * values * inputs.compute_bytes)
     return MemoryPlan({k: int(v) for k, v in parts.items()}, int(swapped), device_bytes)
 

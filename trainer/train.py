@@ -74,7 +74,7 @@ from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora
 from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
-from .sampling import EncodedSample, encode_samples, save_samples
+from .sampling import EncodedSample, encode_samples, pack, save_samples, unpack
 from .state import load_state, save_state
 
 log = logging.getLogger("face_consistency.trainer")
@@ -82,7 +82,6 @@ log = logging.getLogger("face_consistency.trainer")
 LOG_TAIL_LINES = 40
 # Qwen-Image's scheduler config, used by `qwen_shift` to pick the shift from the image size.
 QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT = 256, 8192, 0.5, 0.9
-VAE_SCALE = 8
 
 
 # --------------------------------------------------------------------------- status / logging
@@ -258,16 +257,6 @@ def attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """The prompt mask, or None when it is all ones: PyTorch's fastest attention kernels refuse a mask."""
     return None if bool(mask.all()) else mask
 
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, 1, h, w] -> [B, h/2 * w/2, 4C] (diffusers' Qwen packing)."""
-    b, c, _, h, w = latents.shape
-    return QwenImageEditPlusPipeline._pack_latents(latents, b, c, h, w)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, h/2 * w/2, 4C] -> [B, C, 1, h, w]."""
-    return QwenImageEditPlusPipeline._unpack_latents(tokens, h * VAE_SCALE, w * VAE_SCALE, VAE_SCALE)
 
 
 # --------------------------------------------------------------------------- the run
@@ -857,4 +846,4 @@ def micro_step(
 
 
 __all__ = ["CheckpointWriteError", "TrainingDivergedError", "TrainingRun", "micro_step", "prepare_transformer", "run_training",
-           "sample_timesteps", "flow_shift", "pack", "unpack"]
+           "sample_timesteps", "flow_shift"]
