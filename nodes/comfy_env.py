@@ -96,6 +96,8 @@ def confine(path: Path, what: str, folders: Sequence[Path] | None = None, where:
             fix: str = "move it into ComfyUI's input or output folder") -> Path:
     """`path` with its symlinks resolved, when it lies inside one of `folders` (default: `allowed_folders()`);
     else FolderAccessError naming `what` (the input or file), `where` it may be and the `fix`."""
+    if "\x00" in str(path):
+        raise FolderAccessError(f"{what} contains a NUL character; give a plain path")
     folders = allowed_folders() if folders is None else folders
     if not any(is_within(path, folder) for folder in folders):
         raise FolderAccessError(f"{what} {str(path)!r} is outside {where}; nodes read and write only there: {fix} "
@@ -106,11 +108,7 @@ def confine(path: Path, what: str, folders: Sequence[Path] | None = None, where:
 def input_path(text: str, what: str) -> Path | None:
     """The file or folder a path input names (quotes and ~ taken off; None when empty), confined."""
     text = text.strip().strip('"')
-    if not text:
-        return None
-    if "\x00" in text:
-        raise FolderAccessError(f"{what} contains a NUL character; give a plain path")
-    return confine(Path(text).expanduser(), what)
+    return confine(Path(text).expanduser(), what) if text else None
 
 
 def output_file(text: str, what: str, suffix: str) -> Path:

@@ -106,11 +106,9 @@ class FaceConsistencyScoreFolder:
                 "reference_identity": ("FACE_IDENTITY", {
                     "tooltip": "Score against this person (beside the controls, or alone when there are none).",
                 }),
-                "save_report": ("STRING", {
-                    "default": "",
-                    "tooltip": "If set, also write the JSON report here (a .json path inside ComfyUI's output "
-                    "folder; relative paths are taken from there) and the plot beside it (.png).",
-                }),
+                "save_report": comfy_env.path_input(
+                    "If set, also write the JSON report here (a .json path inside ComfyUI's output "
+                    "folder; relative paths are taken from there) and the plot beside it (.png)."),
                 "judge": ("FACE_JUDGE", {
                     "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
                     "the plot, as `face-consistency evaluate --judge dlib`.",

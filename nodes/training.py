@@ -70,15 +70,17 @@ class _LoraNameOutputs(type):
 
 
 def _resolve_folder(folder: str) -> Path:
-    """An output folder given as an absolute path, or relative to ComfyUI's output or loras folders."""
+    """An output folder given as an absolute path, or relative to ComfyUI's output or loras folders;
+    every place looked at lies inside ComfyUI's folders (checked before it is looked at)."""
     text = folder.strip().strip('"')
     path = Path(text).expanduser()
     candidates = [path] if path.is_absolute() else [
         comfy_env.output_directory() / path,
         *(root / path for root in comfy_env.folder_roots(LORAS)),
     ]
+    allowed = comfy_env.allowed_folders()
     for candidate in candidates:
-        if candidate.is_dir():
+        if comfy_env.confine(candidate, "output_folder", allowed).is_dir():
             return candidate.resolve()
     raise ValueError(
         f"training output folder {text!r} not found (looked in: {', '.join(str(c) for c in candidates)})"
@@ -96,7 +98,7 @@ def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord
         return record, record.output_dir
     if not output_folder.strip():
         raise ValueError("connect a TRAINING_JOB or give an output folder")
-    folder = comfy_env.confine(_resolve_folder(output_folder), "output_folder")
+    folder = _resolve_folder(output_folder)
     record = registry.find_by_output_dir(folder)
     return (registry.refresh(record.job_id) if record else None), folder
 
