@@ -96,9 +96,20 @@ def _summary(record: JobRecord) -> dict[str, Any]:
 
 
 def _listing(registry: JobRegistry) -> dict[str, Any]:
-    """Every job, newest first: the unfinished ones refreshed from their folders, the rest from the registry."""
-    records = [record if record.finished else registry.refresh(record.job_id) for record in registry.list()]
-    return {"jobs": [_summary(record) for record in records], "skipped_rows": registry.skipped_rows}
+    """Every job, newest first: the finished ones from the registry alone, the others refreshed from their
+    folders; `skipped_rows`: the ids of jobs whose registry row cannot be read."""
+    listed, skipped = [], []
+    for shown in registry.list_shown():
+        progress = shown.pop("progress") or {}
+        if shown["state"] in jobs.FINAL_STATE_VALUES:
+            listed.append({**shown, **{key: progress.get(key) for key in PROGRESS_KEYS}})
+            continue
+        try:
+            listed.append(_summary(registry.refresh(str(shown["job_id"]))))
+        except (ValueError, TypeError) as exc:  # e.g. a command that is not JSON
+            log.warning("job registry %s: skipping job %s (%s)", registry.path, shown["job_id"], exc)
+            skipped.append(str(shown["job_id"]))
+    return {"jobs": listed, "skipped_rows": skipped}
 
 
 def _read_run_or_none(record: JobRecord) -> RunSnapshot | None:

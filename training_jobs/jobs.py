@@ -88,16 +88,11 @@ class JobRecord:
         return self.state in FINAL_STATE_VALUES
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "job_id": self.job_id,
-            "name": self.name,
-            "output_dir": str(self.output_dir),
-            "pid": self.pid,
-            "started": self.started,
-            "state": self.state,
-            "ended": self.ended,
-            "detail": self.detail,
-        }
+        return {field: str(self.output_dir) if field == "output_dir" else getattr(self, field) for field in JSON_FIELDS}
+
+
+# What a job list shows of a job (JobRecord.to_json, JobRegistry.list_shown), besides its progress.
+JSON_FIELDS = ("job_id", "name", "output_dir", "pid", "started", "state", "ended", "detail")
 
 
 def _progress(text: str | None) -> dict[str, object] | None:
@@ -388,6 +383,14 @@ class JobRegistry:
         elif isinstance(state, str) and state != job.state and job.state != JobState.STOPPING.value:
             self.set_state(job.job_id, state)  # a requested stop shows as `stopping` until the end
         return self.get(job_id)
+
+    def list_shown(self) -> list[dict[str, object]]:
+        """Every job as a job list shows it, newest first, straight from the registry (no command parsed,
+        no path built: a list of thousands of jobs stays fast): its JSON_FIELDS, and `progress`, kept
+        when it ended (None while it runs and for jobs that ended before the registry kept it)."""
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {', '.join(JSON_FIELDS)}, progress FROM jobs ORDER BY started DESC").fetchall()
+        return [{**{field: row[field] for field in JSON_FIELDS}, "progress": _progress(row["progress"])} for row in rows]
 
     def output_dirs(self) -> list[Path]:
         """Every folder a registered job writes or wrote into."""
