@@ -169,6 +169,7 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
     @routes.get(f"{PREFIX}/jobs/{{job_id}}")
     async def job_detail(request: web.Request) -> web.Response:
         max_points = _int_param(request, "max_points", 500, 2, MAX_POINTS)
+
         def work() -> dict[str, Any]:
             registry = registry_factory()
             return _detail(registry, _job(request, registry), max_points)
