@@ -24,6 +24,7 @@ from diffusers.optimization import SchedulerType
 
 from ..common.files import tomllib
 from ..musubi_formats.dataset import DatasetConfigError, load_dataset_config
+from ..musubi_formats.names import output_name_problem
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
@@ -201,6 +202,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                if not getattr(args, name)]
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)}")
+    name_problem = output_name_problem(args.output_name)
+    if name_problem:  # the run writes only inside --output_dir
+        raise ConfigError(f"--output_name {args.output_name!r} {name_problem}; give a plain name such as face_lora")
     args.model_version = _model_version(args)
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
