@@ -140,8 +140,11 @@ SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs",
 FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
 
 
-# Settings that may name a folder: a pack (by name, or its folder) and the tokenizer's folder.
-PATH_SETTINGS = ("face_model_name", "tokenizer")
+# The face loss's variants (docs/face-loss.md), optional so that saved workflows keep their widget values.
+FACE_LOSS_VARIANTS = ("face_loss_reference", "face_loss_rollout_steps", "face_loss_contrastive_weight",
+                      "face_loss_negatives")
+# Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
+PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")
 
 
 def _setting_input(name: str) -> tuple[Any, ...]:
@@ -199,6 +202,7 @@ class FaceConsistencyTrainLaunch:
                 "tokenizer": _setting_input("tokenizer"),
                 "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
                                "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
+                **{name: _setting_input(name) for name in FACE_LOSS_VARIANTS},
             },
         }
 
@@ -236,7 +240,13 @@ class FaceConsistencyTrainLaunch:
         pack = settings["face_model_name"].strip()
         if Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack:  # a pack folder, not a name
             pack = str(comfy_env.input_path(pack, "face_model_name"))
+        negatives = comfy_env.input_path(settings.get("face_loss_negatives", ""), "face_loss_negatives")
         _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
+        variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
+        variants["face_loss_negatives"] = str(negatives) if negatives and enable_face_loss else ""
+        problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
+        if enable_face_loss and problem:
+            raise ValueError(problem.replace("--", ""))
         try:
             extra = shlex.split(extra_args)
         except ValueError as exc:
@@ -277,6 +287,9 @@ class FaceConsistencyTrainLaunch:
                 args += ["--face_models_root", str(pack_root or roots[0])]
             if not comfy_env.pack_downloads_enabled():
                 args.append("--offline")
+            for setting, value in variants.items():
+                if value and value != options.BY_NAME[setting].default:
+                    args += options.to_argv(setting, value)
         if sample_prompts.strip():
             prompts = output_dir / SAMPLE_PROMPTS_FILE
             atomic_write_text(prompts, sample_prompts.strip() + "\n")

@@ -325,3 +325,35 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_tra
             assert getattr(args, name) == inputs[name], name
     assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
     assert validate_args(args).model_version == "edit-2509"
+
+
+def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
+                                                                    faces_dir: Path, monkeypatch) -> None:
+    from face_consistency.trainer.cli import parse_args, validate_args
+
+    class Launched(Exception):
+        pass
+
+    def capture(registry, output_dir, args, name):
+        raise Launched(args)
+
+    monkeypatch.setattr(training.jobs, "launch", capture)
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
+    inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+              **_tiny_launch_inputs(tiny_training, comfy, "tiny_variants", 0), "enable_face_loss": True}
+    negatives = comfy / "input" / "other_people"
+    negatives.mkdir()
+    (negatives / "biden.jpg").write_bytes((faces_dir / "biden.jpg").read_bytes())
+    variants = {"face_loss_reference": "target", "face_loss_rollout_steps": 3, "face_loss_contrastive_weight": 0.1,
+                "face_loss_negatives": str(negatives)}
+    with pytest.raises(Launched) as launched:
+        FaceConsistencyTrainLaunch().launch(**inputs, **variants)
+    args = validate_args(parse_args(launched.value.args[0]))
+    assert {name: getattr(args, name) for name in variants} == {**variants, "face_loss_negatives": str(negatives)}
+
+    with pytest.raises(Launched) as launched:  # the defaults add no flag
+        FaceConsistencyTrainLaunch().launch(**inputs)
+    assert not any(arg.startswith(("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive",
+                                   "--face_loss_negatives")) for arg in launched.value.args[0])
+    with pytest.raises(ValueError, match="needs face_loss_negatives"):
+        FaceConsistencyTrainLaunch().launch(**inputs, face_loss_contrastive_weight=0.1)

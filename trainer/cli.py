@@ -32,6 +32,7 @@ from ..training_contract.options import (
     FACE_DEVICES,
     FACE_LOSS_REFERENCES,
     FACE_LOSS_T_WEIGHTINGS,
+    MAX_FACE_LOSS_ROLLOUT_STEPS,
     MIXED_PRECISION,
     NETWORK_MODULE,
     OPTIMIZERS,
@@ -39,6 +40,7 @@ from ..training_contract.options import (
     WEIGHTING_SCHEMES,
     Option,
     add_arguments,
+    contrastive_problem,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
@@ -51,7 +53,6 @@ log = logging.getLogger("face_consistency.trainer")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ACCEPTED_NETWORK_MODULES = (NETWORK_MODULE, "networks.lora")
-MAX_ROLLOUT_STEPS = 8
 # musubi flags this trainer does not implement, with what to use instead.
 UNSUPPORTED_FLAGS = {
     "--fp8_scaled": "use --fp8_base (float8 storage of the base weights)",
@@ -144,15 +145,11 @@ def _check_contrastive(args: argparse.Namespace) -> None:
         raise ConfigError(f"--face_loss_contrastive_weight must be 0 or more, got {args.face_loss_contrastive_weight}")
     if args.face_loss_temperature <= 0:
         raise ConfigError(f"--face_loss_temperature must be above 0, got {args.face_loss_temperature}")
-    if args.face_loss_contrastive_weight > 0 and not args.face_loss_negatives:
-        raise ConfigError("--face_loss_contrastive_weight needs --face_loss_negatives: a folder of photos of other "
-                          "people, the faces the loss pushes away from")
-    if args.face_loss_negatives:
-        if args.face_loss_contrastive_weight == 0:
-            raise ConfigError("--face_loss_negatives is used only by the contrastive term: set "
-                              "--face_loss_contrastive_weight (e.g. 0.1) or leave the folder out")
-        if not Path(args.face_loss_negatives).is_dir():
-            raise ConfigError(f"--face_loss_negatives {args.face_loss_negatives}: folder not found")
+    problem = contrastive_problem(args.face_loss_contrastive_weight, args.face_loss_negatives)
+    if problem:
+        raise ConfigError(problem)
+    if args.face_loss_negatives and not Path(args.face_loss_negatives).is_dir():
+        raise ConfigError(f"--face_loss_negatives {args.face_loss_negatives}: folder not found")
 
 
 def _choice(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
@@ -276,9 +273,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
         args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
         _check_contrastive(args)
-        if not 1 <= args.face_loss_rollout_steps <= MAX_ROLLOUT_STEPS:
-            raise ConfigError(f"--face_loss_rollout_steps must be 1 to {MAX_ROLLOUT_STEPS} (each step is one more "
-                              f"forward and backward pass of the DiT), got {args.face_loss_rollout_steps}")
+        if not 1 <= args.face_loss_rollout_steps <= MAX_FACE_LOSS_ROLLOUT_STEPS:
+            raise ConfigError(f"--face_loss_rollout_steps must be 1 to {MAX_FACE_LOSS_ROLLOUT_STEPS} (each step is one "
+                              f"more forward and backward pass of the DiT), got {args.face_loss_rollout_steps}")
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
