@@ -29,6 +29,7 @@ from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
     FACE_DECODE_MODES,
     FACE_DEVICES,
+    FACE_LOSS_REFERENCES,
     FACE_LOSS_T_WEIGHTINGS,
     MIXED_PRECISION,
     NETWORK_MODULE,
@@ -49,6 +50,7 @@ log = logging.getLogger("face_consistency.trainer")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 ACCEPTED_NETWORK_MODULES = (NETWORK_MODULE, "networks.lora")
+MAX_ROLLOUT_STEPS = 8
 # musubi flags this trainer does not implement, with what to use instead.
 UNSUPPORTED_FLAGS = {
     "--fp8_scaled": "use --fp8_base (float8 storage of the base weights)",
@@ -135,6 +137,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _check_contrastive(args: argparse.Namespace) -> None:
+    """The InfoNCE term's weight, temperature and negatives folder agree."""
+    if args.face_loss_contrastive_weight < 0:
+        raise ConfigError(f"--face_loss_contrastive_weight must be 0 or more, got {args.face_loss_contrastive_weight}")
+    if args.face_loss_temperature <= 0:
+        raise ConfigError(f"--face_loss_temperature must be above 0, got {args.face_loss_temperature}")
+    if args.face_loss_contrastive_weight > 0 and not args.face_loss_negatives:
+        raise ConfigError("--face_loss_contrastive_weight needs --face_loss_negatives: a folder of photos of other "
+                          "people, the faces the loss pushes away from")
+    if args.face_loss_negatives:
+        if args.face_loss_contrastive_weight == 0:
+            raise ConfigError("--face_loss_negatives is used only by the contrastive term: set "
+                              "--face_loss_contrastive_weight (e.g. 0.1) or leave the folder out")
+        if not Path(args.face_loss_negatives).is_dir():
+            raise ConfigError(f"--face_loss_negatives {args.face_loss_negatives}: folder not found")
+
+
 def _choice(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
     lookup = {c.lower(): c for c in choices} if case_insensitive else {c: c for c in choices}
     key = value.lower() if case_insensitive else value
@@ -215,7 +234,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
     for name in ("learning_rate", "network_alpha", "discrete_flow_shift", "sigmoid_scale", "max_grad_norm",
-                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t"):
+                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t", "face_loss_contrastive_weight",
+                 "face_loss_temperature"):
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value}")
@@ -250,6 +270,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--face_loss_weight must be 0 or more, got {args.face_loss_weight}")
         if not 0.0 < args.face_loss_max_t <= 1.0:
             raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
+        args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
+        _check_contrastive(args)
+        if not 1 <= args.face_loss_rollout_steps <= MAX_ROLLOUT_STEPS:
+            raise ConfigError(f"--face_loss_rollout_steps must be 1 to {MAX_ROLLOUT_STEPS} (each step is one more "
+                              f"forward and backward pass of the DiT), got {args.face_loss_rollout_steps}")
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []

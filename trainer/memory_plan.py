@@ -58,6 +58,7 @@ class MemoryInputs:
     optimizer: str
     face_decode: str | None  # None: no face loss
     face_recognizer_saved_bytes: int = 0  # per sample, what the loss's recognizer keeps for backward
+    face_rollout_steps: int = 1  # DiT forward passes kept for the backward pass (--face_loss_rollout_steps)
 
 
 @dataclass(frozen=True)
@@ -202,10 +203,11 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     tokens = inputs.batch_size * (image_tokens(inputs.target_size) + sum(image_tokens(c) for c in inputs.control_sizes)
                                   + inputs.text_tokens)
     per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
+    # each forward pass of a face-loss rollout keeps its activations for the backward pass too
     if inputs.gradient_checkpointing:
-        activations = blocks * tokens * dim * inputs.compute_bytes + per_block
+        activations = inputs.face_rollout_steps * blocks * tokens * dim * inputs.compute_bytes + per_block
     else:
-        activations = blocks * per_block
+        activations = inputs.face_rollout_steps * blocks * per_block
     parts = {
         "dit_weights": dit_bytes - swapped + streaming,
         "vae_weights": sum(p.numel() for p in _empty_vae(json.dumps(inputs.vae_config, sort_keys=True)).parameters())

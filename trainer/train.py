@@ -797,6 +797,7 @@ def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence
         network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
         face_decode=args.face_decode if args.use_face_as_loss else None,
         face_recognizer_saved_bytes=sum(hook.saved_bytes_per_sample() for hook in hooks),
+        face_rollout_steps=args.face_loss_rollout_steps if args.use_face_as_loss else 1,
     )
 
 
@@ -823,24 +824,28 @@ def micro_step(
     t_5d = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - t_5d) * x0 + t_5d * noise
     controls = [c.to(device) for c in batch.controls]
-    tokens = torch.cat([pack(x_t), *[pack(c) for c in controls]], dim=1)
     img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]] * x0.shape[0]
-    with accelerator.autocast():
-        prediction = transformer(
-            hidden_states=tokens,
-            timestep=t,
-            encoder_hidden_states=batch.prompt_embeds.to(device),
-            encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
-            img_shapes=img_shapes,
-            return_dict=False,
-        )[0]
-    v_pred = unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
+
+    def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([pack(latents), *[pack(c) for c in controls]], dim=1)
+        with accelerator.autocast():
+            prediction = transformer(
+                hidden_states=tokens,
+                timestep=timestep,
+                encoder_hidden_states=batch.prompt_embeds.to(device),
+                encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
+        return unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
+
+    v_pred = velocity(x_t, t)
     target = noise - x0
     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, t_5d)
     loss = (weighting * (v_pred - target) ** 2).mean()
     extra = ExtraLoss()
     if hooks:
-        state = StepState(step, x0, noise, x_t, t, v_pred, vae, batch.items)
+        state = StepState(step, x0, noise, x_t, t, v_pred, vae, batch.items, velocity)
         losses = []
         for hook in hooks:
             part = hook.extra_loss(state)

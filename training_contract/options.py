@@ -21,6 +21,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 FACE_DEVICES = ("cuda", "cpu", "auto")
 FACE_DECODE_MODES = ("full", "half", "face")
 FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
+FACE_LOSS_REFERENCES = ("control", "target")  # whose identity the face loss pulls towards
 DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
 DEFAULT_FACE_LOSS_MAX_T = 0.5
 
@@ -154,6 +155,16 @@ OPTIONS: tuple[Option, ...] = (
            "judge (pip install \"comfyui-face-consistency[judge]\")"),
     Option("face_decode", str, "face", "decode for the face term: face (only the face region, default), half (the "
            "whole image at half resolution) or full", "face", FACE_DECODE_MODES),
+    Option("face_loss_reference", str, "face", f"{_choices(FACE_LOSS_REFERENCES)}: the identity the loss pulls "
+           "towards, the control images' (the person the edit starts from) or the training target's", "control",
+           FACE_LOSS_REFERENCES),
+    Option("face_loss_contrastive_weight", float, "face", "weight of an InfoNCE term that also pushes the face away "
+           "from other people's (WithAnyone's; needs --face_loss_negatives; 0: off)", 0.0),
+    Option("face_loss_temperature", float, "face", "temperature of the InfoNCE term", 0.07),
+    Option("face_loss_negatives", str, "face", "folder of photos of other people (one face each), the InfoNCE "
+           "term's negatives", path=True),
+    Option("face_loss_rollout_steps", int, "face", "score the face of x0 reached by N Euler steps of the model from "
+           "x_t (gradients through every step; 1: the one-step estimate x_t - t v)", 1),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
