@@ -1,7 +1,7 @@
 """Does the face loss help? Tier 1 of issue 21: the loss design on a generator that can draw faces.
 
     python benchmarks/bench_face_loss_tier1.py --out DIR [--seeds 1,2,3] [--arms mse,face,...] [--heldout 64]
-           [--lora_steps 150] [--pretrain_steps 3000] [--cache ~/.cache/face_consistency_bench] [--threads 1]
+           [--lora_steps 200] [--pretrain_steps 4000] [--cache ~/.cache/face_consistency_bench] [--threads 1]
 
 Needs the `[evidence]` extra (gan-face-generate, a DCGAN trained on DigiFace-1M, research-only: its faces
 are written only into DIR, which must lie outside the repository, and the cache) and the `[judge]` extra
@@ -19,10 +19,11 @@ Setup
 - A second view of a person: the DCGAN at z + 0.3 * noise, re-posed at random (+-8 deg, +-5 % scale,
   +-2 px), no grade. It is the identity reference the judges score against beside the known target.
 - The generator: a small U-Net doing conditional flow matching in pixel space (no VAE to cap identity),
-  x_t = (1 - t) x0 + t noise, velocity target noise - x0, the trainer's `shift` timestep sampling at
-  shift 2.2; pre-trained on the pre-training people, EMA weights, cached by a hash of its settings and
-  data. Samples: the trainer's shifted Euler schedule, 8 steps, the same noise per held-out person in
-  every run.
+  x_t = (1 - t) x0 + t noise, velocity target noise - x0, the trainer's `shift` timestep sampling (shift
+  1 for the pre-training, so that low t, where the last sampling steps and the face loss work, is well
+  learnt; the seed guide's 2.2 for the LoRA runs); pre-trained on the pre-training people, EMA weights,
+  cached by a hash of its settings and data. Judged samples: Euler, 12 steps, linear schedule, the same
+  noise per held-out person in every run.
 - Arms: per seed a fresh peft LoRA (rank 8, every conv) on the same base, trained on the LoRA-training
   people with the same data order, timesteps and noise in every arm (only the loss differs):
     mse       MSE only
@@ -33,8 +34,10 @@ Setup
               pre-training people's embeddings as negatives
     rollout   + weight 0.1 on a differentiable `--rollout_steps`-step Euler rollout from x_t to t = 0
               instead of the one-step estimate x0_hat = x_t - t v
-    positive  positive control: + `--pc_weight` x the velocity MSE inside the target's face box
+    positive  positive control: + `--pc_weight` (16) x the velocity MSE inside the target's face box, every t
     hack      + weight `--hack_weight` (10), the identity-hacking probe, first seed only
+    oracle    MSE only, trained on the held-out people's own pairs (train on test): not a candidate, a
+              check of how large an identity gain a LoRA of this size can show here (reported only)
   The loss is trainer/face_loss.py called unchanged: keypoints detected by the engine on the known
   target (128 px upscale, then halved), `FrozenFaceRecognizer.from_pack(pack)`, its warp and t-gating.
 
@@ -48,7 +51,8 @@ Judges (each with its own detector)
   and to the target (`engine_view`, `engine_target`), reported separately as the HACKABLE score.
 - Edit adherence: `landmark_err`, mean distance (px at 64) of the engine's 5 keypoints on the sample to
   those on the known target; `outside_err`, mean |sample - target| (0..255) outside the target's face box.
-- `change_vs_mse`: mean |sample - the MSE arm's sample of the same seed| (0..255).
+- `change_vs_mse`: mean |sample - the MSE arm's sample of the same seed| (0..255); `dlib_found`,
+  `engine_found`: 1 when that judge finds a face in the sample (reported, not part of the rule).
 Calibration before anything is compared: for each judge the ROC-AUC of same-person pairs (known target vs
 its second view) against different-person pairs (target vs another held-out person's second view), at 64
 px as judged; a judge under 0.95 is reported as failing (its gains are printed but it decides nothing).
@@ -61,8 +65,9 @@ Per arm and metric the endpoint is the per-face paired difference to the MSE arm
 person), averaged over faces and seeds, with a 95% percentile bootstrap interval (2000 resamples of the
 held-out people; each resampled person carries all its seeds, so seeds stay blocks). A face a judge does
 not find is left out of that judge's pairs.
-- The positive control MOVED when its `dlib_view` interval lies above 0. If it did not, every arm is
-  INCONCLUSIVE (the benchmark could not have seen a gain).
+- The positive control MOVED when its `dlib_view` interval lies above 0. If it did not, or dlib failed
+  its calibration, or the headroom check failed, every arm is INCONCLUSIVE (the benchmark could not
+  have seen a gain).
 - Edit adherence is WORSE when the interval of the increase of `landmark_err` or of `outside_err` lies
   above 0.
 - HELPS: `dlib_view` gain >= 0.01 with its interval above 0, and adherence not worse.
@@ -114,7 +119,7 @@ AUC_FLOOR = 0.95
 PRIMARY, HACKABLE = "dlib_view", "engine_view"
 ADHERENCE = ("landmark_err", "outside_err")
 METRICS = ("dlib_view", "dlib_target", "engine_view", "engine_target", "landmark_err", "outside_err", "face_err",
-           "change_vs_mse")
+           "dlib_found", "engine_found", "change_vs_mse")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,7 @@ class Arm:
     rollout_steps: int = 0
     face_box_mse: float = 0.0
     first_seed_only: bool = False
+    train_on_heldout: bool = False
 
 
 def make_arms(args: argparse.Namespace) -> list[Arm]:
@@ -143,6 +149,8 @@ def make_arms(args: argparse.Namespace) -> list[Arm]:
             face_box_mse=args.pc_weight),
         Arm("hack", f"face loss weight {args.hack_weight:g} (hacking probe)", weight=args.hack_weight,
             first_seed_only=True),
+        Arm("oracle", "sensitivity check: MSE only, trained on the held-out people's own pairs",
+            train_on_heldout=True),
     ]
 
 
@@ -269,8 +277,8 @@ def judge_samples(images: np.ndarray, people: People, engine, judge) -> list[dic
     targets = to_uint8(people.target).astype(np.float32)
     rows = []
     for i, image in enumerate(images):
-        row: dict[str, float] = {}
         j = judge.judge(image)
+        row: dict[str, float] = {"dlib_found": float(j.ok), "engine_found": float(engine_found[i].ok)}
         row["dlib_view"] = verdict(j.descriptor, people.dlib_view[i]).similarity if j.ok else nan
         row["dlib_target"] = verdict(j.descriptor, people.dlib_target[i]).similarity if j.ok else nan
         r = engine_found[i]
@@ -341,6 +349,7 @@ class RunLog:
 
 
 def train_arm(arm: Arm, seed: int, base, lora: People, negatives: torch.Tensor, recognizer, args) -> tuple[Any, RunLog]:
+    """One LoRA run; `lora` is the people it trains on."""
     model, params = lora_model(base, args.lora_rank, seed)
     optimizer = torch.optim.AdamW(params, lr=args.lora_lr, weight_decay=0.0)
     face_loss = face_loss_for(arm, recognizer, args.max_t, args.temperature) if arm.weight else None
@@ -381,12 +390,12 @@ def train_arm(arm: Arm, seed: int, base, lora: People, negatives: torch.Tensor, 
                 extra = {"negatives": negatives} if arm.contrastive_weight else {}
                 out = face_loss(images, lora.kps[sel], reference[sel], valid[sel], tt, **extra)
                 loss = loss + out.loss
-                face_losses.append(float(out.loss))
+                face_losses.append(out.loss.item())
                 face_sims.append(out.metrics.get("face_sim/x0_mean", float("nan")))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        mses.append(float(mse))
+        mses.append(mse.item())
     log.seconds_train = time.monotonic() - start
     k = max(1, min(20, len(mses) // 4))
     log.mse_start, log.mse_end = float(np.mean(mses[:k])), float(np.mean(mses[-k:]))
@@ -422,9 +431,10 @@ def paired_endpoint(scores: dict, arm: str, base: str, metric: str, seeds: list[
             "high": float(np.percentile(means, 97.5)), "pairs": pairs}
 
 
-def decide(e: dict[str, dict[str, float]], positive_moved: bool) -> str:
-    """The docstring's decision rule for one arm's endpoints."""
-    if not positive_moved:
+def decide(e: dict[str, dict[str, float]], can_tell: bool) -> str:
+    """The docstring's decision rule for one arm's endpoints (`can_tell`: positive control moved, dlib
+    calibrated, headroom shown)."""
+    if not can_tell:
         return "INCONCLUSIVE"
     primary, hackable = e[PRIMARY], e[HACKABLE]
     worse = any(e[m]["low"] > 0 for m in ADHERENCE)
@@ -472,7 +482,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="folder for the judged images and manifest.json "
                         "(outside the repository: the faces are research-only)")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--arms", default="mse,face,face_w1,target,infonce,rollout,positive,hack",
+    parser.add_argument("--arms", default="mse,face,face_w1,target,infonce,rollout,positive,hack,oracle",
                         help="comma-separated; mse and positive are always run")
     parser.add_argument("--heldout", type=int, default=64, help="held-out people judged")
     parser.add_argument("--lora_people", type=int, default=128)
@@ -482,19 +492,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain_steps", type=int, default=NetSettings.pretrain_steps)
     parser.add_argument("--pretrain_batch", type=int, default=NetSettings.pretrain_batch)
     parser.add_argument("--pretrain_lr", type=float, default=NetSettings.pretrain_lr)
-    parser.add_argument("--shift", type=float, default=NetSettings.shift)
-    parser.add_argument("--lora_steps", type=int, default=150)
+    parser.add_argument("--pretrain_shift", type=float, default=NetSettings.shift)
+    parser.add_argument("--shift", type=float, default=2.2, help="the LoRA runs' shift timestep sampling "
+                        "(the seed guide's --timestep_sampling shift --discrete_flow_shift 2.2)")
+    parser.add_argument("--sample_shift", type=float, default=1.0, help="shift of the judged samples' schedule")
+    parser.add_argument("--lora_steps", type=int, default=200)
     parser.add_argument("--lora_batch", type=int, default=8)
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--lora_lr", type=float, default=1e-3)
-    parser.add_argument("--sample_steps", type=int, default=8)
+    parser.add_argument("--sample_steps", type=int, default=12)
     parser.add_argument("--max_t", type=float, default=0.5, help="face_loss_max_t of every face arm")
     parser.add_argument("--high_weight", type=float, default=1.0)
     parser.add_argument("--hack_weight", type=float, default=10.0)
     parser.add_argument("--contrastive_weight", type=float, default=0.1)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--rollout_steps", type=int, default=3)
-    parser.add_argument("--pc_weight", type=float, default=4.0, help="the positive control's face-box MSE weight")
+    parser.add_argument("--pc_weight", type=float, default=16.0, help="the positive control's face-box MSE weight")
     parser.add_argument("--view_sigma", type=float, default=View.sigma, help="z jitter of the second view")
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
@@ -504,7 +517,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     names = [a for a in args.arms.split(",") if a]
-    known = {"mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack"}
+    known = {"mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle"}
     if set(names) - known:
         parser.error(f"--arms: unknown {sorted(set(names) - known)}; choose from {sorted(known)}")
     args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
@@ -523,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     edit, view = Edit(), View(sigma=args.view_sigma)
     net = NetSettings(width=args.width, pretrain_steps=args.pretrain_steps, pretrain_batch=args.pretrain_batch,
-                      pretrain_lr=args.pretrain_lr, shift=args.shift)
+                      pretrain_lr=args.pretrain_lr, shift=args.pretrain_shift)
     with stage("load face source, engine, judge, recognizer", times):
         source = FaceSource()
         engine = load_face_model(args.pack, models_root=args.models_root, provider="cpu")
@@ -576,9 +589,10 @@ def main(argv: list[str] | None = None) -> None:
                 arm = arms[name]
                 if arm.first_seed_only and seed != args.seeds[0]:
                     continue
-                model, log = train_arm(arm, seed, base, lora, negatives, recognizer, args)
+                model, log = train_arm(arm, seed, base, heldout if arm.train_on_heldout else lora, negatives,
+                                       recognizer, args)
                 t0 = time.monotonic()
-                imgs = to_uint8(sample(model, heldout.control, eval_noise, args.sample_steps, args.shift))
+                imgs = to_uint8(sample(model, heldout.control, eval_noise, args.sample_steps, args.sample_shift))
                 log.seconds_sample = time.monotonic() - t0
                 t0 = time.monotonic()
                 scores[(name, seed)] = judge_samples(imgs, heldout, engine, judge)
@@ -626,10 +640,14 @@ def main(argv: list[str] | None = None) -> None:
             endpoints[name]["change_vs_mse"] = {"mean": float(np.mean(change)), "low": float("nan"),
                                                 "high": float("nan"), "pairs": int(np.size(change))}
         positive_moved = endpoints["positive"][PRIMARY]["low"] > 0
-        verdicts = {name: ("POSITIVE CONTROL " + ("MOVED" if positive_moved else "DID NOT MOVE: benchmark insensitive"))
-                    if name == "positive" else decide(e, positive_moved) for name, e in endpoints.items()}
+        judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
+        can_tell = positive_moved and judge_ok["dlib"] and headroom["ok"]
+        verdicts = {name: decide(e, can_tell) for name, e in endpoints.items()}
+        verdicts["positive"] = "POSITIVE CONTROL " + ("MOVED" if positive_moved else "DID NOT MOVE: benchmark insensitive")
+        if "oracle" in verdicts:
+            oracle_moved = endpoints["oracle"][PRIMARY]["low"] > 0
+            verdicts["oracle"] = "SENSITIVITY CHECK " + ("MOVED" if oracle_moved else "DID NOT MOVE")
 
-    judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
     print()
     print(f"held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch {args.lora_batch} on "
           f"{len(lora)} people; samples {args.sample_steps} Euler steps; 64 px")
@@ -647,7 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, e in endpoints.items():
         print(f"{arms[name].label}  ->  {verdicts[name]}")
         print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("dlib_view", "dlib_target", "engine_view", "engine_target")))
-        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err"))
+        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err", "dlib_found",
+                                                                  "engine_found"))
               + f"; change_vs_mse {e['change_vs_mse']['mean']:.2f}/255")
 
     manifest = {
