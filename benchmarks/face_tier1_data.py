@@ -44,9 +44,9 @@ class FaceSource:
     """The pretrained DCGAN of gan-face-generate: z [N, 100] -> RGB [N, 3, 64, 64] in [-1, 1]."""
 
     def __init__(self) -> None:
+        self.weights = _generator_weights()  # first: a clear message when the extra is missing
         from gan_face_generate.models import Generator
 
-        self.weights = _generator_weights()
         self.sha256 = hashlib.sha256(self.weights.read_bytes()).hexdigest()
         checkpoint = torch.load(self.weights, map_location="cpu", weights_only=True)
         self.net = Generator(0, 3, Z_SIZE, 64)
