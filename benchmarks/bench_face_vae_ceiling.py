@@ -5,7 +5,7 @@
 
 The VAE is the real `AutoencoderKLQwenImage` class in a small config (8x spatial compression,
 z_dim 16 and the key layout of the real one, so the trainer loads it with `--vae`), fitted as an
-autoencoder (L1 + 0.1 MSE on pixels, Adam with a cosine learning-rate decay, mirror flips and
+autoencoder (L1 + 0.1 MSE on the decoder's output before diffusers' clip to [-1, 1], Adam with a cosine learning-rate decay, mirror flips and
 shifts of a few pixels as augmentation) on square face crops (side = `--margin` x the engine's
 face box) of the real faces the environment has: the shared photos, the faces of insightface's
 `t1` group photo and `skimage.data.astronaut()` (`--sources` picks among them; t1 is left out by default). After the fit
@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 
 from face_consistency.faceid import FaceModel, cosine_similarity, load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
+from face_consistency.trainer.vae_decode import decoder_stages
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
@@ -114,13 +115,18 @@ def fit(vae, crops: np.ndarray, steps: int, batch: int, lr: float, seed: int) ->
         x[flip] = x[flip].flip(-1)
         dx, dy = (int(v) for v in torch.randint(-3, 4, (2,), generator=generator))
         x = torch.roll(x, (dy, dx), dims=(2, 3)).unsqueeze(2)
-        decoded = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        # `vae.decode` clips to [-1, 1], which zeroes the gradient of every clipped pixel: fitted through
+        # the clip, the decoder sat at the average face for 10-12 minutes (issue 21); unclipped, it leaves
+        # it within a few hundred steps
+        decoded = vae.encode(x).latent_dist.mode()
+        for stage in decoder_stages(vae):
+            decoded = stage(decoded)
         loss = (decoded - x).abs().mean() + 0.1 * ((decoded - x) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float((decoded - x).detach().abs().mean()))
+        losses.append(float((decoded.detach().clamp(-1.0, 1.0) - x).abs().mean()))
     vae.eval()
     return float(np.mean(losses[-20:]))
 
@@ -160,7 +166,7 @@ def fitted_face_vae(engine: FaceModel, faces_dir: Path, *, size: int = 128, marg
     names, crops = [n for n, _ in named], np.stack([c for _, c in named])
     config = {**TINY_VAE_CONFIG, "base_dim": base_dim}
     settings = {"config": config, "size": size, "margin": margin, "steps": steps, "batch": batch, "lr": lr,
-                "seed": seed, "sources": list(sources), "crops": hashlib.sha256(crops.tobytes()).hexdigest()}
+                "seed": seed, "sources": list(sources), "loss_on": "unclipped decode", "crops": hashlib.sha256(crops.tobytes()).hexdigest()}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     path = cache / f"qwen_image_vae_faces_{size}px_b{base_dim}_{key}.safetensors"
     if path.is_file():
