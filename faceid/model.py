@@ -31,6 +31,11 @@ RECOGNIZER_BATCH = 32
 # fraction of the image size on every side and look again.
 SMALL_IMAGE_PADDING = 0.5
 IDENTITY_CACHE_SIZE = 256
+# The images the detector can take. It letterboxes an image into its square input, so a side more
+# than this many times the other shrinks below a pixel there (OpenCV's resize then fails); a face
+# needs some pixels too. Others are a per-image status, as an unreadable file is.
+MAX_ASPECT_RATIO = 32
+MIN_IMAGE_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,17 @@ class _ModelKey:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
+
+
+def undetectable_reason(width: int, height: int) -> str | None:
+    """Why the face detector cannot take an image of this size, or None when it can."""
+    short, long = sorted((width, height))
+    if short < MIN_IMAGE_SIDE:
+        return f"image {width}x{height} is too small to hold a face (at least {MIN_IMAGE_SIDE} pixels a side)"
+    if long > MAX_ASPECT_RATIO * short:
+        return (f"image {width}x{height} is too elongated for the face detector (about {long // short}:1; at most "
+                f"{MAX_ASPECT_RATIO}:1): crop it around the face")
+    return None
 
 
 class FaceModel:
@@ -124,6 +140,9 @@ class FaceModel:
         is 1.85x faster than on one; two runs side by side, 2x; and single-core runs leave
         no straggling thread for other work (image decoding) to hold up.
         """
+        reason = undetectable_reason(bgr.shape[1], bgr.shape[0])
+        if reason is not None:
+            raise ImageLoadError(reason)
         detector = self.detector(concurrent)
         scale = 1.0
         if max(bgr.shape[:2]) > MAX_ANALYSIS_SIDE:
@@ -155,10 +174,15 @@ class FaceModel:
                 )
             return self._concurrent_detector
 
-    def locate(self, bgr: np.ndarray, concurrent: bool = False) -> FaceResult:
+    def locate(
+        self, bgr: np.ndarray, concurrent: bool = False, original_size: tuple[int, int] | None = None
+    ) -> FaceResult:
         """The largest face of a BGR image, chosen as `analyze` chooses it, not embedded yet:
-        for pipelines that detect on several threads and embed in batches (`embed_crops`)."""
-        return _result(bgr, None, self.detect(bgr, concurrent), Selection.LARGEST, 0, None, False)
+        for pipelines that detect on several threads and embed in batches (`embed_crops`).
+        `original_size`: the (width, height) of the file `bgr` was decoded from, downscaled."""
+        reason = undetectable_reason(*(original_size or (bgr.shape[1], bgr.shape[0])))
+        faces = self.detect(bgr, concurrent) if reason is None else []
+        return _result(bgr, reason, faces, Selection.LARGEST, 0, None, False)
 
     # recognition -----------------------------------------------------------------------
 
@@ -192,9 +216,9 @@ class FaceModel:
         if selection is Selection.BEST_MATCH and ref is None:
             raise ValueError("selection 'best_match' needs a reference identity")
         embed_all = all_faces or selection is Selection.BEST_MATCH
-        loaded = _load_each(images, channel_order)
+        loaded = [_detectable(item) for item in _load_each(images, channel_order)]
         with self._lock:
-            detected = [self.detect(bgr) if bgr is not None else [] for bgr, _, _ in loaded]
+            detected = [self.detect(bgr) if bgr is not None and error is None else [] for bgr, error, _ in loaded]
             to_embed: list[tuple[np.ndarray, DetectedFace]] = []
             for (bgr, _, _), faces in zip(loaded, detected):
                 if embed_all:
@@ -285,6 +309,13 @@ def _load_each(images: Any, channel_order: str) -> list[_Loaded]:
     return loaded
 
 
+def _detectable(loaded: _Loaded) -> _Loaded:
+    """A loaded image the detector cannot take gets the reason as its error (and is not detected in)."""
+    bgr, _, original_size = loaded
+    reason = undetectable_reason(*original_size) if bgr is not None else None
+    return loaded if reason is None else (bgr, reason, original_size)
+
+
 def _reference_embedding(reference: np.ndarray | Identity | None) -> np.ndarray | None:
     if reference is None:
         return None
@@ -303,7 +334,7 @@ def _result(
 ) -> FaceResult:
     size = (bgr.shape[1], bgr.shape[0]) if bgr is not None else (0, 0)
     result = FaceResult(image_size=size, faces_found=len(faces), faces=faces if all_faces else [])
-    if bgr is None:
+    if bgr is None or error is not None:
         result.reason = error
     elif not faces:
         result.reason = "no face detected"
