@@ -54,12 +54,21 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     return text
 
 
-def default_file_mode() -> int:
-    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+def _umask() -> int:
     with _UMASK_LOCK:  # the umask can only be read by setting it
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode `mkdir()` gives a new folder: 0777 less the process umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
 
 
 @contextlib.contextmanager

@@ -229,6 +229,8 @@ class FaceConsistencyTrainLaunch:
         extra_args: str = "",
         **settings: Any,  # SETTINGS and FACE_SETTINGS, by their flag names
     ) -> dict[str, Any]:
+        options.check_node_values({**settings, "max_train_steps": max_train_steps, "tokenizer": tokenizer,
+                                   "sample_every_n_epochs": sample_every_n_epochs})
         name = output_name.strip()
         name_problem = output_name_problem(name)
         if name_problem:

@@ -44,7 +44,7 @@ from ..training_contract.options import (
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
-from .models import ModelFileError, check_dit_version, read_header
+from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
@@ -259,10 +259,31 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if several:
             raise ConfigError(f"--model_version edit takes exactly one control image per target ({several[0]} has "
                               "more); use edit-2509 or edit-2511 for several")
+    _check_prompt_lengths(group, prompts, args)
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
     args.dataset_group, args.sample_settings = group, prompts  # read once: run_training trains on these
     return args
+
+
+def _check_prompt_lengths(group: Any, prompts: list, args: argparse.Namespace) -> None:
+    """Captions and sample prompts the text encoder can take: longer ones fail deep in the transformer
+    after all the caching, so they are refused here. A token is at least one UTF-8 byte, so only
+    texts longer than the limit in bytes are tokenized (the tokenizer loaded only for them)."""
+    texts = [(f"the caption of {item.target}", item.caption) for item in group.items]
+    texts += [(f"sample prompt {p.index} of {args.sample_prompts}", p.prompt) for p in prompts]
+    long = [(where, text) for where, text in texts if len(text.encode("utf-8")) > MAX_PROMPT_TOKENS]
+    if not long:
+        return
+    try:
+        tokenizer = load_processor(args.tokenizer).tokenizer
+    except ModelFileError as exc:
+        raise ConfigError(f"{long[0][0]} is long enough to need counting its tokens, and {exc}") from None
+    for where, text in long:
+        count = len(tokenizer(text)["input_ids"])
+        if count > MAX_PROMPT_TOKENS:
+            raise ConfigError(f"{where} is {count} tokens long; Qwen-Image's text encoder takes at most "
+                              f"{MAX_PROMPT_TOKENS}: shorten it (it begins {text[:60]!r})")
 
 
 def _check_output_dir(folder: Path) -> None:

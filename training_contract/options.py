@@ -258,6 +258,15 @@ def check_values(values: Any) -> None:
         option.check(getattr(values, option.name, None))
 
 
+def check_node_values(values: dict[str, Any]) -> None:
+    """The launch node's values (by option name), checked as the trainer will check them, before the
+    node writes anything; a widget's `off` value (not passed) is not checked."""
+    for name, value in values.items():
+        option = BY_NAME[name]
+        if option.node is None or option.node.off is None or value != option.node.off:
+            option.check(value)
+
+
 def to_argv(name: str, value: Any) -> list[str]:
     """The command-line arguments that give option `name` the `value` (a switch: present or not);
     ValueCheckError if the value is not one the trainer accepts."""
