@@ -119,6 +119,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" if u.split("=")[0] in UNSUPPORTED_FLAGS else u for u in unknown
         ]
         raise ConfigError(f"unknown or unsupported argument(s): {', '.join(described)}")
+    _check_values(args)  # the command line's, --config_file among them, before that file is read
     if args.config_file:
         path = Path(args.config_file)
         try:
@@ -138,11 +139,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 raise ConfigError(f"--config_file {path}: {key} {problem}")
         parser.set_defaults(**config)
         args = parser.parse_args(list(argv))
+        _check_values(args)
+    return args
+
+
+def _check_values(args: argparse.Namespace) -> None:
+    """Every number within its declared bounds, every text bounded and NUL-free (options.py)."""
     try:
-        check_values(args)  # every number within its declared bounds, every text bounded: before any file is read
+        check_values(args)
     except ValueCheckError as exc:
         raise ConfigError(str(exc)) from None
-    return args
 
 
 def _check_contrastive(args: argparse.Namespace) -> None:
