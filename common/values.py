@@ -32,7 +32,8 @@ class Bounds:
     def describe(self) -> str:
         low = f"above {_number(self.low)}" if self.low_open else f"at least {_number(self.low)}"
         high = f"below {_number(self.high)}" if self.high_open else f"at most {_number(self.high)}"
-        return f"{low} and {high}"
+        ends = [end for end, value in ((low, self.low), (high, self.high)) if math.isfinite(value)]
+        return " and ".join(ends) or "finite"
 
     def contains(self, value: float) -> bool:
         if isinstance(value, float) and not math.isfinite(value):
