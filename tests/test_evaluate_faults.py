@@ -408,7 +408,8 @@ def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(insight
         line = _error_line(capsys)
         assert message in line and "writing there would overwrite it: choose another path" in line, line
     assert _evaluate(pairs, insightface_root, "--output_json", str(report), "--plot", str(report)) == 2
-    assert f"--output_json and --plot are the same file ({report}): give each output its own path" in _error_line(capsys)
+    same = f"--output_json and --plot are the same file ({report}): give each output its own path"
+    assert same in _error_line(capsys)
     assert _contents(tmp_path) == before  # nothing read into a report, nothing written, nothing lost
 
 
@@ -420,12 +421,14 @@ def test_outputs_over_the_prompt_file_or_a_ci_control_are_refused(insightface_ro
     shutil.copy(control, ci)
     prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {ci}\n", encoding="utf-8")
     before = _contents(tmp_path)
-    base = ["--sample_dir", str(sample_dir), "--sample_prompts", str(prompts), "--quiet", *_model_args(insightface_root)]
+    base = ["--sample_dir", str(sample_dir), "--sample_prompts", str(prompts), "--quiet",
+            *_model_args(insightface_root)]
     for extra, message in (
         (["--output_json", str(prompts)], f"--output_json {prompts} is the prompt file of this evaluation"),
         (["--output_json", str(tmp_path / "r.json"), "--plot", str(ci)],
          f"--plot {ci} is a control image of the prompt file of this evaluation"),
-        (["--output_json", str(tmp_path / "r.json"), "--watch", "1", "--plot", str(tmp_path / "r.json.embeddings.json")],
+        (["--output_json", str(tmp_path / "r.json"), "--watch", "1",
+          "--plot", str(tmp_path / "r.json.embeddings.json")],
          "--plot and the embedding cache (beside --output_json) are the same file"),
     ):
         assert evaluate_cli.main([*base, *extra]) == 2
@@ -455,7 +458,8 @@ def test_every_numeric_flag_of_evaluate_declares_its_bounds():
 
 
 @pytest.mark.parametrize(("flag", "value"), [
-    (flag, value) for flag in sorted(evaluate_cli.FLAG_BOUNDS) for value in ("nan", "inf", "-inf", "1e308", "-1e308", "3")
+    (flag, value) for flag in sorted(evaluate_cli.FLAG_BOUNDS)
+    for value in ("nan", "inf", "-inf", "1e308", "-1e308", "3")
     if (flag != "bands" or not value.startswith("-"))  # argparse would read "-inf" after --bands as a flag
     and not evaluate_cli.FLAG_BOUNDS[flag].contains(float(value))  # --watch 3 is a valid interval
 ])

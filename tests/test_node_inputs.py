@@ -41,7 +41,11 @@ def _run(key: str, **values):
     return getattr(cls(), cls.FUNCTION)(**values)
 
 
-@pytest.mark.parametrize(("key", "name", "settings"), _inputs(("STRING",)), ids=lambda x: x if isinstance(x, str) else "")
+def _id(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+@pytest.mark.parametrize(("key", "name", "settings"), _inputs(("STRING",)), ids=_id)
 def test_every_text_input_refuses_nul_and_absurd_lengths(key, name, settings):
     with pytest.raises(ValueCheckError, match=rf"^input {name} contains a NUL character \(at position 3\)"):
         _run(key, **{name: "abc\0def"})
@@ -50,7 +54,7 @@ def test_every_text_input_refuses_nul_and_absurd_lengths(key, name, settings):
         _run(key, **{name: "x" * (limit + 1)})
 
 
-@pytest.mark.parametrize(("key", "name", "settings"), _inputs(("INT", "FLOAT")), ids=lambda x: x if isinstance(x, str) else "")
+@pytest.mark.parametrize(("key", "name", "settings"), _inputs(("INT", "FLOAT")), ids=_id)
 def test_every_number_input_refuses_non_finite_and_out_of_range_values(key, name, settings):
     if settings.get("max") is not None:
         with pytest.raises(ValueCheckError, match=rf"^input {name} must be .*got "):
@@ -91,6 +95,7 @@ def test_score_folder_never_saves_its_plot_over_a_sample(model, faces_dir, tmp_p
     sample = sorted(run["sample_dir"].glob("*.png"))[0]
     before = sample.read_bytes()
     with pytest.raises(EvaluationError, match=rf"save_report's plot {sample} is an image in the sample folder"):
-        FaceConsistencyScoreFolder().score_folder(model, str(run["sample_dir"]), 0.5, sample_prompts=str(run["prompts"]),
+        FaceConsistencyScoreFolder().score_folder(model, str(run["sample_dir"]), 0.5,
+                                                  sample_prompts=str(run["prompts"]),
                                                   save_report=str(sample.with_suffix(".json")))
     assert sample.read_bytes() == before and not sample.with_suffix(".json").exists()

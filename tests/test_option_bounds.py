@@ -62,7 +62,8 @@ def test_every_text_option_refuses_nul_and_absurd_lengths(option):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 and at most 1000000000, got -5"),
-    (["--face_loss_max_t", "nan"], "--face_loss_max_t must be a finite number, got nan (give one above 0 and at most 1)"),
+    (["--face_loss_max_t", "nan"],
+     "--face_loss_max_t must be a finite number, got nan (give one above 0 and at most 1)"),
     (["--seed", str(2**64)], f"--seed must be at least 0 and at most {2**32 - 1}, got {2**64}"),
     (["--learning_rate", "0"], "--learning_rate must be above 0 and at most 1, got 0"),
     (["--sample_shift_terminal", "1"], "--sample_shift_terminal must be at least 0 and below 1, got 1"),

@@ -108,7 +108,8 @@ def test_slim_keeps_only_the_detector_and_the_recognizer(server, monkeypatch, tm
     serve(server, monkeypatch, "buffalo_s", zips["extra"])
     full = download_pack("buffalo_s", tmp_path / "full" / "models")
     slim = download_pack("buffalo_s", tmp_path / "slim" / "models", slim=True)
-    assert sorted(p.name for p in full.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]  # no notes.txt: not a model
+    # no notes.txt: only model files are installed
+    assert sorted(p.name for p in full.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
     assert sorted(p.name for p in slim.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
 
 

@@ -155,7 +155,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)", path=True),
     Option("sample_every_n_steps", int, "sampling", bounds=Bounds(1, STEPS_CEILING)),
     Option("sample_every_n_epochs", int, "sampling", node=NodeWidget(
-        10, 0, 100000, tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps).", off=0),
+        10, 0, 100000, off=0,
+        tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps)."),
            bounds=Bounds(1, EPOCHS_CEILING)),
     Option("sample_at_first", bool, "sampling"),
     Option("sample_shift_terminal", float, "sampling",
