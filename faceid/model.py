@@ -15,7 +15,7 @@ import numpy as np
 
 from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
-from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized
+from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized, undetectable_reason
 from .pack_download import ProgressCallback
 from .packs import PackFiles, as_roots, resolve_pack
 from .providers import check_running_provider, requested_providers
@@ -31,11 +31,6 @@ RECOGNIZER_BATCH = 32
 # fraction of the image size on every side and look again.
 SMALL_IMAGE_PADDING = 0.5
 IDENTITY_CACHE_SIZE = 256
-# The images the detector can take. It letterboxes an image into its square input, so a side more
-# than this many times the other shrinks below a pixel there (OpenCV's resize then fails); a face
-# needs some pixels too. Others are a per-image status, as an unreadable file is.
-MAX_ASPECT_RATIO = 32
-MIN_IMAGE_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -48,17 +43,6 @@ class _ModelKey:
 
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
-
-
-def undetectable_reason(width: int, height: int) -> str | None:
-    """Why the face detector cannot take an image of this size, or None when it can."""
-    short, long = sorted((width, height))
-    if short < MIN_IMAGE_SIDE:
-        return f"image {width}x{height} is too small to hold a face (at least {MIN_IMAGE_SIDE} pixels a side)"
-    if long > MAX_ASPECT_RATIO * short:
-        return (f"image {width}x{height} is too elongated for the face detector (about {long // short}:1; at most "
-                f"{MAX_ASPECT_RATIO}:1): crop it around the face")
-    return None
 
 
 class FaceModel:

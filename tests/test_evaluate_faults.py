@@ -516,3 +516,7 @@ def test_the_engine_gives_each_such_image_a_reason_in_a_batch(model, faces_dir):
     results = model.analyze([photo, thin, torch.zeros(20000, 1, 3)])
     assert results[0].ok and [r.reason.split(" is ")[0] for r in results[1:]] == ["image 6000x1", "image 1x20000"]
     assert model.locate(thin).reason.startswith("image 6000x1 is too small")
+    from face_consistency.faceid.judge import load_judge
+
+    judged = load_judge("dlib", "hog").judge(thin)  # the held-out judge: once OpenCV's resize assertion too
+    assert not judged.ok and judged.reason.startswith("image 6000x1 is too small") and judged.image_size == (6000, 1)
