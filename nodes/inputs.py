@@ -8,6 +8,7 @@ import functools
 from typing import Any
 
 from ..common.values import MAX_TEXT_LENGTH, Bounds, check_number, check_text
+from . import comfy_env
 
 # Multiline inputs hold sample prompts or extra flags: longer than a name or a path can be, still bounded.
 MAX_MULTILINE_LENGTH = 1 << 20
@@ -20,6 +21,8 @@ def check_node_inputs(node_class: type, values: dict[str, Any]) -> None:
         value = values.get(name)
         kind, settings = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
         if isinstance(value, str):
+            if "\0" in value and settings.get(comfy_env.PATH_INPUT):
+                continue  # comfy_env.confine refuses it, naming it as the path it is meant to be
             check_text(value, f"input {name}", MAX_MULTILINE_LENGTH if settings.get("multiline") else MAX_TEXT_LENGTH)
         elif kind in ("INT", "FLOAT") and isinstance(value, (int, float)) and not isinstance(value, bool):
             check_number(value, Bounds(settings.get("min", -float("inf")), settings.get("max", float("inf"))),

@@ -263,8 +263,8 @@ def check_node_values(values: dict[str, Any]) -> None:
     """The launch node's values (by option name), checked as the trainer will check them, before the
     node writes anything; a widget's `off` value (not passed) is not checked."""
     for name, value in values.items():
-        option = BY_NAME[name]
-        if option.node is None or option.node.off is None or value != option.node.off:
+        option = BY_NAME.get(name)  # the node's own inputs (dataset, output_name, ...) are no options
+        if option is not None and (option.node is None or option.node.off is None or value != option.node.off):
             option.check(value)
 
 
