@@ -8,6 +8,7 @@ whose default is the seed guide's. Torch-free: ComfyUI imports it at start.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +119,7 @@ OPTIONS: tuple[Option, ...] = (
            OPTIMIZERS, node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor"))),
     Option("optimizer_args", str, "training", "optimizer keyword args as key=value", many=True),
     Option("learning_rate", float, "training", "", 2e-6, node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6),
-           bounds=Bounds(0, 1, low_open=True)),
+           bounds=Bounds(0, math.inf, low_open=True)),  # any finite rate: a diverging run is stopped and said
     Option("lr_scheduler", str, "training", "diffusers scheduler name (constant, cosine, linear, ...)", "constant"),
     Option("lr_warmup_steps", int, "training", "", 0, bounds=Bounds(0, STEPS_CEILING)),
     Option("lr_scheduler_num_cycles", int, "training", "", 1, bounds=Bounds(1, 10**6)),
