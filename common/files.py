@@ -1,7 +1,8 @@
 """Files: atomic writes (a reader never sees a half-written report, status or checkpoint), a check
-that a path can be written, a file's signature, and the one TOML reader."""
+that a path can be written, a file's signature, the one text-file reader and the one TOML reader."""
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -26,12 +27,48 @@ class OutputPathError(ValueError):
     """A path a report or file cannot be written to, with the reason."""
 
 
-def default_file_mode() -> int:
-    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+class TextFileError(ValueError):
+    """A text file the pack reads that is not UTF-8 text; the message names the file and the fix."""
+
+
+_SAVE_AS_UTF8 = ("open it in a text editor and save it as UTF-8 (Windows Notepad: File > Save As, "
+                 "Encoding: UTF-8), then run again")
+
+
+def read_text_file(path: str | os.PathLike, what: str) -> str:
+    """The text of a file the pack reads (dataset TOML, prompt file, caption, config file), in UTF-8
+    (a UTF-8 byte-order mark is skipped). Anything else is a TextFileError naming `what`, the file
+    and how to save it as UTF-8; OSError (not found, no permission) is left to the caller."""
+    data = Path(path).read_bytes()
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise TextFileError(f"{what} {path} is saved as UTF-16 (Windows Notepad's \"Unicode\"), not UTF-8: "
+                            f"{_SAVE_AS_UTF8}")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise TextFileError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}; "
+                            f"perhaps Windows-1252 or Latin-1): {_SAVE_AS_UTF8}") from None
+    if "\0" in text:
+        raise TextFileError(f"{what} {path} holds NUL characters (UTF-16 without a byte-order mark, or not a text "
+                            f"file at all): {_SAVE_AS_UTF8}")
+    return text
+
+
+def _umask() -> int:
     with _UMASK_LOCK:  # the umask can only be read by setting it
         umask = os.umask(0o022)
         os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """The mode `open()` gives a new file: 0666 less the process umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """The mode `mkdir()` gives a new folder: 0777 less the process umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
 
 
 @contextlib.contextmanager

@@ -21,15 +21,16 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from ..common.files import file_signature
-from ..musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file
+from ..common.files import IMAGE_SUFFIXES, file_signature
+from ..musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file, resolve_prompt_path
 from .alignment import aligned_crop, face_region_change
 from .embedding_store import EmbeddingStore, FileFaces, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
-from .images import load_image_sized
+from .images import UNSUPPORTED_IMAGE_SUFFIXES, load_image_sized
 from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
 from .model import RECOGNIZER_BATCH, FaceModel
-from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
+from .pairing import Pairing, SampleItem, list_images, pair_dirs, pair_sample_folder
+from .plot import is_evaluation_plot
 from .report import build_report
 from .results import DetectedFace, FaceResult, Identity
 from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
@@ -64,7 +65,7 @@ class EvaluationSources:
     generated_dir: Path | None = None
     references: list[Path] = field(default_factory=list)
     base_dir: Path | None = None  # musubi's working directory, for relative --ci paths
-    exclude: list[Path] = field(default_factory=list)  # our own outputs inside the folders
+    exclude: list[Path] = field(default_factory=list)  # our own outputs inside the folders (`check_outputs`)
 
     def check(self) -> None:
         if self.sample_dir is None and self.generated_dir is None:
@@ -87,6 +88,48 @@ class EvaluationSources:
         for reference in self.references:
             if not reference.is_file():
                 raise EvaluationError(f"--reference image not found: {reference}")
+
+    def check_outputs(self, outputs: dict[str, Path | None]) -> None:
+        """Refuse outputs (named as the user gave them) that are one and the same file, or that would
+        overwrite a file this evaluation reads (a sample, a control, a reference photo, the prompt
+        file), symlinks resolved; a plot an earlier evaluation wrote is its own to replace. The
+        outputs are then left out of the samples. Call after `check()`, before any work."""
+        given = {what: path for what, path in outputs.items() if path is not None}
+        claimed: dict[Path, str] = {}
+        for what, path in given.items():
+            first = claimed.setdefault(path.resolve(), what)
+            if first != what:
+                raise EvaluationError(f"{first} and {what} are the same file ({path}): give each output its own path")
+        inputs = self._input_files()
+        for what, path in given.items():
+            read_as = inputs.get(path.resolve())
+            if read_as is not None and not is_evaluation_plot(path):
+                raise EvaluationError(f"{what} {path} is {read_as} of this evaluation; writing there would overwrite "
+                                      "it: choose another path for the output")
+        self.exclude = list(given.values())
+
+    def _input_files(self) -> dict[Path, str]:
+        """Every file the evaluation may read (resolved), with what it is to the user."""
+        found: dict[Path, str] = {}
+        for reference in self.references:
+            found.setdefault(reference.resolve(), "a reference photo")
+        if self.sample_prompts is not None:
+            found.setdefault(self.sample_prompts.resolve(), "the prompt file")
+            try:
+                prompts = load_prompt_file(self.sample_prompts)
+            except PromptFileError as exc:
+                raise EvaluationError(str(exc)) from None
+            for raw in (raw for prompt in prompts for raw in prompt.control_images):
+                path, _ = resolve_prompt_path(raw, self.sample_prompts, self.base_dir)
+                if path is not None:
+                    found.setdefault(path.resolve(), "a control image of the prompt file")
+        for what, folder in (("an image in the sample folder", self.sample_dir),
+                             ("a control image in", self.control_dir),
+                             ("an image in the generated folder", self.generated_dir)):
+            if folder is not None:
+                for path in list_images(folder, suffixes=IMAGE_SUFFIXES | UNSUPPORTED_IMAGE_SUFFIXES):
+                    found.setdefault(path.resolve(), f"{what} {folder}")
+        return found
 
 
 @dataclass
@@ -116,7 +159,7 @@ def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
         bgr, original_size = load_image_sized(path)
     except ImageLoadError as exc:
         return _Located(signature, str(exc))
-    result = model.locate(bgr, concurrent=True)
+    result = model.locate(bgr, concurrent=True, original_size=original_size)
     crop = aligned_crop(bgr, result.face) if result.face is not None else None
     result.rescale_to(original_size)  # the report gives the file's own pixels
     return _Located(signature, result=result, crop=crop)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import signal
 import sys
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..common.files import atomic_write_json, check_writable_file
+from ..common.values import Bounds, check_number, check_text
 from .errors import FaceEngineError, OutputWriteError
 from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
 from .judge import DETECTORS, JUDGE_CHOICES, load_judge
@@ -27,6 +27,15 @@ from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from .similarity import Bands
 
 DEFAULT_WATCH_SECONDS = 30.0
+# The values each numeric flag may take, checked before anything is read (every float or int flag
+# of the parser has its entry here; a test holds them to it).
+FLAG_BOUNDS = {
+    "det_thresh": Bounds(0, 1, low_open=True, high_open=True),
+    "threshold": Bounds(-1, 1),
+    "bands": Bounds(-1, 1),
+    "copy_paste_threshold": Bounds(0, 2),  # a change of 1 - SSIM
+    "watch": Bounds(0, 7 * 24 * 3600, low_open=True),
+}
 # tqdm bars only for runs long enough to need one
 PROGRESS_MIN_FILES = 8
 
@@ -146,8 +155,12 @@ def _error(text: object) -> None:
 
 
 def _check_arguments(args: argparse.Namespace, outputs: dict[str, Path | None]) -> None:
-    if args.watch is not None and not (math.isfinite(args.watch) and args.watch > 0):
-        raise ValueError(f"--watch SECONDS must be a positive number of seconds, got {args.watch:g}")
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if name in FLAG_BOUNDS and item is not None:
+                check_number(item, FLAG_BOUNDS[name], f"--{name}")
+            elif isinstance(item, (str, Path)):
+                check_text(str(item), f"--{name}")
     if not args.model_name.strip():
         raise ValueError("--model_name is empty: give a pack name such as buffalo_l, or the path of a pack folder")
     for what, path in outputs.items():
@@ -174,12 +187,13 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
     cache_file = cache_path_for(args.output_json) if args.watch is not None else None
     judge_cache = judge_cache_path_for(args.output_json) if args.watch is not None and args.judge else None
     try:
-        _check_arguments(args, {
+        outputs = {
             "--output_json": args.output_json,
             "--plot": args.plot,
             "the embedding cache (beside --output_json)": cache_file,
             "the judge's cache (beside --output_json)": judge_cache,
-        })
+        }
+        _check_arguments(args, outputs)
         bands = Bands(*args.bands) if args.bands else Bands()
         sources = EvaluationSources(
             sample_dir=args.sample_dir,
@@ -188,9 +202,9 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
             generated_dir=args.generated_dir,
             references=list(args.reference),
             base_dir=args.ci_base_dir,
-            exclude=[p for p in (args.output_json, args.plot, cache_file, judge_cache) if p is not None],
         )
         sources.check()
+        sources.check_outputs(outputs)
         model = load_face_model(
             args.model_name,
             models_root=args.models_root,

@@ -42,6 +42,12 @@ _large_decode = threading.Lock()
 FLOAT_RANGE_LIMIT = 2.0
 # Alpha compositing works through this many rows at a time, bounding its 16-bit temporaries.
 COMPOSITE_ROWS = 256
+# The images the face detectors (SCRFD, dlib's) can take. SCRFD letterboxes an image into its square
+# input and both shrink large ones, so a side more than this many times the other falls below a
+# pixel (OpenCV's resize then fails); a face needs some pixels too. Others are a per-image status,
+# as an unreadable file is.
+MAX_ASPECT_RATIO = 32
+MIN_IMAGE_SIDE = 8
 
 
 def unsupported_format_reason(path: Path) -> str:
@@ -49,6 +55,17 @@ def unsupported_format_reason(path: Path) -> str:
         f"unsupported image format {path.suffix.lower()}: convert it to PNG or JPEG "
         f"(readable: {', '.join(sorted(IMAGE_SUFFIXES))})"
     )
+
+
+def undetectable_reason(width: int, height: int) -> str | None:
+    """Why a face detector cannot take an image of this size, or None when it can."""
+    short, long = sorted((width, height))
+    if short < MIN_IMAGE_SIDE:
+        return f"image {width}x{height} is too small to hold a face (at least {MIN_IMAGE_SIDE} pixels a side)"
+    if long > MAX_ASPECT_RATIO * short:
+        return (f"image {width}x{height} is too elongated for the face detector (about {long // short}:1; at most "
+                f"{MAX_ASPECT_RATIO}:1): crop it around the face")
+    return None
 
 
 def check_float_range(peak: float, what: str) -> None:

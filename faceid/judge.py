@@ -31,7 +31,7 @@ import cv2
 import numpy as np
 
 from .errors import FaceEngineError, ImageLoadError
-from .images import load_image_sized
+from .images import load_image_sized, undetectable_reason
 from .results import Agreement, JudgeIdentity
 from .similarity import agreement
 
@@ -214,6 +214,9 @@ class DlibJudge:
             bgr, original_size = load_image_sized(image, channel_order)
         except ImageLoadError as exc:
             return JudgeResult((0, 0), reason=str(exc))
+        reason = undetectable_reason(*original_size)
+        if reason is not None:
+            return JudgeResult(original_size, reason=reason)
         rgb = np.ascontiguousarray(bgr[..., ::-1])
         scale_x, scale_y = original_size[0] / rgb.shape[1], original_size[1] / rgb.shape[0]
         with self._lock:  # dlib's objects are not documented as thread-safe

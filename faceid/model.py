@@ -15,7 +15,7 @@ import numpy as np
 
 from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
-from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized
+from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized, undetectable_reason
 from .pack_download import ProgressCallback
 from .packs import PackFiles, as_roots, resolve_pack
 from .providers import check_running_provider, requested_providers
@@ -124,6 +124,9 @@ class FaceModel:
         is 1.85x faster than on one; two runs side by side, 2x; and single-core runs leave
         no straggling thread for other work (image decoding) to hold up.
         """
+        reason = undetectable_reason(bgr.shape[1], bgr.shape[0])
+        if reason is not None:
+            raise ImageLoadError(reason)
         detector = self.detector(concurrent)
         scale = 1.0
         if max(bgr.shape[:2]) > MAX_ANALYSIS_SIDE:
@@ -155,10 +158,15 @@ class FaceModel:
                 )
             return self._concurrent_detector
 
-    def locate(self, bgr: np.ndarray, concurrent: bool = False) -> FaceResult:
+    def locate(
+        self, bgr: np.ndarray, concurrent: bool = False, original_size: tuple[int, int] | None = None
+    ) -> FaceResult:
         """The largest face of a BGR image, chosen as `analyze` chooses it, not embedded yet:
-        for pipelines that detect on several threads and embed in batches (`embed_crops`)."""
-        return _result(bgr, None, self.detect(bgr, concurrent), Selection.LARGEST, 0, None, False)
+        for pipelines that detect on several threads and embed in batches (`embed_crops`).
+        `original_size`: the (width, height) of the file `bgr` was decoded from, downscaled."""
+        reason = undetectable_reason(*(original_size or (bgr.shape[1], bgr.shape[0])))
+        faces = self.detect(bgr, concurrent) if reason is None else []
+        return _result(bgr, reason, faces, Selection.LARGEST, 0, None, False)
 
     # recognition -----------------------------------------------------------------------
 
@@ -192,9 +200,9 @@ class FaceModel:
         if selection is Selection.BEST_MATCH and ref is None:
             raise ValueError("selection 'best_match' needs a reference identity")
         embed_all = all_faces or selection is Selection.BEST_MATCH
-        loaded = _load_each(images, channel_order)
+        loaded = [_detectable(item) for item in _load_each(images, channel_order)]
         with self._lock:
-            detected = [self.detect(bgr) if bgr is not None else [] for bgr, _, _ in loaded]
+            detected = [self.detect(bgr) if bgr is not None and error is None else [] for bgr, error, _ in loaded]
             to_embed: list[tuple[np.ndarray, DetectedFace]] = []
             for (bgr, _, _), faces in zip(loaded, detected):
                 if embed_all:
@@ -285,6 +293,13 @@ def _load_each(images: Any, channel_order: str) -> list[_Loaded]:
     return loaded
 
 
+def _detectable(loaded: _Loaded) -> _Loaded:
+    """A loaded image the detector cannot take gets the reason as its error (and is not detected in)."""
+    bgr, _, original_size = loaded
+    reason = undetectable_reason(*original_size) if bgr is not None else None
+    return loaded if reason is None else (bgr, reason, original_size)
+
+
 def _reference_embedding(reference: np.ndarray | Identity | None) -> np.ndarray | None:
     if reference is None:
         return None
@@ -303,7 +318,7 @@ def _result(
 ) -> FaceResult:
     size = (bgr.shape[1], bgr.shape[0]) if bgr is not None else (0, 0)
     result = FaceResult(image_size=size, faces_found=len(faces), faces=faces if all_faces else [])
-    if bgr is None:
+    if bgr is None or error is not None:
         result.reason = error
     elif not faces:
         result.reason = "no face detected"

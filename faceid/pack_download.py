@@ -8,12 +8,14 @@ file makes a second process wait for the first one's download instead of fetchin
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import logging
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
+from ..common.files import default_dir_mode
 from .errors import ModelPackError
 from .packs import STANDARD_PACKS, validate_pack
 
@@ -44,6 +47,12 @@ ATTEMPTS = 4  # one download and three resumes before giving up
 RETRY_PAUSE_S = 1.0
 SOCKET_TIMEOUT_S = 60
 LOCK_WAIT_S = 3600  # a slow 360 MB download by another process
+# A pack is .onnx files of float weights, which hardly compress: unpacked, a release zip is about its
+# own size. More than this many times the zip's recorded size is not a pack (a zip bomb), whatever
+# hash a mirror setting vouches for.
+UNPACKED_CEILING_RATIO = 4
+MODEL_SUFFIX = ".onnx"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -190,7 +199,16 @@ def download_pack(
         part = models_dir / f".{name}.zip.part"
         url = pack_url(name)
         expected = expected_sha256(name)
-        _fetch(url, part, name, target, progress)
+        have = part.stat().st_size if part.exists() else 0
+        # the rest of the zip, then the pack beside it (about the zip's size)
+        _check_free_space(models_dir, name, max(RELEASES[name].size - have, 0) + RELEASES[name].size)
+        try:
+            _fetch(url, part, name, target, progress)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:  # a cancel (InterruptedError) keeps what arrived, to resume
+                raise
+            part.unlink(missing_ok=True)  # the space is needed more than a resume
+            raise ModelPackError(_no_space(models_dir, name, exc.strerror or str(exc))) from None
         actual = _sha256(part)
         if actual != expected:
             part.unlink()
@@ -310,20 +328,73 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _check_free_space(folder: Path, name: str, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise ModelPackError(_no_space(folder, name, f"it needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are "
+                                                     "free"))
+
+
+def _no_space(folder: Path, name: str, detail: str) -> str:
+    return (f"not enough free space in {folder} for model pack {name} ({detail}); nothing was installed. Free "
+            f"space there, or point the models folder to another disk, then run again.")
+
+
+def _model_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The .onnx files of an archive (nothing else of it is installed); a member that would land
+    outside the pack folder makes the archive unusable."""
+    members = []
+    for info in zf.infolist():
+        path = PurePosixPath(info.filename)
+        if path.is_absolute() or ".." in path.parts:
+            raise zipfile.BadZipFile(f"member {info.filename!r} would land outside the pack folder")
+        is_link = stat.S_ISLNK(info.external_attr >> 16)
+        hidden = any(part.startswith((".", "__MACOSX")) for part in path.parts)
+        if not info.is_dir() and not is_link and not hidden and path.suffix.lower() == MODEL_SUFFIX:
+            members.append(info)
+    return members
+
+
+def _extract(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], staging: Path, ceiling: int) -> None:
+    """Write `members` under `staging`, never more bytes than each declares (an archive may lie)."""
+    for info in members:
+        destination = staging.joinpath(*PurePosixPath(info.filename).parts)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        written = 0
+        with zf.open(info) as source, open(destination, "wb") as out:
+            for block in iter(lambda: source.read(CHUNK), b""):
+                written += len(block)
+                if written > info.file_size or written > ceiling:
+                    raise zipfile.BadZipFile(f"{info.filename} unpacks to more than the {info.file_size} bytes "
+                                             "it declares")
+                out.write(block)
+
+
 def _install(archive: Path, name: str, target: Path, slim: bool) -> None:
-    """Extract beside `target`, flatten, validate, then rename into place in one step."""
+    """Extract the model files beside `target` (bounded by what a pack can be and by the free
+    space), flatten, validate, then rename into place in one step."""
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".extracting", dir=target.parent))
+    ceiling = UNPACKED_CEILING_RATIO * RELEASES[name].size
     try:
         try:
             with zipfile.ZipFile(archive) as zf:
+                members = _model_members(zf)
+                unpacked = sum(info.file_size for info in members)
+                if unpacked > ceiling:
+                    raise ModelPackError(
+                        f"{name}.zip would unpack to {unpacked / 1e6:.0f} MB of model files, more than a {name} pack "
+                        f"can be ({ceiling / 1e6:.0f} MB at most): it is not InsightFace's {name}.zip (a zip bomb?). "
+                        f"Nothing was installed and it was deleted; check the mirror set with {URL_ENV}."
+                    )
+                _check_free_space(target.parent, name, unpacked)
                 damaged = zf.testzip()
                 if damaged is not None:
                     raise zipfile.BadZipFile(f"{damaged} fails its CRC check")
-                for member in zf.namelist():
-                    parts = PurePosixPath(member).parts
-                    if PurePosixPath(member).is_absolute() or ".." in parts:
-                        raise zipfile.BadZipFile(f"member {member!r} would land outside the pack folder")
-                zf.extractall(staging)
+                _extract(zf, members, staging, ceiling)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            raise ModelPackError(_no_space(target.parent, name, exc.strerror or str(exc))) from None
         except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as exc:
             raise ModelPackError(
                 f"{name}.zip is not a usable zip archive ({exc}); nothing was installed and it was deleted. "
@@ -338,6 +409,7 @@ def _install(archive: Path, name: str, target: Path, slim: bool) -> None:
             for path in folder.iterdir():
                 if path not in (files.detector, files.recognizer):
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.chmod(folder, default_dir_mode())  # mkdtemp's 0700 would hide the pack from other accounts
         os.replace(folder, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

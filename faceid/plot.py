@@ -18,6 +18,7 @@ from ..musubi_formats.names import step_sort_key
 
 PLOT_WIDTH_IN, PLOT_HEIGHT_IN, PLOT_DPI = 10.0, 8.0, 100
 PLOT_SIZE = (int(PLOT_WIDTH_IN * PLOT_DPI), int(PLOT_HEIGHT_IN * PLOT_DPI))  # (width, height) pixels
+PLOT_SOFTWARE = "comfyui-face-consistency evaluation plot"  # in the PNG's text: the plot is ours to replace
 BAND_COLOURS = {"poor": "#f4c7c3", "moderate": "#fce8b2", "good": "#d9ead3", "excellent": "#b7e1cd"}
 
 
@@ -131,8 +132,20 @@ def _judge_curve(ax: Any, judge: dict[str, Any], position: dict[str, float]) -> 
 
 def plot_png(report: dict[str, Any]) -> bytes:
     buffer = io.BytesIO()
-    _figure(report).savefig(buffer, format="png", dpi=PLOT_DPI)
+    _figure(report).savefig(buffer, format="png", dpi=PLOT_DPI, metadata={"Software": PLOT_SOFTWARE})
     return buffer.getvalue()
+
+
+def is_evaluation_plot(path: str | os.PathLike) -> bool:
+    """Whether the file is a plot `write_plot` wrote (its PNG text names this software): an evaluation
+    may replace its own earlier plot, never a sample that happens to have the plot's name."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get("Software") == PLOT_SOFTWARE
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
 
 
 def write_plot(report: dict[str, Any], path: str | os.PathLike) -> None:

@@ -37,7 +37,7 @@ import tomlkit
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
 from PIL import Image, UnidentifiedImageError
 
-from ..common.files import IMAGE_SUFFIXES, atomic_write_text, tomllib
+from ..common.files import IMAGE_SUFFIXES, TextFileError, atomic_write_text, read_text_file, tomllib
 from .names import musubi_controls
 
 log = logging.getLogger(__name__)
@@ -235,10 +235,9 @@ def _read_caption(target: Path, caption_extension: str, check_path: PathCheck) -
         return None
     check_path("caption", caption_path)
     try:
-        return caption_path.read_text(encoding="utf-8").strip()
-    except UnicodeDecodeError as exc:
-        raise DatasetConfigError(f"caption {caption_path} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                                 "save it as UTF-8") from None
+        return read_text_file(caption_path, "caption").strip()
+    except TextFileError as exc:
+        raise DatasetConfigError(str(exc)) from None
 
 
 def _directory_entries(
@@ -280,7 +279,11 @@ def _jsonl_entries(
     if not jsonl.is_file():
         raise DatasetConfigError(f"{where}: image_jsonl_file {jsonl} does not exist")
     entries = []
-    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        lines = read_text_file(jsonl, "image_jsonl_file").splitlines()
+    except TextFileError as exc:
+        raise DatasetConfigError(str(exc)) from None
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
@@ -362,7 +365,9 @@ def load_dataset_config(
     if not toml_path.is_file():
         raise DatasetConfigError(f"dataset config not found: {toml_path}")
     try:
-        config = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        config = tomllib.loads(read_text_file(toml_path, "dataset config"))
+    except TextFileError as exc:
+        raise DatasetConfigError(str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise DatasetConfigError(f"dataset config {toml_path} is not valid TOML: {exc}") from exc
     try:

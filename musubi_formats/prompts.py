@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..common.files import tomllib
+from ..common.files import TextFileError, read_text_file, tomllib
 
 # option letters -> (SamplePrompt field, pattern, converter), in musubi's matching order
 _OPTIONS: tuple[tuple[str, str, Callable[[str], Any]], ...] = (
@@ -116,10 +116,12 @@ def load_prompt_file(path: str | os.PathLike) -> list[SamplePrompt]:
     """Read a musubi prompt file (.txt; .json and .toml as musubi reads them)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_text_file(path, "prompt file")
     except FileNotFoundError:
         raise PromptFileError(f"prompt file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except TextFileError as exc:
+        raise PromptFileError(str(exc)) from None
+    except OSError as exc:
         raise PromptFileError(f"cannot read prompt file {path}: {exc}") from None
     suffix = path.suffix.lower()
     if suffix == ".json":

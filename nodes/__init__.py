@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 
 from . import comfy_env
+from .inputs import with_checked_inputs
 
 NODE_MODULES: tuple[str, ...] = ("training", "scoring", "judge", "matching", "folder")
 
@@ -16,7 +17,7 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
 for _name in NODE_MODULES:
     _module = importlib.import_module(f".{_name}", __name__)
-    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_CLASS_MAPPINGS.update({key: with_checked_inputs(cls) for key, cls in _module.NODE_CLASS_MAPPINGS.items()})
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 
 if comfy_env.prompt_server() is not None:

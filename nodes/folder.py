@@ -156,8 +156,10 @@ class FaceConsistencyScoreFolder:
             check_writable_file(report_path, "save_report")
             check_writable_file(report_path.with_suffix(".png"), "save_report's plot")
         evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir), judge)
-        # a plot saved into the sample folder is ours, not a sample
-        evaluation.sources.exclude = [report_path.with_suffix(".png")] if report_path is not None else []
+        evaluation.sources.check_outputs({  # never over an input; a plot saved into the sample folder is not a sample
+            "save_report": report_path,
+            "save_report's plot": report_path.with_suffix(".png") if report_path is not None else None,
+        })
         evaluation.reference = reference_identity
         evaluation.threshold = threshold
         evaluation.bands = bands

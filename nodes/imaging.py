@@ -78,7 +78,9 @@ def save_previews(bgr_images: Sequence[np.ndarray], prefix: str) -> list[dict[st
     entries = []
     for i, bgr in enumerate(bgr_images):
         factor = math.ceil(max(bgr.shape[:2]) / PREVIEW_MAX_SIDE)
-        preview = bgr if factor == 1 else cv2.resize(bgr, None, fx=1 / factor, fy=1 / factor, interpolation=cv2.INTER_AREA)
+        # at least a pixel a side: a 1x6000 strip stays one pixel wide
+        size = (max(1, round(bgr.shape[1] / factor)), max(1, round(bgr.shape[0] / factor)))
+        preview = bgr if factor == 1 else cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
         encoded, jpeg = cv2.imencode(".jpg", preview, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not encoded:
             raise RuntimeError(f"OpenCV could not encode preview {i} ({preview.shape})")

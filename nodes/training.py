@@ -247,6 +247,9 @@ class FaceConsistencyTrainLaunch:
         problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
         if enable_face_loss and problem:
             raise ValueError(problem.replace("--", ""))
+        # every value as the trainer will check it, before anything is written (paths confined above)
+        options.check_node_values({**settings, "max_train_steps": max_train_steps, "tokenizer": tokenizer,
+                                   "sample_every_n_epochs": sample_every_n_epochs})
         try:
             extra = shlex.split(extra_args)
         except ValueError as exc:

@@ -108,7 +108,8 @@ def test_slim_keeps_only_the_detector_and_the_recognizer(server, monkeypatch, tm
     serve(server, monkeypatch, "buffalo_s", zips["extra"])
     full = download_pack("buffalo_s", tmp_path / "full" / "models")
     slim = download_pack("buffalo_s", tmp_path / "slim" / "models", slim=True)
-    assert sorted(p.name for p in full.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx", "notes.txt"]
+    # no notes.txt: only model files are installed
+    assert sorted(p.name for p in full.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
     assert sorted(p.name for p in slim.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
 
 
@@ -350,3 +351,101 @@ def test_a_resume_at_the_wrong_offset_restarts_from_the_beginning(server, monkey
     folder = download_pack("buffalo_sc", root / "models")
     assert server.zip_requests("buffalo_sc") == ["bytes=1000-", None]
     assert sorted(p.name for p in folder.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
+
+
+# bounded by what a pack can be (issue 22, rule 5) ----------------------------------------
+
+
+def _bomb(testpack_dir: Path, unpacked: int) -> bytes:
+    """The test pack plus one `.onnx` of zeros that deflates to almost nothing."""
+    return pack_zip(testpack_dir, extra={"w600k_r50.onnx": bytes(unpacked)})
+
+
+def test_a_zip_bomb_is_refused_before_extraction_even_with_its_own_hash_set(server, monkeypatch, root, testpack_dir):
+    ceiling = pack_download.UNPACKED_CEILING_RATIO * RELEASES["buffalo_sc"].size
+    bomb = _bomb(testpack_dir, ceiling + 1)
+    assert len(bomb) < ceiling // 5  # the test pack, and 60 MB of zeros deflated to some 60 kB
+    serve(server, monkeypatch, "buffalo_sc", bomb)  # the user vouches for its hash
+    with pytest.raises(ModelPackError, match=r"buffalo_sc\.zip would unpack to \d+ MB of model files, more than a "
+                       r"buffalo_sc pack can be \(60 MB at most\).*Nothing was installed"):
+        download_pack("buffalo_sc", root / "models")
+    assert_intact(root, "buffalo_sc")
+
+
+def test_only_model_files_are_installed_and_links_never(server, monkeypatch, root, testpack_dir):
+    import io
+    import stat
+    import zipfile
+
+    buffer = io.BytesIO(pack_zip(testpack_dir, extra={"README.md": b"hi", "run.sh": b"rm -rf ~",
+                                                      "__MACOSX/._det.onnx": b"x", ".hidden.onnx": b"x"}))
+    with zipfile.ZipFile(buffer, "a") as zf:
+        link = zipfile.ZipInfo("link.onnx")
+        link.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(link, "/etc/passwd")
+    serve(server, monkeypatch, "buffalo_m", buffer.getvalue())
+    folder = download_pack("buffalo_m", root / "models")
+    assert sorted(p.name for p in folder.iterdir()) == ["det_2.5g.onnx", "mobilefacenet.onnx"]
+
+
+def test_an_installed_pack_has_the_usual_permissions(server, monkeypatch, tmp_path, zips):
+    serve(server, monkeypatch, "buffalo_s", zips["nested"])
+    previous = os.umask(0o022)
+    try:
+        folder = download_pack("buffalo_s", tmp_path / "models")
+    finally:
+        os.umask(previous)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+
+
+DISK_FULL = """
+import json, os, subprocess, sys
+from pathlib import Path
+from face_consistency.faceid import ModelPackError
+from face_consistency.faceid.pack_download import download_pack
+folder, size, leave = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+models = folder / "models"
+models.mkdir()
+filler = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+while os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize > leave + (1 << 20):
+    os.write(filler, bytes(1 << 20))
+os.close(filler)
+try:
+    download_pack("buffalo_sc", models)
+    message = None
+except ModelPackError as exc:
+    message = str(exc)
+print(json.dumps({"message": message, "left": sorted(os.listdir(models))}))
+"""
+
+
+@pytest.mark.parametrize(("size", "leave", "served", "expected"), [
+    # less room than the recorded zip and its pack: refused before a byte is fetched
+    ("8m", 1 << 20, 1 << 20, r"it needs about 30 MB, \d MB are free"),
+    # a mirror's zip bigger than the room left: the disk fills during the download
+    ("48m", 31 << 20, 40 << 20, r"No space left on device"),
+])
+def test_a_full_disk_is_one_message_naming_the_folder(server, monkeypatch, tmp_path, size, leave, served, expected):
+    """A real full file system: a small tmpfs in a mount namespace of its own (root on Linux)."""
+    import shutil
+
+    unshare = shutil.which("unshare")
+    if unshare is None or sys.platform != "linux":
+        pytest.skip("needs util-linux's unshare on Linux to mount a small tmpfs")
+    data = os.urandom(served)  # incompressible: the zip is as big as it says
+    serve(server, monkeypatch, "buffalo_sc", data)
+    full = tmp_path / "full"
+    full.mkdir()
+    done = subprocess.run([unshare, "--mount", "--", sys.executable, "-c", DISK_FULL, str(full), size, str(leave)],
+                          capture_output=True, text=True, timeout=120, check=False, env=os.environ.copy())
+    if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip().splitlines()[-1]}")
+    assert "Traceback" not in done.stderr, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["message"].startswith(f"not enough free space in {full / 'models'} for model pack buffalo_sc (")
+    assert re.search(expected, result["message"]) and "nothing was installed" in result["message"]
+    assert result["left"] == [".buffalo_sc.lock"]  # no partial zip, no extraction folder
+    if served > 1 << 20:
+        assert server.zip_requests("buffalo_sc")  # it did start downloading

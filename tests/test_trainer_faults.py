@@ -64,7 +64,10 @@ def test_output_names_are_names_never_paths(setup, tmp_path, capsys, name):
     file name) is refused before anything is written."""
     out = tmp_path / "box" / "out"
     error = refused(setup, out, capsys, "--output_name", name)
-    assert error.startswith(f"--output_name {name!r} ") and "give a plain name" in error
+    if "\0" in name:  # as every text flag's, refused by the options' own check before the name's
+        assert error.startswith("--output_name contains a NUL character (at position 3)")
+    else:
+        assert error.startswith(f"--output_name {name!r} ") and "give a plain name" in error
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "status.json"]  # nothing else, not even a log
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["box", "out", LOCK_FILE, "status.json"])
 
@@ -90,6 +93,45 @@ def test_a_caption_that_is_not_utf8_is_named(setup, tmp_path, capsys):
     caption.write_bytes("caf\xe9 au lait".encode("latin-1"))
     error = refused(setup, tmp_path / "out", capsys, dataset=data)
     assert f"caption {caption} is not UTF-8 text" in error and "save it as UTF-8" in error
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "cp1252"])
+def test_text_files_not_in_utf8_are_named_with_the_fix(setup, tmp_path, capsys, encoding):
+    """Notepad's "Unicode" (UTF-16 with a byte-order mark), UTF-16 without one, Windows-1252: every
+    text file the trainer reads goes through one reader, so each is one message and a failed status."""
+    _, dataset = setup
+    toml = tmp_path / "dataset.toml"
+    toml.write_bytes(dataset.read_text(encoding="utf-8").replace("[general]", "# caf\xe9\n[general]").encode(encoding))
+    error = refused(setup, tmp_path / "out", capsys, dataset=toml)
+    assert error.startswith(f"dataset config {toml} ") and "save it as UTF-8 (Windows Notepad: File > Save As" in error
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("une \xe9dition --w 32 --h 32\n".encode(encoding))
+    error = refused(setup, tmp_path / "out2", capsys, "--sample_prompts", str(prompts))
+    assert error.startswith(f"prompt file {prompts} ") and "save it as UTF-8" in error
+    config = tmp_path / "train.toml"
+    config.write_bytes("seed = 7 # caf\xe9\n".encode(encoding))
+    error = refused(setup, tmp_path / "out3", capsys, "--config_file", str(config))
+    assert error.startswith(f"--config_file {config} ") and "save it as UTF-8" in error
+
+
+@pytest.mark.parametrize(("caption", "tokens"), [("x" * 5000, 5000), ("\u00e9" * 600, 1200)])
+def test_a_caption_longer_than_the_text_encoder_takes_is_refused_before_caching(setup, tmp_path, capsys,
+                                                                                 caption, tokens):
+    """Once a tensor-size traceback after caching and the first steps; now refused with the file's
+    name before any model loads (the tiny tokenizer is byte-level: one token per UTF-8 byte)."""
+    data = write_tiny_dataset(tmp_path / "data", n=2)
+    target = sorted((tmp_path / "data" / "images").glob("*.png"))[1]
+    target.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    error = refused(setup, tmp_path / "out", capsys, dataset=data)
+    assert f"the caption of {target} is {tokens} tokens long" in error and "takes at most 1024" in error
+    assert not (tmp_path / "data" / "cache").exists()  # nothing cached
+
+
+def test_a_caption_at_the_limit_trains(setup, tmp_path):
+    data = write_tiny_dataset(tmp_path / "data", n=1)
+    next((tmp_path / "data" / "images").glob("*.txt")).write_text("y" * 1024, encoding="utf-8")
+    assert train(setup, tmp_path / "out", 1, dataset=data) == 0
+    assert read_status(tmp_path / "out")["state"] == "completed"
 
 
 def test_a_base_model_as_network_weights_is_refused_before_loading(setup, tmp_path, capsys):

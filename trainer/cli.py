@@ -12,7 +12,6 @@ import ast
 import contextlib
 import importlib.util
 import logging
-import math
 import os
 import random
 import sys
@@ -22,7 +21,8 @@ from typing import Any, Sequence
 import torch
 from diffusers.optimization import SchedulerType
 
-from ..common.files import tomllib
+from ..common.files import TextFileError, read_text_file, tomllib
+from ..common.values import ValueCheckError
 from ..musubi_formats.dataset import DatasetConfigError, load_dataset_config
 from ..musubi_formats.names import output_name_problem
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS
@@ -32,7 +32,6 @@ from ..training_contract.options import (
     FACE_DEVICES,
     FACE_LOSS_REFERENCES,
     FACE_LOSS_T_WEIGHTINGS,
-    MAX_FACE_LOSS_ROLLOUT_STEPS,
     MIXED_PRECISION,
     NETWORK_MODULE,
     OPTIMIZERS,
@@ -41,10 +40,11 @@ from ..training_contract.options import (
     Option,
     add_arguments,
     contrastive_problem,
+    check_values,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
-from .models import ModelFileError, check_dit_version, read_header
+from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
@@ -119,12 +119,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" if u.split("=")[0] in UNSUPPORTED_FLAGS else u for u in unknown
         ]
         raise ConfigError(f"unknown or unsupported argument(s): {', '.join(described)}")
+    _check_values(args)  # the command line's, --config_file among them, before that file is read
     if args.config_file:
         path = Path(args.config_file)
         try:
-            config = _flatten(tomllib.loads(path.read_text(encoding="utf-8")))
+            config = _flatten(tomllib.loads(read_text_file(path, "--config_file")))
         except FileNotFoundError:
             raise ConfigError(f"--config_file {path} not found") from None
+        except TextFileError as exc:
+            raise ConfigError(str(exc)) from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"--config_file {path} is not valid TOML: {exc}") from None
         unknown_keys = sorted(set(config) - set(OPTIONS_BY_NAME))
@@ -136,15 +139,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                 raise ConfigError(f"--config_file {path}: {key} {problem}")
         parser.set_defaults(**config)
         args = parser.parse_args(list(argv))
+        _check_values(args)
     return args
 
 
+def _check_values(args: argparse.Namespace) -> None:
+    """Every number within its declared bounds, every text bounded and NUL-free (options.py)."""
+    try:
+        check_values(args)
+    except ValueCheckError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _check_contrastive(args: argparse.Namespace) -> None:
-    """The InfoNCE term's weight, temperature and negatives folder agree."""
-    if args.face_loss_contrastive_weight < 0:
-        raise ConfigError(f"--face_loss_contrastive_weight must be 0 or more, got {args.face_loss_contrastive_weight}")
-    if args.face_loss_temperature <= 0:
-        raise ConfigError(f"--face_loss_temperature must be above 0, got {args.face_loss_temperature}")
+    """The InfoNCE term's weight and negatives folder agree (their ranges are the options' bounds)."""
     problem = contrastive_problem(args.face_loss_contrastive_weight, args.face_loss_negatives)
     if problem:
         raise ConfigError(problem)
@@ -225,29 +233,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
     if args.network_module not in ACCEPTED_NETWORK_MODULES:
         raise ConfigError(f"--network_module {args.network_module!r}: this trainer trains LoRA ({NETWORK_MODULE})")
-    positive = {"network_dim": args.network_dim, "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                "max_train_steps": args.max_train_steps}
-    for name in ("max_train_epochs", "save_every_n_epochs", "save_every_n_steps", "sample_every_n_steps",
-                 "sample_every_n_epochs", "face_eval_frequency", "face_loss_every"):
-        if getattr(args, name) is not None:
-            positive[name] = getattr(args, name)
-    for name, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"--{name} must be at least 1, got {value}")
-    for name in ("learning_rate", "network_alpha", "discrete_flow_shift", "sigmoid_scale", "max_grad_norm",
-                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t", "face_loss_contrastive_weight",
-                 "face_loss_temperature"):
-        value = getattr(args, name, None)
-        if value is not None and not math.isfinite(value):
-            raise ConfigError(f"--{name} must be a finite number, got {value}")
-    if args.learning_rate <= 0 or args.network_alpha <= 0:
-        raise ConfigError("--learning_rate and --network_alpha must be positive")
-    if args.blocks_to_swap < 0:
-        raise ConfigError("--blocks_to_swap must be 0 or more")
-    if args.discrete_flow_shift <= 0:
-        raise ConfigError("--discrete_flow_shift must be positive")
-    if not 0.0 <= args.sample_shift_terminal < 1.0:
-        raise ConfigError(f"--sample_shift_terminal is a sigma in [0, 1), got {args.sample_shift_terminal}")
     sampling_flags = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
     if sampling_flags and not args.sample_prompts:
         raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")
@@ -267,15 +252,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.face_device = _choice(args.face_device, FACE_DEVICES, "--face_device")
         args.face_loss_t_weighting = _choice(args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS,
                                              "--face_loss_t_weighting")
-        if args.face_loss_weight < 0:
-            raise ConfigError(f"--face_loss_weight must be 0 or more, got {args.face_loss_weight}")
-        if not 0.0 < args.face_loss_max_t <= 1.0:
-            raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
         args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
         _check_contrastive(args)
-        if not 1 <= args.face_loss_rollout_steps <= MAX_FACE_LOSS_ROLLOUT_STEPS:
-            raise ConfigError(f"--face_loss_rollout_steps must be 1 to {MAX_FACE_LOSS_ROLLOUT_STEPS} (each step is one "
-                              f"more forward and backward pass of the DiT), got {args.face_loss_rollout_steps}")
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
@@ -287,10 +265,31 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if several:
             raise ConfigError(f"--model_version edit takes exactly one control image per target ({several[0]} has "
                               "more); use edit-2509 or edit-2511 for several")
+    _check_prompt_lengths(group, prompts, args)
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
     args.dataset_group, args.sample_settings = group, prompts  # read once: run_training trains on these
     return args
+
+
+def _check_prompt_lengths(group: Any, prompts: list, args: argparse.Namespace) -> None:
+    """Captions and sample prompts the text encoder can take: longer ones fail deep in the transformer
+    after all the caching, so they are refused here. A token is at least one UTF-8 byte, so only
+    texts longer than the limit in bytes are tokenized (the tokenizer loaded only for them)."""
+    texts = [(f"the caption of {item.target}", item.caption) for item in group.items]
+    texts += [(f"sample prompt {p.index} of {args.sample_prompts}", p.prompt) for p in prompts]
+    long = [(where, text) for where, text in texts if len(text.encode("utf-8")) > MAX_PROMPT_TOKENS]
+    if not long:
+        return
+    try:
+        tokenizer = load_processor(args.tokenizer).tokenizer
+    except ModelFileError as exc:
+        raise ConfigError(f"{long[0][0]} is long enough to need counting its tokens, and {exc}") from None
+    for where, text in long:
+        count = len(tokenizer(text)["input_ids"])
+        if count > MAX_PROMPT_TOKENS:
+            raise ConfigError(f"{where} is {count} tokens long; Qwen-Image's text encoder takes at most "
+                              f"{MAX_PROMPT_TOKENS}: shorten it (it begins {text[:60]!r})")
 
 
 def _check_output_dir(folder: Path) -> None:

@@ -360,6 +360,11 @@ def load_text_encoder(
     return model.eval().requires_grad_(False)
 
 
+# The longest caption or prompt the trainer encodes, in tokens: Qwen-Image's pipelines refuse a
+# max_sequence_length above it, and much longer ones overrun the transformer's 4096 text positions.
+MAX_PROMPT_TOKENS = 1024
+
+
 def load_processor(tokenizer: str | os.PathLike | None) -> Qwen2VLProcessor:
     """Tokenizer + image processor from a local folder (itself or its `processor/`) or the hub repo."""
     if tokenizer is not None:

@@ -8,9 +8,11 @@ whose default is the seed guide's. Torch-free: ComfyUI imports it at start.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.values import Bounds, check_number, check_text
 from .model_versions import MODEL_VERSIONS
 
 NETWORK_MODULE = "networks.lora_qwen_image"
@@ -25,6 +27,9 @@ FACE_LOSS_REFERENCES = ("control", "target")  # whose identity the face loss pul
 DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
 DEFAULT_FACE_LOSS_MAX_T = 0.5
 MAX_FACE_LOSS_ROLLOUT_STEPS = 8  # each step is one more forward and backward pass of the DiT
+# Ceilings of the counts: far beyond any real run, low enough that nothing downstream overflows.
+STEPS_CEILING = 10**9
+EPOCHS_CEILING = 10**6
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class NodeWidget:
     step: float | None = None
     choices: tuple[str, ...] | None = None  # the node's order of the option's choices
     tooltip: str | None = None  # what the node's value means, where it differs from the flag's help
+    off: Any = None  # the widget value that means "not passed" (outside the option's bounds)
 
 
 @dataclass(frozen=True)
@@ -50,10 +56,26 @@ class Option:
     many: bool = False  # takes a list of values (nargs="*")
     path: bool = False  # names a file or folder the run reads or writes
     node: NodeWidget | None = None
+    bounds: Bounds | None = None  # every int or float option has them: what the trainer can train with
 
     @property
     def flag(self) -> str:
         return f"--{self.name}"
+
+    def __post_init__(self) -> None:
+        if self.kind in (int, float) and self.bounds is None:
+            raise TypeError(f"option --{self.name} is a number: declare its bounds")
+
+    def check(self, value: Any) -> None:
+        """Raise ValueCheckError naming the flag unless `value` fits: numbers finite and within
+        `bounds`, text (each item of a list) of bounded length without NUL. None: not given."""
+        if value is None or self.kind is bool:
+            return
+        for item in value if self.many else (value,):
+            if self.kind is str:
+                check_text(str(item), self.flag)
+            else:
+                check_number(item, self.bounds, self.flag)
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -73,11 +95,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
     Option("sdpa", bool, "models", "PyTorch SDPA attention (the only backend; accepted)"),
     Option("fp8_base", bool, "models", "store the DiT base weights as float8 (diffusers layerwise casting)"),
-    Option("blocks_to_swap", int, "models", "keep N transformer blocks on the CPU, streamed in per layer", 0),
+    Option("blocks_to_swap", int, "models", "keep N transformer blocks on the CPU, streamed in per layer", 0,
+           bounds=Bounds(0, 1000)),
     # data
     Option("dataset_config", str, "data", "musubi dataset TOML", path=True),
     Option("max_data_loader_n_workers", int, "data",
-           "accepted for compatibility: cached tensors are read in the training process", 2),
+           "accepted for compatibility: cached tensors are read in the training process", 2,
+           bounds=Bounds(0, 1024)),
     Option("persistent_data_loader_workers", bool, "data",
            "accepted for compatibility (see --max_data_loader_n_workers)"),
     # training
@@ -87,37 +111,42 @@ OPTIONS: tuple[Option, ...] = (
     Option("timestep_sampling", str, "training", _choices(TIMESTEP_SAMPLING), "sigma", TIMESTEP_SAMPLING,
            node=NodeWidget("shift", choices=("shift", "qwen_shift", "sigma", "uniform"))),
     Option("discrete_flow_shift", float, "training", "shift for sigma/shift sampling and samples", 1.0,
-           node=NodeWidget(2.2, 0.1, 20.0, 0.1)),
-    Option("sigmoid_scale", float, "training", "scale of the normal before the sigmoid (shift sampling)", 1.0),
+           node=NodeWidget(2.2, 0.1, 20.0, 0.1), bounds=Bounds(0, 100, low_open=True)),
+    Option("sigmoid_scale", float, "training", "scale of the normal before the sigmoid (shift sampling)", 1.0,
+           bounds=Bounds(0, 100, low_open=True)),
     Option("weighting_scheme", str, "training", _choices(WEIGHTING_SCHEMES), "none", WEIGHTING_SCHEMES),
     Option("optimizer_type", str, "training", f"{_choices(OPTIMIZERS)} (AdamW8bit needs bitsandbytes)", "AdamW",
            OPTIMIZERS, node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor"))),
     Option("optimizer_args", str, "training", "optimizer keyword args as key=value", many=True),
-    Option("learning_rate", float, "training", "", 2e-6, node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6)),
+    Option("learning_rate", float, "training", "", 2e-6, node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6),
+           bounds=Bounds(0, math.inf, low_open=True)),  # any finite rate: a diverging run is stopped and said
     Option("lr_scheduler", str, "training", "diffusers scheduler name (constant, cosine, linear, ...)", "constant"),
-    Option("lr_warmup_steps", int, "training", "", 0),
-    Option("lr_scheduler_num_cycles", int, "training", "", 1),
-    Option("lr_scheduler_power", float, "training", "", 1.0),
-    Option("max_grad_norm", float, "training", "gradient clipping (0 disables)", 1.0),
+    Option("lr_warmup_steps", int, "training", "", 0, bounds=Bounds(0, STEPS_CEILING)),
+    Option("lr_scheduler_num_cycles", int, "training", "", 1, bounds=Bounds(1, 10**6)),
+    Option("lr_scheduler_power", float, "training", "", 1.0, bounds=Bounds(0, 100)),
+    Option("max_grad_norm", float, "training", "gradient clipping (0 disables)", 1.0, bounds=Bounds(0, 1e6)),
     Option("gradient_checkpointing", bool, "training", "recompute each block in the backward pass (less memory)",
            node=NodeWidget(True)),
-    Option("gradient_accumulation_steps", int, "training", "", 1),
-    Option("max_train_steps", int, "training", "", 1600, node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.")),
-    Option("max_train_epochs", int, "training", "overrides --max_train_steps", node=NodeWidget(100, 1, 100000)),
+    Option("gradient_accumulation_steps", int, "training", "", 1, bounds=Bounds(1, 10**4)),
+    Option("max_train_steps", int, "training", "", 1600, bounds=Bounds(1, STEPS_CEILING),
+           node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.", off=0)),
+    Option("max_train_epochs", int, "training", "overrides --max_train_steps", node=NodeWidget(100, 1, 100000),
+           bounds=Bounds(1, EPOCHS_CEILING)),
     Option("seed", int, "training", "random seed (default: random, recorded in the LoRA metadata)",
-           node=NodeWidget(42, 0, 2**31 - 1)),
+           node=NodeWidget(42, 0, 2**31 - 1), bounds=Bounds(0, 2**32 - 1)),  # numpy's seeds
     # network
     Option("network_module", str, "network", "accepted for compatibility", NETWORK_MODULE),
-    Option("network_dim", int, "network", "LoRA rank", 4, node=NodeWidget(16, 1, 256)),
-    Option("network_alpha", float, "network", "LoRA alpha (scale alpha/dim)", 1.0, node=NodeWidget(16.0, 0.0, 256.0)),
+    Option("network_dim", int, "network", "LoRA rank", 4, node=NodeWidget(16, 1, 256), bounds=Bounds(1, 4096)),
+    Option("network_alpha", float, "network", "LoRA alpha (scale alpha/dim)", 1.0, node=NodeWidget(16.0, 0.1, 256.0),
+           bounds=Bounds(0, 4096, low_open=True)),
     Option("network_weights", str, "network", "LoRA file (this trainer's or musubi's) to start from", path=True),
     Option("network_args", str, "network", "include_patterns=[...] exclude_patterns=[...] (regex on module paths)",
            many=True),
     # output
     Option("output_dir", str, "output", path=True),
     Option("output_name", str, "output", "", "lora", path=True),
-    Option("save_every_n_epochs", int, "output", node=NodeWidget(10, 1, 100000)),
-    Option("save_every_n_steps", int, "output"),
+    Option("save_every_n_epochs", int, "output", node=NodeWidget(10, 1, 100000), bounds=Bounds(1, EPOCHS_CEILING)),
+    Option("save_every_n_steps", int, "output", bounds=Bounds(1, STEPS_CEILING)),
     Option("save_state", bool, "output", "save resumable state beside each checkpoint"),
     Option("resume", str, "output", "state folder to continue from (continues at its step and epoch)", path=True),
     Option("logging_dir", str, "output", "TensorBoard log folder", path=True),
@@ -125,33 +154,37 @@ OPTIONS: tuple[Option, ...] = (
     Option("config_file", str, "output", "TOML file with any of these flags as keys", path=True),
     # sampling
     Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)", path=True),
-    Option("sample_every_n_steps", int, "sampling"),
+    Option("sample_every_n_steps", int, "sampling", bounds=Bounds(1, STEPS_CEILING)),
     Option("sample_every_n_epochs", int, "sampling", node=NodeWidget(
-        10, 0, 100000, tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps).")),
+        10, 0, 100000, off=0,
+        tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps)."),
+           bounds=Bounds(1, EPOCHS_CEILING)),
     Option("sample_at_first", bool, "sampling"),
     Option("sample_shift_terminal", float, "sampling",
-           "stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)", DEFAULT_SHIFT_TERMINAL),
+           "stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)", DEFAULT_SHIFT_TERMINAL,
+           bounds=Bounds(0, 1, high_open=True)),
     # face identity
     Option("enable_face_loss", bool, "face",
            "face-similarity metrics of the x0 estimates and the samples during training"),
     Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics)"),
     Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
-           node=NodeWidget(0.1, 0.0, 10.0, 0.01)),
+           node=NodeWidget(0.1, 0.0, 10.0, 0.01), bounds=Bounds(0, 100)),
     Option("face_model_name", str, "face", "InsightFace model pack (name or folder)", "buffalo_l",
            node=NodeWidget("buffalo_l")),
     Option("face_device", str, "face", f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}", "cuda",
            FACE_DEVICES, node=NodeWidget("cuda")),
-    Option("face_det_size", int, "face", "face detector input size", 640, node=NodeWidget(640, 128, 2048, 32)),
+    Option("face_det_size", int, "face", "face detector input size", 640, node=NodeWidget(640, 128, 2048, 32),
+           bounds=Bounds(64, 2048)),
     Option("face_eval_frequency", int, "face", "measure x0-estimate similarity every N steps", 100,
-           node=NodeWidget(100, 1, 100000)),
+           node=NodeWidget(100, 1, 100000), bounds=Bounds(1, STEPS_CEILING)),
     Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)", path=True),
     Option("offline", bool, "face",
            "never download a missing standard face pack (by default it is fetched on first use)"),
     Option("face_loss_max_t", float, "face", "apply the loss only where t <= this (1 for every t; 0.5 keeps the "
-           "sharper estimates)", DEFAULT_FACE_LOSS_MAX_T),
+           "sharper estimates)", DEFAULT_FACE_LOSS_MAX_T, bounds=Bounds(0, 1, low_open=True)),
     Option("face_loss_t_weighting", str, "face", f"{_choices(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's "
            "term by 1 - t", "none", FACE_LOSS_T_WEIGHTINGS),
-    Option("face_loss_every", int, "face", "compute the loss every N steps", 1),
+    Option("face_loss_every", int, "face", "compute the loss every N steps", 1, bounds=Bounds(1, STEPS_CEILING)),
     Option("face_eval_model", str, "face", "a second, held-out pack reported beside the training one; dlib: the dlib "
            "judge (pip install \"comfyui-face-consistency[judge]\")"),
     Option("face_decode", str, "face", "decode for the face term: face (only the face region, default), half (the "
@@ -161,13 +194,14 @@ OPTIONS: tuple[Option, ...] = (
            FACE_LOSS_REFERENCES, node=NodeWidget("control")),
     Option("face_loss_contrastive_weight", float, "face", "weight of an InfoNCE term that also pushes the face away "
            "from other people's (WithAnyone's; needs --face_loss_negatives; 0: off)", 0.0,
-           node=NodeWidget(0.0, 0.0, 10.0, 0.01)),
-    Option("face_loss_temperature", float, "face", "temperature of the InfoNCE term", 0.07),
+           node=NodeWidget(0.0, 0.0, 10.0, 0.01), bounds=Bounds(0, 100)),
+    Option("face_loss_temperature", float, "face", "temperature of the InfoNCE term", 0.07,
+           bounds=Bounds(0, 100, low_open=True)),
     Option("face_loss_negatives", str, "face", "folder of photos of other people (one face each), the InfoNCE "
            "term's negatives", path=True, node=NodeWidget("")),
     Option("face_loss_rollout_steps", int, "face", "score the face of x0 reached by N Euler steps of the model from "
            "x_t (gradients through every step; 1: the one-step estimate x_t - t v)", 1,
-           node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS)),
+           node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS), bounds=Bounds(1, MAX_FACE_LOSS_ROLLOUT_STEPS)),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -219,9 +253,27 @@ def node_input(name: str) -> tuple[Any, ...]:
     return _NODE_TYPES[option.kind], settings
 
 
+def check_values(values: Any) -> None:
+    """Check every option's value in `values` (parsed arguments: one attribute per option) against its
+    declaration; raises ValueCheckError naming the first flag out of bounds."""
+    for option in OPTIONS:
+        option.check(getattr(values, option.name, None))
+
+
+def check_node_values(values: dict[str, Any]) -> None:
+    """The launch node's values (by option name), checked as the trainer will check them, before the
+    node writes anything; a widget's `off` value (not passed) is not checked."""
+    for name, value in values.items():
+        option = BY_NAME.get(name)  # the node's own inputs (dataset, output_name, ...) are no options
+        if option is not None and (option.node is None or option.node.off is None or value != option.node.off):
+            option.check(value)
+
+
 def to_argv(name: str, value: Any) -> list[str]:
-    """The command-line arguments that give option `name` the `value` (a switch: present or not)."""
+    """The command-line arguments that give option `name` the `value` (a switch: present or not);
+    ValueCheckError if the value is not one the trainer accepts."""
     option = BY_NAME[name]
+    option.check(value)
     if option.kind is bool:
         return [option.flag] if value else []
     if option.many:
