@@ -7,6 +7,7 @@ import shutil
 import pytest
 from PIL import Image
 
+from comfy_stubs import set_comfy_base
 from evaluate_fixtures import build_musubi_folder, reencode, validate_schema
 from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
@@ -142,12 +143,17 @@ def test_no_gauge_without_two_reference_photos(report):
     assert report["copy_paste"]["reference_agreement"] is None and report["copy_paste"]["flagged_count"] == 0
 
 
-def test_folder_node_with_the_judge(model, judge, run, monkeypatch):
+def test_folder_node_with_the_judge(model, judge, run, tmp_path, monkeypatch):
     from face_consistency.nodes.folder import FaceConsistencyScoreFolder
 
-    monkeypatch.chdir(run["prompts"].parent)
-    out = FaceConsistencyScoreFolder().score_folder(model, str(run["sample_dir"]), 0.5,
-                                                    sample_prompts=str(run["prompts"]), judge=judge)
+    set_comfy_base(tmp_path / "comfy")
+    scored = tmp_path / "comfy" / "input" / "run"  # nodes read inside ComfyUI's folders only
+    shutil.copytree(run["prompts"].parent, scored)
+    prompts = scored / run["prompts"].name  # its absolute --ci paths moved along
+    prompts.write_text(prompts.read_text().replace(str(run["prompts"].parent), str(scored)))
+    monkeypatch.chdir(scored)
+    out = FaceConsistencyScoreFolder().score_folder(model, str(scored / run["sample_dir"].name), 0.5,
+                                                    sample_prompts=str(prompts), judge=judge)
     report = json.loads(out["result"][0])
     assert report["judge"]["valid_pairs"] == 6 and "Held-out judge dlib" in out["ui"]["text"][0]
 

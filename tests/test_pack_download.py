@@ -327,9 +327,10 @@ def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, t
         return jobs.JobRecord("j1", name, Path(output_dir), list(args), 1, 0.0, "running", None, "")
 
     monkeypatch.setattr(training.jobs, "launch", launch)
-    monkeypatch.setattr(training, "dataset_config_for", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
+    monkeypatch.setattr(training, "_confine_dataset", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
     inputs = dict(
-        dit="dit.safetensors", vae="vae.safetensors", text_encoder="te.safetensors", dataset="d", output_name="run",
+        dit="dit.safetensors", vae="vae.safetensors", text_encoder="te.safetensors",
+        dataset=str(comfy / "input" / "d"), output_name="run",
         learning_rate=1e-4, network_dim=4, network_alpha=4.0, max_train_epochs=1, save_every_n_epochs=1, seed=0,
         timestep_sampling="shift", discrete_flow_shift=2.2, optimizer_type="AdamW", mixed_precision="no",
         gradient_checkpointing=False, enable_face_loss=True, face_loss_weight=0.1, face_model_name="buffalo_l",
