@@ -13,7 +13,7 @@ import pytest
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
 from face_consistency.training_contract.protocol import read_metrics, read_status
-from face_consistency.training_jobs import jobs
+from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
 
@@ -35,7 +35,7 @@ LAUNCHER = textwrap.dedent(
 
 def test_the_trainer_command_uses_this_interpreter_and_the_pack_bootstrap() -> None:
     command = jobs.trainer_command(["--output_dir", "x"])
-    assert command[0] == sys.executable
+    assert command[0] == sys.executable  # it has the trainer's libraries (tests/test_trainer_env.py: the others)
     assert Path(command[1]) == Path(jobs.__file__).resolve().parent.parent / "bootstrap.py"
     assert command[2:] == ["train", "--output_dir", "x"]
 
@@ -59,7 +59,7 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     registry = JobRegistry(registry_path)
     job = registry.get(started["job_id"])
     assert job.pid == started["pid"] and job.output_dir == output_dir.resolve()
-    assert job.command[:3] == [sys.executable, str(jobs.BOOTSTRAP), "train"]
+    assert job.command[:3] == [sys.executable, str(trainer_env.BOOTSTRAP), "train"]
     assert os.getsid(job.pid) == job.pid  # detached: leads its own session
     with pytest.raises(JobConflictError, match="already training into"):
         jobs.launch(registry, output_dir, argv, name="tiny")

@@ -123,8 +123,9 @@ def _stale_reason(manifest: dict[str, Any], requirements: Path) -> str | None:
     return None
 
 
-def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path = REQUIREMENTS) -> TrainerRuntime:
+def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path | None = None) -> TrainerRuntime:
     """What a launch runs the trainer with (see the module's docstring); raises TrainerEnvironmentError."""
+    requirements = requirements or REQUIREMENTS
     folder = env_dir(path)
     manifest = read_manifest(folder)
     if manifest is not None:
