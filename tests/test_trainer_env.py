@@ -97,16 +97,26 @@ def test_without_an_environment_a_python_with_the_libraries_runs_the_trainer(tmp
     assert command[2:] == ["train", "--output_dir", "x"]
 
 
-def test_a_python_without_the_libraries_is_refused_naming_the_setup_command(tmp_path: Path) -> None:
-    bare = tmp_path / "bare"
+@pytest.fixture(scope="module")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Python of a virtualenv without any package: a ComfyUI lacking the trainer's libraries."""
+    bare = tmp_path_factory.mktemp("bare")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
-    python = bare / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    folder = tmp_path / "not_set_up"
-    done = subprocess.run([str(python), str(trainer_env.BOOTSTRAP), "setup-trainer", "--check", "--path", str(folder)],
+    return bare / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def check_with(python: Path, folder: Path) -> subprocess.CompletedProcess:
+    """`setup-trainer --check`: what a launch from `python` would do."""
+    return subprocess.run([str(python), str(trainer_env.BOOTSTRAP), "setup-trainer", "--check", "--path", str(folder)],
                           capture_output=True, text=True, timeout=120)
+
+
+def test_a_python_without_the_libraries_is_refused_naming_the_setup_command(tmp_path: Path, bare_python: Path) -> None:
+    folder = tmp_path / "not_set_up"
+    done = check_with(bare_python, folder)
     assert done.returncode == 1
     assert "training needs diffusers, transformers, peft, accelerate, onnx2torch, which this Python" in done.stderr
-    assert f"{python} {trainer_env.BOOTSTRAP} setup-trainer --path {folder}" in done.stderr
+    assert f"{bare_python} {trainer_env.BOOTSTRAP} setup-trainer --path {folder}" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -155,8 +165,8 @@ def test_an_out_of_date_environment_is_refused_and_set_up_again(tmp_path: Path, 
     set_up(folder, requirements, local_index, "target")
     requirements.write_text(f"{PROBE}==2.0\n")  # the pack was updated
 
-    with pytest.raises(TrainerEnvironmentError, match=r"out of date: requirements-trainer.txt has changed since it "
-                       r"was set up \(the pack was updated\)\. Set it up again, with ComfyUI's Python: .*setup-trainer"):
+    with pytest.raises(TrainerEnvironmentError, match=r"out of date: requirements-trainer.txt has changed since "
+                       r"it was set up \(the pack was updated\)\. Set it up again, with ComfyUI's Python: .*setup"):
         trainer_env.trainer_runtime(folder, requirements=requirements)
     # as bootstrap.py runs it (--site), the check says the same, without a traceback
     stale = trainer_env.TrainerRuntime(sys.executable, folder / "site-packages", "")
@@ -205,3 +215,11 @@ def test_an_offline_setup_says_what_to_do(tmp_path: Path) -> None:
     assert not (folder / trainer_env.MANIFEST).exists() and (folder / trainer_env.MARKER).exists()
     # an unfinished setup is not used: this Python, which has the libraries, runs the trainer
     assert trainer_env.trainer_runtime(folder, requirements=requirements_file(tmp_path)).python == sys.executable
+
+
+def test_an_environment_made_for_another_python_is_refused(target_env: tuple[Path, Path, dict],
+                                                           bare_python: Path) -> None:
+    done = check_with(bare_python, target_env[0])
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"out of date: it was made for the Python {sys.executable}" in done.stderr
+    assert f"and ComfyUI now runs {bare_python}" in done.stderr

@@ -57,7 +57,8 @@ Echo = Callable[[str], None]
 
 
 class TrainerEnvironmentError(RuntimeError):
-    """The trainer's libraries are not where a launch can use them, or their setup failed; the message says what to do."""
+    """The trainer's libraries are not where a launch can use them, or their setup failed; the message says
+    what to do."""
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ def requirements_digest(requirements: Path = REQUIREMENTS) -> str:
     return hashlib.sha256(requirements.read_bytes()).hexdigest()
 
 
+def python_version() -> str:
+    """Major.minor: what compiled packages depend on."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
@@ -101,23 +107,17 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _stale_reason(manifest: dict[str, Any], requirements: Path) -> str | None:
     """Why a set-up environment cannot run this pack's trainer from this Python, or None."""
     python = str(manifest.get("python", ""))
     if not python or not Path(python).is_file():
         return f"its Python {python or '(none recorded)'} is gone"
-    base = str(manifest.get("base_python", ""))
-    if not _same_file(base, sys.executable):
-        return f"it was made for the Python {base}, and ComfyUI now runs {sys.executable}"
-    if manifest.get("python_version") != platform.python_version():
-        return f"it was made for Python {manifest.get('python_version')}, this is Python {platform.python_version()}"
+    # the environment (its prefix), not the interpreter: a venv's python links to its base's
+    if manifest.get("base_prefix") != os.path.realpath(sys.prefix):
+        return (f"it was made for the Python {manifest.get('base_python')} (in {manifest.get('base_prefix')}), "
+                f"and ComfyUI now runs {sys.executable} (in {os.path.realpath(sys.prefix)})")
+    if manifest.get("python_version") != python_version():
+        return f"it was made for Python {manifest.get('python_version')}, this is Python {python_version()}"
     if manifest.get("requirements_sha256") != requirements_digest(requirements):
         return f"{requirements.name} has changed since it was set up (the pack was updated)"
     return None
@@ -127,13 +127,14 @@ def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path
     """What a launch runs the trainer with (see the module's docstring); raises TrainerEnvironmentError."""
     requirements = requirements or REQUIREMENTS
     folder = env_dir(path)
+    named = folder if path or os.environ.get(ENV_VARIABLE) else None  # the setup must find the same folder
     manifest = read_manifest(folder)
     if manifest is not None:
         stale = _stale_reason(manifest, requirements)
         if stale is not None:
             raise TrainerEnvironmentError(
                 f"the trainer environment in {folder} is out of date: {stale}. Set it up again, with ComfyUI's "
-                f"Python: {setup_command(path)} ({SETUP_DOC})"
+                f"Python: {setup_command(named)} ({SETUP_DOC})"
             )
         site_dir = manifest.get("site")
         return TrainerRuntime(str(manifest["python"]), Path(site_dir) if site_dir else None,
@@ -145,7 +146,7 @@ def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path
     raise TrainerEnvironmentError(
         f"training needs {', '.join(absent)}, which this Python ({sys.executable}) does not have, and the "
         f"trainer environment is not set up in {folder}{unfinished}. Set it up once, with ComfyUI's Python: "
-        f"{setup_command(path)} (it installs the trainer's libraries into that folder only and changes "
+        f"{setup_command(named)} (it installs the trainer's libraries into that folder only and changes "
         f"nothing of ComfyUI's own packages; {SETUP_DOC})"
     )
 
@@ -307,7 +308,8 @@ def set_up(
         "python": runtime.python,
         "site": str(runtime.site) if runtime.site is not None else None,
         "base_python": sys.executable,
-        "python_version": platform.python_version(),
+        "base_prefix": os.path.realpath(sys.prefix),
+        "python_version": python_version(),
         "requirements": str(requirements),
         "requirements_sha256": requirements_digest(requirements),
         "libraries": found,
