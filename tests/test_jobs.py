@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
+from face_consistency.training_contract import libraries
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
@@ -72,6 +73,8 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
         "tiny-step00000002.safetensors", "tiny.safetensors"]  # step 4 is the final file
     assert [m["step"] for m in read_metrics(output_dir)] == [1, 2, 3, 4]
     assert "saved" in (output_dir / "train.log").read_text()
+    # the libraries it ran with, from where (here: this Python's own, no trainer environment)
+    assert read_status(output_dir)["libraries"]["diffusers"] == libraries.versions(["diffusers"])["diffusers"]
     # a finished job leaves the folder free for the next one
     assert JobRegistry(registry_path).list()[0].state == "completed"
 

@@ -223,3 +223,14 @@ def test_an_environment_made_for_another_python_is_refused(target_env: tuple[Pat
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"out of date: it was made for the Python {sys.executable}" in done.stderr
     assert f"and ComfyUI now runs {bare_python}" in done.stderr
+
+
+def test_the_dry_run_lists_what_the_environment_would_hold_and_installs_nothing(
+    tmp_path: Path, local_index: Path, capfd: pytest.CaptureFixture[str],
+) -> None:
+    lines: list[str] = []
+    trainer_env.dry_run(find_links=[str(local_index)], no_index=True, requirements=requirements_file(tmp_path),
+                        echo=lines.append)
+    assert "Would install fc_probe_lib-1.0" in capfd.readouterr().out
+    assert "never here" in lines[0]
+    assert libraries.versions([PROBE]) == {}  # not installed in this Python

@@ -322,8 +322,10 @@ def set_up(
 
 
 def dry_run(*, index_url: str | None = None, find_links: Sequence[str] = (), no_index: bool = False,
-            requirements: Path = REQUIREMENTS) -> None:
+            requirements: Path = REQUIREMENTS, echo: Echo = print) -> None:
     """Show what the trainer environment would hold: pip's dry run against this Python's packages."""
+    echo(f"What the trainer environment would hold besides this Python's packages ({sys.executable}): pip's "
+         f"`Would install` line below. It is a dry run; the setup puts them in a folder of their own, never here.")
     with tempfile.TemporaryDirectory() as work:
         constraints = _write_constraints(Path(work) / "constraints.txt")
         _run([sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check",
