@@ -176,9 +176,9 @@ def _write_constraints(path: Path) -> Path:
     return path
 
 
-def _run(argv: Sequence[str], what: str, *, env: dict[str, str] | None = None) -> None:
+def _run(argv: Sequence[str], what: str) -> None:
     """Run a step with its output on this terminal (pip's own progress bars)."""
-    code = subprocess.run(list(argv), env=env, check=False).returncode
+    code = subprocess.run(list(argv), check=False).returncode
     if code != 0:
         raise TrainerEnvironmentError(
             f"{what} failed (exit code {code}; pip's messages are above). Nothing of ComfyUI's own packages "
@@ -203,8 +203,8 @@ def _make_venv(venv: Path, echo: Echo) -> Path | None:
     """A virtualenv with pip made by this Python; None where this Python cannot make one."""
     made = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, check=False)
     if made.returncode != 0:
-        echo(f"this Python cannot make a virtualenv ({(made.stderr or made.stdout).strip().splitlines()[-1:]}); "
-             "installing into a package folder instead")
+        reason = ((made.stderr or made.stdout).strip().splitlines() or ["no reason given"])[-1]
+        echo(f"this Python cannot make a virtualenv ({reason}); installing into a package folder instead")
         shutil.rmtree(venv, ignore_errors=True)
         return None
     python = _venv_python(venv)
@@ -228,14 +228,14 @@ def _changes_in_this_python(requirements: Path, constraints: Path, pip_options: 
 
 def probe(runtime: TrainerRuntime) -> dict[str, dict[str, str]]:
     """Import the trainer's libraries with `runtime` and return their versions and folders."""
-    probe = subprocess.run(runtime.command("setup-trainer", "--libraries"), capture_output=True, text=True,
-                           check=False)
-    if probe.returncode != 0:
+    done = subprocess.run(runtime.command("setup-trainer", "--libraries"), capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
         raise TrainerEnvironmentError(
             f"the trainer's libraries were installed but do not import with {runtime.description}:\n"
-            f"{probe.stderr.strip()[-3000:]}"
+            f"{done.stderr.strip()[-3000:]}"
         )
-    return json.loads(probe.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _clear(folder: Path) -> None:
@@ -251,8 +251,12 @@ def _clear(folder: Path) -> None:
         )
     (folder / MANIFEST).unlink(missing_ok=True)  # first: a setup cut short from here on reads as unfinished
     for child in folder.iterdir():
-        if child.name != MARKER:
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        if child.name == MARKER:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
 
 
 def set_up(
