@@ -47,7 +47,8 @@ from face_consistency.trainer.face_loss import FrozenFaceRecognizer, warp_to_arc
 from face_consistency.trainer.face_targets import cache_face_targets, collate_face_targets
 from face_consistency.trainer.face_training import build_training_hook
 from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.train import collate, micro_step, pack, prepare_transformer, unpack
+from face_consistency.trainer.sampling import pack, unpack
+from face_consistency.trainer.train import collate, micro_step, prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

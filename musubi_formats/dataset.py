@@ -27,10 +27,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import tomlkit
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
@@ -58,6 +59,15 @@ GENERAL_DEFAULTS: dict[str, Any] = {
 
 class DatasetConfigError(ValueError):
     """A dataset TOML, folder or image that cannot be trained on, with the reason."""
+
+
+# Called with (what, path) on every file and folder the dataset names, before it is opened or
+# listed; raises to refuse it (ComfyUI's launch node keeps datasets inside ComfyUI's folders).
+PathCheck = Callable[[str, Path], None]
+
+
+def _any_path(what: str, path: Path) -> None:
+    """The command line's PathCheck: any path."""
 
 
 @dataclass(frozen=True)
@@ -219,10 +229,11 @@ def pair_controls(targets: list[Path], control_directory: Path) -> dict[Path, tu
     return {target: tuple(found) for target, found in musubi_controls(targets, controls).items()}
 
 
-def _read_caption(target: Path, caption_extension: str) -> str | None:
+def _read_caption(target: Path, caption_extension: str, check_path: PathCheck) -> str | None:
     caption_path = target.with_suffix(caption_extension)
     if not caption_path.is_file():
         return None
+    check_path("caption", caption_path)
     try:
         return caption_path.read_text(encoding="utf-8").strip()
     except UnicodeDecodeError as exc:
@@ -230,7 +241,9 @@ def _read_caption(target: Path, caption_extension: str) -> str | None:
                                  "save it as UTF-8") from None
 
 
-def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Path, ...], str]]:
+def _directory_entries(
+    cfg: dict[str, Any], where: str, check_path: PathCheck
+) -> list[tuple[Path, tuple[Path, ...], str]]:
     image_directory = Path(cfg["image_directory"])
     if not image_directory.is_dir():
         raise DatasetConfigError(f"{where}: image_directory {image_directory} does not exist")
@@ -247,7 +260,7 @@ def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tupl
     controls = pair_controls(targets, control_directory)
     entries = []
     for target in targets:
-        caption = _read_caption(target, cfg["caption_extension"])
+        caption = _read_caption(target, cfg["caption_extension"], check_path)
         if caption is None:
             log.warning("skipping %s: no caption file %s", target, target.with_suffix(cfg["caption_extension"]))
             continue
@@ -260,7 +273,9 @@ def _directory_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tupl
     return entries
 
 
-def _jsonl_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Path, ...], str]]:
+def _jsonl_entries(
+    cfg: dict[str, Any], where: str, working_dir: Path
+) -> list[tuple[Path, tuple[Path, ...], str]]:
     jsonl = Path(cfg["image_jsonl_file"])
     if not jsonl.is_file():
         raise DatasetConfigError(f"{where}: image_jsonl_file {jsonl} does not exist")
@@ -274,7 +289,7 @@ def _jsonl_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Pa
             raise DatasetConfigError(f"{jsonl} line {number}: not JSON ({exc})") from exc
         if "image_path" not in record:
             raise DatasetConfigError(f"{jsonl} line {number}: no image_path")
-        target = Path(record["image_path"])
+        target = working_dir / record["image_path"]  # musubi opens relative paths from its working directory
         caption = record.get("caption")
         if not caption:
             log.warning("skipping %s (%s line %d): no caption", target, jsonl, number)
@@ -285,11 +300,11 @@ def _jsonl_entries(cfg: dict[str, Any], where: str) -> list[tuple[Path, tuple[Pa
         controls = ([record["control_path"]] if "control_path" in record else []) + [v for _, v in indexed]
         if not controls:
             raise DatasetConfigError(f"{jsonl} line {number}: target {target} has no control_path")
-        entries.append((target, tuple(Path(c) for c in controls), str(caption)))
+        entries.append((target, tuple(working_dir / c for c in controls), str(caption)))
     return entries
 
 
-def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
+def _dataset(cfg: dict[str, Any], where: str, working_dir: Path, check_path: PathCheck) -> DatasetSpec:
     if cfg.get("multiple_target"):
         raise DatasetConfigError(f"{where}: multiple_target (layered targets) is not supported for Qwen-Image-Edit")
     has_dir, has_jsonl = "image_directory" in cfg, "image_jsonl_file" in cfg
@@ -299,10 +314,18 @@ def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     control_resolution = (
         _resolution(cfg["control_resolution"], where + " control_resolution") if "control_resolution" in cfg else None
     )
-    entries = _directory_entries(cfg, where) if has_dir else _jsonl_entries(cfg, where)
+    cache_directory = Path(cfg.get("cache_directory") or cfg.get("image_directory") or Path(cfg["image_jsonl_file"]).parent)
+    for key in PATH_KEYS:
+        if key in cfg:
+            check_path(f"{where} {key}", Path(cfg[key]))
+    check_path(f"{where} cache_directory", cache_directory)
+    entries = _directory_entries(cfg, where, check_path) if has_dir else _jsonl_entries(cfg, where, working_dir)
     if not entries:
         raise DatasetConfigError(f"{where}: no trainable images (images need a caption file and a control)")
-    cache_directory = Path(cfg.get("cache_directory") or cfg.get("image_directory") or Path(cfg["image_jsonl_file"]).parent)
+    for target, controls, _ in entries:
+        check_path("image", target)
+        for control in controls:
+            check_path("control image", control)
     items = []
     for target, controls, caption in entries:
         size = _image_size(target)
@@ -326,8 +349,15 @@ def _dataset(cfg: dict[str, Any], where: str) -> DatasetSpec:
     return DatasetSpec(items, cfg["batch_size"], cfg["num_repeats"], where)
 
 
-def load_dataset_config(path: str | Path) -> DatasetGroup:
-    """Parse and validate a musubi dataset TOML; every problem names the file and the key or image."""
+def load_dataset_config(
+    path: str | Path, *, working_dir: str | Path | None = None, check_path: PathCheck = _any_path
+) -> DatasetGroup:
+    """Parse and validate a musubi dataset TOML; every problem names the file and the key or image.
+
+    Relative paths are taken from `working_dir` (musubi's: the trainer's working directory; default
+    the current one), else from the TOML's folder. `check_path` sees every file and folder the dataset
+    names before it is opened or listed.
+    """
     toml_path = Path(path)
     if not toml_path.is_file():
         raise DatasetConfigError(f"dataset config not found: {toml_path}")
@@ -344,14 +374,16 @@ def load_dataset_config(path: str | Path) -> DatasetGroup:
     if not datasets:
         raise DatasetConfigError(f"{toml_path}: no [[datasets]] entries")
     group = DatasetGroup()
+    base = Path(working_dir) if working_dir is not None else Path(os.getcwd())
     for index, entry in enumerate(datasets):
         where = f"{toml_path} [[datasets]] #{index + 1}"
         cfg = {**GENERAL_DEFAULTS, **general, **entry}
         for key in PATH_KEYS:
             # musubi resolves relative paths against the working directory; fall back to the TOML's folder.
-            if key in cfg and not Path(cfg[key]).is_absolute() and not Path(cfg[key]).exists():
-                cfg[key] = str((toml_path.parent / cfg[key]).resolve())
-        group.datasets.append(_dataset(cfg, where))
+            if key in cfg and not Path(cfg[key]).is_absolute():
+                from_working_dir = base / cfg[key]
+                cfg[key] = str(from_working_dir if from_working_dir.exists() else (toml_path.parent / cfg[key]).resolve())
+        group.datasets.append(_dataset(cfg, where, base, check_path))
     return group
 
 

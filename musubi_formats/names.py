@@ -19,6 +19,10 @@ from typing import Iterable
 
 SAMPLE_DIR = "sample"
 BEST_SUFFIX = "-best"
+# A run's name becomes file names: `.{name}-step00000000.safetensors.<random>.tmp` stays within the
+# 255 bytes file systems allow a name.
+MAX_OUTPUT_NAME_BYTES = 160
+_NOT_IN_NAMES = '/\\:*?"<>|'
 _NUMBERED_CONTROL = re.compile(r"^(?P<stem>.+)_(?P<index>\d+)$")
 MUSUBI_SAMPLE = re.compile(
     r"^(?:(?P<name>.*)_)?(?:e(?P<epoch>\d{6,})|(?P<step>\d{6,}))_(?P<prompt>\d{2,})_(?P<time>\d{14})"
@@ -27,6 +31,22 @@ MUSUBI_SAMPLE = re.compile(
 SEED_SAMPLE = re.compile(r"^(?P<name>.*?)_?step_?(?P<step>\d+)_(?P<index>\d+)$", re.IGNORECASE)
 SEED_CONTROL = re.compile(r"^control_image_(?P<index>\d+)$", re.IGNORECASE)
 UNSTEPPED_KEY = "none"
+
+
+def output_name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run's files (a name, never a path), or None when it can."""
+    if not name:
+        return "is empty"
+    if any(ord(c) < 32 for c in name):
+        return "contains a NUL or control character"
+    if any(c in _NOT_IN_NAMES for c in name):
+        return f"contains a path separator or a character file names cannot hold ({' '.join(_NOT_IN_NAMES)}): " \
+               "it names the run's files, not a folder"
+    if name.startswith(".") or ".." in name:
+        return "starts with a dot or contains '..': it names the run's files, not a folder"
+    if len(name.encode("utf-8")) > MAX_OUTPUT_NAME_BYTES:
+        return f"is longer than {MAX_OUTPUT_NAME_BYTES} bytes: its checkpoint file names would be too long"
+    return None
 
 
 @dataclass(frozen=True)

@@ -5,11 +5,17 @@ put small stand-ins for these three modules into `sys.modules`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
+
+from ..common import paths
+from ..training_jobs.jobs import REGISTRY_FILENAME, JobRegistry
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +55,17 @@ def output_directory() -> Path:
 
 
 class FolderAccessError(ValueError):
-    """A node was asked to read or write outside the folders ComfyUI gives it."""
+    """A node or route was asked to read or write outside the folders ComfyUI gives it."""
+
+
+# The key that marks a STRING input naming a file or folder in a node's INPUT_TYPES (ComfyUI and its
+# frontend ignore keys they do not know); tests/test_confinement.py tries every input so marked.
+PATH_INPUT = "face_consistency_path"
+
+
+def path_input(tooltip: str, **options: Any) -> tuple[str, dict[str, Any]]:
+    """A STRING input that names a file or folder: `input_path` confines what it names."""
+    return ("STRING", {"default": "", **options, "tooltip": tooltip, PATH_INPUT: True})
 
 
 def comfy_folders() -> list[Path]:
@@ -57,15 +73,42 @@ def comfy_folders() -> list[Path]:
     fp = folder_paths()
     register_model_folders()
     roots = [fp.get_output_directory(), fp.get_input_directory(), fp.get_user_directory(), fp.get_temp_directory()]
-    for paths, _ in fp.folder_names_and_paths.values():
-        roots.extend(paths)
+    for folder_list, _ in fp.folder_names_and_paths.values():
+        roots.extend(folder_list)
     return list(dict.fromkeys(Path(root).resolve() for root in roots))
 
 
-def is_inside(path: Path, roots: list[Path]) -> bool:
-    """Whether `path`, symlinks resolved, lies in one of `roots`."""
-    resolved = path.resolve()
-    return any(resolved.is_relative_to(root) for root in roots)
+def allowed_folders() -> list[Path]:
+    """Where nodes may read and write: ComfyUI's folders and the folders of registered training jobs."""
+    return list(dict.fromkeys([*comfy_folders(), *(p.resolve() for p in open_registry().output_dirs())]))
+
+
+def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether `path`, symlinks resolved, lies in `folder`: ComfyUI's own test where it has one (0.38+)."""
+    test = getattr(folder_paths(), "is_within_directory", paths.is_within_directory)
+    return bool(test(str(folder), str(path)))
+
+
+ALLOWED_FOLDERS = "ComfyUI's folders (input, output, models, user, temp) and the training jobs' folders"
+
+
+def confine(path: Path, what: str, folders: Sequence[Path] | None = None, where: str = ALLOWED_FOLDERS,
+            fix: str = "move it into ComfyUI's input or output folder") -> Path:
+    """`path` with its symlinks resolved, when it lies inside one of `folders` (default: `allowed_folders()`);
+    else FolderAccessError naming `what` (the input or file), `where` it may be and the `fix`."""
+    if "\x00" in str(path):
+        raise FolderAccessError(f"{what} contains a NUL character; give a plain path")
+    folders = allowed_folders() if folders is None else folders
+    if not any(is_within(path, folder) for folder in folders):
+        raise FolderAccessError(f"{what} {str(path)!r} is outside {where}; nodes read and write only there: {fix} "
+                                "(a symlink counts where it points)")
+    return path.resolve()
+
+
+def input_path(text: str, what: str) -> Path | None:
+    """The file or folder a path input names (quotes and ~ taken off; None when empty), confined."""
+    text = text.strip().strip('"')
+    return confine(Path(text).expanduser(), what) if text else None
 
 
 def output_file(text: str, what: str, suffix: str) -> Path:
@@ -73,13 +116,46 @@ def output_file(text: str, what: str, suffix: str) -> Path:
     absolute one must lie there (symlinks resolved); it must end in `suffix`."""
     output = output_directory().resolve()
     path = Path(text).expanduser()
-    path = (path if path.is_absolute() else output / path).resolve()
-    if not path.is_relative_to(output):
-        raise FolderAccessError(f"{what} {text!r} is outside ComfyUI's output folder {output}: "
-                                "give a path inside it (a relative path is taken from there)")
+    path = confine(path if path.is_absolute() else output / path, what, [output], f"ComfyUI's output folder {output}",
+                   "give a path inside it (a relative path is taken from there)")
     if path.suffix.lower() != suffix:
         raise FolderAccessError(f"{what} {text!r} must name a {suffix} file")
     return path
+
+
+# The job registry: in ComfyUI's system user folder (user/__face_consistency, which ComfyUI 0.3.76 and
+# later never serve through /userdata) where there is one, else in user/face_consistency as before.
+REGISTRY_SYSTEM_USER = "face_consistency"
+_registry_move_lock = threading.Lock()
+
+
+def registry_file() -> Path:
+    """Where this installation's job registry lives; a registry left in the old place is moved over once."""
+    fp = folder_paths()
+    legacy = Path(fp.get_user_directory()) / REGISTRY_SYSTEM_USER / REGISTRY_FILENAME
+    system_user_directory = getattr(fp, "get_system_user_directory", None)
+    if system_user_directory is None:
+        return legacy
+    target = Path(system_user_directory(REGISTRY_SYSTEM_USER)) / REGISTRY_FILENAME
+    with _registry_move_lock:
+        if legacy.exists() and not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # the journal first: SQLite finds a hot journal by the database's name
+            for suffix in ("-journal", ""):
+                source = legacy.with_name(legacy.name + suffix)
+                try:
+                    os.replace(source, target.with_name(target.name + suffix))
+                except FileNotFoundError:  # no journal, or another ComfyUI on this folder moved it first
+                    pass
+            log.info("moved the training job registry from %s to %s (not served through /userdata)", legacy, target)
+            with contextlib.suppress(OSError):
+                legacy.parent.rmdir()  # only when empty
+    return target
+
+
+def open_registry(busy_timeout_s: float = 30.0) -> JobRegistry:
+    """The job registry of this ComfyUI installation."""
+    return JobRegistry(registry_file(), busy_timeout_s)
 
 
 def temp_directory() -> Path:

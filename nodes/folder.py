@@ -15,6 +15,7 @@ from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluati
 from ..faceid.judge import DlibJudge
 from ..faceid.pairing import list_images
 from ..faceid.plot import plot_rgb, write_plot
+from ..musubi_formats.prompts import PromptFileError, load_prompt_file, resolve_prompt_path
 from ..faceid.report import summary_table
 from . import comfy_env
 from .imaging import save_previews, to_image_batch
@@ -25,19 +26,37 @@ KEPT_EVALUATIONS = 4
 _evaluations: OrderedDict[tuple, FolderEvaluation] = OrderedDict()
 
 
-def _optional_path(text: str) -> Path | None:
-    text = text.strip().strip('"')
-    return Path(text).expanduser() if text else None
+def _confined_inputs(folder: str, sample_prompts: str, control_dir: str) -> tuple[Path | None, Path | None, Path | None]:
+    """The folder, prompt file and control folder, and every image they hold or name (the prompt file's
+    --ci controls, as the pairing resolves them), inside ComfyUI's folders."""
+    folders = comfy_env.allowed_folders()
+    confined = []
+    for text, what in ((folder, "folder"), (sample_prompts, "sample_prompts"), (control_dir, "control_dir")):
+        path = comfy_env.input_path(text, what)
+        confined.append(path)
+        if path is not None and path.is_dir():
+            for image in list_images(path):
+                comfy_env.confine(image, f"{what} image", folders)
+    folder_path, prompts, _ = confined
+    if prompts is not None and prompts.is_file():
+        try:
+            prompt_list = load_prompt_file(prompts)
+        except PromptFileError:
+            prompt_list = []  # the evaluation reports it
+        for prompt in prompt_list:
+            for raw in prompt.control_images:
+                for candidate in resolve_prompt_path(raw, prompts)[1]:  # from where the evaluation looks
+                    comfy_env.confine(candidate, f"sample_prompts --ci of prompt {prompt.index}", folders)
+    return folder_path, prompts, confined[2]
 
 
 def _sources(folder: str, sample_prompts: str, control_dir: str) -> EvaluationSources:
-    folder_path = _optional_path(folder)
+    folder_path, prompts, controls = _confined_inputs(folder, sample_prompts, control_dir)
     if folder_path is None:
         raise EvaluationError("set 'folder' to the sample folder (or the folder of generated images)")
-    controls = _optional_path(control_dir)
     if controls is not None:
         return EvaluationSources(control_dir=controls, generated_dir=folder_path)
-    return EvaluationSources(sample_dir=folder_path, sample_prompts=_optional_path(sample_prompts))
+    return EvaluationSources(sample_dir=folder_path, sample_prompts=prompts)
 
 
 def _evaluation(model: FaceModel, sources: EvaluationSources, judge: DlibJudge | None) -> FolderEvaluation:
@@ -71,33 +90,25 @@ class FaceConsistencyScoreFolder:
         return {
             "required": {
                 "face_model": ("FACE_MODEL",),
-                "folder": ("STRING", {
-                    "default": "",
-                    "tooltip": "musubi sample folder (output_dir/sample), a seed-guide folder, or the "
-                    "generated images when control_dir is set.",
-                }),
+                "folder": comfy_env.path_input(
+                    "musubi sample folder (output_dir/sample), a seed-guide folder, or the "
+                    "generated images when control_dir is set (inside ComfyUI's folders)."),
                 "threshold": ("FLOAT", {
                     "default": 0.75, "min": -1.0, "max": 1.0, "step": 0.01,
                     "tooltip": "The report counts samples at or above this similarity.",
                 }),
             },
             "optional": {
-                "sample_prompts": ("STRING", {
-                    "default": "",
-                    "tooltip": "musubi prompt file; the --ci image(s) of line k are the controls of prompt k.",
-                }),
-                "control_dir": ("STRING", {
-                    "default": "",
-                    "tooltip": "Folder of controls: stem.png or stem_N.png belong to generated stem.png.",
-                }),
+                "sample_prompts": comfy_env.path_input(
+                    "musubi prompt file; the --ci image(s) of line k are the controls of prompt k."),
+                "control_dir": comfy_env.path_input(
+                    "Folder of controls: stem.png or stem_N.png belong to generated stem.png."),
                 "reference_identity": ("FACE_IDENTITY", {
                     "tooltip": "Score against this person (beside the controls, or alone when there are none).",
                 }),
-                "save_report": ("STRING", {
-                    "default": "",
-                    "tooltip": "If set, also write the JSON report here (a .json path inside ComfyUI's output "
-                    "folder; relative paths are taken from there) and the plot beside it (.png).",
-                }),
+                "save_report": comfy_env.path_input(
+                    "If set, also write the JSON report here (a .json path inside ComfyUI's output "
+                    "folder; relative paths are taken from there) and the plot beside it (.png)."),
                 "judge": ("FACE_JUDGE", {
                     "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
                     "the plot, as `face-consistency evaluate --judge dlib`.",
@@ -109,12 +120,11 @@ class FaceConsistencyScoreFolder:
     @classmethod
     def IS_CHANGED(cls, folder: str = "", sample_prompts: str = "", control_dir: str = "", **_: Any) -> str:
         """Changes whenever a file in the folders (or the prompt file) is added, removed or rewritten."""
+        folder_path, prompts, controls = _confined_inputs(folder, sample_prompts, control_dir)
         parts = []
-        for text in (folder, control_dir):
-            path = _optional_path(text)
+        for path in (folder_path, controls):
             if path is not None and path.is_dir():
                 parts += [f"{p}:{file_signature(p)}" for p in list_images(path)]
-        prompts = _optional_path(sample_prompts)
         if prompts is not None:
             parts.append(f"{prompts}:{file_signature(prompts)}")
         return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()

@@ -7,9 +7,11 @@ Routes (ComfyUI also serves each under `/api`):
 - GET  /face_consistency/jobs/{job_id}/samples/{filename}  one sample image
 - GET  /face_consistency/jobs/{job_id}/log?lines=N         the log's last lines
 
-Only files inside a registered job's folder are read, and only those the run reader lists;
-ids and parameters are validated. A background poller pushes `face_consistency.progress`,
-`.finished` and `.failed` events.
+Only files inside a registered job's folder are read (symlinks resolved: `comfy_env.is_within`, and
+the run reader, which leaves out a file that points elsewhere), and only those the run reader lists;
+ids and parameters are validated. Finished jobs are listed from the registry alone (the progress
+it kept when they ended); only unfinished ones are refreshed from their files. A background poller
+pushes `face_consistency.progress`, `.finished` and `.failed` events.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from ..musubi_formats.names import SAMPLE_DIR
-from ..training_contract.protocol import LOG_FILE, JobState, read_status
+from ..training_contract.protocol import LOG_FILE, JobState
 from ..training_jobs import jobs
 from ..training_jobs.jobs import JobRecord, JobRegistry
 from ..training_jobs.run_reader import (
@@ -34,12 +36,11 @@ from ..training_jobs.run_reader import (
     RunSnapshot,
     list_samples,
     log_tail,
-    normalise_metrics,
     read_run,
-    run_checkpoints,
+    run_progress,
 )
 from . import comfy_env
-from .training import open_registry
+from .comfy_env import open_registry
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +84,32 @@ def _downsample(records: list[dict[str, Any]], max_points: int) -> list[dict[str
     return picked + [records[-1]]
 
 
+PROGRESS_KEYS = ("step", "total_steps", "epoch", LOSS, FACE_SIMILARITY, "latest_checkpoint")
+
+
 def _summary(record: JobRecord) -> dict[str, Any]:
-    """The job with its progress from status.json (cheap: no metrics file is read)."""
-    summary: dict[str, Any] = record.to_json()
-    status = normalise_metrics(read_status(record.output_dir) or {})
-    checkpoints = run_checkpoints(record.output_dir, status)
-    summary.update(
-        step=status.get("step"),
-        total_steps=status.get("total_steps"),
-        epoch=status.get("epoch"),
-        loss=status.get(LOSS),
-        face_similarity=status.get(FACE_SIMILARITY),
-        latest_checkpoint=checkpoints[-1].filename if checkpoints else None,
-    )
-    return summary
+    """The job with its progress: a running job's from status.json (no metrics file is read), a
+    finished job's as the registry kept it (no file at all; empty for a job that ended before the
+    registry kept progress, until it is opened)."""
+    progress = (record.progress or {}) if record.finished else run_progress(record.output_dir)
+    return {**record.to_json(), **{key: progress.get(key) for key in PROGRESS_KEYS}}
+
+
+def _listing(registry: JobRegistry) -> dict[str, Any]:
+    """Every job, newest first: the finished ones from the registry alone, the others refreshed from their
+    folders; `skipped_rows`: the ids of jobs whose registry row cannot be read."""
+    listed, skipped = [], []
+    for shown in registry.list_shown():
+        progress = shown.pop("progress") or {}
+        if shown["state"] in jobs.FINAL_STATE_VALUES:
+            listed.append({**shown, **{key: progress.get(key) for key in PROGRESS_KEYS}})
+            continue
+        try:
+            listed.append(_summary(registry.refresh(str(shown["job_id"]))))
+        except (ValueError, TypeError) as exc:  # e.g. a command that is not JSON
+            log.warning("job registry %s: skipping job %s (%s)", registry.path, shown["job_id"], exc)
+            skipped.append(str(shown["job_id"]))
+    return {"jobs": listed, "skipped_rows": skipped}
 
 
 def _read_run_or_none(record: JobRecord) -> RunSnapshot | None:
@@ -110,17 +123,20 @@ def _sample_file(record: JobRecord, filename: str) -> Path:
     """The sample image `filename` of the job, refusing anything that is not a listed sample inside its folder."""
     if "/" in filename or "\\" in filename or filename.startswith(".") or "\x00" in filename:
         raise web.HTTPBadRequest(reason="invalid file name")
-    job_dir = record.output_dir.resolve()
-    sample_dir = (record.output_dir / SAMPLE_DIR).resolve()
-    if not sample_dir.is_relative_to(job_dir):
-        raise web.HTTPForbidden(reason="sample folder leaves the job folder")
-    listed = {s.path.name: s.path for s in list_samples(record.output_dir)}  # not read_run: no metrics to parse
-    if filename not in listed:
+    sample_dir = record.output_dir / SAMPLE_DIR
+    _check_in_job_folder(record, sample_dir, "sample folder")
+    path = sample_dir / filename
+    _check_in_job_folder(record, path, "sample")
+    # only what the run reader lists as a sample (which leaves out any file pointing elsewhere)
+    if filename not in {s.path.name for s in list_samples(record.output_dir)}:  # not read_run: no metrics to parse
         raise web.HTTPNotFound(reason="no such sample")
-    path = listed[filename].resolve()  # follows symlinks: one pointing out of the folder is refused
-    if not path.is_relative_to(sample_dir) or not path.is_file():
-        raise web.HTTPForbidden(reason="sample leaves the job folder")
-    return path
+    return path.resolve()
+
+
+def _check_in_job_folder(record: JobRecord, path: Path, what: str) -> None:
+    """403 unless `path`, symlinks resolved, lies in the job's folder: the check of every file a route serves."""
+    if not comfy_env.is_within(path, record.output_dir):
+        raise web.HTTPForbidden(reason=f"the {what} leaves the job folder")
 
 
 async def _off_the_loop(work: Callable[[], Any]) -> Any:
@@ -148,17 +164,17 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
 
     @routes.get(f"{PREFIX}/jobs")
     async def list_jobs(request: web.Request) -> web.Response:
-        def work() -> dict[str, Any]:
-            registry = registry_factory()
-            summaries = [_summary(r) for r in registry.refresh_all()]
-            return {"jobs": summaries, "skipped_rows": registry.skipped_rows}
-
-        return web.json_response(await _off_the_loop(work))
+        return web.json_response(await _off_the_loop(lambda: _listing(registry_factory())))
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}")
     async def job_detail(request: web.Request) -> web.Response:
         max_points = _int_param(request, "max_points", 500, 2, MAX_POINTS)
-        return web.json_response(await _off_the_loop(lambda: _detail(_job(request, registry_factory()), max_points)))
+
+        def work() -> dict[str, Any]:
+            registry = registry_factory()
+            return _detail(registry, _job(request, registry), max_points)
+
+        return web.json_response(await _off_the_loop(work))
 
     @routes.post(f"{PREFIX}/jobs/{{job_id}}/stop")
     async def stop_job(request: web.Request) -> web.Response:
@@ -199,13 +215,14 @@ def _registry_and_job(request: web.Request, registry: JobRegistry) -> tuple[JobR
 
 
 def _log(record: JobRecord, lines: int) -> dict[str, Any]:
-    log_file = record.output_dir / LOG_FILE
-    if log_file.exists() and not log_file.resolve().is_relative_to(record.output_dir.resolve()):
-        raise web.HTTPForbidden(reason="the log leaves the job folder")  # e.g. a symlink elsewhere
+    _check_in_job_folder(record, record.output_dir / LOG_FILE, "log")  # e.g. a symlink elsewhere
     return {"job_id": record.job_id, "lines": log_tail(record.output_dir, lines)}
 
 
-def _detail(record: JobRecord, max_points: int) -> dict[str, Any]:
+def _detail(registry: JobRegistry, record: JobRecord, max_points: int) -> dict[str, Any]:
+    if record.finished and record.progress is None:  # ended before the registry kept progress: keep it now
+        registry.keep_progress(record.job_id, run_progress(record.output_dir))
+        record = registry.get(record.job_id)
     run = _read_run_or_none(record)
     body = _summary(record)
     if run is not None:
@@ -237,13 +254,14 @@ class EventPoller:
         self._thread: threading.Thread | None = None
 
     def poll_once(self) -> None:
-        for record in self._registry_factory().refresh_all():
+        registry = self._registry_factory()
+        # jobs that ended before ComfyUI started have nothing to announce, and are not even read
+        for record in registry.list(active_since=self._since):
             previous = self._seen.get(record.job_id)
-            if record.finished and previous is None and (record.ended or 0.0) < self._since:
-                self._seen[record.job_id] = ("final",)  # ended before ComfyUI started: nothing to announce
-                continue
             if previous == ("final",):
                 continue
+            if not record.finished:
+                record = registry.refresh(record.job_id)
             summary = _summary(record)
             key = (summary["state"], summary.get("step"), summary.get("latest_checkpoint"))
             if key != previous:

@@ -6,6 +6,7 @@ folders, ours or musubi-tuner's), `training_jobs.run_plots` and `training_jobs.c
 from __future__ import annotations
 
 import math
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any
 from ..common.files import atomic_write_text
 from ..faceid.packs import root_of_pack
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
-from ..musubi_formats.dataset import dataset_config_for
+from ..musubi_formats.dataset import dataset_config_for, load_dataset_config
+from ..musubi_formats.names import output_name_problem
+from ..musubi_formats.prompts import parse_prompt_text, resolve_prompt_path
 from ..training_contract import options
 from ..training_contract.protocol import LOG_FILE, read_status
 from ..training_jobs import jobs
@@ -27,25 +30,21 @@ from ..training_jobs.checkpoint_scores import (
     format_table,
     group_scores,
 )
-from ..training_jobs.jobs import JobRecord, JobRegistry
+from ..training_jobs.jobs import JobRecord
 from ..training_jobs.run_plots import plot_run, plot_scores
 from ..training_jobs.run_reader import log_tail, read_run, run_checkpoints
 from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
 from ..training_jobs.trainer_env import trainer_runtime
 from . import comfy_env
+from .comfy_env import open_registry
 from .imaging import rgb_to_image
 
 CATEGORY = "face_consistency/training"
 TRAINING_JOB = "TRAINING_JOB"
 LORAS = comfy_env.LORAS_FOLDER
-REGISTRY_SUBDIR = "face_consistency"
 WAIT_CHOICES = ("no", "next checkpoint", "finished")
 POLL_S = 2.0
-
-
-def open_registry(busy_timeout_s: float = 30.0) -> JobRegistry:
-    """The job registry of this ComfyUI installation (in its user directory)."""
-    return JobRegistry(comfy_env.user_directory() / REGISTRY_SUBDIR / jobs.REGISTRY_FILENAME, busy_timeout_s)
+SAMPLE_PROMPTS_FILE = "sample_prompts.txt"
 
 
 @dataclass(frozen=True)
@@ -72,15 +71,17 @@ class _LoraNameOutputs(type):
 
 
 def _resolve_folder(folder: str) -> Path:
-    """An output folder given as an absolute path, or relative to ComfyUI's output or loras folders."""
+    """An output folder given as an absolute path, or relative to ComfyUI's output or loras folders;
+    every place looked at lies inside ComfyUI's folders (checked before it is looked at)."""
     text = folder.strip().strip('"')
     path = Path(text).expanduser()
     candidates = [path] if path.is_absolute() else [
         comfy_env.output_directory() / path,
         *(root / path for root in comfy_env.folder_roots(LORAS)),
     ]
+    allowed = comfy_env.allowed_folders()
     for candidate in candidates:
-        if candidate.is_dir():
+        if comfy_env.confine(candidate, "output_folder", allowed).is_dir():
             return candidate.resolve()
     raise ValueError(
         f"training output folder {text!r} not found (looked in: {', '.join(str(c) for c in candidates)})"
@@ -100,11 +101,6 @@ def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord
         raise ValueError("connect a TRAINING_JOB or give an output folder")
     folder = _resolve_folder(output_folder)
     record = registry.find_by_output_dir(folder)
-    if record is None and not comfy_env.is_inside(folder, comfy_env.comfy_folders()):
-        raise comfy_env.FolderAccessError(
-            f"training output folder {output_folder.strip()!r} is outside ComfyUI's folders (output, models, input, "
-            "user) and no training job launched from ComfyUI writes there; the nodes read only those runs"
-        )
     return (registry.refresh(record.job_id) if record else None), folder
 
 
@@ -122,11 +118,9 @@ def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
 def _optional_target_inputs() -> dict[str, Any]:
     return {
         "job": (TRAINING_JOB, {"tooltip": "A job from FaceConsistencyTrainLaunch."}),
-        "output_folder": ("STRING", {
-            "default": "",
-            "tooltip": "Or a run folder: absolute, or relative to ComfyUI's output or loras folders "
-                       "(a musubi-tuner output folder works too).",
-        }),
+        "output_folder": comfy_env.path_input(
+            "Or a run folder: absolute, or relative to ComfyUI's output or loras folders "
+            "(a musubi-tuner output folder works too)."),
     }
 
 
@@ -147,6 +141,40 @@ SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs",
 FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
 
 
+# The face loss's variants (docs/face-loss.md), optional so that saved workflows keep their widget values.
+FACE_LOSS_VARIANTS = ("face_loss_reference", "face_loss_rollout_steps", "face_loss_contrastive_weight",
+                      "face_loss_negatives")
+# Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
+PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")
+
+
+def _setting_input(name: str) -> tuple[Any, ...]:
+    kind, settings = options.node_input(name)
+    return (kind, {**settings, comfy_env.PATH_INPUT: True}) if name in PATH_SETTINGS else (kind, settings)
+
+
+def _confine_dataset(source: Path | None, output_dir: Path, resolution: int) -> Path:
+    """The run's dataset TOML (`dataset_config_for`), once it and every file and folder it names, as the
+    trainer will find them from its working directory (`output_dir`), lie inside ComfyUI's folders."""
+    if source is None:
+        raise ValueError("set 'dataset' to a musubi dataset .toml or a dataset folder")
+    folders = comfy_env.allowed_folders()
+    toml = dataset_config_for(str(source), output_dir, resolution)
+    comfy_env.confine(toml, "dataset", folders)
+    load_dataset_config(toml, working_dir=output_dir,
+                        check_path=lambda what, path: comfy_env.confine(path, f"dataset {what}", folders))
+    return toml
+
+
+def _confine_prompt_controls(sample_prompts: str, prompt_file: Path) -> None:
+    """Every --ci control image of the sample prompts, wherever the trainer will look for it, inside ComfyUI's folders."""
+    folders = comfy_env.allowed_folders()
+    for prompt in parse_prompt_text(sample_prompts):
+        for raw in prompt.control_images:
+            for candidate in resolve_prompt_path(raw, prompt_file, prompt_file.parent)[1]:
+                comfy_env.confine(candidate, f"sample_prompts --ci of prompt {prompt.index}", folders)
+
+
 class FaceConsistencyTrainLaunch:
     """Start a LoRA training run in the background; returns at once with a TRAINING_JOB."""
 
@@ -157,13 +185,13 @@ class FaceConsistencyTrainLaunch:
                 "dit": (comfy_env.filename_list("diffusion_models"), {"tooltip": "Qwen-Image-Edit(-2509) DiT."}),
                 "vae": (comfy_env.filename_list("vae"),),
                 "text_encoder": (comfy_env.filename_list("text_encoders"), {"tooltip": "Qwen2.5-VL 7B."}),
-                "dataset": ("STRING", {"default": "", "tooltip": "A musubi dataset .toml, or a folder with images/ "
-                                       "(+ .txt captions) and controls/."}),
+                "dataset": comfy_env.path_input("A musubi dataset .toml, or a folder with images/ (+ .txt captions) "
+                                                "and controls/, inside ComfyUI's folders (e.g. input/)."),
                 "output_name": ("STRING", {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."}),
                 **{name: options.node_input(name) for name in SETTINGS},
                 "enable_face_loss": ("BOOLEAN", {"default": True, "tooltip": "The face-identity loss and its "
                                      "metrics (--enable_face_loss --use_face_as_loss)."}),
-                **{name: options.node_input(name) for name in FACE_SETTINGS},
+                **{name: _setting_input(name) for name in FACE_SETTINGS},
             },
             "optional": {
                 "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "musubi sample prompts, one "
@@ -172,9 +200,10 @@ class FaceConsistencyTrainLaunch:
                 "max_train_steps": options.node_input("max_train_steps"),
                 "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
                                        "tooltip": "For a dataset folder without a TOML."}),
-                "tokenizer": options.node_input("tokenizer"),
+                "tokenizer": _setting_input("tokenizer"),
                 "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
                                "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
+                **{name: _setting_input(name) for name in FACE_LOSS_VARIANTS},
             },
         }
 
@@ -202,8 +231,23 @@ class FaceConsistencyTrainLaunch:
         **settings: Any,  # SETTINGS and FACE_SETTINGS, by their flag names
     ) -> dict[str, Any]:
         name = output_name.strip()
-        if not name or name in (".", "..") or any(c in name for c in '/\\:*?"<>|'):
-            raise ValueError(f"output name {output_name!r} must be a plain file name (no folders)")
+        name_problem = output_name_problem(name)
+        if name_problem:
+            raise ValueError(f"output_name {output_name!r} {name_problem}; give a plain name such as face_lora")
+        output_dir = comfy_env.output_directory() / LORAS / name  # on ComfyUI's LoRA search path
+        # every path the inputs name, before anything is read or written
+        dataset_source = comfy_env.input_path(dataset, "dataset")
+        tokenizer_dir = comfy_env.input_path(tokenizer, "tokenizer")
+        pack = settings["face_model_name"].strip()
+        if Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack:  # a pack folder, not a name
+            pack = str(comfy_env.input_path(pack, "face_model_name"))
+        negatives = comfy_env.input_path(settings.get("face_loss_negatives", ""), "face_loss_negatives")
+        _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
+        variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
+        variants["face_loss_negatives"] = str(negatives) if negatives and enable_face_loss else ""
+        problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
+        if enable_face_loss and problem:
+            raise ValueError(problem.replace("--", ""))
         try:
             extra = shlex.split(extra_args)
         except ValueError as exc:
@@ -217,12 +261,11 @@ class FaceConsistencyTrainLaunch:
             if path is None:
                 raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
             model_paths[flag] = path
-        output_dir = comfy_env.output_directory() / LORAS / name  # on ComfyUI's LoRA search path
         registry = open_registry()
         jobs.ensure_output_dir_free(registry, output_dir)  # before writing the dataset / prompt files there
         output_dir.mkdir(parents=True, exist_ok=True)
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
-        args += ["--dataset_config", str(dataset_config_for(dataset, output_dir, resolution))]
+        args += ["--dataset_config", str(_confine_dataset(dataset_source, output_dir, resolution))]
         args += ["--edit_plus", "--sdpa", "--weighting_scheme", "none", "--network_module", options.NETWORK_MODULE,
                  "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
                  "--output_dir", str(output_dir), "--output_name", name]
@@ -233,21 +276,24 @@ class FaceConsistencyTrainLaunch:
                 args += options.to_argv(setting, settings[setting])
         if by_steps:
             args += options.to_argv("max_train_steps", max_train_steps)
-        if tokenizer.strip():
-            args += options.to_argv("tokenizer", tokenizer.strip())
+        if tokenizer_dir is not None:
+            args += options.to_argv("tokenizer", str(tokenizer_dir))
         if enable_face_loss:
             args += ["--enable_face_loss", "--use_face_as_loss"]
             for setting in FACE_SETTINGS:
-                value = settings[setting]
+                value = pack if setting == "face_model_name" else settings[setting]
                 args += options.to_argv(setting, value.strip() if isinstance(value, str) else value)
             roots = comfy_env.insightface_roots()
-            pack_root = root_of_pack(settings["face_model_name"].strip(), roots)
+            pack_root = root_of_pack(pack, roots)
             if pack_root is not None or roots:
                 args += ["--face_models_root", str(pack_root or roots[0])]
             if not comfy_env.pack_downloads_enabled():
                 args.append("--offline")
+            for setting, value in variants.items():
+                if value and value != options.BY_NAME[setting].default:
+                    args += options.to_argv(setting, value)
         if sample_prompts.strip():
-            prompts = output_dir / "sample_prompts.txt"
+            prompts = output_dir / SAMPLE_PROMPTS_FILE
             atomic_write_text(prompts, sample_prompts.strip() + "\n")
             args += ["--sample_prompts", str(prompts)]
             if sample_every_n_epochs > 0:

@@ -2,7 +2,9 @@
 
 They implement just the surface the pack uses, so node classes run in unit tests without
 ComfyUI. `install_comfy_stubs()` puts them in sys.modules; `set_comfy_base(path)` points
-models/output/user folders at a temporary directory.
+models/output/user folders at a temporary directory. `set_comfy_base(path, newer=True)` adds what
+later ComfyUIs offer: `get_system_user_directory` (0.3.76), as ComfyUI's own code does it, and
+`is_within_directory` (0.38).
 """
 from __future__ import annotations
 
@@ -45,6 +47,30 @@ class _PromptServer:
 
     def send_progress_text(self, text: str, node_id: str, sid: str | None = None) -> None:
         self.events.append(("progress_text", {"node": node_id, "text": text}))
+
+
+SYSTEM_USER_PREFIX = "__"
+
+
+def _get_system_user_directory(fp: types.ModuleType, name: str = "system") -> str:
+    """ComfyUI's folder_paths.get_system_user_directory (0.3.76 and later), line for line in effect:
+    user/__<name>, which its /userdata routes refuse to serve."""
+    if not name or not isinstance(name, str):
+        raise ValueError("System user name cannot be empty")
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"Invalid system user name: '{name}'")
+    if name.startswith("_"):
+        raise ValueError("System user name should not start with underscore")
+    return os.path.join(fp.get_user_directory(), f"{SYSTEM_USER_PREFIX}{name}")
+
+
+def _is_within_directory(directory: str, target: str) -> bool:
+    """ComfyUI's folder_paths.is_within_directory (0.38 and later): realpath of both, then commonpath."""
+    directory, target = os.path.realpath(directory), os.path.realpath(target)
+    try:
+        return os.path.commonpath([directory, target]) == directory
+    except ValueError:
+        return False
 
 
 def _make_folder_paths(base: Path) -> types.ModuleType:
@@ -90,11 +116,15 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
     return fp
 
 
-def set_comfy_base(base: Path) -> types.ModuleType:
-    """Re-point the stand-in `folder_paths` at `base` (creates the usual folders)."""
+def set_comfy_base(base: Path, *, newer: bool = False) -> types.ModuleType:
+    """Re-point the stand-in `folder_paths` at `base` (creates the usual folders); `newer`: with the
+    system user directory and containment test of later ComfyUIs."""
     for sub in ("models", "output", "user", "input", "temp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     fp = _make_folder_paths(base)
+    if newer:
+        fp.get_system_user_directory = lambda name="system": _get_system_user_directory(fp, name)
+        fp.is_within_directory = _is_within_directory
     sys.modules["folder_paths"] = fp
     return fp
 

@@ -21,7 +21,7 @@ from comfyui_server import (  # noqa: F401 (fixtures)
     STARTUP_TIMEOUT_S, ComfyServer, DevToolsPage, chromium, comfy_server, frontend_server, open_page, run_prompt,
 )
 from run_folders import MUSUBI_CHECKPOINTS, MUSUBI_NAME, write_musubi_run
-from training_runs import TinyTraining, tiny_training, wait_for  # noqa: F401 (fixture)
+from training_runs import ComfyTinyFiles, TinyTraining, tiny_training, wait_for  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -36,22 +36,22 @@ OUR_MARKS = ("face-consistency", "face_consistency")
 TAB_BUTTON = 'button[aria-label="Face Consistency training jobs"]'
 
 
-def launch_workflow(tiny: TinyTraining, output_name: str, max_train_steps: int) -> dict[str, Any]:
+def launch_workflow(tiny: TinyTraining, installed: ComfyTinyFiles, output_name: str,
+                    max_train_steps: int) -> dict[str, Any]:
     """The launch + monitor example on the tiny models: one sample and a checkpoint per epoch of 4 steps."""
-    control = tiny.dataset_toml.parent / "controls" / "item_0.png"
     workflow = json.loads(EXAMPLE.read_text())
     workflow["1"]["inputs"].update(
         dit=tiny.files.dit.name,
         vae=tiny.files.vae.name,
         text_encoder=tiny.files.text_encoder.name,
-        dataset=str(tiny.dataset_toml),
+        dataset=str(installed.dataset_toml),
         output_name=output_name,
         learning_rate=1e-3, network_dim=4, network_alpha=4.0,
         mixed_precision="no", optimizer_type="AdamW", gradient_checkpointing=False,
         enable_face_loss=False, max_train_steps=max_train_steps,
         save_every_n_epochs=1, sample_every_n_epochs=1,
-        sample_prompts=f"a tiny edit --w 32 --h 32 --s 2 --d 100 --ci {control}",
-        tokenizer=str(tiny.files.tokenizer_dir),
+        sample_prompts=f"a tiny edit --w 32 --h 32 --s 2 --d 100 --ci {installed.control}",
+        tokenizer=str(installed.tokenizer_dir),
     )
     return workflow
 
@@ -59,8 +59,8 @@ def launch_workflow(tiny: TinyTraining, output_name: str, max_train_steps: int) 
 @pytest.fixture(scope="module")
 def finished_job(comfy_server: ComfyServer, tiny_training: TinyTraining) -> dict[str, Any]:
     """The launch + monitor workflow's outputs, the monitor waiting until the 8-step run finished."""
-    tiny_training.install_into_comfyui(comfy_server.base)
-    workflow = launch_workflow(tiny_training, FINISHED_NAME, max_train_steps=8)
+    installed = tiny_training.install_into_comfyui(comfy_server.base)
+    workflow = launch_workflow(tiny_training, installed, FINISHED_NAME, max_train_steps=8)
     workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
     return run_prompt(comfy_server, workflow)
 
@@ -207,7 +207,8 @@ def running_job(frontend_server: ComfyServer, finished_job: dict[str, Any], tiny
     test, past its first epoch: a sample and a checkpoint to show. Stopped through the route if the
     test leaves it running. Yields its name."""
     name = running_name(frontend_server)
-    run_prompt(frontend_server, {"1": launch_workflow(tiny_training, name, max_train_steps=100_000)["1"]})
+    installed = tiny_training.install_into_comfyui(frontend_server.base)
+    run_prompt(frontend_server, {"1": launch_workflow(tiny_training, installed, name, max_train_steps=100_000)["1"]})
     try:
         wait_for(lambda: (jobs_by_name(frontend_server)[name].get("step") or 0) > 4, "its first epoch")
         yield name

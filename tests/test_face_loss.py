@@ -429,3 +429,44 @@ def test_the_engines_own_recognizer_converts_as_the_packs(face_model, recognizer
     assert from_engine.spec == recognizer.spec
     crops = torch.rand(2, 3, recognizer.input_size, recognizer.input_size) * 2 - 1
     assert torch.allclose(from_engine(crops), recognizer(crops), atol=1e-5)
+
+
+def test_contrastive_term_is_info_nce_computed_by_hand(face_loss, photos) -> None:
+    """weight * (1 - cos) + contrastive_weight * -log(e^(cos+/T) / (e^(cos+/T) + sum e^(cos-/T))), linear in t."""
+    bgr, kps = photos["obama2.jpg"]
+    images = to_tensor(bgr).expand(2, -1, -1, -1).clone().requires_grad_(True)
+    kps_t = torch.from_numpy(kps)[None].expand(2, 5, 2)
+    generator = torch.Generator().manual_seed(3)
+    reference, negatives = torch.randn(2, 128, generator=generator), torch.randn(5, 128, generator=generator)
+    valid, t = torch.tensor([True, True]), torch.tensor([0.2, 0.4])
+    loss = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5, t_weighting="linear",
+                            contrastive_weight=0.3, temperature=0.07)
+    out = loss(images, kps_t, reference, valid, t, negatives=negatives)
+
+    embeddings = loss.embed(images, kps_t).detach().numpy()
+    expected_terms = []
+    for e, ref in zip(embeddings, reference.numpy()):
+        positive = cos(e, ref)
+        others = [cos(e, n) for n in negatives.numpy()]
+        logits = np.array([positive, *others]) / 0.07
+        info_nce = -(logits[0] - np.log(np.exp(logits).sum()))
+        expected_terms.append((positive, info_nce))
+    w = 1 - t.numpy()
+    expected = (0.1 * np.mean([wi * (1 - p) for wi, (p, _) in zip(w, expected_terms)])
+                + 0.3 * np.mean([wi * n for wi, (_, n) in zip(w, expected_terms)]))
+    assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
+    assert out.metrics["loss/face"] + out.metrics["loss/face_contrastive"] == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    assert images.grad.abs().sum() > 0
+
+    # a negative equal to the face itself makes the term larger than with an unrelated one
+    own = loss.embed(images, kps_t).detach()[:1]
+    near = loss(images, kps_t, reference, valid, t, negatives=own).metrics["loss/face_contrastive"]
+    far = loss(images, kps_t, reference, valid, t, negatives=-own).metrics["loss/face_contrastive"]
+    assert near > far
+    with pytest.raises(ValueError, match="other people"):
+        loss(images, kps_t, reference, valid, t)
+    with pytest.raises(ValueError, match="temperature"):
+        FaceIdentityLoss(face_loss.recognizer, contrastive_weight=0.1, temperature=0.0)
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        FaceIdentityLoss(face_loss.recognizer, contrastive_weight=float("nan"))

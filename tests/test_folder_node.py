@@ -26,6 +26,13 @@ def run(tmp_path, faces_dir, monkeypatch):
     return paths
 
 
+@pytest.fixture()
+def comfy_input(tmp_path):
+    """ComfyUI's input folder, where a user puts folders to score."""
+    set_comfy_base(tmp_path / "comfy")
+    return tmp_path / "comfy" / "input"
+
+
 def _score(model, run, **kwargs):
     node = FaceConsistencyScoreFolder()
     return node.score_folder(model, str(run["sample_dir"]), 0.5, sample_prompts=str(run["prompts"]), **kwargs)
@@ -89,11 +96,11 @@ def test_rerun_embeds_only_new_files_and_is_changed_follows_the_folder(model, ru
     assert report["by_step"]["700"]["count"] == 1
 
 
-def test_dir_pair_and_reference_identity(model, faces_dir, tmp_path):
-    controls, generated = tmp_path / "controls", tmp_path / "generated"
+def test_dir_pair_and_reference_identity(model, faces_dir, comfy_input):
+    controls, generated = comfy_input / "controls", comfy_input / "generated"
     reencode(faces_dir / "obama.jpg", controls / "a.png")
     sample = reencode(faces_dir / "obama2.jpg", generated / "a.png")
-    reference = model.identity([str(reencode(faces_dir / "obama3.jpg", tmp_path / "ref.png"))])
+    reference = model.identity([str(reencode(faces_dir / "obama3.jpg", comfy_input / "ref.png"))])
     out = FaceConsistencyScoreFolder().score_folder(
         model, str(generated), 0.5, control_dir=str(controls), reference_identity=reference
     )
@@ -105,17 +112,17 @@ def test_dir_pair_and_reference_identity(model, faces_dir, tmp_path):
     assert report["secondary"]["valid_pairs"] == 1
 
 
-def test_missing_folder_is_a_clear_error(model, tmp_path):
+def test_missing_folder_is_a_clear_error(model, comfy_input):
     with pytest.raises(Exception, match="is not a folder"):
-        FaceConsistencyScoreFolder().score_folder(model, str(tmp_path / "absent"), 0.5)
+        FaceConsistencyScoreFolder().score_folder(model, str(comfy_input / "absent"), 0.5)
     with pytest.raises(Exception, match="set 'folder'"):
         FaceConsistencyScoreFolder().score_folder(model, "  ", 0.5)
 
 
-def test_identity_of_another_embedding_size_is_a_clear_error(model, faces_dir, tmp_path):
+def test_identity_of_another_embedding_size_is_a_clear_error(model, faces_dir, comfy_input):
     from face_consistency.faceid import Identity
 
-    controls, generated = tmp_path / "controls", tmp_path / "generated"
+    controls, generated = comfy_input / "controls", comfy_input / "generated"
     reencode(faces_dir / "obama.jpg", controls / "a.png")
     reencode(faces_dir / "obama2.jpg", generated / "a.png")
     vector = np.random.default_rng(1).standard_normal(512).astype(np.float32)

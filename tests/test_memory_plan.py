@@ -17,7 +17,7 @@ from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecog
 from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
     BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decode_size, decoder_saved_values, estimate, measure_saved_bytes,
-    plan_warning,
+    image_tokens, plan_warning,
 )
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode, decoder_stages
@@ -144,3 +144,19 @@ def test_over_the_device_the_warning_names_the_flags_that_fit():
     assert plan_warning(recipe, estimate(recipe, device)) is None
     assert plan_warning(full, estimate(full, None)) is None  # no device memory known (CPU): no warning
     assert estimate(recipe, device).total < 24 * GIB
+
+
+def test_the_plan_follows_the_vaes_scale_and_the_rollouts_forward_passes():
+    """A 4x VAE (one downsampling fewer): the face box is a multiple of 4 px and its latents are side / 4.
+    A rollout of N steps keeps N forward passes' block inputs for the backward pass."""
+    vae_4x = {**VAE, "dim_mult": VAE["dim_mult"][:3], "temperal_downsample": VAE["temperal_downsample"][:2]}
+    inputs = seed_guide(vae_config=vae_4x, target_size=(1000, 1000))
+    side = 1000 // 2 // 4 * 4  # FACE_BOX_FRACTION of the shorter side, down to the VAE's scale
+    assert decode_size(inputs) == (side, side) and side % 8 != 0
+    values = decoder_saved_values(vae_4x, (side // 4, side // 4))
+    assert estimate(inputs).parts["face_loss"] == int(values.peak(True, 0.0) * 2)
+
+    one, three = (estimate(seed_guide(face_rollout_steps=n)).parts["activations"] for n in (1, 3))
+    tokens = 2 * image_tokens((1024, 1024)) + 300
+    stored = TRANSFORMER["num_layers"] * tokens * TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"] * 2
+    assert three - one == 2 * stored

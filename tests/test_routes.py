@@ -264,3 +264,167 @@ def test_a_corrupt_registry_is_moved_aside_and_a_broken_row_skipped(tmp_path: Pa
         assert listing["skipped_rows"] == [bad.job_id]
 
     _serve(registry, scenario)
+
+
+SECRET = "planted secret 5c1e"
+
+
+def test_no_file_of_a_job_that_links_out_is_served(registry: JobRegistry, tmp_path: Path) -> None:
+    """status.json, metrics.jsonl, train.log, a checkpoint and the sample folder of a job, each a symlink to
+    a planted secret outside the job's folder: no route's answer carries the secret."""
+    folder = tmp_path / "run"
+    job = _finished_job(registry, folder, state="failed")
+    outside = tmp_path / "outside"
+    (outside / "sample").mkdir(parents=True)
+    (outside / "status.json").write_text(f'{{"state": "training", "step": 77, "loss": 0.77, "error": "{SECRET}"}}')
+    (outside / "metrics.jsonl").write_text(f'{{"step": 5, "loss": 0.55, "note": "{SECRET}"}}\n' * 3)
+    (outside / "secret.txt").write_text(SECRET)
+    (folder / "sample").rename(outside / "sample_real")
+    for name, target in (("status.json", "status.json"), ("metrics.jsonl", "metrics.jsonl"),
+                         ("train.log", "secret.txt"), ("sample", "sample_real"),
+                         ("musubi_face-step00000099.safetensors", "secret.txt")):
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(outside / target)
+    for event_file in folder.rglob("events.out.tfevents.*"):  # the run's own TensorBoard metrics: none here
+        event_file.unlink()
+    running = registry.reserve("running", folder, ["python"])  # an unfinished job is read from its files
+
+    async def scenario(client: TestClient) -> None:
+        bodies = [await (await client.get(PREFIX)).text()]
+        for job_id in (job.job_id, running.job_id):
+            detail = await client.get(f"{PREFIX}/{job_id}")
+            assert detail.status == 200
+            body = await detail.json()
+            assert body["metrics"] == [] and body["samples"] == [] and body.get("step") is None
+            assert "musubi_face-step00000099.safetensors" not in [c["filename"] for c in body["checkpoints"]]
+            bodies.append(await detail.text())
+            log = await client.get(f"{PREFIX}/{job_id}/log")
+            assert log.status == 403
+            bodies.append(await log.text())
+            sample = await client.get(f"{PREFIX}/{job_id}/samples/{MUSUBI_SAMPLES[-1]}")
+            assert sample.status == 403
+            bodies.append(await sample.text())
+        assert not [body for body in bodies if SECRET in body or '"step": 77' in body or "0.55" in body]
+
+    _serve(registry, scenario)
+
+
+def _insert_finished_jobs(registry: JobRegistry, root: Path, count: int) -> None:
+    """`count` finished jobs written straight into the registry, each with the progress kept when it ended;
+    their folders do not exist: listing them must not need them."""
+    import json
+    import sqlite3
+
+    progress = json.dumps({"step": 100, "total_steps": 100, "epoch": 10, "loss": 0.1, "face_similarity": 0.7,
+                           "latest_checkpoint": "run.safetensors"})
+    rows = [(f"{i:032x}", f"run{i}", str(root / f"run{i}"), str(root / f"run{i}"), '["python"]', None, 1000.0 + i,
+             "completed", 2000.0 + i, "", progress) for i in range(count)]
+    with sqlite3.connect(registry.path) as db:
+        db.executemany("INSERT INTO jobs (job_id, name, output_dir, output_key, command, pid, started, state, ended,"
+                       " detail, progress) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+def test_ten_thousand_finished_jobs_list_from_the_registry_alone(registry: JobRegistry, tmp_path: Path,
+                                                                monkeypatch) -> None:
+    import time
+
+    _insert_finished_jobs(registry, tmp_path / "gone", 10_000)
+    folder = tmp_path / "live"
+    folder.mkdir()
+    live = registry.reserve("live", folder, ["python"])
+    write_status(folder, {"state": "training", "job_id": live.job_id, "step": 3, "total_steps": 10})
+    read_folders: list[str] = []
+    real_run_progress = routes.run_progress
+    monkeypatch.setattr(routes, "run_progress", lambda d: read_folders.append(str(d)) or real_run_progress(d))
+
+    async def scenario(client: TestClient) -> None:
+        started = time.perf_counter()
+        response = await client.get(PREFIX)
+        elapsed = time.perf_counter() - started
+        listing = await response.json()
+        print(f"\nGET {PREFIX} with 10,001 jobs: {elapsed:.3f} s")
+        assert response.status == 200 and len(listing["jobs"]) == 10_001
+        assert elapsed < 5.0  # the issue's target is 0.5 s; a loose bound for a loaded CI machine
+        assert listing["jobs"][0]["name"] == "live" and listing["jobs"][0]["step"] == 3
+        finished = listing["jobs"][1]
+        assert (finished["state"], finished["step"], finished["latest_checkpoint"]) == ("completed", 100,
+                                                                                         "run.safetensors")
+
+    _serve(registry, scenario)
+    assert read_folders == [str(folder)]  # only the unfinished job's folder was read
+
+
+def test_a_finished_job_from_before_kept_progress_is_read_when_opened(registry: JobRegistry, tmp_path: Path) -> None:
+    import sqlite3
+
+    job = _finished_job(registry, tmp_path / "runs" / "musubi_face")
+    with sqlite3.connect(registry.path) as db:  # as a registry written before the progress column
+        db.execute("UPDATE jobs SET progress = NULL")
+
+    async def scenario(client: TestClient) -> None:
+        assert (await (await client.get(PREFIX)).json())["jobs"][0]["latest_checkpoint"] is None  # not read
+        detail = await (await client.get(f"{PREFIX}/{job.job_id}")).json()
+        assert detail["latest_checkpoint"] == "musubi_face.safetensors"
+        assert (await (await client.get(PREFIX)).json())["jobs"][0]["latest_checkpoint"] == "musubi_face.safetensors"
+
+    _serve(registry, scenario)
+
+
+def test_a_registry_from_before_the_progress_column_is_upgraded(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE jobs (job_id TEXT PRIMARY KEY, name TEXT NOT NULL, output_dir TEXT NOT NULL, "
+                   "output_key TEXT NOT NULL, command TEXT NOT NULL, pid INTEGER, started REAL NOT NULL, "
+                   "state TEXT NOT NULL, ended REAL, detail TEXT NOT NULL DEFAULT '')")
+        db.execute("INSERT INTO jobs VALUES ('%s', 'old', '/gone', '/gone', '[]', NULL, 1.0, 'completed', 2.0, '')"
+                   % ("1" * 32))
+    (old,) = JobRegistry(path).list()
+    assert (old.name, old.state, old.progress) == ("old", "completed", None)
+
+
+def test_the_poller_reads_no_job_that_ended_before_comfyui_started(registry: JobRegistry, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    _insert_finished_jobs(registry, tmp_path / "gone", 2_000)
+    refreshed: list[str] = []
+    real_refresh = registry.refresh
+    monkeypatch.setattr(registry, "refresh", lambda job_id: refreshed.append(job_id) or real_refresh(job_id))
+    events: list[tuple[str, dict[str, Any]]] = []
+    poller = routes.EventPoller(lambda: registry, lambda event, data: events.append((event, data)))
+    poller.poll_once()
+    assert refreshed == [] and events == []
+
+
+def test_the_registry_lives_in_comfyuis_system_user_folder_where_there_is_one(tmp_path: Path) -> None:
+    """ComfyUI 0.3.76 and later: user/__face_consistency/, which /userdata never serves; an existing
+    registry is moved there once, with its jobs."""
+    base = tmp_path / "comfy"
+    set_comfy_base(base)  # an older ComfyUI: today's place
+    legacy = base / "user" / "face_consistency" / jobs.REGISTRY_FILENAME
+    assert comfy_env.registry_file() == legacy
+    old_job = comfy_env.open_registry().reserve("old", tmp_path / "old_run", ["python"])
+    assert legacy.is_file()
+
+    set_comfy_base(base, newer=True)  # the same installation, ComfyUI upgraded
+    protected = base / "user" / "__face_consistency" / jobs.REGISTRY_FILENAME
+    assert comfy_env.open_registry().path == protected
+    assert [job.job_id for job in comfy_env.open_registry().list()] == [old_job.job_id]
+    assert not legacy.exists() and not legacy.parent.exists()
+    # once: a registry an older ComfyUI writes again in the old place later is left there
+    JobRegistry(legacy).reserve("later", tmp_path / "later_run", ["python"])
+    assert [job.name for job in comfy_env.open_registry().list()] == ["old"]
+    assert legacy.is_file()
+
+
+def test_the_registry_move_takes_a_hot_journal_along(tmp_path: Path) -> None:
+    base = tmp_path / "comfy"
+    set_comfy_base(base)
+    legacy = comfy_env.registry_file()
+    comfy_env.open_registry().reserve("old", tmp_path / "old_run", ["python"])
+    journal = legacy.with_name(legacy.name + "-journal")
+    journal.write_bytes(b"")  # an empty journal: nothing to roll back, but it must travel with the database
+    set_comfy_base(base, newer=True)
+    moved = comfy_env.registry_file()
+    assert moved.with_name(moved.name + "-journal").exists() and not journal.exists()
+    assert [job.name for job in comfy_env.open_registry().list()] == ["old"]

@@ -42,15 +42,15 @@ def test_shift_terminal_stretches_the_last_sigma_as_comfyuis_ltxv_scheduler():
 
 def test_normalized_cfg_is_cfg_on_x0_capped_per_pixel_at_the_positive_norm():
     torch.manual_seed(0)
-    height = width = 32  # latent 4x4 -> 2x2 tokens of 64
+    latent_size = (4, 4)  # 2x2 tokens of 64
     latents, cond, uncond = (torch.randn(1, 4, 64) for _ in range(3))
     sigma = 0.6
 
     def unpacked_x0(velocity):
-        return QwenImageEditPlusPipeline._unpack_latents(latents - sigma * velocity, height, width, 8)
+        return QwenImageEditPlusPipeline._unpack_latents(latents - sigma * velocity, 32, 32, 8)  # 32 px at 8x
 
-    torch.testing.assert_close(normalized_cfg(latents, cond, uncond, sigma, 1.0, (height, width)), cond)
-    guided = normalized_cfg(latents, cond, uncond, sigma, 4.0, (height, width))
+    torch.testing.assert_close(normalized_cfg(latents, cond, uncond, sigma, 1.0, latent_size), cond)
+    guided = normalized_cfg(latents, cond, uncond, sigma, 4.0, latent_size)
     plain = uncond + 4.0 * (cond - uncond)
     norm_guided = unpacked_x0(guided).norm(dim=1)
     norm_cond, norm_plain = unpacked_x0(cond).norm(dim=1), unpacked_x0(plain).norm(dim=1)

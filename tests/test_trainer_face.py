@@ -231,3 +231,142 @@ def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, d
         assert any(g is not None and bool(g.abs().sum() > 0) for g in face_grads)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--face_loss_contrastive_weight", "0.1"], "needs --face_loss_negatives"),
+    (["--face_loss_negatives", "{negatives}"], "used only by the contrastive term"),
+    (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{missing}"], "folder not found"),
+    (["--face_loss_contrastive_weight", "-1", "--face_loss_negatives", "{negatives}"], "0 or more"),
+    (["--face_loss_contrastive_weight", "nan", "--face_loss_negatives", "{negatives}"], "finite"),
+    (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{negatives}", "--face_loss_temperature", "0"],
+     "above 0"),
+    (["--face_loss_rollout_steps", "0"], "1 to 8"),
+    (["--face_loss_rollout_steps", "9"], "1 to 8"),
+    (["--face_loss_reference", "mirror"], "--face_loss_reference"),
+])
+def test_face_loss_variant_flags_are_checked(face_setup, tmp_path, flags, message):
+    (tmp_path / "negatives").mkdir()
+    flags = [f.format(negatives=tmp_path / "negatives", missing=tmp_path / "missing") for f in flags]
+    with pytest.raises(ConfigError, match=message):
+        validate_args(parse_args(face_argv(face_setup, tmp_path / "out", 1, "--use_face_as_loss", *flags)))
+
+
+def test_contrastive_run_embeds_the_negatives_and_logs_its_term(face_setup, faces_dir, tmp_path, caplog):
+    negatives = tmp_path / "others"
+    negatives.mkdir()
+    os.symlink(faces_dir / "biden.jpg", negatives / "biden.jpg")
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(negatives / "blank.png")
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="face_consistency"):
+        rc = cli_main(["train", *face_argv(face_setup, out, 2, "--use_face_as_loss", "--face_loss_max_t", "1",
+                                           "--face_loss_contrastive_weight", "0.1",
+                                           "--face_loss_negatives", str(negatives))])
+    assert rc == 0, read_status(out)
+    assert "blank.png is left out" in caplog.text
+    terms = [m["loss/face_contrastive"] for m in read_metrics(out) if "loss/face_contrastive" in m]
+    assert terms and all(t > 0 for t in terms)
+
+    only_blank = tmp_path / "blank_only"
+    only_blank.mkdir()
+    os.symlink(negatives / "blank.png", only_blank / "blank.png")
+    rc = cli_main(["train", *face_argv(face_setup, tmp_path / "out2", 1, "--use_face_as_loss",
+                                       "--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", str(only_blank))])
+    assert rc == 2 and "no photo there has a face" in read_status(tmp_path / "out2")["error"]
+
+
+def _one_face_step(face_setup, tmp_path, *flags):
+    """The hook and a micro-step's pieces for the tiny run's items (face targets cached by full_run)."""
+    args = validate_args(parse_args(face_argv(face_setup, tmp_path / "out", 1, "--use_face_as_loss",
+                                              "--face_loss_max_t", "1", "--face_loss_weight", "1", *flags)))
+    hook = build_training_hook(args)
+    items = load_dataset_config(args.dataset_config).items
+    hook.on_cached(items, Accelerator(mixed_precision="no"), lambda: False)
+    transformer, lora_params = prepare_transformer(args, torch.device("cpu"), torch.float32)
+    return args, hook, items, transformer, lora_params, models.load_vae(args.vae, torch.float32)
+
+
+def test_target_reference_pulls_towards_the_targets_identity(face_setup, full_run, tmp_path):
+    try:
+        args, hook, items, transformer, _, vae = _one_face_step(face_setup, tmp_path, "--face_loss_reference", "target")
+        seen = []
+        original = hook.training.loss.forward
+        hook.training.loss.forward = lambda images, kps, reference, *rest: seen.append(reference) or original(
+            images, kps, reference, *rest)
+        micro_step(args, transformer, vae, collate(items), torch.Generator().manual_seed(0), torch.device("cpu"),
+                   Accelerator(mixed_precision="no"), 1, [hook])
+        faces = [load_face_target(face_target_path(item, "testpack")) for item in items if item.key != NO_FACE_ITEM]
+        expected = torch.stack([torch.from_numpy(f.target_embedding) for f in faces])
+        torch.testing.assert_close(seen[0], expected)
+        assert not torch.allclose(expected, torch.stack([torch.from_numpy(f.control_embedding) for f in faces]))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_rollout_steps_the_model_and_its_gradient_reaches_the_lora(face_setup, full_run, tmp_path):
+    try:
+        args, hook, items, transformer, lora_params, vae = _one_face_step(
+            face_setup, tmp_path, "--face_loss_rollout_steps", "3")
+        calls = []
+        transformer.register_forward_hook(lambda *_: calls.append(1))
+        _, extra = micro_step(args, transformer, vae, collate(items), torch.Generator().manual_seed(0),
+                              torch.device("cpu"), Accelerator(mixed_precision="no"), 1, [hook])
+        assert len(calls) == 3  # the step's own forward pass and two more for the rollout
+        grads = torch.autograd.grad(extra.loss, lora_params, allow_unused=True)
+        assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_rollout_is_euler_from_x_t_to_zero():
+    """One step is the one-step estimate; with a constant velocity every rollout lands there too; else each
+    step asks the model at its own time."""
+    from face_consistency.trainer.hooks import StepState
+
+    generator = torch.Generator().manual_seed(0)
+    x_t, v = torch.randn(2, 16, 1, 4, 4, generator=generator), torch.randn(2, 16, 1, 4, 4, generator=generator)
+    t = torch.tensor([0.3, 0.8])
+    times = []
+
+    def velocity(latents, timestep):
+        times.append(timestep.clone())
+        return latents  # a velocity that depends on the latents: x -> x (1 - dt) per step
+
+    state = StepState(1, x_t, x_t, x_t, t, v, torch.nn.Identity(), [], velocity)
+    torch.testing.assert_close(state.x0_rollout(1), state.x0_hat())
+    assert times == []
+    rolled = state.x0_rollout(3)
+    torch.testing.assert_close(torch.stack(times), torch.stack([t * 2 / 3, t / 3]))
+    first = x_t - (t / 3).view(-1, 1, 1, 1, 1) * v
+    expected = first * (1 - t / 3).view(-1, 1, 1, 1, 1) ** 2
+    torch.testing.assert_close(rolled, expected)
+    constant = StepState(1, x_t, x_t, x_t, t, v, torch.nn.Identity(), [], lambda latents, timestep: v)
+    torch.testing.assert_close(constant.x0_rollout(4), constant.x0_hat())
+
+
+def test_a_vae_of_another_scale_trains_samples_and_decodes_the_face_region(face_setup, tmp_path, monkeypatch):
+    """The VAE's scale comes from its config (2 ** downsamplings), not a constant 8: a 4x VAE's latents are
+    twice as wide, and the face-region decode and the samples follow (the plan: test_memory_plan.py)."""
+    from face_consistency.trainer.face_loss import FaceIdentityLoss
+
+    decoded = []
+    original = FaceIdentityLoss.forward
+
+    def recording_forward(self, images, kps, reference, valid, t, source_region=None, negatives=None):
+        decoded.append((tuple(images.shape[-2:]), source_region.tolist()))
+        return original(self, images, kps, reference, valid, t, source_region, negatives)
+
+    monkeypatch.setattr(FaceIdentityLoss, "forward", recording_forward)
+    files = write_tiny_model_files(tmp_path / "models", vae_config={
+        "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4], "num_res_blocks": 2, "attn_scales": [],
+        "temperal_downsample": [False, True]})
+    out = tmp_path / "out"
+    argv = tiny_train_argv(files, face_setup["dataset"], out, max_train_steps=2, extra=[
+        "--face_model_name", "testpack", "--face_models_root", str(face_setup["root"]), "--face_device", "cpu",
+        "--use_face_as_loss", "--face_loss_max_t", "1", "--sample_prompts", str(face_setup["prompts"]),
+        "--sample_every_n_steps", "2"])
+    assert cli_main(["train", *argv]) == 0, read_status(out)
+    # each decoded face region is as large in pixels as the box it stands for
+    assert decoded and all(size == (y1 - y0, x1 - x0) for size, boxes in decoded for x0, y0, x1, y1 in boxes)
+    samples = sorted((out / "sample").glob("*.png"))
+    assert samples and all(Image.open(p).size == (32, 32) for p in samples)  # the tiny prompts' --w 32 --h 32

@@ -57,6 +57,18 @@ def test_config_file_values_have_strict_types(setup, tmp_path, capsys, config, m
     assert re.search(rf"--config_file {re.escape(str(file))}: {message}", error)
 
 
+@pytest.mark.parametrize("name", ["../escaped", "sub/escaped", "..", ".escaped", "x" * 300, "nul\x00escaped",
+                                  "C:escaped", "a\\escaped"])
+def test_output_names_are_names_never_paths(setup, tmp_path, capsys, name):
+    """The trainer writes only inside --output_dir: a name that would climb out of it (or cannot be a
+    file name) is refused before anything is written."""
+    out = tmp_path / "box" / "out"
+    error = refused(setup, out, capsys, "--output_name", name)
+    assert error.startswith(f"--output_name {name!r} ") and "give a plain name" in error
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "status.json"]  # nothing else, not even a log
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["box", "out", LOCK_FILE, "status.json"])
+
+
 @pytest.mark.parametrize(("line", "message"), [
     ('enable_bucket = "yes"', r"\[general\]: enable_bucket must be true or false, got 'yes'"),
     ("batch_size = true", r"batch_size must be a positive integer, got True"),

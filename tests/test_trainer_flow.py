@@ -6,7 +6,8 @@ import argparse
 import pytest
 import torch
 
-from face_consistency.trainer.train import flow_shift, pack, sample_timesteps, unpack
+from face_consistency.trainer.sampling import pack, unpack
+from face_consistency.trainer.train import flow_shift, sample_timesteps
 
 pytestmark = pytest.mark.trainer
 

@@ -25,7 +25,8 @@ from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.cli import parse_args, validate_args
 from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
 from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_modules, parse_network_args
-from face_consistency.trainer.train import TrainingDivergedError, pack, run_training, unpack
+from face_consistency.trainer.sampling import pack, unpack
+from face_consistency.trainer.train import TrainingDivergedError, run_training
 from face_consistency.training_contract.protocol import read_metrics, read_status, request_stop
 
 pytestmark = pytest.mark.trainer

@@ -183,12 +183,13 @@ def test_example_workflows_fit_the_nodes(comfy: Path, name: str) -> None:
     example_checks.test_ui_workflow_matches_api(name)
 
 
-def _tiny_launch_inputs(tiny: TinyTraining, name: str, steps: int) -> dict[str, Any]:
+def _tiny_launch_inputs(tiny: TinyTraining, comfy: Path, name: str, steps: int) -> dict[str, Any]:
+    installed = tiny.install_into_comfyui(comfy)
     return {
         "dit": tiny.files.dit.name,
         "vae": tiny.files.vae.name,
         "text_encoder": tiny.files.text_encoder.name,
-        "dataset": str(tiny.dataset_toml),
+        "dataset": str(installed.dataset_toml),
         "output_name": name,
         "learning_rate": 1e-3,
         "network_dim": 4,
@@ -199,16 +200,15 @@ def _tiny_launch_inputs(tiny: TinyTraining, name: str, steps: int) -> dict[str, 
         "enable_face_loss": False,
         "sample_prompts": "",
         "max_train_steps": steps,
-        "tokenizer": str(tiny.files.tokenizer_dir),
+        "tokenizer": str(installed.tokenizer_dir),
     }
 
 
 def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_training: TinyTraining) -> None:
-    tiny_training.install_into_comfyui(comfy)
-    control = tiny_training.dataset_toml.parent / "controls" / "item_0.png"
+    control = tiny_training.install_into_comfyui(comfy).control
     workflow = load_workflow(API_EXAMPLES / "train_launch_monitor.json")
     workflow["1"]["inputs"].update(
-        _tiny_launch_inputs(tiny_training, "tiny_face", 4),
+        _tiny_launch_inputs(tiny_training, comfy, "tiny_face", 4),
         sample_prompts=f"a tiny edit --w 64 --h 64 --s 2 --d 7 --ci {control}",
         sample_every_n_epochs=1,
         extra_args="--save_every_n_steps 2",
@@ -240,9 +240,8 @@ def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_traini
 @pytest.mark.parametrize("extra", ["--output_dir /elsewhere", "--output_dir=/elsewhere", "--resume /tmp/state",
                                    "--config_file /tmp/x.toml", "--save_every_n_steps 2 --logging_dir /tmp/tb"])
 def test_launch_refuses_extra_args_that_move_the_run(comfy: Path, tiny_training: TinyTraining, extra: str) -> None:
-    tiny_training.install_into_comfyui(comfy)
     inputs = {**load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
-              **_tiny_launch_inputs(tiny_training, "tiny_extra", 2), "extra_args": extra}
+              **_tiny_launch_inputs(tiny_training, comfy, "tiny_extra", 2), "extra_args": extra}
     flag = extra.split()[-2].split("=")[0] if "=" not in extra else "--output_dir"
     with pytest.raises(ValueError, match=f"extra_args may not set {flag}: the launch node chooses"):
         FaceConsistencyTrainLaunch().launch(**inputs)
@@ -251,10 +250,9 @@ def test_launch_refuses_extra_args_that_move_the_run(comfy: Path, tiny_training:
 
 
 def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tiny_training: TinyTraining) -> None:
-    tiny_training.install_into_comfyui(comfy)
     inputs = {
         **load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
-        **_tiny_launch_inputs(tiny_training, "tiny_stop", 10_000),
+        **_tiny_launch_inputs(tiny_training, comfy, "tiny_stop", 10_000),
         "extra_args": "--save_every_n_steps 2",
     }
     job, output_dir = FaceConsistencyTrainLaunch().launch(**inputs)["result"]
@@ -315,11 +313,10 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_tra
     def capture(registry, output_dir, args, name):
         raise Launched(args)
 
-    tiny_training.install_into_comfyui(comfy)
     monkeypatch.setattr(training.jobs, "launch", capture)
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
     inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
-              **_tiny_launch_inputs(tiny_training, "tiny_flags", 0), "enable_face_loss": True}
+              **_tiny_launch_inputs(tiny_training, comfy, "tiny_flags", 0), "enable_face_loss": True}
     with pytest.raises(Launched) as launched:
         FaceConsistencyTrainLaunch().launch(**inputs)
     args = parse_args(launched.value.args[0])
@@ -328,3 +325,35 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_tra
             assert getattr(args, name) == inputs[name], name
     assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
     assert validate_args(args).model_version == "edit-2509"
+
+
+def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
+                                                                    faces_dir: Path, monkeypatch) -> None:
+    from face_consistency.trainer.cli import parse_args, validate_args
+
+    class Launched(Exception):
+        pass
+
+    def capture(registry, output_dir, args, name):
+        raise Launched(args)
+
+    monkeypatch.setattr(training.jobs, "launch", capture)
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
+    inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+              **_tiny_launch_inputs(tiny_training, comfy, "tiny_variants", 0), "enable_face_loss": True}
+    negatives = comfy / "input" / "other_people"
+    negatives.mkdir()
+    (negatives / "biden.jpg").write_bytes((faces_dir / "biden.jpg").read_bytes())
+    variants = {"face_loss_reference": "target", "face_loss_rollout_steps": 3, "face_loss_contrastive_weight": 0.1,
+                "face_loss_negatives": str(negatives)}
+    with pytest.raises(Launched) as launched:
+        FaceConsistencyTrainLaunch().launch(**inputs, **variants)
+    args = validate_args(parse_args(launched.value.args[0]))
+    assert {name: getattr(args, name) for name in variants} == {**variants, "face_loss_negatives": str(negatives)}
+
+    with pytest.raises(Launched) as launched:  # the defaults add no flag
+        FaceConsistencyTrainLaunch().launch(**inputs)
+    assert not any(arg.startswith(("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive",
+                                   "--face_loss_negatives")) for arg in launched.value.args[0])
+    with pytest.raises(ValueError, match="needs face_loss_negatives"):
+        FaceConsistencyTrainLaunch().launch(**inputs, face_loss_contrastive_weight=0.1)

@@ -213,12 +213,14 @@ def write_tiny_model_files(
     text_encoder_fp8: bool = False,
     edit_2511: bool = False,
     transformer_config: dict = TINY_TRANSFORMER_CONFIG,
+    vae_config: dict = TINY_VAE_CONFIG,
 ) -> TinyModelFiles:
     """Write tiny random DiT, VAE, text encoder (ComfyUI single files) and a tokenizer folder.
 
     edit_2511: the DiT carries ComfyUI's Edit-2511 marker `__index_timestep_zero__` (the weights
     of 2509 and 2511 have the same layout). transformer_config: another DiT architecture (the text
-    encoder's hidden size follows its joint_attention_dim)."""
+    encoder's hidden size follows its joint_attention_dim); vae_config: another VAE (e.g. fewer
+    downsamplings)."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -240,10 +242,10 @@ def write_tiny_model_files(
     dit = root / f"qwen_image_edit_{2511 if edit_2511 else 2509}_tiny.safetensors"
     save_file(dit_sd, str(dit), metadata={"config": json.dumps(transformer_config)})
 
-    vae_model = AutoencoderKLQwenImage(**TINY_VAE_CONFIG)
+    vae_model = AutoencoderKLQwenImage(**vae_config)
     vae_sd = {diffusers_vae_key_to_wan(k): v.contiguous() for k, v in vae_model.state_dict().items()}
     vae = root / "qwen_image_vae_tiny.safetensors"
-    save_file(vae_sd, str(vae), metadata={"config": json.dumps(TINY_VAE_CONFIG)})
+    save_file(vae_sd, str(vae), metadata={"config": json.dumps(vae_config)})
 
     processor = build_tiny_processor()
     tokenizer_dir = root / "tokenizer"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,19 @@ RUN_TIMEOUT_S = 300.0  # a tiny run takes well under a minute; 2 shared CI cores
 
 
 @dataclass(frozen=True)
+class ComfyTinyFiles:
+    """The tiny dataset and tokenizer as a ComfyUI user keeps them: in ComfyUI's input folder (the
+    launch node reads nothing outside ComfyUI's folders)."""
+
+    dataset_toml: Path
+    tokenizer_dir: Path
+
+    @property
+    def control(self) -> Path:
+        return self.dataset_toml.parent / "controls" / "item_0.png"
+
+
+@dataclass(frozen=True)
 class TinyTraining:
     files: TinyModelFiles
     dataset_toml: Path
@@ -23,14 +37,23 @@ class TinyTraining:
     def argv(self, output_dir: Path, steps: int, *extra: str) -> list[str]:
         return tiny_train_argv(self.files, self.dataset_toml, output_dir, max_train_steps=steps, extra=extra)
 
-    def install_into_comfyui(self, comfy_base: Path) -> None:
-        """Link the model files into ComfyUI's diffusion_models / vae / text_encoders folders."""
+    def install_into_comfyui(self, comfy_base: Path) -> ComfyTinyFiles:
+        """Link the model files into ComfyUI's diffusion_models / vae / text_encoders folders (ComfyUI
+        resolves those names itself), and copy the dataset and the tokenizer into its input folder."""
         for folder, path in (("diffusion_models", self.files.dit), ("vae", self.files.vae),
                              ("text_encoders", self.files.text_encoder)):
             target = comfy_base / "models" / folder / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 target.symlink_to(path)
+        dataset = comfy_base / "input" / "tiny_dataset"
+        for part in ("images", "controls"):
+            shutil.copytree(self.dataset_toml.parent / part, dataset / part, dirs_exist_ok=True)
+        toml = dataset / "dataset.toml"  # the same settings, its folders (and cache) those of the copy
+        toml.write_text(self.dataset_toml.read_text().replace(str(self.dataset_toml.parent), str(dataset)))
+        tokenizer = comfy_base / "input" / "tiny_tokenizer"
+        shutil.copytree(self.files.tokenizer_dir, tokenizer, dirs_exist_ok=True)
+        return ComfyTinyFiles(toml, tokenizer)
 
 
 _written: dict[Path, TinyTraining] = {}

@@ -24,12 +24,15 @@ from diffusers.optimization import SchedulerType
 
 from ..common.files import tomllib
 from ..musubi_formats.dataset import DatasetConfigError, load_dataset_config
+from ..musubi_formats.names import output_name_problem
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
     FACE_DECODE_MODES,
     FACE_DEVICES,
+    FACE_LOSS_REFERENCES,
     FACE_LOSS_T_WEIGHTINGS,
+    MAX_FACE_LOSS_ROLLOUT_STEPS,
     MIXED_PRECISION,
     NETWORK_MODULE,
     OPTIMIZERS,
@@ -37,6 +40,7 @@ from ..training_contract.options import (
     WEIGHTING_SCHEMES,
     Option,
     add_arguments,
+    contrastive_problem,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
@@ -135,6 +139,19 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def _check_contrastive(args: argparse.Namespace) -> None:
+    """The InfoNCE term's weight, temperature and negatives folder agree."""
+    if args.face_loss_contrastive_weight < 0:
+        raise ConfigError(f"--face_loss_contrastive_weight must be 0 or more, got {args.face_loss_contrastive_weight}")
+    if args.face_loss_temperature <= 0:
+        raise ConfigError(f"--face_loss_temperature must be above 0, got {args.face_loss_temperature}")
+    problem = contrastive_problem(args.face_loss_contrastive_weight, args.face_loss_negatives)
+    if problem:
+        raise ConfigError(problem)
+    if args.face_loss_negatives and not Path(args.face_loss_negatives).is_dir():
+        raise ConfigError(f"--face_loss_negatives {args.face_loss_negatives}: folder not found")
+
+
 def _choice(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
     lookup = {c.lower(): c for c in choices} if case_insensitive else {c: c for c in choices}
     key = value.lower() if case_insensitive else value
@@ -182,6 +199,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                if not getattr(args, name)]
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)}")
+    name_problem = output_name_problem(args.output_name)
+    if name_problem:  # the run writes only inside --output_dir
+        raise ConfigError(f"--output_name {args.output_name!r} {name_problem}; give a plain name such as face_lora")
     args.model_version = _model_version(args)
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
@@ -215,7 +235,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if value < 1:
             raise ConfigError(f"--{name} must be at least 1, got {value}")
     for name in ("learning_rate", "network_alpha", "discrete_flow_shift", "sigmoid_scale", "max_grad_norm",
-                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t"):
+                 "lr_scheduler_power", "face_loss_weight", "face_loss_max_t", "face_loss_contrastive_weight",
+                 "face_loss_temperature"):
         value = getattr(args, name, None)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"--{name} must be a finite number, got {value}")
@@ -250,6 +271,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--face_loss_weight must be 0 or more, got {args.face_loss_weight}")
         if not 0.0 < args.face_loss_max_t <= 1.0:
             raise ConfigError(f"--face_loss_max_t is a flow time in (0, 1], got {args.face_loss_max_t}")
+        args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
+        _check_contrastive(args)
+        if not 1 <= args.face_loss_rollout_steps <= MAX_FACE_LOSS_ROLLOUT_STEPS:
+            raise ConfigError(f"--face_loss_rollout_steps must be 1 to {MAX_FACE_LOSS_ROLLOUT_STEPS} (each step is one "
+                              f"more forward and backward pass of the DiT), got {args.face_loss_rollout_steps}")
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []

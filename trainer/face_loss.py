@@ -10,7 +10,8 @@ gradient reaches the pixels of a decoded image:
 - `FrozenFaceRecognizer` is the pack's recognizer ONNX converted by onnx2torch, fed the
   exact blob `ArcFaceONNX.get_feat` builds, frozen and locked in eval mode;
 - `FaceIdentityLoss` combines them into `weight * mean(1 - cos)` over the samples that
-  have a face and a low enough timestep.
+  have a face and a low enough timestep, plus optionally WithAnyone's InfoNCE term, which
+  also pushes each face away from other people's identities (`contrastive_weight`).
 """
 from __future__ import annotations
 
@@ -312,28 +313,44 @@ class FaceLossOutput:
 
 
 class FaceIdentityLoss(nn.Module):
-    """`weight * mean(w(t) * (1 - cos(embed(warp(image)), reference)))` over qualifying samples.
+    """`weight * mean(w(t) * (1 - cos(e, reference))) + contrastive_weight * mean(w(t) * InfoNCE)`
+    over qualifying samples, e = embed(warp(image)).
 
     A sample qualifies when it has a face (`valid`) and its timestep is at most `max_t`
     (the one-step estimate x0_hat = x_t - t * v is only sharp at low noise). `t_weighting`
     `none`: w = 1; `linear`: w = 1 - t, so the blurrier estimates pull less.
+
+    InfoNCE (WithAnyone's contrastive term): `-log softmax(cos(e, [reference, negatives]) / temperature)[0]`,
+    the reference as the one positive and other people's embeddings as the negatives.
     """
 
     def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float | None = None,
-                 t_weighting: str = "none") -> None:
+                 t_weighting: str = "none", contrastive_weight: float = 0.0, temperature: float = 0.07) -> None:
         super().__init__()
         if max_t is not None and not 0.0 <= max_t <= 1.0:
             raise ValueError(f"max_t is a flow-matching timestep in [0, 1], got {max_t}")
         if t_weighting not in FACE_LOSS_T_WEIGHTINGS:
             raise ValueError(f"t_weighting must be one of {', '.join(FACE_LOSS_T_WEIGHTINGS)}, got {t_weighting!r}")
+        if not (math.isfinite(contrastive_weight) and contrastive_weight >= 0.0):
+            raise ValueError(f"contrastive_weight must be 0 or more, got {contrastive_weight}")
+        if not (math.isfinite(temperature) and temperature > 0.0):
+            raise ValueError(f"the contrastive temperature must be above 0, got {temperature}")
         self.t_weighting = t_weighting
         self.recognizer = recognizer
         self.weight = float(weight)
         self.max_t = 1.0 if max_t is None else float(max_t)  # None: every sample with a face
+        self.contrastive_weight = float(contrastive_weight)
+        self.temperature = float(temperature)
 
     def active(self, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Bool [B]: samples the loss uses. Decode only these to save time and memory."""
         return valid.to(device=t.device, dtype=torch.bool).flatten() & (t.detach().flatten().float() <= self.max_t + 1e-6)
+
+    def embed(self, images: torch.Tensor, kps: torch.Tensor, source_region: torch.Tensor | None = None) -> torch.Tensor:
+        """Unit-length embeddings [B, D] (fp32, differentiable) of each image's face."""
+        crops = warp_to_arcface(images.clamp(-1.0, 1.0), kps, source_region, self.recognizer.input_size)
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            return F.normalize(self.recognizer(crops).float(), dim=-1, eps=1e-6)
 
     def similarity(
         self,
@@ -343,15 +360,13 @@ class FaceIdentityLoss(nn.Module):
         source_region: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cosine similarity [B] (differentiable) of each image's face to its reference embedding."""
-        crops = warp_to_arcface(images.clamp(-1.0, 1.0), kps, source_region, self.recognizer.input_size)
-        embeddings = self.recognizer(crops)
-        if embeddings.shape[-1] != reference.shape[-1]:
-            raise ValueError(
-                f"reference embeddings are {reference.shape[-1]}-d but the recognizer gives "
-                f"{embeddings.shape[-1]}-d: the cache was built with another face model pack"
-            )
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            return F.cosine_similarity(embeddings, reference.to(embeddings), dim=-1, eps=1e-6)
+        return cosine_to(self.embed(images, kps, source_region), reference)
+
+    def info_nce(self, embeddings: torch.Tensor, reference: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """[B]: -log of the softmax weight of the positive (the reference) among it and the negatives [N, D]."""
+        logits = torch.cat([cosine_to(embeddings, reference).unsqueeze(1),
+                            embeddings @ F.normalize(negatives.to(embeddings), dim=-1, eps=1e-6).T], dim=1)
+        return -F.log_softmax(logits / self.temperature, dim=1)[:, 0]
 
     def forward(
         self,
@@ -361,24 +376,33 @@ class FaceIdentityLoss(nn.Module):
         valid: torch.Tensor,
         t: torch.Tensor,
         source_region: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
     ) -> FaceLossOutput:
-        """images [B,3,H,W] in [-1,1], kps [B,5,2], reference [B,D], valid [B], t [B] in [0,1].
+        """images [B,3,H,W] in [-1,1], kps [B,5,2], reference [B,D], valid [B], t [B] in [0,1],
+        negatives [N,D] (other people's embeddings; needed when `contrastive_weight` > 0).
 
         The loss is a zero constant (no graph) when no sample qualifies.
         """
+        if self.contrastive_weight > 0 and (negatives is None or negatives.shape[0] == 0):
+            raise ValueError("the contrastive face loss needs embeddings of other people (negatives)")
         use = self.active(t, valid)
         metrics = self._count_metrics(use, valid)
         if not bool(use.any()):
             return FaceLossOutput(loss=torch.zeros((), device=images.device), metrics=metrics)
-        sims = self._masked_similarity(use, images, kps, reference, source_region)
+        used_images, used_kps, used_reference, region = _select(use, images, kps, reference, source_region)
+        embeddings = self.embed(used_images, used_kps, region)
+        sims = cosine_to(embeddings, used_reference)
         used_t = t.flatten()[use.to(t.device)]
-        distance = 1.0 - sims
-        if self.t_weighting == "linear":
-            distance = distance * (1.0 - used_t.detach().to(distance))
-        distance = distance.mean()
+        step_weight = (1.0 - used_t.detach().to(sims)) if self.t_weighting == "linear" else torch.ones_like(sims)
+        distance = (step_weight * (1.0 - sims)).mean()
+        loss = self.weight * distance
         metrics.update(similarity_metrics(sims, used_t))
-        metrics["loss/face"] = float(self.weight * distance.detach())
-        return FaceLossOutput(loss=self.weight * distance, metrics=metrics)
+        metrics["loss/face"] = float(loss.detach())
+        if self.contrastive_weight > 0:
+            contrastive = self.contrastive_weight * (step_weight * self.info_nce(embeddings, used_reference, negatives)).mean()
+            metrics["loss/face_contrastive"] = float(contrastive.detach())
+            loss = loss + contrastive
+        return FaceLossOutput(loss=loss, metrics=metrics)
 
     @torch.no_grad()
     def measure(
@@ -394,7 +418,7 @@ class FaceIdentityLoss(nn.Module):
         use = valid.to(torch.bool).flatten()
         metrics = self._count_metrics(use, valid)
         if bool(use.any()):
-            sims = self._masked_similarity(use, images, kps, reference, source_region)
+            sims = self.similarity(*_select(use, images, kps, reference, source_region))
             metrics.update(similarity_metrics(sims, t.flatten()[use.to(t.device)]))
         return metrics
 
@@ -402,20 +426,22 @@ class FaceIdentityLoss(nn.Module):
     def _count_metrics(use: torch.Tensor, valid: torch.Tensor) -> dict[str, Any]:
         return {"face/valid": int(use.sum()), "face/no_face": int((~valid.to(torch.bool)).sum())}
 
-    def _masked_similarity(
-        self,
-        use: torch.Tensor,
-        images: torch.Tensor,
-        kps: torch.Tensor,
-        reference: torch.Tensor,
-        source_region: torch.Tensor | None,
-    ) -> torch.Tensor:
-        region = None
-        if source_region is not None:
-            region = source_region.expand(images.shape[0], 4)[use.to(source_region.device)]
-        return self.similarity(
-            images[use.to(images.device)], kps[use.to(kps.device)], reference[use.to(reference.device)], region
+
+def _select(use: torch.Tensor, images: torch.Tensor, kps: torch.Tensor, reference: torch.Tensor,
+            source_region: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The samples `use` marks, of each per-sample input (a single source_region is broadcast)."""
+    region = None if source_region is None else source_region.expand(images.shape[0], 4)[use.to(source_region.device)]
+    return images[use.to(images.device)], kps[use.to(kps.device)], reference[use.to(reference.device)], region
+
+
+def cosine_to(embeddings: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity [B] of unit embeddings [B, D] to raw reference embeddings [B, D]."""
+    if embeddings.shape[-1] != reference.shape[-1]:
+        raise ValueError(
+            f"reference embeddings are {reference.shape[-1]}-d but the recognizer gives "
+            f"{embeddings.shape[-1]}-d: the cache was built with another face model pack"
         )
+    return (embeddings * F.normalize(reference.to(embeddings), dim=-1, eps=1e-6)).sum(dim=-1)
 
 
 def similarity_metrics(similarities: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:

@@ -7,8 +7,11 @@ pack or an unavailable `--face_device` is a configuration error), and returns th
 - after caching, caches each item's face target (5 keypoints, target and control embeddings)
   beside its latents, fingerprinted like them, and counts the items without a usable face;
 - in the step, adds `face_loss_weight * (1 - cos)` of the decoded one-step estimate
-  `x0_hat = x_t - t v_pred` (every `--face_loss_every` steps, samples with t <= max t), and every
-  `--face_eval_frequency` steps measures the similarity of every sample's x0_hat face;
+  `x0_hat = x_t - t v_pred` (or the x0 of a `--face_loss_rollout_steps` Euler rollout) to the
+  `--face_loss_reference` identity (every `--face_loss_every` steps, samples with t <= max t), plus
+  `--face_loss_contrastive_weight` times an InfoNCE term against the faces of
+  `--face_loss_negatives`; and every `--face_eval_frequency` steps measures the similarity of every
+  sample's x0_hat face to its controls' identity;
 - after each sampling round, scores the samples against their control images as `evaluate` does.
 
 With `--face_eval_model` a second pack (its own detector, recognizer and cached references)
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ..faceid.pairing import list_images
 from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
 from ..faceid.pack_download import TerminalProgress
 from ..faceid.report import summarize
@@ -40,14 +44,14 @@ from ..musubi_formats.names import SAMPLE_DIR
 from ..training_contract.options import FACE_DECODE_MODES
 from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
 from .face_metrics import HELDOUT, SampleScorer, heldout_keys
-from .face_targets import FaceTargetBatch, FaceTargetCache, cache_face_targets, collate_face_targets
+from .face_targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .sampling import EncodedSample
-from .train import VAE_SCALE
+from .vae_decode import vae_scale
 
 log = logging.getLogger("face_consistency.trainer")
 
-REFERENCE = "control"  # the loss pulls towards the controls' identity (the person the edit starts from)
+MEASURED_REFERENCE = "control"  # x0 metrics: similarity to the controls' identity, whatever the loss pulls towards
 
 
 class FaceSetupError(ValueError):
@@ -63,11 +67,12 @@ class FacePack:
     samples: SampleScorer | None
     targets: FaceTargetCache | None = None
 
-    def batch(self, items: list[DatasetItem], device: torch.device) -> FaceTargetBatch:
-        return collate_face_targets(self.targets.for_items(items), reference=REFERENCE).to(device)
+    def batch(self, items: list[DatasetItem], device: torch.device,
+              reference: ReferenceSource = MEASURED_REFERENCE) -> FaceTargetBatch:
+        return collate_face_targets(self.targets.for_items(items), reference=reference).to(device)
 
-    def without_face(self) -> dict[str, str]:
-        return self.targets.without_face(REFERENCE)
+    def without_face(self, reference: ReferenceSource = MEASURED_REFERENCE) -> dict[str, str]:
+        return self.targets.without_face(reference)
 
 
 class JudgeHeldout:
@@ -150,7 +155,9 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: Dlib
     if args.sample_prompts:
         samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
     loss = FaceIdentityLoss(recognizer, weight=args.face_loss_weight, max_t=args.face_loss_max_t,
-                            t_weighting=args.face_loss_t_weighting)
+                            t_weighting=args.face_loss_t_weighting,
+                            contrastive_weight=args.face_loss_contrastive_weight,
+                            temperature=args.face_loss_temperature)
     return FacePack(model, loss, samples)
 
 
@@ -169,15 +176,41 @@ def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
         described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
     log.info("face model %s (%s, %d-d) on %s%s", training.model.pack_name, training.model.pack_dir,
              training.model.embedding_size, training.model.provider, described)
+    negatives = None
+    if args.use_face_as_loss and args.face_loss_negatives:
+        negatives = negative_embeddings(training.model, Path(args.face_loss_negatives))
     return FaceIdentityHook(training, heldout, use_loss=args.use_face_as_loss, loss_every=args.face_loss_every,
-                            eval_frequency=args.face_eval_frequency, decode=args.face_decode)
+                            eval_frequency=args.face_eval_frequency, decode=args.face_decode,
+                            reference=args.face_loss_reference, rollout_steps=args.face_loss_rollout_steps,
+                            negatives=negatives)
+
+
+def negative_embeddings(model: FaceModel, folder: Path) -> torch.Tensor:
+    """[N, D]: the largest face of each photo in `folder` (other people: the contrastive term's negatives)."""
+    photos = list_images(folder)
+    results = model.analyze([str(p) for p in photos])
+    for photo, result in zip(photos, results):
+        if not result.ok:
+            log.warning("--face_loss_negatives: %s is left out: %s", photo, result.reason)
+    embeddings = [result.embedding for result in results if result.ok]
+    if not embeddings:
+        raise FaceSetupError(f"--face_loss_negatives {folder}: no photo there has a face the {model.pack_name} "
+                             "detector finds; the contrastive term needs photos of other people")
+    log.info("contrastive face loss: %d negatives from %s", len(embeddings), folder)
+    return torch.from_numpy(np.stack(embeddings)).float()
 
 
 class FaceIdentityHook(TrainingHook):
     def __init__(self, training: FacePack, heldout: FacePack | JudgeHeldout | None, *, use_loss: bool, loss_every: int,
-                 eval_frequency: int, decode: str = "face") -> None:
+                 eval_frequency: int, decode: str = "face", reference: ReferenceSource = "control",
+                 rollout_steps: int = 1, negatives: torch.Tensor | None = None) -> None:
         if decode not in FACE_DECODE_MODES:
             raise ValueError(f"face decode mode must be one of {', '.join(FACE_DECODE_MODES)}, got {decode!r}")
+        if use_loss and training.loss.contrastive_weight > 0 and negatives is None:
+            raise ValueError("the contrastive face loss needs embeddings of other people (negatives)")
+        self.reference = reference
+        self.rollout_steps = rollout_steps
+        self.negatives = negatives
         self.training = training
         self.heldout = heldout
         self.use_loss = use_loss
@@ -193,6 +226,8 @@ class FaceIdentityHook(TrainingHook):
 
     def on_cached(self, items: list[DatasetItem], accelerator: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
         built = 0
+        if self.negatives is not None:
+            self.negatives = self.negatives.to(accelerator.device)
         for pack in self.packs:
             pack.loss.to(accelerator.device)
             # each process caches its share, then every process loads them all
@@ -204,7 +239,7 @@ class FaceIdentityHook(TrainingHook):
             pack.targets = cache_face_targets(items, pack.model, should_stop=should_stop)
         if isinstance(self.heldout, JudgeHeldout):
             self.heldout.cache(items, should_stop)
-        skipped = self.training.without_face()
+        skipped = self.training.without_face(self.reference if self.use_loss else MEASURED_REFERENCE)
         for target, reason in skipped.items():
             log.warning("face loss skips %s: %s", target, reason)
         log.info("face targets (%s): %d built, %d reused, %d of %d without a usable face",
@@ -228,15 +263,16 @@ class FaceIdentityHook(TrainingHook):
         x0_hat = state.x0_hat()
         result = ExtraLoss()
         if loss_due:
-            faces = self.training.batch(state.items, x0_hat.device)
+            faces = self.training.batch(state.items, x0_hat.device, self.reference)
             use = self.training.loss.active(state.t, faces.valid)
             result.metrics["face/loss_samples"] = int(use.sum())
             if bool(use.any()):
-                images, region = self._decode(state, x0_hat[use], faces.kps[use], faces.source_region[use])
+                x0 = x0_hat if self.rollout_steps == 1 else state.x0_rollout(self.rollout_steps)
+                images, region = self._decode(state, x0[use], faces.kps[use], faces.source_region[use])
                 out = self.training.loss(images, faces.kps[use], faces.reference[use], faces.valid[use],
-                                         state.t[use], region)
+                                         state.t[use], region, self.negatives)
                 result.loss = out.loss
-                result.metrics["loss/face"] = out.metrics["loss/face"]
+                result.metrics.update({key: value for key, value in out.metrics.items() if key.startswith("loss/")})
         if eval_due:
             with torch.no_grad():
                 x0 = x0_hat.detach()
@@ -279,8 +315,9 @@ class FaceIdentityHook(TrainingHook):
         if self.decode != "face":
             return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
-        boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=VAE_SCALE)
-        crops = torch.stack([latents[i, :, :, y0 // VAE_SCALE : y1 // VAE_SCALE, x0 // VAE_SCALE : x1 // VAE_SCALE]
+        scale = vae_scale(state.vae.config)
+        boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=scale)
+        crops = torch.stack([latents[i, :, :, y0 // scale : y1 // scale, x0 // scale : x1 // scale]
                              for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())])
         return state.decode(crops), boxes.to(image_region)
 

@@ -26,6 +26,8 @@ class StepState:
     x0, noise, x_t, v_pred: [B, 16, 1, h, w] normalised latents (as cached); v_pred carries the
     gradient to the LoRA. t: [B] flow time in (0, 1) (sigma; the model saw timestep = t).
     items: each sample's DatasetItem (target path, control paths, cache key, bucket).
+    velocity(latents, t): the model's velocity for other latents of the same samples (same prompt
+    and controls), with gradients; what `x0_rollout` steps with.
     """
 
     step: int
@@ -36,10 +38,24 @@ class StepState:
     v_pred: torch.Tensor
     vae: torch.nn.Module
     items: list[DatasetItem]
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def x0_hat(self) -> torch.Tensor:
         """The one-step estimate of the clean latents (sharp only at low t)."""
         return self.x_t - self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype) * self.v_pred
+
+    def x0_rollout(self, steps: int) -> torch.Tensor:
+        """The clean latents reached by `steps` equal Euler steps of the model from x_t at t to 0, with
+        gradients through every step. The first step reuses v_pred, so `steps` = 1 is `x0_hat`."""
+        if steps > 1 and self.velocity is None:
+            raise ValueError("a rollout needs the step's velocity function")
+        t = self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype)
+        latents, v = self.x_t, self.v_pred
+        for i in range(steps):
+            if i:
+                v = self.velocity(latents, (t * (1 - i / steps)).flatten())
+            latents = latents - t / steps * v
+        return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients

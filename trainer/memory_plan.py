@@ -30,7 +30,7 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 
 from .lora import NetworkArgs, lora_target_modules
-from .vae_decode import decoder_stages
+from .vae_decode import decoder_stages, vae_scale
 
 GIB = 1024**3
 BLOCK_SAVED_PER_TOKEN = 18  # x dim values per token per transformer block, without checkpointing
@@ -58,6 +58,7 @@ class MemoryInputs:
     optimizer: str
     face_decode: str | None  # None: no face loss
     face_recognizer_saved_bytes: int = 0  # per sample, what the loss's recognizer keeps for backward
+    face_rollout_steps: int = 1  # DiT forward passes kept for the backward pass (--face_loss_rollout_steps)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def decode_size(inputs: MemoryInputs) -> tuple[int, int]:
     if inputs.face_decode == "half":
         return width // 2, height // 2
     if inputs.face_decode == "face":
-        side = max(8, int(min(width, height) * FACE_BOX_FRACTION) // 8 * 8)
+        scale = vae_scale(inputs.vae_config)
+        side = max(scale, int(min(width, height) * FACE_BOX_FRACTION) // scale * scale)
         return side, side
     return width, height
 
@@ -202,10 +204,11 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     tokens = inputs.batch_size * (image_tokens(inputs.target_size) + sum(image_tokens(c) for c in inputs.control_sizes)
                                   + inputs.text_tokens)
     per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
+    # each forward pass of a face-loss rollout keeps its activations for the backward pass too
     if inputs.gradient_checkpointing:
-        activations = blocks * tokens * dim * inputs.compute_bytes + per_block
+        activations = inputs.face_rollout_steps * blocks * tokens * dim * inputs.compute_bytes + per_block
     else:
-        activations = blocks * per_block
+        activations = inputs.face_rollout_steps * blocks * per_block
     parts = {
         "dit_weights": dit_bytes - swapped + streaming,
         "vae_weights": sum(p.numel() for p in _empty_vae(json.dumps(inputs.vae_config, sort_keys=True)).parameters())
@@ -219,7 +222,8 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     if inputs.face_decode:
         width, height = decode_size(inputs)
         recognizer = inputs.face_recognizer_saved_bytes / inputs.compute_bytes
-        values = decoder_saved_values(inputs.vae_config, (width // 8, height // 8)).peak(True, recognizer)
+        scale = vae_scale(inputs.vae_config)
+        values = decoder_saved_values(inputs.vae_config, (width // scale, height // scale)).peak(True, recognizer)
         parts["face_loss"] = int(inputs.batch_size * values * inputs.compute_bytes)
     return MemoryPlan({k: int(v) for k, v in parts.items()}, int(swapped), device_bytes)
 

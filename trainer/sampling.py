@@ -40,6 +40,7 @@ from ..musubi_formats.prompts import PromptFileError, SamplePrompt, resolve_prom
 from ..musubi_formats.prompts import load_prompt_file as load_musubi_prompts
 from ..training_contract.options import DEFAULT_SHIFT_TERMINAL
 from .cache import CacheEncoders
+from .vae_decode import vae_scale
 
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 20
@@ -137,15 +138,13 @@ def generate(
 ) -> Image.Image:
     """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
     prompt = sample.prompt
-    latent_h, latent_w = prompt.height // 8, prompt.width // 8
+    scale = vae_scale(vae.config)
+    latent_h, latent_w = prompt.height // scale, prompt.width // scale
     channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
-    latents = QwenImageEditPlusPipeline._pack_latents(noise, 1, channels, latent_h, latent_w).to(device, dtype)
-    controls = [
-        QwenImageEditPlusPipeline._pack_latents(c, 1, channels, c.shape[3], c.shape[4]).to(device, dtype)
-        for c in sample.control_latents
-    ]
+    latents = pack(noise).to(device, dtype)
+    controls = [pack(c).to(device, dtype) for c in sample.control_latents]
     img_shapes = [[(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]]
     scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
     scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / prompt.steps, prompt.steps), device=device)
@@ -168,10 +167,9 @@ def generate(
         if sample.negative_embeds is not None:
             negative = velocity(sample.negative_embeds, model_input, timestep)
             pred = normalized_cfg(latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale,
-                                  (prompt.height, prompt.width))
+                                  (latent_h, latent_w))
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    unpacked = QwenImageEditPlusPipeline._unpack_latents(latents, prompt.height, prompt.width, 8)
-    return decode_to_pil(vae, unpacked)
+    return decode_to_pil(vae, unpack(latents, latent_h, latent_w))
 
 
 def sample_scheduler(flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> FlowMatchEulerDiscreteScheduler:
@@ -180,23 +178,36 @@ def sample_scheduler(flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TE
                                            shift_terminal=shift_terminal or None)
 
 
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """[B, C, 1, h, w] -> [B, h/2 * w/2, 4C] (diffusers' Qwen packing)."""
+    b, c, _, h, w = latents.shape
+    return QwenImageEditPlusPipeline._pack_latents(latents, b, c, h, w)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """[B, h/2 * w/2, 4C] -> [B, C, 1, h, w] for an h x w latent grid."""
+    # diffusers' helper takes pixel sizes and the VAE's scale only to get back to the latent grid:
+    # given the grid itself with scale 1, it unpacks the same way whatever the VAE's scale
+    return QwenImageEditPlusPipeline._unpack_latents(tokens, h, w, 1)
+
+
 def normalized_cfg(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigma: float, scale: float,
-                   size: tuple[int, int]) -> torch.Tensor:
+                   latent_size: tuple[int, int]) -> torch.Tensor:
     """ComfyUI's KSampler CFG followed by its CFGNorm node (strength 1), as a velocity.
 
-    Packed tokens [1, n, 64]; the CFG mix of the x0 predictions (x - sigma v) is scaled down, per
-    latent pixel (the norm over its 16 channels), to at most the positive prediction's norm.
+    Packed tokens [1, n, 64] of a `latent_size` (h, w) grid; the CFG mix of the x0 predictions
+    (x - sigma v) is scaled down, per latent pixel (the norm over its 16 channels), to at most the
+    positive prediction's norm.
     """
-    height, width = size
 
     def x0(velocity: torch.Tensor) -> torch.Tensor:
-        return QwenImageEditPlusPipeline._unpack_latents(latents - sigma * velocity, height, width, 8)
+        return unpack(latents - sigma * velocity, *latent_size)
 
     cond_x0 = x0(cond)
     mixed_x0 = x0(uncond + scale * (cond - uncond))
     ratio = (cond_x0.norm(dim=1, keepdim=True) / (mixed_x0.norm(dim=1, keepdim=True) + 1e-8)).clamp(0.0, 1.0)
     guided = mixed_x0 * ratio
-    packed = QwenImageEditPlusPipeline._pack_latents(guided, 1, guided.shape[1], guided.shape[3], guided.shape[4])
+    packed = pack(guided)
     return (latents - packed) / sigma
 
 

@@ -75,7 +75,7 @@ from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora
 from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
-from .sampling import EncodedSample, encode_samples, save_samples
+from .sampling import EncodedSample, encode_samples, pack, save_samples, unpack
 from .state import load_state, save_state
 
 log = logging.getLogger("face_consistency.trainer")
@@ -83,7 +83,6 @@ log = logging.getLogger("face_consistency.trainer")
 LOG_TAIL_LINES = 40
 # Qwen-Image's scheduler config, used by `qwen_shift` to pick the shift from the image size.
 QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT = 256, 8192, 0.5, 0.9
-VAE_SCALE = 8
 
 
 # --------------------------------------------------------------------------- status / logging
@@ -259,16 +258,6 @@ def attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
     """The prompt mask, or None when it is all ones: PyTorch's fastest attention kernels refuse a mask."""
     return None if bool(mask.all()) else mask
 
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, 1, h, w] -> [B, h/2 * w/2, 4C] (diffusers' Qwen packing)."""
-    b, c, _, h, w = latents.shape
-    return QwenImageEditPlusPipeline._pack_latents(latents, b, c, h, w)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """[B, h/2 * w/2, 4C] -> [B, C, 1, h, w]."""
-    return QwenImageEditPlusPipeline._unpack_latents(tokens, h * VAE_SCALE, w * VAE_SCALE, VAE_SCALE)
 
 
 # --------------------------------------------------------------------------- the run
@@ -801,6 +790,7 @@ def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence
         network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
         face_decode=args.face_decode if args.use_face_as_loss else None,
         face_recognizer_saved_bytes=sum(hook.saved_bytes_per_sample() for hook in hooks),
+        face_rollout_steps=args.face_loss_rollout_steps if args.use_face_as_loss else 1,
     )
 
 
@@ -827,24 +817,28 @@ def micro_step(
     t_5d = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - t_5d) * x0 + t_5d * noise
     controls = [c.to(device) for c in batch.controls]
-    tokens = torch.cat([pack(x_t), *[pack(c) for c in controls]], dim=1)
     img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]] * x0.shape[0]
-    with accelerator.autocast():
-        prediction = transformer(
-            hidden_states=tokens,
-            timestep=t,
-            encoder_hidden_states=batch.prompt_embeds.to(device),
-            encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
-            img_shapes=img_shapes,
-            return_dict=False,
-        )[0]
-    v_pred = unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
+
+    def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        tokens = torch.cat([pack(latents), *[pack(c) for c in controls]], dim=1)
+        with accelerator.autocast():
+            prediction = transformer(
+                hidden_states=tokens,
+                timestep=timestep,
+                encoder_hidden_states=batch.prompt_embeds.to(device),
+                encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
+        return unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
+
+    v_pred = velocity(x_t, t)
     target = noise - x0
     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, t_5d)
     loss = (weighting * (v_pred - target) ** 2).mean()
     extra = ExtraLoss()
     if hooks:
-        state = StepState(step, x0, noise, x_t, t, v_pred, vae, batch.items)
+        state = StepState(step, x0, noise, x_t, t, v_pred, vae, batch.items, velocity)
         losses = []
         for hook in hooks:
             part = hook.extra_loss(state)
@@ -856,4 +850,4 @@ def micro_step(
 
 
 __all__ = ["CheckpointWriteError", "TrainingDivergedError", "TrainingRun", "micro_step", "prepare_transformer", "run_training",
-           "sample_timesteps", "flow_shift", "pack", "unpack"]
+           "sample_timesteps", "flow_shift"]

@@ -11,11 +11,17 @@ stage is called without it; `checkpointed_decode` equals `vae.decode` (checked b
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+def vae_scale(config: Mapping[str, Any]) -> int:
+    """Pixels per latent along a side: each `temperal_downsample` entry is one 2x spatial downsampling
+    (8 for Qwen-Image's VAE; diffusers' Qwen pipelines compute their `vae_scale_factor` the same way)."""
+    return 2 ** len(config["temperal_downsample"])
 
 
 def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:

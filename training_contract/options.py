@@ -21,8 +21,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 FACE_DEVICES = ("cuda", "cpu", "auto")
 FACE_DECODE_MODES = ("full", "half", "face")
 FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
+FACE_LOSS_REFERENCES = ("control", "target")  # whose identity the face loss pulls towards
 DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
 DEFAULT_FACE_LOSS_MAX_T = 0.5
+MAX_FACE_LOSS_ROLLOUT_STEPS = 8  # each step is one more forward and backward pass of the DiT
 
 
 @dataclass(frozen=True)
@@ -154,8 +156,31 @@ OPTIONS: tuple[Option, ...] = (
            "judge (pip install \"comfyui-face-consistency[judge]\")"),
     Option("face_decode", str, "face", "decode for the face term: face (only the face region, default), half (the "
            "whole image at half resolution) or full", "face", FACE_DECODE_MODES),
+    Option("face_loss_reference", str, "face", f"{_choices(FACE_LOSS_REFERENCES)}: the identity the loss pulls "
+           "towards, the control images' (the person the edit starts from) or the training target's", "control",
+           FACE_LOSS_REFERENCES, node=NodeWidget("control")),
+    Option("face_loss_contrastive_weight", float, "face", "weight of an InfoNCE term that also pushes the face away "
+           "from other people's (WithAnyone's; needs --face_loss_negatives; 0: off)", 0.0,
+           node=NodeWidget(0.0, 0.0, 10.0, 0.01)),
+    Option("face_loss_temperature", float, "face", "temperature of the InfoNCE term", 0.07),
+    Option("face_loss_negatives", str, "face", "folder of photos of other people (one face each), the InfoNCE "
+           "term's negatives", path=True, node=NodeWidget("")),
+    Option("face_loss_rollout_steps", int, "face", "score the face of x0 reached by N Euler steps of the model from "
+           "x_t (gradients through every step; 1: the one-step estimate x_t - t v)", 1,
+           node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS)),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def contrastive_problem(weight: float, negatives: str | None) -> str | None:
+    """Why the InfoNCE term's weight and negatives folder do not go together (None: they do)."""
+    if weight > 0 and not negatives:
+        return ("--face_loss_contrastive_weight needs --face_loss_negatives: a folder of photos of other people, "
+                "the faces the loss pushes away from")
+    if negatives and weight == 0:
+        return ("--face_loss_negatives is used only by the contrastive term: set --face_loss_contrastive_weight "
+                "(e.g. 0.1) or leave the folder out")
+    return None
 GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
                 "sampling": "sampling", "face": "face identity (docs/face-loss.md)"}
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator
 from filelock import FileLock, Timeout
 
 from ..common.files import atomic_write_json
+from ..common.paths import is_within_directory
 
 STATUS_FILE = "status.json"
 METRICS_FILE = "metrics.jsonl"
@@ -56,10 +57,20 @@ def write_status(output_dir: str | os.PathLike, status: dict[str, Any]) -> None:
     atomic_write_json(Path(output_dir) / STATUS_FILE, record)
 
 
+def run_file(output_dir: str | os.PathLike, name: str) -> Path | None:
+    """`output_dir / name`, or None when it leaves the folder (a symlink to a file elsewhere):
+    a watcher reads a run's own files only, whoever planted the link."""
+    path = Path(output_dir) / name
+    return path if is_within_directory(output_dir, path) else None
+
+
 def read_status(output_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The last status written, or None when there is none (or it cannot be parsed)."""
+    """The last status written, or None when there is none (or it cannot be parsed, or leaves the folder)."""
+    path = run_file(output_dir, STATUS_FILE)
+    if path is None:
+        return None
     try:
-        with open(Path(output_dir) / STATUS_FILE, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             status = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
@@ -93,8 +104,11 @@ def read_metrics(
     written) is ignored. The file only grows while a run writes it, so each call parses only the
     lines appended since the last call for the same file (a monitor asks every few seconds of a
     run whose file may hold hundreds of thousands of lines); a replaced or shorter file is read anew.
-    The records are shared with later calls: read them, do not change them."""
-    path = Path(output_dir) / METRICS_FILE
+    The records are shared with later calls: read them, do not change them. A metrics file that
+    leaves the folder (a symlink elsewhere) is not read."""
+    path = run_file(output_dir, METRICS_FILE)
+    if path is None:
+        return []
     try:
         stat = path.stat()
     except FileNotFoundError:

@@ -24,7 +24,7 @@ import subprocess
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -43,7 +43,7 @@ from ..training_contract.protocol import (
     stop_requested,
     write_status,
 )
-from .run_reader import log_tail
+from .run_reader import log_tail, run_progress
 from .trainer_env import trainer_runtime
 
 log = logging.getLogger(__name__)
@@ -79,22 +79,27 @@ class JobRecord:
     state: str
     ended: float | None
     detail: str
+    # run_progress() as the job ended, kept so that listing finished jobs reads none of their files
+    progress: dict[str, object] | None = field(default=None, hash=False)
 
     @property
     def finished(self) -> bool:
         return self.state in FINAL_STATE_VALUES
 
     def to_json(self) -> dict[str, object]:
-        return {
-            "job_id": self.job_id,
-            "name": self.name,
-            "output_dir": str(self.output_dir),
-            "pid": self.pid,
-            "started": self.started,
-            "state": self.state,
-            "ended": self.ended,
-            "detail": self.detail,
-        }
+        return {field: str(self.output_dir) if field == "output_dir" else getattr(self, field) for field in JSON_FIELDS}
+
+
+# What a job list shows of a job (JobRecord.to_json, JobRegistry.list_shown), besides its progress.
+JSON_FIELDS = ("job_id", "name", "output_dir", "pid", "started", "state", "ended", "detail")
+
+
+def _progress(text: str | None) -> dict[str, object] | None:
+    try:
+        progress = json.loads(text) if text else None
+    except ValueError:  # damaged: the job lists without it
+        return None
+    return progress if isinstance(progress, dict) else None
 
 
 def trainer_command(train_args: Sequence[str]) -> list[str]:
@@ -220,10 +225,18 @@ class JobRegistry:
                     started REAL NOT NULL,
                     state TEXT NOT NULL,
                     ended REAL,
-                    detail TEXT NOT NULL DEFAULT ''
+                    detail TEXT NOT NULL DEFAULT '',
+                    progress TEXT
                 )"""
             )
             db.execute("CREATE INDEX IF NOT EXISTS jobs_by_output ON jobs(output_key)")
+            db.execute("CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state)")
+            if "progress" not in {column["name"] for column in db.execute("PRAGMA table_info(jobs)")}:
+                try:  # a registry from before the column
+                    db.execute("ALTER TABLE jobs ADD COLUMN progress TEXT")
+                except sqlite3.OperationalError as exc:  # another process added it meanwhile
+                    if "duplicate column" not in str(exc):
+                        raise
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -246,6 +259,7 @@ class JobRegistry:
             state=row["state"],
             ended=row["ended"],
             detail=row["detail"],
+            progress=_progress(row["progress"]),
         )
 
     def _row(self, db: sqlite3.Connection, job_id: str) -> sqlite3.Row:
@@ -295,7 +309,10 @@ class JobRegistry:
             db.execute("UPDATE jobs SET pid = ? WHERE job_id = ?", (pid, job_id))
 
     def set_state(self, job_id: str, state: str, detail: str | None = None) -> None:
+        """Record the job's state; a final one with the run's progress as it ended (`keep_progress`)."""
         ended = time.time() if state in FINAL_STATE_VALUES else None
+        if ended is not None:
+            self.keep_progress(job_id, run_progress(self.get(job_id).output_dir))
         with self._connect() as db:
             if detail is None:
                 db.execute("UPDATE jobs SET state = ?, ended = ? WHERE job_id = ?", (state, ended, job_id))
@@ -304,6 +321,11 @@ class JobRegistry:
                     "UPDATE jobs SET state = ?, ended = ?, detail = ? WHERE job_id = ?",
                     (state, ended, detail, job_id),
                 )
+
+    def keep_progress(self, job_id: str, progress: dict[str, object]) -> None:
+        """Keep a finished job's progress in the registry, so listing it reads none of its files."""
+        with self._connect() as db:
+            db.execute("UPDATE jobs SET progress = ? WHERE job_id = ?", (json.dumps(progress, default=str), job_id))
 
     def get(self, job_id: str) -> JobRecord:
         with self._connect() as db:
@@ -317,11 +339,16 @@ class JobRegistry:
             ).fetchone()
         return self._record(row) if row else None
 
-    def list(self) -> list[JobRecord]:
-        """Every readable job, newest first; the ids of unreadable rows are in `skipped_rows`."""
+    def list(self, *, active_since: float | None = None) -> list[JobRecord]:
+        """Every readable job, newest first (with `active_since`, only those unfinished or ended since);
+        the ids of unreadable rows are in `skipped_rows`."""
         records, self.skipped_rows = [], []
+        query, parameters = "SELECT * FROM jobs", ()
+        if active_since is not None:
+            query += " WHERE state NOT IN (%s) OR ended >= ?" % ",".join("?" * len(FINAL_STATE_VALUES))
+            parameters = (*sorted(FINAL_STATE_VALUES), active_since)
         with self._connect() as db:
-            for row in db.execute("SELECT * FROM jobs ORDER BY started DESC"):
+            for row in db.execute(query + " ORDER BY started DESC", parameters):
                 try:
                     records.append(self._record(row))
                 except (ValueError, TypeError) as exc:  # e.g. a command that is not JSON
@@ -358,8 +385,18 @@ class JobRegistry:
             self.set_state(job.job_id, state)  # a requested stop shows as `stopping` until the end
         return self.get(job_id)
 
-    def refresh_all(self) -> list[JobRecord]:
-        return [self.refresh(job.job_id) for job in self.list()]
+    def list_shown(self) -> list[dict[str, object]]:
+        """Every job as a job list shows it, newest first, straight from the registry (no command parsed,
+        no path built: a list of thousands of jobs stays fast): its JSON_FIELDS, and `progress`, kept
+        when it ended (None while it runs and for jobs that ended before the registry kept it)."""
+        with self._connect() as db:
+            rows = db.execute(f"SELECT {', '.join(JSON_FIELDS)}, progress FROM jobs ORDER BY started DESC").fetchall()
+        return [{**{field: row[field] for field in JSON_FIELDS}, "progress": _progress(row["progress"])} for row in rows]
+
+    def output_dirs(self) -> list[Path]:
+        """Every folder a registered job writes or wrote into."""
+        with self._connect() as db:
+            return [Path(row["output_dir"]) for row in db.execute("SELECT DISTINCT output_dir FROM jobs")]
 
 
 def ensure_output_dir_free(registry: JobRegistry, output_dir: str | os.PathLike) -> None:

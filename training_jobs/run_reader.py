@@ -7,6 +7,9 @@ What a monitor needs from either kind of folder:
   `{name}-step{step:08d}.safetensors` and the final `{name}.safetensors`;
 - the samples in `sample/`: `{name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}][_{n:03d}].png`,
   or `e{epoch:06d}` in place of the step when an epoch triggered them.
+
+Only files inside the folder are read: one that is a symlink to a file elsewhere is left out, as
+if it were not there (the routes and nodes serve what this reads).
 """
 from __future__ import annotations
 
@@ -19,8 +22,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..common.files import IMAGE_SUFFIXES
+from ..common.paths import is_within_directory
 from ..musubi_formats.names import BEST_SUFFIX, SAMPLE_DIR, parse_checkpoint_name, parse_sample_name
-from ..training_contract.protocol import LOG_FILE, read_metrics, read_status
+from ..training_contract.protocol import LOG_FILE, read_metrics, read_status, run_file
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +172,8 @@ def list_checkpoints(output_dir: str | os.PathLike, output_name: str | None = No
     for path in sorted(folder.glob("*.safetensors")):
         if not path.is_file() or path.name.startswith(".") or path.stem.endswith(BEST_SUFFIX):
             continue
+        if not is_within_directory(folder, path):
+            continue
         name, step, epoch, final = parse_checkpoint_name(path.name)
         if output_name is not None and name != output_name:
             continue
@@ -194,14 +200,29 @@ def run_checkpoints(output_dir: str | os.PathLike, status: dict[str, Any] | None
     return list_checkpoints(output_dir, output_name if isinstance(output_name, str) else None)
 
 
+def run_progress(output_dir: str | os.PathLike) -> dict[str, Any]:
+    """Where the run in `output_dir` stands, from its status.json and checkpoint names alone (no
+    metrics file is read): step, total_steps, epoch, loss, face_similarity, latest_checkpoint."""
+    status = normalise_metrics(read_status(output_dir) or {})
+    checkpoints = run_checkpoints(output_dir, status)
+    return {
+        "step": status.get("step"),
+        "total_steps": status.get("total_steps"),
+        "epoch": status.get("epoch"),
+        LOSS: status.get(LOSS),
+        FACE_SIMILARITY: status.get(FACE_SIMILARITY),
+        "latest_checkpoint": checkpoints[-1].filename if checkpoints else None,
+    }
+
+
 def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
     """Sample images in `output_dir/sample/` with musubi names, oldest first."""
     folder = Path(output_dir) / SAMPLE_DIR
-    if not folder.is_dir():
+    if not folder.is_dir() or not is_within_directory(output_dir, folder):
         return []
     samples: list[Sample] = []
     for path in folder.iterdir():
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or not is_within_directory(folder, path):
             continue
         name = parse_sample_name(path)
         if name.layout != "musubi":
@@ -220,7 +241,7 @@ def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
 
 
 def find_event_files(output_dir: str | os.PathLike) -> list[Path]:
-    return sorted(Path(output_dir).rglob("events.out.tfevents.*"))
+    return sorted(p for p in Path(output_dir).rglob("events.out.tfevents.*") if is_within_directory(output_dir, p))
 
 
 def read_tensorboard_metrics(event_files: Iterable[Path]) -> list[dict[str, Any]]:
@@ -287,4 +308,5 @@ def tail_lines(path: str | os.PathLike, lines: int, *, max_bytes: int = 1 << 20)
 
 
 def log_tail(output_dir: str | os.PathLike, lines: int = 50) -> list[str]:
-    return tail_lines(Path(output_dir) / LOG_FILE, lines)
+    path = run_file(output_dir, LOG_FILE)
+    return tail_lines(path, lines) if path is not None else []
