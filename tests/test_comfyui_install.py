@@ -169,8 +169,8 @@ def test_a_job_launched_from_comfyui_runs_with_the_trainer_environments_librarie
     comfyui_libraries = installed_as_manager[1]
     pins = dict(line.split("==") for line in trainer_env.REQUIREMENTS.read_text().splitlines()
                 if line and not line.startswith("#"))
-    tiny_training.install_into_comfyui(typical_comfyui.base)
-    workflow = launch_workflow(tiny_training, "typical_tiny", max_train_steps=4)
+    installed = tiny_training.install_into_comfyui(typical_comfyui.base)
+    workflow = launch_workflow(tiny_training, installed, "typical_tiny", max_train_steps=4)
     workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
 
     outputs = run_prompt(typical_comfyui, workflow)

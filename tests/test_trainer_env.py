@@ -19,6 +19,7 @@ from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.trainer_env import TrainerEnvironmentError
 
 PROBE = "fc_probe_lib"
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_wheel(folder: Path, name: str = PROBE, version: str = "1.0") -> Path:
@@ -182,17 +183,19 @@ def test_an_out_of_date_environment_is_refused_and_set_up_again(tmp_path: Path, 
 def test_the_launch_node_refuses_before_writing_anything(tmp_path: Path, target_env: tuple[Path, Path, dict],
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     from comfy_stubs import set_comfy_base
+    from workflow_runner import load_workflow
 
     from face_consistency.nodes import comfy_env
     from face_consistency.nodes.training import FaceConsistencyTrainLaunch
 
     set_comfy_base(tmp_path / "comfy")
     comfy_env.register_model_folders()
+    inputs = {**load_workflow(REPO_ROOT / "example_workflows" / "api" / "train_launch_monitor.json")["1"]["inputs"],
+              "dataset": str(tmp_path / "comfy" / "input" / "data"), "output_name": "refused", "sample_prompts": ""}
     # set up for another requirements file than the pack's: out of date for the launch
     monkeypatch.setenv(trainer_env.ENV_VARIABLE, str(target_env[0]))
     with pytest.raises(TrainerEnvironmentError, match="out of date.*setup-trainer"):
-        FaceConsistencyTrainLaunch().launch("dit.safetensors", "vae.safetensors", "te.safetensors",
-                                            str(tmp_path / "data"), "refused", False)
+        FaceConsistencyTrainLaunch().launch(**inputs)
     assert not (tmp_path / "comfy" / "output" / "loras" / "refused").exists()
 
 
