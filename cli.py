@@ -10,12 +10,14 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "packs": (".faceid.packs_cli", "list and check InsightFace model packs"),
     "evaluate": (".faceid.evaluate_cli", "score sample folders against controls/references; JSON report and plot"),
     "train": (".trainer.cli", "train a Qwen-Image-Edit LoRA (musubi-tuner flags) with an optional face-identity loss"),
+    "setup-trainer": (".training_jobs.trainer_env_cli",
+                      "install the trainer's libraries into the pack's own environment (for ComfyUI)"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: face-consistency <command> [options]", "", "commands:"]
-    lines += [f"  {name:<10} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
+    lines += [f"  {name:<13} {help_text}" for name, (_, help_text) in SUBCOMMANDS.items()]
     lines += ["", "Run `face-consistency <command> --help` for a command's options."]
     return "\n".join(lines)
 

@@ -34,6 +34,7 @@ from ..training_jobs.jobs import JobRecord
 from ..training_jobs.run_plots import plot_run, plot_scores
 from ..training_jobs.run_reader import log_tail, read_run, run_checkpoints
 from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
+from ..training_jobs.trainer_env import trainer_runtime
 from . import comfy_env
 from .comfy_env import open_registry
 from .imaging import rgb_to_image
@@ -255,6 +256,7 @@ class FaceConsistencyTrainLaunch:
         except ValueError as exc:
             raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
         jobs.check_extra_args(extra)
+        trainer_runtime()  # no trainer's libraries anywhere: refused, naming the setup command, before any write
         model_paths = {}
         for flag, folder, filename in (("--dit", "diffusion_models", dit), ("--vae", "vae", vae),
                                        ("--text_encoder", "text_encoders", text_encoder)):

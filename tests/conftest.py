@@ -3,6 +3,7 @@ the end-to-end tier's count and time in the summary."""
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,9 @@ install_comfy_stubs()
 # Tests never reach the internet: a standard pack missing in a test is an error, not a download
 # from GitHub. Download tests unset this and serve zips from 127.0.0.1 (tests/pack_server.py).
 os.environ["FACE_CONSISTENCY_OFFLINE"] = "1"
+# No trainer environment (a developer's <pack>/trainer_env included): jobs run with this Python, which has the
+# trainer's libraries; tests of the environment name their own folders (tests/test_trainer_env.py).
+os.environ["FACE_CONSISTENCY_TRAINER_ENV"] = str(Path(tempfile.mkdtemp(prefix="no-trainer-env-")) / "none")
 
 
 def _require(path: Path) -> Path:

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
+from face_consistency.training_contract import libraries
 from face_consistency.training_contract.protocol import read_metrics, read_status
-from face_consistency.training_jobs import jobs
+from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
 
@@ -35,7 +36,7 @@ LAUNCHER = textwrap.dedent(
 
 def test_the_trainer_command_uses_this_interpreter_and_the_pack_bootstrap() -> None:
     command = jobs.trainer_command(["--output_dir", "x"])
-    assert command[0] == sys.executable
+    assert command[0] == sys.executable  # it has the trainer's libraries (tests/test_trainer_env.py: the others)
     assert Path(command[1]) == Path(jobs.__file__).resolve().parent.parent / "bootstrap.py"
     assert command[2:] == ["train", "--output_dir", "x"]
 
@@ -59,7 +60,7 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     registry = JobRegistry(registry_path)
     job = registry.get(started["job_id"])
     assert job.pid == started["pid"] and job.output_dir == output_dir.resolve()
-    assert job.command[:3] == [sys.executable, str(jobs.BOOTSTRAP), "train"]
+    assert job.command[:3] == [sys.executable, str(trainer_env.BOOTSTRAP), "train"]
     assert os.getsid(job.pid) == job.pid  # detached: leads its own session
     with pytest.raises(JobConflictError, match="already training into"):
         jobs.launch(registry, output_dir, argv, name="tiny")
@@ -72,6 +73,8 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
         "tiny-step00000002.safetensors", "tiny.safetensors"]  # step 4 is the final file
     assert [m["step"] for m in read_metrics(output_dir)] == [1, 2, 3, 4]
     assert "saved" in (output_dir / "train.log").read_text()
+    # the libraries it ran with, from where (here: this Python's own, no trainer environment)
+    assert read_status(output_dir)["libraries"]["diffusers"] == libraries.versions(["diffusers"])["diffusers"]
     # a finished job leaves the folder free for the next one
     assert JobRegistry(registry_path).list()[0].state == "completed"
 

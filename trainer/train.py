@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from ..common.files import atomic_write_text
 from ..musubi_formats.dataset import DatasetGroup, DatasetItem
 from ..musubi_formats.names import epoch_checkpoint_name, step_checkpoint_name
+from ..training_contract import libraries
 from ..training_contract.model_versions import MODEL_VERSIONS
 from ..training_contract.options import NETWORK_MODULE
 from ..training_contract.protocol import (
@@ -412,6 +413,9 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
         )
         reporter.enabled = accelerator.is_main_process
         reporter.status["num_processes"] = accelerator.num_processes
+        # which libraries, from which folder (the trainer environment's or ComfyUI's), this job runs with
+        reporter.status["libraries"] = libraries.versions()
+        log.info("libraries: %s", ", ".join(libraries.describe(reporter.status["libraries"])))
         if accelerator.is_main_process:
             clear_stop_request(output_dir)
             for leftover in unfinished_saves(output_dir, args.output_name):

@@ -2,9 +2,10 @@
 
 No ComfyUI imports: the node classes and the HTTP routes call this with ComfyUI's folders.
 
-- The child is `[sys.executable, <pack>/bootstrap.py, "train", ...]` (the interpreter running
-  ComfyUI, the pack whatever its folder is called), in its own session / process group so it
-  outlives the prompt and can be ended as a whole tree; stdout and stderr go to `train.log`.
+- The child is `[python, <pack>/bootstrap.py, "train", ...]` (the pack whatever its folder is called;
+  python: the trainer environment's, or the interpreter running ComfyUI when it has the trainer's
+  libraries, see trainer_env.py), in its own session / process group so it outlives the prompt and
+  can be ended as a whole tree; stdout and stderr go to `train.log`.
 - The registry is one SQLite file; it survives restarts. A job whose process is gone without
   a final status is marked failed, with the tail of its log as the reason.
 - Stop: the protocol's STOP file, then wait for the trainer to save and report `stopped`;
@@ -20,7 +21,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -44,11 +44,10 @@ from ..training_contract.protocol import (
     write_status,
 )
 from .run_reader import log_tail, run_progress
+from .trainer_env import trainer_runtime
 
 log = logging.getLogger(__name__)
 
-PACK_DIR = Path(__file__).resolve().parent.parent
-BOOTSTRAP = PACK_DIR / "bootstrap.py"
 REGISTRY_FILENAME = "face_consistency_jobs.sqlite3"
 FAILURE_LOG_LINES = 30
 LAUNCH_WINDOW_S = 60.0  # a reservation without a pid older than this is a launch that crashed
@@ -104,8 +103,10 @@ def _progress(text: str | None) -> dict[str, object] | None:
 
 
 def trainer_command(train_args: Sequence[str]) -> list[str]:
-    """The argument list that runs the bundled trainer with ComfyUI's own interpreter."""
-    return [sys.executable, str(BOOTSTRAP), "train", *map(str, train_args)]
+    """The argument list that runs the bundled trainer: with the trainer environment when it is set up,
+    else with ComfyUI's own interpreter when that has the trainer's libraries; otherwise
+    TrainerEnvironmentError names the setup command."""
+    return trainer_runtime().command("train", *map(str, train_args))
 
 
 # Children this process started, kept so their exit status is collected (no zombies) and
