@@ -237,12 +237,12 @@ def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, d
     (["--face_loss_contrastive_weight", "0.1"], "needs --face_loss_negatives"),
     (["--face_loss_negatives", "{negatives}"], "used only by the contrastive term"),
     (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{missing}"], "folder not found"),
-    (["--face_loss_contrastive_weight", "-1", "--face_loss_negatives", "{negatives}"], "0 or more"),
+    (["--face_loss_contrastive_weight", "-1", "--face_loss_negatives", "{negatives}"], "at least 0"),
     (["--face_loss_contrastive_weight", "nan", "--face_loss_negatives", "{negatives}"], "finite"),
     (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{negatives}", "--face_loss_temperature", "0"],
      "above 0"),
-    (["--face_loss_rollout_steps", "0"], "1 to 8"),
-    (["--face_loss_rollout_steps", "9"], "1 to 8"),
+    (["--face_loss_rollout_steps", "0"], "at least 1 and at most 8"),
+    (["--face_loss_rollout_steps", "9"], "at least 1 and at most 8"),
     (["--face_loss_reference", "mirror"], "--face_loss_reference"),
 ])
 def test_face_loss_variant_flags_are_checked(face_setup, tmp_path, flags, message):
