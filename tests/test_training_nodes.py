@@ -301,59 +301,56 @@ def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
     assert "agreement" not in node.rank(names, scores, [False], reference_agreement=[-1.0])["result"][0]
 
 
+class Launched(Exception):
+    """Raised by the stand-in for jobs.launch, with the trainer command the node built."""
+
+
+def _launch_command(monkeypatch, tiny_training: TinyTraining, comfy: Path, name: str,
+                    **changes: Any) -> tuple[dict[str, Any], list[str]]:
+    """The launch node's inputs (defaults, the tiny run's files, the face loss on) and the command it builds."""
+
+    def capture(registry, output_dir, args, name):
+        raise Launched(args)
+
+    monkeypatch.setattr(training.jobs, "launch", capture)
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
+    inputs = {**{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+              **_tiny_launch_inputs(tiny_training, comfy, name, 0), "enable_face_loss": True}
+    with pytest.raises(Launched) as launched:
+        FaceConsistencyTrainLaunch().launch(**inputs, **changes)
+    return inputs, launched.value.args[0]
+
+
 def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
                                                            monkeypatch) -> None:
     """Both are built from training_contract/options.py: every setting the node shows parses as the flag of its name,
     with the node's value, and the whole command passes the trainer's checks."""
     from face_consistency.trainer.cli import parse_args, validate_args
 
-    class Launched(Exception):
-        pass
-
-    def capture(registry, output_dir, args, name):
-        raise Launched(args)
-
-    monkeypatch.setattr(training.jobs, "launch", capture)
-    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
-    inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
-              **_tiny_launch_inputs(tiny_training, comfy, "tiny_flags", 0), "enable_face_loss": True}
-    with pytest.raises(Launched) as launched:
-        FaceConsistencyTrainLaunch().launch(**inputs)
-    args = parse_args(launched.value.args[0])
+    inputs, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_flags")
+    args = parse_args(command)
     for name in (*training.SETTINGS, *training.FACE_SETTINGS):
         if name != "max_train_epochs" or not inputs.get("max_train_steps"):
             assert getattr(args, name) == inputs[name], name
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
     assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
     assert validate_args(args).model_version == "edit-2509"
+    # the face loss's variants at their defaults add no flag
+    assert not any(arg.startswith(("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive",
+                                   "--face_loss_negatives")) for arg in command)
 
 
 def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
                                                                     faces_dir: Path, monkeypatch) -> None:
     from face_consistency.trainer.cli import parse_args, validate_args
 
-    class Launched(Exception):
-        pass
-
-    def capture(registry, output_dir, args, name):
-        raise Launched(args)
-
-    monkeypatch.setattr(training.jobs, "launch", capture)
-    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
-    inputs = {**{name: spec[1]["default"] for name, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
-              **_tiny_launch_inputs(tiny_training, comfy, "tiny_variants", 0), "enable_face_loss": True}
     negatives = comfy / "input" / "other_people"
     negatives.mkdir()
     (negatives / "biden.jpg").write_bytes((faces_dir / "biden.jpg").read_bytes())
     variants = {"face_loss_reference": "target", "face_loss_rollout_steps": 3, "face_loss_contrastive_weight": 0.1,
                 "face_loss_negatives": str(negatives)}
-    with pytest.raises(Launched) as launched:
-        FaceConsistencyTrainLaunch().launch(**inputs, **variants)
-    args = validate_args(parse_args(launched.value.args[0]))
-    assert {name: getattr(args, name) for name in variants} == {**variants, "face_loss_negatives": str(negatives)}
-
-    with pytest.raises(Launched) as launched:  # the defaults add no flag
-        FaceConsistencyTrainLaunch().launch(**inputs)
-    assert not any(arg.startswith(("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive",
-                                   "--face_loss_negatives")) for arg in launched.value.args[0])
+    _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", **variants)
+    args = validate_args(parse_args(command))
+    assert {name: getattr(args, name) for name in variants} == variants
     with pytest.raises(ValueError, match="needs face_loss_negatives"):
-        FaceConsistencyTrainLaunch().launch(**inputs, face_loss_contrastive_weight=0.1)
+        _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", face_loss_contrastive_weight=0.1)
