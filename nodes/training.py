@@ -144,6 +144,9 @@ FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det
 # The face loss's variants (docs/face-loss.md), optional so that saved workflows keep their widget values.
 FACE_LOSS_VARIANTS = ("face_loss_reference", "face_loss_rollout_steps", "face_loss_contrastive_weight",
                       "face_loss_negatives")
+# Optional inputs after the older ones (saved workflows keep their widget values): the loss, off unless
+# asked for (the evidence has not shown that it helps), and its variants.
+FACE_LOSS_INPUTS = ("use_face_as_loss", *FACE_LOSS_VARIANTS)
 # Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
 PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")
 
@@ -189,8 +192,9 @@ class FaceConsistencyTrainLaunch:
                                                 "and controls/, inside ComfyUI's folders (e.g. input/)."),
                 "output_name": ("STRING", {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."}),
                 **{name: options.node_input(name) for name in SETTINGS},
-                "enable_face_loss": ("BOOLEAN", {"default": True, "tooltip": "The face-identity loss and its "
-                                     "metrics (--enable_face_loss --use_face_as_loss)."}),
+                "enable_face_loss": ("BOOLEAN", {"default": True, "tooltip": "Face-similarity metrics of the x0 "
+                                     "estimates and the samples during training (--enable_face_loss); the loss "
+                                     "itself is the optional use_face_as_loss."}),
                 **{name: _setting_input(name) for name in FACE_SETTINGS},
             },
             "optional": {
@@ -203,7 +207,7 @@ class FaceConsistencyTrainLaunch:
                 "tokenizer": _setting_input("tokenizer"),
                 "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
                                "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
-                **{name: _setting_input(name) for name in FACE_LOSS_VARIANTS},
+                **{name: _setting_input(name) for name in FACE_LOSS_INPUTS},
             },
         }
 
@@ -243,10 +247,11 @@ class FaceConsistencyTrainLaunch:
             pack = str(comfy_env.input_path(pack, "face_model_name"))
         negatives = comfy_env.input_path(settings.get("face_loss_negatives", ""), "face_loss_negatives")
         _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
+        use_loss = bool(settings.get("use_face_as_loss", False))
         variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
-        variants["face_loss_negatives"] = str(negatives) if negatives and enable_face_loss else ""
+        variants["face_loss_negatives"] = str(negatives) if negatives and use_loss else ""
         problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
-        if enable_face_loss and problem:
+        if use_loss and problem:
             raise ValueError(problem.replace("--", ""))
         # every value as the trainer will check it, before anything is written (paths confined above)
         options.check_node_values({**settings, "max_train_steps": max_train_steps, "tokenizer": tokenizer,
@@ -281,8 +286,8 @@ class FaceConsistencyTrainLaunch:
             args += options.to_argv("max_train_steps", max_train_steps)
         if tokenizer_dir is not None:
             args += options.to_argv("tokenizer", str(tokenizer_dir))
-        if enable_face_loss:
-            args += ["--enable_face_loss", "--use_face_as_loss"]
+        if enable_face_loss or use_loss:
+            args += ["--enable_face_loss", *(["--use_face_as_loss"] if use_loss else [])]
             for setting in FACE_SETTINGS:
                 value = pack if setting == "face_model_name" else settings[setting]
                 args += options.to_argv(setting, value.strip() if isinstance(value, str) else value)
@@ -293,7 +298,7 @@ class FaceConsistencyTrainLaunch:
             if not comfy_env.pack_downloads_enabled():
                 args.append("--offline")
             for setting, value in variants.items():
-                if value and value != options.BY_NAME[setting].default:
+                if use_loss and value and value != options.BY_NAME[setting].default:
                     args += options.to_argv(setting, value)
         if sample_prompts.strip():
             prompts = output_dir / SAMPLE_PROMPTS_FILE

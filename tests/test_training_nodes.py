@@ -349,8 +349,13 @@ def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path,
     (negatives / "biden.jpg").write_bytes((faces_dir / "biden.jpg").read_bytes())
     variants = {"face_loss_reference": "target", "face_loss_rollout_steps": 3, "face_loss_contrastive_weight": 0.1,
                 "face_loss_negatives": str(negatives)}
+    _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", use_face_as_loss=True, **variants)
+    args = validate_args(parse_args(command))
+    assert args.use_face_as_loss and {name: getattr(args, name) for name in variants} == variants
+    with pytest.raises(ValueError, match="needs face_loss_negatives"):
+        _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", use_face_as_loss=True,
+                        face_loss_contrastive_weight=0.1)
+    # without the (experimental) loss the variants add nothing: metrics only
     _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", **variants)
     args = validate_args(parse_args(command))
-    assert {name: getattr(args, name) for name in variants} == variants
-    with pytest.raises(ValueError, match="needs face_loss_negatives"):
-        _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", face_loss_contrastive_weight=0.1)
+    assert args.enable_face_loss and not args.use_face_as_loss and args.face_loss_contrastive_weight == 0

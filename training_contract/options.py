@@ -166,7 +166,11 @@ OPTIONS: tuple[Option, ...] = (
     # face identity
     Option("enable_face_loss", bool, "face",
            "face-similarity metrics of the x0 estimates and the samples during training"),
-    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics)"),
+    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics); experimental: not "
+           "shown to help (docs/face-loss.md, \"Does the loss help?\")",
+           node=NodeWidget(False, tooltip="EXPERIMENTAL: add the face-identity loss to training (--use_face_as_loss). "
+                           "It has not been shown to help (docs/face-loss.md); the metrics and checkpoint selection "
+                           "are the recommended use.")),
     Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
            node=NodeWidget(0.1, 0.0, 10.0, 0.01), bounds=Bounds(0, 100)),
     Option("face_model_name", str, "face", "InsightFace model pack (name or folder)", "buffalo_l",
