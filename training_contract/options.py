@@ -172,7 +172,8 @@ OPTIONS: tuple[Option, ...] = (
                            "It has not been shown to help (docs/face-loss.md); the metrics and checkpoint selection "
                            "are the recommended use.")),
     Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
-           node=NodeWidget(0.1, 0.0, 10.0, 0.01), bounds=Bounds(0, 100)),
+           node=NodeWidget(0.1, 0.0, 10.0, 0.01, tooltip="Weight of 1 - cos in the experimental face loss (used "
+                           "only with use_face_as_loss)."), bounds=Bounds(0, 100)),
     Option("face_model_name", str, "face", "InsightFace model pack (name or folder)", "buffalo_l",
            node=NodeWidget("buffalo_l")),
     Option("face_device", str, "face", f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}", "cuda",
