@@ -249,7 +249,7 @@ class FaceConsistencyTrainLaunch:
         _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
         use_loss = bool(settings.get("use_face_as_loss", False))
         variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
-        variants["face_loss_negatives"] = str(negatives) if negatives and use_loss else ""
+        variants["face_loss_negatives"] = str(negatives) if negatives else ""
         problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
         if use_loss and problem:
             raise ValueError(problem.replace("--", ""))
@@ -297,8 +297,9 @@ class FaceConsistencyTrainLaunch:
                 args += ["--face_models_root", str(pack_root or roots[0])]
             if not comfy_env.pack_downloads_enabled():
                 args.append("--offline")
+        if use_loss:
             for setting, value in variants.items():
-                if use_loss and value and value != options.BY_NAME[setting].default:
+                if value and value != options.BY_NAME[setting].default:
                     args += options.to_argv(setting, value)
         if sample_prompts.strip():
             prompts = output_dir / SAMPLE_PROMPTS_FILE
