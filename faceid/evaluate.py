@@ -33,7 +33,7 @@ from .pairing import Pairing, SampleItem, list_images, pair_dirs, pair_sample_fo
 from .plot import is_evaluation_plot
 from .report import build_report
 from .results import DetectedFace, FaceResult, Identity
-from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from .scoring import DEFAULT_COPY_PASTE_THRESHOLD, UNCHANGED_SCORE_FLOOR
 from .similarity import Agreement, Bands, embedding_agreement, mean_identity
 
 log = logging.getLogger(__name__)
@@ -449,6 +449,7 @@ class FolderEvaluation:
                 "judge_reference_agreement": self.judge_agreement.to_dict() if self.judge_agreement else None,
                 "change_threshold": self.copy_paste_threshold,
             },
+            "unchanged": {"change_threshold": self.copy_paste_threshold, "score_floor": UNCHANGED_SCORE_FLOOR},
         }
         return build_report(
             pairs,
@@ -531,12 +532,14 @@ class FolderEvaluation:
         return judged
 
     def _gauge(self, pair: dict[str, Any], item: SampleItem, sample: FileFaces) -> None:
-        """Copy-paste gauge: a sample closer to its control than the reference photos are to each other,
-        with a near-zero face-region change, is flagged. The change is measured only for such samples."""
-        if self.agreement is None:
-            return
-        pair["above_reference_agreement"] = pair["score_control"] > self.agreement.mean
-        if not pair["above_reference_agreement"]:
+        """A sample whose face region is (near-)unchanged from its first control is flagged `unchanged`,
+        with or without reference photos: it scores perfect identity without any edit. With references,
+        one also closer to its control than the references are to each other is a `copy_paste`. The
+        change is measured only where the score makes an unchanged face possible."""
+        above = None
+        if self.agreement is not None:
+            above = pair["above_reference_agreement"] = pair["score_control"] > self.agreement.mean
+        if not above and pair["score_control"] < UNCHANGED_SCORE_FLOOR:
             return
         control = self.store.get(item.controls[0]) or self.store.peek(item.controls[0])
         if control is None or not control.ok or control.kps is None or sample.kps is None:
@@ -547,7 +550,9 @@ class FolderEvaluation:
         change = self._face_changes[key]
         if change is not None:
             pair["face_change"] = round(change, 6)
-            pair["copy_paste"] = change < self.copy_paste_threshold
+            pair["unchanged"] = change < self.copy_paste_threshold
+            if above is not None:
+                pair["copy_paste"] = above and pair["unchanged"]
 
 
 def _face_change(control: FileFaces, sample: FileFaces) -> float | None:

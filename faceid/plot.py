@@ -96,6 +96,7 @@ def _figure(report: dict[str, Any]) -> Any:
             f"n={by_step[key]['count']}", (x, mean), textcoords="offset points", xytext=(0, 8),
             ha="center", fontsize=8,
         )
+    _mark_unchanged(ax_steps, report["unchanged"], dict(zip(keys, xs)), dict(zip(keys, means)))
     if judge and judge["by_step"]:
         _judge_curve(ax_steps, judge, position=dict(zip(keys, xs)))
     ax_steps.legend(loc="lower left", fontsize=8)
@@ -116,6 +117,21 @@ def _figure(report: dict[str, Any]) -> Any:
     if labels is not None:
         ax_prompts.set_xticks(xs, labels)
     return fig
+
+
+def _mark_unchanged(ax: Any, unchanged: dict[str, Any], position: dict[str, float],
+                    mean: dict[str, float]) -> None:
+    """A red cross and count on each step with samples whose face is unchanged from the control:
+    their ~1.0 scores lift the mean without any edit having happened."""
+    keys = [k for k in unchanged["by_step"] if k in position]
+    if not keys:
+        return
+    xs = [position[k] for k in keys]
+    ax.plot(xs, [mean[k] for k in keys], "X", color="tab:red", ms=11, zorder=5,
+            label=f"face unchanged from the control (change < {unchanged['change_threshold']:.2f})")
+    for x, key in zip(xs, keys):
+        ax.annotate(f"{unchanged['by_step'][key]} unchanged", (x, mean[key]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=8, color="tab:red")
 
 
 def _judge_curve(ax: Any, judge: dict[str, Any], position: dict[str, float]) -> None:

@@ -117,6 +117,7 @@ def build_report(
     if meta.get("judge") is not None:
         report["judge"] = _judge_section(pairs, primary, meta["judge"])
     report["copy_paste"] = _copy_paste_section(pairs, meta["copy_paste"])
+    report["unchanged"] = _unchanged_section(pairs, meta["unchanged"])
     return report
 
 
@@ -153,6 +154,21 @@ def _copy_paste_section(pairs: list[dict[str, Any]], gauge: dict[str, Any]) -> d
     }
 
 
+def _unchanged_section(pairs: list[dict[str, Any]], measure: dict[str, Any]) -> dict[str, Any]:
+    """Samples whose face region is (near-)unchanged from their control, counted per step: they score
+    about 1.0 against the control without any edit, so their band says nothing."""
+    samples = [p for p in pairs if p.get("unchanged")]
+    by_step: dict[str, int] = {}
+    for pair in samples:
+        by_step[pair["step_key"]] = by_step.get(pair["step_key"], 0) + 1
+    return {
+        **measure,
+        "count": len(samples),
+        "by_step": {k: by_step[k] for k in sorted(by_step, key=step_sort_key)},
+        "samples": [p["image"] for p in samples],
+    }
+
+
 def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -165,10 +181,13 @@ def summary_table(report: dict[str, Any]) -> str:
         f"({report['model']['pack']}, {report['embedding_size']}-d, {report['provider']})",
         f"{'step':>10} {'n':>5} {'mean ± std':>16} {'min':>7} {'max':>7}  band",
     ]
+    unchanged = report["unchanged"]
     for key, stats in report["by_step"].items():
+        copies = unchanged["by_step"].get(key, 0)
         lines.append(
             f"{key:>10} {stats['count']:>5} {_number(stats['mean']):>8} ± {_number(stats['std']):<5} "
             f"{_number(stats['min']):>7} {_number(stats['max']):>7}  {bands.label(stats['mean'])}"
+            + (f"  ({copies} UNCHANGED)" if copies else "")
         )
     if report["valid_pairs"]:
         lines.append(
@@ -184,6 +203,7 @@ def summary_table(report: dict[str, Any]) -> str:
     if "judge" in report:
         lines += _judge_table(report["judge"])
     lines += _copy_paste_lines(report["copy_paste"])
+    lines += _unchanged_lines(unchanged)
     for failure in report["failures"][:20]:
         lines.append(f"  {failure['kind']}: {failure['file']}: {failure['reason']}")
     if report["failure_count"] > 20:
@@ -232,6 +252,17 @@ def _copy_paste_lines(gauge: dict[str, Any]) -> list[str]:
             f"below {gauge['change_threshold']:.2f}: " + ", ".join(gauge["flagged"][:5])
         )
     return lines
+
+
+def _unchanged_lines(unchanged: dict[str, Any]) -> list[str]:
+    if not unchanged["count"]:
+        return []
+    return [
+        f"UNCHANGED: {unchanged['count']} sample(s) with a face region unchanged from their control (face change "
+        f"below {unchanged['change_threshold']:.2f}): they score about 1.0 without any edit, so their band says "
+        "nothing; a LoRA that returns its input looks like this. " + ", ".join(unchanged["samples"][:5])
+        + (f" and {unchanged['count'] - 5} more" if unchanged["count"] > 5 else "")
+    ]
 
 
 _NUMBER_OR_NULL = {"type": ["number", "null"]}
@@ -302,6 +333,7 @@ _PAIR = {
         "judge_distance": _NUMBER_OR_NULL,
         "above_reference_agreement": {"type": "boolean"},
         "face_change": {"type": "number"},
+        "unchanged": {"type": "boolean"},
         "copy_paste": {"type": "boolean"},
     },
 }
@@ -327,7 +359,7 @@ REPORT_SCHEMA: dict[str, Any] = {
         "tool", "tool_version", "created", "metric", "total_pairs", "valid_pairs", "overall_mean",
         "overall_std", "overall_min", "overall_max", "by_step", "by_prompt", "by_prompt_step",
         "threshold", "bands", "model", "embedding_size", "provider", "det_size", "det_thresh",
-        "inputs", "cache", "failure_count", "failures", "pairs", "copy_paste",
+        "inputs", "cache", "failure_count", "failures", "pairs", "copy_paste", "unchanged",
     ],
     "properties": {
         "tool": {"type": "string"},
@@ -408,6 +440,17 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "above_reference_agreement": {"type": "integer", "minimum": 0},
                 "flagged_count": {"type": "integer", "minimum": 0},
                 "flagged": {"type": "array", "items": {"type": "string"}},
+            },
+        },
+        "unchanged": {
+            "type": "object",
+            "required": ["change_threshold", "score_floor", "count", "by_step", "samples"],
+            "properties": {
+                "change_threshold": {"type": "number"},
+                "score_floor": {"type": "number"},
+                "count": {"type": "integer", "minimum": 0},
+                "by_step": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 1}},
+                "samples": {"type": "array", "items": {"type": "string"}},
             },
         },
         "secondary": {

@@ -26,6 +26,7 @@ from ..training_jobs.checkpoint_scores import (
     best_checkpoint,
     chart_positions,
     copy_as_best,
+    UNCHANGED_NOTE,
     copy_paste_notes,
     format_table,
     group_scores,
@@ -549,15 +550,19 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
     ) -> dict[str, Any]:
         results = group_scores(checkpoint_names, scores)
         best = best_checkpoint(results)
-        notes = {}
         agreement = float(reference_agreement[0]) if reference_agreement else -1.0
-        if agreement >= 0.0:  # -1: the similarity node knew no agreement
-            changes = group_scores(checkpoint_names, _unknown_as_nan(face_change)) if face_change else []
-            notes = copy_paste_notes(results, agreement, changes, DEFAULT_COPY_PASTE_THRESHOLD)
+        changes = group_scores(checkpoint_names, _unknown_as_nan(face_change)) if face_change else []
+        # -1: the similarity node knew no agreement
+        notes = copy_paste_notes(results, agreement if agreement >= 0.0 else None, changes,
+                                 DEFAULT_COPY_PASTE_THRESHOLD)
         table = format_table(results, best, notes)
-        if notes:
-            table += (f"\n{len(notes)} checkpoint(s) score above the reference photos' own agreement "
+        unchanged = sum(note.startswith(UNCHANGED_NOTE) for note in notes.values())
+        if len(notes) > unchanged:
+            table += (f"\n{len(notes) - unchanged} checkpoint(s) score above the reference photos' own agreement "
                       f"{agreement:.3f}: identity no real second photo reaches (see the notes)")
+        if unchanged:
+            table += (f"\n{unchanged} checkpoint(s) return the control's face unchanged: their scores say "
+                      "nothing about likeness (see the notes)")
         if copy_best and copy_best[0]:
             source = comfy_env.full_path(LORAS, best.name)
             if source is None:

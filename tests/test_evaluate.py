@@ -463,3 +463,59 @@ def test_watch_process_stops_cleanly_on_a_real_signal(run, insightface_root, tmp
             process.kill()
     report = json.loads(out.read_text())
     assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
+
+
+# a sample that hands back its control ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unchanged_report(model, tmp_path_factory, faces_dir):
+    """No reference photos: a copy of the control (step 100), the control re-encoded as JPEG q50 (step 200)
+    and a real other photo of the person (step 200), all against the same obama control."""
+    root = tmp_path_factory.mktemp("unchanged")
+    control = reencode(faces_dir / "obama.jpg", root / "controls" / "obama.png")
+    (root / "prompts.txt").write_text("make him smile --d 42 --ci controls/obama.png\n", encoding="utf-8")
+    sample = root / "sample"
+    sample.mkdir()
+    paths = {"copy": sample / f"face_000100_00_{TIME}_42.png", "jpeg": sample / f"face_000200_00_{TIME}_42.png",
+             "other": sample / f"face_000200_00_{TIME}_43.png"}
+    shutil.copy(control, paths["copy"])
+    with Image.open(control) as img:
+        img.save(root / "control.jpg", quality=50)
+    with Image.open(root / "control.jpg") as img:
+        img.save(paths["jpeg"])
+    reencode(faces_dir / "obama3.jpg", paths["other"])
+    sources = EvaluationSources(sample_dir=sample, sample_prompts=root / "prompts.txt", base_dir=root)
+    return FolderEvaluation(model, sources).run_round().report, paths
+
+
+def test_a_copy_of_the_control_is_flagged_without_references(unchanged_report):
+    report, paths = unchanged_report
+    pairs = {p["image"]: p for p in report["pairs"]}
+    copy, jpeg, other = (pairs[str(paths[k])] for k in ("copy", "jpeg", "other"))
+    assert copy["score"] == pytest.approx(1.0, abs=1e-4) and copy["band"] == "excellent"
+    assert copy["unchanged"] and copy["face_change"] < 0.01
+    assert jpeg["unchanged"] and jpeg["score"] > 0.97 and jpeg["face_change"] < 0.10
+    # a real other photo scores far below the measuring floor: its change is not measured, never flagged
+    assert other["score"] < 0.9 and "unchanged" not in other and "face_change" not in other
+    assert "copy_paste" not in copy  # the copy-paste gauge needs reference photos
+    unchanged = report["unchanged"]
+    assert unchanged["count"] == 2 and unchanged["by_step"] == {"100": 1, "200": 1}
+    assert unchanged["samples"] == [str(paths["copy"]), str(paths["jpeg"])]
+    assert validate_schema(report, REPORT_SCHEMA) == []
+    table = summary_table(report)
+    step_rows = {line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in ("100", "200")}
+    assert step_rows["100"].endswith("(1 UNCHANGED)") and step_rows["200"].endswith("(1 UNCHANGED)")
+    assert "UNCHANGED: 2 sample(s)" in table
+
+
+def test_the_plot_marks_unchanged_samples(unchanged_report, tmp_path):
+    report, _ = unchanged_report
+    marked, unmarked = tmp_path / "marked.png", tmp_path / "unmarked.png"
+    write_plot(report, marked)
+    write_plot(dict(report, unchanged=dict(report["unchanged"], by_step={})), unmarked)
+    with Image.open(marked) as a, Image.open(unmarked) as b:
+        assert a.size == b.size == PLOT_SIZE
+        red = [np.sum((arr[..., 0] > 200) & (arr[..., 1] < 80) & (arr[..., 2] < 80))
+               for arr in (np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))]
+    assert red[0] > 50 and red[1] == 0  # tab:red crosses and counts only where samples are unchanged

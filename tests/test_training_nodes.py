@@ -297,8 +297,13 @@ def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
     assert "above the references' agreement 0.730: check by eye" in rows[names[1]]
     assert "agreement" not in rows[names[0]]
     assert "2 checkpoint(s) score above the reference photos' own agreement" in table
-    # without an agreement (the similarity node gives -1) there is no gauge
+    # without an agreement (the similarity node gives -1) there is no gauge, but an unchanged face is still flagged
     assert "agreement" not in node.rank(names, scores, [False], reference_agreement=[-1.0])["result"][0]
+    table = node.rank(names, scores, [False], reference_agreement=[-1.0], face_change=changes)["result"][0]
+    rows = {row.split()[0]: row for row in table.splitlines()[1:] if row.startswith("r/")}
+    assert "UNCHANGED face (change 0.015 < 0.10)" in rows[names[2]]
+    assert "UNCHANGED" not in rows[names[0]] + rows[names[1]] and "agreement" not in table
+    assert "1 checkpoint(s) return the control's face unchanged" in table
 
 
 class Launched(Exception):

@@ -96,24 +96,32 @@ def chart_positions(results: Sequence[CheckpointScore]) -> tuple[list[float], st
     return [float(i) for i in range(len(results))], "checkpoint (saved order)"
 
 
+UNCHANGED_NOTE = "UNCHANGED face"
+
+
 def copy_paste_notes(
-    results: Sequence[CheckpointScore], agreement: float, changes: Sequence[CheckpointScore] = (),
+    results: Sequence[CheckpointScore], agreement: float | None, changes: Sequence[CheckpointScore] = (),
     change_threshold: float = 0.10,
 ) -> dict[str, str]:
     """Checkpoint name -> a warning where its mean score is above the reference photos' own agreement
-    (`agreement`: real photos of the person agree this much), which real second photos do not reach;
-    COPY? where its face change (`changes`, grouped like the scores, NaN unknown) is also near zero."""
+    (`agreement`: real photos of the person agree this much; None unknown), which real second photos do
+    not reach; COPY? where its face change (`changes`, grouped like the scores, NaN unknown) is also near
+    zero. A near-zero face change alone, with or without an agreement, is UNCHANGED: a LoRA that
+    returns its input scores about 1.0 against the control."""
     change_of = {c.name: c.mean for c in changes}
     notes = {}
     for r in results:
-        if not (math.isfinite(r.mean) and r.mean > agreement):
-            continue
         change = change_of.get(r.name, math.nan)
-        if math.isfinite(change) and change < change_threshold:
+        unchanged = math.isfinite(change) and change < change_threshold
+        above = agreement is not None and math.isfinite(r.mean) and r.mean > agreement
+        if above and unchanged:
             notes[r.name] = (f"COPY? above the references' agreement {agreement:.3f} with face change {change:.3f} "
                              f"< {change_threshold:.2f}")
-        else:
+        elif above:
             notes[r.name] = f"above the references' agreement {agreement:.3f}: check by eye"
+        elif unchanged:
+            notes[r.name] = (f"{UNCHANGED_NOTE} (change {change:.3f} < {change_threshold:.2f}): "
+                             "the samples return the control's face")
     return notes
 
 
