@@ -14,6 +14,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # what ComfyUI and other packs commonly depend on (tests/test_comfyui_install.py checks none of them moves)
 PROTECTED = {"torch", "torchvision", "numpy", "pillow", "transformers", "huggingface-hub", "tokenizers",
              "safetensors", "pydantic", "aiohttp"}
+# registry metadata, not a library the pack imports: the Comfy Registry reads the supported frontend
+# versions from this dependency (tests/test_registry_metadata.py)
+REGISTRY_FRONTEND = "comfyui-frontend-package"
 OPENCV = {"opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"}
 
 
@@ -34,7 +37,9 @@ def test_comfyui_requirements_are_the_packages_own_minus_torch_and_the_trainers(
     standalone = pyproject_dependencies()
     for name, requirement in comfyui.items():
         assert str(standalone[name]) == str(requirement), name  # same floor and marker in both
-    assert set(standalone) - set(comfyui) == {"torch", "torchvision"} | (set(trainer) & set(standalone))
+    assert set(standalone) - set(comfyui) == (
+        {"torch", "torchvision", REGISTRY_FRONTEND} | (set(trainer) & set(standalone))
+    )
 
 
 def test_comfyui_requirements_move_nothing_comfyui_has_and_name_no_opencv() -> None:
