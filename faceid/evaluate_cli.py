@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     scoring.add_argument(
         "--copy_paste_threshold", type=float, default=DEFAULT_COPY_PASTE_THRESHOLD,
-        help="face change (1 - SSIM) below which a sample scoring above the --reference photos' own agreement "
-        f"is flagged as a copy of its control (default {DEFAULT_COPY_PASTE_THRESHOLD})",
+        help="face change (1 - SSIM) below which a sample is flagged UNCHANGED (its control's face handed "
+        "back), and, scoring above the --reference photos' own agreement, as a copy of its control "
+        f"(default {DEFAULT_COPY_PASTE_THRESHOLD})",
     )
     scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
     scoring.add_argument(

@@ -144,3 +144,17 @@ def test_save_report_into_a_folder_or_under_a_file_fails_before_scoring(model, r
     with pytest.raises(Exception, match=r"save_report's plot .*plot_taken.png is a folder"):
         _score(model, run, save_report="plot_taken.json")
     assert (output / "a_file").read_text() == "keep"
+
+
+def test_node_flags_a_sample_that_hands_back_its_control(model, faces_dir, tmp_path):
+    set_comfy_base(tmp_path / "comfy")
+    folder = comfy_env.output_directory() / "copy_run"
+    control = reencode(faces_dir / "obama.jpg", folder / "control.png")
+    reencode(faces_dir / "obama.jpg", folder / "sample" / f"face_000100_00_{TIME}_42.png")  # the control again
+    (folder / "prompts.txt").write_text(f"an edit --d 42 --ci {control}\n", encoding="utf-8")
+    out = FaceConsistencyScoreFolder().score_folder(
+        model, str(folder / "sample"), 0.5, sample_prompts=str(folder / "prompts.txt"))
+    report = json.loads(out["result"][0])
+    assert report["pairs"][0]["band"] == "excellent" and report["pairs"][0]["unchanged"]
+    assert report["unchanged"]["by_step"] == {"100": 1}
+    assert "(1 UNCHANGED)" in out["ui"]["text"][0] and "UNCHANGED: 1 sample(s)" in out["ui"]["text"][0]
