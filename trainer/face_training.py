@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
-from ..faceid.pairing import list_images
 from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
 from ..faceid.pack_download import TerminalProgress
+from ..faceid.pairing import list_images
 from ..faceid.report import summarize
 from ..faceid.results import JudgeIdentity
 from ..musubi_formats.dataset import DatasetItem
@@ -206,8 +206,6 @@ class FaceIdentityHook(TrainingHook):
                  rollout_steps: int = 1, negatives: torch.Tensor | None = None) -> None:
         if decode not in FACE_DECODE_MODES:
             raise ValueError(f"face decode mode must be one of {', '.join(FACE_DECODE_MODES)}, got {decode!r}")
-        if use_loss and training.loss.contrastive_weight > 0 and negatives is None:
-            raise ValueError("the contrastive face loss needs embeddings of other people (negatives)")
         self.reference = reference
         self.rollout_steps = rollout_steps
         self.negatives = negatives
