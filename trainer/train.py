@@ -259,7 +259,6 @@ def attention_mask(mask: torch.Tensor) -> torch.Tensor | None:
     return None if bool(mask.all()) else mask
 
 
-
 # --------------------------------------------------------------------------- the run
 
 
