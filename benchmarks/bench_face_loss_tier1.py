@@ -89,13 +89,12 @@ import os
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from face_consistency.common.files import atomic_write_json
@@ -651,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch {args.lora_batch} on "
           f"{len(lora)} people; samples {args.sample_steps} Euler steps; 64 px")
-    print(f"calibration: " + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})"
+    print("calibration: " + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})"
                                         for k, c in calibration.items()))
     print(f"headroom (dlib_view): known target {headroom['ceiling']:.3f}, MSE arm {headroom['mse']:.3f}, "
           f"copying the control {headroom['copy_control']:.3f}; gap {headroom['gap']:+.4f} "
@@ -682,7 +681,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     atomic_write_json(out / "manifest.json", manifest)
     total = time.monotonic() - start
-    print(f"stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
+    print("stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total / 60:.1f} min")
     print(f"images and manifest: {out}; load average {os.getloadavg()[1]:.1f} (5 min) on {os.cpu_count()} cores")
 
 

@@ -150,7 +150,7 @@ def test_watch_needs_a_finite_positive_interval(insightface_root, pairs, tmp_pat
     out = tmp_path / "r.json"
     assert _evaluate(pairs, insightface_root, "--output_json", str(out), "--watch", value) == 2
     line = _error_line(capsys)
-    assert f"--watch must be " in line and f"got {value}" in line and "above 0" in line
+    assert "--watch must be " in line and f"got {value}" in line and "above 0" in line
     assert not out.exists()
 
 
