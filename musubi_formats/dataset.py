@@ -446,9 +446,11 @@ def write_dataset_config(path: str | Path, general: dict[str, Any], datasets: li
     return target
 
 
-def dataset_config_for(dataset: str, output_dir: Path, resolution: int) -> Path:
+def dataset_config_for(dataset: str, output_dir: Path, resolution: int, name: str = "dataset") -> Path:
     """The dataset TOML for `dataset`: the .toml given, the folder's own `dataset.toml`, or one written
-    into `output_dir` for the folder (square `resolution`, buckets on, cache in `output_dir/cache`).
+    into `output_dir` for the folder (`{name}.toml`; square `resolution`, buckets on, cache in
+    `output_dir/cache`, or `output_dir/{name}_cache` for another `name`, so that held-out items named
+    like training items keep their own cache files).
 
     A folder without a TOML holds targets + captions in `images/` (or the folder itself) and the
     control images in `controls/` (or `control/`), paired by name the musubi way.
@@ -469,7 +471,7 @@ def dataset_config_for(dataset: str, output_dir: Path, resolution: int) -> Path:
         )
     general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
                "enable_bucket": True, "bucket_no_upscale": False}
-    return write_dataset_config(output_dir / "dataset.toml", general, [{
+    return write_dataset_config(output_dir / f"{name}.toml", general, [{
         "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
-        "cache_directory": str(output_dir / "cache"), "num_repeats": 1,
+        "cache_directory": str(output_dir / ("cache" if name == "dataset" else f"{name}_cache")), "num_repeats": 1,
     }])

@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..common.files import IMAGE_SUFFIXES
 from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
 from ..faceid.judge import DlibJudge, JudgeNotInstalledError, load_judge, verdict
 from ..faceid.pack_download import TerminalProgress
@@ -81,10 +80,6 @@ def thumbnail(path: Path) -> np.ndarray:
     grey -= grey.mean()
     norm = np.linalg.norm(grey)
     return grey / norm if norm > 0 else grey
-
-
-def list_reference_photos(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class SampleEvidence:

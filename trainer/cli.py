@@ -44,7 +44,8 @@ from ..training_contract.options import (
     check_values,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
-from .checkpoint_eval import build_sample_evidence, list_reference_photos
+from ..faceid.pairing import list_images
+from .checkpoint_eval import build_sample_evidence
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
 from .sampling import PromptFileError, load_prompt_file
@@ -304,7 +305,7 @@ def _likeness_references(args: argparse.Namespace, group: DatasetGroup, prompts:
         raise ConfigError(f"--likeness_references {folder}: folder not found")
     if not args.sample_prompts:
         raise ConfigError("--likeness_references scores each checkpoint's samples: it needs --sample_prompts")
-    photos = list_reference_photos(folder)
+    photos = list_images(folder)
     if not photos:
         raise ConfigError(f"--likeness_references {folder}: no images in it")
     used = {item.target.resolve(): "a training target" for item in group.items}
