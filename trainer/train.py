@@ -488,7 +488,8 @@ class TrainingRun:
         self.table = CheckpointTable(sigmas=tuple(args.validation_sigmas),
                                      references=len(getattr(args, "likeness_reference_paths", [])),
                                      validation_items=len(held_out))
-        self.evaluation_seconds = 0.0  # validation and checkpoint scoring, the share of the run they cost
+        # what validation and the checkpoints' samples and scoring cost, against the run's time
+        self.validation_seconds = self.checkpoint_scoring_seconds = 0.0
 
     def run(self) -> JobState:
         if self.args.blocks_to_swap and self.accelerator.num_processes > 1:
@@ -780,7 +781,7 @@ class TrainingRun:
             losses = self.validation.measure(
                 collate, lambda batch: batch_velocity(model, self.accelerator, batch, self.device), self.device)
             model.train()
-            self.evaluation_seconds += time.perf_counter() - started
+            self.validation_seconds += time.perf_counter() - started
             self.validated[step] = losses
             self.reporter.metrics({"step": step, **losses})
             self.reporter.update(**losses)
@@ -810,13 +811,14 @@ class TrainingRun:
                 row.note = f"{row.near_copies} sample(s) near-copy a training target"
         self.table.rows = [r for r in self.table.rows if r.step != step or r.name != row.name] + [row]
         write_table(self.output_dir, self.table)
-        self.evaluation_seconds += time.perf_counter() - started
+        self.checkpoint_scoring_seconds += time.perf_counter() - started
         chosen = self.table.recommendation()
         log.info("checkpoints so far:\n%s", format_table(self.table))
         self.reporter.update(recommendation=chosen.reason if chosen else None,
                              recommended_checkpoint=chosen.name if chosen else None,
-                             evaluation_seconds=round(self.evaluation_seconds, 3),
-                             training_seconds=round(time.time() - self.started, 3))
+                             validation_seconds=round(self.validation_seconds, 3),
+                             checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
+                             run_seconds=round(time.time() - self.started, 3))
 
     def sample(self, epoch: int | None) -> None:
         """Draw the sample prompts with the current LoRA (main process) and pass the images to the hooks."""
