@@ -96,12 +96,16 @@ def main() -> None:
               f"{chosen.step})")
         run_seconds = status.get("run_seconds") or wall
         validation, scoring = status.get("validation_seconds", 0.0), status.get("checkpoint_scoring_seconds", 0.0)
+        sampling = status.get("checkpoint_sampling_seconds", 0.0)
         print(f"\ncost (the trainer's timers, of {run_seconds:.1f} s from start to the last checkpoint; "
               f"{wall:.1f} s wall in all):")
         print(f"  validation loss ({len(rows)} x {options.held_out} items x {len(table.sigmas)} sigmas): "
               f"{validation:.2f} s = {100 * validation / run_seconds:.1f} %")
-        print(f"  samples drawn and scored for the checkpoints: {scoring:.2f} s = {100 * scoring / run_seconds:.1f} %")
-        print(json.dumps({"validation_share": validation / run_seconds, "scoring_share": scoring / run_seconds,
+        print(f"  samples drawn for the checkpoints ({len(rows)} rounds, none fell on a checkpoint's step): "
+              f"{sampling:.2f} s = {100 * sampling / run_seconds:.1f} %")
+        print(f"  scoring them and writing checkpoints.json: {scoring:.2f} s = {100 * scoring / run_seconds:.1f} %")
+        print(json.dumps({"validation_share": validation / run_seconds, "sampling_share": sampling / run_seconds,
+                          "scoring_share": scoring / run_seconds,
                           "kept_step": chosen.step, "rise_after": rise.step if rise else None}))
 
 

@@ -489,7 +489,7 @@ class TrainingRun:
                                      references=len(getattr(args, "likeness_reference_paths", [])),
                                      validation_items=len(held_out))
         # what validation and the checkpoints' samples and scoring cost, against the run's time
-        self.validation_seconds = self.checkpoint_scoring_seconds = 0.0
+        self.validation_seconds = self.checkpoint_sampling_seconds = self.checkpoint_scoring_seconds = 0.0
 
     def run(self) -> JobState:
         if self.args.blocks_to_swap and self.accelerator.num_processes > 1:
@@ -796,11 +796,13 @@ class TrainingRun:
         to the training targets), the table rewritten and the checkpoint to keep logged and reported."""
         step = self.progress["step"]
         losses = self.validate()
-        started = time.perf_counter()
         if self.samples and step not in self.sampled:  # every process: sampling waits for them all
+            started = time.perf_counter()
             self.sample(epoch)
+            self.checkpoint_sampling_seconds += time.perf_counter() - started
         if not self.accelerator.is_main_process:
             return
+        started = time.perf_counter()
         row = CheckpointRow(lora_file.name, step, epoch, validation_loss={
             key.rsplit("_", 1)[1]: value for key, value in losses.items() if key != "val_loss"} or None)
         evidence = getattr(self.args, "sample_evidence", None)
@@ -817,6 +819,7 @@ class TrainingRun:
         self.reporter.update(recommendation=chosen.reason if chosen else None,
                              recommended_checkpoint=chosen.name if chosen else None,
                              validation_seconds=round(self.validation_seconds, 3),
+                             checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
                              checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
                              run_seconds=round(time.time() - self.started, 3))
 
