@@ -8,7 +8,13 @@ random tiny Qwen-Image-Edit models of tests/tiny_qwen.py: a handful of synthetic
 trained for many epochs, `--held_out` other pairs as a validation dataset (never trained on), a
 checkpoint every `--save_every` epochs, and one sample prompt that starts from a training item's
 control with that item's caption (the sample a LoRA that memorises its data turns into the
-training target). Printed: the trainer's table (validation loss per sigma, nearest training
+training target). The held-out pairs are the training items' controls and captions with other
+targets: what a LoRA learns that holds for both lowers their loss, memorising the training targets
+raises it. The random tiny VAE maps every image to nearly the same latent (two items' latents differ
+by a standard deviation of 0.02 against 0.42 overall), which leaves nothing to memorise: each target
+is therefore a random latent decoded by the tiny VAE, and after a first one-step run has cached the
+dataset its cached latents are rewritten to those random latents (their fingerprints kept, so the
+run reuses them). A LoRA that memorises then draws the training target's image. Printed: the trainer's table (validation loss per sigma, nearest training
 target per checkpoint, the note), the checkpoint it keeps and why, three checks (the validation
 loss turns up; the samples' similarity to the nearest training target rises; the kept checkpoint
 is the last before the rise) and what validation and the per-checkpoint samples and scoring cost
@@ -45,6 +51,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the run here (default: a temporary folder)")
     options = parser.parse_args()
 
+    from PIL import Image
     from tiny_qwen import TINY_TRANSFORMER_CONFIG, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 
     from face_consistency.cli import main as cli_main
@@ -58,7 +65,17 @@ def main() -> None:
                       "axes_dims_rope": [8, 12, 12]}
         files = write_tiny_model_files(root / "models", transformer_config=dit_config)
         dataset = write_tiny_dataset(root / "train", n=options.items, size=size, seed=0)
-        held_out = write_tiny_dataset(root / "held_out", n=options.held_out, size=size, seed=1)
+        # held out: other targets for the training items' own controls and captions, so that the only way
+        # a LoRA can do better on the training items than on these is to memorise the training targets
+        others = write_tiny_dataset(root / "other_targets", n=options.held_out, size=size, seed=1).parent
+        pairs = []
+        for index in range(options.held_out):
+            with Image.open(others / "images" / f"item_{index}.png") as target, \
+                    Image.open(root / "train" / "controls" / f"item_{index % options.items}.png") as control:
+                pairs.append((target.copy(), control.copy()))
+        held_out = write_tiny_dataset(root / "held_out", n=options.held_out, size=size, pairs=pairs)
+        decoded_targets = distinct_targets(files, [root / "train", root / "held_out"], [options.items, options.held_out],
+                                           options.size)
         prompts = root / "prompts.txt"
         control = root / "train" / "controls" / "item_0.png"
         prompts.write_text(f"tiny edit number 0 --w {options.size} --h {options.size} --s {options.sample_steps} "
@@ -70,6 +87,11 @@ def main() -> None:
             "--network_alpha", str(options.network_dim), "--max_train_epochs", str(options.epochs),
             "--save_every_n_epochs", str(options.save_every), "--sample_prompts", str(prompts),
             "--validation_dataset_config", str(held_out)])
+        first = tiny_train_argv(files, dataset, root / "caching_pass", max_train_steps=1,
+                                extra=["--validation_dataset_config", str(held_out)])
+        if cli_main(["train", *first]) != 0:
+            raise SystemExit("the caching pass failed")
+        rewrite_cached_latents(decoded_targets)
         started = time.perf_counter()
         rc = cli_main(["train", *argv])
         wall = time.perf_counter() - started
@@ -107,6 +129,42 @@ def main() -> None:
         print(json.dumps({"validation_share": validation / run_seconds, "sampling_share": sampling / run_seconds,
                           "scoring_share": scoring / run_seconds,
                           "kept_step": chosen.step, "rise_after": rise.step if rise else None}))
+
+
+def distinct_targets(files, folders: list[Path], counts: list[int], size: int) -> dict[Path, "torch.Tensor"]:
+    """Each target image of the `folders`' datasets replaced by a random latent decoded by the tiny VAE;
+    returns target image -> its latent (as the cache holds latents: normalised, [16, 1, h, w])."""
+    import torch
+
+    from face_consistency.trainer import models
+    from face_consistency.trainer.sampling import decode_to_pil
+
+    vae = models.load_vae(str(files.vae), torch.float32, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    latents = {}
+    for folder, count in zip(folders, counts):
+        for index in range(count):
+            latent = torch.randn(1, 16, 1, size // 8, size // 8, generator=generator)
+            path = folder / "images" / f"item_{index}.png"
+            with torch.no_grad():
+                decode_to_pil(vae, latent).save(path)
+            latents[path] = latent[0]
+    return latents
+
+
+def rewrite_cached_latents(latents: dict[Path, "torch.Tensor"]) -> None:
+    """Put each target's random latent into its cache file, keeping the file's fingerprint."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for image, latent in latents.items():
+        (cache,) = (image.parent.parent / "cache").glob(f"{image.stem}_*_qi.safetensors")
+        with safe_open(str(cache), "pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        assert tensors["latents"].shape == latent.shape, (tensors["latents"].shape, latent.shape)
+        tensors["latents"] = latent.to(tensors["latents"].dtype).contiguous()
+        save_file(tensors, str(cache), metadata=metadata)
 
 
 if __name__ == "__main__":
