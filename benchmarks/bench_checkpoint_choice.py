@@ -1,7 +1,7 @@
 """Over-training on the tiny models: does checkpoints.json see it, and which checkpoint does it keep?
 
-    /work/venv/bin/python benchmarks/bench_checkpoint_choice.py [--items 3] [--held_out 2] [--epochs 60]
-        [--save_every 5] [--learning_rate 3e-3] [--size 64] [--out DIR]
+    /work/venv/bin/python benchmarks/bench_checkpoint_choice.py [--items 2] [--held_out 2] [--epochs 400]
+        [--save_every 50] [--learning_rate 1e-2] [--network_dim 64] [--heads 4] [--size 64] [--out DIR]
 
 One real run of `face-consistency train` (in this process, on the CPU or the GPU there is) on the
 random tiny Qwen-Image-Edit models of tests/tiny_qwen.py: a handful of synthetic training pairs
@@ -37,17 +37,17 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=3, help="training pairs")
+    parser.add_argument("--items", type=int, default=2, help="training pairs")
     parser.add_argument("--held_out", type=int, default=2, help="validation pairs (other images)")
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--save_every", type=int, default=5, help="a checkpoint every N epochs")
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
-    parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--epochs", type=int, default=400)
+    parser.add_argument("--save_every", type=int, default=50, help="a checkpoint every N epochs")
+    parser.add_argument("--learning_rate", type=float, default=1e-2)
+    parser.add_argument("--network_dim", type=int, default=64)
     parser.add_argument("--heads", type=int, default=4, help="attention heads of 32 dims each (the test models "
                         "have 2 of 16: a 32-wide DiT cannot even pass the 64-dim latent tokens through, let "
                         "alone memorise them)")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
-    parser.add_argument("--sample_steps", type=int, default=8)
+    parser.add_argument("--sample_steps", type=int, default=4)
     parser.add_argument("--out", type=Path, help="keep the run here (default: a temporary folder)")
     options = parser.parse_args()
 

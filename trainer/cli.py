@@ -109,7 +109,8 @@ def _config_type_error(option: Option, value: Any) -> str | None:
     if option.many:
         if isinstance(value, list) and all(fits(item) for item in value):
             return None
-        return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. [\"key=value\"], got {value!r}"
+        example = '["key=value"]' if option.kind is str else "[1.0, 0.5]"
+        return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. {example}, got {value!r}"
     return None if fits(value) else f"must be {kind}, got {value!r}"
 
 
