@@ -15,7 +15,9 @@ control larger than its target (trainer/positions.py). This prints:
    diffusers'. The DiT is the tests' tiny random one with the real head width and rope layout
    (128 = 16 + 56 + 56), so that positions weigh as they do in the real model.
 
-A LoRA works in ComfyUI under ComfyUI's positions; the figure that decides is its loss there.
+A LoRA works in ComfyUI under ComfyUI's positions: the figures that decide are the loss a LoRA
+trained under diffusers' positions loses when run under ComfyUI's, beside how far two training runs
+that differ only in the convention end apart.
 """
 from __future__ import annotations
 
@@ -113,11 +115,12 @@ def main() -> None:
     print(f"{'LoRA':>24} | {'loss, ComfyUI positions':>24} | {'loss, diffusers positions':>26}")
     for name, row in rows.items():
         print(f"{name:>24} | {row['comfyui']:24.6f} | {row['diffusers']:26.6f}")
-    gain = rows["base (no LoRA)"]["comfyui"] - rows["trained with comfyui"]["comfyui"]
-    gap = rows["trained with diffusers"]["comfyui"] - rows["trained with comfyui"]["comfyui"]
-    print(f"in ComfyUI: training with diffusers' positions loses {gap:.6f} of the {gain:.6f} that training with "
-          f"ComfyUI's gains ({100 * gap / gain:.3f}%)")
-
+    matched, crossed = rows["trained with comfyui"], rows["trained with diffusers"]
+    penalty = crossed["comfyui"] - crossed["diffusers"]
+    between = crossed["comfyui"] - matched["comfyui"]
+    print(f"the diffusers-trained LoRA run under ComfyUI's positions instead of its own: {penalty:+.6f} "
+          f"({100 * penalty / crossed['diffusers']:+.4f}%); the two LoRAs under ComfyUI's positions differ by "
+          f"{between:+.6f} ({100 * between / matched['comfyui']:+.3f}%), the training runs' own spread")
 
 if __name__ == "__main__":
     main()
