@@ -129,3 +129,21 @@ def test_positions_swap_on_the_transformer_and_back():
     assert type(model.pos_embed) is type(original)
     with pytest.raises(ValueError, match="comfyui, diffusers"):
         set_positions(model, "flux")
+
+
+def test_training_numbers_positions_as_its_flag_says(tmp_path):
+    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+    from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
+
+    from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
+    from face_consistency.trainer.train import prepare_transformer
+
+    files = write_tiny_model_files(tmp_path / "models")
+    argv = tiny_train_argv(files, write_tiny_dataset(tmp_path / "data", n=1), tmp_path / "out")
+    assert validate_args(parse_args(argv)).rope_positions == "comfyui"  # the default
+    for convention, expected in (("comfyui", ComfyUIRope), ("diffusers", QwenEmbedRope)):
+        args = validate_args(parse_args([*argv, "--rope_positions", convention]))
+        transformer, _ = prepare_transformer(args, torch.device("cpu"), torch.float32)
+        assert type(transformer.pos_embed) is expected
+    with pytest.raises(ConfigError, match="--rope_positions 'flux': choose one of comfyui, diffusers"):
+        validate_args(parse_args([*argv, "--rope_positions", "flux"]))
