@@ -6,7 +6,8 @@ in a subprocess, so ComfyUI's global settings stay out of the test process):
     python tests/comfyui_sampling_parity.py COMFYUI_DIR CASES_JSON
 
 CASES_JSON is a list of cases, each {"name", "width", "height", "references": [[w, h], ...] (px),
-"steps", "shift_terminal", "cfg"} and optionally "before_shift_terminal" (the old default's). For each, a random 1-block Qwen-Image DiT (float32, CPU) loads
+"steps", "shift_terminal", "cfg"} and optionally "before_shift_terminal" (the old default's).
+For each, a random 1-block Qwen-Image DiT (float32, CPU) loads
 into diffusers' class (the trainer's) and ComfyUI's; the trainer draws with `trainer/sampling.py`'s
 `denoise`, ComfyUI with its nodes as a graph would: ModelSamplingAuraFlow(3.0) and CFGNorm(1.0) on the
 model, TextEncodeQwenImageEditPlus-style conditioning (reference latents), then KSampler euler/simple,
@@ -44,7 +45,8 @@ def comfyui_model(state_dict: dict[str, torch.Tensor]):
     model = config.get_model({})
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise SystemExit(f"ComfyUI's model does not take diffusers' keys: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise SystemExit(f"ComfyUI's model does not take diffusers' keys: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]}")
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 

@@ -83,9 +83,11 @@ def comfyui_positions(shapes, text_tokens):
 
 def rope_of(ids, rope):
     """The rotary frequencies of explicit positions, from rope_params as diffusers computes them."""
-    columns = [torch.cat([rope.rope_params(torch.tensor([p]), dim, rope.theta) for p, dim in zip(position, rope.axes_dim)],
-                         dim=1)[0] for position in ids]
-    return torch.stack(columns)
+    def row(position):
+        return torch.cat([rope.rope_params(torch.tensor([p]), dim, rope.theta)
+                          for p, dim in zip(position, rope.axes_dim)], dim=1)[0]
+
+    return torch.stack([row(position) for position in ids])
 
 
 AXES = [4, 6, 6]

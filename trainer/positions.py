@@ -34,16 +34,18 @@ class ComfyUIRope(QwenEmbedRope):
         shapes = video_fhw[0] if isinstance(video_fhw, list) else video_fhw  # one sample's shapes, as diffusers
         if not isinstance(shapes, list):
             shapes = [shapes]
-        pos_freqs, neg_freqs = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        tables = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        pos_freqs, neg_freqs = tables
         # row TABLE_SIZE + p of this table is position p, negative or not
         signed = torch.cat([neg_freqs, pos_freqs], dim=0)
         frame_axis, height_axis, width_axis = signed.split([d // 2 for d in self.axes_dim], dim=1)
         image_freqs = []
         for index, (frames, height, width) in enumerate(shapes):
             rows = TABLE_SIZE + torch.arange(index, index + frames, device=signed.device)
-            f = frame_axis[rows].view(frames, 1, 1, -1).expand(frames, height, width, -1)
-            h = height_axis[TABLE_SIZE + _centred(height, signed.device)].view(1, height, 1, -1).expand(frames, height, width, -1)
-            w = width_axis[TABLE_SIZE + _centred(width, signed.device)].view(1, 1, width, -1).expand(frames, height, width, -1)
+            grid = (frames, height, width, -1)
+            f = frame_axis[rows].view(frames, 1, 1, -1).expand(grid)
+            h = height_axis[TABLE_SIZE + _centred(height, signed.device)].view(1, height, 1, -1).expand(grid)
+            w = width_axis[TABLE_SIZE + _centred(width, signed.device)].view(1, 1, width, -1).expand(grid)
             image_freqs.append(torch.cat([f, h, w], dim=-1).reshape(frames * height * width, -1))
         _, out_height, out_width = shapes[0]
         text_start = max(out_height // 2, out_width // 2)
