@@ -21,7 +21,8 @@ import pytest
 
 from comfyui_server import comfyui_dir
 
-pytestmark = [pytest.mark.e2e, pytest.mark.trainer]
+# not marked `trainer`: CI's run at the minimum library versions has no ComfyUI requirements to import ComfyUI with
+pytestmark = pytest.mark.e2e
 
 SCRIPT = Path(__file__).resolve().parent / "comfyui_sampling_parity.py"
 TOLERANCE = 1e-5  # relative, on the final latents
