@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
+from diffusers.utils.torch_utils import lru_cache_unless_export
 
 from ..training_contract.options import ROPE_POSITIONS
 TABLE_SIZE = 4096  # QwenEmbedRope's pos_freqs / neg_freqs rows
@@ -34,10 +35,17 @@ class ComfyUIRope(QwenEmbedRope):
         shapes = video_fhw[0] if isinstance(video_fhw, list) else video_fhw  # one sample's shapes, as diffusers
         if not isinstance(shapes, list):
             shapes = [shapes]
-        tables = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
-        pos_freqs, neg_freqs = tables
-        # row TABLE_SIZE + p of this table is position p, negative or not
-        signed = torch.cat([neg_freqs, pos_freqs], dim=0)
+        pos_freqs, _ = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        _, out_height, out_width = shapes[0]
+        text_start = max(out_height // 2, out_width // 2)
+        text_freqs = pos_freqs[text_start: text_start + int(max_txt_seq_len)]
+        return self._image_freqs(tuple(tuple(shape) for shape in shapes), device), text_freqs
+
+    @lru_cache_unless_export(maxsize=128)
+    def _image_freqs(self, shapes: tuple[tuple[int, int, int], ...], device: torch.device | None) -> torch.Tensor:
+        """Every image's tokens, in order: frame index, then the centred row and column."""
+        pos_freqs, neg_freqs = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        signed = torch.cat([neg_freqs, pos_freqs], dim=0)  # row TABLE_SIZE + p is position p, negative or not
         frame_axis, height_axis, width_axis = signed.split([d // 2 for d in self.axes_dim], dim=1)
         image_freqs = []
         for index, (frames, height, width) in enumerate(shapes):
@@ -47,10 +55,7 @@ class ComfyUIRope(QwenEmbedRope):
             h = height_axis[TABLE_SIZE + _centred(height, signed.device)].view(1, height, 1, -1).expand(grid)
             w = width_axis[TABLE_SIZE + _centred(width, signed.device)].view(1, 1, width, -1).expand(grid)
             image_freqs.append(torch.cat([f, h, w], dim=-1).reshape(frames * height * width, -1))
-        _, out_height, out_width = shapes[0]
-        text_start = max(out_height // 2, out_width // 2)
-        text_freqs = pos_freqs[text_start: text_start + int(max_txt_seq_len)]
-        return torch.cat(image_freqs, dim=0), text_freqs
+        return torch.cat(image_freqs, dim=0)
 
 
 def _centred(n: int, device: torch.device) -> torch.Tensor:
