@@ -35,6 +35,7 @@ from ..training_contract.options import (
     MIXED_PRECISION,
     NETWORK_MODULE,
     OPTIMIZERS,
+    ROPE_POSITIONS,
     TIMESTEP_SAMPLING,
     WEIGHTING_SCHEMES,
     Option,
@@ -229,6 +230,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                                    "--mixed_precision")
     args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    args.rope_positions = _choice(args.rope_positions, ROPE_POSITIONS, "--rope_positions")
     args.optimizer_type = _choice(args.optimizer_type, OPTIMIZERS, "--optimizer_type", case_insensitive=True)
     args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
     if args.network_module not in ACCEPTED_NETWORK_MODULES:
