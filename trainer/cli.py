@@ -46,7 +46,7 @@ from ..training_contract.options import (
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
-from .qwen_image21_loading import check_dit_family
+from .qwen_image21_loading import check_dit_family, check_text_encoder_family
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
@@ -234,6 +234,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         header = read_header(args.dit, "DiT (--dit)")
         check_dit_family(header, version.family)
         check_dit_version(header, version.zero_cond_t)
+        check_text_encoder_family(read_header(args.text_encoder, "text encoder (--text_encoder)"), version.family)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
     if version.family == QWEN_IMAGE_21:

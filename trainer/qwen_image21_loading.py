@@ -29,6 +29,8 @@ TRANSFORMER_CONFIG = "qwen_image_21_transformer.json"
 TEXT_ENCODER_CONFIG = "qwen3_vl_8b_text_encoder.json"
 # The name diffusers' and ComfyUI's model detection read a 2.1 DiT by (2509/2511 have `txt_norm.weight`).
 DIT_MARKER = "txt_in.text_norm.weight"
+# Qwen3's per-head query norm: every layer of Qwen3-VL has one, Qwen2.5-VL (2509/2511) none.
+TEXT_ENCODER_MARKER = "self_attn.q_norm.weight"
 FUSED_GATE_UP = "img_mlp.gate_up.weight"
 GATE, UP = "img_mlp.gate_layer.weight", "img_mlp.proj.weight"
 
@@ -51,6 +53,21 @@ def check_dit_family(header: SafetensorsHeader, family: str) -> None:
             f"{header.what} file {header.path} is not a Qwen-Image 2.1 model (no {DIT_MARKER}; a "
             "Qwen-Image-Edit 2509/2511 DiT has txt_norm.weight): give qwen_image_2.1_*.safetensors, or pick "
             "the --model_version of this file"
+        )
+
+
+def check_text_encoder_family(header: SafetensorsHeader, family: str) -> None:
+    """Qwen3-VL goes with Qwen-Image 2.1 only, Qwen2.5-VL with 2509/2511 only (read from the header)."""
+    is_qwen3 = any(key.endswith(TEXT_ENCODER_MARKER) for key in header.shapes)
+    if is_qwen3 and family != QWEN_IMAGE_21:
+        raise ModelFileError(
+            f"{header.what} file {header.path} is Qwen3-VL (Qwen-Image 2.1's text encoder): Qwen-Image-Edit "
+            "2509/2511 read Qwen2.5-VL-7B (qwen_2.5_vl_7b*.safetensors)"
+        )
+    if family == QWEN_IMAGE_21 and not is_qwen3:
+        raise ModelFileError(
+            f"{header.what} file {header.path} is not Qwen3-VL (no {TEXT_ENCODER_MARKER}): Qwen-Image 2.1 reads "
+            "Qwen3-VL-8B (qwen3vl_8b_*.safetensors)"
         )
 
 
