@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from tiny_qwen import DIT_PREFIX, build_tiny_processor, fp8_scaled
+from tiny_qwen import DIT_PREFIX, build_tiny_processor, fp8_scaled, tiny_text_encoder_config
 
 TINY_21_TRANSFORMER_CONFIG = {
     "patch_size": 1,
@@ -54,43 +54,16 @@ def fuse_gate_up(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def tiny_qwen3_vl_config(tokenizer, hidden_size: int = TINY_21_TRANSFORMER_CONFIG["context_in_dim"]) -> dict:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                           "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
-    return {
-        "model_type": "qwen3_vl",
-        "image_token_id": ids["<|image_pad|>"],
-        "video_token_id": ids["<|video_pad|>"],
-        "vision_start_token_id": ids["<|vision_start|>"],
-        "vision_end_token_id": ids["<|vision_end|>"],
-        "tie_word_embeddings": False,
-        "text_config": {
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden_size,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": hidden_size // 16,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
-            "max_position_embeddings": 4096,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
-                                "mrope_interleaved": True},
-            "bos_token_id": ids["<|endoftext|>"],
-            "eos_token_id": ids["<|im_end|>"],
-        },
-        "vision_config": {
-            "depth": 2,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_heads": 2,
-            "out_hidden_size": hidden_size,
-            "patch_size": 16,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "num_position_embeddings": 16,
-            "deepstack_visual_indexes": [0],
-        },
-    }
+    """tiny_qwen's Qwen2.5-VL config made Qwen3-VL: interleaved multimodal rope, 16-pixel patches and a
+    DeepStack merger in the vision tower (no windowed attention)."""
+    config = tiny_text_encoder_config(tokenizer, hidden_size)
+    text = config["text_config"]
+    text["head_dim"] = 16
+    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                               "mrope_interleaved": True}
+    vision = {k: v for k, v in config["vision_config"].items() if k not in ("window_size", "fullatt_block_indexes")}
+    vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    return {**config, "model_type": "qwen3_vl", "text_config": text, "vision_config": vision}
 
 
 def tiny_qwen_image21_transformer(seed: int = 0, config: dict = TINY_21_TRANSFORMER_CONFIG):

@@ -39,36 +39,34 @@ def is_qwen_image21_dit(header: SafetensorsHeader) -> bool:
     return DIT_MARKER in header.shapes or DIT_PREFIX + DIT_MARKER in header.shapes
 
 
+def _check_family(header: SafetensorsHeader, family: str, holds_21: bool, as_21: str, as_edit: str) -> None:
+    """Refuse a 2.1 file for another family (`as_21` says why) and another family's file for 2.1 (`as_edit`);
+    `family` is the chosen `ModelVersion.family`. Read from the header: nothing loads before a mismatch."""
+    if holds_21 and family != QWEN_IMAGE_21:
+        raise ModelFileError(f"{header.what} file {header.path} {as_21}")
+    if family == QWEN_IMAGE_21 and not holds_21:
+        raise ModelFileError(f"{header.what} file {header.path} {as_edit}")
+
+
 def check_dit_family(header: SafetensorsHeader, family: str) -> None:
-    """A Qwen-Image 2.1 DiT trains only as qwen-image-2.1, and qwen-image-2.1 only from one (`family`:
-    the chosen `ModelVersion.family`; read from the header, so nothing is loaded before a mismatch)."""
-    is_21 = is_qwen_image21_dit(header)
-    if is_21 and family != QWEN_IMAGE_21:
-        raise ModelFileError(
-            f"{header.what} file {header.path} is a Qwen-Image 2.1 model (it has {DIT_MARKER}): "
-            "pass --model_version qwen-image-2.1, with its Qwen3-VL text encoder and 2.1 VAE"
-        )
-    if family == QWEN_IMAGE_21 and not is_21:
-        raise ModelFileError(
-            f"{header.what} file {header.path} is not a Qwen-Image 2.1 model (no {DIT_MARKER}; a "
-            "Qwen-Image-Edit 2509/2511 DiT has txt_norm.weight): give qwen_image_2.1_*.safetensors, or pick "
-            "the --model_version of this file"
-        )
+    """A Qwen-Image 2.1 DiT trains only as qwen-image-2.1, and qwen-image-2.1 only from one."""
+    _check_family(
+        header, family, is_qwen_image21_dit(header),
+        f"is a Qwen-Image 2.1 model (it has {DIT_MARKER}): pass --model_version qwen-image-2.1, with its Qwen3-VL "
+        "text encoder and 2.1 VAE",
+        f"is not a Qwen-Image 2.1 model (no {DIT_MARKER}; a Qwen-Image-Edit 2509/2511 DiT has txt_norm.weight): "
+        "give qwen_image_2.1_*.safetensors, or pick the --model_version of this file",
+    )
 
 
 def check_text_encoder_family(header: SafetensorsHeader, family: str) -> None:
-    """Qwen3-VL goes with Qwen-Image 2.1 only, Qwen2.5-VL with 2509/2511 only (read from the header)."""
-    is_qwen3 = any(key.endswith(TEXT_ENCODER_MARKER) for key in header.shapes)
-    if is_qwen3 and family != QWEN_IMAGE_21:
-        raise ModelFileError(
-            f"{header.what} file {header.path} is Qwen3-VL (Qwen-Image 2.1's text encoder): Qwen-Image-Edit "
-            "2509/2511 read Qwen2.5-VL-7B (qwen_2.5_vl_7b*.safetensors)"
-        )
-    if family == QWEN_IMAGE_21 and not is_qwen3:
-        raise ModelFileError(
-            f"{header.what} file {header.path} is not Qwen3-VL (no {TEXT_ENCODER_MARKER}): Qwen-Image 2.1 reads "
-            "Qwen3-VL-8B (qwen3vl_8b_*.safetensors)"
-        )
+    """Qwen3-VL goes with Qwen-Image 2.1 only, Qwen2.5-VL with 2509/2511 only."""
+    _check_family(
+        header, family, any(key.endswith(TEXT_ENCODER_MARKER) for key in header.shapes),
+        "is Qwen3-VL (Qwen-Image 2.1's text encoder): Qwen-Image-Edit 2509/2511 read Qwen2.5-VL-7B "
+        "(qwen_2.5_vl_7b*.safetensors)",
+        f"is not Qwen3-VL (no {TEXT_ENCODER_MARKER}): Qwen-Image 2.1 reads Qwen3-VL-8B (qwen3vl_8b_*.safetensors)",
+    )
 
 
 def dit_sources(header: SafetensorsHeader) -> tuple[dict[str, str], models.RowRanges]:
