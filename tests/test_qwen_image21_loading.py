@@ -209,3 +209,33 @@ def test_the_installed_libraries_decide_whether_21_can_be_asked_for(tmp_path):
     expected = "needs diffusers>=0.41.0 and transformers>=4.57.1" if TOO_OLD_FOR_21 else "file not found"
     with pytest.raises(ConfigError, match=expected):
         validate_args(args)
+
+
+def _int8_quantized(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """2-D weights as int8 plus a scale and a `.comfy_quant` entry, as ComfyUI's int8/ConvRot files hold them."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(".weight") and value.dim() == 2:
+            scale = value.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127
+            out[key] = (value / scale).round().to(torch.int8)
+            out[key[: -len(".weight")] + ".weight_scale"] = scale.float()
+            out[key[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(b'{"format": "int8"}'), dtype=torch.uint8)
+        else:
+            out[key] = value
+    return out
+
+
+@needs_21_classes
+def test_integer_quantized_files_are_refused_not_cast(tmp_path, monkeypatch):
+    """int8 weights cast to bf16 would be garbage: the header check refuses them, for 2.1 and for 2509."""
+    files = write_tiny_qwen_image21_files(tmp_path / "q21")
+    files_2509 = write_tiny_model_files(tmp_path / "q2509")
+    monkeypatch.setattr(models, "read_tensors", lambda *a, **k: pytest.fail("tensor data read"))
+    for load, path in ((q21.load_transformer, files.dit), (q21.load_text_encoder, files.text_encoder),
+                       (models.load_transformer, files_2509.dit)):
+        header = models.read_header(path, "x")
+        sd = {key: torch.zeros(shape, dtype=torch.bfloat16) for key, shape in header.shapes.items()}
+        quantized = tmp_path / f"int8_{path.name}"
+        save_file(_int8_quantized(sd), str(quantized), metadata=header.metadata)
+        with pytest.raises(models.ModelFileError, match=r"holds integer-quantized weights .*: I8; .*use the bf16 file"):
+            load(quantized, torch.float32)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,6 +70,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     nbytes: dict[str, int]
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors' names: "BF16", "F8_E4M3", "I8", ...
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -91,21 +92,23 @@ def read_header(path: str | os.PathLike, what: str) -> SafetensorsHeader:
         raise ModelFileError(f"{what} file not found: {file_path}")
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
     try:
         with safe_open(str(file_path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 view = f.get_slice(key)
                 shapes[key] = tuple(view.get_shape())
+                dtypes[key] = view.get_dtype()
                 count = 1
                 for size in shapes[key]:
                     count *= size
-                nbytes[key] = count * _DTYPE_BYTES.get(view.get_dtype(), 4)
+                nbytes[key] = count * _DTYPE_BYTES.get(dtypes[key], 4)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise _unreadable(file_path, what, exc) from exc
     if not shapes:
         raise ModelFileError(f"{what} file {file_path} holds no tensors")
-    return SafetensorsHeader(file_path, what, metadata, shapes, nbytes)
+    return SafetensorsHeader(file_path, what, metadata, shapes, nbytes, dtypes)
 
 
 def read_tensors(header: SafetensorsHeader, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -182,6 +185,17 @@ def check_layout(
         for k in sorted(set(model_shapes) & set(sources))
         if _file_shape(header, sources, rows, k) != model_shapes[k]
     ]
+    model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    integer = sorted(
+        k for k in set(model_dtypes) & set(sources)
+        if model_dtypes[k].is_floating_point and header.dtypes.get(sources[k], "F").startswith(("I", "U"))
+    )
+    if integer:  # a cast would turn them into garbage silently
+        raise ModelFileError(
+            f"{header.what} file {header.path} holds integer-quantized weights ({len(integer)}, e.g. "
+            f"{sources[integer[0]]}: {header.dtypes[sources[integer[0]]]}; ComfyUI's int8, ConvRot or other packed "
+            "formats), which this trainer cannot read: use the bf16 file, or an fp8 one"
+        )
     if not (missing or unexpected or mismatched):
         return
     problems = []
