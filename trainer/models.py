@@ -173,7 +173,8 @@ def check_layout(
     fused file tensor (several model names then share one file name).
     """
     rows = rows or {}
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = model.state_dict()
+    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(model_shapes) - set(sources) - optional)
     unexpected = sorted(set(sources) - set(model_shapes))
     fused_too_short = [
@@ -185,10 +186,9 @@ def check_layout(
         for k in sorted(set(model_shapes) & set(sources))
         if _file_shape(header, sources, rows, k) != model_shapes[k]
     ]
-    model_dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     integer = sorted(
-        k for k in set(model_dtypes) & set(sources)
-        if model_dtypes[k].is_floating_point and header.dtypes.get(sources[k], "F").startswith(("I", "U"))
+        k for k in set(state) & set(sources)
+        if state[k].is_floating_point() and header.dtypes.get(sources[k], "F").startswith(("I", "U"))
     )
     if integer:  # a cast would turn them into garbage silently
         raise ModelFileError(
