@@ -19,7 +19,6 @@ command: 2.1 cannot be trained yet, so this measures the loader alone). Not a te
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import runpy
 import subprocess
@@ -60,8 +59,8 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     """Random real-width 2.1 DiTs of `blocks` blocks as ComfyUI bf16 and `_fp8_e4m3fn` single files."""
     import torch
     from accelerate import init_empty_weights
+    from bench_model_loading import save_bf16_and_fp8
     from diffusers import QwenImage21Transformer2DModel
-    from safetensors.torch import save_file
     from tiny_qwen_image21 import fuse_gate_up
 
     from face_consistency.trainer import models, qwen_image21_loading  # this checkout's (main() loads it)
@@ -72,15 +71,9 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     generator = torch.Generator().manual_seed(blocks)
     bf16 = {k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     bf16 = {DIT_PREFIX + k: v for k, v in fuse_gate_up(bf16).items()}
-    metadata = {"config": json.dumps(config)}
     paths = {"bf16": folder / f"qwen_image_2.1_{blocks}blocks_bf16.safetensors",
              "fp8": folder / f"qwen_image_2.1_{blocks}blocks_fp8_e4m3fn.safetensors"}
-    save_file(bf16, str(paths["bf16"]), metadata=metadata)
-    fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in bf16.items()}
-    del bf16
-    save_file(fp8, str(paths["fp8"]), metadata=metadata)
-    del fp8
-    gc.collect()
+    save_bf16_and_fp8(bf16, paths, {"config": json.dumps(config)})
     return paths
 
 
