@@ -148,3 +148,30 @@ def test_a_2509_lora_names_no_layer_of_qwen_image21(tmp_path):
     save_file(lora, str(tmp_path / "edit_2509.safetensors"))
     with pytest.raises(NetworkArgsError, match="name no Linear layer .*LoRA for this --model_version"):
         lora_file_modules(model, tmp_path / "edit_2509.safetensors")
+
+
+def test_every_block_linear_of_the_full_size_model_gets_a_key_comfyui_applies():
+    """On the real 2.1 architecture (meta device): the default targets are every Linear of the 32 blocks,
+    each saved name is in ComfyUI's key map, and together they cover every block weight ComfyUI holds,
+    the fused gate_up by its two halves."""
+    from accelerate import init_empty_weights
+    from diffusers import QwenImage21Transformer2DModel
+
+    from face_consistency.trainer import models
+    from face_consistency.trainer.lora import lora_key
+
+    with init_empty_weights():
+        model = QwenImage21Transformer2DModel(**models.shipped_config(q21.TRANSFORMER_CONFIG))
+    targets = lora_target_modules(model, parse_network_args([]))
+    assert len(targets) == 32 * 7  # to_q, to_k, to_v, to_out.0, img_mlp.gate_layer, .proj, .out
+    comfy_sd = {"diffusion_model." + k: v for k, v in fuse_gate_up(model.state_dict()).items()}
+    key_map = comfyui_qwen_image_lora_key_map(comfy_sd)
+    covered: dict[str, list] = {}
+    for target in targets:
+        mapped = key_map[lora_key(target, model)]
+        name, offset = (mapped, None) if isinstance(mapped, str) else mapped
+        covered.setdefault(name, []).append(offset)
+    block_weights = {k for k, v in comfy_sd.items() if ".transformer_blocks." in k and v.dim() == 2}
+    assert set(covered) == block_weights
+    half = 3 * 4096
+    assert sorted(covered["diffusion_model.transformer_blocks.5.img_mlp.gate_up.weight"]) == [(0, 0, half), (0, half, half)]
