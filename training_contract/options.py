@@ -94,7 +94,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokenizer", str, "models", "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
            "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget(""), path=True),
     Option("model_version", str, "models", f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
-           "Edit-2511; as musubi-tuner)", choices=tuple(MODEL_VERSIONS)),
+           "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)", choices=tuple(MODEL_VERSIONS)),
     Option("edit", bool, "models", "same as --model_version edit"),
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
     Option("sdpa", bool, "models", "PyTorch SDPA attention (the only backend; accepted)"),
