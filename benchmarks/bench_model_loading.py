@@ -55,23 +55,30 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     import torch
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
-    from safetensors.torch import save_file
 
     config = {**REAL_WIDTH, "num_layers": blocks}
     with init_empty_weights():
         shapes = {k: v.shape for k, v in QwenImageTransformer2DModel(**config).state_dict().items()}
     generator = torch.Generator().manual_seed(blocks)
     bf16 = {DIT_PREFIX + k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
-    metadata = {"config": json.dumps(config)}
     paths = {"bf16": folder / f"qwen_image_edit_{blocks}blocks_bf16.safetensors",
              "fp8": folder / f"qwen_image_edit_{blocks}blocks_fp8_e4m3fn.safetensors"}
+    save_bf16_and_fp8(bf16, paths, {"config": json.dumps(config)})
+    return paths
+
+
+def save_bf16_and_fp8(bf16: dict, paths: dict[str, Path], metadata: dict[str, str]) -> None:
+    """Write `bf16` to paths["bf16"] and an `_fp8_e4m3fn` copy (matrices float8, vectors bf16) to
+    paths["fp8"]; `bf16` is emptied once the float8 copy exists (the caller keeps no bf16 tensors)."""
+    import torch
+    from safetensors.torch import save_file
+
     save_file(bf16, str(paths["bf16"]), metadata=metadata)
     fp8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in bf16.items()}
-    del bf16
+    bf16.clear()
     save_file(fp8, str(paths["fp8"]), metadata=metadata)
     del fp8
     gc.collect()
-    return paths
 
 
 def child(pack_dir: str, peak_file: str, argv: list[str]) -> None:

@@ -11,7 +11,7 @@ import importlib
 from . import comfy_env
 from .inputs import with_checked_inputs
 
-NODE_MODULES: tuple[str, ...] = ("training", "scoring", "judge", "matching", "folder")
+NODE_MODULES: tuple[str, ...] = ("training", "scoring", "judge", "matching", "folder", "gate")
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -1,7 +1,8 @@
-"""The one place that imports ComfyUI's own modules (`folder_paths`, `comfy.utils`, `server`).
+"""The one place that imports ComfyUI's own modules (`folder_paths`, `comfy.utils`, `server`,
+`comfy_execution`).
 
 Everything else in the pack (library, trainer, node classes) imports without ComfyUI; tests
-put small stand-ins for these three modules into `sys.modules`.
+put small stand-ins for these modules into `sys.modules`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ def folder_paths() -> Any:
 
     return folder_paths
 
+
+
+def silent_blocker() -> Any:
+    """ComfyUI's ExecutionBlocker without a message: a node fed by it does not run, and says nothing."""
+    from comfy_execution.graph_utils import ExecutionBlocker  # ComfyUI
+
+    return ExecutionBlocker(None)
 
 def register_model_folders() -> None:
     """Register `models/insightface` and `output/loras` with ComfyUI (ComfyUI itself does not).

@@ -25,6 +25,7 @@ from ..faceid.pack_download import RELEASES
 from ..faceid.similarity import embedding_agreement
 from ..faceid.scoring import (
     DEFAULT_COPY_PASTE_THRESHOLD,
+    BatchScores,
     Control,
     ImageScore,
     NoFacePolicy,
@@ -296,50 +297,12 @@ class FaceConsistencySimilarity:
         reference_identity: Identity | None = None,
         judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
-        if reference_image is None and reference_identity is None:
-            raise ValueError("connect reference_image (the control image) or reference_identity")
-        if judge is not None and reference_identity is not None and reference_identity.judge is None:
-            raise ValueError(
-                "the judge scores against reference_identity only when that identity was built with the judge: "
-                "connect the same Face Judge Loader to Face Reference Identity's judge input"
-            )
-        bands = Bands(band_excellent, band_good, band_moderate)
-        outputs = to_bgr_list(images, "images")
-        controls = to_bgr_list(reference_image, "reference_image") if reference_image is not None else []
-        if controls:  # check the batch rule before any detection runs
-            reference_pairing(len(controls), len(outputs), "reference_image")
-        progress = comfy_env.Progress(len(controls) + len(outputs))
-        control_results = analyze_references(face_model, controls, "reference_image", lambda: progress.update(1))
-        if reference_identity is not None:
-            references = [reference_identity.embedding]
-            source = f"identity of {reference_identity.count} photo(s)"
-        else:
-            references = [r.embedding for r in control_results]
-            source = f"reference_image ({len(controls)})"
-        judge_references = []
-        if judge is not None:
-            judge_references = (
-                [reference_identity.judge.descriptor] if reference_identity is not None
-                else judge.reference_descriptors(controls, "bgr", "reference_image")
-            )
-        agreement = reference_identity.agreement if reference_identity is not None else None
-        batch = score_batch(
-            face_model,
-            outputs,
-            references,
-            [Control.from_face(bgr, r.face) for bgr, r in zip(controls, control_results)],
-            selection=face_selection,
-            index=face_index,
-            policy=no_face_policy,
-            bands=bands,
-            threshold=threshold,
-            copy_paste_threshold=copy_paste_threshold,
-            on_image=lambda: progress.update(1),
-            agreement=agreement,
-            judge=judge,
-            judge_references=judge_references,
+        outputs, batch, report = score_images(
+            face_model, images, reference_image, reference_identity, judge, selection=face_selection,
+            index=face_index, policy=no_face_policy, bands=Bands(band_excellent, band_good, band_moderate),
+            threshold=threshold, copy_paste_threshold=copy_paste_threshold,
         )
-        report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
+        agreement = batch.agreement
         for bgr, row in zip(outputs, batch.rows):  # our own converted copies: draw on them
             annotate_scores(bgr, row)
         changes = [row.face_change if row.face_change is not None else -1.0 for row in batch.rows]
@@ -350,6 +313,59 @@ class FaceConsistencySimilarity:
                 [row.judge_score for row in batch.rows], agreement.mean if agreement is not None else -1.0,
             ),
         }
+
+
+def score_images(
+    face_model: FaceModel,
+    images: Any,
+    reference_image: Any,
+    reference_identity: Identity | None,
+    judge: DlibJudge | None,
+    **options: Any,
+) -> tuple[list[np.ndarray], BatchScores, str]:
+    """Score an IMAGE batch against reference_image (the control, 1 or pairwise) or reference_identity,
+    with the judge's verdicts when one is connected: the images as BGR arrays, the scores and their report.
+
+    `options` are score_batch's selection, index, policy, bands, threshold and copy_paste_threshold.
+    """
+    if reference_image is None and reference_identity is None:
+        raise ValueError("connect reference_image (the control image) or reference_identity")
+    if judge is not None and reference_identity is not None and reference_identity.judge is None:
+        raise ValueError(
+            "the judge scores against reference_identity only when that identity was built with the judge: "
+            "connect the same Face Judge Loader to Face Reference Identity's judge input"
+        )
+    outputs = to_bgr_list(images, "images")
+    controls = to_bgr_list(reference_image, "reference_image") if reference_image is not None else []
+    if controls:  # check the batch rule before any detection runs
+        reference_pairing(len(controls), len(outputs), "reference_image")
+    progress = comfy_env.Progress(len(controls) + len(outputs))
+    control_results = analyze_references(face_model, controls, "reference_image", lambda: progress.update(1))
+    if reference_identity is not None:
+        references = [reference_identity.embedding]
+        source = f"identity of {reference_identity.count} photo(s)"
+    else:
+        references = [r.embedding for r in control_results]
+        source = f"reference_image ({len(controls)})"
+    judge_references = []
+    if judge is not None:
+        judge_references = (
+            [reference_identity.judge.descriptor] if reference_identity is not None
+            else judge.reference_descriptors(controls, "bgr", "reference_image")
+        )
+    batch = score_batch(
+        face_model,
+        outputs,
+        references,
+        [Control.from_face(bgr, r.face) for bgr, r in zip(controls, control_results)],
+        on_image=lambda: progress.update(1),
+        agreement=reference_identity.agreement if reference_identity is not None else None,
+        judge=judge,
+        judge_references=judge_references,
+        **options,
+    )
+    report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
+    return outputs, batch, report
 
 
 def annotate_scores(bgr: np.ndarray, row: ImageScore) -> None:

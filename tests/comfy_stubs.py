@@ -1,4 +1,4 @@
-"""Minimal stand-ins for ComfyUI's `folder_paths`, `comfy.utils` and `server` modules.
+"""Minimal stand-ins for ComfyUI's `folder_paths`, `comfy.utils`, `comfy_execution.graph_utils` and `server` modules.
 
 They implement just the surface the pack uses, so node classes run in unit tests without
 ComfyUI. `install_comfy_stubs()` puts them in sys.modules; `set_comfy_base(path)` points
@@ -31,6 +31,13 @@ class ProgressBar:
 
     def update_absolute(self, value: int, total: int | None = None, preview: Any = None) -> None:
         self.current = value
+
+
+class ExecutionBlocker:
+    """ComfyUI's: returned as an output, it keeps the nodes it feeds from running (silently when message is None)."""
+
+    def __init__(self, message: str | None) -> None:
+        self.message = message
 
 
 class _PromptServer:
@@ -139,6 +146,12 @@ def install_comfy_stubs(base: Path | None = None) -> None:
     comfy.utils = comfy_utils
     sys.modules["comfy"] = comfy
     sys.modules["comfy.utils"] = comfy_utils
+    comfy_execution = types.ModuleType("comfy_execution")
+    graph_utils = types.ModuleType("comfy_execution.graph_utils")
+    graph_utils.ExecutionBlocker = ExecutionBlocker
+    comfy_execution.graph_utils = graph_utils
+    sys.modules["comfy_execution"] = comfy_execution
+    sys.modules["comfy_execution.graph_utils"] = graph_utils
     server = types.ModuleType("server")
     server.PromptServer = _PromptServer
     sys.modules["server"] = server

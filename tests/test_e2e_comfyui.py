@@ -29,7 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "example_workflows" / "api"
 OUR_NODES = (
     "FaceConsistencyLoadModel", "FaceConsistencyReference", "FaceConsistencySimilarity",
-    "FaceConsistencyMatchFaces", "FaceConsistencyBestOf",
+    "FaceConsistencyMatchFaces", "FaceConsistencyBestOf", "FaceConsistencyGate",
 )
 
 pytestmark = pytest.mark.e2e
@@ -162,6 +162,82 @@ def test_best_of_chain_runs_over_a_batch(comfy_server: ComfyServer) -> None:
     report = outputs["19"]["text"][0]
     assert report.startswith("best of 2: 1 at or above 0.50") and "1. image 1:" in report
     assert len(outputs["17"]["images"]) == 1
+
+
+def gate_workflow(first: dict[str, Any], second: dict[str, Any], empty_side: str = "skip downstream") -> dict[str, Any]:
+    """Two images batched (ImageBatch fits the second to the first's size), gated against obama.jpg; each
+    side saved by Save Image, the reasons and report shown by Preview Any."""
+    return {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+        "2": first,
+        "3": second,
+        "4": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["3", 0]}},
+        "5": {
+            "class_type": "FaceConsistencyLoadModel",
+            "inputs": {"pack": "testpack", "provider": "cpu", "det_size": "640", "det_thresh": 0.5},
+        },
+        "6": {
+            "class_type": "FaceConsistencyGate",
+            "inputs": {
+                "face_model": ["5", 0], "images": ["4", 0], "reference_image": ["1", 0], "threshold": 0.6,
+                "several_faces": "reject", "reject_unchanged": True, "copy_paste_threshold": 0.1,
+                "require_both": False, "judge_threshold": 0.5, "empty_side": empty_side,
+                "band_excellent": 0.85, "band_good": 0.75, "band_moderate": 0.65,
+            },
+        },
+        "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "gate_passed"}},
+        "8": {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": "gate_rejected"}},
+        "9": {"class_type": "PreviewAny", "inputs": {"source": ["6", 2]}},
+        "10": {"class_type": "PreviewAny", "inputs": {"source": ["6", 3]}},
+    }
+
+
+def load(name: str) -> dict[str, Any]:
+    return {"class_type": "LoadImage", "inputs": {"image": name}}
+
+
+NO_FACE = {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256, "batch_size": 1, "color": 0x808080}}
+
+
+@pytest.mark.parametrize(("first", "second", "passed", "rejected"), [
+    (load("obama2.jpg"), load("biden.jpg"), 1, 1),   # partly
+    (load("obama2.jpg"), load("reference.png"), 2, 0),  # wholly (reference.png is obama3.jpg)
+    (load("biden.jpg"), NO_FACE, 0, 2),              # not at all
+], ids=["partly", "wholly", "not_at_all"])
+def test_gate_splits_a_batch_and_an_empty_side_runs_nothing(
+    comfy_server: ComfyServer, first: dict[str, Any], second: dict[str, Any], passed: int, rejected: int
+) -> None:
+    outputs = run_prompt(comfy_server, gate_workflow(first, second))
+    reasons, report = outputs["9"]["text"], outputs["10"]["text"][0]
+    assert len(reasons) == 2 and sum(r.startswith("passed: ") for r in reasons) == passed, reasons
+    assert f"{passed} of 2 passed, {rejected} rejected" in report
+    for node, count in (("7", passed), ("8", rejected)):
+        saved = outputs.get(node, {}).get("images", [])
+        assert len(saved) == count, (node, outputs.get(node))
+        assert all((comfy_server.base / "output" / i["subfolder"] / i["filename"]).is_file() for i in saved)
+    if second is NO_FACE:
+        assert reasons[1] == "rejected: no face"
+
+
+def test_gate_empty_batch_option_gives_zero_images(comfy_server: ComfyServer) -> None:
+    """With empty_side 'empty batch' the empty side is a [0, H, W, 3] IMAGE: Get Image Size takes it;
+    ComfyUI 0.3.64's Save Image cannot (it reads images[0]), which is why skipping is the default."""
+    workflow = gate_workflow(load("obama2.jpg"), load("reference.png"), "empty batch")
+    del workflow["8"]
+    workflow["11"] = {"class_type": "GetImageSize", "inputs": {"image": ["6", 1]}}
+    workflow["12"] = {"class_type": "PreviewAny", "inputs": {"source": ["11", 2]}}
+    outputs = run_prompt(comfy_server, workflow)
+    assert outputs["12"]["text"] == ["0"] and len(outputs["7"]["images"]) == 2
+
+    workflow = gate_workflow(load("obama2.jpg"), load("reference.png"), "empty batch")
+    queued = comfy_server.post("/prompt", {"prompt": workflow, "client_id": "gate-empty-save"})
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while queued["prompt_id"] not in (history := comfy_server.get(f"/history/{queued['prompt_id']}")):
+        assert time.monotonic() < deadline, comfy_server.log()
+        time.sleep(0.5)
+    status = history[queued["prompt_id"]]["status"]
+    errors = [data for kind, data in status["messages"] if kind == "execution_error"]
+    assert status["status_str"] == "error" and errors[0]["node_type"] == "SaveImage", status
 
 
 # the box web/face_consistency_node_text.js puts on the scoring node, by its data-testid and aria-label

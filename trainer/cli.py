@@ -23,10 +23,12 @@ from diffusers.optimization import SchedulerType
 
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
+from ..faceid.pairing import list_images
 from ..musubi_formats.dataset import DatasetConfigError, DatasetGroup, check_held_out, load_dataset_config, split_validation
 from ..musubi_formats.names import output_name_problem
+from ..training_contract import libraries
 from ..training_contract.checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
-from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS
+from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS, QWEN_IMAGE_21
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
     FACE_DECODE_MODES,
@@ -36,6 +38,7 @@ from ..training_contract.options import (
     MIXED_PRECISION,
     NETWORK_MODULE,
     OPTIMIZERS,
+    ROPE_POSITIONS,
     TIMESTEP_SAMPLING,
     WEIGHTING_SCHEMES,
     Option,
@@ -44,10 +47,10 @@ from ..training_contract.options import (
     check_values,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
-from ..faceid.pairing import list_images
 from .checkpoint_eval import build_sample_evidence
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
+from .qwen_image21_loading import check_dit_family, check_text_encoder_family
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import CheckpointWriteError, TrainingDivergedError, run_training
@@ -190,6 +193,16 @@ def default_mixed_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+# This build reads Qwen-Image 2.1's DiT and text encoder files and writes LoRAs in the layout ComfyUI's
+# 2.1 loader applies, but has no 2.1 training step yet (its prompt/condition-image encoding, VAE,
+# flow-matching forward and samples): a 2.1 job stops here, after its files were checked.
+QWEN_IMAGE_21_NOT_TRAINABLE_YET = (
+    "--model_version qwen-image-2.1: the DiT is a Qwen-Image 2.1 model and the libraries are new enough, but this "
+    "version of the pack cannot train Qwen-Image 2.1 yet (its training step is not built). Train Qwen-Image-Edit "
+    "2509 or 2511 meanwhile"
+)
+
+
 def _model_version(args: argparse.Namespace) -> str:
     """--model_version, or the version its alias flags (--edit, --edit_plus) name."""
     chosen = {f"--{flag}": version for flag, version in ALIAS_FLAGS.items() if getattr(args, flag)}
@@ -215,13 +228,22 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if name_problem:  # the run writes only inside --output_dir
         raise ConfigError(f"--output_name {args.output_name!r} {name_problem}; give a plain name such as face_lora")
     args.model_version = _model_version(args)
+    version = MODEL_VERSIONS[args.model_version]
+    too_old = libraries.too_old_for(args.model_version)
+    if too_old:
+        raise ConfigError(too_old)
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
         if not Path(getattr(args, flag)).is_file():
             raise ConfigError(f"--{flag} {getattr(args, flag)}: file not found")
     try:
-        check_dit_version(read_header(args.dit, "DiT (--dit)"), MODEL_VERSIONS[args.model_version].zero_cond_t)
+        header = read_header(args.dit, "DiT (--dit)")
+        check_dit_family(header, version.family)
+        check_dit_version(header, version.zero_cond_t)
+        check_text_encoder_family(read_header(args.text_encoder, "text encoder (--text_encoder)"), version.family)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
+    if version.family == QWEN_IMAGE_21:
+        raise ConfigError(QWEN_IMAGE_21_NOT_TRAINABLE_YET)
     _check_output_dir(Path(args.output_dir))
     if args.network_weights and args.resume:
         raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
@@ -233,6 +255,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                                    "--mixed_precision")
     args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
+    args.rope_positions = _choice(args.rope_positions, ROPE_POSITIONS, "--rope_positions")
     args.optimizer_type = _choice(args.optimizer_type, OPTIMIZERS, "--optimizer_type", case_insensitive=True)
     args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
     if args.network_module not in ACCEPTED_NETWORK_MODULES:

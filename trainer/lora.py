@@ -12,7 +12,11 @@ A `--network_weights` file's layers are always trained, whatever the set.
 
 Saved keys: `lora_unet_<module path with dots as underscores>.lora_down.weight` (peft's A),
 `.lora_up.weight` (B) and `.alpha`; the delta ComfyUI applies is `up @ down * alpha / rank`,
-which is exactly peft's scaling `lora_alpha / r`.
+which is exactly peft's scaling `lora_alpha / r`. Qwen-Image 2.1's layers are saved as
+`transformer.<module path>`: ComfyUI's 2.1 model holds the SwiGLU gate and up projections as one
+fused `img_mlp.gate_up`, and its key map (`comfy/lora.py`, the QwenImage branch) sends
+`transformer.<block>.img_mlp.gate_layer` / `.proj` onto its first / second half of rows; a
+`lora_unet_` name of the halves would name no weight of that model.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from ..common.files import atomic_path
 
 LORA_PREFIX = "lora_unet_"
+QWEN_IMAGE_21_LORA_PREFIX = "transformer."
 BLOCKS_SCOPE = "transformer_blocks."
 DEFAULT_EXCLUDE_PATTERNS = (r"(^|\.)img_mod(\.|$)", r"(^|\.)txt_mod(\.|$)")
 
@@ -133,14 +138,14 @@ def lora_file_modules(transformer: torch.nn.Module, path: str | os.PathLike) -> 
     A key that names no Linear of the transformer blocks is an error saying which.
     """
     file = Path(path)
-    linears = {lora_key(name): name for name, module in transformer.named_modules()
+    linears = {lora_key(name, transformer): name for name, module in transformer.named_modules()
                if isinstance(module, torch.nn.Linear) and name.startswith(BLOCKS_SCOPE)}
     stems = set(lora_file_ranks(file))
     unknown = sorted(stems - set(linears))
     if unknown:
         raise NetworkArgsError(
             f"--network_weights {file}: {len(unknown)} layer(s) name no Linear layer of this model's transformer "
-            f"blocks (e.g. {', '.join(unknown[:3])}); is it a LoRA for Qwen-Image-Edit?"
+            f"blocks (e.g. {', '.join(unknown[:3])}); is it a LoRA for this --model_version?"
         )
     return [name for key, name in linears.items() if key in stems]
 
@@ -154,7 +159,10 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, targets: lis
     return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-def lora_key(module_path: str) -> str:
+def lora_key(module_path: str, transformer: torch.nn.Module | None = None) -> str:
+    """The name of a layer's LoRA weights in the files of `transformer`'s model (see the module doc)."""
+    if transformer is not None and type(transformer).__name__ == "QwenImage21Transformer2DModel":
+        return QWEN_IMAGE_21_LORA_PREFIX + module_path
     return LORA_PREFIX + module_path.replace(".", "_")
 
 
@@ -165,7 +173,7 @@ def comfy_lora_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, value in get_peft_model_state_dict(transformer).items():
         module_path, _, kind = key.rpartition(".lora_")
-        name = lora_key(module_path)
+        name = lora_key(module_path, transformer)
         suffix = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
         out[f"{name}.{suffix}"] = value.detach().to("cpu", dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=dtype)
@@ -198,7 +206,7 @@ def load_comfy_lora(transformer: torch.nn.Module, path: str | os.PathLike, alpha
     except (SafetensorError, OSError) as exc:
         raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
     adapter = get_peft_model_state_dict(transformer)
-    module_of = {lora_key(key.rpartition(".lora_")[0]): key.rpartition(".lora_")[0] for key in adapter}
+    module_of = {lora_key(key.rpartition(".lora_")[0], transformer): key.rpartition(".lora_")[0] for key in adapter}
     stems = {key.rsplit(".", 2)[0] for key in tensors if key.endswith((".lora_down.weight", ".lora_up.weight"))}
     unknown = sorted(stems - set(module_of))
     if unknown:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -70,6 +70,7 @@ class SafetensorsHeader:
     metadata: dict[str, str]
     shapes: dict[str, tuple[int, ...]]
     nbytes: dict[str, int]
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors' names: "BF16", "F8_E4M3", "I8", ...
 
 
 def shipped_config(name: str) -> dict[str, Any]:
@@ -91,21 +92,23 @@ def read_header(path: str | os.PathLike, what: str) -> SafetensorsHeader:
         raise ModelFileError(f"{what} file not found: {file_path}")
     shapes: dict[str, tuple[int, ...]] = {}
     nbytes: dict[str, int] = {}
+    dtypes: dict[str, str] = {}
     try:
         with safe_open(str(file_path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
             for key in f.keys():
                 view = f.get_slice(key)
                 shapes[key] = tuple(view.get_shape())
+                dtypes[key] = view.get_dtype()
                 count = 1
                 for size in shapes[key]:
                     count *= size
-                nbytes[key] = count * _DTYPE_BYTES.get(view.get_dtype(), 4)
+                nbytes[key] = count * _DTYPE_BYTES.get(dtypes[key], 4)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise _unreadable(file_path, what, exc) from exc
     if not shapes:
         raise ModelFileError(f"{what} file {file_path} holds no tensors")
-    return SafetensorsHeader(file_path, what, metadata, shapes, nbytes)
+    return SafetensorsHeader(file_path, what, metadata, shapes, nbytes, dtypes)
 
 
 def read_tensors(header: SafetensorsHeader, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -151,23 +154,48 @@ def _build_empty(factory: Callable[[], Any], header: SafetensorsHeader, expected
         ) from exc
 
 
+RowRanges = dict[str, tuple[int, int]]  # model name -> (first row, row count) of the file tensor it is cut from
+
+
+def _file_shape(header: SafetensorsHeader, sources: dict[str, str], rows: RowRanges, name: str) -> tuple[int, ...]:
+    shape = header.shapes[sources[name]]
+    return (rows[name][1], *shape[1:]) if name in rows else shape
+
+
 def check_layout(
     header: SafetensorsHeader, sources: dict[str, str], model: torch.nn.Module, expected: str,
-    optional: frozenset[str] = frozenset(),
+    optional: frozenset[str] = frozenset(), rows: RowRanges | None = None,
 ) -> None:
     """Raise a ModelFileError listing missing/unexpected names and shape mismatches.
 
     `sources` maps each model name to the file name it is read from; model names in `optional`
-    may be absent from the file.
+    may be absent from the file; `rows` names the model tensors that are a range of rows of a
+    fused file tensor (several model names then share one file name).
     """
-    model_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    rows = rows or {}
+    state = model.state_dict()
+    model_shapes = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(model_shapes) - set(sources) - optional)
     unexpected = sorted(set(sources) - set(model_shapes))
-    mismatched = [
-        f"{k}: file {header.shapes[sources[k]]} vs expected {model_shapes[k]}"
-        for k in sorted(set(model_shapes) & set(sources))
-        if header.shapes[sources[k]] != model_shapes[k]
+    fused_too_short = [
+        f"{k}: file {header.shapes[sources[k]]} has fewer than {start + count} rows"
+        for k, (start, count) in sorted(rows.items()) if k in sources and header.shapes[sources[k]][0] < start + count
     ]
+    mismatched = fused_too_short or [
+        f"{k}: file {_file_shape(header, sources, rows, k)} vs expected {model_shapes[k]}"
+        for k in sorted(set(model_shapes) & set(sources))
+        if _file_shape(header, sources, rows, k) != model_shapes[k]
+    ]
+    integer = sorted(
+        k for k in set(state) & set(sources)
+        if state[k].is_floating_point() and header.dtypes.get(sources[k], "F").startswith(("I", "U"))
+    )
+    if integer:  # a cast would turn them into garbage silently
+        raise ModelFileError(
+            f"{header.what} file {header.path} holds integer-quantized weights ({len(integer)}, e.g. "
+            f"{sources[integer[0]]}: {header.dtypes[sources[integer[0]]]}; ComfyUI's int8, ConvRot or other packed "
+            "formats), which this trainer cannot read: use the bf16 file, or an fp8 one"
+        )
     if not (missing or unexpected or mismatched):
         return
     problems = []
@@ -198,25 +226,32 @@ def _fp8_scales(header: SafetensorsHeader) -> tuple[dict[str, str], set[str]]:
 
 def _fill(
     model: torch.nn.Module, header: SafetensorsHeader, sources: dict[str, str], placement: TensorPlacement,
+    rows: RowRanges | None = None,
 ) -> None:
     """Read each model tensor from the file, cast to the dtype the empty model holds for it (float8
-    weights of `_fp8_scaled` files multiplied by their scale first), and put it on its device."""
+    weights of `_fp8_scaled` files multiplied by their scale first), and put it on its device; a
+    fused file tensor is cut into the model tensors `rows` names."""
+    rows = rows or {}
     scales, _ = _fp8_scales(header)
     scale_values = {key: tensor.clone() for key, tensor in read_tensors(header, sorted(set(scales.values())))}
-    file_to_model = {source: name for name, source in sources.items()}
+    file_to_model: dict[str, list[str]] = {}
+    for name, source in sources.items():
+        file_to_model.setdefault(source, []).append(name)
     dtypes = {name: tensor.dtype for name, tensor in model.state_dict().items()}
     model.requires_grad_(False)
     for key, tensor in read_tensors(header, sorted(file_to_model)):
-        name = file_to_model[key]
         if tensor.dtype in FLOAT8_DTYPES and key in scales:
             tensor = _dequantize(tensor, scale_values[scales[key]])
-        value = tensor.to(placement(name), dtypes[name] if tensor.is_floating_point() else tensor.dtype)
-        if value.data_ptr() == tensor.data_ptr():
-            value = value.clone()  # own the memory: the file's pages are released after the chunk
-        set_module_tensor_to_device(model, name, value.device, value=value, dtype=value.dtype)
-        del tensor, value
+        for name in file_to_model[key]:
+            part = tensor.narrow(0, *rows[name]) if name in rows else tensor
+            value = part.to(placement(name), dtypes[name] if part.is_floating_point() else part.dtype)
+            if value.data_ptr() == part.data_ptr():
+                value = value.clone()  # own the memory: the file's pages are released after the chunk
+            set_module_tensor_to_device(model, name, value.device, value=value, dtype=value.dtype)
+            del part, value
+        del tensor
     for name, buffer in model.named_buffers():  # computed at construction (not in the file)
-        if name not in file_to_model.values() and buffer.device != placement(name):
+        if name not in sources and buffer.device != placement(name):
             set_module_tensor_to_device(model, name, placement(name), value=buffer)
 
 

@@ -15,11 +15,14 @@ encoder is loaded.
 
 Drawn as ComfyUI's Qwen-Image-Edit graph draws (docs/training.md: "Samples and ComfyUI, side by side"):
 controls as reference latents at about 1 MP of their own aspect (TextEncodeQwenImageEditPlus);
-flow shift 3.0 unless `--fs` (ModelSamplingAuraFlow); Euler over the `simple` schedule, the
-sigmas `1 .. 1/steps` shifted, then stretched so the last is `--sample_shift_terminal` (0.02, as
-musubi-tuner's scheduler; 0 turns it off); true CFG `--l` (4.0, musubi's default) against the
-negative `--n` (" ", musubi's) on the x0 predictions, then rescaled per latent pixel so its norm
-never exceeds the positive prediction's (ComfyUI's CFGNorm, strength 1).
+flow shift 3.0 unless `--fs` (ModelSamplingAuraFlow); Euler over KSampler's `simple` schedule
+(every (1000/steps)-th of the model's 1000 sigmas, rounded down as comfy/samplers.py does), or, with
+`--sample_shift_terminal` above 0 (off by default), the sigmas `1 .. 1/steps` shifted and stretched
+so the last is that value (musubi-tuner's 0.02; ComfyUI's SamplerCustom + LTXVScheduler); true CFG
+`--l` (4.0, musubi's default) against the negative `--n` (" ", musubi's) on the x0 predictions,
+then rescaled per latent pixel so its norm never exceeds the positive prediction's (ComfyUI's
+CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers them
+(`trainer/positions.py`), whatever convention training uses.
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from ..musubi_formats.prompts import PromptFileError, SamplePrompt, resolve_prom
 from ..musubi_formats.prompts import load_prompt_file as load_musubi_prompts
 from ..training_contract.options import DEFAULT_SHIFT_TERMINAL
 from .cache import CacheEncoders
+from .positions import use_positions
 from .vae_decode import vae_scale
 
 DEFAULT_SIZE = 256
@@ -137,9 +141,25 @@ def generate(
     shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
 ) -> Image.Image:
     """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
+    latents = denoise(transformer, sample, vae_scale(vae.config), seed=seed, device=device, dtype=dtype,
+                      shift_terminal=shift_terminal)
+    return decode_to_pil(vae, latents)
+
+
+@torch.no_grad()
+def denoise(
+    transformer: torch.nn.Module,
+    sample: EncodedSample,
+    vae_scale_factor: int,
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
+) -> torch.Tensor:
+    """The sample's final (normalised) latents [1, C, 1, h, w], before the VAE decodes them."""
     prompt = sample.prompt
-    scale = vae_scale(vae.config)
-    latent_h, latent_w = prompt.height // scale, prompt.width // scale
+    latent_h, latent_w = prompt.height // vae_scale_factor, prompt.width // vae_scale_factor
     channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
     generator = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
@@ -147,7 +167,7 @@ def generate(
     controls = [pack(c).to(device, dtype) for c in sample.control_latents]
     img_shapes = [[(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]]
     scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / prompt.steps, prompt.steps), device=device)
+    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = transformer(
@@ -160,16 +180,30 @@ def generate(
         )[0]
         return out[:, : latents.shape[1]]
 
-    for index, t in enumerate(scheduler.timesteps):
-        model_input = torch.cat([latents, *controls], dim=1)
-        timestep = (t / 1000).expand(1).to(dtype)
-        pred = velocity(sample.prompt_embeds, model_input, timestep)
-        if sample.negative_embeds is not None:
-            negative = velocity(sample.negative_embeds, model_input, timestep)
-            pred = normalized_cfg(latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale,
-                                  (latent_h, latent_w))
-        latents = scheduler.step(pred, t, latents, return_dict=False)[0]
-    return decode_to_pil(vae, unpack(latents, latent_h, latent_w))
+    with use_positions(transformer, "comfyui"):
+        for index, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents, *controls], dim=1)
+            timestep = (t / 1000).expand(1).to(dtype)
+            pred = velocity(sample.prompt_embeds, model_input, timestep)
+            if sample.negative_embeds is not None:
+                negative = velocity(sample.negative_embeds, model_input, timestep)
+                pred = normalized_cfg(latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale,
+                                      (latent_h, latent_w))
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+    return unpack(latents, latent_h, latent_w)
+
+
+def unshifted_sigmas(steps: int, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> np.ndarray:
+    """The sigmas before the flow shift, from 1 down, one per step (the final 0 is the scheduler's).
+
+    KSampler's `simple` (comfy/samplers.py `simple_scheduler`) takes the model's sigmas at
+    t = k/1000 from the top, every (1000/steps)-th index rounded down: t = 1 - int(x * 1000/steps)/1000,
+    the float arithmetic included. LTXVScheduler, the pairing of a terminal stretch, spaces them evenly.
+    """
+    if shift_terminal:
+        return np.linspace(1.0, 1.0 / steps, steps)
+    stride = 1000 / steps
+    return np.array([(1000 - int(x * stride)) / 1000 for x in range(steps)])
 
 
 def sample_scheduler(flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> FlowMatchEulerDiscreteScheduler:

@@ -77,6 +77,7 @@ from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora
 from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
+from .positions import set_positions
 from .sampling import EncodedSample, encode_samples, pack, save_samples, unpack
 from .state import load_state, save_state
 
@@ -348,6 +349,7 @@ def prepare_transformer(
         args.dit, weight_dtype, zero_cond_t=MODEL_VERSIONS[args.model_version].zero_cond_t,
         fp8_base=args.fp8_base, placement=placement,
     )
+    set_positions(transformer, args.rope_positions)
     targets = lora_target_modules(transformer, parse_network_args(args.network_args))
     if args.network_weights:
         # Continuing a LoRA trains every layer it holds (a musubi-tuner LoRA also holds img_mod/txt_mod).

@@ -25,7 +25,11 @@ FACE_DEVICES = ("cuda", "cpu", "auto")
 FACE_DECODE_MODES = ("full", "half", "face")
 FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
 FACE_LOSS_REFERENCES = ("control", "target")  # whose identity the face loss pulls towards
-DEFAULT_SHIFT_TERMINAL = 0.02  # musubi-tuner's Qwen scheduler config
+# how the DiT numbers its tokens' rotary positions while training (trainer/positions.py; samples: always ComfyUI's)
+ROPE_POSITIONS = ("comfyui", "diffusers")
+# off: the samples' schedule is then KSampler euler/simple's, as the pack's example workflows and ComfyUI's
+# Qwen-Image-Edit template draw (musubi-tuner's scheduler config has 0.02: SamplerCustom + LTXVScheduler)
+DEFAULT_SHIFT_TERMINAL = 0.0
 DEFAULT_FACE_LOSS_MAX_T = 0.5
 MAX_FACE_LOSS_ROLLOUT_STEPS = 8  # each step is one more forward and backward pass of the DiT
 # Ceilings of the counts: far beyond any real run, low enough that nothing downstream overflows.
@@ -91,7 +95,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("tokenizer", str, "models", "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
            "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget(""), path=True),
     Option("model_version", str, "models", f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
-           "Edit-2511; as musubi-tuner)", choices=tuple(MODEL_VERSIONS)),
+           "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)", choices=tuple(MODEL_VERSIONS)),
     Option("edit", bool, "models", "same as --model_version edit"),
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
     Option("sdpa", bool, "models", "PyTorch SDPA attention (the only backend; accepted)"),
@@ -113,6 +117,9 @@ OPTIONS: tuple[Option, ...] = (
            node=NodeWidget("shift", choices=("shift", "qwen_shift", "sigma", "uniform"))),
     Option("discrete_flow_shift", float, "training", "shift for sigma/shift sampling and samples", 1.0,
            node=NodeWidget(2.2, 0.1, 20.0, 0.1), bounds=Bounds(0, 100, low_open=True)),
+    Option("rope_positions", str, "training", f"{_choices(ROPE_POSITIONS)}: the tokens' rotary positions while "
+           "training, numbered as ComfyUI's Qwen-Image model or as diffusers' (they differ for a side of 16 mod 32 px "
+           "and a control larger than its target; docs/training.md)", "comfyui", ROPE_POSITIONS),
     Option("sigmoid_scale", float, "training", "scale of the normal before the sigmoid (shift sampling)", 1.0,
            bounds=Bounds(0, 100, low_open=True)),
     Option("weighting_scheme", str, "training", _choices(WEIGHTING_SCHEMES), "none", WEIGHTING_SCHEMES),
@@ -162,7 +169,8 @@ OPTIONS: tuple[Option, ...] = (
            bounds=Bounds(1, EPOCHS_CEILING)),
     Option("sample_at_first", bool, "sampling"),
     Option("sample_shift_terminal", float, "sampling",
-           "stretch the sample sigmas so the last is this (musubi-tuner's 0.02; 0: off)", DEFAULT_SHIFT_TERMINAL,
+           "stretch the sample sigmas so the last is this (0: off, KSampler euler/simple's schedule; musubi-tuner's "
+           "0.02 is ComfyUI's SamplerCustom + LTXVScheduler)", DEFAULT_SHIFT_TERMINAL,
            bounds=Bounds(0, 1, high_open=True)),
     # face identity
     Option("enable_face_loss", bool, "face",
