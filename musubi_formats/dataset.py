@@ -15,12 +15,17 @@ control_directory = "/data/controls"
 cache_directory = "/data/cache"        # default: the image directory
 control_resolution = [1024, 1024]      # default: the target's bucket
 no_resize_control = false
+validation = false                     # ours, not musubi's: true holds the entry out for the validation loss
 ```
 
 Pairing (musubi): a control belongs to target `stem` when its name is `stem.<ext>` or
 `stem_<N>.<ext>`; numeric N orders several controls. Only images with a caption file train
 (others are skipped with a warning); a target without a control is an error. JSONL lines hold
 `image_path`, `caption` and `control_path` or `control_path_0`, `control_path_1`, ...
+
+Held-out items (never trained on, scored by the validation loss) are a `[[datasets]]` entry with
+`validation = true` (a key musubi-tuner does not know: such a TOML is this trainer's), a separate
+TOML, or a fraction of the training items split off by a fixed seed (`split_validation`).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +107,16 @@ class DatasetGroup:
     """All `[[datasets]]` of one TOML file."""
 
     datasets: list[DatasetSpec] = field(default_factory=list)
+    validation: list[DatasetSpec] = field(default_factory=list)  # held out: never trained on
 
     @property
     def items(self) -> list[DatasetItem]:
+        """The training items."""
         return [item for spec in self.datasets for item in spec.items]
+
+    @property
+    def validation_items(self) -> list[DatasetItem]:
+        return [item for spec in self.validation for item in spec.items]
 
 
 _Resolution = StrictInt | conlist(StrictInt, min_length=2, max_length=2)  # 1024 or [1024, 768]
@@ -133,6 +145,7 @@ class _DatasetSection(_GeneralSection):
     control_resolution: _Resolution | None = None
     no_resize_control: StrictBool | None = None
     multiple_target: StrictBool | None = None
+    validation: StrictBool | None = None
 
 
 class _DatasetFile(BaseModel):
@@ -145,7 +158,8 @@ class _DatasetFile(BaseModel):
 PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
 # What each key must be, in the words of the error a user reads.
 _EXPECTED = {
-    **{key: "must be true or false" for key in ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target")},
+    **{key: "must be true or false" for key in ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target",
+                                               "validation")},
     **{key: "must be a path in quotes" for key in PATH_KEYS},
     "batch_size": "must be a positive integer",
     "num_repeats": "must be a positive integer",
@@ -388,8 +402,40 @@ def load_dataset_config(
             if key in cfg and not Path(cfg[key]).is_absolute():
                 from_working_dir = base / cfg[key]
                 cfg[key] = str(from_working_dir if from_working_dir.exists() else (toml_path.parent / cfg[key]).resolve())
-        group.datasets.append(_dataset(cfg, where, base, check_path))
+        spec = _dataset(cfg, where, base, check_path)
+        (group.validation if cfg.get("validation") else group.datasets).append(spec)
+    if not group.datasets:
+        raise DatasetConfigError(f"{toml_path}: every [[datasets]] entry has validation = true; nothing is left to train on")
+    check_held_out(group)
     return group
+
+
+def check_held_out(group: DatasetGroup) -> None:
+    """Refuse a held-out item that is also a training target (the same file, symlinks resolved)."""
+    trained = {item.target.resolve(): item for item in group.items}
+    for item in group.validation_items:
+        if item.target.resolve() in trained:
+            raise DatasetConfigError(f"validation item {item.target} is also a training target: a held-out item must "
+                                     "never be trained on; remove it from one of the two")
+
+
+def split_validation(group: DatasetGroup, fraction: float, seed: int) -> DatasetGroup:
+    """A copy of `group` with `fraction` of each training entry's items (at least one, at most all but
+    one) moved to a held-out entry; which ones depends only on `seed` and the item names."""
+    held: list[DatasetSpec] = []
+    kept: list[DatasetSpec] = []
+    for spec in group.datasets:
+        if len(spec.items) < 2:
+            raise DatasetConfigError(f"{spec.source}: {len(spec.items)} item(s): too few to hold one out for "
+                                     "validation; give validation items instead (a validation dataset)")
+        count = min(len(spec.items) - 1, max(1, round(fraction * len(spec.items))))
+        order = sorted(spec.items, key=lambda item: item.key)
+        random.Random(seed).shuffle(order)
+        out = {item.key for item in order[:count]}
+        kept.append(DatasetSpec([i for i in spec.items if i.key not in out], spec.batch_size, spec.num_repeats,
+                                spec.source))
+        held.append(DatasetSpec([i for i in spec.items if i.key in out], 1, 1, f"{spec.source} (held out)"))
+    return DatasetGroup(kept, group.validation + held)
 
 
 def write_dataset_config(path: str | Path, general: dict[str, Any], datasets: list[dict[str, Any]]) -> Path:
@@ -400,9 +446,11 @@ def write_dataset_config(path: str | Path, general: dict[str, Any], datasets: li
     return target
 
 
-def dataset_config_for(dataset: str, output_dir: Path, resolution: int) -> Path:
+def dataset_config_for(dataset: str, output_dir: Path, resolution: int, name: str = "dataset") -> Path:
     """The dataset TOML for `dataset`: the .toml given, the folder's own `dataset.toml`, or one written
-    into `output_dir` for the folder (square `resolution`, buckets on, cache in `output_dir/cache`).
+    into `output_dir` for the folder (`{name}.toml`; square `resolution`, buckets on, cache in
+    `output_dir/cache`, or `output_dir/{name}_cache` for another `name`, so that held-out items named
+    like training items keep their own cache files).
 
     A folder without a TOML holds targets + captions in `images/` (or the folder itself) and the
     control images in `controls/` (or `control/`), paired by name the musubi way.
@@ -423,7 +471,7 @@ def dataset_config_for(dataset: str, output_dir: Path, resolution: int) -> Path:
         )
     general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
                "enable_bucket": True, "bucket_no_upscale": False}
-    return write_dataset_config(output_dir / "dataset.toml", general, [{
+    return write_dataset_config(output_dir / f"{name}.toml", general, [{
         "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
-        "cache_directory": str(output_dir / "cache"), "num_repeats": 1,
+        "cache_directory": str(output_dir / ("cache" if name == "dataset" else f"{name}_cache")), "num_repeats": 1,
     }])

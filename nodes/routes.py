@@ -27,6 +27,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from ..musubi_formats.names import SAMPLE_DIR
+from ..training_contract.checkpoint_choice import VALIDATION_LOSS
 from ..training_contract.protocol import LOG_FILE, JobState
 from ..training_jobs import jobs
 from ..training_jobs.jobs import JobRecord, JobRegistry
@@ -231,9 +232,13 @@ def _detail(registry: JobRegistry, record: JobRecord, max_points: int) -> dict[s
         body["metrics"] = [
             {key: r.get(key) for key in ("step", LOSS, FACE_SIMILARITY)} for r in _downsample(run.metrics, max_points)
         ]
+        steps, losses = run.series(VALIDATION_LOSS)  # a few points: every one is sent
+        body["validation"] = [{"step": step, VALIDATION_LOSS: loss} for step, loss in zip(steps, losses)]
         body["checkpoints"] = [
             {"filename": c.filename, "step": c.step, "epoch": c.epoch, "final": c.final} for c in run.checkpoints
         ]
+        chosen = run.checkpoint_table.recommendation() if run.checkpoint_table is not None else None
+        body["recommendation"] = {"name": chosen.name, "step": chosen.step, "reason": chosen.reason} if chosen else None
         body["samples"] = [
             {"filename": s.path.name, "step": s.step, "epoch": s.epoch, "prompt_index": s.prompt_index}
             for s in run.latest_samples()

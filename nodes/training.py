@@ -15,11 +15,14 @@ from typing import Any
 
 from ..common.files import atomic_write_text
 from ..faceid.packs import root_of_pack
+from ..faceid.pairing import list_images
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..musubi_formats.dataset import dataset_config_for, load_dataset_config
 from ..musubi_formats.names import output_name_problem
 from ..musubi_formats.prompts import parse_prompt_text, resolve_prompt_path
 from ..training_contract import options
+from ..training_contract.checkpoint_choice import CheckpointTable, read_table
+from ..training_contract.checkpoint_choice import format_table as format_checkpoint_table
 from ..training_contract.protocol import LOG_FILE, read_status
 from ..training_jobs import jobs
 from ..training_jobs.checkpoint_scores import (
@@ -33,7 +36,7 @@ from ..training_jobs.checkpoint_scores import (
 )
 from ..training_jobs.jobs import JobRecord
 from ..training_jobs.run_plots import plot_run, plot_scores
-from ..training_jobs.run_reader import log_tail, read_run, run_checkpoints
+from ..training_jobs.run_reader import list_checkpoints, log_tail, read_run, run_checkpoints
 from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
 from ..training_jobs.trainer_env import trainer_runtime
 from . import comfy_env
@@ -157,17 +160,24 @@ def _setting_input(name: str) -> tuple[Any, ...]:
     return (kind, {**settings, comfy_env.PATH_INPUT: True}) if name in PATH_SETTINGS else (kind, settings)
 
 
-def _confine_dataset(source: Path | None, output_dir: Path, resolution: int) -> Path:
+def _confine_dataset(source: Path | None, output_dir: Path, resolution: int, input_name: str = "dataset") -> Path:
     """The run's dataset TOML (`dataset_config_for`), once it and every file and folder it names, as the
     trainer will find them from its working directory (`output_dir`), lie inside ComfyUI's folders."""
     if source is None:
         raise ValueError("set 'dataset' to a musubi dataset .toml or a dataset folder")
     folders = comfy_env.allowed_folders()
-    toml = dataset_config_for(str(source), output_dir, resolution)
-    comfy_env.confine(toml, "dataset", folders)
+    toml = dataset_config_for(str(source), output_dir, resolution, input_name)
+    comfy_env.confine(toml, input_name, folders)
     load_dataset_config(toml, working_dir=output_dir,
-                        check_path=lambda what, path: comfy_env.confine(path, f"dataset {what}", folders))
+                        check_path=lambda what, path: comfy_env.confine(path, f"{input_name} {what}", folders))
     return toml
+
+
+def _confine_photos(folder: Path, what: str) -> None:
+    """Every image in `folder` inside ComfyUI's folders (a symlink counts where it points)."""
+    folders = comfy_env.allowed_folders()
+    for photo in list_images(folder):
+        comfy_env.confine(photo, f"{what} photo", folders)
 
 
 def _confine_prompt_controls(sample_prompts: str, prompt_file: Path) -> None:
@@ -209,6 +219,12 @@ class FaceConsistencyTrainLaunch:
                 "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
                                "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
                 **{name: _setting_input(name) for name in FACE_LOSS_INPUTS},
+                "validation_dataset": comfy_env.path_input(
+                    "Held-out items, never trained on (a dataset .toml or a folder like 'dataset'): their "
+                    "validation loss at every checkpoint, in checkpoints.json (--validation_dataset_config)."),
+                "likeness_references": comfy_env.path_input(
+                    "A folder of photos of the person that are neither controls nor training targets: every "
+                    "checkpoint's samples are scored against them (held-out likeness, --likeness_references)."),
             },
         }
 
@@ -233,6 +249,8 @@ class FaceConsistencyTrainLaunch:
         resolution: int = 1024,
         tokenizer: str = "",
         extra_args: str = "",
+        validation_dataset: str = "",
+        likeness_references: str = "",
         **settings: Any,  # SETTINGS and FACE_SETTINGS, by their flag names
     ) -> dict[str, Any]:
         name = output_name.strip()
@@ -247,6 +265,14 @@ class FaceConsistencyTrainLaunch:
         if Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack:  # a pack folder, not a name
             pack = str(comfy_env.input_path(pack, "face_model_name"))
         negatives = comfy_env.input_path(settings.get("face_loss_negatives", ""), "face_loss_negatives")
+        validation_source = comfy_env.input_path(validation_dataset, "validation_dataset")
+        references = comfy_env.input_path(likeness_references, "likeness_references")
+        if references is not None:
+            if not references.is_dir():
+                raise ValueError(f"likeness_references {likeness_references!r} is not a folder of photos")
+            if not sample_prompts.strip():
+                raise ValueError("likeness_references scores each checkpoint's samples: give sample_prompts too")
+            _confine_photos(references, "likeness_references")
         _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
         use_loss = bool(settings.get("use_face_as_loss", False))
         variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
@@ -275,6 +301,11 @@ class FaceConsistencyTrainLaunch:
         output_dir.mkdir(parents=True, exist_ok=True)
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
         args += ["--dataset_config", str(_confine_dataset(dataset_source, output_dir, resolution))]
+        if validation_source is not None:
+            args += options.to_argv("validation_dataset_config", str(
+                _confine_dataset(validation_source, output_dir, resolution, "validation_dataset")))
+        if references is not None:
+            args += options.to_argv("likeness_references", str(references))
         args += ["--edit_plus", "--sdpa", "--weighting_scheme", "none", "--network_module", options.NETWORK_MODULE,
                  "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
                  "--output_dir", str(output_dir), "--output_name", name]
@@ -548,7 +579,8 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
         self, checkpoint_names: list[str], scores: list[Any], copy_best: list[bool],
         reference_agreement: list[float] | None = None, face_change: list[Any] | None = None,
     ) -> dict[str, Any]:
-        results = group_scores(checkpoint_names, scores)
+        saved_steps, trainer_table = _saved_steps_and_table(checkpoint_names)
+        results = group_scores(checkpoint_names, scores, saved_steps)
         best = best_checkpoint(results)
         agreement = float(reference_agreement[0]) if reference_agreement else -1.0
         changes = group_scores(checkpoint_names, _unknown_as_nan(face_change)) if face_change else []
@@ -563,6 +595,8 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
         if unchanged:
             table += (f"\n{unchanged} checkpoint(s) return the control's face unchanged: their scores say "
                       "nothing about likeness (see the notes)")
+        if trainer_table is not None:
+            table += f"\n\nthe trainer's table (checkpoints.json):\n{format_checkpoint_table(trainer_table)}"
         if copy_best and copy_best[0]:
             source = comfy_env.full_path(LORAS, best.name)
             if source is None:
@@ -574,6 +608,20 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
             results.index(best), x_label=x_label,
         )
         return {"ui": {"text": [table]}, "result": (table, rgb_to_image(plot), best.name, best.mean)}
+
+
+def _saved_steps_and_table(names: list[str]) -> tuple[dict[str, int], CheckpointTable | None]:
+    """The step of each named checkpoint as List Checkpoints reads it (the name, else its `ss_steps`), and
+    the trainer's checkpoints.json when the checkpoints lie in one run folder that has one."""
+    paths = {name: comfy_env.full_path(LORAS, str(name)) for name in dict.fromkeys(names)}
+    folders = list(dict.fromkeys(path.parent for path in paths.values() if path is not None))
+    by_path = {c.path.resolve(): c for folder in folders for c in list_checkpoints(folder)}
+    steps = {}
+    for name, path in paths.items():
+        checkpoint = by_path.get(path.resolve()) if path is not None else None
+        if checkpoint is not None and checkpoint.step is not None:
+            steps[name] = checkpoint.step
+    return steps, read_table(folders[0]) if len(folders) == 1 else None
 
 
 def _unknown_as_nan(values: list[Any]) -> list[Any]:

@@ -37,8 +37,9 @@ TAB_BUTTON = 'button[aria-label="Face Consistency training jobs"]'
 
 
 def launch_workflow(tiny: TinyTraining, installed: ComfyTinyFiles, output_name: str,
-                    max_train_steps: int) -> dict[str, Any]:
-    """The launch + monitor example on the tiny models: one sample and a checkpoint per epoch of 4 steps."""
+                    max_train_steps: int, validation_dataset: str = "") -> dict[str, Any]:
+    """The launch + monitor example on the tiny models: one sample and a checkpoint per epoch of 4 steps
+    (with `validation_dataset`, held-out items scored at every checkpoint)."""
     workflow = json.loads(EXAMPLE.read_text())
     workflow["1"]["inputs"].update(
         dit=tiny.files.dit.name,
@@ -52,15 +53,29 @@ def launch_workflow(tiny: TinyTraining, installed: ComfyTinyFiles, output_name: 
         save_every_n_epochs=1, sample_every_n_epochs=1,
         sample_prompts=f"a tiny edit --w 32 --h 32 --s 2 --d 100 --ci {installed.control}",
         tokenizer=str(installed.tokenizer_dir),
+        validation_dataset=validation_dataset,
     )
     return workflow
+
+
+def held_out_folder(installed: ComfyTinyFiles) -> Path:
+    """Two held-out pairs in ComfyUI's input folder, laid out like a dataset folder."""
+    folder = installed.dataset_toml.parent.parent / "tiny_held_out"
+    for index in (0, 1):
+        for part in ("images", "controls"):
+            (folder / part).mkdir(parents=True, exist_ok=True)
+            source = installed.dataset_toml.parent / part / f"item_{index}.png"
+            (folder / part / f"held_{index}.png").write_bytes(source.read_bytes())
+        (folder / "images" / f"held_{index}.txt").write_text(f"tiny edit number {index}", encoding="utf-8")
+    return folder
 
 
 @pytest.fixture(scope="module")
 def finished_job(comfy_server: ComfyServer, tiny_training: TinyTraining) -> dict[str, Any]:
     """The launch + monitor workflow's outputs, the monitor waiting until the 8-step run finished."""
     installed = tiny_training.install_into_comfyui(comfy_server.base)
-    workflow = launch_workflow(tiny_training, installed, FINISHED_NAME, max_train_steps=8)
+    workflow = launch_workflow(tiny_training, installed, FINISHED_NAME, max_train_steps=8,
+                               validation_dataset=str(held_out_folder(installed)))
     workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
     return run_prompt(comfy_server, workflow)
 
@@ -78,6 +93,14 @@ def test_launch_and_monitor_workflow_trains_in_comfyui(comfy_server: ComfyServer
     assert len(finished_job["3"]["images"]) == 1 and len(finished_job["4"]["images"]) == 1  # plot, sample grid
     job = jobs_by_name(comfy_server)[FINISHED_NAME]
     assert job["state"] == "completed" and job["step"] == 8
+    # the held-out items' loss at every checkpoint, and the checkpoint to keep, in the table, the monitor and the route
+    table = json.loads((output_dir / "checkpoints.json").read_text())
+    assert [row["step"] for row in table["checkpoints"]] == [4, 8] and table["validation_items"] == 2
+    assert all(set(row["validation_loss"]) == {"1", "0.75", "0.5", "0.25"} for row in table["checkpoints"])
+    keep = f"keep {table['recommendation']['name']}: {table['recommendation']['reason']}"
+    assert keep in status.splitlines()
+    detail = comfy_server.get(f"/face_consistency/jobs/{job['job_id']}")
+    assert detail["recommendation"] == table["recommendation"] and len(detail["validation"]) == 2
     assert comfy_server.get("/api/face_consistency/jobs") == comfy_server.get("/face_consistency/jobs")
 
 
@@ -161,7 +184,8 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path, running: str) 
         running_state = await page.evaluate(_state_of(running))
         for name in (FINISHED_NAME, running):  # expand both: charts and samples
             await page.click(f"{_job_box(name)}.querySelector('.fc-job-head')")
-        captions = await _wait_for_details(page, FINISHED_NAME)
+        captions = await _wait_for_details(page, FINISHED_NAME, charts=3)  # with the validation loss
+        keep = await page.evaluate(f"{_job_box(FINISHED_NAME)}.querySelector('.fc-keep')?.textContent")
         await _wait_for_details(page, running)
         panel_open = await page.screenshot(shots / "training_panel.png")
 
@@ -179,17 +203,17 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path, running: str) 
         )
         stopped = await page.screenshot(shots / "training_panel_stopped.png")
         return {
-            "captions": captions, "running_state": running_state, "stop_buttons": stop_buttons,
+            "captions": captions, "keep": keep, "running_state": running_state, "stop_buttons": stop_buttons,
             "console_errors": page.console_errors, "screenshots": [panel_open, stopped],
         }
 
 
-async def _wait_for_details(page: DevToolsPage, name: str) -> list[str]:
-    """The expanded job shows its loss chart and samples (loaded from the sample route); returns
+async def _wait_for_details(page: DevToolsPage, name: str, charts: int = 2) -> list[str]:
+    """The expanded job shows its `charts` charts and samples (loaded from the sample route); returns
     the charts' captions."""
     box = _job_box(name)
     await page.wait_for(
-        f"{box}.querySelectorAll('.fc-chart-label').length === 2"
+        f"{box}.querySelectorAll('.fc-chart-label').length === {charts}"
         f" && {box}.querySelectorAll('svg.fc-chart path').length >= 2"
         f" && [...{box}.querySelectorAll('.fc-samples img')].some(img => img.complete && img.naturalWidth > 0)",
         f"{name}'s charts and samples", 120,
@@ -230,8 +254,10 @@ def test_training_panel_lists_charts_and_stops_jobs(
 
     ours = [e for e in seen["console_errors"] if any(mark in e.lower() for mark in OUR_MARKS)]
     assert not ours, "\n".join(seen["console_errors"])
-    loss, face_similarity = seen["captions"]
+    loss, validation, face_similarity = seen["captions"]
     assert loss.startswith("loss ") and loss.endswith("· step 8"), loss
+    assert validation.startswith("validation loss (held out) ") and validation.endswith("· step 8"), validation
+    assert seen["keep"].startswith("keep e2e_tiny"), seen["keep"]
     assert face_similarity == "face similarity: no data yet"  # the face loss is off on the tiny model
     assert seen["running_state"] in ("training", "sampling", "saving"), seen
     assert seen["stop_buttons"] == [0, 1], "a stop button on the running job only"

@@ -196,3 +196,31 @@ def test_running_job_samples_swap_in_once_loaded_and_failed_ones_are_fetched_aga
     assert seen["kept"] == loaded(8)
     assert seen["newest"] == loaded(9)
     assert seen["fetches"] == {"04": 2, "08": 1, "09": 2}  # one refetch per failure, none of a loaded image
+
+
+VALIDATION_JS = DOM_JS + """
+const { detail } = await import("./scripts/api.js");
+detail.validation = [{ step: 2, val_loss: 0.41 }, { step: 4, val_loss: 0.38 }, { step: 6, val_loss: 0.44 }];
+detail.recommendation = { name: "face_lora-step00000004.safetensors", step: 4,
+                          reason: "step 4: lowest validation loss 0.3800; validation loss rises after step 4" };
+registered.extensions[0].setup();
+const container = new Element("div");
+registered.tabs[0].render(container);
+await tick();
+container.find((e) => e.className === "fc-job-head").click();
+await tick();
+const result = { captions: [], keep: [] };
+container.find((e) => { if (e.className === "fc-chart-label") result.captions.push(e.textContent); return false; });
+container.find((e) => { if (e.className.includes("fc-keep")) result.keep.push(e.text.trim()); return false; });
+console.log(JSON.stringify(result));
+process.exit(0);
+"""
+
+
+@needs_node
+def test_panel_draws_the_validation_loss_and_the_checkpoint_to_keep(tmp_path: Path) -> None:
+    result = run_web_module(tmp_path, "face_consistency_panel.js", {"app.js": APP_JS, "api.js": API_JS}, VALIDATION_JS)
+
+    assert result["captions"][1] == "validation loss (held out) 0.4400 · min 0.3800 · max 0.4400 · step 6"
+    assert result["keep"] == ["keep face_lora-step00000004.safetensors: step 4: lowest validation loss 0.3800; "
+                              "validation loss rises after step 4"]

@@ -61,6 +61,7 @@ def test_jobs_are_listed_and_read(registry: JobRegistry, tmp_path: Path) -> None
         assert detail["metrics"][-1]["face_similarity"] == pytest.approx(1.0)
         assert [c["step"] for c in detail["checkpoints"]] == [10, 15, 20, 30]
         assert [s["filename"] for s in detail["samples"]] == list(MUSUBI_SAMPLES[2:])
+        assert detail["validation"] == [] and detail["recommendation"] is None  # a musubi run has neither
 
         image = await client.get(f"{PREFIX}/{job.job_id}/samples/{MUSUBI_SAMPLES[-1]}")
         assert image.status == 200
@@ -428,3 +429,29 @@ def test_the_registry_move_takes_a_hot_journal_along(tmp_path: Path) -> None:
     moved = comfy_env.registry_file()
     assert moved.with_name(moved.name + "-journal").exists() and not journal.exists()
     assert [job.name for job in comfy_env.open_registry().list()] == ["old"]
+
+
+def test_the_detail_carries_the_validation_loss_and_the_checkpoint_to_keep(registry: JobRegistry, tmp_path: Path) -> None:
+    from face_consistency.training_contract.checkpoint_choice import CheckpointRow, CheckpointTable, write_table
+    from face_consistency.training_contract.protocol import append_metrics
+
+    folder = tmp_path / "runs" / "ours"
+    job = _finished_job(registry, folder)
+    for step in range(1, 31):
+        append_metrics(folder, {"step": step, "loss": 1.0 / step})
+        if step % 10 == 0:
+            append_metrics(folder, {"step": step, "val_loss": 0.5 + abs(step - 20) / 100})
+    write_table(folder, CheckpointTable([CheckpointRow("musubi_face-000001.safetensors", 10, 1, {"1": 0.6}),
+                                         CheckpointRow("musubi_face-000002.safetensors", 20, 2, {"1": 0.5}),
+                                         CheckpointRow("musubi_face.safetensors", 30, None, {"1": 0.6})], (1.0,)))
+
+    async def scenario(client: TestClient) -> None:
+        detail = await (await client.get(f"{PREFIX}/{job.job_id}", params={"max_points": "5"})).json()
+        assert len(detail["metrics"]) == 5  # the training loss is thinned, the few validation points are not
+        assert detail["validation"] == [{"step": 10, "val_loss": 0.6}, {"step": 20, "val_loss": 0.5},
+                                        {"step": 30, "val_loss": 0.6}]
+        assert detail["recommendation"] == {
+            "name": "musubi_face-000002.safetensors", "step": 20,
+            "reason": "step 20: lowest validation loss 0.5000; validation loss rises after step 20"}
+
+    _serve(registry, scenario)

@@ -320,9 +320,9 @@ def _launch_command(monkeypatch, tiny_training: TinyTraining, comfy: Path, name:
     monkeypatch.setattr(training.jobs, "launch", capture)
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
     inputs = {**{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
-              **_tiny_launch_inputs(tiny_training, comfy, name, 0), "enable_face_loss": True}
+              **_tiny_launch_inputs(tiny_training, comfy, name, 0), "enable_face_loss": True, **changes}
     with pytest.raises(Launched) as launched:
-        FaceConsistencyTrainLaunch().launch(**inputs, **changes)
+        FaceConsistencyTrainLaunch().launch(**inputs)
     return inputs, launched.value.args[0]
 
 
@@ -364,3 +364,66 @@ def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path,
     _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", **variants)
     args = validate_args(parse_args(command))
     assert args.enable_face_loss and not args.use_face_as_loss and args.face_loss_contrastive_weight == 0
+
+
+def test_scoreboard_orders_epoch_checkpoints_by_their_saved_steps_and_shows_the_trainers_table(comfy: Path) -> None:
+    """As List Checkpoints: an epoch checkpoint's step is its ss_steps; the run's checkpoints.json is shown."""
+    from face_consistency.training_contract.checkpoint_choice import CheckpointRow, CheckpointTable, write_table
+
+    folder = write_musubi_run(comfy / "output" / "loras" / "musubi_face")  # epochs at steps 10 and 20, step 15
+    names = ["musubi_face/musubi_face-000002.safetensors", "musubi_face/musubi_face-step00000015.safetensors",
+             "musubi_face/musubi_face-000001.safetensors"]
+    node = FaceConsistencyCheckpointScoreboard()
+    table = node.rank(names, [0.7, 0.6, 0.5], [False])["result"][0]
+    order = [line.split()[0] for line in table.splitlines()[1:4]]
+    assert order == [names[2], names[1], names[0]]  # steps 10, 15, 20
+    assert "checkpoints.json" not in table
+
+    rows = [CheckpointRow("musubi_face-000001.safetensors", 10, 1, {"1": 0.5}, likeness=0.62, likeness_dlib=0.58,
+                          samples=2),
+            CheckpointRow("musubi_face-step00000015.safetensors", 15, None, {"1": 0.4}, likeness=0.71, samples=2),
+            CheckpointRow("musubi_face-000002.safetensors", 20, 2, {"1": 0.6}, likeness=0.75, near_copies=1,
+                          samples=2)]
+    write_table(folder, CheckpointTable(rows, (1.0,)))
+    table = node.rank(names, [0.7, 0.6, 0.5], [False])["result"][0]
+    assert "the trainer's table (checkpoints.json):" in table
+    assert table.splitlines()[-1] == (
+        "keep musubi_face-step00000015.safetensors: step 15: highest held-out likeness 0.71; validation loss rises "
+        "after step 15 and near-copies of training targets appear at step 20 (1 of 2 samples)")
+    # the monitor says the same
+    status = FaceConsistencyTrainMonitor().monitor("no", 1.0, 5, 8, output_folder="loras/musubi_face")["result"][0]
+    assert status.splitlines()[-1] == table.splitlines()[-1]
+
+
+def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(comfy: Path, tiny_training: TinyTraining,
+                                                                            faces_dir: Path, monkeypatch) -> None:
+    from face_consistency.trainer.cli import parse_args, validate_args
+
+    held_out = comfy / "input" / "held_out"
+    for part in ("images", "controls"):
+        (held_out / part).mkdir(parents=True)
+    source = tiny_training.dataset_toml.parent
+    for index in (0, 1):
+        for part in ("images", "controls"):
+            (held_out / part / f"h_{index}.png").write_bytes((source / part / f"item_{index}.png").read_bytes())
+        (held_out / "images" / f"h_{index}.txt").write_text("held out")
+    references = comfy / "input" / "person"
+    references.mkdir()
+    (references / "obama3.jpg").write_bytes((faces_dir / "obama3.jpg").read_bytes())
+    control = comfy / "input" / "tiny_dataset" / "controls" / "item_0.png"
+    prompts = f"tiny edit --w 32 --h 32 --s 2 --d 1 --ci {control}"
+    with pytest.raises(ValueError, match="give sample_prompts too"):
+        _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references))
+    _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", validation_dataset=str(held_out),
+                                 likeness_references=str(references), sample_prompts=prompts)
+    args = validate_args(parse_args(command))
+    run = comfy / "output" / "loras" / "tiny_held"
+    assert args.validation_dataset_config == str(run / "validation_dataset.toml")
+    assert sorted(item.key for item in args.dataset_group.validation_items) == ["h_0", "h_1"]
+    assert {item.cache_directory for item in args.dataset_group.validation_items} == {run / "validation_dataset_cache"}
+    assert args.likeness_reference_paths == [references.resolve() / "obama3.jpg"]
+    # a photo that is a link out of ComfyUI's folders is refused, as the folder itself would be
+    (references / "elsewhere.jpg").symlink_to(faces_dir / "obama2.jpg")
+    with pytest.raises(comfy_env.FolderAccessError, match="likeness_references photo"):
+        _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references),
+                        sample_prompts=prompts)

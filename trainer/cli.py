@@ -23,9 +23,11 @@ from diffusers.optimization import SchedulerType
 
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
-from ..musubi_formats.dataset import DatasetConfigError, load_dataset_config
+from ..faceid.pairing import list_images
+from ..musubi_formats.dataset import DatasetConfigError, DatasetGroup, check_held_out, load_dataset_config, split_validation
 from ..musubi_formats.names import output_name_problem
 from ..training_contract import libraries
+from ..training_contract.checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS, QWEN_IMAGE_21
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
@@ -45,6 +47,7 @@ from ..training_contract.options import (
     check_values,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
+from .checkpoint_eval import build_sample_evidence
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
 from .qwen_image21_loading import check_dit_family, check_text_encoder_family
@@ -109,7 +112,8 @@ def _config_type_error(option: Option, value: Any) -> str | None:
     if option.many:
         if isinstance(value, list) and all(fits(item) for item in value):
             return None
-        return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. [\"key=value\"], got {value!r}"
+        example = '["key=value"]' if option.kind is str else "[1.0, 0.5]"
+        return f"must be a list of {kind.split(' ', 1)[1]}s, e.g. {example}, got {value!r}"
     return None if fits(value) else f"must be {kind}, got {value!r}"
 
 
@@ -280,8 +284,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     try:
         group = load_dataset_config(args.dataset_config)
         prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
+        group = _held_out_items(args, group)
     except (DatasetConfigError, PromptFileError) as exc:
         raise ConfigError(str(exc)) from None
+    args.likeness_reference_paths = _likeness_references(args, group, prompts)
     if not MODEL_VERSIONS[args.model_version].several_controls:
         several = [str(i.target) for i in group.items if len(i.controls) != 1]
         several += [f"sample prompt {p.index}" for p in prompts if len(p.controls) != 1]
@@ -293,6 +299,47 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.seed = random.randint(0, 2**31 - 1)
     args.dataset_group, args.sample_settings = group, prompts  # read once: run_training trains on these
     return args
+
+
+def _held_out_items(args: argparse.Namespace, group: DatasetGroup) -> DatasetGroup:
+    """The dataset with its held-out items: validation entries of the TOML, --validation_dataset_config's
+    items, or --validation_split's share of the training items; the sigmas of the validation loss."""
+    if args.validation_dataset_config:
+        given = load_dataset_config(args.validation_dataset_config)
+        group = DatasetGroup(group.datasets, group.validation + given.datasets + given.validation)
+        check_held_out(group)
+    if args.validation_split:
+        if group.validation:
+            raise ConfigError("--validation_split holds out training items, but validation items are given "
+                              "already (a validation dataset or validation = true): use one or the other")
+        group = split_validation(group, args.validation_split, args.validation_seed)
+    args.validation_sigmas = sorted(set(args.validation_sigmas or DEFAULT_VALIDATION_SIGMAS), reverse=True)
+    if args.validate_every_n_steps and not group.validation:
+        raise ConfigError("--validate_every_n_steps needs held-out items: --validation_split, "
+                          "--validation_dataset_config or a [[datasets]] entry with validation = true")
+    return group
+
+
+def _likeness_references(args: argparse.Namespace, group: DatasetGroup, prompts: list) -> list[Path]:
+    """The reference photos of --likeness_references: none of them a training target or a sample's control."""
+    if not args.likeness_references:
+        return []
+    folder = Path(args.likeness_references)
+    if not folder.is_dir():
+        raise ConfigError(f"--likeness_references {folder}: folder not found")
+    if not args.sample_prompts:
+        raise ConfigError("--likeness_references scores each checkpoint's samples: it needs --sample_prompts")
+    photos = list_images(folder)
+    if not photos:
+        raise ConfigError(f"--likeness_references {folder}: no images in it")
+    used = {item.target.resolve(): "a training target" for item in group.items}
+    used.update({control.resolve(): f"the control of sample prompt {n + 1}"
+                 for n, prompt in enumerate(prompts) for control in prompt.controls})
+    for photo in photos:
+        if photo.resolve() in used:
+            raise ConfigError(f"--likeness_references {photo} is {used[photo.resolve()]}: the likeness must be "
+                              "measured against photos the LoRA never saw and the samples do not start from")
+    return photos
 
 
 def _check_prompt_lengths(group: Any, prompts: list, args: argparse.Namespace) -> None:
@@ -362,6 +409,16 @@ def build_hooks(args: argparse.Namespace) -> list:
         raise ConfigError(f"--enable_face_loss: {exc}") from None
 
 
+def build_evidence(args: argparse.Namespace) -> None:
+    """`args.sample_evidence`: what scores each checkpoint's samples (None without sample prompts)."""
+    args.sample_evidence = None
+    if args.sample_prompts:
+        try:
+            args.sample_evidence = build_sample_evidence(args, [item.target for item in args.dataset_group.items])
+        except (ValueError, OSError, ImportError) as exc:
+            raise ConfigError(str(exc)) from None
+
+
 def _report_config_error(output_dir: str | None, message: str) -> None:
     """The message on stderr, and in status.json when the folder can hold one (the pid tells a
     watcher whose status it is)."""
@@ -408,6 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 output_dir = args.output_dir
                 args = validate_args(args)
                 hooks = build_hooks(args)
+                build_evidence(args)
             except OutputFolderBusyError as exc:
                 print(f"face-consistency train: error: {exc}", file=sys.stderr)
                 return EXIT_USAGE

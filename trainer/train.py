@@ -38,7 +38,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -57,6 +57,7 @@ from ..common.files import atomic_write_text
 from ..musubi_formats.dataset import DatasetGroup, DatasetItem
 from ..musubi_formats.names import epoch_checkpoint_name, step_checkpoint_name
 from ..training_contract import libraries
+from ..training_contract.checkpoint_choice import CheckpointRow, CheckpointTable, format_table, read_table, write_table
 from ..training_contract.model_versions import MODEL_VERSIONS
 from ..training_contract.options import NETWORK_MODULE
 from ..training_contract.protocol import (
@@ -71,6 +72,7 @@ from ..training_contract.protocol import (
 )
 from . import models
 from .cache import CacheEncoders, cache_dataset, load_cached_item, text_cache_path
+from .checkpoint_eval import ValidationLoss
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .host_memory import map_large_allocations
 from .lora import add_lora, load_comfy_lora, lora_file_modules, lora_target_modules, parse_network_args, save_lora
@@ -481,6 +483,15 @@ class TrainingRun:
         self.started = time.time()
         self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
         self.samples: list[EncodedSample] = []
+        held_out = self.group.validation_items
+        self.validation = ValidationLoss(held_out, args.validation_sigmas, args.validation_seed) if held_out else None
+        self.validated: dict[int, dict[str, float]] = {}  # step -> its validation loss
+        self.sampled: dict[int, list[Path]] = {}  # step -> the samples drawn at it
+        self.table = CheckpointTable(sigmas=tuple(args.validation_sigmas),
+                                     references=len(getattr(args, "likeness_reference_paths", [])),
+                                     validation_items=len(held_out))
+        # what validation and the checkpoints' samples and scoring cost, against the run's time
+        self.validation_seconds = self.checkpoint_sampling_seconds = self.checkpoint_scoring_seconds = 0.0
 
     def run(self) -> JobState:
         if self.args.blocks_to_swap and self.accelerator.num_processes > 1:
@@ -560,8 +571,9 @@ class TrainingRun:
         )
 
     def cache_dataset(self, encoders: CacheEncoders) -> None:
-        items = self.group.items
-        log.info("dataset: %d images in %d dataset(s)", len(items), len(self.group.datasets))
+        items = self.group.items + self.group.validation_items
+        log.info("dataset: %d images in %d dataset(s), %d held out for validation", len(self.group.items),
+                 len(self.group.datasets), len(self.group.validation_items))
         self.reporter.update(JobState.CACHING, num_images=len(items))
         # Each process caches its share (a long single-process caching run would time out the others).
         share = items[self.accelerator.process_index :: self.accelerator.num_processes]
@@ -618,6 +630,9 @@ class TrainingRun:
             # Resuming into the same folder: steps after the state are about to be redone.
             kept = [m for m in read_metrics(self.output_dir) if m.get("step", 0) <= self.progress["step"]]
             atomic_write_text(self.output_dir / METRICS_FILE, "".join(json.dumps(m) + "\n" for m in kept))
+            earlier = read_table(self.output_dir)
+            if earlier is not None:
+                self.table.rows = [row for row in earlier.rows if row.step <= self.progress["step"]]
 
     # ---- training
 
@@ -695,17 +710,25 @@ class TrainingRun:
 
     def after_step(self, step: int) -> None:
         args = self.args
+        saved = None
         if args.save_every_n_steps and step % args.save_every_n_steps == 0 and step < self.total_steps:
-            self.save_checkpoint(step_checkpoint_name(args.output_name, step), with_state=args.save_state)
+            saved = self.save_checkpoint(step_checkpoint_name(args.output_name, step), with_state=args.save_state)
         if args.sample_every_n_steps and step % args.sample_every_n_steps == 0:
             self.sample(None)
+        if args.validate_every_n_steps and step % args.validate_every_n_steps == 0:
+            self.validate()
+        if saved is not None:
+            self.record_checkpoint(saved, None)
 
     def after_epoch(self, finished: int) -> None:
         args = self.args
+        saved = None
         if args.save_every_n_epochs and finished % args.save_every_n_epochs == 0 and self.progress["step"] < self.total_steps:
-            self.save_checkpoint(epoch_checkpoint_name(args.output_name, finished), with_state=args.save_state)
+            saved = self.save_checkpoint(epoch_checkpoint_name(args.output_name, finished), with_state=args.save_state)
         if args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
             self.sample(finished)
+        if saved is not None:
+            self.record_checkpoint(saved, finished)
 
     def finish(self, stopped_by: str | None) -> JobState:
         """The last checkpoint: the final LoRA, or on a stop one at the current step with its state to resume."""
@@ -715,14 +738,16 @@ class TrainingRun:
             self.save_checkpoint(step_checkpoint_name(self.args.output_name, self.progress["step"]), with_state=True)
             self.reporter.update(JobState.STOPPED)
             return JobState.STOPPED
-        self.save_checkpoint(self.args.output_name, with_state=self.args.save_state)
+        saved = self.save_checkpoint(self.args.output_name, with_state=self.args.save_state)
+        self.record_checkpoint(saved, None)
         self.reporter.update(JobState.COMPLETED, eta_sec=0)
         return JobState.COMPLETED
 
     # ---- checkpoints and samples
 
-    def save_checkpoint(self, stem: str, *, with_state: bool) -> None:
-        """`{stem}.safetensors` (the LoRA, ComfyUI's format) and, `with_state`, `{stem}-state/` to resume from."""
+    def save_checkpoint(self, stem: str, *, with_state: bool) -> Path:
+        """`{stem}.safetensors` (the LoRA, ComfyUI's format) and, `with_state`, `{stem}-state/` to resume from;
+        returns the LoRA's path."""
         args, accelerator = self.args, self.accelerator
         for param in self.lora_params:
             check_finite(self.progress["step"], "LoRA weight", param.detach())
@@ -743,12 +768,69 @@ class TrainingRun:
             with checkpoint_write(state_dir):
                 save_state(state_dir, accelerator, self.transformer, self.generator, self.progress)
         accelerator.wait_for_everyone()
+        return lora_file
+
+    def validate(self) -> dict[str, float]:
+        """The validation loss at this step (main process; measured once per step), in metrics.jsonl and
+        status.json; {} without held-out items."""
+        step = self.progress["step"]
+        if self.validation is None or not self.accelerator.is_main_process:
+            return {}
+        if step not in self.validated:
+            started = time.perf_counter()
+            model = self.accelerator.unwrap_model(self.transformer)
+            model.eval()
+            losses = self.validation.measure(
+                collate, lambda batch: batch_velocity(model, self.accelerator, batch, self.device), self.device)
+            model.train()
+            self.validation_seconds += time.perf_counter() - started
+            self.validated[step] = losses
+            self.reporter.metrics({"step": step, **losses})
+            self.reporter.update(**losses)
+            if self.args.logging_dir:
+                self.accelerator.log(losses, step=step)
+            log.info("validation loss at step %d: %.5f (%s)", step, losses["val_loss"], ", ".join(
+                f"{key.rsplit('_', 1)[1]}: {value:.5f}" for key, value in losses.items() if key != "val_loss"))
+        return self.validated[step]
+
+    def record_checkpoint(self, lora_file: Path, epoch: int | None) -> None:
+        """The checkpoint's row of checkpoints.json (validation loss, its samples' likeness and nearness
+        to the training targets), the table rewritten and the checkpoint to keep logged and reported."""
+        step = self.progress["step"]
+        losses = self.validate()
+        if self.samples and step not in self.sampled:  # every process: sampling waits for them all
+            started = time.perf_counter()
+            self.sample(epoch)
+            self.checkpoint_sampling_seconds += time.perf_counter() - started
+        if not self.accelerator.is_main_process:
+            return
+        started = time.perf_counter()
+        row = CheckpointRow(lora_file.name, step, epoch, validation_loss={
+            key.rsplit("_", 1)[1]: value for key, value in losses.items() if key != "val_loss"} or None)
+        evidence = getattr(self.args, "sample_evidence", None)
+        if evidence is not None and self.sampled.get(step):
+            for key, value in evidence.score(self.sampled[step]).items():
+                setattr(row, key, value)
+            if row.near_copies:
+                row.note = f"{row.near_copies} sample(s) near-copy a training target"
+        self.table.rows = [r for r in self.table.rows if r.step != step or r.name != row.name] + [row]
+        write_table(self.output_dir, self.table)
+        self.checkpoint_scoring_seconds += time.perf_counter() - started
+        chosen = self.table.recommendation()
+        log.info("checkpoints so far:\n%s", format_table(self.table))
+        self.reporter.update(recommendation=chosen.reason if chosen else None,
+                             recommended_checkpoint=chosen.name if chosen else None,
+                             validation_seconds=round(self.validation_seconds, 3),
+                             checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
+                             checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
+                             run_seconds=round(time.time() - self.started, 3))
 
     def sample(self, epoch: int | None) -> None:
         """Draw the sample prompts with the current LoRA (main process) and pass the images to the hooks."""
         if not self.samples:
             return
         accelerator, step = self.accelerator, self.progress["step"]
+        self.sampled[step] = []  # the images, on the main process
         self.reporter.update(JobState.SAMPLING)
         if accelerator.is_main_process:
             model = accelerator.unwrap_model(self.transformer)
@@ -769,6 +851,7 @@ class TrainingRun:
                 if self.args.logging_dir:
                     accelerator.log(metrics, step=step)
             self.reporter.status["last_sample_step"] = step
+            self.sampled[step] = paths
             log.info("wrote %d sample(s) at step %d", len(paths), step)
         accelerator.wait_for_everyone()
         self.reporter.update(JobState.TRAINING)
@@ -807,6 +890,31 @@ def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, hooks: Se
     reporter.update(memory_plan={**plan.as_status(), "warning": warning})
 
 
+def batch_velocity(transformer: torch.nn.Module, accelerator: Accelerator, batch: Batch,
+                   device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The model's velocity with `batch`'s prompt and controls: (latents [B, 16, 1, h, w], t [B]) -> v, as latents."""
+    controls = [c.to(device) for c in batch.controls]
+    prompt_embeds = batch.prompt_embeds.to(device)
+    prompt_mask = attention_mask(batch.prompt_mask.to(device))
+
+    def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        h, w = latents.shape[3], latents.shape[4]
+        img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]] * latents.shape[0]
+        tokens = torch.cat([pack(latents), *[pack(c) for c in controls]], dim=1)
+        with accelerator.autocast():
+            prediction = transformer(
+                hidden_states=tokens,
+                timestep=timestep,
+                encoder_hidden_states=prompt_embeds,
+                encoder_hidden_states_mask=prompt_mask,
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
+        return unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
+
+    return velocity
+
+
 def micro_step(
     args: argparse.Namespace, transformer: torch.nn.Module, vae: torch.nn.Module, batch: Batch,
     generator: torch.Generator, device: torch.device, accelerator: Accelerator, step: int, hooks: list[TrainingHook],
@@ -817,22 +925,7 @@ def micro_step(
     t = sample_timesteps(args, x0.shape[0], (h // 2) * (w // 2), generator).to(device)
     t_5d = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - t_5d) * x0 + t_5d * noise
-    controls = [c.to(device) for c in batch.controls]
-    img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]] * x0.shape[0]
-
-    def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        tokens = torch.cat([pack(latents), *[pack(c) for c in controls]], dim=1)
-        with accelerator.autocast():
-            prediction = transformer(
-                hidden_states=tokens,
-                timestep=timestep,
-                encoder_hidden_states=batch.prompt_embeds.to(device),
-                encoder_hidden_states_mask=attention_mask(batch.prompt_mask.to(device)),
-                img_shapes=img_shapes,
-                return_dict=False,
-            )[0]
-        return unpack(prediction[:, : (h // 2) * (w // 2)].float(), h, w)
-
+    velocity = batch_velocity(transformer, accelerator, batch, device)
     v_pred = velocity(x_t, t)
     target = noise - x0
     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, t_5d)

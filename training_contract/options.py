@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..common.values import Bounds, check_number, check_text
+from .checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from .model_versions import MODEL_VERSIONS
 
 NETWORK_MODULE = "networks.lora_qwen_image"
@@ -215,6 +216,23 @@ OPTIONS: tuple[Option, ...] = (
     Option("face_loss_rollout_steps", int, "face", "score the face of x0 reached by N Euler steps of the model from "
            "x_t (gradients through every step; 1: the one-step estimate x_t - t v)", 1,
            node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS), bounds=Bounds(1, MAX_FACE_LOSS_ROLLOUT_STEPS)),
+    # validation and the choice of a checkpoint (checkpoints.json)
+    Option("validation_dataset_config", str, "validation", "musubi dataset TOML of held-out items (never trained on) "
+           "for the validation loss; a [[datasets]] entry of --dataset_config with validation = true is held out too",
+           path=True),
+    Option("validation_split", float, "validation", "hold out this fraction of the training items (at least one, "
+           "chosen by --validation_seed) for the validation loss when no validation items are given (0: none)", 0.0,
+           bounds=Bounds(0, 0.5)),
+    Option("validation_seed", int, "validation", "seed of the held-out split and of the validation loss's fixed "
+           "noise", 0, bounds=Bounds(0, 2**32 - 1)),
+    Option("validation_sigmas", float, "validation", "sigmas (flow times) of the validation loss (default: "
+           f"{' '.join(f'{s:g}' for s in DEFAULT_VALIDATION_SIGMAS)})", DEFAULT_VALIDATION_SIGMAS, many=True,
+           bounds=Bounds(0, 1)),
+    Option("validate_every_n_steps", int, "validation", "validation loss every N steps as well as at every "
+           "checkpoint", bounds=Bounds(1, STEPS_CEILING)),
+    Option("likeness_references", str, "validation", "folder of photos of the person, neither controls nor training "
+           "targets: every checkpoint's samples are scored against them (held-out likeness, checkpoints.json)",
+           path=True),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -229,7 +247,8 @@ def contrastive_problem(weight: float, negatives: str | None) -> str | None:
                 "(e.g. 0.1) or leave the folder out")
     return None
 GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
-                "sampling": "sampling", "face": "face identity (docs/face-loss.md)"}
+                "sampling": "sampling", "face": "face identity (docs/face-loss.md)",
+                "validation": "validation and the checkpoint to keep (docs/training.md)"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -242,7 +261,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             group.add_argument(option.flag, action="store_true", help=option.help or None)
         else:
             group.add_argument(option.flag, type=None if option.kind is str else option.kind,
-                               default=[] if option.many else option.default, nargs="*" if option.many else None,
+                               default=list(option.default or ()) if option.many else option.default, nargs="*" if option.many else None,
                                help=option.help or None)
 
 

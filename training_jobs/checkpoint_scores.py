@@ -49,11 +49,13 @@ def _flatten_scores(item: Any) -> list[float]:
         raise ValueError(f"a score must be a number or a list of numbers, got {item!r}") from exc
 
 
-def group_scores(names: Sequence[str], scores: Sequence[Any]) -> list[CheckpointScore]:
+def group_scores(names: Sequence[str], scores: Sequence[Any],
+                 saved_steps: dict[str, int] | None = None) -> list[CheckpointScore]:
     """Pair checkpoint names with their scores (same order and length; a repeated name pools its scores).
 
     One name with many scores is one checkpoint scored several times. The result is ordered
-    by training step (final last), the order the checkpoints were saved in.
+    by training step (final last), the order the checkpoints were saved in; `saved_steps` gives the
+    step of a checkpoint whose name holds none (an epoch checkpoint's `ss_steps`).
     """
     names = [str(n) for n in names]
     if not names:
@@ -71,6 +73,7 @@ def group_scores(names: Sequence[str], scores: Sequence[Any]) -> list[Checkpoint
     results = []
     for name, values in pooled.items():
         _, step, epoch, final = parse_checkpoint_name(name)
+        step = step if step is not None else (saved_steps or {}).get(name)
         results.append(CheckpointScore(name, step, epoch, final, tuple(values)))
 
     def order(c: CheckpointScore) -> tuple[bool, float, float]:

@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 
 from ..common.figures import figure_rgb
+from ..training_contract.checkpoint_choice import VALIDATION_LOSS
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 
@@ -38,7 +39,8 @@ def _plot_series(ax, steps: list[int], values: list[float], window: int, label: 
 
 
 def plot_run(run: RunSnapshot, *, window: int = 20, width_px: int = 900, height_px: int = 600) -> np.ndarray:
-    """Loss and face similarity over steps, raw and moving average; HxWx3 uint8."""
+    """Loss (with the validation loss, where measured) and face similarity over steps, raw and moving
+    average; HxWx3 uint8."""
     fig, (loss_ax, face_ax) = _figure(2, width_px, height_px)
     name = run.output_dir.name
     loss_steps, loss_values = run.series(LOSS)
@@ -46,6 +48,11 @@ def plot_run(run: RunSnapshot, *, window: int = 20, width_px: int = 900, height_
         _plot_series(loss_ax, loss_steps, loss_values, window, "loss", "tab:blue")
     else:
         loss_ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=loss_ax.transAxes)
+    validation_steps, validation_values = run.series(VALIDATION_LOSS)
+    if validation_values:
+        loss_ax.plot(validation_steps, validation_values, color="tab:orange", marker="o", linewidth=2,
+                     label="validation loss (held out, fixed noise)")
+        loss_ax.legend(loc="best", fontsize=8)
     loss_ax.set_title(f"{name}: {run.state}", fontsize=10)
     loss_ax.set_ylabel("loss")
     face_steps, face_values = run.series(FACE_SIMILARITY)

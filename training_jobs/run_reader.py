@@ -5,6 +5,8 @@ What a monitor needs from either kind of folder:
   scalars of TensorBoard event files a musubi run wrote with `--logging_dir` inside its folder);
 - the LoRA checkpoints, named the musubi way: `{name}-{epoch:06d}.safetensors`,
   `{name}-step{step:08d}.safetensors` and the final `{name}.safetensors`;
+- `checkpoints.json` (ours only): each checkpoint's validation loss and held-out likeness, and the
+  checkpoint to keep;
 - the samples in `sample/`: `{name}_{step:06d}_{prompt:02d}_{YYYYmmddHHMMSS}[_{seed}][_{n:03d}].png`,
   or `e{epoch:06d}` in place of the step when an epoch triggered them.
 
@@ -24,6 +26,7 @@ from typing import Any, Iterable
 from ..common.files import IMAGE_SUFFIXES
 from ..common.paths import is_within_directory
 from ..musubi_formats.names import BEST_SUFFIX, SAMPLE_DIR, parse_checkpoint_name, parse_sample_name
+from ..training_contract.checkpoint_choice import CheckpointTable, read_table
 from ..training_contract.protocol import LOG_FILE, read_metrics, read_status, run_file
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,7 @@ class RunSnapshot:
     checkpoints: list[Checkpoint]
     samples: list[Sample]
     metrics_source: str  # "metrics.jsonl", "tensorboard" or "none"
+    checkpoint_table: CheckpointTable | None = None  # checkpoints.json, where the trainer wrote one
 
     @property
     def state(self) -> str:
@@ -284,6 +288,7 @@ def read_run(output_dir: str | os.PathLike) -> RunSnapshot:
         checkpoints=run_checkpoints(folder, status),
         samples=list_samples(folder),
         metrics_source=source,
+        checkpoint_table=read_table(folder),
     )
 
 

@@ -12,6 +12,7 @@ from PIL import Image
 from ..common.files import file_signature
 from ..musubi_formats.names import SAMPLE_DIR
 from .jobs import JobRecord
+from ..training_contract.checkpoint_choice import VALIDATION_LOSS
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 
@@ -41,6 +42,9 @@ def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20
         if values:
             recent = values[-window:]
             lines.append(f"{label} {values[-1]:.4f} (mean of last {len(recent)}: {sum(recent) / len(recent):.4f})")
+    _, validation = run.series(VALIDATION_LOSS)
+    if validation:
+        lines.append(f"validation loss {validation[-1]:.4f} (lowest {min(validation):.4f}, {len(validation)} measured)")
     running = record is not None and not record.finished
     if record is not None:
         elapsed = (record.ended if record.ended else time.time()) - record.started
@@ -52,6 +56,9 @@ def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20
         lines.append(f"last checkpoint: {checkpoint.filename} ({checkpoint.label}); {len(run.checkpoints)} in all")
     else:
         lines.append("no checkpoint saved yet")
+    chosen = run.checkpoint_table.recommendation() if run.checkpoint_table is not None else None
+    if chosen is not None:
+        lines.append(f"keep {chosen.name}: {chosen.reason}")
     if record is not None and record.detail and record.state == "failed":
         lines.append(f"failure:\n{record.detail}")
     elif status.get("error"):

@@ -202,7 +202,13 @@ class TrainingPanel {
       const metrics = detail.metrics || [];
       const series = (key) => metrics.filter((m) => typeof m[key] === "number").map((m) => [m.step, m[key]]);
       box.append(lineChart("loss", series("loss"), "#2196f3"));
+      const validation = (detail.validation || []).map((m) => [m.step, m.val_loss]);
+      if (validation.length) box.append(lineChart("validation loss (held out)", validation, "#ff9800"));
       box.append(lineChart("face similarity", series("face_similarity"), "#4caf50"));
+      if (detail.recommendation) {
+        box.append(el("div", { className: "fc-line fc-keep" },
+          `keep ${detail.recommendation.name}: ${detail.recommendation.reason}`));
+      }
       box.append(this.renderSamples(job.job_id, detail.samples || []));
     }
     if (!FINAL_STATES.has(job.state)) {
