@@ -149,7 +149,7 @@ FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det
 FACE_LOSS_VARIANTS = ("face_loss_reference", "face_loss_rollout_steps", "face_loss_contrastive_weight",
                       "face_loss_negatives")
 # Optional inputs after the older ones (saved workflows keep their widget values): the loss, off unless
-# asked for (the evidence has not shown that it helps), and its variants.
+# asked for (the evidence shows a trade-off, not a help), and its variants.
 FACE_LOSS_INPUTS = ("use_face_as_loss", *FACE_LOSS_VARIANTS)
 # Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
 PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")

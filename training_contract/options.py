@@ -175,11 +175,11 @@ OPTIONS: tuple[Option, ...] = (
     # face identity
     Option("enable_face_loss", bool, "face",
            "face-similarity metrics of the x0 estimates and the samples during training"),
-    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics); experimental: not "
-           "shown to help (docs/face-loss.md, \"Does the loss help?\")",
+    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics); experimental: in the "
+           "benchmark a trade-off, likeness for accuracy outside the face (docs/face-loss.md, \"Evidence, tier 1\")",
            node=NodeWidget(False, tooltip="EXPERIMENTAL: add the face-identity loss to training (--use_face_as_loss). "
-                           "It has not been shown to help (docs/face-loss.md); the metrics and checkpoint selection "
-                           "are the recommended use.")),
+                           "In the benchmark it buys likeness at a cost in accuracy outside the face, a trade-off, not a "
+                           "proven help (docs/face-loss.md); the metrics and checkpoint selection are the recommended use.")),
     Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
            node=NodeWidget(0.1, 0.0, 10.0, 0.01, tooltip="Weight of 1 - cos in the experimental face loss (used "
                            "only with use_face_as_loss)."), bounds=Bounds(0, 100)),
