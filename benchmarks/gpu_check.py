@@ -117,11 +117,14 @@ def training(options: argparse.Namespace) -> dict[str, Any]:
     dataset = write_face_dataset(work / "data", options.test_data / "faces" / "obama.jpg", engine, size)
     result: dict[str, Any] = {"size": size, "real_width": not dry, "real_vae": not dry, "rounds": rounds,
                               "variants": {}}
+    files: dict[int, Any] = {}
+    for blocks in sized("train_blocks", dry):
+        files[blocks] = write_models(work / f"models_{blocks}", blocks, real_width=not dry, real_vae=not dry,
+                                     share=next(iter(files.values()), None))
     for variant, fp8_base in (("bf16", False), ("bf16_fp8_base", True)):
         costs: dict[int, StepCosts] = {}
         for blocks in sized("train_blocks", dry):
-            files = write_models(work / f"models_{blocks}", blocks, real_width=not dry, real_vae=not dry)
-            argv = train_argv(files, dataset, work / f"out_{variant}_{blocks}", pack=options.pack,
+            argv = train_argv(files[blocks], dataset, work / f"out_{variant}_{blocks}", pack=options.pack,
                               models_root=models_root, face_device="cpu", mixed_precision="bf16", fp8_base=fp8_base)
             costs[blocks] = measure_steps(argv, rounds)
         result["variants"][variant] = {"by_blocks": {str(n): c.as_json() for n, c in costs.items()},

@@ -17,7 +17,7 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,19 @@ FACE_LOSS_FLAGS = ["--use_face_as_loss", "--face_decode", "face", "--face_loss_m
                    "--face_loss_every", "1", "--face_eval_frequency", "1000"]
 
 
-def write_models(folder: Path, blocks: int, *, real_width: bool, real_vae: bool):
-    """Random model files (tests/tiny_qwen.py's layout) with a DiT of `blocks` blocks."""
+def write_models(folder: Path, blocks: int, *, real_width: bool, real_vae: bool, share=None):
+    """Random model files (tests/tiny_qwen.py's layout) with a DiT of `blocks` blocks. `share`: earlier
+    files whose VAE and text encoder to use instead (so their latent and text caches are reused)."""
     from tiny_qwen import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, write_tiny_model_files
 
     from face_consistency.trainer.models import VAE_CONFIG, shipped_config
 
     width = REAL_WIDTH if real_width else TINY_TRANSFORMER_CONFIG
     vae = shipped_config(VAE_CONFIG) if real_vae else TINY_VAE_CONFIG
-    return write_tiny_model_files(folder, transformer_config={**width, "num_layers": blocks}, vae_config=vae)
+    files = write_tiny_model_files(folder, transformer_config={**width, "num_layers": blocks}, vae_config=vae)
+    if share is None:
+        return files
+    return replace(files, vae=share.vae, text_encoder=share.text_encoder, tokenizer_dir=share.tokenizer_dir)
 
 
 def write_face_dataset(folder: Path, photo: Path, engine, size: int) -> Path:
