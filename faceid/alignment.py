@@ -36,15 +36,11 @@ def view_change(control_view: np.ndarray, output_view: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
     if control_view.shape != output_view.shape:
-        raise ValueError(f"aligned crops differ in shape: {control_view.shape} vs {output_view.shape}")
+        raise ValueError(f"the face views differ in shape: {control_view.shape} vs {output_view.shape}")
     ssim = structural_similarity(control_view, output_view, data_range=255)
     return float(max(0.0, 1.0 - ssim))
 
 
 def face_region_change(control_crop: np.ndarray, output_crop: np.ndarray) -> float:
     """1 − SSIM of two aligned BGR crops (`view_change` of their `change_view`s)."""
-    if control_crop.shape != output_crop.shape:
-        raise ValueError(
-            f"aligned crops differ in shape: {control_crop.shape} vs {output_crop.shape}"
-        )
     return view_change(change_view(control_crop), change_view(output_crop))
