@@ -33,10 +33,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
-REAL_WIDTH = {
-    "patch_size": 2, "in_channels": 64, "out_channels": 16, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
-}
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+from training_step import REAL_WIDTH  # noqa: E402 - the benchmarks folder is not a package
+
 DIT_PREFIX = "model.diffusion_model."
 # The seed guide's precision and memory flags. Without gradient checkpointing, layerwise casting
 # (--fp8_base) keeps every layer's upcast weight alive for the backward pass.

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..common.files import IMAGE_SUFFIXES, file_signature
 from ..musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file, resolve_prompt_path
-from .alignment import aligned_crop, face_region_change
+from .alignment import aligned_crop, change_view, view_change
 from .embedding_store import EmbeddingStore, FileFaces, model_fingerprint
 from .errors import FaceEngineError, ImageLoadError
 from .images import UNSUPPORTED_IMAGE_SUFFIXES, load_image_sized
@@ -147,6 +147,11 @@ class _Located:
     error: str | None = None
     result: FaceResult | None = None
     crop: np.ndarray | None = None
+    view: np.ndarray | None = None  # the face-change guard's view of the face (`_change_view`)
+
+
+# A file's face change view, by (path, size, mtime_ns): what the copy-paste guard compares
+ChangeViews = dict[tuple[str, int, int], np.ndarray]
 
 
 def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
@@ -162,7 +167,23 @@ def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
     result = model.locate(bgr, concurrent=True, original_size=original_size)
     crop = aligned_crop(bgr, result.face) if result.face is not None else None
     result.rescale_to(original_size)  # the report gives the file's own pixels
-    return _Located(signature, result=result, crop=crop)
+    view = None
+    if result.face is not None:  # from the keypoints as the store keeps them: as if decoded again for the guard
+        view = _change_view(bgr, original_size, _stored_kps(result.face.kps))
+    return _Located(signature, result=result, crop=crop, view=view)
+
+
+def _stored_kps(kps: np.ndarray) -> list[list[float]]:
+    """Keypoints as `FileFaces` holds them (the file's own pixels, to 0.01 px)."""
+    return [[round(float(v), 2) for v in point] for point in kps]
+
+
+def _change_view(bgr: np.ndarray, original_size: tuple[int, int], kps: list[list[float]]) -> np.ndarray:
+    """The guard's view of the face at stored keypoints `kps`, in `bgr` decoded from a file of `original_size`."""
+    # the keypoints are the file's own pixels; a large file is decoded downscaled
+    scale = np.array([bgr.shape[1] / original_size[0], bgr.shape[0] / original_size[1]], np.float32)
+    face = DetectedFace(np.zeros(4, np.float32), np.asarray(kps, np.float32) * scale, 0.0)
+    return change_view(aligned_crop(bgr, face))
 
 
 def _in_order(function: Callable[[Path], Any], paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any]]:
@@ -197,11 +218,13 @@ def embed_files(
     store: EmbeddingStore,
     progress: ProgressBar | None = None,
     workers: int | None = None,
+    views: ChangeViews | None = None,
 ) -> int:
     """Embed every file not already in `store` (or changed since); returns how many were embedded.
 
     Worker threads decode each file and find and crop its face; this thread embeds the
-    crops in recognizer batches, so detection never waits for a batch to fill.
+    crops in recognizer batches, so detection never waits for a batch to fill. `views` receives
+    each face's change view, so that the copy-paste guard need not decode the file again.
     """
     todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
     waiting: list[tuple[Path, _Located]] = []
@@ -215,6 +238,8 @@ def embed_files(
     locate = partial(_decode_and_locate, model)
     try:
         for path, located in _in_order(locate, todo, workers or _default_workers(model)):
+            if views is not None and located.view is not None:
+                views[(str(path), *located.signature)] = located.view
             if located.crop is not None:
                 waiting.append((path, located))
                 if len(waiting) == RECOGNIZER_BATCH:
@@ -241,7 +266,7 @@ def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> 
         bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
         faces_found=result.faces_found if result is not None else 0,
         image_size=result.image_size if result is not None else None,
-        kps=[[round(float(v), 2) for v in point] for point in face.kps] if face is not None else None,
+        kps=_stored_kps(face.kps) if face is not None else None,
     )
 
 
@@ -312,6 +337,7 @@ class FolderEvaluation:
         )
         self.copy_paste_threshold = float(copy_paste_threshold)
         self._face_changes: dict[tuple, float | None] = {}
+        self._change_views: ChangeViews = {}
         self._prompts: list[SamplePrompt] | None = None
         self._prompts_signature: tuple[int, int] | None = None
         self._pairing: Pairing | None = None
@@ -408,7 +434,7 @@ class FolderEvaluation:
         todo = sum(1 for p in paths if self.store.get(p) is None)
         bar = self.progress(todo) if self.progress is not None and todo else None
         try:
-            embedded = embed_files(self.model, paths, self.store, bar, self.workers)
+            embedded = embed_files(self.model, paths, self.store, bar, self.workers, self._change_views)
         finally:
             if hasattr(bar, "close"):
                 bar.close()
@@ -546,7 +572,7 @@ class FolderEvaluation:
             return
         key = (control.path, control.size, control.mtime_ns, sample.path, sample.size, sample.mtime_ns)
         if key not in self._face_changes:
-            self._face_changes[key] = _face_change(control, sample)
+            self._face_changes[key] = _face_change(control, sample, self._change_views)
         change = self._face_changes[key]
         if change is not None:
             pair["face_change"] = round(change, 6)
@@ -555,19 +581,20 @@ class FolderEvaluation:
                 pair["copy_paste"] = above and pair["unchanged"]
 
 
-def _face_change(control: FileFaces, sample: FileFaces) -> float | None:
-    crops = []
+def _face_change(control: FileFaces, sample: FileFaces, views: ChangeViews) -> float | None:
+    """1 − SSIM of the two files' faces, from the views their embedding kept, else decoded again (a file
+    whose result came from the cache file)."""
+    pair = []
     for entry in (control, sample):
-        try:
-            bgr, original_size = load_image_sized(Path(entry.path))
-        except ImageLoadError:
-            return None
-        # the entry holds the file's own pixels; a large file is decoded downscaled
-        scale = np.array([bgr.shape[1] / original_size[0], bgr.shape[0] / original_size[1]], np.float32)
-        face = DetectedFace(np.asarray(entry.bbox, np.float32) * np.tile(scale, 2),
-                            np.asarray(entry.kps, np.float32) * scale, entry.det_score)
-        crops.append(aligned_crop(bgr, face))
-    return face_region_change(*crops)
+        view = views.get((entry.path, entry.size, entry.mtime_ns))
+        if view is None:
+            try:
+                bgr, original_size = load_image_sized(Path(entry.path))
+            except ImageLoadError:
+                return None
+            view = _change_view(bgr, original_size, entry.kps)
+        pair.append(view)
+    return view_change(*pair)
 
 
 def _str(path: Path | None) -> str | None:

@@ -41,13 +41,15 @@ def to_bgr_list(images: Any, name: str = "images") -> list[np.ndarray]:
     batch = images.detach().to("cpu", torch.float32).numpy()
     bgrs = []
     for i, rgb in enumerate(batch):
-        # the sum is finite for any finite image short of float overflow, which the exact check settles
-        if not np.isfinite(rgb.sum()) and not np.isfinite(rgb).all():
+        # max propagates NaN and +inf, min -inf: two passes that also tell whether clipping is needed
+        low, peak = float(rgb.min()), float(rgb.max())
+        if not (math.isfinite(low) and math.isfinite(peak)):
             raise ImageLoadError(f"input '{name}' image {i} contains NaN or infinite values")
-        check_float_range(float(rgb.max()), f"input '{name}' image {i}")
+        check_float_range(peak, f"input '{name}' image {i}")
         scaled = np.multiply(rgb, 255.0, dtype=np.float32)
         np.add(scaled, 0.5, out=scaled)
-        np.clip(scaled, 0.0, 255.0, out=scaled)
+        if low < 0.0 or peak > 1.0:
+            np.clip(scaled, 0.0, 255.0, out=scaled)
         bgrs.append(cv2.cvtColor(scaled.astype(np.uint8), cv2.COLOR_RGB2BGR))
     return bgrs
 
@@ -56,8 +58,9 @@ def to_image_batch(bgr_images: Sequence[np.ndarray]) -> torch.Tensor:
     """BGR uint8 arrays of one size -> IMAGE `[B,H,W,3]` RGB float 0..1."""
     batch = np.empty((len(bgr_images), *bgr_images[0].shape), dtype=np.float32)
     for bgr, out in zip(bgr_images, batch):
-        out[...] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)  # contiguous reads: ~2x faster than bgr[..., ::-1]
-        out *= np.float32(1.0 / 255.0)
+        # cvtColor reads contiguously (~2x faster than bgr[..., ::-1]); one multiply casts and scales into the
+        # batch (the same float32 product as casting first, without a second pass over the float image)
+        np.multiply(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.float32(1.0 / 255.0), out=out)
     return torch.from_numpy(batch)
 
 
@@ -70,7 +73,9 @@ def save_previews(bgr_images: Sequence[np.ndarray], prefix: str) -> list[dict[st
     """Downscaled JPEG previews in ComfyUI's temp folder, as a node's `ui.images` entries.
 
     JPEG, by an integer factor: a PNG of the same preview costs about 50x more to encode, which
-    would be a visible share of a scoring run.
+    would be a visible share of a scoring run. The image is cut to a multiple of the factor first (at
+    most factor - 1 pixels of its right and bottom edges), which puts OpenCV's area resize on its
+    integer path: about 5x faster than the general one for a 1024x1024 image.
     """
     folder = comfy_env.temp_directory()
     folder.mkdir(parents=True, exist_ok=True)
@@ -79,8 +84,9 @@ def save_previews(bgr_images: Sequence[np.ndarray], prefix: str) -> list[dict[st
     for i, bgr in enumerate(bgr_images):
         factor = math.ceil(max(bgr.shape[:2]) / PREVIEW_MAX_SIDE)
         # at least a pixel a side: a 1x6000 strip stays one pixel wide
-        size = (max(1, round(bgr.shape[1] / factor)), max(1, round(bgr.shape[0] / factor)))
-        preview = bgr if factor == 1 else cv2.resize(bgr, size, interpolation=cv2.INTER_AREA)
+        size = (max(1, bgr.shape[1] // factor), max(1, bgr.shape[0] // factor))
+        whole = bgr[: size[1] * factor, : size[0] * factor]
+        preview = bgr if factor == 1 else cv2.resize(whole, size, interpolation=cv2.INTER_AREA)
         encoded, jpeg = cv2.imencode(".jpg", preview, [cv2.IMWRITE_JPEG_QUALITY, 90])
         if not encoded:
             raise RuntimeError(f"OpenCV could not encode preview {i} ({preview.shape})")

@@ -22,6 +22,7 @@ from evaluate_fixtures import (
 from PIL import Image
 
 from face_consistency.faceid import Bands, evaluate_cli
+from face_consistency.faceid import evaluate as evaluate_module
 from face_consistency.faceid.embedding_store import EmbeddingStore
 from face_consistency.faceid.evaluate import (
     EvaluationError,
@@ -507,6 +508,27 @@ def test_a_copy_of_the_control_is_flagged_without_references(unchanged_report):
     step_rows = {line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in ("100", "200")}
     assert step_rows["100"].endswith("(1 UNCHANGED)") and step_rows["200"].endswith("(1 UNCHANGED)")
     assert "UNCHANGED: 2 sample(s)" in table
+
+
+def test_the_guard_decodes_no_file_twice_and_measures_what_a_new_decode_does(model, unchanged_report, tmp_path,
+                                                                             monkeypatch):
+    """The guard compares the views each file's embedding kept; a file whose result comes from the cache file
+    is decoded again for it. Both give the same figures (the first round's are the fixture's)."""
+    report, paths = unchanged_report
+    root = paths["copy"].parent.parent
+    sources = EvaluationSources(sample_dir=root / "sample", sample_prompts=root / "prompts.txt", base_dir=root)
+    decoded = []
+    original = evaluate_module.load_image_sized
+    monkeypatch.setattr(evaluate_module, "load_image_sized", lambda path: decoded.append(path) or original(path))
+    cache = tmp_path / "cache.json"
+    fresh = FolderEvaluation(model, sources, cache_file=cache).run_round().report
+    assert len(decoded) == len(set(decoded)) == 4  # the control and three samples, once each
+    decoded.clear()
+    cached = FolderEvaluation(model, sources, cache_file=cache).run_round()
+    assert cached.embedded == 0 and len(decoded) == 4  # the guard's two pairs, from the files
+    changes = [{p["image"]: p.get("face_change") for p in r["pairs"]} for r in (report, fresh, cached.report)]
+    assert changes[0] == changes[1] == changes[2]
+    assert changes[0][str(paths["copy"])] is not None
 
 
 def test_the_plot_marks_unchanged_samples(unchanged_report, tmp_path):

@@ -12,11 +12,11 @@ from PIL import Image, ImageOps
 
 from comfy_stubs import ProgressBar, set_comfy_base
 
-from face_consistency.faceid import Bands, ModelPackError, NoFaceError, cosine_similarity, image_list, load_face_model
+from face_consistency.faceid import Bands, ImageLoadError, ModelPackError, NoFaceError, cosine_similarity, image_list, load_face_model
 from face_consistency.faceid.matching import match_faces
 from face_consistency.faceid.ranking import pick_best
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
-from face_consistency.nodes.imaging import to_bgr_list
+from face_consistency.nodes.imaging import to_bgr_list, to_image_batch
 from face_consistency.nodes.matching import FaceConsistencyBestOf, FaceConsistencyMatchFaces
 from face_consistency.nodes.scoring import (
     FaceConsistencyLoadModel,
@@ -112,10 +112,22 @@ def test_nested_pack_gets_the_engines_actionable_error(comfy: Path, testpack_dir
 
 
 def test_rgb_batches_convert_exactly_like_the_engine() -> None:
-    batch = torch.rand(2, 17, 23, 3) * 1.2 - 0.1  # out-of-range values are clipped alike
-    batch[0, 0, 0] = torch.tensor([0.0, 1.0, 0.5 / 255])
-    for ours, engines in zip(to_bgr_list(batch), image_list(batch)):
-        np.testing.assert_array_equal(ours, engines)
+    out_of_range = torch.rand(2, 17, 23, 3) * 1.2 - 0.1  # out-of-range values are clipped alike
+    in_range = torch.rand(2, 17, 23, 3)  # (no clipping pass)
+    for batch in (out_of_range, in_range):
+        batch[0, 0, 0] = torch.tensor([0.0, 1.0, 0.5 / 255])
+        for ours, engines in zip(to_bgr_list(batch), image_list(batch)):
+            np.testing.assert_array_equal(ours, engines)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        in_range[1, 3, 4, 2] = bad
+        with pytest.raises(ImageLoadError, match="image 1 contains NaN or infinite"):
+            to_bgr_list(in_range)
+
+
+def test_annotated_images_are_the_arrays_scaled_to_0_1() -> None:
+    bgrs = [np.random.default_rng(i).integers(0, 256, (9, 7, 3), dtype=np.uint8) for i in range(2)]
+    expected = np.stack([b[:, :, ::-1] for b in bgrs]).astype(np.float32) * np.float32(1.0 / 255.0)
+    assert torch.equal(to_image_batch(bgrs), torch.from_numpy(expected))
 
 
 def test_scores_match_engine_and_order_people(comfy: Path, face_model, faces_dir: Path) -> None:
