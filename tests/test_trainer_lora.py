@@ -75,6 +75,7 @@ def test_fp8_base_keeps_the_lora_in_fp32_and_base_weights_in_float8(dit):
     from face_consistency.trainer.train import prepare_transformer
 
     args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
+                              rope_positions="comfyui",
                               network_alpha=4.0, network_weights=None, gradient_checkpointing=True)
     transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     assert {p.dtype for p in params} == {torch.float32}
@@ -144,7 +145,8 @@ def test_network_weights_of_a_musubi_lora_load_every_layer_with_its_delta(dit, t
     tensors = musubi_lora_state_dict(reference, rank=2, alpha=1.0)
     path = _save(tensors, tmp_path / "musubi.safetensors")
     args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=0, network_args=[], fp8_base=False,
-                              network_dim=2, network_alpha=2.0, network_weights=path, gradient_checkpointing=False)
+                              network_dim=2, network_alpha=2.0, network_weights=path, gradient_checkpointing=False,
+                              rope_positions="comfyui")
     transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     layer = transformer.transformer_blocks[0].img_mod[1]  # outside this trainer's default set
     stem = "lora_unet_transformer_blocks_0_img_mod_1"
