@@ -569,7 +569,32 @@ def write_samples(images: dict[tuple[str, int], np.ndarray], scores: dict, heldo
     return rows
 
 
+def add_common_arguments(parser: argparse.ArgumentParser, cache_help: str) -> None:
+    """The judges', the statistics' and the machine's options (tier 1 and tier 2)."""
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
+    parser.add_argument("--pack", default="testpack")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=cache_help)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> argparse.Namespace:
+    """--seeds and --arms as lists (mse and positive always first), --out outside the repository."""
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [a for a in args.arms.split(",") if a]
+    if set(names) - set(known):
+        parser.error(f"--arms: unknown {sorted(set(names) - set(known))}; choose from {', '.join(known)}")
+    args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
+    out = args.out.resolve()
+    if out == REPO_ROOT or REPO_ROOT in out.parents:
+        parser.error("--out must lie outside the repository (the generated faces must never be committed)")
+    if not args.seeds:
+        parser.error("--seeds: at least one")
+    return args
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    known = ("mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the judged images and manifest.json "
                         "(outside the repository: the faces are research-only)")
@@ -601,24 +626,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollout_steps", type=int, default=3)
     parser.add_argument("--pc_weight", type=float, default=16.0, help="the positive control's face-box MSE weight")
     parser.add_argument("--view_sigma", type=float, default=View.sigma, help="z jitter of the second view")
-    parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
-    parser.add_argument("--pack", default="testpack")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the pre-trained base")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    names = [a for a in args.arms.split(",") if a]
-    known = {"mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle"}
-    if set(names) - known:
-        parser.error(f"--arms: unknown {sorted(set(names) - known)}; choose from {sorted(known)}")
-    args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
-    out = args.out.resolve()
-    if out == REPO_ROOT or REPO_ROOT in out.parents:
-        parser.error("--out must lie outside the repository (the generated faces must never be committed)")
-    if not args.seeds:
-        parser.error("--seeds: at least one")
-    return args
+    add_common_arguments(parser, "folder of the pre-trained base")
+    return finish_args(parser, parser.parse_args(argv), known)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -79,13 +79,12 @@ from face_consistency.trainer.train import prepare_transformer, run_training
 from face_consistency.training_contract.protocol import JobState, read_metrics, read_status
 
 BENCHMARKS = Path(__file__).resolve().parent
-REPO_ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_face_loss_tier1 import (  # noqa: E402
-    DEFAULT_CACHE, People, calibrate, engine_results, face_mask, find_people, judge_arms, judge_samples, mean_of_found,
-    print_verdicts, stage, write_people, write_samples, AUC_FLOOR,
+    AUC_FLOOR, People, add_common_arguments, calibrate, engine_results, face_mask, find_people, finish_args, judge_arms,
+    judge_samples, mean_of_found, print_verdicts, stage, write_people, write_samples,
 )
-from bench_face_vae_ceiling import DEFAULT_DATA, fast_cpu  # noqa: E402
+from bench_face_vae_ceiling import fast_cpu  # noqa: E402
 from face_tier1_data import ROLE_SEEDS, Edit, FaceSource, View, identities, to_uint8  # noqa: E402
 from face_tier2_models import (  # noqa: E402
     PROMPT, DitSettings, TinyModels, VaeSettings, encode_pairs, fitted_vae, load_encoders, model_files,
@@ -264,23 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lora_lr", type=float, default=1e-3)
     parser.add_argument("--rollout_steps", type=int, default=3)
     parser.add_argument("--pc_weight", type=float, default=16.0, help="the positive control's face-box MSE weight")
-    parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
-    parser.add_argument("--pack", default="testpack")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the fitted VAE and base DiT")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    names = [a for a in args.arms.split(",") if a]
-    if set(names) - set(KNOWN_ARMS):
-        parser.error(f"--arms: unknown {sorted(set(names) - set(KNOWN_ARMS))}; choose from {', '.join(KNOWN_ARMS)}")
-    args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
-    out = args.out.resolve()
-    if out == REPO_ROOT or REPO_ROOT in out.parents:
-        parser.error("--out must lie outside the repository (the generated faces must never be committed)")
-    if not args.seeds:
-        parser.error("--seeds: at least one")
-    return args
+    add_common_arguments(parser, "folder of the fitted VAE and base DiT")
+    return finish_args(parser, parser.parse_args(argv), KNOWN_ARMS)
 
 
 def main(argv: list[str] | None = None) -> None:
