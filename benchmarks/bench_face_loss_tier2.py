@@ -11,8 +11,8 @@ People, edit, second views, judges, calibration, headroom check, endpoint and de
 (`bench_face_loss_tier1.py`, imported, not copied: read its docstring). What differs:
 
 - **The models** are the real classes the trainer loads, tiny (`face_tier2_models.py`):
-  - a VAE (`AutoencoderKLQwenImage`, base_dim `--vae_base_dim`, dim_mult 1/2/4: 4x spatial compression, so a
-    64 px face is a 16 x 16 x 16 latent), fitted as an autoencoder on generated pre-training faces (controls
+  - a VAE (`AutoencoderKLQwenImage`, base_dim `--vae_base_dim`, `--vae_scale` 4 (dim_mult 1/2/4: a 64 px face
+    is a 16 x 16 x 16 latent) or 2 (dim_mult 1/2: 32 x 32 x 16, more numbers than the face has pixels)), fitted as an autoencoder on generated pre-training faces (controls
     and edited targets) with the loss on the decoder's output before diffusers' clip to [-1, 1]. **Gate**:
     its round trip (the trainer's own latent-cache encode and sample decode) on the held-out people's
     controls must reach engine cosine >= 0.8 and dlib similarity >= 0.7, else the benchmark stops;
@@ -246,6 +246,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--lora_people", type=int, default=128)
     parser.add_argument("--pretrain_people", type=int, default=1024)
+    parser.add_argument("--vae_scale", type=int, choices=(2, 4), default=VaeSettings().scale,
+                        help="pixels per latent along a side (one or two downsamplings)")
     parser.add_argument("--vae_base_dim", type=int, default=VaeSettings.base_dim)
     parser.add_argument("--vae_steps", type=int, default=VaeSettings.steps)
     parser.add_argument("--vae_batch", type=int, default=VaeSettings.batch)
@@ -273,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, float] = {}
     start = time.monotonic()
     edit, view = Edit(), View()
-    vae_settings = VaeSettings(base_dim=args.vae_base_dim, steps=args.vae_steps, batch=args.vae_batch)
+    vae_settings = VaeSettings(base_dim=args.vae_base_dim, dim_mult=(1, 2, 4)[: 1 + args.vae_scale // 2],
+                               steps=args.vae_steps, batch=args.vae_batch)
     dit_settings = DitSettings(layers=args.dit_layers, heads=args.dit_heads, steps=args.dit_steps,
                                batch=args.dit_batch, lr=args.dit_lr)
     with timed("load face source, engine, judge", times):
