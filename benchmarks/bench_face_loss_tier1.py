@@ -452,6 +452,64 @@ def decide(e: dict[str, dict[str, float]], can_tell: bool) -> str:
     return "INERT"
 
 
+def judge_arms(scores: dict, ceiling: list[dict[str, float]], copy_scores: list[dict[str, float]],
+               calibration: dict[str, dict[str, float]], arm_names: list[str], all_seeds: list[int], n: int,
+               resamples: int) -> tuple[dict, dict, dict[str, str], dict[str, bool]]:
+    """The docstring's decision rule over every arm: (headroom, endpoints, verdicts, judge calibrated)."""
+    boot = np.random.default_rng(0)
+    mse_view = np.array([mean_of_found([scores[("mse", s)][i][PRIMARY] for s in all_seeds]) for i in range(n)])
+    gap_diff = np.array([c[PRIMARY] for c in ceiling]) - mse_view
+    ok = np.isfinite(gap_diff)
+    gaps = np.array([mean_of_found(gap_diff[boot.integers(0, n, n)]) for _ in range(resamples)])
+    gaps = gaps[np.isfinite(gaps)] if np.isfinite(gaps).any() else np.array([np.nan])
+    headroom = {"gap": mean_of_found(gap_diff), "low": float(np.percentile(gaps, 2.5)),
+                "high": float(np.percentile(gaps, 97.5)), "faces": int(ok.sum()),
+                "ceiling": mean_of_found([c[PRIMARY] for c in ceiling]), "mse": mean_of_found(mse_view),
+                "copy_control": mean_of_found([c[PRIMARY] for c in copy_scores])}
+    headroom["ok"] = headroom["gap"] >= HEADROOM_GAP and headroom["low"] > 0
+    endpoints: dict[str, dict[str, dict[str, float]]] = {}
+    for name in arm_names:
+        if name == "mse":
+            continue
+        seeds = [s for s in all_seeds if (name, s) in scores]
+        endpoints[name] = {m: paired_endpoint(scores, name, "mse", m, seeds, n, boot, resamples)
+                           for m in METRICS if m != "change_vs_mse"}
+        change = [[r["change_vs_mse"] for r in scores[(name, s)]] for s in seeds]
+        endpoints[name]["change_vs_mse"] = {"mean": float(np.mean(change)), "low": float("nan"),
+                                            "high": float("nan"), "pairs": int(np.size(change))}
+    positive_moved = endpoints["positive"][PRIMARY]["low"] > 0
+    judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
+    can_tell = positive_moved and judge_ok["dlib"] and headroom["ok"]
+    verdicts = {name: decide(e, can_tell) for name, e in endpoints.items()}
+    verdicts["positive"] = "POSITIVE CONTROL " + ("MOVED" if positive_moved else "DID NOT MOVE: benchmark insensitive")
+    if "oracle" in verdicts:
+        oracle_moved = endpoints["oracle"][PRIMARY]["low"] > 0
+        verdicts["oracle"] = "SENSITIVITY CHECK " + ("MOVED" if oracle_moved else "DID NOT MOVE")
+    return headroom, endpoints, verdicts, judge_ok
+
+
+def print_verdicts(calibration: dict, judge_ok: dict[str, bool], headroom: dict, scores: dict, seeds: list[int],
+                   endpoints: dict, verdicts: dict[str, str], labels: dict[str, str]) -> None:
+    """The result table: calibration, headroom, the MSE arm's means, each arm's endpoints and verdict."""
+    print("calibration: " + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})"
+                                        for k, c in calibration.items()))
+    print(f"headroom (dlib_view): known target {headroom['ceiling']:.3f}, MSE arm {headroom['mse']:.3f}, "
+          f"copying the control {headroom['copy_control']:.3f}; gap {headroom['gap']:+.4f} "
+          f"[{headroom['low']:+.4f}, {headroom['high']:+.4f}] -> "
+          f"{'OK' if headroom['ok'] else 'NO HEADROOM: make the edit harder'}")
+    mse_means = {m: mean_of_found([r[m] for s in seeds for r in scores[("mse", s)]]) for m in METRICS[:-1]}
+    print("MSE arm means: " + ", ".join(f"{m} {v:.3f}" for m, v in mse_means.items()))
+    if not judge_ok.get("dlib", False):
+        print("WARNING: dlib failed its calibration: its verdicts below decide nothing")
+    print(f"paired difference to the MSE arm, mean [95% bootstrap interval]; primary {PRIMARY}")
+    for name, e in endpoints.items():
+        print(f"{labels[name]}  ->  {verdicts[name]}")
+        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("dlib_view", "dlib_target", "engine_view", "engine_target")))
+        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err", "dlib_found",
+                                                                  "engine_found"))
+              + f"; change_vs_mse {e['change_vs_mse']['mean']:.2f}/255")
+
+
 def mean_of_found(values) -> float:
     """Mean over the finite values (faces a judge found); NaN, without a warning, when there are none."""
     array = np.asarray(values, np.float64)
@@ -480,7 +538,67 @@ def save_png(path: Path, rgb: np.ndarray) -> str:
     return str(path)
 
 
+def write_people(heldout: People, engine, judge, out: Path) -> tuple[list[dict], list[dict], list[dict]]:
+    """Each held-out person's control, second view and known target as PNG under out/people, with the scores
+    of the known target (the ceiling) and of the control (copying it): (manifest rows, ceiling, copy scores)."""
+    rows = []
+    control_u8, view_u8, target_u8 = to_uint8(heldout.control), to_uint8(heldout.view), to_uint8(heldout.target)
+    ceiling = judge_samples(target_u8, heldout, engine, judge)
+    copy_scores = judge_samples(control_u8, heldout, engine, judge)
+    for i in range(len(heldout)):
+        pid = heldout.person_id(i)
+        rows.append({
+            "person": pid, "z_index": heldout.index[i],
+            "control": save_png(out / "people" / f"{pid}_control.png", control_u8[i]),
+            "view": save_png(out / "people" / f"{pid}_view.png", view_u8[i]),
+            "target": save_png(out / "people" / f"{pid}_target.png", target_u8[i]),
+            "target_scores": ceiling[i], "control_scores": copy_scores[i],
+            "target_kps_64px": heldout.kps[i].tolist(), "target_box_64px": heldout.box[i].tolist(),
+        })
+    return rows, ceiling, copy_scores
+
+
+def write_samples(images: dict[tuple[str, int], np.ndarray], scores: dict, heldout: People, out: Path) -> list[dict]:
+    """Every judged sample as PNG under out/samples/<arm>/seed<s>/, with its scores and `change_vs_mse`
+    (added to `scores` too): the manifest's sample rows."""
+    rows = []
+    for (name, seed), imgs in images.items():
+        base_imgs = images[("mse", seed)].astype(np.float32)
+        for i, (row, image) in enumerate(zip(scores[(name, seed)], imgs)):
+            row["change_vs_mse"] = float(np.abs(image.astype(np.float32) - base_imgs[i]).mean())
+            pid = heldout.person_id(i)
+            rows.append({"arm": name, "seed": seed, "person": pid,
+                         "file": save_png(out / "samples" / name / f"seed{seed}" / f"{pid}.png", image),
+                         **{k: (None if not np.isfinite(v) else round(v, 6)) for k, v in row.items()}})
+    return rows
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, cache_help: str) -> None:
+    """The judges', the statistics' and the machine's options (tier 1 and tier 2)."""
+    parser.add_argument("--bootstrap", type=int, default=2000)
+    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
+    parser.add_argument("--pack", default="testpack")
+    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help=cache_help)
+    parser.add_argument("--threads", type=int, default=1)
+
+
+def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> argparse.Namespace:
+    """--seeds and --arms as lists (mse and positive always first), --out outside the repository."""
+    args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [a for a in args.arms.split(",") if a]
+    if set(names) - set(known):
+        parser.error(f"--arms: unknown {sorted(set(names) - set(known))}; choose from {', '.join(known)}")
+    args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
+    out = args.out.resolve()
+    if out == REPO_ROOT or REPO_ROOT in out.parents:
+        parser.error("--out must lie outside the repository (the generated faces must never be committed)")
+    if not args.seeds:
+        parser.error("--seeds: at least one")
+    return args
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    known = ("mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="folder for the judged images and manifest.json "
                         "(outside the repository: the faces are research-only)")
@@ -516,24 +634,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rollout_steps", type=int, default=3)
     parser.add_argument("--pc_weight", type=float, default=16.0, help="the positive control's face-box MSE weight")
     parser.add_argument("--view_sigma", type=float, default=View.sigma, help="z jitter of the second view")
-    parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
-    parser.add_argument("--pack", default="testpack")
-    parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="folder of the pre-trained base")
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args(argv)
-    args.seeds = [int(s) for s in args.seeds.split(",") if s]
-    names = [a for a in args.arms.split(",") if a]
-    known = {"mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle"}
-    if set(names) - known:
-        parser.error(f"--arms: unknown {sorted(set(names) - known)}; choose from {sorted(known)}")
-    args.arms = ["mse", "positive", *[a for a in names if a not in ("mse", "positive")]]
-    out = args.out.resolve()
-    if out == REPO_ROOT or REPO_ROOT in out.parents:
-        parser.error("--out must lie outside the repository (the generated faces must never be committed)")
-    if not args.seeds:
-        parser.error("--seeds: at least one")
-    return args
+    add_common_arguments(parser, "folder of the pre-trained base")
+    return finish_args(parser, parser.parse_args(argv), known)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -571,27 +673,13 @@ def main(argv: list[str] | None = None) -> None:
           f"re-pose {base_edit.angle_deg:g} deg x {base_edit.scale:g}; the LoRA learns {edit.angle_deg:g} deg x {edit.scale:g}")
 
     out = args.out
-    people_rows = []
-    control_u8, view_u8, target_u8 = to_uint8(heldout.control), to_uint8(heldout.view), to_uint8(heldout.target)
-    ceiling = judge_samples(target_u8, heldout, engine, judge)
-    copy_scores = judge_samples(control_u8, heldout, engine, judge)
-    for i in range(len(heldout)):
-        pid = heldout.person_id(i)
-        people_rows.append({
-            "person": pid, "z_index": heldout.index[i],
-            "control": save_png(out / "people" / f"{pid}_control.png", control_u8[i]),
-            "view": save_png(out / "people" / f"{pid}_view.png", view_u8[i]),
-            "target": save_png(out / "people" / f"{pid}_target.png", target_u8[i]),
-            "target_scores": ceiling[i], "control_scores": copy_scores[i],
-            "target_kps_64px": heldout.kps[i].tolist(), "target_box_64px": heldout.box[i].tolist(),
-        })
+    people_rows, ceiling, copy_scores = write_people(heldout, engine, judge, out)
     eval_noise = torch.randn(heldout.target.shape, generator=torch.Generator().manual_seed(ROLE_SEEDS["eval_noise"]))
 
     arms = {a.name: a for a in make_arms(args)}
     scores: dict[tuple[str, int], list[dict[str, float]]] = {}
     images: dict[tuple[str, int], np.ndarray] = {}
     logs: dict[tuple[str, int], RunLog] = {}
-    sample_rows = []
     with stage("arms (LoRA training, sampling, judging)", times):
         for seed in args.seeds:
             for name in args.arms:
@@ -616,67 +704,18 @@ def main(argv: list[str] | None = None) -> None:
                       f"judge {log.seconds_judge:.1f} s; MSE {log.mse_start:.4f} -> {log.mse_end:.4f}{face}; "
                       f"dlib_view {mean['dlib_view']:.3f} [{found['dlib_view']}/{len(heldout)} found], engine_view "
                       f"{mean['engine_view']:.3f} [{found['engine_view']}/{len(heldout)}]", flush=True)
-    for (name, seed), imgs in images.items():
-        base_imgs = images[("mse", seed)].astype(np.float32)
-        for i, (row, image) in enumerate(zip(scores[(name, seed)], imgs)):
-            row["change_vs_mse"] = float(np.abs(image.astype(np.float32) - base_imgs[i]).mean())
-            pid = heldout.person_id(i)
-            sample_rows.append({"arm": name, "seed": seed, "person": pid,
-                                "file": save_png(out / "samples" / name / f"seed{seed}" / f"{pid}.png", image),
-                                **{k: (None if not np.isfinite(v) else round(v, 6)) for k, v in row.items()}})
+    sample_rows = write_samples(images, scores, heldout, out)
 
     with stage("statistics and verdicts", times):
-        boot = np.random.default_rng(0)
         n = len(heldout)
-        mse_view = np.array([mean_of_found([scores[("mse", s)][i][PRIMARY] for s in args.seeds]) for i in range(n)])
-        gap_diff = np.array([c[PRIMARY] for c in ceiling]) - mse_view
-        ok = np.isfinite(gap_diff)
-        gaps = np.array([mean_of_found(gap_diff[boot.integers(0, n, n)]) for _ in range(args.bootstrap)])
-        gaps = gaps[np.isfinite(gaps)] if np.isfinite(gaps).any() else np.array([np.nan])
-        headroom = {"gap": mean_of_found(gap_diff), "low": float(np.percentile(gaps, 2.5)),
-                    "high": float(np.percentile(gaps, 97.5)), "faces": int(ok.sum()),
-                    "ceiling": mean_of_found([c[PRIMARY] for c in ceiling]), "mse": mean_of_found(mse_view),
-                    "copy_control": mean_of_found([c[PRIMARY] for c in copy_scores])}
-        headroom["ok"] = headroom["gap"] >= HEADROOM_GAP and headroom["low"] > 0
-        endpoints: dict[str, dict[str, dict[str, float]]] = {}
-        for name in args.arms:
-            if name == "mse":
-                continue
-            seeds = [s for s in args.seeds if (name, s) in scores]
-            endpoints[name] = {m: paired_endpoint(scores, name, "mse", m, seeds, n, boot, args.bootstrap)
-                               for m in METRICS if m != "change_vs_mse"}
-            change = [[r["change_vs_mse"] for r in scores[(name, s)]] for s in seeds]
-            endpoints[name]["change_vs_mse"] = {"mean": float(np.mean(change)), "low": float("nan"),
-                                                "high": float("nan"), "pairs": int(np.size(change))}
-        positive_moved = endpoints["positive"][PRIMARY]["low"] > 0
-        judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
-        can_tell = positive_moved and judge_ok["dlib"] and headroom["ok"]
-        verdicts = {name: decide(e, can_tell) for name, e in endpoints.items()}
-        verdicts["positive"] = "POSITIVE CONTROL " + ("MOVED" if positive_moved else "DID NOT MOVE: benchmark insensitive")
-        if "oracle" in verdicts:
-            oracle_moved = endpoints["oracle"][PRIMARY]["low"] > 0
-            verdicts["oracle"] = "SENSITIVITY CHECK " + ("MOVED" if oracle_moved else "DID NOT MOVE")
+        headroom, endpoints, verdicts, judge_ok = judge_arms(scores, ceiling, copy_scores, calibration, args.arms,
+                                                            args.seeds, n, args.bootstrap)
 
     print()
     print(f"held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch {args.lora_batch} on "
           f"{len(lora)} people; samples {args.sample_steps} Euler steps; 64 px")
-    print("calibration: " + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})"
-                                        for k, c in calibration.items()))
-    print(f"headroom (dlib_view): known target {headroom['ceiling']:.3f}, MSE arm {headroom['mse']:.3f}, "
-          f"copying the control {headroom['copy_control']:.3f}; gap {headroom['gap']:+.4f} "
-          f"[{headroom['low']:+.4f}, {headroom['high']:+.4f}] -> "
-          f"{'OK' if headroom['ok'] else 'NO HEADROOM: make the edit harder'}")
-    mse_means = {m: mean_of_found([r[m] for s in args.seeds for r in scores[("mse", s)]]) for m in METRICS[:-1]}
-    print("MSE arm means: " + ", ".join(f"{m} {v:.3f}" for m, v in mse_means.items()))
-    if not judge_ok.get("dlib", False):
-        print("WARNING: dlib failed its calibration: its verdicts below decide nothing")
-    print(f"paired difference to the MSE arm, mean [95% bootstrap interval]; primary {PRIMARY}")
-    for name, e in endpoints.items():
-        print(f"{arms[name].label}  ->  {verdicts[name]}")
-        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("dlib_view", "dlib_target", "engine_view", "engine_target")))
-        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err", "dlib_found",
-                                                                  "engine_found"))
-              + f"; change_vs_mse {e['change_vs_mse']['mean']:.2f}/255")
+    print_verdicts(calibration, judge_ok, headroom, scores, args.seeds, endpoints, verdicts,
+                   {name: arm.label for name, arm in arms.items()})
 
     manifest = {
         "benchmark": "bench_face_loss_tier1", "settings": {k: (str(v) if isinstance(v, Path) else v)

@@ -147,14 +147,20 @@ def test_over_the_device_the_warning_names_the_flags_that_fit():
 
 
 def test_the_plan_follows_the_vaes_scale_and_the_rollouts_forward_passes():
-    """A 4x VAE (one downsampling fewer): the face box is a multiple of 4 px and its latents are side / 4.
-    A rollout of N steps keeps N forward passes' block inputs for the backward pass."""
+    """A 4x VAE (one downsampling fewer): the face box is a multiple of 4 px and its latents are side / 4, and
+    an image is 4x as many DiT tokens (the activations follow). A rollout of N steps keeps N forward passes'
+    block inputs for the backward pass."""
     vae_4x = {**VAE, "dim_mult": VAE["dim_mult"][:3], "temperal_downsample": VAE["temperal_downsample"][:2]}
     inputs = seed_guide(vae_config=vae_4x, target_size=(1000, 1000))
     side = 1000 // 2 // 4 * 4  # FACE_BOX_FRACTION of the shorter side, down to the VAE's scale
     assert decode_size(inputs) == (side, side) and side % 8 != 0
     values = decoder_saved_values(vae_4x, (side // 4, side // 4))
     assert estimate(inputs).parts["face_loss"] == int(values.peak(True, 0.0) * 2)
+    assert image_tokens((1024, 1024), 4) == 4 * image_tokens((1024, 1024)) == 4 * 64 * 64
+    dim = TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
+    per_token = estimate(seed_guide(text_tokens=0)).parts["activations"] / (2 * image_tokens((1024, 1024)))
+    assert estimate(seed_guide(vae_config=vae_4x, text_tokens=0)).parts["activations"] == pytest.approx(
+        per_token * 2 * image_tokens((1024, 1024), 4)) and per_token % dim == 0
 
     one, three = (estimate(seed_guide(face_rollout_steps=n)).parts["activations"] for n in (1, 3))
     tokens = 2 * image_tokens((1024, 1024)) + 300

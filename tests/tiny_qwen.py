@@ -214,13 +214,15 @@ def write_tiny_model_files(
     edit_2511: bool = False,
     transformer_config: dict = TINY_TRANSFORMER_CONFIG,
     vae_config: dict = TINY_VAE_CONFIG,
+    processor=None,
 ) -> TinyModelFiles:
     """Write tiny random DiT, VAE, text encoder (ComfyUI single files) and a tokenizer folder.
 
     edit_2511: the DiT carries ComfyUI's Edit-2511 marker `__index_timestep_zero__` (the weights
     of 2509 and 2511 have the same layout). transformer_config: another DiT architecture (the text
     encoder's hidden size follows its joint_attention_dim); vae_config: another VAE (e.g. fewer
-    downsamplings)."""
+    downsamplings); processor: another tokenizer and image processor (default `build_tiny_processor()`),
+    whose vocabulary the text encoder's embedding follows."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -247,7 +249,7 @@ def write_tiny_model_files(
     vae = root / "qwen_image_vae_tiny.safetensors"
     save_file(vae_sd, str(vae), metadata={"config": json.dumps(vae_config)})
 
-    processor = build_tiny_processor()
+    processor = processor or build_tiny_processor()
     tokenizer_dir = root / "tokenizer"
     processor.save_pretrained(str(tokenizer_dir))
     te_config = tiny_text_encoder_config(processor.tokenizer, transformer_config["joint_attention_dim"])

@@ -100,9 +100,10 @@ def measure_saved_bytes(fn: Callable[[], Any], frozen: Iterable[torch.nn.Module]
     return sum(storages.values()), result
 
 
-def image_tokens(size: tuple[int, int]) -> int:
-    """DiT tokens of an image of `size` (w, h) pixels: 8x VAE, then 2x2 patches."""
-    return (size[0] // 16) * (size[1] // 16)
+def image_tokens(size: tuple[int, int], scale: int = 8) -> int:
+    """DiT tokens of an image of `size` (w, h) pixels: a VAE of `scale` pixels per latent (8: Qwen-Image's),
+    then 2x2 patches."""
+    return (size[0] // (2 * scale)) * (size[1] // (2 * scale))
 
 
 def _dit_counts(config: dict[str, Any], network_args: NetworkArgs) -> dict[str, int]:
@@ -201,8 +202,9 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     # swapped blocks stream in leaf by leaf: the one computing and the one in flight
     streaming = 2 * counts["largest_leaf"] * inputs.compute_bytes if inputs.blocks_to_swap else 0
     lora_params = inputs.network_dim * counts["lora_width"]
-    tokens = inputs.batch_size * (image_tokens(inputs.target_size) + sum(image_tokens(c) for c in inputs.control_sizes)
-                                  + inputs.text_tokens)
+    scale = vae_scale(inputs.vae_config)
+    tokens = inputs.batch_size * (image_tokens(inputs.target_size, scale)
+                                  + sum(image_tokens(c, scale) for c in inputs.control_sizes) + inputs.text_tokens)
     per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
     # each forward pass of a face-loss rollout keeps its activations for the backward pass too
     if inputs.gradient_checkpointing:
@@ -222,7 +224,6 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     if inputs.face_decode:
         width, height = decode_size(inputs)
         recognizer = inputs.face_recognizer_saved_bytes / inputs.compute_bytes
-        scale = vae_scale(inputs.vae_config)
         values = decoder_saved_values(inputs.vae_config, (width // scale, height // scale)).peak(True, recognizer)
         parts["face_loss"] = int(inputs.batch_size * values * inputs.compute_bytes)
     return MemoryPlan({k: int(v) for k, v in parts.items()}, int(swapped), device_bytes)
