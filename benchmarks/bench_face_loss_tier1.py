@@ -720,7 +720,8 @@ def main(argv: list[str] | None = None) -> None:
     manifest = {
         "benchmark": "bench_face_loss_tier1", "settings": {k: (str(v) if isinstance(v, Path) else v)
                                                            for k, v in vars(args).items()},
-        "edit": asdict(edit), "base_edit": asdict(base_edit), "view": asdict(view), "net": asdict(net), "generator_weights_sha256": source.sha256,
+        "edit": asdict(edit), "base_edit": asdict(base_edit), "view": asdict(view), "net": asdict(net),
+        "generator_weights_sha256": source.sha256,
         "judges": {"dlib": judge.describe(), "engine": engine.describe(),
                    "independent_judges_available": ["dlib"]},
         "calibration": calibration, "headroom": headroom, "people": people_rows, "samples": sample_rows,
