@@ -112,7 +112,7 @@ sys.path.insert(0, str(BENCHMARKS))
 from bench_face_vae_ceiling import DEFAULT_DATA, fast_cpu  # noqa: E402
 from face_tier1_data import (  # noqa: E402
     DETECT_SIZE, IMAGE_SIZE, ROLE_SEEDS, Edit, FaceSource, NetSettings, View, euler, identities, noised,
-    pretrained_base, sample, sample_t, to_uint8, upscale,
+    pretrained_base, sample, sample_t, shuffled_batches, to_uint8, upscale,
 )
 
 DEFAULT_CACHE = Path.home() / ".cache" / "face_consistency_bench"
@@ -360,13 +360,11 @@ def train_arm(arm: Arm, seed: int, base, lora: People, negatives: torch.Tensor, 
     valid = torch.ones(len(lora), dtype=torch.bool)
     masks = face_mask(lora.box)
     generator = torch.Generator().manual_seed(seed)  # data order, t and noise: the same in every arm
-    order = torch.empty(0, dtype=torch.long)
+    batches = shuffled_batches(len(lora), args.lora_batch, generator)
     log, mses, face_losses, face_sims = RunLog(), [], [], []
     start = time.monotonic()
     for _ in range(args.lora_steps):
-        if len(order) < args.lora_batch:
-            order = torch.randperm(len(lora), generator=generator)
-        idx, order = order[: args.lora_batch], order[args.lora_batch :]
+        idx = next(batches)
         x0, control = lora.target[idx], lora.control[idx]
         t = sample_t(len(idx), args.shift, generator)
         noise = torch.randn(x0.shape, generator=generator)

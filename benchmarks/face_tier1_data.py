@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -212,6 +213,16 @@ class FlowNet(nn.Module):
         return F.pixel_shuffle(self.out(F.silu(self.out_norm(h))), 2)
 
 
+def shuffled_batches(count: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of indices into `count` items: a fresh permutation whenever fewer than a batch are left."""
+    order = torch.empty(0, dtype=torch.long)
+    while True:
+        if len(order) < batch:
+            order = torch.randperm(count, generator=generator)
+        idx, order = order[:batch], order[batch:]
+        yield idx
+
+
 def sample_t(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
     """The trainer's `shift` timestep sampling (trainer/train.py `sample_timesteps`, sigmoid_scale 1)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator))
@@ -270,12 +281,10 @@ def pretrained_base(settings: NetSettings, edit: Edit, controls: torch.Tensor, c
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.pretrain_lr, total_steps=settings.pretrain_steps,
                                                    pct_start=0.05)
-    order = torch.empty(0, dtype=torch.long)
+    batches = shuffled_batches(len(controls), settings.pretrain_batch, generator)
     losses = []
     for step in range(settings.pretrain_steps):
-        if len(order) < settings.pretrain_batch:
-            order = torch.randperm(len(controls), generator=generator)
-        idx, order = order[: settings.pretrain_batch], order[settings.pretrain_batch :]
+        idx = next(batches)
         x0, c = targets[idx], controls[idx]
         t = sample_t(len(x0), settings.shift, generator)
         noise = torch.randn(x0.shape, generator=generator)

@@ -30,7 +30,7 @@ BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
 from bench_face_vae_ceiling import fit, latent_statistics  # noqa: E402
-from face_tier1_data import ROLE_SEEDS, Edit, to_uint8  # noqa: E402
+from face_tier1_data import ROLE_SEEDS, Edit, shuffled_batches, to_uint8  # noqa: E402
 from tiny_qwen import DIT_PREFIX, build_tiny_processor, diffusers_vae_key_to_wan, write_tiny_model_files  # noqa: E402
 
 PROMPT = "apply the edit"  # the one caption of every pair and sample
@@ -229,12 +229,10 @@ def pretrained_dit(settings: DitSettings, files: TinyModels, encoders: CacheEnco
                            weighting_scheme="none")
     accelerator = SimpleNamespace(autocast=nullcontext)
     generator = torch.Generator().manual_seed(ROLE_SEEDS["pretrain"])
-    order = torch.empty(0, dtype=torch.long)
+    batches = shuffled_batches(len(controls), settings.batch, generator)
     losses = []
     for step in range(settings.steps):
-        if len(order) < settings.batch:
-            order = torch.randperm(len(controls), generator=generator)
-        idx, order = order[: settings.batch], order[settings.batch :]
+        idx = next(batches)
         batch = Batch([], data["target"][idx], [data["control"][idx]], data["prompt_embeds"][idx],
                       data["prompt_mask"][idx])
         loss, _ = micro_step(args, model, None, batch, generator, torch.device("cpu"), accelerator, step + 1, [])
