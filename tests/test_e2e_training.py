@@ -70,9 +70,11 @@ def held_out_folder(installed: ComfyTinyFiles) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_job(comfy_server: ComfyServer, tiny_training: TinyTraining) -> dict[str, Any]:
-    """The launch + monitor workflow's outputs, the monitor waiting until the 8-step run finished."""
+    """The launch + monitor workflow's outputs, the monitor waiting until the 8-step run finished.
+    Session-scoped: pytest groups the tests by frontend across modules, and a module-scoped run would
+    be launched again into the same folder when this module's tests come back after another's."""
     installed = tiny_training.install_into_comfyui(comfy_server.base)
     workflow = launch_workflow(tiny_training, installed, FINISHED_NAME, max_train_steps=8,
                                validation_dataset=str(held_out_folder(installed)))
