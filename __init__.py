@@ -5,6 +5,7 @@ NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS and WEB_DIRECTORY. The node mapp
 resolved lazily (PEP 562) so that the command line and the trainer, which import the
 `faceid` and `trainer` subpackages, do not pay for loading every node module.
 """
+
 from typing import Any
 
 WEB_DIRECTORY = "./web"

@@ -9,6 +9,7 @@ everything on sys.path: the trainer environment's package folder, where it is on
 layout; a `._pth` file makes the embedded Python of portable builds ignore PYTHONPATH).
 `python <pack>/bootstrap.py setup-trainer` sets that environment up.
 """
+
 from __future__ import annotations
 
 import importlib

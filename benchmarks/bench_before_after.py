@@ -14,6 +14,7 @@ Cases: `node`, bench_nodes.py's (8 photos letterboxed to 1024x1024 against one r
 `evaluate`, bench_evaluate.py's folder (`--outputs` samples of 1024x1024 over 5 controls), one
 `FolderEvaluation.run_round` without a cache file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,13 +41,13 @@ def node_case(size: int):
     images = torch.cat([bench_nodes.image_tensor(faces / photos[i % len(photos)], size) for i in range(8)])
     model = bench_nodes.FaceConsistencyLoadModel().load("testpack", "cpu", "auto", 0.5)["result"][0]
     node = bench_nodes.FaceConsistencySimilarity()
-    return lambda: node.score(model, images, "largest", 0, "score_zero", 0.75, 0.85, 0.75, 0.65, 0.1,
-                              reference_image=reference)
+    return lambda: node.score(
+        model, images, "largest", 0, "score_zero", 0.75, 0.85, 0.75, 0.65, 0.1, reference_image=reference
+    )
 
 
 def evaluate_case(folder: Path):
     import bench_evaluate
-
     from face_consistency.faceid import load_face_model
     from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
 
@@ -96,13 +97,18 @@ def main() -> None:
             workers = {}
             for label, package in (("old", options.old), ("new", new)):
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
-                workers[label] = subprocess.Popen([sys.executable, __file__, "--worker", case, str(folder)], env=env,
-                                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                workers[label] = subprocess.Popen(
+                    [sys.executable, __file__, "--worker", case, str(folder)],
+                    env=env,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
                 if workers[label].stdout.readline().strip() != "ready":
                     raise SystemExit(f"the {label} worker failed to set up the {case} case")
             seconds: dict[str, list[float]] = {"old": [], "new": []}
             for i in range(options.repeat):
-                for label in (("old", "new") if i % 2 == 0 else ("new", "old")):  # either goes first half the time
+                for label in ("old", "new") if i % 2 == 0 else ("new", "old"):  # either goes first half the time
                     workers[label].stdin.write("run\n")
                     workers[label].stdin.flush()
                     seconds[label].append(float(workers[label].stdout.readline()))
@@ -110,10 +116,13 @@ def main() -> None:
                 process.stdin.close()
                 process.wait()
             ratios = [n / o for n, o in zip(seconds["new"], seconds["old"])]
-            print(f"{case}: new/old {statistics.median(ratios):.3f} (median of {len(ratios)} pairs; "
-                  f"{min(ratios):.3f} to {max(ratios):.3f}); old {statistics.median(seconds['old']):.3f} s, "
-                  f"new {statistics.median(seconds['new']):.3f} s (medians); load average "
-                  f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}", flush=True)
+            print(
+                f"{case}: new/old {statistics.median(ratios):.3f} (median of {len(ratios)} pairs; "
+                f"{min(ratios):.3f} to {max(ratios):.3f}); old {statistics.median(seconds['old']):.3f} s, "
+                f"new {statistics.median(seconds['new']):.3f} s (medians); load average "
+                f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ as a share of the run's time (the trainer's own timers, `status.json`). The tiny
 faces, so the held-out likeness columns stay empty here: tests/test_trainer_validation.py scores
 real photos. Not a test: figures only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,26 +44,34 @@ def main() -> None:
     parser.add_argument("--save_every", type=int, default=50, help="a checkpoint every N epochs")
     parser.add_argument("--learning_rate", type=float, default=1e-2)
     parser.add_argument("--network_dim", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4, help="attention heads of 32 dims each (the test models "
-                        "have 2 of 16: a 32-wide DiT cannot even pass the 64-dim latent tokens through, let "
-                        "alone memorise them)")
+    parser.add_argument(
+        "--heads",
+        type=int,
+        default=4,
+        help="attention heads of 32 dims each (the test models "
+        "have 2 of 16: a 32-wide DiT cannot even pass the 64-dim latent tokens through, let "
+        "alone memorise them)",
+    )
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (multiple of 16)")
     parser.add_argument("--sample_steps", type=int, default=4)
     parser.add_argument("--out", type=Path, help="keep the run here (default: a temporary folder)")
     options = parser.parse_args()
 
-    from PIL import Image
-    from tiny_qwen import TINY_TRANSFORMER_CONFIG, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
-
     from face_consistency.cli import main as cli_main
     from face_consistency.training_contract.checkpoint_choice import format_table, read_table, validation_rise
     from face_consistency.training_contract.protocol import read_status
+    from PIL import Image
+    from tiny_qwen import TINY_TRANSFORMER_CONFIG, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 
     with tempfile.TemporaryDirectory() as scratch:
         root = options.out or Path(scratch)
         size = (options.size, options.size)
-        dit_config = {**TINY_TRANSFORMER_CONFIG, "num_attention_heads": options.heads, "attention_head_dim": 32,
-                      "axes_dims_rope": [8, 12, 12]}
+        dit_config = {
+            **TINY_TRANSFORMER_CONFIG,
+            "num_attention_heads": options.heads,
+            "attention_head_dim": 32,
+            "axes_dims_rope": [8, 12, 12],
+        }
         files = write_tiny_model_files(root / "models", transformer_config=dit_config)
         dataset = write_tiny_dataset(root / "train", n=options.items, size=size, seed=0)
         # held out: other targets for the training items' own controls and captions, so that the only way
@@ -70,25 +79,53 @@ def main() -> None:
         others = write_tiny_dataset(root / "other_targets", n=options.held_out, size=size, seed=1).parent
         pairs = []
         for index in range(options.held_out):
-            with Image.open(others / "images" / f"item_{index}.png") as target, \
-                    Image.open(root / "train" / "controls" / f"item_{index % options.items}.png") as control:
+            with (
+                Image.open(others / "images" / f"item_{index}.png") as target,
+                Image.open(root / "train" / "controls" / f"item_{index % options.items}.png") as control,
+            ):
                 pairs.append((target.copy(), control.copy()))
         held_out = write_tiny_dataset(root / "held_out", n=options.held_out, size=size, pairs=pairs)
-        decoded_targets = distinct_targets(files, [root / "train", root / "held_out"], [options.items, options.held_out],
-                                           options.size)
+        decoded_targets = distinct_targets(
+            files, [root / "train", root / "held_out"], [options.items, options.held_out], options.size
+        )
         prompts = root / "prompts.txt"
         control = root / "train" / "controls" / "item_0.png"
-        prompts.write_text(f"tiny edit number 0 --w {options.size} --h {options.size} --s {options.sample_steps} "
-                           f"--d 100 --ci {control}\n", encoding="utf-8")
+        prompts.write_text(
+            f"tiny edit number 0 --w {options.size} --h {options.size} --s {options.sample_steps} "
+            f"--d 100 --ci {control}\n",
+            encoding="utf-8",
+        )
         out = root / "run"
         steps = options.items * options.epochs
-        argv = tiny_train_argv(files, dataset, out, max_train_steps=steps, extra=[
-            "--learning_rate", f"{options.learning_rate:g}", "--network_dim", str(options.network_dim),
-            "--network_alpha", str(options.network_dim), "--max_train_epochs", str(options.epochs),
-            "--save_every_n_epochs", str(options.save_every), "--sample_prompts", str(prompts),
-            "--validation_dataset_config", str(held_out)])
-        first = tiny_train_argv(files, dataset, root / "caching_pass", max_train_steps=1,
-                                extra=["--validation_dataset_config", str(held_out)])
+        argv = tiny_train_argv(
+            files,
+            dataset,
+            out,
+            max_train_steps=steps,
+            extra=[
+                "--learning_rate",
+                f"{options.learning_rate:g}",
+                "--network_dim",
+                str(options.network_dim),
+                "--network_alpha",
+                str(options.network_dim),
+                "--max_train_epochs",
+                str(options.epochs),
+                "--save_every_n_epochs",
+                str(options.save_every),
+                "--sample_prompts",
+                str(prompts),
+                "--validation_dataset_config",
+                str(held_out),
+            ],
+        )
+        first = tiny_train_argv(
+            files,
+            dataset,
+            root / "caching_pass",
+            max_train_steps=1,
+            extra=["--validation_dataset_config", str(held_out)],
+        )
         if cli_main(["train", *first]) != 0:
             raise SystemExit("the caching pass failed")
         rewrite_cached_latents(decoded_targets)
@@ -100,42 +137,63 @@ def main() -> None:
             raise SystemExit(f"the run failed (rc {rc}): {status.get('error')}")
         table = read_table(out)
         rows = sorted(table.rows, key=lambda row: row.step)
-        print(f"\n{options.items} training pairs, {options.held_out} held out, {options.epochs} epochs "
-              f"({steps} steps), a checkpoint every {options.save_every} epochs, {options.size} px, "
-              f"lr {options.learning_rate:g}, rank {options.network_dim}, DiT width {32 * options.heads}\n")
+        print(
+            f"\n{options.items} training pairs, {options.held_out} held out, {options.epochs} epochs "
+            f"({steps} steps), a checkpoint every {options.save_every} epochs, {options.size} px, "
+            f"lr {options.learning_rate:g}, rank {options.network_dim}, DiT width {32 * options.heads}\n"
+        )
         print(format_table(table))
         rise = validation_rise(rows)
         chosen = table.recommendation()
         nearness = [row.nearest_target_image for row in rows]
         lowest = min(rows, key=lambda row: row.validation_mean)
         print("\nchecks:")
-        print(f"  validation loss turns up: {'yes' if rise else 'NO'} (lowest {lowest.validation_mean:.4f} at step "
-              f"{lowest.step}, last {rows[-1].validation_mean:.4f} at step {rows[-1].step})")
-        print(f"  nearest-training-target similarity rises: {'yes' if nearness[-1] > nearness[0] else 'NO'} "
-              f"({nearness[0]:.3f} at step {rows[0].step} -> {max(nearness):.3f} highest, {nearness[-1]:.3f} last)")
+        print(
+            f"  validation loss turns up: {'yes' if rise else 'NO'} (lowest {lowest.validation_mean:.4f} at step "
+            f"{lowest.step}, last {rows[-1].validation_mean:.4f} at step {rows[-1].step})"
+        )
+        print(
+            f"  nearest-training-target similarity rises: {'yes' if nearness[-1] > nearness[0] else 'NO'} "
+            f"({nearness[0]:.3f} at step {rows[0].step} -> {max(nearness):.3f} highest, {nearness[-1]:.3f} last)"
+        )
         before = rise is not None and chosen.step == rise.step
-        print(f"  kept checkpoint is the last before the rise: {'yes' if before else 'NO'} ({chosen.name}, step "
-              f"{chosen.step})")
+        print(
+            f"  kept checkpoint is the last before the rise: {'yes' if before else 'NO'} ({chosen.name}, step "
+            f"{chosen.step})"
+        )
         run_seconds = status.get("run_seconds") or wall
         validation, scoring = status.get("validation_seconds", 0.0), status.get("checkpoint_scoring_seconds", 0.0)
         sampling = status.get("checkpoint_sampling_seconds", 0.0)
-        print(f"\ncost (the trainer's timers, of {run_seconds:.1f} s from start to the last checkpoint; "
-              f"{wall:.1f} s wall in all):")
-        print(f"  validation loss ({len(rows)} x {options.held_out} items x {len(table.sigmas)} sigmas): "
-              f"{validation:.2f} s = {100 * validation / run_seconds:.1f} %")
-        print(f"  samples drawn for the checkpoints ({len(rows)} rounds, none fell on a checkpoint's step): "
-              f"{sampling:.2f} s = {100 * sampling / run_seconds:.1f} %")
+        print(
+            f"\ncost (the trainer's timers, of {run_seconds:.1f} s from start to the last checkpoint; "
+            f"{wall:.1f} s wall in all):"
+        )
+        print(
+            f"  validation loss ({len(rows)} x {options.held_out} items x {len(table.sigmas)} sigmas): "
+            f"{validation:.2f} s = {100 * validation / run_seconds:.1f} %"
+        )
+        print(
+            f"  samples drawn for the checkpoints ({len(rows)} rounds, none fell on a checkpoint's step): "
+            f"{sampling:.2f} s = {100 * sampling / run_seconds:.1f} %"
+        )
         print(f"  scoring them and writing checkpoints.json: {scoring:.2f} s = {100 * scoring / run_seconds:.1f} %")
-        print(json.dumps({"validation_share": validation / run_seconds, "sampling_share": sampling / run_seconds,
-                          "scoring_share": scoring / run_seconds,
-                          "kept_step": chosen.step, "rise_after": rise.step if rise else None}))
+        print(
+            json.dumps(
+                {
+                    "validation_share": validation / run_seconds,
+                    "sampling_share": sampling / run_seconds,
+                    "scoring_share": scoring / run_seconds,
+                    "kept_step": chosen.step,
+                    "rise_after": rise.step if rise else None,
+                }
+            )
+        )
 
 
-def distinct_targets(files, folders: list[Path], counts: list[int], size: int) -> dict[Path, "torch.Tensor"]:
+def distinct_targets(files, folders: list[Path], counts: list[int], size: int) -> dict[Path, torch.Tensor]:
     """Each target image of the `folders`' datasets replaced by a random latent decoded by the tiny VAE;
     returns target image -> its latent (as the cache holds latents: normalised, [16, 1, h, w])."""
     import torch
-
     from face_consistency.trainer import models
     from face_consistency.trainer.sampling import decode_to_pil
 
@@ -152,7 +210,7 @@ def distinct_targets(files, folders: list[Path], counts: list[int], size: int) -
     return latents
 
 
-def rewrite_cached_latents(latents: dict[Path, "torch.Tensor"]) -> None:
+def rewrite_cached_latents(latents: dict[Path, torch.Tensor]) -> None:
     """Put each target's random latent into its cache file, keeping the file's fingerprint."""
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -5,6 +5,7 @@
 Prints images/s and faces/s for the engine (from files, and from decoded arrays), the time
 onnxruntime alone spends on the same detector and recognizer inputs, and their ratio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,6 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from face_consistency.faceid import load_face_model, load_image
 
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
@@ -74,8 +74,12 @@ def main() -> None:
 
     n = len(paths)
     print(f"pack {args.pack} on {model.provider}; {n} photos from {args.faces}, {faces} faces; {args.repeat} runs each")
-    print(f"engine, from files   : {from_files * 1000:8.1f} ms/run  {n / from_files:6.1f} images/s  {faces / from_files:6.1f} faces/s")
-    print(f"engine, from arrays  : {from_arrays * 1000:8.1f} ms/run  {n / from_arrays:6.1f} images/s  {faces / from_arrays:6.1f} faces/s")
+    print(
+        f"engine, from files   : {from_files * 1000:8.1f} ms/run  {n / from_files:6.1f} images/s  {faces / from_files:6.1f} faces/s"
+    )
+    print(
+        f"engine, from arrays  : {from_arrays * 1000:8.1f} ms/run  {n / from_arrays:6.1f} images/s  {faces / from_arrays:6.1f} faces/s"
+    )
     print(f"bare onnxruntime     : {bare * 1000:8.1f} ms/run  (same detector inputs and recognizer batch)")
     print(f"ratio engine/bare    : from files {from_files / bare:.2f}x, from arrays {from_arrays / bare:.2f}x")
 

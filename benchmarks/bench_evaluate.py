@@ -17,6 +17,7 @@ command against the two stricter replays.
 
     python benchmarks/bench_evaluate.py [--outputs 50] [--controls 5] [--size 1024] [--repeat 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -145,8 +146,14 @@ def recorded_round(model: Any, sources: Any) -> tuple[RunRecorder, RunRecorder, 
     return detector_runs, recognizer_runs, report, seconds
 
 
-def replay(detector_session: Any, workers: int, detector_runs: RunRecorder, recognizer_runs: RunRecorder,
-           recognizer_session: Any, decode: list[Path] | None = None) -> float:
+def replay(
+    detector_session: Any,
+    workers: int,
+    detector_runs: RunRecorder,
+    recognizer_runs: RunRecorder,
+    recognizer_session: Any,
+    decode: list[Path] | None = None,
+) -> float:
     """The recorded runs alone: detector inputs on `workers` threads, then the recognizer's.
     With `decode`, each thread also decodes one of these files before each detector run."""
     from face_consistency.faceid.images import load_image
@@ -172,27 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each approach (median reported)")
     parser.add_argument("--pack", default="testpack")
     parser.add_argument(
-        "--det_size", default="auto",
+        "--det_size",
+        default="auto",
         help="the command's detection size (the seed approach always runs at 640, as the seed guide set it)",
     )
     parser.add_argument("--models_root", type=Path, default=TESTDATA / "insightface")
     args = parser.parse_args(argv)
 
-    from insightface.app import FaceAnalysis
-
     from face_consistency.faceid import load_face_model
     from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
     from face_consistency.faceid.pairing import pair_sample_folder
     from face_consistency.musubi_formats.prompts import load_prompt_file
+    from insightface.app import FaceAnalysis
 
     model = load_face_model(args.pack, models_root=args.models_root, provider="cpu", det_size=args.det_size)
     app = FaceAnalysis(
-        name=args.pack, root=str(args.models_root), allowed_modules=["detection", "recognition"],
+        name=args.pack,
+        root=str(args.models_root),
+        allowed_modules=["detection", "recognition"],
         providers=["CPUExecutionProvider"],
     )
     app.prepare(ctx_id=-1, det_size=(640, 640))  # the seed guide's setting
-    print(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}; "
-          f"command det_size {model.det_size}; {os.cpu_count()} CPU(s); {args.outputs} outputs of {args.size}x{args.size} over {args.controls} controls")
+    print(
+        f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}; "
+        f"command det_size {model.det_size}; {os.cpu_count()} CPU(s); {args.outputs} outputs of {args.size}x{args.size} over {args.controls} controls"
+    )
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
         sample_dir, prompts = make_images(Path(tmp), TESTDATA / "faces", args.outputs, args.controls, args.size)
@@ -223,22 +234,38 @@ def main(argv: list[str] | None = None) -> int:
             side_by_side = model.detector(concurrent=True).session
             times["bare"].append(replay(model.detector().session, 1, detector_runs, recognizer_runs, recognizer))
             times["side"].append(replay(side_by_side, workers, detector_runs, recognizer_runs, recognizer))
-            times["side+decode"].append(replay(side_by_side, workers, detector_runs, recognizer_runs, recognizer, files))
+            times["side+decode"].append(
+                replay(side_by_side, workers, detector_runs, recognizer_runs, recognizer, files)
+            )
             print(f"  run {len(in_run)}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
 
         seed_valid = [s for s in seed_scores if s is not None]
-        print(f"detector runs: seed {2 * len(pairs)}, command {len(detector_runs.calls)}; "
-              f"recognizer runs: seed {2 * len(seed_valid)}, command {len(recognizer_runs.calls)}")
-        print(f"valid pairs: seed {len(seed_valid)}, command {report['valid_pairs']}; "
-              f"mean similarity: seed {np.mean(seed_valid):.4f}, command {report['overall_mean']:.4f}")
+        print(
+            f"detector runs: seed {2 * len(pairs)}, command {len(detector_runs.calls)}; "
+            f"recognizer runs: seed {2 * len(seed_valid)}, command {len(recognizer_runs.calls)}"
+        )
+        print(
+            f"valid pairs: seed {len(seed_valid)}, command {report['valid_pairs']}; "
+            f"mean similarity: seed {np.mean(seed_valid):.4f}, command {report['overall_mean']:.4f}"
+        )
         # On a shared machine the fastest of the repeats is the one least disturbed by other work.
         fastest = {k: min(v) for k, v in times.items()}
         command = times["command"]
-        print(f"seed approach          {fastest['seed']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(times['seed']):.3f})")
-        print(f"command                {fastest['command']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(command):.3f})")
-        print(f"bare onnxruntime       {fastest['bare']:8.3f} s  (same inputs replayed one run at a time, all cores per run)")
-        print(f"  detector side by side{fastest['side']:8.3f} s  (on {workers} threads, one core each, as the command runs them)")
-        print(f"  ... and decoding     {fastest['side+decode']:8.3f} s  (each thread also decodes one of the {len(files)} files per run)")
+        print(
+            f"seed approach          {fastest['seed']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(times['seed']):.3f})"
+        )
+        print(
+            f"command                {fastest['command']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(command):.3f})"
+        )
+        print(
+            f"bare onnxruntime       {fastest['bare']:8.3f} s  (same inputs replayed one run at a time, all cores per run)"
+        )
+        print(
+            f"  detector side by side{fastest['side']:8.3f} s  (on {workers} threads, one core each, as the command runs them)"
+        )
+        print(
+            f"  ... and decoding     {fastest['side+decode']:8.3f} s  (each thread also decodes one of the {len(files)} files per run)"
+        )
         print(f"speed-up seed/command  {fastest['seed'] / fastest['command']:8.2f} x   (target >= 3)")
         for label, key, target in (
             ("command/bare compute  ", "bare", "   (target <= 1.15; "),

@@ -24,6 +24,7 @@ both runs), the VAE decodes it, and the figures are:
 A tiny random DiT and VAE cannot draw a face: read the figures as whether the gradient moves
 the trained recognizer's score and at what cost, not as image quality.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
@@ -46,8 +46,7 @@ from face_consistency.trainer.cli import parse_args, validate_args
 from face_consistency.trainer.face_loss import FrozenFaceRecognizer, warp_to_arcface
 from face_consistency.trainer.face_targets import cache_face_targets, collate_face_targets
 from face_consistency.trainer.face_training import build_training_hook
-from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.sampling import pack, unpack
+from face_consistency.trainer.sampling import denormalize_latents, pack, unpack
 from face_consistency.trainer.train import collate, micro_step, prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics
 
@@ -58,12 +57,28 @@ from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_file
 
 
 def run_argv(files, dataset, prompts, out: Path, args: argparse.Namespace, face_loss: bool) -> list[str]:
-    extra = ["--face_model_name", args.pack, "--face_models_root", str(args.models_root), "--face_device", "cpu",
-             "--enable_face_loss", "--face_eval_frequency", str(args.steps), "--face_loss_weight",
-             str(args.face_loss_weight), "--face_loss_max_t", str(args.face_loss_max_t),
-             "--sample_prompts", str(prompts), "--sample_every_n_steps", str(args.steps)]
-    return tiny_train_argv(files, dataset, out, max_train_steps=args.steps,
-                           extra=extra + (["--use_face_as_loss"] if face_loss else []))
+    extra = [
+        "--face_model_name",
+        args.pack,
+        "--face_models_root",
+        str(args.models_root),
+        "--face_device",
+        "cpu",
+        "--enable_face_loss",
+        "--face_eval_frequency",
+        str(args.steps),
+        "--face_loss_weight",
+        str(args.face_loss_weight),
+        "--face_loss_max_t",
+        str(args.face_loss_max_t),
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_steps",
+        str(args.steps),
+    ]
+    return tiny_train_argv(
+        files, dataset, out, max_train_steps=args.steps, extra=extra + (["--use_face_as_loss"] if face_loss else [])
+    )
 
 
 @torch.no_grad()
@@ -81,8 +96,14 @@ def decoded_x0_estimates(argv: list[str], lora: Path, eval_t: float, seed: int) 
     x_t = (1 - eval_t) * x0 + eval_t * noise
     tokens = torch.cat([pack(x_t), *[pack(c) for c in batch.controls]], dim=1)
     img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in batch.controls]]] * x0.shape[0]
-    prediction = transformer(hidden_states=tokens, timestep=t, encoder_hidden_states=batch.prompt_embeds,
-                             encoder_hidden_states_mask=batch.prompt_mask, img_shapes=img_shapes, return_dict=False)[0]
+    prediction = transformer(
+        hidden_states=tokens,
+        timestep=t,
+        encoder_hidden_states=batch.prompt_embeds,
+        encoder_hidden_states_mask=batch.prompt_mask,
+        img_shapes=img_shapes,
+        return_dict=False,
+    )[0]
     x0_hat = x_t - eval_t * unpack(prediction[:, : (h // 2) * (w // 2)], h, w)
 
     def to_uint8(latents: torch.Tensor) -> np.ndarray:
@@ -97,14 +118,17 @@ def engine_similarity(engine, rgb: np.ndarray, kps: torch.Tensor, reference: tor
     from insightface.model_zoo import get_model
     from insightface.utils.face_align import norm_crop
 
-    recognizer = get_model(str(FrozenFaceRecognizer.from_pack(engine.pack_dir).spec.onnx_path),
-                           providers=["CPUExecutionProvider"])
+    recognizer = get_model(
+        str(FrozenFaceRecognizer.from_pack(engine.pack_dir).spec.onnx_path), providers=["CPUExecutionProvider"]
+    )
     sims = []
     for i in np.flatnonzero(valid.numpy()):
         bgr = np.ascontiguousarray(rgb[i][:, :, ::-1])
         embedding = recognizer.get_feat(norm_crop(bgr, kps[i].numpy(), image_size=112))[0]
         sims.append(float(np.dot(embedding / np.linalg.norm(embedding), reference[i].numpy())))
-    detected = sum(r.ok for r in engine.analyze([np.ascontiguousarray(x[:, :, ::-1]) for x in rgb], channel_order="bgr"))
+    detected = sum(
+        r.ok for r in engine.analyze([np.ascontiguousarray(x[:, :, ::-1]) for x in rgb], channel_order="bgr")
+    )
     return np.asarray(sims), detected
 
 
@@ -165,8 +189,13 @@ def main() -> None:
 
     engine = load_face_model(args.pack, models_root=args.models_root, provider="cpu", det_size=640)
     files = write_tiny_model_files(work / "models")
-    dataset = write_tiny_dataset(work / "data", n=len(list(args.faces.glob("*.jpg"))), with_face_photos=args.faces,
-                                 face_model=engine, size=(args.size, args.size))
+    dataset = write_tiny_dataset(
+        work / "data",
+        n=len(list(args.faces.glob("*.jpg"))),
+        with_face_photos=args.faces,
+        face_model=engine,
+        size=(args.size, args.size),
+    )
     prompts = write_tiny_prompts(work / "data", n=2, size=(args.size, args.size), steps=8)
     items = load_dataset_config(dataset).items
     runs = {}
@@ -178,8 +207,10 @@ def main() -> None:
         runs[name] = {"out": out, "lora": out / "tiny.safetensors", "argv": argv}
 
     packs = [("training", args.pack)] + ([("held-out", args.heldout_pack)] if args.heldout_pack else [])
-    print(f"{len(items)} face images {args.size}x{args.size}, {args.steps} steps, seed 42, face_loss_weight "
-          f"{args.face_loss_weight}, face_loss_max_t {args.face_loss_max_t}; x0_hat at t={args.eval_t}; work dir {work}")
+    print(
+        f"{len(items)} face images {args.size}x{args.size}, {args.steps} steps, seed 42, face_loss_weight "
+        f"{args.face_loss_weight}, face_loss_max_t {args.face_loss_max_t}; x0_hat at t={args.eval_t}; work dir {work}"
+    )
     decodes = {}
     for name, run in runs.items():
         decodes[name], target_decode = decoded_x0_estimates(run["argv"], run["lora"], args.eval_t, seed=7)
@@ -189,24 +220,32 @@ def main() -> None:
             pack_engine = load_face_model(pack_name, models_root=args.models_root, provider="cpu", det_size=640)
             faces = collate_face_targets(cache_face_targets(items, pack_engine).for_items(items))
             sims, detected = engine_similarity(pack_engine, rgb, faces.kps, faces.reference, faces.valid)
-            print(f"{name:>23} {label:>8} similarity to the controls' identity: mean {sims.mean():+.4f} "
-                  f"min {sims.min():+.4f} max {sims.max():+.4f} (n={len(sims)}); detector finds {detected}/{len(items)}")
+            print(
+                f"{name:>23} {label:>8} similarity to the controls' identity: mean {sims.mean():+.4f} "
+                f"min {sims.min():+.4f} max {sims.max():+.4f} (n={len(sims)}); detector finds {detected}/{len(items)}"
+            )
     for name, run in runs.items():
         change = np.abs(decodes[name].astype(np.float32) - target_decode.astype(np.float32)).mean()
         last = [m for m in read_metrics(run["out"]) if "face_sim/sample_count" in m][-1]
-        print(f"{name:>23} mean |x0_hat decode - target decode| {change:.2f}/255; samples with a face "
-              f"{last['face_sim/sample_count']}/2 (sample mean {last.get('face_sim/sample_mean', 'n/a')})")
+        print(
+            f"{name:>23} mean |x0_hat decode - target decode| {change:.2f}/255; samples with a face "
+            f"{last['face_sim/sample_count']}/2 (sample mean {last.get('face_sim/sample_mean', 'n/a')})"
+        )
     if not args.heldout_pack:
-        print("held-out: no second, independent recognizer is available here (only the test pack's MobileFaceNet); "
-              "no held-out figure")
+        print(
+            "held-out: no second, independent recognizer is available here (only the test pack's MobileFaceNet); "
+            "no held-out figure"
+        )
     between = np.abs(decodes["mse + face"].astype(np.float32) - decodes["mse only"].astype(np.float32)).mean()
     print(f"mean pixel change between the runs' x0_hat decodes: {between:.2f}/255")
     costs = step_costs(runs["mse only"]["argv"], args.repeat)
     with_loss, without = costs.pop("step with"), costs.pop("step without")
     extra_ms = with_loss - without
-    print(f"step (batch 1, forward + backward, best of {args.repeat}): {without:.1f} ms without, {with_loss:.1f} ms "
-          f"with the loss, ratio {with_loss / without:.2f}; the extra {extra_ms:.1f} ms vs its parts measured apart: "
-          + ", ".join(f"{k} {v:.1f} ms ({100 * v / extra_ms:.0f}%)" for k, v in costs.items()))
+    print(
+        f"step (batch 1, forward + backward, best of {args.repeat}): {without:.1f} ms without, {with_loss:.1f} ms "
+        f"with the loss, ratio {with_loss / without:.2f}; the extra {extra_ms:.1f} ms vs its parts measured apart: "
+        + ", ".join(f"{k} {v:.1f} ms ({100 * v / extra_ms:.0f}%)" for k, v in costs.items())
+    )
 
 
 if __name__ == "__main__":

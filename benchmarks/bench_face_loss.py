@@ -17,27 +17,31 @@ detected once with the engine, and the batch warped to the recognizer's 112x112 
 Prints milliseconds per call of: the warp (forward + backward to the pixels), the recognizer
 (forward + backward to its input), the whole loss (forward + backward), and each part's share.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
 import torch
-
 from face_consistency.faceid import load_face_model
 from face_consistency.trainer.face_loss import (
-    FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes, full_image_region, warp_to_arcface,
+    FaceIdentityLoss,
+    FrozenFaceRecognizer,
+    face_region_boxes,
+    full_image_region,
+    warp_to_arcface,
 )
 from face_consistency.trainer.face_training import FaceIdentityHook
+from face_consistency.trainer.hooks import StepState
 from face_consistency.trainer.memory_plan import decoder_saved_values, measure_saved_bytes
 from face_consistency.trainer.models import VAE_CONFIG, shipped_config
 from face_consistency.trainer.sampling import denormalize_latents
-from face_consistency.trainer.hooks import StepState
 from face_consistency.trainer.train import VAE_SCALE
 from face_consistency.trainer.vae_decode import checkpointed_decode
 
@@ -74,8 +78,10 @@ def saved_bytes_and_ms(fn: Callable[[], torch.Tensor], frozen: list[torch.nn.Mod
 def kps_for_box(kps: torch.Tensor, image_size: int, box: int) -> torch.Tensor:
     """The keypoints scaled about their centre until `face_region_boxes` gives a `box`-pixel box."""
     for _ in range(20):
-        side = int(face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 2]
-                   - face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 0])
+        side = int(
+            face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 2]
+            - face_region_boxes(kps, (image_size, image_size), multiple=VAE_SCALE)[0, 0]
+        )
         if side == box:
             return kps
         centre = kps.mean(dim=1, keepdim=True)
@@ -96,10 +102,14 @@ def vae_decoder_case(args: argparse.Namespace, recognizer: FrozenFaceRecognizer,
     loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
     reference = torch.randn(1, recognizer(torch.zeros(1, 3, recognizer.input_size, recognizer.input_size)).shape[-1])
     recognizer_bytes = recognizer.saved_bytes_per_sample()
-    print(f"\nreal-size VAE decoder (random weights), {args.image_size}x{args.image_size} target, face box "
-          f"{args.face_box}x{args.face_box}, CPU, {torch.get_num_threads()} threads; one forward+backward each")
-    print(f"{'decode':>6} {'checkpointed':>12} {'ms':>9} {'saved MiB':>10} {'time vs full':>13} {'bytes vs full':>14} "
-          f"{'plan MiB':>9}")
+    print(
+        f"\nreal-size VAE decoder (random weights), {args.image_size}x{args.image_size} target, face box "
+        f"{args.face_box}x{args.face_box}, CPU, {torch.get_num_threads()} threads; one forward+backward each"
+    )
+    print(
+        f"{'decode':>6} {'checkpointed':>12} {'ms':>9} {'saved MiB':>10} {'time vs full':>13} {'bytes vs full':>14} "
+        f"{'plan MiB':>9}"
+    )
     base: tuple[int, float] | None = None
     for mode in ("full", "half", "face"):
         hook = FaceIdentityHook(None, None, use_loss=True, loss_every=1, eval_frequency=1, decode=mode)
@@ -117,8 +127,10 @@ def vae_decoder_case(args: argparse.Namespace, recognizer: FrozenFaceRecognizer,
             saved, ms = saved_bytes_and_ms(loss, [vae, recognizer])
             base = base or (saved, ms)
             plan = values.after_forward(checkpointed) * 4 + recognizer_bytes
-            print(f"{mode:>6} {str(checkpointed):>12} {ms:>9.0f} {saved / 2**20:>10.1f} {ms / base[1]:>12.2f}x "
-                  f"{saved / base[0]:>13.3f}x {plan / 2**20:>9.1f}")
+            print(
+                f"{mode:>6} {checkpointed!s:>12} {ms:>9.0f} {saved / 2**20:>10.1f} {ms / base[1]:>12.2f}x "
+                f"{saved / base[0]:>13.3f}x {plan / 2**20:>9.1f}"
+            )
 
 
 def main() -> None:
@@ -152,14 +164,20 @@ def main() -> None:
         vae_decoder_case(args, recognizer.cpu(), kps)
         return
 
-    print(f"device {device} ({torch.get_num_threads()} CPU threads), pack {args.pack} "
-          f"({recognizer.spec.onnx_path.name}), {args.image_size}x{args.image_size} -> "
-          f"{recognizer.input_size}x{recognizer.input_size}, {args.repeat} calls each")
-    print(f"{'batch':>5} {'warp ms':>9} {'recognizer ms':>14} {'loss ms':>9} {'warp %':>7} {'recognizer %':>13} {'ms/sample':>10}")
+    print(
+        f"device {device} ({torch.get_num_threads()} CPU threads), pack {args.pack} "
+        f"({recognizer.spec.onnx_path.name}), {args.image_size}x{args.image_size} -> "
+        f"{recognizer.input_size}x{recognizer.input_size}, {args.repeat} calls each"
+    )
+    print(
+        f"{'batch':>5} {'warp ms':>9} {'recognizer ms':>14} {'loss ms':>9} {'warp %':>7} {'recognizer %':>13} {'ms/sample':>10}"
+    )
     for batch in args.batch_sizes:
         images = image.expand(batch, -1, -1, -1).to(device).clone().requires_grad_(True)
         kps_b = kps.expand(batch, 5, 2).to(device)
-        reference = torch.randn(batch, recognizer(warp_to_arcface(images[:1].detach(), kps_b[:1])).shape[-1], device=device)
+        reference = torch.randn(
+            batch, recognizer(warp_to_arcface(images[:1].detach(), kps_b[:1])).shape[-1], device=device
+        )
         valid = torch.ones(batch, dtype=torch.bool, device=device)
         t = torch.zeros(batch, device=device)
         crops = warp_to_arcface(images.detach(), kps_b).requires_grad_(True)
@@ -177,8 +195,10 @@ def main() -> None:
         recognizer_ms = milliseconds_per_call(recognizer_only, device, args.repeat)
         loss_ms = milliseconds_per_call(whole_loss, device, args.repeat)
         parts = warp_ms + recognizer_ms
-        print(f"{batch:>5} {warp_ms:>9.2f} {recognizer_ms:>14.2f} {loss_ms:>9.2f} "
-              f"{100 * warp_ms / parts:>6.1f}% {100 * recognizer_ms / parts:>12.1f}% {loss_ms / batch:>10.2f}")
+        print(
+            f"{batch:>5} {warp_ms:>9.2f} {recognizer_ms:>14.2f} {loss_ms:>9.2f} "
+            f"{100 * warp_ms / parts:>6.1f}% {100 * recognizer_ms / parts:>12.1f}% {loss_ms / batch:>10.2f}"
+        )
 
 
 if __name__ == "__main__":

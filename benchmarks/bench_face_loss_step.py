@@ -11,6 +11,7 @@ Qwen-Image-Edit 2509's 60 blocks by the per-block cost between the two block cou
 a real step would have is printed (goal: 1.25x or less). Each step at 1024² takes minutes on 2 CPU
 cores; `gpu_check.py` measures the same on a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training_step import measure_steps, price_at, train_argv, write_face_dataset, write_models  # noqa: E402
+from training_step import measure_steps, price_at, train_argv, write_face_dataset, write_models
 
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
 
@@ -41,7 +42,6 @@ def main() -> None:
     options = parser.parse_args()
 
     import torch
-
     from face_consistency.faceid import load_face_model
 
     torch.set_num_threads(options.threads)
@@ -54,18 +54,41 @@ def main() -> None:
         for blocks in options.blocks:
             files = write_models(work / f"models_{blocks}", blocks, real_width=True, real_vae=True, share=first)
             first = first or files
-            argv = train_argv(files, dataset, work / f"out_{blocks}", pack=options.pack, models_root=models_root,
-                              face_device="cpu", mixed_precision=options.mixed_precision, fp8_base=False)
+            argv = train_argv(
+                files,
+                dataset,
+                work / f"out_{blocks}",
+                pack=options.pack,
+                models_root=models_root,
+                face_device="cpu",
+                mixed_precision=options.mixed_precision,
+                fp8_base=False,
+            )
             costs[blocks] = measure_steps(argv, options.rounds, options.warmup)
             figures = costs[blocks].as_json()
-            print(f"{blocks} block(s): step {figures['step_s_without_face_loss']:.1f} s without the face loss, "
-                  f"{figures['step_s_with_face_loss']:.1f} s with it (samples in the loss: "
-                  f"{figures['face_loss_samples']}), ratio {figures['face_loss_step_ratio']:.3f}", flush=True)
+            print(
+                f"{blocks} block(s): step {figures['step_s_without_face_loss']:.1f} s without the face loss, "
+                f"{figures['step_s_with_face_loss']:.1f} s with it (samples in the loss: "
+                f"{figures['face_loss_samples']}), ratio {figures['face_loss_step_ratio']:.3f}",
+                flush=True,
+            )
     price = price_at(costs)
-    print(json.dumps({"size": options.size, "mixed_precision": options.mixed_precision, "threads": options.threads,
-                      "load_average": os.getloadavg(), **price}, indent=1))
-    print(f"a real 2509 step ({price['blocks']} blocks) at {options.size}²: {price['step_s_without']:.0f} s without, "
-          f"{price['step_s_with']:.0f} s with the face loss: {price['ratio']:.3f}x (goal 1.25x or less)")
+    print(
+        json.dumps(
+            {
+                "size": options.size,
+                "mixed_precision": options.mixed_precision,
+                "threads": options.threads,
+                "load_average": os.getloadavg(),
+                **price,
+            },
+            indent=1,
+        )
+    )
+    print(
+        f"a real 2509 step ({price['blocks']} blocks) at {options.size}²: {price['step_s_without']:.0f} s without, "
+        f"{price['step_s_with']:.0f} s with the face loss: {price['ratio']:.3f}x (goal 1.25x or less)"
+    )
 
 
 if __name__ == "__main__":

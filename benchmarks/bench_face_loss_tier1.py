@@ -85,6 +85,7 @@ Output (re-judgeable): DIR/people/<person>_{control,view,target}.png, DIR/sample
 and DIR/manifest.json (settings, calibration, every sample's arm, seed, person, file and scores, the
 endpoints and verdicts), so anyone can re-score the same images with another recognizer.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,27 +93,41 @@ import copy
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
-
 from face_consistency.common.files import atomic_write_json
 from face_consistency.faceid import load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO_ROOT = BENCHMARKS.parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_face_vae_ceiling import DEFAULT_DATA, fast_cpu  # noqa: E402
 from face_tier1_data import (  # noqa: E402
-    DETECT_SIZE, IMAGE_SIZE, ROLE_SEEDS, Edit, FaceSource, NetSettings, View, euler, identities, noised,
-    pretrained_base, sample, sample_t, shuffled_batches, to_uint8, upscale,
+    DETECT_SIZE,
+    IMAGE_SIZE,
+    ROLE_SEEDS,
+    Edit,
+    FaceSource,
+    NetSettings,
+    View,
+    euler,
+    identities,
+    noised,
+    pretrained_base,
+    sample,
+    sample_t,
+    shuffled_batches,
+    to_uint8,
+    upscale,
 )
 
 DEFAULT_CACHE = Path.home() / ".cache" / "face_consistency_bench"
@@ -121,8 +136,18 @@ HEADROOM_GAP = 0.02
 AUC_FLOOR = 0.95
 PRIMARY, HACKABLE = "dlib_view", "engine_view"
 ADHERENCE = ("landmark_err", "outside_err")
-METRICS = ("dlib_view", "dlib_target", "engine_view", "engine_target", "landmark_err", "outside_err", "face_err",
-           "dlib_found", "engine_found", "change_vs_mse")
+METRICS = (
+    "dlib_view",
+    "dlib_target",
+    "engine_view",
+    "engine_target",
+    "landmark_err",
+    "outside_err",
+    "face_err",
+    "dlib_found",
+    "engine_found",
+    "change_vs_mse",
+)
 
 
 @dataclass(frozen=True)
@@ -144,16 +169,28 @@ def make_arms(args: argparse.Namespace) -> list[Arm]:
         Arm("face", "face loss, today's defaults (w 0.1, control ref, max_t 0.5)", weight=0.1),
         Arm("face_w1", f"face loss weight {args.high_weight:g}", weight=args.high_weight),
         Arm("target", "face loss w 0.1, target's identity as reference", weight=0.1, reference="target"),
-        Arm("infonce", f"face loss w 0.1 + InfoNCE (w {args.contrastive_weight:g}, T {args.temperature:g})",
-            weight=0.1, contrastive_weight=args.contrastive_weight),
-        Arm("rollout", f"face loss w 0.1 on a {args.rollout_steps}-step rollout", weight=0.1,
-            rollout_steps=args.rollout_steps),
-        Arm("positive", f"positive control: + {args.pc_weight:g} x MSE inside the face box",
-            face_box_mse=args.pc_weight),
-        Arm("hack", f"face loss weight {args.hack_weight:g} (hacking probe)", weight=args.hack_weight,
-            first_seed_only=True),
-        Arm("oracle", "sensitivity check: MSE only, trained on the held-out people's own pairs",
-            train_on_heldout=True),
+        Arm(
+            "infonce",
+            f"face loss w 0.1 + InfoNCE (w {args.contrastive_weight:g}, T {args.temperature:g})",
+            weight=0.1,
+            contrastive_weight=args.contrastive_weight,
+        ),
+        Arm(
+            "rollout",
+            f"face loss w 0.1 on a {args.rollout_steps}-step rollout",
+            weight=0.1,
+            rollout_steps=args.rollout_steps,
+        ),
+        Arm(
+            "positive", f"positive control: + {args.pc_weight:g} x MSE inside the face box", face_box_mse=args.pc_weight
+        ),
+        Arm(
+            "hack",
+            f"face loss weight {args.hack_weight:g} (hacking probe)",
+            weight=args.hack_weight,
+            first_seed_only=True,
+        ),
+        Arm("oracle", "sensitivity check: MSE only, trained on the held-out people's own pairs", train_on_heldout=True),
     ]
 
 
@@ -198,11 +235,21 @@ def engine_results(engine, images: torch.Tensor) -> list:
     return results
 
 
-def find_people(role: str, count: int, source: FaceSource, edit: Edit, view: View | None, engine, judge,
-                chunk: int = 256, max_candidates: int = 20000) -> People:
+def find_people(
+    role: str,
+    count: int,
+    source: FaceSource,
+    edit: Edit,
+    view: View | None,
+    engine,
+    judge,
+    chunk: int = 256,
+    max_candidates: int = 20000,
+) -> People:
     """The first `count` people of the role's stream whose faces every needed detector finds."""
-    kept: dict[str, list] = {k: [] for k in ("index", "control", "target", "view", "kps", "box", "ec", "et", "ev",
-                                              "dt", "dv")}
+    kept: dict[str, list] = {
+        k: [] for k in ("index", "control", "target", "view", "kps", "box", "ec", "et", "ev", "dt", "dv")
+    }
     offset = 0
     while len(kept["index"]) < count and offset < max_candidates:
         n = min(chunk, max(16, int((count - len(kept["index"])) * 1.5)))
@@ -235,13 +282,26 @@ def find_people(role: str, count: int, source: FaceSource, edit: Edit, view: Vie
                 break
         offset += n
     if len(kept["index"]) < count:
-        raise SystemExit(f"only {len(kept['index'])} of {offset} {role} candidates have faces every detector finds; "
-                         f"asked for {count}")
+        raise SystemExit(
+            f"only {len(kept['index'])} of {offset} {role} candidates have faces every detector finds; "
+            f"asked for {count}"
+        )
     stack = lambda key: torch.stack(kept[key]) if kept[key] else None  # noqa: E731
-    return People(role, kept["index"], stack("control"), stack("target"), stack("view"), stack("kps"), stack("box"),
-                  stack("ec"), stack("et"), stack("ev"),
-                  np.stack(kept["dt"]) if kept["dt"] else None, np.stack(kept["dv"]) if kept["dv"] else None,
-                  candidates=offset)
+    return People(
+        role,
+        kept["index"],
+        stack("control"),
+        stack("target"),
+        stack("view"),
+        stack("kps"),
+        stack("box"),
+        stack("ec"),
+        stack("et"),
+        stack("ev"),
+        np.stack(kept["dt"]) if kept["dt"] else None,
+        np.stack(kept["dv"]) if kept["dv"] else None,
+        candidates=offset,
+    )
 
 
 # --------------------------------------------------------------------------- calibration
@@ -263,9 +323,13 @@ def calibrate(people: People) -> dict[str, dict[str, float]]:
     same = np.eye(len(people), dtype=bool)
     out = {}
     for name, sims in (("dlib", d), ("engine", e)):
-        out[name] = {"auc": roc_auc(sims[same], sims[~same]), "same_mean": float(sims[same].mean()),
-                     "different_mean": float(sims[~same].mean()), "same_p05": float(np.percentile(sims[same], 5)),
-                     "different_p95": float(np.percentile(sims[~same], 95))}
+        out[name] = {
+            "auc": roc_auc(sims[same], sims[~same]),
+            "same_mean": float(sims[same].mean()),
+            "different_mean": float(sims[~same].mean()),
+            "same_p05": float(np.percentile(sims[same], 5)),
+            "different_p95": float(np.percentile(sims[~same], 95)),
+        }
     return out
 
 
@@ -318,8 +382,9 @@ def lora_model(base: torch.nn.Module, rank: int, seed: int) -> tuple[torch.nn.Mo
     model = copy.deepcopy(base).requires_grad_(False)
     targets = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
     torch.manual_seed(seed)
-    model = inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0),
-                                    model)
+    model = inject_adapter_in_model(
+        LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0), model
+    )
     params = [p for n, p in model.named_parameters() if "lora_" in n]
     for p in params:
         p.requires_grad_(True)
@@ -333,8 +398,10 @@ def face_loss_for(arm: Arm, recognizer: FrozenFaceRecognizer, max_t: float, temp
     try:
         return FaceIdentityLoss(recognizer, **kwargs)
     except TypeError as error:
-        raise SystemExit(f"arm {arm.name} needs FaceIdentityLoss({', '.join(kwargs)}) (issue 21's API), which this "
-                         f"checkout lacks ({error}); leave the arm out with --arms") from None
+        raise SystemExit(
+            f"arm {arm.name} needs FaceIdentityLoss({', '.join(kwargs)}) (issue 21's API), which this "
+            f"checkout lacks ({error}); leave the arm out with --arms"
+        ) from None
 
 
 @dataclass
@@ -411,8 +478,16 @@ def train_arm(arm: Arm, seed: int, base, lora: People, negatives: torch.Tensor, 
 # --------------------------------------------------------------------------- statistics and verdicts
 
 
-def paired_endpoint(scores: dict, arm: str, base: str, metric: str, seeds: list[int], n_people: int,
-                    boot: np.random.Generator, resamples: int) -> dict[str, float]:
+def paired_endpoint(
+    scores: dict,
+    arm: str,
+    base: str,
+    metric: str,
+    seeds: list[int],
+    n_people: int,
+    boot: np.random.Generator,
+    resamples: int,
+) -> dict[str, float]:
     """Mean per-face paired difference arm - base over faces and seeds, 95% bootstrap over faces (seeds as blocks)."""
     diff = np.full((len(seeds), n_people), np.nan)
     for k, s in enumerate(seeds):
@@ -428,8 +503,12 @@ def paired_endpoint(scores: dict, arm: str, base: str, metric: str, seeds: list[
     with np.errstate(invalid="ignore", divide="ignore"):
         means = per_face_sum[picks].sum(axis=1) / per_face_n[picks].sum(axis=1)
     means = means[np.isfinite(means)] if np.isfinite(means).any() else np.array([np.nan])
-    return {"mean": float(np.nansum(diff) / pairs), "low": float(np.percentile(means, 2.5)),
-            "high": float(np.percentile(means, 97.5)), "pairs": pairs}
+    return {
+        "mean": float(np.nansum(diff) / pairs),
+        "low": float(np.percentile(means, 2.5)),
+        "high": float(np.percentile(means, 97.5)),
+        "pairs": pairs,
+    }
 
 
 def decide(e: dict[str, dict[str, float]], can_tell: bool) -> str:
@@ -450,9 +529,16 @@ def decide(e: dict[str, dict[str, float]], can_tell: bool) -> str:
     return "INERT"
 
 
-def judge_arms(scores: dict, ceiling: list[dict[str, float]], copy_scores: list[dict[str, float]],
-               calibration: dict[str, dict[str, float]], arm_names: list[str], all_seeds: list[int], n: int,
-               resamples: int) -> tuple[dict, dict, dict[str, str], dict[str, bool]]:
+def judge_arms(
+    scores: dict,
+    ceiling: list[dict[str, float]],
+    copy_scores: list[dict[str, float]],
+    calibration: dict[str, dict[str, float]],
+    arm_names: list[str],
+    all_seeds: list[int],
+    n: int,
+    resamples: int,
+) -> tuple[dict, dict, dict[str, str], dict[str, bool]]:
     """The docstring's decision rule over every arm: (headroom, endpoints, verdicts, judge calibrated)."""
     boot = np.random.default_rng(0)
     mse_view = np.array([mean_of_found([scores[("mse", s)][i][PRIMARY] for s in all_seeds]) for i in range(n)])
@@ -460,21 +546,33 @@ def judge_arms(scores: dict, ceiling: list[dict[str, float]], copy_scores: list[
     ok = np.isfinite(gap_diff)
     gaps = np.array([mean_of_found(gap_diff[boot.integers(0, n, n)]) for _ in range(resamples)])
     gaps = gaps[np.isfinite(gaps)] if np.isfinite(gaps).any() else np.array([np.nan])
-    headroom = {"gap": mean_of_found(gap_diff), "low": float(np.percentile(gaps, 2.5)),
-                "high": float(np.percentile(gaps, 97.5)), "faces": int(ok.sum()),
-                "ceiling": mean_of_found([c[PRIMARY] for c in ceiling]), "mse": mean_of_found(mse_view),
-                "copy_control": mean_of_found([c[PRIMARY] for c in copy_scores])}
+    headroom = {
+        "gap": mean_of_found(gap_diff),
+        "low": float(np.percentile(gaps, 2.5)),
+        "high": float(np.percentile(gaps, 97.5)),
+        "faces": int(ok.sum()),
+        "ceiling": mean_of_found([c[PRIMARY] for c in ceiling]),
+        "mse": mean_of_found(mse_view),
+        "copy_control": mean_of_found([c[PRIMARY] for c in copy_scores]),
+    }
     headroom["ok"] = headroom["gap"] >= HEADROOM_GAP and headroom["low"] > 0
     endpoints: dict[str, dict[str, dict[str, float]]] = {}
     for name in arm_names:
         if name == "mse":
             continue
         seeds = [s for s in all_seeds if (name, s) in scores]
-        endpoints[name] = {m: paired_endpoint(scores, name, "mse", m, seeds, n, boot, resamples)
-                           for m in METRICS if m != "change_vs_mse"}
+        endpoints[name] = {
+            m: paired_endpoint(scores, name, "mse", m, seeds, n, boot, resamples)
+            for m in METRICS
+            if m != "change_vs_mse"
+        }
         change = [[r["change_vs_mse"] for r in scores[(name, s)]] for s in seeds]
-        endpoints[name]["change_vs_mse"] = {"mean": float(np.mean(change)), "low": float("nan"),
-                                            "high": float("nan"), "pairs": int(np.size(change))}
+        endpoints[name]["change_vs_mse"] = {
+            "mean": float(np.mean(change)),
+            "low": float("nan"),
+            "high": float("nan"),
+            "pairs": int(np.size(change)),
+        }
     positive_moved = endpoints["positive"][PRIMARY]["low"] > 0
     judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
     can_tell = positive_moved and judge_ok["dlib"] and headroom["ok"]
@@ -486,15 +584,27 @@ def judge_arms(scores: dict, ceiling: list[dict[str, float]], copy_scores: list[
     return headroom, endpoints, verdicts, judge_ok
 
 
-def print_verdicts(calibration: dict, judge_ok: dict[str, bool], headroom: dict, scores: dict, seeds: list[int],
-                   endpoints: dict, verdicts: dict[str, str], labels: dict[str, str]) -> None:
+def print_verdicts(
+    calibration: dict,
+    judge_ok: dict[str, bool],
+    headroom: dict,
+    scores: dict,
+    seeds: list[int],
+    endpoints: dict,
+    verdicts: dict[str, str],
+    labels: dict[str, str],
+) -> None:
     """The result table: calibration, headroom, the MSE arm's means, each arm's endpoints and verdict."""
-    print("calibration: " + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})"
-                                        for k, c in calibration.items()))
-    print(f"headroom (dlib_view): known target {headroom['ceiling']:.3f}, MSE arm {headroom['mse']:.3f}, "
-          f"copying the control {headroom['copy_control']:.3f}; gap {headroom['gap']:+.4f} "
-          f"[{headroom['low']:+.4f}, {headroom['high']:+.4f}] -> "
-          f"{'OK' if headroom['ok'] else 'NO HEADROOM: make the edit harder'}")
+    print(
+        "calibration: "
+        + "; ".join(f"{k} AUC {c['auc']:.4f} ({'pass' if judge_ok[k] else 'FAIL'})" for k, c in calibration.items())
+    )
+    print(
+        f"headroom (dlib_view): known target {headroom['ceiling']:.3f}, MSE arm {headroom['mse']:.3f}, "
+        f"copying the control {headroom['copy_control']:.3f}; gap {headroom['gap']:+.4f} "
+        f"[{headroom['low']:+.4f}, {headroom['high']:+.4f}] -> "
+        f"{'OK' if headroom['ok'] else 'NO HEADROOM: make the edit harder'}"
+    )
     mse_means = {m: mean_of_found([r[m] for s in seeds for r in scores[("mse", s)]]) for m in METRICS[:-1]}
     print("MSE arm means: " + ", ".join(f"{m} {v:.3f}" for m, v in mse_means.items()))
     if not judge_ok.get("dlib", False):
@@ -502,10 +612,16 @@ def print_verdicts(calibration: dict, judge_ok: dict[str, bool], headroom: dict,
     print(f"paired difference to the MSE arm, mean [95% bootstrap interval]; primary {PRIMARY}")
     for name, e in endpoints.items():
         print(f"{labels[name]}  ->  {verdicts[name]}")
-        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("dlib_view", "dlib_target", "engine_view", "engine_target")))
-        print("    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err", "dlib_found",
-                                                                  "engine_found"))
-              + f"; change_vs_mse {e['change_vs_mse']['mean']:.2f}/255")
+        print(
+            "    " + "; ".join(f"{m} {fmt(e[m])}" for m in ("dlib_view", "dlib_target", "engine_view", "engine_target"))
+        )
+        print(
+            "    "
+            + "; ".join(
+                f"{m} {fmt(e[m])}" for m in ("landmark_err", "outside_err", "face_err", "dlib_found", "engine_found")
+            )
+            + f"; change_vs_mse {e['change_vs_mse']['mean']:.2f}/255"
+        )
 
 
 def mean_of_found(values) -> float:
@@ -545,14 +661,19 @@ def write_people(heldout: People, engine, judge, out: Path) -> tuple[list[dict],
     copy_scores = judge_samples(control_u8, heldout, engine, judge)
     for i in range(len(heldout)):
         pid = heldout.person_id(i)
-        rows.append({
-            "person": pid, "z_index": heldout.index[i],
-            "control": save_png(out / "people" / f"{pid}_control.png", control_u8[i]),
-            "view": save_png(out / "people" / f"{pid}_view.png", view_u8[i]),
-            "target": save_png(out / "people" / f"{pid}_target.png", target_u8[i]),
-            "target_scores": ceiling[i], "control_scores": copy_scores[i],
-            "target_kps_64px": heldout.kps[i].tolist(), "target_box_64px": heldout.box[i].tolist(),
-        })
+        rows.append(
+            {
+                "person": pid,
+                "z_index": heldout.index[i],
+                "control": save_png(out / "people" / f"{pid}_control.png", control_u8[i]),
+                "view": save_png(out / "people" / f"{pid}_view.png", view_u8[i]),
+                "target": save_png(out / "people" / f"{pid}_target.png", target_u8[i]),
+                "target_scores": ceiling[i],
+                "control_scores": copy_scores[i],
+                "target_kps_64px": heldout.kps[i].tolist(),
+                "target_box_64px": heldout.box[i].tolist(),
+            }
+        )
     return rows, ceiling, copy_scores
 
 
@@ -565,9 +686,15 @@ def write_samples(images: dict[tuple[str, int], np.ndarray], scores: dict, heldo
         for i, (row, image) in enumerate(zip(scores[(name, seed)], imgs)):
             row["change_vs_mse"] = float(np.abs(image.astype(np.float32) - base_imgs[i]).mean())
             pid = heldout.person_id(i)
-            rows.append({"arm": name, "seed": seed, "person": pid,
-                         "file": save_png(out / "samples" / name / f"seed{seed}" / f"{pid}.png", image),
-                         **{k: (None if not np.isfinite(v) else round(v, 6)) for k, v in row.items()}})
+            rows.append(
+                {
+                    "arm": name,
+                    "seed": seed,
+                    "person": pid,
+                    "file": save_png(out / "samples" / name / f"seed{seed}" / f"{pid}.png", image),
+                    **{k: (None if not np.isfinite(v) else round(v, 6)) for k, v in row.items()},
+                }
+            )
     return rows
 
 
@@ -580,7 +707,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, cache_help: str) -> No
     parser.add_argument("--threads", type=int, default=1)
 
 
-def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]) -> argparse.Namespace:
+def finish_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, known: tuple[str, ...]
+) -> argparse.Namespace:
     """--seeds and --arms as lists (mse and positive always first), --out outside the repository."""
     args.seeds = [int(s) for s in args.seeds.split(",") if s]
     names = [a for a in args.arms.split(",") if a]
@@ -598,11 +727,18 @@ def finish_args(parser: argparse.ArgumentParser, args: argparse.Namespace, known
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     known = ("mse", "face", "face_w1", "target", "infonce", "rollout", "positive", "hack", "oracle")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the judged images and manifest.json "
-                        "(outside the repository: the faces are research-only)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the judged images and manifest.json (outside the repository: the faces are research-only)",
+    )
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--arms", default="mse,face,face_w1,target,infonce,rollout,positive,hack,oracle",
-                        help="comma-separated; mse and positive are always run")
+    parser.add_argument(
+        "--arms",
+        default="mse,face,face_w1,target,infonce,rollout,positive,hack,oracle",
+        help="comma-separated; mse and positive are always run",
+    )
     parser.add_argument("--heldout", type=int, default=64, help="held-out people judged")
     parser.add_argument("--lora_people", type=int, default=128)
     parser.add_argument("--pretrain_people", type=int, default=4096)
@@ -611,13 +747,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrain_steps", type=int, default=NetSettings.pretrain_steps)
     parser.add_argument("--pretrain_batch", type=int, default=NetSettings.pretrain_batch)
     parser.add_argument("--pretrain_lr", type=float, default=NetSettings.pretrain_lr)
-    parser.add_argument("--lora_angle", type=float, default=20.0,
-                        help="rotation (deg) of the edit the LoRA learns and the judges score; the base is pre-trained "
-                        f"on {Edit.angle_deg:g} deg, so the LoRA has a new re-pose to learn")
-    parser.add_argument("--lora_scale", type=float, default=0.82, help=f"scale of that edit (the base's: {Edit.scale:g})")
+    parser.add_argument(
+        "--lora_angle",
+        type=float,
+        default=20.0,
+        help="rotation (deg) of the edit the LoRA learns and the judges score; the base is pre-trained "
+        f"on {Edit.angle_deg:g} deg, so the LoRA has a new re-pose to learn",
+    )
+    parser.add_argument(
+        "--lora_scale", type=float, default=0.82, help=f"scale of that edit (the base's: {Edit.scale:g})"
+    )
     parser.add_argument("--pretrain_shift", type=float, default=NetSettings.shift)
-    parser.add_argument("--shift", type=float, default=2.2, help="the LoRA runs' shift timestep sampling "
-                        "(the seed guide's --timestep_sampling shift --discrete_flow_shift 2.2)")
+    parser.add_argument(
+        "--shift",
+        type=float,
+        default=2.2,
+        help="the LoRA runs' shift timestep sampling "
+        "(the seed guide's --timestep_sampling shift --discrete_flow_shift 2.2)",
+    )
     parser.add_argument("--sample_shift", type=float, default=1.0, help="shift of the judged samples' schedule")
     parser.add_argument("--lora_steps", type=int, default=200)
     parser.add_argument("--lora_batch", type=int, default=8)
@@ -643,8 +790,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.monotonic()
     base_edit, view = Edit(), View(sigma=args.view_sigma)
     edit = replace(base_edit, angle_deg=args.lora_angle, scale=args.lora_scale)
-    net = NetSettings(width=args.width, pretrain_steps=args.pretrain_steps, pretrain_batch=args.pretrain_batch,
-                      pretrain_lr=args.pretrain_lr, shift=args.pretrain_shift)
+    net = NetSettings(
+        width=args.width,
+        pretrain_steps=args.pretrain_steps,
+        pretrain_batch=args.pretrain_batch,
+        pretrain_lr=args.pretrain_lr,
+        shift=args.pretrain_shift,
+    )
     with stage("load face source, engine, judge, recognizer", times):
         source = FaceSource()
         engine = load_face_model(args.pack, models_root=args.models_root, provider="cpu")
@@ -655,20 +807,26 @@ def main(argv: list[str] | None = None) -> None:
         lora = find_people("lora", args.lora_people, source, edit, None, engine, None)
         negatives = find_people("negatives", args.negatives, source, edit, None, engine, None).emb_control
         pre_controls = source.render(identities("pretrain", args.pretrain_people))
-    print(f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}, "
-          f"negatives {len(negatives)}; pre-training {len(pre_controls)} (not filtered)")
+    print(
+        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}, "
+        f"negatives {len(negatives)}; pre-training {len(pre_controls)} (not filtered)"
+    )
     with stage("calibration of the judges", times):
         calibration = calibrate(heldout)
     for name, c in calibration.items():
-        print(f"  {name}: ROC-AUC {c['auc']:.4f} ({'PASS' if c['auc'] >= AUC_FLOOR else 'FAIL'} at >= {AUC_FLOOR}); "
-              f"same person mean {c['same_mean']:.3f} (p5 {c['same_p05']:.3f}), different {c['different_mean']:.3f} "
-              f"(p95 {c['different_p95']:.3f}); 64 px, second view sigma {args.view_sigma:g}")
+        print(
+            f"  {name}: ROC-AUC {c['auc']:.4f} ({'PASS' if c['auc'] >= AUC_FLOOR else 'FAIL'} at >= {AUC_FLOOR}); "
+            f"same person mean {c['same_mean']:.3f} (p5 {c['same_p05']:.3f}), different {c['different_mean']:.3f} "
+            f"(p95 {c['different_p95']:.3f}); 64 px, second view sigma {args.view_sigma:g}"
+        )
     with stage("base generator (pre-train or cache)", times):
         data_key = f"{source.sha256}:{args.pretrain_people}:{ROLE_SEEDS['pretrain']}"
         base, fitted = pretrained_base(net, base_edit, pre_controls, args.cache, data_key)
-    print(f"  base {'pre-trained now' if fitted else 'loaded from the cache'}: width {net.width}, "
-          f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, {net.pretrain_steps} steps on the "
-          f"re-pose {base_edit.angle_deg:g} deg x {base_edit.scale:g}; the LoRA learns {edit.angle_deg:g} deg x {edit.scale:g}")
+    print(
+        f"  base {'pre-trained now' if fitted else 'loaded from the cache'}: width {net.width}, "
+        f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, {net.pretrain_steps} steps on the "
+        f"re-pose {base_edit.angle_deg:g} deg x {base_edit.scale:g}; the LoRA learns {edit.angle_deg:g} deg x {edit.scale:g}"
+    )
 
     out = args.out
     people_rows, ceiling, copy_scores = write_people(heldout, engine, judge, out)
@@ -684,8 +842,9 @@ def main(argv: list[str] | None = None) -> None:
                 arm = arms[name]
                 if arm.first_seed_only and seed != args.seeds[0]:
                     continue
-                model, log = train_arm(arm, seed, base, heldout if arm.train_on_heldout else lora, negatives,
-                                       recognizer, args)
+                model, log = train_arm(
+                    arm, seed, base, heldout if arm.train_on_heldout else lora, negatives, recognizer, args
+                )
                 t0 = time.monotonic()
                 imgs = to_uint8(sample(model, heldout.control, eval_noise, args.sample_steps, args.sample_shift))
                 log.seconds_sample = time.monotonic() - t0
@@ -693,38 +852,64 @@ def main(argv: list[str] | None = None) -> None:
                 scores[(name, seed)] = judge_samples(imgs, heldout, engine, judge)
                 log.seconds_judge = time.monotonic() - t0
                 images[(name, seed)], logs[(name, seed)] = imgs, log
-                face = "" if log.face_loss_start is None else (
-                    f"; face term {log.face_loss_start:.4f} -> {log.face_loss_end:.4f} on {log.face_steps} steps, "
-                    f"x0 sim {log.face_sim_start:.3f} -> {log.face_sim_end:.3f}")
+                face = (
+                    ""
+                    if log.face_loss_start is None
+                    else (
+                        f"; face term {log.face_loss_start:.4f} -> {log.face_loss_end:.4f} on {log.face_steps} steps, "
+                        f"x0 sim {log.face_sim_start:.3f} -> {log.face_sim_end:.3f}"
+                    )
+                )
                 mean = {m: mean_of_found([r[m] for r in scores[(name, seed)]]) for m in ("dlib_view", "engine_view")}
                 found = {m: sum(np.isfinite(r[m]) for r in scores[(name, seed)]) for m in mean}
-                print(f"  {name:>9} seed {seed}: train {log.seconds_train:.1f} s, sample {log.seconds_sample:.1f} s, "
-                      f"judge {log.seconds_judge:.1f} s; MSE {log.mse_start:.4f} -> {log.mse_end:.4f}{face}; "
-                      f"dlib_view {mean['dlib_view']:.3f} [{found['dlib_view']}/{len(heldout)} found], engine_view "
-                      f"{mean['engine_view']:.3f} [{found['engine_view']}/{len(heldout)}]", flush=True)
+                print(
+                    f"  {name:>9} seed {seed}: train {log.seconds_train:.1f} s, sample {log.seconds_sample:.1f} s, "
+                    f"judge {log.seconds_judge:.1f} s; MSE {log.mse_start:.4f} -> {log.mse_end:.4f}{face}; "
+                    f"dlib_view {mean['dlib_view']:.3f} [{found['dlib_view']}/{len(heldout)} found], engine_view "
+                    f"{mean['engine_view']:.3f} [{found['engine_view']}/{len(heldout)}]",
+                    flush=True,
+                )
     sample_rows = write_samples(images, scores, heldout, out)
 
     with stage("statistics and verdicts", times):
         n = len(heldout)
-        headroom, endpoints, verdicts, judge_ok = judge_arms(scores, ceiling, copy_scores, calibration, args.arms,
-                                                            args.seeds, n, args.bootstrap)
+        headroom, endpoints, verdicts, judge_ok = judge_arms(
+            scores, ceiling, copy_scores, calibration, args.arms, args.seeds, n, args.bootstrap
+        )
 
     print()
-    print(f"held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch {args.lora_batch} on "
-          f"{len(lora)} people; samples {args.sample_steps} Euler steps; 64 px")
-    print_verdicts(calibration, judge_ok, headroom, scores, args.seeds, endpoints, verdicts,
-                   {name: arm.label for name, arm in arms.items()})
+    print(
+        f"held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch {args.lora_batch} on "
+        f"{len(lora)} people; samples {args.sample_steps} Euler steps; 64 px"
+    )
+    print_verdicts(
+        calibration,
+        judge_ok,
+        headroom,
+        scores,
+        args.seeds,
+        endpoints,
+        verdicts,
+        {name: arm.label for name, arm in arms.items()},
+    )
 
     manifest = {
-        "benchmark": "bench_face_loss_tier1", "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                           for k, v in vars(args).items()},
-        "edit": asdict(edit), "base_edit": asdict(base_edit), "view": asdict(view), "net": asdict(net),
+        "benchmark": "bench_face_loss_tier1",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "edit": asdict(edit),
+        "base_edit": asdict(base_edit),
+        "view": asdict(view),
+        "net": asdict(net),
         "generator_weights_sha256": source.sha256,
-        "judges": {"dlib": judge.describe(), "engine": engine.describe(),
-                   "independent_judges_available": ["dlib"]},
-        "calibration": calibration, "headroom": headroom, "people": people_rows, "samples": sample_rows,
+        "judges": {"dlib": judge.describe(), "engine": engine.describe(), "independent_judges_available": ["dlib"]},
+        "calibration": calibration,
+        "headroom": headroom,
+        "people": people_rows,
+        "samples": sample_rows,
         "runs": [{"arm": a, "seed": s, **asdict(log)} for (a, s), log in logs.items()],
-        "endpoints": endpoints, "verdicts": verdicts, "decision_rule": __doc__.split("Decision rule")[1].split("Output")[0],
+        "endpoints": endpoints,
+        "verdicts": verdicts,
+        "decision_rule": __doc__.split("Decision rule")[1].split("Output")[0],
         "stage_seconds": times,
     }
     atomic_write_json(out / "manifest.json", manifest)

@@ -47,6 +47,7 @@ Output (re-judgeable, tier 1's layout): DIR/people/..., DIR/samples/<arm>/seed<s
 DIR/manifest.json; the trainer's run folders (LoRA, metrics.jsonl, status.json) and the dataset (PNG pairs)
 in DIR/trainer/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,39 +57,59 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator
-
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
-
 from face_consistency.common.files import atomic_write_json
 from face_consistency.faceid import load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.musubi_formats.dataset import write_dataset_config
 from face_consistency.trainer import models
-from face_consistency.trainer.cli import build_hooks, parse_args as trainer_parse_args, validate_args
+from face_consistency.trainer.cli import build_hooks, validate_args
+from face_consistency.trainer.cli import parse_args as trainer_parse_args
 from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
 from face_consistency.trainer.sampling import EncodedSample, SampleSettings, generate
 from face_consistency.trainer.train import prepare_transformer, run_training
 from face_consistency.training_contract.protocol import JobState, read_metrics, read_status
+from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
 from bench_face_loss_tier1 import (  # noqa: E402
-    AUC_FLOOR, People, add_common_arguments, calibrate, engine_results, face_mask, find_people, finish_args, judge_arms,
-    judge_samples, mean_of_found, print_verdicts, stage, write_people, write_samples,
+    AUC_FLOOR,
+    People,
+    add_common_arguments,
+    calibrate,
+    engine_results,
+    face_mask,
+    find_people,
+    finish_args,
+    judge_arms,
+    judge_samples,
+    mean_of_found,
+    print_verdicts,
+    stage,
+    write_people,
+    write_samples,
 )
 from bench_face_vae_ceiling import fast_cpu  # noqa: E402
 from face_tier1_data import ROLE_SEEDS, Edit, FaceSource, View, identities, to_uint8  # noqa: E402
 from face_tier2_models import (  # noqa: E402
-    PROMPT, DitSettings, TinyModels, VaeSettings, encode_pairs, fitted_vae, load_encoders, model_files,
-    pretrained_dit, round_trip,
+    PROMPT,
+    DitSettings,
+    TinyModels,
+    VaeSettings,
+    encode_pairs,
+    fitted_vae,
+    load_encoders,
+    model_files,
+    pretrained_dit,
+    round_trip,
 )
 from tiny_qwen import tiny_train_argv  # noqa: E402  (face_tier2_models put tests/ on the path)
 
@@ -97,10 +118,12 @@ KNOWN_ARMS = ("mse", "rollout", "positive", "face")
 
 
 def arm_labels(args: argparse.Namespace) -> dict[str, str]:
-    return {"mse": "MSE only",
-            "rollout": f"face loss w 0.1 on a {args.rollout_steps}-step rollout (trainer flags)",
-            "positive": f"positive control: + {args.pc_weight:g} x MSE inside the face box (benchmark hook)",
-            "face": "face loss, today's defaults (w 0.1, one-step estimate)"}
+    return {
+        "mse": "MSE only",
+        "rollout": f"face loss w 0.1 on a {args.rollout_steps}-step rollout (trainer flags)",
+        "positive": f"positive control: + {args.pc_weight:g} x MSE inside the face box (benchmark hook)",
+        "face": "face loss, today's defaults (w 0.1, one-step estimate)",
+    }
 
 
 @contextmanager
@@ -108,8 +131,10 @@ def timed(name: str, times: dict[str, float]) -> Iterator[None]:
     """tier 1's `stage`, with the load average of the machine beside its time."""
     with stage(name, times):
         yield
-    print(f"  load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} (1 / 5 min) on {os.cpu_count()} cores",
-          flush=True)
+    print(
+        f"  load average {os.getloadavg()[0]:.1f} / {os.getloadavg()[1]:.1f} (1 / 5 min) on {os.cpu_count()} cores",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------- the VAE gate
@@ -168,10 +193,25 @@ def write_dataset(people: People, folder: Path, batch: int) -> Path:
         Image.fromarray(target).save(images / f"{pid}.png")
         Image.fromarray(control).save(controls / f"{pid}.png")
         (images / f"{pid}.txt").write_text(PROMPT, encoding="utf-8")
-    general = {"resolution": [64, 64], "caption_extension": ".txt", "batch_size": batch, "num_repeats": 1,
-               "enable_bucket": False, "bucket_no_upscale": False}
-    return write_dataset_config(folder / "dataset.toml", general, [
-        {"image_directory": str(images), "control_directory": str(controls), "cache_directory": str(folder / "cache")}])
+    general = {
+        "resolution": [64, 64],
+        "caption_extension": ".txt",
+        "batch_size": batch,
+        "num_repeats": 1,
+        "enable_bucket": False,
+        "bucket_no_upscale": False,
+    }
+    return write_dataset_config(
+        folder / "dataset.toml",
+        general,
+        [
+            {
+                "image_directory": str(images),
+                "control_directory": str(controls),
+                "cache_directory": str(folder / "cache"),
+            }
+        ],
+    )
 
 
 def train_arm(arm: str, seed: int, files: TinyModels, dataset: Path, run_dir: Path, masks, args) -> tuple:
@@ -179,12 +219,32 @@ def train_arm(arm: str, seed: int, files: TinyModels, dataset: Path, run_dir: Pa
     if run_dir.exists():
         shutil.rmtree(run_dir)
     face = ["--face_model_name", args.pack, "--face_models_root", str(args.models_root), "--face_device", "cpu"]
-    extra = {"mse": [], "positive": [],
-             "rollout": ["--use_face_as_loss", "--face_loss_rollout_steps", str(args.rollout_steps), *face],
-             "face": ["--use_face_as_loss", *face]}[arm]
-    argv = tiny_train_argv(files, dataset, run_dir, max_train_steps=args.lora_steps, output_name="lora", extra=[
-        "--seed", str(seed), "--network_dim", str(args.lora_rank), "--network_alpha", str(args.lora_rank),
-        "--learning_rate", str(args.lora_lr), "--discrete_flow_shift", str(args.shift), *extra])
+    extra = {
+        "mse": [],
+        "positive": [],
+        "rollout": ["--use_face_as_loss", "--face_loss_rollout_steps", str(args.rollout_steps), *face],
+        "face": ["--use_face_as_loss", *face],
+    }[arm]
+    argv = tiny_train_argv(
+        files,
+        dataset,
+        run_dir,
+        max_train_steps=args.lora_steps,
+        output_name="lora",
+        extra=[
+            "--seed",
+            str(seed),
+            "--network_dim",
+            str(args.lora_rank),
+            "--network_alpha",
+            str(args.lora_rank),
+            "--learning_rate",
+            str(args.lora_lr),
+            "--discrete_flow_shift",
+            str(args.shift),
+            *extra,
+        ],
+    )
     targs = validate_args(trainer_parse_args(argv))
     hooks = build_hooks(targs) + ([FaceBoxMSE(args.pc_weight, masks)] if arm == "positive" else [])
     state = run_training(targs, hooks)
@@ -193,13 +253,20 @@ def train_arm(arm: str, seed: int, files: TinyModels, dataset: Path, run_dir: Pa
         raise SystemExit(f"the trainer's run {run_dir} ended {state}: {status.get('error')}")
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     k = max(1, min(20, len(records) // 4))
-    summary = {"mse_start": float(np.mean([m["loss"] for m in records[:k]])),
-               "mse_end": float(np.mean([m["loss"] for m in records[-k:]])), "steps": len(records)}
+    summary = {
+        "mse_start": float(np.mean([m["loss"] for m in records[:k]])),
+        "mse_end": float(np.mean([m["loss"] for m in records[-k:]])),
+        "steps": len(records),
+    }
     for key in ("loss/face", "loss/face_box_mse"):
         values = [m[key] for m in records if key in m]
         if values:
             kf = max(1, min(20, len(values) // 4))
-            summary[key] = {"steps": len(values), "start": float(np.mean(values[:kf])), "end": float(np.mean(values[-kf:]))}
+            summary[key] = {
+                "steps": len(values),
+                "start": float(np.mean(values[:kf])),
+                "end": float(np.mean(values[-kf:])),
+            }
     for key in ("face_targets", "face_targets_without_face"):
         if key in status:
             summary[key] = status[key]
@@ -211,8 +278,16 @@ def encoded_samples(encoders, heldout: People, args) -> list[EncodedSample]:
     data = encode_pairs(encoders, heldout.control, None)
     samples = []
     for i in range(len(heldout)):
-        settings = SampleSettings(index=i, prompt=PROMPT, width=64, height=64, steps=args.sample_steps,
-                                  seed=ROLE_SEEDS["eval_noise"] + i, flow_shift=args.sample_shift, cfg_scale=1.0)
+        settings = SampleSettings(
+            index=i,
+            prompt=PROMPT,
+            width=64,
+            height=64,
+            steps=args.sample_steps,
+            seed=ROLE_SEEDS["eval_noise"] + i,
+            flow_shift=args.sample_shift,
+            cfg_scale=1.0,
+        )
         embeds = data["prompt_embeds"][i : i + 1, : int(data["prompt_mask"][i].sum())]
         samples.append(EncodedSample(settings, embeds, None, [data["control"][i : i + 1]]))
     return samples
@@ -221,8 +296,14 @@ def encoded_samples(encoders, heldout: People, args) -> list[EncodedSample]:
 def draw(transformer, vae, samples: list[EncodedSample]) -> np.ndarray:
     transformer.eval()
     cpu = torch.device("cpu")
-    return np.stack([np.asarray(generate(transformer, vae, s, seed=s.prompt.seed, device=cpu, dtype=torch.float32,
-                                         shift_terminal=0.0)) for s in samples])
+    return np.stack(
+        [
+            np.asarray(
+                generate(transformer, vae, s, seed=s.prompt.seed, device=cpu, dtype=torch.float32, shift_terminal=0.0)
+            )
+            for s in samples
+        ]
+    )
 
 
 def sample_lora(targs, lora: Path, vae, samples: list[EncodedSample]) -> np.ndarray:
@@ -238,16 +319,29 @@ def sample_lora(targs, lora: Path, vae, samples: list[EncodedSample]) -> np.ndar
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, help="folder for the judged images, manifest.json and "
-                        "the trainer's runs (outside the repository: the faces are research-only)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="folder for the judged images, manifest.json and "
+        "the trainer's runs (outside the repository: the faces are research-only)",
+    )
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--arms", default="mse,rollout,positive", help=f"comma-separated of {', '.join(KNOWN_ARMS)}; "
-                        "mse and positive are always run")
+    parser.add_argument(
+        "--arms",
+        default="mse,rollout,positive",
+        help=f"comma-separated of {', '.join(KNOWN_ARMS)}; mse and positive are always run",
+    )
     parser.add_argument("--heldout", type=int, default=64)
     parser.add_argument("--lora_people", type=int, default=128)
     parser.add_argument("--pretrain_people", type=int, default=1024)
-    parser.add_argument("--vae_scale", type=int, choices=(2, 4), default=VaeSettings().scale,
-                        help="pixels per latent along a side (one or two downsamplings)")
+    parser.add_argument(
+        "--vae_scale",
+        type=int,
+        choices=(2, 4),
+        default=VaeSettings().scale,
+        help="pixels per latent along a side (one or two downsamplings)",
+    )
     parser.add_argument("--vae_base_dim", type=int, default=VaeSettings.base_dim)
     parser.add_argument("--vae_steps", type=int, default=VaeSettings.steps)
     parser.add_argument("--vae_batch", type=int, default=VaeSettings.batch)
@@ -275,10 +369,15 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, float] = {}
     start = time.monotonic()
     edit, view = Edit(), View()
-    vae_settings = VaeSettings(base_dim=args.vae_base_dim, dim_mult=(1, 2, 4)[: 1 + args.vae_scale // 2],
-                               steps=args.vae_steps, batch=args.vae_batch)
-    dit_settings = DitSettings(layers=args.dit_layers, heads=args.dit_heads, steps=args.dit_steps,
-                               batch=args.dit_batch, lr=args.dit_lr)
+    vae_settings = VaeSettings(
+        base_dim=args.vae_base_dim,
+        dim_mult=(1, 2, 4)[: 1 + args.vae_scale // 2],
+        steps=args.vae_steps,
+        batch=args.vae_batch,
+    )
+    dit_settings = DitSettings(
+        layers=args.dit_layers, heads=args.dit_heads, steps=args.dit_steps, batch=args.dit_batch, lr=args.dit_lr
+    )
     with timed("load face source, engine, judge", times):
         source = FaceSource()
         engine = load_face_model(args.pack, models_root=args.models_root, provider="cpu")
@@ -287,8 +386,10 @@ def main(argv: list[str] | None = None) -> None:
         heldout = find_people("heldout", args.heldout, source, edit, view, engine, judge)
         lora = find_people("lora", args.lora_people, source, edit, None, engine, None)
         pre = source.render(identities("pretrain", args.pretrain_people))
-    print(f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}; "
-          f"pre-training {len(pre)} (not filtered)")
+    print(
+        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}; "
+        f"pre-training {len(pre)} (not filtered)"
+    )
     with timed("calibration of the judges", times):
         calibration = calibrate(heldout)
     for name, c in calibration.items():
@@ -297,29 +398,39 @@ def main(argv: list[str] | None = None) -> None:
     data_key = f"{source.sha256}:{args.pretrain_people}:{ROLE_SEEDS['pretrain']}"
     with timed("VAE (fit or cache) and its gate", times):
         third = len(pre) // 3
-        vae_faces = torch.cat([pre[:third], edit.apply(pre[third : 2 * third]), dit_settings.edit.apply(pre[2 * third :])])
+        vae_faces = torch.cat(
+            [pre[:third], edit.apply(pre[third : 2 * third]), dit_settings.edit.apply(pre[2 * third :])]
+        )
         vae_path, vae_fitted = fitted_vae(vae_settings, vae_faces, args.cache, data_key)
         files = model_files(vae_path, dit_settings, args.cache)
         encoders = load_encoders(files)
         gate = vae_gate(encoders, heldout, engine, judge)
-    print(f"  VAE {'fitted now' if vae_fitted else 'loaded from the cache'}: {vae_settings.scale}x, base_dim "
-          f"{vae_settings.base_dim}, {sum(p.numel() for p in encoders.pipeline.vae.parameters()) / 1e6:.2f} M parameters; "
-          f"{vae_path}")
+    print(
+        f"  VAE {'fitted now' if vae_fitted else 'loaded from the cache'}: {vae_settings.scale}x, base_dim "
+        f"{vae_settings.base_dim}, {sum(p.numel() for p in encoders.pipeline.vae.parameters()) / 1e6:.2f} M parameters; "
+        f"{vae_path}"
+    )
     for name in ("control", "target"):
-        print(f"  VAE round trip of the held-out {name}s: engine cosine {gate[f'{name}_engine']:.3f} "
-              f"({gate[f'{name}_engine_found']} found), dlib similarity {gate[f'{name}_dlib']:.3f} "
-              f"({gate[f'{name}_dlib_found']} found), L1 {gate[f'{name}_l1']:.2f}/255")
+        print(
+            f"  VAE round trip of the held-out {name}s: engine cosine {gate[f'{name}_engine']:.3f} "
+            f"({gate[f'{name}_engine_found']} found), dlib similarity {gate[f'{name}_dlib']:.3f} "
+            f"({gate[f'{name}_dlib_found']} found), L1 {gate[f'{name}_l1']:.2f}/255"
+        )
     if not gate["passed"]:
-        raise SystemExit(f"VAE gate FAILED: the round trip keeps engine {gate['control_engine']:.3f} (needs >= "
-                         f"{GATE_ENGINE}) and dlib {gate['control_dlib']:.3f} (needs >= {GATE_DLIB}); fit longer "
-                         "(--vae_steps) or wider (--vae_base_dim) before comparing arms")
+        raise SystemExit(
+            f"VAE gate FAILED: the round trip keeps engine {gate['control_engine']:.3f} (needs >= "
+            f"{GATE_ENGINE}) and dlib {gate['control_dlib']:.3f} (needs >= {GATE_DLIB}); fit longer "
+            "(--vae_steps) or wider (--vae_base_dim) before comparing arms"
+        )
     print(f"  VAE gate passed (engine >= {GATE_ENGINE}, dlib >= {GATE_DLIB})")
 
     with timed("base DiT (pre-train or cache)", times):
         dit_path, dit_fitted = pretrained_dit(dit_settings, files, encoders, pre, args.cache, data_key)
         files = TinyModels(dit_path, files.vae, files.text_encoder, files.tokenizer_dir)
-    print(f"  base DiT {'pre-trained now' if dit_fitted else 'loaded from the cache'}: {dit_settings.layers} blocks x "
-          f"{dit_settings.heads * 32} dims, {dit_settings.steps} steps on the weaker edit {asdict(dit_settings.edit)}")
+    print(
+        f"  base DiT {'pre-trained now' if dit_fitted else 'loaded from the cache'}: {dit_settings.layers} blocks x "
+        f"{dit_settings.heads * 32} dims, {dit_settings.steps} steps on the weaker edit {asdict(dit_settings.edit)}"
+    )
 
     out = args.out
     with timed("held-out people: write, judge the targets, encode, sample the base", times):
@@ -330,53 +441,88 @@ def main(argv: list[str] | None = None) -> None:
         base_scores = judge_samples(base_images, heldout, engine, judge)
         dataset = write_dataset(lora, out / "trainer" / "dataset", args.lora_batch)
         masks = latent_box_masks(lora, vae_settings.scale)
-    base_means = {m: mean_of_found([r[m] for r in base_scores]) for m in ("dlib_view", "engine_view", "landmark_err",
-                                                                          "outside_err", "dlib_found")}
-    print("  base DiT alone (no LoRA) on the held-out people: " + ", ".join(f"{k} {v:.3f}" for k, v in base_means.items()))
+    base_means = {
+        m: mean_of_found([r[m] for r in base_scores])
+        for m in ("dlib_view", "engine_view", "landmark_err", "outside_err", "dlib_found")
+    }
+    print(
+        "  base DiT alone (no LoRA) on the held-out people: " + ", ".join(f"{k} {v:.3f}" for k, v in base_means.items())
+    )
 
     scores, images, runs = {}, {}, []
     with timed("arms (the trainer's LoRA runs, sampling, judging)", times):
         for seed in args.seeds:
             for arm in args.arms:
                 t0 = time.monotonic()
-                targs, lora_file, summary = train_arm(arm, seed, files, dataset, out / "trainer" / f"{arm}_seed{seed}",
-                                                      masks, args)
+                targs, lora_file, summary = train_arm(
+                    arm, seed, files, dataset, out / "trainer" / f"{arm}_seed{seed}", masks, args
+                )
                 t1 = time.monotonic()
                 images[(arm, seed)] = sample_lora(targs, lora_file, vae, samples)
                 t2 = time.monotonic()
                 scores[(arm, seed)] = judge_samples(images[(arm, seed)], heldout, engine, judge)
                 t3 = time.monotonic()
-                runs.append({"arm": arm, "seed": seed, "seconds_train": t1 - t0, "seconds_sample": t2 - t1,
-                             "seconds_judge": t3 - t2, **summary})
-                extra = "".join(f"; {k} {v['start']:.4f} -> {v['end']:.4f} on {v['steps']} steps"
-                                for k, v in summary.items() if isinstance(v, dict))
-                faces = (f"; face targets without a face {summary['face_targets_without_face']}/{summary['face_targets']}"
-                         if "face_targets" in summary else "")
+                runs.append(
+                    {
+                        "arm": arm,
+                        "seed": seed,
+                        "seconds_train": t1 - t0,
+                        "seconds_sample": t2 - t1,
+                        "seconds_judge": t3 - t2,
+                        **summary,
+                    }
+                )
+                extra = "".join(
+                    f"; {k} {v['start']:.4f} -> {v['end']:.4f} on {v['steps']} steps"
+                    for k, v in summary.items()
+                    if isinstance(v, dict)
+                )
+                faces = (
+                    f"; face targets without a face {summary['face_targets_without_face']}/{summary['face_targets']}"
+                    if "face_targets" in summary
+                    else ""
+                )
                 means = {m: mean_of_found([r[m] for r in scores[(arm, seed)]]) for m in ("dlib_view", "engine_view")}
-                print(f"  {arm:>9} seed {seed}: train {t1 - t0:.1f} s, sample {t2 - t1:.1f} s, judge {t3 - t2:.1f} s; "
-                      f"MSE {summary['mse_start']:.4f} -> {summary['mse_end']:.4f}{extra}{faces}; dlib_view "
-                      f"{means['dlib_view']:.3f}, engine_view {means['engine_view']:.3f}; load "
-                      f"{os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"  {arm:>9} seed {seed}: train {t1 - t0:.1f} s, sample {t2 - t1:.1f} s, judge {t3 - t2:.1f} s; "
+                    f"MSE {summary['mse_start']:.4f} -> {summary['mse_end']:.4f}{extra}{faces}; dlib_view "
+                    f"{means['dlib_view']:.3f}, engine_view {means['engine_view']:.3f}; load "
+                    f"{os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
     sample_rows = write_samples(images, scores, heldout, out)
     with timed("statistics and verdicts", times):
         n = len(heldout)
-        headroom, endpoints, verdicts, judge_ok = judge_arms(scores, ceiling, copy_scores, calibration, args.arms,
-                                                            args.seeds, n, args.bootstrap)
+        headroom, endpoints, verdicts, judge_ok = judge_arms(
+            scores, ceiling, copy_scores, calibration, args.arms, args.seeds, n, args.bootstrap
+        )
     print()
-    print(f"TIER 2 (the trainer): held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch "
-          f"{args.lora_batch}, rank {args.lora_rank} on {len(lora)} people; VAE {vae_settings.scale}x (round trip engine "
-          f"{gate['control_engine']:.3f}, dlib {gate['control_dlib']:.3f}); samples {args.sample_steps} Euler steps; 64 px")
+    print(
+        f"TIER 2 (the trainer): held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch "
+        f"{args.lora_batch}, rank {args.lora_rank} on {len(lora)} people; VAE {vae_settings.scale}x (round trip engine "
+        f"{gate['control_engine']:.3f}, dlib {gate['control_dlib']:.3f}); samples {args.sample_steps} Euler steps; 64 px"
+    )
     print_verdicts(calibration, judge_ok, headroom, scores, args.seeds, endpoints, verdicts, arm_labels(args))
 
     manifest = {
-        "benchmark": "bench_face_loss_tier2", "settings": {k: (str(v) if isinstance(v, Path) else v)
-                                                           for k, v in vars(args).items()},
-        "edit": asdict(edit), "view": asdict(view), "vae": {**asdict(vae_settings), "file": str(vae_path), "gate": gate},
-        "dit": {**asdict(dit_settings), "file": str(dit_path)}, "generator_weights_sha256": source.sha256,
+        "benchmark": "bench_face_loss_tier2",
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "edit": asdict(edit),
+        "view": asdict(view),
+        "vae": {**asdict(vae_settings), "file": str(vae_path), "gate": gate},
+        "dit": {**asdict(dit_settings), "file": str(dit_path)},
+        "generator_weights_sha256": source.sha256,
         "judges": {"dlib": judge.describe(), "engine": engine.describe(), "independent_judges_available": ["dlib"]},
-        "calibration": calibration, "headroom": headroom, "base_alone": base_means, "people": people_rows,
-        "samples": sample_rows, "runs": runs, "endpoints": endpoints, "verdicts": verdicts,
-        "decision_rule": "bench_face_loss_tier1.py's docstring, section 'Decision rule'", "stage_seconds": times,
+        "calibration": calibration,
+        "headroom": headroom,
+        "base_alone": base_means,
+        "people": people_rows,
+        "samples": sample_rows,
+        "runs": runs,
+        "endpoints": endpoints,
+        "verdicts": verdicts,
+        "decision_rule": "bench_face_loss_tier1.py's docstring, section 'Decision rule'",
+        "stage_seconds": times,
     }
     atomic_write_json(out / "manifest.json", json.loads(json.dumps(manifest, default=float)))
     total = time.monotonic() - start

@@ -23,6 +23,7 @@ Speed: on a shared 2-core CPU one torch thread runs these small convolutions sev
 faster than two (OpenMP threads wait on each other when another process holds a core), and
 denormal floats are flushed to zero (the freshly initialised VAE produces many).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 from face_consistency.faceid import FaceModel, cosine_similarity, load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.trainer.vae_decode import decoder_stages
+from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
@@ -75,8 +75,9 @@ def source_photos(faces_dir: Path, sources: tuple[str, ...]) -> list[tuple[str, 
     return photos
 
 
-def face_crops(engine: FaceModel, photos: list[tuple[str, np.ndarray]], size: int, margin: float
-               ) -> list[tuple[str, np.ndarray]]:
+def face_crops(
+    engine: FaceModel, photos: list[tuple[str, np.ndarray]], size: int, margin: float
+) -> list[tuple[str, np.ndarray]]:
     """(name, RGB uint8 size x size) for every face the engine finds in the photos."""
     import cv2
 
@@ -91,8 +92,12 @@ def face_crops(engine: FaceModel, photos: list[tuple[str, np.ndarray]], size: in
             pad = int(max(0, -box.min(), box[2] - rgb.shape[1], box[3] - rgb.shape[0]))
             padded = cv2.copyMakeBorder(rgb, pad, pad, pad, pad, cv2.BORDER_REFLECT)
             crop = padded[box[1] + pad : box[3] + pad, box[0] + pad : box[2] + pad]
-            crops.append((f"{name}#{j}" if len(result.faces) > 1 else name,
-                          cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA)))
+            crops.append(
+                (
+                    f"{name}#{j}" if len(result.faces) > 1 else name,
+                    cv2.resize(crop, (size, size), interpolation=cv2.INTER_AREA),
+                )
+            )
     return crops
 
 
@@ -156,17 +161,38 @@ class FaceVAE:
     last_l1: float  # 0..255; NaN when loaded from the cache
 
 
-def fitted_face_vae(engine: FaceModel, faces_dir: Path, *, size: int = 128, margin: float = 1.5, base_dim: int = 8,
-                    steps: int = 2400, batch: int = 2, lr: float = 2e-3, seed: int = 0,
-                    sources: tuple[str, ...] = DEFAULT_SOURCES, cache: Path = DEFAULT_CACHE) -> FaceVAE:
+def fitted_face_vae(
+    engine: FaceModel,
+    faces_dir: Path,
+    *,
+    size: int = 128,
+    margin: float = 1.5,
+    base_dim: int = 8,
+    steps: int = 2400,
+    batch: int = 2,
+    lr: float = 2e-3,
+    seed: int = 0,
+    sources: tuple[str, ...] = DEFAULT_SOURCES,
+    cache: Path = DEFAULT_CACHE,
+) -> FaceVAE:
     """The VAE fitted on the face crops with these settings: from the cache, or fitted and cached."""
     from diffusers import AutoencoderKLQwenImage
 
     named = face_crops(engine, source_photos(faces_dir, sources), size, margin)
     names, crops = [n for n, _ in named], np.stack([c for _, c in named])
     config = {**TINY_VAE_CONFIG, "base_dim": base_dim}
-    settings = {"config": config, "size": size, "margin": margin, "steps": steps, "batch": batch, "lr": lr,
-                "seed": seed, "sources": list(sources), "loss_on": "unclipped decode", "crops": hashlib.sha256(crops.tobytes()).hexdigest()}
+    settings = {
+        "config": config,
+        "size": size,
+        "margin": margin,
+        "steps": steps,
+        "batch": batch,
+        "lr": lr,
+        "seed": seed,
+        "sources": list(sources),
+        "loss_on": "unclipped decode",
+        "crops": hashlib.sha256(crops.tobytes()).hexdigest(),
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode("utf-8")).hexdigest()[:16]
     path = cache / f"qwen_image_vae_faces_{size}px_b{base_dim}_{key}.safetensors"
     if path.is_file():
@@ -180,8 +206,11 @@ def fitted_face_vae(engine: FaceModel, faces_dir: Path, *, size: int = 128, marg
     config = {**config, "latents_mean": mean, "latents_std": std}
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
-    save_file({diffusers_vae_key_to_wan(k): v.contiguous() for k, v in vae.state_dict().items()}, str(partial),
-              metadata={"config": json.dumps(config), "settings": json.dumps(settings)})
+    save_file(
+        {diffusers_vae_key_to_wan(k): v.contiguous() for k, v in vae.state_dict().items()},
+        str(partial),
+        metadata={"config": json.dumps(config), "settings": json.dumps(settings)},
+    )
     os.replace(partial, path)
     return FaceVAE(path, names, crops, True, seconds, l1 * 127.5)
 
@@ -195,7 +224,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sources", default=",".join(DEFAULT_SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}")
+    parser.add_argument(
+        "--sources", default=",".join(DEFAULT_SOURCES), help=f"comma-separated, of {', '.join(SOURCES)}"
+    )
     parser.add_argument("--models_root", type=Path, default=DEFAULT_DATA / "insightface")
     parser.add_argument("--pack", default="testpack")
     parser.add_argument("--faces", type=Path, default=DEFAULT_DATA / "faces")
@@ -210,20 +241,37 @@ def main() -> None:
 
     engine = load_face_model(args.pack, models_root=args.models_root, provider="cpu")
     judge = load_judge()
-    face_vae = fitted_face_vae(engine, args.faces, size=args.size, margin=args.margin, base_dim=args.base_dim,
-                               steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed, sources=sources,
-                               cache=args.cache)
+    face_vae = fitted_face_vae(
+        engine,
+        args.faces,
+        size=args.size,
+        margin=args.margin,
+        base_dim=args.base_dim,
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        sources=sources,
+        cache=args.cache,
+    )
     vae = load_vae(face_vae.path)
     crops = face_vae.crops
     decoded = round_trip(vae, crops)
 
-    fitted = (f"fitted in {face_vae.fit_seconds / 60:.1f} min, last L1 {face_vae.last_l1:.1f}/255"
-              if face_vae.fitted_now else "loaded from the cache")
-    print(f"{len(crops)} face crops {args.size}x{args.size} (margin {args.margin}); VAE base_dim {args.base_dim} "
-          f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), {args.steps} steps of batch "
-          f"{args.batch}, lr {args.lr:g} cosine; {fitted}; {face_vae.path}")
-    print(f"{'crop':<22} {'engine: crop':>12} {'decode':>7} {'cos':>7}  {'dlib: crop':>10} {'decode':>7} {'dist':>6}"
-          f" {'sim':>6}  {'|decode-crop|':>13}")
+    fitted = (
+        f"fitted in {face_vae.fit_seconds / 60:.1f} min, last L1 {face_vae.last_l1:.1f}/255"
+        if face_vae.fitted_now
+        else "loaded from the cache"
+    )
+    print(
+        f"{len(crops)} face crops {args.size}x{args.size} (margin {args.margin}); VAE base_dim {args.base_dim} "
+        f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M parameters), {args.steps} steps of batch "
+        f"{args.batch}, lr {args.lr:g} cosine; {fitted}; {face_vae.path}"
+    )
+    print(
+        f"{'crop':<22} {'engine: crop':>12} {'decode':>7} {'cos':>7}  {'dlib: crop':>10} {'decode':>7} {'dist':>6}"
+        f" {'sim':>6}  {'|decode-crop|':>13}"
+    )
     engine_sims, judge_sims, found = [], [], {"engine": 0, "dlib": 0, "engine_crop": 0, "dlib_crop": 0}
     for name, crop, back in zip(face_vae.names, crops, decoded):
         e_crop, e_back = engine.analyze([crop, back])
@@ -239,17 +287,23 @@ def main() -> None:
         if v is not None:
             judge_sims.append(v.similarity)
         change = np.abs(back.astype(np.float32) - crop.astype(np.float32)).mean()
-        print(f"{name:<22} {'face' if e_crop.ok else 'none':>12} {'face' if e_back.ok else 'none':>7} "
-              f"{'-' if cos is None else f'{cos:.3f}':>7}  {'face' if j_crop.ok else 'none':>10} "
-              f"{'face' if j_back.ok else 'none':>7} {'-' if v is None else f'{v.distance:.3f}':>6} "
-              f"{'-' if v is None else f'{v.similarity:.3f}':>6}  {change:>9.1f}/255")
+        print(
+            f"{name:<22} {'face' if e_crop.ok else 'none':>12} {'face' if e_back.ok else 'none':>7} "
+            f"{'-' if cos is None else f'{cos:.3f}':>7}  {'face' if j_crop.ok else 'none':>10} "
+            f"{'face' if j_back.ok else 'none':>7} {'-' if v is None else f'{v.distance:.3f}':>6} "
+            f"{'-' if v is None else f'{v.similarity:.3f}':>6}  {change:>9.1f}/255"
+        )
     n = len(crops)
-    print(f"ceiling, decode(encode(crop)) vs crop: engine cosine {np.mean(engine_sims) if engine_sims else float('nan'):.3f} "
-          f"over {len(engine_sims)} (faces found: crops {found['engine_crop']}/{n}, decodes {found['engine']}/{n}); "
-          f"dlib similarity {np.mean(judge_sims) if judge_sims else float('nan'):.3f} over {len(judge_sims)} "
-          f"(faces found: crops {found['dlib_crop']}/{n}, decodes {found['dlib']}/{n})")
-    print(f"this process's CPU time {time.process_time() / 60:.1f} min; load average now {os.getloadavg()[1]:.1f} "
-          f"(5 min), {os.getloadavg()[2]:.1f} (15 min) on {os.cpu_count()} cores")
+    print(
+        f"ceiling, decode(encode(crop)) vs crop: engine cosine {np.mean(engine_sims) if engine_sims else float('nan'):.3f} "
+        f"over {len(engine_sims)} (faces found: crops {found['engine_crop']}/{n}, decodes {found['engine']}/{n}); "
+        f"dlib similarity {np.mean(judge_sims) if judge_sims else float('nan'):.3f} over {len(judge_sims)} "
+        f"(faces found: crops {found['dlib_crop']}/{n}, decodes {found['dlib']}/{n})"
+    )
+    print(
+        f"this process's CPU time {time.process_time() / 60:.1f} min; load average now {os.getloadavg()[1]:.1f} "
+        f"(5 min), {os.getloadavg()[2]:.1f} (15 min) on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ float8 storage holds). Targets (issue 11): <= 1.15 for a bf16 run from the bf16 
 `--fp8_base` from either file. Also printed: loading time of the bf16 and fp8 files in this
 process against a plain read of the same file. Not a test: figures only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,8 +61,10 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
         shapes = {k: v.shape for k, v in QwenImageTransformer2DModel(**config).state_dict().items()}
     generator = torch.Generator().manual_seed(blocks)
     bf16 = {DIT_PREFIX + k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
-    paths = {"bf16": folder / f"qwen_image_edit_{blocks}blocks_bf16.safetensors",
-             "fp8": folder / f"qwen_image_edit_{blocks}blocks_fp8_e4m3fn.safetensors"}
+    paths = {
+        "bf16": folder / f"qwen_image_edit_{blocks}blocks_bf16.safetensors",
+        "fp8": folder / f"qwen_image_edit_{blocks}blocks_fp8_e4m3fn.safetensors",
+    }
     save_bf16_and_fp8(bf16, paths, {"config": json.dumps(config)})
     return paths
 
@@ -95,8 +98,12 @@ def child(pack_dir: str, peak_file: str, argv: list[str]) -> None:
 
 def peak_rss_of_training(pack_dir: Path, argv: list[str], peak_file: Path) -> float:
     """Peak RSS in bytes of one `train` run in a fresh process."""
-    result = subprocess.run([sys.executable, __file__, "--child", str(pack_dir), str(peak_file), *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, "--child", str(pack_dir), str(peak_file), *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"training failed:\n{result.stderr[-3000:]}")
     return float(peak_file.read_text())
@@ -133,24 +140,30 @@ def main() -> None:
         for n, files in dits.items():
             print(f"  {n} block(s): bf16 {sizes[n]['bf16'] / 2**30:.2f} GiB, fp8 {sizes[n]['fp8'] / 2**30:.2f} GiB")
         print(f"trainer: {options.pack_dir}")
-        print(f"{'run':<26}{'peak 1 (GiB)':>14}{f'peak {options.blocks} (GiB)':>14}"
-              f"{'per byte':>10}  against")
+        print(f"{'run':<26}{'peak 1 (GiB)':>14}{f'peak {options.blocks} (GiB)':>14}{'per byte':>10}  against")
         for label, kind, flags, against in RUNS:
             peaks = {}
             for n in (1, options.blocks):
-                argv = tiny_train_argv(tiny, dataset, work / f"out_{kind}_{n}_{len(flags)}", max_train_steps=1,
-                                       extra=[*COMMON_FLAGS, "--dit", str(dits[n][kind]), *flags])
+                argv = tiny_train_argv(
+                    tiny,
+                    dataset,
+                    work / f"out_{kind}_{n}_{len(flags)}",
+                    max_train_steps=1,
+                    extra=[*COMMON_FLAGS, "--dit", str(dits[n][kind]), *flags],
+                )
                 peaks[n] = peak_rss_of_training(options.pack_dir, argv, work / "peak")
             ratio = (peaks[options.blocks] - peaks[1]) / (sizes[options.blocks][against] - sizes[1][against])
-            print(f"{label:<26}{peaks[1] / 2**30:>14.2f}{peaks[options.blocks] / 2**30:>14.2f}{ratio:>10.2f}"
-                  f"  {against} bytes")
+            print(
+                f"{label:<26}{peaks[1] / 2**30:>14.2f}{peaks[options.blocks] / 2**30:>14.2f}{ratio:>10.2f}"
+                f"  {against} bytes"
+            )
 
         import torch
-
         from face_consistency.trainer import models
 
-        print(f"loading the {options.blocks}-block files in this process with this checkout's loader "
-              "(page cache warm):")
+        print(
+            f"loading the {options.blocks}-block files in this process with this checkout's loader (page cache warm):"
+        )
         for kind, fp8_base in (("bf16", False), ("fp8", False), ("bf16", True)):
             path = dits[options.blocks][kind]
             read = plain_read_seconds(path)

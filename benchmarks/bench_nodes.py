@@ -11,6 +11,7 @@ by the test stand-ins). The bare figure is onnxruntime alone on the same detecto
 per run (median of `repeat`), and the ratio node/bare (target <= 1.2x): the median of the
 ratios of paired (back-to-back) runs, which is the figure least moved by other processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,6 @@ from comfy_stubs import install_comfy_stubs  # noqa: E402
 install_comfy_stubs(Path(tempfile.mkdtemp(prefix="bench-nodes-")))
 
 from bench_engine import letterbox_blob  # noqa: E402
-
 from face_consistency.faceid.alignment import aligned_crop  # noqa: E402
 from face_consistency.nodes.imaging import to_bgr_list  # noqa: E402
 from face_consistency.nodes.scoring import FaceConsistencyLoadModel, FaceConsistencySimilarity  # noqa: E402
@@ -68,9 +68,7 @@ def main() -> None:
     node = FaceConsistencySimilarity()
 
     def run_node() -> None:
-        node.score(
-            model, images, "largest", 0, "score_zero", 0.75, 0.85, 0.75, 0.65, 0.1, reference_image=reference
-        )
+        node.score(model, images, "largest", 0, "score_zero", 0.75, 0.85, 0.75, 0.65, 0.1, reference_image=reference)
 
     # the same detector inputs and recognizer crops the node makes
     bgrs = to_bgr_list(reference) + to_bgr_list(images)

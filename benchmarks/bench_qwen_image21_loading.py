@@ -16,6 +16,7 @@ bytes are those of the bf16 files for a bf16 load, of the float8 files for `--fp
 (issue 24): <= 1.15, as for 2509 (`bench_model_loading.py`, which measures the whole `train`
 command: 2.1 cannot be trained yet, so this measures the loader alone). Not a test: figures only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,9 +62,8 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     from accelerate import init_empty_weights
     from bench_model_loading import save_bf16_and_fp8
     from diffusers import QwenImage21Transformer2DModel
-    from tiny_qwen_image21 import fuse_gate_up
-
     from face_consistency.trainer import models, qwen_image21_loading  # this checkout's (main() loads it)
+    from tiny_qwen_image21 import fuse_gate_up
 
     config = {**models.shipped_config(qwen_image21_loading.TRANSFORMER_CONFIG), "num_layers": blocks}
     with init_empty_weights():
@@ -71,16 +71,21 @@ def write_dits(folder: Path, blocks: int) -> dict[str, Path]:
     generator = torch.Generator().manual_seed(blocks)
     bf16 = {k: (torch.randn(s, generator=generator) * 0.02).to(torch.bfloat16) for k, s in shapes.items()}
     bf16 = {DIT_PREFIX + k: v for k, v in fuse_gate_up(bf16).items()}
-    paths = {"bf16": folder / f"qwen_image_2.1_{blocks}blocks_bf16.safetensors",
-             "fp8": folder / f"qwen_image_2.1_{blocks}blocks_fp8_e4m3fn.safetensors"}
+    paths = {
+        "bf16": folder / f"qwen_image_2.1_{blocks}blocks_bf16.safetensors",
+        "fp8": folder / f"qwen_image_2.1_{blocks}blocks_fp8_e4m3fn.safetensors",
+    }
     save_bf16_and_fp8(bf16, paths, {"config": json.dumps(config)})
     return paths
 
 
 def load_in_fresh_process(path: Path, fp8_base: bool) -> tuple[float, float]:
     """(peak RSS in bytes, loading seconds) of one load in a new Python."""
-    result = subprocess.run([sys.executable, "-c", CHILD, str(REPO_ROOT), str(path), "1" if fp8_base else "0"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, str(REPO_ROOT), str(path), "1" if fp8_base else "0"],
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         raise SystemExit(f"loading failed:\n{result.stderr[-3000:]}")
     peak, seconds = result.stdout.split()[-2:]
@@ -101,15 +106,19 @@ def main() -> None:
         print(f"real-width Qwen-Image 2.1 DiT files (32 x 128 heads, fused gate_up), 1 and {options.blocks} blocks:")
         for n in dits:
             print(f"  {n} block(s): bf16 {sizes[n]['bf16'] / 2**30:.2f} GiB, fp8 {sizes[n]['fp8'] / 2**30:.2f} GiB")
-        print(f"{'load':<24}{'peak 1 (GiB)':>14}{f'peak {options.blocks} (GiB)':>14}{'per byte':>10}"
-              f"{f'{options.blocks} blocks (s)':>16}  against")
+        print(
+            f"{'load':<24}{'peak 1 (GiB)':>14}{f'peak {options.blocks} (GiB)':>14}{'per byte':>10}"
+            f"{f'{options.blocks} blocks (s)':>16}  against"
+        )
         for label, kind, fp8_base, against in RUNS:
             peaks, seconds = {}, {}
             for n in (1, options.blocks):
                 peaks[n], seconds[n] = load_in_fresh_process(dits[n][kind], fp8_base)
             ratio = (peaks[options.blocks] - peaks[1]) / (sizes[options.blocks][against] - sizes[1][against])
-            print(f"{label:<24}{peaks[1] / 2**30:>14.2f}{peaks[options.blocks] / 2**30:>14.2f}{ratio:>10.2f}"
-                  f"{seconds[options.blocks]:>16.1f}  {against} bytes")
+            print(
+                f"{label:<24}{peaks[1] / 2**30:>14.2f}{peaks[options.blocks] / 2**30:>14.2f}{ratio:>10.2f}"
+                f"{seconds[options.blocks]:>16.1f}  {against} bytes"
+            )
         started = time.perf_counter()
         with open(dits[options.blocks]["bf16"], "rb") as f:
             while f.read(64 * 2**20):

@@ -19,6 +19,7 @@ A LoRA works in ComfyUI under ComfyUI's positions: the figures that decide are t
 trained under diffusers' positions loses when run under ComfyUI's, beside how far two training runs
 that differ only in the convention end apart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from face_consistency.cli import main as cli_main
 from face_consistency.musubi_formats.dataset import bucket_for, load_dataset_config, write_dataset_config
 from face_consistency.trainer.cli import parse_args, validate_args
@@ -39,8 +39,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from tiny_qwen import TINY_TRANSFORMER_CONFIG, tiny_train_argv, write_tiny_dataset, write_tiny_model_files  # noqa: E402
 
-ROPE_DIT = {**TINY_TRANSFORMER_CONFIG, "attention_head_dim": 128, "num_attention_heads": 2,
-            "axes_dims_rope": [16, 56, 56]}
+ROPE_DIT = {
+    **TINY_TRANSFORMER_CONFIG,
+    "attention_head_dim": 128,
+    "num_attention_heads": 2,
+    "axes_dims_rope": [16, 56, 56],
+}
 SIGMAS = (1.0, 0.75, 0.5, 0.25)
 ASPECTS = ((1, 1), (4, 3), (3, 4), (3, 2), (2, 3), (16, 9), (9, 16), (5, 4), (4, 5), (7, 5), (5, 7))
 
@@ -51,17 +55,27 @@ def bucket_census() -> None:
         bucket = bucket_for((w * 600, h * 600), (1024, 1024), enable_bucket=True, no_upscale=False)
         if any(side % 32 == 16 for side in bucket):
             odd.append(f"{w}:{h} -> {bucket[0]}x{bucket[1]}")
-    print(f"buckets at 1024x1024 with a side of 16 mod 32 px: {len(odd)} of {len(ASPECTS)} aspect ratios "
-          f"({', '.join(odd) or 'none'})")
+    print(
+        f"buckets at 1024x1024 with a side of 16 mod 32 px: {len(odd)} of {len(ASPECTS)} aspect ratios "
+        f"({', '.join(odd) or 'none'})"
+    )
 
 
 def dataset(work: Path) -> Path:
     toml = write_tiny_dataset(work / "data", n=4, size=(80, 80))
     data = work / "data"
-    return write_dataset_config(toml, {"resolution": [80, 80], "caption_extension": ".txt", "batch_size": 1,
-                                       "enable_bucket": False}, [
-        {"image_directory": str(data / "images"), "control_directory": str(data / "controls"),
-         "cache_directory": str(data / "cache"), "control_resolution": [112, 112]}])
+    return write_dataset_config(
+        toml,
+        {"resolution": [80, 80], "caption_extension": ".txt", "batch_size": 1, "enable_bucket": False},
+        [
+            {
+                "image_directory": str(data / "images"),
+                "control_directory": str(data / "controls"),
+                "cache_directory": str(data / "cache"),
+                "control_resolution": [112, 112],
+            }
+        ],
+    )
 
 
 @torch.no_grad()
@@ -83,9 +97,14 @@ def losses(argv: list[str], lora: Path | None) -> dict[str, float]:
             x_t = (1 - sigma) * x0 + sigma * noise
             tokens = torch.cat([pack(x_t), *[pack(c) for c in batch.controls]], dim=1)
             t = torch.full((x0.shape[0],), sigma)
-            prediction = transformer(hidden_states=tokens, timestep=t, encoder_hidden_states=batch.prompt_embeds,
-                                     encoder_hidden_states_mask=batch.prompt_mask, img_shapes=img_shapes,
-                                     return_dict=False)[0]
+            prediction = transformer(
+                hidden_states=tokens,
+                timestep=t,
+                encoder_hidden_states=batch.prompt_embeds,
+                encoder_hidden_states_mask=batch.prompt_mask,
+                img_shapes=img_shapes,
+                return_dict=False,
+            )[0]
             v = unpack(prediction[:, : (h // 2) * (w // 2)], h, w)
             total += float(((v - (noise - x0)) ** 2).mean())
         result[convention] = total / len(SIGMAS)
@@ -109,18 +128,26 @@ def main() -> None:
             raise SystemExit(f"training failed, see {out / 'status.json'}")
         loras[f"trained with {convention}"] = out / "tiny.safetensors"
     base_argv = tiny_train_argv(files, toml, work / "base", max_train_steps=args.steps)  # the caches are there now
-    rows = {"base (no LoRA)": losses(base_argv, None), **{name: losses(base_argv, lora) for name, lora in loras.items()}}
-    print(f"4 items, 80x80 targets (5x5 tokens), 112x112 controls (7x7), {args.steps} steps, seed 42; loss = mean "
-          f"MSE of the velocity over sigmas {', '.join(map(str, SIGMAS))}, fixed noise; work dir {work}")
+    rows = {
+        "base (no LoRA)": losses(base_argv, None),
+        **{name: losses(base_argv, lora) for name, lora in loras.items()},
+    }
+    print(
+        f"4 items, 80x80 targets (5x5 tokens), 112x112 controls (7x7), {args.steps} steps, seed 42; loss = mean "
+        f"MSE of the velocity over sigmas {', '.join(map(str, SIGMAS))}, fixed noise; work dir {work}"
+    )
     print(f"{'LoRA':>24} | {'loss, ComfyUI positions':>24} | {'loss, diffusers positions':>26}")
     for name, row in rows.items():
         print(f"{name:>24} | {row['comfyui']:24.6f} | {row['diffusers']:26.6f}")
     matched, crossed = rows["trained with comfyui"], rows["trained with diffusers"]
     penalty = crossed["comfyui"] - crossed["diffusers"]
     between = crossed["comfyui"] - matched["comfyui"]
-    print(f"the diffusers-trained LoRA run under ComfyUI's positions instead of its own: {penalty:+.6f} "
-          f"({100 * penalty / crossed['diffusers']:+.4f}%); the two LoRAs under ComfyUI's positions differ by "
-          f"{between:+.6f} ({100 * between / matched['comfyui']:+.3f}%), the training runs' own spread")
+    print(
+        f"the diffusers-trained LoRA run under ComfyUI's positions instead of its own: {penalty:+.6f} "
+        f"({100 * penalty / crossed['diffusers']:+.4f}%); the two LoRAs under ComfyUI's positions differ by "
+        f"{between:+.6f} ({100 * between / matched['comfyui']:+.3f}%), the training runs' own spread"
+    )
+
 
 if __name__ == "__main__":
     main()

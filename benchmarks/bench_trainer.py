@@ -9,6 +9,7 @@ allocated GPU memory; the best of `--repeats` interleaved runs. Caching happens 
 timed runs. On a CPU the peak RSS is dominated by the libraries (torch, diffusers, transformers),
 not by the tiny model's activations. Not a test: figures only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ sys.path.insert(0, str(REPO_ROOT / "tests"))
 def child(argv_file: str) -> None:
     """Run one training job and print its figures as JSON (in the child process)."""
     import torch
-
     from face_consistency.cli import main
     from face_consistency.training_contract.protocol import read_status
 
@@ -35,13 +35,17 @@ def child(argv_file: str) -> None:
         torch.cuda.reset_peak_memory_stats()
     rc = main(["train", *argv])
     status = read_status(argv[argv.index("--output_dir") + 1]) or {}
-    print(json.dumps({
-        "rc": rc,
-        "state": status.get("state"),
-        "steps_per_sec": status.get("steps_per_sec"),
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-    }))
+    print(
+        json.dumps(
+            {
+                "rc": rc,
+                "state": status.get("state"),
+                "steps_per_sec": status.get("steps_per_sec"),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "cuda_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            }
+        )
+    )
 
 
 def run(argv: list[str], work: Path, name: str) -> dict:
@@ -73,19 +77,25 @@ def main() -> None:
         dataset = write_tiny_dataset(work / "data", n=4, size=(options.size, options.size))
         common = ["--mixed_precision", options.mixed_precision]
         run(tiny_train_argv(files, dataset, work / "warmup", max_train_steps=1, extra=common), work, "warmup")
-        print(f"tiny Qwen-Image-Edit, {options.size}x{options.size} target + control, batch 1, "
-              f"{options.steps} steps, mixed precision {options.mixed_precision}")
+        print(
+            f"tiny Qwen-Image-Edit, {options.size}x{options.size} target + control, batch 1, "
+            f"{options.steps} steps, mixed precision {options.mixed_precision}"
+        )
         configurations = {"plain": [], "gradient checkpointing": ["--gradient_checkpointing"]}
         best: dict[str, dict] = {}
         # Interleaved repeats, best of each: a shared machine's load only ever slows a run down.
         for repeat in range(options.repeats):
             for label, extra in configurations.items():
                 name = f"{label.replace(' ', '_')}_{repeat}"
-                argv = tiny_train_argv(files, dataset, work / name, max_train_steps=options.steps, extra=[*common, *extra])
+                argv = tiny_train_argv(
+                    files, dataset, work / name, max_train_steps=options.steps, extra=[*common, *extra]
+                )
                 figures = run(argv, work, name)
                 if label not in best or figures["steps_per_sec"] > best[label]["steps_per_sec"]:
                     best[label] = figures
-        print(f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}   (best of {options.repeats})")
+        print(
+            f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}   (best of {options.repeats})"
+        )
         for label, figures in best.items():
             cuda = f"{figures['cuda_peak_mib']:.1f}" if figures["cuda_peak_mib"] is not None else "-"
             print(f"{label:<28}{figures['steps_per_sec']:>10.2f}{figures['peak_rss_mib']:>15.1f}{cuda:>15}")

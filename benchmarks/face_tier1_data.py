@@ -5,6 +5,7 @@ repository: generated faces come from `gan-face-generate` (trained on DigiFace-1
 licence), so they live in memory, in the cache folder outside the repo, or in the output folder
 given on the benchmark's command line.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,8 +25,10 @@ Z_SIZE = 100  # the DCGAN's latent size
 IMAGE_SIZE = 64
 DETECT_SIZE = 128  # the engine detects on a 2x upscale (it misses most faces at 64 px)
 ROLE_SEEDS = {"pretrain": 1001, "lora": 2002, "heldout": 3003, "negatives": 4004, "views": 5005, "eval_noise": 6006}
-INSTALL_HINT = ('the benchmark extra is missing: pip install "comfyui-face-consistency[evidence]" (or '
-                "pip install --target DIR gan-face-generate==1.1.1 and put DIR on PYTHONPATH)")
+INSTALL_HINT = (
+    'the benchmark extra is missing: pip install "comfyui-face-consistency[evidence]" (or '
+    "pip install --target DIR gan-face-generate==1.1.1 and put DIR on PYTHONPATH)"
+)
 
 
 # --------------------------------------------------------------------------- the face source
@@ -83,8 +86,12 @@ class Edit:
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         n = len(images)
-        posed = repose(images, torch.full((n,), self.angle_deg), torch.full((n,), self.scale),
-                       torch.tensor(self.shift_px).expand(n, 2))
+        posed = repose(
+            images,
+            torch.full((n,), self.angle_deg),
+            torch.full((n,), self.scale),
+            torch.tensor(self.shift_px).expand(n, 2),
+        )
         return grade(posed, self.gamma, self.gains)
 
 
@@ -235,8 +242,13 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tens
     return (1 - tt) * x0 + tt * noise
 
 
-def euler(model: nn.Module, x: torch.Tensor, control: torch.Tensor, times: list[torch.Tensor] | torch.Tensor,
-          first_velocity: torch.Tensor | None = None) -> torch.Tensor:
+def euler(
+    model: nn.Module,
+    x: torch.Tensor,
+    control: torch.Tensor,
+    times: list[torch.Tensor] | torch.Tensor,
+    first_velocity: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Euler steps of dx/dt = v from times[0] down to times[-1] (each [N] or a scalar); differentiable.
     `first_velocity`: v at times[0], already computed by the caller."""
     for i in range(len(times) - 1):
@@ -261,11 +273,14 @@ def sample(model: nn.Module, control: torch.Tensor, noise: torch.Tensor, steps: 
     return torch.cat(out)
 
 
-def pretrained_base(settings: NetSettings, edit: Edit, controls: torch.Tensor, cache: Path, data_key: str,
-                    log=print) -> tuple[FlowNet, bool]:
+def pretrained_base(
+    settings: NetSettings, edit: Edit, controls: torch.Tensor, cache: Path, data_key: str, log=print
+) -> tuple[FlowNet, bool]:
     """The base generator pre-trained on the pre-training people's (control, edited target) pairs; cached
     under `cache` by a hash of every setting and of the data. Returns (EMA model, fitted now)."""
-    key = hashlib.sha256(repr((asdict(settings), asdict(edit), data_key, "flownet-v2")).encode("utf-8")).hexdigest()[:16]
+    key = hashlib.sha256(repr((asdict(settings), asdict(edit), data_key, "flownet-v2")).encode("utf-8")).hexdigest()[
+        :16
+    ]
     path = cache / f"tier1_flownet_{key}.pt"
     if path.is_file():
         model = FlowNet(settings.width)
@@ -279,8 +294,9 @@ def pretrained_base(settings: NetSettings, edit: Edit, controls: torch.Tensor, c
     ema.requires_grad_(False)
     generator = torch.Generator().manual_seed(ROLE_SEEDS["pretrain"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.pretrain_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.pretrain_lr, total_steps=settings.pretrain_steps,
-                                                   pct_start=0.05)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, settings.pretrain_lr, total_steps=settings.pretrain_steps, pct_start=0.05
+    )
     batches = shuffled_batches(len(controls), settings.pretrain_batch, generator)
     losses = []
     for step in range(settings.pretrain_steps):

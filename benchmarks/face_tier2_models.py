@@ -6,6 +6,7 @@ loads (`--vae`, `--dit`, `--text_encoder`, `--tokenizer`): the real diffusers / 
 tiny configs, written by the tests' writer (`tests/tiny_qwen.py`) in ComfyUI's single-file layouts. No
 generated face is written into the repository; the cache lies outside it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,10 +22,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
-
 from face_consistency.trainer.cache import CacheEncoders
 from face_consistency.trainer.train import Batch, micro_step
+from safetensors.torch import save_file
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
@@ -49,8 +49,14 @@ class VaeSettings:
 
     def config(self) -> dict:
         downsamplings = len(self.dim_mult) - 1
-        return {"base_dim": self.base_dim, "z_dim": 16, "dim_mult": list(self.dim_mult), "num_res_blocks": 2,
-                "attn_scales": [], "temperal_downsample": [False] + [True] * (downsamplings - 1)}
+        return {
+            "base_dim": self.base_dim,
+            "z_dim": 16,
+            "dim_mult": list(self.dim_mult),
+            "num_res_blocks": 2,
+            "attn_scales": [],
+            "temperal_downsample": [False] + [True] * (downsamplings - 1),
+        }
 
     @property
     def scale(self) -> int:
@@ -72,9 +78,17 @@ class DitSettings:
     edit: Edit = field(default_factory=lambda: Edit(angle_deg=6.0, scale=0.94, shift_px=(1.5, 1.0)))
 
     def config(self) -> dict:
-        return {"patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": self.layers,
-                "attention_head_dim": 32, "num_attention_heads": self.heads, "joint_attention_dim": 32,
-                "guidance_embeds": False, "axes_dims_rope": [8, 12, 12]}
+        return {
+            "patch_size": 2,
+            "in_channels": 64,
+            "out_channels": 16,
+            "num_layers": self.layers,
+            "attention_head_dim": 32,
+            "num_attention_heads": self.heads,
+            "joint_attention_dim": 32,
+            "guidance_embeds": False,
+            "axes_dims_rope": [8, 12, 12],
+        }
 
 
 def _key(*parts) -> str:
@@ -83,8 +97,11 @@ def _key(*parts) -> str:
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, config: dict, settings: dict) -> None:
     partial = path.with_suffix(".partial")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial),
-              metadata={"config": json.dumps(config), "settings": json.dumps(settings, default=str)})
+    save_file(
+        {k: v.contiguous() for k, v in tensors.items()},
+        str(partial),
+        metadata={"config": json.dumps(config), "settings": json.dumps(settings, default=str)},
+    )
     os.replace(partial, path)
 
 
@@ -104,27 +121,39 @@ def fitted_vae(settings: VaeSettings, faces: torch.Tensor, cache: Path, data_key
     vae = AutoencoderKLQwenImage(**config)
     start = time.monotonic()
     l1 = fit(vae, crops, settings.steps, settings.batch, settings.lr, ROLE_SEEDS["pretrain"])
-    log(f"  VAE fitted: {settings.steps} steps x batch {settings.batch} in {time.monotonic() - start:.0f} s, "
-        f"last L1 {l1 * 127.5:.2f}/255")
+    log(
+        f"  VAE fitted: {settings.steps} steps x batch {settings.batch} in {time.monotonic() - start:.0f} s, "
+        f"last L1 {l1 * 127.5:.2f}/255"
+    )
     mean, std = latent_statistics(vae, crops[:1024])
     cache.mkdir(parents=True, exist_ok=True)
-    _atomic_save({diffusers_vae_key_to_wan(k): v for k, v in vae.state_dict().items()}, path,
-                 {**config, "latents_mean": mean, "latents_std": std}, asdict(settings))
+    _atomic_save(
+        {diffusers_vae_key_to_wan(k): v for k, v in vae.state_dict().items()},
+        path,
+        {**config, "latents_mean": mean, "latents_std": std},
+        asdict(settings),
+    )
     return path, True
 
 
 @torch.no_grad()
-def encode_pairs(encoders: CacheEncoders, controls: torch.Tensor, targets: torch.Tensor | None,
-                 chunk: int = 64) -> dict[str, torch.Tensor]:
+def encode_pairs(
+    encoders: CacheEncoders, controls: torch.Tensor, targets: torch.Tensor | None, chunk: int = 64
+) -> dict[str, torch.Tensor]:
     """What the trainer caches per item, batched: normalised latents [N, 16, 1, h, w] of the targets and the
     controls (`_encode_vae_image`, as `CacheEncoders.encode_image` at the 64 px bucket) and the prompt
     embeddings of PROMPT with each control ([N, L, D], zero-padded, with the mask)."""
     vae = encoders.pipeline.vae
 
     def latents(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([encoders.pipeline._encode_vae_image(images[i : i + chunk].unsqueeze(2).to(vae.dtype),
-                                                              generator=None).float()
-                          for i in range(0, len(images), chunk)])
+        return torch.cat(
+            [
+                encoders.pipeline._encode_vae_image(
+                    images[i : i + chunk].unsqueeze(2).to(vae.dtype), generator=None
+                ).float()
+                for i in range(0, len(images), chunk)
+            ]
+        )
 
     from PIL import Image
 
@@ -157,8 +186,14 @@ def template_processor():
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
 
-    pipeline = QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None,
-                                         tokenizer=None, processor=None, transformer=None)
+    pipeline = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        processor=None,
+        transformer=None,
+    )
     prefix = pipeline.prompt_template_encode.split("{}")[0]
     start = prefix.index("\n") + 1
     system = prefix[start : prefix.index("<|im_end|>")]
@@ -191,20 +226,42 @@ def load_encoders(files: TinyModels) -> CacheEncoders:
     """The trainer's cache encoders (VAE and, loaded on first use, text encoder) for these files."""
     from diffusers import FlowMatchEulerDiscreteScheduler
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
-
     from face_consistency.trainer import models
 
     vae = models.load_vae(files.vae)
-    pipeline = QwenImageEditPlusPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None,
-                                         tokenizer=None, processor=None, transformer=None)
+    pipeline = QwenImageEditPlusPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        processor=None,
+        transformer=None,
+    )
     device = torch.device("cpu")
-    return CacheEncoders(pipeline, files.vae, files.text_encoder, torch.float32, str(files.tokenizer_dir), True, device,
-                         lambda: (models.load_text_encoder(files.text_encoder, torch.float32, device),
-                                  models.load_processor(files.tokenizer_dir)))
+    return CacheEncoders(
+        pipeline,
+        files.vae,
+        files.text_encoder,
+        torch.float32,
+        str(files.tokenizer_dir),
+        True,
+        device,
+        lambda: (
+            models.load_text_encoder(files.text_encoder, torch.float32, device),
+            models.load_processor(files.tokenizer_dir),
+        ),
+    )
 
 
-def pretrained_dit(settings: DitSettings, files: TinyModels, encoders: CacheEncoders, controls: torch.Tensor,
-                   cache: Path, data_key: str, log=print) -> tuple[Path, bool]:
+def pretrained_dit(
+    settings: DitSettings,
+    files: TinyModels,
+    encoders: CacheEncoders,
+    controls: torch.Tensor,
+    cache: Path,
+    data_key: str,
+    log=print,
+) -> tuple[Path, bool]:
     """The base DiT file (ComfyUI's prefixed names, config in its metadata), pre-trained fully by the
     trainer's own flow-matching step (`train.micro_step`: packing, timesteps, loss) on the pre-training
     people's (control -> settings.edit) pairs in the VAE's latent space, EMA weights; cached by a hash of its
@@ -217,24 +274,28 @@ def pretrained_dit(settings: DitSettings, files: TinyModels, encoders: CacheEnco
         return path, False
     start = time.monotonic()
     data = encode_pairs(encoders, controls, settings.edit.apply(controls))
-    log(f"  pre-training pairs encoded (latents {tuple(data['target'].shape[1:])}, prompt "
-        f"{tuple(data['prompt_embeds'].shape[1:])}): {time.monotonic() - start:.0f} s")
+    log(
+        f"  pre-training pairs encoded (latents {tuple(data['target'].shape[1:])}, prompt "
+        f"{tuple(data['prompt_embeds'].shape[1:])}): {time.monotonic() - start:.0f} s"
+    )
     torch.manual_seed(ROLE_SEEDS["pretrain"])
     model = models.load_transformer(files.dit, torch.float32)
     model.requires_grad_(True).train()
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    args = SimpleNamespace(timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=settings.shift,
-                           weighting_scheme="none")
+    args = SimpleNamespace(
+        timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=settings.shift, weighting_scheme="none"
+    )
     accelerator = SimpleNamespace(autocast=nullcontext)
     generator = torch.Generator().manual_seed(ROLE_SEEDS["pretrain"])
     batches = shuffled_batches(len(controls), settings.batch, generator)
     losses = []
     for step in range(settings.steps):
         idx = next(batches)
-        batch = Batch([], data["target"][idx], [data["control"][idx]], data["prompt_embeds"][idx],
-                      data["prompt_mask"][idx])
+        batch = Batch(
+            [], data["target"][idx], [data["control"][idx]], data["prompt_embeds"][idx], data["prompt_mask"][idx]
+        )
         loss, _ = micro_step(args, model, None, batch, generator, torch.device("cpu"), accelerator, step + 1, [])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,8 +306,10 @@ def pretrained_dit(settings: DitSettings, files: TinyModels, encoders: CacheEnco
                 ema[name].lerp_(value, 1.0 - settings.ema)
         losses.append(loss.item())
         if (step + 1) % 250 == 0 or step + 1 == settings.steps:
-            log(f"  DiT pre-training step {step + 1}/{settings.steps}: MSE {np.mean(losses[-100:]):.4f} "
-                f"({time.monotonic() - start:.0f} s)")
+            log(
+                f"  DiT pre-training step {step + 1}/{settings.steps}: MSE {np.mean(losses[-100:]):.4f} "
+                f"({time.monotonic() - start:.0f} s)"
+            )
     _atomic_save({DIT_PREFIX + k: v for k, v in ema.items()}, path, settings.config(), asdict(settings))
     return path, True
 
@@ -258,8 +321,16 @@ def round_trip(encoders: CacheEncoders, images: torch.Tensor) -> np.ndarray:
     from face_consistency.trainer.sampling import denormalize_latents
 
     vae = encoders.pipeline.vae
-    latents = torch.cat([encoders.pipeline._encode_vae_image(images[i : i + 64].unsqueeze(2), generator=None)
-                         for i in range(0, len(images), 64)])
-    decoded = torch.cat([vae.decode(denormalize_latents(vae, latents[i : i + 64]), return_dict=False)[0][:, :, 0]
-                         for i in range(0, len(latents), 64)])
+    latents = torch.cat(
+        [
+            encoders.pipeline._encode_vae_image(images[i : i + 64].unsqueeze(2), generator=None)
+            for i in range(0, len(images), 64)
+        ]
+    )
+    decoded = torch.cat(
+        [
+            vae.decode(denormalize_latents(vae, latents[i : i + 64]), return_dict=False)[0][:, :, 0]
+            for i in range(0, len(latents), 64)
+        ]
+    )
     return to_uint8(decoded)

@@ -26,6 +26,7 @@ What it measures, each part in `try` so that one failure still leaves the others
 
 The exit status is 1 when a part failed (its `error` is in the JSON), else 0.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,21 +37,31 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from training_step import (  # noqa: E402 - the benchmarks folder is not a package
-    StepCosts, measure_steps, price_at, train_argv, write_face_dataset, write_models,
+from training_step import (
+    StepCosts,
+    measure_steps,
+    price_at,
+    train_argv,
+    write_face_dataset,
+    write_models,
 )
 
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "testdata"))
 
 
 SIZES = {  # (full run, --dry-run)
-    "scoring_size": (1024, 256), "scoring_images": (32, 4), "scoring_rounds": (5, 2),
-    "train_size": (1024, 64), "train_blocks": ((1, 3), (1, 2)), "train_rounds": (3, 1),
+    "scoring_size": (1024, 256),
+    "scoring_images": (32, 4),
+    "scoring_rounds": (5, 2),
+    "train_size": (1024, 64),
+    "train_blocks": ((1, 3), (1, 2)),
+    "train_rounds": (3, 1),
 }
 
 
@@ -61,7 +72,6 @@ def sized(name: str, dry_run: bool) -> Any:
 def square_photos(folder: Path, size: int, count: int) -> list:
     """BGR arrays: the photos centre-cropped square at size², cycled to `count`."""
     import cv2
-
     from face_consistency.faceid import load_image
 
     photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -72,21 +82,26 @@ def square_photos(folder: Path, size: int, count: int) -> list:
         bgr = load_image(path, channel_order="bgr")
         side = min(bgr.shape[:2])
         top, left = (bgr.shape[0] - side) // 2, (bgr.shape[1] - side) // 2
-        squares.append(cv2.resize(bgr[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_AREA))
+        squares.append(
+            cv2.resize(bgr[top : top + side, left : left + side], (size, size), interpolation=cv2.INTER_AREA)
+        )
     return [squares[i % len(squares)] for i in range(count)]
 
 
 def scoring(options: argparse.Namespace) -> dict[str, Any]:
     """Images/s of the engine with the accelerated provider and the CPU one, interleaved rounds."""
     import onnxruntime
-
     from face_consistency.faceid import load_face_model
 
     dry = options.dry_run
     images = square_photos(options.test_data / "faces", sized("scoring_size", dry), sized("scoring_images", dry))
     providers = {"accelerated": "cpu" if dry else "cuda", "cpu": "cpu"}
-    engines = {label: load_face_model(options.pack, models_root=options.test_data / "insightface", provider=provider,
-                                      allow_download=False) for label, provider in providers.items()}
+    engines = {
+        label: load_face_model(
+            options.pack, models_root=options.test_data / "insightface", provider=provider, allow_download=False
+        )
+        for label, provider in providers.items()
+    }
     for engine in engines.values():  # warm-up: CUDA kernels and arenas, onnxruntime's first-run allocations
         engine.analyze(images, channel_order="bgr")
     seconds: dict[str, list[float]] = {label: [] for label in engines}
@@ -97,11 +112,23 @@ def scoring(options: argparse.Namespace) -> dict[str, Any]:
             seconds[label].append(time.perf_counter() - start)
     faces = sum(r.ok for r in results)
     return {
-        "onnxruntime": onnxruntime.__version__, "available_providers": onnxruntime.get_available_providers(),
-        "pack": options.pack, "images": len(images), "size": sized("scoring_size", dry), "faces_found": faces,
-        **{label: {"provider": engines[label].provider, "images_per_s": len(images) / statistics.median(s),
-                   "seconds_per_round": s} for label, s in seconds.items()},
-        "speedup_cpu_over_accelerated": statistics.median(c / a for c, a in zip(seconds["cpu"], seconds["accelerated"])),
+        "onnxruntime": onnxruntime.__version__,
+        "available_providers": onnxruntime.get_available_providers(),
+        "pack": options.pack,
+        "images": len(images),
+        "size": sized("scoring_size", dry),
+        "faces_found": faces,
+        **{
+            label: {
+                "provider": engines[label].provider,
+                "images_per_s": len(images) / statistics.median(s),
+                "seconds_per_round": s,
+            }
+            for label, s in seconds.items()
+        },
+        "speedup_cpu_over_accelerated": statistics.median(
+            c / a for c, a in zip(seconds["cpu"], seconds["accelerated"])
+        ),
     }
 
 
@@ -115,20 +142,40 @@ def training(options: argparse.Namespace) -> dict[str, Any]:
     engine = load_face_model(options.pack, models_root=models_root, provider="cpu", allow_download=False)
     work = options.work
     dataset = write_face_dataset(work / "data", options.test_data / "faces" / "obama.jpg", engine, size)
-    result: dict[str, Any] = {"size": size, "real_width": not dry, "real_vae": not dry, "rounds": rounds,
-                              "variants": {}}
+    result: dict[str, Any] = {
+        "size": size,
+        "real_width": not dry,
+        "real_vae": not dry,
+        "rounds": rounds,
+        "variants": {},
+    }
     files: dict[int, Any] = {}
     for blocks in sized("train_blocks", dry):
-        files[blocks] = write_models(work / f"models_{blocks}", blocks, real_width=not dry, real_vae=not dry,
-                                     share=next(iter(files.values()), None))
+        files[blocks] = write_models(
+            work / f"models_{blocks}",
+            blocks,
+            real_width=not dry,
+            real_vae=not dry,
+            share=next(iter(files.values()), None),
+        )
     for variant, fp8_base in (("bf16", False), ("bf16_fp8_base", True)):
         costs: dict[int, StepCosts] = {}
         for blocks in sized("train_blocks", dry):
-            argv = train_argv(files[blocks], dataset, work / f"out_{variant}_{blocks}", pack=options.pack,
-                              models_root=models_root, face_device="cpu", mixed_precision="bf16", fp8_base=fp8_base)
+            argv = train_argv(
+                files[blocks],
+                dataset,
+                work / f"out_{variant}_{blocks}",
+                pack=options.pack,
+                models_root=models_root,
+                face_device="cpu",
+                mixed_precision="bf16",
+                fp8_base=fp8_base,
+            )
             costs[blocks] = measure_steps(argv, rounds)
-        result["variants"][variant] = {"by_blocks": {str(n): c.as_json() for n, c in costs.items()},
-                                       "face_loss_at_60_blocks": price_at(costs)}
+        result["variants"][variant] = {
+            "by_blocks": {str(n): c.as_json() for n, c in costs.items()},
+            "face_loss_at_60_blocks": price_at(costs),
+        }
     return result
 
 
@@ -136,10 +183,15 @@ def environment() -> dict[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpu": torch.cuda.get_device_name(0) if cuda else None,
-            "gpu_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
-            "cpu_threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "gpu_bytes": torch.cuda.get_device_properties(0).total_memory if cuda else None,
+        "cpu_threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
 
 
 def run_part(report: dict[str, Any], name: str, part: Callable[[], dict[str, Any]]) -> bool:
@@ -147,12 +199,13 @@ def run_part(report: dict[str, Any], name: str, part: Callable[[], dict[str, Any
     try:
         report[name] = part()
         ok = True
-    except Exception as exc:  # noqa: BLE001 - one part's failure must not lose the other parts' figures
+    except Exception as exc:
         report[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
         ok = False
     report[name]["seconds"] = time.perf_counter() - started
-    print(f"{name}: {'done' if ok else 'FAILED: ' + report[name]['error']} in {report[name]['seconds']:.0f} s",
-          flush=True)
+    print(
+        f"{name}: {'done' if ok else 'FAILED: ' + report[name]['error']} in {report[name]['seconds']:.0f} s", flush=True
+    )
     return ok
 
 

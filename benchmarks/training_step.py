@@ -10,6 +10,7 @@ forward, backward, optimizer) without and with the face loss, interleaved so oth
 machine hits both alike; on CUDA it also reads each step's peak allocated memory. `price_at` scales
 the DiT part to 60 blocks by the per-block cost measured between two block counts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,21 +26,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 REAL_WIDTH = {
-    "patch_size": 2, "in_channels": 64, "out_channels": 16, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": [16, 56, 56],
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+    "guidance_embeds": False,
+    "axes_dims_rope": [16, 56, 56],
 }
 REAL_BLOCKS = 60  # Qwen-Image-Edit 2509's transformer blocks
 # the face loss on every step, whatever t, and no x0 metrics in the timed steps (`--face_eval_frequency`)
-FACE_LOSS_FLAGS = ["--use_face_as_loss", "--face_decode", "face", "--face_loss_max_t", "1",
-                   "--face_loss_every", "1", "--face_eval_frequency", "1000"]
+FACE_LOSS_FLAGS = [
+    "--use_face_as_loss",
+    "--face_decode",
+    "face",
+    "--face_loss_max_t",
+    "1",
+    "--face_loss_every",
+    "1",
+    "--face_eval_frequency",
+    "1000",
+]
 
 
 def write_models(folder: Path, blocks: int, *, real_width: bool, real_vae: bool, share=None):
     """Random model files (tests/tiny_qwen.py's layout) with a DiT of `blocks` blocks. `share`: earlier
     files whose VAE and text encoder to use instead (so their latent and text caches are reused)."""
-    from tiny_qwen import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, write_tiny_model_files
-
     from face_consistency.trainer.models import VAE_CONFIG, shipped_config
+    from tiny_qwen import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, write_tiny_model_files
 
     width = REAL_WIDTH if real_width else TINY_TRANSFORMER_CONFIG
     vae = shipped_config(VAE_CONFIG) if real_vae else TINY_VAE_CONFIG
@@ -56,13 +71,32 @@ def write_face_dataset(folder: Path, photo: Path, engine, size: int) -> Path:
     return write_tiny_dataset(folder, n=1, with_face_photos=[photo], face_model=engine, size=(size, size))
 
 
-def train_argv(files, dataset: Path, out: Path, *, pack: str, models_root: Path, face_device: str,
-               mixed_precision: str, fp8_base: bool) -> list[str]:
+def train_argv(
+    files,
+    dataset: Path,
+    out: Path,
+    *,
+    pack: str,
+    models_root: Path,
+    face_device: str,
+    mixed_precision: str,
+    fp8_base: bool,
+) -> list[str]:
     """The seed guide's memory flags (gradient checkpointing) and the face loss (`FACE_LOSS_FLAGS`)."""
     from tiny_qwen import tiny_train_argv
 
-    extra = ["--gradient_checkpointing", "--mixed_precision", mixed_precision, "--face_model_name", pack,
-             "--face_models_root", str(models_root), "--face_device", face_device, *FACE_LOSS_FLAGS]
+    extra = [
+        "--gradient_checkpointing",
+        "--mixed_precision",
+        mixed_precision,
+        "--face_model_name",
+        pack,
+        "--face_models_root",
+        str(models_root),
+        "--face_device",
+        face_device,
+        *FACE_LOSS_FLAGS,
+    ]
     return tiny_train_argv(files, dataset, out, max_train_steps=100, extra=extra + (["--fp8_base"] if fp8_base else []))
 
 
@@ -85,14 +119,21 @@ class StepCosts:
         return statistics.median(w / wo for w, wo in zip(self.seconds[True], self.seconds[False]))
 
     def as_json(self) -> dict[str, Any]:
-        return {"step_s_without_face_loss": self.median(False), "step_s_with_face_loss": self.median(True),
-                "face_loss_step_ratio": self.face_ratio,
-                "steps_timed": len(self.seconds[False]), "face_loss_samples": self.face_samples,
-                "peak_cuda_bytes_without": self.peak_bytes[False], "peak_cuda_bytes_with": self.peak_bytes[True],
-                "plan_bytes_without": self.plan_bytes[False], "plan_bytes_with": self.plan_bytes[True],
-                "plan_parts_with": self.plan_parts[True],
-                "peak_over_plan_with": (self.peak_bytes[True] / self.plan_bytes[True]
-                                        if self.peak_bytes[True] is not None else None)}
+        return {
+            "step_s_without_face_loss": self.median(False),
+            "step_s_with_face_loss": self.median(True),
+            "face_loss_step_ratio": self.face_ratio,
+            "steps_timed": len(self.seconds[False]),
+            "face_loss_samples": self.face_samples,
+            "peak_cuda_bytes_without": self.peak_bytes[False],
+            "peak_cuda_bytes_with": self.peak_bytes[True],
+            "plan_bytes_without": self.plan_bytes[False],
+            "plan_bytes_with": self.plan_bytes[True],
+            "plan_parts_with": self.plan_parts[True],
+            "peak_over_plan_with": (
+                self.peak_bytes[True] / self.plan_bytes[True] if self.peak_bytes[True] is not None else None
+            ),
+        }
 
 
 def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
@@ -100,7 +141,6 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-
     from face_consistency.trainer.cli import parse_args, validate_args
     from face_consistency.trainer.face_training import build_training_hook
     from face_consistency.trainer.memory_plan import estimate
@@ -115,7 +155,10 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
         run.cache_dataset(encoders)
         run.prepare_samples_and_hooks(encoders)
         without = argparse.Namespace(**{**vars(args), "use_face_as_loss": False})
-        plans = {False: estimate(memory_inputs(without, run.group, [])), True: estimate(memory_inputs(args, run.group, [hook]))}
+        plans = {
+            False: estimate(memory_inputs(without, run.group, [])),
+            True: estimate(memory_inputs(args, run.group, [hook])),
+        }
         del encoders  # as TrainingRun.run: the text encoder goes before the DiT loads
         gc.collect()
         cuda = run.device.type == "cuda"
@@ -141,7 +184,9 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
                     seconds[face].append(time.perf_counter() - start)
                     if face:
                         face_samples.append(extra.metrics.get("face/loss_samples", 0))
-        return StepCosts(seconds, face_samples, peaks, {k: p.total for k, p in plans.items()}, {k: p.parts for k, p in plans.items()})
+        return StepCosts(
+            seconds, face_samples, peaks, {k: p.total for k, p in plans.items()}, {k: p.parts for k, p in plans.items()}
+        )
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -157,5 +202,12 @@ def price_at(costs: dict[int, StepCosts], blocks: int = REAL_BLOCKS) -> dict[str
     rest = costs[a].median(False) - a * per_block
     face = statistics.median([costs[n].median(True) - costs[n].median(False) for n in (a, b)])
     without = rest + blocks * per_block
-    return {"blocks": blocks, "per_block_s": per_block, "rest_of_step_s": rest, "face_loss_s": face,
-            "step_s_without": without, "step_s_with": without + face, "ratio": (without + face) / without}
+    return {
+        "blocks": blocks,
+        "per_block_s": per_block,
+        "rest_of_step_s": rest,
+        "face_loss_s": face,
+        "step_s_without": without,
+        "step_s_with": without + face,
+        "ratio": (without + face) / without,
+    }

@@ -1,4 +1,5 @@
 """matplotlib figures as images."""
+
 from __future__ import annotations
 
 from typing import Any

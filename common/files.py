@@ -1,5 +1,6 @@
 """Files: atomic writes (a reader never sees a half-written report, status or checkpoint), a check
 that a path can be written, a file's signature, the one text-file reader and the one TOML reader."""
+
 from __future__ import annotations
 
 import codecs
@@ -8,13 +9,15 @@ import json
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+# tomllib is re-exported: the one place that knows Python 3.10 reads TOML with tomli
 try:
-    import tomllib  # re-exported: the one place that knows Python 3.10 reads TOML with tomli
+    import tomllib
 except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]
+    import tomli as tomllib  # type: ignore[no-redef]  # noqa: F401
 
 
 # The image files the pack reads, everywhere it lists a folder (samples, datasets, checkpoints' runs).
@@ -31,8 +34,9 @@ class TextFileError(ValueError):
     """A text file the pack reads that is not UTF-8 text; the message names the file and the fix."""
 
 
-_SAVE_AS_UTF8 = ("open it in a text editor and save it as UTF-8 (Windows Notepad: File > Save As, "
-                 "Encoding: UTF-8), then run again")
+_SAVE_AS_UTF8 = (
+    "open it in a text editor and save it as UTF-8 (Windows Notepad: File > Save As, Encoding: UTF-8), then run again"
+)
 
 
 def read_text_file(path: str | os.PathLike, what: str) -> str:
@@ -41,16 +45,21 @@ def read_text_file(path: str | os.PathLike, what: str) -> str:
     and how to save it as UTF-8; OSError (not found, no permission) is left to the caller."""
     data = Path(path).read_bytes()
     if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        raise TextFileError(f"{what} {path} is saved as UTF-16 (Windows Notepad's \"Unicode\"), not UTF-8: "
-                            f"{_SAVE_AS_UTF8}")
+        raise TextFileError(
+            f'{what} {path} is saved as UTF-16 (Windows Notepad\'s "Unicode"), not UTF-8: {_SAVE_AS_UTF8}'
+        )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise TextFileError(f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}; "
-                            f"perhaps Windows-1252 or Latin-1): {_SAVE_AS_UTF8}") from None
+        raise TextFileError(
+            f"{what} {path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x}; "
+            f"perhaps Windows-1252 or Latin-1): {_SAVE_AS_UTF8}"
+        ) from None
     if "\0" in text:
-        raise TextFileError(f"{what} {path} holds NUL characters (UTF-16 without a byte-order mark, or not a text "
-                            f"file at all): {_SAVE_AS_UTF8}")
+        raise TextFileError(
+            f"{what} {path} holds NUL characters (UTF-16 without a byte-order mark, or not a text "
+            f"file at all): {_SAVE_AS_UTF8}"
+        )
     return text
 
 
@@ -91,11 +100,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -4,6 +4,7 @@ Used by the run reader (a run's files stay inside its folder) and, through `node
 by every node input and route that names a file or folder. ComfyUI 0.38 and later offer the same
 test as `folder_paths.is_within_directory`; `comfy_env` uses theirs where it exists.
 """
+
 from __future__ import annotations
 
 import os

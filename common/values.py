@@ -1,6 +1,7 @@
 """The checks every value a user gives goes through (flags, config keys, node inputs): numbers
 finite and within declared bounds, text of bounded length without NUL. One home, so that an
 option declares its bounds and is checked the same way wherever it is given."""
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,11 @@ def check_number(value: Any, bounds: Bounds, what: str) -> None:
 def check_text(value: str, what: str, max_length: int = MAX_TEXT_LENGTH) -> None:
     """Raise ValueCheckError naming `what` when `value` holds a NUL or is longer than `max_length`."""
     if "\0" in value:
-        raise ValueCheckError(f"{what} contains a NUL character (at position {value.index(chr(0))}); "
-                              "retype it without the pasted control character")
+        raise ValueCheckError(
+            f"{what} contains a NUL character (at position {value.index(chr(0))}); "
+            "retype it without the pasted control character"
+        )
     if len(value) > max_length:
-        raise ValueCheckError(f"{what} is {len(value)} characters long; at most {max_length} are accepted "
-                              f"(it begins {value[:40]!r})")
+        raise ValueCheckError(
+            f"{what} is {len(value)} characters long; at most {max_length} are accepted (it begins {value[:40]!r})"
+        )

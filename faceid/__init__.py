@@ -1,4 +1,5 @@
 """Face-identity engine: InsightFace detection + ArcFace embeddings, knowing nothing of ComfyUI."""
+
 import os
 import warnings
 
@@ -17,8 +18,27 @@ from .results import DetectedFace, FaceResult, Identity, Selection  # noqa: E402
 from .similarity import Bands, cosine_similarity, mean_identity  # noqa: E402
 
 __all__ = [
-    "Bands", "DET_SIZE_CHOICES", "DetectedFace", "FaceEngineError", "FaceModel", "FaceResult",
-    "Identity", "ImageLoadError", "ModelPackError", "NoFaceError", "PROVIDER_CHOICES",
-    "ProviderError", "STANDARD_PACKS", "Selection", "as_roots", "cosine_similarity", "image_list",
-    "list_packs", "load_face_model", "load_image", "mean_identity", "resolve_pack", "validate_pack",
+    "DET_SIZE_CHOICES",
+    "PROVIDER_CHOICES",
+    "STANDARD_PACKS",
+    "Bands",
+    "DetectedFace",
+    "FaceEngineError",
+    "FaceModel",
+    "FaceResult",
+    "Identity",
+    "ImageLoadError",
+    "ModelPackError",
+    "NoFaceError",
+    "ProviderError",
+    "Selection",
+    "as_roots",
+    "cosine_similarity",
+    "image_list",
+    "list_packs",
+    "load_face_model",
+    "load_image",
+    "mean_identity",
+    "resolve_pack",
+    "validate_pack",
 ]

@@ -3,6 +3,7 @@
 The change measure is the copy-paste guard: an edit that hands back the control's face
 untouched scores perfect identity, so identity alone cannot tell a good edit from no edit.
 """
+
 from __future__ import annotations
 
 import cv2

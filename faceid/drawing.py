@@ -1,5 +1,6 @@
 """Draw detections onto BGR uint8 images (the engine's layout): box, the five keypoints and a
 label (score, band, person). Colours are given as RGB, as people write them."""
+
 from __future__ import annotations
 
 import cv2
@@ -18,8 +19,16 @@ UNUSED_FACE_COLOR: RGB = (170, 170, 170)
 KEYPOINT_COLORS: tuple[RGB, ...] = ((0, 160, 255), (0, 160, 255), (255, 255, 0), (255, 0, 255), (255, 0, 255))
 # matplotlib's tab10, so person labels match the colours of the evaluation plots
 PERSON_COLORS: tuple[RGB, ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
 )
 
 

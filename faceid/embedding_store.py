@@ -7,6 +7,7 @@ version, or a corrupt or partial file is discarded and rebuilt, never trusted. E
 carries a checksum of its content, and its embedding must be plausible (finite, non-zero,
 unit length for ArcFace): an entry failing either is embedded again, the others are kept.
 """
+
 from __future__ import annotations
 
 import base64
@@ -81,14 +82,16 @@ class FileFaces:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], embedding_size: int, unit_norm: bool = True) -> "FileFaces":
+    def from_json(cls, data: dict[str, Any], embedding_size: int, unit_norm: bool = True) -> FileFaces:
         """The entry of a cache file; CacheEntryError when its checksum or its embedding is off."""
         content = {k: v for k, v in data.items() if k != "checksum"}
         if data.get("checksum") != _checksum(content):
             raise CacheEntryError("its checksum does not match its content (the file was altered)")
         embedding = None
         if data["embedding"] is not None:
-            embedding = np.frombuffer(base64.b64decode(data["embedding"], validate=True), dtype="<f4").astype(np.float32)
+            embedding = np.frombuffer(base64.b64decode(data["embedding"], validate=True), dtype="<f4").astype(
+                np.float32
+            )
             _check_plausible(embedding, embedding_size, unit_norm)
         return cls(
             path=str(data["path"]),

@@ -6,18 +6,20 @@ so watch mode (and a re-queued node) embeds only new or changed files. Worker th
 decode and detect (on the CPU one per core), and the chosen faces go through the
 recognizer in batches.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -104,8 +106,10 @@ class EvaluationSources:
         for what, path in given.items():
             read_as = inputs.get(path.resolve())
             if read_as is not None and not is_evaluation_plot(path):
-                raise EvaluationError(f"{what} {path} is {read_as} of this evaluation; writing there would overwrite "
-                                      "it: choose another path for the output")
+                raise EvaluationError(
+                    f"{what} {path} is {read_as} of this evaluation; writing there would overwrite "
+                    "it: choose another path for the output"
+                )
         self.exclude = list(given.values())
 
     def _input_files(self) -> dict[Path, str]:
@@ -123,9 +127,11 @@ class EvaluationSources:
                 path, _ = resolve_prompt_path(raw, self.sample_prompts, self.base_dir)
                 if path is not None:
                     found.setdefault(path.resolve(), "a control image of the prompt file")
-        for what, folder in (("an image in the sample folder", self.sample_dir),
-                             ("a control image in", self.control_dir),
-                             ("an image in the generated folder", self.generated_dir)):
+        for what, folder in (
+            ("an image in the sample folder", self.sample_dir),
+            ("a control image in", self.control_dir),
+            ("an image in the generated folder", self.generated_dir),
+        ):
             if folder is not None:
                 for path in list_images(folder, suffixes=IMAGE_SUFFIXES | UNSUPPORTED_IMAGE_SUFFIXES):
                     found.setdefault(path.resolve(), f"{what} {folder}")
@@ -270,8 +276,9 @@ def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> 
     )
 
 
-def judge_files(judge: DlibJudge, paths: Sequence[Path], store: EmbeddingStore,
-                progress: ProgressBar | None = None) -> int:
+def judge_files(
+    judge: DlibJudge, paths: Sequence[Path], store: EmbeddingStore, progress: ProgressBar | None = None
+) -> int:
     """The judge's descriptor of every file not already in `store` (or changed since); returns how many."""
     todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
     for path in todo:
@@ -326,9 +333,7 @@ class FolderEvaluation:
         self.progress = progress
         self.workers = workers
         description = model.describe()
-        self.store = EmbeddingStore(
-            model_fingerprint(description, model.pack_dir), model.embedding_size, cache_file
-        )
+        self.store = EmbeddingStore(model_fingerprint(description, model.pack_dir), model.embedding_size, cache_file)
         self.judge = judge
         self.judge_store = (
             EmbeddingStore(judge.fingerprint(), DESCRIPTOR_SIZE, judge_cache_file, unit_norm=False)
@@ -532,7 +537,6 @@ class FolderEvaluation:
             key = "reason" if not control_embeddings and self.reference is None else "control_notes"
             pair[key] = "; ".join(problems)
         return pair
-
 
     def _judge_pair(self, item: SampleItem) -> dict[str, Any]:
         """The judge's own verdicts for one pair; its failures are reported here, apart from the engine's."""

@@ -4,6 +4,7 @@ Exit codes: 0 report written with at least one scored pair; 1 nothing could be p
 scored (the report is still written, listing why), or a write failed (disk full); 2 bad
 arguments, output paths or model pack; 130 interrupted before the model was loaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,9 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..common.files import atomic_write_json, check_writable_file
 from ..common.values import Bounds, check_number, check_text
@@ -58,59 +60,83 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--control_dir", type=Path, help="folder of control images (with --generated_dir)")
     where.add_argument("--generated_dir", type=Path, help="folder of generated images named like their controls")
     where.add_argument(
-        "--reference", type=Path, nargs="+", default=[], metavar="IMAGE",
+        "--reference",
+        type=Path,
+        nargs="+",
+        default=[],
+        metavar="IMAGE",
         help="photo(s) of the person; scored instead of the control when no control is known, beside it otherwise",
     )
     where.add_argument(
-        "--ci_base_dir", type=Path,
+        "--ci_base_dir",
+        type=Path,
         help="folder relative --ci paths are resolved from (musubi's working directory; default: the current "
         "directory, then the prompt file's folder)",
     )
     model = parser.add_argument_group("face model")
     model.add_argument("--model_name", default="buffalo_l", help="InsightFace pack name or folder (default buffalo_l)")
     model.add_argument(
-        "--models_root", type=Path, action="append",
+        "--models_root",
+        type=Path,
+        action="append",
         help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)",
     )
     model.add_argument(
-        "--offline", action="store_true",
+        "--offline",
+        action="store_true",
         help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1); by default it is fetched on first use",
     )
     model.add_argument(
         "--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)"
     )
     model.add_argument(
-        "--det_size", default="auto", help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32"
+        "--det_size",
+        default="auto",
+        help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32",
     )
     model.add_argument("--det_thresh", type=float, default=0.5, help="face detection score threshold (default 0.5)")
     model.add_argument(
-        "--judge", choices=JUDGE_CHOICES,
+        "--judge",
+        choices=JUDGE_CHOICES,
         help="also score every pair with a held-out recognizer from another family (dlib; needs "
         'pip install "comfyui-face-consistency[judge]"); its own detector locates the faces',
     )
     model.add_argument(
-        "--judge_detector", choices=DETECTORS, default="hog",
+        "--judge_detector",
+        choices=DETECTORS,
+        default="hog",
         help="the judge's face detector: hog (fast) or cnn (finds more faces, slow on the CPU); default hog",
     )
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--threshold", type=float, help="count samples at or above this similarity")
     scoring.add_argument(
-        "--bands", type=float, nargs=3, metavar=("EXCELLENT", "GOOD", "MODERATE"),
+        "--bands",
+        type=float,
+        nargs=3,
+        metavar=("EXCELLENT", "GOOD", "MODERATE"),
         help="band lower bounds (default 0.85 0.75 0.65; tuned for 512-d ArcFace packs)",
     )
     scoring.add_argument(
-        "--output_json", type=Path, default=Path("face_consistency_results.json"),
+        "--output_json",
+        type=Path,
+        default=Path("face_consistency_results.json"),
         help="report path (default face_consistency_results.json)",
     )
     scoring.add_argument(
-        "--copy_paste_threshold", type=float, default=DEFAULT_COPY_PASTE_THRESHOLD,
+        "--copy_paste_threshold",
+        type=float,
+        default=DEFAULT_COPY_PASTE_THRESHOLD,
         help="face change (1 - SSIM) below which a sample is flagged UNCHANGED (its control's face handed "
         "back), and, scoring above the --reference photos' own agreement, as a copy of its control "
         f"(default {DEFAULT_COPY_PASTE_THRESHOLD})",
     )
     scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
     scoring.add_argument(
-        "--watch", type=float, nargs="?", const=DEFAULT_WATCH_SECONDS, metavar="SECONDS",
+        "--watch",
+        type=float,
+        nargs="?",
+        const=DEFAULT_WATCH_SECONDS,
+        metavar="SECONDS",
         help=f"keep polling for new samples every SECONDS (default {DEFAULT_WATCH_SECONDS:g}); Ctrl-C stops",
     )
     scoring.add_argument("--quiet", action="store_true", help="print nothing but errors")
@@ -140,7 +166,7 @@ class _Interrupts:
         self.stopping = True
         raise KeyboardInterrupt
 
-    def __enter__(self) -> "_Interrupts":
+    def __enter__(self) -> _Interrupts:
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self)

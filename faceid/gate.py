@@ -5,11 +5,12 @@ else rules it out: no face (or an image the detector cannot take), several faces
 rules score the selected one), a face handed back unchanged from the control, and, when the
 rules require it, the held-out judge not seeing the same person.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 from .judge import SIMILARITY_THRESHOLD
 from .scoring import BatchScores, ImageScore
@@ -57,8 +58,9 @@ def _decide(row: ImageScore, batch: BatchScores, rules: GateRules) -> GateDecisi
         if result.faces_found > 1 and SeveralFaces(rules.several_faces) is SeveralFaces.REJECT:
             failures.append(f"several faces ({result.faces_found} found)")
         if rules.reject_unchanged and row.unchanged:
-            failures.append(f"face unchanged from the control (change {row.face_change:.3f} < "
-                            f"{batch.copy_paste_threshold:.2f})")
+            failures.append(
+                f"face unchanged from the control (change {row.face_change:.3f} < {batch.copy_paste_threshold:.2f})"
+            )
     judged = _judge_words(row, rules)
     if judged is not None:
         agrees, words = judged

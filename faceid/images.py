@@ -6,13 +6,15 @@ on white, grayscale and 16-bit are expanded to 8-bit RGB, EXIF orientation is ap
 Files longer than MAX_ANALYSIS_SIDE are decoded downscaled to it, in 8 bits: a 13000 x 13000
 RGBA PNG then never exists as a float copy (that took 9 GB), only as its decoded pixels.
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -63,8 +65,10 @@ def undetectable_reason(width: int, height: int) -> str | None:
     if short < MIN_IMAGE_SIDE:
         return f"image {width}x{height} is too small to hold a face (at least {MIN_IMAGE_SIDE} pixels a side)"
     if long > MAX_ASPECT_RATIO * short:
-        return (f"image {width}x{height} is too elongated for the face detector (about {long // short}:1; at most "
-                f"{MAX_ASPECT_RATIO}:1): crop it around the face")
+        return (
+            f"image {width}x{height} is too elongated for the face detector (about {long // short}:1; at most "
+            f"{MAX_ASPECT_RATIO}:1): crop it around the face"
+        )
     return None
 
 
@@ -103,9 +107,7 @@ def _array_to_rgb_uint8(array: np.ndarray) -> np.ndarray:
     if array.ndim == 2:
         array = array[..., None]
     if array.ndim != 3 or array.shape[2] not in (1, 2, 3, 4):
-        raise ImageLoadError(
-            f"expected an image array shaped (H, W), (H, W, 1|3|4); got {tuple(array.shape)}"
-        )
+        raise ImageLoadError(f"expected an image array shaped (H, W), (H, W, 1|3|4); got {tuple(array.shape)}")
     if array.shape[0] < 1 or array.shape[1] < 1:
         raise ImageLoadError(f"image has no pixels: shape {tuple(array.shape)}")
     if array.dtype == np.uint8 and array.shape[2] == 3:

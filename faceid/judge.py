@@ -18,14 +18,16 @@ given as `similarity = 1 - distance / 1.2`, clipped to [0, 1]: 1 for identical d
 Optional: `pip install "comfyui-face-consistency[judge]"` (dlib-bin and face_recognition_models,
 whose `.dat` weights are read in place).
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -104,8 +106,11 @@ class Verdict:
     same_person: bool
 
     def to_dict(self) -> dict[str, Any]:
-        return {"distance": round(self.distance, 6), "similarity": round(self.similarity, 6),
-                "same_person": self.same_person}
+        return {
+            "distance": round(self.distance, 6),
+            "similarity": round(self.similarity, 6),
+            "same_person": self.same_person,
+        }
 
 
 def verdict(a: np.ndarray, b: np.ndarray) -> Verdict:
@@ -163,7 +168,9 @@ class DlibJudge:
         }
         missing = [str(p) for p in self.weights.values() if not p.is_file()]
         if missing:
-            raise JudgeNotInstalledError(f"dlib judge weights missing ({', '.join(missing)}); reinstall: {INSTALL_HINT}")
+            raise JudgeNotInstalledError(
+                f"dlib judge weights missing ({', '.join(missing)}); reinstall: {INSTALL_HINT}"
+            )
         if detector == "cnn":
             self._detector = dlib.cnn_face_detection_model_v1(str(self.weights["detector"]))
         else:
@@ -203,8 +210,12 @@ class DlibJudge:
             rects, scores, _ = self._detector.run(small, upsample, 0.0)
             found = list(zip(rects, (float(s) for s in scores)))
         return [
-            (dlib.rectangle(int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale)),
-             score)
+            (
+                dlib.rectangle(
+                    int(r.left() / scale), int(r.top() / scale), int(r.right() / scale), int(r.bottom() / scale)
+                ),
+                score,
+            )
             for r, score in found
         ]
 
@@ -236,8 +247,9 @@ class DlibJudge:
     def judge_all(self, images: Sequence[Any], channel_order: str = "rgb") -> list[JudgeResult]:
         return [self.judge(image, channel_order) for image in images]
 
-    def reference_descriptors(self, images: Sequence[Any], channel_order: str = "rgb",
-                              name: str = "reference") -> list[np.ndarray]:
+    def reference_descriptors(
+        self, images: Sequence[Any], channel_order: str = "rgb", name: str = "reference"
+    ) -> list[np.ndarray]:
         """Descriptors of reference photos; a photo in which the judge finds no face is an error naming it."""
         descriptors = []
         for i, result in enumerate(self.judge_all(images, channel_order)):

@@ -1,8 +1,9 @@
 """One-to-one assignment of the people in a reference image to the faces in an output."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,13 +43,9 @@ def match_faces(
     reference = np.asarray(reference_embeddings, dtype=np.float32)
     output = np.asarray(output_embeddings, dtype=np.float32)
     if reference.ndim != 2 or output.ndim != 2:
-        raise ValueError(
-            f"embeddings must be 2-D (faces, size); got {reference.shape} and {output.shape}"
-        )
+        raise ValueError(f"embeddings must be 2-D (faces, size); got {reference.shape} and {output.shape}")
     if len(reference) and len(output) and reference.shape[1] != output.shape[1]:
-        raise ValueError(
-            f"embedding sizes differ: reference {reference.shape[1]}, output {output.shape[1]}"
-        )
+        raise ValueError(f"embedding sizes differ: reference {reference.shape[1]}, output {output.shape[1]}")
     matches: list[FaceMatch] = []
     if len(reference) and len(output):
         similarity_nm = reference @ output.T

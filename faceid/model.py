@@ -1,4 +1,5 @@
 """The face engine: one loaded detector + recognizer per (pack, provider, detection settings)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,9 +7,10 @@ import logging
 import os
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -174,10 +176,12 @@ class FaceModel:
         """L2-normalised embeddings `(len(crops), embedding_size)`, the recognizer run in batches."""
         if not crops:
             return np.empty((0, self.embedding_size), np.float32)
-        raw = np.concatenate([
-            self._recognizer.get_feat(list(crops[start : start + RECOGNIZER_BATCH]))
-            for start in range(0, len(crops), RECOGNIZER_BATCH)
-        ]).astype(np.float32)
+        raw = np.concatenate(
+            [
+                self._recognizer.get_feat(list(crops[start : start + RECOGNIZER_BATCH]))
+                for start in range(0, len(crops), RECOGNIZER_BATCH)
+            ]
+        ).astype(np.float32)
         return raw / np.linalg.norm(raw, axis=1, keepdims=True).clip(min=1e-12)
 
     def analyze(
@@ -334,9 +338,7 @@ def _index_valid(selection: Selection, index: int, faces: list[DetectedFace]) ->
     return selection is not Selection.INDEX or 0 <= index < len(faces)
 
 
-def _choose(
-    faces: list[DetectedFace], selection: Selection, index: int, reference: np.ndarray | None = None
-) -> int:
+def _choose(faces: list[DetectedFace], selection: Selection, index: int, reference: np.ndarray | None = None) -> int:
     """Index (in left-to-right order) of the face a policy picks; ties resolve to the leftmost."""
     if selection is Selection.INDEX:
         return index

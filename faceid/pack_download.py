@@ -5,6 +5,7 @@ interrupted download), checked against the release's sha256, extracted into a hi
 beside the target, validated as a pack, and only then renamed into `<models>/<pack>/`. A lock
 file makes a second process wait for the first one's download instead of fetching again.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,9 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator, Sequence
 
 from filelock import FileLock, Timeout
 
@@ -124,7 +125,9 @@ class TerminalProgress:
         from tqdm import tqdm
 
         if self._bar is None:
-            tqdm.write(f"model pack {transfer.pack}: downloading {transfer.url} into {transfer.target}", file=sys.stderr)
+            tqdm.write(
+                f"model pack {transfer.pack}: downloading {transfer.url} into {transfer.target}", file=sys.stderr
+            )
             self._bar = tqdm(total=transfer.total, unit="B", unit_scale=True, unit_divisor=1000, desc=transfer.pack)
         self._bar.update(transfer.done - self._bar.n)
         if transfer.total is not None and transfer.done >= transfer.total:
@@ -180,9 +183,7 @@ def download_dir(roots: Sequence[Path]) -> Path:
     raise ModelPackError(f"no model folder can be written to for a download; tried: {', '.join(tried)}")
 
 
-def download_pack(
-    name: str, models_dir: Path, progress: ProgressCallback | None = None, slim: bool = False
-) -> Path:
+def download_pack(name: str, models_dir: Path, progress: ProgressCallback | None = None, slim: bool = False) -> Path:
     """Install standard pack `name` into `models_dir/<name>/` and return that folder.
 
     `slim` keeps only the detector and the recognizer. A pack already there (or installed by
@@ -331,13 +332,16 @@ def _sha256(path: Path) -> str:
 def _check_free_space(folder: Path, name: str, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed:
-        raise ModelPackError(_no_space(folder, name, f"it needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are "
-                                                     "free"))
+        raise ModelPackError(
+            _no_space(folder, name, f"it needs about {needed / 1e6:.0f} MB, {free / 1e6:.0f} MB are free")
+        )
 
 
 def _no_space(folder: Path, name: str, detail: str) -> str:
-    return (f"not enough free space in {folder} for model pack {name} ({detail}); nothing was installed. Free "
-            f"space there, or point the models folder to another disk, then run again.")
+    return (
+        f"not enough free space in {folder} for model pack {name} ({detail}); nothing was installed. Free "
+        f"space there, or point the models folder to another disk, then run again."
+    )
 
 
 def _model_members(zf: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
@@ -365,8 +369,9 @@ def _extract(zf: zipfile.ZipFile, members: list[zipfile.ZipInfo], staging: Path,
             for block in iter(lambda: source.read(CHUNK), b""):
                 written += len(block)
                 if written > info.file_size or written > ceiling:
-                    raise zipfile.BadZipFile(f"{info.filename} unpacks to more than the {info.file_size} bytes "
-                                             "it declares")
+                    raise zipfile.BadZipFile(
+                        f"{info.filename} unpacks to more than the {info.file_size} bytes it declares"
+                    )
                 out.write(block)
 
 
@@ -417,10 +422,13 @@ def _install(archive: Path, name: str, target: Path, slim: bool) -> None:
 
 def _onnx_folder(staging: Path, name: str) -> Path:
     """The one extracted folder holding the .onnx files (antelopev2.zip nests them in antelopev2/)."""
-    holders = sorted({
-        path.parent for path in staging.rglob("*.onnx")
-        if not any(part.startswith((".", "__MACOSX")) for part in path.relative_to(staging).parts)
-    })
+    holders = sorted(
+        {
+            path.parent
+            for path in staging.rglob("*.onnx")
+            if not any(part.startswith((".", "__MACOSX")) for part in path.relative_to(staging).parts)
+        }
+    )
     if len(holders) != 1:
         found = ", ".join(str(h.relative_to(staging)) for h in holders) or "none"
         raise ModelPackError(

@@ -4,12 +4,14 @@ A root holds `models/<pack>/*.onnx` (ComfyUI: `ComfyUI/models/insightface`, stan
 `~/.insightface`). A pack is any folder with one face detector and one recognizer ONNX;
 the files are told apart the way InsightFace's model router does.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from .errors import ModelPackError
 
@@ -67,8 +69,7 @@ def list_packs(roots: Iterable[Path]) -> list[str]:
 def _has_onnx(folder: Path) -> bool:
     try:
         return any(p.suffix.lower() == ".onnx" for p in folder.iterdir()) or any(
-            sub.is_dir() and any(p.suffix.lower() == ".onnx" for p in sub.iterdir())
-            for sub in folder.iterdir()
+            sub.is_dir() and any(p.suffix.lower() == ".onnx" for p in sub.iterdir()) for sub in folder.iterdir()
         )
     except PermissionError:  # listed, so that checking it names the problem instead of hiding the pack
         return True
@@ -114,8 +115,7 @@ def classify_onnx(path: Path) -> str:
         ) from None
     except Exception as exc:  # onnx raises DecodeError, OSError, ValueError... for bad files
         raise ModelPackError(
-            f"cannot read ONNX model {path}: {exc}. The file is corrupt or truncated; "
-            "download the pack again."
+            f"cannot read ONNX model {path}: {exc}. The file is corrupt or truncated; download the pack again."
         ) from None
     if model is None or not model.graph.node:  # protobuf reads zero bytes as an empty model
         raise ModelPackError(
@@ -203,7 +203,7 @@ def resolve_pack(
     pack: str | os.PathLike,
     roots: Sequence[Path],
     allow_download: bool = False,
-    progress: "ProgressCallback | None" = None,
+    progress: ProgressCallback | None = None,
 ) -> PackFiles:
     """Locate and validate a pack; a missing standard pack is downloaded into the first writable
     root when allowed and not turned off by FACE_CONSISTENCY_OFFLINE (`progress`: see pack_download)."""

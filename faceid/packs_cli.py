@@ -1,8 +1,9 @@
 """`face-consistency packs`: list the InsightFace packs found and downloadable, check each, fetch one."""
+
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import FaceEngineError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
@@ -18,21 +19,28 @@ def build_parser() -> argparse.ArgumentParser:
         "are available, and download a standard pack.",
     )
     parser.add_argument(
-        "--models_root", action="append", default=None, metavar="DIR",
+        "--models_root",
+        action="append",
+        default=None,
+        metavar="DIR",
         help="a folder holding models/<pack>/ (repeatable), e.g. ComfyUI/models/insightface; "
         "downloads go to the first writable one",
     )
     parser.add_argument(
-        "--download", choices=STANDARD_PACKS, metavar="NAME",
+        "--download",
+        choices=STANDARD_PACKS,
+        metavar="NAME",
         help=f"download standard pack NAME now ({', '.join(STANDARD_PACKS)}), even with {OFFLINE_ENV} set",
     )
     parser.add_argument(
-        "--slim", action="store_true",
+        "--slim",
+        action="store_true",
         help="with --download: keep only the detector and the recognizer (drop the landmark and "
         "gender/age models, which this pack never loads)",
     )
     parser.add_argument(
-        "--load", metavar="PACK",
+        "--load",
+        metavar="PACK",
         help="also load PACK with onnxruntime and report the provider that actually runs",
     )
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="provider for --load")
@@ -83,8 +91,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         try:
             model = load_face_model(
-                args.load, models_root=args.models_root, provider=args.device,
-                allow_download=not args.offline, progress=TerminalProgress(),
+                args.load,
+                models_root=args.models_root,
+                provider=args.device,
+                allow_download=not args.offline,
+                progress=TerminalProgress(),
             )
         except FaceEngineError as exc:
             print(f"cannot load {args.load}: {exc}")

@@ -13,11 +13,12 @@ Three layouts, as users have them:
 Nothing is dropped silently: every image that cannot be paired becomes an `Unpaired` entry
 with the file and the reason.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..common.files import IMAGE_SUFFIXES
 from ..musubi_formats.names import SEED_CONTROL, SampleName, musubi_controls, parse_sample_name
@@ -56,10 +57,7 @@ def list_images(folder: Path, exclude: Iterable[Path] = (), suffixes: frozenset[
     return sorted(
         p
         for p in folder.iterdir()
-        if p.is_file()
-        and p.suffix.lower() in suffixes
-        and not p.name.startswith(".")
-        and p.resolve() not in excluded
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".") and p.resolve() not in excluded
     )
 
 
@@ -86,9 +84,7 @@ def pair_sample_folder(
     """
     pairing = Pairing(unpaired=unsupported_images(sample_dir))
     files = list_images(sample_dir, exclude)
-    seed_controls = {
-        int(m["index"]): p for p in files if (m := SEED_CONTROL.match(p.stem))
-    }
+    seed_controls = {int(m["index"]): p for p in files if (m := SEED_CONTROL.match(p.stem))}
     prompt_controls: dict[int, list[Path]] = {}
     prompt_problems: dict[int, str] = {}
     for prompt in prompts or ():

@@ -4,6 +4,7 @@ Drawn with matplotlib's object API on an Agg canvas (no pyplot global state, saf
 ComfyUI's worker thread). The same figure is written as PNG by the command and returned as
 an RGB array by the FaceConsistencyScoreFolder node.
 """
+
 from __future__ import annotations
 
 import io
@@ -62,8 +63,12 @@ def _figure(report: dict[str, Any]) -> Any:
         f"Face identity similarity to the {report['metric']} — {model['pack']} "
         f"({report['embedding_size']}-d, {report['provider']}); "
         f"{report['valid_pairs']} of {report['total_pairs']} pairs scored"
-        + (f"\nheld-out judge {judge['model']['judge']}: {judge['valid_pairs']} scored, "
-           f"similarity {judge['model']['similarity_scale']}" if judge else ""),
+        + (
+            f"\nheld-out judge {judge['model']['judge']}: {judge['valid_pairs']} scored, "
+            f"similarity {judge['model']['similarity_scale']}"
+            if judge
+            else ""
+        ),
         fontsize=11,
     )
     for ax in (ax_steps, ax_prompts):
@@ -93,8 +98,12 @@ def _figure(report: dict[str, Any]) -> Any:
     )
     for x, key, mean in zip(xs, keys, means):
         ax_steps.annotate(
-            f"n={by_step[key]['count']}", (x, mean), textcoords="offset points", xytext=(0, 8),
-            ha="center", fontsize=8,
+            f"n={by_step[key]['count']}",
+            (x, mean),
+            textcoords="offset points",
+            xytext=(0, 8),
+            ha="center",
+            fontsize=8,
         )
     _mark_unchanged(ax_steps, report["unchanged"], dict(zip(keys, xs)), dict(zip(keys, means)))
     if judge and judge["by_step"]:
@@ -105,33 +114,50 @@ def _figure(report: dict[str, Any]) -> Any:
     for prompt, steps in prompt_lines.items():
         prompt_keys = [k for k in keys if k in steps]
         ax_prompts.plot(
-            [position[k] for k in prompt_keys], [steps[k]["mean"] for k in prompt_keys], "o-", ms=3,
+            [position[k] for k in prompt_keys],
+            [steps[k]["mean"] for k in prompt_keys],
+            "o-",
+            ms=3,
             label=f"prompt {prompt}",
         )
     if prompt_lines:
         ax_prompts.legend(loc="lower left", fontsize=8, ncol=min(6, len(prompt_lines)))
     else:
-        ax_prompts.text(0.5, 0.5, "no prompt indices in these file names", ha="center", va="center",
-                        transform=ax_prompts.transAxes)
+        ax_prompts.text(
+            0.5, 0.5, "no prompt indices in these file names", ha="center", va="center", transform=ax_prompts.transAxes
+        )
     ax_prompts.set_xlabel(xlabel)
     if labels is not None:
         ax_prompts.set_xticks(xs, labels)
     return fig
 
 
-def _mark_unchanged(ax: Any, unchanged: dict[str, Any], position: dict[str, float],
-                    mean: dict[str, float]) -> None:
+def _mark_unchanged(ax: Any, unchanged: dict[str, Any], position: dict[str, float], mean: dict[str, float]) -> None:
     """A red cross and count on each step with samples whose face is unchanged from the control:
     their ~1.0 scores lift the mean without any edit having happened."""
     keys = [k for k in unchanged["by_step"] if k in position]
     if not keys:
         return
     xs = [position[k] for k in keys]
-    ax.plot(xs, [mean[k] for k in keys], "X", color="tab:red", ms=11, zorder=5,
-            label=f"face unchanged from the control (change < {unchanged['change_threshold']:.2f})")
+    ax.plot(
+        xs,
+        [mean[k] for k in keys],
+        "X",
+        color="tab:red",
+        ms=11,
+        zorder=5,
+        label=f"face unchanged from the control (change < {unchanged['change_threshold']:.2f})",
+    )
     for x, key in zip(xs, keys):
-        ax.annotate(f"{unchanged['by_step'][key]} unchanged", (x, mean[key]), textcoords="offset points",
-                    xytext=(0, -14), ha="center", fontsize=8, color="tab:red")
+        ax.annotate(
+            f"{unchanged['by_step'][key]} unchanged",
+            (x, mean[key]),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+            color="tab:red",
+        )
 
 
 def _judge_curve(ax: Any, judge: dict[str, Any], position: dict[str, float]) -> None:
@@ -142,8 +168,13 @@ def _judge_curve(ax: Any, judge: dict[str, Any], position: dict[str, float]) -> 
     xs = [position[k] for k in keys]
     ax.fill_between(xs, means - stds, means + stds, color="tab:orange", alpha=0.15)
     ax.plot(xs, means, "s--", color="tab:orange", label=f"held-out judge {judge['model']['judge']} (mean ± std)")
-    ax.axhline(judge["model"]["similarity_threshold"], color="tab:orange", ls=":", lw=1,
-               label=f"{judge['model']['judge']} same-person threshold (distance {judge['model']['distance_threshold']})")
+    ax.axhline(
+        judge["model"]["similarity_threshold"],
+        color="tab:orange",
+        ls=":",
+        lw=1,
+        label=f"{judge['model']['judge']} same-person threshold (distance {judge['model']['distance_threshold']})",
+    )
 
 
 def plot_png(report: dict[str, Any]) -> bytes:

@@ -1,4 +1,5 @@
 """onnxruntime execution providers: what was asked, what is installed, what actually runs."""
+
 from __future__ import annotations
 
 import importlib.metadata

@@ -1,10 +1,11 @@
 """Pick the best images of a batch by score: sort, filter by threshold and/or top-k."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Sequence
 
 
 class Fallback(str, Enum):

@@ -5,10 +5,12 @@ The layout is a superset of the seed script's: `total_pairs`, `valid_pairs`,
 keys; epoch-triggered samples get keys "e<epoch>", samples without a step "none"). `std` is
 the population standard deviation (numpy's default), as in the seed.
 """
+
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -131,7 +133,8 @@ def _judge_section(pairs: list[dict[str, Any]], primary: str, judge: dict[str, A
     distances = [p["judge_distance"] for p in pairs if p["judge_distance"] is not None]
     failures = [
         {"file": p["image"], "kind": "judge", "reason": p["judge"]["reason"] or f"no {primary} verdict"}
-        for p in pairs if p["judge_score"] is None
+        for p in pairs
+        if p["judge_score"] is None
     ]
     return {
         "metric": primary,
@@ -219,8 +222,18 @@ def _judge_table(judge: dict[str, Any]) -> list[str]:
     ]
     rows = list(judge["by_step"].items())
     if judge["valid_pairs"]:
-        rows.append(("all", {"count": judge["valid_pairs"], "mean": judge["overall_mean"],
-                             "std": judge["overall_std"], "min": judge["overall_min"], "max": judge["overall_max"]}))
+        rows.append(
+            (
+                "all",
+                {
+                    "count": judge["valid_pairs"],
+                    "mean": judge["overall_mean"],
+                    "std": judge["overall_std"],
+                    "min": judge["overall_min"],
+                    "max": judge["overall_max"],
+                },
+            )
+        )
     for key, stats in rows:
         lines.append(
             f"{key:>10} {stats['count']:>5} {_number(stats['mean']):>8} ± {_number(stats['std']):<5} "
@@ -260,7 +273,8 @@ def _unchanged_lines(unchanged: dict[str, Any]) -> list[str]:
     return [
         f"UNCHANGED: {unchanged['count']} sample(s) with a face region unchanged from their control (face change "
         f"below {unchanged['change_threshold']:.2f}): they score about 1.0 without any edit, so their band says "
-        "nothing; a LoRA that returns its input looks like this. " + ", ".join(unchanged["samples"][:5])
+        "nothing; a LoRA that returns its input looks like this. "
+        + ", ".join(unchanged["samples"][:5])
         + (f" and {unchanged['count'] - 5} more" if unchanged["count"] > 5 else "")
     ]
 
@@ -291,8 +305,21 @@ _FAILURE = {
 _PAIR = {
     "type": "object",
     "required": [
-        "image", "step", "epoch", "step_key", "prompt_index", "seed", "layout", "controls", "score",
-        "score_control", "score_reference", "band", "face", "status", "reason",
+        "image",
+        "step",
+        "epoch",
+        "step_key",
+        "prompt_index",
+        "seed",
+        "layout",
+        "controls",
+        "score",
+        "score_control",
+        "score_reference",
+        "band",
+        "face",
+        "status",
+        "reason",
     ],
     "properties": {
         "image": {"type": "string"},
@@ -356,10 +383,33 @@ REPORT_SCHEMA: dict[str, Any] = {
     "title": "face-consistency evaluate report",
     "type": "object",
     "required": [
-        "tool", "tool_version", "created", "metric", "total_pairs", "valid_pairs", "overall_mean",
-        "overall_std", "overall_min", "overall_max", "by_step", "by_prompt", "by_prompt_step",
-        "threshold", "bands", "model", "embedding_size", "provider", "det_size", "det_thresh",
-        "inputs", "cache", "failure_count", "failures", "pairs", "copy_paste", "unchanged",
+        "tool",
+        "tool_version",
+        "created",
+        "metric",
+        "total_pairs",
+        "valid_pairs",
+        "overall_mean",
+        "overall_std",
+        "overall_min",
+        "overall_max",
+        "by_step",
+        "by_prompt",
+        "by_prompt_step",
+        "threshold",
+        "bands",
+        "model",
+        "embedding_size",
+        "provider",
+        "det_size",
+        "det_thresh",
+        "inputs",
+        "cache",
+        "failure_count",
+        "failures",
+        "pairs",
+        "copy_paste",
+        "unchanged",
     ],
     "properties": {
         "tool": {"type": "string"},
@@ -417,11 +467,21 @@ REPORT_SCHEMA: dict[str, Any] = {
         "pairs": {"type": "array", "items": _PAIR},
         "judge": {
             "type": "object",
-            "required": ["metric", "model", "distance", "same_person", "failure_count", "failures",
-                         *sorted(_STATISTICS_PROPERTIES.keys() - {"at_or_above_threshold"})],
+            "required": [
+                "metric",
+                "model",
+                "distance",
+                "same_person",
+                "failure_count",
+                "failures",
+                *sorted(_STATISTICS_PROPERTIES.keys() - {"at_or_above_threshold"}),
+            ],
             "properties": {
                 "metric": {"enum": ["control", "reference"]},
-                "model": {"type": "object", "required": ["judge", "detector", "distance_threshold", "similarity_scale"]},
+                "model": {
+                    "type": "object",
+                    "required": ["judge", "detector", "distance_threshold", "similarity_scale"],
+                },
                 **_STATISTICS_PROPERTIES,
                 "distance": _STATS,
                 "same_person": {"type": "integer", "minimum": 0},
@@ -431,8 +491,14 @@ REPORT_SCHEMA: dict[str, Any] = {
         },
         "copy_paste": {
             "type": "object",
-            "required": ["reference_agreement", "judge_reference_agreement", "change_threshold",
-                         "above_reference_agreement", "flagged_count", "flagged"],
+            "required": [
+                "reference_agreement",
+                "judge_reference_agreement",
+                "change_threshold",
+                "above_reference_agreement",
+                "flagged_count",
+                "flagged",
+            ],
             "properties": {
                 "reference_agreement": {"type": ["object", "null"]},
                 "judge_reference_agreement": {"type": ["object", "null"]},

@@ -1,4 +1,5 @@
 """Plain result types of the engine: no ComfyUI, no onnxruntime objects."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

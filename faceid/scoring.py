@@ -1,10 +1,11 @@
 """Score a batch of edited images against a reference identity: no-face policy, bands,
 threshold count, copy-paste guard and a plain-text report. ComfyUI-free; nodes adapt it."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -37,7 +38,7 @@ class Control:
     crop: np.ndarray  # aligned BGR crop
 
     @classmethod
-    def from_face(cls, bgr: np.ndarray, face: DetectedFace) -> "Control":
+    def from_face(cls, bgr: np.ndarray, face: DetectedFace) -> Control:
         return cls(crop=aligned_crop(bgr, face))
 
 
@@ -99,8 +100,7 @@ class BatchScores:
     def report(self, title: Sequence[str] = ()) -> str:
         b = self.bands
         lines = list(title) + [
-            f"bands: excellent >= {b.excellent:.2f}, good >= {b.good:.2f}, "
-            f"moderate >= {b.moderate:.2f}, poor below",
+            f"bands: excellent >= {b.excellent:.2f}, good >= {b.good:.2f}, moderate >= {b.moderate:.2f}, poor below",
         ]
         if self.agreement is not None:
             lines.append(
@@ -257,9 +257,7 @@ def score_batch(
     rows = []
     for i, bgr in enumerate(outputs):
         reference = references[reference_of[i]]
-        result = model.analyze(
-            [bgr], selection, index, reference=reference, all_faces=True, channel_order="bgr"
-        )[0]
+        result = model.analyze([bgr], selection, index, reference=reference, all_faces=True, channel_order="bgr")[0]
         change = None
         if result.ok:
             score = float(np.dot(result.embedding, reference))

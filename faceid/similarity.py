@@ -1,9 +1,11 @@
 """Cosine similarity, identities from several photos, and the similarity bands users read."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +56,7 @@ class Bands:
     def __post_init__(self) -> None:
         if not (self.excellent >= self.good >= self.moderate):
             raise ValueError(
-                f"bands must satisfy excellent >= good >= moderate, got "
-                f"{self.excellent}, {self.good}, {self.moderate}"
+                f"bands must satisfy excellent >= good >= moderate, got {self.excellent}, {self.good}, {self.moderate}"
             )
 
     def label(self, score: float) -> str:

@@ -27,6 +27,7 @@ Held-out items (never trained on, scored by the validation loss) are a `[[datase
 `validation = true` (a key musubi-tuner does not know: such a TOML is this trainer's), a separate
 TOML, or a fraction of the training items split off by a fixed seed (`split_validation`).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,14 @@ import math
 import os
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import tomlkit
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
 from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
 
 from ..common.files import IMAGE_SUFFIXES, TextFileError, atomic_write_text, read_text_file, tomllib
 from .names import musubi_controls
@@ -158,8 +160,10 @@ class _DatasetFile(BaseModel):
 PATH_KEYS = ("image_directory", "image_jsonl_file", "cache_directory", "control_directory")
 # What each key must be, in the words of the error a user reads.
 _EXPECTED = {
-    **{key: "must be true or false" for key in ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target",
-                                               "validation")},
+    **{
+        key: "must be true or false"
+        for key in ("enable_bucket", "bucket_no_upscale", "no_resize_control", "multiple_target", "validation")
+    },
     **{key: "must be a path in quotes" for key in PATH_KEYS},
     "batch_size": "must be a positive integer",
     "num_repeats": "must be a positive integer",
@@ -176,7 +180,10 @@ def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path)
     loc = error["loc"]
     if loc[0] == "datasets" and len(loc) > 1 and isinstance(loc[1], int):
         where, section, schema, key_at = (
-            f"{toml_path} [[datasets]] #{loc[1] + 1}", config["datasets"][loc[1]], _DatasetSection, 2
+            f"{toml_path} [[datasets]] #{loc[1] + 1}",
+            config["datasets"][loc[1]],
+            _DatasetSection,
+            2,
         )
     elif loc[0] == "general":
         where, section, schema, key_at = f"{toml_path} [general]", config["general"], _GeneralSection, 1
@@ -197,8 +204,10 @@ def _resolution(value: int | list[int], where: str) -> tuple[int, int]:
     if width < RESOLUTION_STEP or height < RESOLUTION_STEP:
         raise DatasetConfigError(f"{where}: resolution {value!r} is smaller than {RESOLUTION_STEP} pixels")
     if max(width, height) > MAX_RESOLUTION_SIDE:
-        raise DatasetConfigError(f"{where}: resolution {value!r} is over {MAX_RESOLUTION_SIDE} pixels a side, more than "
-                                 "memory allows; Qwen-Image-Edit trains at about [1024, 1024]")
+        raise DatasetConfigError(
+            f"{where}: resolution {value!r} is over {MAX_RESOLUTION_SIDE} pixels a side, more than "
+            "memory allows; Qwen-Image-Edit trains at about [1024, 1024]"
+        )
     return width, height
 
 
@@ -269,7 +278,9 @@ def _directory_entries(
     if not control_directory.is_dir():
         raise DatasetConfigError(f"{where}: control_directory {control_directory} does not exist")
     if control_directory.resolve() == image_directory.resolve():
-        raise DatasetConfigError(f"{where}: control_directory must differ from image_directory (same name pairs a target with itself)")
+        raise DatasetConfigError(
+            f"{where}: control_directory must differ from image_directory (same name pairs a target with itself)"
+        )
     controls = pair_controls(targets, control_directory)
     entries = []
     for target in targets:
@@ -286,9 +297,7 @@ def _directory_entries(
     return entries
 
 
-def _jsonl_entries(
-    cfg: dict[str, Any], where: str, working_dir: Path
-) -> list[tuple[Path, tuple[Path, ...], str]]:
+def _jsonl_entries(cfg: dict[str, Any], where: str, working_dir: Path) -> list[tuple[Path, tuple[Path, ...], str]]:
     jsonl = Path(cfg["image_jsonl_file"])
     if not jsonl.is_file():
         raise DatasetConfigError(f"{where}: image_jsonl_file {jsonl} does not exist")
@@ -331,7 +340,9 @@ def _dataset(cfg: dict[str, Any], where: str, working_dir: Path, check_path: Pat
     control_resolution = (
         _resolution(cfg["control_resolution"], where + " control_resolution") if "control_resolution" in cfg else None
     )
-    cache_directory = Path(cfg.get("cache_directory") or cfg.get("image_directory") or Path(cfg["image_jsonl_file"]).parent)
+    cache_directory = Path(
+        cfg.get("cache_directory") or cfg.get("image_directory") or Path(cfg["image_jsonl_file"]).parent
+    )
     for key in PATH_KEYS:
         if key in cfg:
             check_path(f"{where} {key}", Path(cfg[key]))
@@ -354,7 +365,9 @@ def _dataset(cfg: dict[str, Any], where: str, working_dir: Path, check_path: Pat
                 control_buckets.append(bucket_for(control_size, control_size, enable_bucket=False, no_upscale=False))
             elif control_resolution is not None:
                 control_buckets.append(
-                    bucket_for(control_size, control_resolution, enable_bucket=True, no_upscale=cfg["bucket_no_upscale"])
+                    bucket_for(
+                        control_size, control_resolution, enable_bucket=True, no_upscale=cfg["bucket_no_upscale"]
+                    )
                 )
             else:
                 control_buckets.append(bucket)
@@ -401,11 +414,15 @@ def load_dataset_config(
             # musubi resolves relative paths against the working directory; fall back to the TOML's folder.
             if key in cfg and not Path(cfg[key]).is_absolute():
                 from_working_dir = base / cfg[key]
-                cfg[key] = str(from_working_dir if from_working_dir.exists() else (toml_path.parent / cfg[key]).resolve())
+                cfg[key] = str(
+                    from_working_dir if from_working_dir.exists() else (toml_path.parent / cfg[key]).resolve()
+                )
         spec = _dataset(cfg, where, base, check_path)
         (group.validation if cfg.get("validation") else group.datasets).append(spec)
     if not group.datasets:
-        raise DatasetConfigError(f"{toml_path}: every [[datasets]] entry has validation = true; nothing is left to train on")
+        raise DatasetConfigError(
+            f"{toml_path}: every [[datasets]] entry has validation = true; nothing is left to train on"
+        )
     check_held_out(group)
     return group
 
@@ -415,8 +432,10 @@ def check_held_out(group: DatasetGroup) -> None:
     trained = {item.target.resolve(): item for item in group.items}
     for item in group.validation_items:
         if item.target.resolve() in trained:
-            raise DatasetConfigError(f"validation item {item.target} is also a training target: a held-out item must "
-                                     "never be trained on; remove it from one of the two")
+            raise DatasetConfigError(
+                f"validation item {item.target} is also a training target: a held-out item must "
+                "never be trained on; remove it from one of the two"
+            )
 
 
 def split_validation(group: DatasetGroup, fraction: float, seed: int) -> DatasetGroup:
@@ -426,14 +445,17 @@ def split_validation(group: DatasetGroup, fraction: float, seed: int) -> Dataset
     kept: list[DatasetSpec] = []
     for spec in group.datasets:
         if len(spec.items) < 2:
-            raise DatasetConfigError(f"{spec.source}: {len(spec.items)} item(s): too few to hold one out for "
-                                     "validation; give validation items instead (a validation dataset)")
+            raise DatasetConfigError(
+                f"{spec.source}: {len(spec.items)} item(s): too few to hold one out for "
+                "validation; give validation items instead (a validation dataset)"
+            )
         count = min(len(spec.items) - 1, max(1, round(fraction * len(spec.items))))
         order = sorted(spec.items, key=lambda item: item.key)
         random.Random(seed).shuffle(order)
         out = {item.key for item in order[:count]}
-        kept.append(DatasetSpec([i for i in spec.items if i.key not in out], spec.batch_size, spec.num_repeats,
-                                spec.source))
+        kept.append(
+            DatasetSpec([i for i in spec.items if i.key not in out], spec.batch_size, spec.num_repeats, spec.source)
+        )
         held.append(DatasetSpec([i for i in spec.items if i.key in out], 1, 1, f"{spec.source} (held out)"))
     return DatasetGroup(kept, group.validation + held)
 
@@ -469,9 +491,22 @@ def dataset_config_for(dataset: str, output_dir: Path, resolution: int, name: st
             f"dataset folder {path} has no controls/ folder: put the edit's input images there "
             "(same names as the targets), or give a musubi dataset .toml"
         )
-    general = {"resolution": [resolution, resolution], "caption_extension": ".txt", "batch_size": 1,
-               "enable_bucket": True, "bucket_no_upscale": False}
-    return write_dataset_config(output_dir / f"{name}.toml", general, [{
-        "image_directory": str(images.resolve()), "control_directory": str(controls.resolve()),
-        "cache_directory": str(output_dir / ("cache" if name == "dataset" else f"{name}_cache")), "num_repeats": 1,
-    }])
+    general = {
+        "resolution": [resolution, resolution],
+        "caption_extension": ".txt",
+        "batch_size": 1,
+        "enable_bucket": True,
+        "bucket_no_upscale": False,
+    }
+    return write_dataset_config(
+        output_dir / f"{name}.toml",
+        general,
+        [
+            {
+                "image_directory": str(images.resolve()),
+                "control_directory": str(controls.resolve()),
+                "cache_directory": str(output_dir / ("cache" if name == "dataset" else f"{name}_cache")),
+                "num_repeats": 1,
+            }
+        ],
+    )

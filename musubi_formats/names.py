@@ -8,14 +8,15 @@
 - LoRA checkpoints: `{name}-step{step:08d}.safetensors`, `{name}-{epoch:06d}.safetensors` and the
   final `{name}.safetensors`; the checkpoint picked as best is copied to `{name}-best.safetensors`.
 """
+
 from __future__ import annotations
 
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 SAMPLE_DIR = "sample"
 BEST_SUFFIX = "-best"
@@ -40,8 +41,10 @@ def output_name_problem(name: str) -> str | None:
     if any(ord(c) < 32 for c in name):
         return "contains a NUL or control character"
     if any(c in _NOT_IN_NAMES for c in name):
-        return f"contains a path separator or a character file names cannot hold ({' '.join(_NOT_IN_NAMES)}): " \
-               "it names the run's files, not a folder"
+        return (
+            f"contains a path separator or a character file names cannot hold ({' '.join(_NOT_IN_NAMES)}): "
+            "it names the run's files, not a folder"
+        )
     if name.startswith(".") or ".." in name:
         return "starts with a dot or contains '..': it names the run's files, not a folder"
     if len(name.encode("utf-8")) > MAX_OUTPUT_NAME_BYTES:

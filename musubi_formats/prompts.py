@@ -6,14 +6,16 @@ blank lines and lines whose first character is `#` are skipped and do not count;
 split on " --" and each option is matched by its leading letters. `.json` (a list of
 objects) and `.toml` (`[prompt]` with `[[prompt.subset]]`) files use musubi's key names.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ..common.files import TextFileError, read_text_file, tomllib
 

@@ -4,6 +4,7 @@ Each theme module defines its own NODE_CLASS_MAPPINGS / NODE_DISPLAY_NAME_MAPPIN
 merged here. ComfyUI-only wiring (model folder registration, HTTP routes) happens only when
 a ComfyUI server is running.
 """
+
 from __future__ import annotations
 
 import importlib

@@ -4,6 +4,7 @@
 Everything else in the pack (library, trainer, node classes) imports without ComfyUI; tests
 put small stand-ins for these modules into `sys.modules`.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..common import paths
 from ..training_jobs.jobs import REGISTRY_FILENAME, JobRegistry
@@ -30,12 +32,12 @@ def folder_paths() -> Any:
     return folder_paths
 
 
-
 def silent_blocker() -> Any:
     """ComfyUI's ExecutionBlocker without a message: a node fed by it does not run, and says nothing."""
     from comfy_execution.graph_utils import ExecutionBlocker  # ComfyUI
 
     return ExecutionBlocker(None)
+
 
 def register_model_folders() -> None:
     """Register `models/insightface` and `output/loras` with ComfyUI (ComfyUI itself does not).
@@ -100,16 +102,23 @@ def is_within(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
 ALLOWED_FOLDERS = "ComfyUI's folders (input, output, models, user, temp) and the training jobs' folders"
 
 
-def confine(path: Path, what: str, folders: Sequence[Path] | None = None, where: str = ALLOWED_FOLDERS,
-            fix: str = "move it into ComfyUI's input or output folder") -> Path:
+def confine(
+    path: Path,
+    what: str,
+    folders: Sequence[Path] | None = None,
+    where: str = ALLOWED_FOLDERS,
+    fix: str = "move it into ComfyUI's input or output folder",
+) -> Path:
     """`path` with its symlinks resolved, when it lies inside one of `folders` (default: `allowed_folders()`);
     else FolderAccessError naming `what` (the input or file), `where` it may be and the `fix`."""
     if "\x00" in str(path):
         raise FolderAccessError(f"{what} contains a NUL character; give a plain path")
     folders = allowed_folders() if folders is None else folders
     if not any(is_within(path, folder) for folder in folders):
-        raise FolderAccessError(f"{what} {str(path)!r} is outside {where}; nodes read and write only there: {fix} "
-                                "(a symlink counts where it points)")
+        raise FolderAccessError(
+            f"{what} {str(path)!r} is outside {where}; nodes read and write only there: {fix} "
+            "(a symlink counts where it points)"
+        )
     return path.resolve()
 
 
@@ -124,8 +133,13 @@ def output_file(text: str, what: str, suffix: str) -> Path:
     absolute one must lie there (symlinks resolved); it must end in `suffix`."""
     output = output_directory().resolve()
     path = Path(text).expanduser()
-    path = confine(path if path.is_absolute() else output / path, what, [output], f"ComfyUI's output folder {output}",
-                   "give a path inside it (a relative path is taken from there)")
+    path = confine(
+        path if path.is_absolute() else output / path,
+        what,
+        [output],
+        f"ComfyUI's output folder {output}",
+        "give a path inside it (a relative path is taken from there)",
+    )
     if path.suffix.lower() != suffix:
         raise FolderAccessError(f"{what} {text!r} must name a {suffix} file")
     return path

@@ -1,4 +1,5 @@
 """FaceConsistencyScoreFolder: the command line's folder evaluation as a node (report + plot)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,8 @@ from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluati
 from ..faceid.judge import DlibJudge
 from ..faceid.pairing import list_images
 from ..faceid.plot import plot_rgb, write_plot
-from ..musubi_formats.prompts import PromptFileError, load_prompt_file, resolve_prompt_path
 from ..faceid.report import summary_table
+from ..musubi_formats.prompts import PromptFileError, load_prompt_file, resolve_prompt_path
 from . import comfy_env
 from .imaging import save_previews, to_image_batch
 from .scoring import CATEGORY, band_inputs
@@ -26,7 +27,9 @@ KEPT_EVALUATIONS = 4
 _evaluations: OrderedDict[tuple, FolderEvaluation] = OrderedDict()
 
 
-def _confined_inputs(folder: str, sample_prompts: str, control_dir: str) -> tuple[Path | None, Path | None, Path | None]:
+def _confined_inputs(
+    folder: str, sample_prompts: str, control_dir: str
+) -> tuple[Path | None, Path | None, Path | None]:
     """The folder, prompt file and control folder, and every image they hold or name (the prompt file's
     --ci controls, as the pairing resolves them), inside ComfyUI's folders."""
     folders = comfy_env.allowed_folders()
@@ -92,27 +95,43 @@ class FaceConsistencyScoreFolder:
                 "face_model": ("FACE_MODEL",),
                 "folder": comfy_env.path_input(
                     "musubi sample folder (output_dir/sample), a seed-guide folder, or the "
-                    "generated images when control_dir is set (inside ComfyUI's folders)."),
-                "threshold": ("FLOAT", {
-                    "default": 0.75, "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "The report counts samples at or above this similarity.",
-                }),
+                    "generated images when control_dir is set (inside ComfyUI's folders)."
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": 0.75,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "The report counts samples at or above this similarity.",
+                    },
+                ),
             },
             "optional": {
                 "sample_prompts": comfy_env.path_input(
-                    "musubi prompt file; the --ci image(s) of line k are the controls of prompt k."),
+                    "musubi prompt file; the --ci image(s) of line k are the controls of prompt k."
+                ),
                 "control_dir": comfy_env.path_input(
-                    "Folder of controls: stem.png or stem_N.png belong to generated stem.png."),
-                "reference_identity": ("FACE_IDENTITY", {
-                    "tooltip": "Score against this person (beside the controls, or alone when there are none).",
-                }),
+                    "Folder of controls: stem.png or stem_N.png belong to generated stem.png."
+                ),
+                "reference_identity": (
+                    "FACE_IDENTITY",
+                    {
+                        "tooltip": "Score against this person (beside the controls, or alone when there are none).",
+                    },
+                ),
                 "save_report": comfy_env.path_input(
                     "If set, also write the JSON report here (a .json path inside ComfyUI's output "
-                    "folder; relative paths are taken from there) and the plot beside it (.png)."),
-                "judge": ("FACE_JUDGE", {
-                    "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
-                    "the plot, as `face-consistency evaluate --judge dlib`.",
-                }),
+                    "folder; relative paths are taken from there) and the plot beside it (.png)."
+                ),
+                "judge": (
+                    "FACE_JUDGE",
+                    {
+                        "tooltip": "A held-out judge (Face Judge Loader): every pair also scored by it, its curve in "
+                        "the plot, as `face-consistency evaluate --judge dlib`.",
+                    },
+                ),
                 **band_inputs(),
             },
         }
@@ -156,10 +175,12 @@ class FaceConsistencyScoreFolder:
             check_writable_file(report_path, "save_report")
             check_writable_file(report_path.with_suffix(".png"), "save_report's plot")
         evaluation = _evaluation(face_model, _sources(folder, sample_prompts, control_dir), judge)
-        evaluation.sources.check_outputs({  # never over an input; a plot saved into the sample folder is not a sample
-            "save_report": report_path,
-            "save_report's plot": report_path.with_suffix(".png") if report_path is not None else None,
-        })
+        evaluation.sources.check_outputs(
+            {  # never over an input; a plot saved into the sample folder is not a sample
+                "save_report": report_path,
+                "save_report's plot": report_path.with_suffix(".png") if report_path is not None else None,
+            }
+        )
         evaluation.reference = reference_identity
         evaluation.threshold = threshold
         evaluation.bands = bands

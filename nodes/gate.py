@@ -1,4 +1,5 @@
 """The face gate: a batch in, the images that keep the person's face on one side, the rest on the other."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,53 +46,92 @@ class FaceConsistencyGate:
             "required": {
                 "face_model": ("FACE_MODEL",),
                 "images": ("IMAGE", {"tooltip": "The images to split (any batch size)."}),
-                "threshold": ("FLOAT", {
-                    "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "An image passes at or above this similarity. The default suits 512-d ArcFace "
-                    "packs (buffalo_l, antelopev2); smaller recognizers score lower.",
-                }),
-                "several_faces": ([s.value for s in SeveralFaces], {
-                    "default": SeveralFaces.REJECT.value,
-                    "tooltip": "An image with more than one face: rejected, or decided by its largest face.",
-                }),
-                "reject_unchanged": ("BOOLEAN", {
-                    "default": True,
-                    "tooltip": "Reject a face returned unchanged from the control (a copy scores perfect "
-                    "identity without any edit). Needs reference_image.",
-                }),
-                "copy_paste_threshold": ("FLOAT", {
-                    "default": DEFAULT_COPY_PASTE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Face change (1 - SSIM of the aligned faces) below this counts as unchanged.",
-                }),
-                "require_both": ("BOOLEAN", {
-                    "default": False,
-                    "tooltip": "With a judge connected: pass only where the judge also sees the same person "
-                    "(both recognizers agree). Without a judge this must be off.",
-                }),
-                "judge_threshold": ("FLOAT", {
-                    "default": SIMILARITY_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "The judge's similarity that counts as the same person (0.5 is dlib's own "
-                    "threshold, distance 0.6).",
-                }),
-                "empty_side": (list(EMPTY_SIDES), {
-                    "default": EMPTY_SIDES[0],
-                    "tooltip": "A side with no image: 'skip downstream' leaves the nodes it feeds unrun, "
-                    "without an error (ComfyUI's Save Image and Preview Image fail on an empty batch); "
-                    "'empty batch' gives a batch of 0 images for nodes that handle one.",
-                }),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": Bands().good,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "An image passes at or above this similarity. The default suits 512-d ArcFace "
+                        "packs (buffalo_l, antelopev2); smaller recognizers score lower.",
+                    },
+                ),
+                "several_faces": (
+                    [s.value for s in SeveralFaces],
+                    {
+                        "default": SeveralFaces.REJECT.value,
+                        "tooltip": "An image with more than one face: rejected, or decided by its largest face.",
+                    },
+                ),
+                "reject_unchanged": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Reject a face returned unchanged from the control (a copy scores perfect "
+                        "identity without any edit). Needs reference_image.",
+                    },
+                ),
+                "copy_paste_threshold": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_COPY_PASTE_THRESHOLD,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Face change (1 - SSIM of the aligned faces) below this counts as unchanged.",
+                    },
+                ),
+                "require_both": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "With a judge connected: pass only where the judge also sees the same person "
+                        "(both recognizers agree). Without a judge this must be off.",
+                    },
+                ),
+                "judge_threshold": (
+                    "FLOAT",
+                    {
+                        "default": SIMILARITY_THRESHOLD,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "The judge's similarity that counts as the same person (0.5 is dlib's own "
+                        "threshold, distance 0.6).",
+                    },
+                ),
+                "empty_side": (
+                    list(EMPTY_SIDES),
+                    {
+                        "default": EMPTY_SIDES[0],
+                        "tooltip": "A side with no image: 'skip downstream' leaves the nodes it feeds unrun, "
+                        "without an error (ComfyUI's Save Image and Preview Image fail on an empty batch); "
+                        "'empty batch' gives a batch of 0 images for nodes that handle one.",
+                    },
+                ),
                 **band_inputs(),
             },
             "optional": {
-                "reference_image": ("IMAGE", {
-                    "tooltip": "The control image (1, or one per image). Also the baseline of reject_unchanged.",
-                }),
-                "reference_identity": ("FACE_IDENTITY", {
-                    "tooltip": "Scores against this identity instead of reference_image's face.",
-                }),
-                "judge": ("FACE_JUDGE", {
-                    "tooltip": "A held-out judge (Face Judge Loader): its verdict joins each reason, and "
-                    "require_both makes it a condition.",
-                }),
+                "reference_image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The control image (1, or one per image). Also the baseline of reject_unchanged.",
+                    },
+                ),
+                "reference_identity": (
+                    "FACE_IDENTITY",
+                    {
+                        "tooltip": "Scores against this identity instead of reference_image's face.",
+                    },
+                ),
+                "judge": (
+                    "FACE_JUDGE",
+                    {
+                        "tooltip": "A held-out judge (Face Judge Loader): its verdict joins each reason, and "
+                        "require_both makes it a condition.",
+                    },
+                ),
             },
         }
 
@@ -114,12 +154,19 @@ class FaceConsistencyGate:
         judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
         if require_both and judge is None:
-            raise ValueError("require_both needs a judge: connect a Face Judge Loader to the judge input, "
-                             "or turn require_both off")
+            raise ValueError(
+                "require_both needs a judge: connect a Face Judge Loader to the judge input, or turn require_both off"
+            )
         rules = GateRules(threshold, SeveralFaces(several_faces), reject_unchanged, require_both, judge_threshold)
         _, batch, _ = score_images(
-            face_model, images, reference_image, reference_identity, judge, selection=Selection.LARGEST,
-            bands=Bands(band_excellent, band_good, band_moderate), threshold=threshold,
+            face_model,
+            images,
+            reference_image,
+            reference_identity,
+            judge,
+            selection=Selection.LARGEST,
+            bands=Bands(band_excellent, band_good, band_moderate),
+            threshold=threshold,
             copy_paste_threshold=copy_paste_threshold,
         )
         decisions = gate_decisions(batch, rules)
@@ -129,8 +176,12 @@ class FaceConsistencyGate:
         return {
             "ui": {"text": [report]},
             "result": (
-                side(images, passed, empty_side), side(images, rejected, empty_side), [d.reason for d in decisions],
-                report, len(passed), len(rejected),
+                side(images, passed, empty_side),
+                side(images, rejected, empty_side),
+                [d.reason for d in decisions],
+                report,
+                len(passed),
+                len(rejected),
             ),
         }
 

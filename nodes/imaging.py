@@ -1,9 +1,11 @@
 """IMAGE tensors <-> the BGR/RGB uint8 arrays the face library works on, and node previews."""
+
 from __future__ import annotations
 
 import math
 import uuid
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import cv2
 import numpy as np

@@ -2,6 +2,7 @@
 bounded and NUL-free, numbers finite and within the widget's min and max. ComfyUI checks the
 ranges of what its frontend sends, but a graph posted to /prompt may carry NaN (Python's JSON
 reads it) or text of any length; the check is built from INPUT_TYPES, so a node added later has it."""
+
 from __future__ import annotations
 
 import functools
@@ -25,8 +26,9 @@ def check_node_inputs(node_class: type, values: dict[str, Any]) -> None:
                 continue  # comfy_env.confine refuses it, naming it as the path it is meant to be
             check_text(value, f"input {name}", MAX_MULTILINE_LENGTH if settings.get("multiline") else MAX_TEXT_LENGTH)
         elif kind in ("INT", "FLOAT") and isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_number(value, Bounds(settings.get("min", -float("inf")), settings.get("max", float("inf"))),
-                         f"input {name}")
+            check_number(
+                value, Bounds(settings.get("min", -float("inf")), settings.get("max", float("inf"))), f"input {name}"
+            )
 
 
 def with_checked_inputs(node_class: type) -> type:

@@ -1,4 +1,5 @@
 """Load the held-out identity judge (dlib), for the scoring nodes' optional `judge` input."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -24,11 +25,14 @@ class FaceConsistencyLoadJudge:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "detector": (list(DETECTORS), {
-                    "default": "hog",
-                    "tooltip": "The judge's own face detector: hog (fast, frontal faces) or cnn (finds more "
-                    "faces, slow on the CPU). Never the InsightFace detector, so each detector's misses show.",
-                }),
+                "detector": (
+                    list(DETECTORS),
+                    {
+                        "default": "hog",
+                        "tooltip": "The judge's own face detector: hog (fast, frontal faces) or cnn (finds more "
+                        "faces, slow on the CPU). Never the InsightFace detector, so each detector's misses show.",
+                    },
+                ),
             }
         }
 

@@ -1,4 +1,5 @@
 """Several people: match reference faces to output faces; keep the best images of a batch."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,11 +54,17 @@ class FaceConsistencyMatchFaces:
                 "face_model": ("FACE_MODEL",),
                 "reference_image": ("IMAGE", {"tooltip": "The control image with the people (1, or one per output)."}),
                 "images": ("IMAGE", {"tooltip": "Edited images."}),
-                "min_similarity": ("FLOAT", {
-                    "default": DEFAULT_MIN_MATCH_SIMILARITY, "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "A pairing scoring below this is not accepted: the person counts as "
-                    "missing and the face as a stranger. -1 accepts every pairing.",
-                }),
+                "min_similarity": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_MIN_MATCH_SIMILARITY,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "A pairing scoring below this is not accepted: the person counts as "
+                        "missing and the face as a stranger. -1 accepts every pairing.",
+                    },
+                ),
             }
         }
 
@@ -85,8 +92,12 @@ class FaceConsistencyMatchFaces:
         return {
             "ui": {"text": [report], "images": save_previews(outputs, "face_matching")},
             "result": (
-                person_scores, mean, len(matched_scores), report,
-                to_image_batch(outputs), to_image_batch(references),
+                person_scores,
+                mean,
+                len(matched_scores),
+                report,
+                to_image_batch(outputs),
+                to_image_batch(references),
             ),
         }
 
@@ -157,30 +168,51 @@ class FaceConsistencyBestOf:
             "required": {
                 "images": ("IMAGE",),
                 "scores": ("FLOAT", {"forceInput": True, "tooltip": "One score per image, in order."}),
-                "threshold": ("FLOAT", {
-                    "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Keep images scoring at least this; -1 keeps all.",
-                }),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": Bands().good,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Keep images scoring at least this; -1 keeps all.",
+                    },
+                ),
                 "top_k": ("INT", {"default": 0, "min": 0, "max": 4096, "tooltip": "Keep at most k; 0: no limit."}),
-                "fallback": ([f.value for f in Fallback], {
-                    "default": Fallback.BEST.value,
-                    "tooltip": "When nothing passes: the single best image anyway, or nothing.",
-                }),
+                "fallback": (
+                    [f.value for f in Fallback],
+                    {
+                        "default": Fallback.BEST.value,
+                        "tooltip": "When nothing passes: the single best image anyway, or nothing.",
+                    },
+                ),
             },
             "optional": {
-                "judge": ("FACE_JUDGE", {
-                    "tooltip": "A held-out judge (Face Judge Loader): the ranking stays by scores, and the "
-                    "report shows the judge's own verdict on every kept image.",
-                }),
-                "reference_image": ("IMAGE", {
-                    "tooltip": "With a judge: the control image(s) it compares with (1, or one per image).",
-                }),
+                "judge": (
+                    "FACE_JUDGE",
+                    {
+                        "tooltip": "A held-out judge (Face Judge Loader): the ranking stays by scores, and the "
+                        "report shows the judge's own verdict on every kept image.",
+                    },
+                ),
+                "reference_image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "With a judge: the control image(s) it compares with (1, or one per image).",
+                    },
+                ),
             },
         }
 
     def pick(
-        self, images: list[Any], scores: list[float], threshold: list[float], top_k: list[int], fallback: list[str],
-        judge: list[DlibJudge] | None = None, reference_image: list[Any] | None = None,
+        self,
+        images: list[Any],
+        scores: list[float],
+        threshold: list[float],
+        top_k: list[int],
+        fallback: list[str],
+        judge: list[DlibJudge] | None = None,
+        reference_image: list[Any] | None = None,
     ) -> dict[str, Any]:
         singles = [batch[i : i + 1] for batch in images for i in range(batch.shape[0])]
         values = [float(s) for s in scores]
@@ -202,7 +234,10 @@ class FaceConsistencyBestOf:
         return {
             "ui": {"text": [report]},
             "result": (
-                batch, [values[i] for i in pick.indices], list(pick.indices), report,
+                batch,
+                [values[i] for i in pick.indices],
+                list(pick.indices),
+                report,
                 judge_scores or [-1.0] * len(pick.indices),
             ),
         }
@@ -225,7 +260,11 @@ def _judge_kept(
 
 
 def describe_pick(
-    values: list[float], pick: Pick, threshold: float, top_k: int, fallback: Fallback,
+    values: list[float],
+    pick: Pick,
+    threshold: float,
+    top_k: int,
+    fallback: Fallback,
     verdicts: dict[int, Verdict | None] | None = None,
 ) -> str:
     limit = f", keeping the top {top_k}" if top_k else ""
@@ -241,7 +280,8 @@ def describe_pick(
         if verdicts is not None:
             v = verdicts[i]
             line += (
-                "  judge: no face found" if v is None
+                "  judge: no face found"
+                if v is None
                 else f"  judge {v.similarity:.3f} (distance {v.distance:.3f}, "
                 f"{'same person' if v.same_person else 'NOT the same person'})"
             )

@@ -13,6 +13,7 @@ ids and parameters are validated. Finished jobs are listed from the registry alo
 it kept when they ended); only unfinished ones are refreshed from their files. A background poller
 pushes `face_consistency.progress`, `.finished` and `.failed` events.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,9 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -187,6 +189,7 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
             already = record.job_id in stopping
             stopping.add(record.job_id)
         if not already:
+
             def run_stop() -> None:
                 try:
                     jobs.stop(registry, record.job_id)
@@ -197,8 +200,9 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
                         stopping.discard(record.job_id)
 
             threading.Thread(target=run_stop, name=f"face-consistency-stop-{record.job_id[:8]}", daemon=True).start()
-        return web.json_response({"job_id": record.job_id, "state": JobState.STOPPING.value, "stopping": True},
-                                 status=202)
+        return web.json_response(
+            {"job_id": record.job_id, "state": JobState.STOPPING.value, "stopping": True}, status=202
+        )
 
     @routes.get(f"{PREFIX}/jobs/{{job_id}}/samples/{{filename}}")
     async def sample_image(request: web.Request) -> web.StreamResponse:

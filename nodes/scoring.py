@@ -1,4 +1,5 @@
 """Load the face model, build a reference identity, score edited images against it."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +10,10 @@ import numpy as np
 from ..faceid import (
     DET_SIZE_CHOICES,
     PROVIDER_CHOICES,
+    STANDARD_PACKS,
     Bands,
     FaceModel,
     Identity,
-    STANDARD_PACKS,
     Selection,
     as_roots,
     list_packs,
@@ -22,7 +23,6 @@ from ..faceid import (
 from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
 from ..faceid.judge import DlibJudge, mean_descriptor
 from ..faceid.pack_download import RELEASES
-from ..faceid.similarity import embedding_agreement
 from ..faceid.scoring import (
     DEFAULT_COPY_PASTE_THRESHOLD,
     BatchScores,
@@ -33,6 +33,7 @@ from ..faceid.scoring import (
     reference_pairing,
     score_batch,
 )
+from ..faceid.similarity import embedding_agreement
 from . import comfy_env
 from .imaging import save_previews, to_bgr_list, to_image_batch
 
@@ -53,7 +54,10 @@ def band_inputs() -> dict[str, tuple]:
         f"band_{name}": (
             "FLOAT",
             {
-                "default": getattr(defaults, name), "min": -1.0, "max": 1.0, "step": 0.01,
+                "default": getattr(defaults, name),
+                "min": -1.0,
+                "max": 1.0,
+                "step": 0.01,
                 "tooltip": f"Lowest similarity labelled '{name}'. The defaults suit 512-d ArcFace "
                 "packs (buffalo_l, antelopev2); smaller recognizers score lower.",
             },
@@ -96,24 +100,39 @@ class FaceConsistencyLoadModel:
         default = next(p for p in packs if pack_name(p) == "buffalo_l")
         return {
             "required": {
-                "pack": (packs, {
-                    "default": default,
-                    "tooltip": "Folder under models/insightface/models/. Standard packs not installed "
-                    "yet download there when the node first runs (unless turned off in the settings).",
-                }),
-                "provider": (list(PROVIDER_CHOICES), {
-                    "default": "auto",
-                    "tooltip": "auto: CUDA when onnxruntime-gpu works, else CPU. cuda fails loudly "
-                    "instead of silently running on the CPU.",
-                }),
-                "det_size": ([str(s) for s in DET_SIZE_CHOICES], {
-                    "default": "auto",
-                    "tooltip": "Detector input size. auto follows the image size (160..640).",
-                }),
-                "det_thresh": ("FLOAT", {
-                    "default": 0.5, "min": 0.05, "max": 0.95, "step": 0.05,
-                    "tooltip": "Detection confidence; lower finds more (and falser) faces.",
-                }),
+                "pack": (
+                    packs,
+                    {
+                        "default": default,
+                        "tooltip": "Folder under models/insightface/models/. Standard packs not installed "
+                        "yet download there when the node first runs (unless turned off in the settings).",
+                    },
+                ),
+                "provider": (
+                    list(PROVIDER_CHOICES),
+                    {
+                        "default": "auto",
+                        "tooltip": "auto: CUDA when onnxruntime-gpu works, else CPU. cuda fails loudly "
+                        "instead of silently running on the CPU.",
+                    },
+                ),
+                "det_size": (
+                    [str(s) for s in DET_SIZE_CHOICES],
+                    {
+                        "default": "auto",
+                        "tooltip": "Detector input size. auto follows the image size (160..640).",
+                    },
+                ),
+                "det_thresh": (
+                    "FLOAT",
+                    {
+                        "default": 0.5,
+                        "min": 0.05,
+                        "max": 0.95,
+                        "step": 0.05,
+                        "tooltip": "Detection confidence; lower finds more (and falser) faces.",
+                    },
+                ),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -173,10 +192,13 @@ class FaceConsistencyReference:
             },
             "optional": {
                 "images_2": ("IMAGE", {"tooltip": "More photos (any size; batches must be one size)."}),
-                "judge": ("FACE_JUDGE", {
-                    "tooltip": "Also build the person for the held-out judge (Face Judge Loader), so that "
-                    "Face Similarity Score can show its verdict against this identity.",
-                }),
+                "judge": (
+                    "FACE_JUDGE",
+                    {
+                        "tooltip": "Also build the person for the held-out judge (Face Judge Loader), so that "
+                        "Face Similarity Score can show its verdict against this identity.",
+                    },
+                ),
             },
         }
 
@@ -214,7 +236,13 @@ class FaceConsistencySimilarity:
     OUTPUT_NODE = True
     RETURN_TYPES = ("FLOAT", "FLOAT", "INT", "STRING", "IMAGE", "FLOAT", "FLOAT", "FLOAT")
     RETURN_NAMES = (
-        "scores", "mean_score", "count_above", "report", "annotated_images", "face_change", "judge_scores",
+        "scores",
+        "mean_score",
+        "count_above",
+        "report",
+        "annotated_images",
+        "face_change",
+        "judge_scores",
         "reference_agreement",
     )
     OUTPUT_IS_LIST = (True, False, False, False, False, True, True, False)
@@ -242,42 +270,69 @@ class FaceConsistencySimilarity:
             "required": {
                 "face_model": ("FACE_MODEL",),
                 "images": ("IMAGE", {"tooltip": "Edited images to score (any batch size)."}),
-                "face_selection": ([s.value for s in Selection], {
-                    "default": Selection.LARGEST.value,
-                    "tooltip": "Which face of an image with several: largest, highest detection "
-                    "score, the one most like the reference, or by index (left to right).",
-                }),
+                "face_selection": (
+                    [s.value for s in Selection],
+                    {
+                        "default": Selection.LARGEST.value,
+                        "tooltip": "Which face of an image with several: largest, highest detection "
+                        "score, the one most like the reference, or by index (left to right).",
+                    },
+                ),
                 "face_index": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "For 'index'."}),
-                "no_face_policy": ([p.value for p in NoFacePolicy], {
-                    "default": NoFacePolicy.SCORE_ZERO.value,
-                    "tooltip": "An image without a face never stops the graph: it scores 0, and "
-                    "'exclude' also leaves it out of the mean.",
-                }),
-                "threshold": ("FLOAT", {
-                    "default": Bands().good, "min": -1.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "count_above counts the images scoring at least this.",
-                }),
+                "no_face_policy": (
+                    [p.value for p in NoFacePolicy],
+                    {
+                        "default": NoFacePolicy.SCORE_ZERO.value,
+                        "tooltip": "An image without a face never stops the graph: it scores 0, and "
+                        "'exclude' also leaves it out of the mean.",
+                    },
+                ),
+                "threshold": (
+                    "FLOAT",
+                    {
+                        "default": Bands().good,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "count_above counts the images scoring at least this.",
+                    },
+                ),
                 **band_inputs(),
-                "copy_paste_threshold": ("FLOAT", {
-                    "default": DEFAULT_COPY_PASTE_THRESHOLD, "min": 0.0, "max": 1.0, "step": 0.01,
-                    "tooltip": "Face change below this flags the output as returning the control's "
-                    "face unchanged (needs reference_image).",
-                }),
+                "copy_paste_threshold": (
+                    "FLOAT",
+                    {
+                        "default": DEFAULT_COPY_PASTE_THRESHOLD,
+                        "min": 0.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "Face change below this flags the output as returning the control's "
+                        "face unchanged (needs reference_image).",
+                    },
+                ),
             },
             "optional": {
-                "reference_image": ("IMAGE", {
-                    "tooltip": "The control image (1, or one per output). Also the baseline of the "
-                    "face-change guard.",
-                }),
-                "reference_identity": ("FACE_IDENTITY", {
-                    "tooltip": "Scores against this identity instead of reference_image's face "
-                    "(reference_image, if connected, then only feeds the change guard). Built from two "
-                    "or more photos, it also gives the copy-paste gauge its baseline.",
-                }),
-                "judge": ("FACE_JUDGE", {
-                    "tooltip": "A held-out judge (Face Judge Loader): each image also gets its verdict, with "
-                    "its own detector. Against reference_identity, build that identity with the judge too.",
-                }),
+                "reference_image": (
+                    "IMAGE",
+                    {
+                        "tooltip": "The control image (1, or one per output). Also the baseline of the "
+                        "face-change guard.",
+                    },
+                ),
+                "reference_identity": (
+                    "FACE_IDENTITY",
+                    {
+                        "tooltip": "Scores against this identity instead of reference_image's face "
+                        "(reference_image, if connected, then only feeds the change guard). Built from two "
+                        "or more photos, it also gives the copy-paste gauge its baseline.",
+                    },
+                ),
+                "judge": (
+                    "FACE_JUDGE",
+                    {
+                        "tooltip": "A held-out judge (Face Judge Loader): each image also gets its verdict, with "
+                        "its own detector. Against reference_identity, build that identity with the judge too.",
+                    },
+                ),
             },
         }
 
@@ -298,9 +353,17 @@ class FaceConsistencySimilarity:
         judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
         outputs, batch, report = score_images(
-            face_model, images, reference_image, reference_identity, judge, selection=face_selection,
-            index=face_index, policy=no_face_policy, bands=Bands(band_excellent, band_good, band_moderate),
-            threshold=threshold, copy_paste_threshold=copy_paste_threshold,
+            face_model,
+            images,
+            reference_image,
+            reference_identity,
+            judge,
+            selection=face_selection,
+            index=face_index,
+            policy=no_face_policy,
+            bands=Bands(band_excellent, band_good, band_moderate),
+            threshold=threshold,
+            copy_paste_threshold=copy_paste_threshold,
         )
         agreement = batch.agreement
         for bgr, row in zip(outputs, batch.rows):  # our own converted copies: draw on them
@@ -309,8 +372,14 @@ class FaceConsistencySimilarity:
         return {
             "ui": {"text": [report], "images": save_previews(outputs, "face_similarity")},
             "result": (
-                batch.scores, batch.mean, batch.count_at_or_above, report, to_image_batch(outputs), changes,
-                [row.judge_score for row in batch.rows], agreement.mean if agreement is not None else -1.0,
+                batch.scores,
+                batch.mean,
+                batch.count_at_or_above,
+                report,
+                to_image_batch(outputs),
+                changes,
+                [row.judge_score for row in batch.rows],
+                agreement.mean if agreement is not None else -1.0,
             ),
         }
 
@@ -350,7 +419,8 @@ def score_images(
     judge_references = []
     if judge is not None:
         judge_references = (
-            [reference_identity.judge.descriptor] if reference_identity is not None
+            [reference_identity.judge.descriptor]
+            if reference_identity is not None
             else judge.reference_descriptors(controls, "bgr", "reference_image")
         )
     batch = score_batch(

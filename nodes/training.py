@@ -3,6 +3,7 @@
 Thin adapters over `training_jobs.jobs` (process control and registry), `training_jobs.run_reader` (run
 folders, ours or musubi-tuner's), `training_jobs.run_plots` and `training_jobs.checkpoint_scores`.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,10 @@ from ..training_contract.checkpoint_choice import format_table as format_checkpo
 from ..training_contract.protocol import LOG_FILE, read_status
 from ..training_jobs import jobs
 from ..training_jobs.checkpoint_scores import (
+    UNCHANGED_NOTE,
     best_checkpoint,
     chart_positions,
     copy_as_best,
-    UNCHANGED_NOTE,
     copy_paste_notes,
     format_table,
     group_scores,
@@ -70,7 +71,7 @@ class _LoraNameOutputs(type):
     """Metaclass resolving the `LORA_NAME` placeholder in OUTPUT_TYPES to the current LoRA list."""
 
     @property
-    def RETURN_TYPES(cls) -> tuple[Any, ...]:  # noqa: N802 (ComfyUI's name)
+    def RETURN_TYPES(cls) -> tuple[Any, ...]:
         return tuple(_lora_name_type() if t == "LORA_NAME" else t for t in cls.OUTPUT_TYPES)
 
 
@@ -79,17 +80,19 @@ def _resolve_folder(folder: str) -> Path:
     every place looked at lies inside ComfyUI's folders (checked before it is looked at)."""
     text = folder.strip().strip('"')
     path = Path(text).expanduser()
-    candidates = [path] if path.is_absolute() else [
-        comfy_env.output_directory() / path,
-        *(root / path for root in comfy_env.folder_roots(LORAS)),
-    ]
+    candidates = (
+        [path]
+        if path.is_absolute()
+        else [
+            comfy_env.output_directory() / path,
+            *(root / path for root in comfy_env.folder_roots(LORAS)),
+        ]
+    )
     allowed = comfy_env.allowed_folders()
     for candidate in candidates:
         if comfy_env.confine(candidate, "output_folder", allowed).is_dir():
             return candidate.resolve()
-    raise ValueError(
-        f"training output folder {text!r} not found (looked in: {', '.join(str(c) for c in candidates)})"
-    )
+    raise ValueError(f"training output folder {text!r} not found (looked in: {', '.join(str(c) for c in candidates)})")
 
 
 def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord | None, Path]:
@@ -124,7 +127,8 @@ def _optional_target_inputs() -> dict[str, Any]:
         "job": (TRAINING_JOB, {"tooltip": "A job from FaceConsistencyTrainLaunch."}),
         "output_folder": comfy_env.path_input(
             "Or a run folder: absolute, or relative to ComfyUI's output or loras folders "
-            "(a musubi-tuner output folder works too)."),
+            "(a musubi-tuner output folder works too)."
+        ),
     }
 
 
@@ -140,14 +144,29 @@ def _relative_lora_name(path: Path) -> str | None:
 
 
 # Trainer options the launch node shows (their widgets come from training_contract/options.py), in the node's order.
-SETTINGS = ("learning_rate", "network_dim", "network_alpha", "max_train_epochs", "save_every_n_epochs", "seed",
-            "timestep_sampling", "discrete_flow_shift", "optimizer_type", "mixed_precision", "gradient_checkpointing")
+SETTINGS = (
+    "learning_rate",
+    "network_dim",
+    "network_alpha",
+    "max_train_epochs",
+    "save_every_n_epochs",
+    "seed",
+    "timestep_sampling",
+    "discrete_flow_shift",
+    "optimizer_type",
+    "mixed_precision",
+    "gradient_checkpointing",
+)
 FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
 
 
 # The face loss's variants (docs/face-loss.md), optional so that saved workflows keep their widget values.
-FACE_LOSS_VARIANTS = ("face_loss_reference", "face_loss_rollout_steps", "face_loss_contrastive_weight",
-                      "face_loss_negatives")
+FACE_LOSS_VARIANTS = (
+    "face_loss_reference",
+    "face_loss_rollout_steps",
+    "face_loss_contrastive_weight",
+    "face_loss_negatives",
+)
 # Optional inputs after the older ones (saved workflows keep their widget values): the loss, off unless
 # asked for (the evidence shows a trade-off, not a help), and its variants.
 FACE_LOSS_INPUTS = ("use_face_as_loss", *FACE_LOSS_VARIANTS)
@@ -168,8 +187,11 @@ def _confine_dataset(source: Path | None, output_dir: Path, resolution: int, inp
     folders = comfy_env.allowed_folders()
     toml = dataset_config_for(str(source), output_dir, resolution, input_name)
     comfy_env.confine(toml, input_name, folders)
-    load_dataset_config(toml, working_dir=output_dir,
-                        check_path=lambda what, path: comfy_env.confine(path, f"{input_name} {what}", folders))
+    load_dataset_config(
+        toml,
+        working_dir=output_dir,
+        check_path=lambda what, path: comfy_env.confine(path, f"{input_name} {what}", folders),
+    )
     return toml
 
 
@@ -199,32 +221,67 @@ class FaceConsistencyTrainLaunch:
                 "dit": (comfy_env.filename_list("diffusion_models"), {"tooltip": "Qwen-Image-Edit(-2509) DiT."}),
                 "vae": (comfy_env.filename_list("vae"),),
                 "text_encoder": (comfy_env.filename_list("text_encoders"), {"tooltip": "Qwen2.5-VL 7B."}),
-                "dataset": comfy_env.path_input("A musubi dataset .toml, or a folder with images/ (+ .txt captions) "
-                                                "and controls/, inside ComfyUI's folders (e.g. input/)."),
-                "output_name": ("STRING", {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."}),
+                "dataset": comfy_env.path_input(
+                    "A musubi dataset .toml, or a folder with images/ (+ .txt captions) "
+                    "and controls/, inside ComfyUI's folders (e.g. input/)."
+                ),
+                "output_name": (
+                    "STRING",
+                    {"default": "face_lora", "tooltip": "Checkpoints go to output/loras/<name>/."},
+                ),
                 **{name: options.node_input(name) for name in SETTINGS},
-                "enable_face_loss": ("BOOLEAN", {"default": True, "tooltip": "Face-similarity metrics of the x0 "
-                                     "estimates and the samples during training (--enable_face_loss); the loss "
-                                     "itself is the optional use_face_as_loss."}),
+                "enable_face_loss": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "Face-similarity metrics of the x0 "
+                        "estimates and the samples during training (--enable_face_loss); the loss "
+                        "itself is the optional use_face_as_loss.",
+                    },
+                ),
                 **{name: _setting_input(name) for name in FACE_SETTINGS},
             },
             "optional": {
-                "sample_prompts": ("STRING", {"default": "", "multiline": True, "tooltip": "musubi sample prompts, one "
-                                   "per line: text --w 1024 --h 1024 --s 20 --d 42 --ci control.png"}),
+                "sample_prompts": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "musubi sample prompts, one "
+                        "per line: text --w 1024 --h 1024 --s 20 --d 42 --ci control.png",
+                    },
+                ),
                 "sample_every_n_epochs": options.node_input("sample_every_n_epochs"),
                 "max_train_steps": options.node_input("max_train_steps"),
-                "resolution": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
-                                       "tooltip": "For a dataset folder without a TOML."}),
+                "resolution": (
+                    "INT",
+                    {
+                        "default": 1024,
+                        "min": 64,
+                        "max": 4096,
+                        "step": 16,
+                        "tooltip": "For a dataset folder without a TOML.",
+                    },
+                ),
                 "tokenizer": _setting_input("tokenizer"),
-                "extra_args": ("STRING", {"default": "", "multiline": True, "tooltip": "More trainer flags, e.g. "
-                               "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one)."}),
+                "extra_args": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "More trainer flags, e.g. "
+                        "--fp8_base --blocks_to_swap 16 (split like a shell would, never run by one).",
+                    },
+                ),
                 **{name: _setting_input(name) for name in FACE_LOSS_INPUTS},
                 "validation_dataset": comfy_env.path_input(
                     "Held-out items, never trained on (a dataset .toml or a folder like 'dataset'): their "
-                    "validation loss at every checkpoint, in checkpoints.json (--validation_dataset_config)."),
+                    "validation loss at every checkpoint, in checkpoints.json (--validation_dataset_config)."
+                ),
                 "likeness_references": comfy_env.path_input(
                     "A folder of photos of the person that are neither controls nor training targets: every "
-                    "checkpoint's samples are scored against them (held-out likeness, --likeness_references)."),
+                    "checkpoint's samples are scored against them (held-out likeness, --likeness_references)."
+                ),
             },
         }
 
@@ -281,8 +338,14 @@ class FaceConsistencyTrainLaunch:
         if use_loss and problem:
             raise ValueError(problem.replace("--", ""))
         # every value as the trainer will check it, before anything is written (paths confined above)
-        options.check_node_values({**settings, "max_train_steps": max_train_steps, "tokenizer": tokenizer,
-                                   "sample_every_n_epochs": sample_every_n_epochs})
+        options.check_node_values(
+            {
+                **settings,
+                "max_train_steps": max_train_steps,
+                "tokenizer": tokenizer,
+                "sample_every_n_epochs": sample_every_n_epochs,
+            }
+        )
         try:
             extra = shlex.split(extra_args)
         except ValueError as exc:
@@ -290,8 +353,11 @@ class FaceConsistencyTrainLaunch:
         jobs.check_extra_args(extra)
         trainer_runtime()  # no trainer's libraries anywhere: refused, naming the setup command, before any write
         model_paths = {}
-        for flag, folder, filename in (("--dit", "diffusion_models", dit), ("--vae", "vae", vae),
-                                       ("--text_encoder", "text_encoders", text_encoder)):
+        for flag, folder, filename in (
+            ("--dit", "diffusion_models", dit),
+            ("--vae", "vae", vae),
+            ("--text_encoder", "text_encoders", text_encoder),
+        ):
             path = comfy_env.full_path(folder, filename)
             if path is None:
                 raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
@@ -302,13 +368,27 @@ class FaceConsistencyTrainLaunch:
         args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
         args += ["--dataset_config", str(_confine_dataset(dataset_source, output_dir, resolution))]
         if validation_source is not None:
-            args += options.to_argv("validation_dataset_config", str(
-                _confine_dataset(validation_source, output_dir, resolution, "validation_dataset")))
+            args += options.to_argv(
+                "validation_dataset_config",
+                str(_confine_dataset(validation_source, output_dir, resolution, "validation_dataset")),
+            )
         if references is not None:
             args += options.to_argv("likeness_references", str(references))
-        args += ["--edit_plus", "--sdpa", "--weighting_scheme", "none", "--network_module", options.NETWORK_MODULE,
-                 "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
-                 "--output_dir", str(output_dir), "--output_name", name]
+        args += [
+            "--edit_plus",
+            "--sdpa",
+            "--weighting_scheme",
+            "none",
+            "--network_module",
+            options.NETWORK_MODULE,
+            "--max_data_loader_n_workers",
+            "2",
+            "--persistent_data_loader_workers",
+            "--output_dir",
+            str(output_dir),
+            "--output_name",
+            name,
+        ]
         # the trainer derives the step count from epochs whenever epochs are given
         by_steps = max_train_steps > 0
         for setting in SETTINGS:
@@ -353,8 +433,14 @@ class FaceConsistencyTrainMonitor:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "wait_until": (list(WAIT_CHOICES), {"default": "no", "tooltip": "Block this prompt until the next "
-                               "checkpoint or the end of training (Cancel stops waiting, not training)."}),
+                "wait_until": (
+                    list(WAIT_CHOICES),
+                    {
+                        "default": "no",
+                        "tooltip": "Block this prompt until the next "
+                        "checkpoint or the end of training (Cancel stops waiting, not training).",
+                    },
+                ),
                 "timeout_minutes": ("FLOAT", {"default": 60.0, "min": 0.1, "max": 100000.0}),
                 "moving_average": ("INT", {"default": 20, "min": 1, "max": 10000}),
                 "max_samples": ("INT", {"default": 8, "min": 1, "max": 64}),
@@ -391,7 +477,10 @@ class FaceConsistencyTrainMonitor:
         if latest is not None:
             latest_name = _relative_lora_name(latest.path) or str(latest.path)
         plot = rgb_to_image(plot_run(run, window=moving_average))
-        return {"ui": {"text": [status]}, "result": (status, plot, latest_name, rgb_to_image(sample_grid_rgb(run, max_samples)))}
+        return {
+            "ui": {"text": [status]},
+            "result": (status, plot, latest_name, rgb_to_image(sample_grid_rgb(run, max_samples))),
+        }
 
     @staticmethod
     def _wait(record: JobRecord, wait_until: str, timeout_s: float) -> JobRecord:
@@ -430,8 +519,15 @@ class FaceConsistencyTrainStop:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "grace_seconds": ("INT", {"default": 300, "min": 1, "max": 86400, "tooltip": "How long to wait for "
-                                  "the checkpoint before the process tree is terminated."}),
+                "grace_seconds": (
+                    "INT",
+                    {
+                        "default": 300,
+                        "min": 1,
+                        "max": 86400,
+                        "tooltip": "How long to wait for the checkpoint before the process tree is terminated.",
+                    },
+                ),
             },
             "optional": _optional_target_inputs(),
         }
@@ -517,8 +613,10 @@ class FaceConsistencyListCheckpoints(metaclass=_LoraNameOutputs):
     OUTPUT_IS_LIST = (True, True, True)
     FUNCTION = "list_checkpoints"
     CATEGORY = CATEGORY
-    DESCRIPTION = ("lora_name links to LoraLoaderModelOnly; name (the same text) to the scoreboard; step is -1 "
-                   "where a checkpoint's step is unknown.")
+    DESCRIPTION = (
+        "lora_name links to LoraLoaderModelOnly; name (the same text) to the scoreboard; step is -1 "
+        "where a checkpoint's step is unknown."
+    )
 
     @classmethod
     def IS_CHANGED(cls, job: TrainingJob | None = None, output_folder: str = "", **_: Any) -> str | float:
@@ -552,19 +650,39 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
         return {
             "required": {
                 "checkpoint_names": ("STRING", {"forceInput": True}),
-                "scores": ("FLOAT", {"forceInput": True, "tooltip": "One score (or a list of scores) per checkpoint, "
-                           "in the order of the names; NaN where no face was found."}),
-                "copy_best": ("BOOLEAN", {"default": False, "tooltip": "Copy the best checkpoint to "
-                              "{name}-best.safetensors beside it."}),
+                "scores": (
+                    "FLOAT",
+                    {
+                        "forceInput": True,
+                        "tooltip": "One score (or a list of scores) per checkpoint, "
+                        "in the order of the names; NaN where no face was found.",
+                    },
+                ),
+                "copy_best": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Copy the best checkpoint to {name}-best.safetensors beside it."},
+                ),
             },
             "optional": {
-                "reference_agreement": ("FLOAT", {"forceInput": True, "tooltip": "The reference photos' own "
-                                        "agreement (Face Similarity Score's reference_agreement): a checkpoint whose "
-                                        "mean is above it scores more alike than real photos of the person do."}),
-                "face_change": ("FLOAT", {"forceInput": True, "tooltip": "Face Similarity Score's face_change, "
-                                "grouped like the scores (-1 unknown): with it, checkpoints above the agreement "
-                                "whose mean face change is below the similarity node's default copy_paste_threshold "
-                                f"({DEFAULT_COPY_PASTE_THRESHOLD}) are flagged COPY?."}),
+                "reference_agreement": (
+                    "FLOAT",
+                    {
+                        "forceInput": True,
+                        "tooltip": "The reference photos' own "
+                        "agreement (Face Similarity Score's reference_agreement): a checkpoint whose "
+                        "mean is above it scores more alike than real photos of the person do.",
+                    },
+                ),
+                "face_change": (
+                    "FLOAT",
+                    {
+                        "forceInput": True,
+                        "tooltip": "Face Similarity Score's face_change, "
+                        "grouped like the scores (-1 unknown): with it, checkpoints above the agreement "
+                        "whose mean face change is below the similarity node's default copy_paste_threshold "
+                        f"({DEFAULT_COPY_PASTE_THRESHOLD}) are flagged COPY?.",
+                    },
+                ),
             },
         }
 
@@ -576,8 +694,12 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
     OUTPUT_NODE = True
 
     def rank(
-        self, checkpoint_names: list[str], scores: list[Any], copy_best: list[bool],
-        reference_agreement: list[float] | None = None, face_change: list[Any] | None = None,
+        self,
+        checkpoint_names: list[str],
+        scores: list[Any],
+        copy_best: list[bool],
+        reference_agreement: list[float] | None = None,
+        face_change: list[Any] | None = None,
     ) -> dict[str, Any]:
         saved_steps, trainer_table = _saved_steps_and_table(checkpoint_names)
         results = group_scores(checkpoint_names, scores, saved_steps)
@@ -585,16 +707,21 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
         agreement = float(reference_agreement[0]) if reference_agreement else -1.0
         changes = group_scores(checkpoint_names, _unknown_as_nan(face_change)) if face_change else []
         # -1: the similarity node knew no agreement
-        notes = copy_paste_notes(results, agreement if agreement >= 0.0 else None, changes,
-                                 DEFAULT_COPY_PASTE_THRESHOLD)
+        notes = copy_paste_notes(
+            results, agreement if agreement >= 0.0 else None, changes, DEFAULT_COPY_PASTE_THRESHOLD
+        )
         table = format_table(results, best, notes)
         unchanged = sum(note.startswith(UNCHANGED_NOTE) for note in notes.values())
         if len(notes) > unchanged:
-            table += (f"\n{len(notes) - unchanged} checkpoint(s) score above the reference photos' own agreement "
-                      f"{agreement:.3f}: identity no real second photo reaches (see the notes)")
+            table += (
+                f"\n{len(notes) - unchanged} checkpoint(s) score above the reference photos' own agreement "
+                f"{agreement:.3f}: identity no real second photo reaches (see the notes)"
+            )
         if unchanged:
-            table += (f"\n{unchanged} checkpoint(s) return the control's face unchanged: their scores say "
-                      "nothing about likeness (see the notes)")
+            table += (
+                f"\n{unchanged} checkpoint(s) return the control's face unchanged: their scores say "
+                "nothing about likeness (see the notes)"
+            )
         if trainer_table is not None:
             table += f"\n\nthe trainer's table (checkpoints.json):\n{format_checkpoint_table(trainer_table)}"
         if copy_best and copy_best[0]:
@@ -604,8 +731,12 @@ class FaceConsistencyCheckpointScoreboard(metaclass=_LoraNameOutputs):
             table += f"\ncopied {best.name} -> {copy_as_best(source).name}"
         positions, x_label = chart_positions(results)
         plot = plot_scores(
-            [r.name for r in results], positions, [r.mean for r in results], [r.std for r in results],
-            results.index(best), x_label=x_label,
+            [r.name for r in results],
+            positions,
+            [r.mean for r in results],
+            [r.std for r in results],
+            results.index(best),
+            x_label=x_label,
         )
         return {"ui": {"text": [table]}, "result": (table, rgb_to_image(plot), best.name, best.mean)}
 
@@ -626,6 +757,7 @@ def _saved_steps_and_table(names: list[str]) -> tuple[dict[str, int], Checkpoint
 
 def _unknown_as_nan(values: list[Any]) -> list[Any]:
     """face_change lists mark "unknown" with -1; the scoreboard's grouping marks it with NaN."""
+
     def convert(item: Any) -> Any:
         if isinstance(item, (list, tuple)):
             return [convert(v) for v in item]

@@ -6,6 +6,7 @@ models/output/user folders at a temporary directory. `set_comfy_base(path, newer
 later ComfyUIs offer: `get_system_user_directory` (0.3.76), as ComfyUI's own code does it, and
 `is_within_directory` (0.38).
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,7 @@ from typing import Any
 
 
 class ProgressBar:
-    instances: list["ProgressBar"] = []
+    instances: list[ProgressBar] = []
     interrupt_after: int | None = None  # simulate the user pressing Cancel after N updates
 
     def __init__(self, total: int) -> None:
@@ -41,7 +42,7 @@ class ExecutionBlocker:
 
 
 class _PromptServer:
-    instance: "_PromptServer | None" = None
+    instance: _PromptServer | None = None
 
     def __init__(self) -> None:
         from aiohttp import web
@@ -85,8 +86,7 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
     fp.base_path = str(base)
     fp.models_dir = str(base / "models")
     fp.folder_names_and_paths = {
-        name: ([str(base / "models" / name)], set())
-        for name in ("diffusion_models", "vae", "text_encoders", "loras")
+        name: ([str(base / "models" / name)], set()) for name in ("diffusion_models", "vae", "text_encoders", "loras")
     }
 
     def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:

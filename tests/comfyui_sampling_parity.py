@@ -16,6 +16,7 @@ JSON object: per case the relative difference of the final latents (trainer vs C
 for the trainer with diffusers' positions and exact linspace sigmas (the convention before), which
 tells a case that checks something from one that cannot fail.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,14 @@ from unittest import mock
 import torch
 
 DIT_CONFIG = {  # one block, two heads of the real model's width and rope layout (16, 56, 56)
-    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 1, "attention_head_dim": 128,
-    "num_attention_heads": 2, "joint_attention_dim": 64, "axes_dims_rope": (16, 56, 56),
+    "patch_size": 2,
+    "in_channels": 64,
+    "out_channels": 16,
+    "num_layers": 1,
+    "attention_head_dim": 128,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "axes_dims_rope": (16, 56, 56),
 }
 SHIFT = 3.0
 SEED = 42
@@ -45,8 +52,9 @@ def comfyui_model(state_dict: dict[str, torch.Tensor]):
     model = config.get_model({})
     missing, unexpected = model.diffusion_model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise SystemExit(f"ComfyUI's model does not take diffusers' keys: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]}")
+        raise SystemExit(
+            f"ComfyUI's model does not take diffusers' keys: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
@@ -54,10 +62,11 @@ def comfyui_final(patcher, case, embeds, negative, raw_references, latent_h, lat
     import comfy.sample
     import comfy.samplers
     import node_helpers
-    import nodes
     from comfy_extras.nodes_cfg import CFGNorm
     from comfy_extras.nodes_lt import LTXVScheduler
     from comfy_extras.nodes_model_advanced import ModelSamplingAuraFlow
+
+    import nodes
 
     model = ModelSamplingAuraFlow().patch_aura(patcher, SHIFT)[0]
     model = CFGNorm.execute(model, 1.0).args[0]
@@ -68,35 +77,56 @@ def comfyui_final(patcher, case, embeds, negative, raw_references, latent_h, lat
     latent = {"samples": torch.zeros(1, 16, latent_h, latent_w)}  # EmptySD3LatentImage
     positive, negative_cond = conditioning(embeds), conditioning(negative)
     if case["shift_terminal"]:
-        sigmas = LTXVScheduler.execute(case["steps"], math.log(SHIFT), math.log(SHIFT), True,
-                                       case["shift_terminal"]).args[0]
+        sigmas = LTXVScheduler.execute(
+            case["steps"], math.log(SHIFT), math.log(SHIFT), True, case["shift_terminal"]
+        ).args[0]
         latent_image = comfy.sample.fix_empty_latent_channels(model, latent["samples"])  # as SamplerCustom
         noise = comfy.sample.prepare_noise(latent_image, SEED)
-        out = comfy.sample.sample_custom(model, noise, case["cfg"], comfy.samplers.sampler_object("euler"), sigmas,
-                                         positive, negative_cond, latent_image, seed=SEED, disable_pbar=True)
+        out = comfy.sample.sample_custom(
+            model,
+            noise,
+            case["cfg"],
+            comfy.samplers.sampler_object("euler"),
+            sigmas,
+            positive,
+            negative_cond,
+            latent_image,
+            seed=SEED,
+            disable_pbar=True,
+        )
     else:
-        out = nodes.common_ksampler(model, SEED, case["steps"], case["cfg"], "euler", "simple", positive,
-                                    negative_cond, latent)[0]["samples"]
+        out = nodes.common_ksampler(
+            model, SEED, case["steps"], case["cfg"], "euler", "simple", positive, negative_cond, latent
+        )[0]["samples"]
     return out
 
 
 def trainer_final(transformer, case, embeds, negative, references, *, before: bool) -> torch.Tensor:
     import numpy as np
-
     from face_consistency.trainer import sampling
 
-    settings = sampling.SampleSettings(index=0, prompt="", width=case["width"], height=case["height"],
-                                       steps=case["steps"], flow_shift=SHIFT, cfg_scale=case["cfg"])
+    settings = sampling.SampleSettings(
+        index=0,
+        prompt="",
+        width=case["width"],
+        height=case["height"],
+        steps=case["steps"],
+        flow_shift=SHIFT,
+        cfg_scale=case["cfg"],
+    )
     sample = sampling.EncodedSample(settings, embeds, negative if case["cfg"] > 1 else None, references)
     context = nullcontext()
     if before:  # diffusers' positions, exact linspace sigmas: what the samples did before
         context = mock.patch.multiple(
-            sampling, use_positions=lambda *_: nullcontext(),
-            unshifted_sigmas=lambda steps, terminal: np.linspace(1.0, 1.0 / steps, steps))
+            sampling,
+            use_positions=lambda *_: nullcontext(),
+            unshifted_sigmas=lambda steps, terminal: np.linspace(1.0, 1.0 / steps, steps),
+        )
     with context:
         terminal = case.get("before_shift_terminal", case["shift_terminal"]) if before else case["shift_terminal"]
-        return sampling.denoise(transformer, sample, 8, seed=SEED, device=torch.device("cpu"), dtype=torch.float32,
-                                shift_terminal=terminal)
+        return sampling.denoise(
+            transformer, sample, 8, seed=SEED, device=torch.device("cpu"), dtype=torch.float32, shift_terminal=terminal
+        )
 
 
 def run(cases: list[dict]) -> dict:
@@ -118,13 +148,16 @@ def run(cases: list[dict]) -> dict:
         references = [torch.randn(1, 16, 1, h // 8, w // 8, generator=generator) for w, h in case["references"]]
         raw_references = [latent_format.process_out(r) for r in references]  # ComfyUI's VAE space
         latent_h, latent_w = case["height"] // 8, case["width"] // 8
-        theirs = latent_format.process_in(comfyui_final(patcher, case, embeds, negative, raw_references,
-                                                        latent_h, latent_w)).reshape(1, 16, 1, latent_h, latent_w)
+        theirs = latent_format.process_in(
+            comfyui_final(patcher, case, embeds, negative, raw_references, latent_h, latent_w)
+        ).reshape(1, 16, 1, latent_h, latent_w)
         ours = trainer_final(transformer, case, embeds, negative, references, before=False)
         before = trainer_final(transformer, case, embeds, negative, references, before=True)
         scale = theirs.norm().item()
-        results[case["name"]] = {"relative": (ours - theirs).norm().item() / scale,
-                                 "relative_before": (before - theirs).norm().item() / scale}
+        results[case["name"]] = {
+            "relative": (ours - theirs).norm().item() / scale,
+            "relative_before": (before - theirs).norm().item() / scale,
+        }
     return results
 
 

@@ -19,6 +19,7 @@ collecting the page's console errors and uncaught exceptions.
 
 Under CI=true nothing of the tier skips: a missing ComfyUI, frontend or Chromium fails the test.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,9 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, NoReturn
+from typing import Any, NoReturn
 
 import cv2
 import pytest
@@ -108,7 +110,8 @@ class ComfyServer:
     def rejections(self, workflow: dict[str, Any]) -> dict[str, Any]:
         """The node errors the server rejects `workflow` with (failing if it queues it)."""
         request = urllib.request.Request(
-            f"{self.url}/prompt", data=json.dumps({"prompt": workflow}).encode(),
+            f"{self.url}/prompt",
+            data=json.dumps({"prompt": workflow}).encode(),
             headers={"Content-Type": "application/json"},
         )
         try:
@@ -159,7 +162,12 @@ def _stop(process: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def running_comfyui(
-    comfyui: Path, base: Path, extra_paths: Path, *, frontend: str = "pinned", front_end_root: Path | None = None,
+    comfyui: Path,
+    base: Path,
+    extra_paths: Path,
+    *,
+    frontend: str = "pinned",
+    front_end_root: Path | None = None,
 ) -> Iterator[ComfyServer]:
     """ComfyUI on `base` (prepared by `_prepare_base`); a second server on the same base passes
     `front_end_root` and gets its own temp folder (ComfyUI empties its temp folder at start)."""
@@ -174,11 +182,24 @@ def running_comfyui(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [
-                python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-                "--base-directory", str(base), "--extra-model-paths-config", str(extra_paths),
-                "--database-url", "sqlite:///:memory:", *options,
+                python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--base-directory",
+                str(base),
+                "--extra-model-paths-config",
+                str(extra_paths),
+                "--database-url",
+                "sqlite:///:memory:",
+                *options,
             ],
-            cwd=comfyui, stdout=log, stderr=subprocess.STDOUT,
+            cwd=comfyui,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     server = ComfyServer(f"http://127.0.0.1:{port}", process, log_path, base, frontend)
     try:
@@ -274,8 +295,14 @@ def _chromium_binary() -> str:
 
 # offline and quiet: no GPU, no sandbox (CI runs as root), nothing fetched from the network
 CHROMIUM_FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 )
 
 
@@ -287,10 +314,14 @@ def chromium(user_data_dir: Path) -> Iterator[int]:
     port = free_port()
     browser = subprocess.Popen(
         [
-            _chromium_binary(), *CHROMIUM_FLAGS, f"--remote-debugging-port={port}",
-            f"--user-data-dir={user_data_dir}", "about:blank",
+            _chromium_binary(),
+            *CHROMIUM_FLAGS,
+            f"--remote-debugging-port={port}",
+            f"--user-data-dir={user_data_dir}",
+            "about:blank",
         ],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + BROWSER_TIMEOUT_S
@@ -385,8 +416,13 @@ async def open_page(devtools_port: int, url: str, size: tuple[int, int] = (1400,
                 page = DevToolsPage(ws)
                 for domain in ("Runtime", "Log", "Page"):
                     await page.send(f"{domain}.enable")
-                await page.send("Emulation.setDeviceMetricsOverride",
-                                width=size[0], height=size[1], deviceScaleFactor=1, mobile=False)
+                await page.send(
+                    "Emulation.setDeviceMetricsOverride",
+                    width=size[0],
+                    height=size[1],
+                    deviceScaleFactor=1,
+                    mobile=False,
+                )
                 await page.send("Page.navigate", url=url)
                 yield page
         finally:

@@ -1,5 +1,6 @@
 """Shared fixtures: the real test data (skipped with a reason where absent) and ComfyUI stand-ins;
 the end-to-end tier's count and time in the summary."""
+
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from comfy_stubs import install_comfy_stubs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,9 +26,7 @@ os.environ["FACE_CONSISTENCY_TRAINER_ENV"] = str(Path(tempfile.mkdtemp(prefix="n
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(
-            f"real face test data not found at {path}; set FACE_TEST_DATA to the shared testdata folder"
-        )
+        pytest.skip(f"real face test data not found at {path}; set FACE_TEST_DATA to the shared testdata folder")
     return path
 
 

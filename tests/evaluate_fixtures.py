@@ -3,6 +3,7 @@
 Photos are re-encoded downscaled (the detector then runs at a small size and the tests stay
 fast on two cores); nothing is written into the repository.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Model pack zips for the download tests: built from the shared test pack at test time and served
 from a loopback HTTP server with Range support, which can break a response off or ignore Range."""
+
 from __future__ import annotations
 
 import hashlib
@@ -15,8 +16,9 @@ from pathlib import Path
 PACK_FILES = ("det_2.5g.onnx", "mobilefacenet.onnx")
 
 
-def pack_zip(testpack_dir: Path, folder: str = "", extra: dict[str, bytes] | None = None,
-             files: tuple[str, ...] = PACK_FILES) -> bytes:
+def pack_zip(
+    testpack_dir: Path, folder: str = "", extra: dict[str, bytes] | None = None, files: tuple[str, ...] = PACK_FILES
+) -> bytes:
     """A release-style zip of the test pack; `folder` nests the files as antelopev2.zip does."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
@@ -42,7 +44,7 @@ class PackServer:
     range_offset_error: int = 0  # a faulty server: a ranged body starts this many bytes late
     chunk_delay_s: float = 0.0
 
-    def start(self) -> "PackServer":
+    def start(self) -> PackServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):

@@ -1,4 +1,5 @@
 """Run folders on disk for job-control, node and route tests: a plain musubi-tuner output folder."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """The packages' arrows (docs/architecture.md): which package may import which, and the watcher side
 that ComfyUI imports at start stays torch-free."""
+
 from __future__ import annotations
 
 import ast
@@ -30,7 +31,9 @@ def _imported_packages(path: Path, package: str) -> set[str]:
         if isinstance(node, ast.ImportFrom) and node.level >= 2:
             module = (node.module or "").split(".")[0]
             found.update([module] if module else [alias.name for alias in node.names])
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("face_consistency."):
+        elif (
+            isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("face_consistency.")
+        ):
             found.add(node.module.split(".")[1])
     return found - {package}
 
@@ -46,10 +49,17 @@ def test_each_package_imports_only_what_it_may(package: str) -> None:
 
 
 def test_the_watcher_side_imports_without_torch() -> None:
-    modules = [f"face_consistency.{package}.{path.stem}" for package in TORCH_FREE
-               for path in sorted((PACK / package).glob("*.py")) if path.stem != "__init__"]
-    code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
-            + "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'insightface') if m in sys.modules)\n"
-            "print(','.join(heavy))\n")
+    modules = [
+        f"face_consistency.{package}.{path.stem}"
+        for package in TORCH_FREE
+        for path in sorted((PACK / package).glob("*.py"))
+        if path.stem != "__init__"
+    ]
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'insightface') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"importing {TORCH_FREE} loads {result.stdout.strip()}"

@@ -15,31 +15,41 @@ uses pip's package index, as `.ci/run` does. In order, on that one virtualenv (o
 5. a real ComfyUI run by that Python trains the tiny models from the launch + monitor workflow; the
    job's status.json records the libraries it ran with: the trainer environment's, torch ComfyUI's.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from comfyui_server import ComfyServer, _prepare_base, comfyui_dir, run_prompt, running_comfyui, unavailable
-from test_e2e_training import launch_workflow
-from training_runs import TinyTraining, tiny_training  # noqa: F401 (fixture)
-
 from face_consistency.training_contract.protocol import read_status
 from face_consistency.training_jobs import trainer_env
+from test_e2e_training import launch_workflow
+from training_runs import TinyTraining, tiny_training  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
 # what ComfyUI and other packs commonly depend on: installing the pack must not move any of them
-PROTECTED = ("torch", "torchvision", "numpy", "pillow", "transformers", "huggingface-hub", "tokenizers",
-             "safetensors", "pydantic", "aiohttp")
+PROTECTED = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "transformers",
+    "huggingface-hub",
+    "tokenizers",
+    "safetensors",
+    "pydantic",
+    "aiohttp",
+)
 # each installs the same `cv2` module: two of them break each other (removing one removes cv2 for both)
 OPENCV = ("opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless")
 TRANSFORMERS_4 = "4.57.1"
@@ -51,8 +61,12 @@ def canonical(name: str) -> str:
 
 
 def pip(python: Path, *args: str) -> str:
-    done = subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    done = subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", *args],
+        capture_output=True,
+        text=True,
+        timeout=PIP_TIMEOUT_S,
+    )
     assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done.stdout
 
@@ -64,14 +78,19 @@ def installed(python: Path) -> dict[str, str]:
 def would_install(python: Path, report: Path, *requirements: str) -> dict[str, str]:
     """What `pip install` of `requirements` would install or replace: its dry run's report."""
     pip(python, "install", "--dry-run", "--quiet", "--report", str(report), *requirements)
-    return {canonical(item["metadata"]["name"]): item["metadata"]["version"]
-            for item in json.loads(report.read_text())["install"]}
+    return {
+        canonical(item["metadata"]["name"]): item["metadata"]["version"]
+        for item in json.loads(report.read_text())["install"]
+    }
 
 
 def problems(before: dict[str, str], after: dict[str, str]) -> list[str]:
     """A protected package (or an OpenCV) changed, or not exactly one OpenCV package afterwards."""
-    found = [f"{name} {before[name]} -> {after.get(name, 'removed')}"
-             for name in (*PROTECTED, *OPENCV) if name in before and after.get(name) != before[name]]
+    found = [
+        f"{name} {before[name]} -> {after.get(name, 'removed')}"
+        for name in (*PROTECTED, *OPENCV)
+        if name in before and after.get(name) != before[name]
+    ]
     opencv = sorted(name for name in OPENCV if name in after)
     if len(opencv) != 1:
         found.append(f"{len(opencv)} OpenCV packages afterwards: {', '.join(opencv) or 'none'}")
@@ -89,8 +108,10 @@ def check_dry_run(python: Path, report: Path) -> dict[str, str]:
 def typical_python() -> Path:
     value = os.environ.get("COMFYUI_TYPICAL_PYTHON")
     if not value:
-        unavailable("set COMFYUI_TYPICAL_PYTHON to the Python of a fresh virtualenv holding ComfyUI's requirements "
-                    "(see .ci/run) to check that installing the pack changes none of them")
+        unavailable(
+            "set COMFYUI_TYPICAL_PYTHON to the Python of a fresh virtualenv holding ComfyUI's requirements "
+            "(see .ci/run) to check that installing the pack changes none of them"
+        )
     python = Path(value)
     if not python.is_file():
         unavailable(f"COMFYUI_TYPICAL_PYTHON={value} is not a file")
@@ -140,18 +161,27 @@ def test_installing_as_comfyui_manager_changes_nothing_protected(
 
 @pytest.fixture(scope="module")
 def trainer_env_dir(
-    typical_python_4: Path, installed_as_manager: Any, tmp_path_factory: pytest.TempPathFactory,
+    typical_python_4: Path,
+    installed_as_manager: Any,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Path:
     folder = tmp_path_factory.mktemp("typical") / "trainer_env"
-    done = subprocess.run([str(typical_python_4), str(trainer_env.BOOTSTRAP), "setup-trainer", "--path", str(folder)],
-                          capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    done = subprocess.run(
+        [str(typical_python_4), str(trainer_env.BOOTSTRAP), "setup-trainer", "--path", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=PIP_TIMEOUT_S,
+    )
     assert done.returncode == 0, f"setup-trainer failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return folder
 
 
 @pytest.fixture(scope="module")
 def typical_comfyui(
-    typical_python_4: Path, trainer_env_dir: Path, tmp_path_factory: pytest.TempPathFactory, testdata: Path,
+    typical_python_4: Path,
+    trainer_env_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    testdata: Path,
 ) -> Iterator[ComfyServer]:
     """ComfyUI run by the typical environment's Python, finding the trainer environment set up above."""
     base = tmp_path_factory.mktemp("typical-comfy-base")
@@ -163,12 +193,18 @@ def typical_comfyui(
 
 
 def test_a_job_launched_from_comfyui_runs_with_the_trainer_environments_libraries(
-    typical_python_4: Path, installed_as_manager: tuple[dict[str, str], dict[str, str]], trainer_env_dir: Path,
-    typical_comfyui: ComfyServer, tiny_training: TinyTraining,
+    typical_python_4: Path,
+    installed_as_manager: tuple[dict[str, str], dict[str, str]],
+    trainer_env_dir: Path,
+    typical_comfyui: ComfyServer,
+    tiny_training: TinyTraining,
 ) -> None:
     comfyui_libraries = installed_as_manager[1]
-    pins = dict(line.split("==") for line in trainer_env.REQUIREMENTS.read_text().splitlines()
-                if line and not line.startswith("#"))
+    pins = dict(
+        line.split("==")
+        for line in trainer_env.REQUIREMENTS.read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     installed = tiny_training.install_into_comfyui(typical_comfyui.base)
     workflow = launch_workflow(tiny_training, installed, "typical_tiny", max_train_steps=4)
     workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)

@@ -5,21 +5,22 @@ then tried here with paths outside, through a symlink, by `..` and with a NUL) o
 TEXT_INPUTS with where its own rule is tested: a node added later is covered without a new test,
 and one whose path input is not marked fails here.
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from comfy_stubs import set_comfy_base
-from PIL import Image
-
 from face_consistency.musubi_formats.dataset import write_dataset_config
 from face_consistency.nodes import NODE_CLASS_MAPPINGS, comfy_env
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
 from face_consistency.nodes.training import FaceConsistencyTrainLaunch, FaceConsistencyTrainMonitor
+from PIL import Image
 
 # STRING widgets that name no file or folder, and the test of the rule they follow instead
 TEXT_INPUTS = {
@@ -45,10 +46,15 @@ PATH_INPUTS = [(node, name) for node, name, options in STRING_INPUTS if options.
 
 
 def test_every_string_input_is_a_path_input_or_known_text() -> None:
-    unclassified = [(node, name) for node, name, options in STRING_INPUTS
-                    if not options.get(comfy_env.PATH_INPUT) and (node, name) not in TEXT_INPUTS]
-    assert not unclassified, (f"STRING inputs neither marked with comfy_env.path_input (when they name a file or "
-                              f"folder) nor listed in TEXT_INPUTS: {unclassified}")
+    unclassified = [
+        (node, name)
+        for node, name, options in STRING_INPUTS
+        if not options.get(comfy_env.PATH_INPUT) and (node, name) not in TEXT_INPUTS
+    ]
+    assert not unclassified, (
+        f"STRING inputs neither marked with comfy_env.path_input (when they name a file or "
+        f"folder) nor listed in TEXT_INPUTS: {unclassified}"
+    )
     assert len(PATH_INPUTS) >= 10  # Score Folder's four, Train Launch's three, the four output_folder inputs
 
 
@@ -173,8 +179,10 @@ def test_score_folder_refuses_an_image_that_links_out(comfy: Path, outside: Path
         FaceConsistencyScoreFolder().score_folder(None, str(comfy / "input"), 0.5, control_dir=str(controls))
 
 
-@pytest.mark.parametrize("control", ["{outside}/images/secret.png", "../../../../../../../../..{outside}/images/secret.png",
-                                     "{link}/secret.png"])
+@pytest.mark.parametrize(
+    "control",
+    ["{outside}/images/secret.png", "../../../../../../../../..{outside}/images/secret.png", "{link}/secret.png"],
+)
 def test_score_folder_refuses_prompt_controls_outside(comfy: Path, outside: Path, control: str) -> None:
     samples = comfy / "output" / "run" / "sample"
     _sample(samples)
@@ -208,6 +216,7 @@ class Launched(Exception):
 @pytest.fixture()
 def no_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     """Launching stops where the trainer would start: what the launch checks is what is tested."""
+
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise Launched()
 
@@ -222,7 +231,11 @@ def _dataset(folder: Path, n: int = 2) -> dict[str, str]:
         Image.new("RGB", (32, 32), "green").save(images / f"item_{i}.png")
         (images / f"item_{i}.txt").write_text(f"caption {i}")
         Image.new("RGB", (32, 32), "white").save(controls / f"item_{i}.png")
-    return {"image_directory": str(images), "control_directory": str(controls), "cache_directory": str(folder / "cache")}
+    return {
+        "image_directory": str(images),
+        "control_directory": str(controls),
+        "cache_directory": str(folder / "cache"),
+    }
 
 
 GENERAL = {"resolution": [32, 32], "caption_extension": ".txt", "batch_size": 1}
@@ -232,7 +245,9 @@ GENERAL = {"resolution": [32, 32], "caption_extension": ".txt", "batch_size": 1}
 def test_launch_refuses_a_toml_naming_a_folder_outside(comfy: Path, outside: Path, no_trainer: None, key: str) -> None:
     paths = _dataset(comfy / "input" / "data")
     outside_paths = _dataset(outside / "data")
-    toml = write_dataset_config(comfy / "input" / "data" / "dataset.toml", GENERAL, [{**paths, key: outside_paths[key]}])
+    toml = write_dataset_config(
+        comfy / "input" / "data" / "dataset.toml", GENERAL, [{**paths, key: outside_paths[key]}]
+    )
     before = _snapshot(outside)
     with pytest.raises(comfy_env.FolderAccessError, match=f"dataset .*{key}"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
@@ -243,7 +258,9 @@ def test_launch_refuses_a_toml_naming_a_folder_outside(comfy: Path, outside: Pat
 def test_launch_refuses_relative_toml_paths_that_climb_out(comfy: Path, outside: Path, no_trainer: None) -> None:
     paths = _dataset(comfy / "input" / "data")
     climb = "../" * 40 + str(outside).lstrip("/") + "/cache"  # the trainer's working directory is the run folder
-    toml = write_dataset_config(comfy / "input" / "data" / "dataset.toml", GENERAL, [{**paths, "cache_directory": climb}])
+    toml = write_dataset_config(
+        comfy / "input" / "data" / "dataset.toml", GENERAL, [{**paths, "cache_directory": climb}]
+    )
     with pytest.raises(comfy_env.FolderAccessError, match="cache_directory"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
     assert not (outside / "cache").exists()
@@ -253,8 +270,11 @@ def test_launch_refuses_relative_toml_paths_that_climb_out(comfy: Path, outside:
 def test_launch_refuses_a_dataset_file_that_links_out(comfy: Path, outside: Path, no_trainer: None, what: str) -> None:
     folder = comfy / "input" / "data"
     _dataset(folder)
-    planted = {"image": folder / "images" / "item_0.png", "control image": folder / "controls" / "item_0.png",
-               "caption": folder / "images" / "item_0.txt"}[what]
+    planted = {
+        "image": folder / "images" / "item_0.png",
+        "control image": folder / "controls" / "item_0.png",
+        "caption": folder / "images" / "item_0.txt",
+    }[what]
     planted.unlink()
     planted.symlink_to(outside / ("secret.txt" if what == "caption" else "images/secret.png"))
     # a dataset folder without a TOML: the launch writes one for it, then checks what it names
@@ -266,8 +286,10 @@ def test_launch_refuses_jsonl_entries_outside(comfy: Path, outside: Path, no_tra
     folder = comfy / "input" / "data"
     _dataset(folder)
     jsonl = folder / "pairs.jsonl"
-    jsonl.write_text(f'{{"image_path": "{outside}/images/secret.png", "control_path": "{folder}/controls/item_0.png", '
-                     '"caption": "x"}\n')
+    jsonl.write_text(
+        f'{{"image_path": "{outside}/images/secret.png", "control_path": "{folder}/controls/item_0.png", '
+        '"caption": "x"}\n'
+    )
     toml = write_dataset_config(folder / "dataset.toml", GENERAL, [{"image_jsonl_file": str(jsonl)}])
     with pytest.raises(comfy_env.FolderAccessError, match="dataset image"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
@@ -280,8 +302,9 @@ def test_launch_accepts_a_dataset_inside_comfyui(comfy: Path, no_trainer: None) 
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
 
 
-@pytest.mark.parametrize("control", ["{outside}/images/secret.png", "../../../../../../../../../..{outside}/secret.txt",
-                                     "{link}/secret.png"])
+@pytest.mark.parametrize(
+    "control", ["{outside}/images/secret.png", "../../../../../../../../../..{outside}/secret.txt", "{link}/secret.png"]
+)
 def test_launch_confines_the_prompts(comfy: Path, outside: Path, no_trainer: None, control: str) -> None:
     folder = comfy / "input" / "data"
     toml = write_dataset_config(folder / "dataset.toml", GENERAL, [_dataset(folder)])

@@ -7,6 +7,7 @@ COMFYUI_NEWEST_FRONTEND). The servers and the browser driver are `comfyui_server
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_NEWEST_FRONTEND=/path/to/frontend [COMFYUI_PYTHON=/path/to/its/python] \
         [CHROMIUM=/path/to/chromium] python -m pytest tests/test_e2e_comfyui.py -m e2e -v
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,11 +17,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from comfyui_server import (  # noqa: F401 (fixtures)
-    RUN_TIMEOUT_S, STARTUP_TIMEOUT_S, ComfyServer, chromium, comfy_server, frontend_server, open_page, run_prompt,
+    RUN_TIMEOUT_S,
+    STARTUP_TIMEOUT_S,
+    ComfyServer,
+    chromium,
+    comfy_server,
+    frontend_server,
+    open_page,
+    run_prompt,
 )
-
 from face_consistency.faceid import STANDARD_PACKS
 from face_consistency.faceid.pack_download import RELEASES
 from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
@@ -28,8 +34,12 @@ from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 REPO_ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO_ROOT / "example_workflows" / "api"
 OUR_NODES = (
-    "FaceConsistencyLoadModel", "FaceConsistencyReference", "FaceConsistencySimilarity",
-    "FaceConsistencyMatchFaces", "FaceConsistencyBestOf", "FaceConsistencyGate",
+    "FaceConsistencyLoadModel",
+    "FaceConsistencyReference",
+    "FaceConsistencySimilarity",
+    "FaceConsistencyMatchFaces",
+    "FaceConsistencyBestOf",
+    "FaceConsistencyGate",
 )
 
 pytestmark = pytest.mark.e2e
@@ -76,9 +86,16 @@ def score_workflow() -> dict[str, Any]:
         "4": {
             "class_type": "FaceConsistencySimilarity",
             "inputs": {
-                "face_model": ["3", 0], "images": ["2", 0], "reference_image": ["1", 0],
-                "face_selection": "largest", "face_index": 0, "no_face_policy": "score_zero",
-                "threshold": 0.7, "band_excellent": 0.85, "band_good": 0.75, "band_moderate": 0.65,
+                "face_model": ["3", 0],
+                "images": ["2", 0],
+                "reference_image": ["1", 0],
+                "face_selection": "largest",
+                "face_index": 0,
+                "no_face_policy": "score_zero",
+                "threshold": 0.7,
+                "band_excellent": 0.85,
+                "band_good": 0.75,
+                "band_moderate": 0.65,
                 "copy_paste_threshold": 0.1,
             },
         },
@@ -86,7 +103,6 @@ def score_workflow() -> dict[str, Any]:
         "6": {"class_type": "PreviewAny", "inputs": {"source": ["4", 0]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["4", 4], "filename_prefix": "face_e2e"}},
     }
-
 
 
 def test_a_standard_pack_not_installed_is_accepted_and_offline_says_how_to_get_it(comfy_server: ComfyServer) -> None:
@@ -105,6 +121,7 @@ def test_a_standard_pack_not_installed_is_accepted_and_offline_says_how_to_get_i
     assert status["status_str"] == "error" and errors, status
     message = errors[0]["exception_message"]
     assert "downloading is off" in message and "releases/download/v0.7/buffalo_l.zip (289 MB)" in message, message
+
 
 def test_scoring_workflow_runs(comfy_server: ComfyServer) -> None:
     outputs = run_prompt(comfy_server, score_workflow())
@@ -150,12 +167,14 @@ def test_best_of_chain_runs_over_a_batch(comfy_server: ComfyServer) -> None:
     """best_of_n_seeds' scoring half on a real batch: list outputs feed the list-input node."""
     workflow = example("best_of_n_seeds")
     scoring_half = {k: workflow[k] for k in ("1", "14", "15", "16", "17", "18", "19")}
-    scoring_half.update({
-        "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
-        "20": {"class_type": "LoadImage", "inputs": {"image": "biden.jpg"}},
-        "21": {"class_type": "LoadImage", "inputs": {"image": "obama2.jpg"}},
-        "13": {"class_type": "ImageBatch", "inputs": {"image1": ["20", 0], "image2": ["21", 0]}},
-    })
+    scoring_half.update(
+        {
+            "1": {"class_type": "LoadImage", "inputs": {"image": "obama.jpg"}},
+            "20": {"class_type": "LoadImage", "inputs": {"image": "biden.jpg"}},
+            "21": {"class_type": "LoadImage", "inputs": {"image": "obama2.jpg"}},
+            "13": {"class_type": "ImageBatch", "inputs": {"image1": ["20", 0], "image2": ["21", 0]}},
+        }
+    )
     scoring_half["16"]["inputs"]["threshold"] = 0.5
     outputs = run_prompt(comfy_server, scoring_half)
 
@@ -179,10 +198,19 @@ def gate_workflow(first: dict[str, Any], second: dict[str, Any], empty_side: str
         "6": {
             "class_type": "FaceConsistencyGate",
             "inputs": {
-                "face_model": ["5", 0], "images": ["4", 0], "reference_image": ["1", 0], "threshold": 0.6,
-                "several_faces": "reject", "reject_unchanged": True, "copy_paste_threshold": 0.1,
-                "require_both": False, "judge_threshold": 0.5, "empty_side": empty_side,
-                "band_excellent": 0.85, "band_good": 0.75, "band_moderate": 0.65,
+                "face_model": ["5", 0],
+                "images": ["4", 0],
+                "reference_image": ["1", 0],
+                "threshold": 0.6,
+                "several_faces": "reject",
+                "reject_unchanged": True,
+                "copy_paste_threshold": 0.1,
+                "require_both": False,
+                "judge_threshold": 0.5,
+                "empty_side": empty_side,
+                "band_excellent": 0.85,
+                "band_good": 0.75,
+                "band_moderate": 0.65,
             },
         },
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "gate_passed"}},
@@ -199,11 +227,15 @@ def load(name: str) -> dict[str, Any]:
 NO_FACE = {"class_type": "EmptyImage", "inputs": {"width": 256, "height": 256, "batch_size": 1, "color": 0x808080}}
 
 
-@pytest.mark.parametrize(("first", "second", "passed", "rejected"), [
-    (load("obama2.jpg"), load("biden.jpg"), 1, 1),   # partly
-    (load("obama2.jpg"), load("reference.png"), 2, 0),  # wholly (reference.png is obama3.jpg)
-    (load("biden.jpg"), NO_FACE, 0, 2),              # not at all
-], ids=["partly", "wholly", "not_at_all"])
+@pytest.mark.parametrize(
+    ("first", "second", "passed", "rejected"),
+    [
+        (load("obama2.jpg"), load("biden.jpg"), 1, 1),  # partly
+        (load("obama2.jpg"), load("reference.png"), 2, 0),  # wholly (reference.png is obama3.jpg)
+        (load("biden.jpg"), NO_FACE, 0, 2),  # not at all
+    ],
+    ids=["partly", "wholly", "not_at_all"],
+)
 def test_gate_splits_a_batch_and_an_empty_side_runs_nothing(
     comfy_server: ComfyServer, first: dict[str, Any], second: dict[str, Any], passed: int, rejected: int
 ) -> None:
@@ -271,13 +303,15 @@ async def _frontend_prompts(
             # unknown: node types the frontend has no definition for (it loads them as placeholders);
             # flagged: nodes it marks with errors (frontend 1.58 also marks nodes whose model file
             # is not on the server)
-            prompts[name] = json.loads(await page.evaluate(
-                f"(async () => {{ await app.loadGraphData({graph}, true, true, {json.dumps(name)}); "
-                "const nodes = app.graph.nodes;"
-                "const unknown = nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type);"
-                "const flagged = nodes.filter(n => n.has_errors).map(n => String(n.id));"
-                "return JSON.stringify({unknown, flagged, output: (await app.graphToPrompt()).output}); })()"
-            ))
+            prompts[name] = json.loads(
+                await page.evaluate(
+                    f"(async () => {{ await app.loadGraphData({graph}, true, true, {json.dumps(name)}); "
+                    "const nodes = app.graph.nodes;"
+                    "const unknown = nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type);"
+                    "const flagged = nodes.filter(n => n.has_errors).map(n => String(n.id));"
+                    "return JSON.stringify({unknown, flagged, output: (await app.graphToPrompt()).output}); })()"
+                )
+            )
         return prompts
 
 
@@ -316,19 +350,25 @@ def test_ui_workflows_load_in_the_frontend(frontend_server: ComfyServer, tmp_pat
             assert queued[node_id]["class_type"] == node["class_type"]
             # the frontend adds display-only widgets (Preview Any's "preview"); all else must match
             assert {k: v for k, v in queued[node_id]["inputs"].items() if k in node["inputs"]} == node["inputs"], (
-                version, name, node_id)
+                version,
+                name,
+                node_id,
+            )
             assert set(node["inputs"]) <= set(queued[node_id]["inputs"]), (version, name, node_id)
 
 
 async def _toggle_download_setting(devtools_port: int, page_url: str) -> dict[str, Any]:
     async with open_page(devtools_port, page_url) as page:
-        await page.wait_for("!!(window.app && window.app.extensionManager?.setting)", "the ComfyUI frontend",
-                            STARTUP_TIMEOUT_S)
-        return json.loads(await page.evaluate(
-            "(async () => { const s = app.extensionManager.setting, id = " + json.dumps(DOWNLOAD_SETTING) + ";"
-            "const before = s.get(id); await s.set(id, false); const after = s.get(id);"
-            "return JSON.stringify({before, after}); })()"
-        ))
+        await page.wait_for(
+            "!!(window.app && window.app.extensionManager?.setting)", "the ComfyUI frontend", STARTUP_TIMEOUT_S
+        )
+        return json.loads(
+            await page.evaluate(
+                "(async () => { const s = app.extensionManager.setting, id = " + json.dumps(DOWNLOAD_SETTING) + ";"
+                "const before = s.get(id); await s.set(id, false); const after = s.get(id);"
+                "return JSON.stringify({before, after}); })()"
+            )
+        )
 
 
 def test_download_setting_is_in_the_frontend_and_saved_where_the_nodes_read_it(

@@ -9,6 +9,7 @@ bar, so that a case checks something. Runs only with COMFYUI_DIR (the end-to-end
 
     COMFYUI_DIR=/path/to/ComfyUI python -m pytest tests/test_e2e_sampling.py -m e2e -v
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from comfyui_server import comfyui_dir
 
 # not marked `trainer`: CI's run at the minimum library versions has no ComfyUI requirements to import ComfyUI with
@@ -46,7 +46,9 @@ SAME_BEFORE = {"shift_terminal_ltxv"}
 def parity() -> dict[str, dict[str, float]]:
     completed = subprocess.run(
         [sys.executable, str(SCRIPT), str(comfyui_dir()), json.dumps(CASES)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
     )
     assert completed.returncode == 0, completed.stderr[-4000:]

@@ -8,17 +8,25 @@ panel check also needs Chromium and the newest frontend (see `comfyui_server.py`
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_NEWEST_FRONTEND=/path/to/frontend [COMFYUI_PYTHON=/path/to/its/python] \\
         [CHROMIUM=/path/to/chromium] python -m pytest tests/test_e2e_training.py -m e2e -v
 """
+
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from comfyui_server import (  # noqa: F401 (fixtures)
-    STARTUP_TIMEOUT_S, ComfyServer, DevToolsPage, chromium, comfy_server, frontend_server, open_page, run_prompt,
+    STARTUP_TIMEOUT_S,
+    ComfyServer,
+    DevToolsPage,
+    chromium,
+    comfy_server,
+    frontend_server,
+    open_page,
+    run_prompt,
 )
 from run_folders import MUSUBI_CHECKPOINTS, MUSUBI_NAME, write_musubi_run
 from training_runs import ComfyTinyFiles, TinyTraining, tiny_training, wait_for  # noqa: F401 (fixture)
@@ -36,8 +44,9 @@ OUR_MARKS = ("face-consistency", "face_consistency")
 TAB_BUTTON = 'button[aria-label="Face Consistency training jobs"]'
 
 
-def launch_workflow(tiny: TinyTraining, installed: ComfyTinyFiles, output_name: str,
-                    max_train_steps: int, validation_dataset: str = "") -> dict[str, Any]:
+def launch_workflow(
+    tiny: TinyTraining, installed: ComfyTinyFiles, output_name: str, max_train_steps: int, validation_dataset: str = ""
+) -> dict[str, Any]:
     """The launch + monitor example on the tiny models: one sample and a checkpoint per epoch of 4 steps
     (with `validation_dataset`, held-out items scored at every checkpoint)."""
     workflow = json.loads(EXAMPLE.read_text())
@@ -47,10 +56,16 @@ def launch_workflow(tiny: TinyTraining, installed: ComfyTinyFiles, output_name: 
         text_encoder=tiny.files.text_encoder.name,
         dataset=str(installed.dataset_toml),
         output_name=output_name,
-        learning_rate=1e-3, network_dim=4, network_alpha=4.0,
-        mixed_precision="no", optimizer_type="AdamW", gradient_checkpointing=False,
-        enable_face_loss=False, max_train_steps=max_train_steps,
-        save_every_n_epochs=1, sample_every_n_epochs=1,
+        learning_rate=1e-3,
+        network_dim=4,
+        network_alpha=4.0,
+        mixed_precision="no",
+        optimizer_type="AdamW",
+        gradient_checkpointing=False,
+        enable_face_loss=False,
+        max_train_steps=max_train_steps,
+        save_every_n_epochs=1,
+        sample_every_n_epochs=1,
         sample_prompts=f"a tiny edit --w 32 --h 32 --s 2 --d 100 --ci {installed.control}",
         tokenizer=str(installed.tokenizer_dir),
         validation_dataset=validation_dataset,
@@ -76,8 +91,9 @@ def finished_job(comfy_server: ComfyServer, tiny_training: TinyTraining) -> dict
     Session-scoped: pytest groups the tests by frontend across modules, and a module-scoped run would
     be launched again into the same folder when this module's tests come back after another's."""
     installed = tiny_training.install_into_comfyui(comfy_server.base)
-    workflow = launch_workflow(tiny_training, installed, FINISHED_NAME, max_train_steps=8,
-                               validation_dataset=str(held_out_folder(installed)))
+    workflow = launch_workflow(
+        tiny_training, installed, FINISHED_NAME, max_train_steps=8, validation_dataset=str(held_out_folder(installed))
+    )
     workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
     return run_prompt(comfy_server, workflow)
 
@@ -130,7 +146,9 @@ def test_evaluate_checkpoints_example_lists_and_ranks_a_run(comfy_server: ComfyS
 
     errors = comfy_server.rejections(workflow)
     assert {node_id: [e["extra_info"]["input_name"] for e in node["errors"]] for node_id, node in errors.items()} == {
-        "2": ["unet_name"], "6": ["clip_name"], "7": ["vae_name"]
+        "2": ["unet_name"],
+        "6": ["clip_name"],
+        "7": ["vae_name"],
     }, errors
 
     for node_id in QWEN_NODES:
@@ -163,8 +181,10 @@ def test_evaluate_checkpoints_example_lists_and_ranks_a_run(comfy_server: ComfyS
 
 def _job_box(name: str) -> str:
     """JS: the panel's box of the job called `name` (or undefined)."""
-    return (f"[...document.querySelectorAll('.fc-panel .fc-job')]"
-            f".find(box => box.querySelector('.fc-job-head span').textContent.endsWith({json.dumps(' ' + name)}))")
+    return (
+        f"[...document.querySelectorAll('.fc-panel .fc-job')]"
+        f".find(box => box.querySelector('.fc-job-head span').textContent.endsWith({json.dumps(' ' + name)}))"
+    )
 
 
 def _state_of(name: str) -> str:
@@ -181,8 +201,9 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path, running: str) 
         await page.wait_for("!!(window.app && window.app.graph)", "the ComfyUI frontend", STARTUP_TIMEOUT_S)
         await page.wait_for(f"!!document.querySelector({json.dumps(TAB_BUTTON)})", "the Face training sidebar button")
         await page.click(f"document.querySelector({json.dumps(TAB_BUTTON)})")
-        await page.wait_for(f"{_state_of(FINISHED_NAME)} === 'completed' && !!{_job_box(running)}",
-                            "both jobs listed in the panel")
+        await page.wait_for(
+            f"{_state_of(FINISHED_NAME)} === 'completed' && !!{_job_box(running)}", "both jobs listed in the panel"
+        )
         running_state = await page.evaluate(_state_of(running))
         for name in (FINISHED_NAME, running):  # expand both: charts and samples
             await page.click(f"{_job_box(name)}.querySelector('.fc-job-head')")
@@ -205,8 +226,12 @@ async def _drive_panel(devtools_port: int, url: str, shots: Path, running: str) 
         )
         stopped = await page.screenshot(shots / "training_panel_stopped.png")
         return {
-            "captions": captions, "keep": keep, "running_state": running_state, "stop_buttons": stop_buttons,
-            "console_errors": page.console_errors, "screenshots": [panel_open, stopped],
+            "captions": captions,
+            "keep": keep,
+            "running_state": running_state,
+            "stop_buttons": stop_buttons,
+            "console_errors": page.console_errors,
+            "screenshots": [panel_open, stopped],
         }
 
 
@@ -218,7 +243,8 @@ async def _wait_for_details(page: DevToolsPage, name: str, charts: int = 2) -> l
         f"{box}.querySelectorAll('.fc-chart-label').length === {charts}"
         f" && {box}.querySelectorAll('svg.fc-chart path').length >= 2"
         f" && [...{box}.querySelectorAll('.fc-samples img')].some(img => img.complete && img.naturalWidth > 0)",
-        f"{name}'s charts and samples", 120,
+        f"{name}'s charts and samples",
+        120,
         explain=f"JSON.stringify({{state: {_state_of(name)},"
         f" charts: {box}.querySelectorAll('svg.fc-chart path').length,"
         f" images: [...{box}.querySelectorAll('.fc-samples img')]"
@@ -228,7 +254,9 @@ async def _wait_for_details(page: DevToolsPage, name: str, charts: int = 2) -> l
 
 
 @pytest.fixture
-def running_job(frontend_server: ComfyServer, finished_job: dict[str, Any], tiny_training: TinyTraining) -> Iterator[str]:
+def running_job(
+    frontend_server: ComfyServer, finished_job: dict[str, Any], tiny_training: TinyTraining
+) -> Iterator[str]:
     """A job launched (launch node alone) from the frontend's server to train far longer than the
     test, past its first epoch: a sample and a checkpoint to show. Stopped through the route if the
     test leaves it running. Yields its name."""

@@ -1,4 +1,5 @@
 """The face engine on the real shared pack and photos (figures from the testdata README)."""
+
 from __future__ import annotations
 
 import threading
@@ -6,8 +7,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from face_consistency.faceid import (
     Bands,
     FaceEngineError,
@@ -20,6 +19,7 @@ from face_consistency.faceid import (
     mean_identity,
 )
 from face_consistency.faceid.alignment import aligned_crop
+from PIL import Image
 
 PHOTOS = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "biden.jpg"]
 # (a, b, similarity measured with this pack at det_size 640, insightface 2.1)
@@ -82,7 +82,9 @@ def test_group_photo_has_six_faces_left_to_right(model, group_photo):
     assert xs == sorted(xs)
     for i, face in enumerate(result.faces):
         assert face.embedding is not None and face.kps.shape == (5, 2)
-    sims = [cosine_similarity(a.embedding, b.embedding) for i, a in enumerate(result.faces) for b in result.faces[i + 1 :]]
+    sims = [
+        cosine_similarity(a.embedding, b.embedding) for i, a in enumerate(result.faces) for b in result.faces[i + 1 :]
+    ]
     assert max(sims) < 0.5  # six different people
 
 
@@ -104,7 +106,9 @@ def test_index_and_best_match_selection(model, group_photo):
         by_index = model.analyze([group_photo], channel_order="bgr", selection="index", index=k)[0]
         assert by_index.face_index == k
         np.testing.assert_allclose(by_index.face.bbox, all_faces.faces[k].bbox)
-        by_match = model.analyze([group_photo], channel_order="bgr", selection="best_match", reference=all_faces.faces[k].embedding)[0]
+        by_match = model.analyze(
+            [group_photo], channel_order="bgr", selection="best_match", reference=all_faces.faces[k].embedding
+        )[0]
         assert by_match.face_index == k
     out_of_range = model.analyze([group_photo], channel_order="bgr", selection="index", index=6)[0]
     assert not out_of_range.ok and "6 face(s) found" in out_of_range.reason

@@ -1,5 +1,6 @@
 """Folder evaluation on real photos and the real test pack: pairing, statistics, failures,
 the three layouts, watch rounds, the embedding cache, the plot and the command line."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,6 @@ from evaluate_fixtures import (
     reencode,
     validate_schema,
 )
-from PIL import Image
-
 from face_consistency.faceid import Bands, evaluate_cli
 from face_consistency.faceid import evaluate as evaluate_module
 from face_consistency.faceid.embedding_store import EmbeddingStore
@@ -37,6 +36,7 @@ from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
 from face_consistency.musubi_formats.dataset import pair_controls
 from face_consistency.musubi_formats.names import parse_sample_name
 from face_consistency.musubi_formats.prompts import load_prompt_file, parse_prompt_line
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +47,25 @@ def run(tmp_path_factory, faces_dir):
 @pytest.fixture(scope="module")
 def embeddings(model, run):
     """The engine's embedding of every face image of the run, computed one by one."""
-    keys = ["control_obama", "control_biden", "control_obama2", "s100_p0", "s200_p0", "s100_p1", "s200_p1", "s200_p2", "e1_p0"]
+    keys = [
+        "control_obama",
+        "control_biden",
+        "control_obama2",
+        "s100_p0",
+        "s200_p0",
+        "s100_p1",
+        "s200_p1",
+        "s200_p2",
+        "e1_p0",
+    ]
     return {k: model.analyze([run[k]])[0].embedding for k in keys}
 
 
 @pytest.fixture(scope="module")
 def musubi_report(model, run):
-    sources = EvaluationSources(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent)
+    sources = EvaluationSources(
+        sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent
+    )
     return FolderEvaluation(model, sources, threshold=0.5).run_round().report
 
 
@@ -73,7 +85,13 @@ def test_prompt_file_follows_musubi_numbering_and_options(run):
     assert [p.index for p in prompts] == [0, 1, 2, 3]
     assert [p.line_number for p in prompts] == [2, 4, 6, 7]
     first = prompts[0]
-    assert (first.prompt, first.width, first.height, first.sample_steps, first.seed) == ("make him smile", 1024, 1024, 20, 42)
+    assert (first.prompt, first.width, first.height, first.sample_steps, first.seed) == (
+        "make him smile",
+        1024,
+        1024,
+        20,
+        42,
+    )
     assert first.control_images == ["controls/obama.png"]
     assert (prompts[1].discrete_flow_shift, prompts[1].cfg_scale) == (2.2, 4.0)
     assert prompts[2].control_images == ["controls/obama.png", "controls/obama2.png"]
@@ -93,10 +111,15 @@ def test_json_and_toml_prompt_files(tmp_path):
     prompts = load_prompt_file(as_json)
     assert [p.control_images for p in prompts] == [["c.png"], ["d.png"]] and prompts[0].width == 512
     as_toml = tmp_path / "p.toml"
-    as_toml.write_text('[prompt]\nwidth = 640\n[[prompt.subset]]\nprompt = "a"\ncontrol_image_path = ["e.png"]\n'
-                       '[[prompt.subset]]\nprompt = "b"\n')
+    as_toml.write_text(
+        '[prompt]\nwidth = 640\n[[prompt.subset]]\nprompt = "a"\ncontrol_image_path = ["e.png"]\n'
+        '[[prompt.subset]]\nprompt = "b"\n'
+    )
     prompts = load_prompt_file(as_toml)
-    assert [(p.index, p.prompt, p.width, p.control_images) for p in prompts] == [(0, "a", 640, ["e.png"]), (1, "b", 640, [])]
+    assert [(p.index, p.prompt, p.width, p.control_images) for p in prompts] == [
+        (0, "a", 640, ["e.png"]),
+        (1, "b", 640, []),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -128,7 +151,9 @@ def test_musubi_pairs_scores_match_independent_embeddings(musubi_report, run, em
         "s200_p1": _cos(e["s200_p1"], e["control_biden"]),
         "e1_p0": _cos(e["e1_p0"], e["control_obama"]),
     }
-    two = e["control_obama"] / np.linalg.norm(e["control_obama"]) + e["control_obama2"] / np.linalg.norm(e["control_obama2"])
+    two = e["control_obama"] / np.linalg.norm(e["control_obama"]) + e["control_obama2"] / np.linalg.norm(
+        e["control_obama2"]
+    )
     expected["s200_p2"] = _cos(e["s200_p2"], two)  # several --ci: identity from all of them
     for key, score in expected.items():
         pair = _pair(musubi_report, run[key])
@@ -140,7 +165,10 @@ def test_musubi_pairs_scores_match_independent_embeddings(musubi_report, run, em
 
 
 def test_musubi_grouping_and_statistics(musubi_report, run):
-    pairs = {k: _pair(musubi_report, run[k])["score"] for k in ("s100_p0", "s200_p0", "s100_p1", "s200_p1", "s200_p2", "e1_p0")}
+    pairs = {
+        k: _pair(musubi_report, run[k])["score"]
+        for k in ("s100_p0", "s200_p0", "s100_p1", "s200_p1", "s200_p2", "e1_p0")
+    }
     groups = {
         "100": [pairs["s100_p0"], pairs["s100_p1"]],
         "200": [pairs["s200_p0"], pairs["s200_p1"], pairs["s200_p2"]],
@@ -201,7 +229,9 @@ def test_reference_scored_beside_control(model, run, faces_dir, tmp_path, embedd
     report = FolderEvaluation(model, sources).run_round().report
     ref = model.analyze([reference])[0].embedding
     pair = _pair(report, run["s200_p0"])
-    assert report["metric"] == "reference" and pair["score"] == pytest.approx(_cos(embeddings["s200_p0"], ref), abs=1e-5)
+    assert report["metric"] == "reference" and pair["score"] == pytest.approx(
+        _cos(embeddings["s200_p0"], ref), abs=1e-5
+    )
     assert pair["score_control"] == pytest.approx(_cos(embeddings["s200_p0"], embeddings["control_obama"]), abs=1e-5)
     assert report["secondary"]["metric"] == "control" and report["secondary"]["valid_pairs"] == 6
     # with a reference, the sample whose control is missing is still scored
@@ -245,7 +275,9 @@ def test_dir_pair_mode_with_numbered_controls(model, faces_dir, tmp_path):
     reencode(faces_dir / "obama3.jpg", generated / "alice.png")
     bob = reencode(faces_dir / "obama3.jpg", generated / "bob.png")
     reencode(faces_dir / "obama3.jpg", generated / "carol.png")
-    report = FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    report = (
+        FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    )
     pair = _pair(report, bob)
     assert pair["controls"] == [str(controls / "bob_0.png"), str(controls / "bob_1.jpg")]
     two = sum(r.embedding for r in model.analyze(pair["controls"]))
@@ -350,7 +382,9 @@ def test_corrupt_or_foreign_cache_is_rebuilt(model, run, tmp_path):
 
 def test_watch_loop_picks_up_files_between_rounds(model, run, tmp_path, faces_dir):
     sample, prompts = _copy_run(run, tmp_path / "run")
-    evaluation = FolderEvaluation(model, EvaluationSources(sample_dir=sample, sample_prompts=prompts, base_dir=tmp_path / "run"))
+    evaluation = FolderEvaluation(
+        model, EvaluationSources(sample_dir=sample, sample_prompts=prompts, base_dir=tmp_path / "run")
+    )
     rounds = []
     added = iter([f"face_000500_00_{TIME}_000.png", f"face_000600_01_{TIME}_000.png"])
 
@@ -389,8 +423,19 @@ def _model_args(root: Path) -> list[str]:
 def test_cli_writes_report_and_plot(run, insightface_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(run["prompts"].parent)
     out, plot = tmp_path / "r.json", tmp_path / "r.png"
-    rc = _cli("--sample_dir", "sample", "--sample_prompts", "prompts.txt", "--output_json", str(out),
-              "--plot", str(plot), "--threshold", "0.5", *_model_args(insightface_root))
+    rc = _cli(
+        "--sample_dir",
+        "sample",
+        "--sample_prompts",
+        "prompts.txt",
+        "--output_json",
+        str(out),
+        "--plot",
+        str(plot),
+        "--threshold",
+        "0.5",
+        *_model_args(insightface_root),
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
@@ -406,7 +451,10 @@ def test_cli_exit_codes(run, insightface_root, tmp_path, capsys):
     assert _cli(*model) == 2  # nothing to score given
     assert _cli("--sample_dir", str(tmp_path / "nope"), *model) == 2
     assert _cli("--sample_dir", str(run["sample_dir"]), "--sample_prompts", str(tmp_path / "nope.txt"), *model) == 2
-    assert _cli("--sample_dir", str(run["sample_dir"]), "--model_name", "no_such_pack", "--models_root", str(tmp_path)) == 2
+    assert (
+        _cli("--sample_dir", str(run["sample_dir"]), "--model_name", "no_such_pack", "--models_root", str(tmp_path))
+        == 2
+    )
     assert "not found" in capsys.readouterr().err
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -416,7 +464,10 @@ def test_cli_exit_codes(run, insightface_root, tmp_path, capsys):
     assert capsys.readouterr().out == ""  # --quiet
     # samples but no prompt file: every sample reported unpaired
     assert _cli("--sample_dir", str(run["sample_dir"]), "--output_json", str(out), "--quiet", *model) == 1
-    assert all("no --sample_prompts" in f["reason"] or "pattern" in f["reason"] for f in json.loads(out.read_text())["failures"])
+    assert all(
+        "no --sample_prompts" in f["reason"] or "pattern" in f["reason"]
+        for f in json.loads(out.read_text())["failures"]
+    )
     assert _cli("--sample_dir", str(run["sample_dir"]), "--watch", "0", *model) == 2
 
 
@@ -432,8 +483,18 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(run, insightface_root, tmp_path, monk
 
     monkeypatch.setattr("face_consistency.faceid.evaluate.time.sleep", interrupted_sleep)
     out = tmp_path / "watch.json"
-    rc = _cli("--sample_dir", str(sample), "--sample_prompts", str(prompts), "--output_json", str(out),
-              "--watch", "7", "--quiet", *_model_args(insightface_root))
+    rc = _cli(
+        "--sample_dir",
+        str(sample),
+        "--sample_prompts",
+        str(prompts),
+        "--output_json",
+        str(out),
+        "--watch",
+        "7",
+        "--quiet",
+        *_model_args(insightface_root),
+    )
     assert rc == 0 and rounds == [7, 7]
     report = json.loads(out.read_text())
     assert report["valid_pairs"] == 6 and validate_schema(report, REPORT_SCHEMA) == []
@@ -446,8 +507,21 @@ def test_watch_process_stops_cleanly_on_a_real_signal(run, insightface_root, tmp
     sample, prompts = _copy_run(run, tmp_path / "run")
     out = tmp_path / "live.json"
     command = [
-        sys.executable, "-m", "face_consistency", "evaluate", "--sample_dir", str(sample), "--sample_prompts",
-        str(prompts), "--ci_base_dir", str(tmp_path / "run"), "--output_json", str(out), "--watch", "1", "--quiet",
+        sys.executable,
+        "-m",
+        "face_consistency",
+        "evaluate",
+        "--sample_dir",
+        str(sample),
+        "--sample_prompts",
+        str(prompts),
+        "--ci_base_dir",
+        str(tmp_path / "run"),
+        "--output_json",
+        str(out),
+        "--watch",
+        "1",
+        "--quiet",
         *_model_args(insightface_root),
     ]
     # a shell's background jobs ignore SIGINT; give the child Python's usual Ctrl-C handling
@@ -478,8 +552,11 @@ def unchanged_report(model, tmp_path_factory, faces_dir):
     (root / "prompts.txt").write_text("make him smile --d 42 --ci controls/obama.png\n", encoding="utf-8")
     sample = root / "sample"
     sample.mkdir()
-    paths = {"copy": sample / f"face_000100_00_{TIME}_42.png", "jpeg": sample / f"face_000200_00_{TIME}_42.png",
-             "other": sample / f"face_000200_00_{TIME}_43.png"}
+    paths = {
+        "copy": sample / f"face_000100_00_{TIME}_42.png",
+        "jpeg": sample / f"face_000200_00_{TIME}_42.png",
+        "other": sample / f"face_000200_00_{TIME}_43.png",
+    }
     shutil.copy(control, paths["copy"])
     with Image.open(control) as img:
         img.save(root / "control.jpg", quality=50)
@@ -505,13 +582,16 @@ def test_a_copy_of_the_control_is_flagged_without_references(unchanged_report):
     assert unchanged["samples"] == [str(paths["copy"]), str(paths["jpeg"])]
     assert validate_schema(report, REPORT_SCHEMA) == []
     table = summary_table(report)
-    step_rows = {line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in ("100", "200")}
+    step_rows = {
+        line.split()[0]: line for line in table.splitlines() if line.split() and line.split()[0] in ("100", "200")
+    }
     assert step_rows["100"].endswith("(1 UNCHANGED)") and step_rows["200"].endswith("(1 UNCHANGED)")
     assert "UNCHANGED: 2 sample(s)" in table
 
 
-def test_the_guard_decodes_no_file_twice_and_measures_what_a_new_decode_does(model, unchanged_report, tmp_path,
-                                                                             monkeypatch):
+def test_the_guard_decodes_no_file_twice_and_measures_what_a_new_decode_does(
+    model, unchanged_report, tmp_path, monkeypatch
+):
     """The guard compares the views each file's embedding kept; a file whose result comes from the cache file
     is decoded again for it. Both give the same figures (the first round's are the fixture's)."""
     report, paths = unchanged_report
@@ -538,6 +618,8 @@ def test_the_plot_marks_unchanged_samples(unchanged_report, tmp_path):
     write_plot(dict(report, unchanged=dict(report["unchanged"], by_step={})), unmarked)
     with Image.open(marked) as a, Image.open(unmarked) as b:
         assert a.size == b.size == PLOT_SIZE
-        red = [np.sum((arr[..., 0] > 200) & (arr[..., 1] < 80) & (arr[..., 2] < 80))
-               for arr in (np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))]
+        red = [
+            np.sum((arr[..., 0] > 200) & (arr[..., 1] < 80) & (arr[..., 2] < 80))
+            for arr in (np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB")))
+        ]
     assert red[0] > 50 and red[1] == 0  # tab:red crosses and counts only where samples are unchanged

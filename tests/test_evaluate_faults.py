@@ -1,5 +1,6 @@
 """`evaluate` and its embedding cache against bad input and faults: real altered files, real
 processes and signals; each case gives one clear message (exit 2 for bad input) and loses nothing."""
+
 from __future__ import annotations
 
 import base64
@@ -13,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from evaluate_fixtures import reencode
-from unprivileged import run_with_permissions
 from face_consistency.faceid import evaluate_cli
 from face_consistency.faceid.embedding_store import FileFaces
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
+from PIL import Image
+from unprivileged import run_with_permissions
 
 
 @pytest.fixture()
@@ -53,13 +53,18 @@ def _rewrite_entry(cache: Path, path: Path, change, keep_checksum_valid: bool) -
 def _fields(content: dict) -> dict:
     embedding = content["embedding"]
     vector = None if embedding is None else np.frombuffer(base64.b64decode(embedding), "<f4").astype(np.float32)
-    return {**content, "embedding": vector, "image_size": tuple(content["image_size"]) if content["image_size"] else None}
+    return {
+        **content,
+        "embedding": vector,
+        "image_size": tuple(content["image_size"]) if content["image_size"] else None,
+    }
 
 
 def _scaled(factor: float):
     def change(entry):
         vector = np.frombuffer(base64.b64decode(entry["embedding"]), "<f4") * np.float32(factor)
         entry["embedding"] = base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+
     return change
 
 
@@ -107,8 +112,17 @@ def test_cli_watch_with_an_all_zero_cache_entry_scores_as_before(
 ):
     controls, generated = pairs
     out = tmp_path / "report.json"
-    args = ["--control_dir", str(controls), "--generated_dir", str(generated), "--output_json", str(out),
-            "--watch", "5", *_model_args(insightface_root)]
+    args = [
+        "--control_dir",
+        str(controls),
+        "--generated_dir",
+        str(generated),
+        "--output_json",
+        str(out),
+        "--watch",
+        "5",
+        *_model_args(insightface_root),
+    ]
 
     def one_round(seconds):
         raise KeyboardInterrupt
@@ -133,8 +147,9 @@ def test_cli_watch_with_an_all_zero_cache_entry_scores_as_before(
 
 def _evaluate(pairs, root, *extra: str) -> int:
     controls, generated = pairs
-    return evaluate_cli.main(["--control_dir", str(controls), "--generated_dir", str(generated), "--quiet",
-                              *_model_args(root), *extra])
+    return evaluate_cli.main(
+        ["--control_dir", str(controls), "--generated_dir", str(generated), "--quiet", *_model_args(root), *extra]
+    )
 
 
 def _error_line(capsys) -> str:
@@ -163,8 +178,10 @@ def test_output_paths_that_cannot_be_files(insightface_root, pairs, tmp_path, ca
         (["--output_json", str(folder)], f"--output_json {folder} is a folder"),
         (["--output_json", str(a_file / "r.json")], f"{a_file} is a file, not a folder"),
         (["--output_json", str(tmp_path / "r.json"), "--plot", str(folder)], f"--plot {folder} is a folder"),
-        (["--output_json", str(tmp_path / "r.json"), "--plot", str(a_file / "sub" / "p.png")],
-         f"--plot {a_file / 'sub' / 'p.png'}: {a_file} is a file"),
+        (
+            ["--output_json", str(tmp_path / "r.json"), "--plot", str(a_file / "sub" / "p.png")],
+            f"--plot {a_file / 'sub' / 'p.png'}: {a_file} is a file",
+        ),
     ]
     for args, message in cases:
         assert _evaluate(pairs, insightface_root, *args) == 2
@@ -181,13 +198,23 @@ def test_empty_model_name_says_so(insightface_root, pairs, tmp_path, capsys):
     assert "--model_name is empty" in _error_line(capsys)
 
 
-@pytest.mark.parametrize("item", ["5", "null", "[\"a\", \"b\"]", "true"])
+@pytest.mark.parametrize("item", ["5", "null", '["a", "b"]', "true"])
 def test_json_prompt_items_that_are_not_objects(insightface_root, run_dir, tmp_path, capsys, item):
     sample_dir, prompts = run_dir
     bad = prompts.with_suffix(".json")
     bad.write_text(f'[{{"prompt": "an edit", "control_image_path": ["x.png"]}}, {item}]')
-    rc = evaluate_cli.main(["--sample_dir", str(sample_dir), "--sample_prompts", str(bad), "--output_json",
-                            str(tmp_path / "r.json"), "--quiet", *_model_args(insightface_root)])
+    rc = evaluate_cli.main(
+        [
+            "--sample_dir",
+            str(sample_dir),
+            "--sample_prompts",
+            str(bad),
+            "--output_json",
+            str(tmp_path / "r.json"),
+            "--quiet",
+            *_model_args(insightface_root),
+        ]
+    )
     assert rc == 2
     line = _error_line(capsys)
     assert f"prompt file {bad}: item 1 is {json.dumps(json.loads(item))}, not a prompt" in line
@@ -222,9 +249,24 @@ def perm_tree(tmp_path, faces_dir, testpack_dir):
 
 def _evaluate_with_permissions(root: Path, *extra: str) -> subprocess.CompletedProcess:
     return run_with_permissions(
-        [sys.executable, "-m", "face_consistency", "evaluate", "--control_dir", str(root / "controls"),
-         "--generated_dir", str(root / "generated"), "--model_name", "copied", "--models_root", str(root),
-         "--device", "cpu", "--quiet", *extra],
+        [
+            sys.executable,
+            "-m",
+            "face_consistency",
+            "evaluate",
+            "--control_dir",
+            str(root / "controls"),
+            "--generated_dir",
+            str(root / "generated"),
+            "--model_name",
+            "copied",
+            "--models_root",
+            str(root),
+            "--device",
+            "cpu",
+            "--quiet",
+            *extra,
+        ],
     )
 
 
@@ -269,11 +311,27 @@ def test_two_ctrl_c_in_watch_mode_still_write_report_and_cache(insightface_root,
         reencode(faces_dir / photos[(i + 1) % 4], generated / f"s{i:02d}.png", mirror=True)
     out, plot = tmp_path / "live.json", tmp_path / "live.png"
     command = [
-        sys.executable, "-m", "face_consistency", "evaluate", "--control_dir", str(controls), "--generated_dir",
-        str(generated), "--output_json", str(out), "--plot", str(plot), "--watch", "30", *_model_args(insightface_root),
+        sys.executable,
+        "-m",
+        "face_consistency",
+        "evaluate",
+        "--control_dir",
+        str(controls),
+        "--generated_dir",
+        str(generated),
+        "--output_json",
+        str(out),
+        "--plot",
+        str(plot),
+        "--watch",
+        "30",
+        *_model_args(insightface_root),
     ]
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C as in a terminal
     )
     try:
@@ -310,7 +368,9 @@ def test_gif_and_heic_samples_are_listed_as_failures(model, pairs, tmp_path, fac
         photo.convert("P").save(generated / "c.gif")
     (generated / "d.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
     (controls / "e.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic")
-    report = FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    report = (
+        FolderEvaluation(model, EvaluationSources(control_dir=controls, generated_dir=generated)).run_round().report
+    )
     failures = {Path(f["file"]).name: f for f in report["failures"]}
     assert failures["c.gif"]["reason"].startswith("unsupported image format .gif: convert it to PNG or JPEG")
     assert failures["d.heic"]["kind"] == "sample" and "unsupported image format .heic" in failures["d.heic"]["reason"]
@@ -318,7 +378,9 @@ def test_gif_and_heic_samples_are_listed_as_failures(model, pairs, tmp_path, fac
     assert report["valid_pairs"] == 2  # the readable pairs are scored as before
     sample_dir, prompts = run_dir
     shutil.copy(generated / "d.heic", sample_dir / "tiny_000002_00_20260101000000_101.heic")
-    report = FolderEvaluation(model, EvaluationSources(sample_dir=sample_dir, sample_prompts=prompts)).run_round().report
+    report = (
+        FolderEvaluation(model, EvaluationSources(sample_dir=sample_dir, sample_prompts=prompts)).run_round().report
+    )
     assert [Path(f["file"]).suffix for f in report["failures"]] == [".heic"] and report["valid_pairs"] == 1
 
 
@@ -363,15 +425,34 @@ def test_disk_full_while_writing_the_report(insightface_root, pairs, tmp_path):
     full = tmp_path / "full"
     full.mkdir()
     done = subprocess.run(
-        [unshare, "--mount", "--", sys.executable, "-c", DISK_FULL, str(full), "--control_dir", str(controls),
-         "--generated_dir", str(generated), "--quiet", *_model_args(insightface_root)],
-        capture_output=True, text=True, timeout=180, check=False,
+        [
+            unshare,
+            "--mount",
+            "--",
+            sys.executable,
+            "-c",
+            DISK_FULL,
+            str(full),
+            "--control_dir",
+            str(controls),
+            "--generated_dir",
+            str(generated),
+            "--quiet",
+            *_model_args(insightface_root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
     )
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip().splitlines()[-1]}")
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["rc"] == 1 and "Traceback" not in done.stderr
-    assert f"error: cannot write --output_json {full / 'r.json'}: No space left on device; the previous file" in done.stderr
+    assert (
+        f"error: cannot write --output_json {full / 'r.json'}: No space left on device; the previous file"
+        in done.stderr
+    )
     assert result["report"] == "previous report" and result["left"] == ["filler", "r.json"]
 
 
@@ -413,31 +494,49 @@ def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(insight
     assert _contents(tmp_path) == before  # nothing read into a report, nothing written, nothing lost
 
 
-def test_outputs_over_the_prompt_file_or_a_ci_control_are_refused(insightface_root, run_dir, faces_dir, tmp_path,
-                                                                   capsys):
+def test_outputs_over_the_prompt_file_or_a_ci_control_are_refused(
+    insightface_root, run_dir, faces_dir, tmp_path, capsys
+):
     sample_dir, prompts = run_dir
     control = faces_dir / "obama.jpg"  # the prompt's --ci: read-only shared data, so copy the run's to check
     ci = tmp_path / "control.jpg"
     shutil.copy(control, ci)
     prompts.write_text(f"an edit --w 32 --h 32 --d 100 --ci {ci}\n", encoding="utf-8")
     before = _contents(tmp_path)
-    base = ["--sample_dir", str(sample_dir), "--sample_prompts", str(prompts), "--quiet",
-            *_model_args(insightface_root)]
+    base = [
+        "--sample_dir",
+        str(sample_dir),
+        "--sample_prompts",
+        str(prompts),
+        "--quiet",
+        *_model_args(insightface_root),
+    ]
     for extra, message in (
         (["--output_json", str(prompts)], f"--output_json {prompts} is the prompt file of this evaluation"),
-        (["--output_json", str(tmp_path / "r.json"), "--plot", str(ci)],
-         f"--plot {ci} is a control image of the prompt file of this evaluation"),
-        (["--output_json", str(tmp_path / "r.json"), "--watch", "1",
-          "--plot", str(tmp_path / "r.json.embeddings.json")],
-         "--plot and the embedding cache (beside --output_json) are the same file"),
+        (
+            ["--output_json", str(tmp_path / "r.json"), "--plot", str(ci)],
+            f"--plot {ci} is a control image of the prompt file of this evaluation",
+        ),
+        (
+            [
+                "--output_json",
+                str(tmp_path / "r.json"),
+                "--watch",
+                "1",
+                "--plot",
+                str(tmp_path / "r.json.embeddings.json"),
+            ],
+            "--plot and the embedding cache (beside --output_json) are the same file",
+        ),
     ):
         assert evaluate_cli.main([*base, *extra]) == 2
         assert message in _error_line(capsys)
     assert _contents(tmp_path) == before
 
 
-def test_a_plot_saved_among_the_samples_is_replaced_on_the_next_run_and_not_scored(insightface_root, pairs,
-                                                                                   tmp_path, capsys):
+def test_a_plot_saved_among_the_samples_is_replaced_on_the_next_run_and_not_scored(
+    insightface_root, pairs, tmp_path, capsys
+):
     controls, generated = pairs
     plot, report = generated / "plot.png", tmp_path / "r.json"
     for _ in range(2):
@@ -457,12 +556,16 @@ def test_every_numeric_flag_of_evaluate_declares_its_bounds():
     assert numeric == set(evaluate_cli.FLAG_BOUNDS)
 
 
-@pytest.mark.parametrize(("flag", "value"), [
-    (flag, value) for flag in sorted(evaluate_cli.FLAG_BOUNDS)
-    for value in ("nan", "inf", "-inf", "1e308", "-1e308", "3")
-    if (flag != "bands" or not value.startswith("-"))  # argparse would read "-inf" after --bands as a flag
-    and not evaluate_cli.FLAG_BOUNDS[flag].contains(float(value))  # --watch 3 is a valid interval
-])
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        (flag, value)
+        for flag in sorted(evaluate_cli.FLAG_BOUNDS)
+        for value in ("nan", "inf", "-inf", "1e308", "-1e308", "3")
+        if (flag != "bands" or not value.startswith("-"))  # argparse would read "-inf" after --bands as a flag
+        and not evaluate_cli.FLAG_BOUNDS[flag].contains(float(value))  # --watch 3 is a valid interval
+    ],
+)
 def test_every_numeric_flag_refuses_values_out_of_bounds(insightface_root, pairs, tmp_path, capsys, flag, value):
     out = tmp_path / "r.json"
     values = ["--bands", "0.9", "0.8", value] if flag == "bands" else [f"--{flag}={value}"]
@@ -472,28 +575,36 @@ def test_every_numeric_flag_refuses_values_out_of_bounds(insightface_root, pairs
     assert not out.exists()
 
 
-@pytest.mark.parametrize(("text", "message"), [
-    ("buffalo\0_l", "--model_name contains a NUL character (at position 7)"),
-    ("b" * 5000, "--model_name is 5000 characters long; at most 4096 are accepted"),
-])
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("buffalo\0_l", "--model_name contains a NUL character (at position 7)"),
+        ("b" * 5000, "--model_name is 5000 characters long; at most 4096 are accepted"),
+    ],
+)
 def test_text_flags_refuse_nul_and_absurd_lengths(insightface_root, pairs, tmp_path, capsys, text, message):
     out = tmp_path / "r.json"
     assert _evaluate(pairs, insightface_root, "--output_json", str(out), "--model_name", text) == 2
     assert message in _error_line(capsys)
-    assert _evaluate(pairs, insightface_root, "--output_json", str(tmp_path / ("x" * 5000)), "--model_name",
-                     "testpack") == 2
+    assert (
+        _evaluate(pairs, insightface_root, "--output_json", str(tmp_path / ("x" * 5000)), "--model_name", "testpack")
+        == 2
+    )
     assert "--output_json is 50" in _error_line(capsys) and not out.exists()
 
 
 # images the detector cannot take (rule 4) -------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "reason"), [
-    ((1, 20000), "image 1x20000 is too small to hold a face"),
-    ((6000, 1), "image 6000x1 is too small to hold a face"),
-    ((40, 6000), "image 40x6000 is too elongated for the face detector (about 150:1; at most 32:1)"),
-    ((5, 5), "image 5x5 is too small to hold a face"),
-])
+@pytest.mark.parametrize(
+    ("size", "reason"),
+    [
+        ((1, 20000), "image 1x20000 is too small to hold a face"),
+        ((6000, 1), "image 6000x1 is too small to hold a face"),
+        ((40, 6000), "image 40x6000 is too elongated for the face detector (about 150:1; at most 32:1)"),
+        ((5, 5), "image 5x5 is too small to hold a face"),
+    ],
+)
 def test_an_image_the_detector_cannot_take_is_a_failure_of_its_own(insightface_root, pairs, tmp_path, size, reason):
     """Once one such image killed the whole run with OpenCV's resize assertion and no report."""
     controls, generated = pairs

@@ -1,12 +1,11 @@
 """`evaluate` with the held-out dlib judge, and the copy-paste gauge, on the real photos and test pack."""
+
 from __future__ import annotations
 
 import json
 import shutil
 
 import pytest
-from PIL import Image
-
 from comfy_stubs import set_comfy_base
 from evaluate_fixtures import build_musubi_folder, reencode, validate_schema
 from face_consistency.faceid import evaluate_cli
@@ -14,6 +13,7 @@ from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.faceid.plot import PLOT_SIZE, write_plot
 from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
+from PIL import Image
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,9 @@ def run(tmp_path_factory, faces_dir):
 
 @pytest.fixture(scope="module")
 def report(model, judge, run):
-    sources = EvaluationSources(sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent)
+    sources = EvaluationSources(
+        sample_dir=run["sample_dir"], sample_prompts=run["prompts"], base_dir=run["prompts"].parent
+    )
     return FolderEvaluation(model, sources, judge=judge).run_round().report
 
 
@@ -77,28 +79,57 @@ def test_plot_has_both_curves(report, tmp_path):
 def test_cli_judge_flag(run, insightface_root, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(run["prompts"].parent)
     out = tmp_path / "r.json"
-    rc = evaluate_cli.main([
-        "--sample_dir", "sample", "--sample_prompts", "prompts.txt", "--output_json", str(out), "--plot",
-        str(tmp_path / "r.png"), "--judge", "dlib", "--model_name", "testpack", "--models_root",
-        str(insightface_root), "--device", "cpu",
-    ])
+    rc = evaluate_cli.main(
+        [
+            "--sample_dir",
+            "sample",
+            "--sample_prompts",
+            "prompts.txt",
+            "--output_json",
+            str(out),
+            "--plot",
+            str(tmp_path / "r.png"),
+            "--judge",
+            "dlib",
+            "--model_name",
+            "testpack",
+            "--models_root",
+            str(insightface_root),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     saved = json.loads(out.read_text())
     assert saved["judge"]["valid_pairs"] == 6 and "own" in saved["judge"]["model"]["detector"]
     assert "Held-out judge dlib" in capsys.readouterr().out
 
 
-def test_cli_without_the_judge_installed_names_the_install_command(run, insightface_root, tmp_path, capsys,
-                                                                     monkeypatch):
+def test_cli_without_the_judge_installed_names_the_install_command(
+    run, insightface_root, tmp_path, capsys, monkeypatch
+):
     from face_consistency.faceid import judge as judge_module
 
     def missing(*_a, **_k):
         raise judge_module.JudgeNotInstalledError(f"the dlib judge needs dlib: {judge_module.INSTALL_HINT}")
 
     monkeypatch.setattr(evaluate_cli, "load_judge", missing)
-    rc = evaluate_cli.main(["--sample_dir", str(run["sample_dir"]), "--judge", "dlib", "--output_json",
-                            str(tmp_path / "r.json"), "--model_name", "testpack", "--models_root",
-                            str(insightface_root), "--device", "cpu"])
+    rc = evaluate_cli.main(
+        [
+            "--sample_dir",
+            str(run["sample_dir"]),
+            "--judge",
+            "dlib",
+            "--output_json",
+            str(tmp_path / "r.json"),
+            "--model_name",
+            "testpack",
+            "--models_root",
+            str(insightface_root),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 2 and '[judge]"' in capsys.readouterr().err
 
 
@@ -114,8 +145,10 @@ def gauge_report(model, judge, tmp_path_factory, faces_dir):
     generated.mkdir()
     shutil.copy(control, generated / "alice.png")  # the control handed back unchanged
     reencode(faces_dir / "obama3.jpg", generated / "bob.png")  # a real other photo of the person
-    references = [reencode(faces_dir / n, root / "refs" / n.replace(".jpg", ".png"))
-                  for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")]
+    references = [
+        reencode(faces_dir / n, root / "refs" / n.replace(".jpg", ".png"))
+        for n in ("obama.jpg", "obama2.jpg", "obama3.jpg")
+    ]
     sources = EvaluationSources(control_dir=root / "controls", generated_dir=generated, references=references)
     return FolderEvaluation(model, sources, judge=judge).run_round().report, generated
 
@@ -152,8 +185,9 @@ def test_folder_node_with_the_judge(model, judge, run, tmp_path, monkeypatch):
     prompts = scored / run["prompts"].name  # its absolute --ci paths moved along
     prompts.write_text(prompts.read_text().replace(str(run["prompts"].parent), str(scored)))
     monkeypatch.chdir(scored)
-    out = FaceConsistencyScoreFolder().score_folder(model, str(scored / run["sample_dir"].name), 0.5,
-                                                    sample_prompts=str(prompts), judge=judge)
+    out = FaceConsistencyScoreFolder().score_folder(
+        model, str(scored / run["sample_dir"].name), 0.5, sample_prompts=str(prompts), judge=judge
+    )
     report = json.loads(out["result"][0])
     assert report["judge"]["valid_pairs"] == 6 and "Held-out judge dlib" in out["ui"]["text"][0]
 

@@ -1,4 +1,5 @@
 """The example workflows: API files name real inputs with valid values; UI files match them."""
+
 from __future__ import annotations
 
 import json
@@ -6,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"

@@ -1,4 +1,5 @@
 """The differentiable face-identity loss against InsightFace itself, on the shared real pack and photos."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,9 +8,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
-from torch import nn
-
 from face_consistency.faceid import ModelPackError, cosine_similarity, load_face_model
 from face_consistency.trainer.face_loss import (
     FaceIdentityLoss,
@@ -26,6 +24,8 @@ from face_consistency.trainer.face_targets import (
     load_face_target,
     save_face_target,
 )
+from safetensors import safe_open
+from torch import nn
 
 pytestmark = pytest.mark.trainer
 
@@ -175,7 +175,9 @@ def test_recognizer_is_frozen_and_stays_in_eval(face_loss, photos) -> None:
     assert not any(p.requires_grad for p in face_loss.recognizer.parameters())
     bgr, kps = photos["obama2.jpg"]
     image = to_tensor(bgr).requires_grad_(True)
-    out = face_loss(image, torch.from_numpy(kps)[None], torch.randn(1, 128), torch.ones(1, dtype=torch.bool), torch.zeros(1))
+    out = face_loss(
+        image, torch.from_numpy(kps)[None], torch.randn(1, 128), torch.ones(1, dtype=torch.bool), torch.zeros(1)
+    )
     out.loss.backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
     assert all(p.grad is None for p in face_loss.recognizer.parameters())
@@ -192,10 +194,18 @@ def write_batchnorm_recognizer(path: Path, self_normalising: bool = False) -> Pa
 
     rng = np.random.default_rng(0)
     weights = {
-        "conv_w": rng.normal(0, 0.2, (4, 3, 3, 3)), "prelu": rng.uniform(0, 0.3, (4, 1, 1)),
-        "bn_s": rng.uniform(0.5, 1.5, 4), "bn_b": rng.normal(0, 0.1, 4), "bn_m": rng.normal(0, 0.5, 4), "bn_v": rng.uniform(0.5, 2, 4),
-        "fc_w": rng.normal(0, 0.01, (8, 4 * 56 * 56)), "fc_b": np.zeros(8),
-        "bn1_s": rng.uniform(0.5, 1.5, 8), "bn1_b": rng.normal(0, 0.1, 8), "bn1_m": rng.normal(0, 0.5, 8), "bn1_v": rng.uniform(0.5, 2, 8),
+        "conv_w": rng.normal(0, 0.2, (4, 3, 3, 3)),
+        "prelu": rng.uniform(0, 0.3, (4, 1, 1)),
+        "bn_s": rng.uniform(0.5, 1.5, 4),
+        "bn_b": rng.normal(0, 0.1, 4),
+        "bn_m": rng.normal(0, 0.5, 4),
+        "bn_v": rng.uniform(0.5, 2, 4),
+        "fc_w": rng.normal(0, 0.01, (8, 4 * 56 * 56)),
+        "fc_b": np.zeros(8),
+        "bn1_s": rng.uniform(0.5, 1.5, 8),
+        "bn1_b": rng.normal(0, 0.1, 8),
+        "bn1_m": rng.normal(0, 0.5, 8),
+        "bn1_v": rng.uniform(0.5, 2, 8),
     }
     first = "input"
     nodes = []
@@ -215,7 +225,8 @@ def write_batchnorm_recognizer(path: Path, self_normalising: bool = False) -> Pa
         helper.make_node("BatchNormalization", ["fc", "bn1_s", "bn1_b", "bn1_m", "bn1_v"], ["embedding"]),
     ]
     graph = helper.make_graph(
-        nodes, "tiny_arcface",
+        nodes,
+        "tiny_arcface",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 112, 112])],
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", 8])],
         [numpy_helper.from_array(v.astype(np.float32), k) for k, v in weights.items()],
@@ -269,8 +280,13 @@ def test_gradient_reaches_lora_through_vae_decode(face_loss, photos) -> None:
 
     torch.manual_seed(0)
     vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[False, False],
-        latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False, False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
     ).requires_grad_(False)
     head = nn.ModuleDict({"proj_out": nn.Linear(4, 4)}).requires_grad_(False)
     head = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["proj_out"]), head)
@@ -284,8 +300,12 @@ def test_gradient_reaches_lora_through_vae_decode(face_loss, photos) -> None:
     height, width = bgr.shape[:2]
     # the decoded image stands for the whole photo at 1/14 scale: keypoints stay in photo pixels
     out = face_loss(
-        decoded, torch.from_numpy(kps)[None].expand(2, 5, 2), torch.randn(2, 128),
-        torch.ones(2, dtype=torch.bool), torch.tensor([0.1, 0.3]), full_image_region(width, height, 2),
+        decoded,
+        torch.from_numpy(kps)[None].expand(2, 5, 2),
+        torch.randn(2, 128),
+        torch.ones(2, dtype=torch.bool),
+        torch.tensor([0.1, 0.3]),
+        full_image_region(width, height, 2),
     )
     out.loss.backward()
     lora_b = [p for n, p in lora_params.items() if "lora_B" in n]
@@ -336,7 +356,9 @@ def test_samples_without_face_or_high_t_are_skipped(face_loss, photos) -> None:
 
     with pytest.raises(ValueError, match="timestep"):
         FaceIdentityLoss(face_loss.recognizer, max_t=500)  # a 1000-scaled timestep is a mistake, not a limit
-    metrics = limited.measure(images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9]))
+    metrics = limited.measure(
+        images, kps_t, reference, torch.tensor([True, False, True]), torch.tensor([0.2, 0.1, 0.9])
+    )
     assert metrics["face/valid"] == 2 and metrics["face/t"] == [0.2, 0.9]
     assert -1.0 <= metrics["face_sim/x0_min"] <= metrics["face_sim/x0_mean"] <= metrics["face_sim/x0_max"] <= 1.0
 
@@ -373,7 +395,13 @@ def test_bf16_autocast_stays_finite(face_loss, photos) -> None:
 def test_wrong_embedding_size_is_a_clear_error(face_loss, photos) -> None:
     bgr, kps = photos["obama.jpg"]
     with pytest.raises(ValueError, match="another face model pack"):
-        face_loss(to_tensor(bgr), torch.from_numpy(kps)[None], torch.randn(1, 512), torch.ones(1, dtype=torch.bool), torch.zeros(1))
+        face_loss(
+            to_tensor(bgr),
+            torch.from_numpy(kps)[None],
+            torch.randn(1, 512),
+            torch.ones(1, dtype=torch.bool),
+            torch.zeros(1),
+        )
 
 
 def test_missing_pack_is_a_clear_error(tmp_path: Path) -> None:
@@ -382,7 +410,9 @@ def test_missing_pack_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_face_targets_cache_roundtrip(face_model, faces_dir: Path, tmp_path: Path, photos, recognizer) -> None:
-    with_face = compute_face_target(face_model, faces_dir / "obama.jpg", [faces_dir / "obama2.jpg", faces_dir / "obama3.jpg"])
+    with_face = compute_face_target(
+        face_model, faces_dir / "obama.jpg", [faces_dir / "obama2.jpg", faces_dir / "obama3.jpg"]
+    )
     assert with_face.ok and with_face.kps.shape == (5, 2) and with_face.image_size == (910, 1137)
     assert with_face.control_faces == 2 and with_face.control_embedding.shape == (128,)
     # the engine decoded the path itself (not cv2.imread): the same face within a pixel
@@ -412,7 +442,9 @@ def test_face_targets_cache_roundtrip(face_model, faces_dir: Path, tmp_path: Pat
     # the cached reference embedding (onnxruntime) equals what the torch recognizer sees on the same face
     image = to_tensor(cv2.imread(str(faces_dir / "obama.jpg")))
     target_batch = collate_face_targets(loaded[:1], reference="target")
-    sim = FaceIdentityLoss(recognizer).similarity(image, target_batch.kps, target_batch.reference, target_batch.source_region)
+    sim = FaceIdentityLoss(recognizer).similarity(
+        image, target_batch.kps, target_batch.reference, target_batch.source_region
+    )
     assert float(sim) >= 0.999
 
 
@@ -439,8 +471,9 @@ def test_contrastive_term_is_info_nce_computed_by_hand(face_loss, photos) -> Non
     generator = torch.Generator().manual_seed(3)
     reference, negatives = torch.randn(2, 128, generator=generator), torch.randn(5, 128, generator=generator)
     valid, t = torch.tensor([True, True]), torch.tensor([0.2, 0.4])
-    loss = FaceIdentityLoss(face_loss.recognizer, weight=0.1, max_t=0.5, t_weighting="linear",
-                            contrastive_weight=0.3, temperature=0.07)
+    loss = FaceIdentityLoss(
+        face_loss.recognizer, weight=0.1, max_t=0.5, t_weighting="linear", contrastive_weight=0.3, temperature=0.07
+    )
     out = loss(images, kps_t, reference, valid, t, negatives=negatives)
 
     embeddings = loss.embed(images, kps_t).detach().numpy()
@@ -452,8 +485,9 @@ def test_contrastive_term_is_info_nce_computed_by_hand(face_loss, photos) -> Non
         info_nce = -(logits[0] - np.log(np.exp(logits).sum()))
         expected_terms.append((positive, info_nce))
     w = 1 - t.numpy()
-    expected = (0.1 * np.mean([wi * (1 - p) for wi, (p, _) in zip(w, expected_terms)])
-                + 0.3 * np.mean([wi * n for wi, (_, n) in zip(w, expected_terms)]))
+    expected = 0.1 * np.mean([wi * (1 - p) for wi, (p, _) in zip(w, expected_terms)]) + 0.3 * np.mean(
+        [wi * n for wi, (_, n) in zip(w, expected_terms)]
+    )
     assert float(out.loss.detach()) == pytest.approx(expected, rel=1e-5)
     assert out.metrics["loss/face"] + out.metrics["loss/face_contrastive"] == pytest.approx(expected, rel=1e-5)
     out.loss.backward()

@@ -1,4 +1,5 @@
 """Atomic writes: all or nothing, readable by others."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,8 @@ import stat
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from face_consistency.common.files import atomic_path, atomic_write_json
+from safetensors.torch import save_file
 
 
 def test_write_replaces_whole_file_and_is_world_readable(tmp_path):
@@ -24,10 +24,9 @@ def test_write_replaces_whole_file_and_is_world_readable(tmp_path):
 def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     target = tmp_path / "status.json"
     atomic_write_json(target, {"state": "training"})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("{half")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("{half")
+        raise RuntimeError("crash mid-write")
     assert json.loads(target.read_text()) == {"state": "training"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
 

@@ -1,4 +1,5 @@
 """FaceConsistencyScoreFolder: same report as the command line, plot as IMAGE, re-runs embed only new files."""
+
 from __future__ import annotations
 
 import json
@@ -6,8 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from comfy_stubs import ProgressBar, set_comfy_base
 from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
 from face_consistency.faceid import evaluate_cli
@@ -15,6 +14,7 @@ from face_consistency.faceid.plot import PLOT_SIZE
 from face_consistency.faceid.report import REPORT_SCHEMA
 from face_consistency.nodes import NODE_CLASS_MAPPINGS, comfy_env
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
+from PIL import Image
 
 
 @pytest.fixture()
@@ -53,7 +53,7 @@ def test_node_report_equals_command_report(model, run, insightface_root, tmp_pat
     report = json.loads(report_json)
     assert validate_schema(report, REPORT_SCHEMA) == []
     assert isinstance(plot, torch.Tensor) and tuple(plot.shape) == (1, PLOT_SIZE[1], PLOT_SIZE[0], 3)
-    assert 0.0 <= float(plot.min()) and float(plot.max()) <= 1.0
+    assert float(plot.min()) >= 0.0 and float(plot.max()) <= 1.0
     assert "6 of 8 pairs scored" in out["ui"]["text"][0] and out["ui"]["images"]
     assert json.loads((tmp_path / "node.json").read_text())["valid_pairs"] == 6
     assert (tmp_path / "node.png").read_bytes()[:4] == b"\x89PNG"
@@ -61,21 +61,41 @@ def test_node_report_equals_command_report(model, run, insightface_root, tmp_pat
         png_rgb = np.asarray(png.convert("RGB"), dtype=np.float32)
     assert np.abs(plot[0].numpy() * 255.0 - png_rgb).mean() < 1.0
     cli_out = tmp_path / "cli.json"
-    assert evaluate_cli.main([
-        "--sample_dir", str(run["sample_dir"]), "--sample_prompts", str(run["prompts"]), "--threshold", "0.5",
-        "--output_json", str(cli_out), "--model_name", "testpack", "--models_root", str(insightface_root),
-        "--device", "cpu", "--quiet",
-    ]) == 0
+    assert (
+        evaluate_cli.main(
+            [
+                "--sample_dir",
+                str(run["sample_dir"]),
+                "--sample_prompts",
+                str(run["prompts"]),
+                "--threshold",
+                "0.5",
+                "--output_json",
+                str(cli_out),
+                "--model_name",
+                "testpack",
+                "--models_root",
+                str(insightface_root),
+                "--device",
+                "cpu",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     cli = json.loads(cli_out.read_text())
     for key in ("total_pairs", "valid_pairs", "overall_mean", "overall_std", "by_step", "by_prompt", "failure_count"):
         assert report[key] == cli[key], key
 
 
-@pytest.mark.parametrize(("save_report", "message"), [
-    ("../elsewhere.json", "outside ComfyUI's output folder"),
-    ("/tmp/report.json", "outside ComfyUI's output folder"),
-    ("report.png", "must name a .json file"),
-])
+@pytest.mark.parametrize(
+    ("save_report", "message"),
+    [
+        ("../elsewhere.json", "outside ComfyUI's output folder"),
+        ("/tmp/report.json", "outside ComfyUI's output folder"),
+        ("report.png", "must name a .json file"),
+    ],
+)
 def test_report_is_written_only_inside_the_output_folder_and_never_over_the_plot(model, run, save_report, message):
     with pytest.raises(comfy_env.FolderAccessError, match=message):
         _score(model, run, save_report=save_report)
@@ -128,8 +148,9 @@ def test_identity_of_another_embedding_size_is_a_clear_error(model, faces_dir, c
     vector = np.random.default_rng(1).standard_normal(512).astype(np.float32)
     other = Identity(embedding=vector / np.linalg.norm(vector), count=2)
     with pytest.raises(ValueError, match=f"512-d embeddings but model pack '{model.pack_name}' makes 128-d"):
-        FaceConsistencyScoreFolder().score_folder(model, str(generated), 0.5, control_dir=str(controls),
-                                                  reference_identity=other)
+        FaceConsistencyScoreFolder().score_folder(
+            model, str(generated), 0.5, control_dir=str(controls), reference_identity=other
+        )
 
 
 def test_save_report_into_a_folder_or_under_a_file_fails_before_scoring(model, run):
@@ -153,7 +174,8 @@ def test_node_flags_a_sample_that_hands_back_its_control(model, faces_dir, tmp_p
     reencode(faces_dir / "obama.jpg", folder / "sample" / f"face_000100_00_{TIME}_42.png")  # the control again
     (folder / "prompts.txt").write_text(f"an edit --d 42 --ci {control}\n", encoding="utf-8")
     out = FaceConsistencyScoreFolder().score_folder(
-        model, str(folder / "sample"), 0.5, sample_prompts=str(folder / "prompts.txt"))
+        model, str(folder / "sample"), 0.5, sample_prompts=str(folder / "prompts.txt")
+    )
     report = json.loads(out["result"][0])
     assert report["pairs"][0]["band"] == "excellent" and report["pairs"][0]["unchanged"]
     assert report["unchanged"]["by_step"] == {"100": 1}

@@ -1,13 +1,12 @@
 """The Face Gate node on the real test pack and photos: which side each image goes to, and why."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-
 from comfy_stubs import ExecutionBlocker
-
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
 from face_consistency.nodes.gate import FaceConsistencyGate
 from test_judge_nodes import judge  # noqa: F401 (fixture)
@@ -15,8 +14,16 @@ from test_scoring_nodes import comfy, face_model, group_photo, photo  # noqa: F4
 
 SIZE = (400, 500)
 GATE_DEFAULTS = dict(
-    threshold=0.6, several_faces="reject", reject_unchanged=True, copy_paste_threshold=0.1, require_both=False,
-    judge_threshold=0.5, empty_side="skip downstream", band_excellent=0.85, band_good=0.75, band_moderate=0.65,
+    threshold=0.6,
+    several_faces="reject",
+    reject_unchanged=True,
+    copy_paste_threshold=0.1,
+    require_both=False,
+    judge_threshold=0.5,
+    empty_side="skip downstream",
+    band_excellent=0.85,
+    band_good=0.75,
+    band_moderate=0.65,
 )
 
 
@@ -49,8 +56,15 @@ def test_registered_with_its_outputs() -> None:
 
 
 def test_a_batch_that_passes_partly_goes_to_both_sides_with_reasons(face_model, faces_dir: Path, control) -> None:
-    images = torch.cat([photo(faces_dir, "obama2.jpg", SIZE), photo(faces_dir, "biden.jpg", SIZE), blank(),
-                        letterboxed_group(), photo(faces_dir, "obama3.jpg", SIZE)])
+    images = torch.cat(
+        [
+            photo(faces_dir, "obama2.jpg", SIZE),
+            photo(faces_dir, "biden.jpg", SIZE),
+            blank(),
+            letterboxed_group(),
+            photo(faces_dir, "obama3.jpg", SIZE),
+        ]
+    )
     out = gate(face_model, images, reference_image=control)
     passed, rejected, reasons, report, n_passed, n_rejected = out["result"]
     torch.testing.assert_close(passed, images[[0, 4]])
@@ -66,8 +80,9 @@ def test_a_batch_that_passes_partly_goes_to_both_sides_with_reasons(face_model, 
 
 
 def test_several_faces_can_be_decided_by_the_largest(face_model, control) -> None:
-    reasons = gate(face_model, letterboxed_group(), reference_image=control, several_faces="score_selected",
-                   threshold=-1.0)["result"][2]
+    reasons = gate(
+        face_model, letterboxed_group(), reference_image=control, several_faces="score_selected", threshold=-1.0
+    )["result"][2]
     assert reasons[0].startswith("passed: ") and "several" not in reasons[0]
 
 
@@ -76,14 +91,16 @@ def test_a_side_with_no_image_is_skipped_downstream_or_an_empty_batch(face_model
     passed, rejected, *_ = gate(face_model, good, reference_image=control)["result"]
     assert passed.shape[0] == 2 and isinstance(rejected, ExecutionBlocker) and rejected.message is None
 
-    passed, rejected, reasons, _, n_passed, n_rejected = gate(face_model, good, reference_image=control,
-                                                               empty_side="empty batch")["result"]
+    passed, rejected, reasons, _, n_passed, n_rejected = gate(
+        face_model, good, reference_image=control, empty_side="empty batch"
+    )["result"]
     assert tuple(rejected.shape) == (0, SIZE[1], SIZE[0], 3) and rejected.dtype == good.dtype
     assert (n_passed, n_rejected) == (2, 0)
 
     bad = torch.cat([photo(faces_dir, "biden.jpg", SIZE), blank()])
-    passed, rejected, reasons, _, n_passed, _ = gate(face_model, bad, reference_image=control,
-                                                     empty_side="empty batch")["result"]
+    passed, rejected, reasons, _, n_passed, _ = gate(
+        face_model, bad, reference_image=control, empty_side="empty batch"
+    )["result"]
     assert tuple(passed.shape) == (0, SIZE[1], SIZE[0], 3) and n_passed == 0 and rejected.shape[0] == 2
     assert all(r.startswith("rejected: ") for r in reasons)
     assert isinstance(gate(face_model, bad, reference_image=control)["result"][0], ExecutionBlocker)
@@ -100,13 +117,20 @@ def test_against_an_identity(face_model, faces_dir: Path) -> None:
     from face_consistency.nodes.scoring import FaceConsistencyReference
 
     identity = FaceConsistencyReference().build(face_model, photo(faces_dir, "obama.jpg"))["result"][0]
-    result = gate(face_model, torch.cat([photo(faces_dir, "obama2.jpg", SIZE), photo(faces_dir, "biden.jpg", SIZE)]),
-                  reference_identity=identity)["result"]
+    result = gate(
+        face_model,
+        torch.cat([photo(faces_dir, "obama2.jpg", SIZE), photo(faces_dir, "biden.jpg", SIZE)]),
+        reference_identity=identity,
+    )["result"]
     assert result[4:] == (1, 1)
 
 
-def test_the_judge_verdict_joins_the_reasons_and_can_be_required(face_model, judge, faces_dir: Path,  # noqa: F811
-                                                                  control) -> None:
+def test_the_judge_verdict_joins_the_reasons_and_can_be_required(
+    face_model,
+    judge,
+    faces_dir: Path,
+    control,
+) -> None:
     images = torch.cat([photo(faces_dir, "obama2.jpg", SIZE), blank()])
     reasons = gate(face_model, images, reference_image=control, judge=judge)["result"][2]
     assert reasons[0].startswith("passed: ") and "judge 0.6" in reasons[0] and "(same person)" in reasons[0]
@@ -114,8 +138,9 @@ def test_the_judge_verdict_joins_the_reasons_and_can_be_required(face_model, jud
 
     strict = gate(face_model, images, reference_image=control, judge=judge, judge_threshold=0.99)["result"]
     assert strict[4] == 1 and "NOT the same person" in strict[2][0]  # a note only, unless required
-    required = gate(face_model, images, reference_image=control, judge=judge, judge_threshold=0.99,
-                    require_both=True)["result"]
+    required = gate(face_model, images, reference_image=control, judge=judge, judge_threshold=0.99, require_both=True)[
+        "result"
+    ]
     assert required[4:] == (0, 2)
     assert required[2][0].startswith("rejected: judge 0.6") and "(NOT the same person)" in required[2][0]
     assert "the judge must agree (similarity >= 0.99)" in required[3]

@@ -4,6 +4,7 @@ The dry run scores photos with the engine (the CPU provider on both sides), then
 steps of the real trainer, bf16 and --fp8_base, with and without the face loss, at two block counts,
 and writes the one JSON the GPU run writes (about 30 s on 2 cores).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,22 @@ SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
 
 def test_dry_run_writes_every_figure(testdata, tmp_path):
     out = tmp_path / "check.json"
-    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--test_data", str(testdata), "--out", str(out),
-                             "--work", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--dry-run",
+            "--test_data",
+            str(testdata),
+            "--out",
+            str(out),
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     assert report["dry_run"] is True
@@ -51,7 +66,11 @@ def test_dry_run_writes_every_figure(testdata, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here: the full check would run")
 def test_without_a_gpu_the_full_check_points_to_the_dry_run(testdata, tmp_path):
-    result = subprocess.run([sys.executable, str(SCRIPT), "--test_data", str(testdata), "--out", str(tmp_path / "x.json")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--test_data", str(testdata), "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "--dry-run" in result.stderr
     assert not (tmp_path / "x.json").exists()

@@ -1,12 +1,12 @@
 """Image conversion to InsightFace's BGR uint8, without a model."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from face_consistency.faceid import ImageLoadError, image_list, load_image
+from PIL import Image
 
 
 def test_rgb_array_becomes_bgr():

@@ -1,4 +1,5 @@
 """Job control against the real trainer in a subprocess (tiny models, CPU)."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
-
 from face_consistency.training_contract import libraries
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
+from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
 pytestmark = [
-    pytest.mark.skipif(os.name == "nt", reason="process-group checks here are POSIX; Windows ends the tree psutil finds"),
+    pytest.mark.skipif(
+        os.name == "nt", reason="process-group checks here are POSIX; Windows ends the tree psutil finds"
+    ),
     pytest.mark.trainer,  # job control is the trainer's: run again at the minimum versions (psutil, filelock)
 ]
 
@@ -53,7 +55,10 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     argv = tiny_training.argv(output_dir, 4, "--save_every_n_steps", "2")
     launched = subprocess.run(
         [sys.executable, "-c", LAUNCHER, str(registry_path), str(output_dir), json.dumps(argv)],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     started = json.loads(launched.stdout)
 
@@ -70,7 +75,9 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     wait_for(lambda: group_gone(job.pid), "the trainer's processes to exit")  # `completed` is written just before
     run = read_run(output_dir)
     assert [c.filename for c in run.checkpoints] == [
-        "tiny-step00000002.safetensors", "tiny.safetensors"]  # step 4 is the final file
+        "tiny-step00000002.safetensors",
+        "tiny.safetensors",
+    ]  # step 4 is the final file
     assert [m["step"] for m in read_metrics(output_dir)] == [1, 2, 3, 4]
     assert "saved" in (output_dir / "train.log").read_text()
     # the libraries it ran with, from where (here: this Python's own, no trainer environment)
@@ -79,8 +86,9 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     assert JobRegistry(registry_path).list()[0].state == "completed"
 
 
-def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(tiny_training: TinyTraining,
-                                                                          tmp_path: Path) -> None:
+def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(
+    tiny_training: TinyTraining, tmp_path: Path
+) -> None:
     registry = JobRegistry(tmp_path / "jobs.sqlite3")
     output_dir = tmp_path / "out"
     job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 2, "--learning_rate", "inf"), name="tiny")
@@ -127,7 +135,7 @@ def test_metrics_are_read_incrementally_and_anew_when_replaced(tmp_path: Path, m
     assert [m["step"] for m in read_metrics(tmp_path)][-2:] == [1000, 1001]
     assert len(parsed) == 1001  # only the appended complete line was parsed
     with open(metrics, "a", encoding="utf-8") as f:
-        f.write('02}\n')
+        f.write("02}\n")
     assert read_metrics(tmp_path)[-1] == {"step": 1002}
     # a resumed run replaces the file with its first steps: read anew
     replacement = tmp_path / "new.jsonl"

@@ -1,4 +1,5 @@
 """The held-out dlib judge on the shared photos (installed by the test extra: these tests run in CI)."""
+
 from __future__ import annotations
 
 import builtins
@@ -6,20 +7,19 @@ import importlib.util
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from face_consistency.faceid import judge as judge_module
 from face_consistency.faceid.judge import (
     DISTANCE_THRESHOLD,
     SIMILARITY_THRESHOLD,
+    DlibJudge,
     JudgeFaceError,
     JudgeNotInstalledError,
-    DlibJudge,
     distance_to_similarity,
     judge_agreement,
     load_judge,
     verdict,
 )
+from PIL import Image
 
 PHOTOS = ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "biden.jpg"]
 # dlib distances measured on these photos (HOG detector, 5-point chip 150 px / 0.25, dlib 20.0)

@@ -1,17 +1,17 @@
 """The judge loader node, the `judge` input of the scoring nodes, and the copy-paste gauge, on the real photos."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
-
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
+from face_consistency.nodes.imaging import to_bgr_list
 from face_consistency.nodes.judge import FaceConsistencyLoadJudge
 from face_consistency.nodes.matching import FaceConsistencyBestOf
 from face_consistency.nodes.scoring import FaceConsistencyReference, FaceConsistencySimilarity
-from face_consistency.nodes.imaging import to_bgr_list
 from test_scoring_nodes import SCORE_DEFAULTS, comfy, face_model, photo  # noqa: F401 (fixtures)
 
 SIZE = (400, 500)
@@ -48,8 +48,9 @@ def test_similarity_node_shows_both_scores(face_model, judge, faces_dir: Path) -
 def test_judge_failure_is_its_own_per_image(face_model, judge, faces_dir: Path) -> None:
     control = photo(faces_dir, "obama.jpg")
     blank = torch.full((1, *SIZE[::-1], 3), 0.5)
-    result = score(face_model, torch.cat([photo(faces_dir, "obama3.jpg", SIZE), blank]), reference_image=control,
-                   judge=judge)["result"]
+    result = score(
+        face_model, torch.cat([photo(faces_dir, "obama3.jpg", SIZE), blank]), reference_image=control, judge=judge
+    )["result"]
     assert result[6][1] == -1.0 and result[0][1] == 0.0
     assert "no face detected (scored 0); judge: no face detected by the judge" in result[3]
 
@@ -67,8 +68,10 @@ def test_identity_built_with_the_judge_and_the_gauge(face_model, judge, faces_di
     assert "own agreement" in out["ui"]["text"][0] and "judge dlib" in out["ui"]["text"][0]
 
     control = photo(faces_dir, "obama.jpg", SIZE)
-    copy, other = score(face_model, control, reference_identity=identity, reference_image=control, judge=judge), \
-        score(face_model, photo(faces_dir, "biden.jpg", SIZE), reference_identity=identity, reference_image=control)
+    copy, other = (
+        score(face_model, control, reference_identity=identity, reference_image=control, judge=judge),
+        score(face_model, photo(faces_dir, "biden.jpg", SIZE), reference_identity=identity, reference_image=control),
+    )
     copy_result = copy["result"]
     assert copy_result[7] == pytest.approx(identity.agreement.mean)
     assert copy_result[0][0] > identity.agreement.mean and copy_result[5][0] < 0.01

@@ -5,6 +5,7 @@ decoded pixels; converted to float before it was downscaled, one `analyze()` too
 `evaluate` with three of them died without a report. Peak memory is measured in a child
 process (its own VmHWM: `ru_maxrss` would include the test process's, inherited through fork).
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from evaluate_fixtures import reencode
 from face_consistency.faceid.images import MAX_ANALYSIS_SIDE, load_image
+from PIL import Image
 
 pytestmark = pytest.mark.large_image
 
@@ -85,8 +85,20 @@ def test_evaluate_with_three_large_samples_writes_its_report(large_png, insightf
         shutil.copy(large_png, generated / f"{name}.png")
     out = tmp_path / "report.json"
     result, memory = _measured(
-        "evaluate", "--control_dir", str(controls), "--generated_dir", str(generated), "--output_json", str(out),
-        "--model_name", "testpack", "--models_root", str(insightface_root), "--device", "cpu", "--quiet",
+        "evaluate",
+        "--control_dir",
+        str(controls),
+        "--generated_dir",
+        str(generated),
+        "--output_json",
+        str(out),
+        "--model_name",
+        "testpack",
+        "--models_root",
+        str(insightface_root),
+        "--device",
+        "cpu",
+        "--quiet",
     )
     assert result == {"rc": 0}
     report = json.loads(out.read_text())

@@ -4,6 +4,7 @@ Parameters: the real architecture on the meta device. Activations: bytes of the 
 saves (`saved_tensors_hooks`, each storage once, parameters excluded) in a real-width transformer
 block and the real-size VAE decoder at small sizes on the CPU.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,16 +12,22 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-from torch.utils.checkpoint import checkpoint
-
 from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
 from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
-    BLOCK_SAVED_PER_TOKEN, GIB, MemoryInputs, decode_size, decoder_saved_values, estimate, measure_saved_bytes,
-    image_tokens, plan_warning,
+    BLOCK_SAVED_PER_TOKEN,
+    GIB,
+    MemoryInputs,
+    decode_size,
+    decoder_saved_values,
+    estimate,
+    image_tokens,
+    measure_saved_bytes,
+    plan_warning,
 )
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode, decoder_stages
+from torch.utils.checkpoint import checkpoint
 
 pytestmark = pytest.mark.trainer
 
@@ -51,14 +58,24 @@ def test_block_activations_match_the_formula(real_block, image_tokens, text_toke
     txt = torch.randn(1, text_tokens, dim, requires_grad=True)
     temb = torch.randn(1, dim, requires_grad=True)
     head_dim = TRANSFORMER["attention_head_dim"]
-    freqs = (torch.ones(image_tokens, head_dim // 2, dtype=torch.complex64),
-             torch.ones(text_tokens, head_dim // 2, dtype=torch.complex64))
+    freqs = (
+        torch.ones(image_tokens, head_dim // 2, dtype=torch.complex64),
+        torch.ones(text_tokens, head_dim // 2, dtype=torch.complex64),
+    )
 
     def run(blocks_checkpointed: bool):
         def forward(*tensors):
-            return real_block(hidden_states=tensors[0], encoder_hidden_states=tensors[1], encoder_hidden_states_mask=None,
-                              temb=tensors[2], image_rotary_emb=freqs)
-        return lambda: checkpoint(forward, img, txt, temb, use_reentrant=False) if blocks_checkpointed else forward(img, txt, temb)
+            return real_block(
+                hidden_states=tensors[0],
+                encoder_hidden_states=tensors[1],
+                encoder_hidden_states_mask=None,
+                temb=tensors[2],
+                image_rotary_emb=freqs,
+            )
+
+        return lambda: (
+            checkpoint(forward, img, txt, temb, use_reentrant=False) if blocks_checkpointed else forward(img, txt, temb)
+        )
 
     tokens = image_tokens + text_tokens
     measured = saved_bytes(real_block, run(False))
@@ -93,8 +110,12 @@ def test_face_loss_plan_matches_the_decode_warp_and_recognizer(insightface_root,
     vae = AutoencoderKLQwenImage(**VAE).eval().requires_grad_(False)
     recognizer = FrozenFaceRecognizer.from_pack(testpack_dir.name, models_root=insightface_root)
     loss_fn = FaceIdentityLoss(recognizer, weight=1.0)
-    inputs = seed_guide(compute_bytes=4, target_size=(128, 128), face_decode="face",
-                        face_recognizer_saved_bytes=recognizer.saved_bytes_per_sample())
+    inputs = seed_guide(
+        compute_bytes=4,
+        target_size=(128, 128),
+        face_decode="face",
+        face_recognizer_saved_bytes=recognizer.saved_bytes_per_sample(),
+    )
     side = decode_size(inputs)[0]
     latents = torch.randn(1, 16, 1, side // 8, side // 8, requires_grad=True)
     kps = torch.tensor([[[0.35, 0.4], [0.65, 0.4], [0.5, 0.55], [0.38, 0.7], [0.62, 0.7]]]) * side
@@ -110,10 +131,22 @@ def test_face_loss_plan_matches_the_decode_warp_and_recognizer(insightface_root,
 
 
 def seed_guide(**changes) -> MemoryInputs:
-    values = dict(transformer_config=TRANSFORMER, vae_config=VAE, compute_bytes=2, fp8_base=False, blocks_to_swap=0,
-                  gradient_checkpointing=True, batch_size=1, target_size=(1024, 1024), control_sizes=((1024, 1024),),
-                  text_tokens=300, network_dim=16, network_args=NetworkArgs(), optimizer="AdamW8bit",
-                  face_decode="face")
+    values = dict(
+        transformer_config=TRANSFORMER,
+        vae_config=VAE,
+        compute_bytes=2,
+        fp8_base=False,
+        blocks_to_swap=0,
+        gradient_checkpointing=True,
+        batch_size=1,
+        target_size=(1024, 1024),
+        control_sizes=((1024, 1024),),
+        text_tokens=300,
+        network_dim=16,
+        network_args=NetworkArgs(),
+        optimizer="AdamW8bit",
+        face_decode="face",
+    )
     return MemoryInputs(**{**values, **changes})
 
 
@@ -159,10 +192,15 @@ def test_the_plan_follows_the_vaes_scale_and_the_rollouts_forward_passes():
     assert image_tokens((1024, 1024), 4) == 4 * image_tokens((1024, 1024)) == 4 * 64 * 64
     dim = TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"]
     per_token = estimate(seed_guide(text_tokens=0)).parts["activations"] / (2 * image_tokens((1024, 1024)))
-    assert estimate(seed_guide(vae_config=vae_4x, text_tokens=0)).parts["activations"] == pytest.approx(
-        per_token * 2 * image_tokens((1024, 1024), 4)) and per_token % dim == 0
+    assert (
+        estimate(seed_guide(vae_config=vae_4x, text_tokens=0)).parts["activations"]
+        == pytest.approx(per_token * 2 * image_tokens((1024, 1024), 4))
+        and per_token % dim == 0
+    )
 
     one, three = (estimate(seed_guide(face_rollout_steps=n)).parts["activations"] for n in (1, 3))
     tokens = 2 * image_tokens((1024, 1024)) + 300
-    stored = TRANSFORMER["num_layers"] * tokens * TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"] * 2
+    stored = (
+        TRANSFORMER["num_layers"] * tokens * TRANSFORMER["num_attention_heads"] * TRANSFORMER["attention_head_dim"] * 2
+    )
     assert three - one == 2 * stored

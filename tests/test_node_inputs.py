@@ -2,6 +2,7 @@
 text bounded and NUL-free, numbers finite and within the widget's range. Built from the node
 definitions, so a node or input added later is covered without a new test. Also the scoring nodes
 with an image the detector cannot take (rule 4) and Score Folder's outputs over its inputs (rule 2)."""
+
 from __future__ import annotations
 
 import math
@@ -10,12 +11,11 @@ import pytest
 import torch
 from comfy_stubs import set_comfy_base
 from evaluate_fixtures import build_musubi_folder
-
 from face_consistency.common.values import MAX_TEXT_LENGTH, ValueCheckError
 from face_consistency.faceid.evaluate import EvaluationError
 from face_consistency.nodes import NODE_CLASS_MAPPINGS, comfy_env
-from face_consistency.nodes.inputs import MAX_MULTILINE_LENGTH
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
+from face_consistency.nodes.inputs import MAX_MULTILINE_LENGTH
 from face_consistency.nodes.scoring import FaceConsistencyLoadModel, FaceConsistencySimilarity
 
 
@@ -69,8 +69,11 @@ def test_every_number_input_refuses_non_finite_and_out_of_range_values(key, name
 
 
 def test_a_comfy_combo_of_files_is_text_too():
-    assert any(isinstance(spec[0], list) for cls in NODE_CLASS_MAPPINGS.values()
-               for spec in cls.INPUT_TYPES().get("required", {}).values())
+    assert any(
+        isinstance(spec[0], list)
+        for cls in NODE_CLASS_MAPPINGS.values()
+        for spec in cls.INPUT_TYPES().get("required", {}).values()
+    )
     with pytest.raises(ValueCheckError, match="^input pack contains a NUL character"):
         _run("FaceConsistencyLoadModel", pack="testpack\0", provider="cpu", det_size="640", det_thresh=0.5)
 
@@ -80,8 +83,16 @@ def test_the_similarity_node_gives_an_image_the_detector_cannot_take_its_own_row
     model = FaceConsistencyLoadModel().load("testpack", "cpu", "640", 0.5)["result"][0]
     reference = model.identity([str(faces_dir / "obama.jpg")])
     out = FaceConsistencySimilarity().score(
-        model, torch.full((2, 6000, 1, 3), 0.5), reference_identity=reference, face_selection="largest", face_index=0,
-        no_face_policy="score_zero", threshold=0.7, band_excellent=0.85, band_good=0.75, band_moderate=0.65,
+        model,
+        torch.full((2, 6000, 1, 3), 0.5),
+        reference_identity=reference,
+        face_selection="largest",
+        face_index=0,
+        no_face_policy="score_zero",
+        threshold=0.7,
+        band_excellent=0.85,
+        band_good=0.75,
+        band_moderate=0.65,
         copy_paste_threshold=0.1,
     )
     scores, report = out["result"][0], out["result"][3]
@@ -96,7 +107,11 @@ def test_score_folder_never_saves_its_plot_over_a_sample(model, faces_dir, tmp_p
     sample = sorted(run["sample_dir"].glob("*.png"))[0]
     before = sample.read_bytes()
     with pytest.raises(EvaluationError, match=rf"save_report's plot {sample} is an image in the sample folder"):
-        FaceConsistencyScoreFolder().score_folder(model, str(run["sample_dir"]), 0.5,
-                                                  sample_prompts=str(run["prompts"]),
-                                                  save_report=str(sample.with_suffix(".json")))
+        FaceConsistencyScoreFolder().score_folder(
+            model,
+            str(run["sample_dir"]),
+            0.5,
+            sample_prompts=str(run["prompts"]),
+            save_report=str(sample.with_suffix(".json")),
+        )
     assert sample.read_bytes() == before and not sample.with_suffix(".json").exists()

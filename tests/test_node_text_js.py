@@ -1,5 +1,6 @@
 """web/face_consistency_node_text.js in Node, against stand-ins of ComfyUI's `app` and widgets:
 a pack node shows its `ui.text` in one read-only box that is neither queued nor saved."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,11 +57,20 @@ console.log(JSON.stringify({
 
 @needs_node
 def test_pack_nodes_show_their_text(tmp_path: Path) -> None:
-    result = run_web_module(tmp_path, "face_consistency_node_text.js",
-                            {"app.js": APP_JS, "widgets.js": WIDGETS_JS}, HARNESS_JS)
+    result = run_web_module(
+        tmp_path, "face_consistency_node_text.js", {"app.js": APP_JS, "widgets.js": WIDGETS_JS}, HARNESS_JS
+    )
 
     assert result == {
-        "name": "face_consistency.node_text", "widgets": 1, "value": "line 1\nline 2", "readOnly": True,
-        "queued": False, "saved": False, "previous": 3, "width": 420, "theirs": 0,
-        "testid": "face-consistency-node-text", "label": "Face Similarity Score report",
+        "name": "face_consistency.node_text",
+        "widgets": 1,
+        "value": "line 1\nline 2",
+        "readOnly": True,
+        "queued": False,
+        "saved": False,
+        "previous": 3,
+        "width": 420,
+        "theirs": 0,
+        "testid": "face-consistency-node-text",
+        "label": "Face Similarity Score report",
     }

@@ -1,12 +1,12 @@
 """Every numeric training option is range-checked from its declaration (issue 22, rule 3): the trainer's
 parser and the launch node's values alike, built from `training_contract/options.py`, so an option
 declared later is covered without a new test."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
-
 from face_consistency.common.values import MAX_TEXT_LENGTH, ValueCheckError
 from face_consistency.trainer.cli import ConfigError, parse_args
 from face_consistency.training_contract import options
@@ -35,8 +35,11 @@ def test_every_numeric_option_declares_its_bounds():
     assert all(option.bounds is not None for option in NUMERIC)
 
 
-@pytest.mark.parametrize(("option", "value"), [(o, v) for o in NUMERIC for v in _outside(o)],
-                         ids=lambda x: x.name if isinstance(x, Option) else x)
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [(o, v) for o in NUMERIC for v in _outside(o)],
+    ids=lambda x: x.name if isinstance(x, Option) else x,
+)
 def test_every_numeric_option_refuses_values_outside_its_bounds(option, value):
     with pytest.raises(ConfigError, match=rf"^{option.flag} must be .*got "):
         parse_args([f"{option.flag}={value}"])
@@ -61,14 +64,19 @@ def test_every_text_option_refuses_nul_and_absurd_lengths(option):
         parse_args([option.flag, "a" * (MAX_TEXT_LENGTH + 1)])
 
 
-@pytest.mark.parametrize(("argv", "message"), [
-    (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 and at most 1000000000, got -5"),
-    (["--face_loss_max_t", "nan"],
-     "--face_loss_max_t must be a finite number, got nan (give one above 0 and at most 1)"),
-    (["--seed", str(2**64)], f"--seed must be at least 0 and at most {2**32 - 1}, got {2**64}"),
-    (["--learning_rate", "0"], "--learning_rate must be above 0, got 0"),
-    (["--sample_shift_terminal", "1"], "--sample_shift_terminal must be at least 0 and below 1, got 1"),
-])
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max_train_steps", "-5"], "--max_train_steps must be at least 1 and at most 1000000000, got -5"),
+        (
+            ["--face_loss_max_t", "nan"],
+            "--face_loss_max_t must be a finite number, got nan (give one above 0 and at most 1)",
+        ),
+        (["--seed", str(2**64)], f"--seed must be at least 0 and at most {2**32 - 1}, got {2**64}"),
+        (["--learning_rate", "0"], "--learning_rate must be above 0, got 0"),
+        (["--sample_shift_terminal", "1"], "--sample_shift_terminal must be at least 0 and below 1, got 1"),
+    ],
+)
 def test_examples_of_the_battery(argv, message):
     with pytest.raises(ConfigError) as caught:
         parse_args(argv)

@@ -1,5 +1,6 @@
 """Standard packs download on first use: from a loopback server, verified, resumed, locked, and never
 left half installed; every failure ends with a clear message and the models folder as it was."""
+
 from __future__ import annotations
 
 import json
@@ -8,13 +9,11 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from comfy_stubs import ProgressBar, set_comfy_base, start_prompt_server, stop_prompt_server
-from pack_server import PackServer, pack_zip, sha256
-
 from face_consistency.faceid import ModelPackError, pack_download, resolve_pack
 from face_consistency.faceid.pack_download import (
     OFFLINE_ENV,
@@ -31,6 +30,7 @@ from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 from face_consistency.nodes.scoring import FaceConsistencyLoadModel
 from face_consistency.nodes.training import FaceConsistencyTrainLaunch
 from face_consistency.training_jobs import jobs
+from pack_server import PackServer, pack_zip, sha256
 
 
 @pytest.fixture(scope="session")
@@ -123,11 +123,14 @@ def test_hash_mismatch_names_both_hashes_and_installs_nothing(server, monkeypatc
     assert_intact(root, "buffalo_l")
 
 
-@pytest.mark.parametrize(("kind", "expected"), [
-    ("corrupt", "not a usable zip archive"),
-    ("truncated", "not a usable zip archive"),
-    ("detector_only", "does not hold a usable pack.*no face recognizer"),
-])
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("corrupt", "not a usable zip archive"),
+        ("truncated", "not a usable zip archive"),
+        ("detector_only", "does not hold a usable pack.*no face recognizer"),
+    ],
+)
 def test_unusable_archive_is_a_clear_error_and_installs_nothing(server, monkeypatch, root, zips, kind, expected):
     serve(server, monkeypatch, "buffalo_m", zips[kind])  # pinned: the hash check passes, the zip fails
     with pytest.raises(ModelPackError, match=expected):
@@ -280,8 +283,10 @@ def test_loader_node_offers_standard_packs_and_downloads_on_first_use(server, mo
     serve(server, monkeypatch, "buffalo_l", zips["flat"])
     packs, options = FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"]
     assert packs == [
-        "buffalo_l (downloads on first use, 289 MB)", "buffalo_m (downloads on first use, 276 MB)",
-        "buffalo_s (downloads on first use, 128 MB)", "buffalo_sc (downloads on first use, 15 MB)",
+        "buffalo_l (downloads on first use, 289 MB)",
+        "buffalo_m (downloads on first use, 276 MB)",
+        "buffalo_s (downloads on first use, 128 MB)",
+        "buffalo_sc (downloads on first use, 15 MB)",
         "antelopev2 (downloads on first use, 361 MB)",
     ]
     assert options["default"] == packs[0]
@@ -316,8 +321,11 @@ def test_comfyui_setting_turns_downloads_off(server, monkeypatch, comfy, zips):
 
 
 def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, tmp_path):
-    for folder, name in (("diffusion_models", "dit.safetensors"), ("vae", "vae.safetensors"),
-                         ("text_encoders", "te.safetensors")):
+    for folder, name in (
+        ("diffusion_models", "dit.safetensors"),
+        ("vae", "vae.safetensors"),
+        ("text_encoders", "te.safetensors"),
+    ):
         (comfy / "models" / folder).mkdir(parents=True, exist_ok=True)
         (comfy / "models" / folder / name).write_bytes(b"")
     launched: list[list[str]] = []
@@ -329,12 +337,28 @@ def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, t
     monkeypatch.setattr(training.jobs, "launch", launch)
     monkeypatch.setattr(training, "_confine_dataset", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
     inputs = dict(
-        dit="dit.safetensors", vae="vae.safetensors", text_encoder="te.safetensors",
-        dataset=str(comfy / "input" / "d"), output_name="run",
-        learning_rate=1e-4, network_dim=4, network_alpha=4.0, max_train_epochs=1, save_every_n_epochs=1, seed=0,
-        timestep_sampling="shift", discrete_flow_shift=2.2, optimizer_type="AdamW", mixed_precision="no",
-        gradient_checkpointing=False, enable_face_loss=True, face_loss_weight=0.1, face_model_name="buffalo_l",
-        face_device="cpu", face_det_size=640, face_eval_frequency=10,
+        dit="dit.safetensors",
+        vae="vae.safetensors",
+        text_encoder="te.safetensors",
+        dataset=str(comfy / "input" / "d"),
+        output_name="run",
+        learning_rate=1e-4,
+        network_dim=4,
+        network_alpha=4.0,
+        max_train_epochs=1,
+        save_every_n_epochs=1,
+        seed=0,
+        timestep_sampling="shift",
+        discrete_flow_shift=2.2,
+        optimizer_type="AdamW",
+        mixed_precision="no",
+        gradient_checkpointing=False,
+        enable_face_loss=True,
+        face_loss_weight=0.1,
+        face_model_name="buffalo_l",
+        face_device="cpu",
+        face_det_size=640,
+        face_eval_frequency=10,
     )
     FaceConsistencyTrainLaunch().launch(**{**inputs, "output_name": "online"})
     turn_downloads_off_in_comfyui(comfy)
@@ -367,8 +391,11 @@ def test_a_zip_bomb_is_refused_before_extraction_even_with_its_own_hash_set(serv
     bomb = _bomb(testpack_dir, ceiling + 1)
     assert len(bomb) < ceiling // 5  # the test pack, and 60 MB of zeros deflated to some 60 kB
     serve(server, monkeypatch, "buffalo_sc", bomb)  # the user vouches for its hash
-    with pytest.raises(ModelPackError, match=r"buffalo_sc\.zip would unpack to \d+ MB of model files, more than a "
-                       r"buffalo_sc pack can be \(60 MB at most\).*Nothing was installed"):
+    with pytest.raises(
+        ModelPackError,
+        match=r"buffalo_sc\.zip would unpack to \d+ MB of model files, more than a "
+        r"buffalo_sc pack can be \(60 MB at most\).*Nothing was installed",
+    ):
         download_pack("buffalo_sc", root / "models")
     assert_intact(root, "buffalo_sc")
 
@@ -378,8 +405,12 @@ def test_only_model_files_are_installed_and_links_never(server, monkeypatch, roo
     import stat
     import zipfile
 
-    buffer = io.BytesIO(pack_zip(testpack_dir, extra={"README.md": b"hi", "run.sh": b"rm -rf ~",
-                                                      "__MACOSX/._det.onnx": b"x", ".hidden.onnx": b"x"}))
+    buffer = io.BytesIO(
+        pack_zip(
+            testpack_dir,
+            extra={"README.md": b"hi", "run.sh": b"rm -rf ~", "__MACOSX/._det.onnx": b"x", ".hidden.onnx": b"x"},
+        )
+    )
     with zipfile.ZipFile(buffer, "a") as zf:
         link = zipfile.ZipInfo("link.onnx")
         link.external_attr = (stat.S_IFLNK | 0o777) << 16
@@ -422,12 +453,15 @@ print(json.dumps({"message": message, "left": sorted(os.listdir(models))}))
 """
 
 
-@pytest.mark.parametrize(("size", "leave", "served", "expected"), [
-    # less room than the recorded zip and its pack: refused before a byte is fetched
-    ("8m", 1 << 20, 1 << 20, r"it needs about 30 MB, \d MB are free"),
-    # a mirror's zip bigger than the room left: the disk fills during the download
-    ("48m", 31 << 20, 40 << 20, r"No space left on device"),
-])
+@pytest.mark.parametrize(
+    ("size", "leave", "served", "expected"),
+    [
+        # less room than the recorded zip and its pack: refused before a byte is fetched
+        ("8m", 1 << 20, 1 << 20, r"it needs about 30 MB, \d MB are free"),
+        # a mirror's zip bigger than the room left: the disk fills during the download
+        ("48m", 31 << 20, 40 << 20, r"No space left on device"),
+    ],
+)
 def test_a_full_disk_is_one_message_naming_the_folder(server, monkeypatch, tmp_path, size, leave, served, expected):
     """A real full file system: a small tmpfs in a mount namespace of its own (root on Linux)."""
     import shutil
@@ -439,8 +473,14 @@ def test_a_full_disk_is_one_message_naming_the_folder(server, monkeypatch, tmp_p
     serve(server, monkeypatch, "buffalo_sc", data)
     full = tmp_path / "full"
     full.mkdir()
-    done = subprocess.run([unshare, "--mount", "--", sys.executable, "-c", DISK_FULL, str(full), size, str(leave)],
-                          capture_output=True, text=True, timeout=120, check=False, env=os.environ.copy())
+    done = subprocess.run(
+        [unshare, "--mount", "--", sys.executable, "-c", DISK_FULL, str(full), size, str(leave)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=os.environ.copy(),
+    )
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr):
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip().splitlines()[-1]}")
     assert "Traceback" not in done.stderr, done.stderr

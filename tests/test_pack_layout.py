@@ -1,4 +1,5 @@
 """The pack loads the way ComfyUI loads it, under any folder name, and runs its CLI from there."""
+
 from __future__ import annotations
 
 import importlib.util

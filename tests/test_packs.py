@@ -1,10 +1,10 @@
 """Model pack discovery and validation: every folder problem gets an actionable error."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from face_consistency.faceid import ModelPackError, list_packs, load_face_model, resolve_pack
 from face_consistency.faceid import packs as packs_module
 from face_consistency.faceid.packs_cli import main as packs_main

@@ -4,6 +4,7 @@ Checks what the browser would do: the sidebar tab is registered, jobs from the r
 the stop button posts to the stop route, finished / failed events raise toasts, and a running job's
 samples are swapped round by round as their images load (or fail) on a slow server.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -92,7 +93,9 @@ const shownImages = (root) => {
 };
 """
 
-HARNESS_JS = DOM_JS + """
+HARNESS_JS = (
+    DOM_JS
+    + """
 const result = { extensions: registered.extensions.map((e) => e.name) };
 registered.extensions[0].setup();
 result.tabs = registered.tabs.map((t) => t.id);
@@ -119,6 +122,7 @@ result.calls = calls;
 console.log(JSON.stringify(result));
 process.exit(0);
 """
+)
 
 
 @needs_node
@@ -130,11 +134,12 @@ def test_panel_lists_jobs_stops_them_and_toasts(tmp_path: Path) -> None:
     assert result["tabs"] == ["face-consistency-training"]
     assert "face_lora" in result["listed"] and "training" in result["listed"]
     assert "step 5/10 (50.0%)" in result["listed"] and "loss 0.2500" in result["listed"]
-    assert result["images"] == [
-        f"/api/face_consistency/jobs/{job_id}/samples/face_lora_000004_00_20260101120000.png"]
+    assert result["images"] == [f"/api/face_consistency/jobs/{job_id}/samples/face_lora_000004_00_20260101120000.png"]
     assert result["charts"] == [2, 2]  # raw path, moving average
-    assert result["captions"] == ["loss 0.2500 · min 0.2500 · max 0.5000 · step 5",
-                                  "face similarity 0.7100 · min 0.6000 · max 0.7100 · step 5"]
+    assert result["captions"] == [
+        "loss 0.2500 · min 0.2500 · max 0.5000 · step 5",
+        "face similarity 0.7100 · min 0.6000 · max 0.7100 · step 5",
+    ]
     assert ["POST", f"/face_consistency/jobs/{job_id}/stop"] in result["calls"]
     severities = [(t["severity"], t["summary"]) for t in result["toasts"]]
     assert ("success", "Training completed: face_lora") in severities
@@ -142,7 +147,9 @@ def test_panel_lists_jobs_stops_them_and_toasts(tmp_path: Path) -> None:
     assert any(t["detail"] == "Traceback line" for t in result["toasts"])
 
 
-SAMPLE_ROUNDS_JS = DOM_JS + """
+SAMPLE_ROUNDS_JS = (
+    DOM_JS
+    + """
 const { detail } = await import("./scripts/api.js");
 const round = (n) => [{ filename: `face_lora_00000${n}_00_2026010112000${n}.png`, step: n, prompt_index: 0 }];
 const latest = (name) => images.filter((img) => img.attributes.src.endsWith(name)).pop();
@@ -179,6 +186,7 @@ seen.fetches = Object.fromEntries(["04", "08", "09"].map((n) => [n, fetchesOf(n)
 console.log(JSON.stringify(seen));
 process.exit(0);
 """
+)
 
 
 @needs_node
@@ -198,7 +206,9 @@ def test_running_job_samples_swap_in_once_loaded_and_failed_ones_are_fetched_aga
     assert seen["fetches"] == {"04": 2, "08": 1, "09": 2}  # one refetch per failure, none of a loaded image
 
 
-VALIDATION_JS = DOM_JS + """
+VALIDATION_JS = (
+    DOM_JS
+    + """
 const { detail } = await import("./scripts/api.js");
 detail.validation = [{ step: 2, val_loss: 0.41 }, { step: 4, val_loss: 0.38 }, { step: 6, val_loss: 0.44 }];
 detail.recommendation = { name: "face_lora-step00000004.safetensors", step: 4,
@@ -215,6 +225,7 @@ container.find((e) => { if (e.className.includes("fc-keep")) result.keep.push(e.
 console.log(JSON.stringify(result));
 process.exit(0);
 """
+)
 
 
 @needs_node
@@ -222,5 +233,7 @@ def test_panel_draws_the_validation_loss_and_the_checkpoint_to_keep(tmp_path: Pa
     result = run_web_module(tmp_path, "face_consistency_panel.js", {"app.js": APP_JS, "api.js": API_JS}, VALIDATION_JS)
 
     assert result["captions"][1] == "validation loss (held out) 0.4400 · min 0.3800 · max 0.4400 · step 6"
-    assert result["keep"] == ["keep face_lora-step00000004.safetensors: step 4: lowest validation loss 0.3800; "
-                              "validation loss rises after step 4"]
+    assert result["keep"] == [
+        "keep face_lora-step00000004.safetensors: step 4: lowest validation loss 0.3800; "
+        "validation loss rises after step 4"
+    ]

@@ -1,6 +1,7 @@
 """The README's quick start on a fresh machine: its scoring command, run as the installed console
 script with an empty HOME, downloads the default pack by itself (from a loopback server) and writes
 the report."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,8 @@ import sys
 from pathlib import Path
 
 from evaluate_fixtures import reencode
-from pack_server import PackServer, pack_zip, sha256
-
 from face_consistency.faceid.pack_download import OFFLINE_ENV, SHA256_ENV, URL_ENV
+from pack_server import PackServer, pack_zip, sha256
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -50,8 +50,9 @@ def test_quick_start_scoring_downloads_the_pack_and_writes_the_report(tmp_path, 
     script = Path(sys.executable).with_name(command[0])
     assert script.exists(), f"{script}: the console script is installed by `pip install -e .`"
     try:
-        run = subprocess.run([str(script), *command[1:]], cwd=work, env=env, capture_output=True, text=True,
-                             timeout=300)
+        run = subprocess.run(
+            [str(script), *command[1:]], cwd=work, env=env, capture_output=True, text=True, timeout=300
+        )
     finally:
         server.stop()
     assert run.returncode == 0, run.stderr

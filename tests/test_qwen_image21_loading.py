@@ -1,6 +1,7 @@
 """Qwen-Image 2.1 files: the DiT and Qwen3-VL text encoder streamed from ComfyUI's single-file layouts
 (tiny real-class models), the full-size shipped configs, and the checks that refuse a file of the
 other family or too old libraries before anything is loaded."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,11 @@ import json
 import pytest
 import torch
 from accelerate import init_empty_weights
+from face_consistency.trainer import models
+from face_consistency.trainer import qwen_image21_loading as q21
+from face_consistency.trainer.cli import ConfigError, build_parser, validate_args
+from face_consistency.training_contract import libraries
+from face_consistency.training_contract.model_versions import MODEL_VERSIONS, QWEN_IMAGE_21, QWEN_IMAGE_EDIT
 from safetensors.torch import save_file
 from tiny_qwen import write_tiny_dataset, write_tiny_model_files
 from tiny_qwen_image21 import (
@@ -16,12 +22,6 @@ from tiny_qwen_image21 import (
     tiny_qwen_image21_transformer,
     write_tiny_qwen_image21_files,
 )
-
-from face_consistency.trainer import models
-from face_consistency.trainer import qwen_image21_loading as q21
-from face_consistency.trainer.cli import ConfigError, build_parser, validate_args
-from face_consistency.training_contract import libraries
-from face_consistency.training_contract.model_versions import MODEL_VERSIONS, QWEN_IMAGE_21, QWEN_IMAGE_EDIT
 
 # Run again by CI under the declared floors, where 2.1's classes do not exist: there the tests that
 # need them skip, and the CLI's refusal naming the versions needed is what is tested.
@@ -58,7 +58,10 @@ def test_dit_streams_from_comfyui_layout_with_fused_gate_up(tmp_path, dit_prefix
     assert set(got) == set(expected)
     for name in expected:
         assert torch.equal(got[name], expected[name]), name
-    assert "transformer_blocks.1.img_mlp.gate_layer.weight" in placed and "transformer_blocks.1.img_mlp.proj.weight" in placed
+    assert (
+        "transformer_blocks.1.img_mlp.gate_layer.weight" in placed
+        and "transformer_blocks.1.img_mlp.proj.weight" in placed
+    )
     assert torch.allclose(_forward(loaded), _forward(reference), atol=1e-6)
     assert not any(p.requires_grad for p in loaded.parameters())
 
@@ -150,7 +153,8 @@ def test_full_size_configs_match_the_published_models():
 def test_version_floors_name_the_versions_needed():
     assert libraries.too_old_for("edit-2509", {}) is None
     message = libraries.too_old_for(
-        "qwen-image-2.1", {"diffusers": {"version": "0.39.0"}, "transformers": {"version": "4.52.1"}})
+        "qwen-image-2.1", {"diffusers": {"version": "0.39.0"}, "transformers": {"version": "4.52.1"}}
+    )
     assert "needs diffusers>=0.41.0 and transformers>=4.57.1" in message
     assert "diffusers 0.39.0, transformers 4.52.1" in message
     message = libraries.too_old_for("qwen-image-2.1", {"diffusers": {"version": "0.42.1"}})
@@ -159,8 +163,20 @@ def test_version_floors_name_the_versions_needed():
 
 def _argv(dit, files, dataset, out, version):
     vae = files.vae if hasattr(files, "vae") else dit  # no 2.1 VAE file yet: only its existence is checked
-    return ["--dit", str(dit), "--vae", str(vae), "--text_encoder", str(files.text_encoder),
-            "--dataset_config", str(dataset), "--output_dir", str(out), "--model_version", version]
+    return [
+        "--dit",
+        str(dit),
+        "--vae",
+        str(vae),
+        "--text_encoder",
+        str(files.text_encoder),
+        "--dataset_config",
+        str(dataset),
+        "--output_dir",
+        str(out),
+        "--model_version",
+        version,
+    ]
 
 
 @needs_21_classes
@@ -203,9 +219,22 @@ def test_model_version_21_is_its_own_family():
 def test_the_installed_libraries_decide_whether_21_can_be_asked_for(tmp_path):
     """At the declared floors (CI's second run) the CLI stops a 2.1 job first, naming the versions; with
     newer libraries it goes on to check the files."""
-    args = build_parser().parse_args(["--dit", str(tmp_path / "missing.safetensors"), "--vae", "v", "--text_encoder", "t",
-                                      "--dataset_config", "d", "--output_dir", str(tmp_path), "--model_version",
-                                      "qwen-image-2.1"])
+    args = build_parser().parse_args(
+        [
+            "--dit",
+            str(tmp_path / "missing.safetensors"),
+            "--vae",
+            "v",
+            "--text_encoder",
+            "t",
+            "--dataset_config",
+            "d",
+            "--output_dir",
+            str(tmp_path),
+            "--model_version",
+            "qwen-image-2.1",
+        ]
+    )
     expected = "needs diffusers>=0.41.0 and transformers>=4.57.1" if TOO_OLD_FOR_21 else "file not found"
     with pytest.raises(ConfigError, match=expected):
         validate_args(args)
@@ -231,8 +260,11 @@ def test_integer_quantized_files_are_refused_not_cast(tmp_path, monkeypatch):
     files = write_tiny_qwen_image21_files(tmp_path / "q21")
     files_2509 = write_tiny_model_files(tmp_path / "q2509")
     monkeypatch.setattr(models, "read_tensors", lambda *a, **k: pytest.fail("tensor data read"))
-    for load, path in ((q21.load_transformer, files.dit), (q21.load_text_encoder, files.text_encoder),
-                       (models.load_transformer, files_2509.dit)):
+    for load, path in (
+        (q21.load_transformer, files.dit),
+        (q21.load_text_encoder, files.text_encoder),
+        (models.load_transformer, files_2509.dit),
+    ):
         header = models.read_header(path, "x")
         sd = {key: torch.zeros(shape, dtype=torch.bfloat16) for key, shape in header.shapes.items()}
         quantized = tmp_path / f"int8_{path.name}"

@@ -8,15 +8,13 @@ class inherits), as read in ComfyUI's source for the model ComfyUI builds from a
 `img_mlp.gate_up` and `img_mlp.out`; all under `diffusion_model.`). A target is the weight's name,
 or (name, (dim, first row, rows)) for a half of the fused gate/up.
 """
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-from tiny_qwen_image21 import TINY_21_TRANSFORMER_CONFIG, fuse_gate_up, tiny_qwen_image21_transformer, write_tiny_qwen_image21_files
-
 from face_consistency.trainer import qwen_image21_loading as q21
 from face_consistency.trainer.lora import (
     NetworkArgsError,
@@ -29,29 +27,40 @@ from face_consistency.trainer.lora import (
 )
 from face_consistency.training_contract import libraries
 from face_consistency.training_contract.model_versions import MODEL_VERSIONS
+from safetensors.torch import load_file, save_file
+from tiny_qwen_image21 import (
+    TINY_21_TRANSFORMER_CONFIG,
+    fuse_gate_up,
+    tiny_qwen_image21_transformer,
+    write_tiny_qwen_image21_files,
+)
 
 # marked for CI's run under the declared floors, where 2.1's classes do not exist and these skip
-pytestmark = [pytest.mark.trainer,
-              pytest.mark.skipif(libraries.too_old_for("qwen-image-2.1") is not None, reason="needs 2.1's classes")]
+pytestmark = [
+    pytest.mark.trainer,
+    pytest.mark.skipif(libraries.too_old_for("qwen-image-2.1") is not None, reason="needs 2.1's classes"),
+]
 
 
 def comfyui_qwen_image_lora_key_map(comfy_state_dict: dict[str, torch.Tensor]) -> dict[str, object]:
     key_map: dict[str, object] = {}
     for k in comfy_state_dict:  # the generic entries of every diffusion model
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_map["lora_unet_{}".format(k[len("diffusion_model."):-len(".weight")].replace(".", "_"))] = k
-            key_map[k[:-len(".weight")]] = k
+            key_map["lora_unet_{}".format(k[len("diffusion_model.") : -len(".weight")].replace(".", "_"))] = k
+            key_map[k[: -len(".weight")]] = k
     for k in comfy_state_dict:  # isinstance(model, comfy.model_base.QwenImage)
         if k.startswith("diffusion_model.") and k.endswith(".weight"):
-            key_lora = k[len("diffusion_model."):-len(".weight")]
+            key_lora = k[len("diffusion_model.") : -len(".weight")]
             targets = [(key_lora, k)]
             if key_lora.endswith(".img_mlp.gate_up"):
                 half = comfy_state_dict[k].shape[0] // 2
-                targets = [(key_lora.replace(".gate_up", ".gate_layer"), (k, (0, 0, half))),
-                           (key_lora.replace(".gate_up", ".proj"), (k, (0, half, half)))]
+                targets = [
+                    (key_lora.replace(".gate_up", ".gate_layer"), (k, (0, 0, half))),
+                    (key_lora.replace(".gate_up", ".proj"), (k, (0, half, half))),
+                ]
             for key_lora, to in targets:
                 key_map[key_lora] = to
-                key_map["transformer.{}".format(key_lora)] = to
+                key_map[f"transformer.{key_lora}"] = to
                 key_map["lycoris_{}".format(key_lora.replace(".", "_"))] = to
     return key_map
 
@@ -89,8 +98,7 @@ def _forward(model: torch.nn.Module) -> torch.Tensor:
     text = torch.randn(1, 3, 32, generator=generator)
     latents = torch.randn(1, 16, 64, generator=generator)
     with torch.no_grad():
-        return model(latents, text, torch.tensor([0.6]), [[(1, 4, 4)]],
-                     torch.tensor([[False] * 3 + [True] * 4])).sample
+        return model(latents, text, torch.tensor([0.6]), [[(1, 4, 4)]], torch.tensor([[False] * 3 + [True] * 4])).sample
 
 
 def test_lora_keys_are_applied_by_comfyui_onto_the_fused_gate_up(tmp_path):
@@ -105,7 +113,9 @@ def test_lora_keys_are_applied_by_comfyui_onto_the_fused_gate_up(tmp_path):
     assert "transformer.transformer_blocks.0.img_mlp.gate_layer.lora_down.weight" in lora
     assert not any(k.startswith("lora_unet_") for k in lora)
 
-    comfy_sd = {"diffusion_model." + k: v for k, v in fuse_gate_up(tiny_qwen_image21_transformer(0).state_dict()).items()}
+    comfy_sd = {
+        "diffusion_model." + k: v for k, v in fuse_gate_up(tiny_qwen_image21_transformer(0).state_dict()).items()
+    }
     key_map = comfyui_qwen_image_lora_key_map(comfy_sd)
     stems = {k.rsplit(".", 2)[0] for k in lora if k.endswith(".lora_down.weight")}
     assert stems <= set(key_map)
@@ -115,8 +125,11 @@ def test_lora_keys_are_applied_by_comfyui_onto_the_fused_gate_up(tmp_path):
     # The model ComfyUI patches (fused file + LoRA) predicts what the trained model predicts.
     patched = comfyui_apply(comfy_sd, lora)
     patched_file = tmp_path / "patched.safetensors"
-    save_file({k.removeprefix("diffusion_model."): v for k, v in patched.items()}, str(patched_file),
-              metadata={"config": json.dumps(TINY_21_TRANSFORMER_CONFIG)})
+    save_file(
+        {k.removeprefix("diffusion_model."): v for k, v in patched.items()},
+        str(patched_file),
+        metadata={"config": json.dumps(TINY_21_TRANSFORMER_CONFIG)},
+    )
     merged = q21.load_transformer(patched_file, torch.float32)
     transformer.eval()
     assert torch.allclose(_forward(merged), _forward(transformer), atol=1e-5)
@@ -143,8 +156,10 @@ def test_a_2509_lora_names_no_layer_of_qwen_image21(tmp_path):
     files = write_tiny_qwen_image21_files(tmp_path / "models")
     model = q21.load_transformer(files.dit, torch.float32)
     # a Qwen-Image-Edit layer: 2.1 has no text-stream projections
-    lora = {"lora_unet_transformer_blocks_0_attn_add_q_proj.lora_down.weight": torch.zeros(4, 64),
-            "lora_unet_transformer_blocks_0_attn_add_q_proj.lora_up.weight": torch.zeros(64, 4)}
+    lora = {
+        "lora_unet_transformer_blocks_0_attn_add_q_proj.lora_down.weight": torch.zeros(4, 64),
+        "lora_unet_transformer_blocks_0_attn_add_q_proj.lora_up.weight": torch.zeros(64, 4),
+    }
     save_file(lora, str(tmp_path / "edit_2509.safetensors"))
     with pytest.raises(NetworkArgsError, match="name no Linear layer .*LoRA for this --model_version"):
         lora_file_modules(model, tmp_path / "edit_2509.safetensors")
@@ -156,7 +171,6 @@ def test_every_block_linear_of_the_full_size_model_gets_a_key_comfyui_applies():
     the fused gate_up by its two halves."""
     from accelerate import init_empty_weights
     from diffusers import QwenImage21Transformer2DModel
-
     from face_consistency.trainer import models
     from face_consistency.trainer.lora import lora_key
 
@@ -174,4 +188,7 @@ def test_every_block_linear_of_the_full_size_model_gets_a_key_comfyui_applies():
     block_weights = {k for k, v in comfy_sd.items() if ".transformer_blocks." in k and v.dim() == 2}
     assert set(covered) == block_weights
     half = 3 * 4096
-    assert sorted(covered["diffusion_model.transformer_blocks.5.img_mlp.gate_up.weight"]) == [(0, 0, half), (0, half, half)]
+    assert sorted(covered["diffusion_model.transformer_blocks.5.img_mlp.gate_up.weight"]) == [
+        (0, 0, half),
+        (0, half, half),
+    ]

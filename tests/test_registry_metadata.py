@@ -4,19 +4,19 @@
 
 The parser never fails: a field it does not know is ignored and a malformed one becomes empty,
 with at most a warning. So each rule it applies is checked here, where a mistake fails."""
+
 from __future__ import annotations
 
 import os
 import re
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import pathspec
 import pytest
-
 from face_consistency.common.files import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
@@ -28,8 +28,13 @@ FRONTEND_PACKAGE = "comfyui-frontend-package"  # its dependency line carries the
 # each comma-separated part of requires-comfyui and of the frontend line: [operator]major.minor.patch[-suffix]
 VERSION_PART = re.compile(r"^(?:(==|>=|<=|!=|~=|>|<|<>|=)\s*)?(\d+\.\d+\.\d+(?:-[a-zA-Z0-9]+)?)?$")
 OS_PREFIXES = ("Microsoft", "POSIX", "MacOS", "OS Independent")  # after "Operating System :: "
-ACCELERATORS = {"GPU :: NVIDIA CUDA", "GPU :: AMD ROCm", "GPU :: Intel Arc", "NPU :: Huawei Ascend",
-                "GPU :: Apple Metal"}  # after "Environment :: "; one unknown value drops them all
+ACCELERATORS = {
+    "GPU :: NVIDIA CUDA",
+    "GPU :: AMD ROCm",
+    "GPU :: Intel Arc",
+    "NPU :: Huawei Ascend",
+    "GPU :: Apple Metal",
+}  # after "Environment :: "; one unknown value drops them all
 # the registry's node id (project.name): https://docs.comfy.org/registry/specifications
 NODE_ID = re.compile(r"^[A-Za-z](?:[A-Za-z0-9]|[-_.](?=[A-Za-z0-9]))*$")
 
@@ -120,8 +125,11 @@ def _archive_ignores(comfy: dict) -> Callable[[str], bool]:
 
 def test_comfyignore_keeps_tests_benchmarks_and_ci_out_and_the_pack_in(pyproject):
     ignored = _archive_ignores(pyproject["tool"]["comfy"])
-    files = [p.relative_to(REPO).as_posix() for p in REPO.rglob("*")
-             if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts and ".pytest_cache" not in p.parts]
+    files = [
+        p.relative_to(REPO).as_posix()
+        for p in REPO.rglob("*")
+        if p.is_file() and ".git" not in p.parts and "__pycache__" not in p.parts and ".pytest_cache" not in p.parts
+    ]
     for folder in ("tests", "benchmarks", ".ci"):
         inside = [f for f in files if f.startswith(folder + "/")]
         assert inside and all(ignored(f) for f in inside), folder

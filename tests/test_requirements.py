@@ -1,19 +1,29 @@
 """The three dependency lists agree: requirements.txt (ComfyUI's Python), requirements-trainer.txt (the
 trainer environment, pinned) and pyproject.toml (standalone: both, plus torch)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
+from face_consistency.common.files import tomllib
+from face_consistency.training_contract import libraries
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from face_consistency.common.files import tomllib
-from face_consistency.training_contract import libraries
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # what ComfyUI and other packs commonly depend on (tests/test_comfyui_install.py checks none of them moves)
-PROTECTED = {"torch", "torchvision", "numpy", "pillow", "transformers", "huggingface-hub", "tokenizers",
-             "safetensors", "pydantic", "aiohttp"}
+PROTECTED = {
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "transformers",
+    "huggingface-hub",
+    "tokenizers",
+    "safetensors",
+    "pydantic",
+    "aiohttp",
+}
 # registry metadata, not a library the pack imports: the Comfy Registry reads the supported frontend
 # versions from this dependency (tests/test_registry_metadata.py)
 REGISTRY_FRONTEND = "comfyui-frontend-package"

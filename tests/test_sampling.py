@@ -1,4 +1,5 @@
 """The samples' schedule and guidance follow ComfyUI's Qwen graph (docs/training.md: Samples and ComfyUI, side by side)."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import QwenImageEditPlusPipeline
-
 from face_consistency.trainer.positions import ComfyUIRope, set_positions, use_positions
 from face_consistency.trainer.sampling import normalized_cfg, sample_scheduler, unshifted_sigmas
 
@@ -83,9 +83,11 @@ def comfyui_positions(shapes, text_tokens):
 
 def rope_of(ids, rope):
     """The rotary frequencies of explicit positions, from rope_params as diffusers computes them."""
+
     def row(position):
-        return torch.cat([rope.rope_params(torch.tensor([p]), dim, rope.theta)
-                          for p, dim in zip(position, rope.axes_dim)], dim=1)[0]
+        return torch.cat(
+            [rope.rope_params(torch.tensor([p]), dim, rope.theta) for p, dim in zip(position, rope.axes_dim)], dim=1
+        )[0]
 
     return torch.stack([row(position) for position in ids])
 
@@ -93,11 +95,14 @@ def rope_of(ids, rope):
 AXES = [4, 6, 6]
 
 
-@pytest.mark.parametrize("shapes", [
-    [(1, 4, 6), (1, 4, 6)],          # even sides, reference no larger: both conventions agree
-    [(1, 5, 3), (1, 5, 3)],          # odd sides (16 mod 32 px)
-    [(1, 2, 2), (1, 6, 8), (1, 3, 4)],  # references larger than the output
-])
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(1, 4, 6), (1, 4, 6)],  # even sides, reference no larger: both conventions agree
+        [(1, 5, 3), (1, 5, 3)],  # odd sides (16 mod 32 px)
+        [(1, 2, 2), (1, 6, 8), (1, 3, 4)],  # references larger than the output
+    ],
+)
 def test_comfyui_rope_numbers_tokens_as_comfyui(shapes):
     rope = ComfyUIRope(theta=10000, axes_dim=AXES, scale_rope=True)
     images, text = rope([shapes], max_txt_seq_len=5)
@@ -110,8 +115,11 @@ def test_the_conventions_agree_only_for_even_sides_and_no_larger_reference():
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
     ours, theirs = ComfyUIRope(10000, AXES, scale_rope=True), QwenEmbedRope(10000, AXES, scale_rope=True)
-    for shapes, same in (([(1, 4, 6), (1, 4, 6)], True), ([(1, 5, 3), (1, 5, 3)], False),
-                         ([(1, 2, 2), (1, 6, 8)], False)):
+    for shapes, same in (
+        ([(1, 4, 6), (1, 4, 6)], True),
+        ([(1, 5, 3), (1, 5, 3)], False),
+        ([(1, 2, 2), (1, 6, 8)], False),
+    ):
         a, b = ours([shapes], max_txt_seq_len=3), theirs([shapes], max_txt_seq_len=3)
         assert (torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])) is same, shapes
 
@@ -119,8 +127,9 @@ def test_the_conventions_agree_only_for_even_sides_and_no_larger_reference():
 def test_positions_swap_on_the_transformer_and_back():
     from diffusers import QwenImageTransformer2DModel
 
-    model = QwenImageTransformer2DModel(num_layers=1, attention_head_dim=16, num_attention_heads=1,
-                                        joint_attention_dim=8, axes_dims_rope=tuple(AXES))
+    model = QwenImageTransformer2DModel(
+        num_layers=1, attention_head_dim=16, num_attention_heads=1, joint_attention_dim=8, axes_dims_rope=tuple(AXES)
+    )
     original = model.pos_embed
     with use_positions(model, "comfyui"):
         assert isinstance(model.pos_embed, ComfyUIRope)
@@ -135,10 +144,9 @@ def test_positions_swap_on_the_transformer_and_back():
 
 def test_training_numbers_positions_as_its_flag_says(tmp_path):
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-    from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
-
     from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
     from face_consistency.trainer.train import prepare_transformer
+    from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 
     files = write_tiny_model_files(tmp_path / "models")
     argv = tiny_train_argv(files, write_tiny_dataset(tmp_path / "data", n=1), tmp_path / "out")

@@ -1,18 +1,24 @@
 """The scoring nodes on the real test pack and photos, through the ComfyUI stand-ins."""
+
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
-
 from comfy_stubs import ProgressBar, set_comfy_base
-
-from face_consistency.faceid import Bands, ImageLoadError, ModelPackError, NoFaceError, cosine_similarity, image_list, load_face_model
+from face_consistency.faceid import (
+    Bands,
+    ImageLoadError,
+    ModelPackError,
+    NoFaceError,
+    cosine_similarity,
+    image_list,
+    load_face_model,
+)
 from face_consistency.faceid.matching import match_faces
 from face_consistency.faceid.ranking import pick_best
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
@@ -23,10 +29,17 @@ from face_consistency.nodes.scoring import (
     FaceConsistencyReference,
     FaceConsistencySimilarity,
 )
+from PIL import Image, ImageOps
 
 SCORE_DEFAULTS = dict(
-    face_selection="largest", face_index=0, no_face_policy="score_zero", threshold=0.7,
-    band_excellent=0.85, band_good=0.75, band_moderate=0.65, copy_paste_threshold=0.1,
+    face_selection="largest",
+    face_index=0,
+    no_face_policy="score_zero",
+    threshold=0.7,
+    band_excellent=0.85,
+    band_good=0.75,
+    band_moderate=0.65,
+    copy_paste_threshold=0.1,
 )
 
 
@@ -69,8 +82,11 @@ def score(face_model, images, **overrides):
 
 def test_all_nodes_registered() -> None:
     expected = {
-        "FaceConsistencyLoadModel", "FaceConsistencyReference", "FaceConsistencySimilarity",
-        "FaceConsistencyMatchFaces", "FaceConsistencyBestOf",
+        "FaceConsistencyLoadModel",
+        "FaceConsistencyReference",
+        "FaceConsistencySimilarity",
+        "FaceConsistencyMatchFaces",
+        "FaceConsistencyBestOf",
     }
     assert expected <= set(NODE_CLASS_MAPPINGS)
     for name in expected:
@@ -367,7 +383,9 @@ def test_matching_needs_people_in_the_reference_and_reports_outputs_without_face
     with pytest.raises(NoFaceError, match=r"reference_image image 0 \(of 1\): no face detected"):
         FaceConsistencyMatchFaces().match(face_model, blank, group, 0.2)
 
-    person_scores, mean, matched, report = FaceConsistencyMatchFaces().match(face_model, group, blank, 0.2)["result"][:4]
+    person_scores, mean, matched, report = FaceConsistencyMatchFaces().match(face_model, group, blank, 0.2)["result"][
+        :4
+    ]
     assert person_scores == [0.0] * 6 and matched == 0 and mean == 0.0
     assert "image 0: 0 of 6 people matched, 0 face(s) found (no face detected)" in report
     assert report.count(": missing") == 6
@@ -376,7 +394,9 @@ def test_matching_needs_people_in_the_reference_and_reports_outputs_without_face
 @pytest.mark.parametrize("shape", [(1, 0, 64, 3), (1, 64, 0, 3), (1, 0, 64, 4)])
 def test_image_without_pixels_is_a_clear_error(face_model, faces_dir: Path, shape) -> None:
     reference = photo(faces_dir, "obama.jpg")
-    with pytest.raises(Exception, match=r"input 'images' holds images of \d+x\d+ pixels \(width x height\): nothing to score"):
+    with pytest.raises(
+        Exception, match=r"input 'images' holds images of \d+x\d+ pixels \(width x height\): nothing to score"
+    ):
         score(face_model, torch.zeros(shape), reference_image=reference)
     with pytest.raises(Exception, match=r"input 'reference_image' holds images of"):
         score(face_model, reference, reference_image=torch.zeros(shape))
@@ -385,7 +405,9 @@ def test_image_without_pixels_is_a_clear_error(face_model, faces_dir: Path, shap
 def test_image_of_0_to_255_gets_a_hint_not_no_face(face_model, faces_dir: Path) -> None:
     reference = photo(faces_dir, "obama.jpg")
     sample = photo(faces_dir, "obama2.jpg")
-    with pytest.raises(Exception, match=r"input 'images' image 0 has values up to 255, but float images .* hold 0\.\.1"):
+    with pytest.raises(
+        Exception, match=r"input 'images' image 0 has values up to 255, but float images .* hold 0\.\.1"
+    ):
         score(face_model, sample * 255.0, reference_image=reference)
     rgba = torch.cat([sample, torch.ones_like(sample[..., :1])], dim=-1) * 255.0
     with pytest.raises(Exception, match="input 'images': the image has values up to 255.*divide it by 255"):
@@ -402,5 +424,7 @@ def test_identity_of_another_embedding_size_is_named(face_model, faces_dir: Path
     rng = np.random.default_rng(0)
     vector = rng.standard_normal(512).astype(np.float32)
     other = Identity(embedding=vector / np.linalg.norm(vector), count=1)
-    with pytest.raises(ValueError, match="the reference identity has 512-d embeddings but model pack 'testpack' makes 128-d"):
+    with pytest.raises(
+        ValueError, match="the reference identity has 512-d embeddings but model pack 'testpack' makes 128-d"
+    ):
         score(face_model, photo(faces_dir, "obama2.jpg"), reference_identity=other)

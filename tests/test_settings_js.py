@@ -1,11 +1,11 @@
 """web/face_consistency_settings.js in Node: the ComfyUI setting the nodes read to turn pack downloads off."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
-from web_module_harness import needs_node, run_web_module
-
 from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
+from web_module_harness import needs_node, run_web_module
 
 APP_JS = """
 export const registered = [];

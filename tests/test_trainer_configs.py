@@ -8,6 +8,7 @@ Reference figures of the real files, independent of this code:
 - Qwen2.5-VL-7B: 8,292,166,656 parameters (the model card's 8.29B), 152,064-token vocabulary.
 - Qwen-Image VAE (the Wan 2.1 VAE layout): about 127M parameters (a 254 MB bf16 file).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -15,10 +16,9 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from face_consistency.trainer import models
 from tiny_qwen import DIT_PREFIX, diffusers_vae_key_to_wan
 from transformers import Qwen2_5_VLForConditionalGeneration
-
-from face_consistency.trainer import models
 
 pytestmark = pytest.mark.trainer
 
@@ -41,8 +41,7 @@ DIT_MATRIX_SHAPES = {  # torch order [out, in]
 
 def _header(shapes: dict[str, tuple[int, ...]], what: str) -> models.SafetensorsHeader:
     """A file's header as the loader sees it, without writing 40 GB of weights."""
-    return models.SafetensorsHeader(models.CONFIG_DIR / "real.safetensors", what, {}, shapes,
-                                    {k: 2 for k in shapes})
+    return models.SafetensorsHeader(models.CONFIG_DIR / "real.safetensors", what, {}, shapes, {k: 2 for k in shapes})
 
 
 def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -91,7 +90,7 @@ def test_shipped_text_encoder_config_is_qwen2_5_vl_7b_with_the_multimodal_rope()
     assert shapes["model.language_model.embed_tokens.weight"] == (152064, 3584)
     text = config.text_config
     assert text.rope_scaling["mrope_section"] == [16, 24, 24]  # what transformers 4.x reads
-    assert getattr(text, "rope_parameters")["mrope_section"] == [16, 24, 24]  # what 5.x reads
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24]  # what 5.x reads
     assert text.rope_scaling.get("rope_theta", getattr(text, "rope_theta", None)) == 1000000.0
     # ComfyUI's layout: `model.*` language model, `visual.*` vision tower, no LM head.
     comfy = {}

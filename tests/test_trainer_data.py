@@ -1,4 +1,5 @@
 """Dataset TOML, pairing and bucket rules, caches, prompt files: no training."""
+
 from __future__ import annotations
 
 import logging
@@ -9,9 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, QwenImageEditPlusPipeline
-from PIL import Image
-from tiny_qwen import write_tiny_dataset, write_tiny_model_files
-
 from face_consistency.musubi_formats.dataset import (
     DatasetConfigError,
     bucket_for,
@@ -19,10 +17,12 @@ from face_consistency.musubi_formats.dataset import (
     load_dataset_config,
     pair_controls,
 )
+from face_consistency.musubi_formats.names import parse_sample_name, sample_file_name
 from face_consistency.trainer import models
 from face_consistency.trainer.cache import CacheEncoders, cache_dataset, latent_cache_path, load_cached_item
-from face_consistency.musubi_formats.names import parse_sample_name, sample_file_name
 from face_consistency.trainer.sampling import PromptFileError, load_prompt_file
+from PIL import Image
+from tiny_qwen import write_tiny_dataset, write_tiny_model_files
 
 pytestmark = pytest.mark.trainer
 
@@ -102,14 +102,23 @@ def test_unreadable_image_is_named(tmp_path):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("[general]\nresolution = 64\nbogus = 1\n[[datasets]]\nimage_directory='x'\n", r"\[general\]: unknown key\(s\) \['bogus'\]"),
+        (
+            "[general]\nresolution = 64\nbogus = 1\n[[datasets]]\nimage_directory='x'\n",
+            r"\[general\]: unknown key\(s\) \['bogus'\]",
+        ),
         ("[general]\nresolution = 64\n", "no \\[\\[datasets\\]\\]"),
         ("[[datasets]]\nimage_directory = 'nope'\ncontrol_directory='nope'\n", "image_directory .*nope does not exist"),
-        ("[[datasets]]\nimage_directory='a'\nimage_jsonl_file='b'\n", "exactly one of image_directory or image_jsonl_file"),
+        (
+            "[[datasets]]\nimage_directory='a'\nimage_jsonl_file='b'\n",
+            "exactly one of image_directory or image_jsonl_file",
+        ),
         ("[general\n", "not valid TOML"),
         ("[general]\nresolution = 'big'\n[[datasets]]\nimage_directory='.'\n", "resolution must be"),
         ("[[datasets]]\nimage_directory='.'\nmultiple_target=true\n", "multiple_target"),
-        ("[general]\ncaption_extension='txt'\n[[datasets]]\nimage_directory='.'\n", "caption_extension must start with a dot"),
+        (
+            "[general]\ncaption_extension='txt'\n[[datasets]]\nimage_directory='.'\n",
+            "caption_extension must start with a dot",
+        ),
         ("[[datasets]]\nimage_directory='.'\ncontrol_directory='.'\n", "control_directory must differ"),
     ],
 )
@@ -145,7 +154,11 @@ def encoders(tmp_path_factory):
     files = write_tiny_model_files(tmp_path_factory.mktemp("models"))
     vae = models.load_vae(files.vae, torch.float32)
     pipeline = QwenImageEditPlusPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=None, tokenizer=None, processor=None,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        processor=None,
         transformer=None,
     )
     loads = []
@@ -154,8 +167,16 @@ def encoders(tmp_path_factory):
         loads.append(1)
         return models.load_text_encoder(files.text_encoder, torch.float32), models.load_processor(files.tokenizer_dir)
 
-    encoders = CacheEncoders(pipeline, files.vae, files.text_encoder, torch.float32, str(files.tokenizer_dir), True,
-                             torch.device("cpu"), load_text_side)
+    encoders = CacheEncoders(
+        pipeline,
+        files.vae,
+        files.text_encoder,
+        torch.float32,
+        str(files.tokenizer_dir),
+        True,
+        torch.device("cpu"),
+        load_text_side,
+    )
     return encoders, loads
 
 

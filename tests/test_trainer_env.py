@@ -1,6 +1,7 @@
 """The trainer environment: which Python a launch runs, the refusal that names the setup command, and
 `setup-trainer` itself (both layouts), with pip installing a wheel built here from a folder (--no-index:
 never the internet)."""
+
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from face_consistency.training_contract import libraries
 from face_consistency.training_jobs import jobs, trainer_env
 from face_consistency.training_jobs.trainer_env import TrainerEnvironmentError
@@ -30,10 +30,13 @@ def write_wheel(folder: Path, name: str = PROBE, version: str = "1.0") -> Path:
         f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode(),
         f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = "".join(
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
-        for path, data in files.items()
-    ) + f"{dist_info}/RECORD,,\n"
+    record = (
+        "".join(
+            f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"
+            for path, data in files.items()
+        )
+        + f"{dist_info}/RECORD,,\n"
+    )
     folder.mkdir(parents=True, exist_ok=True)
     wheel = folder / f"{name}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
@@ -60,8 +63,9 @@ def requirements_file(folder: Path, text: str = f"{PROBE}==1.0\n") -> Path:
 
 
 def set_up(folder: Path, requirements: Path, wheels: Path, layout: str, echo=lambda line: None) -> dict:
-    return trainer_env.set_up(folder, layout=layout, find_links=[str(wheels)], no_index=True,
-                              requirements=requirements, echo=echo)
+    return trainer_env.set_up(
+        folder, layout=layout, find_links=[str(wheels)], no_index=True, requirements=requirements, echo=echo
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +89,9 @@ def target_env(tmp_path_factory: pytest.TempPathFactory, local_index: Path) -> t
 def run_with(runtime: trainer_env.TrainerRuntime, code: str) -> str:
     """Run `code` as the trainer would run: with the runtime's Python, its package folder first."""
     prefix = f"import sys; sys.path.insert(0, {str(runtime.site)!r}); " if runtime.site else ""
-    return subprocess.run([runtime.python, "-c", prefix + code], capture_output=True, text=True, check=True,
-                          timeout=120).stdout.strip()
+    return subprocess.run(
+        [runtime.python, "-c", prefix + code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout.strip()
 
 
 def test_without_an_environment_a_python_with_the_libraries_runs_the_trainer(tmp_path: Path) -> None:
@@ -108,8 +113,12 @@ def bare_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def check_with(python: Path, folder: Path) -> subprocess.CompletedProcess:
     """`setup-trainer --check`: what a launch from `python` would do."""
-    return subprocess.run([str(python), str(trainer_env.BOOTSTRAP), "setup-trainer", "--check", "--path", str(folder)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [str(python), str(trainer_env.BOOTSTRAP), "setup-trainer", "--check", "--path", str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_python_without_the_libraries_is_refused_naming_the_setup_command(tmp_path: Path, bare_python: Path) -> None:
@@ -125,13 +134,19 @@ def test_setup_makes_a_venv_that_sees_comfyuis_packages(venv_env: tuple[Path, Pa
     folder, requirements, manifest, lines = venv_env
 
     assert manifest["layout"] == "venv" and manifest["base_python"] == sys.executable
-    assert json.loads((folder / trainer_env.MANIFEST).read_text())["requirements_sha256"] == \
-        trainer_env.requirements_digest(requirements)
+    assert json.loads((folder / trainer_env.MANIFEST).read_text())[
+        "requirements_sha256"
+    ] == trainer_env.requirements_digest(requirements)
     runtime = trainer_env.trainer_runtime(folder, requirements=requirements)
     assert runtime.site is None and Path(runtime.python).is_relative_to(folder / "venv")
     # its own package from the venv; numpy and torch are this (ComfyUI's) Python's, not copied
-    found = json.loads(run_with(runtime, "import json, fc_probe_lib, numpy, torch; print(json.dumps("
-                                         "[fc_probe_lib.__file__, numpy.__file__, torch.__file__]))"))
+    found = json.loads(
+        run_with(
+            runtime,
+            "import json, fc_probe_lib, numpy, torch; print(json.dumps("
+            "[fc_probe_lib.__file__, numpy.__file__, torch.__file__]))",
+        )
+    )
     assert Path(found[0]).is_relative_to(folder)
     assert not any(Path(path).is_relative_to(folder) for path in found[1:])
     assert not list(folder.rglob("torch/__init__.py"))
@@ -139,8 +154,9 @@ def test_setup_makes_a_venv_that_sees_comfyuis_packages(venv_env: tuple[Path, Pa
     assert any("its torch is reused: torch " in line for line in lines)
 
 
-def test_the_launch_runs_the_environments_python(venv_env: tuple[Path, Path, dict, list[str]],
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_launch_runs_the_environments_python(
+    venv_env: tuple[Path, Path, dict, list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     folder, requirements, manifest, _ = venv_env
     monkeypatch.setenv(trainer_env.ENV_VARIABLE, str(folder))
     monkeypatch.setattr(trainer_env, "REQUIREMENTS", requirements)  # the file it was set up with
@@ -153,7 +169,9 @@ def test_setup_target_layout_installs_only_what_this_python_lacks(target_env: tu
     site_dir = folder / "site-packages"
     assert manifest["layout"] == "target" and manifest["site"] == str(site_dir)
     assert sorted(p.name for p in site_dir.iterdir() if not p.name.startswith("__")) == [
-        PROBE, f"{PROBE}-1.0.dist-info"]  # numpy is this Python's: not installed again
+        PROBE,
+        f"{PROBE}-1.0.dist-info",
+    ]  # numpy is this Python's: not installed again
     runtime = trainer_env.trainer_runtime(folder, requirements=requirements)
     assert runtime.python == sys.executable and runtime.site == site_dir
     assert runtime.command("train")[:4] == [sys.executable, str(trainer_env.BOOTSTRAP), "--site", str(site_dir)]
@@ -166,13 +184,17 @@ def test_an_out_of_date_environment_is_refused_and_set_up_again(tmp_path: Path, 
     set_up(folder, requirements, local_index, "target")
     requirements.write_text(f"{PROBE}==2.0\n")  # the pack was updated
 
-    with pytest.raises(TrainerEnvironmentError, match=r"out of date: requirements-trainer.txt has changed since "
-                       r"it was set up \(the pack was updated\)\. Set it up again, with ComfyUI's Python: .*setup"):
+    with pytest.raises(
+        TrainerEnvironmentError,
+        match=r"out of date: requirements-trainer.txt has changed since "
+        r"it was set up \(the pack was updated\)\. Set it up again, with ComfyUI's Python: .*setup",
+    ):
         trainer_env.trainer_runtime(folder, requirements=requirements)
     # as bootstrap.py runs it (--site), the check says the same, without a traceback
     stale = trainer_env.TrainerRuntime(sys.executable, folder / "site-packages", "")
-    done = subprocess.run(stale.command("setup-trainer", "--check", "--path", str(folder)), capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        stale.command("setup-trainer", "--check", "--path", str(folder)), capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 1 and "has changed since it was set up" in done.stderr and "Traceback" not in done.stderr
 
     set_up(folder, requirements, local_index, "target")
@@ -180,18 +202,22 @@ def test_an_out_of_date_environment_is_refused_and_set_up_again(tmp_path: Path, 
     assert sorted(p.name for p in runtime.site.glob("*.dist-info")) == [f"{PROBE}-2.0.dist-info"]
 
 
-def test_the_launch_node_refuses_before_writing_anything(tmp_path: Path, target_env: tuple[Path, Path, dict],
-                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_launch_node_refuses_before_writing_anything(
+    tmp_path: Path, target_env: tuple[Path, Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from comfy_stubs import set_comfy_base
-    from workflow_runner import load_workflow
-
     from face_consistency.nodes import comfy_env
     from face_consistency.nodes.training import FaceConsistencyTrainLaunch
+    from workflow_runner import load_workflow
 
     set_comfy_base(tmp_path / "comfy")
     comfy_env.register_model_folders()
-    inputs = {**load_workflow(REPO_ROOT / "example_workflows" / "api" / "train_launch_monitor.json")["1"]["inputs"],
-              "dataset": str(tmp_path / "comfy" / "input" / "data"), "output_name": "refused", "sample_prompts": ""}
+    inputs = {
+        **load_workflow(REPO_ROOT / "example_workflows" / "api" / "train_launch_monitor.json")["1"]["inputs"],
+        "dataset": str(tmp_path / "comfy" / "input" / "data"),
+        "output_name": "refused",
+        "sample_prompts": "",
+    }
     # set up for another requirements file than the pack's: out of date for the launch
     monkeypatch.setenv(trainer_env.ENV_VARIABLE, str(target_env[0]))
     with pytest.raises(TrainerEnvironmentError, match="out of date.*setup-trainer"):
@@ -212,16 +238,20 @@ def test_an_offline_setup_says_what_to_do(tmp_path: Path) -> None:
     empty = tmp_path / "no_wheels"
     empty.mkdir()
     folder = tmp_path / "trainer_env"
-    with pytest.raises(TrainerEnvironmentError, match=r"failed \(exit code 1; pip's messages are above\)\. Nothing "
-                       r"of ComfyUI's own packages was changed\. If this machine is offline.*--no-index --find-links"):
+    with pytest.raises(
+        TrainerEnvironmentError,
+        match=r"failed \(exit code 1; pip's messages are above\)\. Nothing "
+        r"of ComfyUI's own packages was changed\. If this machine is offline.*--no-index --find-links",
+    ):
         set_up(folder, requirements_file(tmp_path), empty, "target")
     assert not (folder / trainer_env.MANIFEST).exists() and (folder / trainer_env.MARKER).exists()
     # an unfinished setup is not used: this Python, which has the libraries, runs the trainer
     assert trainer_env.trainer_runtime(folder, requirements=requirements_file(tmp_path)).python == sys.executable
 
 
-def test_an_environment_made_for_another_python_is_refused(target_env: tuple[Path, Path, dict],
-                                                           bare_python: Path) -> None:
+def test_an_environment_made_for_another_python_is_refused(
+    target_env: tuple[Path, Path, dict], bare_python: Path
+) -> None:
     done = check_with(bare_python, target_env[0])
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert f"out of date: it was made for the Python {sys.executable}" in done.stderr
@@ -229,11 +259,14 @@ def test_an_environment_made_for_another_python_is_refused(target_env: tuple[Pat
 
 
 def test_the_dry_run_lists_what_the_environment_would_hold_and_installs_nothing(
-    tmp_path: Path, local_index: Path, capfd: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    local_index: Path,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
     lines: list[str] = []
-    trainer_env.dry_run(find_links=[str(local_index)], no_index=True, requirements=requirements_file(tmp_path),
-                        echo=lines.append)
+    trainer_env.dry_run(
+        find_links=[str(local_index)], no_index=True, requirements=requirements_file(tmp_path), echo=lines.append
+    )
     assert "Would install fc_probe_lib-1.0" in capfd.readouterr().out
     assert "never here" in lines[0]
     assert libraries.versions([PROBE]) == {}  # not installed in this Python

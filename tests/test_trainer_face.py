@@ -1,4 +1,5 @@
 """The face identity in real tiny training runs: flags, cached face targets, the loss's gradient, metrics, samples."""
+
 from __future__ import annotations
 
 import os
@@ -9,9 +10,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from evaluate_fixtures import one_sample_run
-from PIL import Image
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
-
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import cosine_similarity, load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
@@ -22,6 +20,8 @@ from face_consistency.trainer.face_targets import face_target_path, load_face_ta
 from face_consistency.trainer.face_training import build_training_hook
 from face_consistency.trainer.train import collate, micro_step, prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics, read_status
+from PIL import Image
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 pytestmark = pytest.mark.trainer
 
@@ -43,23 +43,54 @@ def face_setup(tmp_path_factory, insightface_root: Path, faces_dir: Path, testpa
     heldout.mkdir(parents=True)
     for onnx in testpack_dir.glob("*.onnx"):
         os.symlink(onnx, heldout / onnx.name)
-    return {"files": files, "dataset": dataset, "prompts": prompts, "root": insightface_root,
-            "heldout": str(heldout)}
+    return {"files": files, "dataset": dataset, "prompts": prompts, "root": insightface_root, "heldout": str(heldout)}
 
 
 def face_argv(setup, out: Path, steps: int, *extra: str) -> list[str]:
-    return tiny_train_argv(setup["files"], setup["dataset"], out, max_train_steps=steps, extra=[
-        "--face_model_name", "testpack", "--face_models_root", str(setup["root"]), "--face_device", "cpu", *extra])
+    return tiny_train_argv(
+        setup["files"],
+        setup["dataset"],
+        out,
+        max_train_steps=steps,
+        extra=[
+            "--face_model_name",
+            "testpack",
+            "--face_models_root",
+            str(setup["root"]),
+            "--face_device",
+            "cpu",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def full_run(face_setup, tmp_path_factory) -> Path:
     """One run with every face option: the loss, metrics every 2 steps, samples every 2, held-out pack, TensorBoard."""
     out = tmp_path_factory.mktemp("face_run") / "out"
-    rc = cli_main(["train", *face_argv(
-        face_setup, out, 4, "--use_face_as_loss", "--face_loss_max_t", "1", "--face_eval_frequency", "2",
-        "--sample_prompts", str(face_setup["prompts"]), "--sample_every_n_steps", "2",
-        "--face_eval_model", face_setup["heldout"], "--logging_dir", str(out.parent / "logs"))])
+    rc = cli_main(
+        [
+            "train",
+            *face_argv(
+                face_setup,
+                out,
+                4,
+                "--use_face_as_loss",
+                "--face_loss_max_t",
+                "1",
+                "--face_eval_frequency",
+                "2",
+                "--sample_prompts",
+                str(face_setup["prompts"]),
+                "--sample_every_n_steps",
+                "2",
+                "--face_eval_model",
+                face_setup["heldout"],
+                "--logging_dir",
+                str(out.parent / "logs"),
+            ),
+        ]
+    )
     assert rc == 0, read_status(out)
     return out
 
@@ -74,12 +105,38 @@ def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):
     assert (args.face_loss_max_t, args.face_loss_t_weighting, args.face_decode) == (0.5, "none", "face")
     validated = validate_args(args)
     assert (validated.face_loss_max_t, validated.face_decode) == (0.5, "face")
-    explicit = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--face_loss_weight", "0.1",
-                           "--face_model_name", "buffalo_l", "--face_device", "cuda", "--face_det_size", "640",
-                           "--face_eval_frequency", "100", "--face_loss_max_t", "0.5", "--face_loss_every", "3"])
+    explicit = parse_args(
+        [
+            *tiny_train_argv(files, dataset, tmp_path),
+            "--face_loss_weight",
+            "0.1",
+            "--face_model_name",
+            "buffalo_l",
+            "--face_device",
+            "cuda",
+            "--face_det_size",
+            "640",
+            "--face_eval_frequency",
+            "100",
+            "--face_loss_max_t",
+            "0.5",
+            "--face_loss_every",
+            "3",
+        ]
+    )
     assert (explicit.face_loss_max_t, explicit.face_loss_every) == (0.5, 3)
-    every_t = validate_args(parse_args([*tiny_train_argv(files, dataset, tmp_path), "--use_face_as_loss",
-                                        "--face_loss_max_t", "1", "--face_loss_t_weighting", "linear"]))
+    every_t = validate_args(
+        parse_args(
+            [
+                *tiny_train_argv(files, dataset, tmp_path),
+                "--use_face_as_loss",
+                "--face_loss_max_t",
+                "1",
+                "--face_loss_t_weighting",
+                "linear",
+            ]
+        )
+    )
     assert (every_t.face_loss_max_t, every_t.face_loss_t_weighting) == (1.0, "linear")
     for flag, value in (("--face_loss_t_weighting", "cosine"), ("--face_loss_max_t", "0")):
         with pytest.raises(ConfigError, match=flag):
@@ -101,7 +158,10 @@ def test_face_device_cuda_without_cuda_is_an_actionable_error(face_setup, tmp_pa
 
 def test_bad_face_pack_is_a_configuration_error(face_setup, tmp_path):
     out = tmp_path / "out"
-    assert cli_main(["train", *face_argv(face_setup, out, 1, "--enable_face_loss", "--face_eval_model", "nosuchpack")]) == 2
+    assert (
+        cli_main(["train", *face_argv(face_setup, out, 1, "--enable_face_loss", "--face_eval_model", "nosuchpack")])
+        == 2
+    )
     assert "nosuchpack" in read_status(out)["error"]
 
 
@@ -197,9 +257,27 @@ def test_tensorboard_gets_the_face_scalars(full_run):
 
 def test_bf16_run_with_half_decode_and_loss_every_2(face_setup, full_run, tmp_path):
     out = tmp_path / "out"
-    rc = cli_main(["train", *face_argv(face_setup, out, 2, "--use_face_as_loss", "--face_loss_max_t", "1",
-                                       "--face_eval_frequency", "1", "--mixed_precision", "bf16",
-                                       "--face_decode", "half", "--face_loss_every", "2")])
+    rc = cli_main(
+        [
+            "train",
+            *face_argv(
+                face_setup,
+                out,
+                2,
+                "--use_face_as_loss",
+                "--face_loss_max_t",
+                "1",
+                "--face_eval_frequency",
+                "1",
+                "--mixed_precision",
+                "bf16",
+                "--face_decode",
+                "half",
+                "--face_loss_every",
+                "2",
+            ),
+        ]
+    )
     assert rc == 0, read_status(out)
     lines = [m for m in read_metrics(out) if "loss" in m]
     assert [m["step"] for m in lines if "face_sim/x0_count" in m] == [1, 2]
@@ -211,9 +289,22 @@ def test_bf16_run_with_half_decode_and_loss_every_2(face_setup, full_run, tmp_pa
 @pytest.mark.parametrize("decode", ["full", "half", "face"])
 def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, decode):
     """Through decode, warp and recognizer: the face term alone has a non-zero LoRA gradient."""
-    args = validate_args(parse_args(face_argv(face_setup, tmp_path / "out", 1, "--use_face_as_loss",
-                                              "--face_loss_max_t", "1", "--face_loss_weight", "1",
-                                              "--face_decode", decode)))
+    args = validate_args(
+        parse_args(
+            face_argv(
+                face_setup,
+                tmp_path / "out",
+                1,
+                "--use_face_as_loss",
+                "--face_loss_max_t",
+                "1",
+                "--face_loss_weight",
+                "1",
+                "--face_decode",
+                decode,
+            )
+        )
+    )
     accelerator = Accelerator(mixed_precision="no")
     try:
         hook = build_training_hook(args)
@@ -233,18 +324,30 @@ def test_face_term_puts_a_gradient_on_the_lora(face_setup, full_run, tmp_path, d
         AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--face_loss_contrastive_weight", "0.1"], "needs --face_loss_negatives"),
-    (["--face_loss_negatives", "{negatives}"], "used only by the contrastive term"),
-    (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{missing}"], "folder not found"),
-    (["--face_loss_contrastive_weight", "-1", "--face_loss_negatives", "{negatives}"], "at least 0"),
-    (["--face_loss_contrastive_weight", "nan", "--face_loss_negatives", "{negatives}"], "finite"),
-    (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{negatives}", "--face_loss_temperature", "0"],
-     "above 0"),
-    (["--face_loss_rollout_steps", "0"], "at least 1 and at most 8"),
-    (["--face_loss_rollout_steps", "9"], "at least 1 and at most 8"),
-    (["--face_loss_reference", "mirror"], "--face_loss_reference"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--face_loss_contrastive_weight", "0.1"], "needs --face_loss_negatives"),
+        (["--face_loss_negatives", "{negatives}"], "used only by the contrastive term"),
+        (["--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", "{missing}"], "folder not found"),
+        (["--face_loss_contrastive_weight", "-1", "--face_loss_negatives", "{negatives}"], "at least 0"),
+        (["--face_loss_contrastive_weight", "nan", "--face_loss_negatives", "{negatives}"], "finite"),
+        (
+            [
+                "--face_loss_contrastive_weight",
+                "0.1",
+                "--face_loss_negatives",
+                "{negatives}",
+                "--face_loss_temperature",
+                "0",
+            ],
+            "above 0",
+        ),
+        (["--face_loss_rollout_steps", "0"], "at least 1 and at most 8"),
+        (["--face_loss_rollout_steps", "9"], "at least 1 and at most 8"),
+        (["--face_loss_reference", "mirror"], "--face_loss_reference"),
+    ],
+)
 def test_face_loss_variant_flags_are_checked(face_setup, tmp_path, flags, message):
     (tmp_path / "negatives").mkdir()
     flags = [f.format(negatives=tmp_path / "negatives", missing=tmp_path / "missing") for f in flags]
@@ -259,9 +362,23 @@ def test_contrastive_run_embeds_the_negatives_and_logs_its_term(face_setup, face
     Image.new("RGB", (64, 64), (90, 90, 90)).save(negatives / "blank.png")
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="face_consistency"):
-        rc = cli_main(["train", *face_argv(face_setup, out, 2, "--use_face_as_loss", "--face_loss_max_t", "1",
-                                           "--face_loss_contrastive_weight", "0.1",
-                                           "--face_loss_negatives", str(negatives))])
+        rc = cli_main(
+            [
+                "train",
+                *face_argv(
+                    face_setup,
+                    out,
+                    2,
+                    "--use_face_as_loss",
+                    "--face_loss_max_t",
+                    "1",
+                    "--face_loss_contrastive_weight",
+                    "0.1",
+                    "--face_loss_negatives",
+                    str(negatives),
+                ),
+            ]
+        )
     assert rc == 0, read_status(out)
     assert "blank.png is left out" in caplog.text
     terms = [m["loss/face_contrastive"] for m in read_metrics(out) if "loss/face_contrastive" in m]
@@ -270,15 +387,41 @@ def test_contrastive_run_embeds_the_negatives_and_logs_its_term(face_setup, face
     only_blank = tmp_path / "blank_only"
     only_blank.mkdir()
     os.symlink(negatives / "blank.png", only_blank / "blank.png")
-    rc = cli_main(["train", *face_argv(face_setup, tmp_path / "out2", 1, "--use_face_as_loss",
-                                       "--face_loss_contrastive_weight", "0.1", "--face_loss_negatives", str(only_blank))])
+    rc = cli_main(
+        [
+            "train",
+            *face_argv(
+                face_setup,
+                tmp_path / "out2",
+                1,
+                "--use_face_as_loss",
+                "--face_loss_contrastive_weight",
+                "0.1",
+                "--face_loss_negatives",
+                str(only_blank),
+            ),
+        ]
+    )
     assert rc == 2 and "no photo there has a face" in read_status(tmp_path / "out2")["error"]
 
 
 def _one_face_step(face_setup, tmp_path, *flags):
     """The hook and a micro-step's pieces for the tiny run's items (face targets cached by full_run)."""
-    args = validate_args(parse_args(face_argv(face_setup, tmp_path / "out", 1, "--use_face_as_loss",
-                                              "--face_loss_max_t", "1", "--face_loss_weight", "1", *flags)))
+    args = validate_args(
+        parse_args(
+            face_argv(
+                face_setup,
+                tmp_path / "out",
+                1,
+                "--use_face_as_loss",
+                "--face_loss_max_t",
+                "1",
+                "--face_loss_weight",
+                "1",
+                *flags,
+            )
+        )
+    )
     hook = build_training_hook(args)
     items = load_dataset_config(args.dataset_config).items
     hook.on_cached(items, Accelerator(mixed_precision="no"), lambda: False)
@@ -291,10 +434,20 @@ def test_target_reference_pulls_towards_the_targets_identity(face_setup, full_ru
         args, hook, items, transformer, _, vae = _one_face_step(face_setup, tmp_path, "--face_loss_reference", "target")
         seen = []
         original = hook.training.loss.forward
-        hook.training.loss.forward = lambda images, kps, reference, *rest: seen.append(reference) or original(
-            images, kps, reference, *rest)
-        micro_step(args, transformer, vae, collate(items), torch.Generator().manual_seed(0), torch.device("cpu"),
-                   Accelerator(mixed_precision="no"), 1, [hook])
+        hook.training.loss.forward = lambda images, kps, reference, *rest: (
+            seen.append(reference) or original(images, kps, reference, *rest)
+        )
+        micro_step(
+            args,
+            transformer,
+            vae,
+            collate(items),
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            Accelerator(mixed_precision="no"),
+            1,
+            [hook],
+        )
         faces = [load_face_target(face_target_path(item, "testpack")) for item in items if item.key != NO_FACE_ITEM]
         expected = torch.stack([torch.from_numpy(f.target_embedding) for f in faces])
         torch.testing.assert_close(seen[0], expected)
@@ -306,11 +459,21 @@ def test_target_reference_pulls_towards_the_targets_identity(face_setup, full_ru
 def test_rollout_steps_the_model_and_its_gradient_reaches_the_lora(face_setup, full_run, tmp_path):
     try:
         args, hook, items, transformer, lora_params, vae = _one_face_step(
-            face_setup, tmp_path, "--face_loss_rollout_steps", "3")
+            face_setup, tmp_path, "--face_loss_rollout_steps", "3"
+        )
         calls = []
         transformer.register_forward_hook(lambda *_: calls.append(1))
-        _, extra = micro_step(args, transformer, vae, collate(items), torch.Generator().manual_seed(0),
-                              torch.device("cpu"), Accelerator(mixed_precision="no"), 1, [hook])
+        _, extra = micro_step(
+            args,
+            transformer,
+            vae,
+            collate(items),
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            Accelerator(mixed_precision="no"),
+            1,
+            [hook],
+        )
         assert len(calls) == 3  # the step's own forward pass and two more for the rollout
         grads = torch.autograd.grad(extra.loss, lora_params, allow_unused=True)
         assert any(g is not None and bool(g.abs().sum() > 0) for g in grads)
@@ -357,14 +520,39 @@ def test_a_vae_of_another_scale_trains_samples_and_decodes_the_face_region(face_
         return original(self, images, kps, reference, valid, t, source_region, negatives)
 
     monkeypatch.setattr(FaceIdentityLoss, "forward", recording_forward)
-    files = write_tiny_model_files(tmp_path / "models", vae_config={
-        "base_dim": 8, "z_dim": 16, "dim_mult": [1, 2, 4], "num_res_blocks": 2, "attn_scales": [],
-        "temperal_downsample": [False, True]})
+    files = write_tiny_model_files(
+        tmp_path / "models",
+        vae_config={
+            "base_dim": 8,
+            "z_dim": 16,
+            "dim_mult": [1, 2, 4],
+            "num_res_blocks": 2,
+            "attn_scales": [],
+            "temperal_downsample": [False, True],
+        },
+    )
     out = tmp_path / "out"
-    argv = tiny_train_argv(files, face_setup["dataset"], out, max_train_steps=2, extra=[
-        "--face_model_name", "testpack", "--face_models_root", str(face_setup["root"]), "--face_device", "cpu",
-        "--use_face_as_loss", "--face_loss_max_t", "1", "--sample_prompts", str(face_setup["prompts"]),
-        "--sample_every_n_steps", "2"])
+    argv = tiny_train_argv(
+        files,
+        face_setup["dataset"],
+        out,
+        max_train_steps=2,
+        extra=[
+            "--face_model_name",
+            "testpack",
+            "--face_models_root",
+            str(face_setup["root"]),
+            "--face_device",
+            "cpu",
+            "--use_face_as_loss",
+            "--face_loss_max_t",
+            "1",
+            "--sample_prompts",
+            str(face_setup["prompts"]),
+            "--sample_every_n_steps",
+            "2",
+        ],
+    )
     assert cli_main(["train", *argv]) == 0, read_status(out)
     # each decoded face region is as large in pixels as the box it stands for
     assert decoded and all(size == (y1 - y0, x1 - x0) for size, boxes in decoded for x0, y0, x1, y1 in boxes)

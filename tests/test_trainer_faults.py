@@ -1,5 +1,6 @@
 """Bad input and faults of `face-consistency train`: each one a clear message before any model
 loads (exit 2), or the right state; nothing of another run touched, nothing left behind."""
+
 from __future__ import annotations
 
 import json
@@ -10,12 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from face_consistency.cli import main as cli_main
+from face_consistency.training_contract.protocol import LOCK_FILE, read_metrics, read_status
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 from training_runs import RUN_TIMEOUT_S, wait_for
 from unprivileged import run_with_permissions
-
-from face_consistency.cli import main as cli_main
-from face_consistency.training_contract.protocol import LOCK_FILE, read_metrics, read_status
 
 pytestmark = pytest.mark.trainer
 
@@ -28,8 +28,9 @@ def setup(tmp_path_factory):
 
 def train(setup, out: Path, steps: int, *extra: str, dataset: Path | None = None) -> int:
     files, default_dataset = setup
-    return cli_main(["train", *tiny_train_argv(files, dataset or default_dataset, out, max_train_steps=steps,
-                                               extra=extra)])
+    return cli_main(
+        ["train", *tiny_train_argv(files, dataset or default_dataset, out, max_train_steps=steps, extra=extra)]
+    )
 
 
 def refused(setup, out: Path, capsys, *extra: str, dataset: Path | None = None) -> str:
@@ -44,12 +45,15 @@ def refused(setup, out: Path, capsys, *extra: str, dataset: Path | None = None) 
     return status["error"]
 
 
-@pytest.mark.parametrize(("config", "message"), [
-    ("network_args = 5", r"network_args must be a list of strings"),
-    ("seed = 1.5", r"seed must be an integer, got 1\.5"),
-    ('edit_plus = "no"', r"edit_plus must be true or false, got 'no'"),
-    ('learning_rate = "1e-4"', r"learning_rate must be a number, got '1e-4'"),
-])
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("network_args = 5", r"network_args must be a list of strings"),
+        ("seed = 1.5", r"seed must be an integer, got 1\.5"),
+        ('edit_plus = "no"', r"edit_plus must be true or false, got 'no'"),
+        ('learning_rate = "1e-4"', r"learning_rate must be a number, got '1e-4'"),
+    ],
+)
 def test_config_file_values_have_strict_types(setup, tmp_path, capsys, config, message):
     file = tmp_path / "train.toml"
     file.write_text(config + "\n", encoding="utf-8")
@@ -57,8 +61,9 @@ def test_config_file_values_have_strict_types(setup, tmp_path, capsys, config, m
     assert re.search(rf"--config_file {re.escape(str(file))}: {message}", error)
 
 
-@pytest.mark.parametrize("name", ["../escaped", "sub/escaped", "..", ".escaped", "x" * 300, "nul\x00escaped",
-                                  "C:escaped", "a\\escaped"])
+@pytest.mark.parametrize(
+    "name", ["../escaped", "sub/escaped", "..", ".escaped", "x" * 300, "nul\x00escaped", "C:escaped", "a\\escaped"]
+)
 def test_output_names_are_names_never_paths(setup, tmp_path, capsys, name):
     """The trainer writes only inside --output_dir: a name that would climb out of it (or cannot be a
     file name) is refused before anything is written."""
@@ -72,12 +77,15 @@ def test_output_names_are_names_never_paths(setup, tmp_path, capsys, name):
     assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(["box", "out", LOCK_FILE, "status.json"])
 
 
-@pytest.mark.parametrize(("line", "message"), [
-    ('enable_bucket = "yes"', r"\[general\]: enable_bucket must be true or false, got 'yes'"),
-    ("batch_size = true", r"batch_size must be a positive integer, got True"),
-    ("resolution = [100000, 100000]", r"resolution \[100000, 100000\] is over 4096 pixels a side"),
-    ("caption_extension = 5", r"caption_extension must start with a dot"),
-])
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('enable_bucket = "yes"', r"\[general\]: enable_bucket must be true or false, got 'yes'"),
+        ("batch_size = true", r"batch_size must be a positive integer, got True"),
+        ("resolution = [100000, 100000]", r"resolution \[100000, 100000\] is over 4096 pixels a side"),
+        ("caption_extension = 5", r"caption_extension must start with a dot"),
+    ],
+)
 def test_dataset_toml_values_have_strict_types_and_bounds(setup, tmp_path, capsys, line, message):
     _, dataset = setup
     key = line.split(" =")[0]
@@ -115,8 +123,9 @@ def test_text_files_not_in_utf8_are_named_with_the_fix(setup, tmp_path, capsys, 
 
 
 @pytest.mark.parametrize(("caption", "tokens"), [("x" * 5000, 5000), ("\u00e9" * 600, 1200)])
-def test_a_caption_longer_than_the_text_encoder_takes_is_refused_before_caching(setup, tmp_path, capsys,
-                                                                                 caption, tokens):
+def test_a_caption_longer_than_the_text_encoder_takes_is_refused_before_caching(
+    setup, tmp_path, capsys, caption, tokens
+):
     """Once a tensor-size traceback after caching and the first steps; now refused with the file's
     name before any model loads (the tiny tokenizer is byte-level: one token per UTF-8 byte)."""
     data = write_tiny_dataset(tmp_path / "data", n=2)
@@ -142,8 +151,15 @@ def test_a_base_model_as_network_weights_is_refused_before_loading(setup, tmp_pa
 
 def test_network_weights_of_another_rank_name_the_rank_to_pass(setup, tmp_path, capsys):
     assert train(setup, tmp_path / "first", 1) == 0
-    error = refused(setup, tmp_path / "out", capsys, "--network_weights", str(tmp_path / "first" / "tiny.safetensors"),
-                    "--network_dim", "8")
+    error = refused(
+        setup,
+        tmp_path / "out",
+        capsys,
+        "--network_weights",
+        str(tmp_path / "first" / "tiny.safetensors"),
+        "--network_dim",
+        "8",
+    )
     assert "was trained at rank 4: pass --network_dim 4 (got 8)" in error
 
 
@@ -181,12 +197,15 @@ def copy_state(state: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(state, tmp_path / "state"))
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda s: os.truncate(s / "optimizer.bin", 100), "optimizer.bin is truncated or corrupt"),
-    (lambda s: (s / "lora_state.safetensors").unlink(), "lora_state.safetensors is missing or empty"),
-    (lambda s: os.truncate(s / "lora_state.safetensors", 200), "lora_state.safetensors is truncated or corrupt"),
-    (lambda s: (s / "trainer_state.json").write_text("{", encoding="utf-8"), "trainer_state.json cannot be read"),
-])
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda s: os.truncate(s / "optimizer.bin", 100), "optimizer.bin is truncated or corrupt"),
+        (lambda s: (s / "lora_state.safetensors").unlink(), "lora_state.safetensors is missing or empty"),
+        (lambda s: os.truncate(s / "lora_state.safetensors", 200), "lora_state.safetensors is truncated or corrupt"),
+        (lambda s: (s / "trainer_state.json").write_text("{", encoding="utf-8"), "trainer_state.json cannot be read"),
+    ],
+)
 def test_a_damaged_state_is_refused_before_loading(setup, saved_state, tmp_path, capsys, damage, message):
     state = copy_state(saved_state, tmp_path)
     damage(state)
@@ -211,8 +230,15 @@ def test_one_run_per_output_folder_whoever_starts_it(setup, tmp_path, capsys):
     files, dataset = setup
     out = tmp_path / "out"
     first = subprocess.Popen(
-        [sys.executable, "-m", "face_consistency.trainer", *tiny_train_argv(files, dataset, out, max_train_steps=10_000)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        [
+            sys.executable,
+            "-m",
+            "face_consistency.trainer",
+            *tiny_train_argv(files, dataset, out, max_train_steps=10_000),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: (read_status(out) or {}).get("state") == "training", "the first run to train")
         before = read_status(out)

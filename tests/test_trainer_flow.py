@@ -1,11 +1,11 @@
 """Timestep sampling and latent packing as musubi / diffusers define them."""
+
 from __future__ import annotations
 
 import argparse
 
 import pytest
 import torch
-
 from face_consistency.trainer.sampling import pack, unpack
 from face_consistency.trainer.train import flow_shift, sample_timesteps
 
@@ -19,7 +19,7 @@ def _args(method: str, shift: float = 1.0) -> argparse.Namespace:
 def test_shift_sampling_median_matches_design():
     t = sample_timesteps(_args("shift", 2.2), 20000, 4096, torch.Generator().manual_seed(0))
     assert t.median().item() == pytest.approx(0.6875, abs=0.01)  # sigmoid(0) = 0.5 shifted by 2.2
-    assert 0 < t.min() and t.max() < 1
+    assert t.min() > 0 and t.max() < 1
 
 
 def test_qwen_shift_depends_on_image_size():
@@ -33,7 +33,7 @@ def test_uniform_and_sigma_sampling_ranges():
     uniform = sample_timesteps(_args("uniform"), 5000, 256, generator)
     assert uniform.mean().item() == pytest.approx(0.5, abs=0.02)
     sigma = sample_timesteps(_args("sigma", 3.0), 5000, 256, generator)
-    assert 0 < sigma.min() and sigma.max() <= 1
+    assert sigma.min() > 0 and sigma.max() <= 1
     assert sigma.median().item() > 0.6  # shift 3 pushes the discrete sigmas up
 
 

@@ -1,16 +1,22 @@
 """LoRA targets, network args, and loading a saved LoRA file back (--network_weights)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tiny_qwen import write_tiny_model_files
-
 from face_consistency.trainer import models
 from face_consistency.trainer.lora import (
-    NetworkArgsError, add_lora, comfy_lora_state_dict, load_comfy_lora, lora_file_modules, lora_target_modules,
-    parse_network_args, save_lora,
+    NetworkArgsError,
+    add_lora,
+    comfy_lora_state_dict,
+    load_comfy_lora,
+    lora_file_modules,
+    lora_target_modules,
+    parse_network_args,
+    save_lora,
 )
+from safetensors.torch import load_file
+from tiny_qwen import write_tiny_model_files
 
 pytestmark = pytest.mark.trainer
 
@@ -56,8 +62,13 @@ def test_saved_file_loads_back_with_alpha_folded_in(dit, tmp_path):
     restarted = models.load_transformer(dit, torch.float32)
     add_lora(restarted, 4, 2.0, targets)
     assert load_comfy_lora(restarted, path, 2.0) == len(targets)
-    inputs = dict(hidden_states=torch.randn(1, 16, 64), timestep=torch.tensor([0.3]),
-                  encoder_hidden_states=torch.randn(1, 5, 32), img_shapes=[[(1, 4, 4)]], return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 16, 64),
+        timestep=torch.tensor([0.3]),
+        encoder_hidden_states=torch.randn(1, 5, 32),
+        img_shapes=[[(1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         assert torch.allclose(trained(**inputs)[0], restarted(**inputs)[0], atol=1e-5)
     saved = load_file(str(path))
@@ -74,16 +85,30 @@ def test_fp8_base_keeps_the_lora_in_fp32_and_base_weights_in_float8(dit):
 
     from face_consistency.trainer.train import prepare_transformer
 
-    args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=1, network_args=[], fp8_base=True, network_dim=4,
-                              rope_positions="comfyui",
-                              network_alpha=4.0, network_weights=None, gradient_checkpointing=True)
+    args = argparse.Namespace(
+        dit=dit,
+        model_version="edit-2509",
+        blocks_to_swap=1,
+        network_args=[],
+        fp8_base=True,
+        network_dim=4,
+        rope_positions="comfyui",
+        network_alpha=4.0,
+        network_weights=None,
+        gradient_checkpointing=True,
+    )
     transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     assert {p.dtype for p in params} == {torch.float32}
     layer = transformer.transformer_blocks[0].attn.to_q
     assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
     assert layer.lora_A.default.weight.std() > 0.01 and torch.count_nonzero(layer.lora_B.default.weight) == 0
-    out = transformer(hidden_states=torch.randn(1, 16, 64), timestep=torch.tensor([0.5]),
-                      encoder_hidden_states=torch.randn(1, 5, 32), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
+    out = transformer(
+        hidden_states=torch.randn(1, 16, 64),
+        timestep=torch.tensor([0.5]),
+        encoder_hidden_states=torch.randn(1, 5, 32),
+        img_shapes=[[(1, 4, 4)]],
+        return_dict=False,
+    )[0]
     out.square().mean().backward()
     assert all(p.grad is not None for p in params)
     assert layer.lora_B.default.weight.grad is not None and layer.base_layer.weight.grad is None
@@ -101,8 +126,12 @@ def musubi_lora_state_dict(transformer: torch.nn.Module, rank: int, alpha: float
             if module.__class__.__name__ != "Linear":
                 continue
             name = f"lora_unet.transformer_blocks.{index}.{child}".replace(".", "_")
-            out[f"{name}.lora_down.weight"] = (torch.randn(rank, module.in_features, generator=generator) * 0.1).bfloat16()
-            out[f"{name}.lora_up.weight"] = (torch.randn(module.out_features, rank, generator=generator) * 0.1).bfloat16()
+            out[f"{name}.lora_down.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) * 0.1
+            ).bfloat16()
+            out[f"{name}.lora_up.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.1
+            ).bfloat16()
             out[f"{name}.alpha"] = torch.tensor(alpha).bfloat16()
     return out
 
@@ -112,9 +141,15 @@ def test_musubi_target_set_is_every_linear_of_every_block(dit):
     musubi = lora_target_modules(model, parse_network_args(["target_set=musubi"]))
     linears = [n for n, m in model.transformer_blocks.named_modules() if isinstance(m, torch.nn.Linear)]
     assert musubi == [f"transformer_blocks.{n}" for n in linears]
-    assert {"transformer_blocks.0.img_mod.1", "transformer_blocks.1.txt_mod.1",
-            "transformer_blocks.1.txt_mlp.net.2", "transformer_blocks.1.attn.to_add_out"} <= set(musubi)
-    assert lora_file_modules(model, _save(musubi_lora_state_dict(model, 2, 1.0), dit.parent / "m.safetensors")) == musubi
+    assert {
+        "transformer_blocks.0.img_mod.1",
+        "transformer_blocks.1.txt_mod.1",
+        "transformer_blocks.1.txt_mlp.net.2",
+        "transformer_blocks.1.attn.to_add_out",
+    } <= set(musubi)
+    assert (
+        lora_file_modules(model, _save(musubi_lora_state_dict(model, 2, 1.0), dit.parent / "m.safetensors")) == musubi
+    )
     with pytest.raises(NetworkArgsError, match="target_set"):
         parse_network_args(["target_set=all"])
 
@@ -144,9 +179,18 @@ def test_network_weights_of_a_musubi_lora_load_every_layer_with_its_delta(dit, t
     reference = models.load_transformer(dit, torch.float32)
     tensors = musubi_lora_state_dict(reference, rank=2, alpha=1.0)
     path = _save(tensors, tmp_path / "musubi.safetensors")
-    args = argparse.Namespace(dit=dit, model_version="edit-2509", blocks_to_swap=0, network_args=[], fp8_base=False,
-                              network_dim=2, network_alpha=2.0, network_weights=path, gradient_checkpointing=False,
-                              rope_positions="comfyui")
+    args = argparse.Namespace(
+        dit=dit,
+        model_version="edit-2509",
+        blocks_to_swap=0,
+        network_args=[],
+        fp8_base=False,
+        network_dim=2,
+        network_alpha=2.0,
+        network_weights=path,
+        gradient_checkpointing=False,
+        rope_positions="comfyui",
+    )
     transformer, params = prepare_transformer(args, torch.device("cpu"), torch.float32)
     layer = transformer.transformer_blocks[0].img_mod[1]  # outside this trainer's default set
     stem = "lora_unet_transformer_blocks_0_img_mod_1"

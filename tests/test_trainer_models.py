@@ -1,4 +1,5 @@
 """Loading ComfyUI-style single files (tiny random models with the real key layouts)."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,10 @@ import json
 import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from face_consistency.trainer import models
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tiny_qwen import DIT_PREFIX, write_tiny_model_files
-
-from face_consistency.trainer import models
 
 pytestmark = pytest.mark.trainer
 
@@ -61,8 +61,9 @@ def test_vae_wan_names_are_renamed_and_decode_matches(tiny_files):
 def test_text_encoder_prefixes_are_remapped(tiny_files):
     encoder = models.load_text_encoder(tiny_files.text_encoder, torch.float32)
     raw = load_file(str(tiny_files.text_encoder))
-    assert torch.equal(encoder.model.language_model.layers[0].self_attn.q_proj.weight,
-                       raw["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        encoder.model.language_model.layers[0].self_attn.q_proj.weight, raw["model.layers.0.self_attn.q_proj.weight"]
+    )
     assert torch.equal(encoder.model.visual.blocks[0].attn.qkv.weight, raw["visual.blocks.0.attn.qkv.weight"])
     assert encoder.lm_head.weight is encoder.model.language_model.embed_tokens.weight
 
@@ -139,9 +140,13 @@ def test_fp8_base_stores_float8_as_each_tensor_is_read(tiny_files):
     assert torch.equal(layer.weight, raw[DIT_PREFIX + "transformer_blocks.0.attn.to_q.weight"].to(torch.float8_e4m3fn))
     # norms stay in the compute dtype (diffusers' layerwise-casting skip list)
     assert model.transformer_blocks[0].attn.norm_q.weight.dtype == torch.bfloat16
-    out = model(hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16), timestep=torch.tensor([0.5]),
-                encoder_hidden_states=torch.randn(1, 5, 32, dtype=torch.bfloat16), img_shapes=[[(1, 4, 4)]],
-                return_dict=False)[0]
+    out = model(
+        hidden_states=torch.randn(1, 16, 64, dtype=torch.bfloat16),
+        timestep=torch.tensor([0.5]),
+        encoder_hidden_states=torch.randn(1, 5, 32, dtype=torch.bfloat16),
+        img_shapes=[[(1, 4, 4)]],
+        return_dict=False,
+    )[0]
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
@@ -191,8 +196,12 @@ def test_zero_cond_t_conditions_the_reference_tokens_on_timestep_zero(tmp_path):
     save_file({k: v for k, v in raw.items() if "__index" not in k}, str(unmarked), metadata=metadata)
     model_2509 = models.load_transformer(unmarked, torch.float32)
     torch.manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 32, 64), encoder_hidden_states=torch.randn(1, 5, 32),
-                  img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 32, 64),
+        encoder_hidden_states=torch.randn(1, 5, 32),
+        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         at_t = model_2511(timestep=torch.tensor([0.7]), **inputs)[0]
         plain_at_t = model_2509(timestep=torch.tensor([0.7]), **inputs)[0]

@@ -1,4 +1,5 @@
 """Real tiny training runs on the CPU: outputs, LoRA format, resume, stop, failure, bad arguments."""
+
 from __future__ import annotations
 
 import json
@@ -13,11 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
-
 from face_consistency.cli import main as cli_main
 from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
@@ -28,6 +24,10 @@ from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_mod
 from face_consistency.trainer.sampling import pack, unpack
 from face_consistency.trainer.train import TrainingDivergedError, run_training
 from face_consistency.training_contract.protocol import read_metrics, read_status, request_stop
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 pytestmark = pytest.mark.trainer
 
@@ -59,8 +59,20 @@ def test_end_to_end_outputs(setup, tmp_path):
     # A second prompt with true CFG and a negative prompt, without a seed (random, not in the name).
     prompts.write_text(tiny_prompts.read_text() + f"cfg edit --w 32 --h 48 --s 2 --l 3 --n blurry --ci {control}\n")
     out = tmp_path / "out"
-    rc = train(setup, out, 4, "--save_every_n_steps", "2", "--save_every_n_epochs", "1",
-               "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--sample_at_first")
+    rc = train(
+        setup,
+        out,
+        4,
+        "--save_every_n_steps",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--sample_prompts",
+        str(prompts),
+        "--sample_every_n_steps",
+        "2",
+        "--sample_at_first",
+    )
     assert rc == 0
     status = read_status(out)
     assert status["state"] == "completed"
@@ -71,8 +83,15 @@ def test_end_to_end_outputs(setup, tmp_path):
         assert key in status
     plan = status["memory_plan"]  # printed and recorded before the DiT loads
     assert plan["total_gib"] > 0 and plan["device_gib"] is None and plan["warning"] is None
-    assert set(plan["parts_gib"]) == {"dit_weights", "vae_weights", "lora_and_grads", "optimizer_state", "activations",
-                                      "face_loss", "overhead"}
+    assert set(plan["parts_gib"]) == {
+        "dit_weights",
+        "vae_weights",
+        "lora_and_grads",
+        "optimizer_state",
+        "activations",
+        "face_loss",
+        "overhead",
+    }
     names = sorted(p.name for p in out.glob("*.safetensors"))
     # 2 images, batch 1: an epoch is 2 steps; the epoch-2 and step-4 saves coincide with the final one.
     assert names == ["tiny-000001.safetensors", "tiny-step00000002.safetensors", "tiny.safetensors"]
@@ -95,8 +114,11 @@ def test_lora_file_maps_to_linear_weights_and_reproduces_the_trained_model(setup
     assert train(setup, out, 3, "--save_state", "--learning_rate", "1e-2") == 0
     comfy = load_file(str(out / "tiny.safetensors"))
     base = models.load_transformer(files.dit, torch.float32)
-    linear_by_key = {LORA_PREFIX + name.replace(".", "_"): module
-                     for name, module in base.named_modules() if isinstance(module, torch.nn.Linear)}
+    linear_by_key = {
+        LORA_PREFIX + name.replace(".", "_"): module
+        for name, module in base.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
     stems = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in comfy}
     assert stems and stems <= set(linear_by_key)
     assert not any("_mod_" in s for s in stems), "modulation layers are excluded by default"
@@ -110,16 +132,22 @@ def test_lora_file_maps_to_linear_weights_and_reproduces_the_trained_model(setup
     set_peft_model_state_dict(trained, load_file(str(out / "tiny-state" / "lora_state.safetensors")))
     # ComfyUI's rule: W += up @ down * alpha / rank.
     merged = models.load_transformer(files.dit, torch.float32)
-    merged_linear = {LORA_PREFIX + n.replace(".", "_"): m for n, m in merged.named_modules()
-                     if isinstance(m, torch.nn.Linear)}
+    merged_linear = {
+        LORA_PREFIX + n.replace(".", "_"): m for n, m in merged.named_modules() if isinstance(m, torch.nn.Linear)
+    }
     with torch.no_grad():
         for stem in stems:
             down, up = comfy[f"{stem}.lora_down.weight"], comfy[f"{stem}.lora_up.weight"]
             merged_linear[stem].weight += up @ down * (comfy[f"{stem}.alpha"] / down.shape[0])
     torch.manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 32, 64), timestep=torch.tensor([0.4]),
-                  encoder_hidden_states=torch.randn(1, 7, 32), encoder_hidden_states_mask=torch.ones(1, 7),
-                  img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 32, 64),
+        timestep=torch.tensor([0.4]),
+        encoder_hidden_states=torch.randn(1, 7, 32),
+        encoder_hidden_states_mask=torch.ones(1, 7),
+        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         expected = trained(**inputs)[0]
         got = merged(**inputs)[0]
@@ -139,9 +167,13 @@ def _flow_matching_loss(transformer, cached, t_values, seed=0):
         noise = torch.randn(x0.shape, generator=generator)
         x_t = (1 - t) * x0 + t * noise
         with torch.no_grad():
-            out = transformer(hidden_states=torch.cat([pack(x_t), pack(control)], dim=1), timestep=torch.tensor([t]),
-                              encoder_hidden_states=cached["prompt_embeds"].unsqueeze(0),
-                              img_shapes=[[(1, h // 2, w // 2), (1, h // 2, w // 2)]], return_dict=False)[0]
+            out = transformer(
+                hidden_states=torch.cat([pack(x_t), pack(control)], dim=1),
+                timestep=torch.tensor([t]),
+                encoder_hidden_states=cached["prompt_embeds"].unsqueeze(0),
+                img_shapes=[[(1, h // 2, w // 2), (1, h // 2, w // 2)]],
+                return_dict=False,
+            )[0]
         v_pred = unpack(out[:, : (h // 2) * (w // 2)], h, w)
         total += torch.mean((v_pred - (noise - x0)) ** 2).item()
     return total / len(t_values)
@@ -151,8 +183,9 @@ def test_overfitting_a_tiny_set_lowers_the_loss(setup, tmp_path):
     files, _, _ = setup
     dataset = write_tiny_dataset(tmp_path / "one", n=1, seed=5)
     out = tmp_path / "out"
-    argv = tiny_train_argv(files, dataset, out, max_train_steps=20,
-                           extra=["--learning_rate", "1e-2", "--timestep_sampling", "uniform"])
+    argv = tiny_train_argv(
+        files, dataset, out, max_train_steps=20, extra=["--learning_rate", "1e-2", "--timestep_sampling", "uniform"]
+    )
     assert cli_main(["train", *argv]) == 0
     cached = load_cached_item(load_dataset_config(dataset).items[0])
     base = models.load_transformer(files.dit, torch.float32)
@@ -331,8 +364,9 @@ def test_bad_arguments_fail_before_loading(setup, tmp_path, capsys, change, mess
 def test_config_file_supplies_flags_and_rejects_unknown_keys(setup, tmp_path):
     files, dataset, _ = setup
     config = tmp_path / "train.toml"
-    config.write_text(f'[model]\ndit = "{files.dit}"\n[train]\nnetwork_dim = 8\ngradient_checkpointing = true\n',
-                      encoding="utf-8")
+    config.write_text(
+        f'[model]\ndit = "{files.dit}"\n[train]\nnetwork_dim = 8\ngradient_checkpointing = true\n', encoding="utf-8"
+    )
     argv = tiny_train_argv(files, dataset, tmp_path / "out")
     argv = argv[2:]  # drop --dit: it comes from the config file
     args = validate_args(parse_args([*argv, "--config_file", str(config), "--network_dim", "6"]))
@@ -344,9 +378,23 @@ def test_config_file_supplies_flags_and_rejects_unknown_keys(setup, tmp_path):
 
 def test_face_flags_of_the_seed_guide_parse(setup, tmp_path):
     files, dataset, _ = setup
-    args = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", "--use_face_as_loss",
-                       "--face_loss_weight", "0.1", "--face_model_name", "buffalo_l", "--face_device", "cuda",
-                       "--face_det_size", "640", "--face_eval_frequency", "100"])
+    args = parse_args(
+        [
+            *tiny_train_argv(files, dataset, tmp_path),
+            "--enable_face_loss",
+            "--use_face_as_loss",
+            "--face_loss_weight",
+            "0.1",
+            "--face_model_name",
+            "buffalo_l",
+            "--face_device",
+            "cuda",
+            "--face_det_size",
+            "640",
+            "--face_eval_frequency",
+            "100",
+        ]
+    )
     assert (args.enable_face_loss, args.use_face_as_loss, args.face_loss_weight) == (True, True, 0.1)
     assert (args.face_model_name, args.face_det_size, args.face_eval_frequency) == ("buffalo_l", 640, 100)
 
@@ -367,8 +415,11 @@ def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
     files, dataset, _ = setup
     out = tmp_path / "out"
     argv = tiny_train_argv(files, dataset, out, max_train_steps=100000)
-    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "bootstrap.py"), "train", *argv],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "bootstrap.py"), "train", *argv],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 240
         while time.time() < deadline:
@@ -391,10 +442,31 @@ def test_bootstrap_subprocess_trains_and_stops_on_sigterm(setup, tmp_path):
 def test_memory_options_and_bf16_run_on_cpu(setup, tmp_path):
     """fp8 base weights, swapped blocks, checkpointing, bf16, accumulation and the other optimizer paths."""
     out = tmp_path / "out"
-    rc = train(setup, out, 2, "--fp8_base", "--blocks_to_swap", "1", "--gradient_checkpointing",
-               "--mixed_precision", "bf16", "--gradient_accumulation_steps", "2", "--optimizer_type", "Adafactor",
-               "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--timestep_sampling", "sigma",
-               "--weighting_scheme", "cosmap", "--logging_dir", str(tmp_path / "logs"))
+    rc = train(
+        setup,
+        out,
+        2,
+        "--fp8_base",
+        "--blocks_to_swap",
+        "1",
+        "--gradient_checkpointing",
+        "--mixed_precision",
+        "bf16",
+        "--gradient_accumulation_steps",
+        "2",
+        "--optimizer_type",
+        "Adafactor",
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        "1",
+        "--timestep_sampling",
+        "sigma",
+        "--weighting_scheme",
+        "cosmap",
+        "--logging_dir",
+        str(tmp_path / "logs"),
+    )
     assert rc == 0
     assert list((tmp_path / "logs").rglob("events.out.tfevents.*")), "TensorBoard events expected"
     status = read_status(out)
@@ -414,9 +486,23 @@ def test_two_process_data_parallel_on_cpu(setup, tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-         "-m", "face_consistency.trainer", *argv, "--save_state"],
-        env=env, capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            "-m",
+            "face_consistency.trainer",
+            *argv,
+            "--save_state",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     status = read_status(out)
@@ -424,7 +510,9 @@ def test_two_process_data_parallel_on_cpu(setup, tmp_path):
     # 4 images over 2 processes, batch 1: 2 steps per epoch; each process keeps its own noise RNG.
     assert status["steps_per_epoch"] == 2
     assert {p.name for p in (out / "tiny-state").glob("noise_generator_*.pt")} == {
-        "noise_generator_0.pt", "noise_generator_1.pt"}
+        "noise_generator_0.pt",
+        "noise_generator_1.pt",
+    }
 
 
 def test_plain_edit_trains_and_takes_one_control(setup, tmp_path):
@@ -445,10 +533,27 @@ def test_the_seed_guides_command_trains(setup, tmp_path):
     """The seed guide's settings as written there: bf16, adamw8bit (bitsandbytes on the CPU), checkpointing."""
     out = tmp_path / "out"
     rc = train(
-        setup, out, 4,
-        "--mixed_precision", "bf16", "--optimizer_type", "adamw8bit", "--learning_rate", "5e-5",
-        "--gradient_checkpointing", "--max_data_loader_n_workers", "2", "--persistent_data_loader_workers",
-        "--network_dim", "16", "--network_alpha", "16", "--max_train_epochs", "2", "--save_every_n_epochs", "1",
+        setup,
+        out,
+        4,
+        "--mixed_precision",
+        "bf16",
+        "--optimizer_type",
+        "adamw8bit",
+        "--learning_rate",
+        "5e-5",
+        "--gradient_checkpointing",
+        "--max_data_loader_n_workers",
+        "2",
+        "--persistent_data_loader_workers",
+        "--network_dim",
+        "16",
+        "--network_alpha",
+        "16",
+        "--max_train_epochs",
+        "2",
+        "--save_every_n_epochs",
+        "1",
     )
     assert rc == 0
     status = read_status(out)
@@ -464,8 +569,13 @@ def test_the_seed_guides_command_trains(setup, tmp_path):
 def test_edit_2511_trains_samples_and_saves_a_lora_comfyui_applies(setup, tmp_path):
     _, dataset, prompts = setup
     files = write_tiny_model_files(tmp_path / "models_2511", edit_2511=True)
-    argv = tiny_train_argv(files, dataset, tmp_path / "out", max_train_steps=2,
-                           extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "2"])
+    argv = tiny_train_argv(
+        files,
+        dataset,
+        tmp_path / "out",
+        max_train_steps=2,
+        extra=["--sample_prompts", str(prompts), "--sample_every_n_steps", "2"],
+    )
     argv[argv.index("--edit_plus")] = "--model_version"
     argv.insert(argv.index("--model_version") + 1, "edit-2511")
     assert cli_main(["train", *argv]) == 0
@@ -487,10 +597,15 @@ def test_edit_2511_trains_samples_and_saves_a_lora_comfyui_applies(setup, tmp_pa
     assert "pass --model_version edit-2511" in read_status(tmp_path / "out_2509")["error"]
 
 
-@pytest.mark.parametrize(("flags", "version"), [
-    (["--edit_plus"], "edit-2509"), (["--edit"], "edit"), (["--model_version", "Edit-2511"], "edit-2511"),
-    (["--edit_plus", "--model_version", "edit-2509"], "edit-2509"),
-])
+@pytest.mark.parametrize(
+    ("flags", "version"),
+    [
+        (["--edit_plus"], "edit-2509"),
+        (["--edit"], "edit"),
+        (["--model_version", "Edit-2511"], "edit-2511"),
+        (["--edit_plus", "--model_version", "edit-2509"], "edit-2509"),
+    ],
+)
 def test_model_version_and_its_musubi_aliases(setup, tmp_path, flags, version):
     files, dataset, _ = setup
     argv = tiny_train_argv(files, dataset, tmp_path / "out")
@@ -526,8 +641,13 @@ def test_an_all_ones_prompt_mask_goes_to_attention_as_none(setup):
     padded = torch.tensor([[1, 1, 1, 0]])
     assert attention_mask(padded) is padded
     torch.manual_seed(0)
-    inputs = dict(hidden_states=torch.randn(1, 32, 64), timestep=torch.tensor([0.4]),
-                  encoder_hidden_states=torch.randn(1, 7, 32), img_shapes=[[(1, 4, 4), (1, 4, 4)]], return_dict=False)
+    inputs = dict(
+        hidden_states=torch.randn(1, 32, 64),
+        timestep=torch.tensor([0.4]),
+        encoder_hidden_states=torch.randn(1, 7, 32),
+        img_shapes=[[(1, 4, 4), (1, 4, 4)]],
+        return_dict=False,
+    )
     with torch.no_grad():
         masked = transformer(**inputs, encoder_hidden_states_mask=torch.ones(1, 7))[0]
         unmasked = transformer(**inputs, encoder_hidden_states_mask=None)[0]

@@ -1,4 +1,5 @@
 """Held-out items, the fixed-noise validation loss and checkpoints.json in real tiny runs (issue 23)."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
-
 from face_consistency.cli import main as cli_main
 from face_consistency.musubi_formats.dataset import (
     DatasetConfigError,
@@ -23,6 +21,8 @@ from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
 from face_consistency.trainer.train import epoch_batches, run_training
 from face_consistency.training_contract.checkpoint_choice import CHECKPOINTS_FILE, NEAR_COPY_IMAGE_SIMILARITY
 from face_consistency.training_contract.protocol import read_metrics, read_status
+from PIL import Image
+from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 pytestmark = pytest.mark.trainer
 
@@ -63,10 +63,19 @@ def test_a_split_is_fixed_by_its_seed_and_keeps_the_held_out_items_out_of_every_
 def test_a_validation_entry_of_the_toml_is_held_out_and_never_a_training_target(setup, tmp_path):
     _, dataset, held_out, _ = setup
     train_entry = load_dataset_config(dataset).datasets[0].items[0].target.parent
-    entries = [{"image_directory": str(train_entry), "control_directory": str(train_entry.parent / "controls"),
-                "cache_directory": str(tmp_path / "cache")},
-               {"image_directory": str(held_out.parent / "images"), "control_directory": str(held_out.parent / "controls"),
-                "cache_directory": str(tmp_path / "held_cache"), "validation": True}]
+    entries = [
+        {
+            "image_directory": str(train_entry),
+            "control_directory": str(train_entry.parent / "controls"),
+            "cache_directory": str(tmp_path / "cache"),
+        },
+        {
+            "image_directory": str(held_out.parent / "images"),
+            "control_directory": str(held_out.parent / "controls"),
+            "cache_directory": str(tmp_path / "held_cache"),
+            "validation": True,
+        },
+    ]
     toml = write_dataset_config(tmp_path / "marked.toml", {"resolution": [64, 64]}, entries)
     group = load_dataset_config(toml)
     assert len(group.items) == 4 and len(group.validation_items) == 2
@@ -82,19 +91,27 @@ def test_a_validation_entry_of_the_toml_is_held_out_and_never_a_training_target(
         load_dataset_config(tmp_path / "bad.toml")
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--validate_every_n_steps", "2"], "--validate_every_n_steps needs held-out items"),
-    (["--validation_split", "0.5", "--validation_dataset_config", "HELD"], "use one or the other"),
-    (["--likeness_references", "NOWHERE"], "folder not found"),
-    (["--likeness_references", "FACES"], "needs --sample_prompts"),
-    (["--likeness_references", "TARGETS", "--sample_prompts", "PROMPTS"], "is a training target"),
-    (["--likeness_references", "CONTROLS", "--sample_prompts", "PROMPTS"], "is the control of sample prompt 1"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--validate_every_n_steps", "2"], "--validate_every_n_steps needs held-out items"),
+        (["--validation_split", "0.5", "--validation_dataset_config", "HELD"], "use one or the other"),
+        (["--likeness_references", "NOWHERE"], "folder not found"),
+        (["--likeness_references", "FACES"], "needs --sample_prompts"),
+        (["--likeness_references", "TARGETS", "--sample_prompts", "PROMPTS"], "is a training target"),
+        (["--likeness_references", "CONTROLS", "--sample_prompts", "PROMPTS"], "is the control of sample prompt 1"),
+    ],
+)
 def test_bad_validation_arguments_are_refused_before_loading(setup, tmp_path, faces_dir, extra, message):
     _, dataset, held_out, prompts = setup
-    places = {"HELD": str(held_out), "NOWHERE": str(tmp_path / "nowhere"), "FACES": str(faces_dir),
-              "TARGETS": str(dataset.parent / "images"), "CONTROLS": str(dataset.parent / "controls"),
-              "PROMPTS": str(prompts)}
+    places = {
+        "HELD": str(held_out),
+        "NOWHERE": str(tmp_path / "nowhere"),
+        "FACES": str(faces_dir),
+        "TARGETS": str(dataset.parent / "images"),
+        "CONTROLS": str(dataset.parent / "controls"),
+        "PROMPTS": str(prompts),
+    }
     with pytest.raises(ConfigError, match=message):
         validate_args(parse_args(_argv(setup, tmp_path / "out", 2, *[places.get(a, a) for a in extra])))
 
@@ -137,8 +154,13 @@ class ItemsSeen(TrainingHook):
 
 def test_a_run_never_trains_on_its_held_out_items_and_reports_their_loss(setup, tmp_path):
     out = tmp_path / "out"
-    args = validate_args(parse_args(_argv(setup, out, 6, "--validation_split", "0.5", "--validate_every_n_steps", "2",
-                                          "--save_every_n_steps", "3")))
+    args = validate_args(
+        parse_args(
+            _argv(
+                setup, out, 6, "--validation_split", "0.5", "--validate_every_n_steps", "2", "--save_every_n_steps", "3"
+            )
+        )
+    )
     held = {item.key for item in args.dataset_group.validation_items}
     seen = ItemsSeen()
     run_training(args, [seen])
@@ -156,8 +178,17 @@ def test_validation_does_not_change_the_training(setup, tmp_path):
     _, _, held_out, _ = setup
     plain, validated = tmp_path / "plain", tmp_path / "validated"
     assert cli_main(["train", *_argv(setup, plain, 4)]) == 0
-    assert cli_main(["train", *_argv(setup, validated, 4, "--validation_dataset_config", str(held_out),
-                                     "--validate_every_n_steps", "1")]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                *_argv(
+                    setup, validated, 4, "--validation_dataset_config", str(held_out), "--validate_every_n_steps", "1"
+                ),
+            ]
+        )
+        == 0
+    )
     losses = lambda out: [m["loss"] for m in read_metrics(out) if "loss" in m]  # noqa: E731
     assert losses(plain) == losses(validated)
     assert len([m for m in read_metrics(validated) if "val_loss" in m]) == 4
@@ -166,8 +197,22 @@ def test_validation_does_not_change_the_training(setup, tmp_path):
 def test_checkpoints_json_has_a_row_per_checkpoint_with_its_samples(setup, tmp_path):
     _, _, held_out, prompts = setup
     out = tmp_path / "out"
-    argv = _argv(setup, out, 4, "--validation_dataset_config", str(held_out), "--save_every_n_steps", "2",
-                 "--save_every_n_epochs", "1", "--sample_prompts", str(prompts), "--validation_sigmas", "0.9", "0.3")
+    argv = _argv(
+        setup,
+        out,
+        4,
+        "--validation_dataset_config",
+        str(held_out),
+        "--save_every_n_steps",
+        "2",
+        "--save_every_n_epochs",
+        "1",
+        "--sample_prompts",
+        str(prompts),
+        "--validation_sigmas",
+        "0.9",
+        "0.3",
+    )
     assert cli_main(["train", *argv]) == 0
     record = json.loads((out / CHECKPOINTS_FILE).read_text())
     rows = record["checkpoints"]

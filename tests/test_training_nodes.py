@@ -1,4 +1,5 @@
 """The six training nodes, on a musubi-tuner output folder and on real trainer runs."""
+
 from __future__ import annotations
 
 import math
@@ -9,10 +10,6 @@ import pytest
 import test_example_workflows as example_checks
 import torch
 from comfy_stubs import ProgressBar, set_comfy_base
-from run_folders import write_lora, write_musubi_run
-from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
-from workflow_runner import check_inputs, load_workflow, run_workflow
-
 from face_consistency.nodes import comfy_env, training
 from face_consistency.nodes.training import (
     FaceConsistencyCheckpointScoreboard,
@@ -24,6 +21,9 @@ from face_consistency.nodes.training import (
 )
 from face_consistency.training_contract.protocol import read_status
 from face_consistency.training_jobs.run_reader import list_checkpoints, read_run
+from run_folders import write_lora, write_musubi_run
+from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from workflow_runner import check_inputs, load_workflow, run_workflow
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
@@ -40,7 +40,7 @@ def comfy(tmp_path: Path) -> Path:
 
 def _assert_image(image: torch.Tensor) -> None:
     assert image.dtype == torch.float32 and image.dim() == 4 and image.shape[0] == 1 and image.shape[-1] == 3
-    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert float(image.min()) >= 0.0 and float(image.max()) <= 1.0
 
 
 def test_monitor_reads_a_musubi_output_folder(comfy: Path) -> None:
@@ -67,12 +67,16 @@ def test_list_checkpoints_orders_a_musubi_folder_by_step(comfy: Path) -> None:
     lora_names, names, steps = node.list_checkpoints(True, output_folder="musubi_face")
 
     assert steps == [10, 15, 20, 30]
-    assert lora_names == names == [
-        "musubi_face/musubi_face-000001.safetensors",
-        "musubi_face/musubi_face-step00000015.safetensors",
-        "musubi_face/musubi_face-000002.safetensors",
-        "musubi_face/musubi_face.safetensors",
-    ]
+    assert (
+        lora_names
+        == names
+        == [
+            "musubi_face/musubi_face-000001.safetensors",
+            "musubi_face/musubi_face-step00000015.safetensors",
+            "musubi_face/musubi_face-000002.safetensors",
+            "musubi_face/musubi_face.safetensors",
+        ]
+    )
     # the names are what LoraLoaderModelOnly offers, and the output is its combo type
     assert set(names) <= set(training.comfy_env.filename_list("loras"))
     assert FaceConsistencyListCheckpoints.RETURN_TYPES[0] == training.comfy_env.filename_list("loras")
@@ -120,8 +124,10 @@ def test_list_checkpoints_refuses_a_folder_loras_loaders_cannot_see(comfy: Path,
 
 def test_nodes_read_no_run_outside_comfyuis_folders(comfy: Path, tmp_path: Path) -> None:
     folder = write_musubi_run(tmp_path / "elsewhere")  # not a ComfyUI folder, no registered job
-    for read in (lambda: FaceConsistencyTrainLogs().logs(10, output_folder=str(folder)),
-                 lambda: FaceConsistencyTrainMonitor().monitor("no", 1.0, 5, 8, output_folder=str(folder))):
+    for read in (
+        lambda: FaceConsistencyTrainLogs().logs(10, output_folder=str(folder)),
+        lambda: FaceConsistencyTrainMonitor().monitor("no", 1.0, 5, 8, output_folder=str(folder)),
+    ):
         with pytest.raises(ValueError, match="outside ComfyUI's folders"):
             read()
 
@@ -151,9 +157,10 @@ def test_scoreboard_picks_the_best_and_copies_it(comfy: Path) -> None:
     copy = folder / "run-best.safetensors"
     assert copy.read_bytes() == (folder / "run-000002.safetensors").read_bytes()
     # the copy is not listed as a checkpoint of its own
-    assert "run/run-best.safetensors" not in FaceConsistencyListCheckpoints().list_checkpoints(
-        True, output_folder="run"
-    )[1]
+    assert (
+        "run/run-best.safetensors"
+        not in FaceConsistencyListCheckpoints().list_checkpoints(True, output_folder="run")[1]
+    )
 
 
 def test_scoreboard_takes_one_score_per_checkpoint_in_any_order(comfy: Path) -> None:
@@ -237,11 +244,22 @@ def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_traini
     assert FaceConsistencyTrainMonitor.IS_CHANGED(job=job) == FaceConsistencyTrainMonitor.IS_CHANGED(job=job)
 
 
-@pytest.mark.parametrize("extra", ["--output_dir /elsewhere", "--output_dir=/elsewhere", "--resume /tmp/state",
-                                   "--config_file /tmp/x.toml", "--save_every_n_steps 2 --logging_dir /tmp/tb"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        "--output_dir /elsewhere",
+        "--output_dir=/elsewhere",
+        "--resume /tmp/state",
+        "--config_file /tmp/x.toml",
+        "--save_every_n_steps 2 --logging_dir /tmp/tb",
+    ],
+)
 def test_launch_refuses_extra_args_that_move_the_run(comfy: Path, tiny_training: TinyTraining, extra: str) -> None:
-    inputs = {**load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
-              **_tiny_launch_inputs(tiny_training, comfy, "tiny_extra", 2), "extra_args": extra}
+    inputs = {
+        **load_workflow(API_EXAMPLES / "train_launch_monitor.json")["1"]["inputs"],
+        **_tiny_launch_inputs(tiny_training, comfy, "tiny_extra", 2),
+        "extra_args": extra,
+    }
     flag = extra.split()[-2].split("=")[0] if "=" not in extra else "--output_dir"
     with pytest.raises(ValueError, match=f"extra_args may not set {flag}: the launch node chooses"):
         FaceConsistencyTrainLaunch().launch(**inputs)
@@ -310,8 +328,9 @@ class Launched(Exception):
     """Raised by the stand-in for jobs.launch, with the trainer command the node built."""
 
 
-def _launch_command(monkeypatch, tiny_training: TinyTraining, comfy: Path, name: str,
-                    **changes: Any) -> tuple[dict[str, Any], list[str]]:
+def _launch_command(
+    monkeypatch, tiny_training: TinyTraining, comfy: Path, name: str, **changes: Any
+) -> tuple[dict[str, Any], list[str]]:
     """The launch node's inputs (defaults, the tiny run's files, the face loss on) and the command it builds."""
 
     def capture(registry, output_dir, args, name):
@@ -319,15 +338,20 @@ def _launch_command(monkeypatch, tiny_training: TinyTraining, comfy: Path, name:
 
     monkeypatch.setattr(training.jobs, "launch", capture)
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
-    inputs = {**{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
-              **_tiny_launch_inputs(tiny_training, comfy, name, 0), "enable_face_loss": True, **changes}
+    inputs = {
+        **{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+        **_tiny_launch_inputs(tiny_training, comfy, name, 0),
+        "enable_face_loss": True,
+        **changes,
+    }
     with pytest.raises(Launched) as launched:
         FaceConsistencyTrainLaunch().launch(**inputs)
     return inputs, launched.value.args[0]
 
 
-def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
-                                                           monkeypatch) -> None:
+def test_the_launch_nodes_arguments_are_the_trainers_flags(
+    comfy: Path, tiny_training: TinyTraining, monkeypatch
+) -> None:
     """Both are built from training_contract/options.py: every setting the node shows parses as the flag of its name,
     with the node's value, and the whole command passes the trainer's checks."""
     from face_consistency.trainer.cli import parse_args, validate_args
@@ -341,25 +365,35 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(comfy: Path, tiny_tra
     assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
     assert validate_args(args).model_version == "edit-2509"
     # the face loss's variants at their defaults add no flag
-    assert not any(arg.startswith(("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive",
-                                   "--face_loss_negatives")) for arg in command)
+    assert not any(
+        arg.startswith(
+            ("--face_loss_reference", "--face_loss_rollout", "--face_loss_contrastive", "--face_loss_negatives")
+        )
+        for arg in command
+    )
 
 
-def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(comfy: Path, tiny_training: TinyTraining,
-                                                                    faces_dir: Path, monkeypatch) -> None:
+def test_the_launch_nodes_face_loss_variants_are_the_trainers_flags(
+    comfy: Path, tiny_training: TinyTraining, faces_dir: Path, monkeypatch
+) -> None:
     from face_consistency.trainer.cli import parse_args, validate_args
 
     negatives = comfy / "input" / "other_people"
     negatives.mkdir()
     (negatives / "biden.jpg").write_bytes((faces_dir / "biden.jpg").read_bytes())
-    variants = {"face_loss_reference": "target", "face_loss_rollout_steps": 3, "face_loss_contrastive_weight": 0.1,
-                "face_loss_negatives": str(negatives)}
+    variants = {
+        "face_loss_reference": "target",
+        "face_loss_rollout_steps": 3,
+        "face_loss_contrastive_weight": 0.1,
+        "face_loss_negatives": str(negatives),
+    }
     _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", use_face_as_loss=True, **variants)
     args = validate_args(parse_args(command))
     assert args.use_face_as_loss and {name: getattr(args, name) for name in variants} == variants
     with pytest.raises(ValueError, match="needs face_loss_negatives"):
-        _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", use_face_as_loss=True,
-                        face_loss_contrastive_weight=0.1)
+        _launch_command(
+            monkeypatch, tiny_training, comfy, "tiny_variants", use_face_as_loss=True, face_loss_contrastive_weight=0.1
+        )
     # without the (experimental) loss the variants add nothing: metrics only
     _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_variants", **variants)
     args = validate_args(parse_args(command))
@@ -371,32 +405,39 @@ def test_scoreboard_orders_epoch_checkpoints_by_their_saved_steps_and_shows_the_
     from face_consistency.training_contract.checkpoint_choice import CheckpointRow, CheckpointTable, write_table
 
     folder = write_musubi_run(comfy / "output" / "loras" / "musubi_face")  # epochs at steps 10 and 20, step 15
-    names = ["musubi_face/musubi_face-000002.safetensors", "musubi_face/musubi_face-step00000015.safetensors",
-             "musubi_face/musubi_face-000001.safetensors"]
+    names = [
+        "musubi_face/musubi_face-000002.safetensors",
+        "musubi_face/musubi_face-step00000015.safetensors",
+        "musubi_face/musubi_face-000001.safetensors",
+    ]
     node = FaceConsistencyCheckpointScoreboard()
     table = node.rank(names, [0.7, 0.6, 0.5], [False])["result"][0]
     order = [line.split()[0] for line in table.splitlines()[1:4]]
     assert order == [names[2], names[1], names[0]]  # steps 10, 15, 20
     assert "checkpoints.json" not in table
 
-    rows = [CheckpointRow("musubi_face-000001.safetensors", 10, 1, {"1": 0.5}, likeness=0.62, likeness_dlib=0.58,
-                          samples=2),
-            CheckpointRow("musubi_face-step00000015.safetensors", 15, None, {"1": 0.4}, likeness=0.71, samples=2),
-            CheckpointRow("musubi_face-000002.safetensors", 20, 2, {"1": 0.6}, likeness=0.75, near_copies=1,
-                          samples=2)]
+    rows = [
+        CheckpointRow(
+            "musubi_face-000001.safetensors", 10, 1, {"1": 0.5}, likeness=0.62, likeness_dlib=0.58, samples=2
+        ),
+        CheckpointRow("musubi_face-step00000015.safetensors", 15, None, {"1": 0.4}, likeness=0.71, samples=2),
+        CheckpointRow("musubi_face-000002.safetensors", 20, 2, {"1": 0.6}, likeness=0.75, near_copies=1, samples=2),
+    ]
     write_table(folder, CheckpointTable(rows, (1.0,)))
     table = node.rank(names, [0.7, 0.6, 0.5], [False])["result"][0]
     assert "the trainer's table (checkpoints.json):" in table
     assert table.splitlines()[-1] == (
         "keep musubi_face-step00000015.safetensors: step 15: highest held-out likeness 0.71; validation loss rises "
-        "after step 15 and near-copies of training targets appear at step 20 (1 of 2 samples)")
+        "after step 15 and near-copies of training targets appear at step 20 (1 of 2 samples)"
+    )
     # the monitor says the same
     status = FaceConsistencyTrainMonitor().monitor("no", 1.0, 5, 8, output_folder="loras/musubi_face")["result"][0]
     assert status.splitlines()[-1] == table.splitlines()[-1]
 
 
-def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(comfy: Path, tiny_training: TinyTraining,
-                                                                            faces_dir: Path, monkeypatch) -> None:
+def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(
+    comfy: Path, tiny_training: TinyTraining, faces_dir: Path, monkeypatch
+) -> None:
     from face_consistency.trainer.cli import parse_args, validate_args
 
     held_out = comfy / "input" / "held_out"
@@ -414,8 +455,15 @@ def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(com
     prompts = f"tiny edit --w 32 --h 32 --s 2 --d 1 --ci {control}"
     with pytest.raises(ValueError, match="give sample_prompts too"):
         _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references))
-    _, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", validation_dataset=str(held_out),
-                                 likeness_references=str(references), sample_prompts=prompts)
+    _, command = _launch_command(
+        monkeypatch,
+        tiny_training,
+        comfy,
+        "tiny_held",
+        validation_dataset=str(held_out),
+        likeness_references=str(references),
+        sample_prompts=prompts,
+    )
     args = validate_args(parse_args(command))
     run = comfy / "output" / "loras" / "tiny_held"
     assert args.validation_dataset_config == str(run / "validation_dataset.toml")
@@ -425,5 +473,6 @@ def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(com
     # a photo that is a link out of ComfyUI's folders is refused, as the folder itself would be
     (references / "elsewhere.jpg").symlink_to(faces_dir / "obama2.jpg")
     with pytest.raises(comfy_env.FolderAccessError, match="likeness_references photo"):
-        _launch_command(monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references),
-                        sample_prompts=prompts)
+        _launch_command(
+            monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references), sample_prompts=prompts
+        )

@@ -1,14 +1,14 @@
 """The checkpointed single-frame decode equals `vae.decode` (values and gradients) and keeps fewer tensors."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
-from tiny_qwen import TINY_VAE_CONFIG
-
 from face_consistency.trainer.memory_plan import measure_saved_bytes
 from face_consistency.trainer.models import shipped_config
 from face_consistency.trainer.vae_decode import checkpointed_decode
+from tiny_qwen import TINY_VAE_CONFIG
 
 pytestmark = pytest.mark.trainer
 
@@ -32,7 +32,8 @@ def test_checkpointed_decode_equals_vae_decode_with_gradients(config):
     torch.testing.assert_close(ours_in.grad, plain_in.grad)
     kept = measure_saved_bytes(lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True)), [vae])[0]
     everything = measure_saved_bytes(
-        lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True), use_checkpoint=False), [vae])[0]
+        lambda: checkpointed_decode(vae, latents.clone().requires_grad_(True), use_checkpoint=False), [vae]
+    )[0]
     assert kept < everything / 5
 
 

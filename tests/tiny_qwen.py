@@ -23,20 +23,20 @@ architecture in the safetensors metadata entry `config`, which the trainer's loa
 its shipped full-size configs. The tokenizer is a byte-level BPE with the Qwen special tokens,
 built locally (no downloads). A full tiny training run takes seconds on a CPU.
 """
+
 from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
+from face_consistency.musubi_formats.dataset import write_dataset_config
 from PIL import Image, ImageDraw, ImageOps
 from safetensors.torch import save_file
-
-from face_consistency.musubi_formats.dataset import write_dataset_config
 
 QWEN_SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -95,8 +95,9 @@ def build_tiny_processor():
             vocab_file, merges_file = Path(folder) / "vocab.json", Path(folder) / "merges.txt"
             vocab_file.write_text(json.dumps(vocab), encoding="utf-8")
             merges_file.write_text("#version: 0.2\n", encoding="utf-8")
-            tokenizer = Qwen2TokenizerFast(vocab_file=str(vocab_file), merges_file=str(merges_file),
-                                           additional_special_tokens=specials)
+            tokenizer = Qwen2TokenizerFast(
+                vocab_file=str(vocab_file), merges_file=str(merges_file), additional_special_tokens=specials
+            )
     return Qwen2VLProcessor(
         # Few vision patches keep the tiny prompt short (the pipeline still resizes controls to ~384^2).
         image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=112 * 112),
@@ -153,7 +154,7 @@ def _resnet_to_wan(rest: str) -> str:
         ("conv_shortcut.", "shortcut."),
     ):
         if rest.startswith(diffusers_name):
-            return wan_name + rest[len(diffusers_name):]
+            return wan_name + rest[len(diffusers_name) :]
     return rest
 
 
@@ -165,14 +166,14 @@ def diffusers_vae_key_to_wan(key: str) -> str:
     top = {"quant_conv.": "conv1.", "post_quant_conv.": "conv2."}
     for prefix, wan in top.items():
         if key.startswith(prefix):
-            return wan + key[len(prefix):]
+            return wan + key[len(prefix) :]
     side, rest = key.split(".", 1)
     if rest.startswith("conv_in."):
-        return f"{side}.conv1.{rest[len('conv_in.'):]}"
+        return f"{side}.conv1.{rest[len('conv_in.') :]}"
     if rest.startswith("norm_out."):
-        return f"{side}.head.0.{rest[len('norm_out.'):]}"
+        return f"{side}.head.0.{rest[len('norm_out.') :]}"
     if rest.startswith("conv_out."):
-        return f"{side}.head.2.{rest[len('conv_out.'):]}"
+        return f"{side}.head.2.{rest[len('conv_out.') :]}"
     if rest.startswith("mid_block."):
         parts = rest.split(".")
         kind, index, tail = parts[1], int(parts[2]), ".".join(parts[3:])
@@ -224,9 +225,8 @@ def write_tiny_model_files(
     downsamplings); processor: another tokenizer and image processor (default `build_tiny_processor()`),
     whose vocabulary the text encoder's embedding follows."""
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
     from face_consistency.trainer.models import text_encoder_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
@@ -257,9 +257,9 @@ def write_tiny_model_files(
     te_sd: dict[str, torch.Tensor] = {}
     for key, value in text_model.state_dict().items():
         if key.startswith("model.language_model."):
-            key = "model." + key[len("model.language_model."):]
+            key = "model." + key[len("model.language_model.") :]
         elif key.startswith("model.visual."):
-            key = key[len("model."):]
+            key = key[len("model.") :]
         elif key == "lm_head.weight":
             continue  # ComfyUI's text-encoder files carry no LM head
         te_sd[key] = value.contiguous()
@@ -354,10 +354,19 @@ def write_tiny_dataset(
         for k, control in enumerate(control_images):
             name = f"{stem}.png" if controls_per_target == 1 else f"{stem}_{k}.png"
             control.save(controls / name)
-    general = {"resolution": list(size), "caption_extension": ".txt", "batch_size": batch_size,
-               "num_repeats": num_repeats, "enable_bucket": enable_bucket, "bucket_no_upscale": False}
-    return write_dataset_config(root / "dataset.toml", general, [
-        {"image_directory": str(images), "control_directory": str(controls), "cache_directory": str(cache)}])
+    general = {
+        "resolution": list(size),
+        "caption_extension": ".txt",
+        "batch_size": batch_size,
+        "num_repeats": num_repeats,
+        "enable_bucket": enable_bucket,
+        "bucket_no_upscale": False,
+    }
+    return write_dataset_config(
+        root / "dataset.toml",
+        general,
+        [{"image_directory": str(images), "control_directory": str(controls), "cache_directory": str(cache)}],
+    )
 
 
 def tiny_train_argv(
@@ -371,31 +380,51 @@ def tiny_train_argv(
 ) -> list[str]:
     """The seed guide's flag set, sized for the tiny models on a CPU (arguments after `train`)."""
     return [
-        "--dit", str(files.dit),
-        "--vae", str(files.vae),
-        "--text_encoder", str(files.text_encoder),
-        "--tokenizer", str(files.tokenizer_dir),
-        "--dataset_config", str(dataset_toml),
+        "--dit",
+        str(files.dit),
+        "--vae",
+        str(files.vae),
+        "--text_encoder",
+        str(files.text_encoder),
+        "--tokenizer",
+        str(files.tokenizer_dir),
+        "--dataset_config",
+        str(dataset_toml),
         "--edit_plus",
         "--sdpa",
-        "--mixed_precision", "no",
-        "--timestep_sampling", "shift",
-        "--discrete_flow_shift", "2.2",
-        "--weighting_scheme", "none",
-        "--optimizer_type", "AdamW",
-        "--learning_rate", "1e-3",
-        "--network_module", "networks.lora_qwen_image",
-        "--network_dim", "4",
-        "--network_alpha", "4",
-        "--max_train_steps", str(max_train_steps),
-        "--output_dir", str(output_dir),
-        "--output_name", output_name,
-        "--seed", "42",
+        "--mixed_precision",
+        "no",
+        "--timestep_sampling",
+        "shift",
+        "--discrete_flow_shift",
+        "2.2",
+        "--weighting_scheme",
+        "none",
+        "--optimizer_type",
+        "AdamW",
+        "--learning_rate",
+        "1e-3",
+        "--network_module",
+        "networks.lora_qwen_image",
+        "--network_dim",
+        "4",
+        "--network_alpha",
+        "4",
+        "--max_train_steps",
+        str(max_train_steps),
+        "--output_dir",
+        str(output_dir),
+        "--output_name",
+        output_name,
+        "--seed",
+        "42",
         *extra,
     ]
 
 
-def write_tiny_prompts(dataset_dir: str | Path, n: int = 1, *, size: tuple[int, int] = (32, 32), steps: int = 2) -> Path:
+def write_tiny_prompts(
+    dataset_dir: str | Path, n: int = 1, *, size: tuple[int, int] = (32, 32), steps: int = 2
+) -> Path:
     """A musubi prompt file using the tiny dataset's controls (written by write_tiny_dataset)."""
     controls = sorted((Path(dataset_dir) / "controls").glob("*.png"))
     lines = ["# tiny sample prompts"]

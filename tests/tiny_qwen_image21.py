@@ -10,6 +10,7 @@ first. The text encoder as ComfyUI's `qwen3vl_8b_*` files: `model.*` language mo
 vision tower, `lm_head.weight`. Each file carries its tiny architecture in the safetensors metadata
 entry `config`, which the trainer's loaders prefer over the shipped full-size configs.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-
 from tiny_qwen import DIT_PREFIX, build_tiny_processor, fp8_scaled, tiny_text_encoder_config
 
 TINY_21_TRANSFORMER_CONFIG = {
@@ -59,8 +59,12 @@ def tiny_qwen3_vl_config(tokenizer, hidden_size: int = TINY_21_TRANSFORMER_CONFI
     config = tiny_text_encoder_config(tokenizer, hidden_size)
     text = config["text_config"]
     text["head_dim"] = 16
-    text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
-                               "mrope_interleaved": True}
+    text["rope_parameters"] = {
+        "rope_type": "default",
+        "rope_theta": 5000000.0,
+        "mrope_section": [2, 3, 3],
+        "mrope_interleaved": True,
+    }
     vision = {k: v for k, v in config["vision_config"].items() if k not in ("window_size", "fullatt_block_indexes")}
     vision.update(patch_size=16, num_position_embeddings=16, deepstack_visual_indexes=[0])
     return {**config, "model_type": "qwen3_vl", "text_config": text, "vision_config": vision}
@@ -79,7 +83,11 @@ def tiny_qwen_image21_transformer(seed: int = 0, config: dict = TINY_21_TRANSFOR
 
 
 def write_tiny_qwen_image21_files(
-    directory: str | Path, *, seed: int = 0, dit_prefix: bool = True, dit_fp8: bool = False,
+    directory: str | Path,
+    *,
+    seed: int = 0,
+    dit_prefix: bool = True,
+    dit_fp8: bool = False,
     text_encoder_fp8: bool = False,
 ) -> TinyQwenImage21Files:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
@@ -100,7 +108,7 @@ def write_tiny_qwen_image21_files(
     te_sd = {}
     for key, value in text_model.state_dict().items():
         if key.startswith("model.language_model."):
-            key = "model." + key[len("model.language_model."):]
+            key = "model." + key[len("model.language_model.") :]
         te_sd[key] = value.contiguous()
     if text_encoder_fp8:
         te_sd = fp8_scaled(te_sd)

@@ -1,15 +1,16 @@
 """Real trainer runs for job-control, node and route tests: tiny models and dataset, written once per session."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 import pytest
-
 from tiny_qwen import TinyModelFiles, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 
 T = TypeVar("T")
@@ -40,8 +41,11 @@ class TinyTraining:
     def install_into_comfyui(self, comfy_base: Path) -> ComfyTinyFiles:
         """Link the model files into ComfyUI's diffusion_models / vae / text_encoders folders (ComfyUI
         resolves those names itself), and copy the dataset and the tokenizer into its input folder."""
-        for folder, path in (("diffusion_models", self.files.dit), ("vae", self.files.vae),
-                             ("text_encoders", self.files.text_encoder)):
+        for folder, path in (
+            ("diffusion_models", self.files.dit),
+            ("vae", self.files.vae),
+            ("text_encoders", self.files.text_encoder),
+        ):
             target = comfy_base / "models" / folder / path.name
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():

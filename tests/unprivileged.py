@@ -1,12 +1,13 @@
 """Run a command that file permissions apply to. Root reads and writes through any mode bits:
 as root the command runs without the capabilities that allow it (CAP_DAC_OVERRIDE,
 CAP_DAC_READ_SEARCH), so the owner's bits of a file count as for any user."""
+
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-from typing import Sequence
+from collections.abc import Sequence
 
 import pytest
 

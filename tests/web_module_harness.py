@@ -3,6 +3,7 @@
 The module is copied to where ComfyUI serves it (`extensions/<pack>/`), so its relative imports of
 `../../scripts/app.js` etc. resolve to the stand-ins; the harness prints one JSON line, returned parsed.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ import pytest
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 NODE = shutil.which("node")
-needs_node = pytest.mark.skipif(NODE is None, reason="Node.js is not installed (the pack's web modules run in the browser)")
+needs_node = pytest.mark.skipif(
+    NODE is None, reason="Node.js is not installed (the pack's web modules run in the browser)"
+)
 
 
 def run_web_module(tmp_path: Path, module_name: str, scripts: dict[str, str], harness_js: str) -> Any:

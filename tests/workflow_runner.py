@@ -4,6 +4,7 @@ Links `[node_id, output_index]` are resolved in dependency order; nodes that are
 (PreviewImage and the like) are checked for nothing and skipped, as are nodes that feed only them.
 Lists (OUTPUT_IS_LIST / INPUT_IS_LIST) are not mapped over: use it for graphs without them.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,9 @@ def check_inputs(workflow: dict[str, dict[str, Any]]) -> None:
         required, optional = spec.get("required", {}), spec.get("optional", {})
         missing = set(required) - set(node["inputs"])
         unknown = set(node["inputs"]) - set(required) - set(optional)
-        assert not missing and not unknown, f"node {node_id} ({node['class_type']}): missing {missing}, unknown {unknown}"
+        assert not missing and not unknown, (
+            f"node {node_id} ({node['class_type']}): missing {missing}, unknown {unknown}"
+        )
 
 
 def run_workflow(workflow: dict[str, dict[str, Any]]) -> dict[str, tuple[Any, ...]]:

@@ -1,4 +1,5 @@
 """`python -m face_consistency.trainer ...` (also under `accelerate launch -m`)."""
+
 import sys
 
 from .cli import main

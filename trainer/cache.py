@@ -9,14 +9,16 @@ Each file records a fingerprint of its inputs (image files' size and mtime, buck
 model file) in its metadata; a cache is reused while the fingerprint matches and rebuilt when
 anything changed. Writes are atomic, so an interrupted caching run never leaves a half file.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
@@ -70,8 +72,11 @@ def cached_fingerprint(path: Path) -> str | None:
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={FINGERPRINT_KEY: fingerprint})
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={FINGERPRINT_KEY: fingerprint},
+        )
 
 
 def _open_rgb(path: Path) -> Image.Image:
@@ -209,4 +214,3 @@ def load_cached_item(item: DatasetItem) -> dict[str, torch.Tensor]:
         except (FileNotFoundError, SafetensorError, OSError) as exc:
             raise DatasetConfigError(f"cache file {path} of {item.target} is missing or unreadable: {exc}") from exc
     return tensors
-

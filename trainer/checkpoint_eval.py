@@ -9,12 +9,13 @@ when installed, the dlib judge) and against the training targets (the face's cos
 image's correlation, which flags near-copies). The table and the recommendation are
 `training_contract/checkpoint_choice.py`'s.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -54,9 +55,12 @@ class ValidationLoss:
         return self._noise[key]
 
     @torch.no_grad()
-    def measure(self, batch_of: Callable[[list[DatasetItem]], object],
-                velocity_of: Callable[[object], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
-                device: torch.device) -> dict[str, float]:
+    def measure(
+        self,
+        batch_of: Callable[[list[DatasetItem]], object],
+        velocity_of: Callable[[object], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+        device: torch.device,
+    ) -> dict[str, float]:
         """`val_loss` (the mean over the sigmas) and `val_loss/sigma_<s>` for each sigma."""
         totals = dict.fromkeys(self.sigmas, 0.0)
         for index, item in enumerate(self.items):
@@ -75,8 +79,9 @@ class ValidationLoss:
 def thumbnail(path: Path) -> np.ndarray:
     """The image as a zero-mean, unit-norm grey THUMBNAIL_SIDE² vector (a flat image: all zeros)."""
     with Image.open(path) as image:
-        grey = np.asarray(image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR),
-                          np.float64).ravel()
+        grey = np.asarray(
+            image.convert("L").resize((THUMBNAIL_SIDE, THUMBNAIL_SIDE), Image.Resampling.BILINEAR), np.float64
+        ).ravel()
     grey -= grey.mean()
     norm = np.linalg.norm(grey)
     return grey / norm if norm > 0 else grey
@@ -85,14 +90,21 @@ def thumbnail(path: Path) -> np.ndarray:
 class SampleEvidence:
     """Scores one checkpoint's samples: held-out likeness and nearness to the training targets."""
 
-    def __init__(self, training_targets: Sequence[Path], model: FaceModel | None = None,
-                 references: Sequence[Path] = (), judge: DlibJudge | None = None) -> None:
+    def __init__(
+        self,
+        training_targets: Sequence[Path],
+        model: FaceModel | None = None,
+        references: Sequence[Path] = (),
+        judge: DlibJudge | None = None,
+    ) -> None:
         self.target_thumbnails = np.stack([thumbnail(p) for p in training_targets])
         self.model = model
         self.references = list(references)
         self.judge = judge
         self.reference = model.identity(self.references) if model is not None and self.references else None
-        self.judge_reference = judge.identity(self.references).descriptor if judge is not None and self.references else None
+        self.judge_reference = (
+            judge.identity(self.references).descriptor if judge is not None and self.references else None
+        )
         self.target_embeddings = None
         if model is not None:
             found = [r.embedding for r in model.analyze(list(training_targets)) if r.ok]
@@ -114,8 +126,11 @@ class SampleEvidence:
             if faces and self.target_embeddings is not None:
                 fields["nearest_target"] = float(np.max(np.stack(faces) @ self.target_embeddings.T))
         if self.judge is not None and self.judge_reference is not None and samples:
-            judged = [verdict(r.descriptor, self.judge_reference).similarity
-                      for r in self.judge.judge_all(list(samples)) if r.ok]
+            judged = [
+                verdict(r.descriptor, self.judge_reference).similarity
+                for r in self.judge.judge_all(list(samples))
+                if r.ok
+            ]
             if judged:
                 fields["likeness_dlib"] = float(np.mean(judged))
         return fields
@@ -128,16 +143,23 @@ def build_sample_evidence(args: argparse.Namespace, training_targets: Sequence[P
     if not references:
         return SampleEvidence(training_targets)
     try:
-        model = load_face_model(args.face_model_name, models_root=args.face_models_root, provider=args.face_device,
-                                det_size=args.face_det_size, allow_download=not args.offline,
-                                progress=TerminalProgress())
+        model = load_face_model(
+            args.face_model_name,
+            models_root=args.face_models_root,
+            provider=args.face_device,
+            det_size=args.face_det_size,
+            allow_download=not args.offline,
+            progress=TerminalProgress(),
+        )
     except (ProviderError, FaceEngineError) as exc:
         raise ValueError(f"--likeness_references: face model pack {args.face_model_name!r}: {exc}") from None
     try:
         judge = load_judge()
     except JudgeNotInstalledError:
-        log.info("the dlib judge is not installed: held-out likeness from the training pack only "
-                 "(pip install \"comfyui-face-consistency[judge]\" adds it)")
+        log.info(
+            "the dlib judge is not installed: held-out likeness from the training pack only "
+            '(pip install "comfyui-face-consistency[judge]" adds it)'
+        )
         judge = None
     try:
         return SampleEvidence(training_targets, model, references, judge)

@@ -5,6 +5,7 @@ Also `python -m face_consistency.trainer ...` and `accelerate launch -m face_con
 the command line win. Exit codes: 0 completed or stopped, 1 failed while training, 2 bad
 arguments/configuration (reported in status.json too when --output_dir is known).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers.optimization import SchedulerType
@@ -24,7 +26,13 @@ from diffusers.optimization import SchedulerType
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
 from ..faceid.pairing import list_images
-from ..musubi_formats.dataset import DatasetConfigError, DatasetGroup, check_held_out, load_dataset_config, split_validation
+from ..musubi_formats.dataset import (
+    DatasetConfigError,
+    DatasetGroup,
+    check_held_out,
+    load_dataset_config,
+    split_validation,
+)
 from ..musubi_formats.names import output_name_problem
 from ..training_contract import libraries
 from ..training_contract.checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
@@ -43,8 +51,8 @@ from ..training_contract.options import (
     WEIGHTING_SCHEMES,
     Option,
     add_arguments,
-    contrastive_problem,
     check_values,
+    contrastive_problem,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
 from .checkpoint_eval import build_sample_evidence
@@ -97,6 +105,7 @@ def _flatten(table: dict[str, Any]) -> dict[str, Any]:
 def _config_type_error(option: Option, value: Any) -> str | None:
     """What is wrong with a --config_file value for `option`, strictly (TOML has types; a string is
     no boolean), or None when it fits."""
+
     def fits(item: Any) -> bool:
         if isinstance(item, bool):
             return False
@@ -123,7 +132,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(list(argv))
     if unknown:
         described = [
-            f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" if u.split("=")[0] in UNSUPPORTED_FLAGS else u for u in unknown
+            f"{u} ({UNSUPPORTED_FLAGS[u.split('=')[0]]})" if u.split("=")[0] in UNSUPPORTED_FLAGS else u
+            for u in unknown
         ]
         raise ConfigError(f"unknown or unsupported argument(s): {', '.join(described)}")
     _check_values(args)  # the command line's, --config_file among them, before that file is read
@@ -210,8 +220,10 @@ def _model_version(args: argparse.Namespace) -> str:
         name = _choice(args.model_version, tuple(MODEL_VERSIONS), "--model_version", case_insensitive=True)
         chosen[f"--model_version {args.model_version}"] = name
     if not chosen:
-        raise ConfigError("this trainer trains Qwen-Image-Edit: pass --model_version edit-2509 (or edit-2511, edit; "
-                          "--edit_plus and --edit are musubi's older spellings)")
+        raise ConfigError(
+            "this trainer trains Qwen-Image-Edit: pass --model_version edit-2509 (or edit-2511, edit; "
+            "--edit_plus and --edit are musubi's older spellings)"
+        )
     if len(set(chosen.values())) > 1:
         raise ConfigError(f"{' and '.join(chosen)} conflict: pass one --model_version ({', '.join(MODEL_VERSIONS)})")
     return next(iter(chosen.values()))
@@ -220,8 +232,11 @@ def _model_version(args: argparse.Namespace) -> str:
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check everything checkable without loading a model; fills derived fields (the parsed dataset
     and sample prompts among them)."""
-    missing = [f"--{name}" for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
-               if not getattr(args, name)]
+    missing = [
+        f"--{name}"
+        for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
+        if not getattr(args, name)
+    ]
     if missing:
         raise ConfigError(f"missing required argument(s): {', '.join(missing)}")
     name_problem = output_name_problem(args.output_name)
@@ -251,8 +266,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         _check_network_weights(Path(args.network_weights), args.network_dim)
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
-    args.mixed_precision = _choice(args.mixed_precision or default_mixed_precision(), MIXED_PRECISION,
-                                   "--mixed_precision")
+    args.mixed_precision = _choice(
+        args.mixed_precision or default_mixed_precision(), MIXED_PRECISION, "--mixed_precision"
+    )
     args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
     args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
     args.rope_positions = _choice(args.rope_positions, ROPE_POSITIONS, "--rope_positions")
@@ -260,7 +276,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
     if args.network_module not in ACCEPTED_NETWORK_MODULES:
         raise ConfigError(f"--network_module {args.network_module!r}: this trainer trains LoRA ({NETWORK_MODULE})")
-    sampling_flags = [f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)]
+    sampling_flags = [
+        f for f in ("sample_every_n_steps", "sample_every_n_epochs", "sample_at_first") if getattr(args, f)
+    ]
     if sampling_flags and not args.sample_prompts:
         raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")
     if args.optimizer_type == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
@@ -277,8 +295,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.enable_face_loss:
         args.face_decode = _choice(args.face_decode, FACE_DECODE_MODES, "--face_decode")
         args.face_device = _choice(args.face_device, FACE_DEVICES, "--face_device")
-        args.face_loss_t_weighting = _choice(args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS,
-                                             "--face_loss_t_weighting")
+        args.face_loss_t_weighting = _choice(
+            args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS, "--face_loss_t_weighting"
+        )
         args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
         _check_contrastive(args)
     try:
@@ -292,8 +311,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         several = [str(i.target) for i in group.items if len(i.controls) != 1]
         several += [f"sample prompt {p.index}" for p in prompts if len(p.controls) != 1]
         if several:
-            raise ConfigError(f"--model_version edit takes exactly one control image per target ({several[0]} has "
-                              "more); use edit-2509 or edit-2511 for several")
+            raise ConfigError(
+                f"--model_version edit takes exactly one control image per target ({several[0]} has "
+                "more); use edit-2509 or edit-2511 for several"
+            )
     _check_prompt_lengths(group, prompts, args)
     if args.seed is None:
         args.seed = random.randint(0, 2**31 - 1)
@@ -310,13 +331,17 @@ def _held_out_items(args: argparse.Namespace, group: DatasetGroup) -> DatasetGro
         check_held_out(group)
     if args.validation_split:
         if group.validation:
-            raise ConfigError("--validation_split holds out training items, but validation items are given "
-                              "already (a validation dataset or validation = true): use one or the other")
+            raise ConfigError(
+                "--validation_split holds out training items, but validation items are given "
+                "already (a validation dataset or validation = true): use one or the other"
+            )
         group = split_validation(group, args.validation_split, args.validation_seed)
     args.validation_sigmas = sorted(set(args.validation_sigmas or DEFAULT_VALIDATION_SIGMAS), reverse=True)
     if args.validate_every_n_steps and not group.validation:
-        raise ConfigError("--validate_every_n_steps needs held-out items: --validation_split, "
-                          "--validation_dataset_config or a [[datasets]] entry with validation = true")
+        raise ConfigError(
+            "--validate_every_n_steps needs held-out items: --validation_split, "
+            "--validation_dataset_config or a [[datasets]] entry with validation = true"
+        )
     return group
 
 
@@ -333,12 +358,19 @@ def _likeness_references(args: argparse.Namespace, group: DatasetGroup, prompts:
     if not photos:
         raise ConfigError(f"--likeness_references {folder}: no images in it")
     used = {item.target.resolve(): "a training target" for item in group.items}
-    used.update({control.resolve(): f"the control of sample prompt {n + 1}"
-                 for n, prompt in enumerate(prompts) for control in prompt.controls})
+    used.update(
+        {
+            control.resolve(): f"the control of sample prompt {n + 1}"
+            for n, prompt in enumerate(prompts)
+            for control in prompt.controls
+        }
+    )
     for photo in photos:
         if photo.resolve() in used:
-            raise ConfigError(f"--likeness_references {photo} is {used[photo.resolve()]}: the likeness must be "
-                              "measured against photos the LoRA never saw and the samples do not start from")
+            raise ConfigError(
+                f"--likeness_references {photo} is {used[photo.resolve()]}: the likeness must be "
+                "measured against photos the LoRA never saw and the samples do not start from"
+            )
     return photos
 
 
@@ -358,8 +390,10 @@ def _check_prompt_lengths(group: Any, prompts: list, args: argparse.Namespace) -
     for where, text in long:
         count = len(tokenizer(text)["input_ids"])
         if count > MAX_PROMPT_TOKENS:
-            raise ConfigError(f"{where} is {count} tokens long; Qwen-Image's text encoder takes at most "
-                              f"{MAX_PROMPT_TOKENS}: shorten it (it begins {text[:60]!r})")
+            raise ConfigError(
+                f"{where} is {count} tokens long; Qwen-Image's text encoder takes at most "
+                f"{MAX_PROMPT_TOKENS}: shorten it (it begins {text[:60]!r})"
+            )
 
 
 def _check_output_dir(folder: Path) -> None:
@@ -367,8 +401,9 @@ def _check_output_dir(folder: Path) -> None:
         raise ConfigError(f"--output_dir {folder} is a file, not a folder: choose a folder for the run")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir {folder}: {existing} is not writable by this user; choose a folder you can "
-                          "write to")
+        raise ConfigError(
+            f"--output_dir {folder}: {existing} is not writable by this user; choose a folder you can write to"
+        )
 
 
 def _check_network_weights(file: Path, network_dim: int) -> None:
@@ -379,8 +414,10 @@ def _check_network_weights(file: Path, network_dim: int) -> None:
     except NetworkArgsError as exc:
         raise ConfigError(str(exc)) from None
     if ranks != {network_dim}:
-        raise ConfigError(f"--network_weights {file} was trained at rank {', '.join(map(str, sorted(ranks)))}: "
-                          f"pass --network_dim {max(ranks)} (got {network_dim}) to train it on")
+        raise ConfigError(
+            f"--network_weights {file} was trained at rank {', '.join(map(str, sorted(ranks)))}: "
+            f"pass --network_dim {max(ranks)} (got {network_dim}) to train it on"
+        )
 
 
 def _check_resume(folder: Path, args: argparse.Namespace) -> None:
@@ -390,11 +427,14 @@ def _check_resume(folder: Path, args: argparse.Namespace) -> None:
         raise ConfigError(str(exc)) from None
     rank = state_lora_rank(folder)
     if rank is not None and rank != args.network_dim:
-        raise ConfigError(f"--resume {folder} was trained at rank {rank}: pass --network_dim {rank} "
-                          f"(got {args.network_dim})")
+        raise ConfigError(
+            f"--resume {folder} was trained at rank {rank}: pass --network_dim {rank} (got {args.network_dim})"
+        )
     if args.max_train_epochs is None and progress["step"] >= args.max_train_steps:
-        raise ConfigError(f"--resume {folder} is at step {progress['step']}, which --max_train_steps "
-                          f"{args.max_train_steps} has already reached: raise --max_train_steps to train on")
+        raise ConfigError(
+            f"--resume {folder} is at step {progress['step']}, which --max_train_steps "
+            f"{args.max_train_steps} has already reached: raise --max_train_steps to train on"
+        )
 
 
 def build_hooks(args: argparse.Namespace) -> list:
@@ -426,8 +466,9 @@ def _report_config_error(output_dir: str | None, message: str) -> None:
     if output_dir:
         try:
             Path(output_dir).mkdir(parents=True, exist_ok=True)
-            write_status(output_dir, {"state": JobState.FAILED, "pid": os.getpid(), "error": message,
-                                      "log_tail": [message]})
+            write_status(
+                output_dir, {"state": JobState.FAILED, "pid": os.getpid(), "error": message, "log_tail": [message]}
+            )
         except OSError:  # a file where the folder should be, a read-only disk: stderr is all there is
             pass
 
@@ -489,11 +530,17 @@ def _is_main_process() -> bool:
 def _run(args: argparse.Namespace, hooks: list) -> int:
     try:
         state = run_training(args, hooks)
-    except (ModelFileError, DatasetConfigError, PromptFileError, NetworkArgsError, TrainingDivergedError,
-            CheckpointWriteError) as exc:
+    except (
+        ModelFileError,
+        DatasetConfigError,
+        PromptFileError,
+        NetworkArgsError,
+        TrainingDivergedError,
+        CheckpointWriteError,
+    ) as exc:
         print(f"face-consistency train: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except Exception:  # noqa: BLE001 - already recorded as `failed` with the traceback tail
+    except Exception:
         log.exception("training failed")
         return EXIT_FAILED
     return EXIT_OK if state in (JobState.COMPLETED, JobState.STOPPED) else EXIT_FAILED

@@ -13,13 +13,15 @@ gradient reaches the pixels of a decoded image:
   have a face and a low enough timestep, plus optionally WithAnyone's InfoNCE term, which
   also pushes each face away from other people's identities (`contrastive_weight`).
 """
+
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +40,6 @@ ARCFACE_TEMPLATE_112 = (
     (41.5493, 92.3655),
     (70.7299, 92.2041),
 )
-
-
 
 
 class RecognizerLoadError(ModelPackError):
@@ -155,7 +155,12 @@ def face_region_boxes(
     width, height = image_size
     M = _homogeneous(estimate_norm(kps, crop_size))
     corners = kps.new_tensor(
-        [[-0.5, -0.5, 1.0], [crop_size - 0.5, -0.5, 1.0], [-0.5, crop_size - 0.5, 1.0], [crop_size - 0.5, crop_size - 0.5, 1.0]],
+        [
+            [-0.5, -0.5, 1.0],
+            [crop_size - 0.5, -0.5, 1.0],
+            [-0.5, crop_size - 0.5, 1.0],
+            [crop_size - 0.5, crop_size - 0.5, 1.0],
+        ],
         dtype=torch.float64,
     )
     footprint = (torch.linalg.inv(M) @ corners.T)[:, :2, :]  # [B, 2, 4] crop corners in image pixels
@@ -237,8 +242,12 @@ def recognizer_spec(recognizer: Any, onnx_path: Path) -> RecognizerSpec:
     width, height = recognizer.input_size
     if width != height:
         raise RecognizerLoadError(f"{onnx_path} has a non-square input {width}x{height}")
-    return RecognizerSpec(onnx_path=onnx_path, input_size=int(width), input_mean=float(recognizer.input_mean),
-                          input_std=float(recognizer.input_std))
+    return RecognizerSpec(
+        onnx_path=onnx_path,
+        input_size=int(width),
+        input_mean=float(recognizer.input_mean),
+        input_std=float(recognizer.input_std),
+    )
 
 
 class FrozenFaceRecognizer(nn.Module):
@@ -256,7 +265,7 @@ class FrozenFaceRecognizer(nn.Module):
         super().train(False)
 
     @classmethod
-    def from_onnx(cls, spec: RecognizerSpec) -> "FrozenFaceRecognizer":
+    def from_onnx(cls, spec: RecognizerSpec) -> FrozenFaceRecognizer:
         from onnx2torch import convert
 
         try:
@@ -270,12 +279,12 @@ class FrozenFaceRecognizer(nn.Module):
         cls,
         pack: str | os.PathLike,
         models_root: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    ) -> "FrozenFaceRecognizer":
+    ) -> FrozenFaceRecognizer:
         """Convert the recognizer of `pack` (resolved like `load_face_model(pack, models_root=...)`)."""
         return cls.from_onnx(find_recognizer(pack, models_root))
 
     @classmethod
-    def from_face_model(cls, model: Any) -> "FrozenFaceRecognizer":
+    def from_face_model(cls, model: Any) -> FrozenFaceRecognizer:
         """Convert the recognizer a loaded `faceid.FaceModel` embeds with (no second pack lookup or session)."""
         return cls.from_onnx(recognizer_spec(model.recognizer, Path(model.recognizer.model_file)))
 
@@ -290,7 +299,7 @@ class FrozenFaceRecognizer(nn.Module):
         saved, _ = measure_saved_bytes(lambda: self(faces), [self])
         return saved
 
-    def train(self, mode: bool = True) -> "FrozenFaceRecognizer":
+    def train(self, mode: bool = True) -> FrozenFaceRecognizer:
         # A parent's .train() must not reach BatchNorm here: a train-mode pass would
         # normalise with batch statistics and overwrite the running ones.
         return super().train(False)
@@ -324,8 +333,15 @@ class FaceIdentityLoss(nn.Module):
     the reference as the one positive and other people's embeddings as the negatives.
     """
 
-    def __init__(self, recognizer: FrozenFaceRecognizer, weight: float = 0.1, max_t: float | None = None,
-                 t_weighting: str = "none", contrastive_weight: float = 0.0, temperature: float = 0.07) -> None:
+    def __init__(
+        self,
+        recognizer: FrozenFaceRecognizer,
+        weight: float = 0.1,
+        max_t: float | None = None,
+        t_weighting: str = "none",
+        contrastive_weight: float = 0.0,
+        temperature: float = 0.07,
+    ) -> None:
         super().__init__()
         if max_t is not None and not 0.0 <= max_t <= 1.0:
             raise ValueError(f"max_t is a flow-matching timestep in [0, 1], got {max_t}")
@@ -344,7 +360,9 @@ class FaceIdentityLoss(nn.Module):
 
     def active(self, t: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Bool [B]: samples the loss uses. Decode only these to save time and memory."""
-        return valid.to(device=t.device, dtype=torch.bool).flatten() & (t.detach().flatten().float() <= self.max_t + 1e-6)
+        return valid.to(device=t.device, dtype=torch.bool).flatten() & (
+            t.detach().flatten().float() <= self.max_t + 1e-6
+        )
 
     def embed(self, images: torch.Tensor, kps: torch.Tensor, source_region: torch.Tensor | None = None) -> torch.Tensor:
         """Unit-length embeddings [B, D] (fp32, differentiable) of each image's face."""
@@ -364,8 +382,13 @@ class FaceIdentityLoss(nn.Module):
 
     def info_nce(self, embeddings: torch.Tensor, reference: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
         """[B]: -log of the softmax weight of the positive (the reference) among it and the negatives [N, D]."""
-        logits = torch.cat([cosine_to(embeddings, reference).unsqueeze(1),
-                            embeddings @ F.normalize(negatives.to(embeddings), dim=-1, eps=1e-6).T], dim=1)
+        logits = torch.cat(
+            [
+                cosine_to(embeddings, reference).unsqueeze(1),
+                embeddings @ F.normalize(negatives.to(embeddings), dim=-1, eps=1e-6).T,
+            ],
+            dim=1,
+        )
         return -F.log_softmax(logits / self.temperature, dim=1)[:, 0]
 
     def forward(
@@ -399,7 +422,9 @@ class FaceIdentityLoss(nn.Module):
         metrics.update(similarity_metrics(sims, used_t))
         metrics["loss/face"] = float(loss.detach())
         if self.contrastive_weight > 0:
-            contrastive = self.contrastive_weight * (step_weight * self.info_nce(embeddings, used_reference, negatives)).mean()
+            contrastive = (
+                self.contrastive_weight * (step_weight * self.info_nce(embeddings, used_reference, negatives)).mean()
+            )
             metrics["loss/face_contrastive"] = float(contrastive.detach())
             loss = loss + contrastive
         return FaceLossOutput(loss=loss, metrics=metrics)
@@ -427,8 +452,13 @@ class FaceIdentityLoss(nn.Module):
         return {"face/valid": int(use.sum()), "face/no_face": int((~valid.to(torch.bool)).sum())}
 
 
-def _select(use: torch.Tensor, images: torch.Tensor, kps: torch.Tensor, reference: torch.Tensor,
-            source_region: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _select(
+    use: torch.Tensor,
+    images: torch.Tensor,
+    kps: torch.Tensor,
+    reference: torch.Tensor,
+    source_region: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The samples `use` marks, of each per-sample input (a single source_region is broadcast)."""
     region = None if source_region is None else source_region.expand(images.shape[0], 4)[use.to(source_region.device)]
     return images[use.to(images.device)], kps[use.to(kps.device)], reference[use.to(reference.device)], region

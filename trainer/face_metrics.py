@@ -9,10 +9,12 @@ with `heldout_` after `face_sim/` for the held-out pack (`--face_eval_model`). W
 0.5 at its same-person threshold), with `face_sim/heldout_x0_distance_mean` and
 `face_sim/heldout_x0_no_face` (estimates in which the judge's own detector found no face).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..faceid import FaceModel
 from ..faceid.evaluate import EvaluationSources, FolderEvaluation
@@ -24,8 +26,11 @@ HELDOUT = "heldout_"
 
 def heldout_keys(metrics: dict[str, Any]) -> dict[str, Any]:
     """`face_sim/x0_mean` -> `face_sim/heldout_x0_mean`: the held-out pack's figures beside the training pack's."""
-    return {key.replace("face_sim/", f"face_sim/{HELDOUT}", 1): value for key, value in metrics.items()
-            if key.startswith("face_sim/")}
+    return {
+        key.replace("face_sim/", f"face_sim/{HELDOUT}", 1): value
+        for key, value in metrics.items()
+        if key.startswith("face_sim/")
+    }
 
 
 class SampleScorer:
@@ -36,8 +41,9 @@ class SampleScorer:
     embeddings between rounds, so each control is embedded once per run.
     """
 
-    def __init__(self, model: FaceModel, sample_dir: Path, sample_prompts: Path, prefix: str = "",
-                 judge: DlibJudge | None = None) -> None:
+    def __init__(
+        self, model: FaceModel, sample_dir: Path, sample_prompts: Path, prefix: str = "", judge: DlibJudge | None = None
+    ) -> None:
         self.model = model
         self.sample_dir = sample_dir
         self.sample_prompts = sample_prompts
@@ -49,7 +55,8 @@ class SampleScorer:
         """`face_sim/{prefix}sample_mean|min|max|count` for the images `paths` (one sampling round)."""
         if self._evaluation is None:  # the sample folder exists once the first round is written
             self._evaluation = FolderEvaluation(
-                self.model, EvaluationSources(sample_dir=self.sample_dir, sample_prompts=self.sample_prompts),
+                self.model,
+                EvaluationSources(sample_dir=self.sample_dir, sample_prompts=self.sample_prompts),
                 judge=self.judge,
             )
         report = self._evaluation.run_round().report

@@ -4,13 +4,15 @@ For each training item: the target face's 5 keypoints (where the loss warps the 
 image), the target face's embedding, and the identity of the control images (mean of
 their normalised embeddings). An item without a face is a recorded result, not an error.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -157,7 +159,7 @@ class FaceTargetBatch:
     valid: torch.Tensor
     source_region: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "FaceTargetBatch":
+    def to(self, device: torch.device | str) -> FaceTargetBatch:
         return FaceTargetBatch(
             kps=self.kps.to(device),
             reference=self.reference.to(device),

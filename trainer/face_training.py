@@ -20,13 +20,15 @@ dlib` makes that the dlib judge (faceid/judge.py): another family, its own detec
 x0 estimates (always the whole target decoded) and on the samples, the controls' mean descriptor
 as the reference.
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,8 +69,9 @@ class FacePack:
     samples: SampleScorer | None
     targets: FaceTargetCache | None = None
 
-    def batch(self, items: list[DatasetItem], device: torch.device,
-              reference: ReferenceSource = MEASURED_REFERENCE) -> FaceTargetBatch:
+    def batch(
+        self, items: list[DatasetItem], device: torch.device, reference: ReferenceSource = MEASURED_REFERENCE
+    ) -> FaceTargetBatch:
         return collate_face_targets(self.targets.for_items(items), reference=reference).to(device)
 
     def without_face(self, reference: ReferenceSource = MEASURED_REFERENCE) -> dict[str, str]:
@@ -124,9 +127,15 @@ class JudgeHeldout:
         metrics: dict[str, Any] = {"face_sim/x0_count": len(similarities), "face_sim/x0_no_face": missing}
         if similarities:
             stats = summarize(similarities)
-            metrics.update({"face_sim/x0_mean": stats["mean"], "face_sim/x0_min": stats["min"],
-                            "face_sim/x0_max": stats["max"], "face_sim/x0": [round(s, 6) for s in similarities],
-                            "face_sim/x0_distance_mean": float(np.mean(distances))})
+            metrics.update(
+                {
+                    "face_sim/x0_mean": stats["mean"],
+                    "face_sim/x0_min": stats["min"],
+                    "face_sim/x0_max": stats["max"],
+                    "face_sim/x0": [round(s, 6) for s in similarities],
+                    "face_sim/x0_distance_mean": float(np.mean(distances)),
+                }
+            )
         return metrics
 
 
@@ -140,9 +149,14 @@ def load_judge_heldout() -> JudgeHeldout:
 def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
-        model = load_face_model(pack, models_root=args.face_models_root, provider=args.face_device,
-                                det_size=args.face_det_size, allow_download=not args.offline,
-                                progress=TerminalProgress())
+        model = load_face_model(
+            pack,
+            models_root=args.face_models_root,
+            provider=args.face_device,
+            det_size=args.face_det_size,
+            allow_download=not args.offline,
+            progress=TerminalProgress(),
+        )
         recognizer = FrozenFaceRecognizer.from_face_model(model)
     except ProviderError as exc:
         raise FaceSetupError(
@@ -154,14 +168,18 @@ def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: Dlib
     samples = None
     if args.sample_prompts:
         samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
-    loss = FaceIdentityLoss(recognizer, weight=args.face_loss_weight, max_t=args.face_loss_max_t,
-                            t_weighting=args.face_loss_t_weighting,
-                            contrastive_weight=args.face_loss_contrastive_weight,
-                            temperature=args.face_loss_temperature)
+    loss = FaceIdentityLoss(
+        recognizer,
+        weight=args.face_loss_weight,
+        max_t=args.face_loss_max_t,
+        t_weighting=args.face_loss_t_weighting,
+        contrastive_weight=args.face_loss_contrastive_weight,
+        temperature=args.face_loss_temperature,
+    )
     return FacePack(model, loss, samples)
 
 
-def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
+def build_training_hook(args: argparse.Namespace) -> FaceIdentityHook:
     """The hook for `--enable_face_loss` (metrics) and `--use_face_as_loss` (the loss too)."""
     heldout: FacePack | JudgeHeldout | None = None
     if args.face_eval_model == JUDGE_NAME:
@@ -174,15 +192,28 @@ def build_training_hook(args: argparse.Namespace) -> "FaceIdentityHook":
         if args.face_eval_model:
             heldout = load_face_pack(args, args.face_eval_model, HELDOUT)
         described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
-    log.info("face model %s (%s, %d-d) on %s%s", training.model.pack_name, training.model.pack_dir,
-             training.model.embedding_size, training.model.provider, described)
+    log.info(
+        "face model %s (%s, %d-d) on %s%s",
+        training.model.pack_name,
+        training.model.pack_dir,
+        training.model.embedding_size,
+        training.model.provider,
+        described,
+    )
     negatives = None
     if args.use_face_as_loss and args.face_loss_negatives:
         negatives = negative_embeddings(training.model, Path(args.face_loss_negatives))
-    return FaceIdentityHook(training, heldout, use_loss=args.use_face_as_loss, loss_every=args.face_loss_every,
-                            eval_frequency=args.face_eval_frequency, decode=args.face_decode,
-                            reference=args.face_loss_reference, rollout_steps=args.face_loss_rollout_steps,
-                            negatives=negatives)
+    return FaceIdentityHook(
+        training,
+        heldout,
+        use_loss=args.use_face_as_loss,
+        loss_every=args.face_loss_every,
+        eval_frequency=args.face_eval_frequency,
+        decode=args.face_decode,
+        reference=args.face_loss_reference,
+        rollout_steps=args.face_loss_rollout_steps,
+        negatives=negatives,
+    )
 
 
 def negative_embeddings(model: FaceModel, folder: Path) -> torch.Tensor:
@@ -194,16 +225,28 @@ def negative_embeddings(model: FaceModel, folder: Path) -> torch.Tensor:
             log.warning("--face_loss_negatives: %s is left out: %s", photo, result.reason)
     embeddings = [result.embedding for result in results if result.ok]
     if not embeddings:
-        raise FaceSetupError(f"--face_loss_negatives {folder}: no photo there has a face the {model.pack_name} "
-                             "detector finds; the contrastive term needs photos of other people")
+        raise FaceSetupError(
+            f"--face_loss_negatives {folder}: no photo there has a face the {model.pack_name} "
+            "detector finds; the contrastive term needs photos of other people"
+        )
     log.info("contrastive face loss: %d negatives from %s", len(embeddings), folder)
     return torch.from_numpy(np.stack(embeddings)).float()
 
 
 class FaceIdentityHook(TrainingHook):
-    def __init__(self, training: FacePack, heldout: FacePack | JudgeHeldout | None, *, use_loss: bool, loss_every: int,
-                 eval_frequency: int, decode: str = "face", reference: ReferenceSource = "control",
-                 rollout_steps: int = 1, negatives: torch.Tensor | None = None) -> None:
+    def __init__(
+        self,
+        training: FacePack,
+        heldout: FacePack | JudgeHeldout | None,
+        *,
+        use_loss: bool,
+        loss_every: int,
+        eval_frequency: int,
+        decode: str = "face",
+        reference: ReferenceSource = "control",
+        rollout_steps: int = 1,
+        negatives: torch.Tensor | None = None,
+    ) -> None:
         if decode not in FACE_DECODE_MODES:
             raise ValueError(f"face decode mode must be one of {', '.join(FACE_DECODE_MODES)}, got {decode!r}")
         self.reference = reference
@@ -240,10 +283,21 @@ class FaceIdentityHook(TrainingHook):
         skipped = self.training.without_face(self.reference if self.use_loss else MEASURED_REFERENCE)
         for target, reason in skipped.items():
             log.warning("face loss skips %s: %s", target, reason)
-        log.info("face targets (%s): %d built, %d reused, %d of %d without a usable face",
-                 self.training.model.pack_name, built, len(items) - built, len(skipped), len(items))
-        status = {"face_targets": len(items), "face_targets_built": built, "face_targets_reused": len(items) - built,
-                  "face_targets_without_face": len(skipped), "face_targets_skipped": skipped}
+        log.info(
+            "face targets (%s): %d built, %d reused, %d of %d without a usable face",
+            self.training.model.pack_name,
+            built,
+            len(items) - built,
+            len(skipped),
+            len(items),
+        )
+        status = {
+            "face_targets": len(items),
+            "face_targets_built": built,
+            "face_targets_reused": len(items) - built,
+            "face_targets_without_face": len(skipped),
+            "face_targets_skipped": skipped,
+        }
         if self.heldout:
             status["face_targets_heldout_without_face"] = len(self.heldout.without_face())
         return status
@@ -267,8 +321,9 @@ class FaceIdentityHook(TrainingHook):
             if bool(use.any()):
                 x0 = x0_hat if self.rollout_steps == 1 else state.x0_rollout(self.rollout_steps)
                 images, region = self._decode(state, x0[use], faces.kps[use], faces.source_region[use])
-                out = self.training.loss(images, faces.kps[use], faces.reference[use], faces.valid[use],
-                                         state.t[use], region, self.negatives)
+                out = self.training.loss(
+                    images, faces.kps[use], faces.reference[use], faces.valid[use], state.t[use], region, self.negatives
+                )
                 result.loss = out.loss
                 result.metrics.update({key: value for key, value in out.metrics.items() if key.startswith("loss/")})
         if eval_due:
@@ -284,39 +339,49 @@ class FaceIdentityHook(TrainingHook):
                     result.metrics.update(heldout_keys(self._measure(state, x0, self.heldout, whole)))
         return result
 
-    def _measure(self, state: StepState, x0_hat: torch.Tensor, pack: FacePack,
-                 whole: torch.Tensor | None = None) -> dict[str, Any]:
+    def _measure(
+        self, state: StepState, x0_hat: torch.Tensor, pack: FacePack, whole: torch.Tensor | None = None
+    ) -> dict[str, Any]:
         """Similarity of every sample's x0_hat face to its reference, whatever its t.
 
         `whole`: all samples already decoded by `_decode_whole`, reused instead of decoding again.
         """
         faces = pack.batch(state.items, x0_hat.device)
         valid = faces.valid
-        metrics: dict[str, Any] = {"face/valid": int(valid.sum()), "face/no_face": int((~valid).sum()),
-                                   "face_sim/x0_count": int(valid.sum())}
+        metrics: dict[str, Any] = {
+            "face/valid": int(valid.sum()),
+            "face/no_face": int((~valid).sum()),
+            "face_sim/x0_count": int(valid.sum()),
+        }
         if not bool(valid.any()):
             return metrics
         if whole is None:
             images, region = self._decode(state, x0_hat[valid], faces.kps[valid], faces.source_region[valid])
         else:
             images, region = whole[valid], faces.source_region[valid]
-        measured = pack.loss.measure(images, faces.kps[valid], faces.reference[valid], valid[valid], state.t[valid],
-                                     region)
+        measured = pack.loss.measure(
+            images, faces.kps[valid], faces.reference[valid], valid[valid], state.t[valid], region
+        )
         measured.pop("face/no_face")
         metrics.update(measured)
         metrics["face/t_mean"] = float(state.t[valid].float().mean())
         return metrics
 
-    def _decode(self, state: StepState, latents: torch.Tensor, kps: torch.Tensor,
-                image_region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(
+        self, state: StepState, latents: torch.Tensor, kps: torch.Tensor, image_region: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode [b, 16, 1, h, w] latents (with gradients) -> (pixels, the region of the target they show)."""
         if self.decode != "face":
             return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
         scale = vae_scale(state.vae.config)
         boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=scale)
-        crops = torch.stack([latents[i, :, :, y0 // scale : y1 // scale, x0 // scale : x1 // scale]
-                             for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())])
+        crops = torch.stack(
+            [
+                latents[i, :, :, y0 // scale : y1 // scale, x0 // scale : x1 // scale]
+                for i, (x0, y0, x1, y1) in enumerate(boxes.tolist())
+            ]
+        )
         return state.decode(crops), boxes.to(image_region)
 
     def _decode_whole(self, state: StepState, latents: torch.Tensor) -> torch.Tensor:

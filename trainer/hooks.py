@@ -5,11 +5,13 @@ The loop (`train.py`) calls, per hook: `on_cached` once after caching, before th
 `saved_bytes_per_sample` for the memory plan; `extra_loss` every micro-step, whose loss is added
 to the flow-matching loss before the backward pass; `on_samples` after each sampling round.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from accelerate import Accelerator

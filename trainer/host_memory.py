@@ -7,6 +7,7 @@ and the heaps fragment: measured on real-width DiT blocks with --fp8_base, peak 
 by about 0.2 bytes per model byte beyond the model itself. With blocks of 1 MiB and more mapped
 on their own, a freed block goes straight back to the system.
 """
+
 from __future__ import annotations
 
 import ctypes

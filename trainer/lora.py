@@ -18,6 +18,7 @@ fused `img_mlp.gate_up`, and its key map (`comfy/lora.py`, the QwenImage branch)
 `transformer.<block>.img_mlp.gate_layer` / `.proj` onto its first / second half of rows; a
 `lora_unet_` name of the halves would name no weight of that model.
 """
+
 from __future__ import annotations
 
 import ast
@@ -122,13 +123,18 @@ def lora_file_ranks(path: str | os.PathLike) -> dict[str, int]:
     file = Path(path)
     try:
         with safe_open(str(file), framework="pt") as handle:
-            ranks = {key[: -len(".lora_down.weight")]: handle.get_slice(key).get_shape()[0]
-                     for key in handle.keys() if key.endswith(".lora_down.weight")}
+            ranks = {
+                key[: -len(".lora_down.weight")]: handle.get_slice(key).get_shape()[0]
+                for key in handle.keys()
+                if key.endswith(".lora_down.weight")
+            }
     except (SafetensorError, OSError) as exc:
         raise NetworkArgsError(f"--network_weights {file}: cannot be read as safetensors ({exc})") from exc
     if not ranks:
-        raise NetworkArgsError(f"--network_weights {file}: no LoRA layers (no *.lora_down.weight keys); "
-                               "is it a base model rather than a LoRA?")
+        raise NetworkArgsError(
+            f"--network_weights {file}: no LoRA layers (no *.lora_down.weight keys); "
+            "is it a base model rather than a LoRA?"
+        )
     return ranks
 
 
@@ -138,8 +144,11 @@ def lora_file_modules(transformer: torch.nn.Module, path: str | os.PathLike) -> 
     A key that names no Linear of the transformer blocks is an error saying which.
     """
     file = Path(path)
-    linears = {lora_key(name, transformer): name for name, module in transformer.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.startswith(BLOCKS_SCOPE)}
+    linears = {
+        lora_key(name, transformer): name
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(BLOCKS_SCOPE)
+    }
     stems = set(lora_file_ranks(file))
     unknown = sorted(stems - set(linears))
     if unknown:

@@ -18,12 +18,14 @@ checks them against measured bytes, within 20%):
 Not counted: the backward pass's transient gradient buffers, attention workspaces and the CUDA
 context; `OVERHEAD_BYTES` stands for them.
 """
+
 from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -72,15 +74,20 @@ class MemoryPlan:
         return sum(self.parts.values())
 
     def as_status(self) -> dict[str, Any]:
-        return {"parts_gib": {k: round(v / GIB, 2) for k, v in self.parts.items()},
-                "total_gib": round(self.total / GIB, 2), "swapped_to_cpu_gib": round(self.swapped_bytes / GIB, 2),
-                "device_gib": round(self.device_bytes / GIB, 2) if self.device_bytes else None}
+        return {
+            "parts_gib": {k: round(v / GIB, 2) for k, v in self.parts.items()},
+            "total_gib": round(self.total / GIB, 2),
+            "swapped_to_cpu_gib": round(self.swapped_bytes / GIB, 2),
+            "device_gib": round(self.device_bytes / GIB, 2) if self.device_bytes else None,
+        }
 
     def describe(self) -> str:
         parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in self.parts.items())
         device = f" of the device's {self.device_bytes / GIB:.1f} GiB" if self.device_bytes else ""
-        return (f"memory plan: about {self.total / GIB:.1f} GiB{device} at peak ({parts} GiB); "
-                f"{self.swapped_bytes / GIB:.1f} GiB of base weights swapped to CPU memory")
+        return (
+            f"memory plan: about {self.total / GIB:.1f} GiB{device} at peak ({parts} GiB); "
+            f"{self.swapped_bytes / GIB:.1f} GiB of base weights swapped to CPU memory"
+        )
 
 
 def measure_saved_bytes(fn: Callable[[], Any], frozen: Iterable[torch.nn.Module] = ()) -> tuple[int, Any]:
@@ -119,9 +126,15 @@ def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int
     leaf = max(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
     modules = dict(model.named_modules())
     lora_width = sum(modules[t].in_features + modules[t].out_features for t in lora_target_modules(model, network_args))
-    return {"total": sum(p.numel() for p in model.parameters()), "linear": linear,
-            "block": sum(p.numel() for p in block.parameters()), "blocks": len(model.transformer_blocks),
-            "largest_leaf": leaf, "lora_width": lora_width, "dim": model.inner_dim}
+    return {
+        "total": sum(p.numel() for p in model.parameters()),
+        "linear": linear,
+        "block": sum(p.numel() for p in block.parameters()),
+        "blocks": len(model.transformer_blocks),
+        "largest_leaf": leaf,
+        "lora_width": lora_width,
+        "dim": model.inner_dim,
+    }
 
 
 def _stage_saved(stage: torch.nn.Module, inputs: int, outputs: int) -> float:
@@ -197,14 +210,17 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     dim, blocks = counts["dim"], counts["blocks"]
     base_linear = 1 if inputs.fp8_base else inputs.compute_bytes
     block_bytes = counts["block"] * base_linear  # a block's params are nearly all Linear weights
-    dit_bytes = (counts["linear"] * base_linear + (counts["total"] - counts["linear"]) * inputs.compute_bytes)
+    dit_bytes = counts["linear"] * base_linear + (counts["total"] - counts["linear"]) * inputs.compute_bytes
     swapped = inputs.blocks_to_swap * block_bytes
     # swapped blocks stream in leaf by leaf: the one computing and the one in flight
     streaming = 2 * counts["largest_leaf"] * inputs.compute_bytes if inputs.blocks_to_swap else 0
     lora_params = inputs.network_dim * counts["lora_width"]
     scale = vae_scale(inputs.vae_config)
-    tokens = inputs.batch_size * (image_tokens(inputs.target_size, scale)
-                                  + sum(image_tokens(c, scale) for c in inputs.control_sizes) + inputs.text_tokens)
+    tokens = inputs.batch_size * (
+        image_tokens(inputs.target_size, scale)
+        + sum(image_tokens(c, scale) for c in inputs.control_sizes)
+        + inputs.text_tokens
+    )
     per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
     # each forward pass of a face-loss rollout keeps its activations for the backward pass too
     if inputs.gradient_checkpointing:
@@ -264,6 +280,8 @@ def plan_warning(inputs: MemoryInputs, plan: MemoryPlan) -> str | None:
         return None
     flags, fitted = recommend(inputs, plan.device_bytes)
     fits = fitted.total <= plan.device_bytes
-    return (f"the memory plan ({plan.total / GIB:.1f} GiB) exceeds the device's {plan.device_bytes / GIB:.1f} GiB: "
-            f"{'add' if fits else 'even with'} {' '.join(flags)} ({fitted.total / GIB:.1f} GiB"
-            f"{'' if fits else '; also lower the resolution in the dataset TOML'})")
+    return (
+        f"the memory plan ({plan.total / GIB:.1f} GiB) exceeds the device's {plan.device_bytes / GIB:.1f} GiB: "
+        f"{'add' if fits else 'even with'} {' '.join(flags)} ({fitted.total / GIB:.1f} GiB"
+        f"{'' if fits else '; also lower the resolution in the dataset TOML'})"
+    )

@@ -20,13 +20,15 @@ Architectures come from the JSON configs shipped in `configs/`; a file whose saf
 metadata carries a `config` entry (JSON) is built with that config instead (the test suite's
 tiny models do this).
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -51,8 +53,20 @@ FP8_MARKER_KEYS = ("scaled_fp8",)
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # How much of a file is read between reopenings: bounds the file pages held while loading.
 CHUNK_BYTES = 256 * 2**20
-_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "BF16": 2, "F16": 2, "I16": 2,
-                "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1}
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 TensorPlacement = Callable[[str], torch.device]
 
@@ -139,7 +153,9 @@ def architecture_config(header: SafetensorsHeader, shipped_name: str) -> dict[st
     try:
         config = json.loads(embedded)
     except json.JSONDecodeError as exc:
-        raise ModelFileError(f"{header.what} file {header.path}: its metadata `config` is not valid JSON ({exc})") from exc
+        raise ModelFileError(
+            f"{header.what} file {header.path}: its metadata `config` is not valid JSON ({exc})"
+        ) from exc
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
@@ -163,8 +179,12 @@ def _file_shape(header: SafetensorsHeader, sources: dict[str, str], rows: RowRan
 
 
 def check_layout(
-    header: SafetensorsHeader, sources: dict[str, str], model: torch.nn.Module, expected: str,
-    optional: frozenset[str] = frozenset(), rows: RowRanges | None = None,
+    header: SafetensorsHeader,
+    sources: dict[str, str],
+    model: torch.nn.Module,
+    expected: str,
+    optional: frozenset[str] = frozenset(),
+    rows: RowRanges | None = None,
 ) -> None:
     """Raise a ModelFileError listing missing/unexpected names and shape mismatches.
 
@@ -179,7 +199,8 @@ def check_layout(
     unexpected = sorted(set(sources) - set(model_shapes))
     fused_too_short = [
         f"{k}: file {header.shapes[sources[k]]} has fewer than {start + count} rows"
-        for k, (start, count) in sorted(rows.items()) if k in sources and header.shapes[sources[k]][0] < start + count
+        for k, (start, count) in sorted(rows.items())
+        if k in sources and header.shapes[sources[k]][0] < start + count
     ]
     mismatched = fused_too_short or [
         f"{k}: file {_file_shape(header, sources, rows, k)} vs expected {model_shapes[k]}"
@@ -187,7 +208,8 @@ def check_layout(
         if _file_shape(header, sources, rows, k) != model_shapes[k]
     ]
     integer = sorted(
-        k for k in set(state) & set(sources)
+        k
+        for k in set(state) & set(sources)
         if state[k].is_floating_point() and header.dtypes.get(sources[k], "F").startswith(("I", "U"))
     )
     if integer:  # a cast would turn them into garbage silently
@@ -225,7 +247,10 @@ def _fp8_scales(header: SafetensorsHeader) -> tuple[dict[str, str], set[str]]:
 
 
 def _fill(
-    model: torch.nn.Module, header: SafetensorsHeader, sources: dict[str, str], placement: TensorPlacement,
+    model: torch.nn.Module,
+    header: SafetensorsHeader,
+    sources: dict[str, str],
+    placement: TensorPlacement,
     rows: RowRanges | None = None,
 ) -> None:
     """Read each model tensor from the file, cast to the dtype the empty model holds for it (float8
@@ -288,7 +313,8 @@ def count_transformer_blocks(header: SafetensorsHeader) -> int:
     """How many `transformer_blocks.N` a DiT file holds (from its header)."""
     indices = {
         key.removeprefix(DIT_PREFIX).split(".", 2)[1]
-        for key in header.shapes if key.removeprefix(DIT_PREFIX).startswith("transformer_blocks.")
+        for key in header.shapes
+        if key.removeprefix(DIT_PREFIX).startswith("transformer_blocks.")
     }
     return len(indices)
 
@@ -325,7 +351,8 @@ def load_transformer(
         model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
     _, auxiliary = _fp8_scales(header)
     sources = {
-        key.removeprefix(DIT_PREFIX): key for key in header.shapes
+        key.removeprefix(DIT_PREFIX): key
+        for key in header.shapes
         if key not in auxiliary and key.removeprefix(DIT_PREFIX) != INDEX_TIMESTEP_ZERO_KEY
     }
     check_layout(header, sources, model, expected)
@@ -354,7 +381,7 @@ def text_encoder_model_key(key: str) -> str:
     if key.startswith("visual."):
         return "model." + key
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
-        return "model.language_model." + key[len("model."):]
+        return "model.language_model." + key[len("model.") :]
     return key
 
 
@@ -369,7 +396,11 @@ def text_encoder_config(config: dict[str, Any]) -> Qwen2_5_VLConfig:
         theta = rope.get("rope_theta", text.get("rope_theta", 1000000.0))
         text["rope_theta"] = theta
         text["rope_scaling"] = {"type": "mrope", "mrope_section": list(rope["mrope_section"])}
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "mrope_section": list(rope["mrope_section"])}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": theta,
+            "mrope_section": list(rope["mrope_section"]),
+        }
     flat = {k: v for k, v in text.items() if k not in ("model_type", "rope_parameters", "rope_scaling")}
     return Qwen2_5_VLConfig(**{**flat, **config, "text_config": text})
 
@@ -383,9 +414,7 @@ def load_text_encoder(
     sources = {text_encoder_model_key(k): k for k in header.shapes if k not in auxiliary}
     config = architecture_config(header, TEXT_ENCODER_CONFIG)
     expected = "Qwen2.5-VL (`model.*` language model and `visual.*` vision tower)"
-    model = _build_empty(
-        lambda: Qwen2_5_VLForConditionalGeneration(text_encoder_config(config)), header, expected
-    )
+    model = _build_empty(lambda: Qwen2_5_VLForConditionalGeneration(text_encoder_config(config)), header, expected)
     _cast_empty(model, dtype)
     # Only hidden states are used; ComfyUI files may omit the LM head, which then shares the embedding.
     check_layout(header, sources, model, expected, optional=frozenset({"lm_head.weight"}))

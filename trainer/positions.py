@@ -13,16 +13,18 @@ than the output. They differ in two places:
 numbers as ComfyUI does (the samples always do; training does when `--rope_positions comfyui`);
 the frequencies themselves are diffusers' tables, looked up at other indices.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 from diffusers.utils.torch_utils import lru_cache_unless_export
 
 from ..training_contract.options import ROPE_POSITIONS
+
 TABLE_SIZE = 4096  # QwenEmbedRope's pos_freqs / neg_freqs rows
 
 
@@ -38,13 +40,15 @@ class ComfyUIRope(QwenEmbedRope):
         pos_freqs, _ = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
         _, out_height, out_width = shapes[0]
         text_start = max(out_height // 2, out_width // 2)
-        text_freqs = pos_freqs[text_start: text_start + int(max_txt_seq_len)]
+        text_freqs = pos_freqs[text_start : text_start + int(max_txt_seq_len)]
         return self._image_freqs(tuple(tuple(shape) for shape in shapes), device), text_freqs
 
     @lru_cache_unless_export(maxsize=128)
     def _image_freqs(self, shapes: tuple[tuple[int, int, int], ...], device: torch.device | None) -> torch.Tensor:
         """Every image's tokens, in order: frame index, then the centred row and column."""
-        pos_freqs, neg_freqs = self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        pos_freqs, neg_freqs = (
+            self._get_device_freqs(device) if device is not None else (self.pos_freqs, self.neg_freqs)
+        )
         signed = torch.cat([neg_freqs, pos_freqs], dim=0)  # row TABLE_SIZE + p is position p, negative or not
         frame_axis, height_axis, width_axis = signed.split([d // 2 for d in self.axes_dim], dim=1)
         image_freqs = []

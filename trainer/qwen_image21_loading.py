@@ -14,6 +14,7 @@ float8 scales, `--fp8_base`, placement for block swap). The classes are imported
 is loaded, not with this module: 2509/2511 train on diffusers and transformers too old for them
 (`training_contract.libraries.MODEL_VERSION_FLOORS`).
 """
+
 from __future__ import annotations
 
 import os
@@ -51,7 +52,9 @@ def _check_family(header: SafetensorsHeader, family: str, holds_21: bool, as_21:
 def check_dit_family(header: SafetensorsHeader, family: str) -> None:
     """A Qwen-Image 2.1 DiT trains only as qwen-image-2.1, and qwen-image-2.1 only from one."""
     _check_family(
-        header, family, is_qwen_image21_dit(header),
+        header,
+        family,
+        is_qwen_image21_dit(header),
         f"is a Qwen-Image 2.1 model (it has {DIT_MARKER}): pass --model_version qwen-image-2.1, with its Qwen3-VL "
         "text encoder and 2.1 VAE",
         f"is not a Qwen-Image 2.1 model (no {DIT_MARKER}; a Qwen-Image-Edit 2509/2511 DiT has txt_norm.weight): "
@@ -62,7 +65,9 @@ def check_dit_family(header: SafetensorsHeader, family: str) -> None:
 def check_text_encoder_family(header: SafetensorsHeader, family: str) -> None:
     """Qwen3-VL goes with Qwen-Image 2.1 only, Qwen2.5-VL with 2509/2511 only."""
     _check_family(
-        header, family, any(key.endswith(TEXT_ENCODER_MARKER) for key in header.shapes),
+        header,
+        family,
+        any(key.endswith(TEXT_ENCODER_MARKER) for key in header.shapes),
         "is Qwen3-VL (Qwen-Image 2.1's text encoder): Qwen-Image-Edit 2509/2511 read Qwen2.5-VL-7B "
         "(qwen_2.5_vl_7b*.safetensors)",
         f"is not Qwen3-VL (no {TEXT_ENCODER_MARKER}): Qwen-Image 2.1 reads Qwen3-VL-8B (qwen3vl_8b_*.safetensors)",

@@ -24,6 +24,7 @@ then rescaled per latent pixel so its norm never exceeds the positive prediction
 CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers them
 (`trainer/positions.py`), whatever convention training uses.
 """
+
 from __future__ import annotations
 
 import random
@@ -83,12 +84,19 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
     where = f"{prompt_file} " + (f"line {parsed.line_number}" if parsed.line_number else f"prompt {parsed.index}")
     if parsed.unknown_options:
         # musubi ignores these; a typo here would silently sample something else for the whole run
-        raise PromptFileError(f"{where}: option(s) not understood: {' '.join(parsed.unknown_options)} "
-                              "(known: --w --h --s --d --fs --l --n --ci, numbers after --w --h --s --d --fs --l)")
+        raise PromptFileError(
+            f"{where}: option(s) not understood: {' '.join(parsed.unknown_options)} "
+            "(known: --w --h --s --d --fs --l --n --ci, numbers after --w --h --s --d --fs --l)"
+        )
     settings = SampleSettings(index=parsed.index, prompt=parsed.prompt.strip(), seed=parsed.seed)
-    for name, value in (("width", parsed.width), ("height", parsed.height), ("steps", parsed.sample_steps),
-                        ("flow_shift", parsed.discrete_flow_shift), ("cfg_scale", parsed.cfg_scale),
-                        ("negative_prompt", parsed.negative_prompt)):
+    for name, value in (
+        ("width", parsed.width),
+        ("height", parsed.height),
+        ("steps", parsed.sample_steps),
+        ("flow_shift", parsed.discrete_flow_shift),
+        ("cfg_scale", parsed.cfg_scale),
+        ("negative_prompt", parsed.negative_prompt),
+    ):
         if value is not None:
             setattr(settings, name, value)
     for name in ("width", "height"):
@@ -123,7 +131,9 @@ def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> li
             with Image.open(path) as image:
                 controls.append(image.convert("RGB"))
         embeds = encoders.encode_prompt(sample.prompt, controls).unsqueeze(0)
-        negative = encoders.encode_prompt(sample.negative_prompt, controls).unsqueeze(0) if sample.cfg_scale > 1 else None
+        negative = (
+            encoders.encode_prompt(sample.negative_prompt, controls).unsqueeze(0) if sample.cfg_scale > 1 else None
+        )
         latents = [encoders.encode_image(c, encoders.reference_size(c)).unsqueeze(0) for c in controls]
         encoded.append(EncodedSample(sample, embeds, negative, latents))
     return encoded
@@ -141,8 +151,9 @@ def generate(
     shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
 ) -> Image.Image:
     """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
-    latents = denoise(transformer, sample, vae_scale(vae.config), seed=seed, device=device, dtype=dtype,
-                      shift_terminal=shift_terminal)
+    latents = denoise(
+        transformer, sample, vae_scale(vae.config), seed=seed, device=device, dtype=dtype, shift_terminal=shift_terminal
+    )
     return decode_to_pil(vae, latents)
 
 
@@ -165,7 +176,9 @@ def denoise(
     noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
     latents = pack(noise).to(device, dtype)
     controls = [pack(c).to(device, dtype) for c in sample.control_latents]
-    img_shapes = [[(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]]
+    img_shapes = [
+        [(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]
+    ]
     scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
     scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)
 
@@ -187,8 +200,9 @@ def denoise(
             pred = velocity(sample.prompt_embeds, model_input, timestep)
             if sample.negative_embeds is not None:
                 negative = velocity(sample.negative_embeds, model_input, timestep)
-                pred = normalized_cfg(latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale,
-                                      (latent_h, latent_w))
+                pred = normalized_cfg(
+                    latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale, (latent_h, latent_w)
+                )
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]
     return unpack(latents, latent_h, latent_w)
 
@@ -206,10 +220,13 @@ def unshifted_sigmas(steps: int, shift_terminal: float = DEFAULT_SHIFT_TERMINAL)
     return np.array([(1000 - int(x * stride)) / 1000 for x in range(steps)])
 
 
-def sample_scheduler(flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> FlowMatchEulerDiscreteScheduler:
+def sample_scheduler(
+    flow_shift: float, shift_terminal: float = DEFAULT_SHIFT_TERMINAL
+) -> FlowMatchEulerDiscreteScheduler:
     """Static shift, then (when > 0) the sigmas stretched so that the last one is `shift_terminal`."""
-    return FlowMatchEulerDiscreteScheduler(shift=flow_shift, use_dynamic_shifting=False,
-                                           shift_terminal=shift_terminal or None)
+    return FlowMatchEulerDiscreteScheduler(
+        shift=flow_shift, use_dynamic_shifting=False, shift_terminal=shift_terminal or None
+    )
 
 
 def pack(latents: torch.Tensor) -> torch.Tensor:
@@ -225,8 +242,14 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return QwenImageEditPlusPipeline._unpack_latents(tokens, h, w, 1)
 
 
-def normalized_cfg(latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, sigma: float, scale: float,
-                   latent_size: tuple[int, int]) -> torch.Tensor:
+def normalized_cfg(
+    latents: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    sigma: float,
+    scale: float,
+    latent_size: tuple[int, int],
+) -> torch.Tensor:
     """ComfyUI's KSampler CFG followed by its CFGNorm node (strength 1), as a velocity.
 
     Packed tokens [1, n, 64] of a `latent_size` (h, w) grid; the CFG mix of the x0 predictions

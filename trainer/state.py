@@ -5,14 +5,15 @@ Holds the LoRA weights (peft names), the optimizer, LR scheduler and RNG states 
 noise generator, and the counters `trainer_state.json` (`step`, `epoch`, `batch_in_epoch`), so a
 resumed run continues at the same step, epoch and batch with identical losses.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from accelerate import Accelerator
@@ -31,10 +32,14 @@ def noise_generator_file(process_index: int) -> str:
 
 
 def save_state(
-    directory: Path, accelerator: Accelerator, transformer: torch.nn.Module, generator: torch.Generator,
+    directory: Path,
+    accelerator: Accelerator,
+    transformer: torch.nn.Module,
+    generator: torch.Generator,
     progress: dict[str, int],
 ) -> None:
     """Write the state folder (all processes call this); it appears complete or not at all."""
+
     def keep_lora_only(models_: list, weights: list, out_dir: str) -> None:
         if accelerator.is_main_process:
             lora = get_peft_model_state_dict(accelerator.unwrap_model(transformer))
@@ -65,10 +70,14 @@ def save_state(
 
 
 def load_state(
-    directory: Path, accelerator: Accelerator, transformer: torch.nn.Module, generator: torch.Generator,
+    directory: Path,
+    accelerator: Accelerator,
+    transformer: torch.nn.Module,
+    generator: torch.Generator,
     progress: dict[str, int],
 ) -> None:
     """Restore a folder written by `save_state` into the prepared model, optimizer and scheduler."""
+
     def load_lora_only(models_: list, in_dir: str) -> None:
         set_peft_model_state_dict(accelerator.unwrap_model(transformer), load_file(os.path.join(in_dir, LORA_FILE)))
         models_.clear()
@@ -103,8 +112,10 @@ def check_state_folder(directory: Path) -> dict[str, int]:
         ):
             problems.append(f"{PROGRESS_FILE} lacks the step, epoch and batch_in_epoch counters")
     if problems:
-        raise StateFolderError(f"--resume {directory}: {'; '.join(problems)}. Resume from an earlier state folder, "
-                               "or train from scratch without --resume")
+        raise StateFolderError(
+            f"--resume {directory}: {'; '.join(problems)}. Resume from an earlier state folder, "
+            "or train from scratch without --resume"
+        )
     return progress
 
 

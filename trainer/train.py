@@ -21,6 +21,7 @@ The job protocol (`protocol.py`) is written throughout: status.json on every sta
 step, metrics.jsonl per step. A STOP file or SIGTERM/SIGINT finishes the current step, saves a
 checkpoint (LoRA and resumable state) and ends in `stopped`; an exception ends in `failed`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,11 @@ import shutil
 import signal
 import time
 import traceback
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -253,7 +255,9 @@ def sample_timesteps(
 def flow_shift(args: argparse.Namespace, num_target_tokens: int) -> float:
     """The shift of `shift` sampling: fixed, or from the image size for `qwen_shift`."""
     if args.timestep_sampling == "qwen_shift":
-        return math.exp(calculate_shift(num_target_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT))
+        return math.exp(
+            calculate_shift(num_target_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT)
+        )
     return float(args.discrete_flow_shift)
 
 
@@ -342,12 +346,17 @@ def prepare_transformer(
     # With --fp8_base the base weights are stored as float8 and upcast per layer for compute
     # (the LoRA, added below, stays fp32).
     if args.fp8_base and not args.gradient_checkpointing:
-        log.warning("--fp8_base without --gradient_checkpointing: the backward pass keeps every layer's "
-                    "upcast weight until it runs, so float8 storage saves little memory while training; "
-                    "add --gradient_checkpointing")
+        log.warning(
+            "--fp8_base without --gradient_checkpointing: the backward pass keeps every layer's "
+            "upcast weight until it runs, so float8 storage saves little memory while training; "
+            "add --gradient_checkpointing"
+        )
     transformer = models.load_transformer(
-        args.dit, weight_dtype, zero_cond_t=MODEL_VERSIONS[args.model_version].zero_cond_t,
-        fp8_base=args.fp8_base, placement=placement,
+        args.dit,
+        weight_dtype,
+        zero_cond_t=MODEL_VERSIONS[args.model_version].zero_cond_t,
+        fp8_base=args.fp8_base,
+        placement=placement,
     )
     set_positions(transformer, args.rope_positions)
     targets = lora_target_modules(transformer, parse_network_args(args.network_args))
@@ -362,7 +371,10 @@ def prepare_transformer(
         # Frozen base weights of the swapped blocks live on the CPU and are streamed in layer by
         # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
         apply_group_offloading(
-            block, onload_device=device, offload_device=torch.device("cpu"), offload_type="leaf_level",
+            block,
+            onload_device=device,
+            offload_device=torch.device("cpu"),
+            offload_type="leaf_level",
             use_stream=device.type == "cuda",
         )
     lora_params = add_lora(transformer, args.network_dim, args.network_alpha, targets)
@@ -431,7 +443,7 @@ def run_training(args: argparse.Namespace, hooks: list[TrainingHook] | tuple = (
         with stop.installed():
             reporter.update(JobState.STARTING, step=0, total_steps=args.max_train_steps, epoch=0)
             return TrainingRun(args, accelerator, reporter, stop, list(hooks)).run()
-    except BaseException as exc:  # noqa: BLE001 - every failure must end in state `failed`
+    except BaseException as exc:
         log.error("training failed: %s", exc)
         reporter.update(JobState.FAILED, error=f"{type(exc).__name__}: {exc}", log_tail=_log_tail(tail, exc))
         raise
@@ -469,8 +481,14 @@ class TrainingRun:
     writes and `load_state` restores.
     """
 
-    def __init__(self, args: argparse.Namespace, accelerator: Accelerator, reporter: StatusReporter,
-                 stop: StopSignal, hooks: list[TrainingHook]) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        accelerator: Accelerator,
+        reporter: StatusReporter,
+        stop: StopSignal,
+        hooks: list[TrainingHook],
+    ) -> None:
         self.args = args
         self.accelerator = accelerator
         self.reporter = reporter
@@ -487,9 +505,11 @@ class TrainingRun:
         self.validation = ValidationLoss(held_out, args.validation_sigmas, args.validation_seed) if held_out else None
         self.validated: dict[int, dict[str, float]] = {}  # step -> its validation loss
         self.sampled: dict[int, list[Path]] = {}  # step -> the samples drawn at it
-        self.table = CheckpointTable(sigmas=tuple(args.validation_sigmas),
-                                     references=len(getattr(args, "likeness_reference_paths", [])),
-                                     validation_items=len(held_out))
+        self.table = CheckpointTable(
+            sigmas=tuple(args.validation_sigmas),
+            references=len(getattr(args, "likeness_reference_paths", [])),
+            validation_items=len(held_out),
+        )
         # what validation and the checkpoints' samples and scoring cost, against the run's time
         self.validation_seconds = self.checkpoint_sampling_seconds = self.checkpoint_scoring_seconds = 0.0
 
@@ -513,8 +533,13 @@ class TrainingRun:
         self.prepare_training()
         self.resume()
         self.reporter.update(
-            JobState.TRAINING, step=self.progress["step"], total_steps=self.total_steps, epoch=self.progress["epoch"] + 1,
-            total_epochs=self.total_epochs, steps_per_epoch=self.steps_per_epoch, last_checkpoint=None,
+            JobState.TRAINING,
+            step=self.progress["step"],
+            total_steps=self.total_steps,
+            epoch=self.progress["epoch"] + 1,
+            total_epochs=self.total_epochs,
+            steps_per_epoch=self.steps_per_epoch,
+            last_checkpoint=None,
             last_sample_step=None,
         )
         if self.args.sample_at_first and self.progress["step"] == 0:
@@ -530,7 +555,9 @@ class TrainingRun:
         if self.accelerator.num_processes == 1:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
-        return (local or "stop requested by another process") if self.accelerator.reduce(flag, "max").item() > 0 else None
+        return (
+            (local or "stop requested by another process") if self.accelerator.reduce(flag, "max").item() > 0 else None
+        )
 
     def stop_asked_here(self) -> str | None:
         """This process only: cheap enough to ask per cached file."""
@@ -552,33 +579,52 @@ class TrainingRun:
         """The VAE (kept for sampling and the hooks) and, loaded when first needed, the text encoder."""
         args = self.args
         version = MODEL_VERSIONS[args.model_version]
-        self.vae = models.load_vae(args.vae, torch.float32 if args.mixed_precision == "no" else self.weight_dtype,
-                                   self.device)
+        self.vae = models.load_vae(
+            args.vae, torch.float32 if args.mixed_precision == "no" else self.weight_dtype, self.device
+        )
 
         def load_text_side() -> tuple[torch.nn.Module, Any]:
             log.info("loading the text encoder %s", args.text_encoder)
-            return (models.load_text_encoder(args.text_encoder, self.weight_dtype, self.device),
-                    models.load_processor(args.tokenizer))
+            return (
+                models.load_text_encoder(args.text_encoder, self.weight_dtype, self.device),
+                models.load_processor(args.tokenizer),
+            )
 
         pipeline_class = QwenImageEditPlusPipeline if version.several_controls else QwenImageEditPipeline
         pipeline = pipeline_class(
-            scheduler=FlowMatchEulerDiscreteScheduler(), vae=self.vae, text_encoder=None, tokenizer=None,
-            processor=None, transformer=None,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=self.vae,
+            text_encoder=None,
+            tokenizer=None,
+            processor=None,
+            transformer=None,
         )
         return CacheEncoders(
-            pipeline, Path(args.vae), Path(args.text_encoder), self.weight_dtype,
-            str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO), version.several_controls, self.device, load_text_side,
+            pipeline,
+            Path(args.vae),
+            Path(args.text_encoder),
+            self.weight_dtype,
+            str(args.tokenizer or models.DEFAULT_PROCESSOR_REPO),
+            version.several_controls,
+            self.device,
+            load_text_side,
         )
 
     def cache_dataset(self, encoders: CacheEncoders) -> None:
         items = self.group.items + self.group.validation_items
-        log.info("dataset: %d images in %d dataset(s), %d held out for validation", len(self.group.items),
-                 len(self.group.datasets), len(self.group.validation_items))
+        log.info(
+            "dataset: %d images in %d dataset(s), %d held out for validation",
+            len(self.group.items),
+            len(self.group.datasets),
+            len(self.group.validation_items),
+        )
         self.reporter.update(JobState.CACHING, num_images=len(items))
         # Each process caches its share (a long single-process caching run would time out the others).
         share = items[self.accelerator.process_index :: self.accelerator.num_processes]
         counts = cache_dataset(
-            share, encoders, should_stop=self.should_stop,
+            share,
+            encoders,
+            should_stop=self.should_stop,
             progress=lambda done, total: self.reporter.update(cached=done, cache_total=total),
         )
         log.info("cache: %d file(s) built, %d reused", counts["built"], counts["reused"])
@@ -600,32 +646,40 @@ class TrainingRun:
         batches = epoch_batches(self.group, 0, args.seed, accelerator.process_index, accelerator.num_processes)
         self.steps_per_epoch = math.ceil(len(batches) / args.gradient_accumulation_steps)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset yields no batch per process ({len(self.group.items)} images, "
-                             f"{accelerator.num_processes} processes)")
+            raise ValueError(
+                f"the dataset yields no batch per process ({len(self.group.items)} images, "
+                f"{accelerator.num_processes} processes)"
+            )
         if args.max_train_epochs:
             args.max_train_steps = args.max_train_epochs * self.steps_per_epoch
         self.total_steps = args.max_train_steps
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         optimizer = _make_optimizer(args, self.lora_params)
         lr_scheduler = get_scheduler(
-            args.lr_scheduler, optimizer,
+            args.lr_scheduler,
+            optimizer,
             num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
             num_training_steps=self.total_steps * accelerator.num_processes,
-            num_cycles=args.lr_scheduler_num_cycles, power=args.lr_scheduler_power,
+            num_cycles=args.lr_scheduler_num_cycles,
+            power=args.lr_scheduler_power,
         )
         # With swapped blocks the placement above must survive: accelerate must not move the model.
         self.transformer = accelerator.prepare_model(transformer, device_placement=not args.blocks_to_swap)
         self.optimizer, self.lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
         if accelerator.is_main_process and args.logging_dir:
-            accelerator.init_trackers(args.log_tracker_name or "face_consistency", config={
-                k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+            accelerator.init_trackers(
+                args.log_tracker_name or "face_consistency",
+                config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))},
+            )
         self.generator = torch.Generator("cpu").manual_seed(args.seed + accelerator.process_index)
 
     def resume(self) -> None:
         if not self.args.resume:
             return
         load_state(Path(self.args.resume), self.accelerator, self.transformer, self.generator, self.progress)
-        log.info("resumed from %s at step %d, epoch %d", self.args.resume, self.progress["step"], self.progress["epoch"] + 1)
+        log.info(
+            "resumed from %s at step %d, epoch %d", self.args.resume, self.progress["step"], self.progress["epoch"] + 1
+        )
         if self.accelerator.is_main_process:
             # Resuming into the same folder: steps after the state are about to be redone.
             kept = [m for m in read_metrics(self.output_dir) if m.get("step", 0) <= self.progress["step"]]
@@ -641,15 +695,21 @@ class TrainingRun:
         early, or None when it reached the end."""
         args, progress = self.args, self.progress
         accelerator = self.accelerator
-        bar = tqdm(total=self.total_steps, initial=progress["step"], disable=not accelerator.is_local_main_process,
-                   desc="steps", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total_steps,
+            initial=progress["step"],
+            disable=not accelerator.is_local_main_process,
+            desc="steps",
+            dynamic_ncols=True,
+        )
         meter = StepMeter(self.steps_per_epoch)
         micro_losses: list[torch.Tensor] = []  # flow-matching losses of the micro-batches of one optimizer step
         try:
             while progress["step"] < self.total_steps:
                 epoch = progress["epoch"]
-                batches = epoch_batches(self.group, epoch, args.seed, accelerator.process_index,
-                                        accelerator.num_processes)
+                batches = epoch_batches(
+                    self.group, epoch, args.seed, accelerator.process_index, accelerator.num_processes
+                )
                 while progress["batch_in_epoch"] < len(batches) and progress["step"] < self.total_steps:
                     batch = collate(batches[progress["batch_in_epoch"]])
                     progress["batch_in_epoch"] += 1
@@ -658,8 +718,9 @@ class TrainingRun:
                     if not accelerator.sync_gradients:
                         continue
                     progress["step"] += 1
-                    self.record_step(epoch, accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item(),
-                                     extra, meter, bar)
+                    self.record_step(
+                        epoch, accelerator.reduce(torch.stack(micro_losses).mean(), "mean").item(), extra, meter, bar
+                    )
                     micro_losses.clear()
                     stopped_by = self.stop_reason()
                     if stopped_by is not None:
@@ -677,8 +738,17 @@ class TrainingRun:
         """One micro-batch's forward and backward; the optimizer steps when the accumulation is complete."""
         step = self.progress["step"] + 1
         with self.accelerator.accumulate(self.transformer):
-            loss, extra = micro_step(self.args, self.transformer, self.vae, batch, self.generator, self.device,
-                                     self.accelerator, step, self.hooks)
+            loss, extra = micro_step(
+                self.args,
+                self.transformer,
+                self.vae,
+                batch,
+                self.generator,
+                self.device,
+                self.accelerator,
+                step,
+                self.hooks,
+            )
             check_finite(step, "flow-matching loss", loss)
             if extra.loss is not None:
                 check_finite(step, "extra loss (face identity)", extra.loss)
@@ -696,14 +766,31 @@ class TrainingRun:
         step = self.progress["step"]
         average, steps_per_sec, now = meter.tick(loss)
         lr = self.lr_scheduler.get_last_lr()[0]
-        self.reporter.metrics({"step": step, "epoch": epoch + 1, "loss": loss, "avg_loss": average, "lr": lr,
-                               "steps_per_sec": steps_per_sec, "time": now, **extra.metrics})
+        self.reporter.metrics(
+            {
+                "step": step,
+                "epoch": epoch + 1,
+                "loss": loss,
+                "avg_loss": average,
+                "lr": lr,
+                "steps_per_sec": steps_per_sec,
+                "time": now,
+                **extra.metrics,
+            }
+        )
         if self.args.logging_dir:
-            self.accelerator.log({"loss/current": loss, "loss/average": average, "lr/unet": lr, **extra.metrics},
-                                 step=step)
+            self.accelerator.log(
+                {"loss/current": loss, "loss/average": average, "lr/unet": lr, **extra.metrics}, step=step
+            )
         self.reporter.update(
-            step=step, epoch=epoch + 1, loss=loss, avg_loss=average, lr=lr, steps_per_sec=steps_per_sec,
-            eta_sec=(self.total_steps - step) / steps_per_sec, **extra.metrics,
+            step=step,
+            epoch=epoch + 1,
+            loss=loss,
+            avg_loss=average,
+            lr=lr,
+            steps_per_sec=steps_per_sec,
+            eta_sec=(self.total_steps - step) / steps_per_sec,
+            **extra.metrics,
         )
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", avr_loss=f"{average:.4f}")
@@ -723,7 +810,11 @@ class TrainingRun:
     def after_epoch(self, finished: int) -> None:
         args = self.args
         saved = None
-        if args.save_every_n_epochs and finished % args.save_every_n_epochs == 0 and self.progress["step"] < self.total_steps:
+        if (
+            args.save_every_n_epochs
+            and finished % args.save_every_n_epochs == 0
+            and self.progress["step"] < self.total_steps
+        ):
             saved = self.save_checkpoint(epoch_checkpoint_name(args.output_name, finished), with_state=args.save_state)
         if args.sample_every_n_epochs and finished % args.sample_every_n_epochs == 0:
             self.sample(finished)
@@ -756,9 +847,12 @@ class TrainingRun:
         with checkpoint_write(lora_file):
             if accelerator.is_main_process:
                 path = save_lora(
-                    lora_file, accelerator.unwrap_model(self.transformer), args.network_alpha,
-                    _lora_metadata(args, self.progress["step"], self.progress["epoch"] + 1, len(self.group.items),
-                                   self.started),
+                    lora_file,
+                    accelerator.unwrap_model(self.transformer),
+                    args.network_alpha,
+                    _lora_metadata(
+                        args, self.progress["step"], self.progress["epoch"] + 1, len(self.group.items), self.started
+                    ),
                     torch.float32 if args.mixed_precision == "no" else self.weight_dtype,
                 )
                 self.reporter.status["last_checkpoint"] = str(path)
@@ -781,7 +875,8 @@ class TrainingRun:
             model = self.accelerator.unwrap_model(self.transformer)
             model.eval()
             losses = self.validation.measure(
-                collate, lambda batch: batch_velocity(model, self.accelerator, batch, self.device), self.device)
+                collate, lambda batch: batch_velocity(model, self.accelerator, batch, self.device), self.device
+            )
             model.train()
             self.validation_seconds += time.perf_counter() - started
             self.validated[step] = losses
@@ -789,8 +884,14 @@ class TrainingRun:
             self.reporter.update(**losses)
             if self.args.logging_dir:
                 self.accelerator.log(losses, step=step)
-            log.info("validation loss at step %d: %.5f (%s)", step, losses["val_loss"], ", ".join(
-                f"{key.rsplit('_', 1)[1]}: {value:.5f}" for key, value in losses.items() if key != "val_loss"))
+            log.info(
+                "validation loss at step %d: %.5f (%s)",
+                step,
+                losses["val_loss"],
+                ", ".join(
+                    f"{key.rsplit('_', 1)[1]}: {value:.5f}" for key, value in losses.items() if key != "val_loss"
+                ),
+            )
         return self.validated[step]
 
     def record_checkpoint(self, lora_file: Path, epoch: int | None) -> None:
@@ -805,8 +906,13 @@ class TrainingRun:
         if not self.accelerator.is_main_process:
             return
         started = time.perf_counter()
-        row = CheckpointRow(lora_file.name, step, epoch, validation_loss={
-            key.rsplit("_", 1)[1]: value for key, value in losses.items() if key != "val_loss"} or None)
+        row = CheckpointRow(
+            lora_file.name,
+            step,
+            epoch,
+            validation_loss={key.rsplit("_", 1)[1]: value for key, value in losses.items() if key != "val_loss"}
+            or None,
+        )
         evidence = getattr(self.args, "sample_evidence", None)
         if evidence is not None and self.sampled.get(step):
             for key, value in evidence.score(self.sampled[step]).items():
@@ -818,12 +924,14 @@ class TrainingRun:
         self.checkpoint_scoring_seconds += time.perf_counter() - started
         chosen = self.table.recommendation()
         log.info("checkpoints so far:\n%s", format_table(self.table))
-        self.reporter.update(recommendation=chosen.reason if chosen else None,
-                             recommended_checkpoint=chosen.name if chosen else None,
-                             validation_seconds=round(self.validation_seconds, 3),
-                             checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
-                             checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
-                             run_seconds=round(time.time() - self.started, 3))
+        self.reporter.update(
+            recommendation=chosen.reason if chosen else None,
+            recommended_checkpoint=chosen.name if chosen else None,
+            validation_seconds=round(self.validation_seconds, 3),
+            checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
+            checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
+            run_seconds=round(time.time() - self.started, 3),
+        )
 
     def sample(self, epoch: int | None) -> None:
         """Draw the sample prompts with the current LoRA (main process) and pass the images to the hooks."""
@@ -837,9 +945,16 @@ class TrainingRun:
             model.eval()
             with accelerator.autocast():
                 paths = save_samples(
-                    self.samples, transformer=model, vae=self.vae, output_dir=self.output_dir,
-                    output_name=self.args.output_name, step=step, epoch=epoch, device=self.device,
-                    dtype=self.weight_dtype, shift_terminal=self.args.sample_shift_terminal,
+                    self.samples,
+                    transformer=model,
+                    vae=self.vae,
+                    output_dir=self.output_dir,
+                    output_name=self.args.output_name,
+                    step=step,
+                    epoch=epoch,
+                    device=self.device,
+                    dtype=self.weight_dtype,
+                    shift_terminal=self.args.sample_shift_terminal,
                 )
             model.train()
             metrics = {}
@@ -866,20 +981,34 @@ def memory_inputs(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence
         with safe_open(str(text_cache_path(item)), framework="pt") as handle:
             text_tokens = max(text_tokens, handle.get_slice("prompt_embeds").get_shape()[0])
     return MemoryInputs(
-        transformer_config=models.architecture_config(models.read_header(args.dit, "DiT (--dit)"), models.TRANSFORMER_CONFIG),
+        transformer_config=models.architecture_config(
+            models.read_header(args.dit, "DiT (--dit)"), models.TRANSFORMER_CONFIG
+        ),
         vae_config=models.architecture_config(models.read_header(args.vae, "VAE (--vae)"), models.VAE_CONFIG),
-        compute_bytes=_dtype(args.mixed_precision).itemsize, fp8_base=args.fp8_base, blocks_to_swap=args.blocks_to_swap,
-        gradient_checkpointing=args.gradient_checkpointing, batch_size=max(d.batch_size for d in group.datasets),
-        target_size=largest.bucket, control_sizes=largest.control_buckets, text_tokens=text_tokens,
-        network_dim=args.network_dim, network_args=parse_network_args(args.network_args), optimizer=args.optimizer_type,
+        compute_bytes=_dtype(args.mixed_precision).itemsize,
+        fp8_base=args.fp8_base,
+        blocks_to_swap=args.blocks_to_swap,
+        gradient_checkpointing=args.gradient_checkpointing,
+        batch_size=max(d.batch_size for d in group.datasets),
+        target_size=largest.bucket,
+        control_sizes=largest.control_buckets,
+        text_tokens=text_tokens,
+        network_dim=args.network_dim,
+        network_args=parse_network_args(args.network_args),
+        optimizer=args.optimizer_type,
         face_decode=args.face_decode if args.use_face_as_loss else None,
         face_recognizer_saved_bytes=sum(hook.saved_bytes_per_sample() for hook in hooks),
         face_rollout_steps=args.face_loss_rollout_steps if args.use_face_as_loss else 1,
     )
 
 
-def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, hooks: Sequence[TrainingHook],
-                        device: torch.device, reporter: StatusReporter) -> None:
+def _report_memory_plan(
+    args: argparse.Namespace,
+    group: DatasetGroup,
+    hooks: Sequence[TrainingHook],
+    device: torch.device,
+    reporter: StatusReporter,
+) -> None:
     inputs = memory_inputs(args, group, hooks)
     total = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
     plan = estimate(inputs, total)
@@ -890,8 +1019,9 @@ def _report_memory_plan(args: argparse.Namespace, group: DatasetGroup, hooks: Se
     reporter.update(memory_plan={**plan.as_status(), "warning": warning})
 
 
-def batch_velocity(transformer: torch.nn.Module, accelerator: Accelerator, batch: Batch,
-                   device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def batch_velocity(
+    transformer: torch.nn.Module, accelerator: Accelerator, batch: Batch, device: torch.device
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The model's velocity with `batch`'s prompt and controls: (latents [B, 16, 1, h, w], t [B]) -> v, as latents."""
     controls = [c.to(device) for c in batch.controls]
     prompt_embeds = batch.prompt_embeds.to(device)
@@ -899,7 +1029,9 @@ def batch_velocity(transformer: torch.nn.Module, accelerator: Accelerator, batch
 
     def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         h, w = latents.shape[3], latents.shape[4]
-        img_shapes = [[(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]] * latents.shape[0]
+        img_shapes = [
+            [(1, h // 2, w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in controls]]
+        ] * latents.shape[0]
         tokens = torch.cat([pack(latents), *[pack(c) for c in controls]], dim=1)
         with accelerator.autocast():
             prediction = transformer(
@@ -916,8 +1048,15 @@ def batch_velocity(transformer: torch.nn.Module, accelerator: Accelerator, batch
 
 
 def micro_step(
-    args: argparse.Namespace, transformer: torch.nn.Module, vae: torch.nn.Module, batch: Batch,
-    generator: torch.Generator, device: torch.device, accelerator: Accelerator, step: int, hooks: list[TrainingHook],
+    args: argparse.Namespace,
+    transformer: torch.nn.Module,
+    vae: torch.nn.Module,
+    batch: Batch,
+    generator: torch.Generator,
+    device: torch.device,
+    accelerator: Accelerator,
+    step: int,
+    hooks: list[TrainingHook],
 ) -> tuple[torch.Tensor, ExtraLoss]:
     x0 = batch.x0.to(device)
     _, _, _, h, w = x0.shape
@@ -943,5 +1082,13 @@ def micro_step(
     return loss, extra
 
 
-__all__ = ["CheckpointWriteError", "TrainingDivergedError", "TrainingRun", "micro_step", "prepare_transformer", "run_training",
-           "sample_timesteps", "flow_shift"]
+__all__ = [
+    "CheckpointWriteError",
+    "TrainingDivergedError",
+    "TrainingRun",
+    "flow_shift",
+    "micro_step",
+    "prepare_transformer",
+    "run_training",
+    "sample_timesteps",
+]

@@ -9,9 +9,11 @@ A single frame needs none of the decoder's causal time cache (its convolutions s
 time either way, and the 3-D upsamplers skip their time convolution on the first frame), so each
 stage is called without it; `checkpointed_decode` equals `vae.decode` (checked by the tests).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn

@@ -12,14 +12,16 @@ held-out likeness (else the lowest validation loss) among the checkpoints before
 over-training, i.e. before the validation loss rises from its lowest point and before the first
 near-copy of a training target. Torch-free: the watcher side imports it.
 """
+
 from __future__ import annotations
 
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from ..common.files import atomic_write_json
 from .protocol import run_file
@@ -66,7 +68,7 @@ class CheckpointRow:
         return {**asdict(self), "validation_loss_mean": self.validation_mean}
 
     @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> "CheckpointRow":
+    def from_dict(cls, record: dict[str, Any]) -> CheckpointRow:
         known = {key: record[key] for key in cls.__dataclass_fields__ if key in record}
         return cls(**known)
 
@@ -91,8 +93,11 @@ class CheckpointTable:
     def to_dict(self) -> dict[str, Any]:
         chosen = self.recommendation()
         return {
-            "version": TABLE_VERSION, "sigmas": list(self.sigmas), "references": self.references,
-            "validation_items": self.validation_items, "near_copy_image_similarity": NEAR_COPY_IMAGE_SIMILARITY,
+            "version": TABLE_VERSION,
+            "sigmas": list(self.sigmas),
+            "references": self.references,
+            "validation_items": self.validation_items,
+            "near_copy_image_similarity": NEAR_COPY_IMAGE_SIMILARITY,
             "checkpoints": [row.to_dict() for row in self.rows],
             "recommendation": asdict(chosen) if chosen else None,
         }
@@ -112,8 +117,12 @@ def read_table(folder: str | os.PathLike) -> CheckpointTable | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         rows = [CheckpointRow.from_dict(row) for row in record["checkpoints"]]
-        return CheckpointTable(rows, tuple(record.get("sigmas", DEFAULT_VALIDATION_SIGMAS)),
-                               int(record.get("references", 0)), int(record.get("validation_items", 0)))
+        return CheckpointTable(
+            rows,
+            tuple(record.get("sigmas", DEFAULT_VALIDATION_SIGMAS)),
+            int(record.get("references", 0)),
+            int(record.get("validation_items", 0)),
+        )
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
         return None
 
@@ -133,8 +142,11 @@ def validation_rise(rows: Sequence[CheckpointRow]) -> CheckpointRow | None:
     if len(scored) < 2:
         return None
     lowest = _first(scored, lambda row: row.validation_mean, highest=False)
-    later = [row for row in scored if row.step > lowest.step
-             and row.validation_mean > lowest.validation_mean * (1 + RISE_TOLERANCE)]
+    later = [
+        row
+        for row in scored
+        if row.step > lowest.step and row.validation_mean > lowest.validation_mean * (1 + RISE_TOLERANCE)
+    ]
     return lowest if later else None
 
 
@@ -145,8 +157,11 @@ def recommend(rows: Sequence[CheckpointRow]) -> Recommendation | None:
     rows = sorted(rows, key=lambda row: row.step)
     rise = validation_rise(rows)
     first_copy = next((row for row in rows if row.near_copies > 0), None)
-    candidates = [row for row in rows if (rise is None or row.step <= rise.step)
-                  and (first_copy is None or row.step < first_copy.step)] or rows[:1]
+    candidates = [
+        row
+        for row in rows
+        if (rise is None or row.step <= rise.step) and (first_copy is None or row.step < first_copy.step)
+    ] or rows[:1]
     liked = [row for row in candidates if row.likeness is not None]
     validated = [row for row in candidates if row.validation_mean is not None]
     if liked:
@@ -161,18 +176,24 @@ def recommend(rows: Sequence[CheckpointRow]) -> Recommendation | None:
             why += " (no held-out likeness: give --likeness_references, photos of the person)"
     else:
         chosen = candidates[-1]
-        why = ("the latest checkpoint before any sign of over-training; nothing else to choose by (give held-out "
-               "items, --validation_split or a validation dataset, and --likeness_references)")
+        why = (
+            "the latest checkpoint before any sign of over-training; nothing else to choose by (give held-out "
+            "items, --validation_split or a validation dataset, and --likeness_references)"
+        )
     signals = []
     if rise is not None:
         signals.append(f"validation loss rises after step {rise.step}")
     if first_copy is not None:
-        signals.append(f"near-copies of training targets appear at step {first_copy.step} "
-                       f"({first_copy.near_copies} of {first_copy.samples} samples)")
+        signals.append(
+            f"near-copies of training targets appear at step {first_copy.step} "
+            f"({first_copy.near_copies} of {first_copy.samples} samples)"
+        )
     if not signals:
-        signals.append("no over-training seen: " + ("the validation loss has not risen" if validated else
-                                                    "no validation loss measured")
-                       + (" and no sample copies a training target" if any(row.samples for row in rows) else ""))
+        signals.append(
+            "no over-training seen: "
+            + ("the validation loss has not risen" if validated else "no validation loss measured")
+            + (" and no sample copies a training target" if any(row.samples for row in rows) else "")
+        )
     return Recommendation(chosen.name, chosen.step, f"step {chosen.step}: {why}; {' and '.join(signals)}")
 
 
@@ -183,14 +204,19 @@ def _figure(value: float | None, digits: int = 3) -> str:
 def format_table(table: CheckpointTable) -> str:
     """The table as text (log, monitor, scoreboard), the recommendation last."""
     sigmas = [f"{sigma:g}" for sigma in table.sigmas]
-    head = (f"{'checkpoint':<40} {'step':>7} " + " ".join(f"{'val@' + s:>9}" for s in sigmas)
-            + f" {'likeness':>8} {'dlib':>6} {'near-tgt':>8} {'img-tgt':>7} {'copies':>6}  note")
+    head = (
+        f"{'checkpoint':<40} {'step':>7} "
+        + " ".join(f"{'val@' + s:>9}" for s in sigmas)
+        + f" {'likeness':>8} {'dlib':>6} {'near-tgt':>8} {'img-tgt':>7} {'copies':>6}  note"
+    )
     lines = [head]
     for row in sorted(table.rows, key=lambda row: row.step):
         losses = " ".join(f"{_figure((row.validation_loss or {}).get(s), 4):>9}" for s in sigmas)
-        lines.append(f"{row.name:<40} {row.step:>7} {losses} {_figure(row.likeness):>8} {_figure(row.likeness_dlib):>6} "
-                     f"{_figure(row.nearest_target):>8} {_figure(row.nearest_target_image):>7} "
-                     f"{row.near_copies:>3}/{row.samples:<2}  {row.note}".rstrip())
+        lines.append(
+            f"{row.name:<40} {row.step:>7} {losses} {_figure(row.likeness):>8} {_figure(row.likeness_dlib):>6} "
+            f"{_figure(row.nearest_target):>8} {_figure(row.nearest_target_image):>7} "
+            f"{row.near_copies:>3}/{row.samples:<2}  {row.note}".rstrip()
+        )
     chosen = table.recommendation()
     if chosen is not None:
         lines.append(f"keep {chosen.name}: {chosen.reason}")

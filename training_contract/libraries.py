@@ -1,11 +1,12 @@
 """The trainer's libraries: the ones a Python must have to run a training job, and the versions and
 folders of those a process runs with. The launch checks the first (training_jobs/trainer_env.py);
 the trainer records the second in status.json and its log, so a job shows which libraries it ran with."""
+
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from typing import Iterable
+from collections.abc import Iterable
 
 # imported by the training process (onnx2torch only with the face loss); bitsandbytes is optional
 REQUIRED = ("diffusers", "transformers", "peft", "accelerate", "onnx2torch")
@@ -55,9 +56,11 @@ def too_old_for(model_version: str, found: dict[str, dict[str, str]] | None = No
     if not short:
         return None
     needed = [f"{name}>={floor}" for name, floor in floors.items()]
-    return (f"--model_version {model_version} needs {' and '.join(needed)}; this Python has {', '.join(short)}. "
-            f"Install them into the trainer's Python (pip install {' '.join(repr(n) for n in needed)}) "
-            "or pick another --model_version")
+    return (
+        f"--model_version {model_version} needs {' and '.join(needed)}; this Python has {', '.join(short)}. "
+        f"Install them into the trainer's Python (pip install {' '.join(repr(n) for n in needed)}) "
+        "or pick another --model_version"
+    )
 
 
 def describe(found: dict[str, dict[str, str]]) -> list[str]:

@@ -12,10 +12,10 @@ ComfyUI and the community name Qwen-Image 2.1).
 another architecture (Qwen3-VL text encoder, single-stream DiT, 64-channel 16x VAE): its own
 `family`, and newer diffusers/transformers (`libraries.MODEL_VERSION_FLOORS`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-
 
 QWEN_IMAGE_EDIT = "qwen_image_edit"  # Edit, 2509, 2511: Qwen2.5-VL, the dual-stream DiT, the 16-channel VAE
 QWEN_IMAGE_21 = "qwen_image_2.1"  # as ComfyUI names the model (`image_model`)
@@ -45,8 +45,13 @@ MODEL_VERSIONS = {
         ModelVersion("edit", several_controls=False, zero_cond_t=False, architecture="Qwen-Image-Edit"),
         ModelVersion("edit-2509", several_controls=True, zero_cond_t=False, architecture="Qwen-Image-Edit-Plus"),
         ModelVersion("edit-2511", several_controls=True, zero_cond_t=True, architecture="Qwen-Image-Edit-2511"),
-        ModelVersion("qwen-image-2.1", several_controls=True, zero_cond_t=False, architecture="Qwen-Image-2.1",
-                     family=QWEN_IMAGE_21),
+        ModelVersion(
+            "qwen-image-2.1",
+            several_controls=True,
+            zero_cond_t=False,
+            architecture="Qwen-Image-2.1",
+            family=QWEN_IMAGE_21,
+        ),
     )
 }
 ALIAS_FLAGS = {"edit": "edit", "edit_plus": "edit-2509"}  # flag (dest) -> version

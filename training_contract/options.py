@@ -5,6 +5,7 @@
 are musubi-tuner's (the command line); an option the node shows also carries the node's widget,
 whose default is the seed guide's. Torch-free: ComfyUI imports it at start.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -91,65 +92,178 @@ OPTIONS: tuple[Option, ...] = (
     # models
     Option("dit", str, "models", "DiT single file, e.g. qwen_image_edit_2509_bf16.safetensors", path=True),
     Option("vae", str, "models", "VAE single file, e.g. qwen_image_vae.safetensors", path=True),
-    Option("text_encoder", str, "models", "Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)", path=True),
-    Option("tokenizer", str, "models", "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
-           "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)", node=NodeWidget(""), path=True),
-    Option("model_version", str, "models", f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
-           "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)", choices=tuple(MODEL_VERSIONS)),
+    Option(
+        "text_encoder",
+        str,
+        "models",
+        "Qwen2.5-VL single file, e.g. qwen_2.5_vl_7b.safetensors (or _fp8_scaled)",
+        path=True,
+    ),
+    Option(
+        "tokenizer",
+        str,
+        "models",
+        "local folder with the Qwen-Image-Edit tokenizer/processor (default: the "
+        "`processor` folder of Qwen/Qwen-Image-Edit-2509 from the hub)",
+        node=NodeWidget(""),
+        path=True,
+    ),
+    Option(
+        "model_version",
+        str,
+        "models",
+        f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
+        "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)",
+        choices=tuple(MODEL_VERSIONS),
+    ),
     Option("edit", bool, "models", "same as --model_version edit"),
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
     Option("sdpa", bool, "models", "PyTorch SDPA attention (the only backend; accepted)"),
     Option("fp8_base", bool, "models", "store the DiT base weights as float8 (diffusers layerwise casting)"),
-    Option("blocks_to_swap", int, "models", "keep N transformer blocks on the CPU, streamed in per layer", 0,
-           bounds=Bounds(0, 1000)),
+    Option(
+        "blocks_to_swap",
+        int,
+        "models",
+        "keep N transformer blocks on the CPU, streamed in per layer",
+        0,
+        bounds=Bounds(0, 1000),
+    ),
     # data
     Option("dataset_config", str, "data", "musubi dataset TOML", path=True),
-    Option("max_data_loader_n_workers", int, "data",
-           "accepted for compatibility: cached tensors are read in the training process", 2,
-           bounds=Bounds(0, 1024)),
-    Option("persistent_data_loader_workers", bool, "data",
-           "accepted for compatibility (see --max_data_loader_n_workers)"),
+    Option(
+        "max_data_loader_n_workers",
+        int,
+        "data",
+        "accepted for compatibility: cached tensors are read in the training process",
+        2,
+        bounds=Bounds(0, 1024),
+    ),
+    Option(
+        "persistent_data_loader_workers", bool, "data", "accepted for compatibility (see --max_data_loader_n_workers)"
+    ),
     # training
-    Option("mixed_precision", str, "training", f"{_choices(MIXED_PRECISION)} (default: bf16 where the GPU supports "
-           "it, as musubi-tuner trains Qwen; else no)", choices=MIXED_PRECISION,
-           node=NodeWidget("bf16", choices=("bf16", "fp16", "no"))),
-    Option("timestep_sampling", str, "training", _choices(TIMESTEP_SAMPLING), "sigma", TIMESTEP_SAMPLING,
-           node=NodeWidget("shift", choices=("shift", "qwen_shift", "sigma", "uniform"))),
-    Option("discrete_flow_shift", float, "training", "shift for sigma/shift sampling and samples", 1.0,
-           node=NodeWidget(2.2, 0.1, 20.0, 0.1), bounds=Bounds(0, 100, low_open=True)),
-    Option("rope_positions", str, "training", f"{_choices(ROPE_POSITIONS)}: the tokens' rotary positions while "
-           "training, numbered as ComfyUI's Qwen-Image model or as diffusers' (they differ for a side of 16 mod 32 px "
-           "and a control larger than its target; docs/training.md)", "comfyui", ROPE_POSITIONS),
-    Option("sigmoid_scale", float, "training", "scale of the normal before the sigmoid (shift sampling)", 1.0,
-           bounds=Bounds(0, 100, low_open=True)),
+    Option(
+        "mixed_precision",
+        str,
+        "training",
+        f"{_choices(MIXED_PRECISION)} (default: bf16 where the GPU supports it, as musubi-tuner trains Qwen; else no)",
+        choices=MIXED_PRECISION,
+        node=NodeWidget("bf16", choices=("bf16", "fp16", "no")),
+    ),
+    Option(
+        "timestep_sampling",
+        str,
+        "training",
+        _choices(TIMESTEP_SAMPLING),
+        "sigma",
+        TIMESTEP_SAMPLING,
+        node=NodeWidget("shift", choices=("shift", "qwen_shift", "sigma", "uniform")),
+    ),
+    Option(
+        "discrete_flow_shift",
+        float,
+        "training",
+        "shift for sigma/shift sampling and samples",
+        1.0,
+        node=NodeWidget(2.2, 0.1, 20.0, 0.1),
+        bounds=Bounds(0, 100, low_open=True),
+    ),
+    Option(
+        "rope_positions",
+        str,
+        "training",
+        f"{_choices(ROPE_POSITIONS)}: the tokens' rotary positions while "
+        "training, numbered as ComfyUI's Qwen-Image model or as diffusers' (they differ for a side of 16 mod 32 px "
+        "and a control larger than its target; docs/training.md)",
+        "comfyui",
+        ROPE_POSITIONS,
+    ),
+    Option(
+        "sigmoid_scale",
+        float,
+        "training",
+        "scale of the normal before the sigmoid (shift sampling)",
+        1.0,
+        bounds=Bounds(0, 100, low_open=True),
+    ),
     Option("weighting_scheme", str, "training", _choices(WEIGHTING_SCHEMES), "none", WEIGHTING_SCHEMES),
-    Option("optimizer_type", str, "training", f"{_choices(OPTIMIZERS)} (AdamW8bit needs bitsandbytes)", "AdamW",
-           OPTIMIZERS, node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor"))),
+    Option(
+        "optimizer_type",
+        str,
+        "training",
+        f"{_choices(OPTIMIZERS)} (AdamW8bit needs bitsandbytes)",
+        "AdamW",
+        OPTIMIZERS,
+        node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor")),
+    ),
     Option("optimizer_args", str, "training", "optimizer keyword args as key=value", many=True),
-    Option("learning_rate", float, "training", "", 2e-6, node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6),
-           bounds=Bounds(0, math.inf, low_open=True)),  # any finite rate: a diverging run is stopped and said
+    Option(
+        "learning_rate",
+        float,
+        "training",
+        "",
+        2e-6,
+        node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6),
+        bounds=Bounds(0, math.inf, low_open=True),
+    ),  # any finite rate: a diverging run is stopped and said
     Option("lr_scheduler", str, "training", "diffusers scheduler name (constant, cosine, linear, ...)", "constant"),
     Option("lr_warmup_steps", int, "training", "", 0, bounds=Bounds(0, STEPS_CEILING)),
     Option("lr_scheduler_num_cycles", int, "training", "", 1, bounds=Bounds(1, 10**6)),
     Option("lr_scheduler_power", float, "training", "", 1.0, bounds=Bounds(0, 100)),
     Option("max_grad_norm", float, "training", "gradient clipping (0 disables)", 1.0, bounds=Bounds(0, 1e6)),
-    Option("gradient_checkpointing", bool, "training", "recompute each block in the backward pass (less memory)",
-           node=NodeWidget(True)),
+    Option(
+        "gradient_checkpointing",
+        bool,
+        "training",
+        "recompute each block in the backward pass (less memory)",
+        node=NodeWidget(True),
+    ),
     Option("gradient_accumulation_steps", int, "training", "", 1, bounds=Bounds(1, 10**4)),
-    Option("max_train_steps", int, "training", "", 1600, bounds=Bounds(1, STEPS_CEILING),
-           node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.", off=0)),
-    Option("max_train_epochs", int, "training", "overrides --max_train_steps", node=NodeWidget(100, 1, 100000),
-           bounds=Bounds(1, EPOCHS_CEILING)),
-    Option("seed", int, "training", "random seed (default: random, recorded in the LoRA metadata)",
-           node=NodeWidget(42, 0, 2**31 - 1), bounds=Bounds(0, 2**32 - 1)),  # numpy's seeds
+    Option(
+        "max_train_steps",
+        int,
+        "training",
+        "",
+        1600,
+        bounds=Bounds(1, STEPS_CEILING),
+        node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.", off=0),
+    ),
+    Option(
+        "max_train_epochs",
+        int,
+        "training",
+        "overrides --max_train_steps",
+        node=NodeWidget(100, 1, 100000),
+        bounds=Bounds(1, EPOCHS_CEILING),
+    ),
+    Option(
+        "seed",
+        int,
+        "training",
+        "random seed (default: random, recorded in the LoRA metadata)",
+        node=NodeWidget(42, 0, 2**31 - 1),
+        bounds=Bounds(0, 2**32 - 1),
+    ),  # numpy's seeds
     # network
     Option("network_module", str, "network", "accepted for compatibility", NETWORK_MODULE),
     Option("network_dim", int, "network", "LoRA rank", 4, node=NodeWidget(16, 1, 256), bounds=Bounds(1, 4096)),
-    Option("network_alpha", float, "network", "LoRA alpha (scale alpha/dim)", 1.0, node=NodeWidget(16.0, 0.1, 256.0),
-           bounds=Bounds(0, 4096, low_open=True)),
+    Option(
+        "network_alpha",
+        float,
+        "network",
+        "LoRA alpha (scale alpha/dim)",
+        1.0,
+        node=NodeWidget(16.0, 0.1, 256.0),
+        bounds=Bounds(0, 4096, low_open=True),
+    ),
     Option("network_weights", str, "network", "LoRA file (this trainer's or musubi's) to start from", path=True),
-    Option("network_args", str, "network", "include_patterns=[...] exclude_patterns=[...] (regex on module paths)",
-           many=True),
+    Option(
+        "network_args",
+        str,
+        "network",
+        "include_patterns=[...] exclude_patterns=[...] (regex on module paths)",
+        many=True,
+    ),
     # output
     Option("output_dir", str, "output", path=True),
     Option("output_name", str, "output", "", "lora", path=True),
@@ -163,76 +277,230 @@ OPTIONS: tuple[Option, ...] = (
     # sampling
     Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)", path=True),
     Option("sample_every_n_steps", int, "sampling", bounds=Bounds(1, STEPS_CEILING)),
-    Option("sample_every_n_epochs", int, "sampling", node=NodeWidget(
-        10, 0, 100000, off=0,
-        tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps)."),
-           bounds=Bounds(1, EPOCHS_CEILING)),
+    Option(
+        "sample_every_n_epochs",
+        int,
+        "sampling",
+        node=NodeWidget(
+            10,
+            0,
+            100000,
+            off=0,
+            tooltip="Sample every N epochs (0: none, unless extra_args sets --sample_every_n_steps).",
+        ),
+        bounds=Bounds(1, EPOCHS_CEILING),
+    ),
     Option("sample_at_first", bool, "sampling"),
-    Option("sample_shift_terminal", float, "sampling",
-           "stretch the sample sigmas so the last is this (0: off, KSampler euler/simple's schedule; musubi-tuner's "
-           "0.02 is ComfyUI's SamplerCustom + LTXVScheduler)", DEFAULT_SHIFT_TERMINAL,
-           bounds=Bounds(0, 1, high_open=True)),
+    Option(
+        "sample_shift_terminal",
+        float,
+        "sampling",
+        "stretch the sample sigmas so the last is this (0: off, KSampler euler/simple's schedule; musubi-tuner's "
+        "0.02 is ComfyUI's SamplerCustom + LTXVScheduler)",
+        DEFAULT_SHIFT_TERMINAL,
+        bounds=Bounds(0, 1, high_open=True),
+    ),
     # face identity
-    Option("enable_face_loss", bool, "face",
-           "face-similarity metrics of the x0 estimates and the samples during training"),
-    Option("use_face_as_loss", bool, "face", "add the face-identity loss (implies the metrics); experimental: in the "
-           "benchmark a trade-off, likeness for accuracy outside the face (docs/face-loss.md, \"Evidence, tier 1\")",
-           node=NodeWidget(False, tooltip="EXPERIMENTAL: add the face-identity loss to training (--use_face_as_loss). "
-                           "In the benchmark it buys likeness at a cost in accuracy outside the face, a trade-off, not a "
-                           "proven help (docs/face-loss.md); the metrics and checkpoint selection are the recommended use.")),
-    Option("face_loss_weight", float, "face", "weight of 1 - cos added to the loss", 0.1,
-           node=NodeWidget(0.1, 0.0, 10.0, 0.01, tooltip="Weight of 1 - cos in the experimental face loss (used "
-                           "only with use_face_as_loss)."), bounds=Bounds(0, 100)),
-    Option("face_model_name", str, "face", "InsightFace model pack (name or folder)", "buffalo_l",
-           node=NodeWidget("buffalo_l")),
-    Option("face_device", str, "face", f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}", "cuda",
-           FACE_DEVICES, node=NodeWidget("cuda")),
-    Option("face_det_size", int, "face", "face detector input size", 640, node=NodeWidget(640, 128, 2048, 32),
-           bounds=Bounds(64, 2048)),
-    Option("face_eval_frequency", int, "face", "measure x0-estimate similarity every N steps", 100,
-           node=NodeWidget(100, 1, 100000), bounds=Bounds(1, STEPS_CEILING)),
+    Option(
+        "enable_face_loss", bool, "face", "face-similarity metrics of the x0 estimates and the samples during training"
+    ),
+    Option(
+        "use_face_as_loss",
+        bool,
+        "face",
+        "add the face-identity loss (implies the metrics); experimental: in the "
+        'benchmark a trade-off, likeness for accuracy outside the face (docs/face-loss.md, "Evidence, tier 1")',
+        node=NodeWidget(
+            False,
+            tooltip="EXPERIMENTAL: add the face-identity loss to training (--use_face_as_loss). "
+            "In the benchmark it buys likeness at a cost in accuracy outside the face, a trade-off, not a "
+            "proven help (docs/face-loss.md); the metrics and checkpoint selection are the recommended use.",
+        ),
+    ),
+    Option(
+        "face_loss_weight",
+        float,
+        "face",
+        "weight of 1 - cos added to the loss",
+        0.1,
+        node=NodeWidget(
+            0.1,
+            0.0,
+            10.0,
+            0.01,
+            tooltip="Weight of 1 - cos in the experimental face loss (used only with use_face_as_loss).",
+        ),
+        bounds=Bounds(0, 100),
+    ),
+    Option(
+        "face_model_name",
+        str,
+        "face",
+        "InsightFace model pack (name or folder)",
+        "buffalo_l",
+        node=NodeWidget("buffalo_l"),
+    ),
+    Option(
+        "face_device",
+        str,
+        "face",
+        f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}",
+        "cuda",
+        FACE_DEVICES,
+        node=NodeWidget("cuda"),
+    ),
+    Option(
+        "face_det_size",
+        int,
+        "face",
+        "face detector input size",
+        640,
+        node=NodeWidget(640, 128, 2048, 32),
+        bounds=Bounds(64, 2048),
+    ),
+    Option(
+        "face_eval_frequency",
+        int,
+        "face",
+        "measure x0-estimate similarity every N steps",
+        100,
+        node=NodeWidget(100, 1, 100000),
+        bounds=Bounds(1, STEPS_CEILING),
+    ),
     Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)", path=True),
-    Option("offline", bool, "face",
-           "never download a missing standard face pack (by default it is fetched on first use)"),
-    Option("face_loss_max_t", float, "face", "apply the loss only where t <= this (1 for every t; 0.5 keeps the "
-           "sharper estimates)", DEFAULT_FACE_LOSS_MAX_T, bounds=Bounds(0, 1, low_open=True)),
-    Option("face_loss_t_weighting", str, "face", f"{_choices(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's "
-           "term by 1 - t", "none", FACE_LOSS_T_WEIGHTINGS),
+    Option(
+        "offline", bool, "face", "never download a missing standard face pack (by default it is fetched on first use)"
+    ),
+    Option(
+        "face_loss_max_t",
+        float,
+        "face",
+        "apply the loss only where t <= this (1 for every t; 0.5 keeps the sharper estimates)",
+        DEFAULT_FACE_LOSS_MAX_T,
+        bounds=Bounds(0, 1, low_open=True),
+    ),
+    Option(
+        "face_loss_t_weighting",
+        str,
+        "face",
+        f"{_choices(FACE_LOSS_T_WEIGHTINGS)}: linear weighs each sample's term by 1 - t",
+        "none",
+        FACE_LOSS_T_WEIGHTINGS,
+    ),
     Option("face_loss_every", int, "face", "compute the loss every N steps", 1, bounds=Bounds(1, STEPS_CEILING)),
-    Option("face_eval_model", str, "face", "a second, held-out pack reported beside the training one; dlib: the dlib "
-           "judge (pip install \"comfyui-face-consistency[judge]\")"),
-    Option("face_decode", str, "face", "decode for the face term: face (only the face region, default), half (the "
-           "whole image at half resolution) or full", "face", FACE_DECODE_MODES),
-    Option("face_loss_reference", str, "face", f"{_choices(FACE_LOSS_REFERENCES)}: the identity the loss pulls "
-           "towards, the control images' (the person the edit starts from) or the training target's", "control",
-           FACE_LOSS_REFERENCES, node=NodeWidget("control")),
-    Option("face_loss_contrastive_weight", float, "face", "weight of an InfoNCE term that also pushes the face away "
-           "from other people's (WithAnyone's; needs --face_loss_negatives; 0: off)", 0.0,
-           node=NodeWidget(0.0, 0.0, 10.0, 0.01), bounds=Bounds(0, 100)),
-    Option("face_loss_temperature", float, "face", "temperature of the InfoNCE term", 0.07,
-           bounds=Bounds(0, 100, low_open=True)),
-    Option("face_loss_negatives", str, "face", "folder of photos of other people (one face each), the InfoNCE "
-           "term's negatives", path=True, node=NodeWidget("")),
-    Option("face_loss_rollout_steps", int, "face", "score the face of x0 reached by N Euler steps of the model from "
-           "x_t (gradients through every step; 1: the one-step estimate x_t - t v)", 1,
-           node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS), bounds=Bounds(1, MAX_FACE_LOSS_ROLLOUT_STEPS)),
+    Option(
+        "face_eval_model",
+        str,
+        "face",
+        "a second, held-out pack reported beside the training one; dlib: the dlib "
+        'judge (pip install "comfyui-face-consistency[judge]")',
+    ),
+    Option(
+        "face_decode",
+        str,
+        "face",
+        "decode for the face term: face (only the face region, default), half (the "
+        "whole image at half resolution) or full",
+        "face",
+        FACE_DECODE_MODES,
+    ),
+    Option(
+        "face_loss_reference",
+        str,
+        "face",
+        f"{_choices(FACE_LOSS_REFERENCES)}: the identity the loss pulls "
+        "towards, the control images' (the person the edit starts from) or the training target's",
+        "control",
+        FACE_LOSS_REFERENCES,
+        node=NodeWidget("control"),
+    ),
+    Option(
+        "face_loss_contrastive_weight",
+        float,
+        "face",
+        "weight of an InfoNCE term that also pushes the face away "
+        "from other people's (WithAnyone's; needs --face_loss_negatives; 0: off)",
+        0.0,
+        node=NodeWidget(0.0, 0.0, 10.0, 0.01),
+        bounds=Bounds(0, 100),
+    ),
+    Option(
+        "face_loss_temperature",
+        float,
+        "face",
+        "temperature of the InfoNCE term",
+        0.07,
+        bounds=Bounds(0, 100, low_open=True),
+    ),
+    Option(
+        "face_loss_negatives",
+        str,
+        "face",
+        "folder of photos of other people (one face each), the InfoNCE term's negatives",
+        path=True,
+        node=NodeWidget(""),
+    ),
+    Option(
+        "face_loss_rollout_steps",
+        int,
+        "face",
+        "score the face of x0 reached by N Euler steps of the model from "
+        "x_t (gradients through every step; 1: the one-step estimate x_t - t v)",
+        1,
+        node=NodeWidget(1, 1, MAX_FACE_LOSS_ROLLOUT_STEPS),
+        bounds=Bounds(1, MAX_FACE_LOSS_ROLLOUT_STEPS),
+    ),
     # validation and the choice of a checkpoint (checkpoints.json)
-    Option("validation_dataset_config", str, "validation", "musubi dataset TOML of held-out items (never trained on) "
-           "for the validation loss; a [[datasets]] entry of --dataset_config with validation = true is held out too",
-           path=True),
-    Option("validation_split", float, "validation", "hold out this fraction of the training items (at least one, "
-           "chosen by --validation_seed) for the validation loss when no validation items are given (0: none)", 0.0,
-           bounds=Bounds(0, 0.5)),
-    Option("validation_seed", int, "validation", "seed of the held-out split and of the validation loss's fixed "
-           "noise", 0, bounds=Bounds(0, 2**32 - 1)),
-    Option("validation_sigmas", float, "validation", "sigmas (flow times) of the validation loss (default: "
-           f"{' '.join(f'{s:g}' for s in DEFAULT_VALIDATION_SIGMAS)})", DEFAULT_VALIDATION_SIGMAS, many=True,
-           bounds=Bounds(0, 1)),
-    Option("validate_every_n_steps", int, "validation", "validation loss every N steps as well as at every "
-           "checkpoint", bounds=Bounds(1, STEPS_CEILING)),
-    Option("likeness_references", str, "validation", "folder of photos of the person, neither controls nor training "
-           "targets: every checkpoint's samples are scored against them (held-out likeness, checkpoints.json)",
-           path=True),
+    Option(
+        "validation_dataset_config",
+        str,
+        "validation",
+        "musubi dataset TOML of held-out items (never trained on) "
+        "for the validation loss; a [[datasets]] entry of --dataset_config with validation = true is held out too",
+        path=True,
+    ),
+    Option(
+        "validation_split",
+        float,
+        "validation",
+        "hold out this fraction of the training items (at least one, "
+        "chosen by --validation_seed) for the validation loss when no validation items are given (0: none)",
+        0.0,
+        bounds=Bounds(0, 0.5),
+    ),
+    Option(
+        "validation_seed",
+        int,
+        "validation",
+        "seed of the held-out split and of the validation loss's fixed noise",
+        0,
+        bounds=Bounds(0, 2**32 - 1),
+    ),
+    Option(
+        "validation_sigmas",
+        float,
+        "validation",
+        "sigmas (flow times) of the validation loss (default: "
+        f"{' '.join(f'{s:g}' for s in DEFAULT_VALIDATION_SIGMAS)})",
+        DEFAULT_VALIDATION_SIGMAS,
+        many=True,
+        bounds=Bounds(0, 1),
+    ),
+    Option(
+        "validate_every_n_steps",
+        int,
+        "validation",
+        "validation loss every N steps as well as at every checkpoint",
+        bounds=Bounds(1, STEPS_CEILING),
+    ),
+    Option(
+        "likeness_references",
+        str,
+        "validation",
+        "folder of photos of the person, neither controls nor training "
+        "targets: every checkpoint's samples are scored against them (held-out likeness, checkpoints.json)",
+        path=True,
+    ),
 )
 BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -240,15 +508,28 @@ BY_NAME = {option.name: option for option in OPTIONS}
 def contrastive_problem(weight: float, negatives: str | None) -> str | None:
     """Why the InfoNCE term's weight and negatives folder do not go together (None: they do)."""
     if weight > 0 and not negatives:
-        return ("--face_loss_contrastive_weight needs --face_loss_negatives: a folder of photos of other people, "
-                "the faces the loss pushes away from")
+        return (
+            "--face_loss_contrastive_weight needs --face_loss_negatives: a folder of photos of other people, "
+            "the faces the loss pushes away from"
+        )
     if negatives and weight == 0:
-        return ("--face_loss_negatives is used only by the contrastive term: set --face_loss_contrastive_weight "
-                "(e.g. 0.1) or leave the folder out")
+        return (
+            "--face_loss_negatives is used only by the contrastive term: set --face_loss_contrastive_weight "
+            "(e.g. 0.1) or leave the folder out"
+        )
     return None
-GROUP_TITLES = {"models": "models", "data": "data", "training": "training", "network": "network", "output": "output",
-                "sampling": "sampling", "face": "face identity (docs/face-loss.md)",
-                "validation": "validation and the checkpoint to keep (docs/training.md)"}
+
+
+GROUP_TITLES = {
+    "models": "models",
+    "data": "data",
+    "training": "training",
+    "network": "network",
+    "output": "output",
+    "sampling": "sampling",
+    "face": "face identity (docs/face-loss.md)",
+    "validation": "validation and the checkpoint to keep (docs/training.md)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -260,9 +541,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         if option.kind is bool:
             group.add_argument(option.flag, action="store_true", help=option.help or None)
         else:
-            group.add_argument(option.flag, type=None if option.kind is str else option.kind,
-                               default=list(option.default or ()) if option.many else option.default, nargs="*" if option.many else None,
-                               help=option.help or None)
+            group.add_argument(
+                option.flag,
+                type=None if option.kind is str else option.kind,
+                default=list(option.default or ()) if option.many else option.default,
+                nargs="*" if option.many else None,
+                help=option.help or None,
+            )
 
 
 _NODE_TYPES = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}
@@ -275,8 +560,13 @@ def node_input(name: str) -> tuple[Any, ...]:
     if widget is None:
         raise KeyError(f"--{name} is not one of the launch node's inputs")
     settings: dict[str, Any] = {"default": widget.default}
-    settings.update({key: value for key, value in (("min", widget.min), ("max", widget.max), ("step", widget.step))
-                     if value is not None})
+    settings.update(
+        {
+            key: value
+            for key, value in (("min", widget.min), ("max", widget.max), ("step", widget.step))
+            if value is not None
+        }
+    )
     if widget.tooltip or option.help:
         settings["tooltip"] = widget.tooltip or option.help
     choices = widget.choices or option.choices

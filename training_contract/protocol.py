@@ -8,6 +8,7 @@ Everything lives in the trainer's output directory:
 - `.train.lock`: held by the trainer for its whole life (an OS file lock, let go when the process
   ends however it ends), so one folder has one run, whoever starts it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -15,10 +16,11 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from filelock import FileLock, Timeout
 

@@ -1,12 +1,14 @@
 """Rank LoRA checkpoints by face similarity: group scores per checkpoint, pick the best, keep a copy."""
+
 from __future__ import annotations
 
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,8 +51,9 @@ def _flatten_scores(item: Any) -> list[float]:
         raise ValueError(f"a score must be a number or a list of numbers, got {item!r}") from exc
 
 
-def group_scores(names: Sequence[str], scores: Sequence[Any],
-                 saved_steps: dict[str, int] | None = None) -> list[CheckpointScore]:
+def group_scores(
+    names: Sequence[str], scores: Sequence[Any], saved_steps: dict[str, int] | None = None
+) -> list[CheckpointScore]:
     """Pair checkpoint names with their scores (same order and length; a repeated name pools its scores).
 
     One name with many scores is one checkpoint scored several times. The result is ordered
@@ -103,7 +106,9 @@ UNCHANGED_NOTE = "UNCHANGED face"
 
 
 def copy_paste_notes(
-    results: Sequence[CheckpointScore], agreement: float | None, changes: Sequence[CheckpointScore] = (),
+    results: Sequence[CheckpointScore],
+    agreement: float | None,
+    changes: Sequence[CheckpointScore] = (),
     change_threshold: float = 0.10,
 ) -> dict[str, str]:
     """Checkpoint name -> a warning where its mean score is above the reference photos' own agreement
@@ -118,13 +123,17 @@ def copy_paste_notes(
         unchanged = math.isfinite(change) and change < change_threshold
         above = agreement is not None and math.isfinite(r.mean) and r.mean > agreement
         if above and unchanged:
-            notes[r.name] = (f"COPY? above the references' agreement {agreement:.3f} with face change {change:.3f} "
-                             f"< {change_threshold:.2f}")
+            notes[r.name] = (
+                f"COPY? above the references' agreement {agreement:.3f} with face change {change:.3f} "
+                f"< {change_threshold:.2f}"
+            )
         elif above:
             notes[r.name] = f"above the references' agreement {agreement:.3f}: check by eye"
         elif unchanged:
-            notes[r.name] = (f"{UNCHANGED_NOTE} (change {change:.3f} < {change_threshold:.2f}): "
-                             "the samples return the control's face")
+            notes[r.name] = (
+                f"{UNCHANGED_NOTE} (change {change:.3f} < {change_threshold:.2f}): "
+                "the samples return the control's face"
+            )
     return notes
 
 

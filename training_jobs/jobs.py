@@ -12,6 +12,7 @@ No ComfyUI imports: the node classes and the HTTP routes call this with ComfyUI'
   past the grace period the process group is terminated, then killed (on Windows, the tree
   psutil finds). Liveness is psutil's, a pid reused by a later process told apart by its start time.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import psutil
 
@@ -208,8 +209,12 @@ class JobRegistry:
                 raise
             aside = self.path.with_name(f"{self.path.name}.corrupt-{time.strftime('%Y%m%d%H%M%S')}")
             os.replace(self.path, aside)
-            log.warning("the job registry %s could not be read (%s): moved aside to %s, starting a new one",
-                        self.path, exc, aside)
+            log.warning(
+                "the job registry %s could not be read (%s): moved aside to %s, starting a new one",
+                self.path,
+                exc,
+                aside,
+            )
             self._create()
 
     def _create(self) -> None:
@@ -295,8 +300,15 @@ class JobRegistry:
                 db.execute(
                     "INSERT INTO jobs (job_id, name, output_dir, output_key, command, pid, started, state)"
                     " VALUES (?, ?, ?, ?, ?, NULL, ?, ?)",
-                    (job_id, name, str(output_dir), _same_dir(output_dir), json.dumps(command), time.time(),
-                     JobState.STARTING.value),
+                    (
+                        job_id,
+                        name,
+                        str(output_dir),
+                        _same_dir(output_dir),
+                        json.dumps(command),
+                        time.time(),
+                        JobState.STARTING.value,
+                    ),
                 )
                 db.execute("COMMIT")
             except BaseException:
@@ -391,7 +403,9 @@ class JobRegistry:
         when it ended (None while it runs and for jobs that ended before the registry kept it)."""
         with self._connect() as db:
             rows = db.execute(f"SELECT {', '.join(JSON_FIELDS)}, progress FROM jobs ORDER BY started DESC").fetchall()
-        return [{**{field: row[field] for field in JSON_FIELDS}, "progress": _progress(row["progress"])} for row in rows]
+        return [
+            {**{field: row[field] for field in JSON_FIELDS}, "progress": _progress(row["progress"])} for row in rows
+        ]
 
     def output_dirs(self) -> list[Path]:
         """Every folder a registered job writes or wrote into."""

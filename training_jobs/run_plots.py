@@ -1,7 +1,8 @@
 """Charts of a training run and of a checkpoint scoreboard, rendered to RGB arrays (matplotlib, Agg)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,8 +51,14 @@ def plot_run(run: RunSnapshot, *, window: int = 20, width_px: int = 900, height_
         loss_ax.text(0.5, 0.5, "no loss logged yet", ha="center", va="center", transform=loss_ax.transAxes)
     validation_steps, validation_values = run.series(VALIDATION_LOSS)
     if validation_values:
-        loss_ax.plot(validation_steps, validation_values, color="tab:orange", marker="o", linewidth=2,
-                     label="validation loss (held out, fixed noise)")
+        loss_ax.plot(
+            validation_steps,
+            validation_values,
+            color="tab:orange",
+            marker="o",
+            linewidth=2,
+            label="validation loss (held out, fixed noise)",
+        )
         loss_ax.legend(loc="best", fontsize=8)
     loss_ax.set_title(f"{name}: {run.state}", fontsize=10)
     loss_ax.set_ylabel("loss")
@@ -84,8 +91,16 @@ def plot_scores(
     """Score per checkpoint (error bars: standard deviation over its images), best marked; HxWx3 uint8."""
     fig, (ax,) = _figure(1, width_px, height_px)
     ax.errorbar(positions, scores, yerr=spreads, marker="o", capsize=3, color="tab:blue")
-    ax.scatter([positions[best_index]], [scores[best_index]], s=160, facecolors="none", edgecolors="tab:red",
-               linewidths=2, zorder=3, label=f"best: {labels[best_index]}")
+    ax.scatter(
+        [positions[best_index]],
+        [scores[best_index]],
+        s=160,
+        facecolors="none",
+        edgecolors="tab:red",
+        linewidths=2,
+        zorder=3,
+        label=f"best: {labels[best_index]}",
+    )
     ax.set_xlabel(x_label)
     ax.set_ylabel("face similarity")
     ax.grid(True, alpha=0.3)

@@ -13,15 +13,17 @@ What a monitor needs from either kind of folder:
 Only files inside the folder are read: one that is a symlink to a file elsewhere is left out, as
 if it were not there (the routes and nodes serve what this reads).
 """
+
 from __future__ import annotations
 
 import functools
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..common.files import IMAGE_SUFFIXES
 from ..common.paths import is_within_directory
@@ -41,6 +43,7 @@ METRIC_ALIASES: dict[str, tuple[str, ...]] = {
     LOSS: ("loss", "loss/current"),
     FACE_SIMILARITY: ("face_similarity", "face_sim/x0_mean"),
 }
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -103,9 +106,7 @@ class RunSnapshot:
         if not self.samples:
             return []
         newest = max(self.samples, key=lambda s: (s.timestamp, s.round_key))
-        return sorted(
-            (s for s in self.samples if s.round_key == newest.round_key), key=lambda s: s.prompt_index
-        )
+        return sorted((s for s in self.samples if s.round_key == newest.round_key), key=lambda s: s.prompt_index)
 
     def series(self, metric: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one canonical metric, skipping steps where it is missing or not finite."""

@@ -1,5 +1,6 @@
 """What the monitor shows of a run: its status text, the latest samples as one image, and the
 signature of its files (a run that changed is read again)."""
+
 from __future__ import annotations
 
 import math
@@ -11,8 +12,8 @@ from PIL import Image
 
 from ..common.files import file_signature
 from ..musubi_formats.names import SAMPLE_DIR
-from .jobs import JobRecord
 from ..training_contract.checkpoint_choice import VALIDATION_LOSS
+from .jobs import JobRecord
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 
@@ -30,7 +31,9 @@ def describe_run(run: RunSnapshot, record: JobRecord | None, *, window: int = 20
     step = status.get("step")
     total = status.get("total_steps")
     if isinstance(step, int):
-        progress = f"step {step}" + (f"/{total} ({100.0 * step / total:.1f}%)" if isinstance(total, int) and total else "")
+        progress = f"step {step}" + (
+            f"/{total} ({100.0 * step / total:.1f}%)" if isinstance(total, int) and total else ""
+        )
         epoch, epochs = status.get("epoch"), status.get("total_epochs")
         if isinstance(epoch, int):
             progress += f", epoch {epoch}" + (f"/{epochs}" if isinstance(epochs, int) else "")

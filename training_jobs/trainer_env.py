@@ -20,6 +20,7 @@ Both pin torch (and torchvision) to ComfyUI's installed versions, so pip never i
 when it has the trainer's libraries (a standalone `pip install`), else it refuses naming the setup
 command. The environment's manifest, written last, says it is complete and what it was made for.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,9 +34,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from ..common.files import atomic_write_json, atomic_write_text
 from ..training_contract import libraries
@@ -114,8 +116,10 @@ def _stale_reason(manifest: dict[str, Any], requirements: Path) -> str | None:
         return f"its Python {python or '(none recorded)'} is gone"
     # the environment (its prefix), not the interpreter: a venv's python links to its base's
     if manifest.get("base_prefix") != os.path.realpath(sys.prefix):
-        return (f"it was made for the Python {manifest.get('base_python')} (in {manifest.get('base_prefix')}), "
-                f"and ComfyUI now runs {sys.executable} (in {os.path.realpath(sys.prefix)})")
+        return (
+            f"it was made for the Python {manifest.get('base_python')} (in {manifest.get('base_prefix')}), "
+            f"and ComfyUI now runs {sys.executable} (in {os.path.realpath(sys.prefix)})"
+        )
     if manifest.get("python_version") != python_version():
         return f"it was made for Python {manifest.get('python_version')}, this is Python {python_version()}"
     if manifest.get("requirements_sha256") != requirements_digest(requirements):
@@ -137,8 +141,11 @@ def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path
                 f"Python: {setup_command(named)} ({SETUP_DOC})"
             )
         site_dir = manifest.get("site")
-        return TrainerRuntime(str(manifest["python"]), Path(site_dir) if site_dir else None,
-                              f"the trainer environment in {folder} ({manifest.get('layout')})")
+        return TrainerRuntime(
+            str(manifest["python"]),
+            Path(site_dir) if site_dir else None,
+            f"the trainer environment in {folder} ({manifest.get('layout')})",
+        )
     absent = libraries.missing()
     if not absent:
         return TrainerRuntime(sys.executable, None, f"this Python ({sys.executable})")
@@ -152,6 +159,7 @@ def trainer_runtime(path: str | os.PathLike | None = None, *, requirements: Path
 
 
 # --- setting it up ---------------------------------------------------------------------------------
+
 
 def comfyui_site_dirs() -> list[str]:
     """The site folders this Python imports from (ComfyUI's), in its order."""
@@ -208,28 +216,46 @@ def _make_venv(venv: Path, echo: Echo) -> Path | None:
         shutil.rmtree(venv, ignore_errors=True)
         return None
     python = _venv_python(venv)
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     # after the venv's own packages, ComfyUI's: .pth lines starting with `import` are run at start-up
     lines = [f"import site; site.addsitedir({folder!r})" for folder in comfyui_site_dirs()]
     atomic_write_text(Path(purelib) / PTH_FILE, "\n".join(lines) + "\n")
     return python
 
 
-def _changes_in_this_python(requirements: Path, constraints: Path, pip_options: Sequence[str],
-                            work: Path) -> list[str]:
+def _changes_in_this_python(requirements: Path, constraints: Path, pip_options: Sequence[str], work: Path) -> list[str]:
     """`name==version` of what pip would add or change in this Python for `requirements` (its dry run)."""
     report = work / "pip-report.json"
-    _run([sys.executable, "-m", "pip", "install", "--dry-run", "--quiet", "--report", str(report),
-          "-r", str(requirements), "-c", str(constraints), *pip_options], "pip's dry run of the trainer's libraries")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--report",
+            str(report),
+            "-r",
+            str(requirements),
+            "-c",
+            str(constraints),
+            *pip_options,
+        ],
+        "pip's dry run of the trainer's libraries",
+    )
     items = json.loads(report.read_text(encoding="utf-8")).get("install", [])
     return [f"{item['metadata']['name']}=={item['metadata']['version']}" for item in items]
 
 
 def probe(runtime: TrainerRuntime) -> dict[str, dict[str, str]]:
     """Import the trainer's libraries with `runtime` and return their versions and folders."""
-    done = subprocess.run(runtime.command("setup-trainer", "--libraries"), capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(runtime.command("setup-trainer", "--libraries"), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise TrainerEnvironmentError(
             f"the trainer's libraries were installed but do not import with {runtime.description}:\n"
@@ -275,9 +301,11 @@ def set_up(
     folder = env_dir(path)
     pip_options = _pip_options(index_url, find_links, no_index)
     kept = ", ".join(f"{name} {version}" for name, version in kept_versions().items()) or "none installed"
-    echo(f"Setting up the trainer environment in {folder}\n"
-         f"  for the Python {sys.executable} (Python {platform.python_version()}; its torch is reused: {kept})\n"
-         f"  with {requirements}; ComfyUI's own packages are not changed")
+    echo(
+        f"Setting up the trainer environment in {folder}\n"
+        f"  for the Python {sys.executable} (Python {platform.python_version()}; its torch is reused: {kept})\n"
+        f"  with {requirements}; ComfyUI's own packages are not changed"
+    )
     _clear(folder)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / MARKER, "a face-consistency trainer environment (setup-trainer)\n")
@@ -291,8 +319,21 @@ def set_up(
     if python is not None:
         echo("[2/3] installing the trainer's libraries into it (pip's progress below)")
         # pip inside the venv sees ComfyUI's packages (the .pth) and installs only what they lack
-        _run([str(python), "-m", "pip", "install", "--disable-pip-version-check", "-r", str(requirements),
-              "-c", str(constraints), *pip_options], "installing the trainer's libraries")
+        _run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "-r",
+                str(requirements),
+                "-c",
+                str(constraints),
+                *pip_options,
+            ],
+            "installing the trainer's libraries",
+        )
         runtime = TrainerRuntime(str(python), None, f"the trainer environment in {folder} (venv)")
     else:
         site_dir = folder / "site-packages"
@@ -301,8 +342,21 @@ def set_up(
             specs = _changes_in_this_python(requirements, constraints, pip_options, Path(work))
         echo(f"[2/3] installing {len(specs)} packages into {site_dir} (pip's progress below)")
         if specs:
-            _run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps",
-                  "--target", str(site_dir), *specs, *pip_options], "installing the trainer's libraries")
+            _run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-deps",
+                    "--target",
+                    str(site_dir),
+                    *specs,
+                    *pip_options,
+                ],
+                "installing the trainer's libraries",
+            )
         site_dir.mkdir(exist_ok=True)
         runtime = TrainerRuntime(sys.executable, site_dir, f"the trainer environment in {folder} (target)")
     echo("[3/3] checking that the trainer's libraries import")
@@ -325,13 +379,34 @@ def set_up(
     return manifest
 
 
-def dry_run(*, index_url: str | None = None, find_links: Sequence[str] = (), no_index: bool = False,
-            requirements: Path = REQUIREMENTS, echo: Echo = print) -> None:
+def dry_run(
+    *,
+    index_url: str | None = None,
+    find_links: Sequence[str] = (),
+    no_index: bool = False,
+    requirements: Path = REQUIREMENTS,
+    echo: Echo = print,
+) -> None:
     """Show what the trainer environment would hold: pip's dry run against this Python's packages."""
-    echo(f"What the trainer environment would hold besides this Python's packages ({sys.executable}): pip's "
-         f"`Would install` line below. It is a dry run; the setup puts them in a folder of their own, never here.")
+    echo(
+        f"What the trainer environment would hold besides this Python's packages ({sys.executable}): pip's "
+        f"`Would install` line below. It is a dry run; the setup puts them in a folder of their own, never here."
+    )
     with tempfile.TemporaryDirectory() as work:
         constraints = _write_constraints(Path(work) / "constraints.txt")
-        _run([sys.executable, "-m", "pip", "install", "--dry-run", "--disable-pip-version-check",
-              "-r", str(requirements), "-c", str(constraints), *_pip_options(index_url, find_links, no_index)],
-             "pip's dry run of the trainer's libraries")
+        _run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--disable-pip-version-check",
+                "-r",
+                str(requirements),
+                "-c",
+                str(constraints),
+                *_pip_options(index_url, find_links, no_index),
+            ],
+            "pip's dry run of the trainer's libraries",
+        )
