@@ -13,6 +13,7 @@ default to).
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 from collections.abc import Iterator
 from dataclasses import astuple, dataclass
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from face_consistency.faceid.evaluate_cli import build_parser as evaluate_parser
+from face_consistency.cli import SUBCOMMANDS
 from face_consistency.faceid.similarity import Bands
 from face_consistency.training_contract.options import OPTIONS
 
@@ -45,8 +46,9 @@ def training_flags() -> dict[str, Flag]:
 
 
 def evaluate_flags() -> dict[str, Flag]:
+    command = importlib.import_module(SUBCOMMANDS["evaluate"][0], "face_consistency")
     flags = {}
-    for action in evaluate_parser()._actions:
+    for action in command.build_parser()._actions:
         if isinstance(action, argparse._HelpAction):
             continue
         name = action.option_strings[0].removeprefix("--")
