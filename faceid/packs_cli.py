@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("searched:", ", ".join(str(r) for r in roots))
     names = list_packs(roots)
     if not names:
-        print("no model packs installed; put a pack under <root>/models/<pack>/ (see README)")
+        print("no model packs installed; put a pack under <root>/models/<pack>/ (see docs/face-models.md)")
     problems = 0
     for name in names:
         folder = find_pack_folder(name, roots)
