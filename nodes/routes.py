@@ -103,7 +103,9 @@ def _listing(registry: JobRegistry) -> dict[str, Any]:
     folders; `skipped_rows`: the ids of jobs whose registry row cannot be read."""
     listed, skipped = [], []
     for shown in registry.list_shown():
-        progress = shown.pop("progress") or {}
+        progress = shown.pop("progress")
+        if not isinstance(progress, dict):  # None while the job runs
+            progress = {}
         if shown["state"] in jobs.FINAL_STATE_VALUES:
             listed.append({**shown, **{key: progress.get(key) for key in PROGRESS_KEYS}})
             continue
