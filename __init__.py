@@ -8,8 +8,9 @@ resolved lazily (PEP 562) so that the command line and the trainer, which import
 
 from typing import Any
 
-WEB_DIRECTORY = "./web"
 from .common.version import __version__
+
+WEB_DIRECTORY = "./web"
 
 _NODE_ATTRIBUTES = ("NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS")
 

@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 BENCHMARKS = Path(__file__).resolve().parent
 
@@ -94,26 +95,29 @@ def main() -> None:
 
             bench_evaluate.make_images(folder, bench_evaluate.TESTDATA / "faces", options.outputs, 5, 1024)
         for case in options.cases:
-            workers = {}
+            workers: dict[str, tuple[subprocess.Popen[str], IO[str], IO[str]]] = {}  # process, its stdin, its stdout
             for label, package in (("old", options.old), ("new", new)):
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(package), os.environ.get("PYTHONPATH", "")])}
-                workers[label] = subprocess.Popen(
+                process = subprocess.Popen(
                     [sys.executable, __file__, "--worker", case, str(folder)],
                     env=env,
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
                 )
-                if workers[label].stdout.readline().strip() != "ready":
+                assert process.stdin is not None and process.stdout is not None  # both are pipes
+                workers[label] = (process, process.stdin, process.stdout)
+                if process.stdout.readline().strip() != "ready":
                     raise SystemExit(f"the {label} worker failed to set up the {case} case")
             seconds: dict[str, list[float]] = {"old": [], "new": []}
             for i in range(options.repeat):
                 for label in ("old", "new") if i % 2 == 0 else ("new", "old"):  # either goes first half the time
-                    workers[label].stdin.write("run\n")
-                    workers[label].stdin.flush()
-                    seconds[label].append(float(workers[label].stdout.readline()))
-            for process in workers.values():
-                process.stdin.close()
+                    _, stdin, stdout = workers[label]
+                    stdin.write("run\n")
+                    stdin.flush()
+                    seconds[label].append(float(stdout.readline()))
+            for process, stdin, _ in workers.values():
+                stdin.close()
                 process.wait()
             ratios = [n / o for n, o in zip(seconds["new"], seconds["old"])]
             print(

@@ -14,8 +14,9 @@ raises it. The random tiny VAE maps every image to nearly the same latent (two i
 by a standard deviation of 0.02 against 0.42 overall), which leaves nothing to memorise: each target
 is therefore a random latent decoded by the tiny VAE, and after a first one-step run has cached the
 dataset its cached latents are rewritten to those random latents (their fingerprints kept, so the
-run reuses them). A LoRA that memorises then draws the training target's image. Printed: the trainer's table (validation loss per sigma, nearest training
-target per checkpoint, the note), the checkpoint it keeps and why, three checks (the validation
+run reuses them). A LoRA that memorises then draws the training target's image. Printed: the
+trainer's table (validation loss per sigma, nearest training target per checkpoint, the note), the
+checkpoint it keeps and why, three checks (the validation
 loss turns up; the samples' similarity to the nearest training target rises; the kept checkpoint
 is the last before the rise) and what validation and the per-checkpoint samples and scoring cost
 as a share of the run's time (the trainer's own timers, `status.json`). The tiny models draw no
@@ -31,6 +32,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from tiny_qwen import TinyModelFiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT / "tests"))
@@ -136,6 +142,8 @@ def main() -> None:
         if rc != 0:
             raise SystemExit(f"the run failed (rc {rc}): {status.get('error')}")
         table = read_table(out)
+        if table is None:
+            raise SystemExit(f"the run wrote no readable checkpoints.json in {out}")
         rows = sorted(table.rows, key=lambda row: row.step)
         print(
             f"\n{options.items} training pairs, {options.held_out} held out, {options.epochs} epochs "
@@ -145,12 +153,17 @@ def main() -> None:
         print(format_table(table))
         rise = validation_rise(rows)
         chosen = table.recommendation()
-        nearness = [row.nearest_target_image for row in rows]
-        lowest = min(rows, key=lambda row: row.validation_mean)
+        if chosen is None:
+            raise SystemExit(f"checkpoints.json in {out} lists no checkpoint")
+        losses = [loss for row in rows if (loss := row.validation_mean) is not None]
+        nearness = [near for row in rows if (near := row.nearest_target_image) is not None]
+        if len(losses) < len(rows) or len(nearness) < len(rows):
+            raise SystemExit("a checkpoint has no validation loss or no sample to compare with the training targets")
+        lowest = min(range(len(rows)), key=losses.__getitem__)
         print("\nchecks:")
         print(
-            f"  validation loss turns up: {'yes' if rise else 'NO'} (lowest {lowest.validation_mean:.4f} at step "
-            f"{lowest.step}, last {rows[-1].validation_mean:.4f} at step {rows[-1].step})"
+            f"  validation loss turns up: {'yes' if rise else 'NO'} (lowest {losses[lowest]:.4f} at step "
+            f"{rows[lowest].step}, last {losses[-1]:.4f} at step {rows[-1].step})"
         )
         print(
             f"  nearest-training-target similarity rises: {'yes' if nearness[-1] > nearness[0] else 'NO'} "
@@ -190,19 +203,23 @@ def main() -> None:
         )
 
 
-def distinct_targets(files, folders: list[Path], counts: list[int], size: int) -> dict[Path, torch.Tensor]:
+def distinct_targets(
+    files: TinyModelFiles, folders: list[Path], counts: list[int], size: int
+) -> dict[Path, torch.Tensor]:
     """Each target image of the `folders`' datasets replaced by a random latent decoded by the tiny VAE;
     returns target image -> its latent (as the cache holds latents: normalised, [16, 1, h, w])."""
     import torch
     from face_consistency.trainer import models
     from face_consistency.trainer.sampling import decode_to_pil
+    from face_consistency.trainer.vae_decode import vae_scale
 
     vae = models.load_vae(str(files.vae), torch.float32, torch.device("cpu"))
+    latent_side = size // vae_scale(vae.config)
     generator = torch.Generator().manual_seed(0)
     latents = {}
     for folder, count in zip(folders, counts):
         for index in range(count):
-            latent = torch.randn(1, 16, 1, size // 8, size // 8, generator=generator)
+            latent = torch.randn(1, 16, 1, latent_side, latent_side, generator=generator)
             path = folder / "images" / f"item_{index}.png"
             with torch.no_grad():
                 decode_to_pil(vae, latent).save(path)
@@ -219,7 +236,7 @@ def rewrite_cached_latents(latents: dict[Path, torch.Tensor]) -> None:
         (cache,) = (image.parent.parent / "cache").glob(f"{image.stem}_*_qi.safetensors")
         with safe_open(str(cache), "pt") as handle:
             metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
         assert tensors["latents"].shape == latent.shape, (tensors["latents"].shape, latent.shape)
         tensors["latents"] = latent.to(tensors["latents"].dtype).contiguous()
         save_file(tensors, str(cache), metadata=metadata)

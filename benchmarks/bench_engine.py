@@ -66,7 +66,7 @@ def main() -> None:
     bgrs = [load_image(p) for p in paths]
     results = model.analyze(bgrs, channel_order="bgr")  # warm-up, and the faces to embed
     faces = sum(r.ok for r in results)
-    crops = [norm_crop(b, r.face.kps) for b, r in zip(bgrs, results) if r.ok]
+    crops = [norm_crop(b, r.face.kps) for b, r in zip(bgrs, results) if r.ok and r.face is not None]
 
     from_files = timed(lambda: model.analyze(paths), args.repeat)
     from_arrays = timed(lambda: model.analyze(bgrs, channel_order="bgr"), args.repeat)
@@ -74,12 +74,8 @@ def main() -> None:
 
     n = len(paths)
     print(f"pack {args.pack} on {model.provider}; {n} photos from {args.faces}, {faces} faces; {args.repeat} runs each")
-    print(
-        f"engine, from files   : {from_files * 1000:8.1f} ms/run  {n / from_files:6.1f} images/s  {faces / from_files:6.1f} faces/s"
-    )
-    print(
-        f"engine, from arrays  : {from_arrays * 1000:8.1f} ms/run  {n / from_arrays:6.1f} images/s  {faces / from_arrays:6.1f} faces/s"
-    )
+    for label, seconds in (("engine, from files   ", from_files), ("engine, from arrays  ", from_arrays)):
+        print(f"{label}: {seconds * 1000:8.1f} ms/run  {n / seconds:6.1f} images/s  {faces / seconds:6.1f} faces/s")
     print(f"bare onnxruntime     : {bare * 1000:8.1f} ms/run  (same detector inputs and recognizer batch)")
     print(f"ratio engine/bare    : from files {from_files / bare:.2f}x, from arrays {from_arrays / bare:.2f}x")
 

@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     app.prepare(ctx_id=-1, det_size=(640, 640))  # the seed guide's setting
     print(
         f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}; "
-        f"command det_size {model.det_size}; {os.cpu_count()} CPU(s); {args.outputs} outputs of {args.size}x{args.size} over {args.controls} controls"
+        f"command det_size {model.det_size}; {os.cpu_count()} CPU(s); {args.outputs} outputs of "
+        f"{args.size}x{args.size} over {args.controls} controls"
     )
 
     with tempfile.TemporaryDirectory(prefix="bench-evaluate-") as tmp:
@@ -252,19 +253,24 @@ def main(argv: list[str] | None = None) -> int:
         fastest = {k: min(v) for k, v in times.items()}
         command = times["command"]
         print(
-            f"seed approach          {fastest['seed']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(times['seed']):.3f})"
+            f"seed approach          {fastest['seed']:8.3f} s  (fastest of {args.repeat}; median "
+            f"{statistics.median(times['seed']):.3f})"
         )
         print(
-            f"command                {fastest['command']:8.3f} s  (fastest of {args.repeat}; median {statistics.median(command):.3f})"
+            f"command                {fastest['command']:8.3f} s  (fastest of {args.repeat}; median "
+            f"{statistics.median(command):.3f})"
         )
         print(
-            f"bare onnxruntime       {fastest['bare']:8.3f} s  (same inputs replayed one run at a time, all cores per run)"
+            f"bare onnxruntime       {fastest['bare']:8.3f} s  (same inputs replayed one run at a time, all cores "
+            "per run)"
         )
         print(
-            f"  detector side by side{fastest['side']:8.3f} s  (on {workers} threads, one core each, as the command runs them)"
+            f"  detector side by side{fastest['side']:8.3f} s  (on {workers} threads, one core each, as the command "
+            "runs them)"
         )
         print(
-            f"  ... and decoding     {fastest['side+decode']:8.3f} s  (each thread also decodes one of the {len(files)} files per run)"
+            f"  ... and decoding     {fastest['side+decode']:8.3f} s  (each thread also decodes one of the "
+            f"{len(files)} files per run)"
         )
         print(f"speed-up seed/command  {fastest['seed'] / fastest['command']:8.2f} x   (target >= 3)")
         for label, key, target in (

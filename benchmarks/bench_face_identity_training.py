@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,15 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("FACE_TEST_DATA", REPO_ROOT.parent / "shared" / "testdata"))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts  # noqa: E402
+
+
+@dataclass(frozen=True)
+class TrainingRunFiles:
+    """One training run of the benchmark: its output folder, its LoRA and its command line."""
+
+    out: Path
+    lora: Path
+    argv: list[str]
 
 
 def run_argv(files, dataset, prompts, out: Path, args: argparse.Namespace, face_loss: bool) -> list[str]:
@@ -146,8 +156,11 @@ def step_costs(argv: list[str], repeat: int) -> dict[str, float]:
     batch = collate(items)
     generator = torch.Generator().manual_seed(0)
     faces = hook.training.batch(items, torch.device("cpu"))
+    targets = hook.training.targets
+    if targets is None:
+        raise RuntimeError("the hook cached no face targets")
     latents = batch.x0.clone().requires_grad_(True)
-    images = torch.rand(1, 3, *hook.training.targets.for_items(items)[0].image_size[::-1], requires_grad=True)
+    images = torch.rand(1, 3, *targets.for_items(items)[0].image_size[::-1], requires_grad=True)
     crops = torch.rand(1, 3, 112, 112, requires_grad=True)
 
     def step(hooks: list) -> None:
@@ -198,13 +211,13 @@ def main() -> None:
     )
     prompts = write_tiny_prompts(work / "data", n=2, size=(args.size, args.size), steps=8)
     items = load_dataset_config(dataset).items
-    runs = {}
+    runs: dict[str, TrainingRunFiles] = {}
     for name, face_loss in (("mse only", False), ("mse + face", True)):
         out = work / name.replace(" ", "_").replace("+", "plus")
         argv = run_argv(files, dataset, prompts, out, args, face_loss)
         if cli_main(["train", *argv]) != 0:
             raise SystemExit(f"training failed, see {out / 'status.json'}")
-        runs[name] = {"out": out, "lora": out / "tiny.safetensors", "argv": argv}
+        runs[name] = TrainingRunFiles(out, out / "tiny.safetensors", argv)
 
     packs = [("training", args.pack)] + ([("held-out", args.heldout_pack)] if args.heldout_pack else [])
     print(
@@ -213,7 +226,7 @@ def main() -> None:
     )
     decodes = {}
     for name, run in runs.items():
-        decodes[name], target_decode = decoded_x0_estimates(run["argv"], run["lora"], args.eval_t, seed=7)
+        decodes[name], target_decode = decoded_x0_estimates(run.argv, run.lora, args.eval_t, seed=7)
     decodes = {"target (VAE round trip)": target_decode, **decodes}  # the ceiling: the true latents decoded
     for name, rgb in decodes.items():
         for label, pack_name in packs:
@@ -226,7 +239,7 @@ def main() -> None:
             )
     for name, run in runs.items():
         change = np.abs(decodes[name].astype(np.float32) - target_decode.astype(np.float32)).mean()
-        last = [m for m in read_metrics(run["out"]) if "face_sim/sample_count" in m][-1]
+        last = [m for m in read_metrics(run.out) if "face_sim/sample_count" in m][-1]
         print(
             f"{name:>23} mean |x0_hat decode - target decode| {change:.2f}/255; samples with a face "
             f"{last['face_sim/sample_count']}/2 (sample mean {last.get('face_sim/sample_mean', 'n/a')})"
@@ -238,7 +251,7 @@ def main() -> None:
         )
     between = np.abs(decodes["mse + face"].astype(np.float32) - decodes["mse only"].astype(np.float32)).mean()
     print(f"mean pixel change between the runs' x0_hat decodes: {between:.2f}/255")
-    costs = step_costs(runs["mse only"]["argv"], args.repeat)
+    costs = step_costs(runs["mse only"].argv, args.repeat)
     with_loss, without = costs.pop("step with"), costs.pop("step without")
     extra_ms = with_loss - without
     print(

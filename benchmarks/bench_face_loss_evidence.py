@@ -88,7 +88,7 @@ class Scorer:
 
 def last_samples(out: Path, n: int) -> list[np.ndarray]:
     """The trainer's samples of prompts 0..n-1 at its last sampling step (RGB uint8)."""
-    named = [(MUSUBI_SAMPLE.match(f.stem), f) for f in (out / "sample").glob("*.png")]
+    named = [(m, f) for f in (out / "sample").glob("*.png") if (m := MUSUBI_SAMPLE.match(f.stem)) is not None]
     last_step = max(int(m["step"]) for m, _ in named)
     by_prompt = {int(m["prompt"]): f for m, f in named if int(m["step"]) == last_step}
     return [np.asarray(Image.open(by_prompt[i]).convert("RGB")) for i in range(n)]
@@ -198,7 +198,8 @@ def main() -> None:
                 "sample_scores": scorer.score(samples),
             }
             print(
-                f"{label} seed {seed}: trained in {train_seconds[label][-1]:.0f} s; x0 {figures[label][seed]['x0_scores']}; "
+                f"{label} seed {seed}: trained in {train_seconds[label][-1]:.0f} s; x0 "
+                f"{figures[label][seed]['x0_scores']}; "
                 f"sample {figures[label][seed]['sample_scores']}",
                 flush=True,
             )

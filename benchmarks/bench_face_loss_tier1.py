@@ -102,7 +102,7 @@ from typing import Any
 import numpy as np
 import torch
 from face_consistency.common.files import atomic_write_json
-from face_consistency.faceid import load_face_model
+from face_consistency.faceid import FaceResult, load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
 from PIL import Image
@@ -221,8 +221,14 @@ class People:
     def person_id(self, i: int) -> str:
         return f"{self.role}{self.index[i]:05d}"
 
+    def judged_views(self) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+        """(emb_view, dlib_target, dlib_view): what the judging needs, found with a view and the judge."""
+        if self.emb_view is None or self.dlib_target is None or self.dlib_view is None:
+            raise ValueError(f"the {self.role} people were found without second views or without the dlib judge")
+        return self.emb_view, self.dlib_target, self.dlib_view
 
-def engine_results(engine, images: torch.Tensor) -> list:
+
+def engine_results(engine, images: torch.Tensor) -> list[FaceResult]:
     """The engine's largest face of each 64 px image, analysed on a 2x upscale, coordinates at 64 px
     (InsightFace's convention: pixel i has its centre at i, so x64 = (x128 + 0.5) / 2 - 0.5)."""
     results = engine.analyze([upscale(a) for a in to_uint8(images)])
@@ -258,11 +264,15 @@ def find_people(
         target = edit.apply(control)
         views = view.render(source, z, ROLE_SEEDS["views"] + offset) if view is not None else None
         rc, rt = engine_results(engine, control), engine_results(engine, target)
-        rv = engine_results(engine, views) if views is not None else [None] * n
+        rv: list[FaceResult | None] = [*engine_results(engine, views)] if views is not None else [None] * n
         for i in range(n):
-            if not (rc[i].ok and rt[i].ok and (rv[i] is None or rv[i].ok)):
+            # `ok` is a face with its embedding
+            c, t, v = rc[i].embedding, rt[i].face, rv[i]
+            if c is None or t is None or t.embedding is None or (v is not None and v.embedding is None):
                 continue
             if judge is not None:
+                if views is None:
+                    raise ValueError("the judge compares each target with its second view: give a view")
                 jt, jv = judge.judge(to_uint8(target[i : i + 1])[0]), judge.judge(to_uint8(views[i : i + 1])[0])
                 if not (jt.ok and jv.ok):
                     continue
@@ -271,13 +281,13 @@ def find_people(
             kept["index"].append(offset + i)
             kept["control"].append(control[i])
             kept["target"].append(target[i])
-            if views is not None:
+            if views is not None and v is not None and v.embedding is not None:
                 kept["view"].append(views[i])
-                kept["ev"].append(torch.from_numpy(rv[i].embedding))
-            kept["kps"].append(torch.from_numpy(np.asarray(rt[i].face.kps, np.float32)))
-            kept["box"].append(torch.from_numpy(np.asarray(rt[i].face.bbox, np.float32)))
-            kept["ec"].append(torch.from_numpy(rc[i].embedding))
-            kept["et"].append(torch.from_numpy(rt[i].embedding))
+                kept["ev"].append(torch.from_numpy(v.embedding))
+            kept["kps"].append(torch.from_numpy(np.asarray(t.kps, np.float32)))
+            kept["box"].append(torch.from_numpy(np.asarray(t.bbox, np.float32)))
+            kept["ec"].append(torch.from_numpy(c))
+            kept["et"].append(torch.from_numpy(t.embedding))
             if len(kept["index"]) == count:
                 break
         offset += n
@@ -286,18 +296,21 @@ def find_people(
             f"only {len(kept['index'])} of {offset} {role} candidates have faces every detector finds; "
             f"asked for {count}"
         )
-    stack = lambda key: torch.stack(kept[key]) if kept[key] else None  # noqa: E731
+
+    def maybe_stack(key: str) -> torch.Tensor | None:  # the views' lists are empty without views
+        return torch.stack(kept[key]) if kept[key] else None
+
     return People(
         role,
         kept["index"],
-        stack("control"),
-        stack("target"),
-        stack("view"),
-        stack("kps"),
-        stack("box"),
-        stack("ec"),
-        stack("et"),
-        stack("ev"),
+        torch.stack(kept["control"]),
+        torch.stack(kept["target"]),
+        maybe_stack("view"),
+        torch.stack(kept["kps"]),
+        torch.stack(kept["box"]),
+        torch.stack(kept["ec"]),
+        torch.stack(kept["et"]),
+        maybe_stack("ev"),
         np.stack(kept["dt"]) if kept["dt"] else None,
         np.stack(kept["dv"]) if kept["dv"] else None,
         candidates=offset,
@@ -317,8 +330,9 @@ def roc_auc(positives: np.ndarray, negatives: np.ndarray) -> float:
 
 def calibrate(people: People) -> dict[str, dict[str, float]]:
     """Each judge's ROC-AUC: target vs its own second view against target vs other people's second views."""
-    e = (people.emb_target @ people.emb_view.T).numpy()
-    d = np.linalg.norm(people.dlib_target[:, None, :] - people.dlib_view[None, :, :], axis=-1)
+    emb_view, dlib_target, dlib_view = people.judged_views()
+    e = (people.emb_target @ emb_view.T).numpy()
+    d = np.linalg.norm(dlib_target[:, None, :] - dlib_view[None, :, :], axis=-1)
     d = np.clip(1.0 - d / 1.2, 0.0, 1.0)
     same = np.eye(len(people), dtype=bool)
     out = {}
@@ -342,17 +356,18 @@ def judge_samples(images: np.ndarray, people: People, engine, judge) -> list[dic
     tensors = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     engine_found = engine_results(engine, tensors)
     targets = to_uint8(people.target).astype(np.float32)
+    emb_view, dlib_target, dlib_view = people.judged_views()
     rows = []
     for i, image in enumerate(images):
         j = judge.judge(image)
         row: dict[str, float] = {"dlib_found": float(j.ok), "engine_found": float(engine_found[i].ok)}
-        row["dlib_view"] = verdict(j.descriptor, people.dlib_view[i]).similarity if j.ok else nan
-        row["dlib_target"] = verdict(j.descriptor, people.dlib_target[i]).similarity if j.ok else nan
-        r = engine_found[i]
-        if r.ok:
-            row["engine_view"] = float(np.dot(r.embedding, people.emb_view[i].numpy()))
-            row["engine_target"] = float(np.dot(r.embedding, people.emb_target[i].numpy()))
-            row["landmark_err"] = float(np.linalg.norm(np.asarray(r.face.kps) - people.kps[i].numpy(), axis=1).mean())
+        row["dlib_view"] = verdict(j.descriptor, dlib_view[i]).similarity if j.ok else nan
+        row["dlib_target"] = verdict(j.descriptor, dlib_target[i]).similarity if j.ok else nan
+        face = engine_found[i].face
+        if face is not None and face.embedding is not None:  # the result is `ok`
+            row["engine_view"] = float(np.dot(face.embedding, emb_view[i].numpy()))
+            row["engine_target"] = float(np.dot(face.embedding, people.emb_target[i].numpy()))
+            row["landmark_err"] = float(np.linalg.norm(np.asarray(face.kps) - people.kps[i].numpy(), axis=1).mean())
         else:
             row["engine_view"] = row["engine_target"] = row["landmark_err"] = nan
         inside = face_mask(people.box[i : i + 1])[0, 0].numpy().astype(bool)
@@ -575,7 +590,7 @@ def judge_arms(
         }
     positive_moved = endpoints["positive"][PRIMARY]["low"] > 0
     judge_ok = {name: c["auc"] >= AUC_FLOOR for name, c in calibration.items()}
-    can_tell = positive_moved and judge_ok["dlib"] and headroom["ok"]
+    can_tell = bool(positive_moved and judge_ok["dlib"] and headroom["ok"])
     verdicts = {name: decide(e, can_tell) for name, e in endpoints.items()}
     verdicts["positive"] = "POSITIVE CONTROL " + ("MOVED" if positive_moved else "DID NOT MOVE: benchmark insensitive")
     if "oracle" in verdicts:
@@ -808,7 +823,8 @@ def main(argv: list[str] | None = None) -> None:
         negatives = find_people("negatives", args.negatives, source, edit, None, engine, None).emb_control
         pre_controls = source.render(identities("pretrain", args.pretrain_people))
     print(
-        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}, "
+        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA "
+        f"{len(lora)}/{lora.candidates}, "
         f"negatives {len(negatives)}; pre-training {len(pre_controls)} (not filtered)"
     )
     with stage("calibration of the judges", times):
@@ -825,7 +841,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"  base {'pre-trained now' if fitted else 'loaded from the cache'}: width {net.width}, "
         f"{sum(p.numel() for p in base.parameters()) / 1e6:.2f} M parameters, {net.pretrain_steps} steps on the "
-        f"re-pose {base_edit.angle_deg:g} deg x {base_edit.scale:g}; the LoRA learns {edit.angle_deg:g} deg x {edit.scale:g}"
+        f"re-pose {base_edit.angle_deg:g} deg x {base_edit.scale:g}; the LoRA learns {edit.angle_deg:g} deg x "
+        f"{edit.scale:g}"
     )
 
     out = args.out

@@ -12,10 +12,11 @@ People, edit, second views, judges, calibration, headroom check, endpoint and de
 
 - **The models** are the real classes the trainer loads, tiny (`face_tier2_models.py`):
   - a VAE (`AutoencoderKLQwenImage`, base_dim `--vae_base_dim`, `--vae_scale` 4 (dim_mult 1/2/4: a 64 px face
-    is a 16 x 16 x 16 latent) or 2 (dim_mult 1/2: 32 x 32 x 16, more numbers than the face has pixels)), fitted as an autoencoder on generated pre-training faces (controls
-    and edited targets) with the loss on the decoder's output before diffusers' clip to [-1, 1]. **Gate**:
-    its round trip (the trainer's own latent-cache encode and sample decode) on the held-out people's
-    controls must reach engine cosine >= 0.8 and dlib similarity >= 0.7, else the benchmark stops;
+    is a 16 x 16 x 16 latent) or 2 (dim_mult 1/2: 32 x 32 x 16, more numbers than the face has pixels)),
+    fitted as an autoencoder on generated pre-training faces (controls and edited targets) with the loss on
+    the decoder's output before diffusers' clip to [-1, 1]. **Gate**: its round trip (the trainer's own
+    latent-cache encode and sample decode) on the held-out people's controls must reach engine cosine >= 0.8
+    and dlib similarity >= 0.7, else the benchmark stops;
   - the tests' tiny Qwen2.5-VL text encoder and tokenizer, one fixed prompt for every pair and sample;
   - a base DiT (`QwenImageTransformer2DModel`, `--dit_layers` blocks of `--dit_heads` x 32 dims), pre-trained
     fully (no LoRA) by the trainer's own flow-matching step on the pre-training people's (control -> edit)
@@ -61,6 +62,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -248,12 +250,12 @@ def train_arm(arm: str, seed: int, files: TinyModels, dataset: Path, run_dir: Pa
     targs = validate_args(trainer_parse_args(argv))
     hooks = build_hooks(targs) + ([FaceBoxMSE(args.pc_weight, masks)] if arm == "positive" else [])
     state = run_training(targs, hooks)
-    status = read_status(run_dir)
+    status = read_status(run_dir) or {}
     if state != JobState.COMPLETED:
         raise SystemExit(f"the trainer's run {run_dir} ended {state}: {status.get('error')}")
     records = [m for m in read_metrics(run_dir) if "loss" in m]
     k = max(1, min(20, len(records) // 4))
-    summary = {
+    summary: dict[str, Any] = {
         "mse_start": float(np.mean([m["loss"] for m in records[:k]])),
         "mse_end": float(np.mean([m["loss"] for m in records[-k:]])),
         "steps": len(records),
@@ -294,16 +296,16 @@ def encoded_samples(encoders, heldout: People, args) -> list[EncodedSample]:
 
 
 def draw(transformer, vae, samples: list[EncodedSample]) -> np.ndarray:
+    """The samples drawn, each from its own seed (so that every arm's samples compare with the base's)."""
     transformer.eval()
     cpu = torch.device("cpu")
-    return np.stack(
-        [
-            np.asarray(
-                generate(transformer, vae, s, seed=s.prompt.seed, device=cpu, dtype=torch.float32, shift_terminal=0.0)
-            )
-            for s in samples
-        ]
-    )
+    images = []
+    for s in samples:
+        if s.prompt.seed is None:
+            raise ValueError(f"sample {s.prompt.index} has no seed: the arms' samples would not compare")
+        image = generate(transformer, vae, s, seed=s.prompt.seed, device=cpu, dtype=torch.float32, shift_terminal=0.0)
+        images.append(np.asarray(image))
+    return np.stack(images)
 
 
 def sample_lora(targs, lora: Path, vae, samples: list[EncodedSample]) -> np.ndarray:
@@ -387,7 +389,8 @@ def main(argv: list[str] | None = None) -> None:
         lora = find_people("lora", args.lora_people, source, edit, None, engine, None)
         pre = source.render(identities("pretrain", args.pretrain_people))
     print(
-        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA {len(lora)}/{lora.candidates}; "
+        f"  people kept / candidates: held-out {len(heldout)}/{heldout.candidates}, LoRA "
+        f"{len(lora)}/{lora.candidates}; "
         f"pre-training {len(pre)} (not filtered)"
     )
     with timed("calibration of the judges", times):
@@ -407,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
         gate = vae_gate(encoders, heldout, engine, judge)
     print(
         f"  VAE {'fitted now' if vae_fitted else 'loaded from the cache'}: {vae_settings.scale}x, base_dim "
-        f"{vae_settings.base_dim}, {sum(p.numel() for p in encoders.pipeline.vae.parameters()) / 1e6:.2f} M parameters; "
+        f"{vae_settings.base_dim}, {sum(p.numel() for p in encoders.pipeline.vae.parameters()) / 1e6:.2f} M "
+        "parameters; "
         f"{vae_path}"
     )
     for name in ("control", "target"):
@@ -500,7 +504,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"TIER 2 (the trainer): held-out people {n}; seeds {args.seeds}; LoRA {args.lora_steps} steps x batch "
         f"{args.lora_batch}, rank {args.lora_rank} on {len(lora)} people; VAE {vae_settings.scale}x (round trip engine "
-        f"{gate['control_engine']:.3f}, dlib {gate['control_dlib']:.3f}); samples {args.sample_steps} Euler steps; 64 px"
+        f"{gate['control_engine']:.3f}, dlib {gate['control_dlib']:.3f}); samples {args.sample_steps} Euler steps; "
+        "64 px"
     )
     print_verdicts(calibration, judge_ok, headroom, scores, args.seeds, endpoints, verdicts, arm_labels(args))
 

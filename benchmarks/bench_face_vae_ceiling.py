@@ -5,10 +5,11 @@
 
 The VAE is the real `AutoencoderKLQwenImage` class in a small config (8x spatial compression,
 z_dim 16 and the key layout of the real one, so the trainer loads it with `--vae`), fitted as an
-autoencoder (L1 + 0.1 MSE on the decoder's output before diffusers' clip to [-1, 1], Adam with a cosine learning-rate decay, mirror flips and
-shifts of a few pixels as augmentation) on square face crops (side = `--margin` x the engine's
-face box) of the real faces the environment has: the shared photos, the faces of insightface's
-`t1` group photo and `skimage.data.astronaut()` (`--sources` picks among them; t1 is left out by default). After the fit
+autoencoder (L1 + 0.1 MSE on the decoder's output before diffusers' clip to [-1, 1], Adam with a cosine
+learning-rate decay, mirror flips and shifts of a few pixels as augmentation) on square face crops (side =
+`--margin` x the engine's face box) of the real faces the environment has: the shared photos, the faces of
+insightface's `t1` group photo and `skimage.data.astronaut()` (`--sources` picks among them; t1 is left out
+by default). After the fit
 the per-channel mean and std of the crops' latents are written into its config
 (`latents_mean` / `latents_std`, as the real VAE's are dataset statistics), so the trainer's
 normalised latents have unit scale. The file is cached under `--cache`, named by a hash of every
@@ -280,8 +281,17 @@ def main() -> None:
         found["dlib_crop"] += j_crop.ok
         found["engine"] += e_back.ok
         found["dlib"] += j_back.ok
-        cos = cosine_similarity(e_crop.embedding, e_back.embedding) if e_crop.ok and e_back.ok else None
-        v = verdict(j_crop.descriptor, j_back.descriptor) if j_crop.ok and j_back.ok else None
+        # an embedding (a descriptor) is there exactly when the engine (the judge) found the face
+        cos = (
+            cosine_similarity(e_crop.embedding, e_back.embedding)
+            if e_crop.embedding is not None and e_back.embedding is not None
+            else None
+        )
+        v = (
+            verdict(j_crop.descriptor, j_back.descriptor)
+            if j_crop.descriptor is not None and j_back.descriptor is not None
+            else None
+        )
         if cos is not None:
             engine_sims.append(cos)
         if v is not None:
@@ -295,7 +305,8 @@ def main() -> None:
         )
     n = len(crops)
     print(
-        f"ceiling, decode(encode(crop)) vs crop: engine cosine {np.mean(engine_sims) if engine_sims else float('nan'):.3f} "
+        "ceiling, decode(encode(crop)) vs crop: engine cosine "
+        f"{np.mean(engine_sims) if engine_sims else float('nan'):.3f} "
         f"over {len(engine_sims)} (faces found: crops {found['engine_crop']}/{n}, decodes {found['engine']}/{n}); "
         f"dlib similarity {np.mean(judge_sims) if judge_sims else float('nan'):.3f} over {len(judge_sims)} "
         f"(faces found: crops {found['dlib_crop']}/{n}, decodes {found['dlib']}/{n})"

@@ -42,7 +42,7 @@ DIT_PREFIX = "model.diffusion_model."
 # (--fp8_base) keeps every layer's upcast weight alive for the backward pass.
 COMMON_FLAGS = ["--mixed_precision", "bf16", "--gradient_checkpointing"]
 # (label, which file, extra flags, which bytes the ratio is taken against)
-RUNS = (
+RUNS: tuple[tuple[str, str, list[str], str], ...] = (
     ("bf16 file, bf16 run", "bf16", [], "bf16"),
     ("fp8 file, bf16 run", "fp8", [], "bf16"),
     ("bf16 file, --fp8_base", "bf16", ["--fp8_base"], "fp8"),
@@ -137,7 +137,7 @@ def main() -> None:
         dits = {n: write_dits(work, n) for n in (1, options.blocks)}
         sizes = {n: {kind: path.stat().st_size for kind, path in files.items()} for n, files in dits.items()}
         print(f"real-width DiT files (24 x 128 heads, joint dim 3584), 1 and {options.blocks} blocks:")
-        for n, files in dits.items():
+        for n in dits:
             print(f"  {n} block(s): bf16 {sizes[n]['bf16'] / 2**30:.2f} GiB, fp8 {sizes[n]['fp8'] / 2**30:.2f} GiB")
         print(f"trainer: {options.pack_dir}")
         print(f"{'run':<26}{'peak 1 (GiB)':>14}{f'peak {options.blocks} (GiB)':>14}{'per byte':>10}  against")

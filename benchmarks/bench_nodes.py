@@ -92,8 +92,10 @@ def main() -> None:
         for blob in rec_blobs:
             recognizer.run(None, {rec_input: blob})
 
-    run_node(), run_bare()  # warm-up
-    node_times, bare_times = [], []
+    run_node()  # warm-up
+    run_bare()
+    node_times: list[float] = []
+    bare_times: list[float] = []
     for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
         for fn, times in ((run_node, node_times), (run_bare, bare_times)):
             start = time.perf_counter()

@@ -94,7 +94,8 @@ def main() -> None:
                 if label not in best or figures["steps_per_sec"] > best[label]["steps_per_sec"]:
                     best[label] = figures
         print(
-            f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}   (best of {options.repeats})"
+            f"{'configuration':<28}{'steps/s':>10}{'peak RSS MiB':>15}{'peak CUDA MiB':>15}   (best of "
+            f"{options.repeats})"
         )
         for label, figures in best.items():
             cuda = f"{figures['cuda_peak_mib']:.1f}" if figures["cuda_peak_mib"] is not None else "-"

@@ -38,7 +38,7 @@ def _generator_weights() -> Path:
     spec = importlib.util.find_spec("gan_face_generate")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit(INSTALL_HINT)
-    path = Path(list(spec.submodule_search_locations)[0]) / "weights.tar"
+    path = Path(next(iter(spec.submodule_search_locations))) / "weights.tar"
     if not path.is_file():
         raise SystemExit(f"{path} is missing; reinstall: {INSTALL_HINT}")
     return path

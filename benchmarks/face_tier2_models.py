@@ -9,7 +9,9 @@ generated face is written into the repository; the cache lies outside it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -149,7 +151,8 @@ def encode_pairs(
         return torch.cat(
             [
                 encoders.pipeline._encode_vae_image(
-                    images[i : i + chunk].unsqueeze(2).to(vae.dtype), generator=None
+                    images[i : i + chunk].unsqueeze(2).to(vae.dtype),
+                    generator=None,  # type: ignore[arg-type]  # diffusers passes it on as Optional
                 ).float()
                 for i in range(0, len(images), chunk)
             ]
@@ -201,7 +204,7 @@ def template_processor():
     tokenizer = processor.tokenizer
     pieces = pipeline.prompt_template_encode_start_idx - len(tokenizer(prefix.replace(system, "")).input_ids)
     bounds = [round(i * len(system) / pieces) for i in range(pieces + 1)]
-    tokenizer.add_tokens(sorted({system[a:b] for a, b in zip(bounds, bounds[1:])}))
+    tokenizer.add_tokens(sorted({system[a:b] for a, b in itertools.pairwise(bounds)}))
     length = len(tokenizer(prefix).input_ids)
     if length != pipeline.prompt_template_encode_start_idx:
         raise RuntimeError(f"the template prefix is {length} tokens, not {pipeline.prompt_template_encode_start_idx}")
@@ -229,13 +232,14 @@ def load_encoders(files: TinyModels) -> CacheEncoders:
     from face_consistency.trainer import models
 
     vae = models.load_vae(files.vae)
+    # diffusers types every component as required; a pipeline holds None for those it does not use
     pipeline = QwenImageEditPlusPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        processor=None,
-        transformer=None,
+        text_encoder=None,  # type: ignore[arg-type]
+        tokenizer=None,  # type: ignore[arg-type]
+        processor=None,  # type: ignore[arg-type]
+        transformer=None,  # type: ignore[arg-type]
     )
     device = torch.device("cpu")
     return CacheEncoders(
@@ -284,7 +288,7 @@ def pretrained_dit(
     ema = {k: v.detach().clone() for k, v in model.state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, settings.lr, total_steps=settings.steps, pct_start=0.05)
-    args = SimpleNamespace(
+    args = argparse.Namespace(
         timestep_sampling="shift", sigmoid_scale=1.0, discrete_flow_shift=settings.shift, weighting_scheme="none"
     )
     accelerator = SimpleNamespace(autocast=nullcontext)
@@ -296,7 +300,10 @@ def pretrained_dit(
         batch = Batch(
             [], data["target"][idx], [data["control"][idx]], data["prompt_embeds"][idx], data["prompt_mask"][idx]
         )
-        loss, _ = micro_step(args, model, None, batch, generator, torch.device("cpu"), accelerator, step + 1, [])
+        # no hooks: the VAE is not used
+        loss, _ = micro_step(
+            args, model, encoders.pipeline.vae, batch, generator, torch.device("cpu"), accelerator, step + 1, []
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -323,7 +330,10 @@ def round_trip(encoders: CacheEncoders, images: torch.Tensor) -> np.ndarray:
     vae = encoders.pipeline.vae
     latents = torch.cat(
         [
-            encoders.pipeline._encode_vae_image(images[i : i + 64].unsqueeze(2), generator=None)
+            encoders.pipeline._encode_vae_image(
+                images[i : i + 64].unsqueeze(2),
+                generator=None,  # type: ignore[arg-type]  # diffusers passes it on as Optional
+            )
             for i in range(0, len(images), 64)
         ]
     )

@@ -119,6 +119,7 @@ class StepCosts:
         return statistics.median(w / wo for w, wo in zip(self.seconds[True], self.seconds[False]))
 
     def as_json(self) -> dict[str, Any]:
+        peak_with = self.peak_bytes[True]
         return {
             "step_s_without_face_loss": self.median(False),
             "step_s_with_face_loss": self.median(True),
@@ -130,9 +131,7 @@ class StepCosts:
             "plan_bytes_without": self.plan_bytes[False],
             "plan_bytes_with": self.plan_bytes[True],
             "plan_parts_with": self.plan_parts[True],
-            "peak_over_plan_with": (
-                self.peak_bytes[True] / self.plan_bytes[True] if self.peak_bytes[True] is not None else None
-            ),
+            "peak_over_plan_with": peak_with / self.plan_bytes[True] if peak_with is not None else None,
         }
 
 
@@ -183,7 +182,7 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
                 if round_ >= warmup:
                     seconds[face].append(time.perf_counter() - start)
                     if face:
-                        face_samples.append(extra.metrics.get("face/loss_samples", 0))
+                        face_samples.append(int(extra.metrics.get("face/loss_samples", 0)))  # a count in the metrics
         return StepCosts(
             seconds, face_samples, peaks, {k: p.total for k, p in plans.items()}, {k: p.parts for k, p in plans.items()}
         )

@@ -7,6 +7,7 @@ import codecs
 import contextlib
 import json
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -14,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 # tomllib is re-exported: the one place that knows Python 3.10 reads TOML with tomli
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib  # type: ignore[no-redef]  # noqa: F401
+else:
+    import tomli as tomllib  # noqa: F401  (re-exported)
 
 
 # The image files the pack reads, everywhere it lists a folder (samples, datasets, checkpoints' runs).

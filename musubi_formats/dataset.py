@@ -39,11 +39,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeAlias
 
 import tomlkit
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError, conint, conlist, constr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from ..common.files import IMAGE_SUFFIXES, TextFileError, atomic_write_text, read_text_file, tomllib
 from .names import musubi_controls
@@ -121,7 +121,9 @@ class DatasetGroup:
         return [item for spec in self.validation for item in spec.items]
 
 
-_Resolution = StrictInt | conlist(StrictInt, min_length=2, max_length=2)  # 1024 or [1024, 768]
+# 1024 or [1024, 768]
+_Resolution: TypeAlias = StrictInt | Annotated[list[StrictInt], Field(min_length=2, max_length=2)]
+_PositiveInt: TypeAlias = Annotated[StrictInt, Field(ge=1)]
 
 
 class _GeneralSection(BaseModel):
@@ -130,9 +132,9 @@ class _GeneralSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     resolution: _Resolution | None = None
-    caption_extension: constr(strict=True, pattern=r"^\.") | None = None
-    batch_size: conint(strict=True, ge=1) | None = None
-    num_repeats: conint(strict=True, ge=1) | None = None
+    caption_extension: Annotated[StrictStr, Field(pattern=r"^\.")] | None = None
+    batch_size: _PositiveInt | None = None
+    num_repeats: _PositiveInt | None = None
     enable_bucket: StrictBool | None = None
     bucket_no_upscale: StrictBool | None = None
 
@@ -178,6 +180,7 @@ def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path)
     """The first problem the schema found, as a sentence that names the file, the table and the key."""
     error = exc.errors()[0]
     loc = error["loc"]
+    schema: type[BaseModel]
     if loc[0] == "datasets" and len(loc) > 1 and isinstance(loc[1], int):
         where, section, schema, key_at = (
             f"{toml_path} [[datasets]] #{loc[1] + 1}",
@@ -194,7 +197,7 @@ def _schema_error(exc: ValidationError, config: dict[str, Any], toml_path: Path)
     if error["type"] == "extra_forbidden":
         unknown = sorted(key for key in section if key not in schema.model_fields)
         return DatasetConfigError(f"{where}: unknown {'section(s)' if key_at == 0 else 'key(s)'} {unknown}")
-    key = loc[key_at]
+    key = str(loc[key_at])
     return DatasetConfigError(f"{where}: {key} {_EXPECTED.get(key, 'is not valid')}, got {section[key]!r}")
 
 

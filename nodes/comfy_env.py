@@ -165,10 +165,9 @@ def registry_file() -> Path:
             # the journal first: SQLite finds a hot journal by the database's name
             for suffix in ("-journal", ""):
                 source = legacy.with_name(legacy.name + suffix)
-                try:
+                # no journal, or another ComfyUI on this folder moved it first
+                with contextlib.suppress(FileNotFoundError):
                     os.replace(source, target.with_name(target.name + suffix))
-                except FileNotFoundError:  # no journal, or another ComfyUI on this folder moved it first
-                    pass
             log.info("moved the training job registry from %s to %s (not served through /userdata)", legacy, target)
             with contextlib.suppress(OSError):
                 legacy.parent.rmdir()  # only when empty

@@ -6,7 +6,7 @@ reads it) or text of any length; the check is built from INPUT_TYPES, so a node 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Protocol
 
 from ..common.values import MAX_TEXT_LENGTH, Bounds, check_number, check_text
 from . import comfy_env
@@ -15,7 +15,16 @@ from . import comfy_env
 MAX_MULTILINE_LENGTH = 1 << 20
 
 
-def check_node_inputs(node_class: type, values: dict[str, Any]) -> None:
+class NodeClass(Protocol):
+    """What ComfyUI reads of a node class: its declared inputs and the name of the method it runs."""
+
+    FUNCTION: str
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]: ...
+
+
+def check_node_inputs(node_class: type[NodeClass], values: dict[str, Any]) -> None:
     """Raise ValueCheckError naming the first input of `node_class` whose value does not fit its declaration."""
     declared = node_class.INPUT_TYPES()
     for name, spec in {**declared.get("required", {}), **declared.get("optional", {})}.items():
@@ -31,7 +40,7 @@ def check_node_inputs(node_class: type, values: dict[str, Any]) -> None:
             )
 
 
-def with_checked_inputs(node_class: type) -> type:
+def with_checked_inputs(node_class: type[NodeClass]) -> type[NodeClass]:
     """Make `node_class`'s function check its inputs first (ComfyUI passes them by name)."""
     function = getattr(node_class, node_class.FUNCTION)
 

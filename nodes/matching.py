@@ -255,7 +255,7 @@ def _judge_kept(
     verdicts: dict[int, Verdict | None] = {}
     for i in kept:
         result = judge.judge(to_bgr_list(singles[i], "images")[0], channel_order="bgr")
-        verdicts[i] = verdict(result.descriptor, descriptors[reference_of[i]]) if result.ok else None
+        verdicts[i] = verdict(result.face.descriptor, descriptors[reference_of[i]]) if result.face is not None else None
     return verdicts
 
 

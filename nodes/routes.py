@@ -84,7 +84,7 @@ def _downsample(records: list[dict[str, Any]], max_points: int) -> list[dict[str
         return records
     stride = len(records) / max_points
     picked = [records[int(i * stride)] for i in range(max_points - 1)]
-    return picked + [records[-1]]
+    return [*picked, records[-1]]
 
 
 PROGRESS_KEYS = ("step", "total_steps", "epoch", LOSS, FACE_SIMILARITY, "latest_checkpoint")
@@ -103,7 +103,9 @@ def _listing(registry: JobRegistry) -> dict[str, Any]:
     folders; `skipped_rows`: the ids of jobs whose registry row cannot be read."""
     listed, skipped = [], []
     for shown in registry.list_shown():
-        progress = shown.pop("progress") or {}
+        progress = shown.pop("progress")
+        if not isinstance(progress, dict):  # None while the job runs
+            progress = {}
         if shown["state"] in jobs.FINAL_STATE_VALUES:
             listed.append({**shown, **{key: progress.get(key) for key in PROGRESS_KEYS}})
             continue
@@ -272,7 +274,7 @@ class EventPoller:
             if not record.finished:
                 record = registry.refresh(record.job_id)
             summary = _summary(record)
-            key = (summary["state"], summary.get("step"), summary.get("latest_checkpoint"))
+            key: tuple[Any, ...] = (summary["state"], summary.get("step"), summary.get("latest_checkpoint"))
             if key != previous:
                 self._send("progress", summary)
             if record.finished:

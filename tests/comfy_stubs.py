@@ -13,11 +13,11 @@ import os
 import sys
 import types
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 class ProgressBar:
-    instances: list[ProgressBar] = []
+    instances: ClassVar[list[ProgressBar]] = []
     interrupt_after: int | None = None  # simulate the user pressing Cancel after N updates
 
     def __init__(self, total: int) -> None:
@@ -90,7 +90,7 @@ def _make_folder_paths(base: Path) -> types.ModuleType:
     }
 
     def add_model_folder_path(name: str, path: str, is_default: bool = False) -> None:
-        paths, exts = fp.folder_names_and_paths.setdefault(name, ([], set()))
+        paths, _ = fp.folder_names_and_paths.setdefault(name, ([], set()))
         if path not in paths:
             paths.insert(0, path) if is_default else paths.append(path)
 

@@ -66,7 +66,7 @@ def validate_schema(instance: Any, schema: dict[str, Any], where: str = "report"
             "null": lambda v: v is None,
         }
         if not any(checks[t](instance) for t in types):
-            return problems + [f"{where}: {instance!r} is not of type {types}"]
+            return [*problems, f"{where}: {instance!r} is not of type {types}"]
     if "minimum" in schema and isinstance(instance, (int, float)) and instance < schema["minimum"]:
         problems.append(f"{where}: {instance} < {schema['minimum']}")
     if isinstance(instance, dict):

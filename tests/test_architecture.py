@@ -58,7 +58,8 @@ def test_the_watcher_side_imports_without_torch() -> None:
     code = (
         "import sys\n"
         + "".join(f"import {m}\n" for m in modules)
-        + "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'insightface') if m in sys.modules)\n"
+        + "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'onnxruntime', 'insightface')"
+        " if m in sys.modules)\n"
         "print(','.join(heavy))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -80,7 +80,7 @@ def test_group_photo_has_six_faces_left_to_right(model, group_photo):
     assert result.faces_found == 6
     xs = [float(f.bbox[0]) for f in result.faces]
     assert xs == sorted(xs)
-    for i, face in enumerate(result.faces):
+    for face in result.faces:
         assert face.embedding is not None and face.kps.shape == (5, 2)
     sims = [
         cosine_similarity(a.embedding, b.embedding) for i, a in enumerate(result.faces) for b in result.faces[i + 1 :]

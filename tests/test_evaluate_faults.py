@@ -537,7 +537,7 @@ def test_outputs_over_the_prompt_file_or_a_ci_control_are_refused(
 def test_a_plot_saved_among_the_samples_is_replaced_on_the_next_run_and_not_scored(
     insightface_root, pairs, tmp_path, capsys
 ):
-    controls, generated = pairs
+    _, generated = pairs
     plot, report = generated / "plot.png", tmp_path / "r.json"
     for _ in range(2):
         assert _evaluate(pairs, insightface_root, "--output_json", str(report), "--plot", str(plot)) == 0

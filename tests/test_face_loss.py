@@ -133,7 +133,9 @@ def test_face_region_boxes_hold_the_whole_crop(photos) -> None:
     bgr, kps = photos["obama2.jpg"]
     bgr = bgr[: bgr.shape[0] // 16 * 16, : bgr.shape[1] // 16 * 16]  # bucket sizes are multiples of 16
     height, width = bgr.shape[:2]
-    kps_t = torch.from_numpy(np.stack([kps, kps * 0.5, kps + [200.0, 300.0]])).float()  # incl. a face over the border
+    kps_t = torch.from_numpy(
+        np.stack([kps, kps * 0.5, kps + np.array([200.0, 300.0])])
+    ).float()  # incl. a face over the border
     boxes = face_region_boxes(kps_t, (width, height))
     assert boxes.shape == (3, 4) and (boxes % 8 == 0).all()
     sizes = boxes[:, 2:] - boxes[:, :2]

@@ -88,7 +88,7 @@ def test_identity_without_judge_is_refused_with_a_judge(face_model, judge, faces
 def test_best_of_reports_the_judges_verdicts(judge, faces_dir: Path) -> None:
     images = torch.cat([photo(faces_dir, "obama2.jpg", SIZE), photo(faces_dir, "biden.jpg", SIZE)])
     control = photo(faces_dir, "obama.jpg", SIZE)
-    kept, kept_scores, indices, report, judged = FaceConsistencyBestOf().pick(
+    _, _, indices, report, judged = FaceConsistencyBestOf().pick(
         [images], [0.4, 0.9], [-1.0], [0], ["best"], judge=[judge], reference_image=[control]
     )["result"]
     assert indices == [1, 0] and judged[0] < 0.5 < judged[1]

@@ -1,4 +1,5 @@
-"""The memory plan's formulas against measured bytes of the real-width modules (docs/training.md: Memory on a 24 GB GPU).
+"""The memory plan's formulas against measured bytes of the real-width modules (docs/training.md: Memory on a
+24 GB GPU).
 
 Parameters: the real architecture on the meta device. Activations: bytes of the tensors autograd
 saves (`saved_tensors_hooks`, each storage once, parameters excluded) in a real-width transformer
@@ -6,6 +7,8 @@ block and the real-size VAE decoder at small sizes on the CPU.
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
@@ -97,7 +100,7 @@ def test_decoder_activations_match_the_formula(latent_size):
     # the largest single stage, held while it is recomputed in the backward pass
     x, stages = latents, []
     for stage in decoder_stages(vae):
-        stages.append(saved_bytes(vae, lambda: stage(x)))
+        stages.append(saved_bytes(vae, functools.partial(stage, x)))
         with torch.no_grad():
             x = stage(x).requires_grad_(True)
     assert max(stages) == pytest.approx(expected.largest_stage * 4, rel=0.2)

@@ -18,7 +18,8 @@ export const app = {
 WIDGETS_JS = """
 export const ComfyWidgets = {
   STRING(node, name, spec, app) {
-    const widget = { name, value: "", options: { multiline: spec[1].multiline }, inputEl: { style: {}, dataset: {}, setAttribute(key, value) { this[key] = value; } } };
+    const widget = { name, value: "", options: { multiline: spec[1].multiline },
+                     inputEl: { style: {}, dataset: {}, setAttribute(key, value) { this[key] = value; } } };
     node.widgets.push(widget);
     return { widget };
   },
@@ -38,7 +39,8 @@ function nodeType() {
   return Node;
 }
 const Ours = nodeType(), Theirs = nodeType();
-await extension.beforeRegisterNodeDef(Ours, { name: "FaceConsistencySimilarity", display_name: "Face Similarity Score" });
+await extension.beforeRegisterNodeDef(Ours,
+                                      { name: "FaceConsistencySimilarity", display_name: "Face Similarity Score" });
 await extension.beforeRegisterNodeDef(Theirs, { name: "KSampler" });
 
 const ours = new Ours(), theirs = new Theirs();

@@ -27,7 +27,9 @@ export const calls = [];
 const listeners = {};
 const running = { job_id: "a".repeat(32), name: "face_lora", state: "training", step: 5, total_steps: 10,
                   loss: 0.25, face_similarity: 0.71, latest_checkpoint: "face_lora-step00000004.safetensors" };
-export const detail = { ...running, metrics: [{ step: 1, loss: 0.5, face_similarity: 0.6 }, { step: 5, loss: 0.25, face_similarity: 0.71 }],
+export const detail = { ...running,
+                 metrics: [{ step: 1, loss: 0.5, face_similarity: 0.6 },
+                           { step: 5, loss: 0.25, face_similarity: 0.71 }],
                  samples: [{ filename: "face_lora_000004_00_20260101120000.png", step: 4, prompt_index: 0 }] };
 function reply(body) { return { ok: true, status: 200, statusText: "OK", json: async () => body }; }
 export const api = {

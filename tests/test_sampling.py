@@ -1,4 +1,5 @@
-"""The samples' schedule and guidance follow ComfyUI's Qwen graph (docs/training.md: Samples and ComfyUI, side by side)."""
+"""The samples' schedule and guidance follow ComfyUI's Qwen graph (docs/training.md: Samples and ComfyUI, side
+by side)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_shift_terminal_stretches_the_last_sigma_as_comfyuis_ltxv_scheduler():
     one_minus = 1.0 - shifted
     stretched = 1.0 - one_minus / (one_minus[-1] / (1.0 - terminal))
     got = sigmas(steps, 3.0, terminal)
-    assert got == pytest.approx(stretched.tolist() + [0.0], abs=1e-6)
+    assert got == pytest.approx([*stretched.tolist(), 0.0], abs=1e-6)
     assert got[-2] == pytest.approx(terminal)
 
 

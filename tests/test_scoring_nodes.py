@@ -301,7 +301,7 @@ def test_cancel_stops_the_batch(face_model, faces_dir: Path, monkeypatch: pytest
 def test_matching_recovers_people_in_group_photo(face_model) -> None:
     group = group_photo()
     out = FaceConsistencyMatchFaces().match(face_model, group, group, 0.2)
-    person_scores, mean, matched, report, annotated, annotated_reference = out["result"]
+    person_scores, _, matched, report, annotated, annotated_reference = out["result"]
 
     assert matched == 6 and person_scores == pytest.approx([1.0] * 6, abs=1e-5)
     for person in range(6):
@@ -317,7 +317,7 @@ def test_matching_survives_a_horizontal_flip(face_model) -> None:
     flipped_faces = face_model.analyze(flipped, all_faces=True)[0].faces
 
     out = FaceConsistencyMatchFaces().match(face_model, group, flipped, 0.2)
-    person_scores, mean, matched, report = out["result"][:4]
+    person_scores, _, matched, report = out["result"][:4]
 
     assert matched == 6 and min(person_scores) > 0.5
     for line in report.splitlines():

@@ -22,7 +22,7 @@ def tiny_files(tmp_path_factory):
 
 def test_files_use_comfyui_key_layouts(tiny_files):
     with safe_open(str(tiny_files.dit), "pt") as f:
-        assert all(k.startswith(DIT_PREFIX) for k in f.keys())
+        assert all(k.startswith(DIT_PREFIX) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
     with safe_open(str(tiny_files.vae), "pt") as f:
         keys = set(f.keys())
     assert {"conv1.weight", "conv2.weight", "decoder.head.0.gamma", "encoder.conv1.weight"} <= keys

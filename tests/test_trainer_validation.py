@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -127,7 +128,7 @@ def test_the_noise_is_fixed_by_the_seed_and_the_loss_repeats_exactly(setup):
 
     class Batch:
         x0 = torch.linspace(-1, 1, 64).view(1, 16, 1, 2, 2)
-        controls: list = []
+        controls: ClassVar[list] = []
 
     def velocity_of(batch):
         return lambda latents, t: latents * 0.5 + t.view(-1, 1, 1, 1, 1)

@@ -430,7 +430,8 @@ def write_tiny_prompts(
     lines = ["# tiny sample prompts"]
     for i in range(n):
         lines.append(
-            f"tiny edit number {i} --w {size[0]} --h {size[1]} --s {steps} --d {100 + i} --ci {controls[i % len(controls)]}"
+            f"tiny edit number {i} --w {size[0]} --h {size[1]} --s {steps} --d {100 + i} "
+            f"--ci {controls[i % len(controls)]}"
         )
     path = Path(dataset_dir) / "prompts.txt"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -22,7 +22,8 @@ needs_node = pytest.mark.skipif(
 
 
 def run_web_module(tmp_path: Path, module_name: str, scripts: dict[str, str], harness_js: str) -> Any:
-    """Run `harness_js` next to `web/<module_name>` and the `scripts/<name>` stand-ins; its last stdout line, as JSON."""
+    """Run `harness_js` next to `web/<module_name>` and the `scripts/<name>` stand-ins; its last stdout line,
+    as JSON."""
     (tmp_path / "scripts").mkdir()
     for name, source in scripts.items():
         (tmp_path / "scripts" / name).write_text(source)

@@ -138,15 +138,11 @@ def _first(rows: Sequence[CheckpointRow], key: Any, *, highest: bool) -> Checkpo
 
 def validation_rise(rows: Sequence[CheckpointRow]) -> CheckpointRow | None:
     """The checkpoint of the lowest validation loss when a later one is higher by RISE_TOLERANCE; else None."""
-    scored = [row for row in rows if row.validation_mean is not None]
+    scored = [(row, mean) for row in rows if (mean := row.validation_mean) is not None]
     if len(scored) < 2:
         return None
-    lowest = _first(scored, lambda row: row.validation_mean, highest=False)
-    later = [
-        row
-        for row in scored
-        if row.step > lowest.step and row.validation_mean > lowest.validation_mean * (1 + RISE_TOLERANCE)
-    ]
+    lowest, lowest_mean = min(scored, key=lambda scored_row: scored_row[1])  # min() keeps the first of equal losses
+    later = [row for row, mean in scored if row.step > lowest.step and mean > lowest_mean * (1 + RISE_TOLERANCE)]
     return lowest if later else None
 
 

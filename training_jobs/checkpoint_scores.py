@@ -95,10 +95,12 @@ def best_checkpoint(results: Sequence[CheckpointScore]) -> CheckpointScore:
 
 def chart_positions(results: Sequence[CheckpointScore]) -> tuple[list[float], str]:
     """X positions of the checkpoints on a chart and the axis label: steps, else epochs, else the saved order."""
-    if all(r.step is not None for r in results):
-        return [float(r.step) for r in results], "step"
-    if all(r.epoch is not None for r in results):
-        return [float(r.epoch) for r in results], "epoch"
+    steps = [r.step for r in results if r.step is not None]
+    if len(steps) == len(results):
+        return [float(step) for step in steps], "step"
+    epochs = [r.epoch for r in results if r.epoch is not None]
+    if len(epochs) == len(results):
+        return [float(epoch) for epoch in epochs], "epoch"
     return [float(i) for i in range(len(results))], "checkpoint (saved order)"
 
 

@@ -230,7 +230,8 @@ def list_samples(output_dir: str | os.PathLike) -> list[Sample]:
         if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file() or not is_within_directory(folder, path):
             continue
         name = parse_sample_name(path)
-        if name.layout != "musubi":
+        # musubi's names always carry both; the test also narrows their types
+        if name.layout != "musubi" or name.prompt_index is None or name.timestamp is None:
             continue
         samples.append(
             Sample(
