@@ -220,7 +220,7 @@ def no_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise Launched()
 
-    monkeypatch.setattr("face_consistency.training_jobs.jobs.launch", refuse)
+    monkeypatch.setattr("face_consistency.training_jobs.job_control.launch", refuse)
 
 
 def _dataset(folder: Path, n: int = 2) -> dict[str, str]:
@@ -252,7 +252,7 @@ def test_launch_refuses_a_toml_naming_a_folder_outside(comfy: Path, outside: Pat
     with pytest.raises(comfy_env.FolderAccessError, match=f"dataset .*{key}"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
     assert _snapshot(outside) == before and not (outside / "data" / "cache").exists()  # no cache written there
-    assert comfy_env.open_registry().list() == []  # no job
+    assert comfy_env.open_registry().records() == []  # no job
 
 
 def test_launch_refuses_relative_toml_paths_that_climb_out(comfy: Path, outside: Path, no_trainer: None) -> None:
