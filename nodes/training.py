@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..common.face_engine import FaceEngineSettings
 from ..faceid.packs import root_of_pack
 from ..faceid.pairing import list_images
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
@@ -23,7 +24,7 @@ from ..musubi_formats.prompts import parse_prompt_text, resolve_prompt_path
 from ..training_contract import options
 from ..training_contract.checkpoint_choice import CheckpointTable, read_table
 from ..training_contract.checkpoint_choice import format_table as format_checkpoint_table
-from ..training_contract.launch import FACE_LOSS_VARIANTS, FACE_SETTINGS, LaunchRequest
+from ..training_contract.launch import FACE_LOSS_VARIANTS, LaunchRequest
 from ..training_contract.protocol import LOG_FILE, read_status
 from ..training_jobs import job_control
 from ..training_jobs.checkpoint_scores import (
@@ -39,9 +40,11 @@ from ..training_jobs.job_registry import JobRecord, UnknownJobError
 from ..training_jobs.run_plots import plot_run, plot_scores
 from ..training_jobs.run_reader import list_checkpoints, log_tail, read_run, run_checkpoints
 from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
+from ..training_jobs.trainer_env import trainer_runtime
 from . import comfy_env
 from .comfy_env import open_registry
 from .imaging import rgb_to_image
+from .scoring import pack_input, pack_name, pack_problem
 
 CATEGORY = "face_consistency/training"
 TRAINING_JOB = "TRAINING_JOB"
@@ -67,6 +70,8 @@ def _lora_name_type() -> list[str]:
 
 class _LoraNameOutputs(type):
     """Metaclass resolving the `LORA_NAME` placeholder in OUTPUT_TYPES to the current LoRA list."""
+
+    OUTPUT_TYPES: tuple[str, ...]
 
     @property
     def RETURN_TYPES(cls) -> tuple[Any, ...]:
@@ -105,8 +110,8 @@ def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord
     if not output_folder.strip():
         raise ValueError("connect a TRAINING_JOB or give an output folder")
     folder = _resolve_folder(output_folder)
-    record = registry.find_by_output_dir(folder)
-    return (registry.refresh(record.job_id) if record else None), folder
+    found = registry.find_by_output_dir(folder)
+    return (registry.refresh(found.job_id) if found else None), folder
 
 
 def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
@@ -156,11 +161,18 @@ SETTINGS = (
     "gradient_checkpointing",
 )
 
+# The face inputs, in the node's order (a saved workflow keeps its widget values by position): the face engine's
+# settings (common/face_engine.py) as the trainer's flags spell them, and the loss weight and metrics' frequency.
+FACE_INPUTS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
+PACK_TOOLTIP = (
+    "The face engine's pack (--face_model_name), as Load Face Model lists them; standard packs not installed yet "
+    "download on first use. A workflow may also name a pack's folder inside ComfyUI's folders."
+)
 # Optional inputs after the older ones (saved workflows keep their widget values): the loss, off unless
 # asked for (the evidence shows a trade-off, not a help), and its variants.
 FACE_LOSS_INPUTS = ("use_face_as_loss", *FACE_LOSS_VARIANTS)
 # Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
-PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")
+PATH_SETTINGS = ("tokenizer", "face_loss_negatives")
 # The launch's settings that are paths, confined by the node (the pack: `_face_pack`).
 LAUNCH_PATH_SETTINGS = ("tokenizer", "face_loss_negatives", "likeness_references")
 
@@ -178,11 +190,11 @@ def _confine_dataset(source: Path | None, output_dir: Path, resolution: int, inp
     folders = comfy_env.allowed_folders()
     toml = dataset_config_for(str(source), output_dir, resolution, input_name)
     comfy_env.confine(toml, input_name, folders)
-    load_dataset_config(
-        toml,
-        working_dir=output_dir,
-        check_path=lambda what, path: comfy_env.confine(path, f"{input_name} {what}", folders),
-    )
+
+    def check_path(what: str, path: Path) -> None:
+        comfy_env.confine(path, f"{input_name} {what}", folders)
+
+    load_dataset_config(toml, working_dir=output_dir, check_path=check_path)
     return toml
 
 
@@ -200,14 +212,16 @@ def _confine_photos_and_controls(request: LaunchRequest) -> None:
                 comfy_env.confine(candidate, f"sample_prompts --ci of prompt {prompt.index}", folders)
 
 
-def _dataset_configs(paths: dict[str, Path | None], output_dir: Path, resolution: int) -> dict[str, Path]:
-    """The run's dataset TOMLs (`dataset_config`, and `validation_dataset_config` when there are held-out items)."""
-    configs = {"dataset_config": _confine_dataset(paths["dataset"], output_dir, resolution)}
-    if paths["validation_dataset"] is not None:
-        configs["validation_dataset_config"] = _confine_dataset(
-            paths["validation_dataset"], output_dir, resolution, "validation_dataset"
-        )
-    return configs
+def _with_datasets(request: LaunchRequest, paths: dict[str, Path | None], resolution: int) -> LaunchRequest:
+    """`request` with the run's dataset TOMLs (the training items', and the held-out items' when given)."""
+    held_out = paths["validation_dataset"]
+    return replace(
+        request,
+        dataset_config=_confine_dataset(paths["dataset"], request.output_dir, resolution),
+        validation_dataset_config=None
+        if held_out is None
+        else _confine_dataset(held_out, request.output_dir, resolution, "validation_dataset"),
+    )
 
 
 def _model_file(folder: str, filename: str) -> Path:
@@ -217,18 +231,22 @@ def _model_file(folder: str, filename: str) -> Path:
     return path
 
 
-def _face_pack(text: str) -> str:
-    """The face pack input: a pack's name, or a pack's folder (confined)."""
-    pack = text.strip()
-    if Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack:
-        return str(comfy_env.input_path(pack, "face_model_name"))
-    return pack
+def _is_folder(pack: str) -> bool:
+    return Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack
 
 
-def _pack_root(pack: str) -> Path | None:
-    """The models root the trainer finds `pack` in: the ComfyUI folder holding it, else the first one."""
+def _face_pack(choice: str) -> str:
+    """The pack a face_model_name value names: a listed choice, or a pack's folder (confined)."""
+    pack = choice.strip()
+    return str(comfy_env.input_path(pack, "face_model_name")) if _is_folder(pack) else pack_name(pack)
+
+
+def _pack_root(pack: str) -> tuple[Path, ...]:
+    """The models root the trainer finds `pack` in (it searches one): ComfyUI's folder holding the pack, else the
+    first (where a standard pack downloads)."""
     roots = comfy_env.insightface_roots()
-    return root_of_pack(pack, roots) or (roots[0] if roots else None)
+    root = root_of_pack(pack, roots) or (roots[0] if roots else None)
+    return (root,) if root else ()
 
 
 class FaceConsistencyTrainLaunch:
@@ -259,7 +277,10 @@ class FaceConsistencyTrainLaunch:
                         "itself is the optional use_face_as_loss.",
                     },
                 ),
-                **{name: _setting_input(name) for name in FACE_SETTINGS},
+                **{
+                    name: pack_input(PACK_TOOLTIP) if name == "face_model_name" else _setting_input(name)
+                    for name in FACE_INPUTS
+                },
             },
             "optional": {
                 "sample_prompts": (
@@ -312,6 +333,11 @@ class FaceConsistencyTrainLaunch:
     OUTPUT_NODE = True
     DESCRIPTION = "Starts the face-consistency LoRA trainer as a background job (the queue is not blocked)."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_model_name: str) -> bool | str:
+        # a pack as Load Face Model checks it, or a pack's folder (confined when the node runs)
+        return _is_folder(face_model_name.strip()) or pack_problem(face_model_name) or True
+
     def launch(
         self,
         dit: str,
@@ -328,7 +354,7 @@ class FaceConsistencyTrainLaunch:
         extra_args: str = "",
         validation_dataset: str = "",
         likeness_references: str = "",
-        **settings: Any,  # SETTINGS, FACE_SETTINGS and FACE_LOSS_INPUTS, by their option names
+        **settings: Any,  # SETTINGS, FACE_INPUTS and FACE_LOSS_INPUTS, by their option names
     ) -> dict[str, Any]:
         name = output_name.strip()
         name_problem = output_name_problem(name)
@@ -342,7 +368,15 @@ class FaceConsistencyTrainLaunch:
             ("face_loss_negatives", settings.get("face_loss_negatives", "")),
         )
         paths = {key: comfy_env.input_path(text, key) for key, text in texts}  # confined before anything is read
-        pack = _face_pack(settings["face_model_name"])
+        trainer_runtime()  # no trainer's libraries anywhere: refused, naming the setup command, before any write
+        pack = _face_pack(settings.pop("face_model_name"))
+        engine = FaceEngineSettings(
+            pack=pack,
+            models_roots=_pack_root(pack),
+            provider=settings.pop("face_device"),
+            det_size=settings.pop("face_det_size"),
+            allow_download=comfy_env.pack_downloads_enabled(),
+        )
         request = LaunchRequest(
             output_dir=comfy_env.output_directory() / LORAS / name,  # on ComfyUI's LoRA search path
             output_name=name,
@@ -352,13 +386,11 @@ class FaceConsistencyTrainLaunch:
             settings={
                 **settings,
                 **{key: paths[key] for key in LAUNCH_PATH_SETTINGS},
-                "face_model_name": pack,
                 "max_train_steps": max_train_steps,
                 "sample_every_n_epochs": sample_every_n_epochs,
             },
             enable_face_loss=enable_face_loss,
-            face_models_root=_pack_root(pack),
-            offline=not comfy_env.pack_downloads_enabled(),
+            face_engine=engine,
             sample_prompts=sample_prompts,
             extra_args=extra_args,
         )
@@ -366,9 +398,7 @@ class FaceConsistencyTrainLaunch:
         _confine_photos_and_controls(request)
         registry = open_registry()
         job_control.open_run_folder(registry, request.output_dir, name)
-        record = job_control.launch(
-            registry, replace(request, **_dataset_configs(paths, request.output_dir, resolution))
-        )
+        record = job_control.launch(registry, _with_datasets(request, paths, resolution))
         job = TrainingJob(record.job_id, str(record.output_dir), name)
         text = f"started job {record.job_id} (pid {record.pid}) into {record.output_dir}"
         return {"ui": {"text": [text]}, "result": (job, str(record.output_dir))}

@@ -323,6 +323,16 @@ def test_launch_refuses_names_that_are_paths(comfy: Path, no_trainer: None, name
     assert not list((comfy / "output").rglob("*escaped*")) and not (comfy / "output" / "loras").exists()
 
 
+def test_launch_refuses_a_face_pack_folder_outside(comfy: Path, outside: Path, no_trainer: None) -> None:
+    """The pack is chosen from a list, but a workflow may name a pack's folder: confined like a path input."""
+    assert FaceConsistencyTrainLaunch.VALIDATE_INPUTS(str(outside)) is True  # checked when the node runs
+    assert "'mine' is not installed" in FaceConsistencyTrainLaunch.VALIDATE_INPUTS("mine")
+    for value in (str(outside), "../" * 40 + str(outside).lstrip("/")):
+        with pytest.raises(comfy_env.FolderAccessError, match="face_model_name"):
+            FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, face_model_name=value, enable_face_loss=True))
+    assert not (comfy / "output" / "loras").exists()
+
+
 # --- run folders inside ComfyUI whose files point elsewhere
 
 

@@ -10,7 +10,9 @@ import pytest
 import test_example_workflows as example_checks
 import torch
 from comfy_stubs import ProgressBar, set_comfy_base
+from face_consistency.common.face_engine import PROVIDER_HELP
 from face_consistency.nodes import comfy_env, training
+from face_consistency.nodes.scoring import FaceConsistencyLoadModel, pack_name
 from face_consistency.nodes.training import (
     FaceConsistencyCheckpointScoreboard,
     FaceConsistencyListCheckpoints,
@@ -367,11 +369,15 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(
 
     inputs, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_flags")
     args = parse_args(command)
-    for name in (*training.SETTINGS, *training.FACE_SETTINGS):
+    for name in (*training.SETTINGS, *training.FACE_INPUTS):
         if name != "max_train_epochs" or not inputs.get("max_train_steps"):
-            assert getattr(args, name) == inputs[name], name
+            assert getattr(args, name) == (pack_name(inputs[name]) if name == "face_model_name" else inputs[name]), name
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
-    assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
+    # the node offers every provider the trainer takes, with the face engine's default everywhere
+    assert required["face_device"] == (["auto", "cuda", "cpu"], {"default": "auto", "tooltip": PROVIDER_HELP})
+    assert args.face_device == inputs["face_device"] == "auto"
+    # the pack is chosen from the packs Load Face Model lists
+    assert required["face_model_name"][0] == FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"][0]
     assert validate_args(args).model_version == "edit-2509"
     # the face loss's variants at their defaults add no flag
     assert not any(

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..common.face_engine import FaceEngineSettings
 from ..common.files import atomic_write_text
 from . import options
 
@@ -34,7 +35,9 @@ FIXED_ARGS = (
     "--persistent_data_loader_workers",
 )
 # Settings passed only with the face metrics or the face loss on, and the face loss's variants (only with the loss).
-FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
+FACE_SETTINGS = ("face_loss_weight", "face_eval_frequency")
+# The face engine as the trainer sets it up by default: it detects at one size, a number of pixels, not `auto`.
+TRAINER_FACE_ENGINE = FaceEngineSettings(det_size=options.BY_NAME["face_det_size"].default)
 FACE_LOSS_VARIANTS = (
     "face_loss_reference",
     "face_loss_rollout_steps",
@@ -60,8 +63,7 @@ class LaunchRequest:
     validation_dataset_config: Path | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     enable_face_loss: bool = False
-    face_models_root: Path | None = None
-    offline: bool = False
+    face_engine: FaceEngineSettings = TRAINER_FACE_ENGINE  # its det_thresh is the trainer's own
     sample_prompts: str = ""
     extra_args: str = ""  # more trainer flags, split like a shell would (never run by one)
 
@@ -105,6 +107,7 @@ class LaunchRequest:
             if problem:
                 raise ValueError(problem.replace("--", ""))
         options.check_node_values({name: value for name, value in self.settings.items() if value is not None})
+        self._face_engine_argv()
         self.extra_argv()
 
     def _setting(self, name: str) -> Any:
@@ -133,9 +136,7 @@ class LaunchRequest:
             args += ["--enable_face_loss", *(["--use_face_as_loss"] if self.face_loss_on else [])]
             for name in FACE_SETTINGS:
                 args += self._flag(name, self._setting(name))
-            if self.face_models_root is not None:
-                args += options.to_argv("face_models_root", str(self.face_models_root))
-            args += options.to_argv("offline", self.offline)
+            args += self._face_engine_argv()
         if self.face_loss_on:
             for name in FACE_LOSS_VARIANTS:
                 value = self._setting(name)
@@ -144,6 +145,15 @@ class LaunchRequest:
         if self.sample_prompts.strip():
             args += options.to_argv("sample_prompts", str(self.sample_prompts_file))
         return args + self.extra_argv()
+
+    def _face_engine_argv(self) -> list[str]:
+        """The face engine's settings as the trainer spells them (common/face_engine.py); it searches one root."""
+        engine = self.face_engine
+        args = options.to_argv("face_model_name", engine.pack.strip())
+        args += options.to_argv("face_device", engine.provider) + options.to_argv("face_det_size", engine.det_size)
+        if engine.models_roots:
+            args += options.to_argv("face_models_root", str(engine.models_roots[0]))
+        return args + options.to_argv("offline", not engine.allow_download)
 
     @staticmethod
     def _flag(name: str, value: Any) -> list[str]:

@@ -42,9 +42,7 @@ def trainer_command(train_args: Sequence[str]) -> list[str]:
 
 def open_run_folder(registry: JobRegistry, output_dir: str | os.PathLike, output_name: str) -> Path:
     """The run's folder, made, once no job (of this registry, or a trainer started elsewhere) writes into it
-    and it holds no checkpoint of a run named `output_name`; else JobConflictError saying what to do.
-    Without the trainer's libraries anywhere, TrainerEnvironmentError names the setup command (nothing written)."""
-    trainer_runtime()
+    and it holds no checkpoint of a run named `output_name`; else JobConflictError saying what to do."""
     folder = Path(output_dir).resolve()
     registry.check_free(folder)
     try:
@@ -157,4 +155,6 @@ def _end_leftovers(job: JobRecord) -> None:
 
 def tree_alive(job: JobRecord) -> bool:
     """Whether the job's process or any process of its group is still running."""
-    return bool(job.pid) and (process_alive(job.pid, started=job.started) or group_alive(job.pid))
+    if not job.pid:
+        return False
+    return process_alive(job.pid, started=job.started) or group_alive(job.pid)

@@ -246,7 +246,8 @@ class JobRegistry:
         """Every readable job, newest first (with `active_since`, only those unfinished or ended since);
         the ids of unreadable rows are in `skipped_rows`."""
         records, self.skipped_rows = [], []
-        query, parameters = "SELECT * FROM jobs", ()
+        query = "SELECT * FROM jobs"
+        parameters: tuple[object, ...] = ()
         if active_since is not None:
             query += f" WHERE state NOT IN ({_FINAL_STATES_SQL}) OR ended >= ?"
             parameters = (*sorted(FINAL_STATE_VALUES), active_since)

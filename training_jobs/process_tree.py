@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +29,10 @@ _children_lock = threading.Lock()
 
 def start_detached(command: Sequence[str], cwd: Path, log_file: Path) -> int:
     """Start `command` in `cwd` in a session of its own, stdout and stderr appended to `log_file`; its pid."""
-    popen_kwargs: dict[str, object] = {}
-    if IS_WINDOWS:
-        popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
+    if sys.platform == "win32":
+        creationflags, new_session = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW, False
     else:
-        popen_kwargs["start_new_session"] = True
+        creationflags, new_session = 0, True
     child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
     with open(log_file, "ab") as log:
         process = subprocess.Popen(
@@ -43,7 +43,8 @@ def start_detached(command: Sequence[str], cwd: Path, log_file: Path) -> int:
             stderr=subprocess.STDOUT,
             env=child_env,
             close_fds=True,
-            **popen_kwargs,  # type: ignore[arg-type]
+            creationflags=creationflags,
+            start_new_session=new_session,
         )
     with _children_lock:
         _children[process.pid] = process
