@@ -11,15 +11,12 @@ warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=F
 
 from .errors import FaceEngineError, ImageLoadError, ModelPackError, NoFaceError, ProviderError  # noqa: E402
 from .images import image_list, load_image  # noqa: E402
-from .model import DET_SIZE_CHOICES, FaceModel, load_face_model  # noqa: E402
+from .model import FaceModel, load_face_engine, load_face_model  # noqa: E402
 from .packs import STANDARD_PACKS, as_roots, list_packs, resolve_pack, validate_pack  # noqa: E402
-from .providers import PROVIDER_CHOICES  # noqa: E402
 from .results import DetectedFace, FaceResult, Identity, Selection  # noqa: E402
 from .similarity import Bands, cosine_similarity, mean_identity  # noqa: E402
 
 __all__ = [
-    "DET_SIZE_CHOICES",
-    "PROVIDER_CHOICES",
     "STANDARD_PACKS",
     "Bands",
     "DetectedFace",
@@ -36,6 +33,7 @@ __all__ = [
     "cosine_similarity",
     "image_list",
     "list_packs",
+    "load_face_engine",
     "load_face_model",
     "load_image",
     "mean_identity",

@@ -16,12 +16,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..common.face_engine import (
+    DEFAULTS,
+    DET_SIZE_HELP,
+    DET_SIZES,
+    DET_THRESH_HELP,
+    MODELS_ROOT_HELP,
+    PACK_HELP,
+    PROVIDER_HELP,
+    PROVIDERS,
+)
 from ..common.files import atomic_write_json, check_writable_file
 from ..common.values import Bounds, check_number, check_text
 from .errors import FaceEngineError, OutputWriteError
 from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
 from .judge import DETECTORS, JUDGE_CHOICES, load_judge
-from .model import DET_SIZE_CHOICES, load_face_model
+from .model import load_face_model
 from .pack_download import OFFLINE_ENV, TerminalProgress
 from .plot import write_plot
 from .report import summary_table
@@ -74,12 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
         "directory, then the prompt file's folder)",
     )
     model = parser.add_argument_group("face model")
-    model.add_argument("--model_name", default="buffalo_l", help="InsightFace pack name or folder (default buffalo_l)")
+    model.add_argument("--model_name", default=DEFAULTS.pack, help=f"{PACK_HELP} (default {DEFAULTS.pack})")
     model.add_argument(
         "--models_root",
         type=Path,
         action="append",
-        help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)",
+        help=f"{MODELS_ROOT_HELP}; repeatable",
     )
     model.add_argument(
         "--offline",
@@ -87,14 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1); by default it is fetched on first use",
     )
     model.add_argument(
-        "--device", choices=("auto", "cuda", "cpu"), default="auto", help="onnxruntime provider (default auto)"
+        "--device", choices=PROVIDERS, default=DEFAULTS.provider, help=f"{PROVIDER_HELP} (default {DEFAULTS.provider})"
     )
     model.add_argument(
         "--det_size",
-        default="auto",
-        help=f"detection size: {', '.join(map(str, DET_SIZE_CHOICES))} or a multiple of 32",
+        default=DEFAULTS.det_size,
+        help=f"{DET_SIZE_HELP}, e.g. {', '.join(map(str, DET_SIZES))} (default {DEFAULTS.det_size})",
     )
-    model.add_argument("--det_thresh", type=float, default=0.5, help="face detection score threshold (default 0.5)")
+    model.add_argument(
+        "--det_thresh",
+        type=float,
+        default=DEFAULTS.det_thresh,
+        help=f"{DET_THRESH_HELP} (default {DEFAULTS.det_thresh})",
+    )
     model.add_argument(
         "--judge",
         choices=JUDGE_CHOICES,

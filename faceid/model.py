@@ -15,6 +15,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..common.face_engine import DEFAULTS, FaceEngineSettings
 from .alignment import aligned_crop
 from .errors import FaceEngineError, ImageLoadError, NoFaceError
 from .images import MAX_ANALYSIS_SIDE, image_list, load_image_sized, undetectable_reason
@@ -26,7 +27,6 @@ from .similarity import mean_identity, normalize
 
 log = logging.getLogger(__name__)
 
-DET_SIZE_CHOICES = ("auto", 320, 640, 1024)
 AUTO_DET_SIZE_RANGE = (160, 640)
 RECOGNIZER_BATCH = 32
 # A face that fills the whole frame (an aligned crop) is missed by SCRFD: pad it with this
@@ -51,7 +51,11 @@ class FaceModel:
     """Detect, select and embed faces. Thread-safe; create through `load_face_model`."""
 
     def __init__(
-        self, pack: PackFiles, provider: str = "auto", det_size: str | int = "auto", det_thresh: float = 0.5
+        self,
+        pack: PackFiles,
+        provider: str = DEFAULTS.provider,
+        det_size: str | int = DEFAULTS.det_size,
+        det_thresh: float = DEFAULTS.det_thresh,
     ) -> None:
         from insightface.model_zoo import get_model
 
@@ -136,7 +140,7 @@ class FaceModel:
             bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
         boxes, kpss = self._run_detector(detector, bgr)
         if len(boxes) == 0 and max(bgr.shape[:2]) < self.detector_input_size(*bgr.shape[:2]) * 0.75:
-            pad = int(round(max(bgr.shape[:2]) * SMALL_IMAGE_PADDING))
+            pad = round(max(bgr.shape[:2]) * SMALL_IMAGE_PADDING)
             padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
             boxes, kpss = self._run_detector(detector, padded)
             boxes = boxes.copy()
@@ -209,6 +213,8 @@ class FaceModel:
             detected = [self.detect(bgr) if bgr is not None and error is None else [] for bgr, error, _ in loaded]
             to_embed: list[tuple[np.ndarray, DetectedFace]] = []
             for (bgr, _, _), faces in zip(loaded, detected):
+                if bgr is None:  # nothing detected in it
+                    continue
                 if embed_all:
                     to_embed += [(bgr, face) for face in faces]
                 elif faces and _index_valid(selection, index, faces):
@@ -220,7 +226,7 @@ class FaceModel:
         results = []
         for (bgr, error, original_size), faces in zip(loaded, detected):
             result = _result(bgr, error, faces, selection, index, ref, all_faces)
-            if bgr is not None:
+            if bgr is not None and original_size is not None:
                 result.rescale_to(original_size)
             results.append(result)
         return results
@@ -236,7 +242,7 @@ class FaceModel:
         missing = [i for i, key in enumerate(keys) if key not in self._identity_cache]
         if missing:
             for i, result in zip(missing, self.analyze([bgrs[i] for i in missing], channel_order="bgr")):
-                if not result.ok:
+                if result.embedding is None:
                     raise NoFaceError(f"reference image {i}: {result.reason}")
                 self._identity_cache[keys[i]] = result.embedding
                 while len(self._identity_cache) > IDENTITY_CACHE_SIZE:
@@ -300,7 +306,7 @@ def _load_each(images: Any, channel_order: str) -> list[_Loaded]:
 def _detectable(loaded: _Loaded) -> _Loaded:
     """A loaded image the detector cannot take gets the reason as its error (and is not detected in)."""
     bgr, _, original_size = loaded
-    reason = undetectable_reason(*original_size) if bgr is not None else None
+    reason = undetectable_reason(*original_size) if bgr is not None and original_size is not None else None
     return loaded if reason is None else (bgr, reason, original_size)
 
 
@@ -346,8 +352,11 @@ def _choose(faces: list[DetectedFace], selection: Selection, index: int, referen
         keys = [f.area for f in faces]
     elif selection is Selection.HIGHEST_SCORE:
         keys = [f.det_score for f in faces]
-    else:
-        keys = [float(np.dot(f.embedding, reference)) for f in faces]
+    else:  # best match: every face embedded, against the reference
+        keys = [
+            float(np.dot(f.embedding, reference)) if f.embedding is not None and reference is not None else -np.inf
+            for f in faces
+        ]
     return int(np.argmax(keys))
 
 
@@ -355,14 +364,27 @@ _MODELS: dict[_ModelKey, FaceModel] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+def load_face_engine(settings: FaceEngineSettings, progress: ProgressCallback | None = None) -> FaceModel:
+    """`load_face_model` with the engine's settings as one value (common/face_engine.py)."""
+    return load_face_model(
+        settings.pack,
+        models_root=settings.models_roots,
+        provider=settings.provider,
+        det_size=settings.det_size,
+        det_thresh=settings.det_thresh,
+        allow_download=settings.allow_download,
+        progress=progress,
+    )
+
+
 def load_face_model(
-    pack: str | os.PathLike = "buffalo_l",
+    pack: str | os.PathLike = DEFAULTS.pack,
     *,
     models_root: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    provider: str = "auto",
-    det_size: str | int = "auto",
-    det_thresh: float = 0.5,
-    allow_download: bool = True,
+    provider: str = DEFAULTS.provider,
+    det_size: str | int = DEFAULTS.det_size,
+    det_thresh: float = DEFAULTS.det_thresh,
+    allow_download: bool = DEFAULTS.allow_download,
     progress: ProgressCallback | None = None,
 ) -> FaceModel:
     """Validate and load a pack (or return the already loaded one for the same settings).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..common.face_engine import DEFAULTS, PROVIDERS
 from .errors import FaceEngineError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
 from .packs import STANDARD_PACKS, as_roots, find_pack_folder, list_packs, validate_pack
@@ -43,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PACK",
         help="also load PACK with onnxruntime and report the provider that actually runs",
     )
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="provider for --load")
+    parser.add_argument("--device", default=DEFAULTS.provider, choices=PROVIDERS, help="provider for --load")
     parser.add_argument(
         "--offline", action="store_true", help=f"--load never downloads a missing pack (also: {OFFLINE_ENV}=1)"
     )

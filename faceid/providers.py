@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 
+from ..common.face_engine import PROVIDERS
 from .errors import ProviderError
 
 log = logging.getLogger(__name__)
 
-PROVIDER_CHOICES = ("auto", "cuda", "cpu")
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-directml", "onnxruntime-openvino")
@@ -41,8 +41,8 @@ def available_providers() -> list[str]:
 def requested_providers(provider: str) -> list[str]:
     """Provider list to give onnxruntime for 'auto', 'cuda' or 'cpu'."""
     provider = provider.lower()
-    if provider not in PROVIDER_CHOICES:
-        raise ProviderError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}; got {provider!r}")
+    if provider not in PROVIDERS:
+        raise ProviderError(f"provider must be one of {', '.join(PROVIDERS)}; got {provider!r}")
     if provider == "cpu":
         return [CPU]
     installed = installed_onnxruntime()

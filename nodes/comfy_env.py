@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..common import paths
-from ..training_jobs.jobs import REGISTRY_FILENAME, JobRegistry
+from ..training_jobs.job_registry import REGISTRY_FILENAME, JobRegistry
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from aiohttp import web
 from ..musubi_formats.names import SAMPLE_DIR
 from ..training_contract.checkpoint_choice import VALIDATION_LOSS
 from ..training_contract.protocol import LOG_FILE, JobState
-from ..training_jobs import jobs
-from ..training_jobs.jobs import JobRecord, JobRegistry
+from ..training_jobs import job_control
+from ..training_jobs.job_registry import FINAL_STATE_VALUES, JobRecord, JobRegistry, UnknownJobError
 from ..training_jobs.run_reader import (
     FACE_SIMILARITY,
     LOSS,
@@ -75,7 +75,7 @@ def _job(request: web.Request, registry: JobRegistry) -> JobRecord:
         raise web.HTTPBadRequest(reason="malformed job id")
     try:
         return registry.refresh(job_id)
-    except jobs.UnknownJobError:
+    except UnknownJobError:
         raise web.HTTPNotFound(reason="unknown job id") from None
 
 
@@ -106,7 +106,7 @@ def _listing(registry: JobRegistry) -> dict[str, Any]:
         progress = shown.pop("progress")
         if not isinstance(progress, dict):  # None while the job runs
             progress = {}
-        if shown["state"] in jobs.FINAL_STATE_VALUES:
+        if shown["state"] in FINAL_STATE_VALUES:
             listed.append({**shown, **{key: progress.get(key) for key in PROGRESS_KEYS}})
             continue
         try:
@@ -186,7 +186,7 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
         registry, record = await _off_the_loop(lambda: _registry_and_job(request, registry_factory()))
         if record.finished:
             return web.json_response({"job_id": record.job_id, "state": record.state, "stopping": False})
-        await _off_the_loop(lambda: jobs.request_job_stop(registry, record.job_id))
+        await _off_the_loop(lambda: job_control.request_job_stop(registry, record.job_id))
         with stopping_lock:
             already = record.job_id in stopping
             stopping.add(record.job_id)
@@ -194,7 +194,7 @@ def add_routes(routes: web.RouteTableDef, registry_factory: RegistryFactory = ro
 
             def run_stop() -> None:
                 try:
-                    jobs.stop(registry, record.job_id)
+                    job_control.stop(registry, record.job_id)
                 except Exception:
                     log.exception("stopping training job %s failed", record.job_id)
                 finally:
@@ -267,7 +267,7 @@ class EventPoller:
     def poll_once(self) -> None:
         registry = self._registry_factory()
         # jobs that ended before ComfyUI started have nothing to announce, and are not even read
-        for record in registry.list(active_since=self._since):
+        for record in registry.records(active_since=self._since):
             previous = self._seen.get(record.job_id)
             if previous == ("final",):
                 continue

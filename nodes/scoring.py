@@ -7,17 +7,25 @@ from typing import Any
 
 import numpy as np
 
+from ..common.face_engine import (
+    DEFAULTS,
+    DET_SIZE_HELP,
+    DET_SIZES,
+    DET_THRESH_HELP,
+    PROVIDER_HELP,
+    PROVIDERS,
+    FaceEngineSettings,
+)
 from ..faceid import (
-    DET_SIZE_CHOICES,
-    PROVIDER_CHOICES,
     STANDARD_PACKS,
     Bands,
     FaceModel,
+    FaceResult,
     Identity,
     Selection,
     as_roots,
     list_packs,
-    load_face_model,
+    load_face_engine,
     mean_identity,
 )
 from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
@@ -38,6 +46,10 @@ from . import comfy_env
 from .imaging import save_previews, to_bgr_list, to_image_batch
 
 CATEGORY = "face_consistency"
+PACK_TOOLTIP = (
+    "Folder under models/insightface/models/. Standard packs not installed yet download there when the node "
+    "first runs (unless turned off in the settings)."
+)
 DOWNLOADS_ON_FIRST_USE = "downloads on first use"
 NO_FACE_COLOR = (230, 50, 50)
 UNCHANGED_COLOR = (200, 60, 220)
@@ -82,6 +94,27 @@ def pack_name(choice: str) -> str:
     return name if label.startswith(DOWNLOADS_ON_FIRST_USE) else choice
 
 
+def pack_input(tooltip: str) -> tuple[list[str], dict[str, Any]]:
+    """A node's face pack input: the installed packs, then the standard ones that download on first use."""
+    packs = pack_choices(_pack_roots())
+    default = next(p for p in packs if pack_name(p) == DEFAULTS.pack)
+    return packs, {"default": default, "tooltip": tooltip}
+
+
+def pack_problem(choice: str) -> str | None:
+    """Why a node cannot use the pack `choice` names (None: it can). Checked in place of ComfyUI's check
+    against the list: a workflow saved with "buffalo_l" stays valid while the list shows it as "buffalo_l
+    (downloads on first use, ...)", and the other way round."""
+    name = pack_name(choice)
+    installed = list_packs(_pack_roots())
+    if name in STANDARD_PACKS or name in installed:
+        return None
+    return (
+        f"model pack '{name}' is not installed; installed: {', '.join(installed) or 'none'}. Put it into "
+        f"models/insightface/models/{name}/ and refresh ComfyUI (press R), or pick another pack."
+    )
+
+
 class FaceConsistencyLoadModel:
     """An InsightFace model pack (detector + ArcFace recognizer) on an onnxruntime provider."""
 
@@ -96,41 +129,19 @@ class FaceConsistencyLoadModel:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        packs = pack_choices(_pack_roots())
-        default = next(p for p in packs if pack_name(p) == "buffalo_l")
         return {
             "required": {
-                "pack": (
-                    packs,
-                    {
-                        "default": default,
-                        "tooltip": "Folder under models/insightface/models/. Standard packs not installed "
-                        "yet download there when the node first runs (unless turned off in the settings).",
-                    },
-                ),
-                "provider": (
-                    list(PROVIDER_CHOICES),
-                    {
-                        "default": "auto",
-                        "tooltip": "auto: CUDA when onnxruntime-gpu works, else CPU. cuda fails loudly "
-                        "instead of silently running on the CPU.",
-                    },
-                ),
-                "det_size": (
-                    [str(s) for s in DET_SIZE_CHOICES],
-                    {
-                        "default": "auto",
-                        "tooltip": "Detector input size. auto follows the image size (160..640).",
-                    },
-                ),
+                "pack": pack_input(PACK_TOOLTIP),
+                "provider": (list(PROVIDERS), {"default": DEFAULTS.provider, "tooltip": PROVIDER_HELP}),
+                "det_size": ([str(s) for s in DET_SIZES], {"default": DEFAULTS.det_size, "tooltip": DET_SIZE_HELP}),
                 "det_thresh": (
                     "FLOAT",
                     {
-                        "default": 0.5,
+                        "default": DEFAULTS.det_thresh,
                         "min": 0.05,
                         "max": 0.95,
                         "step": 0.05,
-                        "tooltip": "Detection confidence; lower finds more (and falser) faces.",
+                        "tooltip": DET_THRESH_HELP,
                     },
                 ),
             },
@@ -139,30 +150,26 @@ class FaceConsistencyLoadModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, pack: str) -> bool | str:
-        # Replaces ComfyUI's check against the list: a workflow saved with "buffalo_l" stays valid
-        # while the list shows it as "buffalo_l (downloads on first use, ...)", and the other way round.
-        name = pack_name(pack)
-        installed = list_packs(_pack_roots())
-        if name in STANDARD_PACKS or name in installed:
-            return True
-        return (
-            f"model pack '{name}' is not installed; installed: {', '.join(installed) or 'none'}. Put it into "
-            f"models/insightface/models/{name}/ and refresh ComfyUI (press R), or pick another pack."
-        )
+        return pack_problem(pack) or True
 
     def load(
         self, pack: str, provider: str, det_size: str, det_thresh: float, unique_id: str | None = None
     ) -> dict[str, Any]:
-        model = load_face_model(
-            pack_name(pack),
-            models_root=_pack_roots(),
+        settings = FaceEngineSettings(
+            pack=pack_name(pack),
+            models_roots=tuple(_pack_roots()),
             provider=provider,
             det_size=det_size if det_size == "auto" else int(det_size),
             det_thresh=det_thresh,
             allow_download=comfy_env.pack_downloads_enabled(),
-            progress=comfy_env.DownloadProgress(unique_id),
         )
+        model = load_face_engine(settings, comfy_env.DownloadProgress(unique_id))
         return {"ui": {"text": [describe_model(model)]}, "result": (model,)}
+
+
+def _embeddings(results: list[FaceResult]) -> list[np.ndarray]:
+    """The embeddings of results that have a face (analyze_references gives only such)."""
+    return [result.embedding for result in results if result.embedding is not None]
 
 
 def describe_model(model: FaceModel) -> str:
@@ -210,9 +217,9 @@ class FaceConsistencyReference:
             groups.append(("images_2", to_bgr_list(images_2, "images_2")))
         progress = comfy_env.Progress(sum(len(g) for _, g in groups))
         embeddings = [
-            result.embedding
+            embedding
             for name, bgrs in groups
-            for result in analyze_references(face_model, bgrs, name, lambda: progress.update(1))
+            for embedding in _embeddings(analyze_references(face_model, bgrs, name, lambda: progress.update(1)))
         ]
         identity = mean_identity(embeddings)
         identity.agreement = embedding_agreement(embeddings)
@@ -414,20 +421,19 @@ def score_images(
         references = [reference_identity.embedding]
         source = f"identity of {reference_identity.count} photo(s)"
     else:
-        references = [r.embedding for r in control_results]
+        references = _embeddings(control_results)
         source = f"reference_image ({len(controls)})"
-    judge_references = []
+    judge_references: list[np.ndarray] = []
     if judge is not None:
-        judge_references = (
-            [reference_identity.judge.descriptor]
-            if reference_identity is not None
-            else judge.reference_descriptors(controls, "bgr", "reference_image")
-        )
+        if reference_identity is None:
+            judge_references = judge.reference_descriptors(controls, "bgr", "reference_image")
+        elif reference_identity.judge is not None:  # checked above: built with the judge
+            judge_references = [reference_identity.judge.descriptor]
     batch = score_batch(
         face_model,
         outputs,
         references,
-        [Control.from_face(bgr, r.face) for bgr, r in zip(controls, control_results)],
+        [Control.from_face(bgr, r.face) for bgr, r in zip(controls, control_results) if r.face is not None],
         on_image=lambda: progress.update(1),
         agreement=reference_identity.agreement if reference_identity is not None else None,
         judge=judge,
@@ -446,7 +452,8 @@ def annotate_scores(bgr: np.ndarray, row: ImageScore) -> None:
             label = f"#{row.index} {row.score:.3f} {row.band}" + (" UNCHANGED" if row.unchanged else "")
             if row.judge_verdict is not None:
                 label += f" dlib {row.judge_verdict.similarity:.2f}"
-            draw_face(bgr, face, label, UNCHANGED_COLOR if row.unchanged else BAND_COLORS[row.band])
+            color = UNCHANGED_COLOR if row.unchanged or row.band is None else BAND_COLORS[row.band]
+            draw_face(bgr, face, label, color)
         else:
             draw_face(bgr, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
     if not row.scored:

@@ -1,6 +1,7 @@
 """Training from a graph: launch the trainer in the background, watch it, stop it, rank its checkpoints.
 
-Thin adapters over `training_jobs.jobs` (process control and registry), `training_jobs.run_reader` (run
+Thin adapters over `training_contract.launch` (a launch in the trainer's terms), `training_jobs.job_control`
+(launch and stop), `training_jobs.job_registry`, `training_jobs.run_reader` (run
 folders, ours or musubi-tuner's), `training_jobs.run_plots` and `training_jobs.checkpoint_scores`.
 """
 
@@ -8,13 +9,12 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..common.files import atomic_write_text
+from ..common.face_engine import FaceEngineSettings
 from ..faceid.packs import root_of_pack
 from ..faceid.pairing import list_images
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
@@ -24,8 +24,9 @@ from ..musubi_formats.prompts import parse_prompt_text, resolve_prompt_path
 from ..training_contract import options
 from ..training_contract.checkpoint_choice import CheckpointTable, read_table
 from ..training_contract.checkpoint_choice import format_table as format_checkpoint_table
+from ..training_contract.launch import FACE_LOSS_VARIANTS, LaunchRequest
 from ..training_contract.protocol import LOG_FILE, read_status
-from ..training_jobs import jobs
+from ..training_jobs import job_control
 from ..training_jobs.checkpoint_scores import (
     UNCHANGED_NOTE,
     best_checkpoint,
@@ -35,7 +36,7 @@ from ..training_jobs.checkpoint_scores import (
     format_table,
     group_scores,
 )
-from ..training_jobs.jobs import JobRecord
+from ..training_jobs.job_registry import JobRecord, UnknownJobError
 from ..training_jobs.run_plots import plot_run, plot_scores
 from ..training_jobs.run_reader import list_checkpoints, log_tail, read_run, run_checkpoints
 from ..training_jobs.run_summary import describe_run, run_files_signature, sample_grid_rgb
@@ -43,13 +44,13 @@ from ..training_jobs.trainer_env import trainer_runtime
 from . import comfy_env
 from .comfy_env import open_registry
 from .imaging import rgb_to_image
+from .scoring import pack_input, pack_name, pack_problem
 
 CATEGORY = "face_consistency/training"
 TRAINING_JOB = "TRAINING_JOB"
 LORAS = comfy_env.LORAS_FOLDER
 WAIT_CHOICES = ("no", "next checkpoint", "finished")
 POLL_S = 2.0
-SAMPLE_PROMPTS_FILE = "sample_prompts.txt"
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,8 @@ def _lora_name_type() -> list[str]:
 
 class _LoraNameOutputs(type):
     """Metaclass resolving the `LORA_NAME` placeholder in OUTPUT_TYPES to the current LoRA list."""
+
+    OUTPUT_TYPES: tuple[str, ...]
 
     @property
     def RETURN_TYPES(cls) -> tuple[Any, ...]:
@@ -101,14 +104,14 @@ def _resolve_run(job: TrainingJob | None, output_folder: str) -> tuple[JobRecord
     if job is not None:
         try:
             record = registry.refresh(job.job_id)
-        except jobs.UnknownJobError:
+        except UnknownJobError:
             return None, Path(job.output_dir)
         return record, record.output_dir
     if not output_folder.strip():
         raise ValueError("connect a TRAINING_JOB or give an output folder")
     folder = _resolve_folder(output_folder)
-    record = registry.find_by_output_dir(folder)
-    return (registry.refresh(record.job_id) if record else None), folder
+    found = registry.find_by_output_dir(folder)
+    return (registry.refresh(found.job_id) if found else None), folder
 
 
 def _fingerprint(job: TrainingJob | None, output_folder: str) -> str | float:
@@ -157,21 +160,21 @@ SETTINGS = (
     "mixed_precision",
     "gradient_checkpointing",
 )
-FACE_SETTINGS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
 
-
-# The face loss's variants (docs/face-loss.md), optional so that saved workflows keep their widget values.
-FACE_LOSS_VARIANTS = (
-    "face_loss_reference",
-    "face_loss_rollout_steps",
-    "face_loss_contrastive_weight",
-    "face_loss_negatives",
+# The face inputs, in the node's order (a saved workflow keeps its widget values by position): the face engine's
+# settings (common/face_engine.py) as the trainer's flags spell them, and the loss weight and metrics' frequency.
+FACE_INPUTS = ("face_loss_weight", "face_model_name", "face_device", "face_det_size", "face_eval_frequency")
+PACK_TOOLTIP = (
+    "The face engine's pack (--face_model_name), as Load Face Model lists them; standard packs not installed yet "
+    "download on first use. A workflow may also name a pack's folder inside ComfyUI's folders."
 )
 # Optional inputs after the older ones (saved workflows keep their widget values): the loss, off unless
 # asked for (the evidence shows a trade-off, not a help), and its variants.
 FACE_LOSS_INPUTS = ("use_face_as_loss", *FACE_LOSS_VARIANTS)
 # Settings that may name a folder: a pack (by name, or its folder), the tokenizer's folder, the negatives' folder.
-PATH_SETTINGS = ("face_model_name", "tokenizer", "face_loss_negatives")
+PATH_SETTINGS = ("tokenizer", "face_loss_negatives")
+# The launch's settings that are paths, confined by the node (the pack: `_face_pack`).
+LAUNCH_PATH_SETTINGS = ("tokenizer", "face_loss_negatives", "likeness_references")
 
 
 def _setting_input(name: str) -> tuple[Any, ...]:
@@ -187,28 +190,63 @@ def _confine_dataset(source: Path | None, output_dir: Path, resolution: int, inp
     folders = comfy_env.allowed_folders()
     toml = dataset_config_for(str(source), output_dir, resolution, input_name)
     comfy_env.confine(toml, input_name, folders)
-    load_dataset_config(
-        toml,
-        working_dir=output_dir,
-        check_path=lambda what, path: comfy_env.confine(path, f"{input_name} {what}", folders),
-    )
+
+    def check_path(what: str, path: Path) -> None:
+        comfy_env.confine(path, f"{input_name} {what}", folders)
+
+    load_dataset_config(toml, working_dir=output_dir, check_path=check_path)
     return toml
 
 
-def _confine_photos(folder: Path, what: str) -> None:
-    """Every image in `folder` inside ComfyUI's folders (a symlink counts where it points)."""
+def _confine_photos_and_controls(request: LaunchRequest) -> None:
+    """Every likeness reference photo, and every --ci control image of the sample prompts wherever the trainer
+    will look for it, inside ComfyUI's folders (a symlink counts where it points)."""
     folders = comfy_env.allowed_folders()
-    for photo in list_images(folder):
-        comfy_env.confine(photo, f"{what} photo", folders)
-
-
-def _confine_prompt_controls(sample_prompts: str, prompt_file: Path) -> None:
-    """Every --ci control image of the sample prompts, wherever the trainer will look for it, inside ComfyUI's folders."""
-    folders = comfy_env.allowed_folders()
-    for prompt in parse_prompt_text(sample_prompts):
+    references = request.settings.get("likeness_references")
+    for photo in list_images(references) if references else []:
+        comfy_env.confine(photo, "likeness_references photo", folders)
+    prompt_file = request.sample_prompts_file
+    for prompt in parse_prompt_text(request.sample_prompts):
         for raw in prompt.control_images:
             for candidate in resolve_prompt_path(raw, prompt_file, prompt_file.parent)[1]:
                 comfy_env.confine(candidate, f"sample_prompts --ci of prompt {prompt.index}", folders)
+
+
+def _with_datasets(request: LaunchRequest, paths: dict[str, Path | None], resolution: int) -> LaunchRequest:
+    """`request` with the run's dataset TOMLs (the training items', and the held-out items' when given)."""
+    held_out = paths["validation_dataset"]
+    return replace(
+        request,
+        dataset_config=_confine_dataset(paths["dataset"], request.output_dir, resolution),
+        validation_dataset_config=None
+        if held_out is None
+        else _confine_dataset(held_out, request.output_dir, resolution, "validation_dataset"),
+    )
+
+
+def _model_file(folder: str, filename: str) -> Path:
+    path = comfy_env.full_path(folder, filename)
+    if path is None:
+        raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
+    return path
+
+
+def _is_folder(pack: str) -> bool:
+    return Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack
+
+
+def _face_pack(choice: str) -> str:
+    """The pack a face_model_name value names: a listed choice, or a pack's folder (confined)."""
+    pack = choice.strip()
+    return str(comfy_env.input_path(pack, "face_model_name")) if _is_folder(pack) else pack_name(pack)
+
+
+def _pack_root(pack: str) -> tuple[Path, ...]:
+    """The models root the trainer finds `pack` in (it searches one): ComfyUI's folder holding the pack, else the
+    first (where a standard pack downloads)."""
+    roots = comfy_env.insightface_roots()
+    root = root_of_pack(pack, roots) or (roots[0] if roots else None)
+    return (root,) if root else ()
 
 
 class FaceConsistencyTrainLaunch:
@@ -239,7 +277,10 @@ class FaceConsistencyTrainLaunch:
                         "itself is the optional use_face_as_loss.",
                     },
                 ),
-                **{name: _setting_input(name) for name in FACE_SETTINGS},
+                **{
+                    name: pack_input(PACK_TOOLTIP) if name == "face_model_name" else _setting_input(name)
+                    for name in FACE_INPUTS
+                },
             },
             "optional": {
                 "sample_prompts": (
@@ -292,6 +333,11 @@ class FaceConsistencyTrainLaunch:
     OUTPUT_NODE = True
     DESCRIPTION = "Starts the face-consistency LoRA trainer as a background job (the queue is not blocked)."
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, face_model_name: str) -> bool | str:
+        # a pack as Load Face Model checks it, or a pack's folder (confined when the node runs)
+        return _is_folder(face_model_name.strip()) or pack_problem(face_model_name) or True
+
     def launch(
         self,
         dit: str,
@@ -308,119 +354,51 @@ class FaceConsistencyTrainLaunch:
         extra_args: str = "",
         validation_dataset: str = "",
         likeness_references: str = "",
-        **settings: Any,  # SETTINGS and FACE_SETTINGS, by their flag names
+        **settings: Any,  # SETTINGS, FACE_INPUTS and FACE_LOSS_INPUTS, by their option names
     ) -> dict[str, Any]:
         name = output_name.strip()
         name_problem = output_name_problem(name)
         if name_problem:
             raise ValueError(f"output_name {output_name!r} {name_problem}; give a plain name such as face_lora")
-        output_dir = comfy_env.output_directory() / LORAS / name  # on ComfyUI's LoRA search path
-        # every path the inputs name, before anything is read or written
-        dataset_source = comfy_env.input_path(dataset, "dataset")
-        tokenizer_dir = comfy_env.input_path(tokenizer, "tokenizer")
-        pack = settings["face_model_name"].strip()
-        if Path(pack).expanduser().is_absolute() or "/" in pack or os.sep in pack:  # a pack folder, not a name
-            pack = str(comfy_env.input_path(pack, "face_model_name"))
-        negatives = comfy_env.input_path(settings.get("face_loss_negatives", ""), "face_loss_negatives")
-        validation_source = comfy_env.input_path(validation_dataset, "validation_dataset")
-        references = comfy_env.input_path(likeness_references, "likeness_references")
-        if references is not None:
-            if not references.is_dir():
-                raise ValueError(f"likeness_references {likeness_references!r} is not a folder of photos")
-            if not sample_prompts.strip():
-                raise ValueError("likeness_references scores each checkpoint's samples: give sample_prompts too")
-            _confine_photos(references, "likeness_references")
-        _confine_prompt_controls(sample_prompts, output_dir / SAMPLE_PROMPTS_FILE)
-        use_loss = bool(settings.get("use_face_as_loss", False))
-        variants = {name: settings.get(name, options.BY_NAME[name].node.default) for name in FACE_LOSS_VARIANTS}
-        variants["face_loss_negatives"] = str(negatives) if negatives else ""
-        problem = options.contrastive_problem(variants["face_loss_contrastive_weight"], variants["face_loss_negatives"])
-        if use_loss and problem:
-            raise ValueError(problem.replace("--", ""))
-        # every value as the trainer will check it, before anything is written (paths confined above)
-        options.check_node_values(
-            {
-                **settings,
-                "max_train_steps": max_train_steps,
-                "tokenizer": tokenizer,
-                "sample_every_n_epochs": sample_every_n_epochs,
-            }
+        texts = (
+            ("dataset", dataset),
+            ("validation_dataset", validation_dataset),
+            ("tokenizer", tokenizer),
+            ("likeness_references", likeness_references),
+            ("face_loss_negatives", settings.get("face_loss_negatives", "")),
         )
-        try:
-            extra = shlex.split(extra_args)
-        except ValueError as exc:
-            raise ValueError(f"extra_args cannot be split into arguments: {exc}") from exc
-        jobs.check_extra_args(extra)
+        paths = {key: comfy_env.input_path(text, key) for key, text in texts}  # confined before anything is read
         trainer_runtime()  # no trainer's libraries anywhere: refused, naming the setup command, before any write
-        model_paths = {}
-        for flag, folder, filename in (
-            ("--dit", "diffusion_models", dit),
-            ("--vae", "vae", vae),
-            ("--text_encoder", "text_encoders", text_encoder),
-        ):
-            path = comfy_env.full_path(folder, filename)
-            if path is None:
-                raise ValueError(f"{filename!r} not found in ComfyUI's {folder} folders")
-            model_paths[flag] = path
+        pack = _face_pack(settings.pop("face_model_name"))
+        engine = FaceEngineSettings(
+            pack=pack,
+            models_roots=_pack_root(pack),
+            provider=settings.pop("face_device"),
+            det_size=settings.pop("face_det_size"),
+            allow_download=comfy_env.pack_downloads_enabled(),
+        )
+        request = LaunchRequest(
+            output_dir=comfy_env.output_directory() / LORAS / name,  # on ComfyUI's LoRA search path
+            output_name=name,
+            dit=_model_file("diffusion_models", dit),
+            vae=_model_file("vae", vae),
+            text_encoder=_model_file("text_encoders", text_encoder),
+            settings={
+                **settings,
+                **{key: paths[key] for key in LAUNCH_PATH_SETTINGS},
+                "max_train_steps": max_train_steps,
+                "sample_every_n_epochs": sample_every_n_epochs,
+            },
+            enable_face_loss=enable_face_loss,
+            face_engine=engine,
+            sample_prompts=sample_prompts,
+            extra_args=extra_args,
+        )
+        request.check()
+        _confine_photos_and_controls(request)
         registry = open_registry()
-        jobs.ensure_output_dir_free(registry, output_dir)  # before writing the dataset / prompt files there
-        output_dir.mkdir(parents=True, exist_ok=True)
-        args: list[str] = [arg for flag, path in model_paths.items() for arg in (flag, str(path))]
-        args += ["--dataset_config", str(_confine_dataset(dataset_source, output_dir, resolution))]
-        if validation_source is not None:
-            args += options.to_argv(
-                "validation_dataset_config",
-                str(_confine_dataset(validation_source, output_dir, resolution, "validation_dataset")),
-            )
-        if references is not None:
-            args += options.to_argv("likeness_references", str(references))
-        args += [
-            "--edit_plus",
-            "--sdpa",
-            "--weighting_scheme",
-            "none",
-            "--network_module",
-            options.NETWORK_MODULE,
-            "--max_data_loader_n_workers",
-            "2",
-            "--persistent_data_loader_workers",
-            "--output_dir",
-            str(output_dir),
-            "--output_name",
-            name,
-        ]
-        # the trainer derives the step count from epochs whenever epochs are given
-        by_steps = max_train_steps > 0
-        for setting in SETTINGS:
-            if setting != "max_train_epochs" or not by_steps:
-                args += options.to_argv(setting, settings[setting])
-        if by_steps:
-            args += options.to_argv("max_train_steps", max_train_steps)
-        if tokenizer_dir is not None:
-            args += options.to_argv("tokenizer", str(tokenizer_dir))
-        if enable_face_loss or use_loss:
-            args += ["--enable_face_loss", *(["--use_face_as_loss"] if use_loss else [])]
-            for setting in FACE_SETTINGS:
-                value = pack if setting == "face_model_name" else settings[setting]
-                args += options.to_argv(setting, value.strip() if isinstance(value, str) else value)
-            roots = comfy_env.insightface_roots()
-            pack_root = root_of_pack(pack, roots)
-            if pack_root is not None or roots:
-                args += ["--face_models_root", str(pack_root or roots[0])]
-            if not comfy_env.pack_downloads_enabled():
-                args.append("--offline")
-        if use_loss:
-            for setting, value in variants.items():
-                if value and value != options.BY_NAME[setting].default:
-                    args += options.to_argv(setting, value)
-        if sample_prompts.strip():
-            prompts = output_dir / SAMPLE_PROMPTS_FILE
-            atomic_write_text(prompts, sample_prompts.strip() + "\n")
-            args += ["--sample_prompts", str(prompts)]
-            if sample_every_n_epochs > 0:
-                args += options.to_argv("sample_every_n_epochs", sample_every_n_epochs)
-        args += extra
-        record = jobs.launch(registry, output_dir, args, name=name)
+        job_control.open_run_folder(registry, request.output_dir, name)
+        record = job_control.launch(registry, _with_datasets(request, paths, resolution))
         job = TrainingJob(record.job_id, str(record.output_dir), name)
         text = f"started job {record.job_id} (pid {record.pid}) into {record.output_dir}"
         return {"ui": {"text": [text]}, "result": (job, str(record.output_dir))}
@@ -555,7 +533,7 @@ class FaceConsistencyTrainStop:
             waited[0] = max(waited[0], seconds)
 
         was_running = not record.finished
-        record = jobs.stop(open_registry(), record.job_id, grace_s=float(grace_seconds), on_wait=tick)
+        record = job_control.stop(open_registry(), record.job_id, grace_s=float(grace_seconds), on_wait=tick)
         checkpoints = run_checkpoints(folder, read_status(folder))
         latest = checkpoints[-1] if checkpoints else None
         lines = [f"job {record.job_id}: {record.state}" + ("" if was_running else " (had already ended)")]
@@ -565,7 +543,7 @@ class FaceConsistencyTrainStop:
             lines.append("no checkpoint was saved")
         if record.detail:
             lines.append(record.detail)
-        if jobs.tree_alive(record):
+        if job_control.tree_alive(record):
             lines.append(f"warning: processes of group {record.pid} are still running")
         report = "\n".join(lines)
         return {"ui": {"text": [report]}, "result": (report,)}

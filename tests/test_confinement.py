@@ -220,7 +220,7 @@ def no_trainer(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise Launched()
 
-    monkeypatch.setattr("face_consistency.training_jobs.jobs.launch", refuse)
+    monkeypatch.setattr("face_consistency.training_jobs.job_control.launch", refuse)
 
 
 def _dataset(folder: Path, n: int = 2) -> dict[str, str]:
@@ -252,7 +252,7 @@ def test_launch_refuses_a_toml_naming_a_folder_outside(comfy: Path, outside: Pat
     with pytest.raises(comfy_env.FolderAccessError, match=f"dataset .*{key}"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, dataset=str(toml)))
     assert _snapshot(outside) == before and not (outside / "data" / "cache").exists()  # no cache written there
-    assert comfy_env.open_registry().list() == []  # no job
+    assert comfy_env.open_registry().records() == []  # no job
 
 
 def test_launch_refuses_relative_toml_paths_that_climb_out(comfy: Path, outside: Path, no_trainer: None) -> None:
@@ -321,6 +321,16 @@ def test_launch_refuses_names_that_are_paths(comfy: Path, no_trainer: None, name
     with pytest.raises(ValueError, match="output_name"):
         FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, output_name=name))
     assert not list((comfy / "output").rglob("*escaped*")) and not (comfy / "output" / "loras").exists()
+
+
+def test_launch_refuses_a_face_pack_folder_outside(comfy: Path, outside: Path, no_trainer: None) -> None:
+    """The pack is chosen from a list, but a workflow may name a pack's folder: confined like a path input."""
+    assert FaceConsistencyTrainLaunch.VALIDATE_INPUTS(str(outside)) is True  # checked when the node runs
+    assert "'mine' is not installed" in FaceConsistencyTrainLaunch.VALIDATE_INPUTS("mine")
+    for value in (str(outside), "../" * 40 + str(outside).lstrip("/")):
+        with pytest.raises(comfy_env.FolderAccessError, match="face_model_name"):
+            FaceConsistencyTrainLaunch().launch(**_launch_inputs(comfy, face_model_name=value, enable_face_loss=True))
+    assert not (comfy / "output" / "loras").exists()
 
 
 # --- run folders inside ComfyUI whose files point elsewhere

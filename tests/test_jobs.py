@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from face_consistency.training_contract import libraries
 from face_consistency.training_contract.protocol import read_metrics, read_status
-from face_consistency.training_jobs import jobs, trainer_env
-from face_consistency.training_jobs.jobs import JobConflictError, JobRegistry, UnknownJobError
+from face_consistency.training_jobs import job_control, trainer_env
+from face_consistency.training_jobs.job_registry import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 
@@ -28,18 +28,19 @@ pytestmark = [
 LAUNCHER = textwrap.dedent(
     """
     import json, sys
-    from face_consistency.training_jobs import jobs
-    registry = jobs.JobRegistry(sys.argv[1])
-    job = jobs.launch(registry, sys.argv[2], json.loads(sys.argv[3]), name="tiny")
+    from face_consistency.training_jobs import job_control, job_registry
+    registry = job_registry.JobRegistry(sys.argv[1])
+    job_control.open_run_folder(registry, sys.argv[2], "tiny")
+    job = job_control.start_trainer(registry, sys.argv[2], json.loads(sys.argv[3]), name="tiny")
     print(json.dumps({"job_id": job.job_id, "pid": job.pid}))
     """
 )
 
 
 def test_the_trainer_command_uses_this_interpreter_and_the_pack_bootstrap() -> None:
-    command = jobs.trainer_command(["--output_dir", "x"])
+    command = job_control.trainer_command(["--output_dir", "x"])
     assert command[0] == sys.executable  # it has the trainer's libraries (tests/test_trainer_env.py: the others)
-    assert Path(command[1]) == Path(jobs.__file__).resolve().parent.parent / "bootstrap.py"
+    assert Path(command[1]) == Path(job_control.__file__).resolve().parent.parent / "bootstrap.py"
     assert command[2:] == ["train", "--output_dir", "x"]
 
 
@@ -68,7 +69,9 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     assert job.command[:3] == [sys.executable, str(trainer_env.BOOTSTRAP), "train"]
     assert os.getsid(job.pid) == job.pid  # detached: leads its own session
     with pytest.raises(JobConflictError, match="already training into"):
-        jobs.launch(registry, output_dir, argv, name="tiny")
+        job_control.open_run_folder(registry, output_dir, "tiny")
+    with pytest.raises(JobConflictError, match="already training into"):  # and atomically as it registers
+        job_control.start_trainer(registry, output_dir, argv, name="tiny")
 
     done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the run to finish")
     assert done.state == "completed", done.detail
@@ -82,8 +85,11 @@ def test_a_job_outlives_the_comfyui_that_started_it(tiny_training: TinyTraining,
     assert "saved" in (output_dir / "train.log").read_text()
     # the libraries it ran with, from where (here: this Python's own, no trainer environment)
     assert read_status(output_dir)["libraries"]["diffusers"] == libraries.versions(["diffusers"])["diffusers"]
-    # a finished job leaves the folder free for the next one
-    assert JobRegistry(registry_path).list()[0].state == "completed"
+    # a finished job leaves the folder free for the next run, under another name: the same would overwrite it
+    assert JobRegistry(registry_path).records()[0].state == "completed"
+    with pytest.raises(JobConflictError, match="already holds the run 'tiny' .*choose another output_name"):
+        job_control.open_run_folder(registry, output_dir, "tiny")
+    assert job_control.open_run_folder(registry, output_dir, "tiny_again") == output_dir.resolve()
 
 
 def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(
@@ -91,7 +97,10 @@ def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(
 ) -> None:
     registry = JobRegistry(tmp_path / "jobs.sqlite3")
     output_dir = tmp_path / "out"
-    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 2, "--learning_rate", "inf"), name="tiny")
+    job_control.open_run_folder(registry, output_dir, "tiny")
+    job = job_control.start_trainer(
+        registry, output_dir, tiny_training.argv(output_dir, 2, "--learning_rate", "inf"), name="tiny"
+    )
     done = wait_for(lambda: (r := registry.refresh(job.job_id)).finished and r, "the trainer to refuse")
     assert done.state == "failed"
     assert "--learning_rate must be a finite number, got inf" in done.detail
@@ -101,16 +110,17 @@ def test_a_launch_refused_by_its_configuration_is_failed_with_the_reason(
 def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTraining, tmp_path: Path) -> None:
     registry = JobRegistry(tmp_path / "jobs.sqlite3")
     output_dir = tmp_path / "out"
-    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
+    job_control.open_run_folder(registry, output_dir, "tiny")
+    job = job_control.start_trainer(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
     # the trainer runs (its own status names its pid) and has logged something
     wait_for(lambda: (read_status(output_dir) or {}).get("pid") == job.pid, "the trainer to start")
     wait_for(lambda: (output_dir / "train.log").stat().st_size > 0, "the trainer to log")
     # another ComfyUI install (another registry) does not know the job, but sees the live trainer
     with pytest.raises(JobConflictError, match=f"another training run \\(pid {job.pid}\\) is writing to this folder"):
-        jobs.launch(JobRegistry(tmp_path / "other.sqlite3"), output_dir, ["--help"], name="tiny")
+        job_control.open_run_folder(JobRegistry(tmp_path / "other.sqlite3"), output_dir, "tiny")
 
     os.killpg(job.pid, signal.SIGKILL)
-    wait_for(lambda: not jobs.process_alive(job.pid), "the process to die")
+    wait_for(lambda: not job_control.process_alive(job.pid), "the process to die")
 
     record = JobRegistry(tmp_path / "jobs.sqlite3").refresh(job.job_id)
     assert record.state == "failed"
@@ -118,7 +128,7 @@ def test_a_killed_job_is_marked_failed_with_its_log_tail(tiny_training: TinyTrai
     last_log_line = (output_dir / "train.log").read_text().splitlines()[-1].rsplit("\r", 1)[-1]
     assert last_log_line in record.detail
     # stopping a job that has already ended changes nothing
-    assert jobs.stop(registry, job.job_id).state == "failed"
+    assert job_control.stop(registry, job.job_id).state == "failed"
 
 
 def test_metrics_are_read_incrementally_and_anew_when_replaced(tmp_path: Path, monkeypatch) -> None:

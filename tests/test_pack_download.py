@@ -29,7 +29,7 @@ from face_consistency.nodes import training
 from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 from face_consistency.nodes.scoring import FaceConsistencyLoadModel
 from face_consistency.nodes.training import FaceConsistencyTrainLaunch
-from face_consistency.training_jobs import jobs
+from face_consistency.training_jobs.job_registry import JobRecord
 from pack_server import PackServer, pack_zip, sha256
 
 
@@ -330,11 +330,11 @@ def test_training_launch_passes_the_setting_to_the_trainer(monkeypatch, comfy, t
         (comfy / "models" / folder / name).write_bytes(b"")
     launched: list[list[str]] = []
 
-    def launch(registry, output_dir, args, name):
-        launched.append(list(args))
-        return jobs.JobRecord("j1", name, Path(output_dir), list(args), 1, 0.0, "running", None, "")
+    def launch(registry, request):
+        launched.append(request.argv())
+        return JobRecord("j1", request.output_name, request.output_dir, request.argv(), 1, 0.0, "running", None, "")
 
-    monkeypatch.setattr(training.jobs, "launch", launch)
+    monkeypatch.setattr(training.job_control, "launch", launch)
     monkeypatch.setattr(training, "_confine_dataset", lambda dataset, output_dir, resolution: tmp_path / "d.toml")
     inputs = dict(
         dit="dit.safetensors",

@@ -13,8 +13,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from comfy_stubs import set_comfy_base, start_prompt_server, stop_prompt_server
 from face_consistency.nodes import comfy_env, routes
 from face_consistency.training_contract.protocol import write_status
-from face_consistency.training_jobs import jobs
-from face_consistency.training_jobs.jobs import JobRecord, JobRegistry
+from face_consistency.training_jobs import job_control
+from face_consistency.training_jobs.job_registry import REGISTRY_FILENAME, JobRecord, JobRegistry
 from run_folders import MUSUBI_SAMPLES, write_musubi_run
 from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
 from yarl import URL
@@ -201,7 +201,8 @@ def test_a_running_job_is_stopped_through_the_route(
     registry: JobRegistry, tmp_path: Path, tiny_training: TinyTraining
 ) -> None:
     output_dir = tmp_path / "out"
-    job = jobs.launch(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
+    job_control.open_run_folder(registry, output_dir, "tiny")
+    job = job_control.start_trainer(registry, output_dir, tiny_training.argv(output_dir, 10_000), name="tiny")
 
     async def scenario(client: TestClient) -> None:
         first = await client.post(f"{PREFIX}/{job.job_id}/stop")
@@ -258,7 +259,7 @@ def test_a_corrupt_registry_is_moved_aside_and_a_broken_row_skipped(tmp_path: Pa
     path = tmp_path / "jobs.sqlite3"
     path.write_bytes(b"this is not a database" * 100)
     registry = JobRegistry(path)
-    assert registry.list() == []
+    assert registry.records() == []
     assert [p.name.split(".corrupt-")[0] for p in tmp_path.glob("jobs.sqlite3.corrupt-*")] == ["jobs.sqlite3"]
     good = _finished_job(registry, tmp_path / "run")
     bad = registry.reserve("bad", tmp_path / "bad", ["python"])
@@ -426,7 +427,7 @@ def test_a_registry_from_before_the_progress_column_is_upgraded(tmp_path: Path) 
             "INSERT INTO jobs VALUES ('%s', 'old', '/gone', '/gone', '[]', NULL, 1.0, 'completed', 2.0, '')"
             % ("1" * 32)
         )
-    (old,) = JobRegistry(path).list()
+    (old,) = JobRegistry(path).records()
     assert (old.name, old.state, old.progress) == ("old", "completed", None)
 
 
@@ -448,19 +449,19 @@ def test_the_registry_lives_in_comfyuis_system_user_folder_where_there_is_one(tm
     registry is moved there once, with its jobs."""
     base = tmp_path / "comfy"
     set_comfy_base(base)  # an older ComfyUI: today's place
-    legacy = base / "user" / "face_consistency" / jobs.REGISTRY_FILENAME
+    legacy = base / "user" / "face_consistency" / REGISTRY_FILENAME
     assert comfy_env.registry_file() == legacy
     old_job = comfy_env.open_registry().reserve("old", tmp_path / "old_run", ["python"])
     assert legacy.is_file()
 
     set_comfy_base(base, newer=True)  # the same installation, ComfyUI upgraded
-    protected = base / "user" / "__face_consistency" / jobs.REGISTRY_FILENAME
+    protected = base / "user" / "__face_consistency" / REGISTRY_FILENAME
     assert comfy_env.open_registry().path == protected
-    assert [job.job_id for job in comfy_env.open_registry().list()] == [old_job.job_id]
+    assert [job.job_id for job in comfy_env.open_registry().records()] == [old_job.job_id]
     assert not legacy.exists() and not legacy.parent.exists()
     # once: a registry an older ComfyUI writes again in the old place later is left there
     JobRegistry(legacy).reserve("later", tmp_path / "later_run", ["python"])
-    assert [job.name for job in comfy_env.open_registry().list()] == ["old"]
+    assert [job.name for job in comfy_env.open_registry().records()] == ["old"]
     assert legacy.is_file()
 
 
@@ -474,7 +475,7 @@ def test_the_registry_move_takes_a_hot_journal_along(tmp_path: Path) -> None:
     set_comfy_base(base, newer=True)
     moved = comfy_env.registry_file()
     assert moved.with_name(moved.name + "-journal").exists() and not journal.exists()
-    assert [job.name for job in comfy_env.open_registry().list()] == ["old"]
+    assert [job.name for job in comfy_env.open_registry().records()] == ["old"]
 
 
 def test_the_detail_carries_the_validation_loss_and_the_checkpoint_to_keep(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from face_consistency.training_contract import libraries
-from face_consistency.training_jobs import jobs, trainer_env
+from face_consistency.training_jobs import job_control, trainer_env
 from face_consistency.training_jobs.trainer_env import TrainerEnvironmentError
 
 PROBE = "fc_probe_lib"
@@ -98,7 +98,7 @@ def test_without_an_environment_a_python_with_the_libraries_runs_the_trainer(tmp
     assert not libraries.missing()  # the test environment has them, as a standalone install does
     runtime = trainer_env.trainer_runtime(tmp_path / "none")
     assert runtime.python == sys.executable and runtime.site is None
-    command = jobs.trainer_command(["--output_dir", "x"])
+    command = job_control.trainer_command(["--output_dir", "x"])
     assert command[:2] == [sys.executable, str(trainer_env.BOOTSTRAP)]
     assert command[2:] == ["train", "--output_dir", "x"]
 
@@ -160,7 +160,12 @@ def test_the_launch_runs_the_environments_python(
     folder, requirements, manifest, _ = venv_env
     monkeypatch.setenv(trainer_env.ENV_VARIABLE, str(folder))
     monkeypatch.setattr(trainer_env, "REQUIREMENTS", requirements)  # the file it was set up with
-    assert jobs.trainer_command(["--help"]) == [manifest["python"], str(trainer_env.BOOTSTRAP), "train", "--help"]
+    assert job_control.trainer_command(["--help"]) == [
+        manifest["python"],
+        str(trainer_env.BOOTSTRAP),
+        "train",
+        "--help",
+    ]
 
 
 def test_setup_target_layout_installs_only_what_this_python_lacks(target_env: tuple[Path, Path, dict]) -> None:

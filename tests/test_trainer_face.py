@@ -98,7 +98,7 @@ def full_run(face_setup, tmp_path_factory) -> Path:
 def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):
     files, dataset = face_setup["files"], face_setup["dataset"]
     args = parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", "--use_face_as_loss"])
-    assert (args.face_loss_weight, args.face_model_name, args.face_device) == (0.1, "buffalo_l", "cuda")
+    assert (args.face_loss_weight, args.face_model_name, args.face_device) == (0.1, "buffalo_l", "auto")
     assert (args.face_det_size, args.face_eval_frequency, args.face_loss_every) == (640, 100, 1)
     # the defaults that fit a 24 GB card and act where the estimate is sharp (docs/face-loss.md)
     assert (args.face_models_root, args.face_eval_model) == (None, None)

@@ -10,7 +10,9 @@ import pytest
 import test_example_workflows as example_checks
 import torch
 from comfy_stubs import ProgressBar, set_comfy_base
+from face_consistency.common.face_engine import PROVIDER_HELP
 from face_consistency.nodes import comfy_env, training
+from face_consistency.nodes.scoring import FaceConsistencyLoadModel, pack_name
 from face_consistency.nodes.training import (
     FaceConsistencyCheckpointScoreboard,
     FaceConsistencyListCheckpoints,
@@ -242,6 +244,14 @@ def test_launch_and_monitor_workflow_runs_to_completion(comfy: Path, tiny_traini
     assert steps == [2, 4]
     # a finished run is cached by ComfyUI: its fingerprint stays the same
     assert FaceConsistencyTrainMonitor.IS_CHANGED(job=job) == FaceConsistencyTrainMonitor.IS_CHANGED(job=job)
+    # launching again under the same name would overwrite its checkpoints and add to its metrics: refused
+    log_size = (comfy / "output" / "loras" / "tiny_face" / "train.log").stat().st_size
+    with pytest.raises(
+        training.job_control.JobConflictError, match="already holds the run 'tiny_face' \\(2 checkpoint"
+    ):
+        FaceConsistencyTrainLaunch().launch(**workflow["1"]["inputs"])
+    assert [record.job_id for record in training.open_registry().records()] == [job.job_id]
+    assert (comfy / "output" / "loras" / "tiny_face" / "train.log").stat().st_size == log_size
 
 
 @pytest.mark.parametrize(
@@ -264,7 +274,7 @@ def test_launch_refuses_extra_args_that_move_the_run(comfy: Path, tiny_training:
     with pytest.raises(ValueError, match=f"extra_args may not set {flag}: the launch node chooses"):
         FaceConsistencyTrainLaunch().launch(**inputs)
     assert not (comfy / "output" / "loras" / "tiny_extra").exists()  # refused before anything is written
-    assert all(job.name != "tiny_extra" for job in training.open_registry().list())
+    assert all(job.name != "tiny_extra" for job in training.open_registry().records())
 
 
 def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tiny_training: TinyTraining) -> None:
@@ -278,14 +288,14 @@ def test_stop_node_saves_a_checkpoint_and_ends_the_process_tree(comfy: Path, tin
     wait_for(lambda: ((read_status(output_dir) or {}).get("step") or 0) >= 1, "the first training step")
     assert math.isnan(FaceConsistencyTrainMonitor.IS_CHANGED(job=job))  # never cached while it runs
     # a second launch into the running job's folder is refused before it writes anything there
-    with pytest.raises(training.jobs.JobConflictError, match="already training into"):
+    with pytest.raises(training.job_control.JobConflictError, match="already training into"):
         FaceConsistencyTrainLaunch().launch(**{**inputs, "sample_prompts": "another run --ci x.png"})
     assert not (Path(output_dir) / "sample_prompts.txt").exists()
     ProgressBar.interrupt_after = 0  # the user presses Cancel while the monitor waits
     with pytest.raises(InterruptedError):
         FaceConsistencyTrainMonitor().monitor("finished", 5.0, 20, 4, job=job)
     ProgressBar.interrupt_after = None
-    assert training.jobs.process_alive(record.pid)  # cancelling the wait does not stop training
+    assert training.job_control.process_alive(record.pid)  # cancelling the wait does not stop training
     before = {c.filename for c in read_run(output_dir).checkpoints}
     # another run's checkpoint in the same folder, at a later step, is never this job's
     write_lora(Path(output_dir) / "older_run-step99999999.safetensors", steps=99999999)
@@ -325,7 +335,7 @@ def test_scoreboard_copy_paste_gauge(comfy: Path) -> None:
 
 
 class Launched(Exception):
-    """Raised by the stand-in for jobs.launch, with the trainer command the node built."""
+    """Raised by the stand-in for job_control.launch, with the trainer command the node's request gives."""
 
 
 def _launch_command(
@@ -333,10 +343,11 @@ def _launch_command(
 ) -> tuple[dict[str, Any], list[str]]:
     """The launch node's inputs (defaults, the tiny run's files, the face loss on) and the command it builds."""
 
-    def capture(registry, output_dir, args, name):
-        raise Launched(args)
+    def capture(registry, request):
+        request.write_inputs()  # as the launch does before the trainer starts
+        raise Launched(request.argv())
 
-    monkeypatch.setattr(training.jobs, "launch", capture)
+    monkeypatch.setattr(training.job_control, "launch", capture)
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
     inputs = {
         **{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
@@ -358,11 +369,15 @@ def test_the_launch_nodes_arguments_are_the_trainers_flags(
 
     inputs, command = _launch_command(monkeypatch, tiny_training, comfy, "tiny_flags")
     args = parse_args(command)
-    for name in (*training.SETTINGS, *training.FACE_SETTINGS):
+    for name in (*training.SETTINGS, *training.FACE_INPUTS):
         if name != "max_train_epochs" or not inputs.get("max_train_steps"):
-            assert getattr(args, name) == inputs[name], name
+            assert getattr(args, name) == (pack_name(inputs[name]) if name == "face_model_name" else inputs[name]), name
     required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
-    assert required["face_device"][0] == ["cuda", "cpu", "auto"]  # the node offers every device the trainer takes
+    # the node offers every provider the trainer takes, with the face engine's default everywhere
+    assert required["face_device"] == (["auto", "cuda", "cpu"], {"default": "auto", "tooltip": PROVIDER_HELP})
+    assert args.face_device == inputs["face_device"] == "auto"
+    # the pack is chosen from the packs Load Face Model lists
+    assert required["face_model_name"][0] == FaceConsistencyLoadModel.INPUT_TYPES()["required"]["pack"][0]
     assert validate_args(args).model_version == "edit-2509"
     # the face loss's variants at their defaults add no flag
     assert not any(

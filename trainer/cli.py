@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers.optimization import SchedulerType
 
+from ..common.face_engine import PROVIDERS
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
 from ..faceid.pairing import list_images
@@ -40,7 +41,6 @@ from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS, QWEN
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
     FACE_DECODE_MODES,
-    FACE_DEVICES,
     FACE_LOSS_REFERENCES,
     FACE_LOSS_T_WEIGHTINGS,
     MIXED_PRECISION,
@@ -294,7 +294,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         args.enable_face_loss = True
     if args.enable_face_loss:
         args.face_decode = _choice(args.face_decode, FACE_DECODE_MODES, "--face_decode")
-        args.face_device = _choice(args.face_device, FACE_DEVICES, "--face_device")
+        args.face_device = _choice(args.face_device, PROVIDERS, "--face_device")
         args.face_loss_t_weighting = _choice(
             args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS, "--face_loss_t_weighting"
         )

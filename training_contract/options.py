@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..common.face_engine import DEFAULTS as FACE_ENGINE_DEFAULTS
+from ..common.face_engine import MODELS_ROOT_HELP, PACK_HELP, PROVIDER_HELP, PROVIDERS
 from ..common.values import Bounds, check_number, check_text
 from .checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from .model_versions import MODEL_VERSIONS
@@ -22,7 +24,6 @@ TIMESTEP_SAMPLING = ("sigma", "uniform", "shift", "qwen_shift")
 WEIGHTING_SCHEMES = ("none", "sigma_sqrt", "cosmap")
 OPTIMIZERS = ("AdamW", "AdamW8bit", "Adafactor")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-FACE_DEVICES = ("cuda", "cpu", "auto")
 FACE_DECODE_MODES = ("full", "half", "face")
 FACE_LOSS_T_WEIGHTINGS = ("none", "linear")  # linear: each sample's 1 - cos weighted by 1 - t
 FACE_LOSS_REFERENCES = ("control", "target")  # whose identity the face loss pulls towards
@@ -332,22 +333,23 @@ OPTIONS: tuple[Option, ...] = (
         ),
         bounds=Bounds(0, 100),
     ),
+    # the face engine's settings (common/face_engine.py: one name, default and set of choices each)
     Option(
         "face_model_name",
         str,
         "face",
-        "InsightFace model pack (name or folder)",
-        "buffalo_l",
-        node=NodeWidget("buffalo_l"),
+        PACK_HELP,
+        FACE_ENGINE_DEFAULTS.pack,
+        node=NodeWidget(FACE_ENGINE_DEFAULTS.pack),
     ),
     Option(
         "face_device",
         str,
         "face",
-        f"onnxruntime device of the face engine: {_choices(FACE_DEVICES)}",
-        "cuda",
-        FACE_DEVICES,
-        node=NodeWidget("cuda"),
+        PROVIDER_HELP,
+        FACE_ENGINE_DEFAULTS.provider,
+        PROVIDERS,
+        node=NodeWidget(FACE_ENGINE_DEFAULTS.provider),
     ),
     Option(
         "face_det_size",
@@ -367,7 +369,7 @@ OPTIONS: tuple[Option, ...] = (
         node=NodeWidget(100, 1, 100000),
         bounds=Bounds(1, STEPS_CEILING),
     ),
-    Option("face_models_root", str, "face", "folder holding models/<pack> (default: ~/.insightface)", path=True),
+    Option("face_models_root", str, "face", MODELS_ROOT_HELP, path=True),
     Option(
         "offline", bool, "face", "never download a missing standard face pack (by default it is fetched on first use)"
     ),

@@ -13,7 +13,7 @@ from PIL import Image
 from ..common.files import file_signature
 from ..musubi_formats.names import SAMPLE_DIR
 from ..training_contract.checkpoint_choice import VALIDATION_LOSS
-from .jobs import JobRecord
+from .job_registry import JobRecord
 from .run_reader import FACE_SIMILARITY, LOSS, RunSnapshot
 
 

@@ -1,16 +1,6 @@
-"""Background training jobs: launch the bundled trainer detached, keep a registry, stop it safely.
+"""The job registry: jobs launched from ComfyUI, in one SQLite file that survives restarts.
 
-No ComfyUI imports: the node classes and the HTTP routes call this with ComfyUI's folders.
-
-- The child is `[python, <pack>/bootstrap.py, "train", ...]` (the pack whatever its folder is called;
-  python: the trainer environment's, or the interpreter running ComfyUI when it has the trainer's
-  libraries, see trainer_env.py), in its own session / process group so it outlives the prompt and
-  can be ended as a whole tree; stdout and stderr go to `train.log`.
-- The registry is one SQLite file; it survives restarts. A job whose process is gone without
-  a final status is marked failed, with the tail of its log as the reason.
-- Stop: the protocol's STOP file, then wait for the trainer to save and report `stopped`;
-  past the grace period the process group is terminated, then killed (on Windows, the tree
-  psutil finds). Liveness is psutil's, a pid reused by a later process told apart by its start time.
+A job whose process is gone without a final status is marked failed, with the tail of its log as the reason.
 """
 
 from __future__ import annotations
@@ -19,42 +9,23 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sqlite3
-import subprocess
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
-from ..training_contract.options import OPTIONS
-from ..training_contract.protocol import (
-    FINAL_STATES,
-    LOG_FILE,
-    JobState,
-    OutputFolderBusyError,
-    check_output_folder_free,
-    clear_stop_request,
-    read_status,
-    request_stop,
-    stop_requested,
-    write_status,
-)
+from ..training_contract.protocol import FINAL_STATES, LOG_FILE, JobState, read_status
+from .process_tree import LAUNCH_WINDOW_S, process_alive, reap
 from .run_reader import log_tail, run_progress
-from .trainer_env import trainer_runtime
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILENAME = "face_consistency_jobs.sqlite3"
 FAILURE_LOG_LINES = 30
-LAUNCH_WINDOW_S = 60.0  # a reservation without a pid older than this is a launch that crashed
 FINAL_STATE_VALUES = frozenset(s.value for s in FINAL_STATES)
-
-_IS_WINDOWS = os.name == "nt"
+_FINAL_STATES_SQL = ",".join("?" * len(FINAL_STATE_VALUES))  # the placeholders of sorted(FINAL_STATE_VALUES)
 
 
 class JobError(RuntimeError):
@@ -103,86 +74,6 @@ def _progress(text: str | None) -> dict[str, object] | None:
     return progress if isinstance(progress, dict) else None
 
 
-def trainer_command(train_args: Sequence[str]) -> list[str]:
-    """The argument list that runs the bundled trainer: with the trainer environment when it is set up,
-    else with ComfyUI's own interpreter when that has the trainer's libraries; otherwise
-    TrainerEnvironmentError names the setup command."""
-    return trainer_runtime().command("train", *map(str, train_args))
-
-
-# Children this process started, kept so their exit status is collected (no zombies) and
-# liveness is exact; jobs from an earlier ComfyUI session are checked by pid.
-_children: dict[int, subprocess.Popen] = {}
-_children_lock = threading.Lock()
-
-
-def process_alive(pid: int | None, *, started: float | None = None) -> bool:
-    """Whether `pid` runs. With `started` (when the job was launched), a process created well after
-    it is another program that has been given the same pid."""
-    if not pid:
-        return False
-    with _children_lock:
-        child = _children.get(pid)
-    if child is not None:
-        return child.poll() is None
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or process.create_time() <= started + LAUNCH_WINDOW_S
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:  # someone else's process: it runs, and it is not ours
-        return started is None
-
-
-def _process_group_alive(pid: int) -> bool:
-    """Whether any process of the job's group (children included, whose parent may be gone) runs."""
-    if _IS_WINDOWS:
-        return process_alive(pid)
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _signal_tree(pid: int, *, force: bool) -> None:
-    """Terminate (or kill) the whole process tree the job started."""
-    if not _IS_WINDOWS:
-        # one signal to the job's session group reaches every process once, orphans included
-        # (a second SIGTERM to the trainer would cut its final save short)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
-        return
-    try:
-        leader = psutil.Process(pid)
-        tree = [leader, *leader.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for process in tree:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            if force:
-                process.kill()
-            else:
-                process.terminate()
-    psutil.wait_procs(tree, timeout=5)
-
-
-def _reap(pid: int, timeout: float) -> None:
-    with _children_lock:
-        child = _children.get(pid)
-    if child is None:
-        return
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        child.wait(timeout=timeout)
-    if child.poll() is not None:
-        with _children_lock:
-            _children.pop(pid, None)
-
-
 def _status_is_of(status: dict[str, object], job: JobRecord) -> bool:
     """Whether status.json was written for `job`: by launch (job id) or by its trainer (pid)."""
     if status.get("job_id") == job.job_id:
@@ -200,7 +91,7 @@ class JobRegistry:
     def __init__(self, path: str | os.PathLike, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
-        self.skipped_rows: list[str] = []  # rows of the last list() that could not be read
+        self.skipped_rows: list[str] = []  # rows of the last records() that could not be read
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._create()
@@ -275,7 +166,7 @@ class JobRegistry:
 
     def _check_free(self, db: sqlite3.Connection, output_dir: Path) -> None:
         for row in db.execute(
-            "SELECT * FROM jobs WHERE output_key = ? AND state NOT IN (%s)" % ",".join("?" * len(FINAL_STATE_VALUES)),
+            f"SELECT * FROM jobs WHERE output_key = ? AND state NOT IN ({_FINAL_STATES_SQL})",
             (_same_dir(output_dir), *sorted(FINAL_STATE_VALUES)),
         ):
             starting = row["pid"] is None and time.time() - row["started"] < LAUNCH_WINDOW_S
@@ -351,13 +242,14 @@ class JobRegistry:
             ).fetchone()
         return self._record(row) if row else None
 
-    def list(self, *, active_since: float | None = None) -> list[JobRecord]:
+    def records(self, *, active_since: float | None = None) -> list[JobRecord]:
         """Every readable job, newest first (with `active_since`, only those unfinished or ended since);
         the ids of unreadable rows are in `skipped_rows`."""
         records, self.skipped_rows = [], []
-        query, parameters = "SELECT * FROM jobs", ()
+        query = "SELECT * FROM jobs"
+        parameters: tuple[object, ...] = ()
         if active_since is not None:
-            query += " WHERE state NOT IN (%s) OR ended >= ?" % ",".join("?" * len(FINAL_STATE_VALUES))
+            query += f" WHERE state NOT IN ({_FINAL_STATES_SQL}) OR ended >= ?"
             parameters = (*sorted(FINAL_STATE_VALUES), active_since)
         with self._connect() as db:
             for row in db.execute(query + " ORDER BY started DESC", parameters):
@@ -383,7 +275,7 @@ class JobRegistry:
                 lines = tail if isinstance(tail, list) else log_tail(job.output_dir, FAILURE_LOG_LINES)
                 detail = "\n".join([detail, *map(str, lines)]).strip()
             if alive and job.pid:
-                _reap(job.pid, timeout=5)
+                reap(job.pid, timeout=5)
             self.set_state(job.job_id, state, detail)
         elif job.pid is not None and not alive:
             tail = "\n".join(log_tail(job.output_dir, FAILURE_LOG_LINES))
@@ -411,137 +303,3 @@ class JobRegistry:
         """Every folder a registered job writes or wrote into."""
         with self._connect() as db:
             return [Path(row["output_dir"]) for row in db.execute("SELECT DISTINCT output_dir FROM jobs")]
-
-
-def ensure_output_dir_free(registry: JobRegistry, output_dir: str | os.PathLike) -> None:
-    """Raise JobConflictError when a job, or a trainer started elsewhere, is writing into `output_dir`."""
-    folder = Path(output_dir).resolve()
-    registry.check_free(folder)
-    try:
-        check_output_folder_free(folder)  # the trainer's own lock: held by whoever started it
-    except OutputFolderBusyError as exc:
-        raise JobConflictError(str(exc)) from None
-
-
-# Flags the launch node sets itself: where the run reads and writes. Its extra_args may not move them.
-LAUNCH_MANAGED_FLAGS = tuple(option.flag for option in OPTIONS if option.path)
-
-
-def check_extra_args(extra_args: Sequence[str]) -> None:
-    """Refuse extra trainer flags that would move the run out of the folder the launch manages."""
-    managed = sorted({token.split("=", 1)[0] for token in extra_args} & set(LAUNCH_MANAGED_FLAGS))
-    if managed:
-        raise ValueError(
-            f"extra_args may not set {', '.join(managed)}: the launch node chooses the run's files and folder "
-            "(use its inputs, or run `face-consistency train` yourself for other paths)"
-        )
-
-
-def launch(
-    registry: JobRegistry,
-    output_dir: str | os.PathLike,
-    train_args: Sequence[str],
-    *,
-    name: str,
-) -> JobRecord:
-    """Start the trainer detached, writing into `output_dir`; returns at once."""
-    folder = Path(output_dir).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    ensure_output_dir_free(registry, folder)
-    command = trainer_command(train_args)
-    job = registry.reserve(name, folder, command)
-    clear_stop_request(folder)
-    # a status left by an earlier run in this folder must not be read as this job's
-    write_status(folder, {"state": JobState.STARTING, "job_id": job.job_id, "output_name": name})
-    popen_kwargs: dict[str, object] = {}
-    if _IS_WINDOWS:
-        popen_kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
-    else:
-        popen_kwargs["start_new_session"] = True
-    child_env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log shows progress as it happens
-    try:
-        with open(folder / LOG_FILE, "ab") as log_file:
-            process = subprocess.Popen(
-                command,
-                cwd=folder,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=child_env,
-                close_fds=True,
-                **popen_kwargs,  # type: ignore[arg-type]
-            )
-    except OSError as exc:
-        registry.set_state(job.job_id, JobState.FAILED.value, f"could not start the trainer: {exc}")
-        raise JobError(f"could not start the trainer ({command[0]}): {exc}") from exc
-    with _children_lock:
-        _children[process.pid] = process
-    registry.set_pid(job.job_id, process.pid)
-    return registry.get(job.job_id)
-
-
-def request_job_stop(registry: JobRegistry, job_id: str) -> JobRecord:
-    """Write the stop request and mark the job `stopping` (returns at once; `stop` also waits)."""
-    job = registry.refresh(job_id)
-    if job.finished:
-        return job
-    request_stop(job.output_dir)
-    registry.set_state(job.job_id, JobState.STOPPING.value)
-    return registry.get(job_id)
-
-
-def stop(
-    registry: JobRegistry,
-    job_id: str,
-    *,
-    grace_s: float = 300.0,
-    terminate_s: float = 30.0,
-    poll_s: float = 0.5,
-    on_wait: Callable[[float], None] | None = None,
-) -> JobRecord:
-    """Ask the trainer to stop, wait for it to save and report `stopped`, then end its whole tree.
-
-    `on_wait(elapsed_seconds)` is called while waiting (ComfyUI's progress bar; it may raise to
-    abandon the wait: the stop request stays, the trainer still stops on its own).
-    """
-    job = request_job_stop(registry, job_id)
-    if job.finished:
-        return job
-    started = time.monotonic()
-    while process_alive(job.pid, started=job.started) and time.monotonic() - started < grace_s:
-        if not stop_requested(job.output_dir):
-            request_stop(job.output_dir)  # the trainer clears stale requests when it starts: ask again
-        if on_wait is not None:
-            on_wait(time.monotonic() - started)
-        time.sleep(poll_s)
-    forced = False
-    if job.pid and process_alive(job.pid, started=job.started):
-        forced = True
-        # SIGTERM is a second graceful request the trainer honours (save, then `stopped`)
-        _signal_tree(job.pid, force=False)
-        deadline = time.monotonic() + terminate_s
-        while process_alive(job.pid, started=job.started) and time.monotonic() < deadline:
-            time.sleep(poll_s)
-    _end_leftovers(job)
-    job = registry.refresh(job.job_id)
-    if forced and not job.finished:
-        registry.set_state(
-            job.job_id,
-            JobState.FAILED.value,
-            f"the trainer did not stop within {grace_s:.0f}s of the stop request; its process tree was killed",
-        )
-    return registry.get(job.job_id)
-
-
-def _end_leftovers(job: JobRecord) -> None:
-    """Kill what is left of the job's process tree (data loader workers and the like)."""
-    if not job.pid:
-        return
-    if _process_group_alive(job.pid):
-        _signal_tree(job.pid, force=True)
-    _reap(job.pid, timeout=10)
-
-
-def tree_alive(job: JobRecord) -> bool:
-    """Whether the job's process or any process of its group is still running."""
-    return bool(job.pid) and (process_alive(job.pid, started=job.started) or _process_group_alive(job.pid))
