@@ -142,7 +142,7 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from face_consistency.trainer.cli import parse_args, validate_args
-    from face_consistency.trainer.face_training import build_training_hook
+    from face_consistency.trainer.face.hook import build_training_hook
     from face_consistency.trainer.memory_plan import estimate
     from face_consistency.trainer.train import StatusReporter, StopSignal, TrainingRun, collate, memory_inputs
 

@@ -438,10 +438,10 @@ def _check_resume(folder: Path, args: argparse.Namespace) -> None:
 
 
 def build_hooks(args: argparse.Namespace) -> list:
-    """Training-step additions selected by flags (the face identity: face_training.py)."""
+    """Training-step additions selected by flags (the face identity: face/hook.py)."""
     if not args.enable_face_loss:
         return []
-    from .face_training import build_training_hook
+    from .face.hook import build_training_hook
 
     try:
         return [build_training_hook(args)]

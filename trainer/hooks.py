@@ -1,5 +1,5 @@
 """The training hook contract: what an addition to the training step (the face-identity loss,
-`face_training.py`) sees of each micro-step and may add to it.
+`face/hook.py`) sees of each micro-step and may add to it.
 
 The loop (`train.py`) calls, per hook: `on_cached` once after caching, before the DiT loads;
 `saved_bytes_per_sample` for the memory plan; `extra_loss` every micro-step, whose loss is added

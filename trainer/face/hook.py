@@ -35,21 +35,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
-from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
-from ..faceid.pack_download import TerminalProgress
-from ..faceid.pairing import list_images
-from ..faceid.report import summarize
-from ..faceid.results import JudgeIdentity
-from ..musubi_formats.dataset import DatasetItem
-from ..musubi_formats.names import SAMPLE_DIR
-from ..training_contract.options import FACE_DECODE_MODES
-from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
-from .face_metrics import HELDOUT, SampleScorer, heldout_keys
-from .face_targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
-from .hooks import ExtraLoss, StepState, TrainingHook
-from .sampling import EncodedSample
-from .vae_decode import vae_scale
+from ...faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ...faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
+from ...faceid.pack_download import TerminalProgress
+from ...faceid.pairing import list_images
+from ...faceid.report import summarize
+from ...faceid.results import JudgeIdentity
+from ...musubi_formats.dataset import DatasetItem
+from ...musubi_formats.names import SAMPLE_DIR
+from ...training_contract.options import FACE_DECODE_MODES
+from .loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
+from .metrics import HELDOUT, SampleScorer, heldout_keys
+from .targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
+from ..hooks import ExtraLoss, StepState, TrainingHook
+from ..sampling import EncodedSample
+from ..vae_decode import vae_scale
 
 log = logging.getLogger("face_consistency.trainer")
 

@@ -21,11 +21,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ..common.files import atomic_path
-from ..faceid import FaceModel, Selection, mean_identity
-from ..faceid.embedding_store import model_fingerprint
-from ..musubi_formats.dataset import DatasetItem
-from .cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
+from ...common.files import atomic_path
+from ...faceid import FaceModel, Selection, mean_identity
+from ...faceid.embedding_store import model_fingerprint
+from ...musubi_formats.dataset import DatasetItem
+from ..cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
 
 FACE_TARGET_FORMAT = "face_target/1"
 ReferenceSource = Literal["control", "target"]

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..faceid.errors import ModelPackError
-from ..faceid.packs import as_roots, resolve_pack
-from ..training_contract.options import FACE_LOSS_T_WEIGHTINGS
-from .memory_plan import measure_saved_bytes
+from ...faceid.errors import ModelPackError
+from ...faceid.packs import as_roots, resolve_pack
+from ...training_contract.options import FACE_LOSS_T_WEIGHTINGS
+from ..memory_plan import measure_saved_bytes
 
 # insightface/utils/face_align.py: arcface_dst (for a 112x112 crop).
 ARCFACE_TEMPLATE_112 = (
