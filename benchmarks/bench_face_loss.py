@@ -30,6 +30,7 @@ import cv2
 import numpy as np
 import torch
 from face_consistency.faceid import load_face_model
+from face_consistency.trainer.face.hook import FaceIdentityHook
 from face_consistency.trainer.face.loss import (
     FaceIdentityLoss,
     FrozenFaceRecognizer,
@@ -37,7 +38,6 @@ from face_consistency.trainer.face.loss import (
     full_image_region,
     warp_to_arcface,
 )
-from face_consistency.trainer.face.hook import FaceIdentityHook
 from face_consistency.trainer.hooks import StepState
 from face_consistency.trainer.memory_plan import decoder_saved_values, measure_saved_bytes
 from face_consistency.trainer.models import VAE_CONFIG, shipped_config

@@ -15,9 +15,9 @@ from face_consistency.faceid import cosine_similarity, load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
 from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
+from face_consistency.trainer.face.hook import build_training_hook
 from face_consistency.trainer.face.metrics import SampleScorer
 from face_consistency.trainer.face.targets import face_target_path, load_face_target
-from face_consistency.trainer.face.hook import build_training_hook
 from face_consistency.trainer.train import collate, micro_step, prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from PIL import Image

@@ -44,12 +44,12 @@ from ...faceid.results import JudgeIdentity
 from ...musubi_formats.dataset import DatasetItem
 from ...musubi_formats.names import SAMPLE_DIR
 from ...training_contract.options import FACE_DECODE_MODES
-from .loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
-from .metrics import HELDOUT, SampleScorer, heldout_keys
-from .targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
 from ..hooks import ExtraLoss, StepState, TrainingHook
 from ..sampling import EncodedSample
 from ..vae_decode import vae_scale
+from .loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
+from .metrics import HELDOUT, SampleScorer, heldout_keys
+from .targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
 
 log = logging.getLogger("face_consistency.trainer")
 
