@@ -209,7 +209,7 @@ def load_cached_item(item: DatasetItem) -> dict[str, torch.Tensor]:
     for path in (latent_cache_path(item), text_cache_path(item)):
         try:
             with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                     tensors[key] = f.get_tensor(key)
         except (FileNotFoundError, SafetensorError, OSError) as exc:
             raise DatasetConfigError(f"cache file {path} of {item.target} is missing or unreadable: {exc}") from exc

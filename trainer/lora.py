@@ -125,7 +125,7 @@ def lora_file_ranks(path: str | os.PathLike) -> dict[str, int]:
         with safe_open(str(file), framework="pt") as handle:
             ranks = {
                 key[: -len(".lora_down.weight")]: handle.get_slice(key).get_shape()[0]
-                for key in handle.keys()
+                for key in handle.keys()  # noqa: SIM118 (safe_open is not iterable)
                 if key.endswith(".lora_down.weight")
             }
     except (SafetensorError, OSError) as exc:

@@ -338,9 +338,12 @@ def prepare_transformer(
 
     def placement(name: str) -> torch.device:
         """Each base weight straight onto its device: the last --blocks_to_swap blocks stay on the CPU."""
-        if args.blocks_to_swap and name.startswith("transformer_blocks."):
-            if int(name.split(".", 2)[1]) >= first_swapped:
-                return torch.device("cpu")
+        if (
+            args.blocks_to_swap
+            and name.startswith("transformer_blocks.")
+            and int(name.split(".", 2)[1]) >= first_swapped
+        ):
+            return torch.device("cpu")
         return device
 
     # With --fp8_base the base weights are stored as float8 and upcast per layer for compute

@@ -37,7 +37,7 @@ def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor
     for up_block in decoder.up_blocks:
         stages += list(up_block.resnets)
         stages += list(up_block.upsamplers or [])
-    return stages + [head]
+    return [*stages, head]
 
 
 def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint: bool = True) -> torch.Tensor:
@@ -50,8 +50,5 @@ def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint
         raise ValueError(f"checkpointed_decode takes one-frame latents [B, C, 1, h, w], got {tuple(latents.shape)}")
     x = latents
     for stage in decoder_stages(vae):
-        if use_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(stage, x, use_reentrant=False)
-        else:
-            x = stage(x)
+        x = checkpoint(stage, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else stage(x)
     return x.clamp(-1.0, 1.0)
