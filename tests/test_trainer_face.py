@@ -18,7 +18,8 @@ from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
 from face_consistency.trainer.face.hook import build_training_hook
 from face_consistency.trainer.face.metrics import SampleScorer
 from face_consistency.trainer.face.targets import face_target_path, load_face_target
-from face_consistency.trainer.train import collate, micro_step, prepare_transformer
+from face_consistency.trainer.flow_matching import collate, micro_step
+from face_consistency.trainer.train import prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from PIL import Image
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts

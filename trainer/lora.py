@@ -24,6 +24,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class NetworkArgs:
     target_set: str = "default"
 
 
-def parse_network_args(values: list[str] | None) -> NetworkArgs:
+def parse_network_args(values: Sequence[str] | None) -> NetworkArgs:
     """musubi's `key=value` network args; values are Python literals (lists of regex strings here)."""
     parsed: dict[str, tuple[str, ...] | str] = {}
     for entry in values or []:

@@ -28,6 +28,7 @@ CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers t
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def load_prompt_file(path: str | Path) -> list[SampleSettings]:
     return prompts
 
 
-def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
+def encode_samples(prompts: Sequence[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
     encoded = []
     for sample in prompts:
         controls = []

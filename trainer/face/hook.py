@@ -1,6 +1,6 @@
 """The face-identity loss and face metrics inside the training loop (`--enable_face_loss`, `--use_face_as_loss`).
 
-`build_training_hook(args)` loads the face model pack(s) before any training model loads (a bad
+`build_training_hook(config)` loads the face model pack(s) before any training model loads (a bad
 pack or an unavailable `--face_device` is a configuration error), and returns the
 `TrainingHook` that
 
@@ -23,7 +23,6 @@ as the reference.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from ...faceid.results import JudgeIdentity
 from ...musubi_formats.dataset import DatasetItem
 from ...musubi_formats.names import SAMPLE_DIR
 from ...training_contract.options import FACE_DECODE_MODES
+from ..config import TrainingConfig
 from ..hooks import ExtraLoss, StepState, TrainingHook
 from ..sampling import EncodedSample
 from ..vae_decode import vae_scale
@@ -146,51 +146,51 @@ def load_judge_heldout() -> JudgeHeldout:
         raise FaceSetupError(f"--face_eval_model {JUDGE_NAME}: {exc}") from None
 
 
-def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
+def load_face_pack(config: TrainingConfig, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
         model = load_face_model(
             pack,
-            models_root=args.face_models_root,
-            provider=args.face_device,
-            det_size=args.face_det_size,
-            allow_download=not args.offline,
+            models_root=config.face_models_root,
+            provider=config.face_device,
+            det_size=config.face_det_size,
+            allow_download=not config.offline,
             progress=TerminalProgress(),
         )
         recognizer = FrozenFaceRecognizer.from_face_model(model)
     except ProviderError as exc:
         raise FaceSetupError(
-            f"--face_device {args.face_device}: {exc} The face engine detects faces while caching and scores "
+            f"--face_device {config.face_device}: {exc} The face engine detects faces while caching and scores "
             "samples; --face_device cpu runs it on the CPU (the loss itself runs on the training device)."
         ) from None
     except FaceEngineError as exc:
         raise FaceSetupError(f"face model pack {pack!r}: {exc}") from None
     samples = None
-    if args.sample_prompts:
-        samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
+    if config.sample_prompts:
+        samples = SampleScorer(model, Path(config.output_dir) / SAMPLE_DIR, Path(config.sample_prompts), prefix, judge)
     loss = FaceIdentityLoss(
         recognizer,
-        weight=args.face_loss_weight,
-        max_t=args.face_loss_max_t,
-        t_weighting=args.face_loss_t_weighting,
-        contrastive_weight=args.face_loss_contrastive_weight,
-        temperature=args.face_loss_temperature,
+        weight=config.face_loss_weight,
+        max_t=config.face_loss_max_t,
+        t_weighting=config.face_loss_t_weighting,
+        contrastive_weight=config.face_loss_contrastive_weight,
+        temperature=config.face_loss_temperature,
     )
     return FacePack(model, loss, samples)
 
 
-def build_training_hook(args: argparse.Namespace) -> FaceIdentityHook:
+def build_training_hook(config: TrainingConfig) -> FaceIdentityHook:
     """The hook for `--enable_face_loss` (metrics) and `--use_face_as_loss` (the loss too)."""
     heldout: FacePack | JudgeHeldout | None = None
-    if args.face_eval_model == JUDGE_NAME:
+    if config.face_eval_model == JUDGE_NAME:
         heldout = load_judge_heldout()
         # the training pack's sample rounds also score the samples with the judge
-        training = load_face_pack(args, args.face_model_name, "", judge=heldout.judge)
+        training = load_face_pack(config, config.face_model_name, "", judge=heldout.judge)
         described = f"; held-out judge {JUDGE_NAME} ({heldout.judge.describe()['detector']})"
     else:
-        training = load_face_pack(args, args.face_model_name, "")
-        if args.face_eval_model:
-            heldout = load_face_pack(args, args.face_eval_model, HELDOUT)
+        training = load_face_pack(config, config.face_model_name, "")
+        if config.face_eval_model:
+            heldout = load_face_pack(config, config.face_eval_model, HELDOUT)
         described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
     log.info(
         "face model %s (%s, %d-d) on %s%s",
@@ -201,17 +201,17 @@ def build_training_hook(args: argparse.Namespace) -> FaceIdentityHook:
         described,
     )
     negatives = None
-    if args.use_face_as_loss and args.face_loss_negatives:
-        negatives = negative_embeddings(training.model, Path(args.face_loss_negatives))
+    if config.use_face_as_loss and config.face_loss_negatives:
+        negatives = negative_embeddings(training.model, Path(config.face_loss_negatives))
     return FaceIdentityHook(
         training,
         heldout,
-        use_loss=args.use_face_as_loss,
-        loss_every=args.face_loss_every,
-        eval_frequency=args.face_eval_frequency,
-        decode=args.face_decode,
-        reference=args.face_loss_reference,
-        rollout_steps=args.face_loss_rollout_steps,
+        use_loss=config.use_face_as_loss,
+        loss_every=config.face_loss_every,
+        eval_frequency=config.face_eval_frequency,
+        decode=config.face_decode,
+        reference=config.face_loss_reference,
+        rollout_steps=config.face_loss_rollout_steps,
         negatives=negatives,
     )
 
