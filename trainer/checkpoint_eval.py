@@ -140,7 +140,7 @@ class SampleEvidence:
             judged = [
                 verdict(r.descriptor, self.judge_reference).similarity
                 for r in self.judge.judge_all(list(samples))
-                if r.ok
+                if r.ok and r.descriptor is not None
             ]
             if judged:
                 fields["likeness_dlib"] = float(np.mean(judged))

@@ -206,7 +206,8 @@ class TrainingRun:
         """The VAE (kept for sampling and the hooks) and, loaded when first needed, the text encoder."""
         config = self.config
         version = MODEL_VERSIONS[config.model_version]
-        self.vae = models.load_vae(
+        # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
+        self.vae: torch.nn.Module = models.load_vae(  # type: ignore[assignment]
             config.vae, torch.float32 if config.mixed_precision == "no" else self.weight_dtype, self.device
         )
 
@@ -695,7 +696,8 @@ def prepare_transformer(
             "upcast weight until it runs, so float8 storage saves little memory while training; "
             "add --gradient_checkpointing"
         )
-    transformer = models.load_transformer(
+    # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
+    transformer: torch.nn.Module = models.load_transformer(  # type: ignore[assignment]
         config.dit,
         weight_dtype,
         zero_cond_t=MODEL_VERSIONS[config.model_version].zero_cond_t,
@@ -711,7 +713,8 @@ def prepare_transformer(
         if added:
             log.info("--network_weights adds %d layer(s) outside the target set (e.g. %s)", len(added), added[0])
         targets += added
-    for block in transformer.transformer_blocks[first_swapped:] if config.blocks_to_swap else []:
+    blocks: torch.nn.ModuleList = transformer.transformer_blocks  # type: ignore[assignment]
+    for block in blocks[first_swapped:] if config.blocks_to_swap else []:
         # Frozen base weights of the swapped blocks live on the CPU and are streamed in layer by
         # layer; LoRA layers are added afterwards, so they (and their gradients) stay on the device.
         apply_group_offloading(
@@ -735,7 +738,7 @@ def prepare_transformer(
         log.info("started from %s (%d layers)", config.network_weights, count)
     log.info("LoRA on %d layers (rank %d, alpha %s)", len(targets), config.network_dim, config.network_alpha)
     if config.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        transformer.enable_gradient_checkpointing()  # type: ignore[operator]  # diffusers' ModelMixin
     transformer.train()
     return transformer, lora_params
 

@@ -27,7 +27,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -53,7 +53,9 @@ from .targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_fa
 
 log = logging.getLogger("face_consistency.trainer")
 
-MEASURED_REFERENCE = "control"  # x0 metrics: similarity to the controls' identity, whatever the loss pulls towards
+MEASURED_REFERENCE: ReferenceSource = (
+    "control"  # x0 metrics: similarity to the controls' identity, whatever the loss pulls towards
+)
 
 
 class FaceSetupError(ValueError):
@@ -72,10 +74,15 @@ class FacePack:
     def batch(
         self, items: list[DatasetItem], device: torch.device, reference: ReferenceSource = MEASURED_REFERENCE
     ) -> FaceTargetBatch:
-        return collate_face_targets(self.targets.for_items(items), reference=reference).to(device)
+        return collate_face_targets(self.cached_targets().for_items(items), reference=reference).to(device)
 
     def without_face(self, reference: ReferenceSource = MEASURED_REFERENCE) -> dict[str, str]:
-        return self.targets.without_face(reference)
+        return self.cached_targets().without_face(reference)
+
+    def cached_targets(self) -> FaceTargetCache:
+        if self.targets is None:
+            raise RuntimeError("the face targets are cached by on_cached, before the first step")
+        return self.targets
 
 
 class JudgeHeldout:
@@ -99,7 +106,7 @@ class JudgeHeldout:
             for control in item.controls:
                 with Image.open(control) as image:
                     result = self.judge.judge(image.convert("RGB"))
-                if result.ok:
+                if result.ok and result.descriptor is not None:
                     descriptors.append(result.descriptor)
                 else:
                     problems.append(f"control {control}: {result.reason}")
@@ -118,7 +125,7 @@ class JudgeHeldout:
         for image, item in zip(images.permute(0, 2, 3, 1).cpu().numpy(), items):
             reference = self.references.get(item.target)
             result = self.judge.judge(np.ascontiguousarray(image)) if reference is not None else None
-            if result is None or not result.ok:
+            if reference is None or result is None or not result.ok or result.descriptor is None:
                 missing += 1
                 continue
             judged = verdict(result.descriptor, reference.descriptor)
@@ -189,9 +196,10 @@ def build_training_hook(config: TrainingConfig) -> FaceIdentityHook:
         described = f"; held-out judge {JUDGE_NAME} ({heldout.judge.describe()['detector']})"
     else:
         training = load_face_pack(config, config.face_model_name, "")
+        described = ""
         if config.face_eval_model:
-            heldout = load_face_pack(config, config.face_eval_model, HELDOUT)
-        described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
+            heldout_pack = heldout = load_face_pack(config, config.face_eval_model, HELDOUT)
+            described = f"; held-out {heldout_pack.model.pack_name} ({heldout_pack.model.embedding_size}-d)"
     log.info(
         "face model %s (%s, %d-d) on %s%s",
         training.model.pack_name,
@@ -210,7 +218,7 @@ def build_training_hook(config: TrainingConfig) -> FaceIdentityHook:
         loss_every=config.face_loss_every,
         eval_frequency=config.face_eval_frequency,
         decode=config.face_decode,
-        reference=config.face_loss_reference,
+        reference=cast(ReferenceSource, config.face_loss_reference),  # one of its choices (options.py)
         rollout_steps=config.face_loss_rollout_steps,
         negatives=negatives,
     )
@@ -223,7 +231,7 @@ def negative_embeddings(model: FaceModel, folder: Path) -> torch.Tensor:
     for photo, result in zip(photos, results):
         if not result.ok:
             log.warning("--face_loss_negatives: %s is left out: %s", photo, result.reason)
-    embeddings = [result.embedding for result in results if result.ok]
+    embeddings = [result.embedding for result in results if result.ok and result.embedding is not None]
     if not embeddings:
         raise FaceSetupError(
             f"--face_loss_negatives {folder}: no photo there has a face the {model.pack_name} "
@@ -374,7 +382,7 @@ class FaceIdentityHook(TrainingHook):
         if self.decode != "face":
             return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
-        scale = vae_scale(state.vae.config)
+        scale = vae_scale(state.vae.config)  # type: ignore[arg-type]  # diffusers' ConfigMixin.config
         boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=scale)
         crops = torch.stack(
             [

@@ -422,6 +422,8 @@ class FaceIdentityLoss(nn.Module):
         metrics.update(similarity_metrics(sims, used_t))
         metrics["loss/face"] = float(loss.detach())
         if self.contrastive_weight > 0:
+            if negatives is None:
+                raise ValueError("the contrastive face loss needs the negatives' embeddings")
             contrastive = (
                 self.contrastive_weight * (step_weight * self.info_nce(embeddings, used_reference, negatives)).mean()
             )
