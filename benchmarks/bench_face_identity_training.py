@@ -44,11 +44,12 @@ from face_consistency.faceid import load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
 from face_consistency.trainer.cli import parse_args, validate_args
-from face_consistency.trainer.face_loss import FrozenFaceRecognizer, warp_to_arcface
-from face_consistency.trainer.face_targets import cache_face_targets, collate_face_targets
-from face_consistency.trainer.face_training import build_training_hook
+from face_consistency.trainer.face.hook import build_training_hook
+from face_consistency.trainer.face.loss import FrozenFaceRecognizer, warp_to_arcface
+from face_consistency.trainer.face.targets import cache_face_targets, collate_face_targets
+from face_consistency.trainer.flow_matching import collate, micro_step
 from face_consistency.trainer.sampling import denormalize_latents, pack, unpack
-from face_consistency.trainer.train import collate, micro_step, prepare_transformer
+from face_consistency.trainer.train import prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -31,14 +31,14 @@ import cv2
 import numpy as np
 import torch
 from face_consistency.faceid import FaceModel, load_face_model
-from face_consistency.trainer.face_loss import (
+from face_consistency.trainer.face.hook import FaceIdentityHook, FacePack
+from face_consistency.trainer.face.loss import (
     FaceIdentityLoss,
     FrozenFaceRecognizer,
     face_region_boxes,
     full_image_region,
     warp_to_arcface,
 )
-from face_consistency.trainer.face_training import FaceIdentityHook, FacePack
 from face_consistency.trainer.hooks import StepState
 from face_consistency.trainer.memory_plan import decoder_saved_values, measure_saved_bytes
 from face_consistency.trainer.models import VAE_CONFIG, shipped_config

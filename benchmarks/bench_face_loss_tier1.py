@@ -42,7 +42,7 @@ Setup
     hack      + weight `--hack_weight` (10), the identity-hacking probe, first seed only
     oracle    MSE only, trained on the held-out people's own pairs (train on test): not a candidate, a
               check of how large an identity gain a LoRA of this size can show here (reported only)
-  The loss is trainer/face_loss.py called unchanged: keypoints detected by the engine on the known
+  The loss is trainer/face/loss.py called unchanged: keypoints detected by the engine on the known
   target (128 px upscale, then halved), `FrozenFaceRecognizer.from_pack(pack)`, its warp and t-gating.
 
 Judges (each with its own detector)
@@ -104,7 +104,7 @@ import torch
 from face_consistency.common.files import atomic_write_json
 from face_consistency.faceid import FaceResult, load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
-from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
+from face_consistency.trainer.face.loss import FaceIdentityLoss, FrozenFaceRecognizer
 from PIL import Image
 
 BENCHMARKS = Path(__file__).resolve().parent

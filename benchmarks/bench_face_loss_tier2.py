@@ -52,7 +52,6 @@ in DIR/trainer/.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -60,7 +59,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +309,7 @@ def draw(transformer, vae, samples: list[EncodedSample]) -> np.ndarray:
 
 def sample_lora(targs, lora: Path, vae, samples: list[EncodedSample]) -> np.ndarray:
     """The held-out samples of the base DiT with the run's LoRA, loaded as the trainer continues a LoRA."""
-    loaded = copy.copy(targs)
-    loaded.network_weights = str(lora)
+    loaded = replace(targs, network_weights=str(lora))
     transformer, _ = prepare_transformer(loaded, torch.device("cpu"), torch.float32)
     return draw(transformer, vae, samples)
 

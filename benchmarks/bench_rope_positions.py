@@ -31,9 +31,10 @@ import torch
 from face_consistency.cli import main as cli_main
 from face_consistency.musubi_formats.dataset import bucket_for, load_dataset_config, write_dataset_config
 from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.flow_matching import collate
 from face_consistency.trainer.positions import set_positions
 from face_consistency.trainer.sampling import pack, unpack
-from face_consistency.trainer.train import collate, prepare_transformer
+from face_consistency.trainer.train import prepare_transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "tests"))

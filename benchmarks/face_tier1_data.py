@@ -231,7 +231,7 @@ def shuffled_batches(count: int, batch: int, generator: torch.Generator) -> Iter
 
 
 def sample_t(batch: int, shift: float, generator: torch.Generator) -> torch.Tensor:
-    """The trainer's `shift` timestep sampling (trainer/train.py `sample_timesteps`, sigmoid_scale 1)."""
+    """The trainer's `shift` timestep sampling (trainer/flow_matching.py `sample_timesteps`, sigmoid_scale 1)."""
     t = torch.sigmoid(torch.randn(batch, generator=generator))
     return t * shift / (1 + (shift - 1) * t)
 

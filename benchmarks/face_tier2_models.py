@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from face_consistency.trainer.cache import CacheEncoders
-from face_consistency.trainer.train import Batch, micro_step
+from face_consistency.trainer.flow_matching import Batch, micro_step
 from safetensors.torch import save_file
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -267,7 +267,7 @@ def pretrained_dit(
     log=print,
 ) -> tuple[Path, bool]:
     """The base DiT file (ComfyUI's prefixed names, config in its metadata), pre-trained fully by the
-    trainer's own flow-matching step (`train.micro_step`: packing, timesteps, loss) on the pre-training
+    trainer's own flow-matching step (`flow_matching.micro_step`: packing, timesteps, loss) on the pre-training
     people's (control -> settings.edit) pairs in the VAE's latent space, EMA weights; cached by a hash of its
     settings, the VAE file and the data."""
     from face_consistency.trainer import models

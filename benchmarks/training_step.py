@@ -13,7 +13,6 @@ the DiT part to 60 blocks by the per-block cost measured between two block count
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
@@ -141,9 +140,11 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from face_consistency.trainer.cli import parse_args, validate_args
-    from face_consistency.trainer.face_training import build_training_hook
+    from face_consistency.trainer.face.hook import build_training_hook
+    from face_consistency.trainer.flow_matching import collate
+    from face_consistency.trainer.job_status import StatusReporter, StopSignal
     from face_consistency.trainer.memory_plan import estimate
-    from face_consistency.trainer.train import StatusReporter, StopSignal, TrainingRun, collate, memory_inputs
+    from face_consistency.trainer.train import TrainingRun, memory_inputs
 
     args = validate_args(parse_args(argv))
     accelerator = Accelerator(mixed_precision=args.mixed_precision)
@@ -153,7 +154,7 @@ def measure_steps(argv: list[str], rounds: int, warmup: int = 1) -> StepCosts:
         encoders = run.load_encoders()
         run.cache_dataset(encoders)
         run.prepare_samples_and_hooks(encoders)
-        without = argparse.Namespace(**{**vars(args), "use_face_as_loss": False})
+        without = replace(args, use_face_as_loss=False)
         plans = {
             False: estimate(memory_inputs(without, run.group, [])),
             True: estimate(memory_inputs(args, run.group, [hook])),

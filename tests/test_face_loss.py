@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from face_consistency.faceid import ModelPackError, cosine_similarity, load_face_model
-from face_consistency.trainer.face_loss import (
+from face_consistency.trainer.face.loss import (
     FaceIdentityLoss,
     FrozenFaceRecognizer,
     RecognizerSpec,
@@ -18,7 +18,7 @@ from face_consistency.trainer.face_loss import (
     full_image_region,
     warp_to_arcface,
 )
-from face_consistency.trainer.face_targets import (
+from face_consistency.trainer.face.targets import (
     collate_face_targets,
     compute_face_target,
     load_face_target,

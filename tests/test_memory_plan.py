@@ -15,7 +15,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
 from diffusers.models.transformers.transformer_qwenimage import QwenImageTransformerBlock
-from face_consistency.trainer.face_loss import FaceIdentityLoss, FrozenFaceRecognizer
+from face_consistency.trainer.face.loss import FaceIdentityLoss, FrozenFaceRecognizer
 from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
     BLOCK_SAVED_PER_TOKEN,

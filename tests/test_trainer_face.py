@@ -15,10 +15,11 @@ from face_consistency.faceid import cosine_similarity, load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
 from face_consistency.trainer.cli import ConfigError, parse_args, validate_args
-from face_consistency.trainer.face_metrics import SampleScorer
-from face_consistency.trainer.face_targets import face_target_path, load_face_target
-from face_consistency.trainer.face_training import build_training_hook
-from face_consistency.trainer.train import collate, micro_step, prepare_transformer
+from face_consistency.trainer.face.hook import build_training_hook
+from face_consistency.trainer.face.metrics import SampleScorer
+from face_consistency.trainer.face.targets import face_target_path, load_face_target
+from face_consistency.trainer.flow_matching import collate, micro_step
+from face_consistency.trainer.train import prepare_transformer
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from PIL import Image
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
@@ -510,7 +511,7 @@ def test_rollout_is_euler_from_x_t_to_zero():
 def test_a_vae_of_another_scale_trains_samples_and_decodes_the_face_region(face_setup, tmp_path, monkeypatch):
     """The VAE's scale comes from its config (2 ** downsamplings), not a constant 8: a 4x VAE's latents are
     twice as wide, and the face-region decode and the samples follow (the plan: test_memory_plan.py)."""
-    from face_consistency.trainer.face_loss import FaceIdentityLoss
+    from face_consistency.trainer.face.loss import FaceIdentityLoss
 
     decoded = []
     original = FaceIdentityLoss.forward

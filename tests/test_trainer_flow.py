@@ -6,8 +6,8 @@ import argparse
 
 import pytest
 import torch
+from face_consistency.trainer.flow_matching import flow_shift, sample_timesteps
 from face_consistency.trainer.sampling import pack, unpack
-from face_consistency.trainer.train import flow_shift, sample_timesteps
 
 pytestmark = pytest.mark.trainer
 

@@ -12,8 +12,8 @@ from face_consistency.cli import main as cli_main
 from face_consistency.faceid import load_face_model
 from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.musubi_formats.dataset import DatasetItem
-from face_consistency.trainer.face_metrics import SampleScorer
-from face_consistency.trainer.face_training import JudgeHeldout
+from face_consistency.trainer.face.hook import JudgeHeldout
+from face_consistency.trainer.face.metrics import SampleScorer
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from PIL import Image, ImageOps
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts

@@ -20,9 +20,10 @@ from face_consistency.trainer import models
 from face_consistency.trainer.cache import load_cached_item
 from face_consistency.trainer.cli import parse_args, validate_args
 from face_consistency.trainer.hooks import ExtraLoss, TrainingHook
+from face_consistency.trainer.job_status import TrainingDivergedError
 from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_modules, parse_network_args
 from face_consistency.trainer.sampling import pack, unpack
-from face_consistency.trainer.train import TrainingDivergedError, run_training
+from face_consistency.trainer.train import run_training
 from face_consistency.training_contract.protocol import read_metrics, read_status, request_stop
 from PIL import Image
 from safetensors import safe_open
@@ -633,7 +634,7 @@ def test_a_musubi_lora_continues_training_with_network_weights(setup, tmp_path):
 
 
 def test_an_all_ones_prompt_mask_goes_to_attention_as_none(setup):
-    from face_consistency.trainer.train import attention_mask
+    from face_consistency.trainer.flow_matching import attention_mask
 
     files, _, _ = setup
     transformer = models.load_transformer(files.dit, torch.float32).eval()

@@ -484,7 +484,7 @@ def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(
     assert args.validation_dataset_config == str(run / "validation_dataset.toml")
     assert sorted(item.key for item in args.dataset_group.validation_items) == ["h_0", "h_1"]
     assert {item.cache_directory for item in args.dataset_group.validation_items} == {run / "validation_dataset_cache"}
-    assert args.likeness_reference_paths == [references.resolve() / "obama3.jpg"]
+    assert list(args.likeness_reference_paths) == [references.resolve() / "obama3.jpg"]
     # a photo that is a link out of ComfyUI's folders is refused, as the folder itself would be
     (references / "elsewhere.jpg").symlink_to(faces_dir / "obama2.jpg")
     with pytest.raises(comfy_env.FolderAccessError, match="likeness_references photo"):

@@ -12,10 +12,10 @@ image's correlation, which flags near-copies). The table and the recommendation 
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -26,10 +26,21 @@ from ..faceid.judge import DlibJudge, JudgeNotInstalledError, load_judge, verdic
 from ..faceid.pack_download import TerminalProgress
 from ..musubi_formats.dataset import DatasetItem
 from ..training_contract.checkpoint_choice import NEAR_COPY_IMAGE_SIMILARITY, VALIDATION_LOSS, sigma_metric
+from .config import TrainingConfig
 
 log = logging.getLogger("face_consistency.trainer")
 
 THUMBNAIL_SIDE = 64  # the near-copy test compares grey thumbnails: layout and tones, not texture
+
+
+class LatentBatch(Protocol):
+    """What `ValidationLoss` reads of the loop's batch (`flow_matching.Batch`)."""
+
+    @property
+    def x0(self) -> torch.Tensor: ...
+
+
+BatchT = TypeVar("BatchT", bound=LatentBatch)
 
 
 class ValidationLoss:
@@ -57,8 +68,8 @@ class ValidationLoss:
     @torch.no_grad()
     def measure(
         self,
-        batch_of: Callable[[list[DatasetItem]], object],
-        velocity_of: Callable[[object], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
+        batch_of: Callable[[list[DatasetItem]], BatchT],
+        velocity_of: Callable[[BatchT], Callable[[torch.Tensor, torch.Tensor], torch.Tensor]],
         device: torch.device,
     ) -> dict[str, float]:
         """`val_loss` (the mean over the sigmas) and `val_loss/sigma_<s>` for each sigma."""
@@ -107,7 +118,7 @@ class SampleEvidence:
         )
         self.target_embeddings = None
         if model is not None:
-            found = [r.embedding for r in model.analyze(list(training_targets)) if r.ok]
+            found = [r.embedding for r in model.analyze(list(training_targets)) if r.ok and r.embedding is not None]
             self.target_embeddings = np.stack(found) if found else None
 
     def score(self, samples: Sequence[Path]) -> dict[str, float | int | None]:
@@ -119,7 +130,7 @@ class SampleEvidence:
             "near_copies": sum(value >= NEAR_COPY_IMAGE_SIMILARITY for value in image_nearness),
         }
         if self.model is not None and samples:
-            faces = [r.embedding for r in self.model.analyze(list(samples)) if r.ok]
+            faces = [r.embedding for r in self.model.analyze(list(samples)) if r.ok and r.embedding is not None]
             if faces and self.reference is not None:
                 fields["likeness"] = float(np.mean([np.dot(f, self.reference.embedding) for f in faces]))
                 fields["likeness_samples"] = len(faces)
@@ -129,30 +140,30 @@ class SampleEvidence:
             judged = [
                 verdict(r.descriptor, self.judge_reference).similarity
                 for r in self.judge.judge_all(list(samples))
-                if r.ok
+                if r.ok and r.descriptor is not None
             ]
             if judged:
                 fields["likeness_dlib"] = float(np.mean(judged))
         return fields
 
 
-def build_sample_evidence(args: argparse.Namespace, training_targets: Sequence[Path]) -> SampleEvidence:
+def build_sample_evidence(config: TrainingConfig, training_targets: Sequence[Path]) -> SampleEvidence:
     """Without --likeness_references only the image nearness; with them the training pack (`--face_model_name`)
     and the dlib judge when it is installed. Raises ValueError with what to change."""
-    references = list(getattr(args, "likeness_reference_paths", []))
+    references = list(config.likeness_reference_paths)
     if not references:
         return SampleEvidence(training_targets)
     try:
         model = load_face_model(
-            args.face_model_name,
-            models_root=args.face_models_root,
-            provider=args.face_device,
-            det_size=args.face_det_size,
-            allow_download=not args.offline,
+            config.face_model_name,
+            models_root=config.face_models_root,
+            provider=config.face_device,
+            det_size=config.face_det_size,
+            allow_download=not config.offline,
             progress=TerminalProgress(),
         )
     except (ProviderError, FaceEngineError) as exc:
-        raise ValueError(f"--likeness_references: face model pack {args.face_model_name!r}: {exc}") from None
+        raise ValueError(f"--likeness_references: face model pack {config.face_model_name!r}: {exc}") from None
     try:
         judge = load_judge()
     except JudgeNotInstalledError:

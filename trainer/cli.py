@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from diffusers.optimization import SchedulerType
 
-from ..common.face_engine import PROVIDERS
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
 from ..faceid.pairing import list_images
@@ -40,28 +39,25 @@ from ..training_contract.checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS, QWEN_IMAGE_21
 from ..training_contract.options import BY_NAME as OPTIONS_BY_NAME
 from ..training_contract.options import (
-    FACE_DECODE_MODES,
-    FACE_LOSS_REFERENCES,
-    FACE_LOSS_T_WEIGHTINGS,
-    MIXED_PRECISION,
     NETWORK_MODULE,
-    OPTIMIZERS,
-    ROPE_POSITIONS,
-    TIMESTEP_SAMPLING,
-    WEIGHTING_SCHEMES,
+    OPTIONS,
     Option,
     add_arguments,
     check_values,
+    choose,
     contrastive_problem,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
-from .checkpoint_eval import build_sample_evidence
+from .checkpoint_eval import SampleEvidence, build_sample_evidence
+from .config import TrainingConfig
+from .hooks import TrainingHook
+from .job_status import CheckpointWriteError, TrainingDivergedError
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
 from .qwen_image21_loading import check_dit_family, check_text_encoder_family
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
-from .train import CheckpointWriteError, TrainingDivergedError, run_training
+from .train import run_training
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -177,14 +173,6 @@ def _check_contrastive(args: argparse.Namespace) -> None:
         raise ConfigError(f"--face_loss_negatives {args.face_loss_negatives}: folder not found")
 
 
-def _choice(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
-    lookup = {c.lower(): c for c in choices} if case_insensitive else {c: c for c in choices}
-    key = value.lower() if case_insensitive else value
-    if key not in lookup:
-        raise ConfigError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-    return lookup[key]
-
-
 def _optimizer_kwargs(values: list[str]) -> dict[str, Any]:
     kwargs = {}
     for entry in values:
@@ -217,8 +205,7 @@ def _model_version(args: argparse.Namespace) -> str:
     """--model_version, or the version its alias flags (--edit, --edit_plus) name."""
     chosen = {f"--{flag}": version for flag, version in ALIAS_FLAGS.items() if getattr(args, flag)}
     if args.model_version is not None:
-        name = _choice(args.model_version, tuple(MODEL_VERSIONS), "--model_version", case_insensitive=True)
-        chosen[f"--model_version {args.model_version}"] = name
+        chosen[f"--model_version {args.model_version}"] = OPTIONS_BY_NAME["model_version"].choice(args.model_version)
     if not chosen:
         raise ConfigError(
             "this trainer trains Qwen-Image-Edit: pass --model_version edit-2509 (or edit-2511, edit; "
@@ -229,9 +216,9 @@ def _model_version(args: argparse.Namespace) -> str:
     return next(iter(chosen.values()))
 
 
-def validate_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Check everything checkable without loading a model; fills derived fields (the parsed dataset
-    and sample prompts among them)."""
+def validate_args(args: argparse.Namespace) -> TrainingConfig:
+    """Check everything checkable without loading a model; returns the job's configuration, with the
+    values the checks settle (the parsed dataset and sample prompts among them)."""
     missing = [
         f"--{name}"
         for name in ("dit", "vae", "text_encoder", "dataset_config", "output_dir")
@@ -242,9 +229,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     name_problem = output_name_problem(args.output_name)
     if name_problem:  # the run writes only inside --output_dir
         raise ConfigError(f"--output_name {args.output_name!r} {name_problem}; give a plain name such as face_lora")
-    args.model_version = _model_version(args)
-    version = MODEL_VERSIONS[args.model_version]
-    too_old = libraries.too_old_for(args.model_version)
+    model_version = _model_version(args)
+    version = MODEL_VERSIONS[model_version]
+    too_old = libraries.too_old_for(model_version)
     if too_old:
         raise ConfigError(too_old)
     for flag in ("dit", "vae", "text_encoder", "dataset_config"):
@@ -266,14 +253,19 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         _check_network_weights(Path(args.network_weights), args.network_dim)
     if args.tokenizer and not Path(args.tokenizer).is_dir():
         raise ConfigError(f"--tokenizer {args.tokenizer}: folder not found")
-    args.mixed_precision = _choice(
-        args.mixed_precision or default_mixed_precision(), MIXED_PRECISION, "--mixed_precision"
-    )
-    args.timestep_sampling = _choice(args.timestep_sampling, TIMESTEP_SAMPLING, "--timestep_sampling")
-    args.weighting_scheme = _choice(args.weighting_scheme, WEIGHTING_SCHEMES, "--weighting_scheme")
-    args.rope_positions = _choice(args.rope_positions, ROPE_POSITIONS, "--rope_positions")
-    args.optimizer_type = _choice(args.optimizer_type, OPTIMIZERS, "--optimizer_type", case_insensitive=True)
-    args.lr_scheduler = _choice(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
+    try:  # the choices' canonical spellings (parse_args has checked them)
+        chosen = {
+            option.name: option.choice(getattr(args, option.name))
+            for option in OPTIONS
+            if option.choices and getattr(args, option.name) is not None
+        }
+        chosen["mixed_precision"] = OPTIONS_BY_NAME["mixed_precision"].choice(
+            args.mixed_precision or default_mixed_precision()
+        )
+        chosen["lr_scheduler"] = choose(args.lr_scheduler, [s.value for s in SchedulerType], "--lr_scheduler")
+    except ValueCheckError as exc:
+        raise ConfigError(str(exc)) from None
+    chosen["model_version"] = model_version
     if args.network_module not in ACCEPTED_NETWORK_MODULES:
         raise ConfigError(f"--network_module {args.network_module!r}: this trainer trains LoRA ({NETWORK_MODULE})")
     sampling_flags = [
@@ -281,24 +273,17 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     ]
     if sampling_flags and not args.sample_prompts:
         raise ConfigError(f"--{sampling_flags[0]} needs --sample_prompts")
-    if args.optimizer_type == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
+    if chosen["optimizer_type"] == "AdamW8bit" and importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError("--optimizer_type AdamW8bit needs bitsandbytes (pip install bitsandbytes), or use AdamW")
-    args.optimizer_kwargs = _optimizer_kwargs(args.optimizer_args)
+    optimizer_kwargs = _optimizer_kwargs(args.optimizer_args)
     try:
         parse_network_args(args.network_args)
     except NetworkArgsError as exc:
         raise ConfigError(str(exc)) from None
     if args.resume:
         _check_resume(Path(args.resume), args)
-    if args.use_face_as_loss and not args.enable_face_loss:
-        args.enable_face_loss = True
-    if args.enable_face_loss:
-        args.face_decode = _choice(args.face_decode, FACE_DECODE_MODES, "--face_decode")
-        args.face_device = _choice(args.face_device, PROVIDERS, "--face_device")
-        args.face_loss_t_weighting = _choice(
-            args.face_loss_t_weighting, FACE_LOSS_T_WEIGHTINGS, "--face_loss_t_weighting"
-        )
-        args.face_loss_reference = _choice(args.face_loss_reference, FACE_LOSS_REFERENCES, "--face_loss_reference")
+    enable_face_loss = args.enable_face_loss or args.use_face_as_loss
+    if enable_face_loss:
         _check_contrastive(args)
     try:
         group = load_dataset_config(args.dataset_config)
@@ -306,8 +291,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         group = _held_out_items(args, group)
     except (DatasetConfigError, PromptFileError) as exc:
         raise ConfigError(str(exc)) from None
-    args.likeness_reference_paths = _likeness_references(args, group, prompts)
-    if not MODEL_VERSIONS[args.model_version].several_controls:
+    likeness_reference_paths = _likeness_references(args, group, prompts)
+    if not version.several_controls:
         several = [str(i.target) for i in group.items if len(i.controls) != 1]
         several += [f"sample prompt {p.index}" for p in prompts if len(p.controls) != 1]
         if several:
@@ -316,10 +301,22 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 "more); use edit-2509 or edit-2511 for several"
             )
     _check_prompt_lengths(group, prompts, args)
-    if args.seed is None:
-        args.seed = random.randint(0, 2**31 - 1)
-    args.dataset_group, args.sample_settings = group, prompts  # read once: run_training trains on these
-    return args
+    flags = {option.name: getattr(args, option.name) for option in OPTIONS}
+    return TrainingConfig(
+        **{
+            **flags,
+            **chosen,
+            "enable_face_loss": enable_face_loss,
+            "seed": random.randint(0, 2**31 - 1) if args.seed is None else args.seed,
+            "optimizer_args": tuple(args.optimizer_args),
+            "network_args": tuple(args.network_args or ()),
+            "validation_sigmas": tuple(sorted(set(args.validation_sigmas or DEFAULT_VALIDATION_SIGMAS), reverse=True)),
+        },
+        dataset_group=group,  # read once: the run trains on these
+        sample_settings=tuple(prompts),
+        likeness_reference_paths=tuple(likeness_reference_paths),
+        optimizer_kwargs=optimizer_kwargs,
+    )
 
 
 def _held_out_items(args: argparse.Namespace, group: DatasetGroup) -> DatasetGroup:
@@ -336,7 +333,6 @@ def _held_out_items(args: argparse.Namespace, group: DatasetGroup) -> DatasetGro
                 "already (a validation dataset or validation = true): use one or the other"
             )
         group = split_validation(group, args.validation_split, args.validation_seed)
-    args.validation_sigmas = sorted(set(args.validation_sigmas or DEFAULT_VALIDATION_SIGMAS), reverse=True)
     if args.validate_every_n_steps and not group.validation:
         raise ConfigError(
             "--validate_every_n_steps needs held-out items: --validation_split, "
@@ -437,26 +433,26 @@ def _check_resume(folder: Path, args: argparse.Namespace) -> None:
         )
 
 
-def build_hooks(args: argparse.Namespace) -> list:
-    """Training-step additions selected by flags (the face identity: face_training.py)."""
-    if not args.enable_face_loss:
+def build_hooks(config: TrainingConfig) -> list[TrainingHook]:
+    """Training-step additions selected by flags (the face identity: face/hook.py)."""
+    if not config.enable_face_loss:
         return []
-    from .face_training import build_training_hook
+    from .face.hook import build_training_hook
 
     try:
-        return [build_training_hook(args)]
+        return [build_training_hook(config)]
     except (ValueError, OSError, ImportError) as exc:  # e.g. a missing or broken face model pack
         raise ConfigError(f"--enable_face_loss: {exc}") from None
 
 
-def build_evidence(args: argparse.Namespace) -> None:
-    """`args.sample_evidence`: what scores each checkpoint's samples (None without sample prompts)."""
-    args.sample_evidence = None
-    if args.sample_prompts:
-        try:
-            args.sample_evidence = build_sample_evidence(args, [item.target for item in args.dataset_group.items])
-        except (ValueError, OSError, ImportError) as exc:
-            raise ConfigError(str(exc)) from None
+def build_evidence(config: TrainingConfig) -> SampleEvidence | None:
+    """What scores each checkpoint's samples (None without sample prompts)."""
+    if not config.sample_prompts:
+        return None
+    try:
+        return build_sample_evidence(config, [item.target for item in config.dataset_group.items])
+    except (ValueError, OSError, ImportError) as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _report_config_error(output_dir: str | None, message: str) -> None:
@@ -504,9 +500,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         held.enter_context(hold_output_folder(output_dir))
                 args = parse_args(argv)
                 output_dir = args.output_dir
-                args = validate_args(args)
-                hooks = build_hooks(args)
-                build_evidence(args)
+                config = validate_args(args)
+                hooks = build_hooks(config)
+                evidence = build_evidence(config)
             except OutputFolderBusyError as exc:
                 print(f"face-consistency train: error: {exc}", file=sys.stderr)
                 return EXIT_USAGE
@@ -516,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             except SystemExit as exc:  # argparse has printed the usage error (e.g. a non-number for an int flag)
                 _report_config_error(output_dir, "invalid command-line arguments (see the usage message)")
                 return int(exc.code or EXIT_USAGE)
-            return _run(args, hooks)
+            return _run(config, hooks, evidence)
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(previous_level)
@@ -527,9 +523,9 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def _run(args: argparse.Namespace, hooks: list) -> int:
+def _run(config: TrainingConfig, hooks: list[TrainingHook], evidence: SampleEvidence | None) -> int:
     try:
-        state = run_training(args, hooks)
+        state = run_training(config, hooks, evidence)
     except (
         ModelFileError,
         DatasetConfigError,

@@ -1,5 +1,5 @@
 """The training hook contract: what an addition to the training step (the face-identity loss,
-`face_training.py`) sees of each micro-step and may add to it.
+`face/hook.py`) sees of each micro-step and may add to it.
 
 The loop (`train.py`) calls, per hook: `on_cached` once after caching, before the DiT loads;
 `saved_bytes_per_sample` for the memory plan; `extra_loss` every micro-step, whose loss is added
@@ -49,12 +49,12 @@ class StepState:
     def x0_rollout(self, steps: int) -> torch.Tensor:
         """The clean latents reached by `steps` equal Euler steps of the model from x_t at t to 0, with
         gradients through every step. The first step reuses v_pred, so `steps` = 1 is `x0_hat`."""
-        if steps > 1 and self.velocity is None:
-            raise ValueError("a rollout needs the step's velocity function")
         t = self.t.view(-1, 1, 1, 1, 1).to(self.v_pred.dtype)
         latents, v = self.x_t, self.v_pred
         for i in range(steps):
             if i:
+                if self.velocity is None:
+                    raise ValueError("a rollout needs the step's velocity function")
                 v = self.velocity(latents, (t * (1 - i / steps)).flatten())
             latents = latents - t / steps * v
         return latents
@@ -62,7 +62,8 @@ class StepState:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
         (each decoder stage checkpointed: `vae_decode.py`)."""
-        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(self.vae.dtype)))[:, :, 0]
+        dtype: torch.dtype = self.vae.dtype  # type: ignore[assignment]  # diffusers' ModelMixin.dtype
+        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(dtype)))[:, :, 0]
 
 
 @dataclass

@@ -24,7 +24,8 @@ from __future__ import annotations
 import ast
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,9 +56,9 @@ class NetworkArgs:
     target_set: str = "default"
 
 
-def parse_network_args(values: list[str] | None) -> NetworkArgs:
+def parse_network_args(values: Sequence[str] | None) -> NetworkArgs:
     """musubi's `key=value` network args; values are Python literals (lists of regex strings here)."""
-    parsed: dict[str, tuple[str, ...] | str] = {}
+    parsed = NetworkArgs()
     for entry in values or []:
         key, sep, raw = entry.partition("=")
         key = key.strip()
@@ -67,7 +68,7 @@ def parse_network_args(values: list[str] | None) -> NetworkArgs:
             name = raw.strip().strip("'\"")
             if name not in TARGET_SETS:
                 raise NetworkArgsError(f"--network_args target_set={name}: choose one of {', '.join(TARGET_SETS)}")
-            parsed[key] = name
+            parsed = replace(parsed, target_set=name)
             continue
         if key not in ("include_patterns", "exclude_patterns"):
             raise NetworkArgsError(
@@ -86,8 +87,11 @@ def parse_network_args(values: list[str] | None) -> NetworkArgs:
                 re.compile(pattern)
             except re.error as exc:
                 raise NetworkArgsError(f"--network_args {key}: bad regular expression {pattern!r}: {exc}") from exc
-        parsed[key] = tuple(value)
-    return NetworkArgs(**parsed)
+        if key == "include_patterns":
+            parsed = replace(parsed, include_patterns=tuple(value))
+        else:
+            parsed = replace(parsed, exclude_patterns=tuple(value))
+    return parsed
 
 
 def lora_target_modules(transformer: torch.nn.Module, network_args: NetworkArgs) -> list[str]:
@@ -113,7 +117,8 @@ def lora_target_modules(transformer: torch.nn.Module, network_args: NetworkArgs)
 
 def is_dead_end(transformer: torch.nn.Module, module_path: str) -> bool:
     """The last block's text-stream outputs: a LoRA there gets no gradient (DDP must be told)."""
-    last = f"{BLOCKS_SCOPE}{len(transformer.transformer_blocks) - 1}."
+    blocks: torch.nn.ModuleList = transformer.transformer_blocks  # type: ignore[assignment]
+    last = f"{BLOCKS_SCOPE}{len(blocks) - 1}."
     return module_path.startswith((last + "attn.to_add_out", last + "txt_mlp."))
 
 
@@ -125,7 +130,7 @@ def lora_file_ranks(path: str | os.PathLike) -> dict[str, int]:
         with safe_open(str(file), framework="pt") as handle:
             ranks = {
                 key[: -len(".lora_down.weight")]: handle.get_slice(key).get_shape()[0]
-                for key in handle.keys()
+                for key in handle.keys()  # noqa: SIM118 (safe_open is not iterable)
                 if key.endswith(".lora_down.weight")
             }
     except (SafetensorError, OSError) as exc:
@@ -163,8 +168,15 @@ def add_lora(transformer: torch.nn.Module, rank: int, alpha: float, targets: lis
     """Inject a fresh LoRA adapter (B = 0, so the model is unchanged) and return its parameters."""
     if not targets:
         raise NetworkArgsError("no layer matches the LoRA target/exclude patterns")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, init_lora_weights=True, lora_dropout=0.0)
-    transformer.add_adapter(config)
+    # peft annotates lora_alpha as int; the scale alpha / rank takes any number
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,  # type: ignore[arg-type]
+        target_modules=targets,
+        init_lora_weights=True,
+        lora_dropout=0.0,
+    )
+    transformer.add_adapter(config)  # type: ignore[operator]  # diffusers' PeftAdapterMixin, hidden from mypy
     return [p for n, p in transformer.named_parameters() if "lora_" in n and p.requires_grad]
 
 

@@ -120,8 +120,10 @@ def _dit_counts(config: dict[str, Any], network_args: NetworkArgs) -> dict[str, 
 @functools.lru_cache(maxsize=8)
 def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int]:
     with init_empty_weights():
-        model = QwenImageTransformer2DModel(**json.loads(config_json))
-    block = model.transformer_blocks[0]
+        # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
+        model: torch.nn.Module = QwenImageTransformer2DModel(**json.loads(config_json))  # type: ignore[assignment]
+    blocks: torch.nn.ModuleList = model.transformer_blocks  # type: ignore[assignment]
+    block = blocks[0]
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     leaf = max(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
     modules = dict(model.named_modules())
@@ -130,18 +132,18 @@ def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int
         "total": sum(p.numel() for p in model.parameters()),
         "linear": linear,
         "block": sum(p.numel() for p in block.parameters()),
-        "blocks": len(model.transformer_blocks),
+        "blocks": len(blocks),
         "largest_leaf": leaf,
         "lora_width": lora_width,
         "dim": model.inner_dim,
     }
 
 
-def _stage_saved(stage: torch.nn.Module, inputs: int, outputs: int) -> float:
+def _stage_saved(stage: Callable[[torch.Tensor], torch.Tensor], inputs: int, outputs: int) -> float:
     """Values a decoder stage saves for backward, from its input and output sizes (counted on the real VAE)."""
     name = type(stage).__name__
     if name == "QwenImageCausalConv3d":
-        return inputs * (1 if stage.kernel_size == (1, 1, 1) else 3)
+        return inputs * (1 if getattr(stage, "kernel_size", None) == (1, 1, 1) else 3)
     if name == "QwenImageMidBlock":
         return 30 * inputs
     if name == "QwenImageResidualBlock":
@@ -154,7 +156,7 @@ def _stage_saved(stage: torch.nn.Module, inputs: int, outputs: int) -> float:
 @functools.lru_cache(maxsize=2)
 def _empty_vae(config_json: str) -> torch.nn.Module:
     with init_empty_weights():
-        return AutoencoderKLQwenImage(**json.loads(config_json))
+        return AutoencoderKLQwenImage(**json.loads(config_json))  # type: ignore[return-value]  # an nn.Module
 
 
 @dataclass(frozen=True)
@@ -250,19 +252,19 @@ def recommend(inputs: MemoryInputs, device_bytes: int) -> tuple[list[str], Memor
     flags: list[str] = []
     current = inputs
     plan = estimate(current, device_bytes)
-    steps = []
+    steps: list[tuple[str, Callable[[MemoryInputs], MemoryInputs]]] = []
     if not inputs.gradient_checkpointing:
-        steps.append(("--gradient_checkpointing", {"gradient_checkpointing": True}))
+        steps.append(("--gradient_checkpointing", lambda i: replace(i, gradient_checkpointing=True)))
     if inputs.face_decode in ("full", "half"):
-        steps.append(("--face_decode face", {"face_decode": "face"}))
+        steps.append(("--face_decode face", lambda i: replace(i, face_decode="face")))
     if not inputs.fp8_base:
-        steps.append(("--fp8_base", {"fp8_base": True}))
+        steps.append(("--fp8_base", lambda i: replace(i, fp8_base=True)))
     if inputs.optimizer.lower() == "adamw":
-        steps.append(("--optimizer_type AdamW8bit", {"optimizer": "AdamW8bit"}))
+        steps.append(("--optimizer_type AdamW8bit", lambda i: replace(i, optimizer="AdamW8bit")))
     for flag, change in steps:
         if plan.total <= device_bytes:
             break
-        current = replace(current, **change)
+        current = change(current)
         plan = estimate(current, device_bytes)
         flags.append(flag)
     blocks = _dit_counts(inputs.transformer_config, inputs.network_args)["blocks"]

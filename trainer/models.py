@@ -110,7 +110,7 @@ def read_header(path: str | os.PathLike, what: str) -> SafetensorsHeader:
     try:
         with safe_open(str(file_path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys() but is not iterable)
                 view = f.get_slice(key)
                 shapes[key] = tuple(view.get_shape())
                 dtypes[key] = view.get_dtype()

@@ -28,6 +28,7 @@ CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers t
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -123,7 +124,7 @@ def load_prompt_file(path: str | Path) -> list[SampleSettings]:
     return prompts
 
 
-def encode_samples(prompts: list[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
+def encode_samples(prompts: Sequence[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
     encoded = []
     for sample in prompts:
         controls = []
@@ -152,7 +153,13 @@ def generate(
 ) -> Image.Image:
     """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
     latents = denoise(
-        transformer, sample, vae_scale(vae.config), seed=seed, device=device, dtype=dtype, shift_terminal=shift_terminal
+        transformer,
+        sample,
+        vae_scale(vae.config),  # type: ignore[arg-type]  # diffusers' ConfigMixin.config
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        shift_terminal=shift_terminal,
     )
     return decode_to_pil(vae, latents)
 
@@ -180,7 +187,8 @@ def denoise(
         [(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]
     ]
     scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)
+    # diffusers' scheduler: its methods and state are hidden from mypy (ConfigMixin's register_to_config)
+    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[attr-defined]
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = transformer(
@@ -194,16 +202,21 @@ def denoise(
         return out[:, : latents.shape[1]]
 
     with use_positions(transformer, "comfyui"):
-        for index, t in enumerate(scheduler.timesteps):
+        for index, t in enumerate(scheduler.timesteps):  # type: ignore[attr-defined]
             model_input = torch.cat([latents, *controls], dim=1)
             timestep = (t / 1000).expand(1).to(dtype)
             pred = velocity(sample.prompt_embeds, model_input, timestep)
             if sample.negative_embeds is not None:
                 negative = velocity(sample.negative_embeds, model_input, timestep)
                 pred = normalized_cfg(
-                    latents, pred, negative, float(scheduler.sigmas[index]), prompt.cfg_scale, (latent_h, latent_w)
+                    latents,
+                    pred,
+                    negative,
+                    float(scheduler.sigmas[index]),  # type: ignore[attr-defined]
+                    prompt.cfg_scale,
+                    (latent_h, latent_w),
                 )
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[attr-defined]
     return unpack(latents, latent_h, latent_w)
 
 
@@ -270,14 +283,17 @@ def normalized_cfg(
 
 def denormalize_latents(vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
     """Undo the per-channel normalisation of cached/packed latents before `vae.decode`."""
-    mean = torch.tensor(vae.config.latents_mean, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std, device=latents.device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
+    config = vae.config  # diffusers' ConfigMixin: mypy sees an nn.Module attribute
+    mean = torch.tensor(config.latents_mean, device=latents.device, dtype=latents.dtype)  # type: ignore[union-attr]
+    std = torch.tensor(config.latents_std, device=latents.device, dtype=latents.dtype)  # type: ignore[union-attr]
+    mean, std = mean.view(1, -1, 1, 1, 1), std.view(1, -1, 1, 1, 1)
     return latents * std + mean
 
 
 def decode_to_pil(vae: torch.nn.Module, latents: torch.Tensor) -> Image.Image:
-    latents = denormalize_latents(vae, latents.to(vae.dtype))
-    pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]
+    dtype: torch.dtype = vae.dtype  # type: ignore[assignment]  # diffusers' ModelMixin.dtype
+    latents = denormalize_latents(vae, latents.to(dtype))
+    pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]  # type: ignore[operator]  # AutoencoderKLQwenImage
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, "RGB")
 

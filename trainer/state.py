@@ -137,4 +137,5 @@ def _state_file_problems(directory: Path) -> Iterator[tuple[str, str]]:
 def state_lora_rank(directory: Path) -> int | None:
     """The LoRA rank a state folder was trained at (None when it holds no LoRA layer)."""
     with safe_open(str(directory / LORA_FILE), framework="pt") as handle:
-        return next((handle.get_slice(k).get_shape()[0] for k in handle.keys() if k.endswith("lora_A.weight")), None)
+        keys = handle.keys()  # safe_open is not iterable itself
+        return next((handle.get_slice(k).get_shape()[0] for k in keys if k.endswith("lora_A.weight")), None)

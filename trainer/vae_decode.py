@@ -28,16 +28,24 @@ def vae_scale(config: Mapping[str, Any]) -> int:
 
 def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """The decoder of `AutoencoderKLQwenImage` as a chain of single-frame stages."""
-    decoder = vae.decoder
+    decoder = vae.get_submodule("decoder")
+    norm_out, nonlinearity, conv_out = (
+        decoder.get_submodule(name) for name in ("norm_out", "nonlinearity", "conv_out")
+    )
 
     def head(x: torch.Tensor) -> torch.Tensor:
-        return decoder.conv_out(decoder.nonlinearity(decoder.norm_out(x)))
+        return conv_out(nonlinearity(norm_out(x)))
 
-    stages: list[Callable[[torch.Tensor], torch.Tensor]] = [vae.post_quant_conv, decoder.conv_in, decoder.mid_block]
-    for up_block in decoder.up_blocks:
-        stages += list(up_block.resnets)
-        stages += list(up_block.upsamplers or [])
-    return stages + [head]
+    stages: list[Callable[[torch.Tensor], torch.Tensor]] = [
+        vae.get_submodule("post_quant_conv"),
+        decoder.get_submodule("conv_in"),
+        decoder.get_submodule("mid_block"),
+    ]
+    for up_block in decoder.get_submodule("up_blocks").children():
+        stages += list(up_block.get_submodule("resnets").children())
+        upsamplers = getattr(up_block, "upsamplers", None)  # None in the last block
+        stages += list(upsamplers.children()) if upsamplers is not None else []
+    return [*stages, head]
 
 
 def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint: bool = True) -> torch.Tensor:
@@ -50,8 +58,5 @@ def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint
         raise ValueError(f"checkpointed_decode takes one-frame latents [B, C, 1, h, w], got {tuple(latents.shape)}")
     x = latents
     for stage in decoder_stages(vae):
-        if use_checkpoint and torch.is_grad_enabled():
-            x = checkpoint(stage, x, use_reentrant=False)
-        else:
-            x = stage(x)
+        x = checkpoint(stage, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else stage(x)
     return x.clamp(-1.0, 1.0)

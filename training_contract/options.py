@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ..common.face_engine import DEFAULTS as FACE_ENGINE_DEFAULTS
 from ..common.face_engine import MODELS_ROOT_HELP, PACK_HELP, PROVIDER_HELP, PROVIDERS
-from ..common.values import Bounds, check_number, check_text
+from ..common.values import Bounds, ValueCheckError, check_number, check_text
 from .checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from .model_versions import MODEL_VERSIONS
 
@@ -59,11 +60,12 @@ class Option:
     group: str
     help: str = ""
     default: Any = None
-    choices: tuple[str, ...] | None = None  # checked by the trainer (some case-insensitively), listed in the help
+    choices: tuple[str, ...] | None = None  # checked with the bounds, listed in the help
     many: bool = False  # takes a list of values (nargs="*")
     path: bool = False  # names a file or folder the run reads or writes
     node: NodeWidget | None = None
     bounds: Bounds | None = None  # every int or float option has them: what the trainer can train with
+    case_insensitive: bool = False  # a choice in any case names its canonical spelling
 
     @property
     def flag(self) -> str:
@@ -75,14 +77,30 @@ class Option:
 
     def check(self, value: Any) -> None:
         """Raise ValueCheckError naming the flag unless `value` fits: numbers finite and within
-        `bounds`, text (each item of a list) of bounded length without NUL. None: not given."""
+        `bounds`, text (each item of a list) of bounded length without NUL, one of the `choices`.
+        None: not given."""
         if value is None or self.kind is bool:
             return
         for item in value if self.many else (value,):
             if self.kind is str:
                 check_text(str(item), self.flag)
-            else:
+            elif self.bounds is not None:  # always, for a number (__post_init__)
                 check_number(item, self.bounds, self.flag)
+        if self.choices is not None:
+            self.choice(value)
+
+    def choice(self, value: str) -> str:
+        """The choice `value` names, in its canonical spelling; ValueCheckError listing the choices."""
+        return choose(value, self.choices or (), self.flag, case_insensitive=self.case_insensitive)
+
+
+def choose(value: str, choices: Sequence[str], flag: str, *, case_insensitive: bool = False) -> str:
+    """`value` as one of `choices` (matched ignoring case if asked); ValueCheckError naming the flag."""
+    lookup = {c.lower(): c for c in choices} if case_insensitive else {c: c for c in choices}
+    key = value.lower() if case_insensitive else value
+    if key not in lookup:
+        raise ValueCheckError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+    return lookup[key]
 
 
 def _choices(values: tuple[str, ...]) -> str:
@@ -116,6 +134,7 @@ OPTIONS: tuple[Option, ...] = (
         f"the model trained: {', '.join(MODEL_VERSIONS)} (Edit, Edit-2509, "
         "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)",
         choices=tuple(MODEL_VERSIONS),
+        case_insensitive=True,
     ),
     Option("edit", bool, "models", "same as --model_version edit"),
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),
@@ -196,6 +215,7 @@ OPTIONS: tuple[Option, ...] = (
         "AdamW",
         OPTIMIZERS,
         node=NodeWidget("AdamW8bit", choices=("AdamW8bit", "AdamW", "Adafactor")),
+        case_insensitive=True,
     ),
     Option("optimizer_args", str, "training", "optimizer keyword args as key=value", many=True),
     Option(
@@ -535,21 +555,38 @@ GROUP_TITLES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every option as a flag, in its group. Choices are checked by the trainer, not argparse (some
-    case-insensitively, with messages that name the flag)."""
+    """Every option as a flag, in its group, its help ending with its default; the choices shown in
+    the usage. They are checked with the bounds (`check_values`), not by argparse: some match in any
+    case, and the messages name the flag."""
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for option in OPTIONS:
         group = groups[option.group]
         if option.kind is bool:
             group.add_argument(option.flag, action="store_true", help=option.help or None)
         else:
+            numeric: dict[str, Any] = {"type": option.kind} if option.kind in (int, float) else {}
             group.add_argument(
                 option.flag,
-                type=None if option.kind is str else option.kind,
                 default=list(option.default or ()) if option.many else option.default,
                 nargs="*" if option.many else None,
-                help=option.help or None,
+                metavar="{" + ",".join(option.choices) + "}" if option.choices else None,
+                help=help_text(option) or None,
+                **numeric,
             )
+
+
+def help_text(option: Option) -> str:
+    """The option's help and its default, as `--help` shows them (a help that names its default already,
+    or an option without one, as written). `%` is argparse's formatting character: doubled."""
+    text = option.help
+    if option.default is not None and option.kind is not bool and "default" not in text:
+        shown = " ".join(map(_shown, option.default)) if option.many else _shown(option.default)
+        text = f"{text} (default: {shown})" if text else f"default: {shown}"
+    return text.replace("%", "%%")
+
+
+def _shown(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 _NODE_TYPES = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}

@@ -21,11 +21,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from ..common.files import atomic_path
-from ..faceid import FaceModel, Selection, mean_identity
-from ..faceid.embedding_store import model_fingerprint
-from ..musubi_formats.dataset import DatasetItem
-from .cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
+from ...common.files import atomic_path
+from ...faceid import FaceModel, Selection, mean_identity
+from ...faceid.embedding_store import model_fingerprint
+from ...musubi_formats.dataset import DatasetItem
+from ..cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
 
 FACE_TARGET_FORMAT = "face_target/1"
 ReferenceSource = Literal["control", "target"]
@@ -82,7 +82,7 @@ def compute_face_target(face_model: FaceModel, target_image: Any, control_images
         image_size=(int(target_result.image_size[0]), int(target_result.image_size[1])),
         control_count=len(control_images),
     )
-    if target_result.ok:
+    if target_result.ok and target_result.face is not None:
         face_target.kps = np.asarray(target_result.face.kps, dtype=np.float32).reshape(5, 2)
         face_target.target_embedding = np.asarray(target_result.embedding, dtype=np.float32)
     else:
@@ -94,7 +94,7 @@ def compute_face_target(face_model: FaceModel, target_image: Any, control_images
             )
         else:
             control_results = face_model.analyze(list(control_images), selection=Selection.LARGEST)
-        found = [r.embedding for r in control_results if r.ok]
+        found = [r.embedding for r in control_results if r.ok and r.embedding is not None]
         face_target.control_reasons = [None if r.ok else r.reason for r in control_results]
         face_target.control_faces = len(found)
         if found:

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..faceid.errors import ModelPackError
-from ..faceid.packs import as_roots, resolve_pack
-from ..training_contract.options import FACE_LOSS_T_WEIGHTINGS
-from .memory_plan import measure_saved_bytes
+from ...faceid.errors import ModelPackError
+from ...faceid.packs import as_roots, resolve_pack
+from ...training_contract.options import FACE_LOSS_T_WEIGHTINGS
+from ..memory_plan import measure_saved_bytes
 
 # insightface/utils/face_align.py: arcface_dst (for a 112x112 crop).
 ARCFACE_TEMPLATE_112 = (
@@ -422,6 +422,8 @@ class FaceIdentityLoss(nn.Module):
         metrics.update(similarity_metrics(sims, used_t))
         metrics["loss/face"] = float(loss.detach())
         if self.contrastive_weight > 0:
+            if negatives is None:
+                raise ValueError("the contrastive face loss needs the negatives' embeddings")
             contrastive = (
                 self.contrastive_weight * (step_weight * self.info_nce(embeddings, used_reference, negatives)).mean()
             )

@@ -1,6 +1,6 @@
 """The face-identity loss and face metrics inside the training loop (`--enable_face_loss`, `--use_face_as_loss`).
 
-`build_training_hook(args)` loads the face model pack(s) before any training model loads (a bad
+`build_training_hook(config)` loads the face model pack(s) before any training model loads (a bad
 pack or an unavailable `--face_device` is a configuration error), and returns the
 `TrainingHook` that
 
@@ -23,37 +23,39 @@ as the reference.
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
-from ..faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
-from ..faceid.pack_download import TerminalProgress
-from ..faceid.pairing import list_images
-from ..faceid.report import summarize
-from ..faceid.results import JudgeIdentity
-from ..musubi_formats.dataset import DatasetItem
-from ..musubi_formats.names import SAMPLE_DIR
-from ..training_contract.options import FACE_DECODE_MODES
-from .face_loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
-from .face_metrics import HELDOUT, SampleScorer, heldout_keys
-from .face_targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
-from .hooks import ExtraLoss, StepState, TrainingHook
-from .sampling import EncodedSample
-from .vae_decode import vae_scale
+from ...faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ...faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
+from ...faceid.pack_download import TerminalProgress
+from ...faceid.pairing import list_images
+from ...faceid.report import summarize
+from ...faceid.results import JudgeIdentity
+from ...musubi_formats.dataset import DatasetItem
+from ...musubi_formats.names import SAMPLE_DIR
+from ...training_contract.options import FACE_DECODE_MODES
+from ..config import TrainingConfig
+from ..hooks import ExtraLoss, StepState, TrainingHook
+from ..sampling import EncodedSample
+from ..vae_decode import vae_scale
+from .loss import FaceIdentityLoss, FrozenFaceRecognizer, face_region_boxes
+from .metrics import HELDOUT, SampleScorer, heldout_keys
+from .targets import FaceTargetBatch, FaceTargetCache, ReferenceSource, cache_face_targets, collate_face_targets
 
 log = logging.getLogger("face_consistency.trainer")
 
-MEASURED_REFERENCE = "control"  # x0 metrics: similarity to the controls' identity, whatever the loss pulls towards
+MEASURED_REFERENCE: ReferenceSource = (
+    "control"  # x0 metrics: similarity to the controls' identity, whatever the loss pulls towards
+)
 
 
 class FaceSetupError(ValueError):
@@ -72,10 +74,15 @@ class FacePack:
     def batch(
         self, items: list[DatasetItem], device: torch.device, reference: ReferenceSource = MEASURED_REFERENCE
     ) -> FaceTargetBatch:
-        return collate_face_targets(self.targets.for_items(items), reference=reference).to(device)
+        return collate_face_targets(self.cached_targets().for_items(items), reference=reference).to(device)
 
     def without_face(self, reference: ReferenceSource = MEASURED_REFERENCE) -> dict[str, str]:
-        return self.targets.without_face(reference)
+        return self.cached_targets().without_face(reference)
+
+    def cached_targets(self) -> FaceTargetCache:
+        if self.targets is None:
+            raise RuntimeError("the face targets are cached by on_cached, before the first step")
+        return self.targets
 
 
 class JudgeHeldout:
@@ -99,7 +106,7 @@ class JudgeHeldout:
             for control in item.controls:
                 with Image.open(control) as image:
                     result = self.judge.judge(image.convert("RGB"))
-                if result.ok:
+                if result.ok and result.descriptor is not None:
                     descriptors.append(result.descriptor)
                 else:
                     problems.append(f"control {control}: {result.reason}")
@@ -118,7 +125,7 @@ class JudgeHeldout:
         for image, item in zip(images.permute(0, 2, 3, 1).cpu().numpy(), items):
             reference = self.references.get(item.target)
             result = self.judge.judge(np.ascontiguousarray(image)) if reference is not None else None
-            if result is None or not result.ok:
+            if reference is None or result is None or not result.ok or result.descriptor is None:
                 missing += 1
                 continue
             judged = verdict(result.descriptor, reference.descriptor)
@@ -146,52 +153,53 @@ def load_judge_heldout() -> JudgeHeldout:
         raise FaceSetupError(f"--face_eval_model {JUDGE_NAME}: {exc}") from None
 
 
-def load_face_pack(args: argparse.Namespace, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
+def load_face_pack(config: TrainingConfig, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
         model = load_face_model(
             pack,
-            models_root=args.face_models_root,
-            provider=args.face_device,
-            det_size=args.face_det_size,
-            allow_download=not args.offline,
+            models_root=config.face_models_root,
+            provider=config.face_device,
+            det_size=config.face_det_size,
+            allow_download=not config.offline,
             progress=TerminalProgress(),
         )
         recognizer = FrozenFaceRecognizer.from_face_model(model)
     except ProviderError as exc:
         raise FaceSetupError(
-            f"--face_device {args.face_device}: {exc} The face engine detects faces while caching and scores "
+            f"--face_device {config.face_device}: {exc} The face engine detects faces while caching and scores "
             "samples; --face_device cpu runs it on the CPU (the loss itself runs on the training device)."
         ) from None
     except FaceEngineError as exc:
         raise FaceSetupError(f"face model pack {pack!r}: {exc}") from None
     samples = None
-    if args.sample_prompts:
-        samples = SampleScorer(model, Path(args.output_dir) / SAMPLE_DIR, Path(args.sample_prompts), prefix, judge)
+    if config.sample_prompts:
+        samples = SampleScorer(model, Path(config.output_dir) / SAMPLE_DIR, Path(config.sample_prompts), prefix, judge)
     loss = FaceIdentityLoss(
         recognizer,
-        weight=args.face_loss_weight,
-        max_t=args.face_loss_max_t,
-        t_weighting=args.face_loss_t_weighting,
-        contrastive_weight=args.face_loss_contrastive_weight,
-        temperature=args.face_loss_temperature,
+        weight=config.face_loss_weight,
+        max_t=config.face_loss_max_t,
+        t_weighting=config.face_loss_t_weighting,
+        contrastive_weight=config.face_loss_contrastive_weight,
+        temperature=config.face_loss_temperature,
     )
     return FacePack(model, loss, samples)
 
 
-def build_training_hook(args: argparse.Namespace) -> FaceIdentityHook:
+def build_training_hook(config: TrainingConfig) -> FaceIdentityHook:
     """The hook for `--enable_face_loss` (metrics) and `--use_face_as_loss` (the loss too)."""
     heldout: FacePack | JudgeHeldout | None = None
-    if args.face_eval_model == JUDGE_NAME:
+    if config.face_eval_model == JUDGE_NAME:
         heldout = load_judge_heldout()
         # the training pack's sample rounds also score the samples with the judge
-        training = load_face_pack(args, args.face_model_name, "", judge=heldout.judge)
+        training = load_face_pack(config, config.face_model_name, "", judge=heldout.judge)
         described = f"; held-out judge {JUDGE_NAME} ({heldout.judge.describe()['detector']})"
     else:
-        training = load_face_pack(args, args.face_model_name, "")
-        if args.face_eval_model:
-            heldout = load_face_pack(args, args.face_eval_model, HELDOUT)
-        described = f"; held-out {heldout.model.pack_name} ({heldout.model.embedding_size}-d)" if heldout else ""
+        training = load_face_pack(config, config.face_model_name, "")
+        described = ""
+        if config.face_eval_model:
+            heldout_pack = heldout = load_face_pack(config, config.face_eval_model, HELDOUT)
+            described = f"; held-out {heldout_pack.model.pack_name} ({heldout_pack.model.embedding_size}-d)"
     log.info(
         "face model %s (%s, %d-d) on %s%s",
         training.model.pack_name,
@@ -201,17 +209,17 @@ def build_training_hook(args: argparse.Namespace) -> FaceIdentityHook:
         described,
     )
     negatives = None
-    if args.use_face_as_loss and args.face_loss_negatives:
-        negatives = negative_embeddings(training.model, Path(args.face_loss_negatives))
+    if config.use_face_as_loss and config.face_loss_negatives:
+        negatives = negative_embeddings(training.model, Path(config.face_loss_negatives))
     return FaceIdentityHook(
         training,
         heldout,
-        use_loss=args.use_face_as_loss,
-        loss_every=args.face_loss_every,
-        eval_frequency=args.face_eval_frequency,
-        decode=args.face_decode,
-        reference=args.face_loss_reference,
-        rollout_steps=args.face_loss_rollout_steps,
+        use_loss=config.use_face_as_loss,
+        loss_every=config.face_loss_every,
+        eval_frequency=config.face_eval_frequency,
+        decode=config.face_decode,
+        reference=cast(ReferenceSource, config.face_loss_reference),  # one of its choices (options.py)
+        rollout_steps=config.face_loss_rollout_steps,
         negatives=negatives,
     )
 
@@ -223,7 +231,7 @@ def negative_embeddings(model: FaceModel, folder: Path) -> torch.Tensor:
     for photo, result in zip(photos, results):
         if not result.ok:
             log.warning("--face_loss_negatives: %s is left out: %s", photo, result.reason)
-    embeddings = [result.embedding for result in results if result.ok]
+    embeddings = [result.embedding for result in results if result.ok and result.embedding is not None]
     if not embeddings:
         raise FaceSetupError(
             f"--face_loss_negatives {folder}: no photo there has a face the {model.pack_name} "
@@ -374,7 +382,7 @@ class FaceIdentityHook(TrainingHook):
         if self.decode != "face":
             return self._decode_whole(state, latents), image_region
         width, height = (int(v) for v in image_region[0, 2:].tolist())
-        scale = vae_scale(state.vae.config)
+        scale = vae_scale(state.vae.config)  # type: ignore[arg-type]  # diffusers' ConfigMixin.config
         boxes = face_region_boxes(kps.detach().cpu(), (width, height), multiple=scale)
         crops = torch.stack(
             [

@@ -16,10 +16,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..faceid import FaceModel
-from ..faceid.evaluate import EvaluationSources, FolderEvaluation
-from ..faceid.judge import DlibJudge
-from ..faceid.report import summarize
+from ...faceid import FaceModel
+from ...faceid.evaluate import EvaluationSources, FolderEvaluation
+from ...faceid.judge import DlibJudge
+from ...faceid.report import summarize
 
 HELDOUT = "heldout_"
 
