@@ -106,19 +106,19 @@ class CacheEncoders:
     load_text_side: Callable[[], tuple[torch.nn.Module, Any]]  # -> (text encoder, processor)
 
     def _ensure_text_side(self) -> None:
-        if self.pipeline.text_encoder is None:  # type: ignore[union-attr]
+        if self.pipeline.text_encoder is None:
             text_encoder, processor = self.load_text_side()
-            self.pipeline.text_encoder = text_encoder  # type: ignore[union-attr]
-            self.pipeline.processor = processor  # type: ignore[union-attr]
-            self.pipeline.tokenizer = processor.tokenizer  # type: ignore[union-attr]
+            self.pipeline.text_encoder = text_encoder
+            self.pipeline.processor = processor
+            self.pipeline.tokenizer = processor.tokenizer
 
     def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
         """Normalised latents [16, 1, h, w] of `image` resized to cover `size` and centre-cropped."""
         width, height = size
-        pixels = self.pipeline.image_processor.preprocess(image, height, width, resize_mode="crop")  # type: ignore[union-attr]
-        pixels = pixels.unsqueeze(2).to(self.device, self.pipeline.vae.dtype)  # type: ignore[union-attr]
+        pixels = self.pipeline.image_processor.preprocess(image, height, width, resize_mode="crop")
+        pixels = pixels.unsqueeze(2).to(self.device, self.pipeline.vae.dtype)
         with torch.no_grad():
-            latents = self.pipeline._encode_vae_image(pixels, generator=None)  # type: ignore[union-attr]
+            latents = self.pipeline._encode_vae_image(pixels, generator=None)  # type: ignore[arg-type]
         return latents[0].float()
 
     def reference_size(self, image: Image.Image) -> tuple[int, int]:
@@ -131,15 +131,17 @@ class CacheEncoders:
         """The control as the vision-language encoder sees it (~384^2 for Edit-2509, ~1024^2 for Edit)."""
         area = CONDITION_IMAGE_SIZE if self.edit_plus else VAE_IMAGE_SIZE
         width, height = calculate_dimensions(area, image.width / image.height)[:2]
-        return self.pipeline.image_processor.resize(image, height, width)  # type: ignore[union-attr]
+        return self.pipeline.image_processor.resize(image, height, width)
 
     def encode_prompt(self, caption: str, controls: list[Image.Image]) -> torch.Tensor:
         """Prompt embeddings [tokens, dim] for `caption` with the control images, per the Edit template."""
         self._ensure_text_side()
         condition = [self.condition_image(image) for image in controls]
         with torch.no_grad():
-            embeds, _ = self.pipeline.encode_prompt(  # type: ignore[union-attr]
-                prompt=[caption], image=condition if self.edit_plus else condition[0], device=self.device
+            embeds, _ = self.pipeline.encode_prompt(
+                prompt=[caption],
+                image=condition if self.edit_plus else condition[0],  # type: ignore[arg-type]
+                device=self.device,
             )
         return embeds[0].float()
 
@@ -152,7 +154,7 @@ def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "bucket": item.bucket,
             "control_buckets": item.control_buckets,
             "vae": file_identity(encoders.vae_file),
-            "vae_dtype": str(encoders.pipeline.vae.dtype),  # type: ignore[union-attr]
+            "vae_dtype": str(encoders.pipeline.vae.dtype),
         }
     )
 

@@ -124,7 +124,7 @@ def sample_timesteps(
         return torch.rand(batch_size, generator=generator)
     if method == "sigma":
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=flow.discrete_flow_shift)
-        sigmas: torch.Tensor = scheduler.sigmas  # type: ignore[attr-defined]  # set by diffusers' config decorator
+        sigmas: torch.Tensor = scheduler.sigmas  # set by diffusers' config decorator
         index = torch.randint(0, len(sigmas) - 1, (batch_size,), generator=generator)
         return sigmas[index].float()
     t = torch.sigmoid(flow.sigmoid_scale * torch.randn(batch_size, generator=generator))

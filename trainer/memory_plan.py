@@ -120,8 +120,7 @@ def _dit_counts(config: dict[str, Any], network_args: NetworkArgs) -> dict[str, 
 @functools.lru_cache(maxsize=8)
 def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int]:
     with init_empty_weights():
-        # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
-        model: torch.nn.Module = QwenImageTransformer2DModel(**json.loads(config_json))  # type: ignore[assignment]
+        model: torch.nn.Module = QwenImageTransformer2DModel(**json.loads(config_json))
     blocks: torch.nn.ModuleList = model.transformer_blocks  # type: ignore[assignment]
     block = blocks[0]
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
@@ -156,7 +155,7 @@ def _stage_saved(stage: Callable[[torch.Tensor], torch.Tensor], inputs: int, out
 @functools.lru_cache(maxsize=2)
 def _empty_vae(config_json: str) -> torch.nn.Module:
     with init_empty_weights():
-        return AutoencoderKLQwenImage(**json.loads(config_json))  # type: ignore[return-value]  # an nn.Module
+        return AutoencoderKLQwenImage(**json.loads(config_json))  # an nn.Module
 
 
 @dataclass(frozen=True)

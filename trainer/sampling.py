@@ -187,8 +187,8 @@ def denoise(
         [(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]
     ]
     scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    # diffusers' scheduler: its methods and state are hidden from mypy (ConfigMixin's register_to_config)
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[attr-defined]
+    # diffusers annotates sigmas as a list and step()'s tensors as FloatTensor; an array and plain tensors work
+    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = transformer(
@@ -202,7 +202,7 @@ def denoise(
         return out[:, : latents.shape[1]]
 
     with use_positions(transformer, "comfyui"):
-        for index, t in enumerate(scheduler.timesteps):  # type: ignore[attr-defined]
+        for index, t in enumerate(scheduler.timesteps):
             model_input = torch.cat([latents, *controls], dim=1)
             timestep = (t / 1000).expand(1).to(dtype)
             pred = velocity(sample.prompt_embeds, model_input, timestep)
@@ -212,11 +212,11 @@ def denoise(
                     latents,
                     pred,
                     negative,
-                    float(scheduler.sigmas[index]),  # type: ignore[attr-defined]
+                    float(scheduler.sigmas[index]),
                     prompt.cfg_scale,
                     (latent_h, latent_w),
                 )
-            latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[attr-defined]
+            latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[arg-type]
     return unpack(latents, latent_h, latent_w)
 
 

@@ -206,8 +206,7 @@ class TrainingRun:
         """The VAE (kept for sampling and the hooks) and, loaded when first needed, the text encoder."""
         config = self.config
         version = MODEL_VERSIONS[config.model_version]
-        # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
-        self.vae: torch.nn.Module = models.load_vae(  # type: ignore[assignment]
+        self.vae: torch.nn.Module = models.load_vae(
             config.vae, torch.float32 if config.mixed_precision == "no" else self.weight_dtype, self.device
         )
 
@@ -222,10 +221,10 @@ class TrainingRun:
         pipeline = pipeline_class(
             scheduler=FlowMatchEulerDiscreteScheduler(),
             vae=self.vae,
-            text_encoder=None,
-            tokenizer=None,
-            processor=None,
-            transformer=None,
+            text_encoder=None,  # type: ignore[arg-type]
+            tokenizer=None,  # type: ignore[arg-type]
+            processor=None,  # type: ignore[arg-type]
+            transformer=None,  # type: ignore[arg-type]
         )
         return CacheEncoders(
             pipeline,
@@ -696,8 +695,7 @@ def prepare_transformer(
             "upcast weight until it runs, so float8 storage saves little memory while training; "
             "add --gradient_checkpointing"
         )
-    # diffusers' model classes hide their nn.Module base from mypy: typed as what they are
-    transformer: torch.nn.Module = models.load_transformer(  # type: ignore[assignment]
+    transformer: torch.nn.Module = models.load_transformer(
         config.dit,
         weight_dtype,
         zero_cond_t=MODEL_VERSIONS[config.model_version].zero_cond_t,
