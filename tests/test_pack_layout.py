@@ -58,3 +58,18 @@ def test_installed_package_shadows_no_comfyui_module():
     top_level = {p.split(".")[0] for p in config["tool"]["setuptools"]["packages"]}
     assert top_level == {"face_consistency"}
     assert not top_level & COMFY_MODULES
+
+
+def test_every_package_folder_is_installed():
+    """A sub-room (a folder with an __init__.py, such as faceid/evaluate/) is listed in pyproject's packages,
+    or the installed pack lacks it."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(("face_consistency", *init.parent.relative_to(REPO).parts))
+        for init in REPO.rglob("__init__.py")
+        if init.parent.relative_to(REPO).parts[:1] not in (("tests",), ("benchmarks",), (".git",))
+    }
+    assert found - listed == set()

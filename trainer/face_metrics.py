@@ -19,7 +19,7 @@ from typing import Any
 from ..faceid import FaceModel
 from ..faceid.evaluate import EvaluationSources, FolderEvaluation
 from ..faceid.judge import DlibJudge
-from ..faceid.report import summarize
+from ..faceid.evaluate.report import summarize
 
 HELDOUT = "heldout_"
 

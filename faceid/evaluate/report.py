@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..common.version import __version__
-from ..musubi_formats.names import step_sort_key
-from .similarity import Bands
+from ...common.version import __version__
+from ...musubi_formats.names import step_sort_key
+from ..similarity import Bands
 
 TOOL_NAME = "face-consistency evaluate"
 SCORE_FIELDS = {"control": "score_control", "reference": "score_reference"}

@@ -2,140 +2,36 @@
 
 One implementation for the `face-consistency evaluate` command and the
 FaceConsistencyScoreFolder node. A `FolderEvaluation` keeps its embeddings between rounds,
-so watch mode (and a re-queued node) embeds only new or changed files. Worker threads
-decode and detect (on the CPU one per core), and the chosen faces go through the
-recognizer in batches.
+so watch mode (and a re-queued node) embeds only new or changed files.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
-from itertools import islice
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from ..common.files import IMAGE_SUFFIXES, file_signature
-from ..musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file, resolve_prompt_path
-from .alignment import aligned_crop, change_view, view_change
+from ...common.files import file_signature
+from ...musubi_formats.prompts import PromptFileError, SamplePrompt, load_prompt_file
+from ..judge import DESCRIPTOR_SIZE, DlibJudge, mean_descriptor, verdict
+from ..model import FaceModel
+from ..results import Identity
+from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD, UNCHANGED_SCORE_FLOOR
+from ..similarity import Agreement, Bands, embedding_agreement, mean_identity
+from .embedding import ChangeViews, ProgressFactory, embed_files, face_change, judge_files
 from .embedding_store import EmbeddingStore, FileFaces, model_fingerprint
-from .errors import FaceEngineError, ImageLoadError
-from .images import UNSUPPORTED_IMAGE_SUFFIXES, load_image_sized
-from .judge import DESCRIPTOR_SIZE, DlibJudge, JudgeResult, mean_descriptor, verdict
-from .model import RECOGNIZER_BATCH, FaceModel
-from .pairing import Pairing, SampleItem, list_images, pair_dirs, pair_sample_folder
-from .plot import is_evaluation_plot
+from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
 from .report import build_report
-from .results import DetectedFace, FaceResult, Identity
-from .scoring import DEFAULT_COPY_PASTE_THRESHOLD, UNCHANGED_SCORE_FLOOR
-from .similarity import Agreement, Bands, embedding_agreement, mean_identity
+from .sources import EvaluationError, EvaluationSources
 
 log = logging.getLogger(__name__)
 
-# How many files the pipeline workers may run ahead of the recognizer batches (each waits as
-# a 112x112 crop; only those being decoded hold a whole image).
-LOOKAHEAD = 64
 NOT_SCORED = "not scored (the evaluation was interrupted, or the file vanished while it ran)"
-
-
-class EvaluationError(FaceEngineError):
-    """Bad evaluation arguments: missing folders, unreadable prompt file, reference without a face."""
-
-
-class ProgressBar(Protocol):
-    def update(self, n: int = 1) -> Any: ...
-
-
-ProgressFactory = Callable[[int], ProgressBar]
-
-
-@dataclass
-class EvaluationSources:
-    """Where samples, controls and references come from (the command's flags)."""
-
-    sample_dir: Path | None = None
-    sample_prompts: Path | None = None
-    control_dir: Path | None = None
-    generated_dir: Path | None = None
-    references: list[Path] = field(default_factory=list)
-    base_dir: Path | None = None  # musubi's working directory, for relative --ci paths
-    exclude: list[Path] = field(default_factory=list)  # our own outputs inside the folders (`check_outputs`)
-
-    def check(self) -> None:
-        if self.sample_dir is None and self.generated_dir is None:
-            raise EvaluationError("give --sample_dir, or --control_dir with --generated_dir")
-        if self.sample_dir is not None and self.generated_dir is not None:
-            raise EvaluationError("use either --sample_dir or --control_dir/--generated_dir, not both")
-        if (self.control_dir is None) != (self.generated_dir is None) and self.sample_dir is None:
-            raise EvaluationError("--control_dir and --generated_dir go together")
-        if self.control_dir is not None and self.sample_dir is not None:
-            raise EvaluationError("--control_dir pairs with --generated_dir; with --sample_dir use --sample_prompts")
-        for label, folder in (
-            ("--sample_dir", self.sample_dir),
-            ("--control_dir", self.control_dir),
-            ("--generated_dir", self.generated_dir),
-        ):
-            if folder is not None and not folder.is_dir():
-                raise EvaluationError(f"{label} {folder} is not a folder")
-        if self.sample_prompts is not None and not self.sample_prompts.is_file():
-            raise EvaluationError(f"--sample_prompts file not found: {self.sample_prompts}")
-        for reference in self.references:
-            if not reference.is_file():
-                raise EvaluationError(f"--reference image not found: {reference}")
-
-    def check_outputs(self, outputs: dict[str, Path | None]) -> None:
-        """Refuse outputs (named as the user gave them) that are one and the same file, or that would
-        overwrite a file this evaluation reads (a sample, a control, a reference photo, the prompt
-        file), symlinks resolved; a plot an earlier evaluation wrote is its own to replace. The
-        outputs are then left out of the samples. Call after `check()`, before any work."""
-        given = {what: path for what, path in outputs.items() if path is not None}
-        claimed: dict[Path, str] = {}
-        for what, path in given.items():
-            first = claimed.setdefault(path.resolve(), what)
-            if first != what:
-                raise EvaluationError(f"{first} and {what} are the same file ({path}): give each output its own path")
-        inputs = self._input_files()
-        for what, path in given.items():
-            read_as = inputs.get(path.resolve())
-            if read_as is not None and not is_evaluation_plot(path):
-                raise EvaluationError(
-                    f"{what} {path} is {read_as} of this evaluation; writing there would overwrite "
-                    "it: choose another path for the output"
-                )
-        self.exclude = list(given.values())
-
-    def _input_files(self) -> dict[Path, str]:
-        """Every file the evaluation may read (resolved), with what it is to the user."""
-        found: dict[Path, str] = {}
-        for reference in self.references:
-            found.setdefault(reference.resolve(), "a reference photo")
-        if self.sample_prompts is not None:
-            found.setdefault(self.sample_prompts.resolve(), "the prompt file")
-            try:
-                prompts = load_prompt_file(self.sample_prompts)
-            except PromptFileError as exc:
-                raise EvaluationError(str(exc)) from None
-            for raw in (raw for prompt in prompts for raw in prompt.control_images):
-                path, _ = resolve_prompt_path(raw, self.sample_prompts, self.base_dir)
-                if path is not None:
-                    found.setdefault(path.resolve(), "a control image of the prompt file")
-        for what, folder in (
-            ("an image in the sample folder", self.sample_dir),
-            ("a control image in", self.control_dir),
-            ("an image in the generated folder", self.generated_dir),
-        ):
-            if folder is not None:
-                for path in list_images(folder, suffixes=IMAGE_SUFFIXES | UNSUPPORTED_IMAGE_SUFFIXES):
-                    found.setdefault(path.resolve(), f"{what} {folder}")
-        return found
 
 
 @dataclass
@@ -143,166 +39,6 @@ class RoundResult:
     report: dict[str, Any]
     embedded: int  # files run through the engine this round (new or changed)
     reused: int  # files whose stored result was reused
-
-
-@dataclass
-class _Located:
-    """One file after a pipeline worker: decoded, its largest face found and cropped."""
-
-    signature: tuple[int, int] | None  # None: the file vanished
-    error: str | None = None
-    result: FaceResult | None = None
-    crop: np.ndarray | None = None
-    view: np.ndarray | None = None  # the face-change guard's view of the face (`_change_view`)
-
-
-# A file's face change view, by (path, size, mtime_ns): what the copy-paste guard compares
-ChangeViews = dict[tuple[str, int, int], np.ndarray]
-
-
-def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
-    # The signature is taken before reading: a file still being written gets a newer
-    # signature when it is finished, so the next round embeds it again.
-    signature = file_signature(path)
-    if signature is None:
-        return _Located(None, f"file disappeared: {path}")
-    try:
-        bgr, original_size = load_image_sized(path)
-    except ImageLoadError as exc:
-        return _Located(signature, str(exc))
-    result = model.locate(bgr, concurrent=True, original_size=original_size)
-    crop = aligned_crop(bgr, result.face) if result.face is not None else None
-    result.rescale_to(original_size)  # the report gives the file's own pixels
-    view = None
-    if result.face is not None:  # from the keypoints as the store keeps them: as if decoded again for the guard
-        view = _change_view(bgr, original_size, _stored_kps(result.face.kps))
-    return _Located(signature, result=result, crop=crop, view=view)
-
-
-def _stored_kps(kps: np.ndarray) -> list[list[float]]:
-    """Keypoints as `FileFaces` holds them (the file's own pixels, to 0.01 px)."""
-    return [[round(float(v), 2) for v in point] for point in kps]
-
-
-def _change_view(bgr: np.ndarray, original_size: tuple[int, int], kps: list[list[float]]) -> np.ndarray:
-    """The guard's view of the face at stored keypoints `kps`, in `bgr` decoded from a file of `original_size`."""
-    # the keypoints are the file's own pixels; a large file is decoded downscaled
-    scale = np.array([bgr.shape[1] / original_size[0], bgr.shape[0] / original_size[1]], np.float32)
-    face = DetectedFace(np.zeros(4, np.float32), np.asarray(kps, np.float32) * scale, 0.0)
-    return change_view(aligned_crop(bgr, face))
-
-
-def _in_order(function: Callable[[Path], Any], paths: Sequence[Path], workers: int) -> Iterator[tuple[Path, Any]]:
-    """`function` over `paths` in a thread pool, at most LOOKAHEAD ahead of the consumer, in order."""
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="face-evaluate") as pool:
-        source = iter(paths)
-        pending = deque((p, pool.submit(function, p)) for p in islice(source, LOOKAHEAD))
-        try:
-            while pending:
-                path, future = pending.popleft()
-                following = next(source, None)
-                if following is not None:
-                    pending.append((following, pool.submit(function, following)))
-                yield path, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
-
-
-def _default_workers(model: FaceModel) -> int:
-    """On the CPU one thread per core, each decoding and detecting, plus one so that no core
-    idles while a worker waits for the disk or the GIL (pyspng holds it while decoding); on a
-    GPU, a few threads decoding for it."""
-    if model.parallel_workers > 1:
-        return model.parallel_workers + 1
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-def embed_files(
-    model: FaceModel,
-    paths: Sequence[Path],
-    store: EmbeddingStore,
-    progress: ProgressBar | None = None,
-    workers: int | None = None,
-    views: ChangeViews | None = None,
-) -> int:
-    """Embed every file not already in `store` (or changed since); returns how many were embedded.
-
-    Worker threads decode each file and find and crop its face; this thread embeds the
-    crops in recognizer batches, so detection never waits for a batch to fill. `views` receives
-    each face's change view, so that the copy-paste guard need not decode the file again.
-    """
-    todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
-    waiting: list[tuple[Path, _Located]] = []
-
-    def embed_waiting() -> None:
-        embeddings = model.embed_crops([located.crop for _, located in waiting])
-        for (path, located), embedding in zip(waiting, embeddings):
-            store.put(_file_faces(path, located, embedding))
-        waiting.clear()
-
-    locate = partial(_decode_and_locate, model)
-    try:
-        for path, located in _in_order(locate, todo, workers or _default_workers(model)):
-            if views is not None and located.view is not None:
-                views[(str(path), *located.signature)] = located.view
-            if located.crop is not None:
-                waiting.append((path, located))
-                if len(waiting) == RECOGNIZER_BATCH:
-                    embed_waiting()
-            elif located.signature is not None:
-                store.put(_file_faces(path, located, None))
-            if progress is not None:
-                progress.update(1)
-    finally:  # also on Ctrl-C: the faces found so far are kept
-        embed_waiting()
-    return len(todo)
-
-
-def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> FileFaces:
-    result = located.result
-    face = result.face if result is not None else None
-    return FileFaces(
-        path=str(path),
-        size=located.signature[0],
-        mtime_ns=located.signature[1],
-        embedding=embedding,
-        reason=located.error if result is None else result.reason,
-        det_score=round(float(face.det_score), 4) if face is not None else None,
-        bbox=[round(float(v), 1) for v in face.bbox] if face is not None else None,
-        faces_found=result.faces_found if result is not None else 0,
-        image_size=result.image_size if result is not None else None,
-        kps=_stored_kps(face.kps) if face is not None else None,
-    )
-
-
-def judge_files(
-    judge: DlibJudge, paths: Sequence[Path], store: EmbeddingStore, progress: ProgressBar | None = None
-) -> int:
-    """The judge's descriptor of every file not already in `store` (or changed since); returns how many."""
-    todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
-    for path in todo:
-        signature = file_signature(path)
-        if signature is not None:
-            store.put(_judged_file(path, signature, judge.judge(path)))
-        if progress is not None:
-            progress.update(1)
-    return len(todo)
-
-
-def _judged_file(path: Path, signature: tuple[int, int], result: JudgeResult) -> FileFaces:
-    face = result.face
-    return FileFaces(
-        path=str(path),
-        size=signature[0],
-        mtime_ns=signature[1],
-        embedding=face.descriptor if face is not None else None,
-        reason=result.reason,
-        det_score=round(float(face.det_score), 4) if face is not None else None,
-        bbox=face.to_dict()["bbox"] if face is not None else None,
-        faces_found=result.faces_found,
-        image_size=result.image_size,
-    )
 
 
 class FolderEvaluation:
@@ -576,29 +312,13 @@ class FolderEvaluation:
             return
         key = (control.path, control.size, control.mtime_ns, sample.path, sample.size, sample.mtime_ns)
         if key not in self._face_changes:
-            self._face_changes[key] = _face_change(control, sample, self._change_views)
+            self._face_changes[key] = face_change(control, sample, self._change_views)
         change = self._face_changes[key]
         if change is not None:
             pair["face_change"] = round(change, 6)
             pair["unchanged"] = change < self.copy_paste_threshold
             if above is not None:
                 pair["copy_paste"] = above and pair["unchanged"]
-
-
-def _face_change(control: FileFaces, sample: FileFaces, views: ChangeViews) -> float | None:
-    """1 − SSIM of the two files' faces, from the views their embedding kept, else decoded again (a file
-    whose result came from the cache file)."""
-    pair = []
-    for entry in (control, sample):
-        view = views.get((entry.path, entry.size, entry.mtime_ns))
-        if view is None:
-            try:
-                bgr, original_size = load_image_sized(Path(entry.path))
-            except ImageLoadError:
-                return None
-            view = _change_view(bgr, original_size, entry.kps)
-        pair.append(view)
-    return view_change(*pair)
 
 
 def _str(path: Path | None) -> str | None:

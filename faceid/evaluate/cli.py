@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..common.face_engine import (
+from ...common.face_engine import (
     DEFAULTS,
     DET_SIZE_HELP,
     DET_SIZES,
@@ -26,17 +26,18 @@ from ..common.face_engine import (
     PROVIDER_HELP,
     PROVIDERS,
 )
-from ..common.files import atomic_write_json, check_writable_file
-from ..common.values import Bounds, check_number, check_text
-from .errors import FaceEngineError, OutputWriteError
-from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
-from .judge import DETECTORS, JUDGE_CHOICES, load_judge
-from .model import load_face_model
-from .pack_download import OFFLINE_ENV, TerminalProgress
+from ...common.files import atomic_write_json, check_writable_file
+from ...common.values import Bounds, check_number, check_text
+from ..errors import FaceEngineError, OutputWriteError
+from ..judge import DETECTORS, JUDGE_CHOICES, load_judge
+from ..model import load_face_model
+from ..pack_download import OFFLINE_ENV, TerminalProgress
+from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from ..similarity import Bands
+from .folder_evaluation import FolderEvaluation, RoundResult, watch
 from .plot import write_plot
 from .report import summary_table
-from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
-from .similarity import Bands
+from .sources import EvaluationError, EvaluationSources
 
 DEFAULT_WATCH_SECONDS = 30.0
 # The values each numeric flag may take, checked before anything is read (every float or int flag
