@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from ..common.face_engine import DEFAULTS, PROVIDERS
-from .errors import FaceEngineError
+from .errors import FaceEngineError, ModelPackError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
 from .packs import STANDARD_PACKS, as_roots, find_pack_folder, list_packs, validate_pack
 from .providers import available_providers, installed_onnxruntime
@@ -75,10 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no model packs installed; put a pack under <root>/models/<pack>/ (see docs/face-models.md)")
     problems = 0
     for name in names:
-        folder = find_pack_folder(name, roots)
+        pack_folder = find_pack_folder(name, roots)
         try:
-            files = validate_pack(folder, name)
-            print(f"  {name:<14} ok      {files.detector.name} + {files.recognizer.name}  ({folder})")
+            if pack_folder is None:  # removed since it was listed
+                raise ModelPackError(f"{name} is no longer in {', '.join(map(str, roots))}")
+            files = validate_pack(pack_folder, name)
+            print(f"  {name:<14} ok      {files.detector.name} + {files.recognizer.name}  ({pack_folder})")
         except FaceEngineError as exc:
             problems += 1
             print(f"  {name:<14} BROKEN  {exc}")

@@ -31,6 +31,8 @@ LOOKAHEAD = 64
 
 
 class ProgressBar(Protocol):
+    """tqdm's or ComfyUI's bar; one with a `close()` (tqdm) is closed when its files are done."""
+
     def update(self, n: int = 1) -> Any: ...
 
 
@@ -125,25 +127,28 @@ def embed_files(
     each face's change view, so that the copy-paste guard need not decode the file again.
     """
     todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
-    waiting: list[tuple[Path, _Located]] = []
+    waiting: list[tuple[Path, tuple[int, int], _Located, np.ndarray]] = []  # (path, signature, located, crop)
 
     def embed_waiting() -> None:
-        embeddings = model.embed_crops([located.crop for _, located in waiting])
-        for (path, located), embedding in zip(waiting, embeddings):
-            store.put(_file_faces(path, located, embedding))
+        embeddings = model.embed_crops([crop for *_, crop in waiting])
+        for (path, signature, located, _), embedding in zip(waiting, embeddings):
+            store.put(_file_faces(path, signature, located, embedding))
         waiting.clear()
 
     locate = partial(_decode_and_locate, model)
     try:
         for path, located in _in_order(locate, todo, workers or _default_workers(model)):
-            if views is not None and located.view is not None:
-                views[(str(path), *located.signature)] = located.view
-            if located.crop is not None:
-                waiting.append((path, located))
+            signature = located.signature
+            if signature is None:  # the file vanished: nothing to store
+                pass
+            elif located.crop is not None:
+                if views is not None and located.view is not None:
+                    views[(str(path), signature[0], signature[1])] = located.view
+                waiting.append((path, signature, located, located.crop))
                 if len(waiting) == RECOGNIZER_BATCH:
                     embed_waiting()
-            elif located.signature is not None:
-                store.put(_file_faces(path, located, None))
+            else:
+                store.put(_file_faces(path, signature, located, None))
             if progress is not None:
                 progress.update(1)
     finally:  # also on Ctrl-C: the faces found so far are kept
@@ -151,13 +156,13 @@ def embed_files(
     return len(todo)
 
 
-def _file_faces(path: Path, located: _Located, embedding: np.ndarray | None) -> FileFaces:
+def _file_faces(path: Path, signature: tuple[int, int], located: _Located, embedding: np.ndarray | None) -> FileFaces:
     result = located.result
     face = result.face if result is not None else None
     return FileFaces(
         path=str(path),
-        size=located.signature[0],
-        mtime_ns=located.signature[1],
+        size=signature[0],
+        mtime_ns=signature[1],
         embedding=embedding,
         reason=located.error if result is None else result.reason,
         det_score=round(float(face.det_score), 4) if face is not None else None,
@@ -204,6 +209,8 @@ def face_change(control: FileFaces, sample: FileFaces, views: ChangeViews) -> fl
     for entry in (control, sample):
         view = views.get((entry.path, entry.size, entry.mtime_ns))
         if view is None:
+            if entry.kps is None:
+                return None
             try:
                 bgr, original_size = load_image_sized(Path(entry.path))
             except ImageLoadError:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from ..model import FaceModel
 from ..results import Identity
 from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD, UNCHANGED_SCORE_FLOOR
 from ..similarity import Agreement, Bands, embedding_agreement, mean_identity
-from .embedding import ChangeViews, ProgressFactory, embed_files, face_change, judge_files
+from .embedding import ChangeViews, ProgressBar, ProgressFactory, embed_files, face_change, judge_files
 from .embedding_store import EmbeddingStore, FileFaces, model_fingerprint
 from .pairing import Pairing, SampleItem, pair_dirs, pair_sample_folder
 from .report import build_report
@@ -89,8 +90,8 @@ class FolderEvaluation:
         self.judge_agreement: Agreement | None = None
         if sources.references:
             self.reference = self._reference_identity(reference_identity)
-            if judge is not None:
-                self.judge_reference = self._judge_reference()
+            if judge is not None and self.judge_store is not None:
+                self.judge_reference = self._judge_reference(judge, self.judge_store)
 
     @property
     def prompts(self) -> list[SamplePrompt] | None:
@@ -104,7 +105,7 @@ class FolderEvaluation:
         embeddings = []
         for path in self.sources.references:
             entry = self.store.get(path)
-            if entry is None or not entry.ok:
+            if entry is None or entry.embedding is None:
                 reason = entry.reason if entry is not None else "file changed while reading"
                 raise EvaluationError(f"--reference {path}: {reason}. Give photos with one clear face.")
             embeddings.append(entry.embedding)
@@ -113,12 +114,12 @@ class FolderEvaluation:
             embeddings += [extra.embedding] * extra.count  # weight an identity by its photo count
         return mean_identity(embeddings)
 
-    def _judge_reference(self) -> np.ndarray:
-        judge_files(self.judge, self.sources.references, self.judge_store)
+    def _judge_reference(self, judge: DlibJudge, store: EmbeddingStore) -> np.ndarray:
+        judge_files(judge, self.sources.references, store)
         descriptors = []
         for path in self.sources.references:
-            entry = self.judge_store.get(path)
-            if entry is None or not entry.ok:
+            entry = store.get(path)
+            if entry is None or entry.embedding is None:
                 reason = entry.reason if entry is not None else "file changed while reading"
                 raise EvaluationError(
                     f"--reference {path}: {reason}. The judge needs every reference photo's face: give photos "
@@ -150,16 +151,18 @@ class FolderEvaluation:
     def pair(self) -> Pairing:
         sources = self.sources
         have_reference = self.reference is not None
-        if sources.generated_dir is not None:
-            return pair_dirs(sources.control_dir, sources.generated_dir, sources.exclude, have_reference)
-        return pair_sample_folder(
-            sources.sample_dir,
-            self._current_prompts(),
-            sources.sample_prompts,
-            have_reference,
-            sources.exclude,
-            sources.base_dir,
-        )
+        if sources.sample_dir is not None:
+            return pair_sample_folder(
+                sources.sample_dir,
+                self._current_prompts(),
+                sources.sample_prompts,
+                have_reference,
+                sources.exclude,
+                sources.base_dir,
+            )
+        if sources.control_dir is None or sources.generated_dir is None:  # `EvaluationSources.check` refuses it
+            raise EvaluationError("give --sample_dir, or --control_dir with --generated_dir")
+        return pair_dirs(sources.control_dir, sources.generated_dir, sources.exclude, have_reference)
 
     # scoring ---------------------------------------------------------------------------
 
@@ -172,24 +175,26 @@ class FolderEvaluation:
         controls = [c for item in pairing.items for c in item.controls]
         samples = [item.image for item in pairing.items]
         paths = list(dict.fromkeys(controls + samples))  # controls first: each is needed by many
-        todo = sum(1 for p in paths if self.store.get(p) is None)
-        bar = self.progress(todo) if self.progress is not None and todo else None
-        try:
+        with self._progress_bar(paths, self.store) as bar:
             embedded = embed_files(self.model, paths, self.store, bar, self.workers, self._change_views)
-        finally:
-            if hasattr(bar, "close"):
-                bar.close()
         self.store.save()
-        if self.judge is not None:
-            judged = sum(1 for p in paths if self.judge_store.get(p) is None)
-            bar = self.progress(judged) if self.progress is not None and judged else None
-            try:
+        if self.judge is not None and self.judge_store is not None:
+            with self._progress_bar(paths, self.judge_store) as bar:
                 judge_files(self.judge, paths, self.judge_store, bar)
-            finally:
-                if hasattr(bar, "close"):
-                    bar.close()
             self.judge_store.save()
         return RoundResult(self.report(), embedded, len(paths) - embedded)
+
+    @contextmanager
+    def _progress_bar(self, paths: list[Path], store: EmbeddingStore) -> Iterator[ProgressBar | None]:
+        """A bar over the files of `paths` that `store` lacks, closed after (also on Ctrl-C); None without any."""
+        todo = sum(1 for p in paths if store.get(p) is None)
+        bar = self.progress(todo) if self.progress is not None and todo else None
+        try:
+            yield bar
+        finally:
+            close = getattr(bar, "close", None)
+            if close is not None:
+                close()
 
     def report(self) -> dict[str, Any]:
         """The report for the latest pairing, from what is embedded so far."""
@@ -242,14 +247,14 @@ class FolderEvaluation:
             "face": None,
             "reason": None,
         }
-        if self.judge is not None:
-            pair["judge"] = self._judge_pair(item)
+        if self.judge_store is not None:
+            pair["judge"] = self._judge_pair(item, self.judge_store)
         sample = self.store.get(item.image) or self.store.peek(item.image)
         if sample is None:
             pair["reason"] = NOT_SCORED
             return pair
         pair["face"] = sample.face_dict()
-        if not sample.ok:
+        if sample.embedding is None:
             pair["reason"] = f"sample: {sample.reason}"
             return pair
         if self.reference is not None:
@@ -260,7 +265,7 @@ class FolderEvaluation:
             entry = self.store.get(control) or self.store.peek(control)
             if entry is None:
                 problems.append(f"control {control}: {NOT_SCORED}")
-            elif not entry.ok:
+            elif entry.embedding is None:
                 problems.append(f"control {control}: {entry.reason}")
             else:
                 control_embeddings.append(entry.embedding)
@@ -274,11 +279,11 @@ class FolderEvaluation:
             pair[key] = "; ".join(problems)
         return pair
 
-    def _judge_pair(self, item: SampleItem) -> dict[str, Any]:
+    def _judge_pair(self, item: SampleItem, store: EmbeddingStore) -> dict[str, Any]:
         """The judge's own verdicts for one pair; its failures are reported here, apart from the engine's."""
         judged: dict[str, Any] = {"face": None, "control": None, "reference": None, "reason": None}
-        sample = self.judge_store.get(item.image) or self.judge_store.peek(item.image)
-        if sample is None or not sample.ok:
+        sample = store.get(item.image) or store.peek(item.image)
+        if sample is None or sample.embedding is None:
             judged["reason"] = f"sample: {sample.reason if sample is not None else NOT_SCORED}"
             return judged
         judged["face"] = sample.face_dict()
@@ -286,8 +291,8 @@ class FolderEvaluation:
             judged["reference"] = verdict(sample.embedding, self.judge_reference).to_dict()
         controls, problems = [], []
         for control in item.controls:
-            entry = self.judge_store.get(control) or self.judge_store.peek(control)
-            if entry is None or not entry.ok:
+            entry = store.get(control) or store.peek(control)
+            if entry is None or entry.embedding is None:
                 problems.append(f"control {control}: {entry.reason if entry is not None else NOT_SCORED}")
             else:
                 controls.append(entry.embedding)
@@ -308,7 +313,7 @@ class FolderEvaluation:
         if not above and pair["score_control"] < UNCHANGED_SCORE_FLOOR:
             return
         control = self.store.get(item.controls[0]) or self.store.peek(item.controls[0])
-        if control is None or not control.ok or control.kps is None or sample.kps is None:
+        if control is None or control.embedding is None or control.kps is None or sample.kps is None:
             return
         key = (control.path, control.size, control.mtime_ns, sample.path, sample.size, sample.mtime_ns)
         if key not in self._face_changes:

@@ -103,7 +103,7 @@ def pair_sample_folder(
             continue
         controls: list[Path] = []
         problem = None
-        if name.layout == "seed_guide":
+        if name.layout == "seed_guide" and name.prompt_index is not None:  # the seed guide's names always have it
             control = seed_controls.get(name.prompt_index)
             if control is not None:
                 controls = [control]

@@ -254,7 +254,8 @@ def _copy_paste_lines(gauge: dict[str, Any]) -> list[str]:
         return []
     lines = [
         f"reference photos' own agreement: {agreement['mean']:.3f} (min {agreement['min']:.3f}, "
-        f"{agreement['pairs']} pair(s)); {gauge['above_reference_agreement']} sample(s) score above it against their control"
+        f"{agreement['pairs']} pair(s)); {gauge['above_reference_agreement']} sample(s) score above it "
+        "against their control"
     ]
     judged = gauge["judge_reference_agreement"]
     if judged is not None:
