@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from ..common.files import default_dir_mode
 from .errors import ModelPackError
-from .packs import STANDARD_PACKS, validate_pack
+from .pack_files import STANDARD_PACKS, validate_pack
 
 if TYPE_CHECKING:
     from tqdm import tqdm

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from ..common.face_engine import DEFAULTS, PROVIDERS
 from .errors import FaceEngineError, ModelPackError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
-from .packs import STANDARD_PACKS, as_roots, find_pack_folder, list_packs, validate_pack
+from .pack_files import STANDARD_PACKS, validate_pack
+from .packs import as_roots, find_pack_folder, list_packs
 from .providers import available_providers, installed_onnxruntime
 
 

@@ -76,6 +76,46 @@ def test_each_package_imports_only_what_it_may(package: str) -> None:
     assert not wrong, f"imports outside {package}'s arrows: {wrong}"
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACK).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each module of the pack -> the pack's modules it imports, at its top or inside a function
+    (`from . import x` imports the module x; `from .x import y` the module x.y where y is one, else x)."""
+    modules = {_module_name(p): p for p in PACK.rglob("*.py") if p.relative_to(PACK).parts[0] in MAY_IMPORT}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        home = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level >= 1:
+                target = ".".join([*home[: len(home) - node.level + 1], *filter(None, (node.module or "").split("."))])
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}" if target else alias.name
+                    imported.add(sub if sub in modules else target)
+        graph[name] = (imported & modules.keys()) - {name}
+    return graph
+
+
+def test_no_module_imports_itself_back() -> None:
+    """No loop of imports, deferred ones included (packs.py once imported pack_download.py inside a function,
+    which imported packs.py): a module can be read, and loaded, after the ones it builds on."""
+    graph = _module_imports()
+    loops = []
+    for start in sorted(graph):
+        seen, frontier = set(), [start]
+        while frontier:
+            for imported in graph[frontier.pop()]:
+                if imported == start:
+                    loops.append(start)
+                elif imported not in seen:
+                    seen.add(imported)
+                    frontier.append(imported)
+    assert not loops, f"modules that import themselves back through others: {sorted(set(loops))}"
+
+
 def test_the_watcher_side_imports_without_torch() -> None:
     modules = [
         ".".join(("face_consistency", *path.relative_to(PACK).with_suffix("").parts))
