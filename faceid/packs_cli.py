@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..common.cli_help import ChoicesAndDefaultsFormatter
 from ..common.face_engine import DEFAULTS, PROVIDERS
 from .errors import FaceEngineError, ModelPackError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
@@ -15,6 +16,7 @@ from .providers import available_providers, installed_onnxruntime
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=ChoicesAndDefaultsFormatter,
         prog="face-consistency packs",
         description="List InsightFace model packs under the given roots and ~/.insightface, and the "
         "standard packs that download on first use; check each one, show which onnxruntime providers "

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 COMFY_MODULES = {"nodes", "server", "folder_paths", "comfy", "comfy_extras", "utils", "app", "execution", "main"}
@@ -73,3 +77,28 @@ def test_every_package_folder_is_installed():
         if init.parent.relative_to(REPO).parts[:1] not in (("tests",), ("benchmarks",), (".git",))
     }
     assert found - listed == set()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "packs"])
+def test_help_shows_each_flags_choices_and_default(command, monkeypatch):
+    """`face-consistency <command> --help` gives every flag's choices and its default where it has one."""
+    from face_consistency.cli import SUBCOMMANDS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag's help
+    parser = importlib.import_module(SUBCOMMANDS[command][0], "face_consistency").build_parser()
+    blocks: dict[str, str] = {}
+    for line in parser.format_help().splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            blocks[flag] = line
+        elif line.startswith("    ") and blocks:
+            blocks[flag] += " " + line.strip()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        shown = blocks[action.option_strings[0]]
+        help_text = shown.replace(parser._get_formatter()._format_action_invocation(action), "", 1)
+        for choice in action.choices or ():
+            assert str(choice) in help_text, (shown, choice)  # in the help, not only in the usage's {a,b}
+        if action.nargs != 0 and action.default not in (None, []):
+            assert f"default: {action.default}" in shown, shown
