@@ -79,7 +79,7 @@ def test_every_package_folder_is_installed():
     assert found - listed == set()
 
 
-@pytest.mark.parametrize("command", ["evaluate", "packs"])
+@pytest.mark.parametrize("command", ["evaluate", "packs", "demo"])
 def test_help_shows_each_flags_choices_and_default(command, monkeypatch):
     """`face-consistency <command> --help` gives every flag's choices and its default where it has one."""
     from face_consistency.cli import SUBCOMMANDS
