@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -86,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=TerminalProgress(),
         )
     except FaceEngineError as exc:
-        print(f"face-consistency demo: error: {exc}")
+        print(f"face-consistency demo: error: {exc}", file=sys.stderr)
         return 2
     print(f"insightface's photos: {folder}")
     print(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}")
