@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from ..common.cli_help import ChoicesAndDefaultsFormatter
+from ..common.face_engine import DEFAULTS, MODELS_ROOT_HELP, PACK_HELP, PROVIDER_HELP, PROVIDERS
 from .errors import FaceEngineError
 from .images import load_image
 from .matching import match_faces
 from .model import load_face_model
 from .pack_download import OFFLINE_ENV, TerminalProgress
-from .providers import PROVIDER_CHOICES
 from .results import DetectedFace
 from .similarity import Bands
 
@@ -43,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
         "its mirror image (multi-person matching), and different people against each other. Needs no data "
         "of your own; the first run downloads the model pack as every command does.",
     )
-    parser.add_argument("--model_name", default="buffalo_l", help="InsightFace pack name or folder")
+    parser.add_argument("--model_name", default=DEFAULTS.pack, help=PACK_HELP)
     parser.add_argument(
         "--models_root",
         type=Path,
         action="append",
-        help="folder holding models/<pack>/ (repeatable; ~/.insightface is always searched)",
+        help=f"{MODELS_ROOT_HELP}; repeatable",
     )
-    parser.add_argument("--device", choices=PROVIDER_CHOICES, default="auto", help="onnxruntime provider")
+    parser.add_argument("--device", choices=PROVIDERS, default=DEFAULTS.provider, help=PROVIDER_HELP)
     parser.add_argument(
         "--offline",
         action="store_true",
