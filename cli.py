@@ -9,7 +9,8 @@ from collections.abc import Sequence
 # subcommand -> (module relative to this package, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "packs": (".faceid.packs_cli", "list and check InsightFace model packs"),
-    "evaluate": (".faceid.evaluate_cli", "score sample folders against controls/references; JSON report and plot"),
+    "evaluate": (".faceid.evaluate.cli", "score sample folders against controls/references; JSON report and plot"),
+    "demo": (".faceid.demo_cli", "score the photos shipped inside insightface: a first result without data"),
     "train": (".trainer.cli", "train a Qwen-Image-Edit LoRA (musubi-tuner flags) with an optional face-identity loss"),
     "setup-trainer": (
         ".training_jobs.trainer_env_cli",

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from face_consistency.faceid import load_face_model
     from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
-    from face_consistency.faceid.pairing import pair_sample_folder
+    from face_consistency.faceid.evaluate.pairing import pair_sample_folder
     from face_consistency.musubi_formats.prompts import load_prompt_file
     from insightface.app import FaceAnalysis
 

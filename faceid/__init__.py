@@ -12,7 +12,8 @@ warnings.filterwarnings("ignore", message="`estimate` is deprecated", category=F
 from .errors import FaceEngineError, ImageLoadError, ModelPackError, NoFaceError, ProviderError  # noqa: E402
 from .images import image_list, load_image  # noqa: E402
 from .model import FaceModel, load_face_engine, load_face_model  # noqa: E402
-from .packs import STANDARD_PACKS, as_roots, list_packs, resolve_pack, validate_pack  # noqa: E402
+from .pack_files import STANDARD_PACKS, validate_pack  # noqa: E402
+from .packs import as_roots, list_packs, resolve_pack  # noqa: E402
 from .results import DetectedFace, FaceResult, Identity, Selection  # noqa: E402
 from .similarity import Bands, cosine_similarity, mean_identity  # noqa: E402
 

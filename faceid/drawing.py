@@ -41,17 +41,17 @@ def _bgr(color: RGB) -> tuple[int, int, int]:
 
 
 def _line_width(image: np.ndarray) -> int:
-    return max(1, int(round(max(image.shape[:2]) / 400)))
+    return max(1, round(max(image.shape[:2]) / 400))
 
 
 def draw_face(bgr: np.ndarray, face: DetectedFace, label: str, color: RGB, primary: bool = True) -> None:
     """Draw one face in place; secondary faces get a thinner box and no keypoints."""
     width = _line_width(bgr) if primary else max(1, _line_width(bgr) // 2)
-    x1, y1, x2, y2 = (int(round(v)) for v in face.bbox)
+    x1, y1, x2, y2 = (int(v) for v in np.rint(face.bbox))
     cv2.rectangle(bgr, (x1, y1), (x2, y2), _bgr(color), width, cv2.LINE_AA)
     if primary:
-        for (x, y), kp_color in zip(face.kps, KEYPOINT_COLORS):
-            cv2.circle(bgr, (int(round(x)), int(round(y))), width + 1, _bgr(kp_color), -1, cv2.LINE_AA)
+        for (x, y), kp_color in zip(np.rint(face.kps), KEYPOINT_COLORS):
+            cv2.circle(bgr, (int(x), int(y)), width + 1, _bgr(kp_color), -1, cv2.LINE_AA)
     if label:
         draw_label(bgr, label, (x1, y1), color)
 
@@ -59,7 +59,7 @@ def draw_face(bgr: np.ndarray, face: DetectedFace, label: str, color: RGB, prima
 def draw_label(bgr: np.ndarray, text: str, anchor: tuple[int, int], color: RGB) -> None:
     """Text on a filled box just above `anchor` (inside the image when the face touches the top)."""
     scale = max(0.4, max(bgr.shape[:2]) / 1600)
-    thickness = max(1, int(round(scale * 2)))
+    thickness = max(1, round(scale * 2))
     (w, h), baseline = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
     x = min(max(0, anchor[0]), max(0, bgr.shape[1] - w - 4))
     y = anchor[1] - h - baseline - 4 if anchor[1] - h - baseline - 4 >= 0 else anchor[1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,16 @@ COMPOSITE_ROWS = 256
 # as an unreadable file is.
 MAX_ASPECT_RATIO = 32
 MIN_IMAGE_SIDE = 8
+
+
+def list_images(folder: Path, exclude: Iterable[Path] = (), suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
+    """Image files directly in `folder` (not recursive), sorted by name; hidden and temp files skipped."""
+    excluded = {p.resolve() for p in exclude}
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".") and p.resolve() not in excluded
+    )
 
 
 def unsupported_format_reason(path: Path) -> str:

@@ -149,7 +149,7 @@ def weights_folder() -> Path:
         raise JudgeNotInstalledError(
             f"the dlib judge needs its model weights (face_recognition_models), which are not installed: {INSTALL_HINT}"
         )
-    return Path(list(spec.submodule_search_locations)[0]) / "models"
+    return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
 class DlibJudge:
@@ -253,12 +253,12 @@ class DlibJudge:
         """Descriptors of reference photos; a photo in which the judge finds no face is an error naming it."""
         descriptors = []
         for i, result in enumerate(self.judge_all(images, channel_order)):
-            if not result.ok:
+            if result.face is None:
                 raise JudgeFaceError(
                     f"{name} image {i} (of {len(images)}): {result.reason}. The judge needs a clear face in every "
                     "reference photo: replace that photo or disconnect the judge."
                 )
-            descriptors.append(result.descriptor)
+            descriptors.append(result.face.descriptor)
         return descriptors
 
     def identity(self, images: Sequence[Any], channel_order: str = "rgb", name: str = "reference") -> JudgeIdentity:

@@ -100,8 +100,8 @@ def match_batch(
         reference = references[reference_of[i]]
         result = model.analyze([bgr], all_faces=True, channel_order="bgr")[0]
         assignment = match_faces(
-            np.stack([f.embedding for f in reference.faces]),
-            np.stack([f.embedding for f in result.faces]) if result.faces else np.zeros((0, 1)),
+            np.stack([f.embedded() for f in reference.faces]),
+            np.stack([f.embedded() for f in result.faces]) if result.faces else np.zeros((0, 1)),
             min_similarity,
         )
         matches.append(ImageMatch(i, reference, result, assignment))

@@ -26,12 +26,16 @@ import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from filelock import FileLock, Timeout
 
 from ..common.files import default_dir_mode
 from .errors import ModelPackError
-from .packs import STANDARD_PACKS, validate_pack
+from .pack_files import STANDARD_PACKS, validate_pack
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +123,7 @@ class TerminalProgress:
     """A tqdm bar (size, speed, time left) as `download_pack`'s progress callback."""
 
     def __init__(self) -> None:
-        self._bar = None
+        self._bar: tqdm | None = None
 
     def __call__(self, transfer: Transfer) -> None:
         from tqdm import tqdm

@@ -5,15 +5,18 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
+from ..common.cli_help import ChoicesAndDefaultsFormatter
 from ..common.face_engine import DEFAULTS, PROVIDERS
-from .errors import FaceEngineError
+from .errors import FaceEngineError, ModelPackError
 from .pack_download import OFFLINE_ENV, RELEASES, TerminalProgress, download_dir, download_pack, models_dir_of
-from .packs import STANDARD_PACKS, as_roots, find_pack_folder, list_packs, validate_pack
+from .pack_files import STANDARD_PACKS, validate_pack
+from .packs import as_roots, find_pack_folder, list_packs
 from .providers import available_providers, installed_onnxruntime
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=ChoicesAndDefaultsFormatter,
         prog="face-consistency packs",
         description="List InsightFace model packs under the given roots and ~/.insightface, and the "
         "standard packs that download on first use; check each one, show which onnxruntime providers "
@@ -75,10 +78,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no model packs installed; put a pack under <root>/models/<pack>/ (see docs/face-models.md)")
     problems = 0
     for name in names:
-        folder = find_pack_folder(name, roots)
+        pack_folder = find_pack_folder(name, roots)
         try:
-            files = validate_pack(folder, name)
-            print(f"  {name:<14} ok      {files.detector.name} + {files.recognizer.name}  ({folder})")
+            if pack_folder is None:  # removed since it was listed
+                raise ModelPackError(f"{name} is no longer in {', '.join(map(str, roots))}")
+            files = validate_pack(pack_folder, name)
+            print(f"  {name:<14} ok      {files.detector.name} + {files.recognizer.name}  ({pack_folder})")
         except FaceEngineError as exc:
             problems += 1
             print(f"  {name:<14} BROKEN  {exc}")

@@ -25,6 +25,12 @@ class DetectedFace:
     det_score: float
     embedding: np.ndarray | None = None  # (D,) L2-normalised, when computed
 
+    def embedded(self) -> np.ndarray:
+        """The embedding of a face the recognizer has seen (every face of an `all_faces` analysis)."""
+        if self.embedding is None:
+            raise ValueError("this face was detected but not embedded")
+        return self.embedding
+
     @property
     def area(self) -> float:
         x1, y1, x2, y2 = self.bbox

@@ -99,7 +99,8 @@ class BatchScores:
 
     def report(self, title: Sequence[str] = ()) -> str:
         b = self.bands
-        lines = list(title) + [
+        lines = [
+            *title,
             f"bands: excellent >= {b.excellent:.2f}, good >= {b.good:.2f}, moderate >= {b.moderate:.2f}, poor below",
         ]
         if self.agreement is not None:
@@ -116,7 +117,8 @@ class BatchScores:
         judge_head = f"  {'dlib d':>6}  {'dlib s':>6}" if self.judge is not None else ""
         lines.append(f"{'#':>3}  {'score':>6}  {'band':<9}  {'face':<10}  {'change':>6}{judge_head}  note")
         for r in self.rows:
-            face = f"{r.result.face_index + 1} of {r.result.faces_found}" if r.scored else "-"
+            index = r.result.face_index
+            face = f"{index + 1} of {r.result.faces_found}" if r.scored and index is not None else "-"
             change = f"{r.face_change:6.3f}" if r.face_change is not None else f"{'-':>6}"
             judged = ""
             if self.judge is not None:
@@ -137,7 +139,8 @@ class BatchScores:
             mean = np.mean([v.similarity for v in verdicts]) if verdicts else float("nan")
             lines.append(
                 f"judge: mean similarity {mean:.3f} over {len(verdicts)} image(s); "
-                f"{sum(v.same_person for v in verdicts)} same person; {len(self.rows) - len(verdicts)} without a verdict"
+                f"{sum(v.same_person for v in verdicts)} same person; "
+                f"{len(self.rows) - len(verdicts)} without a verdict"
             )
         copies = sum(r.copy_paste for r in self.rows)
         if copies:
@@ -166,7 +169,7 @@ def _engine_note(row: ImageScore, batch: BatchScores) -> str:
     if not row.scored:
         action = "excluded from the mean" if row.excluded else "scored 0"
         return f"{row.result.reason} ({action})"
-    if row.copy_paste:
+    if row.copy_paste and batch.agreement is not None:
         return (
             f"COPY? above the references' agreement {batch.agreement.mean:.3f} and face unchanged "
             f"(change {row.face_change:.3f} < {batch.copy_paste_threshold:.2f})"
@@ -231,7 +234,7 @@ def score_batch(
     selection: Selection | str = Selection.LARGEST,
     index: int = 0,
     policy: NoFacePolicy | str = NoFacePolicy.SCORE_ZERO,
-    bands: Bands = Bands(),
+    bands: Bands | None = None,
     threshold: float = 0.75,
     copy_paste_threshold: float = DEFAULT_COPY_PASTE_THRESHOLD,
     on_image: Callable[[], None] | None = None,
@@ -246,7 +249,8 @@ def score_batch(
     faces of every output are detected and embedded (`result.faces`), so callers can draw them.
     `judge` with its reference descriptors (1 or pairwise) adds the held-out judge's verdicts.
     """
-    judge_of = reference_pairing(len(judge_references), len(outputs), "judge reference") if judge else None
+    judge_of = reference_pairing(len(judge_references), len(outputs), "judge reference") if judge else []
+    bands = bands or Bands()
     policy = NoFacePolicy(policy)
     selection = Selection(selection)
     reference_of = reference_pairing(len(references), len(outputs))
@@ -259,8 +263,8 @@ def score_batch(
         reference = references[reference_of[i]]
         result = model.analyze([bgr], selection, index, reference=reference, all_faces=True, channel_order="bgr")[0]
         change = None
-        if result.ok:
-            score = float(np.dot(result.embedding, reference))
+        if result.face is not None and result.face.embedding is not None:
+            score = float(np.dot(result.face.embedding, reference))
             band = bands.label(score)
             if control_of is not None:
                 change = face_region_change(controls[control_of[i]].crop, aligned_crop(bgr, result.face))
@@ -273,14 +277,14 @@ def score_batch(
             band=band,
             excluded=band is None and policy is NoFacePolicy.EXCLUDE,
             face_change=change,
-            face_scores=[float(np.dot(f.embedding, reference)) for f in result.faces],
+            face_scores=[float(np.dot(f.embedded(), reference)) for f in result.faces],
             unchanged=change is not None and change < copy_paste_threshold,
             above_agreement=score > agreement.mean if agreement is not None and band is not None else None,
         )
         if judge is not None:
             row.judge = judge.judge(bgr, channel_order="bgr")
-            if row.judge.ok:
-                row.judge_verdict = verdict(row.judge.descriptor, judge_references[judge_of[i]])
+            if row.judge.face is not None:
+                row.judge_verdict = verdict(row.judge.face.descriptor, judge_references[judge_of[i]])
         rows.append(row)
         if on_image is not None:
             on_image()

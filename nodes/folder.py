@@ -13,10 +13,10 @@ import cv2
 from ..common.files import atomic_write_json, check_writable_file, file_signature
 from ..faceid import Bands, FaceModel, Identity
 from ..faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation
+from ..faceid.evaluate.plot import plot_rgb, write_plot
+from ..faceid.evaluate.report import summary_table
+from ..faceid.images import list_images
 from ..faceid.judge import DlibJudge
-from ..faceid.pairing import list_images
-from ..faceid.plot import plot_rgb, write_plot
-from ..faceid.report import summary_table
 from ..musubi_formats.prompts import PromptFileError, load_prompt_file, resolve_prompt_path
 from . import comfy_env
 from .imaging import save_previews, to_image_batch

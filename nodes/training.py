@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..common.face_engine import FaceEngineSettings
+from ..faceid.images import list_images
 from ..faceid.packs import root_of_pack
-from ..faceid.pairing import list_images
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..musubi_formats.dataset import dataset_config_for, load_dataset_config
 from ..musubi_formats.names import output_name_problem

@@ -20,19 +20,15 @@ from evaluate_fixtures import (
     reencode,
     validate_schema,
 )
-from face_consistency.faceid import Bands, evaluate_cli
-from face_consistency.faceid import evaluate as evaluate_module
-from face_consistency.faceid.embedding_store import EmbeddingStore
-from face_consistency.faceid.evaluate import (
-    EvaluationError,
-    EvaluationSources,
-    FolderEvaluation,
-    embed_files,
-    watch,
-)
-from face_consistency.faceid.pairing import pair_dirs
-from face_consistency.faceid.plot import PLOT_SIZE, write_plot
-from face_consistency.faceid.report import REPORT_SCHEMA, summary_table
+from face_consistency.faceid import Bands
+from face_consistency.faceid.evaluate import EvaluationError, EvaluationSources, FolderEvaluation, watch
+from face_consistency.faceid.evaluate import cli as evaluate_cli
+from face_consistency.faceid.evaluate import embedding as embedding_module
+from face_consistency.faceid.evaluate.embedding import embed_files
+from face_consistency.faceid.evaluate.embedding_store import EmbeddingStore
+from face_consistency.faceid.evaluate.pairing import pair_dirs
+from face_consistency.faceid.evaluate.plot import PLOT_SIZE, write_plot
+from face_consistency.faceid.evaluate.report import REPORT_SCHEMA, summary_table
 from face_consistency.musubi_formats.dataset import pair_controls
 from face_consistency.musubi_formats.names import parse_sample_name
 from face_consistency.musubi_formats.prompts import load_prompt_file, parse_prompt_line
@@ -481,7 +477,7 @@ def test_cli_watch_stops_cleanly_on_ctrl_c(run, insightface_root, tmp_path, monk
         if len(rounds) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr("face_consistency.faceid.evaluate.time.sleep", interrupted_sleep)
+    monkeypatch.setattr("face_consistency.faceid.evaluate.folder_evaluation.time.sleep", interrupted_sleep)
     out = tmp_path / "watch.json"
     rc = _cli(
         "--sample_dir",
@@ -598,8 +594,8 @@ def test_the_guard_decodes_no_file_twice_and_measures_what_a_new_decode_does(
     root = paths["copy"].parent.parent
     sources = EvaluationSources(sample_dir=root / "sample", sample_prompts=root / "prompts.txt", base_dir=root)
     decoded = []
-    original = evaluate_module.load_image_sized
-    monkeypatch.setattr(evaluate_module, "load_image_sized", lambda path: decoded.append(path) or original(path))
+    original = embedding_module.load_image_sized
+    monkeypatch.setattr(embedding_module, "load_image_sized", lambda path: decoded.append(path) or original(path))
     cache = tmp_path / "cache.json"
     fresh = FolderEvaluation(model, sources, cache_file=cache).run_round().report
     assert len(decoded) == len(set(decoded)) == 4  # the control and three samples, once each

@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from evaluate_fixtures import reencode
-from face_consistency.faceid import evaluate_cli
-from face_consistency.faceid.embedding_store import FileFaces
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
+from face_consistency.faceid.evaluate import cli as evaluate_cli
+from face_consistency.faceid.evaluate.embedding_store import FileFaces
 from PIL import Image
 from unprivileged import run_with_permissions
 
@@ -127,7 +127,7 @@ def test_cli_watch_with_an_all_zero_cache_entry_scores_as_before(
     def one_round(seconds):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("face_consistency.faceid.evaluate.time.sleep", one_round)
+    monkeypatch.setattr("face_consistency.faceid.evaluate.folder_evaluation.time.sleep", one_round)
     assert evaluate_cli.main(args) == 0
     before = json.loads(out.read_text())
     cache = tmp_path / "report.json.embeddings.json"
@@ -400,7 +400,7 @@ def test_watch_keeps_the_last_good_prompt_file_while_it_is_unreadable(model, run
 DISK_FULL = """
 import json, os, subprocess, sys
 from pathlib import Path
-from face_consistency.faceid import evaluate_cli
+from face_consistency.faceid.evaluate import cli as evaluate_cli
 folder = Path(sys.argv[1])
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], check=True)
 (folder / "r.json").write_text("previous report")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from comfy_stubs import ProgressBar, set_comfy_base
 from evaluate_fixtures import TIME, build_musubi_folder, reencode, validate_schema
-from face_consistency.faceid import evaluate_cli
-from face_consistency.faceid.plot import PLOT_SIZE
-from face_consistency.faceid.report import REPORT_SCHEMA
+from face_consistency.faceid.evaluate import cli as evaluate_cli
+from face_consistency.faceid.evaluate.plot import PLOT_SIZE
+from face_consistency.faceid.evaluate.report import REPORT_SCHEMA
 from face_consistency.nodes import NODE_CLASS_MAPPINGS, comfy_env
 from face_consistency.nodes.folder import FaceConsistencyScoreFolder
 from PIL import Image

@@ -31,7 +31,8 @@ FACE_AT = (LARGE_SIDE // 2, LARGE_SIDE // 2)  # where the photo (enlarged 4x) go
 
 MEASURE = """
 import json, resource, sys
-from face_consistency.faceid import load_face_model, evaluate_cli
+from face_consistency.faceid import load_face_model
+from face_consistency.faceid.evaluate import cli as evaluate_cli
 if sys.argv[1] == "analyze":
     model = load_face_model("testpack", models_root=sys.argv[2], provider="cpu")
     result = model.analyze([sys.argv[3]])[0]

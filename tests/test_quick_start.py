@@ -25,14 +25,37 @@ def quick_start_commands() -> list[str]:
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
-def test_readme_quick_start_is_install_score_test() -> None:
-    install, score, tests = quick_start_commands()
+def test_readme_quick_start_is_install_demo_score_test() -> None:
+    install, demo, score, tests = quick_start_commands()
     assert install.startswith("pip install") and tests == "python -m pytest -q"
+    assert demo == "face-consistency demo"  # nothing but the install
     assert score.startswith("face-consistency evaluate ")
 
 
-def test_quick_start_scoring_downloads_the_pack_and_writes_the_report(tmp_path, testpack_dir, faces_dir) -> None:
+def test_quick_start_demo_scores_insightfaces_own_photos(tmp_path, testpack_dir) -> None:
+    """The demo line as written, with an empty HOME whose ~/.insightface holds the test pack under the
+    default pack's name: it needs no data and (offline here) no download."""
     command = shlex.split(quick_start_commands()[1])
+    home = tmp_path / "home"
+    (home / ".insightface" / "models").mkdir(parents=True)
+    (home / ".insightface" / "models" / "buffalo_l").symlink_to(testpack_dir, target_is_directory=True)
+    env = {**os.environ, "HOME": str(home), OFFLINE_ENV: "1"}
+    script = Path(sys.executable).with_name(command[0])
+    run = subprocess.run(
+        [str(script), *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "model buffalo_l (128-d)" in run.stdout
+    assert "t1.jpg: 6 people" in run.stdout and "6 of 6 people found at their mirrored place" in run.stdout
+    rows = re.findall(r"^  (\d) +\d+ +\d+ +(-?[\d.]+) ", run.stdout, re.M)
+    assert len(rows) == 6 and min(float(score) for _, score in rows) > 0.6, run.stdout  # the same person
+    others = float(re.search(r"different people of t1.jpg: mean (-?[\d.]+)", run.stdout).group(1))
+    stranger = float(re.search(r"Tom_Hanks_54745.png .*: highest (-?[\d.]+)", run.stdout).group(1))
+    assert others < 0.3 and stranger < 0.3, run.stdout  # other people
+
+
+def test_quick_start_scoring_downloads_the_pack_and_writes_the_report(tmp_path, testpack_dir, faces_dir) -> None:
+    command = shlex.split(quick_start_commands()[2])
     work = tmp_path / "work"
     sample = work / command[command.index("--sample_dir") + 1]
     reencode(faces_dir / "obama.jpg", sample / "control_image_0.png")

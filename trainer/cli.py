@@ -25,7 +25,7 @@ from diffusers.optimization import SchedulerType
 
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
-from ..faceid.pairing import list_images
+from ..faceid.images import list_images
 from ..musubi_formats.dataset import (
     DatasetConfigError,
     DatasetGroup,

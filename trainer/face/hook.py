@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ...faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ...faceid.evaluate.report import summarize
+from ...faceid.images import list_images
 from ...faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
 from ...faceid.pack_download import TerminalProgress
-from ...faceid.pairing import list_images
-from ...faceid.report import summarize
 from ...faceid.results import JudgeIdentity
 from ...musubi_formats.dataset import DatasetItem
 from ...musubi_formats.names import SAMPLE_DIR

@@ -18,8 +18,8 @@ from typing import Any
 
 from ...faceid import FaceModel
 from ...faceid.evaluate import EvaluationSources, FolderEvaluation
+from ...faceid.evaluate.report import summarize
 from ...faceid.judge import DlibJudge
-from ...faceid.report import summarize
 
 HELDOUT = "heldout_"
 

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 
 from ...common.files import atomic_path
 from ...faceid import FaceModel, Selection, mean_identity
-from ...faceid.embedding_store import model_fingerprint
+from ...faceid.evaluate.embedding_store import model_fingerprint
 from ...musubi_formats.dataset import DatasetItem
 from ..cache import FINGERPRINT_KEY, cached_fingerprint, file_identity, input_fingerprint
 

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from ..common.files import atomic_write_text, file_signature
-from .errors import OutputWriteError
+from ...common.files import atomic_write_text, file_signature
+from ..errors import OutputWriteError
 
 log = logging.getLogger(__name__)
 

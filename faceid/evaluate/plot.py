@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..common.figures import figure_rgb
-from ..common.files import atomic_write_bytes
-from ..musubi_formats.names import step_sort_key
+from ...common.figures import figure_rgb
+from ...common.files import atomic_write_bytes
+from ...musubi_formats.names import step_sort_key
 
 PLOT_WIDTH_IN, PLOT_HEIGHT_IN, PLOT_DPI = 10.0, 8.0, 100
 PLOT_SIZE = (int(PLOT_WIDTH_IN * PLOT_DPI), int(PLOT_HEIGHT_IN * PLOT_DPI))  # (width, height) pixels

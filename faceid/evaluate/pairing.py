@@ -20,10 +20,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common.files import IMAGE_SUFFIXES
-from ..musubi_formats.names import SEED_CONTROL, SampleName, musubi_controls, parse_sample_name
-from ..musubi_formats.prompts import SamplePrompt, resolve_prompt_path
-from .images import UNSUPPORTED_IMAGE_SUFFIXES, unsupported_format_reason
+from ...musubi_formats.names import SEED_CONTROL, SampleName, musubi_controls, parse_sample_name
+from ...musubi_formats.prompts import SamplePrompt, resolve_prompt_path
+from ..images import UNSUPPORTED_IMAGE_SUFFIXES, list_images, unsupported_format_reason
 
 
 @dataclass
@@ -49,16 +48,6 @@ class Unpaired:
 class Pairing:
     items: list[SampleItem] = field(default_factory=list)
     unpaired: list[Unpaired] = field(default_factory=list)
-
-
-def list_images(folder: Path, exclude: Iterable[Path] = (), suffixes: frozenset[str] = IMAGE_SUFFIXES) -> list[Path]:
-    """Image files directly in `folder` (not recursive), sorted by name; hidden and temp files skipped."""
-    excluded = {p.resolve() for p in exclude}
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith(".") and p.resolve() not in excluded
-    )
 
 
 def unsupported_images(folder: Path, kind: str = "sample") -> list[Unpaired]:
@@ -114,7 +103,7 @@ def pair_sample_folder(
             continue
         controls: list[Path] = []
         problem = None
-        if name.layout == "seed_guide":
+        if name.layout == "seed_guide" and name.prompt_index is not None:  # the seed guide's names always have it
             control = seed_controls.get(name.prompt_index)
             if control is not None:
                 controls = [control]

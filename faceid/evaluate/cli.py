@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..common.face_engine import (
+from ...common.cli_help import ChoicesAndDefaultsFormatter
+from ...common.face_engine import (
     DEFAULTS,
     DET_SIZE_HELP,
     DET_SIZES,
@@ -26,17 +27,18 @@ from ..common.face_engine import (
     PROVIDER_HELP,
     PROVIDERS,
 )
-from ..common.files import atomic_write_json, check_writable_file
-from ..common.values import Bounds, check_number, check_text
-from .errors import FaceEngineError, OutputWriteError
-from .evaluate import EvaluationError, EvaluationSources, FolderEvaluation, RoundResult, watch
-from .judge import DETECTORS, JUDGE_CHOICES, load_judge
-from .model import load_face_model
-from .pack_download import OFFLINE_ENV, TerminalProgress
+from ...common.files import atomic_write_json, check_writable_file
+from ...common.values import Bounds, check_number, check_text
+from ..errors import FaceEngineError, OutputWriteError
+from ..judge import DETECTORS, JUDGE_CHOICES, load_judge
+from ..model import load_face_model
+from ..pack_download import OFFLINE_ENV, TerminalProgress
+from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD
+from ..similarity import Bands
+from .folder_evaluation import FolderEvaluation, RoundResult, watch
 from .plot import write_plot
 from .report import summary_table
-from .scoring import DEFAULT_COPY_PASTE_THRESHOLD
-from .similarity import Bands
+from .sources import EvaluationError, EvaluationSources
 
 DEFAULT_WATCH_SECONDS = 30.0
 # The values each numeric flag may take, checked before anything is read (every float or int flag
@@ -54,6 +56,7 @@ PROGRESS_MIN_FILES = 8
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        formatter_class=ChoicesAndDefaultsFormatter,
         prog="face-consistency evaluate",
         description=(
             "Score generated images against the identity in their control images (and/or reference "
@@ -84,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         "directory, then the prompt file's folder)",
     )
     model = parser.add_argument_group("face model")
-    model.add_argument("--model_name", default=DEFAULTS.pack, help=f"{PACK_HELP} (default {DEFAULTS.pack})")
+    model.add_argument("--model_name", default=DEFAULTS.pack, help=PACK_HELP)
     model.add_argument(
         "--models_root",
         type=Path,
@@ -96,19 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1); by default it is fetched on first use",
     )
-    model.add_argument(
-        "--device", choices=PROVIDERS, default=DEFAULTS.provider, help=f"{PROVIDER_HELP} (default {DEFAULTS.provider})"
-    )
+    model.add_argument("--device", choices=PROVIDERS, default=DEFAULTS.provider, help=PROVIDER_HELP)
     model.add_argument(
         "--det_size",
         default=DEFAULTS.det_size,
-        help=f"{DET_SIZE_HELP}, e.g. {', '.join(map(str, DET_SIZES))} (default {DEFAULTS.det_size})",
+        help=f"{DET_SIZE_HELP}, e.g. {', '.join(map(str, DET_SIZES))}",
     )
     model.add_argument(
         "--det_thresh",
         type=float,
         default=DEFAULTS.det_thresh,
-        help=f"{DET_THRESH_HELP} (default {DEFAULTS.det_thresh})",
+        help=DET_THRESH_HELP,
     )
     model.add_argument(
         "--judge",
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--judge_detector",
         choices=DETECTORS,
         default="hog",
-        help="the judge's face detector: hog (fast) or cnn (finds more faces, slow on the CPU); default hog",
+        help="the judge's face detector: hog (fast) or cnn (finds more faces, slow on the CPU)",
     )
     scoring = parser.add_argument_group("scoring and output")
     scoring.add_argument("--threshold", type=float, help="count samples at or above this similarity")
@@ -135,15 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_json",
         type=Path,
         default=Path("face_consistency_results.json"),
-        help="report path (default face_consistency_results.json)",
+        help="report path",
     )
     scoring.add_argument(
         "--copy_paste_threshold",
         type=float,
         default=DEFAULT_COPY_PASTE_THRESHOLD,
         help="face change (1 - SSIM) below which a sample is flagged UNCHANGED (its control's face handed "
-        "back), and, scoring above the --reference photos' own agreement, as a copy of its control "
-        f"(default {DEFAULT_COPY_PASTE_THRESHOLD})",
+        "back), and, scoring above the --reference photos' own agreement, as a copy of its control",
     )
     scoring.add_argument("--plot", type=Path, metavar="PATH", help="also write the plot as PNG here")
     scoring.add_argument(

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from ..common.version import __version__
-from ..musubi_formats.names import step_sort_key
-from .similarity import Bands
+from ...common.version import __version__
+from ...musubi_formats.names import step_sort_key
+from ..similarity import Bands
 
 TOOL_NAME = "face-consistency evaluate"
 SCORE_FIELDS = {"control": "score_control", "reference": "score_reference"}
@@ -254,7 +254,8 @@ def _copy_paste_lines(gauge: dict[str, Any]) -> list[str]:
         return []
     lines = [
         f"reference photos' own agreement: {agreement['mean']:.3f} (min {agreement['min']:.3f}, "
-        f"{agreement['pairs']} pair(s)); {gauge['above_reference_agreement']} sample(s) score above it against their control"
+        f"{agreement['pairs']} pair(s)); {gauge['above_reference_agreement']} sample(s) score above it "
+        "against their control"
     ]
     judged = gauge["judge_reference_agreement"]
     if judged is not None:

@@ -1,0 +1,27 @@
+"""`--help` that shows each flag's choices and default, for every command of the pack."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class ChoicesAndDefaultsFormatter(argparse.HelpFormatter):
+    """Ends a flag's help with its choices and its default (`--device {auto,cuda,cpu}` ... `(choices: auto,
+    cuda, cpu; default: auto)`), each unless the help already gives it: every choice named in the text, or
+    the word "default" in it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if text is None or text == argparse.SUPPRESS or not action.option_strings:
+            return text
+        added = []
+        if action.choices is not None and not all(str(choice) in text for choice in action.choices):
+            added.append("choices: " + ", ".join(str(choice) for choice in action.choices))
+        if action.nargs != 0 and "default" not in text and not _silent(action.default):
+            added.append("default: %(default)s")
+        return f"{text} ({'; '.join(added)})" if added else text
+
+
+def _silent(default: object) -> bool:
+    """A default that says nothing: the flag left out is off or absent."""
+    return default is None or default is False or default is argparse.SUPPRESS or default == []
