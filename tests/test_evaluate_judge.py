@@ -10,9 +10,9 @@ from comfy_stubs import set_comfy_base
 from evaluate_fixtures import build_musubi_folder, reencode, validate_schema
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
 from face_consistency.faceid.evaluate import cli as evaluate_cli
-from face_consistency.faceid.judge import load_judge, verdict
 from face_consistency.faceid.evaluate.plot import PLOT_SIZE, write_plot
 from face_consistency.faceid.evaluate.report import REPORT_SCHEMA, summary_table
+from face_consistency.faceid.judge import load_judge, verdict
 from PIL import Image
 
 
