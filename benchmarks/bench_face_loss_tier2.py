@@ -112,7 +112,7 @@ from face_tier2_models import (  # noqa: E402
     pretrained_dit,
     round_trip,
 )
-from tiny_qwen import tiny_train_argv  # noqa: E402  (face_tier2_models put tests/ on the path)
+from tiny_qwen import tiny_train_argv  # noqa: E402  (face_tier2_models put tests/support/ on the path)
 
 GATE_ENGINE, GATE_DLIB = 0.8, 0.7
 KNOWN_ARMS = ("mse", "rollout", "positive", "face")

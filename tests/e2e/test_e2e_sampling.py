@@ -7,7 +7,7 @@ case is one of the conventions where the two used to part (docs/training.md, "Sa
 ComfyUI, side by side"); each also reports what the samples did before, which must miss the same
 bar, so that a case checks something. Runs only with COMFYUI_DIR (the end-to-end tier):
 
-    COMFYUI_DIR=/path/to/ComfyUI python -m pytest tests/test_e2e_sampling.py -m e2e -v
+    COMFYUI_DIR=/path/to/ComfyUI python -m pytest tests/e2e/test_e2e_sampling.py -m e2e -v
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from comfyui_server import comfyui_dir
 # not marked `trainer`: CI's run at the minimum library versions has no ComfyUI requirements to import ComfyUI with
 pytestmark = pytest.mark.e2e
 
-SCRIPT = Path(__file__).resolve().parent / "comfyui_sampling_parity.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "comfyui_sampling_parity.py"
 TOLERANCE = 1e-5  # relative, on the final latents
 SQUARE = {"width": 256, "height": 256, "references": [[256, 256]], "steps": 4, "shift_terminal": 0.0, "cfg": 4.0}
 CASES = [

@@ -16,7 +16,7 @@ from evaluate_fixtures import reencode
 from face_consistency.faceid.pack_download import OFFLINE_ENV, SHA256_ENV, URL_ENV
 from pack_server import PackServer, pack_zip, sha256
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def quick_start_commands() -> list[str]:

@@ -9,8 +9,7 @@ import torch
 from comfy_stubs import ExecutionBlocker
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
 from face_consistency.nodes.gate import FaceConsistencyGate
-from test_judge_nodes import judge  # noqa: F401 (fixture)
-from test_scoring_nodes import comfy, face_model, group_photo, photo  # noqa: F401 (fixtures)
+from scoring_inputs import group_photo, photo
 
 SIZE = (400, 500)
 GATE_DEFAULTS = dict(

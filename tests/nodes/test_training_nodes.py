@@ -24,10 +24,10 @@ from face_consistency.nodes.training import (
 from face_consistency.training_contract.protocol import read_status
 from face_consistency.training_jobs.run_reader import list_checkpoints, read_run
 from run_folders import write_lora, write_musubi_run
-from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from training_runs import TinyTraining, group_gone, wait_for
 from workflow_runner import check_inputs, load_workflow, run_workflow
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 API_EXAMPLES = EXAMPLES / "api"
 
 

@@ -31,11 +31,11 @@ from comfyui_server import ComfyServer, _prepare_base, comfyui_dir, run_prompt, 
 from face_consistency.training_contract.protocol import read_status
 from face_consistency.training_jobs import trainer_env
 from test_e2e_training import launch_workflow
-from training_runs import TinyTraining, tiny_training  # noqa: F401 (fixture)
+from training_runs import TinyTraining
 
 pytestmark = pytest.mark.e2e
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 REQUIREMENTS = REPO_ROOT / "requirements.txt"
 # what ComfyUI and other packs commonly depend on: installing the pack must not move any of them
 PROTECTED = (

@@ -5,7 +5,7 @@ the browser check runs once per frontend (the pinned one, and the newest in
 COMFYUI_NEWEST_FRONTEND). The servers and the browser driver are `comfyui_server.py`'s:
 
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_NEWEST_FRONTEND=/path/to/frontend [COMFYUI_PYTHON=/path/to/its/python] \
-        [CHROMIUM=/path/to/chromium] python -m pytest tests/test_e2e_comfyui.py -m e2e -v
+        [CHROMIUM=/path/to/chromium] python -m pytest tests/e2e/test_e2e_comfyui.py -m e2e -v
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfyui_server import (  # noqa: F401 (fixtures)
+from comfyui_server import (
     RUN_TIMEOUT_S,
     STARTUP_TIMEOUT_S,
     ComfyServer,
     chromium,
-    comfy_server,
-    frontend_server,
     open_page,
     run_prompt,
 )
@@ -31,7 +29,7 @@ from face_consistency.faceid import STANDARD_PACKS
 from face_consistency.faceid.pack_download import RELEASES
 from face_consistency.nodes.comfy_env import DOWNLOAD_SETTING
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO_ROOT / "example_workflows" / "api"
 OUR_NODES = (
     "FaceConsistencyLoadModel",

@@ -19,7 +19,7 @@ import pathspec
 import pytest
 from face_consistency.common.files import tomllib
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 # [tool.comfy]: every key the parser reads (PublisherId, DisplayName, Icon, Models, includes, Banner,
 # web; requires-comfyui for the supported ComfyUI versions). Any other key is silently dropped.

@@ -1,17 +1,11 @@
-"""The real-ComfyUI end-to-end tier's shared parts: the server fixtures and a headless Chromium driver.
+"""The real-ComfyUI end-to-end tier's shared parts: the servers and a headless Chromium driver.
 
-`comfy_server` (session fixture; import it into a test module) starts one ComfyUI for the whole
-session when COMFYUI_DIR points at a checkout, and skips otherwise. It runs `main.py --cpu` with
-COMFYUI_PYTHON (default: this interpreter) on 127.0.0.1 with `--base-directory` in a temporary
-folder, so the checkout is left untouched: the pack is symlinked into that folder's custom_nodes
-under a hyphenated name (as users clone it), the shared test photos are copied into its input
-folder, and an extra_model_paths.yaml maps `insightface` to the shared test pack root.
-
-`frontend_server` (session fixture, one parameter per frontend in FRONTENDS) is the server a
-browser check opens: "pinned" is `comfy_server` with the frontend ComfyUI's requirements pin;
-"newest" is a second ComfyUI on the same base directory (same models, outputs and training
-jobs; its own temp folder) serving the frontend installed with `pip install --target
-$COMFYUI_NEWEST_FRONTEND comfyui-frontend-package` through `--front-end-root`.
+`running_comfyui()` runs `main.py --cpu` with COMFYUI_PYTHON (default: this interpreter) on
+127.0.0.1 with `--base-directory` in a temporary folder, so the checkout is left untouched: the pack
+is symlinked into that folder's custom_nodes under a hyphenated name (as users clone it), the shared
+test photos are copied into its input folder (`_prepare_base`), and an extra_model_paths.yaml maps
+`insightface` to the shared test pack root. The session's servers, one per frontend, are the
+fixtures `comfy_server` and `frontend_server` of tests/e2e/conftest.py.
 
 `chromium()` starts headless Chromium (CHROMIUM, or `chromium` / `chromium-browser` on PATH;
 skips without one) and `open_page()` drives a tab over the DevTools protocol (no Playwright),
@@ -35,14 +29,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import cv2
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PACK_FOLDER = "ComfyUI-Face-Consistency"
 STARTUP_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 300
@@ -217,58 +211,6 @@ def running_comfyui(
         yield server
     finally:
         _stop(process)
-
-
-_servers: dict[tuple[Path, str], ComfyServer] = {}
-
-
-@contextlib.contextmanager
-def _once_per_session(
-    tmp_path_factory: pytest.TempPathFactory, frontend: str, start: Callable[[], contextlib.AbstractContextManager]
-) -> Iterator[ComfyServer]:
-    # Each e2e module imports the server fixtures (pytest then keeps one per module): start each
-    # server once per session all the same; the instance that started it stops it at the session's end.
-    key = (tmp_path_factory.getbasetemp(), frontend)
-    if key in _servers:
-        yield _servers[key]
-        return
-    with start() as server:
-        _servers[key] = server
-        try:
-            yield server
-        finally:
-            del _servers[key]
-
-
-@pytest.fixture(scope="session")
-def comfy_server(tmp_path_factory: pytest.TempPathFactory, testdata: Path) -> Iterator[ComfyServer]:
-    """ComfyUI with the frontend its requirements pin."""
-    comfyui = comfyui_dir()
-
-    def start() -> contextlib.AbstractContextManager:
-        base = tmp_path_factory.mktemp("comfy-base")
-        return running_comfyui(comfyui, base, _prepare_base(base, testdata))
-
-    with _once_per_session(tmp_path_factory, "pinned", start) as server:
-        yield server
-
-
-@pytest.fixture(scope="session", params=FRONTENDS)
-def frontend_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, comfy_server: ComfyServer
-) -> Iterator[ComfyServer]:
-    """The server a browser check opens, once per frontend (see the module's docstring)."""
-    if request.param == "pinned":
-        yield comfy_server
-        return
-    root = newest_frontend_root()
-
-    def start() -> contextlib.AbstractContextManager:
-        extra_paths = comfy_server.base / "extra_model_paths.yaml"
-        return running_comfyui(comfyui_dir(), comfy_server.base, extra_paths, frontend="newest", front_end_root=root)
-
-    with _once_per_session(tmp_path_factory, "newest", start) as server:
-        yield server
 
 
 def run_prompt(server: ComfyServer, workflow: dict[str, Any], timeout_s: float = RUN_TIMEOUT_S) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The trainer's samples beside ComfyUI's own sampler, on one DiT, noise and conditioning.
 
-Run as a script with ComfyUI's source folder first on sys.path (tests/test_e2e_sampling.py does,
+Run as a script with ComfyUI's source folder first on sys.path (tests/e2e/test_e2e_sampling.py does,
 in a subprocess, so ComfyUI's global settings stay out of the test process):
 
-    python tests/comfyui_sampling_parity.py COMFYUI_DIR CASES_JSON
+    python tests/support/comfyui_sampling_parity.py COMFYUI_DIR CASES_JSON
 
 CASES_JSON is a list of cases, each {"name", "width", "height", "references": [[w, h], ...] (px),
 "steps", "shift_terminal", "cfg"} and optionally "before_shift_terminal" (the old default's).

@@ -12,14 +12,9 @@ from face_consistency.nodes.imaging import to_bgr_list
 from face_consistency.nodes.judge import FaceConsistencyLoadJudge
 from face_consistency.nodes.matching import FaceConsistencyBestOf
 from face_consistency.nodes.scoring import FaceConsistencyReference, FaceConsistencySimilarity
-from test_scoring_nodes import SCORE_DEFAULTS, comfy, face_model, photo  # noqa: F401 (fixtures)
+from scoring_inputs import SCORE_DEFAULTS, photo
 
 SIZE = (400, 500)
-
-
-@pytest.fixture(scope="module")
-def judge():
-    return FaceConsistencyLoadJudge().load("hog")["result"][0]
 
 
 def score(face_model, images, **overrides):

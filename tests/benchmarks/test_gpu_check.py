@@ -18,7 +18,7 @@ import torch
 
 pytestmark = pytest.mark.trainer
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
 
 
 def test_dry_run_writes_every_figure(testdata, tmp_path):

@@ -16,7 +16,7 @@ from face_consistency.training_contract.protocol import write_status
 from face_consistency.training_jobs import job_control
 from face_consistency.training_jobs.job_registry import REGISTRY_FILENAME, JobRecord, JobRegistry
 from run_folders import MUSUBI_SAMPLES, write_musubi_run
-from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from training_runs import TinyTraining, group_gone, wait_for
 from yarl import URL
 
 PREFIX = "/face_consistency/jobs"

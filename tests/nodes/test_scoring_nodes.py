@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -29,51 +28,8 @@ from face_consistency.nodes.scoring import (
     FaceConsistencyReference,
     FaceConsistencySimilarity,
 )
-from PIL import Image, ImageOps
-
-SCORE_DEFAULTS = dict(
-    face_selection="largest",
-    face_index=0,
-    no_face_policy="score_zero",
-    threshold=0.7,
-    band_excellent=0.85,
-    band_good=0.75,
-    band_moderate=0.65,
-    copy_paste_threshold=0.1,
-)
-
-
-@pytest.fixture()
-def comfy(tmp_path: Path, insightface_root: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A ComfyUI base whose insightface folder list holds the shared test root (never copied)."""
-    monkeypatch.setenv("HOME", str(tmp_path))  # keep a real ~/.insightface out of the dropdown
-    fp = set_comfy_base(tmp_path / "comfy")
-    fp.add_model_folder_path("insightface", str(insightface_root))
-    ProgressBar.instances.clear()
-    ProgressBar.interrupt_after = None
-    yield tmp_path / "comfy"
-    ProgressBar.interrupt_after = None
-
-
-@pytest.fixture()
-def face_model(comfy: Path):
-    return FaceConsistencyLoadModel().load("testpack", "cpu", "640", 0.5)["result"][0]
-
-
-def photo(faces_dir: Path, name: str, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """A real photo as a ComfyUI IMAGE `[1,H,W,3]` (optionally letterboxed to (w, h))."""
-    with Image.open(faces_dir / name) as img:
-        img = img.convert("RGB")
-        if size is not None:
-            img = ImageOps.pad(img, size, Image.Resampling.BICUBIC, color=(128, 128, 128))
-        return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None]
-
-
-def group_photo() -> torch.Tensor:
-    from insightface.data import get_image
-
-    bgr = get_image("t1")  # OpenCV order: BGR
-    return torch.from_numpy(np.ascontiguousarray(bgr[..., ::-1]).astype(np.float32) / 255.0)[None]
+from PIL import Image
+from scoring_inputs import SCORE_DEFAULTS, group_photo, photo
 
 
 def score(face_model, images, **overrides):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMFY_MODULES = {"nodes", "server", "folder_paths", "comfy", "comfy_extras", "utils", "app", "execution", "main"}
 
 

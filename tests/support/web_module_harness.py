@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(
     NODE is None, reason="Node.js is not installed (the pack's web modules run in the browser)"

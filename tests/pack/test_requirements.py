@@ -10,8 +10,8 @@ from face_consistency.training_contract import libraries
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# what ComfyUI and other packs commonly depend on (tests/test_comfyui_install.py checks none of them moves)
+REPO_ROOT = Path(__file__).resolve().parents[2]
+# what ComfyUI and other packs commonly depend on (tests/e2e/test_comfyui_install.py checks none of them moves)
 PROTECTED = {
     "torch",
     "torchvision",
@@ -25,7 +25,7 @@ PROTECTED = {
     "aiohttp",
 }
 # registry metadata, not a library the pack imports: the Comfy Registry reads the supported frontend
-# versions from this dependency (tests/test_registry_metadata.py)
+# versions from this dependency (tests/pack/test_registry_metadata.py)
 REGISTRY_FRONTEND = "comfyui-frontend-package"
 OPENCV = {"opencv-python", "opencv-python-headless", "opencv-contrib-python", "opencv-contrib-python-headless"}
 

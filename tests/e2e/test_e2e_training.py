@@ -6,7 +6,7 @@ Runs only when COMFYUI_DIR points at a ComfyUI checkout (failed instead under CI
 panel check also needs Chromium and the newest frontend (see `comfyui_server.py`):
 
     COMFYUI_DIR=/path/to/ComfyUI COMFYUI_NEWEST_FRONTEND=/path/to/frontend [COMFYUI_PYTHON=/path/to/its/python] \\
-        [CHROMIUM=/path/to/chromium] python -m pytest tests/test_e2e_training.py -m e2e -v
+        [CHROMIUM=/path/to/chromium] python -m pytest tests/e2e/test_e2e_training.py -m e2e -v
 """
 
 from __future__ import annotations
@@ -18,22 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from comfyui_server import (  # noqa: F401 (fixtures)
+from comfyui_server import (
     STARTUP_TIMEOUT_S,
     ComfyServer,
     DevToolsPage,
     chromium,
-    comfy_server,
-    frontend_server,
     open_page,
     run_prompt,
 )
 from run_folders import MUSUBI_CHECKPOINTS, MUSUBI_NAME, write_musubi_run
-from training_runs import ComfyTinyFiles, TinyTraining, tiny_training, wait_for  # noqa: F401 (fixture)
+from training_runs import ComfyTinyFiles, TinyTraining, wait_for
 
 pytestmark = pytest.mark.e2e
 
-API_EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows" / "api"
+API_EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows" / "api"
 EXAMPLE = API_EXAMPLES / "train_launch_monitor.json"
 FINISHED_NAME = "e2e_tiny"
 # our extension's file and routes, in the URL or stack of any error they cause; the frontend's

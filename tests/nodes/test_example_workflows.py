@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "example_workflows"
+EXAMPLES = Path(__file__).resolve().parents[2] / "example_workflows"
 NAMES = ("score_one_edit", "best_of_n_seeds", "multi_person_edit")
 WIDGET_KINDS = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 

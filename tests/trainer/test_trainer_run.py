@@ -32,7 +32,7 @@ from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_file
 
 pytestmark = pytest.mark.trainer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

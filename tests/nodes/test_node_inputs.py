@@ -47,7 +47,7 @@ def _id(value) -> str:
 
 @pytest.mark.parametrize(("key", "name", "settings"), _inputs(("STRING",)), ids=_id)
 def test_every_text_input_refuses_nul_and_absurd_lengths(key, name, settings):
-    if not settings.get(comfy_env.PATH_INPUT):  # a path's NUL: comfy_env.confine (tests/test_confinement.py)
+    if not settings.get(comfy_env.PATH_INPUT):  # a path's NUL: comfy_env.confine (test_confinement.py)
         with pytest.raises(ValueCheckError, match=rf"^input {name} contains a NUL character \(at position 3\)"):
             _run(key, **{name: "abc\0def"})
     limit = MAX_MULTILINE_LENGTH if settings.get("multiline") else MAX_TEXT_LENGTH

@@ -16,7 +16,7 @@ from face_consistency.training_contract.protocol import read_metrics, read_statu
 from face_consistency.training_jobs import job_control, trainer_env
 from face_consistency.training_jobs.job_registry import JobConflictError, JobRegistry, UnknownJobError
 from face_consistency.training_jobs.run_reader import read_run
-from training_runs import TinyTraining, group_gone, tiny_training, wait_for  # noqa: F401 (fixture)
+from training_runs import TinyTraining, group_gone, wait_for
 
 pytestmark = [
     pytest.mark.skipif(
@@ -39,7 +39,7 @@ LAUNCHER = textwrap.dedent(
 
 def test_the_trainer_command_uses_this_interpreter_and_the_pack_bootstrap() -> None:
     command = job_control.trainer_command(["--output_dir", "x"])
-    assert command[0] == sys.executable  # it has the trainer's libraries (tests/test_trainer_env.py: the others)
+    assert command[0] == sys.executable  # it has the trainer's libraries (test_trainer_env.py: the others)
     assert Path(command[1]) == Path(job_control.__file__).resolve().parent.parent / "bootstrap.py"
     assert command[2:] == ["train", "--output_dir", "x"]
 

@@ -1,4 +1,5 @@
-"""Real trainer runs for job-control, node and route tests: tiny models and dataset, written once per session."""
+"""Real trainer runs for job-control, node and route tests: the tiny models and dataset (the session's
+`tiny_training` fixture, tests/conftest.py), installed into a ComfyUI or run; waiting for a run."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
-from tiny_qwen import TinyModelFiles, tiny_train_argv, write_tiny_dataset, write_tiny_model_files
+from tiny_qwen import TinyModelFiles, tiny_train_argv
 
 T = TypeVar("T")
 RUN_TIMEOUT_S = 300.0  # a tiny run takes well under a minute; 2 shared CI cores can be slow
@@ -58,21 +58,6 @@ class TinyTraining:
         tokenizer = comfy_base / "input" / "tiny_tokenizer"
         shutil.copytree(self.files.tokenizer_dir, tokenizer, dirs_exist_ok=True)
         return ComfyTinyFiles(toml, tokenizer)
-
-
-_written: dict[Path, TinyTraining] = {}
-
-
-@pytest.fixture(scope="session")
-def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TinyTraining:
-    # Each test module imports this fixture (pytest then keeps one per module): write the files
-    # once per session all the same, so the dataset's latent cache is built by the first run only.
-    base = tmp_path_factory.getbasetemp()
-    if base not in _written:
-        root = tmp_path_factory.mktemp("tiny_training")
-        files = write_tiny_model_files(root / "models")
-        _written[base] = TinyTraining(files, write_tiny_dataset(root / "data", n=4))
-    return _written[base]
 
 
 def wait_for(condition: Callable[[], T], what: str, timeout_s: float = RUN_TIMEOUT_S, interval_s: float = 0.25) -> T:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-PACK = Path(__file__).resolve().parents[1]
+PACK = Path(__file__).resolve().parents[2]
 # package -> the pack's packages it may import (itself always)
 MAY_IMPORT = {
     "common": set(),

@@ -19,7 +19,7 @@ from face_consistency.training_jobs import job_control, trainer_env
 from face_consistency.training_jobs.trainer_env import TrainerEnvironmentError
 
 PROBE = "fc_probe_lib"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def write_wheel(folder: Path, name: str = PROBE, version: str = "1.0") -> Path:
