@@ -13,7 +13,7 @@ from face_consistency.trainer import models
 from face_consistency.trainer import qwen_image21_loading as q21
 from face_consistency.trainer.cli import ConfigError, build_parser, validate_args
 from face_consistency.training_contract import libraries
-from face_consistency.training_contract.model_versions import MODEL_VERSIONS, QWEN_IMAGE_21, QWEN_IMAGE_EDIT
+from face_consistency.training_contract.model_versions import QWEN_IMAGE_21, QWEN_IMAGE_EDIT
 from safetensors.torch import save_file
 from tiny_qwen import write_tiny_dataset, write_tiny_model_files
 from tiny_qwen_image21 import (
@@ -150,17 +150,6 @@ def test_full_size_configs_match_the_published_models():
     assert te.config.text_config.num_hidden_layers == 36 and te.config.vision_config.out_hidden_size == 4096
 
 
-def test_version_floors_name_the_versions_needed():
-    assert libraries.too_old_for("edit-2509", {}) is None
-    message = libraries.too_old_for(
-        "qwen-image-2.1", {"diffusers": {"version": "0.39.0"}, "transformers": {"version": "4.52.1"}}
-    )
-    assert "needs diffusers>=0.41.0 and transformers>=4.57.1" in message
-    assert "diffusers 0.39.0, transformers 4.52.1" in message
-    message = libraries.too_old_for("qwen-image-2.1", {"diffusers": {"version": "0.42.1"}})
-    assert "transformers not installed" in message and "diffusers 0.42.1" not in message
-
-
 def _argv(dit, files, dataset, out, version):
     vae = files.vae if hasattr(files, "vae") else dit  # no 2.1 VAE file yet: only its existence is checked
     return [
@@ -206,14 +195,6 @@ def test_cli_checks_libraries_and_the_dit_family_before_loading(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"needs diffusers>=0.41.0 and transformers>=4.57.1"):
         validate(files_21.dit, "qwen-image-2.1")
     assert validate(files.dit, "edit-2509").model_version == "edit-2509"  # 2509 keeps the declared floors
-
-
-def test_model_version_21_is_its_own_family():
-    version = MODEL_VERSIONS["qwen-image-2.1"]
-    assert version.family == QWEN_IMAGE_21 and version.several_controls
-    assert version.lora_metadata["ss_base_model_version"] == "qwen_image_2.1"
-    assert version.lora_metadata["modelspec.architecture"] == "Qwen-Image-2.1/lora"
-    assert all(v.family == QWEN_IMAGE_EDIT for name, v in MODEL_VERSIONS.items() if name != "qwen-image-2.1")
 
 
 def test_the_installed_libraries_decide_whether_21_can_be_asked_for(tmp_path):
