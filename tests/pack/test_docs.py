@@ -25,7 +25,7 @@ from face_consistency.cli import SUBCOMMANDS
 from face_consistency.faceid.similarity import Bands
 from face_consistency.training_contract.options import OPTIONS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = REPO / "docs"
 PAGES = sorted([REPO / "README.md", *DOCS.glob("*.md")])
 
