@@ -77,13 +77,15 @@ def tiny_training(tmp_path_factory: pytest.TempPathFactory) -> TinyTraining:
     return TinyTraining(write_tiny_model_files(root / "models"), write_tiny_dataset(root / "data", n=4))
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Each test carries the marker of its folder (tests/faceid/ -> faceid), registered in pyproject.toml."""
     registered = {line.split(":")[0].strip() for line in config.getini("markers")}
     for item in items:
-        if not item.path.is_relative_to(TESTS):
+        path = item.path.resolve()
+        if not path.is_relative_to(TESTS):
             continue
-        folder = item.path.relative_to(TESTS).parts[0]
+        folder = path.relative_to(TESTS).parts[0]
         if folder not in registered:
             raise pytest.UsageError(
                 f"{item.path}: a test belongs in a folder of tests/ whose name is a marker registered in "
