@@ -4,7 +4,7 @@
         [--save_every 50] [--learning_rate 1e-2] [--network_dim 64] [--heads 4] [--size 64] [--out DIR]
 
 One real run of `face-consistency train` (in this process, on the CPU or the GPU there is) on the
-random tiny Qwen-Image-Edit models of tests/tiny_qwen.py: a handful of synthetic training pairs
+random tiny Qwen-Image-Edit models of tests/support/tiny_qwen.py: a handful of synthetic training pairs
 trained for many epochs, `--held_out` other pairs as a validation dataset (never trained on), a
 checkpoint every `--save_every` epochs, and one sample prompt that starts from a training item's
 control with that item's caption (the sample a LoRA that memorises its data turns into the
@@ -20,7 +20,7 @@ checkpoint it keeps and why, three checks (the validation
 loss turns up; the samples' similarity to the nearest training target rises; the kept checkpoint
 is the last before the rise) and what validation and the per-checkpoint samples and scoring cost
 as a share of the run's time (the trainer's own timers, `status.json`). The tiny models draw no
-faces, so the held-out likeness columns stay empty here: tests/test_trainer_validation.py scores
+faces, so the held-out likeness columns stay empty here: tests/trainer/test_trainer_validation.py scores
 real photos. Not a test: figures only.
 """
 
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from tiny_qwen import TinyModelFiles
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 
 def main() -> None:

@@ -5,7 +5,7 @@
 
 Uses the face VAE of `bench_face_vae_ceiling.py` (same default settings, so its cached file;
 fitted first when there is none) as the trainer's `--vae`, with the tiny random DiT and text
-encoder of the tests (`tests/tiny_qwen.py`). The dataset is three 128x128 face crops (the same
+encoder of the tests (`tests/support/tiny_qwen.py`). The dataset is three 128x128 face crops (the same
 pixels the VAE was fitted on): obama with obama2 as its control, obama2 with obama as its control
 (another photo of the same person), biden with his mirrored crop (a transformed copy). Every run
 is `face-consistency train` with the tests' tiny flag set for `--steps` steps; per seed one run

@@ -26,7 +26,7 @@ People, edit, second views, judges, calibration, headroom check, endpoint and de
     to learn and the benchmark insensitive). Both are cached by a hash of their settings and data.
 - **The arms** are LoRA runs of the trainer itself (`trainer/cli.py` parse + validate, `run_training`, in this
   process) on the LoRA-training people written as a musubi dataset (PNG pairs, one caption), the seed
-  guide's flags (`tests/tiny_qwen.tiny_train_argv`: shift 2.2 timestep sampling, AdamW) with rank
+  guide's flags (`tests/support/tiny_qwen.tiny_train_argv`: shift 2.2 timestep sampling, AdamW) with rank
   `--lora_rank`, `--lora_steps` steps of batch `--lora_batch`; the same `--seed` per seed in every arm, so the
   same data order, timesteps and noise (the face hook draws no random numbers):
     mse       MSE only
@@ -112,7 +112,7 @@ from face_tier2_models import (  # noqa: E402
     pretrained_dit,
     round_trip,
 )
-from tiny_qwen import tiny_train_argv  # noqa: E402  (face_tier2_models put tests/ on the path)
+from tiny_qwen import tiny_train_argv  # noqa: E402  (face_tier2_models put tests/support/ on the path)
 
 GATE_ENGINE, GATE_DLIB = 0.8, 0.7
 KNOWN_ARMS = ("mse", "rollout", "positive", "face")

@@ -50,7 +50,7 @@ DEFAULT_CACHE = Path(tempfile.gettempdir()) / "face_consistency_bench_vae"
 SOURCES = ("shared", "astronaut", "t1")
 # t1's six small group-photo faces, upscaled, share the capacity and blur every decode (docs/face-loss.md)
 DEFAULT_SOURCES = ("shared", "astronaut")
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 from tiny_qwen import TINY_VAE_CONFIG, diffusers_vae_key_to_wan  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 from training_step import REAL_WIDTH  # noqa: E402 - the benchmarks folder is not a package

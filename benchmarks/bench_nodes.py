@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the ComfyUI stand-ins
+sys.path.insert(0, str(REPO / "tests" / "support"))  # the ComfyUI stand-ins
 from comfy_stubs import install_comfy_stubs  # noqa: E402
 
 install_comfy_stubs(Path(tempfile.mkdtemp(prefix="bench-nodes-")))

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 DIT_PREFIX = "model.diffusion_model."
 # (label, which file, --fp8_base, which bytes the ratio is taken against)

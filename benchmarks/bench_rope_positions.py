@@ -37,7 +37,7 @@ from face_consistency.trainer.sampling import pack, unpack
 from face_consistency.trainer.train import prepare_transformer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 from tiny_qwen import TINY_TRANSFORMER_CONFIG, tiny_train_argv, write_tiny_dataset, write_tiny_model_files  # noqa: E402
 
 ROPE_DIT = {

@@ -3,7 +3,7 @@
     /work/venv/bin/python benchmarks/bench_trainer.py [--size 128] [--steps 30] [--repeats 3] [--mixed_precision no]
 
 Each configuration runs the real trainer (`face-consistency train`) in a fresh child process on
-the tiny random models of tests/tiny_qwen.py; printed per configuration: steps/s (the trainer's
+the tiny random models of tests/support/tiny_qwen.py; printed per configuration: steps/s (the trainer's
 own figure, over its last 20 steps), the child's peak resident memory, and on CUDA the peak
 allocated GPU memory; the best of `--repeats` interleaved runs. Caching happens once, before the
 timed runs. On a CPU the peak RSS is dominated by the libraries (torch, diffusers, transformers),
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 
 def child(argv_file: str) -> None:

@@ -3,7 +3,7 @@ that draws faces, both fitted on generated pre-training faces and cached by a ha
 
 Used by `bench_face_loss_tier2.py` (read its docstring first). The model files are what the trainer
 loads (`--vae`, `--dit`, `--text_encoder`, `--tokenizer`): the real diffusers / transformers classes in
-tiny configs, written by the tests' writer (`tests/tiny_qwen.py`) in ComfyUI's single-file layouts. No
+tiny configs, written by the tests' writer (`tests/support/tiny_qwen.py`) in ComfyUI's single-file layouts. No
 generated face is written into the repository; the cache lies outside it.
 """
 
@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 BENCHMARKS = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCHMARKS))
-sys.path.insert(0, str(BENCHMARKS.parent / "tests"))
+sys.path.insert(0, str(BENCHMARKS.parent / "tests" / "support"))
 from bench_face_vae_ceiling import fit, latent_statistics  # noqa: E402
 from face_tier1_data import ROLE_SEEDS, Edit, shuffled_batches, to_uint8  # noqa: E402
 from tiny_qwen import DIT_PREFIX, build_tiny_processor, diffusers_vae_key_to_wan, write_tiny_model_files  # noqa: E402

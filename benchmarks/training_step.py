@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT / "tests"))
+sys.path.insert(0, str(REPO_ROOT / "tests" / "support"))
 
 REAL_WIDTH = {
     "patch_size": 2,
@@ -50,7 +50,7 @@ FACE_LOSS_FLAGS = [
 
 
 def write_models(folder: Path, blocks: int, *, real_width: bool, real_vae: bool, share=None):
-    """Random model files (tests/tiny_qwen.py's layout) with a DiT of `blocks` blocks. `share`: earlier
+    """Random model files (tests/support/tiny_qwen.py's layout) with a DiT of `blocks` blocks. `share`: earlier
     files whose VAE and text encoder to use instead (so their latent and text caches are reused)."""
     from face_consistency.trainer.models import VAE_CONFIG, shipped_config
     from tiny_qwen import TINY_TRANSFORMER_CONFIG, TINY_VAE_CONFIG, write_tiny_model_files

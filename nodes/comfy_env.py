@@ -69,7 +69,7 @@ class FolderAccessError(ValueError):
 
 
 # The key that marks a STRING input naming a file or folder in a node's INPUT_TYPES (ComfyUI and its
-# frontend ignore keys they do not know); tests/test_confinement.py tries every input so marked.
+# frontend ignore keys they do not know); tests/nodes/test_confinement.py tries every input so marked.
 PATH_INPUT = "face_consistency_path"
 
 

@@ -6,7 +6,7 @@ model version (from `--model_version` or its alias flags), the mixed precision (
 where not given), the canonical spelling of every choice, the seed (drawn where not given), the
 validation sigmas (sorted, high to low), and the values read from files: the dataset with its
 held-out items, the sample prompts, the likeness references, the optimizer's keyword arguments.
-`tests/test_trainer_config.py` holds the fields to the options.
+`tests/trainer/test_trainer_config.py` holds the fields to the options.
 """
 
 from __future__ import annotations

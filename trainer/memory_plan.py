@@ -2,7 +2,7 @@
 
 Parameter counts come from the real architecture built on the meta device (no memory); activation
 sizes come from formulas in saved elements per token or per pixel, counted with
-`torch.autograd.graph.saved_tensors_hooks` on the real-width modules (tests/test_memory_plan.py
+`torch.autograd.graph.saved_tensors_hooks` on the real-width modules (tests/trainer/test_memory_plan.py
 checks them against measured bytes, within 20%):
 
 - a transformer block saves about `BLOCK_SAVED_PER_TOKEN` (18) x dim values per token (image,
