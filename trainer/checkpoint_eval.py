@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ..faceid import FaceEngineError, FaceModel, ProviderError, load_face_engine
 from ..faceid.judge import DlibJudge, JudgeNotInstalledError, load_judge, verdict
 from ..faceid.pack_download import TerminalProgress
 from ..musubi_formats.dataset import DatasetItem
@@ -154,14 +154,7 @@ def build_sample_evidence(config: TrainingConfig, training_targets: Sequence[Pat
     if not references:
         return SampleEvidence(training_targets)
     try:
-        model = load_face_model(
-            config.face_model_name,
-            models_root=config.face_models_root,
-            provider=config.face_device,
-            det_size=config.face_det_size,
-            allow_download=not config.offline,
-            progress=TerminalProgress(),
-        )
+        model = load_face_engine(config.face_engine(), progress=TerminalProgress())
     except (ProviderError, FaceEngineError) as exc:
         raise ValueError(f"--likeness_references: face model pack {config.face_model_name!r}: {exc}") from None
     try:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..common.face_engine import FaceEngineSettings
 from ..musubi_formats.dataset import DatasetGroup
 from .sampling import SampleSettings
 
@@ -111,6 +112,17 @@ class TrainingConfig:
     sample_settings: tuple[SampleSettings, ...]  # the prompts of --sample_prompts
     likeness_reference_paths: tuple[Path, ...]  # the photos of --likeness_references
     optimizer_kwargs: Mapping[str, Any]  # --optimizer_args as Python values
+
+    def face_engine(self, pack: str | None = None) -> FaceEngineSettings:
+        """The face engine these flags load: `pack` (else `--face_model_name`) from `--face_models_root`,
+        on `--face_device`, detecting at `--face_det_size`, downloading a missing standard pack unless offline."""
+        return FaceEngineSettings(
+            pack=pack or self.face_model_name,
+            models_roots=(Path(self.face_models_root),) if self.face_models_root else (),
+            provider=self.face_device,
+            det_size=self.face_det_size,
+            allow_download=not self.offline,
+        )
 
 
 DERIVED_FIELDS = ("dataset_group", "sample_settings", "likeness_reference_paths", "optimizer_kwargs")

@@ -11,6 +11,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from evaluate_fixtures import one_sample_run
 from face_consistency.cli import main as cli_main
+from face_consistency.common.face_engine import FaceEngineSettings
 from face_consistency.faceid import cosine_similarity, load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import models
@@ -94,6 +95,19 @@ def full_run(face_setup, tmp_path_factory) -> Path:
     )
     assert rc == 0, read_status(out)
     return out
+
+
+def test_the_face_flags_give_the_one_face_engine_setting(face_setup, tmp_path):
+    """The trainer loads its face engine with the same settings type as evaluate and the nodes."""
+    files, dataset = face_setup["files"], face_setup["dataset"]
+    root = tmp_path / "models_root"
+    root.mkdir()
+    flags = ["--face_models_root", str(root), "--face_device", "cpu", "--face_det_size", "320", "--offline"]
+    config = validate_args(parse_args([*tiny_train_argv(files, dataset, tmp_path), "--enable_face_loss", *flags]))
+    assert config.face_engine() == FaceEngineSettings(
+        pack="buffalo_l", models_roots=(root,), provider="cpu", det_size=320, allow_download=False
+    )
+    assert config.face_engine("antelopev2").pack == "antelopev2"
 
 
 def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ...faceid import FaceEngineError, FaceModel, ProviderError, load_face_model
+from ...faceid import FaceEngineError, FaceModel, ProviderError, load_face_engine
 from ...faceid.evaluate.report import summarize
 from ...faceid.images import list_images
 from ...faceid.judge import JUDGE_NAME, DlibJudge, load_judge, mean_descriptor, verdict
@@ -156,14 +156,7 @@ def load_judge_heldout() -> JudgeHeldout:
 def load_face_pack(config: TrainingConfig, pack: str, prefix: str, judge: DlibJudge | None = None) -> FacePack:
     """The engine and frozen recognizer of `pack`, with the clear error a user can act on."""
     try:
-        model = load_face_model(
-            pack,
-            models_root=config.face_models_root,
-            provider=config.face_device,
-            det_size=config.face_det_size,
-            allow_download=not config.offline,
-            progress=TerminalProgress(),
-        )
+        model = load_face_engine(config.face_engine(pack), progress=TerminalProgress())
         recognizer = FrozenFaceRecognizer.from_face_model(model)
     except ProviderError as exc:
         raise FaceSetupError(
