@@ -71,11 +71,6 @@ def find_pack_folder(pack: str | os.PathLike, roots: Sequence[Path]) -> Path | N
     return None
 
 
-def root_of_pack(pack: str, roots: Sequence[Path]) -> Path | None:
-    """The first search root that holds the pack named `pack` (as `find_pack_folder` searches)."""
-    return next((root for root in roots if any((parent / pack).is_dir() for parent in _pack_parents(root))), None)
-
-
 def resolve_pack(
     pack: str | os.PathLike,
     roots: Sequence[Path],

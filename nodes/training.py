@@ -16,7 +16,6 @@ from typing import Any
 
 from ..common.face_engine import FaceEngineSettings
 from ..faceid.images import list_images
-from ..faceid.packs import root_of_pack
 from ..faceid.scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..musubi_formats.dataset import dataset_config_for, load_dataset_config
 from ..musubi_formats.names import output_name_problem
@@ -241,14 +240,6 @@ def _face_pack(choice: str) -> str:
     return str(comfy_env.input_path(pack, "face_model_name")) if _is_folder(pack) else pack_name(pack)
 
 
-def _pack_root(pack: str) -> tuple[Path, ...]:
-    """The models root the trainer finds `pack` in (it searches one): ComfyUI's folder holding the pack, else the
-    first (where a standard pack downloads)."""
-    roots = comfy_env.insightface_roots()
-    root = root_of_pack(pack, roots) or (roots[0] if roots else None)
-    return (root,) if root else ()
-
-
 class FaceConsistencyTrainLaunch:
     """Start a LoRA training run in the background; returns at once with a TRAINING_JOB."""
 
@@ -372,7 +363,7 @@ class FaceConsistencyTrainLaunch:
         pack = _face_pack(settings.pop("face_model_name"))
         engine = FaceEngineSettings(
             pack=pack,
-            models_roots=_pack_root(pack),
+            models_roots=tuple(comfy_env.insightface_roots()),  # the trainer searches them as the loader node does
             provider=settings.pop("face_device"),
             det_size=settings.pop("face_det_size"),
             allow_download=comfy_env.pack_downloads_enabled(),

@@ -88,7 +88,7 @@ class TrainingConfig:
     face_device: str
     face_det_size: int
     face_eval_frequency: int
-    face_models_root: str | None
+    face_models_root: tuple[str, ...]
     offline: bool
     face_loss_max_t: float
     face_loss_t_weighting: str
@@ -118,7 +118,7 @@ class TrainingConfig:
         on `--face_device`, detecting at `--face_det_size`, downloading a missing standard pack unless offline."""
         return FaceEngineSettings(
             pack=pack or self.face_model_name,
-            models_roots=(Path(self.face_models_root),) if self.face_models_root else (),
+            models_roots=tuple(Path(root) for root in self.face_models_root),
             provider=self.face_device,
             det_size=self.face_det_size,
             allow_download=not self.offline,

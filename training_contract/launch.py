@@ -147,12 +147,12 @@ class LaunchRequest:
         return args + self.extra_argv()
 
     def _face_engine_argv(self) -> list[str]:
-        """The face engine's settings as the trainer spells them (common/face_engine.py); it searches one root."""
+        """The face engine's settings as the trainer spells them (common/face_engine.py)."""
         engine = self.face_engine
         args = options.to_argv("face_model_name", engine.pack.strip())
         args += options.to_argv("face_device", engine.provider) + options.to_argv("face_det_size", engine.det_size)
         if engine.models_roots:
-            args += options.to_argv("face_models_root", str(engine.models_roots[0]))
+            args += options.to_argv("face_models_root", [str(root) for root in engine.models_roots])
         return args + options.to_argv("offline", not engine.allow_download)
 
     @staticmethod

@@ -389,7 +389,7 @@ OPTIONS: tuple[Option, ...] = (
         node=NodeWidget(100, 1, 100000),
         bounds=Bounds(1, STEPS_CEILING),
     ),
-    Option("face_models_root", str, "face", MODELS_ROOT_HELP, path=True),
+    Option("face_models_root", str, "face", f"{MODELS_ROOT_HELP}; several are searched in order", path=True, many=True),
     Option(
         "offline", bool, "face", "never download a missing standard face pack (by default it is fetched on first use)"
     ),

@@ -141,12 +141,3 @@ def test_empty_pack_name_is_called_empty_not_nested(tmp_path, testpack_dir):
     for name in ("", "  "):
         with pytest.raises(ModelPackError, match="the model pack name is empty"):
             resolve_pack(name, [tmp_path])
-
-
-def test_the_root_of_a_pack_is_the_first_that_holds_it(tmp_path: Path) -> None:
-    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    (second / "models" / "mypack").mkdir(parents=True)  # an InsightFace root
-    (third / "mypack").mkdir(parents=True)  # a models/ folder given as the root
-    assert packs_module.root_of_pack("mypack", [first, second, third]) == second
-    assert packs_module.root_of_pack("mypack", [first, third]) == third
-    assert packs_module.root_of_pack("other", [first, second, third]) is None

@@ -116,7 +116,7 @@ def test_seed_guide_face_flags_parse_with_their_defaults(face_setup, tmp_path):
     assert (args.face_loss_weight, args.face_model_name, args.face_device) == (0.1, "buffalo_l", "auto")
     assert (args.face_det_size, args.face_eval_frequency, args.face_loss_every) == (640, 100, 1)
     # the defaults that fit a 24 GB card and act where the estimate is sharp (docs/face-loss.md)
-    assert (args.face_models_root, args.face_eval_model) == (None, None)
+    assert (args.face_models_root, args.face_eval_model) == ([], None)
     assert (args.face_loss_max_t, args.face_loss_t_weighting, args.face_decode) == (0.5, "none", "face")
     validated = validate_args(args)
     assert (validated.face_loss_max_t, validated.face_decode) == (0.5, "face")

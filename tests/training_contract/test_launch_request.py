@@ -38,18 +38,19 @@ def test_steps_replace_epochs_and_off_values_pass_no_flag(tmp_path: Path) -> Non
 
 
 def test_the_face_engines_settings_are_the_trainers_flags(tmp_path: Path) -> None:
-    engine = FaceEngineSettings(pack="antelopev2", models_roots=(tmp_path / "packs",), provider="cpu", det_size=320)
+    roots = (tmp_path / "packs", tmp_path / "more_packs")  # searched in order by the trainer, as by the loader node
+    engine = FaceEngineSettings(pack="antelopev2", models_roots=roots, provider="cpu", det_size=320)
     request = _request(tmp_path, enable_face_loss=True, face_engine=engine)
     args = parse_args(request.argv())
     assert (args.face_model_name, args.face_device, args.face_det_size) == ("antelopev2", "cpu", 320)
-    assert args.face_models_root == str(tmp_path / "packs") and not args.offline
+    assert args.face_models_root == [str(root) for root in roots] and not args.offline
     # the default engine: the trainer's own defaults (provider auto), no models root, downloads off when asked
     offline = _request(tmp_path, enable_face_loss=True, face_engine=replace(TRAINER_FACE_ENGINE, allow_download=False))
     args = parse_args(offline.argv())
     assert (args.face_model_name, args.face_device, args.face_models_root, args.offline) == (
         "buffalo_l",
         "auto",
-        None,
+        [],
         True,
     )
 
