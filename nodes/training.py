@@ -197,6 +197,18 @@ def _confine_dataset(source: Path | None, output_dir: Path, resolution: int, inp
     return toml
 
 
+def _face_engine(settings: dict[str, Any]) -> FaceEngineSettings:
+    """The face engine the node's face inputs name (taken out of `settings`), searched for in ComfyUI's
+    insightface folders as the loader node searches them, downloading per ComfyUI's setting."""
+    return FaceEngineSettings(
+        pack=_face_pack(settings.pop("face_model_name")),
+        models_roots=tuple(comfy_env.insightface_roots()),
+        provider=settings.pop("face_device"),
+        det_size=settings.pop("face_det_size"),
+        allow_download=comfy_env.pack_downloads_enabled(),
+    )
+
+
 def _confine_photos_and_controls(request: LaunchRequest) -> None:
     """Every likeness reference photo, and every --ci control image of the sample prompts wherever the trainer
     will look for it, inside ComfyUI's folders (a symlink counts where it points)."""
@@ -351,29 +363,23 @@ class FaceConsistencyTrainLaunch:
         name_problem = output_name_problem(name)
         if name_problem:
             raise ValueError(f"output_name {output_name!r} {name_problem}; give a plain name such as face_lora")
-        texts = (
-            ("dataset", dataset),
-            ("validation_dataset", validation_dataset),
-            ("tokenizer", tokenizer),
-            ("likeness_references", likeness_references),
-            ("face_loss_negatives", settings.get("face_loss_negatives", "")),
-        )
-        paths = {key: comfy_env.input_path(text, key) for key, text in texts}  # confined before anything is read
+        texts = {
+            "dataset": dataset,
+            "validation_dataset": validation_dataset,
+            "tokenizer": tokenizer,
+            "likeness_references": likeness_references,
+            "face_loss_negatives": settings.get("face_loss_negatives", ""),
+        }
+        paths = {key: comfy_env.input_path(text, key) for key, text in texts.items()}  # confined before any read
         trainer_runtime()  # no trainer's libraries anywhere: refused, naming the setup command, before any write
-        pack = _face_pack(settings.pop("face_model_name"))
-        engine = FaceEngineSettings(
-            pack=pack,
-            models_roots=tuple(comfy_env.insightface_roots()),  # the trainer searches them as the loader node does
-            provider=settings.pop("face_device"),
-            det_size=settings.pop("face_det_size"),
-            allow_download=comfy_env.pack_downloads_enabled(),
-        )
+        engine = _face_engine(settings)  # takes the face engine's inputs out of settings
         request = LaunchRequest(
             output_dir=comfy_env.output_directory() / LORAS / name,  # on ComfyUI's LoRA search path
             output_name=name,
             dit=_model_file("diffusion_models", dit),
             vae=_model_file("vae", vae),
             text_encoder=_model_file("text_encoders", text_encoder),
+            face_engine=engine,
             settings={
                 **settings,
                 **{key: paths[key] for key in LAUNCH_PATH_SETTINGS},
@@ -381,7 +387,6 @@ class FaceConsistencyTrainLaunch:
                 "sample_every_n_epochs": sample_every_n_epochs,
             },
             enable_face_loss=enable_face_loss,
-            face_engine=engine,
             sample_prompts=sample_prompts,
             extra_args=extra_args,
         )
