@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from ..common.cli_help import ChoicesAndDefaultsFormatter
-from ..common.face_engine import DEFAULTS, MODELS_ROOT_HELP, PACK_HELP, PROVIDER_HELP, PROVIDERS
+from .engine_flags import add_engine_flags, engine_settings
 from .errors import FaceEngineError
 from .images import load_image
 from .matching import match_faces
-from .model import load_face_model
-from .pack_download import OFFLINE_ENV, TerminalProgress
+from .model import load_face_engine
+from .pack_download import TerminalProgress
 from .results import DetectedFace
 from .similarity import Bands
 
@@ -43,19 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "its mirror image (multi-person matching), and different people against each other. Needs no data "
         "of your own; the first run downloads the model pack as every command does.",
     )
-    parser.add_argument("--model_name", default=DEFAULTS.pack, help=PACK_HELP)
-    parser.add_argument(
-        "--models_root",
-        type=Path,
-        action="append",
-        help=f"{MODELS_ROOT_HELP}; repeatable",
-    )
-    parser.add_argument("--device", choices=PROVIDERS, default=DEFAULTS.provider, help=PROVIDER_HELP)
-    parser.add_argument(
-        "--offline",
-        action="store_true",
-        help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1)",
-    )
+    add_engine_flags(parser)
     return parser
 
 
@@ -79,13 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         folder = insightface_photos()
-        model = load_face_model(
-            args.model_name,
-            models_root=args.models_root,
-            provider=args.device,
-            allow_download=not args.offline,
-            progress=TerminalProgress(),
-        )
+        model = load_face_engine(engine_settings(args), progress=TerminalProgress())
     except FaceEngineError as exc:
         print(f"face-consistency demo: error: {exc}", file=sys.stderr)
         return 2

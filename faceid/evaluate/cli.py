@@ -17,22 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from ...common.cli_help import ChoicesAndDefaultsFormatter
-from ...common.face_engine import (
-    DEFAULTS,
-    DET_SIZE_HELP,
-    DET_SIZES,
-    DET_THRESH_HELP,
-    MODELS_ROOT_HELP,
-    PACK_HELP,
-    PROVIDER_HELP,
-    PROVIDERS,
-)
 from ...common.files import atomic_write_json, check_writable_file
 from ...common.values import Bounds, check_number, check_text
+from ..engine_flags import add_engine_flags, engine_settings
 from ..errors import FaceEngineError, OutputWriteError
 from ..judge import DETECTORS, JUDGE_CHOICES, load_judge
-from ..model import load_face_model
-from ..pack_download import OFFLINE_ENV, TerminalProgress
+from ..model import load_face_engine
+from ..pack_download import TerminalProgress
 from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..similarity import Bands
 from .folder_evaluation import FolderEvaluation, RoundResult, watch
@@ -87,30 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
         "directory, then the prompt file's folder)",
     )
     model = parser.add_argument_group("face model")
-    model.add_argument("--model_name", default=DEFAULTS.pack, help=PACK_HELP)
-    model.add_argument(
-        "--models_root",
-        type=Path,
-        action="append",
-        help=f"{MODELS_ROOT_HELP}; repeatable",
-    )
-    model.add_argument(
-        "--offline",
-        action="store_true",
-        help=f"never download a missing standard pack (also: {OFFLINE_ENV}=1); by default it is fetched on first use",
-    )
-    model.add_argument("--device", choices=PROVIDERS, default=DEFAULTS.provider, help=PROVIDER_HELP)
-    model.add_argument(
-        "--det_size",
-        default=DEFAULTS.det_size,
-        help=f"{DET_SIZE_HELP}, e.g. {', '.join(map(str, DET_SIZES))}",
-    )
-    model.add_argument(
-        "--det_thresh",
-        type=float,
-        default=DEFAULTS.det_thresh,
-        help=DET_THRESH_HELP,
-    )
+    add_engine_flags(model)
     model.add_argument(
         "--judge",
         choices=JUDGE_CHOICES,
@@ -247,15 +215,7 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         )
         sources.check()
         sources.check_outputs(outputs)
-        model = load_face_model(
-            args.model_name,
-            models_root=args.models_root,
-            provider=args.device,
-            det_size=args.det_size,
-            det_thresh=args.det_thresh,
-            allow_download=not args.offline,
-            progress=None if args.quiet else TerminalProgress(),
-        )
+        model = load_face_engine(engine_settings(args), progress=None if args.quiet else TerminalProgress())
         say(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}")
         judge = load_judge(args.judge, args.judge_detector) if args.judge else None
         if judge is not None:
