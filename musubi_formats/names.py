@@ -18,6 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..common.paths import is_within_directory
+
 SAMPLE_DIR = "sample"
 BEST_SUFFIX = "-best"
 # A run's name becomes file names: `.{name}-step00000000.safetensors.<random>.tmp` stays within the
@@ -152,3 +154,20 @@ def parse_checkpoint_name(filename: str) -> tuple[str, int | None, int | None, b
     if m := _EPOCH_CHECKPOINT.match(stem):
         return m["name"], None, int(m["epoch"]), False
     return stem, None, None, True
+
+
+def checkpoint_files(folder: str | os.PathLike, output_name: str | None = None) -> list[Path]:
+    """The LoRA checkpoint files in `folder` (of the run `output_name` only, when given), by file name:
+    hidden files, `-best` copies and links to files outside the folder are not checkpoints."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return [
+        path
+        for path in sorted(folder.glob("*.safetensors"))
+        if path.is_file()
+        and not path.name.startswith(".")
+        and not path.stem.endswith(BEST_SUFFIX)
+        and is_within_directory(folder, path)
+        and (output_name is None or parse_checkpoint_name(path.name)[0] == output_name)
+    ]

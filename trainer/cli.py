@@ -33,7 +33,7 @@ from ..musubi_formats.dataset import (
     load_dataset_config,
     split_validation,
 )
-from ..musubi_formats.names import output_name_problem
+from ..musubi_formats.names import checkpoint_files, output_name_problem
 from ..training_contract import libraries
 from ..training_contract.checkpoint_choice import DEFAULT_VALIDATION_SIGMAS
 from ..training_contract.model_versions import ALIAS_FLAGS, MODEL_VERSIONS, QWEN_IMAGE_21
@@ -246,7 +246,7 @@ def validate_args(args: argparse.Namespace) -> TrainingConfig:
         raise ConfigError(str(exc)) from None
     if version.family == QWEN_IMAGE_21:
         raise ConfigError(QWEN_IMAGE_21_NOT_TRAINABLE_YET)
-    _check_output_dir(Path(args.output_dir))
+    _check_output_dir(Path(args.output_dir), args.output_name, resuming=bool(args.resume))
     if args.network_weights and args.resume:
         raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
     if args.network_weights:
@@ -392,13 +392,20 @@ def _check_prompt_lengths(group: Any, prompts: list, args: argparse.Namespace) -
             )
 
 
-def _check_output_dir(folder: Path) -> None:
+def _check_output_dir(folder: Path, output_name: str, *, resuming: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--output_dir {folder} is a file, not a folder: choose a folder for the run")
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(
             f"--output_dir {folder}: {existing} is not writable by this user; choose a folder you can write to"
+        )
+    earlier = checkpoint_files(folder, output_name)
+    if earlier and not resuming:  # a fresh run would overwrite these and add to the run's metrics and log
+        raise ConfigError(
+            f"--output_dir {folder} already holds the run {output_name!r} ({len(earlier)} checkpoint(s), such as "
+            f"{earlier[-1].name}): pass --resume with its -state folder to continue it, another --output_name, "
+            "or another --output_dir"
         )
 
 

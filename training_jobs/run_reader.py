@@ -27,7 +27,7 @@ from typing import Any
 
 from ..common.files import IMAGE_SUFFIXES
 from ..common.paths import is_within_directory
-from ..musubi_formats.names import BEST_SUFFIX, SAMPLE_DIR, parse_checkpoint_name, parse_sample_name
+from ..musubi_formats.names import SAMPLE_DIR, checkpoint_files, parse_checkpoint_name, parse_sample_name
 from ..training_contract.checkpoint_choice import CheckpointTable, read_table
 from ..training_contract.protocol import LOG_FILE, read_metrics, read_status, run_file
 
@@ -170,18 +170,9 @@ def list_checkpoints(output_dir: str | os.PathLike, output_name: str | None = No
     musubi writes. Given `output_name`, only that run's files are listed; `{name}-best`
     copies made by the scoreboard never are.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
     checkpoints: list[Checkpoint] = []
-    for path in sorted(folder.glob("*.safetensors")):
-        if not path.is_file() or path.name.startswith(".") or path.stem.endswith(BEST_SUFFIX):
-            continue
-        if not is_within_directory(folder, path):
-            continue
+    for path in checkpoint_files(output_dir, output_name):
         name, step, epoch, final = parse_checkpoint_name(path.name)
-        if output_name is not None and name != output_name:
-            continue
         metadata = _checkpoint_metadata(path)
         step = step if step is not None else _int_or_none(metadata.get("ss_steps"))
         epoch = epoch if epoch is not None else _int_or_none(metadata.get("ss_epoch"))

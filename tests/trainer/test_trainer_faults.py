@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from face_consistency.cli import main as cli_main
-from face_consistency.training_contract.protocol import LOCK_FILE, read_metrics, read_status
+from face_consistency.training_contract.protocol import LOCK_FILE, METRICS_FILE, read_metrics, read_status
 from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files
 from training_runs import RUN_TIMEOUT_S, wait_for
 from unprivileged import run_with_permissions
@@ -192,8 +193,6 @@ def saved_state(setup, tmp_path_factory) -> Path:
 
 
 def copy_state(state: Path, tmp_path: Path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(state, tmp_path / "state"))
 
 
@@ -252,8 +251,23 @@ def test_one_run_per_output_folder_whoever_starts_it(setup, tmp_path, capsys):
         first.wait(timeout=RUN_TIMEOUT_S)
     steps = [m["step"] for m in read_metrics(out)]
     assert steps == sorted(set(steps)), "two runs wrote into one metrics.jsonl"
-    # the OS let go of the lock with the process: the folder takes a new run
-    assert (out / LOCK_FILE).exists() and train(setup, out, 1) == 0
+    # the OS let go of the lock with the process: the folder takes a new run (of another name: the stopped
+    # run's checkpoint is there)
+    assert (out / LOCK_FILE).exists() and train(setup, out, 1, "--output_name", "second") == 0
+
+
+def test_a_fresh_run_never_overwrites_a_run_of_the_same_name(setup, saved_state, tmp_path, capsys):
+    out = Path(shutil.copytree(saved_state.parent, tmp_path / "out"))
+    before = {p.name: p.read_bytes() for p in out.glob("*.safetensors")}
+    metrics = (out / METRICS_FILE).read_bytes()
+    assert before and train(setup, out, 2) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir {out} already holds the run 'tiny' (1 checkpoint(s), such as tiny.safetensors)" in err
+    assert "pass --resume with its -state folder" in err and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in out.glob("*.safetensors")} == before
+    assert (out / METRICS_FILE).read_bytes() == metrics
+    # another name in the same folder is another run
+    assert train(setup, out, 1, "--output_name", "other") == 0 and (out / "other.safetensors").is_file()
 
 
 def test_a_killed_save_leaves_nothing_for_the_next_run(setup, tmp_path):
