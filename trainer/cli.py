@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from diffusers.optimization import SchedulerType
 
+from ..common.cli_help import ChoicesAndDefaultsFormatter
 from ..common.files import TextFileError, read_text_file, tomllib
 from ..common.values import ValueCheckError
 from ..faceid.images import list_images
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="face-consistency train",
         description="Train a Qwen-Image-Edit LoRA (musubi-tuner compatible flags, dataset TOML, outputs).",
+        formatter_class=ChoicesAndDefaultsFormatter,
         allow_abbrev=False,
     )
     add_arguments(parser)

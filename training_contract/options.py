@@ -222,15 +222,17 @@ OPTIONS: tuple[Option, ...] = (
         "learning_rate",
         float,
         "training",
-        "",
+        "the optimizer's learning rate",
         2e-6,
         node=NodeWidget(5e-5, 1e-7, 1e-2, 1e-6),
         bounds=Bounds(0, math.inf, low_open=True),
     ),  # any finite rate: a diverging run is stopped and said
     Option("lr_scheduler", str, "training", "diffusers scheduler name (constant, cosine, linear, ...)", "constant"),
-    Option("lr_warmup_steps", int, "training", "", 0, bounds=Bounds(0, STEPS_CEILING)),
-    Option("lr_scheduler_num_cycles", int, "training", "", 1, bounds=Bounds(1, 10**6)),
-    Option("lr_scheduler_power", float, "training", "", 1.0, bounds=Bounds(0, 100)),
+    Option(
+        "lr_warmup_steps", int, "training", "steps over which the rate rises from 0", 0, bounds=Bounds(0, STEPS_CEILING)
+    ),
+    Option("lr_scheduler_num_cycles", int, "training", "restarts of cosine_with_restarts", 1, bounds=Bounds(1, 10**6)),
+    Option("lr_scheduler_power", float, "training", "power of the polynomial scheduler", 1.0, bounds=Bounds(0, 100)),
     Option("max_grad_norm", float, "training", "gradient clipping (0 disables)", 1.0, bounds=Bounds(0, 1e6)),
     Option(
         "gradient_checkpointing",
@@ -239,12 +241,19 @@ OPTIONS: tuple[Option, ...] = (
         "recompute each block in the backward pass (less memory)",
         node=NodeWidget(True),
     ),
-    Option("gradient_accumulation_steps", int, "training", "", 1, bounds=Bounds(1, 10**4)),
+    Option(
+        "gradient_accumulation_steps",
+        int,
+        "training",
+        "micro-batches summed into one optimizer step",
+        1,
+        bounds=Bounds(1, 10**4),
+    ),
     Option(
         "max_train_steps",
         int,
         "training",
-        "",
+        "optimizer steps to train (--max_train_epochs overrides it)",
         1600,
         bounds=Bounds(1, STEPS_CEILING),
         node=NodeWidget(0, 0, 10**7, tooltip="0: train by epochs.", off=0),
@@ -286,10 +295,19 @@ OPTIONS: tuple[Option, ...] = (
         many=True,
     ),
     # output
-    Option("output_dir", str, "output", path=True),
-    Option("output_name", str, "output", "", "lora", path=True),
-    Option("save_every_n_epochs", int, "output", node=NodeWidget(10, 1, 100000), bounds=Bounds(1, EPOCHS_CEILING)),
-    Option("save_every_n_steps", int, "output", bounds=Bounds(1, STEPS_CEILING)),
+    Option(
+        "output_dir", str, "output", "the run's folder: checkpoints, sample/, status.json, metrics.jsonl", path=True
+    ),
+    Option("output_name", str, "output", "the run's name, the stem of its checkpoint files", "lora", path=True),
+    Option(
+        "save_every_n_epochs",
+        int,
+        "output",
+        "save a checkpoint every N epochs",
+        node=NodeWidget(10, 1, 100000),
+        bounds=Bounds(1, EPOCHS_CEILING),
+    ),
+    Option("save_every_n_steps", int, "output", "save a checkpoint every N steps", bounds=Bounds(1, STEPS_CEILING)),
     Option("save_state", bool, "output", "save resumable state beside each checkpoint"),
     Option("resume", str, "output", "state folder to continue from (continues at its step and epoch)", path=True),
     Option("logging_dir", str, "output", "TensorBoard log folder", path=True),
@@ -297,11 +315,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("config_file", str, "output", "TOML file with any of these flags as keys", path=True),
     # sampling
     Option("sample_prompts", str, "sampling", "musubi prompt file (--w --h --s --d --fs --l --n --ci)", path=True),
-    Option("sample_every_n_steps", int, "sampling", bounds=Bounds(1, STEPS_CEILING)),
+    Option(
+        "sample_every_n_steps",
+        int,
+        "sampling",
+        "draw the sample prompts every N steps",
+        bounds=Bounds(1, STEPS_CEILING),
+    ),
     Option(
         "sample_every_n_epochs",
         int,
         "sampling",
+        "draw the sample prompts every N epochs",
         node=NodeWidget(
             10,
             0,
@@ -311,7 +336,7 @@ OPTIONS: tuple[Option, ...] = (
         ),
         bounds=Bounds(1, EPOCHS_CEILING),
     ),
-    Option("sample_at_first", bool, "sampling"),
+    Option("sample_at_first", bool, "sampling", "draw the sample prompts before the first step"),
     Option(
         "sample_shift_terminal",
         float,
@@ -555,9 +580,9 @@ GROUP_TITLES = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every option as a flag, in its group, its help ending with its default; the choices shown in
-    the usage. They are checked with the bounds (`check_values`), not by argparse: some match in any
-    case, and the messages name the flag."""
+    """Every option as a flag, in its group (the parser's ChoicesAndDefaultsFormatter ends each help with
+    its default); the choices shown in the usage. They are checked with the bounds (`check_values`), not by
+    argparse: some match in any case, and the messages name the flag."""
     groups = {key: parser.add_argument_group(title) for key, title in GROUP_TITLES.items()}
     for option in OPTIONS:
         group = groups[option.group]
@@ -570,23 +595,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 default=list(option.default or ()) if option.many else option.default,
                 nargs="*" if option.many else None,
                 metavar="{" + ",".join(option.choices) + "}" if option.choices else None,
-                help=help_text(option) or None,
+                help=option.help.replace("%", "%%") or None,
                 **numeric,
             )
-
-
-def help_text(option: Option) -> str:
-    """The option's help and its default, as `--help` shows them (a help that names its default already,
-    or an option without one, as written). `%` is argparse's formatting character: doubled."""
-    text = option.help
-    if option.default is not None and option.kind is not bool and "default" not in text:
-        shown = " ".join(map(_shown, option.default)) if option.many else _shown(option.default)
-        text = f"{text} (default: {shown})" if text else f"default: {shown}"
-    return text.replace("%", "%%")
-
-
-def _shown(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 _NODE_TYPES = {bool: "BOOLEAN", int: "INT", float: "FLOAT", str: "STRING"}

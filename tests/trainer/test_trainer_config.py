@@ -9,7 +9,7 @@ import typing
 import pytest
 from face_consistency.trainer.cli import ConfigError, build_parser, parse_args
 from face_consistency.trainer.config import DERIVED_FIELDS, TrainingConfig
-from face_consistency.training_contract.options import BY_NAME, OPTIONS, help_text
+from face_consistency.training_contract.options import BY_NAME, OPTIONS
 
 pytestmark = pytest.mark.trainer
 
@@ -31,13 +31,21 @@ def test_each_field_has_its_options_type(option):
         assert hint in (option.kind, option.kind | None)
 
 
-def test_help_shows_every_default_and_every_choice():
+def test_help_shows_every_default_and_every_choice(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per flag's help
     parser = build_parser()
     text = parser.format_help()
     usage = parser.format_usage()
+    helps: dict[str, str] = {}  # flag -> its lines of help, joined
+    for line in text[len(usage) :].splitlines():
+        if line.startswith("  --"):
+            flag = line.split()[0]
+            helps[flag] = line
+        elif line.startswith("    ") and helps:
+            helps[flag] += " " + line.strip()
     for option in OPTIONS:
-        if option.default is not None and option.kind is not bool:
-            assert "default" in help_text(option), option.flag
+        if option.default not in (None, ()) and option.kind is not bool:
+            assert "default" in helps[option.flag], option.flag
         if option.choices:
             assert f"{option.flag} {{{','.join(option.choices)}}}" in usage, option.flag
     # the two the issue names
@@ -45,6 +53,7 @@ def test_help_shows_every_default_and_every_choice():
     options_part = text[len(usage) :]
     max_t = options_part[options_part.index("--face_loss_max_t") : options_part.index("--face_loss_t_weighting")]
     assert "(default: 0.5)" in " ".join(max_t.split())
+    assert "(default: 2e-06)" in helps["--learning_rate"]  # a help of its own, then the default
 
 
 def test_a_choice_is_checked_with_the_bounds_and_names_the_flag():
