@@ -55,7 +55,7 @@ from .hooks import TrainingHook
 from .job_status import CheckpointWriteError, TrainingDivergedError
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
-from .qwen_image21_loading import check_dit_family, check_text_encoder_family
+from .qwen_image21_loading import check_dit_family, check_text_encoder_family, check_vae_family
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import run_training
@@ -244,6 +244,7 @@ def validate_args(args: argparse.Namespace) -> TrainingConfig:
         check_dit_family(header, version.family)
         check_dit_version(header, version.zero_cond_t)
         check_text_encoder_family(read_header(args.text_encoder, "text encoder (--text_encoder)"), version.family)
+        check_vae_family(read_header(args.vae, "VAE (--vae)"), version.family)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
     if version.family == QWEN_IMAGE_21:
