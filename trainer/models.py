@@ -441,23 +441,29 @@ def load_text_encoder(
 MAX_PROMPT_TOKENS = 1024
 
 
-def load_processor(tokenizer: str | os.PathLike | None) -> Qwen2VLProcessor:
-    """Tokenizer + image processor from a local folder (itself or its `processor/`) or the hub repo."""
+def load_processor(
+    tokenizer: str | os.PathLike | None,
+    processor_class: Any = Qwen2VLProcessor,
+    repo: str = DEFAULT_PROCESSOR_REPO,
+    model_name: str = "Qwen-Image-Edit",
+) -> Any:
+    """Tokenizer + image processor (`processor_class`) from a local folder (itself or its `processor/`)
+    or the `processor/` folder of the hub repo `repo`."""
     if tokenizer is not None:
         folder = Path(tokenizer)
         candidates = [folder, folder / "processor"]
         for candidate in candidates:
             if (candidate / "tokenizer_config.json").is_file() or (candidate / "processor_config.json").is_file():
-                return Qwen2VLProcessor.from_pretrained(str(candidate))
+                return processor_class.from_pretrained(str(candidate))
         raise ModelFileError(
             f"--tokenizer {folder}: no tokenizer/processor found there or in {folder / 'processor'} "
             "(expected tokenizer_config.json and processor files, e.g. the `processor` folder of "
-            f"{DEFAULT_PROCESSOR_REPO})"
+            f"{repo})"
         )
     try:
-        return Qwen2VLProcessor.from_pretrained(DEFAULT_PROCESSOR_REPO, subfolder="processor")
+        return processor_class.from_pretrained(repo, subfolder="processor")
     except OSError as exc:
         raise ModelFileError(
-            f"could not get the Qwen-Image-Edit processor from the hub ({DEFAULT_PROCESSOR_REPO}, processor/): "
+            f"could not get the {model_name} processor from the hub ({repo}, processor/): "
             f"{exc}. Pass --tokenizer <folder> with a local copy of that folder."
         ) from exc

@@ -35,6 +35,7 @@ from .models import DIT_PREFIX, ModelFileError, SafetensorsHeader, TensorPlaceme
 TRANSFORMER_CONFIG = "qwen_image_21_transformer.json"
 TEXT_ENCODER_CONFIG = "qwen3_vl_8b_text_encoder.json"
 VAE_CONFIG = "qwen_image_21_vae.json"
+PROCESSOR_REPO = "Qwen/Qwen-Image-2.1"
 # Latent channels of the 2.1 VAE (Qwen-Image-Edit's has 16): its quant convolution's output says which a file is.
 VAE_LATENT_CHANNELS = 64
 # The name diffusers' and ComfyUI's model detection read a 2.1 DiT by (2509/2511 have `txt_norm.weight`).
@@ -239,3 +240,10 @@ def load_text_encoder(
     if "lm_head.weight" not in sources:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+def load_processor(tokenizer: str | os.PathLike | None) -> Any:
+    """Qwen3-VL's tokenizer and image processor (`Qwen3VLProcessor`): `--tokenizer`, or Qwen-Image 2.1's repo."""
+    from transformers import Qwen3VLProcessor
+
+    return models.load_processor(tokenizer, Qwen3VLProcessor, PROCESSOR_REPO, "Qwen-Image 2.1")

@@ -213,8 +213,10 @@ def test_cli_checks_libraries_and_the_dit_family_before_loading(tmp_path, monkey
         validate(files.dit, "qwen-image-2.1")
     with pytest.raises(ConfigError, match="is not Qwen3-VL .*Qwen-Image 2.1 reads Qwen3-VL-8B"):
         validate(files_21.dit, "qwen-image-2.1")  # with 2509's text encoder
-    with pytest.raises(ConfigError, match="cannot train Qwen-Image 2.1 yet"):
-        validate_args(parser.parse_args(_argv(files_21.dit, files_21, dataset, tmp_path / "out", "qwen-image-2.1")))
+    trainable = validate_args(
+        parser.parse_args(_argv(files_21.dit, files_21, dataset, tmp_path / "out", "qwen-image-2.1"))
+    )
+    assert trainable.model_version == "qwen-image-2.1"
     with pytest.raises(ConfigError, match="is Qwen3-VL .*2509/2511 read Qwen2.5-VL-7B"):
         validate_args(parser.parse_args(_argv(files.dit, files_21, dataset, tmp_path / "out", "edit-2511")))
     mixed = argparse.Namespace(text_encoder=files_21.text_encoder, vae=files.vae)  # 2509's VAE with a 2.1 model
