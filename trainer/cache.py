@@ -95,13 +95,18 @@ def open_image(path: Path, mode: str = "RGB") -> Image.Image:
 class Encoders(Protocol):
     """What caching and the samples ask of a model family's frozen encoders."""
 
-    vae: torch.nn.Module
     vae_file: Path
     text_encoder_file: Path
     text_encoder_dtype: torch.dtype
     tokenizer_id: str
     image_mode: str  # what images are opened as ("RGB"; Qwen-Image 2.1 reads "RGBA")
-    text_settings: dict[str, Any]  # what else the text cache depends on (the prompt template)
+
+    @property
+    def vae(self) -> torch.nn.Module: ...
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        """What else the text cache depends on (the prompt template)."""
+        ...
 
     def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor: ...
     def control_sizes(self, controls: list[Image.Image], target_size: tuple[int, int]) -> list[tuple[int, int]]: ...
@@ -226,7 +231,7 @@ class QwenImage21Encoders:
                 generator=None,  # type: ignore[arg-type]
                 device=self.device,
                 dtype=self.vae.dtype,  # type: ignore[arg-type]
-                latent_channels=self.vae.config.z_dim,  # type: ignore[union-attr]
+                latent_channels=self.vae.config.z_dim,  # type: ignore[union-attr,arg-type]
             )
         return latents[0].float()
 

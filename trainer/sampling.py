@@ -263,7 +263,7 @@ def denoise_21(
     `qwen_image21.velocity`, classifier-free guidance (plain, ComfyUI's KSampler cfg) above cfg 1."""
     prompt = sample.prompt
     latent_h, latent_w = prompt.height // vae_scale_factor, prompt.width // vae_scale_factor
-    channels = int(transformer.config.in_channels)  # type: ignore[union-attr]  # diffusers' ConfigMixin
+    channels = int(transformer.config.in_channels)  # type: ignore[union-attr,arg-type]  # diffusers' ConfigMixin
     generator = torch.Generator("cpu").manual_seed(seed)
     latents = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator).to(device, dtype)
     controls = [c.to(device, dtype) for c in sample.control_latents]
