@@ -205,18 +205,14 @@ def denoise(
 ) -> torch.Tensor:
     """The sample's final (normalised) latents [1, C, 1, h, w], before the VAE decodes them."""
     prompt = sample.prompt
-    latent_h, latent_w = prompt.height // vae_scale_factor, prompt.width // vae_scale_factor
     channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
+    noise, scheduler = _start(prompt, (channels, vae_scale_factor), seed, device, shift_terminal)
+    latent_h, latent_w = noise.shape[3], noise.shape[4]
     latents = pack(noise).to(device, dtype)
     controls = [pack(c).to(device, dtype) for c in sample.control_latents]
     img_shapes = [
         [(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]
     ]
-    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    # diffusers annotates sigmas as a list and step()'s tensors as FloatTensor; an array and plain tensors work
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = transformer(
@@ -262,15 +258,14 @@ def denoise_21(
     """A Qwen-Image 2.1 sample's final (normalised) latents [1, 64, 1, h, w]: Euler steps of
     `qwen_image21.velocity`, classifier-free guidance (plain, ComfyUI's KSampler cfg) above cfg 1."""
     prompt = sample.prompt
-    latent_h, latent_w = prompt.height // vae_scale_factor, prompt.width // vae_scale_factor
     channels = int(transformer.config.in_channels)  # type: ignore[union-attr,arg-type]  # diffusers' ConfigMixin
-    generator = torch.Generator("cpu").manual_seed(seed)
-    latents = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator).to(device, dtype)
+    noise, scheduler = _start(prompt, (channels, vae_scale_factor), seed, device, shift_terminal)
+    latents = noise.to(device, dtype)
     controls = [c.to(device, dtype) for c in sample.control_latents]
-    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
 
-    def velocity(embeds: torch.Tensor, pad_mask: torch.Tensor | None, timestep: torch.Tensor) -> torch.Tensor:
+    def velocity(
+        latents: torch.Tensor, embeds: torch.Tensor, pad_mask: torch.Tensor | None, timestep: torch.Tensor
+    ) -> torch.Tensor:
         if pad_mask is None:
             raise ValueError("a Qwen-Image 2.1 sample needs its prompt's image_pad_mask")
         return qwen_image21.velocity(
@@ -279,12 +274,30 @@ def denoise_21(
 
     for t in scheduler.timesteps:
         timestep = (t / 1000).expand(1).to(dtype)
-        pred = velocity(sample.prompt_embeds, sample.image_pad_mask, timestep)
+        pred = velocity(latents, sample.prompt_embeds, sample.image_pad_mask, timestep)
         if sample.negative_embeds is not None:
-            negative = velocity(sample.negative_embeds, sample.negative_image_pad_mask, timestep)
+            negative = velocity(latents, sample.negative_embeds, sample.negative_image_pad_mask, timestep)
             pred = negative + prompt.cfg_scale * (pred - negative)
         latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[arg-type]
     return latents
+
+
+def _start(
+    prompt: SampleSettings,
+    latent_format: tuple[int, int],
+    seed: int,
+    device: torch.device,
+    shift_terminal: float,
+) -> tuple[torch.Tensor, FlowMatchEulerDiscreteScheduler]:
+    """The starting noise [1, C, 1, h, w] of a prompt (drawn on the CPU from its seed, as ComfyUI draws it)
+    for latents of (channels, pixels per latent), and the scheduler set to its steps."""
+    channels, scale = latent_format
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, 1, prompt.height // scale, prompt.width // scale), generator=generator)
+    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
+    # diffusers annotates sigmas as a list and step()'s tensors as FloatTensor; an array and plain tensors work
+    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
+    return noise, scheduler
 
 
 def unshifted_sigmas(steps: int, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> np.ndarray:

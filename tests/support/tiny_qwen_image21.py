@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from tiny_qwen import DIT_PREFIX, build_tiny_processor, fp8_scaled, tiny_text_encoder_config
+from tiny_qwen import DIT_PREFIX, build_tiny_processor, fp8_scaled, resnet_to_wan, tiny_text_encoder_config
 
 TINY_21_TRANSFORMER_CONFIG = {
     "patch_size": 1,
@@ -56,19 +56,6 @@ class TinyQwenImage21Files:
     tokenizer_dir: Path
 
 
-def _wan_residual(rest: str) -> str:
-    for diffusers_name, wan in (
-        ("norm1.", "residual.0."),
-        ("conv1.", "residual.2."),
-        ("norm2.", "residual.3."),
-        ("conv2.", "residual.6."),
-        ("conv_shortcut.", "shortcut."),
-    ):
-        if rest.startswith(diffusers_name):
-            return wan + rest[len(diffusers_name) :]
-    raise KeyError(rest)
-
-
 def diffusers_vae21_key_to_wan22(key: str, num_res_blocks: int) -> str:
     """The name ComfyUI's Wan 2.2-layout `qwen_image_2.1_vae` file uses for an AutoencoderKLQwenImage21 key
     (written independently of the trainer's renaming, which the tests check against it)."""
@@ -85,11 +72,11 @@ def diffusers_vae21_key_to_wan22(key: str, num_res_blocks: int) -> str:
         tail = ".".join(parts[3:])
         if parts[1] == "attentions":
             return f"{side}.middle.1.{tail}"
-        return f"{side}.middle.{2 * int(parts[2])}.{_wan_residual(tail)}"
+        return f"{side}.middle.{2 * int(parts[2])}.{resnet_to_wan(tail)}"
     stage = "downsamples" if side == "encoder" else "upsamples"
     resnets = num_res_blocks if side == "encoder" else num_res_blocks + 1
     if parts[2] == "resnets":
-        return f"{side}.{stage}.{parts[1]}.{stage}.{parts[3]}.{_wan_residual('.'.join(parts[4:]))}"
+        return f"{side}.{stage}.{parts[1]}.{stage}.{parts[3]}.{resnet_to_wan('.'.join(parts[4:]))}"
     return f"{side}.{stage}.{parts[1]}.{stage}.{resnets}.{'.'.join(parts[3:])}"
 
 
