@@ -193,6 +193,17 @@ def diffusers_vae_key_to_wan(key: str) -> str:
     raise KeyError(f"no Wan name known for VAE key {key}")
 
 
+def merge_lora(linear: dict[str, torch.nn.Linear], lora: dict[str, torch.Tensor]) -> None:
+    """Add a LoRA file's deltas (`up @ down * alpha / rank`, as ComfyUI applies them) to the Linear layers
+    named by each key's stem (`linear`: stem -> layer)."""
+    with torch.no_grad():
+        for key in lora:
+            if key.endswith(".lora_down.weight"):
+                stem = key[: -len(".lora_down.weight")]
+                down, up = lora[key], lora[f"{stem}.lora_up.weight"]
+                linear[stem].weight += up @ down * (lora[f"{stem}.alpha"] / down.shape[0])
+
+
 def fp8_scaled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """ComfyUI `_fp8_scaled` layout: 2-D weights as float8_e4m3fn + `.scale_weight`, plus the marker."""
     out: dict[str, torch.Tensor] = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}

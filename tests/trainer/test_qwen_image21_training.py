@@ -20,7 +20,7 @@ from face_consistency.training_contract.protocol import read_metrics, read_statu
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_prompts
+from tiny_qwen import merge_lora, tiny_train_argv, write_tiny_dataset, write_tiny_prompts
 from tiny_qwen_image21 import tiny_qwen_image21_vae, write_tiny_qwen_image21_files
 
 TOO_OLD_FOR_21 = libraries.too_old_for("qwen-image-2.1")
@@ -204,11 +204,6 @@ def test_overfitting_one_item_lowers_the_21_flow_loss_of_the_saved_lora(setup21,
     before = _flow_loss_21(base, cached, t_values)
     lora = load_file(str(out / "tiny.safetensors"))
     linear = {"transformer." + n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    with torch.no_grad():
-        for key in lora:
-            if key.endswith(".lora_down.weight"):
-                stem = key[: -len(".lora_down.weight")]
-                down, up = lora[key], lora[f"{stem}.lora_up.weight"]
-                linear[stem].weight += up @ down * (lora[f"{stem}.alpha"] / down.shape[0])
+    merge_lora(linear, lora)
     after = _flow_loss_21(base, cached, t_values)
     assert after < 0.8 * before, (before, after)
