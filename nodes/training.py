@@ -259,9 +259,15 @@ class FaceConsistencyTrainLaunch:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "dit": (comfy_env.filename_list("diffusion_models"), {"tooltip": "Qwen-Image-Edit(-2509) DiT."}),
+                "dit": (
+                    comfy_env.filename_list("diffusion_models"),
+                    {"tooltip": "Qwen-Image-Edit 2509/2511 or Qwen-Image 2.1 DiT (as model_version says)."},
+                ),
                 "vae": (comfy_env.filename_list("vae"),),
-                "text_encoder": (comfy_env.filename_list("text_encoders"), {"tooltip": "Qwen2.5-VL 7B."}),
+                "text_encoder": (
+                    comfy_env.filename_list("text_encoders"),
+                    {"tooltip": "Qwen2.5-VL 7B (Edit 2509/2511) or Qwen3-VL 8B (Qwen-Image 2.1)."},
+                ),
                 "dataset": comfy_env.path_input(
                     "A musubi dataset .toml, or a folder with images/ (+ .txt captions) "
                     "and controls/, inside ComfyUI's folders (e.g. input/)."
@@ -326,6 +332,7 @@ class FaceConsistencyTrainLaunch:
                     "A folder of photos of the person that are neither controls nor training targets: every "
                     "checkpoint's samples are scored against them (held-out likeness, --likeness_references)."
                 ),
+                "model_version": options.node_input("model_version"),
             },
         }
 

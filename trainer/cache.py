@@ -5,6 +5,10 @@ Per target `stem` (musubi-like names):
 - `{stem}_qi_te.safetensors`: `prompt_embeds` [tokens, dim] of the Edit prompt template with the
   control images (diffusers' `QwenImageEditPlusPipeline.encode_prompt`, controls at ~384^2 area).
 
+Qwen-Image 2.1 (`QwenImage21Encoders`, `qwen_image21.py`): latents [64, 1, h, w] of the RGBA images,
+each control encoded at the target's area; `prompt_embeds` of Qwen3-VL with the same controls and
+`image_pad_mask` [tokens], where the controls' vision slots are.
+
 Each file records a fingerprint of its inputs (image files' size and mtime, bucket, caption,
 model file) in its metadata; a cache is reused while the fingerprint matches and rebuilt when
 anything changed. Writes are atomic, so an interrupted caching run never leaves a half file.
@@ -18,7 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
@@ -33,6 +37,7 @@ from safetensors.torch import save_file
 
 from ..common.files import atomic_path
 from ..musubi_formats.dataset import DatasetConfigError, DatasetItem
+from . import qwen_image21
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +84,36 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> Non
         )
 
 
-def _open_rgb(path: Path) -> Image.Image:
+def open_image(path: Path, mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode)
     except OSError as exc:
         raise DatasetConfigError(f"cannot read image {path}: {exc}") from exc
+
+
+class Encoders(Protocol):
+    """What caching and the samples ask of a model family's frozen encoders."""
+
+    vae_file: Path
+    text_encoder_file: Path
+    text_encoder_dtype: torch.dtype
+    tokenizer_id: str
+    image_mode: str  # what images are opened as ("RGB"; Qwen-Image 2.1 reads "RGBA")
+
+    @property
+    def vae(self) -> torch.nn.Module: ...
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        """What else the text cache depends on (the prompt template)."""
+        ...
+
+    def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor: ...
+    def control_sizes(self, controls: list[Image.Image], target_size: tuple[int, int]) -> list[tuple[int, int]]: ...
+    def dataset_control_sizes(self, item: DatasetItem, controls: list[Image.Image]) -> list[tuple[int, int]]: ...
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], target_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]: ...
 
 
 @dataclass
@@ -105,6 +134,16 @@ class CacheEncoders:
     device: torch.device
     load_text_side: Callable[[], tuple[torch.nn.Module, Any]]  # -> (text encoder, processor)
 
+    image_mode = "RGB"
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.pipeline.vae
+
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        return {"edit_plus": self.edit_plus}
+
     def _ensure_text_side(self) -> None:
         if self.pipeline.text_encoder is None:
             text_encoder, processor = self.load_text_side()
@@ -121,11 +160,15 @@ class CacheEncoders:
             latents = self.pipeline._encode_vae_image(pixels, generator=None)  # type: ignore[arg-type]
         return latents[0].float()
 
-    def reference_size(self, image: Image.Image) -> tuple[int, int]:
-        """(width, height) at which the Edit pipelines encode a control as reference latents: about
+    def control_sizes(self, controls: list[Image.Image], target_size: tuple[int, int]) -> list[tuple[int, int]]:
+        """(width, height) at which the Edit pipelines encode each control as reference latents: about
         1 MP of its own aspect, sides multiples of 32 (ComfyUI's TextEncodeQwenImageEditPlus: 1 MP, multiples of 8)."""
-        width, height = calculate_dimensions(VAE_IMAGE_SIZE, image.width / image.height)[:2]
-        return int(width), int(height)
+        sizes = [calculate_dimensions(VAE_IMAGE_SIZE, image.width / image.height)[:2] for image in controls]
+        return [(int(width), int(height)) for width, height in sizes]
+
+    def dataset_control_sizes(self, item: DatasetItem, controls: list[Image.Image]) -> list[tuple[int, int]]:
+        """The dataset's control resolution (musubi's), as the controls are trained."""
+        return list(item.control_buckets)
 
     def condition_image(self, image: Image.Image) -> Image.Image:
         """The control as the vision-language encoder sees it (~384^2 for Edit-2509, ~1024^2 for Edit)."""
@@ -145,8 +188,71 @@ class CacheEncoders:
             )
         return embeds[0].float()
 
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], target_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        return {"prompt_embeds": self.encode_prompt(caption, controls)}
 
-def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
+
+@dataclass
+class QwenImage21Encoders:
+    """Qwen-Image 2.1's frozen encoders (`qwen_image21.py`): the 64-channel VAE and, loaded on the first
+    prompt to encode, Qwen3-VL with its processor."""
+
+    vae: torch.nn.Module
+    vae_file: Path
+    text_encoder_file: Path
+    text_encoder_dtype: torch.dtype
+    tokenizer_id: str
+    device: torch.device
+    load_text_side: Callable[[], tuple[torch.nn.Module, Any]]  # -> (text encoder, processor)
+    text_side: tuple[torch.nn.Module, Any] | None = None
+    image_mode = "RGBA"
+
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        return {"family": "qwen_image_2.1"}
+
+    def __post_init__(self) -> None:
+        from diffusers.image_processor import VaeImageProcessor
+
+        self.image_processor = VaeImageProcessor(vae_scale_factor=qwen_image21.SLOT_PIXELS // 2)
+
+    def encode_image(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """Normalised latents [64, 1, h, w] of the RGBA `image` resized to cover `size` and centre-cropped."""
+        from diffusers.modular_pipelines.qwenimage21.encoders import encode_vae_image
+
+        width, height = size
+        pixels = self.image_processor.preprocess(qwen_image21.fit(image, size), height, width)
+        with torch.no_grad():
+            latents = encode_vae_image(
+                pixels,
+                self.vae,  # type: ignore[arg-type]
+                generator=None,  # type: ignore[arg-type]
+                device=self.device,
+                dtype=self.vae.dtype,  # type: ignore[arg-type]
+                latent_channels=self.vae.config.z_dim,  # type: ignore[union-attr,arg-type]
+            )
+        return latents[0].float()
+
+    def control_sizes(self, controls: list[Image.Image], target_size: tuple[int, int]) -> list[tuple[int, int]]:
+        return [qwen_image21.condition_size(image, target_size) for image in controls]
+
+    def dataset_control_sizes(self, item: DatasetItem, controls: list[Image.Image]) -> list[tuple[int, int]]:
+        return self.control_sizes(controls, item.bucket)
+
+    def encode_text(
+        self, caption: str, controls: list[Image.Image], target_size: tuple[int, int]
+    ) -> dict[str, torch.Tensor]:
+        if self.text_side is None:
+            self.text_side = self.load_text_side()
+        conditions = [
+            qwen_image21.fit(image, size) for image, size in zip(controls, self.control_sizes(controls, target_size))
+        ]
+        return qwen_image21.encode_prompt(*self.text_side, caption, conditions, self.device)
+
+
+def latent_fingerprint(item: DatasetItem, encoders: Encoders) -> str:
     return input_fingerprint(
         {
             "target": file_identity(item.target),
@@ -154,12 +260,12 @@ def latent_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "bucket": item.bucket,
             "control_buckets": item.control_buckets,
             "vae": file_identity(encoders.vae_file),
-            "vae_dtype": str(encoders.pipeline.vae.dtype),
+            "vae_dtype": str(encoders.vae.dtype),
         }
     )
 
 
-def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
+def text_fingerprint(item: DatasetItem, encoders: Encoders) -> str:
     return input_fingerprint(
         {
             "caption": item.caption,
@@ -167,14 +273,14 @@ def text_fingerprint(item: DatasetItem, encoders: CacheEncoders) -> str:
             "text_encoder": file_identity(encoders.text_encoder_file),
             "text_encoder_dtype": str(encoders.text_encoder_dtype),
             "tokenizer": encoders.tokenizer_id,
-            "edit_plus": encoders.edit_plus,
+            **encoders.text_settings,
         }
     )
 
 
 def cache_dataset(
     items: list[DatasetItem],
-    encoders: CacheEncoders,
+    encoders: Encoders,
     *,
     should_stop: Callable[[], bool] = lambda: False,
     progress: Callable[[int, int], None] = lambda done, total: None,
@@ -191,23 +297,23 @@ def cache_dataset(
         need_text = cached_fingerprint(text_path) != text_fp
         counts["reused"] += (not need_latents) + (not need_text)
         if need_latents or need_text:
-            target = _open_rgb(item.target)
-            controls = [_open_rgb(c) for c in item.controls]
+            target = open_image(item.target, encoders.image_mode)
+            controls = [open_image(c, encoders.image_mode) for c in item.controls]
         if need_latents:
             tensors = {"latents": encoders.encode_image(target, item.bucket)}
-            for k, (control, size) in enumerate(zip(controls, item.control_buckets)):
+            for k, (control, size) in enumerate(zip(controls, encoders.dataset_control_sizes(item, controls))):
                 tensors[f"control_latents_{k}"] = encoders.encode_image(control, size)
             _save(latent_path, tensors, latent_fp)
             counts["built"] += 1
         if need_text:
-            _save(text_path, {"prompt_embeds": encoders.encode_prompt(item.caption, controls)}, text_fp)
+            _save(text_path, encoders.encode_text(item.caption, controls, item.bucket), text_fp)
             counts["built"] += 1
         progress(done + 1, len(items))
     return counts
 
 
 def load_cached_item(item: DatasetItem) -> dict[str, torch.Tensor]:
-    """The cached tensors of one item: latents, control_latents_{k}, prompt_embeds."""
+    """The cached tensors of one item: latents, control_latents_{k}, prompt_embeds (and 2.1's image_pad_mask)."""
     tensors: dict[str, torch.Tensor] = {}
     for path in (latent_cache_path(item), text_cache_path(item)):
         try:

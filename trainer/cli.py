@@ -49,13 +49,14 @@ from ..training_contract.options import (
     contrastive_problem,
 )
 from ..training_contract.protocol import JobState, OutputFolderBusyError, hold_output_folder, write_status
+from . import qwen_image21
 from .checkpoint_eval import SampleEvidence, build_sample_evidence
 from .config import TrainingConfig
 from .hooks import TrainingHook
 from .job_status import CheckpointWriteError, TrainingDivergedError
 from .lora import NetworkArgsError, lora_file_ranks, parse_network_args
 from .models import MAX_PROMPT_TOKENS, ModelFileError, check_dit_version, load_processor, read_header
-from .qwen_image21_loading import check_dit_family, check_text_encoder_family
+from .qwen_image21_loading import check_dit_family, check_text_encoder_family, check_vae_family
 from .sampling import PromptFileError, load_prompt_file
 from .state import StateFolderError, check_state_folder, state_lora_rank
 from .train import run_training
@@ -193,16 +194,6 @@ def default_mixed_precision() -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-# This build reads Qwen-Image 2.1's DiT and text encoder files and writes LoRAs in the layout ComfyUI's
-# 2.1 loader applies, but has no 2.1 training step yet (its prompt/condition-image encoding, VAE,
-# flow-matching forward and samples): a 2.1 job stops here, after its files were checked.
-QWEN_IMAGE_21_NOT_TRAINABLE_YET = (
-    "--model_version qwen-image-2.1: the DiT is a Qwen-Image 2.1 model and the libraries are new enough, but this "
-    "version of the pack cannot train Qwen-Image 2.1 yet (its training step is not built). Train Qwen-Image-Edit "
-    "2509 or 2511 meanwhile"
-)
-
-
 def _model_version(args: argparse.Namespace) -> str:
     """--model_version, or the version its alias flags (--edit, --edit_plus) name."""
     chosen = {f"--{flag}": version for flag, version in ALIAS_FLAGS.items() if getattr(args, flag)}
@@ -244,10 +235,9 @@ def validate_args(args: argparse.Namespace) -> TrainingConfig:
         check_dit_family(header, version.family)
         check_dit_version(header, version.zero_cond_t)
         check_text_encoder_family(read_header(args.text_encoder, "text encoder (--text_encoder)"), version.family)
+        check_vae_family(read_header(args.vae, "VAE (--vae)"), version.family)
     except ModelFileError as exc:
         raise ConfigError(str(exc)) from None
-    if version.family == QWEN_IMAGE_21:
-        raise ConfigError(QWEN_IMAGE_21_NOT_TRAINABLE_YET)
     _check_output_dir(Path(args.output_dir), args.output_name, resuming=bool(args.resume))
     if args.network_weights and args.resume:
         raise ConfigError("--network_weights and --resume conflict: a state folder already holds the LoRA weights")
@@ -289,8 +279,11 @@ def validate_args(args: argparse.Namespace) -> TrainingConfig:
         _check_contrastive(args)
     try:
         group = load_dataset_config(args.dataset_config)
-        prompts = load_prompt_file(args.sample_prompts) if args.sample_prompts else []
+        qwen21 = version.family == QWEN_IMAGE_21
+        prompts = load_prompt_file(args.sample_prompts, qwen21=qwen21) if args.sample_prompts else []
         group = _held_out_items(args, group)
+        if qwen21:
+            qwen_image21.check_items(group.items + group.validation_items)
     except (DatasetConfigError, PromptFileError) as exc:
         raise ConfigError(str(exc)) from None
     likeness_reference_paths = _likeness_references(args, group, prompts)

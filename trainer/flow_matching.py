@@ -9,6 +9,10 @@ As musubi-tuner trains Qwen-Image-Edit (its `qwen_image_train_network.py`, with 
     v_pred = transformer(tokens, t, prompt)[:, :target tokens] -> unpacked to [B, 16, 1, h, w]
     loss = mean(weighting(t) * (v_pred - (eps - x0))^2) + extra losses from hooks
 
+Qwen-Image 2.1 (a batch whose cache holds `image_pad_mask`) differs only in the model call and the
+size-dependent shift (`qwen_image21.py`: latents [B, 64, 1, h, w] unpatched, condition tokens first,
+the target's slots after the prompt's); the path, target and loss are the same.
+
 The hooks (`hooks.py`; the face identity, `face/hook.py`) see the step's `StepState`: x_t, t, v_pred
 (with gradient), the VAE and each sample's DatasetItem, so `x0_hat = x_t - t v_pred` can be decoded
 and scored with gradients. `train.py`'s loop calls `micro_step` once per micro-batch; the face-loss
@@ -28,7 +32,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_shift
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 
-from ..musubi_formats.dataset import DatasetItem
+from ..musubi_formats.dataset import DatasetConfigError, DatasetItem
+from . import qwen_image21
 from .cache import load_cached_item
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .sampling import pack, unpack
@@ -53,10 +58,17 @@ class FlowSettings(Protocol):
 @dataclass
 class Batch:
     items: list[DatasetItem]
-    x0: torch.Tensor  # [B, 16, 1, h, w]
-    controls: list[torch.Tensor]  # each [B, 16, 1, hc, wc]
+    x0: torch.Tensor  # [B, C, 1, h, w]: C = 16 (Edit), 64 (2.1)
+    controls: list[torch.Tensor]  # each [B, C, 1, hc, wc]
     prompt_embeds: torch.Tensor  # [B, L, D]
     prompt_mask: torch.Tensor  # [B, L]
+    image_pad_mask: torch.Tensor | None = None  # [B, L] bool, Qwen-Image 2.1: the controls' vision slots
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens of one target image: 2x2 latents each for Qwen-Image-Edit, one per latent for 2.1."""
+        h, w = self.x0.shape[-2:]
+        return h * w if self.image_pad_mask is not None else (h // 2) * (w // 2)
 
 
 def collate(items: list[DatasetItem]) -> Batch:
@@ -72,7 +84,17 @@ def collate(items: list[DatasetItem]) -> Batch:
     for i, e in enumerate(embeds):
         prompt[i, : e.shape[0]] = e
         mask[i, : e.shape[0]] = 1
-    return Batch(items, x0, controls, prompt, mask)
+    pad_mask = None
+    if "image_pad_mask" in cached[0]:
+        pad_mask = torch.zeros(len(embeds), length, dtype=torch.bool)
+        for i, c in enumerate(cached):
+            pad_mask[i, : c["image_pad_mask"].shape[0]] = c["image_pad_mask"]
+        if not bool((pad_mask == pad_mask[0]).all()):  # the 2.1 transformer reads one layout per batch
+            raise DatasetConfigError(
+                f"{items[0].target} and the items batched with it place their control images at different "
+                "prompt positions (Qwen-Image 2.1 needs one layout per batch): use batch_size 1"
+            )
+    return Batch(items, x0, controls, prompt, mask, pad_mask)
 
 
 def micro_step(
@@ -89,10 +111,10 @@ def micro_step(
     """One micro-batch's flow-matching loss and the hooks' extra loss (both before the backward pass)."""
     # the clean latents and the noise (drawn on the CPU generator: the same numbers on any device)
     x0 = batch.x0.to(device)
-    _, _, _, h, w = x0.shape
     noise = torch.randn(x0.shape, generator=generator).to(device)
     # a flow time per sample, as --timestep_sampling draws it
-    t = sample_timesteps(flow, x0.shape[0], (h // 2) * (w // 2), generator).to(device)
+    t = sample_timesteps(flow, x0.shape[0], batch.target_tokens, generator, qwen21=batch.image_pad_mask is not None)
+    t = t.to(device)
     # the point at t on the straight path from the latents (t = 0) to the noise (t = 1)
     t_5d = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - t_5d) * x0 + t_5d * noise
@@ -116,9 +138,9 @@ def micro_step(
 
 
 def sample_timesteps(
-    flow: FlowSettings, batch_size: int, num_target_tokens: int, generator: torch.Generator
+    flow: FlowSettings, batch_size: int, num_target_tokens: int, generator: torch.Generator, *, qwen21: bool = False
 ) -> torch.Tensor:
-    """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling."""
+    """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling (`qwen21`: 2.1's `qwen_shift`)."""
     method = flow.timestep_sampling
     if method == "uniform":
         return torch.rand(batch_size, generator=generator)
@@ -128,12 +150,15 @@ def sample_timesteps(
         index = torch.randint(0, len(sigmas) - 1, (batch_size,), generator=generator)
         return sigmas[index].float()
     t = torch.sigmoid(flow.sigmoid_scale * torch.randn(batch_size, generator=generator))
-    shift = flow_shift(flow, num_target_tokens)
+    shift = flow_shift(flow, num_target_tokens, qwen21=qwen21)
     return t * shift / (1 + (shift - 1) * t)
 
 
-def flow_shift(flow: FlowSettings, num_target_tokens: int) -> float:
-    """The shift of `shift` sampling: fixed, or from the image size for `qwen_shift`."""
+def flow_shift(flow: FlowSettings, num_target_tokens: int, *, qwen21: bool = False) -> float:
+    """The shift of `shift` sampling: fixed, or for `qwen_shift` the one the family's pipeline samples
+    this many target tokens with."""
+    if flow.timestep_sampling == "qwen_shift" and qwen21:
+        return qwen_image21.shift(num_target_tokens)
     if flow.timestep_sampling == "qwen_shift":
         return math.exp(
             calculate_shift(num_target_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT)
@@ -144,10 +169,21 @@ def flow_shift(flow: FlowSettings, num_target_tokens: int) -> float:
 def batch_velocity(
     transformer: torch.nn.Module, accelerator: Accelerator, batch: Batch, device: torch.device
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The model's velocity with `batch`'s prompt and controls: (latents [B, 16, 1, h, w], t [B]) -> v, as latents."""
+    """The model's velocity with `batch`'s prompt and controls: (latents [B, C, 1, h, w], t [B]) -> v, as latents."""
     controls = [c.to(device) for c in batch.controls]
     prompt_embeds = batch.prompt_embeds.to(device)
     prompt_mask = attention_mask(batch.prompt_mask.to(device))
+    if batch.image_pad_mask is not None:
+        pad_mask = batch.image_pad_mask.to(device)
+
+        def velocity_21(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            with accelerator.autocast():
+                prediction = qwen_image21.velocity(
+                    transformer, latents, timestep, controls, prompt_embeds, prompt_mask, pad_mask
+                )
+            return prediction.float()
+
+        return velocity_21
 
     def velocity(latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         h, w = latents.shape[3], latents.shape[4]

@@ -18,14 +18,14 @@ from accelerate import Accelerator
 
 from ..musubi_formats.dataset import DatasetItem
 from .sampling import EncodedSample, denormalize_latents
-from .vae_decode import checkpointed_decode
+from .vae_decode import checkpointed_decode, rgb_over_white
 
 
 @dataclass
 class StepState:
     """What one micro-step computed; extra losses read it (tensors are on the training device).
 
-    x0, noise, x_t, v_pred: [B, 16, 1, h, w] normalised latents (as cached); v_pred carries the
+    x0, noise, x_t, v_pred: [B, C, 1, h, w] normalised latents (as cached; C = 16, or 64 for 2.1); v_pred carries the
     gradient to the LoRA. t: [B] flow time in (0, 1) (sigma; the model saw timestep = t).
     items: each sample's DatasetItem (target path, control paths, cache key, bucket).
     velocity(latents, t): the model's velocity for other latents of the same samples (same prompt
@@ -60,10 +60,10 @@ class StepState:
         return latents
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode normalised latents [B, 16, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
-        (each decoder stage checkpointed: `vae_decode.py`)."""
+        """VAE-decode normalised latents [B, C, 1, h, w] to pixels [B, 3, H, W] in [-1, 1], with gradients
+        (each decoder stage checkpointed: `vae_decode.py`; Qwen-Image 2.1's RGBA composited over white)."""
         dtype: torch.dtype = self.vae.dtype  # type: ignore[assignment]  # diffusers' ModelMixin.dtype
-        return checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(dtype)))[:, :, 0]
+        return rgb_over_white(checkpointed_decode(self.vae, denormalize_latents(self.vae, latents.to(dtype)))[:, :, 0])
 
 
 @dataclass

@@ -171,10 +171,17 @@ def _build_empty(factory: Callable[[], Any], header: SafetensorsHeader, expected
 
 
 RowRanges = dict[str, tuple[int, int]]  # model name -> (first row, row count) of the file tensor it is cut from
+# Model names whose file tensor holds a singleton time axis the model's 2-D layer has not: a causal-3-D
+# convolution stored as [out, in, 1, k, k] for a Conv2d of [out, in, k, k] (squeezed as it is read).
+TimeSqueezed = frozenset[str]
 
 
-def _file_shape(header: SafetensorsHeader, sources: dict[str, str], rows: RowRanges, name: str) -> tuple[int, ...]:
+def _file_shape(
+    header: SafetensorsHeader, sources: dict[str, str], rows: RowRanges, name: str, squeezed: TimeSqueezed
+) -> tuple[int, ...]:
     shape = header.shapes[sources[name]]
+    if name in squeezed:
+        shape = (*shape[:2], *shape[3:])
     return (rows[name][1], *shape[1:]) if name in rows else shape
 
 
@@ -185,12 +192,14 @@ def check_layout(
     expected: str,
     optional: frozenset[str] = frozenset(),
     rows: RowRanges | None = None,
+    squeezed: TimeSqueezed = frozenset(),
 ) -> None:
     """Raise a ModelFileError listing missing/unexpected names and shape mismatches.
 
     `sources` maps each model name to the file name it is read from; model names in `optional`
     may be absent from the file; `rows` names the model tensors that are a range of rows of a
-    fused file tensor (several model names then share one file name).
+    fused file tensor (several model names then share one file name); `squeezed` those stored
+    with a singleton time axis.
     """
     rows = rows or {}
     state = model.state_dict()
@@ -203,9 +212,9 @@ def check_layout(
         if k in sources and header.shapes[sources[k]][0] < start + count
     ]
     mismatched = fused_too_short or [
-        f"{k}: file {_file_shape(header, sources, rows, k)} vs expected {model_shapes[k]}"
+        f"{k}: file {_file_shape(header, sources, rows, k, squeezed)} vs expected {model_shapes[k]}"
         for k in sorted(set(model_shapes) & set(sources))
-        if _file_shape(header, sources, rows, k) != model_shapes[k]
+        if _file_shape(header, sources, rows, k, squeezed) != model_shapes[k]
     ]
     integer = sorted(
         k
@@ -252,10 +261,12 @@ def _fill(
     sources: dict[str, str],
     placement: TensorPlacement,
     rows: RowRanges | None = None,
+    squeezed: TimeSqueezed = frozenset(),
 ) -> None:
     """Read each model tensor from the file, cast to the dtype the empty model holds for it (float8
     weights of `_fp8_scaled` files multiplied by their scale first), and put it on its device; a
-    fused file tensor is cut into the model tensors `rows` names."""
+    fused file tensor is cut into the model tensors `rows` names, and those in `squeezed` lose
+    their singleton time axis."""
     rows = rows or {}
     scales, _ = _fp8_scales(header)
     scale_values = {key: tensor.clone() for key, tensor in read_tensors(header, sorted(set(scales.values())))}
@@ -269,6 +280,7 @@ def _fill(
             tensor = _dequantize(tensor, scale_values[scales[key]])
         for name in file_to_model[key]:
             part = tensor.narrow(0, *rows[name]) if name in rows else tensor
+            part = part.squeeze(2) if name in squeezed else part
             value = part.to(placement(name), dtypes[name] if part.is_floating_point() else part.dtype)
             if value.data_ptr() == part.data_ptr():
                 value = value.clone()  # own the memory: the file's pages are released after the chunk
@@ -429,23 +441,29 @@ def load_text_encoder(
 MAX_PROMPT_TOKENS = 1024
 
 
-def load_processor(tokenizer: str | os.PathLike | None) -> Qwen2VLProcessor:
-    """Tokenizer + image processor from a local folder (itself or its `processor/`) or the hub repo."""
+def load_processor(
+    tokenizer: str | os.PathLike | None,
+    processor_class: Any = Qwen2VLProcessor,
+    repo: str = DEFAULT_PROCESSOR_REPO,
+    model_name: str = "Qwen-Image-Edit",
+) -> Any:
+    """Tokenizer + image processor (`processor_class`) from a local folder (itself or its `processor/`)
+    or the `processor/` folder of the hub repo `repo`."""
     if tokenizer is not None:
         folder = Path(tokenizer)
         candidates = [folder, folder / "processor"]
         for candidate in candidates:
             if (candidate / "tokenizer_config.json").is_file() or (candidate / "processor_config.json").is_file():
-                return Qwen2VLProcessor.from_pretrained(str(candidate))
+                return processor_class.from_pretrained(str(candidate))
         raise ModelFileError(
             f"--tokenizer {folder}: no tokenizer/processor found there or in {folder / 'processor'} "
             "(expected tokenizer_config.json and processor files, e.g. the `processor` folder of "
-            f"{DEFAULT_PROCESSOR_REPO})"
+            f"{repo})"
         )
     try:
-        return Qwen2VLProcessor.from_pretrained(DEFAULT_PROCESSOR_REPO, subfolder="processor")
+        return processor_class.from_pretrained(repo, subfolder="processor")
     except OSError as exc:
         raise ModelFileError(
-            f"could not get the Qwen-Image-Edit processor from the hub ({DEFAULT_PROCESSOR_REPO}, processor/): "
+            f"could not get the {model_name} processor from the hub ({repo}, processor/): "
             f"{exc}. Pass --tokenizer <folder> with a local copy of that folder."
         ) from exc

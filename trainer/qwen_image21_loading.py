@@ -5,6 +5,12 @@
   into one `img_mlp.gate_up.weight` (gate rows first, as diffusers'
   `convert_qwen_image21_transformer_checkpoint_to_diffusers` splits it): each half is cut from the
   fused tensor as it is read, so no fused copy is ever held.
+- VAE `qwen_image_2.1_vae_*.safetensors`: the Wan 2.2 layout, each encoder/decoder stage nesting its
+  residual blocks and its resampler (`encoder.downsamples.<i>.downsamples.<j>.residual.*`,
+  `...downsamples.<j>.resample.*`), `middle.<0|1|2>`, `head.<0|2>`, `conv1`/`conv2` for the quant
+  convolutions, renamed to `AutoencoderKLQwenImage21` names by `vae_model_key` (a file already in
+  diffusers names passes unchanged). Its convolutions are 2-D: a file that stores one with a
+  singleton time axis ([out, in, 1, k, k], as Wan's causal 3-D convolutions are) is squeezed as read.
 - Text encoder `qwen3vl_8b_*.safetensors`: `model.*` (the language model), `model.visual.*` and
   `lm_head.weight`, renamed as for Qwen2.5-VL (`models.text_encoder_model_key`) to
   `Qwen3VLForConditionalGeneration` names.
@@ -28,6 +34,10 @@ from .models import DIT_PREFIX, ModelFileError, SafetensorsHeader, TensorPlaceme
 
 TRANSFORMER_CONFIG = "qwen_image_21_transformer.json"
 TEXT_ENCODER_CONFIG = "qwen3_vl_8b_text_encoder.json"
+VAE_CONFIG = "qwen_image_21_vae.json"
+PROCESSOR_REPO = "Qwen/Qwen-Image-2.1"
+# Latent channels of the 2.1 VAE (Qwen-Image-Edit's has 16): its quant convolution's output says which a file is.
+VAE_LATENT_CHANNELS = 64
 # The name diffusers' and ComfyUI's model detection read a 2.1 DiT by (2509/2511 have `txt_norm.weight`).
 DIT_MARKER = "txt_in.text_norm.weight"
 # Qwen3's per-head query norm: every layer of Qwen3-VL has one, Qwen2.5-VL (2509/2511) none.
@@ -72,6 +82,94 @@ def check_text_encoder_family(header: SafetensorsHeader, family: str) -> None:
         "(qwen_2.5_vl_7b*.safetensors)",
         f"is not Qwen3-VL (no {TEXT_ENCODER_MARKER}): Qwen-Image 2.1 reads Qwen3-VL-8B (qwen3vl_8b_*.safetensors)",
     )
+
+
+def is_qwen_image21_vae(header: SafetensorsHeader) -> bool:
+    """The 2.1 VAE's post-quant convolution (`conv2` in ComfyUI's names) reads 64 latent channels."""
+    shape = header.shapes.get("conv2.weight", header.shapes.get("post_quant_conv.weight", ()))
+    return len(shape) >= 2 and shape[1] == VAE_LATENT_CHANNELS
+
+
+def check_vae_family(header: SafetensorsHeader, family: str) -> None:
+    """The 64-channel 16x VAE goes with Qwen-Image 2.1 only, the 16-channel one with 2509/2511 only."""
+    _check_family(
+        header,
+        family,
+        is_qwen_image21_vae(header),
+        "is Qwen-Image 2.1's VAE (64 latent channels): Qwen-Image-Edit 2509/2511 read qwen_image_vae.safetensors",
+        f"is not Qwen-Image 2.1's VAE (its latents do not have {VAE_LATENT_CHANNELS} channels): Qwen-Image 2.1 "
+        "reads qwen_image_2.1_vae_*.safetensors",
+    )
+
+
+_WAN_RESIDUAL = (
+    ("residual.0.", "norm1."),
+    ("residual.2.", "conv1."),
+    ("residual.3.", "norm2."),
+    ("residual.6.", "conv2."),
+    ("shortcut.", "conv_shortcut."),
+)
+_WAN_TOP = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+_WAN_SIDE = {"conv1.": "conv_in.", "head.0.": "norm_out.", "head.2.": "conv_out."}
+
+
+def _residual_name(rest: str) -> str:
+    for wan, diffusers_name in _WAN_RESIDUAL:
+        if rest.startswith(wan):
+            return diffusers_name + rest[len(wan) :]
+    return rest
+
+
+def vae_model_key(key: str) -> str:
+    """The `AutoencoderKLQwenImage21` name of a key of ComfyUI's (Wan 2.2-layout) 2.1 VAE file; other keys
+    (diffusers names among them) are returned unchanged, for the layout check to name."""
+    for wan, diffusers_name in _WAN_TOP.items():
+        if key.startswith(wan):
+            return diffusers_name + key[len(wan) :]
+    side, _, rest = key.partition(".")
+    if side not in ("encoder", "decoder"):
+        return key
+    for wan, diffusers_name in _WAN_SIDE.items():
+        if rest.startswith(wan):
+            return f"{side}.{diffusers_name}{rest[len(wan) :]}"
+    parts = rest.split(".")
+    if parts[0] == "middle" and len(parts) > 2:
+        tail = ".".join(parts[2:])
+        if parts[1] == "1":
+            return f"{side}.mid_block.attentions.0.{tail}"
+        return f"{side}.mid_block.resnets.{int(parts[1]) // 2}.{_residual_name(tail)}"
+    stage = "downsamples" if side == "encoder" else "upsamples"
+    if parts[0] == stage and len(parts) > 4 and parts[2] == stage:
+        block = "down_blocks" if side == "encoder" else "up_blocks"
+        tail = ".".join(parts[4:])
+        if tail.startswith(("resample.", "time_conv.")):
+            sampler = "downsampler" if side == "encoder" else "upsampler"
+            return f"{side}.{block}.{parts[1]}.{sampler}.{tail}"
+        return f"{side}.{block}.{parts[1]}.resnets.{parts[3]}.{_residual_name(tail)}"
+    return key
+
+
+def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Any:
+    """The 2.1 VAE (`AutoencoderKLQwenImage21`), streamed from ComfyUI's single file."""
+    from diffusers import AutoencoderKLQwenImage21
+
+    what = "VAE (--vae)"
+    header = models.read_header(path, what)
+    check_vae_family(header, QWEN_IMAGE_21)
+    sources = {vae_model_key(key): key for key in header.shapes}
+    config = models.architecture_config(header, VAE_CONFIG)
+    expected = "Qwen-Image 2.1's VAE (64 latent channels, 16x; ComfyUI's Wan 2.2 layout or diffusers names)"
+    model = models._build_empty(lambda: AutoencoderKLQwenImage21(**config), header, expected)
+    models._cast_empty(model, dtype)
+    model_shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    squeezed = frozenset(
+        name
+        for name, key in sources.items()
+        if len(header.shapes[key]) == 5 and header.shapes[key][2] == 1 and len(model_shapes.get(name, ())) == 4
+    )
+    models.check_layout(header, sources, model, expected, squeezed=squeezed)
+    models._fill(model, header, sources, lambda _name: torch.device(device), squeezed=squeezed)
+    return model.eval().requires_grad_(False)
 
 
 def dit_sources(header: SafetensorsHeader) -> tuple[dict[str, str], models.RowRanges]:
@@ -142,3 +240,10 @@ def load_text_encoder(
     if "lm_head.weight" not in sources:
         model.lm_head.weight = model.model.language_model.embed_tokens.weight
     return model.eval().requires_grad_(False)
+
+
+def load_processor(tokenizer: str | os.PathLike | None) -> Any:
+    """Qwen3-VL's tokenizer and image processor (`Qwen3VLProcessor`): `--tokenizer`, or Qwen-Image 2.1's repo."""
+    from transformers import Qwen3VLProcessor
+
+    return models.load_processor(tokenizer, Qwen3VLProcessor, PROCESSOR_REPO, "Qwen-Image 2.1")

@@ -23,6 +23,12 @@ so the last is that value (musubi-tuner's 0.02; ComfyUI's SamplerCustom + LTXVSc
 then rescaled per latent pixel so its norm never exceeds the positive prediction's (ComfyUI's
 CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers them
 (`trainer/positions.py`), whatever convention training uses.
+
+Qwen-Image 2.1 (`--model_version qwen-image-2.1`) is drawn as its diffusers pipeline and ComfyUI's
+2.1 graph (TextEncodeQwenImage21, KSampler euler / simple, cfg 1) draw it: the controls (none for
+text-to-image, up to 10) at the output's area, in the prompt and as condition latents; cfg 1 (no
+negative pass) unless `--l`; the flow shift the pipeline takes for the output's size (`qwen_image21.shift`)
+unless `--fs`; Euler over the same `simple` schedule; the RGBA decode composited over white.
 """
 
 from __future__ import annotations
@@ -44,14 +50,16 @@ from ..musubi_formats.names import SAMPLE_DIR, sample_file_name
 from ..musubi_formats.prompts import PromptFileError, SamplePrompt, resolve_prompt_path
 from ..musubi_formats.prompts import load_prompt_file as load_musubi_prompts
 from ..training_contract.options import DEFAULT_SHIFT_TERMINAL
-from .cache import CacheEncoders
+from . import qwen_image21
+from .cache import Encoders, open_image
 from .positions import use_positions
-from .vae_decode import vae_scale
+from .vae_decode import rgb_over_white, vae_scale
 
 DEFAULT_SIZE = 256
 DEFAULT_STEPS = 20
 DEFAULT_CFG = 4.0  # musubi-tuner's Qwen sampler
 DEFAULT_FLOW_SHIFT = 3.0  # ModelSamplingAuraFlow in ComfyUI's Qwen-Image(-Edit) graphs
+QWEN_IMAGE_21_CFG = 1.0  # ComfyUI's and diffusers' 2.1 default: no guidance
 
 
 @dataclass
@@ -77,11 +85,14 @@ class EncodedSample:
     prompt: SampleSettings
     prompt_embeds: torch.Tensor  # [1, tokens, dim]
     negative_embeds: torch.Tensor | None
-    control_latents: list[torch.Tensor]  # each [1, 16, 1, h, w]
+    control_latents: list[torch.Tensor]  # each [1, C, 1, h, w]
+    image_pad_mask: torch.Tensor | None = None  # [1, tokens] (Qwen-Image 2.1: the controls' vision slots)
+    negative_image_pad_mask: torch.Tensor | None = None
 
 
-def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
-    """The trainer's settings for a parsed prompt; a prompt that cannot sample is a PromptFileError."""
+def sample_settings(parsed: SamplePrompt, prompt_file: Path, *, qwen21: bool = False) -> SampleSettings:
+    """The trainer's settings for a parsed prompt (`qwen21`: Qwen-Image 2.1's defaults, module docstring);
+    a prompt that cannot sample is a PromptFileError."""
     where = f"{prompt_file} " + (f"line {parsed.line_number}" if parsed.line_number else f"prompt {parsed.index}")
     if parsed.unknown_options:
         # musubi ignores these; a typo here would silently sample something else for the whole run
@@ -90,6 +101,8 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
             "(known: --w --h --s --d --fs --l --n --ci, numbers after --w --h --s --d --fs --l)"
         )
     settings = SampleSettings(index=parsed.index, prompt=parsed.prompt.strip(), seed=parsed.seed)
+    if qwen21:
+        settings.cfg_scale = QWEN_IMAGE_21_CFG
     for name, value in (
         ("width", parsed.width),
         ("height", parsed.height),
@@ -104,8 +117,15 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
         value = getattr(settings, name)
         if value < RESOLUTION_STEP:
             raise PromptFileError(f"{where}: {name} {value} is smaller than {RESOLUTION_STEP}")
-        setattr(settings, name, value // RESOLUTION_STEP * RESOLUTION_STEP)
-    if not parsed.control_images:
+        step = qwen_image21.SLOT_PIXELS if qwen21 else RESOLUTION_STEP
+        setattr(settings, name, max(value // step, 1) * step)
+    if qwen21 and parsed.discrete_flow_shift is None:
+        settings.flow_shift = qwen_image21.shift((settings.width // 16) * (settings.height // 16))
+    if qwen21 and len(parsed.control_images) > qwen_image21.MAX_CONDITION_IMAGES:
+        raise PromptFileError(
+            f"{where}: Qwen-Image 2.1 takes at most {qwen_image21.MAX_CONDITION_IMAGES} control images"
+        )
+    if not parsed.control_images and not qwen21:
         raise PromptFileError(f"{where}: Qwen-Image-Edit samples need a control image (--ci path)")
     for raw in parsed.control_images:
         found, tried = resolve_prompt_path(raw, prompt_file)
@@ -115,28 +135,35 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path) -> SampleSettings:
     return settings
 
 
-def load_prompt_file(path: str | Path) -> list[SampleSettings]:
+def load_prompt_file(path: str | Path, *, qwen21: bool = False) -> list[SampleSettings]:
     """The prompts of a musubi prompt file (parsed as musubi parses it, `musubi_formats/prompts.py`)."""
     prompt_path = Path(path)
-    prompts = [sample_settings(parsed, prompt_path) for parsed in load_musubi_prompts(prompt_path)]
+    prompts = [sample_settings(parsed, prompt_path, qwen21=qwen21) for parsed in load_musubi_prompts(prompt_path)]
     if not prompts:
         raise PromptFileError(f"sample prompt file {prompt_path} holds no prompts")
     return prompts
 
 
-def encode_samples(prompts: Sequence[SampleSettings], encoders: CacheEncoders) -> list[EncodedSample]:
+def encode_samples(prompts: Sequence[SampleSettings], encoders: Encoders) -> list[EncodedSample]:
     encoded = []
     for sample in prompts:
-        controls = []
-        for path in sample.controls:
-            with Image.open(path) as image:
-                controls.append(image.convert("RGB"))
-        embeds = encoders.encode_prompt(sample.prompt, controls).unsqueeze(0)
-        negative = (
-            encoders.encode_prompt(sample.negative_prompt, controls).unsqueeze(0) if sample.cfg_scale > 1 else None
+        controls = [open_image(path, encoders.image_mode) for path in sample.controls]
+        size = (sample.width, sample.height)
+        text = encoders.encode_text(sample.prompt, controls, size)
+        negative = encoders.encode_text(sample.negative_prompt, controls, size) if sample.cfg_scale > 1 else {}
+        latents = [
+            encoders.encode_image(c, s).unsqueeze(0) for c, s in zip(controls, encoders.control_sizes(controls, size))
+        ]
+        encoded.append(
+            EncodedSample(
+                sample,
+                text["prompt_embeds"].unsqueeze(0),
+                negative["prompt_embeds"].unsqueeze(0) if negative else None,
+                latents,
+                text["image_pad_mask"].unsqueeze(0) if "image_pad_mask" in text else None,
+                negative["image_pad_mask"].unsqueeze(0) if "image_pad_mask" in negative else None,
+            )
         )
-        latents = [encoders.encode_image(c, encoders.reference_size(c)).unsqueeze(0) for c in controls]
-        encoded.append(EncodedSample(sample, embeds, negative, latents))
     return encoded
 
 
@@ -152,7 +179,8 @@ def generate(
     shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
 ) -> Image.Image:
     """Euler flow-matching sampling from cached conditions, as ComfyUI's graph samples (module docstring)."""
-    latents = denoise(
+    denoise_of = denoise_21 if sample.image_pad_mask is not None else denoise
+    latents = denoise_of(
         transformer,
         sample,
         vae_scale(vae.config),  # type: ignore[arg-type]  # diffusers' ConfigMixin.config
@@ -177,18 +205,14 @@ def denoise(
 ) -> torch.Tensor:
     """The sample's final (normalised) latents [1, C, 1, h, w], before the VAE decodes them."""
     prompt = sample.prompt
-    latent_h, latent_w = prompt.height // vae_scale_factor, prompt.width // vae_scale_factor
     channels = sample.control_latents[0].shape[1] if sample.control_latents else 16
-    generator = torch.Generator("cpu").manual_seed(seed)
-    noise = torch.randn((1, channels, 1, latent_h, latent_w), generator=generator)
+    noise, scheduler = _start(prompt, (channels, vae_scale_factor), seed, device, shift_terminal)
+    latent_h, latent_w = noise.shape[3], noise.shape[4]
     latents = pack(noise).to(device, dtype)
     controls = [pack(c).to(device, dtype) for c in sample.control_latents]
     img_shapes = [
         [(1, latent_h // 2, latent_w // 2), *[(1, c.shape[3] // 2, c.shape[4] // 2) for c in sample.control_latents]]
     ]
-    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
-    # diffusers annotates sigmas as a list and step()'s tensors as FloatTensor; an array and plain tensors work
-    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
 
     def velocity(embeds: torch.Tensor, model_input: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         out = transformer(
@@ -218,6 +242,62 @@ def denoise(
                 )
             latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[arg-type]
     return unpack(latents, latent_h, latent_w)
+
+
+@torch.no_grad()
+def denoise_21(
+    transformer: torch.nn.Module,
+    sample: EncodedSample,
+    vae_scale_factor: int,
+    *,
+    seed: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    shift_terminal: float = DEFAULT_SHIFT_TERMINAL,
+) -> torch.Tensor:
+    """A Qwen-Image 2.1 sample's final (normalised) latents [1, 64, 1, h, w]: Euler steps of
+    `qwen_image21.velocity`, classifier-free guidance (plain, ComfyUI's KSampler cfg) above cfg 1."""
+    prompt = sample.prompt
+    channels = int(transformer.config.in_channels)  # type: ignore[union-attr,arg-type]  # diffusers' ConfigMixin
+    noise, scheduler = _start(prompt, (channels, vae_scale_factor), seed, device, shift_terminal)
+    latents = noise.to(device, dtype)
+    controls = [c.to(device, dtype) for c in sample.control_latents]
+
+    def velocity(
+        latents: torch.Tensor, embeds: torch.Tensor, pad_mask: torch.Tensor | None, timestep: torch.Tensor
+    ) -> torch.Tensor:
+        if pad_mask is None:
+            raise ValueError("a Qwen-Image 2.1 sample needs its prompt's image_pad_mask")
+        return qwen_image21.velocity(
+            transformer, latents, timestep, controls, embeds.to(device, dtype), None, pad_mask.to(device)
+        )
+
+    for t in scheduler.timesteps:
+        timestep = (t / 1000).expand(1).to(dtype)
+        pred = velocity(latents, sample.prompt_embeds, sample.image_pad_mask, timestep)
+        if sample.negative_embeds is not None:
+            negative = velocity(latents, sample.negative_embeds, sample.negative_image_pad_mask, timestep)
+            pred = negative + prompt.cfg_scale * (pred - negative)
+        latents = scheduler.step(pred, t, latents, return_dict=False)[0]  # type: ignore[arg-type]
+    return latents
+
+
+def _start(
+    prompt: SampleSettings,
+    latent_format: tuple[int, int],
+    seed: int,
+    device: torch.device,
+    shift_terminal: float,
+) -> tuple[torch.Tensor, FlowMatchEulerDiscreteScheduler]:
+    """The starting noise [1, C, 1, h, w] of a prompt (drawn on the CPU from its seed, as ComfyUI draws it)
+    for latents of (channels, pixels per latent), and the scheduler set to its steps."""
+    channels, scale = latent_format
+    generator = torch.Generator("cpu").manual_seed(seed)
+    noise = torch.randn((1, channels, 1, prompt.height // scale, prompt.width // scale), generator=generator)
+    scheduler = sample_scheduler(prompt.flow_shift, shift_terminal)
+    # diffusers annotates sigmas as a list and step()'s tensors as FloatTensor; an array and plain tensors work
+    scheduler.set_timesteps(sigmas=unshifted_sigmas(prompt.steps, shift_terminal), device=device)  # type: ignore[arg-type]
+    return noise, scheduler
 
 
 def unshifted_sigmas(steps: int, shift_terminal: float = DEFAULT_SHIFT_TERMINAL) -> np.ndarray:
@@ -294,6 +374,7 @@ def decode_to_pil(vae: torch.nn.Module, latents: torch.Tensor) -> Image.Image:
     dtype: torch.dtype = vae.dtype  # type: ignore[assignment]  # diffusers' ModelMixin.dtype
     latents = denormalize_latents(vae, latents.to(dtype))
     pixels = vae.decode(latents, return_dict=False)[0][:, :, 0]  # type: ignore[operator]  # AutoencoderKLQwenImage
+    pixels = rgb_over_white(pixels)
     array = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(array, "RGB")
 

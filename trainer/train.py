@@ -42,11 +42,12 @@ from ..musubi_formats.dataset import DatasetGroup, DatasetItem
 from ..musubi_formats.names import epoch_checkpoint_name, step_checkpoint_name
 from ..training_contract import libraries
 from ..training_contract.checkpoint_choice import CheckpointRow, CheckpointTable, format_table, read_table, write_table
-from ..training_contract.model_versions import MODEL_VERSIONS
+from ..training_contract.model_versions import MODEL_VERSIONS, QWEN_IMAGE_21
 from ..training_contract.options import NETWORK_MODULE
 from ..training_contract.protocol import METRICS_FILE, JobState, clear_stop_request, read_metrics, stop_requested
 from . import models
-from .cache import CacheEncoders, cache_dataset, text_cache_path
+from . import qwen_image21_loading as q21
+from .cache import CacheEncoders, Encoders, QwenImage21Encoders, cache_dataset, text_cache_path
 from .checkpoint_eval import SampleEvidence, ValidationLoss
 from .config import TrainingConfig
 from .flow_matching import Batch, batch_velocity, collate, micro_step
@@ -202,13 +203,31 @@ class TrainingRun:
 
     # ---- the job, in the order `run` goes through it
 
-    def load_encoders(self) -> CacheEncoders:
+    def load_encoders(self) -> Encoders:
         """The VAE (kept for sampling and the hooks) and, loaded when first needed, the text encoder."""
         config = self.config
         version = MODEL_VERSIONS[config.model_version]
-        self.vae: torch.nn.Module = models.load_vae(
-            config.vae, torch.float32 if config.mixed_precision == "no" else self.weight_dtype, self.device
-        )
+        vae_dtype = torch.float32 if config.mixed_precision == "no" else self.weight_dtype
+        if version.family == QWEN_IMAGE_21:
+            self.vae: torch.nn.Module = q21.load_vae(config.vae, vae_dtype, self.device)
+
+            def load_21_text_side() -> tuple[torch.nn.Module, Any]:
+                log.info("loading the text encoder %s", config.text_encoder)
+                return (
+                    q21.load_text_encoder(config.text_encoder, self.weight_dtype, self.device),
+                    q21.load_processor(config.tokenizer),
+                )
+
+            return QwenImage21Encoders(
+                self.vae,
+                Path(config.vae),
+                Path(config.text_encoder),
+                self.weight_dtype,
+                str(config.tokenizer or q21.PROCESSOR_REPO),
+                self.device,
+                load_21_text_side,
+            )
+        self.vae = models.load_vae(config.vae, vae_dtype, self.device)
 
         def load_text_side() -> tuple[torch.nn.Module, Any]:
             log.info("loading the text encoder %s", config.text_encoder)
@@ -237,7 +256,7 @@ class TrainingRun:
             load_text_side,
         )
 
-    def cache_dataset(self, encoders: CacheEncoders) -> None:
+    def cache_dataset(self, encoders: Encoders) -> None:
         items = self.group.items + self.group.validation_items
         log.info(
             "dataset: %d images in %d dataset(s), %d held out for validation",
@@ -264,7 +283,7 @@ class TrainingRun:
             self.reporter.update(JobState.STOPPED, stop_reason=reason, last_checkpoint=None)
         return reason is not None
 
-    def prepare_samples_and_hooks(self, encoders: CacheEncoders) -> None:
+    def prepare_samples_and_hooks(self, encoders: Encoders) -> None:
         """The sample prompts encoded, and the hooks' own caches (the face targets)."""
         if self.config.sample_prompts:
             self.samples = encode_samples(self.config.sample_settings, encoders)
@@ -274,6 +293,9 @@ class TrainingRun:
     def report_memory_plan(self) -> None:
         """The memory plan of this job on this device, logged and in status.json (main process)."""
         if not self.accelerator.is_main_process:
+            return
+        if MODEL_VERSIONS[self.config.model_version].family == QWEN_IMAGE_21:
+            log.info("memory plan: not estimated for Qwen-Image 2.1 in this version")
             return
         inputs = memory_inputs(self.config, self.group, self.hooks)
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
@@ -695,12 +717,13 @@ def prepare_transformer(
             "upcast weight until it runs, so float8 storage saves little memory while training; "
             "add --gradient_checkpointing"
         )
-    transformer: torch.nn.Module = models.load_transformer(
-        config.dit,
-        weight_dtype,
-        zero_cond_t=MODEL_VERSIONS[config.model_version].zero_cond_t,
-        fp8_base=config.fp8_base,
-        placement=placement,
+    version = MODEL_VERSIONS[config.model_version]
+    transformer: torch.nn.Module = (
+        q21.load_transformer(config.dit, weight_dtype, fp8_base=config.fp8_base, placement=placement)
+        if version.family == QWEN_IMAGE_21
+        else models.load_transformer(
+            config.dit, weight_dtype, zero_cond_t=version.zero_cond_t, fp8_base=config.fp8_base, placement=placement
+        )
     )
     set_positions(transformer, config.rope_positions)
     targets = lora_target_modules(transformer, parse_network_args(config.network_args))

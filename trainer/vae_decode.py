@@ -8,10 +8,16 @@ stage at a time, so the decode's memory is the stage boundaries plus the largest
 A single frame needs none of the decoder's causal time cache (its convolutions see zero padding in
 time either way, and the 3-D upsamplers skip their time convolution on the first frame), so each
 stage is called without it; `checkpointed_decode` equals `vae.decode` (checked by the tests).
+
+Qwen-Image 2.1's VAE (`AutoencoderKLQwenImage21`) has 2-D convolutions and up blocks whose
+upsampled shortcut spans the block: each of its up blocks is one stage, called as the first
+(and only) chunk, as its `_decode` calls it for a single frame. It decodes RGBA: `rgb_over_white`
+gives the RGB image the face engine and the samples use.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +48,9 @@ def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor
         decoder.get_submodule("mid_block"),
     ]
     for up_block in decoder.get_submodule("up_blocks").children():
+        if hasattr(up_block, "upsampler"):
+            stages.append(functools.partial(up_block, first_chunk=True))  # Qwen-Image 2.1's residual up block
+            continue
         stages += list(up_block.get_submodule("resnets").children())
         upsamplers = getattr(up_block, "upsamplers", None)  # None in the last block
         stages += list(upsamplers.children()) if upsamplers is not None else []
@@ -49,7 +58,7 @@ def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor
 
 
 def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint: bool = True) -> torch.Tensor:
-    """Decode raw (denormalised) latents [B, 16, 1, h, w] to pixels [B, 3, 1, H, W] in [-1, 1].
+    """Decode raw (denormalised) latents [B, C, 1, h, w] to pixels [B, 3 (2.1: 4), 1, H, W] in [-1, 1].
 
     With gradients enabled and `use_checkpoint`, every stage is checkpointed; without gradients it
     is a plain forward pass.
@@ -60,3 +69,11 @@ def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint
     for stage in decoder_stages(vae):
         x = checkpoint(stage, x, use_reentrant=False) if use_checkpoint and torch.is_grad_enabled() else stage(x)
     return x.clamp(-1.0, 1.0)
+
+
+def rgb_over_white(pixels: torch.Tensor) -> torch.Tensor:
+    """RGB pixels [B, 3, ...] in [-1, 1] of a decode: an RGBA one (Qwen-Image 2.1's) composited over white."""
+    if pixels.shape[1] != 4:
+        return pixels
+    alpha = (pixels[:, 3:] + 1) / 2
+    return pixels[:, :3] * alpha + (1 - alpha)

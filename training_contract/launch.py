@@ -22,9 +22,8 @@ SAMPLE_PROMPTS_FILE = "sample_prompts.txt"
 # Flags the launch sets itself: where the run reads and writes. Its extra arguments may not move them.
 LAUNCH_MANAGED_FLAGS = tuple(option.flag for option in options.OPTIONS if option.path)
 
-# What every launch trains with: Qwen-Image-Edit-2509, SDPA, no loss weighting, the LoRA module.
+# What every launch trains with: SDPA, no loss weighting, the LoRA module (the model: its `model_version`).
 FIXED_ARGS = (
-    "--edit_plus",
     "--sdpa",
     "--weighting_scheme",
     "none",
@@ -120,12 +119,13 @@ class LaunchRequest:
         if self.dataset_config is None:
             raise ValueError("the launch request has no dataset_config: its folder's dataset TOML comes first")
         args = ["--dit", str(self.dit), "--vae", str(self.vae), "--text_encoder", str(self.text_encoder)]
+        args += self._flag("model_version", self._setting("model_version"))  # a saved workflow without it: 2509
         args += ["--dataset_config", str(self.dataset_config), *FIXED_ARGS]
         args += ["--output_dir", str(self.output_dir), "--output_name", self.output_name]
         by_steps = bool(self._setting("max_train_steps"))  # the trainer derives the steps from epochs when given
         face_settings = set(FACE_SETTINGS) | set(FACE_LOSS_VARIANTS) | {"use_face_as_loss"}
         for name, value in self.settings.items():
-            if name in face_settings or (name == "max_train_epochs" and by_steps):
+            if name in face_settings or name == "model_version" or (name == "max_train_epochs" and by_steps):
                 continue
             if name == "sample_every_n_epochs" and not self.sample_prompts.strip():
                 continue

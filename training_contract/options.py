@@ -135,6 +135,12 @@ OPTIONS: tuple[Option, ...] = (
         "Edit-2511 as musubi-tuner names them; Qwen-Image 2.1 as ComfyUI does)",
         choices=tuple(MODEL_VERSIONS),
         case_insensitive=True,
+        node=NodeWidget(
+            "edit-2509",
+            choices=("edit-2509", "edit-2511", "qwen-image-2.1", "edit"),
+            tooltip="The model trained: Qwen-Image-Edit 2509 or 2511 (Qwen2.5-VL, qwen_image_vae), or Qwen-Image "
+            "2.1 (qwen_image_2.1_* DiT, Qwen3-VL qwen3vl_8b_* text encoder, qwen_image_2.1_vae_*).",
+        ),
     ),
     Option("edit", bool, "models", "same as --model_version edit"),
     Option("edit_plus", bool, "models", "same as --model_version edit-2509"),

@@ -21,7 +21,8 @@ from face_consistency.nodes.training import (
     FaceConsistencyTrainMonitor,
     FaceConsistencyTrainStop,
 )
-from face_consistency.training_contract.protocol import read_status
+from face_consistency.training_contract import libraries
+from face_consistency.training_contract.protocol import read_metrics, read_status
 from face_consistency.training_jobs.run_reader import list_checkpoints, read_run
 from run_folders import write_lora, write_musubi_run
 from training_runs import TinyTraining, group_gone, wait_for
@@ -491,3 +492,53 @@ def test_the_launch_node_passes_a_validation_dataset_and_likeness_references(
         _launch_command(
             monkeypatch, tiny_training, comfy, "tiny_held", likeness_references=str(references), sample_prompts=prompts
         )
+
+
+@pytest.mark.skipif(
+    libraries.too_old_for("qwen-image-2.1") is not None, reason=str(libraries.too_old_for("qwen-image-2.1"))
+)
+def test_the_launch_node_trains_qwen_image_21_with_the_face_loss(
+    comfy: Path, tmp_path: Path, faces_dir: Path, testpack_dir: Path
+) -> None:
+    """A tiny Qwen-Image 2.1 run from the node: its DiT, Qwen3-VL and 64-channel VAE from ComfyUI's folders, the
+    face loss with a pack from ComfyUI's insightface folder, samples; the LoRA in ComfyUI's 2.1 layout."""
+    from face_consistency.faceid import load_face_model
+    from safetensors.torch import load_file
+    from tiny_qwen import write_tiny_dataset
+    from tiny_qwen_image21 import write_tiny_qwen_image21_files
+
+    files = write_tiny_qwen_image21_files(tmp_path / "models21")
+    engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
+    dataset = write_tiny_dataset(tmp_path / "data21", n=2, with_face_photos=faces_dir, face_model=engine)
+    installed = TinyTraining(files, dataset).install_into_comfyui(comfy)  # type: ignore[arg-type]
+    pack = comfy / "models" / "insightface" / "models" / testpack_dir.name
+    pack.parent.mkdir(parents=True, exist_ok=True)
+    pack.symlink_to(testpack_dir)
+    required = FaceConsistencyTrainLaunch.INPUT_TYPES()["required"]
+    inputs = {
+        **{key: spec[1]["default"] for key, spec in required.items() if len(spec) > 1 and "default" in spec[1]},
+        **_tiny_launch_inputs(TinyTraining(files, dataset), comfy, "tiny_21", 2),  # type: ignore[arg-type]
+        "model_version": "qwen-image-2.1",
+        "face_model_name": testpack_dir.name,
+        "face_device": "cpu",
+        "enable_face_loss": True,
+        "use_face_as_loss": True,
+        "sample_prompts": f"a tiny edit --w 64 --h 64 --s 2 --d 7 --ci {installed.control}",
+        "sample_every_n_epochs": 1,
+        "extra_args": "--face_loss_max_t 1",
+    }
+    assert FaceConsistencyTrainLaunch.INPUT_TYPES()["optional"]["model_version"][0] == [
+        "edit-2509",
+        "edit-2511",
+        "qwen-image-2.1",
+        "edit",
+    ]
+    job = FaceConsistencyTrainLaunch().launch(**inputs)["result"][0]
+    out = Path(job.output_dir)
+    wait_for(lambda: read_status(out).get("state") in ("completed", "failed"), "the 2.1 run to end")
+    status = read_status(out)
+    assert status["state"] == "completed", status
+    assert any("loss/face" in m for m in read_metrics(out)), "the face loss did not run"
+    assert sorted((out / "sample").glob("*.png"))
+    keys = load_file(str(out / "tiny_21.safetensors")).keys()
+    assert keys and all(key.startswith("transformer.transformer_blocks.") for key in keys)

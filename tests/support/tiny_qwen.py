@@ -144,7 +144,7 @@ def tiny_text_encoder_config(tokenizer, hidden_size: int = TINY_TRANSFORMER_CONF
     }
 
 
-def _resnet_to_wan(rest: str) -> str:
+def resnet_to_wan(rest: str) -> str:
     """`norm1.gamma` -> `residual.0.gamma` etc. (the Wan residual Sequential indices)."""
     for diffusers_name, wan_name in (
         ("norm1.", "residual.0."),
@@ -179,18 +179,29 @@ def diffusers_vae_key_to_wan(key: str) -> str:
         kind, index, tail = parts[1], int(parts[2]), ".".join(parts[3:])
         if kind == "attentions":
             return f"{side}.middle.1.{tail}"
-        return f"{side}.middle.{2 * index}.{_resnet_to_wan(tail)}"
+        return f"{side}.middle.{2 * index}.{resnet_to_wan(tail)}"
     if rest.startswith("down_blocks."):
         _, index, tail = rest.split(".", 2)
-        return f"{side}.downsamples.{index}.{_resnet_to_wan(tail)}"
+        return f"{side}.downsamples.{index}.{resnet_to_wan(tail)}"
     if rest.startswith("up_blocks."):
         parts = rest.split(".")
         block = int(parts[1])
         if parts[2] == "resnets":
-            return f"{side}.upsamples.{4 * block + int(parts[3])}.{_resnet_to_wan('.'.join(parts[4:]))}"
+            return f"{side}.upsamples.{4 * block + int(parts[3])}.{resnet_to_wan('.'.join(parts[4:]))}"
         if parts[2] == "upsamplers":
             return f"{side}.upsamples.{4 * block + 3}.{'.'.join(parts[4:])}"
     raise KeyError(f"no Wan name known for VAE key {key}")
+
+
+def merge_lora(linear: dict[str, torch.nn.Linear], lora: dict[str, torch.Tensor]) -> None:
+    """Add a LoRA file's deltas (`up @ down * alpha / rank`, as ComfyUI applies them) to the Linear layers
+    named by each key's stem (`linear`: stem -> layer)."""
+    with torch.no_grad():
+        for key in lora:
+            if key.endswith(".lora_down.weight"):
+                stem = key[: -len(".lora_down.weight")]
+                down, up = lora[key], lora[f"{stem}.lora_up.weight"]
+                linear[stem].weight += up @ down * (lora[f"{stem}.alpha"] / down.shape[0])
 
 
 def fp8_scaled(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ other family or too old libraries before anything is loaded."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -20,6 +21,7 @@ from tiny_qwen_image21 import (
     TINY_21_TRANSFORMER_CONFIG,
     fuse_gate_up,
     tiny_qwen_image21_transformer,
+    tiny_qwen_image21_vae,
     write_tiny_qwen_image21_files,
 )
 
@@ -128,6 +130,34 @@ def test_qwen3_vl_text_encoder_streams_from_comfyui_layout(tmp_path, fp8):
 
 
 @needs_21_classes
+@pytest.mark.parametrize("time_axis", [True, False])
+def test_vae_streams_from_comfyui_wan22_layout(tmp_path, time_axis):
+    """ComfyUI's nested Wan 2.2 names become AutoencoderKLQwenImage21's, with or without the singleton time
+    axis on the convolutions; the loaded VAE encodes RGBA to 64 channels at 1/16 and decodes as the original."""
+    files = write_tiny_qwen_image21_files(tmp_path, vae_time_axis=time_axis)
+    reference = tiny_qwen_image21_vae(0).eval()
+    loaded = q21.load_vae(files.vae)
+    assert set(loaded.state_dict()) == set(reference.state_dict())
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in loaded.state_dict().items())
+    pixels = torch.rand(1, 4, 1, 64, 32) * 2 - 1
+    with torch.no_grad():
+        latents = loaded.encode(pixels).latent_dist.mode()
+        assert latents.shape == (1, 64, 1, 4, 2)
+        assert torch.allclose(loaded.decode(latents).sample, reference.decode(latents).sample)
+
+
+@needs_21_classes
+def test_vae_of_the_other_family_is_refused_from_the_header(tmp_path, monkeypatch):
+    files_21 = write_tiny_qwen_image21_files(tmp_path / "q21")
+    files_2509 = write_tiny_model_files(tmp_path / "q2509")
+    monkeypatch.setattr(models, "read_tensors", lambda *a, **k: pytest.fail("tensor data read"))
+    with pytest.raises(models.ModelFileError, match="is not Qwen-Image 2.1's VAE .*qwen_image_2.1_vae"):
+        q21.load_vae(files_2509.vae)
+    with pytest.raises(models.ModelFileError, match="is Qwen-Image 2.1's VAE .*qwen_image_vae.safetensors"):
+        q21.check_vae_family(models.read_header(files_21.vae, "VAE (--vae)"), QWEN_IMAGE_EDIT)
+
+
+@needs_21_classes
 def test_full_size_configs_match_the_published_models():
     """Qwen-Image 2.1's DiT (7.1 B parameters, 265 tensors in ComfyUI's fused layout: 8 per block and 9
     outside) and Qwen3-VL-8B (8.77 B, 750 tensors), built on the meta device from the shipped configs."""
@@ -151,12 +181,11 @@ def test_full_size_configs_match_the_published_models():
 
 
 def _argv(dit, files, dataset, out, version):
-    vae = files.vae if hasattr(files, "vae") else dit  # no 2.1 VAE file yet: only its existence is checked
     return [
         "--dit",
         str(dit),
         "--vae",
-        str(vae),
+        str(files.vae),
         "--text_encoder",
         str(files.text_encoder),
         "--dataset_config",
@@ -184,10 +213,15 @@ def test_cli_checks_libraries_and_the_dit_family_before_loading(tmp_path, monkey
         validate(files.dit, "qwen-image-2.1")
     with pytest.raises(ConfigError, match="is not Qwen3-VL .*Qwen-Image 2.1 reads Qwen3-VL-8B"):
         validate(files_21.dit, "qwen-image-2.1")  # with 2509's text encoder
-    with pytest.raises(ConfigError, match="cannot train Qwen-Image 2.1 yet"):
-        validate_args(parser.parse_args(_argv(files_21.dit, files_21, dataset, tmp_path / "out", "qwen-image-2.1")))
+    trainable = validate_args(
+        parser.parse_args(_argv(files_21.dit, files_21, dataset, tmp_path / "out", "qwen-image-2.1"))
+    )
+    assert trainable.model_version == "qwen-image-2.1"
     with pytest.raises(ConfigError, match="is Qwen3-VL .*2509/2511 read Qwen2.5-VL-7B"):
         validate_args(parser.parse_args(_argv(files.dit, files_21, dataset, tmp_path / "out", "edit-2511")))
+    mixed = argparse.Namespace(text_encoder=files_21.text_encoder, vae=files.vae)  # 2509's VAE with a 2.1 model
+    with pytest.raises(ConfigError, match="is not Qwen-Image 2.1's VAE"):
+        validate_args(parser.parse_args(_argv(files_21.dit, mixed, dataset, tmp_path / "out", "qwen-image-2.1")))
     assert validate(files.dit, "edit-2509").model_version == "edit-2509"
 
     old = {"diffusers": {"version": "0.39.0", "location": "x"}, "transformers": {"version": "4.52.1", "location": "x"}}

@@ -28,7 +28,7 @@ from face_consistency.training_contract.protocol import read_metrics, read_statu
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tiny_qwen import tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
+from tiny_qwen import merge_lora, tiny_train_argv, write_tiny_dataset, write_tiny_model_files, write_tiny_prompts
 
 pytestmark = pytest.mark.trainer
 
@@ -194,12 +194,7 @@ def test_overfitting_a_tiny_set_lowers_the_loss(setup, tmp_path):
     before = _flow_matching_loss(base, cached, t_values)
     lora = load_file(str(out / "tiny.safetensors"))
     linear = {LORA_PREFIX + n.replace(".", "_"): m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
-    with torch.no_grad():
-        for key in lora:
-            if key.endswith(".lora_down.weight"):
-                stem = key[: -len(".lora_down.weight")]
-                down, up = lora[key], lora[f"{stem}.lora_up.weight"]
-                linear[stem].weight += up @ down * (lora[f"{stem}.alpha"] / down.shape[0])
+    merge_lora(linear, lora)
     after = _flow_matching_loss(base, cached, t_values)
     assert after < 0.8 * before, (before, after)
 
