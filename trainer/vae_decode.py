@@ -12,6 +12,7 @@ stage is called without it; `checkpointed_decode` equals `vae.decode` (checked b
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,7 +28,9 @@ def vae_scale(config: Mapping[str, Any]) -> int:
 
 
 def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """The decoder of `AutoencoderKLQwenImage` as a chain of single-frame stages."""
+    """The decoder of `AutoencoderKLQwenImage` (or Qwen-Image 2.1's `AutoencoderKLQwenImage21`) as a chain
+    of single-frame stages. A 2.1 up block is one stage, its shortcut spanning it, called as the first
+    chunk (`vae.decode`'s one frame: the time-doubling shortcut keeps its last frame)."""
     decoder = vae.get_submodule("decoder")
     norm_out, nonlinearity, conv_out = (
         decoder.get_submodule(name) for name in ("norm_out", "nonlinearity", "conv_out")
@@ -42,6 +45,9 @@ def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor
         decoder.get_submodule("mid_block"),
     ]
     for up_block in decoder.get_submodule("up_blocks").children():
+        if hasattr(up_block, "avg_shortcut"):
+            stages.append(functools.partial(up_block, first_chunk=True))
+            continue
         stages += list(up_block.get_submodule("resnets").children())
         upsamplers = getattr(up_block, "upsamplers", None)  # None in the last block
         stages += list(upsamplers.children()) if upsamplers is not None else []
@@ -49,7 +55,8 @@ def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor
 
 
 def checkpointed_decode(vae: nn.Module, latents: torch.Tensor, *, use_checkpoint: bool = True) -> torch.Tensor:
-    """Decode raw (denormalised) latents [B, 16, 1, h, w] to pixels [B, 3, 1, H, W] in [-1, 1].
+    """Decode raw (denormalised) latents [B, C, 1, h, w] to pixels [B, 3, 1, H, W] in [-1, 1] (2.1's VAE: RGBA,
+    [B, 4, 1, H, W]).
 
     With gradients enabled and `use_checkpoint`, every stage is checkpointed; without gradients it
     is a plain forward pass.
