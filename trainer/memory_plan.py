@@ -34,6 +34,7 @@ from typing import Any
 import diffusers
 import torch
 from accelerate import init_empty_weights
+from diffusers import ModelMixin
 
 from ..training_contract.model_versions import QWEN_IMAGE_21, QWEN_IMAGE_EDIT
 from .lora import NetworkArgs, lora_target_modules
@@ -136,9 +137,10 @@ def image_tokens(size: tuple[int, int], scale: int = 8, patch: int = 2) -> int:
     return (size[0] // side) * (size[1] // side)
 
 
-def _build_empty(class_name: str, config: dict[str, Any]) -> torch.nn.Module:
+def _build_empty(class_name: str, config: dict[str, Any]) -> ModelMixin:
     with init_empty_weights():
-        return getattr(diffusers, class_name)(**config)  # type: ignore[no-any-return]
+        model: ModelMixin = getattr(diffusers, class_name)(**config)
+    return model
 
 
 def _dit_counts(inputs: MemoryInputs) -> dict[str, int]:
@@ -152,7 +154,7 @@ def _dit_counts(inputs: MemoryInputs) -> dict[str, int]:
 @functools.lru_cache(maxsize=8)
 def _dit_counts_of(class_name: str, config_json: str, network_args: NetworkArgs) -> dict[str, int]:
     model = _build_empty(class_name, json.loads(config_json))
-    blocks: torch.nn.ModuleList = model.transformer_blocks  # type: ignore[assignment]
+    blocks: torch.nn.ModuleList = model.transformer_blocks
     block = blocks[0]
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     leaf = max(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
@@ -166,7 +168,7 @@ def _dit_counts_of(class_name: str, config_json: str, network_args: NetworkArgs)
         "largest_leaf": leaf,
         "lora_width": lora_width,
         "dim": model.inner_dim,
-        "patch": model.config.patch_size,  # type: ignore[attr-defined]
+        "patch": model.config["patch_size"],
     }
 
 
@@ -180,6 +182,8 @@ def _stage_saved(
     A 2.1 up block is one stage (its shortcut spans it): its residual blocks, then its upsampler."""
     module = stage.func if isinstance(stage, functools.partial) else stage
     name = type(module).__name__
+    if not isinstance(module, torch.nn.Module):  # the head, a function: norm, activation, conv_out
+        return 2 * inputs + _stage_saved(head_conv, inputs, outputs, head_conv)
     if name == "QwenImageCausalConv3d":
         return inputs * (1 if getattr(module, "kernel_size", None) == (1, 1, 1) else 3)
     if name == "QwenImage21CausalConv3d":
@@ -191,26 +195,27 @@ def _stage_saved(
     if name == "QwenImageResidualBlock":
         return 4.5 * inputs + 5.5 * outputs
     if name == "QwenImage21ResidualBlock":
-        return (4 if module.in_dim != module.out_dim else 3) * inputs + 3 * outputs
+        widens = not isinstance(module.get_submodule("conv_shortcut"), torch.nn.Identity)
+        return (4 if widens else 3) * inputs + 3 * outputs
     if name in ("QwenImageResample", "QwenImage21Resample"):
         return 4 * inputs
     if name == "QwenImage21ResidualUpBlock":
-        upsampler = module.upsampler
+        upsampler = getattr(module, "upsampler", None)
         middle = outputs / 4 if upsampler is not None else outputs  # the residual blocks' output, before upsampling
-        first, *rest = module.resnets
+        first, *rest = module.get_submodule("resnets").children()
         saved = _stage_saved(first, inputs, middle, head_conv) + sum(
             _stage_saved(r, middle, middle, head_conv) for r in rest
         )
         return saved + (_stage_saved(upsampler, middle, outputs, head_conv) if upsampler is not None else 0)
-    return 2 * inputs + _stage_saved(head_conv, inputs, outputs, head_conv)  # the head: norm, activation, conv_out
+    raise ValueError(f"the memory plan knows no decoder stage {name}")
 
 
 @functools.lru_cache(maxsize=4)
-def _empty_vae(class_name: str, config_json: str) -> torch.nn.Module:
+def _empty_vae(class_name: str, config_json: str) -> ModelMixin:
     return _build_empty(class_name, json.loads(config_json))
 
 
-def vae_module(inputs: MemoryInputs) -> torch.nn.Module:
+def vae_module(inputs: MemoryInputs) -> ModelMixin:
     """The job's VAE on the meta device."""
     return _empty_vae(ARCHITECTURES[inputs.family].vae_class, json.dumps(inputs.vae_config, sort_keys=True))
 
@@ -242,7 +247,7 @@ def decoder_saved_values(
     (w, h)."""
     vae = _empty_vae(ARCHITECTURES[family].vae_class, json.dumps(vae_config, sort_keys=True))
     head_conv = vae.get_submodule("decoder.conv_out")
-    x = torch.empty(1, vae.config.z_dim, 1, latent_size[1], latent_size[0], device="meta")  # type: ignore[attr-defined]
+    x = torch.empty(1, vae.config["z_dim"], 1, latent_size[1], latent_size[0], device="meta")
     boundaries, largest, total = 0.0, 0.0, 0.0
     with torch.no_grad():
         for stage in decoder_stages(vae):
