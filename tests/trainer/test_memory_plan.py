@@ -20,6 +20,7 @@ from face_consistency.trainer.lora import NetworkArgs
 from face_consistency.trainer.memory_plan import (
     ARCHITECTURES,
     GIB,
+    DecoderSaved,
     MemoryInputs,
     decode_size,
     decoder_saved_values,
@@ -93,12 +94,8 @@ def test_block_activations_match_the_formula(real_block, image_tokens, text_toke
     assert kept == pytest.approx(tokens * dim * 4, rel=0.2)
 
 
-@pytest.mark.parametrize("latent_size", [(8, 8), (12, 16)])
-def test_decoder_activations_match_the_formula(latent_size):
-    torch.manual_seed(0)
-    vae = AutoencoderKLQwenImage(**VAE).eval().requires_grad_(False)
-    latents = torch.randn(1, 16, 1, latent_size[1], latent_size[0], requires_grad=True)
-    expected = decoder_saved_values(VAE, latent_size)
+def assert_decoder_matches_the_formula(vae: torch.nn.Module, latents: torch.Tensor, expected: DecoderSaved) -> None:
+    """What the decode of `latents` saves, plainly and checkpointed, and its largest stage, against `expected`."""
     plain = saved_bytes(vae, lambda: checkpointed_decode(vae, latents, use_checkpoint=False))
     assert plain == pytest.approx(expected.total * 4, rel=0.2)
     kept = saved_bytes(vae, lambda: checkpointed_decode(vae, latents))
@@ -110,6 +107,14 @@ def test_decoder_activations_match_the_formula(latent_size):
         with torch.no_grad():
             x = stage(x).requires_grad_(True)
     assert max(stages) == pytest.approx(expected.largest_stage * 4, rel=0.2)
+
+
+@pytest.mark.parametrize("latent_size", [(8, 8), (12, 16)])
+def test_decoder_activations_match_the_formula(latent_size):
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(**VAE).eval().requires_grad_(False)
+    latents = torch.randn(1, 16, 1, latent_size[1], latent_size[0], requires_grad=True)
+    assert_decoder_matches_the_formula(vae, latents, decoder_saved_values(VAE, latent_size))
 
 
 def test_face_loss_plan_matches_the_decode_warp_and_recognizer(insightface_root, testpack_dir):
@@ -275,17 +280,7 @@ def test_21_decoder_activations_match_the_formula():
     latents = torch.randn(1, 64, 1, latent_size[1], latent_size[0], requires_grad=True)
     with torch.no_grad():
         assert torch.equal(checkpointed_decode(vae, latents), vae.decode(latents).sample)
-    expected = decoder_saved_values(VAE_21, latent_size, QWEN_IMAGE_21)
-    plain = saved_bytes(vae, lambda: checkpointed_decode(vae, latents, use_checkpoint=False))
-    assert plain == pytest.approx(expected.total * 4, rel=0.2)
-    kept = saved_bytes(vae, lambda: checkpointed_decode(vae, latents))
-    assert kept == pytest.approx(expected.boundaries * 4, rel=0.2)
-    x, stages = latents, []
-    for stage in decoder_stages(vae):
-        stages.append(saved_bytes(vae, functools.partial(stage, x)))
-        with torch.no_grad():
-            x = stage(x).requires_grad_(True)
-    assert max(stages) == pytest.approx(expected.largest_stage * 4, rel=0.2)
+    assert_decoder_matches_the_formula(vae, latents, decoder_saved_values(VAE_21, latent_size, QWEN_IMAGE_21))
 
 
 @needs_21_classes
