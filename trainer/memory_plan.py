@@ -5,10 +5,14 @@ sizes come from formulas in saved elements per token or per pixel, counted with
 `torch.autograd.graph.saved_tensors_hooks` on the real-width modules (tests/trainer/test_memory_plan.py
 checks them against measured bytes, within 20%):
 
-- a transformer block saves about `BLOCK_SAVED_PER_TOKEN` (18) x dim values per token (image,
-  control and text tokens alike; PyTorch's SDPA without a mask keeps no tokens² matrix); with
-  gradient checkpointing each block keeps only its input (1 x dim per token) and the backward
-  pass recomputes one block at a time;
+- a transformer block saves about `Architecture.block_saved_per_token` x dim values per token (image,
+  control and text tokens alike; PyTorch's SDPA without a mask keeps no tokens² matrix): 18 for
+  Qwen-Image-Edit's dual-stream block (3072 wide, GELU MLP 4x), 25 for Qwen-Image 2.1's single-stream
+  block (4096 wide, SwiGLU MLP 3x); with gradient checkpointing each block keeps only its input
+  (1 x dim per token) and the backward pass recomputes one block at a time;
+- an image is (side / (VAE scale x patch size))² tokens: 8x VAE and 2x2 patches for Edit, 16x VAE
+  and patch size 1 for 2.1 (both 64 x 64 tokens at 1024²); 2.1's condition images sit in the one
+  joint sequence at their own latent size, as its target does;
 - the VAE decoder's stages save, per value of their input (or output), the coefficients in
   `_stage_saved`; checkpointed (`vae_decode.py`) it keeps the stage inputs, plus one stage's
   activations while that stage is recomputed;
@@ -27,18 +31,36 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import diffusers
 import torch
 from accelerate import init_empty_weights
-from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+from diffusers import ModelMixin
 
+from ..training_contract.model_versions import QWEN_IMAGE_21, QWEN_IMAGE_EDIT
 from .lora import NetworkArgs, lora_target_modules
 from .vae_decode import decoder_stages, vae_scale
 
 GIB = 1024**3
-BLOCK_SAVED_PER_TOKEN = 18  # x dim values per token per transformer block, without checkpointing
 OVERHEAD_BYTES = 1 * GIB  # CUDA context, gradient buffers in flight, allocator slack (an assumption)
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "adafactor": 0}  # per LoRA parameter
 FACE_BOX_FRACTION = 0.5  # `face` decode: the box is taken as half the target's shorter side
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """What the plan reads off a model family: its diffusers classes (built on the meta device; looked up
+    by name, as diffusers releases before 2.1's lack its classes) and the values a transformer block
+    saves for backward per token, in units of its width (measured on the real-width block, fp32)."""
+
+    transformer_class: str
+    vae_class: str
+    block_saved_per_token: int
+
+
+ARCHITECTURES = {
+    QWEN_IMAGE_EDIT: Architecture("QwenImageTransformer2DModel", "AutoencoderKLQwenImage", 18),
+    QWEN_IMAGE_21: Architecture("QwenImage21Transformer2DModel", "AutoencoderKLQwenImage21", 25),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +83,7 @@ class MemoryInputs:
     face_decode: str | None  # None: no face loss
     face_recognizer_saved_bytes: int = 0  # per sample, what the loss's recognizer keeps for backward
     face_rollout_steps: int = 1  # DiT forward passes kept for the backward pass (--face_loss_rollout_steps)
+    family: str = QWEN_IMAGE_EDIT  # `ModelVersion.family`: the ARCHITECTURES entry
 
 
 @dataclass(frozen=True)
@@ -107,21 +130,31 @@ def measure_saved_bytes(fn: Callable[[], Any], frozen: Iterable[torch.nn.Module]
     return sum(storages.values()), result
 
 
-def image_tokens(size: tuple[int, int], scale: int = 8) -> int:
-    """DiT tokens of an image of `size` (w, h) pixels: a VAE of `scale` pixels per latent (8: Qwen-Image's),
-    then 2x2 patches."""
-    return (size[0] // (2 * scale)) * (size[1] // (2 * scale))
+def image_tokens(size: tuple[int, int], scale: int = 8, patch: int = 2) -> int:
+    """DiT tokens of an image of `size` (w, h) pixels: a VAE of `scale` pixels per latent, then `patch` x
+    `patch` patches (Qwen-Image-Edit: 8 and 2; Qwen-Image 2.1: 16 and 1)."""
+    side = scale * patch
+    return (size[0] // side) * (size[1] // side)
 
 
-def _dit_counts(config: dict[str, Any], network_args: NetworkArgs) -> dict[str, int]:
-    return _dit_counts_of(json.dumps(config, sort_keys=True), network_args)
+def _build_empty(class_name: str, config: dict[str, Any]) -> ModelMixin:
+    with init_empty_weights():
+        model: ModelMixin = getattr(diffusers, class_name)(**config)
+    return model
+
+
+def _dit_counts(inputs: MemoryInputs) -> dict[str, int]:
+    return _dit_counts_of(
+        ARCHITECTURES[inputs.family].transformer_class,
+        json.dumps(inputs.transformer_config, sort_keys=True),
+        inputs.network_args,
+    )
 
 
 @functools.lru_cache(maxsize=8)
-def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int]:
-    with init_empty_weights():
-        model: torch.nn.Module = QwenImageTransformer2DModel(**json.loads(config_json))
-    blocks: torch.nn.ModuleList = model.transformer_blocks  # type: ignore[assignment]
+def _dit_counts_of(class_name: str, config_json: str, network_args: NetworkArgs) -> dict[str, int]:
+    model = _build_empty(class_name, json.loads(config_json))
+    blocks: torch.nn.ModuleList = model.transformer_blocks
     block = blocks[0]
     linear = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
     leaf = max(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
@@ -135,27 +168,56 @@ def _dit_counts_of(config_json: str, network_args: NetworkArgs) -> dict[str, int
         "largest_leaf": leaf,
         "lora_width": lora_width,
         "dim": model.inner_dim,
+        "patch": model.config["patch_size"],
     }
 
 
-def _stage_saved(stage: Callable[[torch.Tensor], torch.Tensor], inputs: int, outputs: int) -> float:
-    """Values a decoder stage saves for backward, from its input and output sizes (counted on the real VAE)."""
-    name = type(stage).__name__
+def _stage_saved(
+    stage: Callable[[torch.Tensor], torch.Tensor], inputs: float, outputs: float, head_conv: torch.nn.Module
+) -> float:
+    """Values a decoder stage saves for backward, from its input and output sizes (counted on the real VAEs).
+
+    Qwen-Image-Edit's causal convolutions pad two frames in time (3x their input for a 3x3x3 kernel);
+    2.1's fold the frame away and pad only in space (and copy their input even where they do not pad).
+    A 2.1 up block is one stage (its shortcut spans it): its residual blocks, then its upsampler."""
+    module = stage.func if isinstance(stage, functools.partial) else stage
+    name = type(module).__name__
+    if not isinstance(module, torch.nn.Module):  # the head, a function: norm, activation, conv_out
+        return 2 * inputs + _stage_saved(head_conv, inputs, outputs, head_conv)
     if name == "QwenImageCausalConv3d":
-        return inputs * (1 if getattr(stage, "kernel_size", None) == (1, 1, 1) else 3)
+        return inputs * (1 if getattr(module, "kernel_size", None) == (1, 1, 1) else 3)
+    if name == "QwenImage21CausalConv3d":
+        return inputs
     if name == "QwenImageMidBlock":
         return 30 * inputs
+    if name == "QwenImage21MidBlock":
+        return 18.5 * inputs
     if name == "QwenImageResidualBlock":
         return 4.5 * inputs + 5.5 * outputs
-    if name == "QwenImageResample":
+    if name == "QwenImage21ResidualBlock":
+        widens = not isinstance(module.get_submodule("conv_shortcut"), torch.nn.Identity)
+        return (4 if widens else 3) * inputs + 3 * outputs
+    if name in ("QwenImageResample", "QwenImage21Resample"):
         return 4 * inputs
-    return 5 * inputs  # the head: norm, activation, conv_out
+    if name == "QwenImage21ResidualUpBlock":
+        upsampler = getattr(module, "upsampler", None)
+        middle = outputs / 4 if upsampler is not None else outputs  # the residual blocks' output, before upsampling
+        first, *rest = module.get_submodule("resnets").children()
+        saved = _stage_saved(first, inputs, middle, head_conv) + sum(
+            _stage_saved(r, middle, middle, head_conv) for r in rest
+        )
+        return saved + (_stage_saved(upsampler, middle, outputs, head_conv) if upsampler is not None else 0)
+    raise ValueError(f"the memory plan knows no decoder stage {name}")
 
 
-@functools.lru_cache(maxsize=2)
-def _empty_vae(config_json: str) -> torch.nn.Module:
-    with init_empty_weights():
-        return AutoencoderKLQwenImage(**json.loads(config_json))  # an nn.Module
+@functools.lru_cache(maxsize=4)
+def _empty_vae(class_name: str, config_json: str) -> ModelMixin:
+    return _build_empty(class_name, json.loads(config_json))
+
+
+def vae_module(inputs: MemoryInputs) -> ModelMixin:
+    """The job's VAE on the meta device."""
+    return _empty_vae(ARCHITECTURES[inputs.family].vae_class, json.dumps(inputs.vae_config, sort_keys=True))
 
 
 @dataclass(frozen=True)
@@ -178,15 +240,19 @@ class DecoderSaved:
         return self.total + alongside
 
 
-def decoder_saved_values(vae_config: dict[str, Any], latent_size: tuple[int, int]) -> DecoderSaved:
-    """What the real-size VAE decoder keeps for the backward pass of one decode of `latent_size` (w, h)."""
-    vae = _empty_vae(json.dumps(vae_config, sort_keys=True))
-    x = torch.empty(1, vae_config.get("z_dim", 16), 1, latent_size[1], latent_size[0], device="meta")
+def decoder_saved_values(
+    vae_config: dict[str, Any], latent_size: tuple[int, int], family: str = QWEN_IMAGE_EDIT
+) -> DecoderSaved:
+    """What the real-size VAE decoder of `family` keeps for the backward pass of one decode of `latent_size`
+    (w, h)."""
+    vae = _empty_vae(ARCHITECTURES[family].vae_class, json.dumps(vae_config, sort_keys=True))
+    head_conv = vae.get_submodule("decoder.conv_out")
+    x = torch.empty(1, vae.config["z_dim"], 1, latent_size[1], latent_size[0], device="meta")
     boundaries, largest, total = 0.0, 0.0, 0.0
     with torch.no_grad():
         for stage in decoder_stages(vae):
             y = stage(x)
-            saved = _stage_saved(stage, x.numel(), y.numel())
+            saved = _stage_saved(stage, x.numel(), y.numel(), head_conv)
             boundaries += x.numel()
             largest = max(largest, saved)
             total += saved
@@ -207,8 +273,8 @@ def decode_size(inputs: MemoryInputs) -> tuple[int, int]:
 
 
 def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPlan:
-    counts = _dit_counts(inputs.transformer_config, inputs.network_args)
-    dim, blocks = counts["dim"], counts["blocks"]
+    counts = _dit_counts(inputs)
+    dim, blocks, patch = counts["dim"], counts["blocks"], counts["patch"]
     base_linear = 1 if inputs.fp8_base else inputs.compute_bytes
     block_bytes = counts["block"] * base_linear  # a block's params are nearly all Linear weights
     dit_bytes = counts["linear"] * base_linear + (counts["total"] - counts["linear"]) * inputs.compute_bytes
@@ -218,11 +284,11 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     lora_params = inputs.network_dim * counts["lora_width"]
     scale = vae_scale(inputs.vae_config)
     tokens = inputs.batch_size * (
-        image_tokens(inputs.target_size, scale)
-        + sum(image_tokens(c, scale) for c in inputs.control_sizes)
+        image_tokens(inputs.target_size, scale, patch)
+        + sum(image_tokens(c, scale, patch) for c in inputs.control_sizes)
         + inputs.text_tokens
     )
-    per_block = BLOCK_SAVED_PER_TOKEN * tokens * dim * inputs.compute_bytes
+    per_block = ARCHITECTURES[inputs.family].block_saved_per_token * tokens * dim * inputs.compute_bytes
     # each forward pass of a face-loss rollout keeps its activations for the backward pass too
     if inputs.gradient_checkpointing:
         activations = inputs.face_rollout_steps * blocks * tokens * dim * inputs.compute_bytes + per_block
@@ -230,8 +296,7 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
         activations = inputs.face_rollout_steps * blocks * per_block
     parts = {
         "dit_weights": dit_bytes - swapped + streaming,
-        "vae_weights": sum(p.numel() for p in _empty_vae(json.dumps(inputs.vae_config, sort_keys=True)).parameters())
-        * inputs.compute_bytes,
+        "vae_weights": sum(p.numel() for p in vae_module(inputs).parameters()) * inputs.compute_bytes,
         "lora_and_grads": lora_params * 8,
         "optimizer_state": lora_params * OPTIMIZER_STATE_BYTES.get(inputs.optimizer.lower(), 8),
         "activations": activations,
@@ -241,7 +306,8 @@ def estimate(inputs: MemoryInputs, device_bytes: int | None = None) -> MemoryPla
     if inputs.face_decode:
         width, height = decode_size(inputs)
         recognizer = inputs.face_recognizer_saved_bytes / inputs.compute_bytes
-        values = decoder_saved_values(inputs.vae_config, (width // scale, height // scale)).peak(True, recognizer)
+        latent = (width // scale, height // scale)
+        values = decoder_saved_values(inputs.vae_config, latent, inputs.family).peak(True, recognizer)
         parts["face_loss"] = int(inputs.batch_size * values * inputs.compute_bytes)
     return MemoryPlan({k: int(v) for k, v in parts.items()}, int(swapped), device_bytes)
 
@@ -266,7 +332,7 @@ def recommend(inputs: MemoryInputs, device_bytes: int) -> tuple[list[str], Memor
         current = change(current)
         plan = estimate(current, device_bytes)
         flags.append(flag)
-    blocks = _dit_counts(inputs.transformer_config, inputs.network_args)["blocks"]
+    blocks = _dit_counts(inputs)["blocks"]
     if plan.total > device_bytes and current.blocks_to_swap < blocks - 1:
         while plan.total > device_bytes and current.blocks_to_swap < blocks - 1:
             current = replace(current, blocks_to_swap=current.blocks_to_swap + 1)

@@ -33,7 +33,9 @@ def vae_scale(config: Mapping[str, Any]) -> int:
 
 
 def decoder_stages(vae: nn.Module) -> list[Callable[[torch.Tensor], torch.Tensor]]:
-    """The decoder of `AutoencoderKLQwenImage` as a chain of single-frame stages."""
+    """The decoder of `AutoencoderKLQwenImage` (or Qwen-Image 2.1's `AutoencoderKLQwenImage21`) as a chain
+    of single-frame stages. A 2.1 up block is one stage, its shortcut spanning it, called as the first
+    chunk (`vae.decode`'s one frame: the time-doubling shortcut keeps its last frame)."""
     decoder = vae.get_submodule("decoder")
     norm_out, nonlinearity, conv_out = (
         decoder.get_submodule(name) for name in ("norm_out", "nonlinearity", "conv_out")

@@ -184,7 +184,7 @@ def test_scoreboard_rejects_mismatched_inputs(comfy: Path) -> None:
         node.rank(["a.safetensors"], [math.nan], [False])
 
 
-@pytest.mark.parametrize("name", ["train_launch_monitor", "evaluate_checkpoints"])
+@pytest.mark.parametrize("name", ["train_launch_monitor", "evaluate_checkpoints", "evaluate_checkpoints_qwen_image_21"])
 def test_example_workflows_fit_the_nodes(comfy: Path, name: str) -> None:
     workflow = load_workflow(API_EXAMPLES / f"{name}.json")
     check_inputs(workflow)
