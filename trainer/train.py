@@ -294,9 +294,6 @@ class TrainingRun:
         """The memory plan of this job on this device, logged and in status.json (main process)."""
         if not self.accelerator.is_main_process:
             return
-        if MODEL_VERSIONS[self.config.model_version].family == QWEN_IMAGE_21:
-            log.info("memory plan: not estimated for Qwen-Image 2.1 in this version")
-            return
         inputs = memory_inputs(self.config, self.group, self.hooks)
         total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
         plan = estimate(inputs, total)
@@ -821,16 +818,21 @@ def _lora_metadata(
 def memory_inputs(config: TrainingConfig, group: DatasetGroup, hooks: Sequence[TrainingHook] = ()) -> MemoryInputs:
     """The memory plan's inputs: flags, the largest bucket with its controls, the longest cached prompt,
     and what the hooks' losses keep for backward."""
+    family = MODEL_VERSIONS[config.model_version].family
+    shipped = q21 if family == QWEN_IMAGE_21 else models  # the module naming the family's shipped configs
     largest = max(group.items, key=lambda item: sum(map(image_tokens, (item.bucket, *item.control_buckets))))
     text_tokens = 0
     for item in group.items:
         with safe_open(str(text_cache_path(item)), framework="pt") as handle:
-            text_tokens = max(text_tokens, handle.get_slice("prompt_embeds").get_shape()[0])
+            tokens = handle.get_slice("prompt_embeds").get_shape()[0]
+            if "image_pad_mask" in set(handle.keys()):  # 2.1: the controls' vision slots are their latents' tokens
+                tokens -= int(handle.get_tensor("image_pad_mask").sum())
+            text_tokens = max(text_tokens, tokens)
     return MemoryInputs(
         transformer_config=models.architecture_config(
-            models.read_header(config.dit, "DiT (--dit)"), models.TRANSFORMER_CONFIG
+            models.read_header(config.dit, "DiT (--dit)"), shipped.TRANSFORMER_CONFIG
         ),
-        vae_config=models.architecture_config(models.read_header(config.vae, "VAE (--vae)"), models.VAE_CONFIG),
+        vae_config=models.architecture_config(models.read_header(config.vae, "VAE (--vae)"), shipped.VAE_CONFIG),
         compute_bytes=_dtype(config.mixed_precision).itemsize,
         fp8_base=config.fp8_base,
         blocks_to_swap=config.blocks_to_swap,
@@ -845,6 +847,7 @@ def memory_inputs(config: TrainingConfig, group: DatasetGroup, hooks: Sequence[T
         face_decode=config.face_decode if config.use_face_as_loss else None,
         face_recognizer_saved_bytes=sum(hook.saved_bytes_per_sample() for hook in hooks),
         face_rollout_steps=config.face_loss_rollout_steps if config.use_face_as_loss else 1,
+        family=family,
     )
 
 

@@ -14,8 +14,11 @@ from face_consistency.musubi_formats.dataset import load_dataset_config
 from face_consistency.trainer import qwen_image21
 from face_consistency.trainer import qwen_image21_loading as q21
 from face_consistency.trainer.cache import latent_cache_path, load_cached_item, text_cache_path
+from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.train import memory_inputs
 from face_consistency.trainer.vae_decode import checkpointed_decode, rgb_over_white
 from face_consistency.training_contract import libraries
+from face_consistency.training_contract.model_versions import QWEN_IMAGE_21
 from face_consistency.training_contract.protocol import read_metrics, read_status
 from PIL import Image
 from safetensors import safe_open
@@ -86,6 +89,18 @@ def test_run_trains_with_the_face_loss_and_samples_as_rgb(face_run):
     assert any("loss/face" in m for m in steps), steps
     samples = sorted((face_run / "sample").glob("*.png"))
     assert samples and all(Image.open(p).size == (64, 64) and Image.open(p).mode == "RGB" for p in samples)
+
+
+def test_the_memory_plan_reads_the_21_model_and_only_the_prompts_text(setup21, face_run):
+    assert read_status(face_run)["memory_plan"]["total_gib"] >= 0  # planned, not skipped
+    config = validate_args(parse_args(argv21(setup21, face_run / "again", 2, *FACE_FLAGS)))
+    group = load_dataset_config(setup21["dataset"])
+    inputs = memory_inputs(config, group)
+    assert inputs.family == QWEN_IMAGE_21 and inputs.transformer_config["num_layers"] == 2
+    assert inputs.vae_config["z_dim"] == 64
+    cached = [load_cached_item(item) for item in group.items]
+    text = max(c["image_pad_mask"].shape[0] - int(c["image_pad_mask"].sum()) for c in cached)
+    assert inputs.text_tokens == text  # the controls' vision slots are counted with their images' tokens
 
 
 def test_lora_is_in_comfyuis_21_layout_with_its_metadata(setup21, face_run):
