@@ -26,6 +26,8 @@ from comfyui_server import (
     open_page,
     run_prompt,
 )
+from face_consistency.training_contract import libraries
+from face_consistency.training_contract.protocol import read_metrics
 from run_folders import MUSUBI_CHECKPOINTS, MUSUBI_NAME, write_musubi_run
 from training_runs import ComfyTinyFiles, TinyTraining, wait_for
 
@@ -118,6 +120,49 @@ def test_launch_and_monitor_workflow_trains_in_comfyui(comfy_server: ComfyServer
     detail = comfy_server.get(f"/face_consistency/jobs/{job['job_id']}")
     assert detail["recommendation"] == table["recommendation"] and len(detail["validation"]) == 2
     assert comfy_server.get("/api/face_consistency/jobs") == comfy_server.get("/face_consistency/jobs")
+
+
+@pytest.mark.skipif(
+    libraries.too_old_for("qwen-image-2.1") is not None, reason=str(libraries.too_old_for("qwen-image-2.1"))
+)
+def test_a_qwen_image_21_run_launched_in_comfyui_trains_with_the_face_loss(
+    comfy_server: ComfyServer, tmp_path: Path, faces_dir: Path, testpack_dir: Path
+) -> None:
+    """The launch + monitor example with model_version qwen-image-2.1 on tiny 2.1 models in ComfyUI's folders:
+    it trains with the face loss (the pack from ComfyUI's insightface folder), samples, and saves a LoRA in
+    ComfyUI's 2.1 layout."""
+    from face_consistency.faceid import load_face_model
+    from safetensors import safe_open
+    from tiny_qwen import write_tiny_dataset
+    from tiny_qwen_image21 import write_tiny_qwen_image21_files
+
+    engine = load_face_model(testpack_dir, provider="cpu", det_size=640)
+    tiny = TinyTraining(
+        write_tiny_qwen_image21_files(tmp_path / "models"),  # type: ignore[arg-type]
+        write_tiny_dataset(tmp_path / "data", n=2, with_face_photos=faces_dir, face_model=engine),
+    )
+    installed = tiny.install_into_comfyui(comfy_server.base, name="tiny21")
+    workflow = launch_workflow(tiny, installed, "e2e_tiny_21", max_train_steps=2)
+    workflow["1"]["inputs"].update(
+        model_version="qwen-image-2.1",
+        face_model_name=testpack_dir.name,
+        face_device="cpu",
+        enable_face_loss=True,
+        use_face_as_loss=True,
+        extra_args="--face_loss_max_t 1",
+        sample_prompts=f"a tiny edit --w 64 --h 64 --s 2 --d 7 --ci {installed.control}",
+    )
+    workflow["2"]["inputs"].update(wait_until="finished", timeout_minutes=5.0)
+    outputs = run_prompt(comfy_server, workflow)
+    status = outputs["2"]["text"][0]
+    assert "e2e_tiny_21: completed" in status, f"{status}\n{comfy_server.log()}"
+    output_dir = comfy_server.base / "output" / "loras" / "e2e_tiny_21"
+    assert any("loss/face" in m for m in read_metrics(output_dir)), "the face loss did not run"
+    assert sorted((output_dir / "sample").glob("*.png")), "no samples written"
+    with safe_open(str(output_dir / "e2e_tiny_21.safetensors"), framework="pt") as lora:
+        assert lora.metadata()["ss_model_version"] == "qwen-image-2.1"
+        keys = list(lora.keys())
+    assert keys and all(key.startswith("transformer.transformer_blocks.") for key in keys)
 
 
 # evaluate_checkpoints' nodes that need the Qwen-Image-Edit models: the model loaders, the LoRA

@@ -38,9 +38,10 @@ class TinyTraining:
     def argv(self, output_dir: Path, steps: int, *extra: str) -> list[str]:
         return tiny_train_argv(self.files, self.dataset_toml, output_dir, max_train_steps=steps, extra=extra)
 
-    def install_into_comfyui(self, comfy_base: Path) -> ComfyTinyFiles:
+    def install_into_comfyui(self, comfy_base: Path, name: str = "tiny") -> ComfyTinyFiles:
         """Link the model files into ComfyUI's diffusion_models / vae / text_encoders folders (ComfyUI
-        resolves those names itself), and copy the dataset and the tokenizer into its input folder."""
+        resolves those names itself), and copy the dataset and the tokenizer into its input folder
+        (`{name}_dataset`, `{name}_tokenizer`: another name, another training's copies)."""
         for folder, path in (
             ("diffusion_models", self.files.dit),
             ("vae", self.files.vae),
@@ -50,12 +51,12 @@ class TinyTraining:
             target.parent.mkdir(parents=True, exist_ok=True)
             if not target.exists():
                 target.symlink_to(path)
-        dataset = comfy_base / "input" / "tiny_dataset"
+        dataset = comfy_base / "input" / f"{name}_dataset"
         for part in ("images", "controls"):
             shutil.copytree(self.dataset_toml.parent / part, dataset / part, dirs_exist_ok=True)
         toml = dataset / "dataset.toml"  # the same settings, its folders (and cache) those of the copy
         toml.write_text(self.dataset_toml.read_text().replace(str(self.dataset_toml.parent), str(dataset)))
-        tokenizer = comfy_base / "input" / "tiny_tokenizer"
+        tokenizer = comfy_base / "input" / f"{name}_tokenizer"
         shutil.copytree(self.files.tokenizer_dir, tokenizer, dirs_exist_ok=True)
         return ComfyTinyFiles(toml, tokenizer)
 
