@@ -58,8 +58,9 @@ def evaluate_case(folder: Path, fast: bool = False):
 
     model = load_face_model("testpack", models_root=bench_evaluate.TESTDATA / "insightface", provider="cpu")
     sources = EvaluationSources(sample_dir=folder / "sample", sample_prompts=folder / "prompts.txt")
-    mode = {"fast": True} if fast and "fast" in inspect.signature(FolderEvaluation).parameters else {}
-    return lambda: FolderEvaluation(model, sources, **mode).run_round()
+    if fast and "fast" in inspect.signature(FolderEvaluation).parameters:
+        return lambda: FolderEvaluation(model, sources, fast=True).run_round()
+    return lambda: FolderEvaluation(model, sources).run_round()
 
 
 def worker(case: str, folder: Path) -> None:

@@ -309,11 +309,12 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         def ratio(label: str, numerator: str, denominator: str, goal: str) -> None:
-            per_run = ", ".join(f"{n / d:.2f}" for n, d in zip(times[numerator], times[denominator]))
+            # paired: both times of one repeat ran under the same load from other processes
+            paired = [n / d for n, d in zip(times[numerator], times[denominator])]
             print(
-                f"{label} {fastest[numerator] / fastest[denominator]:8.2f} x   ({goal}median of runs "
-                f"{statistics.median(n / d for n, d in zip(times[numerator], times[denominator])):.2f}; "
-                f"per run: {per_run})"
+                f"{label} {statistics.median(paired):8.2f} x   ({goal}median of the {len(paired)} paired runs: "
+                f"{', '.join(f'{r:.2f}' for r in paired)}; fastest / fastest "
+                f"{fastest[numerator] / fastest[denominator]:.2f})"
             )
 
         print("goals:")

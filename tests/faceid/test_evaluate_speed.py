@@ -4,12 +4,14 @@ at the engine's size) scores, within 0.005; the opt-in `fast` mode within its do
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
+from face_consistency.faceid.evaluate import cli as evaluate_cli
 from face_consistency.faceid.evaluate.embedding import FAST_DET_SIZE, embed_files
 from face_consistency.faceid.evaluate.embedding_store import EmbeddingStore, model_fingerprint
 from face_consistency.faceid.images import load_image, load_image_sized
@@ -98,11 +100,16 @@ def test_fast_mode_detects_again_at_full_size_where_the_small_run_finds_nothing(
     assert float(fast[0] @ default[0]) == pytest.approx(1.0, abs=1e-6)
 
 
-def test_fast_mode_is_in_the_report_and_keeps_its_own_cache(model, faces_dir, tmp_path):
-    generated, controls = tmp_path / "generated", tmp_path / "controls"
+def _two_folders(faces_dir: Path, root: Path) -> tuple[Path, Path]:
+    generated, controls = root / "generated", root / "controls"
     for folder in (generated, controls):
         folder.mkdir()
         Image.open(faces_dir / "obama.jpg").save(folder / "obama.jpg")
+    return generated, controls
+
+
+def test_fast_mode_is_in_the_report_and_keeps_its_own_cache(model, faces_dir, tmp_path):
+    generated, controls = _two_folders(faces_dir, tmp_path)
     sources = EvaluationSources(control_dir=controls, generated_dir=generated)
     cache = tmp_path / "cache.json"
     fast = FolderEvaluation(model, sources, cache_file=cache, fast=True).run_round()
@@ -114,3 +121,14 @@ def test_fast_mode_is_in_the_report_and_keeps_its_own_cache(model, faces_dir, tm
     assert model_fingerprint(description, model.pack_dir) == model_fingerprint(
         {**description, "fast": False}, model.pack_dir
     )  # the default mode's caches from before stay valid
+
+
+def test_the_command_takes_fast(faces_dir, insightface_root, tmp_path, capsys):
+    generated, controls = _two_folders(faces_dir, tmp_path)
+    report_path = tmp_path / "report.json"
+    folders = ["--control_dir", str(controls), "--generated_dir", str(generated), "--output_json", str(report_path)]
+    engine = ["--model_name", "testpack", "--models_root", str(insightface_root), "--device", "cpu"]
+    code = evaluate_cli.main([*folders, *engine, "--fast"])
+    assert code == 0 and f"fast (detecting at {FAST_DET_SIZE} first)" in capsys.readouterr().out
+    report = json.loads(report_path.read_text(encoding="utf-8"))
+    assert report["model"]["fast"] is True and report["valid_pairs"] == 1
