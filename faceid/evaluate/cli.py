@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--fast",
         action="store_true",
         help=f"detect at {FAST_DET_SIZE} first (at --det_size only where no face is found there) and decode JPEGs "
-        "at the detector's scale: less work, scores within about 0.01-0.02 of the default's (docs/evaluate.md#speed)",
+        "at the detector's scale: less work; scores move by up to about 0.05 (docs/evaluate.md#speed)",
     )
     model.add_argument(
         "--judge",
