@@ -12,7 +12,9 @@ loaded machine the figures are indicative only.
 
 Cases: `node`, bench_nodes.py's (8 photos letterboxed to 1024x1024 against one reference);
 `evaluate`, bench_evaluate.py's folder (`--outputs` samples of 1024x1024 over 5 controls), one
-`FolderEvaluation.run_round` without a cache file.
+`FolderEvaluation.run_round` without a cache file; `evaluate_fast`, the same with the new code's
+opt-in `fast` mode (`evaluate --fast`) against the old code's default (a version without the mode
+runs its default on both sides).
 """
 
 from __future__ import annotations
@@ -47,20 +49,24 @@ def node_case(size: int):
     )
 
 
-def evaluate_case(folder: Path):
+def evaluate_case(folder: Path, fast: bool = False):
+    import inspect
+
     import bench_evaluate
     from face_consistency.faceid import load_face_model
     from face_consistency.faceid.evaluate import EvaluationSources, FolderEvaluation
 
     model = load_face_model("testpack", models_root=bench_evaluate.TESTDATA / "insightface", provider="cpu")
     sources = EvaluationSources(sample_dir=folder / "sample", sample_prompts=folder / "prompts.txt")
+    if fast and "fast" in inspect.signature(FolderEvaluation).parameters:
+        return lambda: FolderEvaluation(model, sources, fast=True).run_round()
     return lambda: FolderEvaluation(model, sources).run_round()
 
 
 def worker(case: str, folder: Path) -> None:
     """Set up `case`, then one timed run per line read; answers the seconds."""
     sys.path.insert(0, str(BENCHMARKS))
-    run = node_case(1024) if case == "node" else evaluate_case(folder)
+    run = node_case(1024) if case == "node" else evaluate_case(folder, fast=case == "evaluate_fast")
     run()  # warm-up
     print("ready", flush=True)
     for _ in sys.stdin:
@@ -75,7 +81,9 @@ def main() -> None:
     parser.add_argument("--new", type=Path, help="folder with the new one (default: this Python's)")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--outputs", type=int, default=50)
-    parser.add_argument("--cases", nargs="+", default=["node", "evaluate"], choices=["node", "evaluate"])
+    parser.add_argument(
+        "--cases", nargs="+", default=["node", "evaluate"], choices=["node", "evaluate", "evaluate_fast"]
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.worker:
@@ -89,7 +97,7 @@ def main() -> None:
     new = options.new or Path(face_consistency.__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory(prefix="bench-before-after-") as tmp:
         folder = Path(tmp)
-        if "evaluate" in options.cases:
+        if {"evaluate", "evaluate_fast"} & set(options.cases):
             sys.path.insert(0, str(BENCHMARKS))
             import bench_evaluate
 

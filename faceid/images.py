@@ -170,13 +170,18 @@ def load_image(source: Any, channel_order: str = "rgb") -> np.ndarray:
     return load_image_sized(source, channel_order)[0]
 
 
-def load_image_sized(source: Any, channel_order: str = "rgb") -> tuple[np.ndarray, tuple[int, int]]:
+def load_image_sized(
+    source: Any, channel_order: str = "rgb", reduce_to: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
     """`load_image`, and the (width, height) of the original: a file longer than MAX_ANALYSIS_SIDE
-    comes downscaled, and face geometry found in it is scaled back to this size for the user."""
+    comes downscaled, and face geometry found in it is scaled back to this size for the user.
+
+    `reduce_to`: a JPEG file may come decoded at 1/2, 1/4 or 1/8 of its size (libjpeg's scaled
+    decoding, several times faster), as long as its longest side stays at least this long."""
     if channel_order not in ("rgb", "bgr"):
         raise ValueError(f"channel_order must be 'rgb' or 'bgr', got {channel_order!r}")
     if isinstance(source, (str, os.PathLike)):
-        rgb, original_size = _load_file(Path(source))
+        rgb, original_size = _load_file(Path(source), reduce_to)
         return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR), original_size
     if isinstance(source, Image.Image):
         rgb = _pil_to_rgb_array(source)
@@ -212,7 +217,7 @@ def image_list(source: Any, channel_order: str = "rgb") -> list[np.ndarray]:
     return [load_image(source, channel_order)]
 
 
-def _load_file(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
+def _load_file(path: Path, reduce_to: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     if not path.exists():
         raise ImageLoadError(f"image file not found: {path}")
     if path.is_dir():
@@ -226,7 +231,7 @@ def _load_file(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
                     decoded = _composite_on_white(decoded)
                 return _fit_analysis_side(decoded)[..., :3], (width, height)
             if img.format == "JPEG":
-                img.draft("RGB", (MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE))
+                img.draft("RGB", _draft_box(width, height, reduce_to))
             rgb = _pil_to_rgb_array(img, MAX_ANALYSIS_SIDE)
             # EXIF rotation by 90 degrees swaps the sides: the original is as the user sees it
             rotated = (rgb.shape[0] > rgb.shape[1]) != (height > width)
@@ -241,6 +246,14 @@ def _load_file(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
         raise ImageLoadError(f"not an image file (or corrupt): {path}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageLoadError(f"cannot decode image {path}: {exc}") from None
+
+
+def _draft_box(width: int, height: int, reduce_to: int | None) -> tuple[int, int]:
+    """The size Pillow's JPEG `draft` may reduce to: it picks the largest scale that keeps both sides at least this."""
+    if reduce_to is None:
+        return MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE
+    longest = min(reduce_to, MAX_ANALYSIS_SIDE)
+    return -(-width * longest // max(width, height)), -(-height * longest // max(width, height))
 
 
 def _decode_slot(img: Image.Image) -> contextlib.AbstractContextManager:

@@ -115,15 +115,15 @@ class FaceModel:
         low, high = AUTO_DET_SIZE_RANGE
         return int(min(high, max(low, _round_up(max(height, width), 32))))
 
-    def _run_detector(self, detector: Any, bgr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        size = self.detector_input_size(*bgr.shape[:2])
+    def _run_detector(self, detector: Any, bgr: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
         boxes, kpss = detector.detect(bgr, input_size=(size, size), max_num=0)
         if kpss is None:
             raise FaceEngineError(f"the detector of pack {self.pack_name} gives no keypoints")
         return boxes, kpss
 
-    def detect(self, bgr: np.ndarray, concurrent: bool = False) -> list[DetectedFace]:
-        """All faces in an image, left to right, in original pixel coordinates, not embedded.
+    def detect(self, bgr: np.ndarray, concurrent: bool = False, det_size: int | None = None) -> list[DetectedFace]:
+        """All faces in an image, left to right, in original pixel coordinates, not embedded;
+        `det_size`: the detector's input side for this run instead of the engine's own.
 
         `concurrent=True` when several threads detect at once (`parallel_workers` of them):
         on the CPU each run then keeps to one core. Spread over two cores a 640x640 SCRFD run
@@ -138,11 +138,12 @@ class FaceModel:
         if max(bgr.shape[:2]) > MAX_ANALYSIS_SIDE:
             scale = MAX_ANALYSIS_SIDE / max(bgr.shape[:2])
             bgr = cv2.resize(bgr, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        boxes, kpss = self._run_detector(detector, bgr)
-        if len(boxes) == 0 and max(bgr.shape[:2]) < self.detector_input_size(*bgr.shape[:2]) * 0.75:
+        size = det_size or self.detector_input_size(*bgr.shape[:2])
+        boxes, kpss = self._run_detector(detector, bgr, size)
+        if len(boxes) == 0 and max(bgr.shape[:2]) < size * 0.75:
             pad = round(max(bgr.shape[:2]) * SMALL_IMAGE_PADDING)
             padded = cv2.copyMakeBorder(bgr, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
-            boxes, kpss = self._run_detector(detector, padded)
+            boxes, kpss = self._run_detector(detector, padded, det_size or self.detector_input_size(*padded.shape[:2]))
             boxes = boxes.copy()
             boxes[:, :4] -= pad
             kpss = kpss - pad
@@ -165,13 +166,24 @@ class FaceModel:
             return self._concurrent_detector
 
     def locate(
-        self, bgr: np.ndarray, concurrent: bool = False, original_size: tuple[int, int] | None = None
+        self,
+        bgr: np.ndarray,
+        concurrent: bool = False,
+        original_size: tuple[int, int] | None = None,
+        first_det_size: int | None = None,
     ) -> FaceResult:
         """The largest face of a BGR image, chosen as `analyze` chooses it, not embedded yet:
         for pipelines that detect on several threads and embed in batches (`embed_crops`).
-        `original_size`: the (width, height) of the file `bgr` was decoded from, downscaled."""
+        `original_size`: the (width, height) of the file `bgr` was decoded from, downscaled.
+        `first_det_size`: detect at this smaller input side first, at the engine's own only where
+        that finds no face (less detector work, keypoints a little less exact)."""
         reason = undetectable_reason(*(original_size or (bgr.shape[1], bgr.shape[0])))
-        faces = self.detect(bgr, concurrent) if reason is None else []
+        faces: list[DetectedFace] = []
+        if reason is None:
+            if first_det_size is not None and first_det_size < self.detector_input_size(*bgr.shape[:2]):
+                faces = self.detect(bgr, concurrent, first_det_size)
+            if not faces:
+                faces = self.detect(bgr, concurrent)
         return _result(bgr, reason, faces, Selection.LARGEST, 0, None, False)
 
     # recognition -----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from ..model import load_face_engine
 from ..pack_download import TerminalProgress
 from ..scoring import DEFAULT_COPY_PASTE_THRESHOLD
 from ..similarity import Bands
+from .embedding import FAST_DET_SIZE
 from .folder_evaluation import FolderEvaluation, RoundResult, watch
 from .plot import write_plot
 from .report import summary_table
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model = parser.add_argument_group("face model")
     add_engine_flags(model)
+    model.add_argument(
+        "--fast",
+        action="store_true",
+        help=f"detect at {FAST_DET_SIZE} first (at --det_size only where no face is found there) and decode JPEGs "
+        "at the detector's scale: less work; scores move by up to about 0.05 (docs/evaluate.md#speed)",
+    )
     model.add_argument(
         "--judge",
         choices=JUDGE_CHOICES,
@@ -216,7 +223,10 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
         sources.check()
         sources.check_outputs(outputs)
         model = load_face_engine(engine_settings(args), progress=None if args.quiet else TerminalProgress())
-        say(f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}")
+        say(
+            f"model {model.pack_name} ({model.embedding_size}-d) on {model.provider}, det_size {model.det_size}"
+            + (f", fast (detecting at {FAST_DET_SIZE} first)" if args.fast else "")
+        )
         judge = load_judge(args.judge, args.judge_detector) if args.judge else None
         if judge is not None:
             say(f"held-out judge {judge.name}: {judge.describe()['detector']}")
@@ -230,6 +240,7 @@ def _evaluate(args: argparse.Namespace, interrupts: _Interrupts) -> int:
             judge=judge,
             judge_cache_file=judge_cache,
             copy_paste_threshold=args.copy_paste_threshold,
+            fast=args.fast,
         )
     except (FaceEngineError, ValueError) as exc:
         _error(exc)

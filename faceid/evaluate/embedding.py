@@ -19,7 +19,7 @@ import numpy as np
 from ...common.files import file_signature
 from ..alignment import aligned_crop, change_view, view_change
 from ..errors import ImageLoadError
-from ..images import load_image_sized
+from ..images import MAX_ANALYSIS_SIDE, load_image_sized
 from ..judge import DlibJudge, JudgeResult
 from ..model import RECOGNIZER_BATCH, FaceModel
 from ..results import DetectedFace, FaceResult
@@ -28,6 +28,9 @@ from .embedding_store import EmbeddingStore, FileFaces
 # How many files the pipeline workers may run ahead of the recognizer batches (each waits as
 # a 112x112 crop; only those being decoded hold a whole image).
 LOOKAHEAD = 64
+# `fast`: the detector's input side of the first try (a quarter of the work of 640), and JPEGs decoded
+# at the detector's scale; see docs/evaluate.md#speed for what it changes in the scores
+FAST_DET_SIZE = 320
 
 
 class ProgressBar(Protocol):
@@ -54,17 +57,20 @@ class _Located:
 ChangeViews = dict[tuple[str, int, int], np.ndarray]
 
 
-def _decode_and_locate(model: FaceModel, path: Path) -> _Located:
+def _decode_and_locate(model: FaceModel, fast: bool, path: Path) -> _Located:
     # The signature is taken before reading: a file still being written gets a newer
     # signature when it is finished, so the next round embeds it again.
     signature = file_signature(path)
     if signature is None:
         return _Located(None, f"file disappeared: {path}")
+    # fast: a JPEG no larger than the detector's largest input needs (the crop is cut from it too)
+    reduce_to = model.detector_input_size(MAX_ANALYSIS_SIDE, MAX_ANALYSIS_SIDE) if fast else None
     try:
-        bgr, original_size = load_image_sized(path)
+        bgr, original_size = load_image_sized(path, reduce_to=reduce_to)
     except ImageLoadError as exc:
         return _Located(signature, str(exc))
-    result = model.locate(bgr, concurrent=True, original_size=original_size)
+    first_det_size = FAST_DET_SIZE if fast else None
+    result = model.locate(bgr, concurrent=True, original_size=original_size, first_det_size=first_det_size)
     crop = aligned_crop(bgr, result.face) if result.face is not None else None
     result.rescale_to(original_size)  # the report gives the file's own pixels
     view = None
@@ -119,12 +125,15 @@ def embed_files(
     progress: ProgressBar | None = None,
     workers: int | None = None,
     views: ChangeViews | None = None,
+    fast: bool = False,
 ) -> int:
     """Embed every file not already in `store` (or changed since); returns how many were embedded.
 
     Worker threads decode each file and find and crop its face; this thread embeds the
     crops in recognizer batches, so detection never waits for a batch to fill. `views` receives
-    each face's change view, so that the copy-paste guard need not decode the file again.
+    each face's change view, so that the copy-paste guard need not decode the file again. `fast`:
+    detect at FAST_DET_SIZE first (at the engine's size only where no face is found) and decode
+    JPEGs at the detector's scale.
     """
     todo = [p for p in dict.fromkeys(paths) if store.get(p) is None]
     waiting: list[tuple[Path, tuple[int, int], _Located, np.ndarray]] = []  # (path, signature, located, crop)
@@ -135,7 +144,7 @@ def embed_files(
             store.put(_file_faces(path, signature, located, embedding))
         waiting.clear()
 
-    locate = partial(_decode_and_locate, model)
+    locate = partial(_decode_and_locate, model, fast)
     try:
         for path, located in _in_order(locate, todo, workers or _default_workers(model)):
             signature = located.signature

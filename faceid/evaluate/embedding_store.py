@@ -125,13 +125,15 @@ def _check_plausible(embedding: np.ndarray, embedding_size: int, unit_norm: bool
 
 
 def model_fingerprint(description: dict[str, Any], pack_dir: str | os.PathLike) -> str:
-    """Identify the models and settings that produced embeddings (pack files, det size/thresh)."""
+    """Identify the models and settings that produced embeddings (pack files, det size/thresh, fast mode)."""
     files = sorted(
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
         for p in Path(pack_dir).iterdir()
         if p.suffix.lower() == ".onnx"
     )
     keyed = {k: description[k] for k in ("pack", "det_size", "det_thresh", "embedding_size")}
+    if description.get("fast"):  # other keypoints: not the default mode's results (whose caches stay valid)
+        keyed["fast"] = True
     payload = json.dumps([CACHE_FORMAT, keyed, files], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

@@ -59,6 +59,7 @@ class FolderEvaluation:
         judge: DlibJudge | None = None,
         judge_cache_file: Path | None = None,
         copy_paste_threshold: float = DEFAULT_COPY_PASTE_THRESHOLD,
+        fast: bool = False,
     ) -> None:
         sources.check()
         if threshold is not None and not -1.0 <= threshold <= 1.0:
@@ -69,7 +70,8 @@ class FolderEvaluation:
         self.bands = bands or Bands()
         self.progress = progress
         self.workers = workers
-        description = model.describe()
+        self.fast = fast
+        description = self._model_description()
         self.store = EmbeddingStore(model_fingerprint(description, model.pack_dir), model.embedding_size, cache_file)
         self.judge = judge
         self.judge_store = (
@@ -101,7 +103,7 @@ class FolderEvaluation:
     # inputs ----------------------------------------------------------------------------
 
     def _reference_identity(self, extra: Identity | None) -> Identity:
-        embed_files(self.model, self.sources.references, self.store, workers=self.workers)
+        embed_files(self.model, self.sources.references, self.store, workers=self.workers, fast=self.fast)
         embeddings = []
         for path in self.sources.references:
             entry = self.store.get(path)
@@ -176,7 +178,7 @@ class FolderEvaluation:
         samples = [item.image for item in pairing.items]
         paths = list(dict.fromkeys(controls + samples))  # controls first: each is needed by many
         with self._progress_bar(paths, self.store) as bar:
-            embedded = embed_files(self.model, paths, self.store, bar, self.workers, self._change_views)
+            embedded = embed_files(self.model, paths, self.store, bar, self.workers, self._change_views, self.fast)
         self.store.save()
         if self.judge is not None and self.judge_store is not None:
             with self._progress_bar(paths, self.judge_store) as bar:
@@ -196,6 +198,10 @@ class FolderEvaluation:
             if close is not None:
                 close()
 
+    def _model_description(self) -> dict[str, Any]:
+        """The engine's settings, and whether `fast` detection changed the work."""
+        return {**self.model.describe(), "fast": self.fast}
+
     def report(self) -> dict[str, Any]:
         """The report for the latest pairing, from what is embedded so far."""
         pairing = self._pairing or Pairing()
@@ -209,7 +215,7 @@ class FolderEvaluation:
                 "reference": [str(p) for p in self.sources.references],
                 "reference_count": self.reference.count if self.reference is not None else 0,
             },
-            "model": self.model.describe(),
+            "model": self._model_description(),
             "cache": {
                 "file": _str(self.store.cache_file),
                 "entries": len(self.store),

@@ -436,6 +436,7 @@ REPORT_SCHEMA: dict[str, Any] = {
                 "det_size": {"type": ["string", "integer"]},
                 "det_thresh": {"type": "number"},
                 "embedding_size": {"type": "integer", "minimum": 1},
+                "fast": {"type": "boolean"},
             },
         },
         "embedding_size": {"type": "integer", "minimum": 1},

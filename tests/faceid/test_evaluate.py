@@ -531,7 +531,9 @@ def test_the_guard_decodes_no_file_twice_and_measures_what_a_new_decode_does(
     sources = EvaluationSources(sample_dir=root / "sample", sample_prompts=root / "prompts.txt", base_dir=root)
     decoded = []
     original = embedding_module.load_image_sized
-    monkeypatch.setattr(embedding_module, "load_image_sized", lambda path: decoded.append(path) or original(path))
+    monkeypatch.setattr(
+        embedding_module, "load_image_sized", lambda path, **options: decoded.append(path) or original(path, **options)
+    )
     cache = tmp_path / "cache.json"
     fresh = FolderEvaluation(model, sources, cache_file=cache).run_round().report
     assert len(decoded) == len(set(decoded)) == 4  # the control and three samples, once each
