@@ -51,15 +51,20 @@ def draw_face(bgr: np.ndarray, face: DetectedFace, label: str, color: RGB, prima
     width = _line_width(bgr) if primary else max(1, _line_width(bgr) // 2)
     x1, y1, x2, y2 = (int(v) for v in np.rint(face.bbox))
     cv2.rectangle(bgr, (x1, y1), (x2, y2), _bgr(color), width, cv2.LINE_AA)
-    xs, ys = [x1, x2], [y1, y2]
+    # a line of `width` spreads width/2 either side, anti-aliasing a pixel or two more: the box's four sides
+    m = width + 2
+    regions = [
+        (x1 - m, y1 - m, x2 + m + 1, y1 + m + 1),
+        (x1 - m, y2 - m, x2 + m + 1, y2 + m + 1),
+        (x1 - m, y1 - m, x1 + m + 1, y2 + m + 1),
+        (x2 - m, y1 - m, x2 + m + 1, y2 + m + 1),
+    ]
     if primary:
+        radius = width + 1
         for (x, y), kp_color in zip(np.rint(face.kps), KEYPOINT_COLORS):
-            cv2.circle(bgr, (int(x), int(y)), width + 1, _bgr(kp_color), -1, cv2.LINE_AA)
-            xs.append(int(x))
-            ys.append(int(y))
-    # a line of `width` spreads width/2 either side, anti-aliasing a pixel more; a keypoint's radius is width + 1
-    margin = 2 * width + 3
-    regions = [(min(xs) - margin, min(ys) - margin, max(xs) + margin + 1, max(ys) + margin + 1)]
+            cv2.circle(bgr, (int(x), int(y)), radius, _bgr(kp_color), -1, cv2.LINE_AA)
+            r = radius + 2
+            regions.append((int(x) - r, int(y) - r, int(x) + r + 1, int(y) + r + 1))
     if label:
         regions.append(draw_label(bgr, label, (x1, y1), color))
     return regions
