@@ -73,16 +73,17 @@ def _convert(images: Any, name: str, floats: np.ndarray | None) -> list[np.ndarr
     height, width = batch.shape[1:3]
     rows = max(1, CONVERSION_BLOCK_BYTES // (width * 3 * 4))
     scaled = np.empty((min(rows, height), width, 3), dtype=np.float32)
+    rgb = np.empty((min(rows, height), width, 3), dtype=np.uint8)
     bgrs = []
     for i, image in enumerate(batch):
-        rgb = np.empty((height, width, 3), dtype=np.uint8)
+        bgr = np.empty((height, width, 3), dtype=np.uint8)
         for start in range(0, height, rows):
-            block, out = image[start : start + rows], rgb[start : start + rows]
+            block = image[start : start + rows]
             # max propagates NaN and +inf, min -inf: two passes that also tell whether clipping is needed
             low, peak = float(block.min()), float(block.max())
             if not (math.isfinite(low) and math.isfinite(peak)) or peak > FLOAT_RANGE_LIMIT:
                 _refuse(image, f"input '{name}' image {i}")
-            values = scaled[: len(block)]
+            values, out = scaled[: len(block)], rgb[: len(block)]
             np.multiply(block, 255.0, out=values)
             if low < 0.0 or peak > 1.0:
                 np.add(values, 0.5, out=values)
@@ -91,7 +92,8 @@ def _convert(images: Any, name: str, floats: np.ndarray | None) -> list[np.ndarr
                 np.add(values, 0.5, out=out, casting="unsafe")
             if floats is not None:
                 np.multiply(out, SCALE_TO_UNIT, out=floats[i, start : start + rows])
-        bgrs.append(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+            cv2.cvtColor(out, cv2.COLOR_RGB2BGR, dst=bgr[start : start + rows])
+        bgrs.append(bgr)
     return bgrs
 
 
