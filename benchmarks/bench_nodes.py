@@ -8,8 +8,11 @@ photo of the same size, through the node exactly as ComfyUI calls it (IMAGE tens
 scores, report, annotated images, face change and previews out; ComfyUI's modules replaced
 by the test stand-ins). The bare figure is onnxruntime alone on the same detector inputs
 (one run per image, as the node makes them) and the same recognizer inputs. Prints both,
-per run (median of `repeat`), and the ratio node/bare (target <= 1.2x): the median of the
-ratios of paired (back-to-back) runs, which is the figure least moved by other processes.
+per run (median of `repeat`), and the ratio node/bare (target <= 1.1x): the median of the
+ratios of paired (back-to-back) runs, which is the figure least moved by other processes. The node's
+time is also split into its onnxruntime runs and the rest (conversions, detector pre- and
+post-processing, alignment, the change guard, drawing, previews, report): the rest is what the
+node adds to the models' compute.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
+import onnxruntime
 import torch
 from PIL import Image, ImageOps
 
@@ -92,15 +97,30 @@ def main() -> None:
         for blob in rec_blobs:
             recognizer.run(None, {rec_input: blob})
 
+    in_onnxruntime = [0.0]  # seconds inside InferenceSession.run since the last reset
+    session_run = onnxruntime.InferenceSession.run
+
+    def timed_run(self: onnxruntime.InferenceSession, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return session_run(self, *args, **kwargs)
+        finally:
+            in_onnxruntime[0] += time.perf_counter() - start
+
+    onnxruntime.InferenceSession.run = timed_run  # type: ignore[method-assign]
     run_node()  # warm-up
     run_bare()
     node_times: list[float] = []
+    node_onnx_times: list[float] = []
     bare_times: list[float] = []
     for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
         for fn, times in ((run_node, node_times), (run_bare, bare_times)):
+            in_onnxruntime[0] = 0.0
             start = time.perf_counter()
             fn()
             times.append(time.perf_counter() - start)
+            if fn is run_node:
+                node_onnx_times.append(in_onnxruntime[0])
     node_s, bare_s = statistics.median(node_times), statistics.median(bare_times)
     n_faces = sum(len(c) for c in crops_per_image)
     print(
@@ -109,12 +129,17 @@ def main() -> None:
     )
     print(f"node FaceConsistencySimilarity : {node_s * 1000:8.1f} ms/run (min {min(node_times) * 1000:.1f})")
     print(f"bare onnxruntime               : {bare_s * 1000:8.1f} ms/run (min {min(bare_times) * 1000:.1f})")
+    rest = [n - o for n, o in zip(node_times, node_onnx_times)]
+    print(
+        f"node: in onnxruntime {statistics.median(node_onnx_times) * 1000:.1f} ms, the rest "
+        f"{statistics.median(rest) * 1000:.1f} ms/run (medians; the rest's min {min(rest) * 1000:.1f})"
+    )
     # each node run is paired with the bare run right after it, so load from other processes
     # that drifts over the benchmark cancels out of the paired ratio
     paired = statistics.median(n / b for n, b in zip(node_times, bare_times))
     print(
         f"ratio node/bare                : {paired:.2f}x median of paired runs, {node_s / bare_s:.2f}x of "
-        f"medians, {min(node_times) / min(bare_times):.2f}x of minima (target <= 1.2x)"
+        f"medians, {min(node_times) / min(bare_times):.2f}x of minima (target <= 1.1x)"
     )
 
 
