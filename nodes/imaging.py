@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import cv2
 import numpy as np
@@ -97,7 +97,7 @@ def _convert(images: Any, name: str, floats: np.ndarray | None) -> list[np.ndarr
     return bgrs
 
 
-def _refuse(image: np.ndarray, what: str) -> None:
+def _refuse(image: np.ndarray, what: str) -> NoReturn:
     """Raise ImageLoadError for an image with NaN, infinite or 0..255 values, with its whole-image figures."""
     low, peak = float(image.min()), float(image.max())
     if not (math.isfinite(low) and math.isfinite(peak)):
