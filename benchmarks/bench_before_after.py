@@ -8,7 +8,8 @@ Python imports. Each case runs in two worker processes, one per version, set up 
 loaded, images made); the driver then asks them for one timed run at a time, alternating old and
 new, so that load from other processes hits both alike. Prints the median of the per-pair ratios
 new/old (below 1: the new code is faster), the medians of each side and the load average: on a
-loaded machine the figures are indicative only.
+loaded machine the figures are indicative only. The same for CPU time (all of a worker's threads),
+which other processes' load moves far less than wall time.
 
 Cases: `node`, bench_nodes.py's (8 photos letterboxed to 1024x1024 against one reference);
 `evaluate`, bench_evaluate.py's folder (`--outputs` samples of 1024x1024 over 5 controls), one
@@ -64,15 +65,16 @@ def evaluate_case(folder: Path, fast: bool = False):
 
 
 def worker(case: str, folder: Path) -> None:
-    """Set up `case`, then one timed run per line read; answers the seconds."""
+    """Set up `case`, then one timed run per line read; answers its seconds of wall time and of CPU time
+    (all the worker's threads)."""
     sys.path.insert(0, str(BENCHMARKS))
     run = node_case(1024) if case == "node" else evaluate_case(folder, fast=case == "evaluate_fast")
     run()  # warm-up
     print("ready", flush=True)
     for _ in sys.stdin:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         run()
-        print(time.perf_counter() - start, flush=True)
+        print(time.perf_counter() - start, time.process_time() - cpu_start, flush=True)
 
 
 def main() -> None:
@@ -118,21 +120,27 @@ def main() -> None:
                 if process.stdout.readline().strip() != "ready":
                     raise SystemExit(f"the {label} worker failed to set up the {case} case")
             seconds: dict[str, list[float]] = {"old": [], "new": []}
+            cpu_seconds: dict[str, list[float]] = {"old": [], "new": []}
             for i in range(options.repeat):
                 for label in ("old", "new") if i % 2 == 0 else ("new", "old"):  # either goes first half the time
                     _, stdin, stdout = workers[label]
                     stdin.write("run\n")
                     stdin.flush()
-                    seconds[label].append(float(stdout.readline()))
+                    wall, cpu = stdout.readline().split()
+                    seconds[label].append(float(wall))
+                    cpu_seconds[label].append(float(cpu))
             for process, stdin, _ in workers.values():
                 stdin.close()
                 process.wait()
             ratios = [n / o for n, o in zip(seconds["new"], seconds["old"])]
+            cpu_ratios = [n / o for n, o in zip(cpu_seconds["new"], cpu_seconds["old"])]
             print(
                 f"{case}: new/old {statistics.median(ratios):.3f} (median of {len(ratios)} pairs; "
                 f"{min(ratios):.3f} to {max(ratios):.3f}); old {statistics.median(seconds['old']):.3f} s, "
-                f"new {statistics.median(seconds['new']):.3f} s (medians); load average "
-                f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}",
+                f"new {statistics.median(seconds['new']):.3f} s (medians); CPU time new/old "
+                f"{statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f} to {max(cpu_ratios):.3f}; old "
+                f"{statistics.median(cpu_seconds['old']):.3f} s, new {statistics.median(cpu_seconds['new']):.3f} s); "
+                f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",
                 flush=True,
             )
 

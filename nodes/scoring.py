@@ -28,7 +28,7 @@ from ..faceid import (
     load_face_engine,
     mean_identity,
 )
-from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, draw_face, draw_label
+from ..faceid.drawing import BAND_COLORS, UNUSED_FACE_COLOR, Region, draw_face, draw_label
 from ..faceid.judge import DlibJudge, mean_descriptor
 from ..faceid.pack_download import RELEASES
 from ..faceid.scoring import (
@@ -43,7 +43,7 @@ from ..faceid.scoring import (
 )
 from ..faceid.similarity import embedding_agreement
 from . import comfy_env
-from .imaging import save_previews, to_bgr_list, to_image_batch
+from .imaging import copy_regions, save_previews, to_bgr_list, to_bgr_list_and_batch
 
 CATEGORY = "face_consistency"
 PACK_TOOLTIP = (
@@ -359,9 +359,12 @@ class FaceConsistencySimilarity:
         reference_identity: Identity | None = None,
         judge: DlibJudge | None = None,
     ) -> dict[str, Any]:
-        outputs, batch, report = score_images(
+        check_references(reference_image, reference_identity, judge)
+        # the annotated images start as the input's 8-bit pixels, made in the pass that converts it
+        outputs, annotated = to_bgr_list_and_batch(images, "images")
+        batch, report = score_arrays(
             face_model,
-            images,
+            outputs,
             reference_image,
             reference_identity,
             judge,
@@ -373,8 +376,8 @@ class FaceConsistencySimilarity:
             copy_paste_threshold=copy_paste_threshold,
         )
         agreement = batch.agreement
-        for bgr, row in zip(outputs, batch.rows):  # our own converted copies: draw on them
-            annotate_scores(bgr, row)
+        for bgr, image, row in zip(outputs, annotated, batch.rows):  # our own converted copies: draw on them
+            copy_regions(image, bgr, annotate_scores(bgr, row))
         changes = [row.face_change if row.face_change is not None else -1.0 for row in batch.rows]
         return {
             "ui": {"text": [report], "images": save_previews(outputs, "face_similarity")},
@@ -383,7 +386,7 @@ class FaceConsistencySimilarity:
                 batch.mean,
                 batch.count_at_or_above,
                 report,
-                to_image_batch(outputs),
+                annotated,
                 changes,
                 [row.judge_score for row in batch.rows],
                 agreement.mean if agreement is not None else -1.0,
@@ -404,6 +407,13 @@ def score_images(
 
     `options` are score_batch's selection, index, policy, bands, threshold and copy_paste_threshold.
     """
+    check_references(reference_image, reference_identity, judge)
+    outputs = to_bgr_list(images, "images")
+    return (outputs, *score_arrays(face_model, outputs, reference_image, reference_identity, judge, **options))
+
+
+def check_references(reference_image: Any, reference_identity: Identity | None, judge: DlibJudge | None) -> None:
+    """Raise ValueError when the inputs give nothing to score against (checked before any image is converted)."""
     if reference_image is None and reference_identity is None:
         raise ValueError("connect reference_image (the control image) or reference_identity")
     if judge is not None and reference_identity is not None and reference_identity.judge is None:
@@ -411,7 +421,17 @@ def score_images(
             "the judge scores against reference_identity only when that identity was built with the judge: "
             "connect the same Face Judge Loader to Face Reference Identity's judge input"
         )
-    outputs = to_bgr_list(images, "images")
+
+
+def score_arrays(
+    face_model: FaceModel,
+    outputs: list[np.ndarray],
+    reference_image: Any,
+    reference_identity: Identity | None,
+    judge: DlibJudge | None,
+    **options: Any,
+) -> tuple[BatchScores, str]:
+    """`score_images` of images already converted to BGR arrays (inputs checked by `check_references`)."""
     controls = to_bgr_list(reference_image, "reference_image") if reference_image is not None else []
     if controls:  # check the batch rule before any detection runs
         reference_pairing(len(controls), len(outputs), "reference_image")
@@ -441,23 +461,25 @@ def score_images(
         **options,
     )
     report = batch.report([f"Face similarity: {describe_model(face_model)}; reference: {source}"])
-    return outputs, batch, report
+    return batch, report
 
 
-def annotate_scores(bgr: np.ndarray, row: ImageScore) -> None:
-    """Draw every face in place; the scored one labelled with its score and band."""
+def annotate_scores(bgr: np.ndarray, row: ImageScore) -> list[Region]:
+    """Draw every face in place; the scored one labelled with its score and band. Returns the regions drawn."""
     result = row.result
+    regions = []
     for j, (face, similarity) in enumerate(zip(result.faces, row.face_scores)):
         if j == result.face_index:
             label = f"#{row.index} {row.score:.3f} {row.band}" + (" UNCHANGED" if row.unchanged else "")
             if row.judge_verdict is not None:
                 label += f" dlib {row.judge_verdict.similarity:.2f}"
             color = UNCHANGED_COLOR if row.unchanged or row.band is None else BAND_COLORS[row.band]
-            draw_face(bgr, face, label, color)
+            regions += draw_face(bgr, face, label, color)
         else:
-            draw_face(bgr, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
+            regions += draw_face(bgr, face, f"{similarity:.2f}", UNUSED_FACE_COLOR, primary=False)
     if not row.scored:
-        draw_label(bgr, f"#{row.index} {result.reason}", (0, 0), NO_FACE_COLOR)
+        regions.append(draw_label(bgr, f"#{row.index} {result.reason}", (0, 0), NO_FACE_COLOR))
+    return regions
 
 
 NODE_CLASS_MAPPINGS = {

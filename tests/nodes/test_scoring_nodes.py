@@ -21,12 +21,14 @@ from face_consistency.faceid import (
 from face_consistency.faceid.matching import match_faces
 from face_consistency.faceid.ranking import pick_best
 from face_consistency.nodes import NODE_CLASS_MAPPINGS
-from face_consistency.nodes.imaging import to_bgr_list, to_image_batch
+from face_consistency.nodes.imaging import to_bgr_list, to_bgr_list_and_batch, to_image_batch
 from face_consistency.nodes.matching import FaceConsistencyBestOf, FaceConsistencyMatchFaces
 from face_consistency.nodes.scoring import (
     FaceConsistencyLoadModel,
     FaceConsistencyReference,
     FaceConsistencySimilarity,
+    annotate_scores,
+    score_images,
 )
 from PIL import Image
 from scoring_inputs import SCORE_DEFAULTS, group_photo, photo
@@ -83,23 +85,56 @@ def test_nested_pack_gets_the_engines_actionable_error(comfy: Path, testpack_dir
         FaceConsistencyLoadModel().load("antelopev2", "auto", "auto", 0.5)
 
 
-def test_rgb_batches_convert_exactly_like_the_engine() -> None:
-    out_of_range = torch.rand(2, 17, 23, 3) * 1.2 - 0.1  # out-of-range values are clipped alike
-    in_range = torch.rand(2, 17, 23, 3)  # (no clipping pass)
+@pytest.mark.parametrize("width", [23, 1024])  # 1024: blocks of rows, the last one partial
+def test_rgb_batches_convert_exactly_like_the_engine(width: int) -> None:
+    out_of_range = torch.rand(2, 101, width, 3) * 1.2 - 0.1  # out-of-range values are clipped alike
+    in_range = torch.rand(2, 101, width, 3)  # (no clipping pass)
+    in_range[1, 90:] = torch.rand(11, width, 3) * 1.1  # only a later block needs clipping
     for batch in (out_of_range, in_range):
         batch[0, 0, 0] = torch.tensor([0.0, 1.0, 0.5 / 255])
+        bgrs, floats = to_bgr_list_and_batch(batch)
         for ours, engines in zip(to_bgr_list(batch), image_list(batch)):
             np.testing.assert_array_equal(ours, engines)
+        for ours, engines in zip(bgrs, image_list(batch)):
+            np.testing.assert_array_equal(ours, engines)
+        assert torch.equal(floats, to_image_batch(bgrs))  # the annotated images' start: the 8-bit values
     for bad in (float("nan"), float("inf"), -float("inf")):
-        in_range[1, 3, 4, 2] = bad
+        in_range[1, 100, 4, 2] = bad
+        in_range[1, 0, 0, 0] = 255.0  # a 0..255 value in an earlier block: NaN is still what is named
         with pytest.raises(ImageLoadError, match="image 1 contains NaN or infinite"):
             to_bgr_list(in_range)
+    in_range[1, 100, 4, 2] = 0.5
+    with pytest.raises(ImageLoadError, match="image 1 has values up to 255, but float images"):
+        to_bgr_list_and_batch(in_range)
 
 
 def test_annotated_images_are_the_arrays_scaled_to_0_1() -> None:
     bgrs = [np.random.default_rng(i).integers(0, 256, (9, 7, 3), dtype=np.uint8) for i in range(2)]
     expected = np.stack([b[:, :, ::-1] for b in bgrs]).astype(np.float32) * np.float32(1.0 / 255.0)
     assert torch.equal(to_image_batch(bgrs), torch.from_numpy(expected))
+
+
+def test_annotated_images_equal_the_whole_drawing_converted_back(face_model, faces_dir: Path) -> None:
+    """The node copies back only the regions it drew: exactly what converting the whole drawn images gives."""
+    group = group_photo()
+    faces = face_model.analyze(group, all_faces=True)[0].faces
+    x1, y1, x2, y2 = (int(v) for v in faces[0].bbox)
+    person = group[:, max(0, y1 - 40) : y2 + 40, max(0, x1 - 40) : x2 + 40]
+    height, width = group.shape[1:3]
+    edge = torch.roll(group, (-y1 - 5, -x1 - 5), dims=(1, 2))  # a face cut by the top left corner
+    blank = torch.full((1, height, width, 3), 0.5)  # no face: the reason drawn at the top left
+    overshoot = (group * 1.1 - 0.05).clamp(-0.05, 1.05)  # clipped values
+    outputs = torch.cat([group, edge, blank, overshoot])
+    for selection in ("best_match", "largest"):
+        out = score(face_model, outputs, reference_image=person, face_selection=selection)
+        bgrs, batch, _ = score_images(
+            face_model, outputs, person, None, None, selection=selection, copy_paste_threshold=0.1
+        )
+        for bgr, row in zip(bgrs, batch.rows):
+            annotate_scores(bgr, row)
+        assert batch.scores == out["result"][0]
+        assert torch.equal(out["result"][4], to_image_batch(bgrs))
+        assert not torch.equal(out["result"][4][2], to_image_batch(to_bgr_list(blank))[0])  # the label was drawn
 
 
 def test_scores_match_engine_and_order_people(comfy: Path, face_model, faces_dir: Path) -> None:
