@@ -9,9 +9,9 @@ As musubi-tuner trains Qwen-Image-Edit (its `qwen_image_train_network.py`, with 
     v_pred = transformer(tokens, t, prompt)[:, :target tokens] -> unpacked to [B, 16, 1, h, w]
     loss = mean(weighting(t) * (v_pred - (eps - x0))^2) + extra losses from hooks
 
-Qwen-Image 2.1 (a batch whose cache holds `image_pad_mask`) differs only in the model call and the
-size-dependent shift (`qwen_image21.py`: latents [B, 64, 1, h, w] unpatched, condition tokens first,
-the target's slots after the prompt's); the path, target and loss are the same.
+Qwen-Image 2.1 (a batch whose cache holds `image_pad_mask`) differs only in the model call
+(`qwen_image21.py`: latents [B, 64, 1, h, w] unpatched, condition tokens first, the target's slots after
+the prompt's) and its token count (one per latent); the path, target, loss and `qwen_shift` are the same.
 
 The hooks (`hooks.py`; the face identity, `face/hook.py`) see the step's `StepState`: x_t, t, v_pred
 (with gradient), the VAE and each sample's DatasetItem, so `x0_hat = x_t - t v_pred` can be decoded
@@ -38,7 +38,8 @@ from .cache import load_cached_item
 from .hooks import ExtraLoss, StepState, TrainingHook
 from .sampling import pack, unpack
 
-# Qwen-Image's scheduler config, used by `qwen_shift` to pick the shift from the image size.
+# Qwen-Image's scheduler config (2509/2511 and 2.1 publish the same), used by `qwen_shift` to pick the shift
+# from the image size.
 QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT = 256, 8192, 0.5, 0.9
 
 
@@ -113,7 +114,7 @@ def micro_step(
     x0 = batch.x0.to(device)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     # a flow time per sample, as --timestep_sampling draws it
-    t = sample_timesteps(flow, x0.shape[0], batch.target_tokens, generator, qwen21=batch.image_pad_mask is not None)
+    t = sample_timesteps(flow, x0.shape[0], batch.target_tokens, generator)
     t = t.to(device)
     # the point at t on the straight path from the latents (t = 0) to the noise (t = 1)
     t_5d = t.view(-1, 1, 1, 1, 1)
@@ -138,9 +139,9 @@ def micro_step(
 
 
 def sample_timesteps(
-    flow: FlowSettings, batch_size: int, num_target_tokens: int, generator: torch.Generator, *, qwen21: bool = False
+    flow: FlowSettings, batch_size: int, num_target_tokens: int, generator: torch.Generator
 ) -> torch.Tensor:
-    """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling (`qwen21`: 2.1's `qwen_shift`)."""
+    """Flow time t in (0, 1) per sample, as musubi's --timestep_sampling."""
     method = flow.timestep_sampling
     if method == "uniform":
         return torch.rand(batch_size, generator=generator)
@@ -150,15 +151,13 @@ def sample_timesteps(
         index = torch.randint(0, len(sigmas) - 1, (batch_size,), generator=generator)
         return sigmas[index].float()
     t = torch.sigmoid(flow.sigmoid_scale * torch.randn(batch_size, generator=generator))
-    shift = flow_shift(flow, num_target_tokens, qwen21=qwen21)
+    shift = flow_shift(flow, num_target_tokens)
     return t * shift / (1 + (shift - 1) * t)
 
 
-def flow_shift(flow: FlowSettings, num_target_tokens: int, *, qwen21: bool = False) -> float:
-    """The shift of `shift` sampling: fixed, or for `qwen_shift` the one the family's pipeline samples
-    this many target tokens with."""
-    if flow.timestep_sampling == "qwen_shift" and qwen21:
-        return qwen_image21.shift(num_target_tokens)
+def flow_shift(flow: FlowSettings, num_target_tokens: int) -> float:
+    """The shift of `shift` sampling: fixed, or for `qwen_shift` the one the pipeline samples this many
+    target tokens with."""
     if flow.timestep_sampling == "qwen_shift":
         return math.exp(
             calculate_shift(num_target_tokens, QWEN_BASE_SEQ_LEN, QWEN_MAX_SEQ_LEN, QWEN_BASE_SHIFT, QWEN_MAX_SHIFT)

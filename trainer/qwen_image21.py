@@ -27,8 +27,9 @@ from PIL import Image, ImageOps
 
 from ..musubi_formats.dataset import DatasetConfigError, DatasetItem
 
-# diffusers' QwenImage21SetTimestepsStep defaults (`calculate_shift`'s arguments)
-BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
+# ComfyUI samples 2.1 at a fixed mu of 0.69 whatever the image's size (its default, Comfy-Org/ComfyUI#16447;
+# the published scheduler shifts with the size, as `qwen_shift` trains): a flow shift of exp(0.69)
+COMFYUI_FLOW_SHIFT = math.exp(0.69)
 # Pixels per side of one vision slot: the VAE's 16x times the 2x2 latent group each slot stands for.
 SLOT_PIXELS = 32
 MAX_CONDITION_IMAGES = 10  # the model's card and diffusers' pipeline: 1 to 10 ordered condition images
@@ -142,9 +143,3 @@ def velocity(
         return_dict=False,
     )[0]
     return unpack(out[:, -h * w :], h, w)
-
-
-def shift(num_target_tokens: int) -> float:
-    """The flow shift diffusers' 2.1 pipeline samples with at this many target tokens: exp(mu)."""
-    slope = (MAX_SHIFT - BASE_SHIFT) / (MAX_SEQ_LEN - BASE_SEQ_LEN)
-    return math.exp(BASE_SHIFT + slope * (num_target_tokens - BASE_SEQ_LEN))

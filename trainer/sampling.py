@@ -27,8 +27,8 @@ CFGNorm, strength 1); the tokens' rotary positions numbered as ComfyUI numbers t
 Qwen-Image 2.1 (`--model_version qwen-image-2.1`) is drawn as its diffusers pipeline and ComfyUI's
 2.1 graph (TextEncodeQwenImage21, KSampler euler / simple, cfg 1) draw it: the controls (none for
 text-to-image, up to 10) at the output's area, in the prompt and as condition latents; cfg 1 (no
-negative pass) unless `--l`; the flow shift the pipeline takes for the output's size (`qwen_image21.shift`)
-unless `--fs`; Euler over the same `simple` schedule; the RGBA decode composited over white.
+negative pass) unless `--l`; ComfyUI's flow shift for 2.1, exp(0.69) at every size, unless `--fs`;
+Euler over the same `simple` schedule; the RGBA decode composited over white.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def sample_settings(parsed: SamplePrompt, prompt_file: Path, *, qwen21: bool = F
         step = qwen_image21.SLOT_PIXELS if qwen21 else RESOLUTION_STEP
         setattr(settings, name, max(value // step, 1) * step)
     if qwen21 and parsed.discrete_flow_shift is None:
-        settings.flow_shift = qwen_image21.shift((settings.width // 16) * (settings.height // 16))
+        settings.flow_shift = qwen_image21.COMFYUI_FLOW_SHIFT
     if qwen21 and len(parsed.control_images) > qwen_image21.MAX_CONDITION_IMAGES:
         raise PromptFileError(
             f"{where}: Qwen-Image 2.1 takes at most {qwen_image21.MAX_CONDITION_IMAGES} control images"

@@ -4,7 +4,9 @@ loss, samples, resume, and a 2.1 LoRA continued with --network_weights."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +17,8 @@ from face_consistency.trainer import qwen_image21
 from face_consistency.trainer import qwen_image21_loading as q21
 from face_consistency.trainer.cache import latent_cache_path, load_cached_item, text_cache_path
 from face_consistency.trainer.cli import parse_args, validate_args
+from face_consistency.trainer.flow_matching import flow_shift
+from face_consistency.trainer.sampling import load_prompt_file
 from face_consistency.trainer.train import memory_inputs
 from face_consistency.trainer.vae_decode import checkpointed_decode, rgb_over_white
 from face_consistency.training_contract import libraries
@@ -170,10 +174,17 @@ def test_condition_images_go_at_the_targets_area_and_rgba_keeps_its_alpha():
     assert qwen_image21.fit(wide, (32, 32)).getpixel((3, 3))[3] == 255
 
 
-def test_the_21_shift_follows_the_pipelines_dynamic_shift():
-    # diffusers' 2.1 pipeline: mu = 0.5 at 256 target tokens, 1.15 at 4096 (1024x1024 at 16x)
-    assert qwen_image21.shift(256) == pytest.approx(torch.e**0.5)
-    assert qwen_image21.shift(64 * 64) == pytest.approx(torch.e**1.15)
+def test_21_trains_at_the_published_dynamic_shift_and_samples_at_comfyuis_fixed_one(tmp_path):
+    # the published scheduler (2509's values): mu = 0.5 at 256 target tokens, 0.9 at 8192
+    flow = SimpleNamespace(timestep_sampling="qwen_shift", discrete_flow_shift=3.0)
+    assert flow_shift(flow, 256) == pytest.approx(math.exp(0.5))
+    assert flow_shift(flow, 8192) == pytest.approx(math.exp(0.9))
+    # ComfyUI: mu 0.69 whatever the size (the published value at 1024²), unless --fs
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a face --w 512 --h 512\na face --w 2048 --h 2048\na face --w 1024 --h 1024 --fs 3\n")
+    shifts = [p.flow_shift for p in load_prompt_file(prompts, qwen21=True)]
+    assert shifts[:2] == [pytest.approx(math.exp(0.69))] * 2 and shifts[2] == 3.0
+    assert flow_shift(flow, (1024 // 16) ** 2) == pytest.approx(math.exp(0.69), abs=0.01)
 
 
 def test_the_processor_is_qwen3_vl(setup21):
