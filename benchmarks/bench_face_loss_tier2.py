@@ -19,7 +19,8 @@ People, edit, second views, judges, calibration, headroom check, endpoint and de
     and dlib similarity >= 0.7, else the benchmark stops;
   - the tests' tiny Qwen2.5-VL text encoder and tokenizer, one fixed prompt for every pair and sample;
   - a base DiT (`QwenImageTransformer2DModel`, `--dit_layers` blocks of `--dit_heads` x 32 dims), pre-trained
-    fully (no LoRA) by the trainer's own flow-matching step on the pre-training people's (control -> edit)
+    fully (no LoRA) by the trainer's own flow-matching step (timestep sampling shift `--dit_shift`, 3: the samples
+    start from pure noise, where only the control says what to draw) on the pre-training people's (control -> edit)
     pairs, where that edit is WEAKER than the benchmark's: the same colour grade but half the re-pose
     (rotation 6 deg, scale 0.94, shift (1.5, 1) px). The base draws and re-poses faces; the LoRA must learn the
     rest of the re-pose (tier 1's base had learnt the very edit the LoRA trained, which left the LoRA nothing
@@ -350,8 +351,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dit_steps", type=int, default=DitSettings.steps)
     parser.add_argument("--dit_batch", type=int, default=DitSettings.batch)
     parser.add_argument("--dit_lr", type=float, default=DitSettings.lr)
+    parser.add_argument(
+        "--dit_shift", type=float, default=DitSettings.shift, help="the base's pre-training timestep sampling shift"
+    )
     parser.add_argument("--shift", type=float, default=2.2, help="the LoRA runs' --discrete_flow_shift (seed guide)")
-    parser.add_argument("--sample_shift", type=float, default=1.0)
+    parser.add_argument(
+        "--sample_shift", type=float, default=DitSettings.shift, help="the samples' flow shift (the base's, by default)"
+    )
     parser.add_argument("--sample_steps", type=int, default=12)
     parser.add_argument("--lora_steps", type=int, default=200)
     parser.add_argument("--lora_batch", type=int, default=8)
@@ -376,7 +382,12 @@ def main(argv: list[str] | None = None) -> None:
         batch=args.vae_batch,
     )
     dit_settings = DitSettings(
-        layers=args.dit_layers, heads=args.dit_heads, steps=args.dit_steps, batch=args.dit_batch, lr=args.dit_lr
+        layers=args.dit_layers,
+        heads=args.dit_heads,
+        steps=args.dit_steps,
+        batch=args.dit_batch,
+        lr=args.dit_lr,
+        shift=args.dit_shift,
     )
     with timed("load face source, engine, judge", times):
         source = FaceSource()

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,12 @@ class DitSettings:
     steps: int = 1000
     batch: int = 16
     lr: float = 1e-3
-    shift: float = 1.0  # timestep sampling of the pre-training (tier 1's reason: low t well learnt)
+    # `shift` timestep sampling of the pre-training. Not tier 1's 1: sampling starts from pure noise (t = 1),
+    # where only the control says what to draw, and shift 1 almost never trains there (t > 0.9 on 1.4 % of the
+    # steps): after 500 steps its one-step estimate from noise was as far from the target as the mean (latent
+    # MSE 0.80, the control itself 0.32); 100 more steps at shift 3 (t > 0.9 on 14 %) took it to 0.29
+    # (docs/face-loss.md, tier 2's probes).
+    shift: float = 3.0
     ema: float = 0.995
     edit: Edit = field(default_factory=lambda: Edit(angle_deg=6.0, scale=0.94, shift_px=(1.5, 1.0)))
 
@@ -97,7 +103,7 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()[:16]
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, config: dict, settings: dict) -> None:
+def atomic_save(tensors: dict[str, torch.Tensor], path: Path, config: dict, settings: dict) -> None:
     partial = path.with_suffix(".partial")
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
@@ -129,7 +135,7 @@ def fitted_vae(settings: VaeSettings, faces: torch.Tensor, cache: Path, data_key
     )
     mean, std = latent_statistics(vae, crops[:1024])
     cache.mkdir(parents=True, exist_ok=True)
-    _atomic_save(
+    atomic_save(
         {diffusers_vae_key_to_wan(k): v for k, v in vae.state_dict().items()},
         path,
         {**config, "latents_mean": mean, "latents_std": std},
@@ -265,11 +271,13 @@ def pretrained_dit(
     cache: Path,
     data_key: str,
     log=print,
+    monitor: Callable[[int, dict[str, torch.Tensor]], None] | None = None,
 ) -> tuple[Path, bool]:
     """The base DiT file (ComfyUI's prefixed names, config in its metadata), pre-trained fully by the
     trainer's own flow-matching step (`flow_matching.micro_step`: packing, timesteps, loss) on the pre-training
     people's (control -> settings.edit) pairs in the VAE's latent space, EMA weights; cached by a hash of its
-    settings, the VAE file and the data."""
+    settings, the VAE file and the data. `monitor(step, EMA weights)` is called at each progress line (every 250
+    steps and the last), to judge the base as it learns (`probe_face_tier2_base.py`)."""
     from face_consistency.trainer import models
 
     key = _key(asdict(settings), files.vae.name, files.text_encoder.parent.name, data_key, "tier2-dit-v1")
@@ -317,7 +325,9 @@ def pretrained_dit(
                 f"  DiT pre-training step {step + 1}/{settings.steps}: MSE {np.mean(losses[-100:]):.4f} "
                 f"({time.monotonic() - start:.0f} s)"
             )
-    _atomic_save({DIT_PREFIX + k: v for k, v in ema.items()}, path, settings.config(), asdict(settings))
+            if monitor is not None:
+                monitor(step + 1, ema)
+    atomic_save({DIT_PREFIX + k: v for k, v in ema.items()}, path, settings.config(), asdict(settings))
     return path, True
 
 
