@@ -114,8 +114,7 @@ def micro_step(
     x0 = batch.x0.to(device)
     noise = torch.randn(x0.shape, generator=generator).to(device)
     # a flow time per sample, as --timestep_sampling draws it
-    t = sample_timesteps(flow, x0.shape[0], batch.target_tokens, generator)
-    t = t.to(device)
+    t = sample_timesteps(flow, x0.shape[0], batch.target_tokens, generator).to(device)
     # the point at t on the straight path from the latents (t = 0) to the noise (t = 1)
     t_5d = t.view(-1, 1, 1, 1, 1)
     x_t = (1 - t_5d) * x0 + t_5d * noise

@@ -47,7 +47,7 @@ from ..training_contract.options import NETWORK_MODULE
 from ..training_contract.protocol import METRICS_FILE, JobState, clear_stop_request, read_metrics, stop_requested
 from . import models
 from . import qwen_image21_loading as q21
-from .cache import CacheEncoders, Encoders, QwenImage21Encoders, cache_dataset, text_cache_path
+from .cache import CacheEncoders, Encoders, QwenImage21Encoders, cache_dataset, latent_cache_path, text_cache_path
 from .checkpoint_eval import SampleEvidence, ValidationLoss
 from .config import TrainingConfig
 from .flow_matching import Batch, batch_velocity, collate, micro_step
@@ -70,6 +70,7 @@ from .memory_plan import MemoryInputs, estimate, image_tokens, plan_warning
 from .positions import set_positions
 from .sampling import EncodedSample, encode_samples, save_samples
 from .state import load_state, save_state
+from .vae_decode import vae_scale
 
 log = logging.getLogger("face_consistency.trainer")
 
@@ -820,7 +821,16 @@ def memory_inputs(config: TrainingConfig, group: DatasetGroup, hooks: Sequence[T
     and what the hooks' losses keep for backward."""
     family = MODEL_VERSIONS[config.model_version].family
     shipped = q21 if family == QWEN_IMAGE_21 else models  # the module naming the family's shipped configs
-    largest = max(group.items, key=lambda item: sum(map(image_tokens, (item.bucket, *item.control_buckets))))
+    vae_config = models.architecture_config(models.read_header(config.vae, "VAE (--vae)"), shipped.VAE_CONFIG)
+    # the controls at the sizes they were encoded at (2.1 encodes them at the target's area, not at the
+    # dataset's control resolution): from the latent cache's shapes
+    scale = vae_scale(vae_config)
+    images: list[tuple[tuple[int, int], tuple[tuple[int, int], ...]]] = []  # (target, controls) per item
+    for item in group.items:
+        with safe_open(str(latent_cache_path(item)), framework="pt") as handle:
+            shapes = [handle.get_slice(f"control_latents_{k}").get_shape() for k in range(len(item.controls))]
+        images.append((item.bucket, tuple((shape[-1] * scale, shape[-2] * scale) for shape in shapes)))
+    target_size, control_sizes = max(images, key=lambda pair: sum(map(image_tokens, (pair[0], *pair[1]))))
     text_tokens = 0
     for item in group.items:
         with safe_open(str(text_cache_path(item)), framework="pt") as handle:
@@ -832,14 +842,14 @@ def memory_inputs(config: TrainingConfig, group: DatasetGroup, hooks: Sequence[T
         transformer_config=models.architecture_config(
             models.read_header(config.dit, "DiT (--dit)"), shipped.TRANSFORMER_CONFIG
         ),
-        vae_config=models.architecture_config(models.read_header(config.vae, "VAE (--vae)"), shipped.VAE_CONFIG),
+        vae_config=vae_config,
         compute_bytes=_dtype(config.mixed_precision).itemsize,
         fp8_base=config.fp8_base,
         blocks_to_swap=config.blocks_to_swap,
         gradient_checkpointing=config.gradient_checkpointing,
         batch_size=max(d.batch_size for d in group.datasets),
-        target_size=largest.bucket,
-        control_sizes=largest.control_buckets,
+        target_size=target_size,
+        control_sizes=control_sizes,
         text_tokens=text_tokens,
         network_dim=config.network_dim,
         network_args=parse_network_args(config.network_args),

@@ -102,6 +102,8 @@ def test_the_memory_plan_reads_the_21_model_and_only_the_prompts_text(setup21, f
     inputs = memory_inputs(config, group)
     assert inputs.family == QWEN_IMAGE_21 and inputs.transformer_config["num_layers"] == 2
     assert inputs.vae_config["z_dim"] == 64
+    # the controls as encoded (at the target's area, 64x64), not at the dataset's control resolution
+    assert inputs.target_size == (64, 64) and inputs.control_sizes == ((64, 64),) * CONTROLS
     cached = [load_cached_item(item) for item in group.items]
     text = max(c["image_pad_mask"].shape[0] - int(c["image_pad_mask"].sum()) for c in cached)
     assert inputs.text_tokens == text  # the controls' vision slots are counted with their images' tokens
