@@ -6,13 +6,15 @@
 A batch of `batch` real photos letterboxed to size x size is scored against one reference
 photo of the same size, through the node exactly as ComfyUI calls it (IMAGE tensors in,
 scores, report, annotated images, face change and previews out; ComfyUI's modules replaced
-by the test stand-ins). The bare figure is onnxruntime alone on the same detector inputs
-(one run per image, as the node makes them) and the same recognizer inputs. Prints both,
-per run (median of `repeat`), and the ratio node/bare (target <= 1.1x): the median of the
-ratios of paired (back-to-back) runs, which is the figure least moved by other processes. The node's
-time is also split into its onnxruntime runs and the rest (conversions, detector pre- and
-post-processing, alignment, the change guard, drawing, previews, report): the rest is what the
-node adds to the models' compute; `--parts` then prints the CPU time of each part of it.
+by the test stand-ins), against the bare onnxruntime compute of the same detector inputs and
+recognizer inputs, two ways: one run at a time, each on every core, the recognizer image by image
+(how the node ran them before it detected side by side); and as the node runs them now, the outputs'
+detector runs side by side on one thread per core (each run on one core) and the recognizer in the
+node's batches. Prints each per run (median of `repeat`) and the ratios node/bare (target <= 1.1x):
+the median of the ratios of paired (back-to-back) runs, which is the figure least moved by other
+processes, and the same of CPU time (all threads). `--parts` then prints the CPU time of each part of
+what the node adds to the models' compute (conversions, detector pre- and post-processing,
+alignment, the change guard, drawing, previews, report), each on this one thread.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -164,57 +167,70 @@ def main() -> None:
     ]
     recognizer = model.recognizer.session
     det_input, rec_input = model.detector().input_name, recognizer.get_inputs()[0].name
+    # the recognizer inputs as the node batches them: the reference's faces, then all the outputs'
+    node_rec_blobs = [rec_blobs[0], np.concatenate(rec_blobs[1:])] if len(rec_blobs) > 1 else rec_blobs
+    workers = model.parallel_workers
+    side_by_side = [model.detector(concurrent=True)._session_for_input_size((size, size)) for size in det_sizes]
 
-    def run_bare() -> None:
+    def run_bare() -> None:  # one detector run at a time on every core, the recognizer image by image
         for session, blob in zip(det_sessions, det_blobs):
             session.run(None, {det_input: blob})
         for blob in rec_blobs:
             recognizer.run(None, {rec_input: blob})
 
+    def run_bare_side_by_side() -> None:  # the runs as the node makes them: the outputs' detector runs
+        # on one thread per core, each run on one core; the recognizer in the node's batches
+        side_by_side[0].run(None, {det_input: det_blobs[0]})
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(lambda i: side_by_side[i].run(None, {det_input: det_blobs[i]}), range(1, len(bgrs))))
+        for blob in node_rec_blobs:
+            recognizer.run(None, {rec_input: blob})
+
     onnxruntime.InferenceSession.run = timed_run
-    run_node()  # warm-up
-    run_bare()
-    node_times: list[float] = []
-    node_onnx_times: list[float] = []
-    bare_times: list[float] = []
-    cpu_times: dict[str, list[float]] = {"node": [], "bare": []}  # CPU seconds of all the process's threads
-    for _ in range(args.repeat):  # interleaved, so load from other processes hits both alike
-        for fn, times, cpu in ((run_node, node_times, cpu_times["node"]), (run_bare, bare_times, cpu_times["bare"])):
+    runs = {"node": run_node, "bare": run_bare, "bare side by side": run_bare_side_by_side}
+    for fn in runs.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_times: dict[str, list[float]] = {name: [] for name in runs}  # CPU seconds of all the process's threads
+    node_onnx_times: list[float] = []  # the node's wall time inside onnxruntime runs (summed over threads)
+    for _ in range(args.repeat):  # interleaved, so load from other processes hits all alike
+        for name, fn in runs.items():
             in_onnxruntime[:] = [0.0, 0.0]
             start, cpu_start = time.perf_counter(), time.process_time()
             fn()
-            times.append(time.perf_counter() - start)
-            cpu.append(time.process_time() - cpu_start)
-            if fn is run_node:
+            times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
+            if name == "node":
                 node_onnx_times.append(in_onnxruntime[0])
-    node_s, bare_s = statistics.median(node_times), statistics.median(bare_times)
     n_faces = sum(len(c) for c in crops_per_image)
     print(
         f"pack {args.pack} on {model.provider}; {args.batch} images of {args.size}x{args.size} + 1 reference, "
-        f"{n_faces} faces; median of {args.repeat} runs"
+        f"{n_faces} faces; median of {args.repeat} runs; {workers} worker thread(s); load average "
+        f"{os.getloadavg()[0]:.1f}"
     )
-    print(f"node FaceConsistencySimilarity : {node_s * 1000:8.1f} ms/run (min {min(node_times) * 1000:.1f})")
-    print(f"bare onnxruntime               : {bare_s * 1000:8.1f} ms/run (min {min(bare_times) * 1000:.1f})")
-    rest = [n - o for n, o in zip(node_times, node_onnx_times)]
+    labels = {
+        "node": "node FaceConsistencySimilarity",
+        "bare": "bare, one run at a time",
+        "bare side by side": "bare, side by side as the node",
+    }
+    for name, label in labels.items():
+        print(f"{label:31s}: {statistics.median(times[name]) * 1000:8.1f} ms/run (min {min(times[name]) * 1000:.1f})")
     print(
-        f"node: in onnxruntime {statistics.median(node_onnx_times) * 1000:.1f} ms, the rest "
-        f"{statistics.median(rest) * 1000:.1f} ms/run (medians; the rest's min {min(rest) * 1000:.1f})"
+        f"node: in onnxruntime {statistics.median(node_onnx_times) * 1000:.1f} ms of runs (summed over threads; "
+        f"{statistics.median(cpu_times['node']) * 1000:.1f} ms of CPU in all)"
     )
-    # each node run is paired with the bare run right after it, so load from other processes
+    # each node run is paired with the bare runs right after it, so load from other processes
     # that drifts over the benchmark cancels out of the paired ratio
-    paired = statistics.median(n / b for n, b in zip(node_times, bare_times))
-    print(
-        f"ratio node/bare                : {paired:.2f}x median of paired runs, {node_s / bare_s:.2f}x of "
-        f"medians, {min(node_times) / min(bare_times):.2f}x of minima (target <= 1.1x)"
-    )
-    # CPU time moves far less with other processes' load than wall time; it counts onnxruntime's threads
-    # together, so where onnxruntime runs on several cores its ratio is below the wall-time one
-    cpu_paired = statistics.median(n / b for n, b in zip(cpu_times["node"], cpu_times["bare"]))
-    print(
-        f"CPU time node/bare             : {cpu_paired:.2f}x median of paired runs (node "
-        f"{statistics.median(cpu_times['node']) * 1000:.1f} ms, bare {statistics.median(cpu_times['bare']) * 1000:.1f} "
-        "ms of CPU, all threads)"
-    )
+    for name in ("bare side by side", "bare"):
+        paired = statistics.median(n / b for n, b in zip(times["node"], times[name]))
+        # CPU time moves far less with other processes' load than wall time; it counts onnxruntime's threads
+        # together, so where onnxruntime runs on several cores its ratio is below the wall-time one
+        cpu_paired = statistics.median(n / b for n, b in zip(cpu_times["node"], cpu_times[name]))
+        print(
+            f"ratio node/{name:19s}: {paired:.2f}x median of paired runs, "
+            f"{statistics.median(times['node']) / statistics.median(times[name]):.2f}x of medians, "
+            f"{min(times['node']) / min(times[name]):.2f}x of minima (target <= 1.1x); CPU time {cpu_paired:.2f}x"
+        )
     if args.parts:
         print_parts(model, images, reference, args.repeat)
 

@@ -8,6 +8,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,18 @@ class FaceModel:
         ]
         return sorted(faces, key=lambda f: (float(f.bbox[0]), float(f.bbox[1])))
 
+    def _detect_each(self, images: Sequence[np.ndarray | None]) -> list[list[DetectedFace]]:
+        """`detect` of each image (no faces for None). On the CPU the images are detected side by side,
+        one core each (see `detect`), so that the detector's pre- and post-processing use every core too."""
+        todo = [bgr for bgr in images if bgr is not None]
+        if self.parallel_workers < 2 or len(todo) < 2:
+            found = [self.detect(bgr) for bgr in todo]
+        else:
+            with ThreadPoolExecutor(min(self.parallel_workers, len(todo)), thread_name_prefix="face-detect") as pool:
+                found = list(pool.map(lambda bgr: self.detect(bgr, concurrent=True), todo))
+        each = iter(found)
+        return [next(each) if bgr is not None else [] for bgr in images]
+
     def detector(self, concurrent: bool = False) -> Any:
         """InsightFace's SCRFD that `detect` runs; with `concurrent`, the single-threaded one that
         threads detecting side by side share (the same one where there are no such threads)."""
@@ -209,7 +222,8 @@ class FaceModel:
         all_faces: bool = False,
         channel_order: str = "rgb",
     ) -> list[FaceResult]:
-        """One result per image; all chosen faces go through the recognizer in one batched run.
+        """One result per image; on the CPU the images are detected side by side, and all chosen faces
+        go through the recognizer in one batched run.
 
         `images` is a batch (IMAGE tensor, list of paths/arrays/PIL) or a single image; numpy
         arrays are RGB unless `channel_order="bgr"` (OpenCV). An image that cannot be read
@@ -222,7 +236,7 @@ class FaceModel:
         embed_all = all_faces or selection is Selection.BEST_MATCH
         loaded = [_detectable(item) for item in _load_each(images, channel_order)]
         with self._lock:
-            detected = [self.detect(bgr) if bgr is not None and error is None else [] for bgr, error, _ in loaded]
+            detected = self._detect_each([bgr if error is None else None for bgr, error, _ in loaded])
             to_embed: list[tuple[np.ndarray, DetectedFace]] = []
             for (bgr, _, _), faces in zip(loaded, detected):
                 if bgr is None:  # nothing detected in it

@@ -3,9 +3,10 @@ threshold count, copy-paste guard and a plain-text report. ComfyUI-free; nodes a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -22,6 +23,8 @@ DEFAULT_COPY_PASTE_THRESHOLD = 0.10  # 1 − SSIM below this: the face region wa
 # downscaled by half 0.985; other photos of the person 0.72 to 0.76), so the decoding it costs is spent
 # only where a copy is possible.
 UNCHANGED_SCORE_FLOOR = 0.90
+# Images analysed in one call (detected side by side on the CPU's cores) between progress updates
+ANALYSIS_CHUNK = 8
 
 
 class NoFacePolicy(str, Enum):
@@ -215,14 +218,33 @@ def analyze_references(
     """Largest face of each reference image (and, with `all_faces`, every face embedded in
     `result.faces`); a reference without a face is an error naming it."""
     results = []
-    for i, bgr in enumerate(images):
-        result = model.analyze([bgr], all_faces=all_faces, channel_order="bgr")[0]
+    for i, result in enumerate(analyze_each(model, images, all_faces=all_faces)):
         if not result.ok:
             raise reference_without_face(name, i, len(images), result.reason)
         results.append(result)
         if on_image is not None:
             on_image()
     return results
+
+
+def analyze_each(
+    model: FaceModel,
+    images: Sequence[np.ndarray],
+    references: Sequence[np.ndarray | None] | None = None,
+    **options: Any,
+) -> Iterator[FaceResult]:
+    """`model.analyze` of each BGR image with `options`, against `references[i]` where given (what
+    best_match chooses by), in order. Up to ANALYSIS_CHUNK images that share a reference are analysed
+    in one call, which detects them side by side on the CPU's cores; the next call is made only when
+    its first result is asked for, so a caller's progress moves image by image."""
+    start = 0
+    while start < len(images):
+        reference = references[start] if references is not None else None
+        end, limit = start + 1, min(len(images), start + ANALYSIS_CHUNK)
+        while end < limit and (references is None or references[end] is reference):
+            end += 1
+        yield from model.analyze(list(images[start:end]), reference=reference, channel_order="bgr", **options)
+        start = end
 
 
 def score_batch(
@@ -258,10 +280,12 @@ def score_batch(
     references = [normalize(r) for r in references]
     for embedding in references:
         model.check_embedding_size(embedding)
+    # the reference matters to the analysis only where it chooses the face
+    choosing_by = [references[r] for r in reference_of] if selection is Selection.BEST_MATCH else None
+    results = analyze_each(model, outputs, choosing_by, selection=selection, index=index, all_faces=True)
     rows = []
-    for i, bgr in enumerate(outputs):
+    for i, (bgr, result) in enumerate(zip(outputs, results)):
         reference = references[reference_of[i]]
-        result = model.analyze([bgr], selection, index, reference=reference, all_faces=True, channel_order="bgr")[0]
         change = None
         if result.face is not None and result.face.embedding is not None:
             score = float(np.dot(result.face.embedding, reference))

@@ -266,6 +266,22 @@ def test_concurrent_detection_finds_the_same_faces(model, group_photo, monkeypat
         assert np.allclose(a.bbox, b.bbox, atol=0.01) and np.allclose(a.kps, b.kps, atol=0.01)
 
 
+def test_images_analysed_side_by_side_match_one_at_a_time(model, faces_dir, group_photo, monkeypatch):
+    """`analyze` of several images detects them on one thread per core: the same faces, in the same
+    order, with the same embeddings as one image at a time, an image without a face in between."""
+    images = [load_image(faces_dir / name) for name in PHOTOS] + [np.zeros((64, 64, 3), np.uint8), group_photo]
+    monkeypatch.setattr(model, "parallel_workers", 2)
+    side_by_side = model.analyze(images, all_faces=True, channel_order="bgr")
+    monkeypatch.setattr(model, "parallel_workers", 1)
+    one_at_a_time = [model.analyze([bgr], all_faces=True, channel_order="bgr")[0] for bgr in images]
+    assert [len(r.faces) for r in side_by_side] == [len(r.faces) for r in one_at_a_time] == [1] * 5 + [0, 6]
+    for a, b in zip(side_by_side, one_at_a_time):
+        assert a.reason == b.reason and a.face_index == b.face_index
+        for face_a, face_b in zip(a.faces, b.faces):
+            assert np.allclose(face_a.bbox, face_b.bbox, atol=0.01) and np.allclose(face_a.kps, face_b.kps, atol=0.01)
+            assert cosine_similarity(face_a.embedding, face_b.embedding) > 0.9999
+
+
 def test_locate_then_embed_crops_matches_analyze(model, faces_dir, embeddings):
     bgrs = [load_image(faces_dir / name) for name in ("obama.jpg", "biden.jpg")]
     located = [model.locate(bgr, concurrent=True) for bgr in bgrs]
