@@ -13,8 +13,12 @@
   first and the target last, the target's slots appended after the prompt (`joint_vision_mask`); its
   output covers the joint sequence, the target's tokens last. The timestep is the flow time in [0, 1].
   Condition tokens are modulated from t = 0 (`causal_condition`), inside the model.
-- Flow shift: the pipeline's dynamic shift, mu from the number of target tokens (base 256, max 4096
-  tokens, shift 0.5 to 1.15), applied as the static shift exp(mu).
+- Flow shift: the published scheduler's dynamic shift, mu from the number of target tokens (0.5 at
+  256 tokens to 0.9 at 8192, as 2509's; `qwen_shift`), applied as the static shift exp(mu). ComfyUI
+  samples at a fixed mu instead (`COMFYUI_FLOW_SHIFT`).
+- Positions: the target's tokens come after the whole prompt, so their RoPE position counts every
+  prompt token before them, padding included. A batch of prompts of different lengths therefore
+  goes through the model one item at a time, each prompt without its padding (`velocity`).
 """
 
 from __future__ import annotations
@@ -129,7 +133,24 @@ def velocity(
     image_pad_mask: torch.Tensor,
 ) -> torch.Tensor:
     """The 2.1 transformer's velocity for target latents [B, 64, 1, h, w] at flow time `timestep` [B],
-    with the condition latents and the prompt (module docstring), as latents."""
+    with the condition latents and the prompt (module docstring), as latents. `prompt_mask` [B, L]
+    (None: no padding) marks each prompt's own tokens, the padding after them 0."""
+    if prompt_mask is not None:  # right-padded prompts: each item alone, its padding cut off (module docstring)
+        lengths = [int(n) for n in prompt_mask.sum(dim=1)]
+        return torch.cat(
+            [
+                velocity(
+                    transformer,
+                    latents[i : i + 1],
+                    timestep[i : i + 1],
+                    [c[i : i + 1] for c in controls],
+                    prompt_embeds[i : i + 1, :n],
+                    None,
+                    image_pad_mask[i : i + 1, :n],
+                )
+                for i, n in enumerate(lengths)
+            ]
+        )
     h, w = latents.shape[3], latents.shape[4]
     img_shapes = [[*[(1, c.shape[3], c.shape[4]) for c in controls], (1, h, w)]] * latents.shape[0]
     tokens = torch.cat([*[pack(c) for c in controls], pack(latents)], dim=1)

@@ -13,7 +13,7 @@ import torch
 from face_consistency.cli import main as cli_main
 from face_consistency.faceid import load_face_model
 from face_consistency.musubi_formats.dataset import load_dataset_config
-from face_consistency.trainer import qwen_image21
+from face_consistency.trainer import flow_matching, qwen_image21
 from face_consistency.trainer import qwen_image21_loading as q21
 from face_consistency.trainer.cache import latent_cache_path, load_cached_item, text_cache_path
 from face_consistency.trainer.cli import parse_args, validate_args
@@ -138,6 +138,46 @@ def test_a_21_lora_continues_with_network_weights(setup21, face_run, tmp_path):
     assert trained.keys() == start.keys()
     changed = [k for k in start if k.endswith(".weight") and not torch.allclose(trained[k], start[k])]
     assert changed and all(k.endswith("lora_down.weight") or k.endswith("lora_up.weight") for k in changed)
+
+
+def test_each_item_of_a_batch_of_prompts_of_different_lengths_gets_its_own_velocity(setup21, face_run, monkeypatch):
+    """2.1 appends the target's tokens after the whole prompt, so right-padding a shorter prompt in a
+    batch would move its target's positions away from where an unpadded prompt (ComfyUI's) puts them:
+    in a padded batch each item's velocity is the one it has alone."""
+    items = load_dataset_config(setup21["dataset"]).items[:2]
+    cached = {str(item.target): load_cached_item(item) for item in items}
+    longer = cached[str(items[1].target)]  # the second prompt gets 9 more text tokens after its own
+    extra = torch.randn(9, longer["prompt_embeds"].shape[1], generator=torch.Generator().manual_seed(1))
+    longer["prompt_embeds"] = torch.cat([longer["prompt_embeds"], extra])
+    longer["image_pad_mask"] = torch.cat([longer["image_pad_mask"], torch.zeros(9, dtype=torch.bool)])
+    monkeypatch.setattr(flow_matching, "load_cached_item", lambda item: cached[str(item.target)])
+    batch = flow_matching.collate(items)
+    assert int(batch.prompt_mask[0].sum()) < batch.prompt_mask.shape[1]  # the first prompt is padded
+    transformer = q21.load_transformer(setup21["files"].dit, torch.float32).eval()
+    latents = torch.randn(batch.x0.shape, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        together = qwen_image21.velocity(
+            transformer,
+            latents,
+            t,
+            batch.controls,
+            batch.prompt_embeds,
+            flow_matching.attention_mask(batch.prompt_mask),
+            batch.image_pad_mask,
+        )
+        for i, item in enumerate(items):
+            own = cached[str(item.target)]
+            alone = qwen_image21.velocity(
+                transformer,
+                latents[i : i + 1],
+                t[i : i + 1],
+                [c[i : i + 1] for c in batch.controls],
+                own["prompt_embeds"].unsqueeze(0),
+                None,
+                own["image_pad_mask"].unsqueeze(0),
+            )
+            torch.testing.assert_close(together[i : i + 1], alone)
 
 
 def test_checkpointed_decode_of_the_21_vae_equals_its_decode_and_composites_over_white():
