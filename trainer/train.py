@@ -404,7 +404,10 @@ class TrainingRun:
         if stopped_by is not None:
             log.info("stop requested (%s): saving a checkpoint at step %d", stopped_by, self.progress["step"])
             self.reporter.update(JobState.STOPPING, stop_reason=stopped_by)
-            self.save_checkpoint(step_checkpoint_name(self.config.output_name, self.progress["step"]), with_state=True)
+            saved = self.save_checkpoint(
+                step_checkpoint_name(self.config.output_name, self.progress["step"]), with_state=True
+            )
+            self.list_stop_checkpoint(saved)
             self.reporter.update(JobState.STOPPED)
             return JobState.STOPPED
         saved = self.save_checkpoint(self.config.output_name, with_state=self.config.save_state)
@@ -632,17 +635,32 @@ class TrainingRun:
             if row.near_copies:
                 row.note = f"{row.near_copies} sample(s) near-copy a training target"
         self.table.rows = [r for r in self.table.rows if r.step != step or r.name != row.name] + [row]
-        write_table(self.output_dir, self.table)
+        self.publish_table()
         self.checkpoint_scoring_seconds += time.perf_counter() - started
+        self.reporter.update(
+            validation_seconds=round(self.validation_seconds, 3),
+            checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
+            checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
+            run_seconds=round(time.time() - self.started, 3),
+        )
+
+    def list_stop_checkpoint(self, lora_file: Path) -> None:
+        """The checkpoint saved on a stop gets its row of checkpoints.json without figures: a stop is not
+        held up by validation and sampling."""
+        if not self.accelerator.is_main_process:
+            return
+        row = CheckpointRow(lora_file.name, self.progress["step"], note="saved on stop: not validated or sampled")
+        self.table.rows = [r for r in self.table.rows if r.name != row.name] + [row]
+        self.publish_table()
+
+    def publish_table(self) -> None:
+        """checkpoints.json rewritten, the table logged and the checkpoint to keep reported."""
+        write_table(self.output_dir, self.table)
         chosen = self.table.recommendation()
         log.info("checkpoints so far:\n%s", format_table(self.table))
         self.reporter.update(
             recommendation=chosen.reason if chosen else None,
             recommended_checkpoint=chosen.name if chosen else None,
-            validation_seconds=round(self.validation_seconds, 3),
-            checkpoint_sampling_seconds=round(self.checkpoint_sampling_seconds, 3),
-            checkpoint_scoring_seconds=round(self.checkpoint_scoring_seconds, 3),
-            run_seconds=round(time.time() - self.started, 3),
         )
 
     # ---- stopping: a signal, the STOP file, another process

@@ -24,6 +24,7 @@ from face_consistency.trainer.job_status import TrainingDivergedError
 from face_consistency.trainer.lora import LORA_PREFIX, add_lora, lora_target_modules, parse_network_args
 from face_consistency.trainer.sampling import pack, unpack
 from face_consistency.trainer.train import run_training
+from face_consistency.training_contract.checkpoint_choice import read_table
 from face_consistency.training_contract.protocol import read_metrics, read_status, request_stop
 from PIL import Image
 from safetensors import safe_open
@@ -268,6 +269,11 @@ def test_stop_request_finishes_the_step_saves_and_ends_stopped(setup, tmp_path):
     assert (out / "tiny-step00000002.safetensors").is_file()
     assert (out / "tiny-step00000002-state" / "trainer_state.json").is_file()
     assert not (out / "tiny.safetensors").exists()
+    # listed in checkpoints.json without figures (nothing else saved: the checkpoint to keep)
+    (row,) = read_table(out).rows
+    assert (row.name, row.step, row.validation_loss, row.likeness) == ("tiny-step00000002.safetensors", 2, None, None)
+    assert row.note == "saved on stop: not validated or sampled"
+    assert status["recommended_checkpoint"] == "tiny-step00000002.safetensors"
 
 
 def test_stop_during_the_hooks_caching_ends_stopped_before_training(setup, tmp_path):
